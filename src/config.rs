@@ -1,0 +1,203 @@
+//! Typed settings: embedded defaults (`config/default.toml`), an optional TOML
+//! file, then `LINK_COUNTER__SECTION__KEY` environment variables, validated
+//! before anything binds a port.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use serde::Deserialize;
+
+/// The defaults, compiled in so that the binary runs with no file at all.
+pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
+
+/// Prefix of the environment variables that override settings.
+pub const ENV_PREFIX: &str = "LINK_COUNTER";
+
+/// A configuration that cannot be used; the message names the key.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+/// Every setting of the service (see `config/default.toml` for their meaning).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// Listening socket, shutdown and thread counts.
+    pub server: ServerSettings,
+    /// Where and how often state is persisted.
+    pub storage: StorageSettings,
+    /// Per-connection limits and liveness.
+    pub websocket: WebSocketSettings,
+    /// The counter actor's timers.
+    pub counter: CounterSettings,
+    /// Page-room lifetimes.
+    pub room: RoomSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerSettings {
+    /// Address the HTTP/WebSocket listener binds.
+    pub bind: SocketAddr,
+    /// Grace period for draining connections on shutdown.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
+    /// Shard arbiters hosting page rooms (0 = one per core).
+    pub shards: usize,
+    /// HTTP worker threads (0 = one per core).
+    pub workers: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorageSettings {
+    /// Directory of the sled database.
+    pub path: PathBuf,
+    /// Interval of batched snapshots (the most a kill -9 can lose).
+    #[serde(with = "humantime_serde")]
+    pub snapshot_interval: Duration,
+    /// How long stats of an inactive page are kept.
+    #[serde(with = "humantime_serde")]
+    pub stats_retention: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebSocketSettings {
+    /// Server ping period.
+    #[serde(with = "humantime_serde")]
+    pub heartbeat_interval: Duration,
+    /// Silence after which a connection is dropped.
+    #[serde(with = "humantime_serde")]
+    pub client_timeout: Duration,
+    /// Largest client message in bytes.
+    pub max_message_bytes: usize,
+    /// Most ids in one subscribe or counts query.
+    pub max_links_per_subscribe: usize,
+    /// Bounded outbound queue per connection (messages).
+    pub send_queue: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CounterSettings {
+    /// Coalescing period of count updates.
+    #[serde(with = "humantime_serde")]
+    pub broadcast_interval: Duration,
+    /// Period of the cleanup sweep.
+    #[serde(with = "humantime_serde")]
+    pub sweep_interval: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoomSettings {
+    /// Idle time after which an empty room stops.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Inactivity after which a room's stored record is deleted.
+    #[serde(with = "humantime_serde")]
+    pub storage_ttl: Duration,
+}
+
+impl Settings {
+    /// Defaults, then `file` (if any), then the process environment.
+    pub fn load(file: Option<&std::path::Path>) -> Result<Settings, ConfigError> {
+        Self::load_from(file, std::env::vars())
+    }
+
+    /// Like [`Settings::load`] with an explicit environment (used by tests).
+    pub fn load_from(
+        file: Option<&std::path::Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Settings, ConfigError> {
+        let mut builder = config::Config::builder().add_source(config::File::from_str(
+            DEFAULT_TOML,
+            config::FileFormat::Toml,
+        ));
+        if let Some(path) = file {
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                ConfigError(format!("cannot read config file {}: {e}", path.display()))
+            })?;
+            builder = builder.add_source(config::File::from_str(&text, config::FileFormat::Toml));
+        }
+        let overrides: std::collections::HashMap<String, String> = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with(&format!("{ENV_PREFIX}__")))
+            .collect();
+        builder = builder.add_source(
+            config::Environment::with_prefix(ENV_PREFIX)
+                .prefix_separator("__")
+                .separator("__")
+                .try_parsing(true)
+                .source(Some(overrides)),
+        );
+        let raw = builder
+            .build()
+            .map_err(|e| ConfigError(format!("invalid configuration: {e}")))?;
+        let settings: Settings = raw
+            .try_deserialize()
+            .map_err(|e| ConfigError(format!("invalid configuration: {e}")))?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Cross-field checks that serde cannot express; each error names its key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad =
+            |key: &str, why: &str| Err(ConfigError(format!("invalid configuration: {key}: {why}")));
+        let ws = &self.websocket;
+        if ws.heartbeat_interval.is_zero() {
+            return bad("websocket.heartbeat_interval", "must be greater than 0");
+        }
+        if ws.client_timeout < ws.heartbeat_interval * 2 {
+            return bad(
+                "websocket.client_timeout",
+                "must be at least twice websocket.heartbeat_interval",
+            );
+        }
+        if ws.max_message_bytes < 64 {
+            return bad("websocket.max_message_bytes", "must be at least 64");
+        }
+        if ws.max_links_per_subscribe == 0 {
+            return bad("websocket.max_links_per_subscribe", "must be at least 1");
+        }
+        if ws.send_queue == 0 {
+            return bad("websocket.send_queue", "must be at least 1");
+        }
+        for (key, d) in [
+            ("storage.snapshot_interval", self.storage.snapshot_interval),
+            (
+                "counter.broadcast_interval",
+                self.counter.broadcast_interval,
+            ),
+            ("counter.sweep_interval", self.counter.sweep_interval),
+            ("room.idle_timeout", self.room.idle_timeout),
+        ] {
+            if d.is_zero() {
+                return bad(key, "must be greater than 0");
+            }
+        }
+        if self.storage.path.as_os_str().is_empty() {
+            return bad("storage.path", "must not be empty");
+        }
+        Ok(())
+    }
+
+    /// Shard count after resolving 0 to the number of cores.
+    pub fn shard_count(&self) -> usize {
+        resolve_threads(self.server.shards)
+    }
+
+    /// Worker count after resolving 0 to the number of cores.
+    pub fn worker_count(&self) -> usize {
+        resolve_threads(self.server.workers)
+    }
+}
+
+fn resolve_threads(n: usize) -> usize {
+    if n > 0 {
+        n
+    } else {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    }
+}

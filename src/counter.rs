@@ -1,0 +1,646 @@
+//! The `Counter`: the singleton that knows every page's live count and which
+//! rooms follow it, applies changes at once and publishes them coalesced.
+//!
+//! It runs on its own arbiter under [`actix::Supervisor`]. Its handlers never
+//! panic; when one finds its state inconsistent (or a test injects a fault) it
+//! stops, the supervisor calls [`Supervised::restarting`], which drops all live
+//! state, and `started` then asks every shard to re-report its rooms: rooms are
+//! the source of truth, so counts stay exact across a counter restart.
+
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use actix::prelude::*;
+
+use crate::{
+    config::Settings,
+    protocol::{PageId, PageInfo},
+    room::{Counts, PageRoom, Subscribed},
+    shard::Shard,
+    storage::{now_ms, rfc3339, PageStats, Storage},
+};
+
+// ---------------------------------------------------------------- messages
+
+/// A room's own connection count (absolute), plus connections opened since its last report.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct RoomCount {
+    pub page: PageId,
+    pub count: u64,
+    pub opened: u64,
+}
+
+/// A room starts following these links (first of its connections to ask for them).
+/// Answered with [`Subscribed`] carrying request `req`.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Subscribe {
+    pub room: u64,
+    pub addr: Addr<PageRoom>,
+    pub req: u64,
+    pub links: Vec<PageId>,
+}
+
+/// A room stops following these links (last of its connections dropped them).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Unsubscribe {
+    pub room: u64,
+    pub links: Vec<PageId>,
+}
+
+/// A room's whole state, sent in answer to a resync of `epoch`.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct RoomState {
+    pub epoch: u64,
+    pub room: u64,
+    pub addr: Addr<PageRoom>,
+    pub page: PageId,
+    pub count: u64,
+    pub links: Vec<PageId>,
+}
+
+/// A shard's list of the rooms it asked to report for resync `epoch`.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct ShardRooms {
+    pub epoch: u64,
+    pub shard: usize,
+    pub rooms: Vec<u64>,
+}
+
+/// The shard addresses, given once after they are started.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct SetShards(pub Vec<Addr<Shard>>);
+
+/// Live counts of these ids (unknown ids are 0).
+#[derive(Message)]
+#[rtype(result = "Vec<u64>")]
+pub struct GetCounts(pub Vec<PageId>);
+
+/// Stats and live count of one page.
+#[derive(Message)]
+#[rtype(result = "PageInfo")]
+pub struct GetPage(pub PageId);
+
+/// Write every dirty stats record now and flush (used at shutdown).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct FinalSnapshot;
+
+/// Run the sweep now (the timer does this every `sweep_interval`).
+#[derive(Message)]
+#[rtype(result = "SweepReport")]
+pub struct SweepNow;
+
+/// What one sweep removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SweepReport {
+    /// Page entries dropped from memory.
+    pub pages_dropped: usize,
+    /// Room records deleted from storage.
+    pub rooms_expired: usize,
+    /// Stats records deleted from storage.
+    pub stats_expired: usize,
+}
+
+/// Test hook: corrupt the live state and stop, as an internal fault would.
+#[doc(hidden)]
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct InjectFault;
+
+/// How many times the counter has (re)started and whether it is rebuilding.
+#[derive(Message)]
+#[rtype(result = "CounterStatus")]
+pub struct GetStatus;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CounterStatus {
+    /// 1 after the first start, +1 per supervised restart.
+    pub generation: u64,
+    /// True while waiting for shards to re-report after a restart.
+    pub rebuilding: bool,
+    /// Pages held in memory.
+    pub pages: usize,
+}
+
+// ---------------------------------------------------------------- state
+
+/// One page as the counter knows it.
+struct PageEntry {
+    /// Live connections to the page (reported by its room).
+    count: u64,
+    /// The value last published to subscribers.
+    published: u64,
+    /// Rooms (by uid) that follow this page.
+    subscribers: HashSet<u64>,
+    /// Persistent stats.
+    stats: PageStats,
+    /// Stats changed since the last snapshot.
+    dirty: bool,
+}
+
+/// A room that follows at least one link.
+struct Follower {
+    /// Where to deliver.
+    addr: Addr<PageRoom>,
+    /// The links it follows.
+    links: HashSet<PageId>,
+}
+
+/// Progress of a rebuild after a restart.
+struct Resync {
+    epoch: u64,
+    started: Instant,
+    /// Rooms each shard said it asked, by shard index.
+    listed: HashMap<usize, Vec<u64>>,
+    /// Rooms that answered.
+    reported: HashSet<u64>,
+    /// Subscribe answers held back until the rebuild completes.
+    deferred: Vec<(Addr<PageRoom>, u64, Vec<PageId>)>,
+}
+
+/// Longest a rebuild waits for missing reports before publishing anyway.
+const RESYNC_DEADLINE: Duration = Duration::from_secs(2);
+
+pub struct Counter {
+    /// Timers and retention settings.
+    settings: Arc<Settings>,
+    /// Where stats are persisted.
+    storage: Storage,
+    /// Shards to ask for a resync after a restart.
+    shards: Vec<Addr<Shard>>,
+    /// Every page with a count, a subscriber or unsaved stats.
+    pages: HashMap<PageId, PageEntry>,
+    /// Rooms following links, by room uid.
+    followers: HashMap<u64, Follower>,
+    /// Pages whose count changed since the last publish.
+    changed: HashSet<PageId>,
+    /// Starts so far (1 = first start).
+    generation: u64,
+    /// Counter of resync rounds.
+    epoch: u64,
+    /// Set while rebuilding.
+    resync: Option<Resync>,
+}
+
+impl Counter {
+    pub fn new(settings: Arc<Settings>, storage: Storage) -> Counter {
+        Counter {
+            settings,
+            storage,
+            shards: Vec::new(),
+            pages: HashMap::new(),
+            followers: HashMap::new(),
+            changed: HashSet::new(),
+            generation: 0,
+            epoch: 0,
+            resync: None,
+        }
+    }
+
+    /// The entry of `page`, loading its stats on first sight.
+    fn entry(&mut self, page: &PageId) -> &mut PageEntry {
+        let storage = &self.storage;
+        self.pages.entry(page.clone()).or_insert_with(|| PageEntry {
+            count: 0,
+            published: 0,
+            subscribers: HashSet::new(),
+            stats: storage.load_stats(page).ok().flatten().unwrap_or_default(),
+            dirty: false,
+        })
+    }
+
+    fn set_count(&mut self, page: &PageId, count: u64, opened: u64) {
+        let now = now_ms();
+        let e = self.entry(page);
+        if e.count == count && opened == 0 {
+            return;
+        }
+        e.count = count;
+        e.stats.total_connections += opened;
+        e.stats.last_active_ms = Some(now);
+        if count > e.stats.peak_connections {
+            e.stats.peak_connections = count;
+            e.stats.peak_at_ms = Some(now);
+        }
+        e.dirty = true;
+        self.changed.insert(page.clone());
+    }
+
+    fn follow(&mut self, room: u64, addr: &Addr<PageRoom>, links: &[PageId]) {
+        for link in links {
+            self.entry(link).subscribers.insert(room);
+        }
+        let f = self.followers.entry(room).or_insert_with(|| Follower {
+            addr: addr.clone(),
+            links: HashSet::new(),
+        });
+        f.addr = addr.clone();
+        f.links.extend(links.iter().cloned());
+    }
+
+    fn unfollow(&mut self, room: u64, links: &[PageId]) {
+        for link in links {
+            if let Some(e) = self.pages.get_mut(link) {
+                e.subscribers.remove(&room);
+            }
+        }
+        if let Some(f) = self.followers.get_mut(&room) {
+            for link in links {
+                f.links.remove(link);
+            }
+            if f.links.is_empty() {
+                self.followers.remove(&room);
+            }
+        }
+    }
+
+    fn counts_of(&self, links: &[PageId]) -> Vec<(PageId, u64)> {
+        links
+            .iter()
+            .map(|l| (l.clone(), self.pages.get(l).map_or(0, |e| e.count)))
+            .collect()
+    }
+
+    /// Publishes every changed count: one message per subscriber room.
+    fn publish(&mut self) {
+        if self.resync.is_some() || self.changed.is_empty() {
+            return;
+        }
+        let mut outbox: HashMap<u64, Vec<(PageId, u64)>> = HashMap::new();
+        for page in self.changed.drain() {
+            let Some(e) = self.pages.get_mut(&page) else {
+                continue;
+            };
+            if e.count == e.published {
+                continue;
+            }
+            e.published = e.count;
+            for room in &e.subscribers {
+                outbox
+                    .entry(*room)
+                    .or_default()
+                    .push((page.clone(), e.count));
+            }
+        }
+        for (room, changes) in outbox {
+            if let Some(f) = self.followers.get(&room) {
+                f.addr.do_send(Counts { changes });
+            }
+        }
+    }
+
+    /// Writes dirty stats in one batch, then flushes off-thread.
+    fn snapshot(&mut self, wait: bool) {
+        let dirty: Vec<(PageId, PageStats)> = self
+            .pages
+            .iter_mut()
+            .filter(|(_, e)| e.dirty)
+            .map(|(p, e)| {
+                e.dirty = false;
+                (p.clone(), e.stats.clone())
+            })
+            .collect();
+        if !dirty.is_empty() {
+            if let Err(e) = self
+                .storage
+                .save_stats(dirty.iter().map(|(p, s)| (&**p, s)))
+            {
+                tracing::error!(error = %e, "stats snapshot failed; will retry");
+                for (p, _) in &dirty {
+                    if let Some(e) = self.pages.get_mut(p) {
+                        e.dirty = true;
+                    }
+                }
+                return;
+            }
+        }
+        let storage = self.storage.clone();
+        if wait {
+            if let Err(e) = storage.flush() {
+                tracing::error!(error = %e, "flush failed");
+            }
+        } else if !dirty.is_empty() {
+            std::thread::spawn(move || {
+                if let Err(e) = storage.flush() {
+                    tracing::error!(error = %e, "flush failed");
+                }
+            });
+        }
+    }
+
+    fn sweep(&mut self) -> SweepReport {
+        let mut report = SweepReport::default();
+        // Save first, so nothing dropped from memory is lost.
+        self.snapshot(false);
+        let before = self.pages.len();
+        self.pages
+            .retain(|_, e| e.count > 0 || !e.subscribers.is_empty() || e.dirty);
+        report.pages_dropped = before - self.pages.len();
+        let now = now_ms();
+        let live = |page: &str| {
+            self.pages
+                .get(page)
+                .is_some_and(|e| e.count > 0 || !e.subscribers.is_empty())
+        };
+        let ttl = self.settings.room.storage_ttl.as_millis() as u64;
+        match self.storage.expire_rooms(now.saturating_sub(ttl), live) {
+            Ok(n) => report.rooms_expired = n,
+            Err(e) => tracing::error!(error = %e, "room record expiry failed"),
+        }
+        let retention = self.settings.storage.stats_retention.as_millis() as u64;
+        match self
+            .storage
+            .expire_stats(now.saturating_sub(retention), live)
+        {
+            Ok(n) => report.stats_expired = n,
+            Err(e) => tracing::error!(error = %e, "stats expiry failed"),
+        }
+        tracing::info!(
+            pages_dropped = report.pages_dropped,
+            rooms_expired = report.rooms_expired,
+            stats_expired = report.stats_expired,
+            pages = self.pages.len(),
+            "sweep"
+        );
+        report
+    }
+
+    /// Starts a rebuild: every shard re-reports its rooms.
+    fn begin_resync(&mut self) {
+        self.epoch += 1;
+        tracing::warn!(
+            epoch = self.epoch,
+            generation = self.generation,
+            "counter restarted; rebuilding from rooms"
+        );
+        self.resync = Some(Resync {
+            epoch: self.epoch,
+            started: Instant::now(),
+            listed: HashMap::new(),
+            reported: HashSet::new(),
+            deferred: Vec::new(),
+        });
+        for shard in &self.shards {
+            shard.do_send(crate::shard::Resync { epoch: self.epoch });
+        }
+        self.check_resync();
+    }
+
+    /// Finishes the rebuild when every listed room has reported (or the deadline passed).
+    fn check_resync(&mut self) {
+        let Some(r) = &self.resync else { return };
+        let all_listed = r.listed.len() >= self.shards.len();
+        let all_reported = r
+            .listed
+            .values()
+            .flatten()
+            .all(|uid| r.reported.contains(uid));
+        let late = r.started.elapsed() >= RESYNC_DEADLINE;
+        let complete = all_listed && all_reported;
+        if !complete && !late {
+            return;
+        }
+        let Some(r) = self.resync.take() else { return };
+        if !complete {
+            tracing::warn!(
+                "rebuild deadline passed with missing reports; publishing what is known"
+            );
+        }
+        // Every follower gets the full current counts of its links; rooms
+        // forward only the values that differ from what their clients saw.
+        for e in self.pages.values_mut() {
+            e.published = e.count;
+        }
+        self.changed.clear();
+        for f in self.followers.values() {
+            let links: Vec<PageId> = f.links.iter().cloned().collect();
+            f.addr.do_send(Counts {
+                changes: self.counts_of(&links),
+            });
+        }
+        for (addr, req, links) in r.deferred {
+            addr.do_send(Subscribed {
+                req,
+                counts: self.counts_of(&links),
+            });
+        }
+        tracing::info!(
+            epoch = r.epoch,
+            rooms = r.reported.len(),
+            "rebuild complete"
+        );
+    }
+
+    /// Stops on an internal inconsistency; the supervisor rebuilds.
+    fn fault(&mut self, ctx: &mut Context<Self>, what: &str) {
+        tracing::error!(fault = what, "counter fault; restarting");
+        ctx.stop();
+    }
+}
+
+impl Actor for Counter {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        self.generation += 1;
+        let s = &self.settings;
+        ctx.run_interval(s.counter.broadcast_interval, |act, _| act.publish());
+        ctx.run_interval(s.storage.snapshot_interval, |act, _| act.snapshot(false));
+        ctx.run_interval(s.counter.sweep_interval, |act, _| {
+            act.sweep();
+        });
+        ctx.run_interval(Duration::from_millis(100), |act, _| act.check_resync());
+        if self.generation > 1 {
+            self.begin_resync();
+        }
+    }
+}
+
+impl Supervised for Counter {
+    fn restarting(&mut self, _ctx: &mut Context<Self>) {
+        // Live state is rebuilt from the rooms; stats (not live) are kept,
+        // except the fields that the live state derives.
+        let stats: HashMap<PageId, (PageStats, bool)> = self
+            .pages
+            .drain()
+            .filter(|(_, e)| e.dirty)
+            .map(|(p, e)| (p, (e.stats, e.dirty)))
+            .collect();
+        for (page, (stats, dirty)) in stats {
+            self.pages.insert(
+                page,
+                PageEntry {
+                    count: 0,
+                    published: 0,
+                    subscribers: HashSet::new(),
+                    stats,
+                    dirty,
+                },
+            );
+        }
+        self.followers.clear();
+        self.changed.clear();
+        self.resync = None;
+    }
+}
+
+impl Handler<SetShards> for Counter {
+    type Result = ();
+    fn handle(&mut self, msg: SetShards, _: &mut Context<Self>) {
+        self.shards = msg.0;
+    }
+}
+
+impl Handler<RoomCount> for Counter {
+    type Result = ();
+    fn handle(&mut self, msg: RoomCount, _: &mut Context<Self>) {
+        self.set_count(&msg.page, msg.count, msg.opened);
+    }
+}
+
+impl Handler<Subscribe> for Counter {
+    type Result = ();
+    fn handle(&mut self, msg: Subscribe, _: &mut Context<Self>) {
+        self.follow(msg.room, &msg.addr, &msg.links);
+        if let Some(r) = &mut self.resync {
+            r.deferred.push((msg.addr, msg.req, msg.links));
+            return;
+        }
+        let counts = self.counts_of(&msg.links);
+        msg.addr.do_send(Subscribed {
+            req: msg.req,
+            counts,
+        });
+    }
+}
+
+impl Handler<Unsubscribe> for Counter {
+    type Result = ();
+    fn handle(&mut self, msg: Unsubscribe, _: &mut Context<Self>) {
+        self.unfollow(msg.room, &msg.links);
+    }
+}
+
+impl Handler<RoomState> for Counter {
+    type Result = ();
+    fn handle(&mut self, msg: RoomState, _: &mut Context<Self>) {
+        // Replace what is known of this room with its own account.
+        let old: Vec<PageId> = self
+            .followers
+            .get(&msg.room)
+            .map(|f| f.links.iter().cloned().collect())
+            .unwrap_or_default();
+        self.unfollow(msg.room, &old);
+        self.follow(msg.room, &msg.addr, &msg.links);
+        if msg.links.is_empty() {
+            self.followers.remove(&msg.room);
+        }
+        let e = self.entry(&msg.page);
+        if e.count != msg.count {
+            e.count = msg.count;
+            self.changed.insert(msg.page.clone());
+        }
+        if let Some(r) = &mut self.resync {
+            if r.epoch == msg.epoch {
+                r.reported.insert(msg.room);
+            }
+        }
+        self.check_resync();
+    }
+}
+
+impl Handler<ShardRooms> for Counter {
+    type Result = ();
+    fn handle(&mut self, msg: ShardRooms, _: &mut Context<Self>) {
+        if let Some(r) = &mut self.resync {
+            if r.epoch == msg.epoch {
+                r.listed.insert(msg.shard, msg.rooms);
+            }
+        }
+        self.check_resync();
+    }
+}
+
+impl Handler<GetCounts> for Counter {
+    type Result = MessageResult<GetCounts>;
+    fn handle(&mut self, msg: GetCounts, _: &mut Context<Self>) -> Self::Result {
+        MessageResult(
+            msg.0
+                .iter()
+                .map(|id| self.pages.get(id).map_or(0, |e| e.count))
+                .collect(),
+        )
+    }
+}
+
+impl Handler<GetPage> for Counter {
+    type Result = MessageResult<GetPage>;
+    fn handle(&mut self, msg: GetPage, _: &mut Context<Self>) -> Self::Result {
+        let (count, stats) = match self.pages.get(&msg.0) {
+            Some(e) => (e.count, e.stats.clone()),
+            None => (
+                0,
+                self.storage
+                    .load_stats(&msg.0)
+                    .ok()
+                    .flatten()
+                    .unwrap_or_default(),
+            ),
+        };
+        MessageResult(PageInfo {
+            id: msg.0.to_string(),
+            connections: count,
+            peak_connections: stats.peak_connections,
+            peak_at: stats.peak_at_ms.map(rfc3339),
+            total_connections: stats.total_connections,
+            last_active: stats.last_active_ms.map(rfc3339),
+        })
+    }
+}
+
+impl Handler<FinalSnapshot> for Counter {
+    type Result = ();
+    fn handle(&mut self, _: FinalSnapshot, _: &mut Context<Self>) {
+        self.snapshot(true);
+    }
+}
+
+impl Handler<SweepNow> for Counter {
+    type Result = MessageResult<SweepNow>;
+    fn handle(&mut self, _: SweepNow, _: &mut Context<Self>) -> Self::Result {
+        MessageResult(self.sweep())
+    }
+}
+
+impl Handler<GetStatus> for Counter {
+    type Result = MessageResult<GetStatus>;
+    fn handle(&mut self, _: GetStatus, _: &mut Context<Self>) -> Self::Result {
+        MessageResult(CounterStatus {
+            generation: self.generation,
+            rebuilding: self.resync.is_some(),
+            pages: self.pages.len(),
+        })
+    }
+}
+
+impl Handler<InjectFault> for Counter {
+    type Result = ();
+    fn handle(&mut self, _: InjectFault, ctx: &mut Context<Self>) {
+        // Scramble the live state the way a bug would, then fault.
+        for e in self.pages.values_mut() {
+            e.count = e.count.wrapping_add(7);
+            e.subscribers.clear();
+        }
+        self.followers.clear();
+        self.fault(ctx, "injected by test hook");
+    }
+}

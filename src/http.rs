@@ -1,0 +1,223 @@
+//! HTTP routes: the WebSocket endpoint of PROTOCOL.md and the read-only JSON
+//! API. No route can set or change a count.
+
+use std::{
+    collections::BTreeMap,
+    sync::{atomic::AtomicUsize, Arc},
+    time::Duration,
+};
+
+use actix::Addr;
+use actix_web::{http::header, web, HttpRequest, HttpResponse};
+use tokio::sync::watch;
+
+use crate::{
+    config::Settings,
+    counter::{Counter, GetCounts, GetPage, GetStatus},
+    protocol::{decode_page_id, validate_page_id, PageId},
+    session::{self, SessionContext},
+    shard::Shards,
+    storage::Storage,
+};
+
+/// Path prefix of page rooms (PartyKit's `/parties/{party}/{room}` with party `page`).
+pub const PAGE_PREFIX: &str = "/parties/page/";
+/// Path prefix of the page stats API.
+const PAGES_API_PREFIX: &str = "/api/v1/pages/";
+
+/// Everything a request handler needs; shared by all workers.
+#[derive(Clone)]
+pub struct AppState {
+    /// Shared settings.
+    pub settings: Arc<Settings>,
+    /// Room routing.
+    pub shards: Shards,
+    /// The counter, for reads.
+    pub counter: Addr<Counter>,
+    /// For readiness checks.
+    pub storage: Storage,
+    /// True once shutdown began.
+    pub shutdown: watch::Receiver<bool>,
+    /// Open WebSocket sessions.
+    pub active: Arc<AtomicUsize>,
+}
+
+/// Registers every route.
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.route("/parties/page/{tail:.*}", web::get().to(websocket))
+        .route("/api/v1/counts", web::get().to(counts))
+        .route("/api/v1/pages/{tail:.*}", web::get().to(page_info))
+        .route("/healthz", web::get().to(healthz))
+        .route("/readyz", web::get().to(readyz))
+        .default_service(web::to(not_found));
+}
+
+fn json_error(status: actix_web::http::StatusCode, code: &str, message: &str) -> HttpResponse {
+    HttpResponse::build(status).json(serde_json::json!({
+        "type": "error", "code": code, "message": message,
+    }))
+}
+
+fn plain(status: actix_web::http::StatusCode, text: &str) -> HttpResponse {
+    HttpResponse::build(status)
+        .content_type("text/plain; charset=utf-8")
+        .body(format!("{text}\n"))
+}
+
+async fn not_found(req: HttpRequest) -> HttpResponse {
+    plain(
+        actix_web::http::StatusCode::NOT_FOUND,
+        &format!(
+            "no route for {} {}; WebSocket rooms are at {PAGE_PREFIX}{{page_id}}",
+            req.method(),
+            req.uri().path()
+        ),
+    )
+}
+
+fn is_upgrade(req: &HttpRequest) -> bool {
+    req.headers()
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"))
+}
+
+async fn websocket(
+    req: HttpRequest,
+    body: web::Payload,
+    state: web::Data<AppState>,
+) -> HttpResponse {
+    use actix_web::http::StatusCode;
+    let raw = req
+        .uri()
+        .path()
+        .strip_prefix(PAGE_PREFIX)
+        .unwrap_or_default();
+    let page = match decode_page_id(raw) {
+        Ok(p) => p,
+        Err(e) => return plain(StatusCode::BAD_REQUEST, &format!("invalid page id: {e}")),
+    };
+    if !is_upgrade(&req) {
+        return plain(
+            StatusCode::BAD_REQUEST,
+            "this is a WebSocket endpoint: connect with a WebSocket client \
+             (GET with Upgrade: websocket), e.g. PartySocket with party \"page\"",
+        );
+    }
+    if *state.shutdown.borrow() {
+        return plain(StatusCode::SERVICE_UNAVAILABLE, "server is shutting down");
+    }
+    let (response, ws_session, stream) = match actix_ws::handle(&req, body) {
+        Ok(parts) => parts,
+        Err(e) => {
+            return plain(
+                StatusCode::BAD_REQUEST,
+                &format!("WebSocket handshake failed: {e}"),
+            )
+        }
+    };
+    let pk = web::Query::<BTreeMap<String, String>>::from_query(req.query_string())
+        .ok()
+        .and_then(|q| q.get("_pk").cloned());
+    let ctx = SessionContext {
+        page,
+        pk,
+        shards: state.shards.clone(),
+        settings: state.settings.clone(),
+        shutdown: state.shutdown.clone(),
+        active: state.active.clone(),
+    };
+    actix_web::rt::spawn(session::run(ctx, ws_session, stream));
+    response
+}
+
+/// `GET /api/v1/counts?ids=a,b` (or repeated `id=`): live counts, unknown ids 0.
+async fn counts(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
+    use actix_web::http::StatusCode;
+    let max = state.settings.websocket.max_links_per_subscribe;
+    let mut ids: Vec<PageId> = Vec::new();
+    for (key, value) in form_urlencoded::parse(req.query_string().as_bytes()) {
+        let values: Vec<&str> = match &*key {
+            "ids" => value.split(',').filter(|s| !s.is_empty()).collect(),
+            "id" => vec![&value],
+            _ => continue,
+        };
+        for v in values {
+            if let Err(e) = validate_page_id(v) {
+                return json_error(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_page_id",
+                    &format!("{v:?}: {e}"),
+                );
+            }
+            if !ids.iter().any(|x| &**x == v) {
+                ids.push(PageId::from(v));
+            }
+            if ids.len() > max {
+                return json_error(
+                    StatusCode::BAD_REQUEST,
+                    "too_many_links",
+                    &format!("at most {max} ids per request"),
+                );
+            }
+        }
+    }
+    match state.counter.send(GetCounts(ids.clone())).await {
+        Ok(values) => {
+            let map: BTreeMap<&str, u64> = ids.iter().map(|s| &**s).zip(values).collect();
+            HttpResponse::Ok().json(map)
+        }
+        Err(_) => json_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "overloaded",
+            "counter unavailable",
+        ),
+    }
+}
+
+/// `GET /api/v1/pages/{id}`: stats and live count of one page.
+async fn page_info(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
+    use actix_web::http::StatusCode;
+    let raw = req
+        .uri()
+        .path()
+        .strip_prefix(PAGES_API_PREFIX)
+        .unwrap_or_default();
+    let page = match decode_page_id(raw) {
+        Ok(p) => p,
+        Err(e) => return json_error(StatusCode::BAD_REQUEST, "invalid_page_id", &e.to_string()),
+    };
+    match state.counter.send(GetPage(page)).await {
+        Ok(info) => HttpResponse::Ok().json(info),
+        Err(_) => json_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "overloaded",
+            "counter unavailable",
+        ),
+    }
+}
+
+async fn healthz() -> HttpResponse {
+    plain(actix_web::http::StatusCode::OK, "ok")
+}
+
+/// 200 when storage answers and the counter is not rebuilding; 503 with a reason otherwise.
+async fn readyz(state: web::Data<AppState>) -> HttpResponse {
+    let not_ready = |reason: String| {
+        HttpResponse::ServiceUnavailable()
+            .json(serde_json::json!({"status": "unavailable", "reason": reason}))
+    };
+    if *state.shutdown.borrow() {
+        return not_ready("shutting down".into());
+    }
+    if let Err(e) = state.storage.is_usable() {
+        return not_ready(e.to_string());
+    }
+    match tokio::time::timeout(Duration::from_secs(2), state.counter.send(GetStatus)).await {
+        Ok(Ok(s)) if !s.rebuilding => {
+            HttpResponse::Ok().json(serde_json::json!({"status": "ready"}))
+        }
+        Ok(Ok(_)) => not_ready("counter is rebuilding after a restart".into()),
+        _ => not_ready("counter not answering".into()),
+    }
+}

@@ -1,0 +1,28 @@
+//! link-counter: live counts of how many people view each page a page links to.
+//!
+//! # Layout
+//! - [`config`]: typed settings: embedded defaults, TOML file, environment overrides.
+//! - [`protocol`]: wire types of PROTOCOL.md and page-id rules (the only JSON of the protocol).
+//! - [`session`]: one WebSocket connection (actix-ws task, one `select!` loop).
+//! - [`shard`]: shard arbiters and the lock-free page-id → room map of each.
+//! - [`room`]: `PageRoom`, one actor per page: connections, link sets, delivery.
+//! - [`counter`]: `Counter`, the supervised singleton: counts, followers, coalesced publishing, stats.
+//! - [`storage`]: the only module that touches sled.
+//! - [`http`]: routes (WebSocket endpoint, read-only JSON API, health).
+//! - [`server`]: wiring and graceful shutdown.
+//! - [`shutdown`]: SIGINT and SIGTERM.
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod counter;
+pub mod http;
+pub mod protocol;
+pub mod room;
+pub mod server;
+pub mod session;
+pub mod shard;
+pub mod shutdown;
+pub mod storage;
+
+pub use config::Settings;
+pub use server::Server;

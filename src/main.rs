@@ -1,0 +1,87 @@
+//! The `link-counter` binary: parse the command line, load and validate the
+//! configuration, start tracing, serve until SIGINT/SIGTERM.
+
+use std::{net::TcpListener, path::PathBuf, process::ExitCode};
+
+use link_counter::{config::Settings, shutdown, storage::Storage, Server};
+
+const USAGE: &str = "usage: link-counter [--config FILE]
+
+Serves live page-view counts over WebSocket (PartyKit link-counter protocol).
+Settings: embedded defaults (config/default.toml), then FILE, then
+environment variables LINK_COUNTER__SECTION__KEY (e.g. LINK_COUNTER__SERVER__BIND=0.0.0.0:8080).
+Logs: RUST_LOG (default info).";
+
+fn main() -> ExitCode {
+    let mut args = std::env::args().skip(1);
+    let mut config_file: Option<PathBuf> = None;
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--config" | "-c" => match args.next() {
+                Some(f) => config_file = Some(PathBuf::from(f)),
+                None => {
+                    eprintln!("link-counter: --config needs a FILE\n\n{USAGE}");
+                    return ExitCode::from(2);
+                }
+            },
+            "--help" | "-h" => {
+                println!("{USAGE}");
+                return ExitCode::SUCCESS;
+            }
+            "--version" | "-V" => {
+                println!("link-counter {}", env!("CARGO_PKG_VERSION"));
+                return ExitCode::SUCCESS;
+            }
+            other => {
+                eprintln!("link-counter: unknown argument {other:?}\n\n{USAGE}");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    let settings = match Settings::load(config_file.as_deref()) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("link-counter: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+
+    let storage = match Storage::open(&settings.storage.path) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!(
+                "link-counter: storage.path {}: {e}",
+                settings.storage.path.display()
+            );
+            return ExitCode::from(1);
+        }
+    };
+    let listener = match TcpListener::bind(settings.server.bind) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("link-counter: server.bind {}: {e}", settings.server.bind);
+            return ExitCode::from(1);
+        }
+    };
+    actix_rt::System::new().block_on(async move {
+        let server = match Server::start_with_storage(settings, listener, storage) {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("link-counter: {e}");
+                return ExitCode::from(1);
+            }
+        };
+        // Machine-readable line for scripts and tests that bind port 0.
+        println!("listening on {}", server.local_addr());
+        shutdown::signal().await;
+        server.shutdown().await;
+        ExitCode::SUCCESS
+    })
+}

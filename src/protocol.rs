@@ -1,0 +1,284 @@
+//! Wire types of `shared/PROTOCOL.md` (v1) and the page-id rules. Nothing else
+//! in the crate builds or parses protocol JSON.
+
+use std::{collections::BTreeMap, sync::Arc};
+
+use serde::{Deserialize, Serialize};
+
+/// A validated page id: 1..=256 bytes of UTF-8, no control characters, no `/`.
+pub type PageId = Arc<str>;
+
+/// Longest page id in bytes.
+pub const MAX_PAGE_ID_BYTES: usize = 256;
+
+/// Close codes of the protocol.
+pub mod close {
+    /// Normal close.
+    pub const NORMAL: u16 = 1000;
+    /// Server shutting down; clients reconnect with backoff.
+    pub const GOING_AWAY: u16 = 1001;
+    /// Binary frame received.
+    pub const UNSUPPORTED: u16 = 1003;
+    /// Policy violation (origin, abuse, caps, a client too slow to read).
+    pub const POLICY: u16 = 1008;
+    /// Message larger than `max_message_bytes`.
+    pub const TOO_BIG: u16 = 1009;
+    /// Internal error.
+    pub const INTERNAL: u16 = 1011;
+}
+
+/// Why a page id was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PageIdError {
+    #[error("page id is empty")]
+    Empty,
+    #[error("page id is longer than {MAX_PAGE_ID_BYTES} bytes")]
+    TooLong,
+    #[error("page id contains a control character")]
+    Control,
+    #[error("page id contains '/'")]
+    Slash,
+    #[error("page id is not valid percent-encoded UTF-8")]
+    Encoding,
+}
+
+/// Checks an already-decoded id.
+pub fn validate_page_id(id: &str) -> Result<(), PageIdError> {
+    if id.is_empty() {
+        return Err(PageIdError::Empty);
+    }
+    if id.len() > MAX_PAGE_ID_BYTES {
+        return Err(PageIdError::TooLong);
+    }
+    if id.contains('/') {
+        return Err(PageIdError::Slash);
+    }
+    if id.chars().any(char::is_control) {
+        return Err(PageIdError::Control);
+    }
+    Ok(())
+}
+
+/// Percent-decodes a raw URL path segment exactly once and validates it.
+pub fn decode_page_id(raw: &str) -> Result<PageId, PageIdError> {
+    // A malformed escape ("%G1", a lone "%") is an error, not a literal '%'.
+    let bytes = raw.as_bytes();
+    for (i, b) in bytes.iter().enumerate() {
+        if *b == b'%'
+            && !(i + 2 < bytes.len()
+                && bytes[i + 1].is_ascii_hexdigit()
+                && bytes[i + 2].is_ascii_hexdigit())
+        {
+            return Err(PageIdError::Encoding);
+        }
+    }
+    let decoded = percent_encoding::percent_decode_str(raw)
+        .decode_utf8()
+        .map_err(|_| PageIdError::Encoding)?;
+    validate_page_id(&decoded)?;
+    Ok(Arc::from(decoded.as_ref()))
+}
+
+/// A message from the client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientMessage {
+    /// Replace this connection's link set (duplicates removed, order kept).
+    Subscribe { links: Vec<PageId> },
+}
+
+/// An `error` reply: its code and human text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProtocolError {
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl ProtocolError {
+    fn new(code: &'static str, message: impl Into<String>) -> Self {
+        ProtocolError {
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// The JSON text of this error message.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(&ServerError {
+            kind: "error",
+            code: self.code,
+            message: &self.message,
+        })
+        .unwrap_or_else(|_| String::from(r#"{"type":"error","code":"internal","message":""}"#))
+    }
+}
+
+#[derive(Serialize)]
+struct ServerError<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    code: &'a str,
+    message: &'a str,
+}
+
+/// Parses and validates one text frame.
+pub fn parse_client_message(text: &str, max_links: usize) -> Result<ClientMessage, ProtocolError> {
+    let value: serde_json::Value = serde_json::from_str(text).map_err(|e| {
+        ProtocolError::new("invalid_json", format!("message is not valid JSON: {e}"))
+    })?;
+    let obj = value
+        .as_object()
+        .ok_or_else(|| ProtocolError::new("invalid_json", "message must be a JSON object"))?;
+    let kind = match obj.get("type") {
+        Some(serde_json::Value::String(s)) => s.as_str(),
+        Some(_) => {
+            return Err(ProtocolError::new(
+                "unknown_type",
+                "\"type\" must be a string",
+            ))
+        }
+        None => {
+            return Err(ProtocolError::new(
+                "unknown_type",
+                "message has no \"type\"",
+            ))
+        }
+    };
+    match kind {
+        "subscribe" => {
+            let links = match obj.get("links") {
+                Some(serde_json::Value::Array(a)) => a,
+                Some(_) => {
+                    return Err(ProtocolError::new(
+                        "invalid_json",
+                        "\"links\" must be an array of strings",
+                    ))
+                }
+                None => {
+                    return Err(ProtocolError::new(
+                        "invalid_json",
+                        "subscribe needs \"links\"",
+                    ))
+                }
+            };
+            let mut out: Vec<PageId> = Vec::with_capacity(links.len().min(max_links));
+            let mut seen = std::collections::HashSet::with_capacity(links.len().min(max_links));
+            for link in links {
+                let s = link.as_str().ok_or_else(|| {
+                    ProtocolError::new("invalid_json", "\"links\" must be an array of strings")
+                })?;
+                validate_page_id(s).map_err(|e| {
+                    ProtocolError::new("invalid_page_id", format!("link {:?}: {e}", truncate(s)))
+                })?;
+                if seen.insert(s) {
+                    out.push(Arc::from(s));
+                    if out.len() > max_links {
+                        return Err(ProtocolError::new(
+                            "too_many_links",
+                            format!("at most {max_links} links per subscribe"),
+                        ));
+                    }
+                }
+            }
+            Ok(ClientMessage::Subscribe { links: out })
+        }
+        other => Err(ProtocolError::new(
+            "unknown_type",
+            format!("unknown message type {:?}", truncate(other)),
+        )),
+    }
+}
+
+fn truncate(s: &str) -> &str {
+    let mut end = s.len().min(64);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// Serializes `{"type":"update","connections":{...}}` for the given pairs.
+pub fn update_json<'a>(pairs: impl IntoIterator<Item = (&'a str, u64)>) -> String {
+    #[derive(Serialize)]
+    struct Update<'a> {
+        #[serde(rename = "type")]
+        kind: &'static str,
+        connections: BTreeMap<&'a str, u64>,
+    }
+    let update = Update {
+        kind: "update",
+        connections: pairs.into_iter().collect(),
+    };
+    // Serializing a map of strings to integers cannot fail.
+    serde_json::to_string(&update).expect("a map of strings to integers serializes")
+}
+
+/// Body of `GET /api/v1/pages/{id}`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PageInfo {
+    pub id: String,
+    pub connections: u64,
+    pub peak_connections: u64,
+    pub peak_at: Option<String>,
+    pub total_connections: u64,
+    pub last_active: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn page_ids_are_decoded_once_and_checked() {
+        assert_eq!(&*decode_page_id("hello%20world").unwrap(), "hello world");
+        assert_eq!(&*decode_page_id("a%2525").unwrap(), "a%25");
+        assert_eq!(decode_page_id("a%2Fb"), Err(PageIdError::Slash));
+        assert_eq!(decode_page_id("%0A"), Err(PageIdError::Control));
+        assert_eq!(decode_page_id("%ZZ"), Err(PageIdError::Encoding));
+        assert_eq!(decode_page_id("abc%"), Err(PageIdError::Encoding));
+        assert_eq!(decode_page_id("%FF"), Err(PageIdError::Encoding));
+        assert_eq!(decode_page_id(""), Err(PageIdError::Empty));
+        assert_eq!(decode_page_id(&"x".repeat(257)), Err(PageIdError::TooLong));
+        assert!(decode_page_id(&"x".repeat(256)).is_ok());
+    }
+
+    #[test]
+    fn subscribe_is_parsed_and_deduplicated() {
+        let m = parse_client_message(r#"{"type":"subscribe","links":["b","c","b"]}"#, 256).unwrap();
+        assert_eq!(
+            m,
+            ClientMessage::Subscribe {
+                links: vec!["b".into(), "c".into()]
+            }
+        );
+        let codes = |t: &str| parse_client_message(t, 2).unwrap_err().code;
+        assert_eq!(codes("nope"), "invalid_json");
+        assert_eq!(codes("[1]"), "invalid_json");
+        assert_eq!(codes(r#"{"links":[]}"#), "unknown_type");
+        assert_eq!(codes(r#"{"type":"hello"}"#), "unknown_type");
+        assert_eq!(codes(r#"{"type":"subscribe"}"#), "invalid_json");
+        assert_eq!(codes(r#"{"type":"subscribe","links":"a"}"#), "invalid_json");
+        assert_eq!(codes(r#"{"type":"subscribe","links":[1]}"#), "invalid_json");
+        assert_eq!(
+            codes(r#"{"type":"subscribe","links":[""]}"#),
+            "invalid_page_id"
+        );
+        assert_eq!(
+            codes(r#"{"type":"subscribe","links":["a/b"]}"#),
+            "invalid_page_id"
+        );
+        assert_eq!(
+            codes(r#"{"type":"subscribe","links":["a","b","c"]}"#),
+            "too_many_links"
+        );
+        // Duplicates do not count against the cap.
+        assert!(parse_client_message(r#"{"type":"subscribe","links":["a","b","a"]}"#, 2).is_ok());
+    }
+
+    #[test]
+    fn update_is_sorted_json() {
+        assert_eq!(
+            update_json([("c", 0), ("b", 3)]),
+            r#"{"type":"update","connections":{"b":3,"c":0}}"#
+        );
+    }
+}

@@ -1,0 +1,473 @@
+//! `PageRoom`: one actor per page id, living on the shard arbiter its id
+//! hashes to. It owns the page's connections: their outbound queues, their
+//! link sets and the reference-counted union of those links. It follows a
+//! link at the counter only while at least one of its connections wants it,
+//! reports its own connection count, and delivers each changed count only to
+//! the connections that subscribed to that id, serializing each distinct
+//! payload once.
+//!
+//! Overflow policy: each connection has a bounded queue (`websocket.send_queue`
+//! messages). A connection whose queue is full when an update is due is cut
+//! off: the room drops its sender, the session sees its queue end and closes
+//! the socket with 1008. Until the session's `Leave` arrives the connection
+//! still counts as a viewer; counts stay exact.
+
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use actix::prelude::*;
+use bytestring::ByteString;
+use tokio::sync::mpsc;
+
+use crate::{
+    config::Settings,
+    counter::{Counter, RoomCount, RoomState, Subscribe, Unsubscribe},
+    protocol::{update_json, PageId},
+    shard::{RoomIdle, Shard},
+    storage::{now_ms, RoomRecord, Storage},
+};
+
+/// A connection's id, unique in the process.
+pub type ConnId = u64;
+
+/// Outbound queue of one connection: ready-to-send JSON texts.
+pub type Outbox = mpsc::Sender<ByteString>;
+
+// ---------------------------------------------------------------- messages
+
+/// A connection opened (its upgrade completed).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Join {
+    pub page: PageId,
+    pub conn: ConnId,
+    pub tx: Outbox,
+}
+
+/// A connection replaced its link set.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct SetLinks {
+    pub page: PageId,
+    pub conn: ConnId,
+    pub links: Vec<PageId>,
+}
+
+/// A connection closed, timed out or died.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Leave {
+    pub page: PageId,
+    pub conn: ConnId,
+}
+
+/// Latest counts of some followed links, from the counter.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Counts {
+    pub changes: Vec<(PageId, u64)>,
+}
+
+/// The counter's answer to [`Subscribe`] request `req`: current counts.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Subscribed {
+    pub req: u64,
+    pub counts: Vec<(PageId, u64)>,
+}
+
+/// Re-report everything to the counter (it restarted), for resync `epoch`.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct ReportState {
+    pub epoch: u64,
+}
+
+/// Stop now: the shard removed this room from its map.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct StopRoom;
+
+/// Write the room record now if it changed (shutdown).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct SaveRecord;
+
+// ---------------------------------------------------------------- state
+
+/// One open connection of the room.
+struct Conn {
+    /// Its outbound queue; `None` once it overflowed or closed.
+    tx: Option<Outbox>,
+    /// The ids it subscribed to.
+    links: HashSet<PageId>,
+    /// Waiting for counts of some of its links before its full update.
+    pending: bool,
+}
+
+pub struct PageRoom {
+    /// The page this room counts.
+    page: PageId,
+    /// Unique id of this room instance (a recreated room gets a new one).
+    uid: u64,
+    /// The shard that routes messages here and decides eviction.
+    shard: Addr<Shard>,
+    /// Where counts and subscriptions are reported.
+    counter: Addr<Counter>,
+    /// Where the room record is written.
+    storage: Storage,
+    /// Idle timeout and snapshot interval.
+    settings: Arc<Settings>,
+    /// Open connections.
+    conns: HashMap<ConnId, Conn>,
+    /// How many connections want each link (the union, reference counted).
+    refs: HashMap<PageId, usize>,
+    /// Last counts known for followed links (what subscribed clients were told).
+    cache: HashMap<PageId, u64>,
+    /// Next subscribe request number.
+    next_req: u64,
+    /// Messages routed by the shard and handled here (eviction handshake).
+    processed: u64,
+    /// Connections opened since the last count report (for stats).
+    opened: u64,
+    /// Since when the room has had no connection.
+    idle_since: Option<Instant>,
+    /// The `processed` value last reported idle, to report once.
+    idle_reported: Option<u64>,
+    /// The record changed since it was last written.
+    dirty: bool,
+    /// A record write is scheduled.
+    save_scheduled: bool,
+}
+
+impl PageRoom {
+    pub fn new(
+        page: PageId,
+        uid: u64,
+        shard: Addr<Shard>,
+        counter: Addr<Counter>,
+        storage: Storage,
+        settings: Arc<Settings>,
+    ) -> PageRoom {
+        PageRoom {
+            page,
+            uid,
+            shard,
+            counter,
+            storage,
+            settings,
+            conns: HashMap::new(),
+            refs: HashMap::new(),
+            cache: HashMap::new(),
+            next_req: 0,
+            processed: 0,
+            opened: 0,
+            idle_since: Some(Instant::now()),
+            idle_reported: None,
+            dirty: false,
+            save_scheduled: false,
+        }
+    }
+
+    fn report_count(&mut self) {
+        self.counter.do_send(RoomCount {
+            page: self.page.clone(),
+            count: self.conns.len() as u64,
+            opened: std::mem::take(&mut self.opened),
+        });
+    }
+
+    fn mark_dirty(&mut self, ctx: &mut Context<Self>) {
+        self.dirty = true;
+        if !self.save_scheduled {
+            self.save_scheduled = true;
+            ctx.run_later(self.settings.storage.snapshot_interval, |act, _| {
+                act.save_scheduled = false;
+                act.save();
+            });
+        }
+    }
+
+    fn save(&mut self) {
+        if !self.dirty {
+            return;
+        }
+        let record = RoomRecord {
+            links: self.refs.keys().map(|l| l.to_string()).collect(),
+            counts: self
+                .cache
+                .iter()
+                .map(|(l, c)| (l.to_string(), *c))
+                .collect(),
+            last_active_ms: now_ms(),
+        };
+        match self.storage.save_room(&self.page, &record) {
+            Ok(()) => self.dirty = false,
+            Err(e) => tracing::error!(page = %self.page, error = %e, "room record write failed"),
+        }
+    }
+
+    /// Sends `text` to one connection, cutting it off if its queue is full.
+    fn send_to(page: &PageId, conn_id: ConnId, conn: &mut Conn, text: &ByteString) {
+        let Some(tx) = &conn.tx else { return };
+        match tx.try_send(text.clone()) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                tracing::warn!(page = %page, conn = conn_id, "send queue full; closing slow client");
+                conn.tx = None;
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => conn.tx = None,
+        }
+    }
+
+    /// The full update of one connection's links, from the cache.
+    fn full_update(&self, conn: &Conn) -> ByteString {
+        ByteString::from(update_json(
+            conn.links
+                .iter()
+                .map(|l| (&**l, self.cache.get(l).copied().unwrap_or(0))),
+        ))
+    }
+
+    /// Applies counts from the counter and delivers the ids whose value
+    /// changed to the (non-pending) connections that follow them.
+    fn apply_counts(&mut self, counts: Vec<(PageId, u64)>) -> bool {
+        let mut changes: Vec<(PageId, u64)> = Vec::new();
+        for (link, count) in counts {
+            if !self.refs.contains_key(&link) {
+                continue;
+            }
+            if self.cache.insert(link.clone(), count) != Some(count) {
+                changes.push((link, count));
+            }
+        }
+        if changes.is_empty() {
+            return false;
+        }
+        // Group connections by which of the changes they follow, so each
+        // distinct payload is serialized once.
+        let mut payloads: HashMap<Vec<u32>, ByteString> = HashMap::new();
+        let page = &self.page;
+        for (id, conn) in self.conns.iter_mut() {
+            if conn.pending || conn.tx.is_none() {
+                continue;
+            }
+            let subset: Vec<u32> = changes
+                .iter()
+                .enumerate()
+                .filter(|(_, (l, _))| conn.links.contains(l))
+                .map(|(i, _)| i as u32)
+                .collect();
+            if subset.is_empty() {
+                continue;
+            }
+            let text = payloads.entry(subset).or_insert_with_key(|subset| {
+                ByteString::from(update_json(
+                    subset
+                        .iter()
+                        .map(|&i| (&*changes[i as usize].0, changes[i as usize].1)),
+                ))
+            });
+            Self::send_to(page, *id, conn, text);
+        }
+        true
+    }
+
+    /// Sends the full update to every pending connection whose links are all known.
+    fn release_pending(&mut self) {
+        let ready: Vec<ConnId> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.pending && c.links.iter().all(|l| self.cache.contains_key(l)))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in ready {
+            let Some(conn) = self.conns.get(&id) else {
+                continue;
+            };
+            let text = self.full_update(conn);
+            if let Some(conn) = self.conns.get_mut(&id) {
+                conn.pending = false;
+                Self::send_to(&self.page, id, conn, &text);
+            }
+        }
+    }
+
+    fn drop_links(&mut self, links: &HashSet<PageId>, gone: &mut Vec<PageId>) {
+        for link in links {
+            if let Some(n) = self.refs.get_mut(link) {
+                *n -= 1;
+                if *n == 0 {
+                    self.refs.remove(link);
+                    self.cache.remove(link);
+                    gone.push(link.clone());
+                }
+            }
+        }
+    }
+
+    pub fn uid(&self) -> u64 {
+        self.uid
+    }
+}
+
+impl Actor for PageRoom {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        let idle = self.settings.room.idle_timeout;
+        let every = (idle / 4).max(Duration::from_millis(10));
+        ctx.run_interval(every, move |act, _| {
+            let Some(since) = act.idle_since else { return };
+            if since.elapsed() >= idle && act.idle_reported != Some(act.processed) {
+                act.idle_reported = Some(act.processed);
+                act.shard.do_send(RoomIdle {
+                    page: act.page.clone(),
+                    uid: act.uid,
+                    processed: act.processed,
+                });
+            }
+        });
+    }
+
+    fn stopped(&mut self, _: &mut Context<Self>) {
+        self.save();
+    }
+}
+
+impl Handler<Join> for PageRoom {
+    type Result = ();
+    fn handle(&mut self, msg: Join, ctx: &mut Context<Self>) {
+        self.processed += 1;
+        self.conns.insert(
+            msg.conn,
+            Conn {
+                tx: Some(msg.tx),
+                links: HashSet::new(),
+                pending: false,
+            },
+        );
+        self.opened += 1;
+        self.idle_since = None;
+        self.report_count();
+        self.mark_dirty(ctx);
+    }
+}
+
+impl Handler<Leave> for PageRoom {
+    type Result = ();
+    fn handle(&mut self, msg: Leave, ctx: &mut Context<Self>) {
+        self.processed += 1;
+        let Some(conn) = self.conns.remove(&msg.conn) else {
+            return;
+        };
+        let mut gone = Vec::new();
+        self.drop_links(&conn.links, &mut gone);
+        if !gone.is_empty() {
+            self.counter.do_send(Unsubscribe {
+                room: self.uid,
+                links: gone,
+            });
+        }
+        if self.conns.is_empty() {
+            self.idle_since = Some(Instant::now());
+        }
+        self.report_count();
+        self.mark_dirty(ctx);
+    }
+}
+
+impl Handler<SetLinks> for PageRoom {
+    type Result = ();
+    fn handle(&mut self, msg: SetLinks, ctx: &mut Context<Self>) {
+        self.processed += 1;
+        let Some(conn) = self.conns.get_mut(&msg.conn) else {
+            return;
+        };
+        let new: HashSet<PageId> = msg.links.into_iter().collect();
+        let old = std::mem::replace(&mut conn.links, new.clone());
+        let mut added = Vec::new();
+        for link in new.difference(&old) {
+            let n = self.refs.entry(link.clone()).or_insert(0);
+            *n += 1;
+            if *n == 1 {
+                added.push(link.clone());
+            }
+        }
+        let removed: HashSet<PageId> = old.difference(&new).cloned().collect();
+        let mut gone = Vec::new();
+        self.drop_links(&removed, &mut gone);
+        if !gone.is_empty() {
+            self.counter.do_send(Unsubscribe {
+                room: self.uid,
+                links: gone,
+            });
+        }
+        if !added.is_empty() {
+            self.next_req += 1;
+            self.counter.do_send(Subscribe {
+                room: self.uid,
+                addr: ctx.address(),
+                req: self.next_req,
+                links: added,
+            });
+        }
+        let Some(conn) = self.conns.get_mut(&msg.conn) else {
+            return;
+        };
+        conn.pending = true;
+        self.release_pending();
+        self.mark_dirty(ctx);
+    }
+}
+
+impl Handler<Counts> for PageRoom {
+    type Result = ();
+    fn handle(&mut self, msg: Counts, ctx: &mut Context<Self>) {
+        if self.apply_counts(msg.changes) {
+            self.release_pending();
+            self.mark_dirty(ctx);
+        }
+    }
+}
+
+impl Handler<Subscribed> for PageRoom {
+    type Result = ();
+    fn handle(&mut self, msg: Subscribed, ctx: &mut Context<Self>) {
+        let _ = msg.req;
+        self.apply_counts(msg.counts);
+        self.release_pending();
+        self.mark_dirty(ctx);
+    }
+}
+
+impl Handler<ReportState> for PageRoom {
+    type Result = ();
+    fn handle(&mut self, msg: ReportState, ctx: &mut Context<Self>) {
+        self.counter.do_send(RoomState {
+            epoch: msg.epoch,
+            room: self.uid,
+            addr: ctx.address(),
+            page: self.page.clone(),
+            count: self.conns.len() as u64,
+            links: self.refs.keys().cloned().collect(),
+        });
+    }
+}
+
+impl Handler<StopRoom> for PageRoom {
+    type Result = ();
+    fn handle(&mut self, _: StopRoom, ctx: &mut Context<Self>) {
+        ctx.stop();
+    }
+}
+
+impl Handler<SaveRecord> for PageRoom {
+    type Result = ();
+    fn handle(&mut self, _: SaveRecord, _: &mut Context<Self>) {
+        self.save();
+    }
+}

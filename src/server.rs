@@ -1,0 +1,180 @@
+//! Wiring: opens storage, starts the counter (supervised, own arbiter), the
+//! shards and the HTTP server on a bound listener, and runs the graceful
+//! shutdown. Must be called inside an actix `System`.
+
+use std::{
+    net::{SocketAddr, TcpListener},
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use actix::{Addr, Arbiter, Supervisor};
+use actix_web::{web, App, HttpServer};
+use tokio::sync::watch;
+
+use crate::{
+    config::Settings,
+    counter::{Counter, FinalSnapshot, SetShards},
+    http::{self, AppState},
+    shard::{SaveAll, Shards},
+    storage::Storage,
+};
+
+/// A running service.
+pub struct Server {
+    /// The address actually bound (port 0 resolved).
+    local_addr: SocketAddr,
+    /// Stops the HTTP server.
+    http: actix_web::dev::ServerHandle,
+    /// The counter singleton.
+    counter: Addr<Counter>,
+    /// The counter's arbiter.
+    counter_arbiter: Arbiter,
+    /// The room shards.
+    shards: Shards,
+    /// The database.
+    storage: Storage,
+    /// Tells sessions to close with 1001.
+    shutdown_tx: watch::Sender<bool>,
+    /// Open WebSocket sessions.
+    active: Arc<AtomicUsize>,
+    /// Shared settings.
+    settings: Arc<Settings>,
+}
+
+/// What a graceful shutdown did.
+#[derive(Debug, Clone, Copy)]
+pub struct ShutdownReport {
+    /// Sessions still open when `shutdown_timeout` ran out.
+    pub cut: usize,
+}
+
+impl Server {
+    /// Opens storage in `settings.storage.path` and starts serving on `listener`.
+    pub fn start(settings: Settings, listener: TcpListener) -> anyhow::Result<Server> {
+        let storage = Storage::open(&settings.storage.path)?;
+        Self::start_with_storage(settings, listener, storage)
+    }
+
+    /// Starts serving on `listener` with an already opened store.
+    pub fn start_with_storage(
+        settings: Settings,
+        listener: TcpListener,
+        storage: Storage,
+    ) -> anyhow::Result<Server> {
+        let settings = Arc::new(settings);
+        let counter_arbiter = Arbiter::new();
+        let counter = {
+            let (settings, storage) = (settings.clone(), storage.clone());
+            Supervisor::start_in_arbiter(&counter_arbiter.handle(), move |_| {
+                Counter::new(settings, storage)
+            })
+        };
+        let shards = Shards::start(
+            settings.shard_count(),
+            counter.clone(),
+            storage.clone(),
+            settings.clone(),
+        );
+        counter.do_send(SetShards(shards.all().to_vec()));
+
+        let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        let active = Arc::new(AtomicUsize::new(0));
+        let state = AppState {
+            settings: settings.clone(),
+            shards: shards.clone(),
+            counter: counter.clone(),
+            storage: storage.clone(),
+            shutdown: shutdown_rx,
+            active: active.clone(),
+        };
+        let local_addr = listener.local_addr()?;
+        let server = HttpServer::new(move || {
+            App::new()
+                .app_data(web::Data::new(state.clone()))
+                .configure(http::configure)
+        })
+        .workers(settings.worker_count())
+        .disable_signals()
+        .shutdown_timeout(settings.server.shutdown_timeout.as_secs().max(1))
+        .listen(listener)?
+        .run();
+        let http = server.handle();
+        actix_web::rt::spawn(async move {
+            if let Err(e) = server.await {
+                tracing::error!(error = %e, "http server failed");
+            }
+        });
+        tracing::info!(addr = %local_addr, shards = settings.shard_count(), "listening");
+        Ok(Server {
+            local_addr,
+            http,
+            counter,
+            counter_arbiter,
+            shards,
+            storage,
+            shutdown_tx,
+            active,
+            settings,
+        })
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The counter actor (tests inject faults and trigger sweeps through it).
+    pub fn counter(&self) -> Addr<Counter> {
+        self.counter.clone()
+    }
+
+    /// The shards.
+    pub fn shards(&self) -> &Shards {
+        &self.shards
+    }
+
+    /// Open WebSocket sessions.
+    pub fn active_sessions(&self) -> usize {
+        self.active.load(Ordering::SeqCst)
+    }
+
+    /// Graceful shutdown: stop accepting, close every WebSocket with 1001,
+    /// wait up to `shutdown_timeout`, write the final snapshot, flush.
+    pub async fn shutdown(self) -> ShutdownReport {
+        let grace = self.settings.server.shutdown_timeout;
+        tracing::info!(sessions = self.active_sessions(), "shutting down");
+        self.http.pause().await;
+        let _ = self.shutdown_tx.send(true);
+        let started = Instant::now();
+        while self.active_sessions() > 0 && started.elapsed() < grace {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let cut = self.active_sessions();
+        if cut > 0 {
+            tracing::warn!(
+                cut,
+                "shutdown timeout reached; cutting remaining connections"
+            );
+        }
+        self.http.stop(cut == 0).await;
+        for shard in self.shards.all() {
+            let _ = shard.send(SaveAll).await;
+        }
+        // Let the rooms' last reports reach the counter before its final snapshot.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        if self.counter.send(FinalSnapshot).await.is_err() {
+            tracing::error!("counter gone before the final snapshot");
+        }
+        if let Err(e) = self.storage.flush() {
+            tracing::error!(error = %e, "final flush failed");
+        }
+        self.shards.stop();
+        self.counter_arbiter.stop();
+        tracing::info!(cut, "stopped");
+        ShutdownReport { cut }
+    }
+}

@@ -1,0 +1,173 @@
+//! One WebSocket connection: an actix-ws task with a single `select!` loop
+//! over client frames, queued updates from its room, the liveness deadline,
+//! heartbeat pings and the shutdown signal, and one cleanup point after it.
+
+use std::{
+    sync::{
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use actix_ws::{AggregatedMessage, CloseCode, CloseReason, ProtocolError as WsError, Session};
+use bytestring::ByteString;
+use tokio::{
+    sync::{mpsc, watch},
+    time::{interval_at, sleep_until, timeout, Instant},
+};
+
+use crate::{
+    config::Settings,
+    protocol::{close, parse_client_message, ClientMessage, PageId},
+    room::{Join, Leave, SetLinks},
+    shard::Shards,
+};
+
+/// Source of connection ids, unique in the process.
+static NEXT_CONN_ID: AtomicU64 = AtomicU64::new(1);
+
+/// Longest wait for a close frame to be written during shutdown.
+const CLOSE_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// What a session needs from the server.
+pub struct SessionContext {
+    /// The page this connection views.
+    pub page: PageId,
+    /// PartySocket's `_pk` connection id, for logs.
+    pub pk: Option<String>,
+    /// Routing to the page's room.
+    pub shards: Shards,
+    /// Limits and timers.
+    pub settings: Arc<Settings>,
+    /// Becomes true when the server shuts down.
+    pub shutdown: watch::Receiver<bool>,
+    /// Open sessions (decremented when this one ends).
+    pub active: Arc<AtomicUsize>,
+}
+
+/// Decrements the open-session gauge however the task ends.
+struct ActiveGuard(Arc<AtomicUsize>);
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+fn reason(code: u16, text: &str) -> Option<CloseReason> {
+    Some(CloseReason {
+        code: CloseCode::from(code),
+        description: Some(text.to_owned()),
+    })
+}
+
+/// Runs one connection until it closes; it counts as a viewer throughout.
+pub async fn run(ctx: SessionContext, mut session: Session, stream: actix_ws::MessageStream) {
+    let SessionContext {
+        page,
+        pk,
+        shards,
+        settings,
+        mut shutdown,
+        active,
+    } = ctx;
+    active.fetch_add(1, Ordering::SeqCst);
+    let _guard = ActiveGuard(active);
+    let ws = &settings.websocket;
+    let conn = NEXT_CONN_ID.fetch_add(1, Ordering::Relaxed);
+    let shard = shards.for_page(&page).clone();
+    let (tx, mut rx) = mpsc::channel::<ByteString>(ws.send_queue);
+    shard.do_send(Join {
+        page: page.clone(),
+        conn,
+        tx,
+    });
+    tracing::debug!(page = %page, conn, pk = pk.as_deref().unwrap_or(""), "connected");
+
+    let mut stream = stream
+        .max_frame_size(ws.max_message_bytes)
+        .aggregate_continuations()
+        .max_continuation_size(ws.max_message_bytes);
+    let mut heartbeat = interval_at(
+        Instant::now() + ws.heartbeat_interval,
+        ws.heartbeat_interval,
+    );
+    let mut deadline = Instant::now() + ws.client_timeout;
+
+    // `Some(reason)`: close the socket with it; `None`: it is already gone.
+    let close_with: Option<Option<CloseReason>> = loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.changed() => break Some(reason(close::GOING_AWAY, "server shutting down")),
+            frame = stream.recv() => {
+                deadline = Instant::now() + ws.client_timeout;
+                match frame {
+                    None => break None,
+                    Some(Ok(AggregatedMessage::Text(text))) => {
+                        match parse_client_message(&text, ws.max_links_per_subscribe) {
+                            Ok(ClientMessage::Subscribe { links }) => {
+                                shard.do_send(SetLinks { page: page.clone(), conn, links });
+                            }
+                            Err(e) => {
+                                let sent = timeout(ws.client_timeout, session.text(e.to_json())).await;
+                                if !matches!(sent, Ok(Ok(()))) {
+                                    break None;
+                                }
+                            }
+                        }
+                    }
+                    Some(Ok(AggregatedMessage::Binary(_))) => {
+                        break Some(reason(close::UNSUPPORTED, "binary frames are not supported"));
+                    }
+                    Some(Ok(AggregatedMessage::Ping(bytes))) => {
+                        if session.pong(&bytes).await.is_err() {
+                            break None;
+                        }
+                    }
+                    Some(Ok(AggregatedMessage::Pong(_))) => {}
+                    Some(Ok(AggregatedMessage::Close(r))) => break Some(r),
+                    Some(Err(WsError::Overflow)) => {
+                        break Some(reason(close::TOO_BIG, "message larger than max_message_bytes"));
+                    }
+                    Some(Err(WsError::Io(e))) if e.to_string().contains("maximum continuation size") => {
+                        break Some(reason(close::TOO_BIG, "message larger than max_message_bytes"));
+                    }
+                    Some(Err(e)) => {
+                        tracing::debug!(page = %page, conn, error = %e, "protocol error");
+                        break Some(reason(1002, "protocol error"));
+                    }
+                }
+            }
+            out = rx.recv() => match out {
+                Some(text) => {
+                    // A client that does not read cannot stall the loop forever.
+                    let sent = timeout(ws.client_timeout, session.text(text)).await;
+                    if !matches!(sent, Ok(Ok(()))) {
+                        break None;
+                    }
+                }
+                None => break Some(reason(close::POLICY, "client too slow: send queue overflowed")),
+            },
+            _ = sleep_until(deadline) => {
+                tracing::debug!(page = %page, conn, "client timed out");
+                break Some(reason(close::NORMAL, "client timeout"));
+            }
+            _ = heartbeat.tick() => {
+                if session.ping(b"").await.is_err() {
+                    break None;
+                }
+            }
+        }
+    };
+
+    // Stop counting first, then say goodbye.
+    shard.do_send(Leave {
+        page: page.clone(),
+        conn,
+    });
+    tracing::debug!(page = %page, conn, "disconnected");
+    if let Some(r) = close_with {
+        let _ = timeout(CLOSE_WRITE_TIMEOUT, session.close(r)).await;
+    }
+}

@@ -1,0 +1,258 @@
+//! Shards: one `Shard` actor per arbiter (one arbiter per core by default).
+//! A page id hashes to one shard; that shard's actor is the only owner of the
+//! map from page id to `PageRoom`, so looking up or creating a room never
+//! takes a lock. Sessions send their `Join`/`SetLinks`/`Leave` to the shard,
+//! which forwards them to the room on the same thread, in order.
+//!
+//! Eviction handshake: an empty room reports `RoomIdle` with the number of
+//! routed messages it has handled; the shard removes it only if that equals
+//! the number it forwarded, so no message can be in flight to a stopping room.
+
+use std::{
+    collections::HashMap,
+    hash::{Hash, Hasher},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+};
+
+use actix::prelude::*;
+
+use crate::{
+    config::Settings,
+    counter::{Counter, ShardRooms},
+    protocol::PageId,
+    room::{Join, Leave, PageRoom, ReportState, SaveRecord, SetLinks, StopRoom},
+    storage::Storage,
+};
+
+/// Source of room uids, unique in the process.
+static NEXT_ROOM_UID: AtomicU64 = AtomicU64::new(1);
+
+// ---------------------------------------------------------------- messages
+
+/// An empty room asks to be evicted; `processed` is how many routed messages it handled.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct RoomIdle {
+    pub page: PageId,
+    pub uid: u64,
+    pub processed: u64,
+}
+
+/// The counter restarted: ask every room to report, and list them.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Resync {
+    pub epoch: u64,
+}
+
+/// Save every room record (shutdown); answers when done.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct SaveAll;
+
+/// Number of live rooms on this shard.
+#[derive(Message)]
+#[rtype(result = "usize")]
+pub struct RoomCountQuery;
+
+// ---------------------------------------------------------------- state
+
+/// A live room as its shard knows it.
+struct Slot {
+    /// The room actor.
+    addr: Addr<PageRoom>,
+    /// Its uid (to ignore idle reports of a replaced room).
+    uid: u64,
+    /// Routed messages forwarded to it.
+    forwarded: u64,
+}
+
+pub struct Shard {
+    /// This shard's index.
+    index: usize,
+    /// Rooms report here.
+    counter: Addr<Counter>,
+    /// Rooms write their records here.
+    storage: Storage,
+    /// Shared settings.
+    settings: Arc<Settings>,
+    /// The rooms of this shard, by page id.
+    rooms: HashMap<PageId, Slot>,
+}
+
+impl Shard {
+    fn route<M>(&mut self, page: &PageId, msg: M)
+    where
+        M: Message<Result = ()> + Send + 'static,
+        PageRoom: Handler<M>,
+    {
+        if let Some(slot) = self.rooms.get_mut(page) {
+            slot.forwarded += 1;
+            slot.addr.do_send(msg);
+        }
+    }
+}
+
+impl Actor for Shard {
+    type Context = Context<Self>;
+}
+
+impl Handler<Join> for Shard {
+    type Result = ();
+    fn handle(&mut self, msg: Join, ctx: &mut Context<Self>) {
+        if !self.rooms.contains_key(&msg.page) {
+            let uid = NEXT_ROOM_UID.fetch_add(1, Ordering::Relaxed);
+            let room = PageRoom::new(
+                msg.page.clone(),
+                uid,
+                ctx.address(),
+                self.counter.clone(),
+                self.storage.clone(),
+                self.settings.clone(),
+            );
+            let addr = room.start();
+            self.rooms.insert(
+                msg.page.clone(),
+                Slot {
+                    addr,
+                    uid,
+                    forwarded: 0,
+                },
+            );
+        }
+        let page = msg.page.clone();
+        self.route(&page, msg);
+    }
+}
+
+impl Handler<SetLinks> for Shard {
+    type Result = ();
+    fn handle(&mut self, msg: SetLinks, _: &mut Context<Self>) {
+        let page = msg.page.clone();
+        self.route(&page, msg);
+    }
+}
+
+impl Handler<Leave> for Shard {
+    type Result = ();
+    fn handle(&mut self, msg: Leave, _: &mut Context<Self>) {
+        let page = msg.page.clone();
+        self.route(&page, msg);
+    }
+}
+
+impl Handler<RoomIdle> for Shard {
+    type Result = ();
+    fn handle(&mut self, msg: RoomIdle, _: &mut Context<Self>) {
+        let evict = self
+            .rooms
+            .get(&msg.page)
+            .is_some_and(|s| s.uid == msg.uid && s.forwarded == msg.processed);
+        if evict {
+            if let Some(slot) = self.rooms.remove(&msg.page) {
+                tracing::debug!(page = %msg.page, "idle room stopped");
+                slot.addr.do_send(StopRoom);
+            }
+        }
+    }
+}
+
+impl Handler<Resync> for Shard {
+    type Result = ();
+    fn handle(&mut self, msg: Resync, _: &mut Context<Self>) {
+        let mut rooms = Vec::with_capacity(self.rooms.len());
+        for slot in self.rooms.values() {
+            slot.addr.do_send(ReportState { epoch: msg.epoch });
+            rooms.push(slot.uid);
+        }
+        self.counter.do_send(ShardRooms {
+            epoch: msg.epoch,
+            shard: self.index,
+            rooms,
+        });
+    }
+}
+
+impl Handler<SaveAll> for Shard {
+    type Result = ResponseFuture<()>;
+    fn handle(&mut self, _: SaveAll, _: &mut Context<Self>) -> Self::Result {
+        let sends: Vec<_> = self
+            .rooms
+            .values()
+            .map(|s| s.addr.send(SaveRecord))
+            .collect();
+        Box::pin(async move {
+            for s in sends {
+                let _ = s.await;
+            }
+        })
+    }
+}
+
+impl Handler<RoomCountQuery> for Shard {
+    type Result = usize;
+    fn handle(&mut self, _: RoomCountQuery, _: &mut Context<Self>) -> usize {
+        self.rooms.len()
+    }
+}
+
+/// The set of shards, with the hash that picks one for a page. Cheap to clone.
+#[derive(Clone)]
+pub struct Shards {
+    /// One address per shard.
+    addrs: Arc<[Addr<Shard>]>,
+    /// Keeps the arbiters (threads) alive.
+    _arbiters: Arc<Vec<Arbiter>>,
+}
+
+impl Shards {
+    /// Starts `n` shard arbiters, each with its `Shard` actor.
+    pub fn start(
+        n: usize,
+        counter: Addr<Counter>,
+        storage: Storage,
+        settings: Arc<Settings>,
+    ) -> Shards {
+        let mut arbiters = Vec::with_capacity(n);
+        let mut addrs = Vec::with_capacity(n);
+        for index in 0..n {
+            let arbiter = Arbiter::new();
+            let (counter, storage, settings) = (counter.clone(), storage.clone(), settings.clone());
+            let addr = Shard::start_in_arbiter(&arbiter.handle(), move |_| Shard {
+                index,
+                counter,
+                storage,
+                settings,
+                rooms: HashMap::new(),
+            });
+            arbiters.push(arbiter);
+            addrs.push(addr);
+        }
+        Shards {
+            addrs: addrs.into(),
+            _arbiters: Arc::new(arbiters),
+        }
+    }
+
+    /// The shard that owns `page`.
+    pub fn for_page(&self, page: &str) -> &Addr<Shard> {
+        let mut h = std::hash::DefaultHasher::new();
+        page.hash(&mut h);
+        &self.addrs[(h.finish() % self.addrs.len() as u64) as usize]
+    }
+
+    /// All shard addresses.
+    pub fn all(&self) -> &[Addr<Shard>] {
+        &self.addrs
+    }
+
+    /// Stops the shard arbiters.
+    pub fn stop(&self) {
+        for a in self._arbiters.iter() {
+            a.stop();
+        }
+    }
+}

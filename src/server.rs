@@ -132,6 +132,11 @@ impl Server {
         self.counter.clone()
     }
 
+    /// The database handle (tests inspect records through it).
+    pub fn storage(&self) -> Storage {
+        self.storage.clone()
+    }
+
     /// The shards.
     pub fn shards(&self) -> &Shards {
         &self.shards

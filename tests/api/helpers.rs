@@ -1,0 +1,361 @@
+//! Test harness: a real server on port 0 in its own actix system thread,
+//! real WebSocket clients (tokio-tungstenite), raw HTTP, temp data dirs.
+
+use std::{
+    collections::BTreeMap,
+    net::{SocketAddr, TcpListener},
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use actix::Addr;
+use futures_util::{stream::SplitSink, SinkExt, StreamExt};
+use link_counter::{
+    counter::Counter, server::ShutdownReport, shard::Shards, storage::Storage, Server, Settings,
+};
+use serde_json::Value;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+    sync::mpsc,
+};
+use tokio_tungstenite::{
+    tungstenite::{protocol::CloseFrame, Message},
+    MaybeTlsStream, WebSocketStream,
+};
+
+/// Generous limit for anything that should happen "soon".
+pub const PATIENCE: Duration = Duration::from_secs(10);
+
+/// Settings for tests: defaults with short timers, plus `extra` overrides
+/// given as environment pairs (this also exercises the override path).
+pub fn settings(dir: &Path, extra: &[(&str, &str)]) -> Settings {
+    let mut env: Vec<(String, String)> = vec![
+        ("LINK_COUNTER__SERVER__BIND".into(), "127.0.0.1:0".into()),
+        ("LINK_COUNTER__SERVER__SHARDS".into(), "2".into()),
+        ("LINK_COUNTER__SERVER__WORKERS".into(), "2".into()),
+        ("LINK_COUNTER__SERVER__SHUTDOWN_TIMEOUT".into(), "3s".into()),
+        (
+            "LINK_COUNTER__STORAGE__PATH".into(),
+            dir.display().to_string(),
+        ),
+        (
+            "LINK_COUNTER__STORAGE__SNAPSHOT_INTERVAL".into(),
+            "100ms".into(),
+        ),
+        (
+            "LINK_COUNTER__WEBSOCKET__HEARTBEAT_INTERVAL".into(),
+            "100ms".into(),
+        ),
+        (
+            "LINK_COUNTER__WEBSOCKET__CLIENT_TIMEOUT".into(),
+            "600ms".into(),
+        ),
+    ];
+    for (k, v) in extra {
+        env.push((format!("LINK_COUNTER__{k}"), v.to_string()));
+    }
+    Settings::load_from(None, env).expect("test settings are valid")
+}
+
+fn init_logs() {
+    if std::env::var_os("RUST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt().with_test_writer().try_init();
+    }
+}
+
+/// A server running in its own thread.
+pub struct TestApp {
+    pub addr: SocketAddr,
+    pub counter: Addr<Counter>,
+    pub storage: Storage,
+    pub shards: Shards,
+    pub dir: PathBuf,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<ShutdownReport>>,
+}
+
+/// Starts a server on 127.0.0.1:0 with `settings`.
+pub fn spawn_app_with(settings: Settings) -> TestApp {
+    init_logs();
+    let dir = settings.storage.path.clone();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let thread = std::thread::spawn(move || {
+        actix_rt::System::new().block_on(async move {
+            let listener = TcpListener::bind("127.0.0.1:0").expect("bind port 0");
+            let server = Server::start(settings, listener).expect("server starts");
+            tx.send((
+                server.local_addr(),
+                server.counter(),
+                server.storage(),
+                server.shards().clone(),
+            ))
+            .expect("test is waiting");
+            let _ = stop_rx.await;
+            server.shutdown().await
+        })
+    });
+    let (addr, counter, storage, shards) = rx.recv().expect("server reports its address");
+    TestApp {
+        addr,
+        counter,
+        storage,
+        shards,
+        dir,
+        stop: Some(stop_tx),
+        thread: Some(thread),
+    }
+}
+
+/// Starts a server with test settings in a fresh temp dir (kept alive by the returned guard).
+pub fn spawn_app(extra: &[(&str, &str)]) -> (TestApp, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let app = spawn_app_with(settings(dir.path(), extra));
+    (app, dir)
+}
+
+impl TestApp {
+    pub fn ws_url(&self, page: &str) -> String {
+        format!("ws://{}/parties/page/{page}", self.addr)
+    }
+
+    /// Graceful shutdown; returns what it reported.
+    pub async fn shutdown(mut self) -> ShutdownReport {
+        self.stop_now().await
+    }
+
+    async fn stop_now(&mut self) -> ShutdownReport {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let thread = self.thread.take().expect("not yet stopped");
+        tokio::task::spawn_blocking(move || thread.join().expect("server thread"))
+            .await
+            .expect("join")
+    }
+
+    pub async fn connect(&self, page: &str) -> Client {
+        Client::connect(&self.ws_url(page)).await
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, String) {
+        http_get(self.addr, path).await
+    }
+
+    pub async fn get_json(&self, path: &str) -> Value {
+        let (status, body) = self.get(path).await;
+        assert_eq!(status, 200, "GET {path}: {body}");
+        serde_json::from_str(&body).expect("JSON body")
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+            if let Some(t) = self.thread.take() {
+                let _ = t.join();
+            }
+        }
+    }
+}
+
+/// Minimal HTTP/1.1 GET; returns status and body.
+pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    http_raw(
+        addr,
+        &format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"),
+    )
+    .await
+}
+
+/// Sends a raw request and reads the whole response.
+pub async fn http_raw(addr: SocketAddr, request: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    s.write_all(request.as_bytes()).await.expect("write");
+    let mut buf = Vec::new();
+    tokio::time::timeout(PATIENCE, s.read_to_end(&mut buf))
+        .await
+        .expect("response in time")
+        .expect("read");
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("status line");
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// A WebSocket client that models the seed's browser client: it answers
+/// pings at all times (a background task keeps reading, as a browser does)
+/// and applies each update as "set these ids to these counts".
+pub struct Client {
+    sink: SplitSink<WebSocketStream<MaybeTlsStream<TcpStream>>, Message>,
+    /// Frames other than ping/pong, in order; `None` when the stream ended.
+    rx: mpsc::UnboundedReceiver<Message>,
+    reader: tokio::task::JoinHandle<()>,
+    /// Counts as this client would display them.
+    pub shown: BTreeMap<String, u64>,
+}
+
+/// A client that completed the handshake and then never reads or answers
+/// pings again (a dead peer whose TCP stream stays open).
+pub struct SilentClient(#[allow(dead_code)] WebSocketStream<MaybeTlsStream<TcpStream>>);
+
+pub fn counts(pairs: &[(&str, u64)]) -> BTreeMap<String, u64> {
+    pairs.iter().map(|(k, v)| (k.to_string(), *v)).collect()
+}
+
+async fn open(url: &str) -> WebSocketStream<MaybeTlsStream<TcpStream>> {
+    let (ws, _) = tokio::time::timeout(PATIENCE, tokio_tungstenite::connect_async(url))
+        .await
+        .expect("connect in time")
+        .unwrap_or_else(|e| panic!("connect {url}: {e}"));
+    ws
+}
+
+impl SilentClient {
+    pub async fn connect(url: &str) -> SilentClient {
+        SilentClient(open(url).await)
+    }
+}
+
+impl Client {
+    pub async fn connect(url: &str) -> Client {
+        let (sink, mut stream) = open(url).await.split();
+        let (tx, rx) = mpsc::unbounded_channel();
+        let reader = tokio::spawn(async move {
+            while let Some(Ok(m)) = stream.next().await {
+                if matches!(m, Message::Ping(_) | Message::Pong(_)) {
+                    continue;
+                }
+                if tx.send(m).is_err() {
+                    break;
+                }
+            }
+        });
+        Client {
+            sink,
+            rx,
+            reader,
+            shown: BTreeMap::new(),
+        }
+    }
+
+    pub async fn send_text(&mut self, text: &str) {
+        self.sink
+            .send(Message::Text(text.into()))
+            .await
+            .expect("send");
+    }
+
+    pub async fn send(&mut self, msg: Message) {
+        self.sink.send(msg).await.expect("send");
+    }
+
+    pub async fn subscribe(&mut self, links: &[&str]) {
+        let msg = serde_json::json!({"type": "subscribe", "links": links});
+        self.send_text(&msg.to_string()).await;
+    }
+
+    /// The next frame that is not a ping/pong, or None when the stream ended.
+    pub async fn next_frame(&mut self) -> Option<Message> {
+        tokio::time::timeout(PATIENCE, self.rx.recv())
+            .await
+            .expect("a frame in time")
+    }
+
+    /// The next text message, as raw text.
+    pub async fn next_text(&mut self) -> String {
+        match self.next_frame().await {
+            Some(Message::Text(t)) => t.to_string(),
+            other => panic!("expected a text message, got {other:?}"),
+        }
+    }
+
+    /// The next message as JSON (and applies it if it is an update).
+    pub async fn next_json(&mut self) -> Value {
+        let v: Value = serde_json::from_str(&self.next_text().await).expect("JSON");
+        if v["type"] == "update" {
+            for (k, c) in v["connections"].as_object().expect("connections map") {
+                self.shown
+                    .insert(k.clone(), c.as_u64().expect("integer count"));
+            }
+        }
+        v
+    }
+
+    /// The next update's `connections` map.
+    pub async fn next_update(&mut self) -> BTreeMap<String, u64> {
+        let v = self.next_json().await;
+        assert_eq!(v["type"], "update", "expected an update, got {v}");
+        serde_json::from_value(v["connections"].clone()).expect("map")
+    }
+
+    /// Reads updates until `shown` equals `expected` on those ids.
+    pub async fn wait_for(&mut self, expected: &BTreeMap<String, u64>) {
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        loop {
+            if expected.iter().all(|(k, v)| self.shown.get(k) == Some(v)) {
+                return;
+            }
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if tokio::time::timeout(left, self.next_json()).await.is_err() {
+                panic!(
+                    "counts did not converge: shown {:?}, expected {expected:?}",
+                    self.shown
+                );
+            }
+        }
+    }
+
+    /// Asserts that no message arrives within `d`.
+    pub async fn expect_silence(&mut self, d: Duration) {
+        if let Ok(m) = tokio::time::timeout(d, self.rx.recv()).await {
+            panic!("expected silence, got {m:?}");
+        }
+    }
+
+    /// Waits for the server's close frame and returns its code.
+    pub async fn expect_close(&mut self) -> u16 {
+        loop {
+            match self.next_frame().await {
+                Some(Message::Close(Some(CloseFrame { code, .. }))) => return u16::from(code),
+                Some(Message::Close(None)) => return 1005,
+                Some(Message::Text(_)) => continue,
+                other => panic!("expected a close frame, got {other:?}"),
+            }
+        }
+    }
+
+    /// Close handshake from the client side; returns once the server answered.
+    pub async fn close(mut self) {
+        let _ = self.sink.send(Message::Close(None)).await;
+        let _ = tokio::time::timeout(PATIENCE, async {
+            while let Some(m) = self.rx.recv().await {
+                if matches!(m, Message::Close(_)) {
+                    break;
+                }
+            }
+        })
+        .await;
+    }
+
+    /// Drops the TCP stream without a close frame.
+    pub fn drop_abruptly(self) {
+        // Drop aborts the reader, which owns the other half of the stream.
+        drop(self);
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}

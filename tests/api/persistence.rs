@@ -1,0 +1,132 @@
+//! Restarts: stats survive, live counts start at 0; kill -9 of the real binary.
+
+use std::{
+    io::{BufRead, BufReader},
+    net::SocketAddr,
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use crate::helpers::{http_get, settings, spawn_app_with, Client};
+
+/// A graceful restart on the same data dir keeps the stats and starts every
+/// count at 0.
+#[tokio::test]
+async fn restart_keeps_stats_and_starts_counts_at_zero() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let app = spawn_app_with(settings(dir.path(), &[]));
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(app.connect("r").await);
+    }
+    held.pop().expect("one").close().await;
+    crate::lifecycle_wait(&app, "r", 2).await;
+    let report = app.shutdown().await;
+    assert_eq!(report.cut, 0);
+    drop(held);
+
+    let app = spawn_app_with(settings(dir.path(), &[]));
+    let info = app.get_json("/api/v1/pages/r").await;
+    assert_eq!(info["connections"], 0);
+    assert_eq!(info["total_connections"], 3);
+    assert_eq!(info["peak_connections"], 3);
+    let mut obs = app.connect("o").await;
+    obs.subscribe(&["r"]).await;
+    assert_eq!(obs.next_update().await, crate::helpers::counts(&[("r", 0)]));
+    let _v = app.connect("r").await;
+    assert_eq!(obs.next_update().await, crate::helpers::counts(&[("r", 1)]));
+    assert_eq!(
+        app.get_json("/api/v1/pages/r").await["total_connections"],
+        4
+    );
+}
+
+struct Binary {
+    child: Child,
+    addr: SocketAddr,
+}
+
+fn start_binary(dir: &std::path::Path) -> Binary {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_link-counter"))
+        .env("LINK_COUNTER__SERVER__BIND", "127.0.0.1:0")
+        .env("LINK_COUNTER__STORAGE__PATH", dir)
+        .env("LINK_COUNTER__STORAGE__SNAPSHOT_INTERVAL", "100ms")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("binary starts");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut line = String::new();
+    BufReader::new(stdout)
+        .read_line(&mut line)
+        .expect("read stdout");
+    let addr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+        .parse()
+        .expect("address");
+    Binary { child, addr }
+}
+
+async fn total_connections(addr: SocketAddr, page: &str) -> (u64, u64) {
+    let (status, body) = http_get(addr, &format!("/api/v1/pages/{page}")).await;
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+    (
+        v["total_connections"].as_u64().expect("n"),
+        v["connections"].as_u64().expect("n"),
+    )
+}
+
+/// kill -9 of the real binary during churn, restarted on the same data dir
+/// three times: the store opens every time, stats older than one snapshot
+/// interval are kept, and counts restart at 0 and converge as clients return.
+#[tokio::test]
+async fn kill_9_during_churn_keeps_older_stats() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let mut settled_total = 0;
+    for round in 0..3 {
+        let mut bin = start_binary(dir.path());
+        let (total, live) = total_connections(bin.addr, "k").await;
+        assert_eq!(live, 0, "round {round}: counts restart at 0");
+        assert!(
+            total >= settled_total,
+            "round {round}: lost settled stats: {total} < {settled_total}"
+        );
+        // 20 connections, then settle for several snapshot intervals.
+        let url = format!("ws://{}/parties/page/k", bin.addr);
+        let mut held = Vec::new();
+        for _ in 0..20 {
+            held.push(Client::connect(&url).await);
+        }
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        settled_total = total + 20;
+        // Churn, and kill -9 in the middle of it.
+        let churn = tokio::spawn(async move {
+            loop {
+                let c = Client::connect(&url).await;
+                c.drop_abruptly();
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        bin.child.kill().expect("kill -9");
+        bin.child.wait().expect("reaped");
+        churn.abort();
+        let _ = churn.await;
+        drop(held);
+    }
+    // A last start: the store opens, stats are there, a returning client counts from 0.
+    let mut bin = start_binary(dir.path());
+    let (total, live) = total_connections(bin.addr, "k").await;
+    assert_eq!(live, 0);
+    assert!(total >= settled_total);
+    let mut obs = Client::connect(&format!("ws://{}/parties/page/o", bin.addr)).await;
+    obs.subscribe(&["k"]).await;
+    assert_eq!(obs.next_update().await, crate::helpers::counts(&[("k", 0)]));
+    let _back = Client::connect(&format!("ws://{}/parties/page/k", bin.addr)).await;
+    assert_eq!(obs.next_update().await, crate::helpers::counts(&[("k", 1)]));
+    bin.child.kill().expect("kill");
+    let _ = bin.child.wait();
+}

@@ -32,7 +32,8 @@ fn invalid_config_names_the_key_and_exits() {
     let unknown = dir.path().join("unknown.toml");
     std::fs::write(&unknown, "[server]\nbnd = \"127.0.0.1:1\"\n").expect("write");
     let missing = dir.path().join("missing.toml");
-    let cases: Vec<(Vec<&str>, Vec<(&str, &str)>, &str)> = vec![
+    type Case<'a> = (Vec<&'a str>, Vec<(&'a str, &'a str)>, &'a str);
+    let cases: Vec<Case> = vec![
         (
             vec!["--config", bad_toml.to_str().expect("utf8")],
             vec![],

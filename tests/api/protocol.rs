@@ -141,7 +141,7 @@ async fn binary_and_oversized_frames_close_the_connection() {
 
     let mut bin = app.connect("x").await;
     assert_eq!(watcher.next_update().await, counts(&[("x", 1)]));
-    bin.send(Message::Binary(vec![1, 2, 3].into())).await;
+    bin.send(Message::Binary(vec![1, 2, 3])).await;
     assert_eq!(bin.expect_close().await, 1003);
     assert_eq!(watcher.next_update().await, counts(&[("x", 0)]));
 

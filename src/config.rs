@@ -31,6 +31,45 @@ pub struct Settings {
     pub counter: CounterSettings,
     /// Page-room lifetimes.
     pub room: RoomSettings,
+    /// Caps that bound abuse and memory.
+    pub limits: LimitSettings,
+    /// Origin checks and trusted proxies.
+    pub security: SecuritySettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitSettings {
+    /// Global cap on open connections (0 = none).
+    pub max_connections: usize,
+    /// Concurrent connections per client IP (0 = none).
+    pub max_connections_per_ip: usize,
+    /// New connections per client IP per second (0 = none).
+    pub connections_per_ip_per_second: f64,
+    /// Burst of new connections per client IP.
+    pub connections_per_ip_burst: f64,
+    /// Client messages per connection per second (0 = none).
+    pub messages_per_second: f64,
+    /// Burst of client messages per connection.
+    pub burst: f64,
+    /// Consecutive refused messages before a 1008 close.
+    pub flood_strikes: u32,
+    /// Deadline for a complete HTTP request.
+    #[serde(with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+    /// Most page rooms alive.
+    pub max_rooms: usize,
+    /// Most pages tracked by the counter.
+    pub max_pages: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecuritySettings {
+    /// Allowed `Origin`s (exact or `*.domain` patterns); empty = any.
+    pub allowed_origins: Vec<String>,
+    /// Proxies whose forwarding headers are trusted.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -129,6 +168,9 @@ impl Settings {
                 .prefix_separator("__")
                 .separator("__")
                 .try_parsing(true)
+                .list_separator(",")
+                .with_list_parse_key("security.allowed_origins")
+                .with_list_parse_key("security.trusted_proxies")
                 .source(Some(overrides)),
         );
         let raw = builder
@@ -172,9 +214,43 @@ impl Settings {
             ),
             ("counter.sweep_interval", self.counter.sweep_interval),
             ("room.idle_timeout", self.room.idle_timeout),
+            ("room.storage_ttl", self.room.storage_ttl),
+            ("storage.stats_retention", self.storage.stats_retention),
+            ("server.shutdown_timeout", self.server.shutdown_timeout),
         ] {
             if d.is_zero() {
                 return bad(key, "must be greater than 0");
+            }
+        }
+        let l = &self.limits;
+        if l.handshake_timeout.is_zero() {
+            return bad("limits.handshake_timeout", "must be greater than 0");
+        }
+        if l.messages_per_second < 0.0 || !l.messages_per_second.is_finite() {
+            return bad("limits.messages_per_second", "must be a number >= 0");
+        }
+        if l.messages_per_second > 0.0 && l.burst < 1.0 {
+            return bad("limits.burst", "must be at least 1");
+        }
+        if l.connections_per_ip_per_second < 0.0 || !l.connections_per_ip_per_second.is_finite() {
+            return bad("limits.connections_per_ip_per_second", "must be a number >= 0");
+        }
+        if l.connections_per_ip_per_second > 0.0 && l.connections_per_ip_burst < 1.0 {
+            return bad("limits.connections_per_ip_burst", "must be at least 1");
+        }
+        if l.flood_strikes == 0 {
+            return bad("limits.flood_strikes", "must be at least 1");
+        }
+        if l.max_rooms == 0 {
+            return bad("limits.max_rooms", "must be at least 1");
+        }
+        if l.max_pages < l.max_rooms {
+            return bad("limits.max_pages", "must be at least limits.max_rooms");
+        }
+        for (i, o) in self.security.allowed_origins.iter().enumerate() {
+            if let Err(why) = crate::limits::OriginPattern::parse(o) {
+                let key = format!("security.allowed_origins[{i}]");
+                return bad(&key, &why);
             }
         }
         if self.storage.path.as_os_str().is_empty() {

@@ -34,14 +34,13 @@ pub struct RoomCount {
     pub opened: u64,
 }
 
-/// A room starts following these links (first of its connections to ask for them).
-/// Answered with [`Subscribed`] carrying request `req`.
+/// A room starts following these links (first of its connections to ask for
+/// them). Answered with [`Subscribed`], in order with later [`Counts`].
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Subscribe {
     pub room: u64,
     pub addr: Addr<PageRoom>,
-    pub req: u64,
     pub links: Vec<PageId>,
 }
 
@@ -163,8 +162,8 @@ struct Resync {
     listed: HashMap<usize, Vec<u64>>,
     /// Rooms that answered.
     reported: HashSet<u64>,
-    /// Subscribe answers held back until the rebuild completes.
-    deferred: Vec<(Addr<PageRoom>, u64, Vec<PageId>)>,
+    /// Subscribe answers held back until the rebuild completes: (room, accepted, refused).
+    deferred: Vec<(Addr<PageRoom>, Vec<PageId>, Vec<PageId>)>,
 }
 
 /// Longest a rebuild waits for missing reports before publishing anyway.
@@ -427,11 +426,8 @@ impl Counter {
                 changes: self.counts_of(&links),
             });
         }
-        for (addr, req, links) in r.deferred {
-            addr.do_send(Subscribed {
-                req,
-                counts: self.counts_of(&links),
-            });
+        for (addr, links, refused) in r.deferred {
+            addr.do_send(Subscribed { counts: self.counts_of(&links), refused });
         }
         tracing::info!(
             epoch = r.epoch,
@@ -510,16 +506,27 @@ impl Handler<RoomCount> for Counter {
 impl Handler<Subscribe> for Counter {
     type Result = ();
     fn handle(&mut self, msg: Subscribe, _: &mut Context<Self>) {
-        self.follow(msg.room, &msg.addr, &msg.links);
+        // Links to pages not yet tracked are refused once `max_pages` is reached.
+        let max = self.settings.limits.max_pages;
+        let (mut accepted, mut refused) = (Vec::with_capacity(msg.links.len()), Vec::new());
+        for link in msg.links {
+            if self.pages.contains_key(&link) || self.pages.len() < max {
+                self.entry(&link);
+                accepted.push(link);
+            } else {
+                refused.push(link);
+            }
+        }
+        if !refused.is_empty() {
+            tracing::info!(refused = refused.len(), max_pages = max, "page cap reached; links refused");
+        }
+        self.follow(msg.room, &msg.addr, &accepted);
         if let Some(r) = &mut self.resync {
-            r.deferred.push((msg.addr, msg.req, msg.links));
+            r.deferred.push((msg.addr, accepted, refused));
             return;
         }
-        let counts = self.counts_of(&msg.links);
-        msg.addr.do_send(Subscribed {
-            req: msg.req,
-            counts,
-        });
+        let counts = self.counts_of(&accepted);
+        msg.addr.do_send(Subscribed { counts, refused });
     }
 }
 

@@ -3,6 +3,7 @@
 
 use std::{
     collections::BTreeMap,
+    net::IpAddr,
     sync::{atomic::AtomicUsize, Arc},
     time::Duration,
 };
@@ -14,6 +15,7 @@ use tokio::sync::watch;
 use crate::{
     config::Settings,
     counter::{Counter, GetCounts, GetPage, GetStatus},
+    limits::{client_ip, ConnLimiter, OriginPolicy, Refusal},
     protocol::{decode_page_id, validate_page_id, PageId},
     session::{self, SessionContext},
     shard::Shards,
@@ -40,6 +42,10 @@ pub struct AppState {
     pub shutdown: watch::Receiver<bool>,
     /// Open WebSocket sessions.
     pub active: Arc<AtomicUsize>,
+    /// Connection caps.
+    pub limiter: Arc<ConnLimiter>,
+    /// Allowed browser origins.
+    pub origins: Arc<OriginPolicy>,
 }
 
 /// Registers every route.
@@ -107,6 +113,24 @@ async fn websocket(
     if *state.shutdown.borrow() {
         return plain(StatusCode::SERVICE_UNAVAILABLE, "server is shutting down");
     }
+    let origin = req.headers().get(header::ORIGIN).map(|v| v.to_str().unwrap_or("\u{fffd}"));
+    if !state.origins.allows(origin) {
+        tracing::info!(origin = origin.unwrap_or(""), "origin not allowed; upgrade refused");
+        return plain(StatusCode::FORBIDDEN, "origin not allowed");
+    }
+    let peer = req.peer_addr().map_or(IpAddr::from([0, 0, 0, 0]), |a| a.ip());
+    let ip = client_ip(peer, req.headers(), &state.settings.security.trusted_proxies);
+    let permit = match state.limiter.try_acquire(ip) {
+        Ok(p) => p,
+        Err(refusal) => {
+            tracing::info!(%ip, ?refusal, "connection cap; upgrade refused");
+            let status = match refusal {
+                Refusal::Global => StatusCode::SERVICE_UNAVAILABLE,
+                Refusal::PerIp | Refusal::Rate => StatusCode::TOO_MANY_REQUESTS,
+            };
+            return plain(status, refusal.message());
+        }
+    };
     let (response, ws_session, stream) = match actix_ws::handle(&req, body) {
         Ok(parts) => parts,
         Err(e) => {
@@ -126,6 +150,7 @@ async fn websocket(
         settings: state.settings.clone(),
         shutdown: state.shutdown.clone(),
         active: state.active.clone(),
+        permit,
     };
     actix_web::rt::spawn(session::run(ctx, ws_session, stream));
     response

@@ -7,6 +7,7 @@
 //! - [`shard`]: shard arbiters and the lock-free page-id → room map of each.
 //! - [`room`]: `PageRoom`, one actor per page: connections, link sets, delivery.
 //! - [`counter`]: `Counter`, the supervised singleton: counts, followers, coalesced publishing, stats.
+//! - [`limits`]: admission control: origins, client IP behind trusted proxies, connection caps, token buckets.
 //! - [`storage`]: the only module that touches sled.
 //! - [`http`]: routes (WebSocket endpoint, read-only JSON API, health).
 //! - [`server`]: wiring and graceful shutdown.
@@ -16,6 +17,7 @@
 pub mod config;
 pub mod counter;
 pub mod http;
+pub mod limits;
 pub mod protocol;
 pub mod room;
 pub mod server;

@@ -19,6 +19,8 @@ pub mod close {
     pub const GOING_AWAY: u16 = 1001;
     /// Binary frame received.
     pub const UNSUPPORTED: u16 = 1003;
+    /// WebSocket protocol violation (malformed frames).
+    pub const PROTOCOL_ERROR: u16 = 1002;
     /// Policy violation (origin, abuse, caps, a client too slow to read).
     pub const POLICY: u16 = 1008;
     /// Message larger than `max_message_bytes`.
@@ -94,7 +96,7 @@ pub struct ProtocolError {
 }
 
 impl ProtocolError {
-    fn new(code: &'static str, message: impl Into<String>) -> Self {
+    pub fn new(code: &'static str, message: impl Into<String>) -> Self {
         ProtocolError {
             code,
             message: message.into(),

@@ -25,7 +25,7 @@ use tokio::sync::mpsc;
 use crate::{
     config::Settings,
     counter::{Counter, RoomCount, RoomState, Subscribe, Unsubscribe},
-    protocol::{update_json, PageId},
+    protocol::{update_json, PageId, ProtocolError},
     shard::{RoomIdle, Shard},
     storage::{now_ms, RoomRecord, Storage},
 };
@@ -33,8 +33,21 @@ use crate::{
 /// A connection's id, unique in the process.
 pub type ConnId = u64;
 
-/// Outbound queue of one connection: ready-to-send JSON texts.
-pub type Outbox = mpsc::Sender<ByteString>;
+/// What a room or shard sends to a session.
+#[derive(Debug, Clone)]
+pub enum Outbound {
+    /// A ready-to-send text frame.
+    Text(ByteString),
+    /// Send `error` (an `error` message), then close with `code` and `reason`.
+    Refuse {
+        error: ByteString,
+        code: u16,
+        reason: &'static str,
+    },
+}
+
+/// Outbound queue of one connection (bounded: `websocket.send_queue`).
+pub type Outbox = mpsc::Sender<Outbound>;
 
 // ---------------------------------------------------------------- messages
 
@@ -71,12 +84,13 @@ pub struct Counts {
     pub changes: Vec<(PageId, u64)>,
 }
 
-/// The counter's answer to [`Subscribe`] request `req`: current counts.
+/// The counter's answer to a [`Subscribe`]: current counts of the links it
+/// accepted, and the links it refused because `limits.max_pages` is reached.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Subscribed {
-    pub req: u64,
     pub counts: Vec<(PageId, u64)>,
+    pub refused: Vec<PageId>,
 }
 
 /// Re-report everything to the counter (it restarted), for resync `epoch`.
@@ -127,8 +141,6 @@ pub struct PageRoom {
     refs: HashMap<PageId, usize>,
     /// Last counts known for followed links (what subscribed clients were told).
     cache: HashMap<PageId, u64>,
-    /// Next subscribe request number.
-    next_req: u64,
     /// Messages routed by the shard and handled here (eviction handshake).
     processed: u64,
     /// Connections opened since the last count report (for stats).
@@ -162,7 +174,6 @@ impl PageRoom {
             conns: HashMap::new(),
             refs: HashMap::new(),
             cache: HashMap::new(),
-            next_req: 0,
             processed: 0,
             opened: 0,
             idle_since: Some(Instant::now()),
@@ -213,7 +224,7 @@ impl PageRoom {
     /// Sends `text` to one connection, cutting it off if its queue is full.
     fn send_to(page: &PageId, conn_id: ConnId, conn: &mut Conn, text: &ByteString) {
         let Some(tx) = &conn.tx else { return };
-        match tx.try_send(text.clone()) {
+        match tx.try_send(Outbound::Text(text.clone())) {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(_)) => {
                 tracing::warn!(page = %page, conn = conn_id, "send queue full; closing slow client");
@@ -296,6 +307,31 @@ impl PageRoom {
         }
     }
 
+    /// The counter refused to track these links (page cap): every connection
+    /// that asked for them is told `overloaded` and keeps the rest of its set.
+    fn refuse_links(&mut self, refused: &[PageId]) {
+        for link in refused {
+            self.refs.remove(link);
+            self.cache.remove(link);
+        }
+        let page = &self.page;
+        for (id, conn) in self.conns.iter_mut() {
+            let dropped: Vec<&PageId> = refused.iter().filter(|l| conn.links.remove(*l)).collect();
+            if dropped.is_empty() {
+                continue;
+            }
+            let error = ProtocolError::new(
+                "overloaded",
+                format!(
+                    "the server tracks the most pages it may; not following {} link(s), e.g. {:?}",
+                    dropped.len(),
+                    &**dropped[0]
+                ),
+            );
+            Self::send_to(page, *id, conn, &ByteString::from(error.to_json()));
+        }
+    }
+
     fn drop_links(&mut self, links: &HashSet<PageId>, gone: &mut Vec<PageId>) {
         for link in links {
             if let Some(n) = self.refs.get_mut(link) {
@@ -309,9 +345,6 @@ impl PageRoom {
         }
     }
 
-    pub fn uid(&self) -> u64 {
-        self.uid
-    }
 }
 
 impl Actor for PageRoom {
@@ -407,13 +440,7 @@ impl Handler<SetLinks> for PageRoom {
             });
         }
         if !added.is_empty() {
-            self.next_req += 1;
-            self.counter.do_send(Subscribe {
-                room: self.uid,
-                addr: ctx.address(),
-                req: self.next_req,
-                links: added,
-            });
+            self.counter.do_send(Subscribe { room: self.uid, addr: ctx.address(), links: added });
         }
         let Some(conn) = self.conns.get_mut(&msg.conn) else {
             return;
@@ -437,7 +464,9 @@ impl Handler<Counts> for PageRoom {
 impl Handler<Subscribed> for PageRoom {
     type Result = ();
     fn handle(&mut self, msg: Subscribed, ctx: &mut Context<Self>) {
-        let _ = msg.req;
+        if !msg.refused.is_empty() {
+            self.refuse_links(&msg.refused);
+        }
         self.apply_counts(msg.counts);
         self.release_pending();
         self.mark_dirty(ctx);

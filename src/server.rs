@@ -19,6 +19,7 @@ use crate::{
     config::Settings,
     counter::{Counter, FinalSnapshot, SetShards},
     http::{self, AppState},
+    limits::{ConnLimiter, OriginPolicy},
     shard::{SaveAll, Shards},
     storage::Storage,
 };
@@ -90,7 +91,12 @@ impl Server {
             storage: storage.clone(),
             shutdown: shutdown_rx,
             active: active.clone(),
+            limiter: ConnLimiter::new(&settings),
+            origins: Arc::new(OriginPolicy::new(&settings)),
         };
+        if settings.security.allowed_origins.is_empty() {
+            tracing::warn!("security.allowed_origins is empty: any website may connect");
+        }
         let local_addr = listener.local_addr()?;
         let server = HttpServer::new(move || {
             App::new()
@@ -99,7 +105,10 @@ impl Server {
         })
         .workers(settings.worker_count())
         .disable_signals()
-        .shutdown_timeout(settings.server.shutdown_timeout.as_secs().max(1))
+        // actix-web takes whole seconds: round up so the grace is never shorter.
+        .shutdown_timeout(settings.server.shutdown_timeout.as_secs_f64().ceil().max(1.0) as u64)
+        .client_request_timeout(settings.limits.handshake_timeout)
+        .client_disconnect_timeout(Duration::from_secs(1))
         .listen(listener)?
         .run();
         let http = server.handle();
@@ -169,8 +178,8 @@ impl Server {
         for shard in self.shards.all() {
             let _ = shard.send(SaveAll).await;
         }
-        // Let the rooms' last reports reach the counter before its final snapshot.
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        // The rooms' last reports were queued at the counter before they
+        // answered SaveAll, so the final snapshot includes them.
         if self.counter.send(FinalSnapshot).await.is_err() {
             tracing::error!("counter gone before the final snapshot");
         }

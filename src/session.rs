@@ -19,8 +19,9 @@ use tokio::{
 
 use crate::{
     config::Settings,
-    protocol::{close, parse_client_message, ClientMessage, PageId},
-    room::{Join, Leave, SetLinks},
+    limits::{Permit, TokenBucket},
+    protocol::{close, parse_client_message, ClientMessage, PageId, ProtocolError},
+    room::{Join, Leave, Outbound, SetLinks},
     shard::Shards,
 };
 
@@ -44,6 +45,8 @@ pub struct SessionContext {
     pub shutdown: watch::Receiver<bool>,
     /// Open sessions (decremented when this one ends).
     pub active: Arc<AtomicUsize>,
+    /// This connection's slot in the connection caps, released when it ends.
+    pub permit: Permit,
 }
 
 /// Decrements the open-session gauge however the task ends.
@@ -53,6 +56,12 @@ impl Drop for ActiveGuard {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::SeqCst);
     }
+}
+
+/// Writes one text frame; false when the client is gone or did not take it
+/// within `limit` (a client that does not read cannot stall the loop).
+async fn send(session: &mut Session, text: ByteString, limit: Duration) -> bool {
+    matches!(timeout(limit, session.text(text)).await, Ok(Ok(())))
 }
 
 fn reason(code: u16, text: &str) -> Option<CloseReason> {
@@ -71,19 +80,20 @@ pub async fn run(ctx: SessionContext, mut session: Session, stream: actix_ws::Me
         settings,
         mut shutdown,
         active,
+        permit,
     } = ctx;
     active.fetch_add(1, Ordering::SeqCst);
     let _guard = ActiveGuard(active);
     let ws = &settings.websocket;
     let conn = NEXT_CONN_ID.fetch_add(1, Ordering::Relaxed);
     let shard = shards.for_page(&page).clone();
-    let (tx, mut rx) = mpsc::channel::<ByteString>(ws.send_queue);
-    shard.do_send(Join {
-        page: page.clone(),
-        conn,
-        tx,
-    });
-    tracing::debug!(page = %page, conn, pk = pk.as_deref().unwrap_or(""), "connected");
+    let (tx, mut rx) = mpsc::channel::<Outbound>(ws.send_queue);
+    shard.do_send(Join { page: page.clone(), conn, tx });
+    let ip = permit.ip();
+    tracing::debug!(page = %page, conn, %ip, pk = pk.as_deref().unwrap_or(""), "connected");
+    let limits = &settings.limits;
+    let mut bucket = TokenBucket::new(limits.messages_per_second, limits.burst);
+    let mut strikes = 0u32;
 
     let mut stream = stream
         .max_frame_size(ws.max_message_bytes)
@@ -101,7 +111,28 @@ pub async fn run(ctx: SessionContext, mut session: Session, stream: actix_ws::Me
             biased;
             _ = shutdown.changed() => break Some(reason(close::GOING_AWAY, "server shutting down")),
             frame = stream.recv() => {
-                deadline = Instant::now() + ws.client_timeout;
+                let now = Instant::now();
+                deadline = now + ws.client_timeout;
+                // Every data frame and ping spends a token; over the rate the
+                // message is refused, and a client that keeps on is closed.
+                if matches!(frame, Some(Ok(AggregatedMessage::Text(_) | AggregatedMessage::Ping(_))))
+                    && !bucket.try_take(now.into_std())
+                {
+                    strikes += 1;
+                    if strikes >= limits.flood_strikes {
+                        tracing::info!(page = %page, conn, %ip, "message flood; closing");
+                        break Some(reason(close::POLICY, "message rate limit exceeded repeatedly"));
+                    }
+                    let e = ProtocolError::new("rate_limited", format!(
+                        "more than {} messages per second; message ignored", limits.messages_per_second));
+                    if !send(&mut session, e.to_json().into(), ws.client_timeout).await {
+                        break None;
+                    }
+                    continue;
+                }
+                if matches!(frame, Some(Ok(AggregatedMessage::Text(_)))) {
+                    strikes = 0;
+                }
                 match frame {
                     None => break None,
                     Some(Ok(AggregatedMessage::Text(text))) => {
@@ -110,8 +141,7 @@ pub async fn run(ctx: SessionContext, mut session: Session, stream: actix_ws::Me
                                 shard.do_send(SetLinks { page: page.clone(), conn, links });
                             }
                             Err(e) => {
-                                let sent = timeout(ws.client_timeout, session.text(e.to_json())).await;
-                                if !matches!(sent, Ok(Ok(()))) {
+                                if !send(&mut session, e.to_json().into(), ws.client_timeout).await {
                                     break None;
                                 }
                             }
@@ -121,7 +151,7 @@ pub async fn run(ctx: SessionContext, mut session: Session, stream: actix_ws::Me
                         break Some(reason(close::UNSUPPORTED, "binary frames are not supported"));
                     }
                     Some(Ok(AggregatedMessage::Ping(bytes))) => {
-                        if session.pong(&bytes).await.is_err() {
+                        if !matches!(timeout(ws.client_timeout, session.pong(&bytes)).await, Ok(Ok(()))) {
                             break None;
                         }
                     }
@@ -135,17 +165,19 @@ pub async fn run(ctx: SessionContext, mut session: Session, stream: actix_ws::Me
                     }
                     Some(Err(e)) => {
                         tracing::debug!(page = %page, conn, error = %e, "protocol error");
-                        break Some(reason(1002, "protocol error"));
+                        break Some(reason(close::PROTOCOL_ERROR, "protocol error"));
                     }
                 }
             }
             out = rx.recv() => match out {
-                Some(text) => {
-                    // A client that does not read cannot stall the loop forever.
-                    let sent = timeout(ws.client_timeout, session.text(text)).await;
-                    if !matches!(sent, Ok(Ok(()))) {
+                Some(Outbound::Text(text)) => {
+                    if !send(&mut session, text, ws.client_timeout).await {
                         break None;
                     }
+                }
+                Some(Outbound::Refuse { error, code, reason: why }) => {
+                    let _ = send(&mut session, error, CLOSE_WRITE_TIMEOUT).await;
+                    break Some(reason(code, why));
                 }
                 None => break Some(reason(close::POLICY, "client too slow: send queue overflowed")),
             },
@@ -154,7 +186,7 @@ pub async fn run(ctx: SessionContext, mut session: Session, stream: actix_ws::Me
                 break Some(reason(close::NORMAL, "client timeout"));
             }
             _ = heartbeat.tick() => {
-                if session.ping(b"").await.is_err() {
+                if !matches!(timeout(ws.client_timeout, session.ping(b"")).await, Ok(Ok(()))) {
                     break None;
                 }
             }

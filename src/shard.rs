@@ -12,7 +12,7 @@ use std::{
     collections::HashMap,
     hash::{Hash, Hasher},
     sync::{
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicU64, AtomicUsize, Ordering},
         Arc,
     },
 };
@@ -22,8 +22,8 @@ use actix::prelude::*;
 use crate::{
     config::Settings,
     counter::{Counter, ShardRooms},
-    protocol::PageId,
-    room::{Join, Leave, PageRoom, ReportState, SaveRecord, SetLinks, StopRoom},
+    protocol::{close, PageId, ProtocolError},
+    room::{Join, Leave, Outbound, PageRoom, ReportState, SaveRecord, SetLinks, StopRoom},
     storage::Storage,
 };
 
@@ -81,6 +81,8 @@ pub struct Shard {
     settings: Arc<Settings>,
     /// The rooms of this shard, by page id.
     rooms: HashMap<PageId, Slot>,
+    /// Rooms alive on all shards (for `limits.max_rooms`).
+    rooms_alive: Arc<AtomicUsize>,
 }
 
 impl Shard {
@@ -104,6 +106,21 @@ impl Handler<Join> for Shard {
     type Result = ();
     fn handle(&mut self, msg: Join, ctx: &mut Context<Self>) {
         if !self.rooms.contains_key(&msg.page) {
+            let max = self.settings.limits.max_rooms;
+            if self.rooms_alive.fetch_add(1, Ordering::SeqCst) >= max {
+                self.rooms_alive.fetch_sub(1, Ordering::SeqCst);
+                tracing::info!(page = %msg.page, max_rooms = max, "room cap reached; connection refused");
+                let error = ProtocolError::new(
+                    "overloaded",
+                    "the server holds the most pages it may; try again later",
+                );
+                let _ = msg.tx.try_send(Outbound::Refuse {
+                    error: error.to_json().into(),
+                    code: close::POLICY,
+                    reason: "overloaded: room limit reached",
+                });
+                return;
+            }
             let uid = NEXT_ROOM_UID.fetch_add(1, Ordering::Relaxed);
             let room = PageRoom::new(
                 msg.page.clone(),
@@ -153,6 +170,7 @@ impl Handler<RoomIdle> for Shard {
             .is_some_and(|s| s.uid == msg.uid && s.forwarded == msg.processed);
         if evict {
             if let Some(slot) = self.rooms.remove(&msg.page) {
+                self.rooms_alive.fetch_sub(1, Ordering::SeqCst);
                 tracing::debug!(page = %msg.page, "idle room stopped");
                 slot.addr.do_send(StopRoom);
             }
@@ -218,15 +236,18 @@ impl Shards {
     ) -> Shards {
         let mut arbiters = Vec::with_capacity(n);
         let mut addrs = Vec::with_capacity(n);
+        let rooms_alive = Arc::new(AtomicUsize::new(0));
         for index in 0..n {
             let arbiter = Arbiter::new();
-            let (counter, storage, settings) = (counter.clone(), storage.clone(), settings.clone());
+            let (counter, storage, settings, rooms_alive) =
+                (counter.clone(), storage.clone(), settings.clone(), rooms_alive.clone());
             let addr = Shard::start_in_arbiter(&arbiter.handle(), move |_| Shard {
                 index,
                 counter,
                 storage,
                 settings,
                 rooms: HashMap::new(),
+                rooms_alive,
             });
             arbiters.push(arbiter);
             addrs.push(addr);

@@ -81,6 +81,11 @@ fn encode<T: Serialize>(value: &T) -> Vec<u8> {
     out
 }
 
+/// True when the record was written by a newer build (never expired by this one).
+fn is_foreign(bytes: &[u8]) -> bool {
+    bytes.first().is_some_and(|v| *v > RECORD_V1)
+}
+
 fn decode<T: for<'de> Deserialize<'de>>(key: &[u8], bytes: &[u8]) -> Option<T> {
     match bytes.split_first() {
         Some((&RECORD_V1, rest)) => match serde_json::from_slice(rest) {
@@ -176,7 +181,8 @@ impl Storage {
         for item in self.rooms.iter() {
             let (k, v) = item?;
             let page = String::from_utf8_lossy(&k);
-            let stale = decode::<RoomRecord>(&k, &v).is_none_or(|r| r.last_active_ms < cutoff_ms);
+            let stale = !is_foreign(&v)
+                && decode::<RoomRecord>(&k, &v).is_none_or(|r| r.last_active_ms < cutoff_ms);
             if stale && !keep(&page) {
                 doomed.push(k);
             }
@@ -200,8 +206,9 @@ impl Storage {
         for item in self.stats.iter() {
             let (k, v) = item?;
             let page = String::from_utf8_lossy(&k);
-            let stale = decode::<PageStats>(&k, &v)
-                .is_none_or(|s| s.last_active_ms.unwrap_or(0) < cutoff_ms);
+            let stale = !is_foreign(&v)
+                && decode::<PageStats>(&k, &v)
+                    .is_none_or(|s| s.last_active_ms.unwrap_or(0) < cutoff_ms);
             if stale && !keep(&page) {
                 doomed.push(k);
             }

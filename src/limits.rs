@@ -1,0 +1,446 @@
+//! Admission control: origin patterns, the client IP behind trusted proxies,
+//! per-IP and global connection caps, and the token bucket used for both
+//! connection and message rates. Pure logic plus one sharded map; no I/O.
+
+use std::{
+    collections::HashMap,
+    hash::{Hash, Hasher},
+    net::IpAddr,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc, Mutex,
+    },
+    time::Instant,
+};
+
+use actix_web::http::header::HeaderMap;
+use ipnet::IpNet;
+
+use crate::config::Settings;
+
+// ---------------------------------------------------------------- token bucket
+
+/// A token bucket: `rate` tokens per second, at most `burst` stored.
+/// A rate of 0 means unlimited.
+#[derive(Debug, Clone)]
+pub struct TokenBucket {
+    /// Refill per second (0 = unlimited).
+    rate: f64,
+    /// Capacity.
+    burst: f64,
+    /// Tokens available at `last`.
+    tokens: f64,
+    /// Last refill.
+    last: Instant,
+}
+
+impl TokenBucket {
+    pub fn new(rate: f64, burst: f64) -> TokenBucket {
+        TokenBucket { rate, burst, tokens: burst, last: Instant::now() }
+    }
+
+    /// Takes one token if there is one.
+    pub fn try_take(&mut self, now: Instant) -> bool {
+        if self.rate <= 0.0 {
+            return true;
+        }
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// True when the bucket would be full at `now` (nothing to remember).
+    fn is_full(&self, now: Instant) -> bool {
+        self.rate <= 0.0
+            || self.tokens + now.saturating_duration_since(self.last).as_secs_f64() * self.rate
+                >= self.burst
+    }
+}
+
+// ---------------------------------------------------------------- origins
+
+/// One entry of `security.allowed_origins`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OriginPattern {
+    /// Required scheme, if the pattern names one.
+    scheme: Option<String>,
+    /// Exact host, or the suffix (".example.com") for a `*.` pattern.
+    host: String,
+    /// True for `*.domain` patterns.
+    wildcard: bool,
+    /// Required port, if the pattern names one.
+    port: Option<u16>,
+}
+
+/// Splits an origin or pattern into (scheme, host, port).
+fn split_origin(s: &str) -> Result<(Option<&str>, &str, Option<u16>), String> {
+    let (scheme, rest) = match s.split_once("://") {
+        Some((scheme, rest)) => (Some(scheme), rest),
+        None => (None, s),
+    };
+    if rest.is_empty() || rest.contains('/') {
+        return Err(format!("{s:?} is not an origin (scheme://host[:port])"));
+    }
+    let (host, port) = match rest.strip_prefix('[') {
+        Some(r) => {
+            let (h, after) = r.split_once(']').ok_or_else(|| format!("{s:?}: unclosed '['"))?;
+            match after {
+                "" => (h, None),
+                _ => (h, Some(after.strip_prefix(':').unwrap_or(after))),
+            }
+        }
+        None => match rest.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (rest, None),
+        },
+    };
+    let port = match port {
+        Some(p) => Some(p.parse::<u16>().map_err(|_| format!("{s:?} has an invalid port"))?),
+        None => None,
+    };
+    if host.is_empty() {
+        return Err(format!("{s:?} has no host"));
+    }
+    Ok((scheme, host, port))
+}
+
+impl OriginPattern {
+    /// Parses `https://example.com`, `example.com:8080`, `*.example.com`, `https://*.example.com`.
+    pub fn parse(s: &str) -> Result<OriginPattern, String> {
+        let (scheme, host, port) = split_origin(s.trim())?;
+        let (wildcard, host) = match host.strip_prefix("*.") {
+            Some(rest) if !rest.is_empty() && !rest.contains('*') => (true, format!(".{rest}")),
+            Some(_) => return Err(format!("{s:?}: a wildcard needs a domain after '*.'")),
+            None if host.contains('*') => {
+                return Err(format!("{s:?}: '*' is only allowed as a leading '*.'"))
+            }
+            None => (false, host.to_owned()),
+        };
+        Ok(OriginPattern {
+            scheme: scheme.map(str::to_ascii_lowercase),
+            host: host.to_ascii_lowercase(),
+            wildcard,
+            port,
+        })
+    }
+
+    /// Does the `Origin` header value match?
+    pub fn matches(&self, origin: &str) -> bool {
+        let Ok((Some(scheme), host, port)) = split_origin(origin) else { return false };
+        let host = host.to_ascii_lowercase();
+        if self.scheme.as_deref().is_some_and(|s| !s.eq_ignore_ascii_case(scheme)) {
+            return false;
+        }
+        if self.port.is_some() && self.port != port {
+            return false;
+        }
+        if self.wildcard {
+            host.ends_with(&self.host) && host.len() > self.host.len()
+        } else {
+            host == self.host
+        }
+    }
+}
+
+/// The origin policy: an empty list allows any origin.
+#[derive(Debug, Clone, Default)]
+pub struct OriginPolicy {
+    /// Allowed patterns.
+    patterns: Vec<OriginPattern>,
+}
+
+impl OriginPolicy {
+    pub fn new(settings: &Settings) -> OriginPolicy {
+        OriginPolicy {
+            patterns: settings
+                .security
+                .allowed_origins
+                .iter()
+                .filter_map(|o| OriginPattern::parse(o).ok())
+                .collect(),
+        }
+    }
+
+    /// `None` (no Origin header: a non-browser client) is allowed.
+    pub fn allows(&self, origin: Option<&str>) -> bool {
+        match origin {
+            _ if self.patterns.is_empty() => true,
+            None => true,
+            Some(o) => self.patterns.iter().any(|p| p.matches(o)),
+        }
+    }
+}
+
+// ---------------------------------------------------------------- client IP
+
+/// Parses one `X-Forwarded-For` / `Forwarded: for=` element into an IP.
+fn parse_forwarded_ip(s: &str) -> Option<IpAddr> {
+    let s = s.trim().trim_matches('"');
+    if let Ok(ip) = s.parse() {
+        return Some(ip);
+    }
+    // "[2001:db8::1]:4711" or "192.0.2.1:4711"
+    if let Some(rest) = s.strip_prefix('[') {
+        return rest.split_once(']').and_then(|(ip, _)| ip.parse().ok());
+    }
+    s.rsplit_once(':').and_then(|(ip, _)| ip.parse().ok())
+}
+
+/// The hops a request claims, oldest first: `Forwarded` (RFC 7239) if
+/// present, otherwise `X-Forwarded-For`. `None` marks an unparsable hop.
+fn forwarded_chain(headers: &HeaderMap) -> Vec<Option<IpAddr>> {
+    let forwarded: Vec<&str> =
+        headers.get_all("forwarded").filter_map(|v| v.to_str().ok()).collect();
+    if !forwarded.is_empty() {
+        return forwarded
+            .iter()
+            .flat_map(|v| v.split(','))
+            .filter_map(|elem| {
+                elem.split(';').find_map(|pair| {
+                    let (k, v) = pair.split_once('=')?;
+                    k.trim().eq_ignore_ascii_case("for").then(|| parse_forwarded_ip(v))
+                })
+            })
+            .collect();
+    }
+    headers
+        .get_all("x-forwarded-for")
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(parse_forwarded_ip)
+        .collect()
+}
+
+/// The client IP: the TCP peer unless it is a trusted proxy, in which case
+/// the right-most hop of the forwarding chain that is not itself a trusted
+/// proxy. A client can prepend anything it likes to the chain, so only hops
+/// added by trusted proxies (the right end) are believed.
+pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr {
+    let is_trusted = |ip: &IpAddr| trusted.iter().any(|net| net.contains(ip));
+    if !is_trusted(&peer) {
+        return peer;
+    }
+    let mut client = peer;
+    for hop in forwarded_chain(headers).into_iter().rev() {
+        match hop {
+            Some(ip) => {
+                client = ip;
+                if !is_trusted(&ip) {
+                    break;
+                }
+            }
+            None => break,
+        }
+    }
+    client
+}
+
+// ---------------------------------------------------------------- connection caps
+
+/// Why an upgrade was refused by the connection caps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// `limits.max_connections` reached (503).
+    Global,
+    /// `limits.max_connections_per_ip` reached (429).
+    PerIp,
+    /// `limits.connections_per_ip_per_second` exceeded (429).
+    Rate,
+}
+
+impl Refusal {
+    pub fn message(self) -> &'static str {
+        match self {
+            Refusal::Global => "server is at its connection limit; retry later",
+            Refusal::PerIp => "too many concurrent connections from your address",
+            Refusal::Rate => "too many new connections from your address; slow down",
+        }
+    }
+}
+
+/// Per-IP state.
+struct IpEntry {
+    /// Open connections of this IP.
+    open: usize,
+    /// New-connection bucket.
+    bucket: TokenBucket,
+}
+
+/// Number of independently locked parts of the per-IP map.
+const IP_SHARDS: usize = 16;
+
+/// Connection caps shared by all HTTP workers. Each per-IP lock covers one
+/// sixteenth of the map and is held for a few instructions.
+pub struct ConnLimiter {
+    /// Global cap (0 = none).
+    max_total: usize,
+    /// Per-IP concurrent cap (0 = none).
+    max_per_ip: usize,
+    /// Per-IP new-connection rate and burst.
+    rate: (f64, f64),
+    /// Open connections in total.
+    total: AtomicUsize,
+    /// Per-IP entries, sharded by IP hash.
+    ips: [Mutex<HashMap<IpAddr, IpEntry>>; IP_SHARDS],
+}
+
+/// An admitted connection; dropping it releases its slot.
+pub struct Permit {
+    /// The limiter to release into.
+    limiter: Arc<ConnLimiter>,
+    /// The client IP it was admitted for.
+    ip: IpAddr,
+}
+
+impl ConnLimiter {
+    pub fn new(settings: &Settings) -> Arc<ConnLimiter> {
+        let l = &settings.limits;
+        Arc::new(ConnLimiter {
+            max_total: l.max_connections,
+            max_per_ip: l.max_connections_per_ip,
+            rate: (l.connections_per_ip_per_second, l.connections_per_ip_burst),
+            total: AtomicUsize::new(0),
+            ips: std::array::from_fn(|_| Mutex::new(HashMap::new())),
+        })
+    }
+
+    fn shard(&self, ip: &IpAddr) -> &Mutex<HashMap<IpAddr, IpEntry>> {
+        let mut h = std::hash::DefaultHasher::new();
+        ip.hash(&mut h);
+        &self.ips[(h.finish() % IP_SHARDS as u64) as usize]
+    }
+
+    /// Admits one more connection from `ip`, or says why not.
+    pub fn try_acquire(self: &Arc<Self>, ip: IpAddr) -> Result<Permit, Refusal> {
+        let total = self.total.fetch_add(1, Ordering::SeqCst) + 1;
+        if self.max_total > 0 && total > self.max_total {
+            self.total.fetch_sub(1, Ordering::SeqCst);
+            return Err(Refusal::Global);
+        }
+        let now = Instant::now();
+        // A poisoned lock only means another thread panicked mid-update of
+        // plain counters; the map is still usable.
+        let mut map = self.shard(&ip).lock().unwrap_or_else(|e| e.into_inner());
+        if map.len() > 4096 {
+            map.retain(|_, e| e.open > 0 || !e.bucket.is_full(now));
+        }
+        let entry = map
+            .entry(ip)
+            .or_insert_with(|| IpEntry { open: 0, bucket: TokenBucket::new(self.rate.0, self.rate.1) });
+        let refusal = if self.max_per_ip > 0 && entry.open >= self.max_per_ip {
+            Some(Refusal::PerIp)
+        } else if !entry.bucket.try_take(now) {
+            Some(Refusal::Rate)
+        } else {
+            None
+        };
+        if let Some(r) = refusal {
+            drop(map);
+            self.total.fetch_sub(1, Ordering::SeqCst);
+            return Err(r);
+        }
+        entry.open += 1;
+        Ok(Permit { limiter: self.clone(), ip })
+    }
+
+    /// Open connections in total.
+    pub fn open(&self) -> usize {
+        self.total.load(Ordering::SeqCst)
+    }
+}
+
+impl Permit {
+    /// The client IP this connection was admitted for.
+    pub fn ip(&self) -> IpAddr {
+        self.ip
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        let now = Instant::now();
+        let mut map = self.limiter.shard(&self.ip).lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(e) = map.get_mut(&self.ip) {
+            e.open = e.open.saturating_sub(1);
+            if e.open == 0 && e.bucket.is_full(now) {
+                map.remove(&self.ip);
+            }
+        }
+        drop(map);
+        self.limiter.total.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use actix_web::http::header::{HeaderName, HeaderValue};
+
+    #[test]
+    fn origin_patterns() {
+        let p = |s| OriginPattern::parse(s).unwrap();
+        assert!(p("https://example.com").matches("https://example.com"));
+        assert!(p("https://example.com").matches("https://EXAMPLE.com"));
+        assert!(!p("https://example.com").matches("http://example.com"));
+        assert!(!p("https://example.com").matches("https://example.com.evil.net"));
+        assert!(p("*.example.com").matches("https://a.example.com"));
+        assert!(p("*.example.com").matches("http://a.b.example.com:8080"));
+        assert!(!p("*.example.com").matches("https://example.com"));
+        assert!(!p("*.example.com").matches("https://badexample.com"));
+        assert!(!p("https://*.example.com").matches("http://a.example.com"));
+        assert!(p("http://localhost:3000").matches("http://localhost:3000"));
+        assert!(!p("http://localhost:3000").matches("http://localhost:3001"));
+        assert!(!p("https://example.com").matches("null"));
+        assert!(OriginPattern::parse("https://ex*.com").is_err());
+        assert!(OriginPattern::parse("https://example.com/path").is_err());
+        assert!(OriginPattern::parse("*.").is_err());
+    }
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(HeaderName::from_bytes(k.as_bytes()).unwrap(), HeaderValue::from_str(v).unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn client_ip_believes_only_trusted_hops() {
+        let trusted: Vec<IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        // Untrusted peer: headers ignored.
+        let h = headers(&[("x-forwarded-for", "1.2.3.4")]);
+        assert_eq!(client_ip(ip("5.6.7.8"), &h, &trusted), ip("5.6.7.8"));
+        // Trusted proxy: the right-most untrusted hop; a spoofed left part is ignored.
+        let h = headers(&[("x-forwarded-for", "6.6.6.6, 1.2.3.4, 10.0.0.2")]);
+        assert_eq!(client_ip(ip("10.0.0.1"), &h, &trusted), ip("1.2.3.4"));
+        // Forwarded (RFC 7239) wins over X-Forwarded-For.
+        let h = headers(&[
+            ("forwarded", "for=6.6.6.6, for=\"[2001:db8::1]:4711\";proto=https"),
+            ("x-forwarded-for", "9.9.9.9"),
+        ]);
+        assert_eq!(client_ip(ip("10.0.0.1"), &h, &trusted), ip("2001:db8::1"));
+        // Garbage stops the walk at the last trusted hop.
+        let h = headers(&[("x-forwarded-for", "1.2.3.4, garbage")]);
+        assert_eq!(client_ip(ip("10.0.0.1"), &h, &trusted), ip("10.0.0.1"));
+        // No header: the proxy itself.
+        assert_eq!(client_ip(ip("10.0.0.1"), &HeaderMap::new(), &trusted), ip("10.0.0.1"));
+    }
+
+    #[test]
+    fn token_bucket_refills() {
+        let t0 = Instant::now();
+        let mut b = TokenBucket::new(10.0, 2.0);
+        assert!(b.try_take(t0));
+        assert!(b.try_take(t0));
+        assert!(!b.try_take(t0));
+        assert!(b.try_take(t0 + std::time::Duration::from_millis(100)));
+        assert!(TokenBucket::new(0.0, 0.0).try_take(t0));
+    }
+}

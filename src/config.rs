@@ -233,7 +233,10 @@ impl Settings {
             return bad("limits.burst", "must be at least 1");
         }
         if l.connections_per_ip_per_second < 0.0 || !l.connections_per_ip_per_second.is_finite() {
-            return bad("limits.connections_per_ip_per_second", "must be a number >= 0");
+            return bad(
+                "limits.connections_per_ip_per_second",
+                "must be a number >= 0",
+            );
         }
         if l.connections_per_ip_per_second > 0.0 && l.connections_per_ip_burst < 1.0 {
             return bad("limits.connections_per_ip_burst", "must be at least 1");

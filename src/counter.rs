@@ -427,7 +427,10 @@ impl Counter {
             });
         }
         for (addr, links, refused) in r.deferred {
-            addr.do_send(Subscribed { counts: self.counts_of(&links), refused });
+            addr.do_send(Subscribed {
+                counts: self.counts_of(&links),
+                refused,
+            });
         }
         tracing::info!(
             epoch = r.epoch,
@@ -518,7 +521,11 @@ impl Handler<Subscribe> for Counter {
             }
         }
         if !refused.is_empty() {
-            tracing::info!(refused = refused.len(), max_pages = max, "page cap reached; links refused");
+            tracing::info!(
+                refused = refused.len(),
+                max_pages = max,
+                "page cap reached; links refused"
+            );
         }
         self.follow(msg.room, &msg.addr, &accepted);
         if let Some(r) = &mut self.resync {

@@ -113,13 +113,25 @@ async fn websocket(
     if *state.shutdown.borrow() {
         return plain(StatusCode::SERVICE_UNAVAILABLE, "server is shutting down");
     }
-    let origin = req.headers().get(header::ORIGIN).map(|v| v.to_str().unwrap_or("\u{fffd}"));
+    let origin = req
+        .headers()
+        .get(header::ORIGIN)
+        .map(|v| v.to_str().unwrap_or("\u{fffd}"));
     if !state.origins.allows(origin) {
-        tracing::info!(origin = origin.unwrap_or(""), "origin not allowed; upgrade refused");
+        tracing::info!(
+            origin = origin.unwrap_or(""),
+            "origin not allowed; upgrade refused"
+        );
         return plain(StatusCode::FORBIDDEN, "origin not allowed");
     }
-    let peer = req.peer_addr().map_or(IpAddr::from([0, 0, 0, 0]), |a| a.ip());
-    let ip = client_ip(peer, req.headers(), &state.settings.security.trusted_proxies);
+    let peer = req
+        .peer_addr()
+        .map_or(IpAddr::from([0, 0, 0, 0]), |a| a.ip());
+    let ip = client_ip(
+        peer,
+        req.headers(),
+        &state.settings.security.trusted_proxies,
+    );
     let permit = match state.limiter.try_acquire(ip) {
         Ok(p) => p,
         Err(refusal) => {

@@ -36,7 +36,12 @@ pub struct TokenBucket {
 
 impl TokenBucket {
     pub fn new(rate: f64, burst: f64) -> TokenBucket {
-        TokenBucket { rate, burst, tokens: burst, last: Instant::now() }
+        TokenBucket {
+            rate,
+            burst,
+            tokens: burst,
+            last: Instant::now(),
+        }
     }
 
     /// Takes one token if there is one.
@@ -89,7 +94,9 @@ fn split_origin(s: &str) -> Result<(Option<&str>, &str, Option<u16>), String> {
     }
     let (host, port) = match rest.strip_prefix('[') {
         Some(r) => {
-            let (h, after) = r.split_once(']').ok_or_else(|| format!("{s:?}: unclosed '['"))?;
+            let (h, after) = r
+                .split_once(']')
+                .ok_or_else(|| format!("{s:?}: unclosed '['"))?;
             match after {
                 "" => (h, None),
                 _ => (h, Some(after.strip_prefix(':').unwrap_or(after))),
@@ -101,7 +108,10 @@ fn split_origin(s: &str) -> Result<(Option<&str>, &str, Option<u16>), String> {
         },
     };
     let port = match port {
-        Some(p) => Some(p.parse::<u16>().map_err(|_| format!("{s:?} has an invalid port"))?),
+        Some(p) => Some(
+            p.parse::<u16>()
+                .map_err(|_| format!("{s:?} has an invalid port"))?,
+        ),
         None => None,
     };
     if host.is_empty() {
@@ -132,9 +142,15 @@ impl OriginPattern {
 
     /// Does the `Origin` header value match?
     pub fn matches(&self, origin: &str) -> bool {
-        let Ok((Some(scheme), host, port)) = split_origin(origin) else { return false };
+        let Ok((Some(scheme), host, port)) = split_origin(origin) else {
+            return false;
+        };
         let host = host.to_ascii_lowercase();
-        if self.scheme.as_deref().is_some_and(|s| !s.eq_ignore_ascii_case(scheme)) {
+        if self
+            .scheme
+            .as_deref()
+            .is_some_and(|s| !s.eq_ignore_ascii_case(scheme))
+        {
             return false;
         }
         if self.port.is_some() && self.port != port {
@@ -195,8 +211,10 @@ fn parse_forwarded_ip(s: &str) -> Option<IpAddr> {
 /// The hops a request claims, oldest first: `Forwarded` (RFC 7239) if
 /// present, otherwise `X-Forwarded-For`. `None` marks an unparsable hop.
 fn forwarded_chain(headers: &HeaderMap) -> Vec<Option<IpAddr>> {
-    let forwarded: Vec<&str> =
-        headers.get_all("forwarded").filter_map(|v| v.to_str().ok()).collect();
+    let forwarded: Vec<&str> = headers
+        .get_all("forwarded")
+        .filter_map(|v| v.to_str().ok())
+        .collect();
     if !forwarded.is_empty() {
         return forwarded
             .iter()
@@ -204,7 +222,9 @@ fn forwarded_chain(headers: &HeaderMap) -> Vec<Option<IpAddr>> {
             .filter_map(|elem| {
                 elem.split(';').find_map(|pair| {
                     let (k, v) = pair.split_once('=')?;
-                    k.trim().eq_ignore_ascii_case("for").then(|| parse_forwarded_ip(v))
+                    k.trim()
+                        .eq_ignore_ascii_case("for")
+                        .then(|| parse_forwarded_ip(v))
                 })
             })
             .collect();
@@ -330,9 +350,10 @@ impl ConnLimiter {
         if map.len() > 4096 {
             map.retain(|_, e| e.open > 0 || !e.bucket.is_full(now));
         }
-        let entry = map
-            .entry(ip)
-            .or_insert_with(|| IpEntry { open: 0, bucket: TokenBucket::new(self.rate.0, self.rate.1) });
+        let entry = map.entry(ip).or_insert_with(|| IpEntry {
+            open: 0,
+            bucket: TokenBucket::new(self.rate.0, self.rate.1),
+        });
         let refusal = if self.max_per_ip > 0 && entry.open >= self.max_per_ip {
             Some(Refusal::PerIp)
         } else if !entry.bucket.try_take(now) {
@@ -346,7 +367,10 @@ impl ConnLimiter {
             return Err(r);
         }
         entry.open += 1;
-        Ok(Permit { limiter: self.clone(), ip })
+        Ok(Permit {
+            limiter: self.clone(),
+            ip,
+        })
     }
 
     /// Open connections in total.
@@ -365,7 +389,11 @@ impl Permit {
 impl Drop for Permit {
     fn drop(&mut self) {
         let now = Instant::now();
-        let mut map = self.limiter.shard(&self.ip).lock().unwrap_or_else(|e| e.into_inner());
+        let mut map = self
+            .limiter
+            .shard(&self.ip)
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         if let Some(e) = map.get_mut(&self.ip) {
             e.open = e.open.saturating_sub(1);
             if e.open == 0 && e.bucket.is_full(now) {
@@ -405,7 +433,10 @@ mod tests {
     fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut h = HeaderMap::new();
         for (k, v) in pairs {
-            h.append(HeaderName::from_bytes(k.as_bytes()).unwrap(), HeaderValue::from_str(v).unwrap());
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
         }
         h
     }
@@ -422,7 +453,10 @@ mod tests {
         assert_eq!(client_ip(ip("10.0.0.1"), &h, &trusted), ip("1.2.3.4"));
         // Forwarded (RFC 7239) wins over X-Forwarded-For.
         let h = headers(&[
-            ("forwarded", "for=6.6.6.6, for=\"[2001:db8::1]:4711\";proto=https"),
+            (
+                "forwarded",
+                "for=6.6.6.6, for=\"[2001:db8::1]:4711\";proto=https",
+            ),
             ("x-forwarded-for", "9.9.9.9"),
         ]);
         assert_eq!(client_ip(ip("10.0.0.1"), &h, &trusted), ip("2001:db8::1"));
@@ -430,7 +464,10 @@ mod tests {
         let h = headers(&[("x-forwarded-for", "1.2.3.4, garbage")]);
         assert_eq!(client_ip(ip("10.0.0.1"), &h, &trusted), ip("10.0.0.1"));
         // No header: the proxy itself.
-        assert_eq!(client_ip(ip("10.0.0.1"), &HeaderMap::new(), &trusted), ip("10.0.0.1"));
+        assert_eq!(
+            client_ip(ip("10.0.0.1"), &HeaderMap::new(), &trusted),
+            ip("10.0.0.1")
+        );
     }
 
     #[test]

@@ -344,7 +344,6 @@ impl PageRoom {
             }
         }
     }
-
 }
 
 impl Actor for PageRoom {
@@ -440,7 +439,11 @@ impl Handler<SetLinks> for PageRoom {
             });
         }
         if !added.is_empty() {
-            self.counter.do_send(Subscribe { room: self.uid, addr: ctx.address(), links: added });
+            self.counter.do_send(Subscribe {
+                room: self.uid,
+                addr: ctx.address(),
+                links: added,
+            });
         }
         let Some(conn) = self.conns.get_mut(&msg.conn) else {
             return;

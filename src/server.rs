@@ -106,7 +106,14 @@ impl Server {
         .workers(settings.worker_count())
         .disable_signals()
         // actix-web takes whole seconds: round up so the grace is never shorter.
-        .shutdown_timeout(settings.server.shutdown_timeout.as_secs_f64().ceil().max(1.0) as u64)
+        .shutdown_timeout(
+            settings
+                .server
+                .shutdown_timeout
+                .as_secs_f64()
+                .ceil()
+                .max(1.0) as u64,
+        )
         .client_request_timeout(settings.limits.handshake_timeout)
         .client_disconnect_timeout(Duration::from_secs(1))
         .listen(listener)?
@@ -186,8 +193,8 @@ impl Server {
         if let Err(e) = self.storage.flush() {
             tracing::error!(error = %e, "final flush failed");
         }
-        self.shards.stop();
-        self.counter_arbiter.stop();
+        self.shards.stop().await;
+        crate::shard::stop_and_join(vec![self.counter_arbiter]).await;
         tracing::info!(cut, "stopped");
         ShutdownReport { cut }
     }

@@ -88,7 +88,11 @@ pub async fn run(ctx: SessionContext, mut session: Session, stream: actix_ws::Me
     let conn = NEXT_CONN_ID.fetch_add(1, Ordering::Relaxed);
     let shard = shards.for_page(&page).clone();
     let (tx, mut rx) = mpsc::channel::<Outbound>(ws.send_queue);
-    shard.do_send(Join { page: page.clone(), conn, tx });
+    shard.do_send(Join {
+        page: page.clone(),
+        conn,
+        tx,
+    });
     let ip = permit.ip();
     tracing::debug!(page = %page, conn, %ip, pk = pk.as_deref().unwrap_or(""), "connected");
     let limits = &settings.limits;

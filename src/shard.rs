@@ -223,7 +223,7 @@ pub struct Shards {
     /// One address per shard.
     addrs: Arc<[Addr<Shard>]>,
     /// Keeps the arbiters (threads) alive.
-    _arbiters: Arc<Vec<Arbiter>>,
+    arbiters: Arc<std::sync::Mutex<Vec<Arbiter>>>,
 }
 
 impl Shards {
@@ -239,8 +239,12 @@ impl Shards {
         let rooms_alive = Arc::new(AtomicUsize::new(0));
         for index in 0..n {
             let arbiter = Arbiter::new();
-            let (counter, storage, settings, rooms_alive) =
-                (counter.clone(), storage.clone(), settings.clone(), rooms_alive.clone());
+            let (counter, storage, settings, rooms_alive) = (
+                counter.clone(),
+                storage.clone(),
+                settings.clone(),
+                rooms_alive.clone(),
+            );
             let addr = Shard::start_in_arbiter(&arbiter.handle(), move |_| Shard {
                 index,
                 counter,
@@ -254,7 +258,7 @@ impl Shards {
         }
         Shards {
             addrs: addrs.into(),
-            _arbiters: Arc::new(arbiters),
+            arbiters: Arc::new(std::sync::Mutex::new(arbiters)),
         }
     }
 
@@ -270,10 +274,28 @@ impl Shards {
         &self.addrs
     }
 
-    /// Stops the shard arbiters.
-    pub fn stop(&self) {
-        for a in self._arbiters.iter() {
-            a.stop();
+    /// Stops the shard arbiters and waits for their threads (so every room,
+    /// and its handle on storage, is gone when this returns).
+    pub async fn stop(&self) {
+        // A poisoned lock still holds the arbiters; take them anyway.
+        let arbiters =
+            std::mem::take(&mut *self.arbiters.lock().unwrap_or_else(|e| e.into_inner()));
+        stop_and_join(arbiters).await;
+    }
+}
+
+/// Stops arbiters and joins their threads off the async runtime.
+pub async fn stop_and_join(arbiters: Vec<Arbiter>) {
+    for a in &arbiters {
+        a.stop();
+    }
+    let joined = actix_web::rt::task::spawn_blocking(move || {
+        for a in arbiters {
+            let _ = a.join();
         }
+    })
+    .await;
+    if joined.is_err() {
+        tracing::error!("an arbiter thread panicked while stopping");
     }
 }

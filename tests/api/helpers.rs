@@ -52,9 +52,18 @@ pub fn settings(dir: &Path, extra: &[(&str, &str)]) -> Settings {
             "600ms".into(),
         ),
         // Every test client comes from 127.0.0.1: caps are off unless a test sets them.
-        ("LINK_COUNTER__LIMITS__MAX_CONNECTIONS_PER_IP".into(), "0".into()),
-        ("LINK_COUNTER__LIMITS__CONNECTIONS_PER_IP_PER_SECOND".into(), "0".into()),
-        ("LINK_COUNTER__LIMITS__MESSAGES_PER_SECOND".into(), "0".into()),
+        (
+            "LINK_COUNTER__LIMITS__MAX_CONNECTIONS_PER_IP".into(),
+            "0".into(),
+        ),
+        (
+            "LINK_COUNTER__LIMITS__CONNECTIONS_PER_IP_PER_SECOND".into(),
+            "0".into(),
+        ),
+        (
+            "LINK_COUNTER__LIMITS__MESSAGES_PER_SECOND".into(),
+            "0".into(),
+        ),
     ];
     for (k, v) in extra {
         env.push((format!("LINK_COUNTER__{k}"), v.to_string()));

@@ -223,8 +223,10 @@ impl Settings {
             }
         }
         let l = &self.limits;
-        if l.handshake_timeout.is_zero() {
-            return bad("limits.handshake_timeout", "must be greater than 0");
+        // actix-http measures this deadline on a clock that ticks every
+        // 500 ms; shorter values would refuse every request with 408.
+        if l.handshake_timeout < Duration::from_secs(1) {
+            return bad("limits.handshake_timeout", "must be at least 1s");
         }
         if l.messages_per_second < 0.0 || !l.messages_per_second.is_finite() {
             return bad("limits.messages_per_second", "must be a number >= 0");

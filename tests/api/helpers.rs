@@ -241,7 +241,12 @@ impl SilentClient {
 
 impl Client {
     pub async fn connect(url: &str) -> Client {
-        let (sink, mut stream) = open(url).await.split();
+        Client::from_stream(open(url).await)
+    }
+
+    /// Wraps an already upgraded stream.
+    pub fn from_stream(ws: WebSocketStream<MaybeTlsStream<TcpStream>>) -> Client {
+        let (sink, mut stream) = ws.split();
         let (tx, rx) = mpsc::unbounded_channel();
         let reader = tokio::spawn(async move {
             while let Some(Ok(m)) = stream.next().await {

@@ -1,0 +1,574 @@
+//! Hostile input, caps and proxies: every bad input gets its documented
+//! answer, and afterwards the server still serves and every other
+//! connection's counts are exact.
+
+use std::{net::SocketAddr, time::Duration};
+
+use futures_util::SinkExt;
+use link_counter::counter::GetStatus;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpSocket, TcpStream},
+};
+use tokio_tungstenite::tungstenite::{
+    client::IntoClientRequest,
+    http::{HeaderName, HeaderValue},
+    protocol::frame::{
+        coding::{Data, OpCode},
+        Frame,
+    },
+    Message,
+};
+
+use crate::helpers::{counts, http_get, spawn_app, Client, TestApp, PATIENCE};
+
+/// The invariant checked after every row: the server answers HTTP, the
+/// watcher (subscribed to `target`) shows the true count, and a fresh
+/// subscriber gets the same.
+async fn still_exact(app: &TestApp, watcher: &mut Client, target: &str, n: u64) {
+    assert_eq!(app.get("/healthz").await.0, 200);
+    watcher.wait_for(&counts(&[(target, n)])).await;
+    let mut fresh = app.connect("fresh-check").await;
+    fresh.subscribe(&[target]).await;
+    assert_eq!(fresh.next_update().await, counts(&[(target, n)]));
+    fresh.close().await;
+}
+
+/// Text messages that are wrong in every documented way: exact error code,
+/// the connection stays open, nothing else changes.
+#[tokio::test]
+async fn bad_messages_table() {
+    let (app, _dir) = spawn_app(&[("WEBSOCKET__MAX_LINKS_PER_SUBSCRIBE", "4")]);
+    let mut watcher = app.connect("watcher").await;
+    watcher.subscribe(&["target"]).await;
+    watcher.next_update().await;
+    let _viewer = app.connect("target").await;
+    watcher.wait_for(&counts(&[("target", 1)])).await;
+
+    let long = "x".repeat(257);
+    let rows: Vec<(String, &str)> = vec![
+        ("{not json".into(), "invalid_json"),
+        ("42".into(), "invalid_json"),
+        (r#""subscribe""#.into(), "invalid_json"),
+        (r#"{"links":["a"]}"#.into(), "unknown_type"),
+        (r#"{"type":7}"#.into(), "unknown_type"),
+        (r#"{"type":"publish","count":99}"#.into(), "unknown_type"),
+        (r#"{"type":"subscribe"}"#.into(), "invalid_json"),
+        (
+            r#"{"type":"subscribe","links":{"a":1}}"#.into(),
+            "invalid_json",
+        ),
+        (
+            r#"{"type":"subscribe","links":["a",null]}"#.into(),
+            "invalid_json",
+        ),
+        (
+            r#"{"type":"subscribe","links":[""]}"#.into(),
+            "invalid_page_id",
+        ),
+        (
+            format!(r#"{{"type":"subscribe","links":["{long}"]}}"#),
+            "invalid_page_id",
+        ),
+        (
+            r#"{"type":"subscribe","links":["a\u0007b"]}"#.into(),
+            "invalid_page_id",
+        ),
+        (
+            r#"{"type":"subscribe","links":["a/b"]}"#.into(),
+            "invalid_page_id",
+        ),
+        (
+            r#"{"type":"subscribe","links":["a","b","c","d","e"]}"#.into(),
+            "too_many_links",
+        ),
+    ];
+    let mut client = app.connect("target").await;
+    for (text, code) in &rows {
+        client.send_text(text).await;
+        let v = client.next_json().await;
+        assert_eq!(
+            (v["type"].as_str(), v["code"].as_str()),
+            (Some("error"), Some(*code)),
+            "row {text}"
+        );
+        still_exact(&app, &mut watcher, "target", 2).await;
+    }
+    // Duplicate links are not an error: they are ignored.
+    client
+        .send_text(r#"{"type":"subscribe","links":["target","target","target"]}"#)
+        .await;
+    assert_eq!(client.next_update().await, counts(&[("target", 2)]));
+    // Five ids of which only four are distinct: within the cap.
+    client
+        .send_text(r#"{"type":"subscribe","links":["a","b","c","d","a"]}"#)
+        .await;
+    assert_eq!(
+        client.next_update().await,
+        counts(&[("a", 0), ("b", 0), ("c", 0), ("d", 0)])
+    );
+}
+
+/// Frames that end the connection: binary (1003), one frame over the size
+/// limit (1009), fragments whose total is over it (1009).
+#[tokio::test]
+async fn bad_frames_table() {
+    let (app, _dir) = spawn_app(&[("WEBSOCKET__MAX_MESSAGE_BYTES", "1024")]);
+    let mut watcher = app.connect("watcher").await;
+    watcher.subscribe(&["target"]).await;
+    watcher.next_update().await;
+    let _viewer = app.connect("target").await;
+    watcher.wait_for(&counts(&[("target", 1)])).await;
+
+    let fragment =
+        |data: &[u8], op: OpCode, fin: bool| Message::Frame(Frame::message(data.to_vec(), op, fin));
+    let rows: Vec<(&str, Vec<Message>, u16)> = vec![
+        ("binary frame", vec![Message::Binary(vec![0, 1, 2])], 1003),
+        (
+            "frame over max_message_bytes",
+            vec![Message::Text("y".repeat(2048))],
+            1009,
+        ),
+        (
+            "fragments over max_message_bytes in total",
+            vec![
+                fragment(&[b'z'; 600], OpCode::Data(Data::Text), false),
+                fragment(&[b'z'; 600], OpCode::Data(Data::Continue), false),
+                fragment(&[b'z'; 10], OpCode::Data(Data::Continue), true),
+            ],
+            1009,
+        ),
+    ];
+    for (name, frames, code) in rows {
+        let mut c = app.connect("target").await;
+        watcher.wait_for(&counts(&[("target", 2)])).await;
+        for f in frames {
+            c.send(f).await;
+        }
+        assert_eq!(c.expect_close().await, code, "{name}");
+        still_exact(&app, &mut watcher, "target", 1).await;
+    }
+    // Fragments within the limit are reassembled and work.
+    let mut ok = app.connect("target").await;
+    let msg = br#"{"type":"subscribe","links":["target"]}"#;
+    ok.send(fragment(&msg[..10], OpCode::Data(Data::Text), false))
+        .await;
+    ok.send(fragment(&msg[10..], OpCode::Data(Data::Continue), true))
+        .await;
+    assert_eq!(ok.next_update().await, counts(&[("target", 2)]));
+}
+
+/// Bad URLs are refused before the upgrade with 400 / 404 and a helpful text.
+#[tokio::test]
+async fn bad_urls_table() {
+    let (app, _dir) = spawn_app(&[]);
+    let mut watcher = app.connect("watcher").await;
+    watcher.subscribe(&["target"]).await;
+    watcher.next_update().await;
+    let long = "x".repeat(257);
+    let rows: Vec<(String, u16, &str)> = vec![
+        ("/parties/page/%ZZ".into(), 400, "percent-encoded"),
+        ("/parties/page/abc%".into(), 400, "percent-encoded"),
+        ("/parties/page/%C3%28".into(), 400, "UTF-8"),
+        ("/parties/page/a%2Fb".into(), 400, "'/'"),
+        ("/parties/page/a%00b".into(), 400, "control"),
+        (format!("/parties/page/{long}"), 400, "longer"),
+        ("/parties/page/".into(), 400, "empty"),
+        ("/parties/other/x".into(), 404, "/parties/page/"),
+        ("/nothing/here".into(), 404, "/parties/page/"),
+    ];
+    for (path, status, hint) in rows {
+        let req = format!(
+            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+             Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+        );
+        let (got, body) = raw_with_close(app.addr, &req).await;
+        assert_eq!(got, status, "{path}: {body}");
+        assert!(
+            body.contains(hint),
+            "{path}: {body:?} should mention {hint}"
+        );
+        still_exact(&app, &mut watcher, "target", 0).await;
+    }
+    let (status, body) = http_get(app.addr, "/parties/page/target").await;
+    assert_eq!(status, 400);
+    assert!(body.contains("WebSocket"), "{body}");
+}
+
+/// Sends a request and reads until the server closes or the body is in.
+async fn raw_with_close(addr: SocketAddr, req: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    s.write_all(req.as_bytes()).await.expect("write");
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        loop {
+            match s.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+            if String::from_utf8_lossy(&buf).contains("\r\n\r\n") && buf.ends_with(b"\n") {
+                break;
+            }
+        }
+    })
+    .await;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, text)
+}
+
+/// A per-connection token bucket answers `rate_limited`; a connection that
+/// keeps flooding is closed with 1008; others are unaffected.
+#[tokio::test]
+async fn message_flood_is_rate_limited_then_closed() {
+    let (app, _dir) = spawn_app(&[
+        ("LIMITS__MESSAGES_PER_SECOND", "2"),
+        ("LIMITS__BURST", "3"),
+        ("LIMITS__FLOOD_STRIKES", "5"),
+    ]);
+    let mut watcher = app.connect("watcher").await;
+    watcher.subscribe(&["flood"]).await;
+    watcher.next_update().await;
+    let mut flooder = app.connect("flood").await;
+    watcher.wait_for(&counts(&[("flood", 1)])).await;
+    for _ in 0..3 {
+        flooder.subscribe(&["a"]).await;
+        assert_eq!(flooder.next_update().await, counts(&[("a", 0)]));
+    }
+    flooder.subscribe(&["a"]).await;
+    let v = flooder.next_json().await;
+    assert_eq!(v["code"], "rate_limited", "{v}");
+    for _ in 0..10 {
+        flooder
+            .send_text(r#"{"type":"subscribe","links":["a"]}"#)
+            .await;
+    }
+    assert_eq!(flooder.expect_close().await, 1008);
+    still_exact(&app, &mut watcher, "flood", 0).await;
+}
+
+async fn try_connect_from(
+    app: &TestApp,
+    src: &str,
+    page: &str,
+    headers: &[(&str, &str)],
+) -> Result<Client, u16> {
+    let socket = TcpSocket::new_v4().expect("socket");
+    socket
+        .bind(format!("{src}:0").parse().expect("addr"))
+        .expect("bind source");
+    let stream = socket.connect(app.addr).await.expect("tcp connect");
+    let mut req = app.ws_url(page).into_client_request().expect("request");
+    for (k, v) in headers {
+        let name = HeaderName::from_bytes(k.as_bytes()).expect("header name");
+        req.headers_mut()
+            .insert(name, HeaderValue::from_str(v).expect("header"));
+    }
+    match tokio_tungstenite::client_async(req, tokio_tungstenite::MaybeTlsStream::Plain(stream))
+        .await
+    {
+        Ok((ws, _)) => Ok(Client::from_stream(ws)),
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => Err(resp.status().as_u16()),
+        Err(e) => panic!("unexpected error {e}"),
+    }
+}
+
+/// Per-IP concurrent cap (429), per-IP new-connection rate (429) and the
+/// global cap (503); existing connections are unaffected.
+#[tokio::test]
+async fn connection_floods_are_capped() {
+    let (app, _dir) = spawn_app(&[
+        ("LIMITS__MAX_CONNECTIONS_PER_IP", "3"),
+        ("LIMITS__MAX_CONNECTIONS", "8"),
+    ]);
+    let mut watcher = try_connect_from(&app, "127.0.0.9", "w", &[])
+        .await
+        .expect("watcher");
+    watcher.subscribe(&["cap"]).await;
+    watcher.next_update().await;
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(
+            try_connect_from(&app, "127.0.0.2", "cap", &[])
+                .await
+                .expect("under the cap"),
+        );
+    }
+    assert_eq!(
+        try_connect_from(&app, "127.0.0.2", "cap", &[]).await.err(),
+        Some(429)
+    );
+    watcher.wait_for(&counts(&[("cap", 3)])).await;
+    // Another address is not affected by 127.0.0.2's cap.
+    for _ in 0..3 {
+        held.push(
+            try_connect_from(&app, "127.0.0.3", "cap", &[])
+                .await
+                .expect("other ip"),
+        );
+    }
+    held.push(
+        try_connect_from(&app, "127.0.0.4", "cap", &[])
+            .await
+            .expect("8th"),
+    );
+    // 8 open (watcher + 7): the global cap refuses with 503.
+    assert_eq!(
+        try_connect_from(&app, "127.0.0.5", "cap", &[]).await.err(),
+        Some(503)
+    );
+    watcher.wait_for(&counts(&[("cap", 7)])).await;
+    // Closing frees a slot.
+    held.pop().expect("one").close().await;
+    watcher.wait_for(&counts(&[("cap", 6)])).await;
+    held.push(
+        try_connect_from(&app, "127.0.0.5", "cap", &[])
+            .await
+            .expect("slot freed"),
+    );
+    watcher.wait_for(&counts(&[("cap", 7)])).await;
+    held.pop().expect("one").close().await;
+    still_exact(&app, &mut watcher, "cap", 6).await;
+}
+
+/// New connections per IP per second: a burst is allowed, more is refused with 429.
+#[tokio::test]
+async fn connection_rate_per_ip() {
+    let (app, _dir) = spawn_app(&[
+        ("LIMITS__CONNECTIONS_PER_IP_PER_SECOND", "0.5"),
+        ("LIMITS__CONNECTIONS_PER_IP_BURST", "3"),
+    ]);
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(
+            try_connect_from(&app, "127.0.0.6", "rate", &[])
+                .await
+                .expect("burst"),
+        );
+    }
+    assert_eq!(
+        try_connect_from(&app, "127.0.0.6", "rate", &[]).await.err(),
+        Some(429)
+    );
+    held.push(
+        try_connect_from(&app, "127.0.0.7", "rate", &[])
+            .await
+            .expect("other ip"),
+    );
+    assert_eq!(app.get_json("/api/v1/counts?ids=rate").await["rate"], 4);
+}
+
+/// A browser upgrade from a non-allowed Origin is refused with 403; allowed
+/// exact and wildcard origins and clients without an Origin get in.
+#[tokio::test]
+async fn origins_are_checked() {
+    let (app, _dir) = spawn_app(&[(
+        "SECURITY__ALLOWED_ORIGINS",
+        "https://good.example,*.trusted.example",
+    )]);
+    let o = |v: &'static str| vec![("origin", v)];
+    assert!(
+        try_connect_from(&app, "127.0.0.1", "o", &o("https://good.example"))
+            .await
+            .is_ok()
+    );
+    assert!(
+        try_connect_from(&app, "127.0.0.1", "o", &o("http://a.trusted.example"))
+            .await
+            .is_ok()
+    );
+    assert!(try_connect_from(&app, "127.0.0.1", "o", &[]).await.is_ok());
+    for bad in [
+        "https://evil.example",
+        "https://good.example.evil.net",
+        "null",
+        "https://trusted.example",
+    ] {
+        assert_eq!(
+            try_connect_from(&app, "127.0.0.1", "o", &o(bad))
+                .await
+                .err(),
+            Some(403),
+            "{bad}"
+        );
+    }
+    assert_eq!(app.get_json("/api/v1/counts?ids=o").await["o"], 0);
+}
+
+/// Forwarding headers are believed only from trusted proxies, and only their
+/// right-most untrusted hop: spoofed values do not change the client IP.
+#[tokio::test]
+async fn forwarded_ip_only_from_trusted_proxies() {
+    let (app, _dir) = spawn_app(&[
+        ("SECURITY__TRUSTED_PROXIES", "127.0.0.1/32"),
+        ("LIMITS__MAX_CONNECTIONS_PER_IP", "1"),
+    ]);
+    let xff = |v: &'static str| vec![("x-forwarded-for", v)];
+    let mut held = Vec::new();
+    // Through the trusted proxy (127.0.0.1) two clients are told apart by the header.
+    held.push(
+        try_connect_from(&app, "127.0.0.1", "p", &xff("198.51.100.1"))
+            .await
+            .expect("client 1"),
+    );
+    held.push(
+        try_connect_from(&app, "127.0.0.1", "p", &xff("198.51.100.2"))
+            .await
+            .expect("client 2"),
+    );
+    assert_eq!(
+        try_connect_from(&app, "127.0.0.1", "p", &xff("198.51.100.1"))
+            .await
+            .err(),
+        Some(429)
+    );
+    // A spoofed left part does not help: the right-most hop is still .1.
+    assert_eq!(
+        try_connect_from(&app, "127.0.0.1", "p", &xff("203.0.113.9, 198.51.100.1"))
+            .await
+            .err(),
+        Some(429)
+    );
+    let fwd = vec![("forwarded", "for=198.51.100.2")];
+    assert_eq!(
+        try_connect_from(&app, "127.0.0.1", "p", &fwd).await.err(),
+        Some(429)
+    );
+    // An untrusted peer's header is ignored: its own address is capped.
+    held.push(
+        try_connect_from(&app, "127.0.0.8", "p", &xff("198.51.100.3"))
+            .await
+            .expect("first"),
+    );
+    assert_eq!(
+        try_connect_from(&app, "127.0.0.8", "p", &xff("198.51.100.4"))
+            .await
+            .err(),
+        Some(429)
+    );
+    assert_eq!(app.get_json("/api/v1/counts?ids=p").await["p"], 3);
+}
+
+/// A client that never completes its HTTP request is dropped after
+/// `limits.handshake_timeout`; the server keeps serving.
+#[tokio::test]
+async fn slow_handshake_is_dropped() {
+    let (app, _dir) = spawn_app(&[("LIMITS__HANDSHAKE_TIMEOUT", "1s")]);
+    let mut s = TcpStream::connect(app.addr).await.expect("connect");
+    s.write_all(b"GET /parties/page/slow HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .expect("write");
+    let mut buf = Vec::new();
+    let done = tokio::time::timeout(PATIENCE, s.read_to_end(&mut buf)).await;
+    assert!(done.is_ok(), "server did not drop the half-sent request");
+    let text = String::from_utf8_lossy(&buf);
+    assert!(
+        text.is_empty() || text.starts_with("HTTP/1.1 408"),
+        "{text}"
+    );
+    assert_eq!(app.get("/healthz").await.0, 200);
+    assert_eq!(app.get_json("/api/v1/counts?ids=slow").await["slow"], 0);
+}
+
+/// A client that never reads its socket cannot make the server buffer
+/// without bound: it is cut off, stops counting, and others are unaffected.
+#[tokio::test]
+async fn client_that_never_reads_is_cut_off() {
+    let (app, _dir) = spawn_app(&[("WEBSOCKET__SEND_QUEUE", "4")]);
+    let mut watcher = app.connect("watcher").await;
+    watcher.subscribe(&["sink"]).await;
+    watcher.next_update().await;
+
+    let socket = TcpSocket::new_v4().expect("socket");
+    socket
+        .set_recv_buffer_size(4096)
+        .expect("small receive buffer");
+    let stream = socket.connect(app.addr).await.expect("connect");
+    let (mut ws, _) = tokio_tungstenite::client_async(app.ws_url("sink"), stream)
+        .await
+        .expect("upgrade");
+    watcher.wait_for(&counts(&[("sink", 1)])).await;
+    // Each subscribe asks for a ~60 KB full update; the client reads none of them.
+    let links: Vec<String> = (0..250).map(|i| format!("{i:0>200}")).collect();
+    let msg = serde_json::json!({"type": "subscribe", "links": links}).to_string();
+    let sender = tokio::spawn(async move {
+        for _ in 0..2000 {
+            if ws.send(Message::Text(msg.clone())).await.is_err() {
+                break;
+            }
+        }
+        ws
+    });
+    watcher.wait_for(&counts(&[("sink", 0)])).await;
+    sender.abort();
+    still_exact(&app, &mut watcher, "sink", 0).await;
+}
+
+/// Floods of distinct page ids reach the room and page caps and are refused
+/// with `overloaded`; memory stops growing; real pages keep working.
+#[tokio::test]
+async fn distinct_page_floods_hit_the_caps() {
+    let (app, _dir) = spawn_app(&[
+        ("LIMITS__MAX_ROOMS", "10"),
+        ("LIMITS__MAX_PAGES", "40"),
+        ("WEBSOCKET__MAX_LINKS_PER_SUBSCRIBE", "256"),
+    ]);
+    let mut real = app.connect("real").await;
+    real.subscribe(&["real-target"]).await;
+    real.next_update().await;
+    let mut viewer = app.connect("real-target").await;
+
+    // Connections to new pages: rooms up to the cap, then `overloaded` + 1008.
+    let mut held = Vec::new();
+    let mut refused = 0;
+    for i in 0..30 {
+        let mut c = app.connect(&format!("flood-{i}")).await;
+        c.subscribe(&[]).await;
+        let v = c.next_json().await;
+        if v["type"] == "error" {
+            assert_eq!(v["code"], "overloaded", "{v}");
+            assert_eq!(c.expect_close().await, 1008);
+            refused += 1;
+        } else {
+            held.push(c);
+        }
+    }
+    assert_eq!(held.len(), 8, "10 rooms: real, real-target and 8 floods");
+    assert_eq!(refused, 22);
+
+    // Subscribe floods: links to new pages beyond max_pages are refused.
+    let links: Vec<String> = (0..100).map(|i| format!("link-{i}")).collect();
+    let refs: Vec<&str> = links.iter().map(String::as_str).collect();
+    let mut sub = held.pop().expect("a held connection");
+    sub.subscribe(&refs).await;
+    let v = sub.next_json().await;
+    assert_eq!(
+        (v["type"].as_str(), v["code"].as_str()),
+        (Some("error"), Some("overloaded")),
+        "{v}"
+    );
+    let update = sub.next_update().await;
+    assert!(!update.is_empty() && update.len() < 100, "{}", update.len());
+    let status = app.counter.send(GetStatus).await.expect("status");
+    assert!(status.pages <= 40, "pages tracked {}", status.pages);
+    // Again: nothing grows.
+    let more: Vec<String> = (100..200).map(|i| format!("link-{i}")).collect();
+    let refs: Vec<&str> = more.iter().map(String::as_str).collect();
+    sub.subscribe(&refs).await;
+    assert_eq!(sub.next_json().await["code"], "overloaded");
+    assert!(sub.next_update().await.is_empty());
+    assert!(app.counter.send(GetStatus).await.expect("status").pages <= 40);
+
+    // Real pages keep working.
+    real.wait_for(&counts(&[("real-target", 1)])).await;
+    viewer.subscribe(&["real"]).await;
+    assert_eq!(viewer.next_update().await, counts(&[("real", 1)]));
+    drop(viewer);
+    real.wait_for(&counts(&[("real-target", 0)])).await;
+    let _ = Duration::ZERO;
+}

@@ -283,4 +283,68 @@ mod tests {
             r#"{"type":"update","connections":{"b":3,"c":0}}"#
         );
     }
+
+    mod fuzz {
+        //! Parsing arbitrary input never panics and never allocates beyond
+        //! what the input itself holds (bounded by `max_message_bytes`).
+        use super::super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+
+            #[test]
+            fn arbitrary_text_never_panics(text in any::<String>(), max in 0usize..300) {
+                let _ = parse_client_message(&text, max);
+            }
+
+            #[test]
+            fn arbitrary_bytes_as_utf8_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+                let text = String::from_utf8_lossy(&bytes);
+                let _ = parse_client_message(&text, 256);
+                let _ = decode_page_id(&text);
+            }
+
+            #[test]
+            fn json_shaped_input_is_answered(
+                kind in prop_oneof![Just("subscribe".to_string()), any::<String>()],
+                links in proptest::collection::vec(any::<String>(), 0..40),
+                max in 1usize..30,
+            ) {
+                let text = serde_json::json!({"type": kind, "links": links}).to_string();
+                match parse_client_message(&text, max) {
+                    Ok(ClientMessage::Subscribe { links: got }) => {
+                        prop_assert!(got.len() <= max);
+                        for l in &got {
+                            prop_assert!(validate_page_id(l).is_ok());
+                        }
+                    }
+                    Err(e) => prop_assert!(!e.message.is_empty()),
+                }
+            }
+
+            #[test]
+            fn url_segments_decode_or_refuse(raw in "[%0-9A-Fa-f/a-z\\x00-\\x7f]{0,300}") {
+                if let Ok(id) = decode_page_id(&raw) {
+                    prop_assert!(validate_page_id(&id).is_ok());
+                }
+            }
+        }
+
+        #[test]
+        fn huge_link_lists_are_capped_without_huge_allocations() {
+            // 100k one-byte links in ~400 KB of JSON: the result holds at most
+            // max+1 entries before the cap error, whatever the input length.
+            let links: Vec<String> = (0..100_000).map(|i| format!("{}", i % 10)).collect();
+            let text = serde_json::json!({"type": "subscribe", "links": links}).to_string();
+            let ok = parse_client_message(&text, 256).unwrap();
+            assert!(matches!(ok, ClientMessage::Subscribe { ref links } if links.len() == 10));
+            let distinct: Vec<String> = (0..100_000).map(|i| i.to_string()).collect();
+            let text = serde_json::json!({"type": "subscribe", "links": distinct}).to_string();
+            assert_eq!(
+                parse_client_message(&text, 256).unwrap_err().code,
+                "too_many_links"
+            );
+        }
+    }
 }

@@ -4,6 +4,8 @@ mod binary;
 mod hardening;
 mod helpers;
 mod lifecycle;
+mod model;
+mod nginx;
 mod persistence;
 mod protocol;
 

@@ -9,6 +9,7 @@
 //! - [`counter`]: `Counter`, the supervised singleton: counts, followers, coalesced publishing, stats.
 //! - [`storage`]: the only module that touches sled.
 //! - [`http`]: routes (WebSocket endpoint, read-only JSON API, health).
+//! - [`web`]: browser assets compiled into the binary: `/link-counter.js` (ETag) and the demo site.
 //! - [`server`]: wiring and graceful shutdown.
 //! - [`shutdown`]: SIGINT and SIGTERM.
 #![forbid(unsafe_code)]
@@ -23,6 +24,7 @@ pub mod session;
 pub mod shard;
 pub mod shutdown;
 pub mod storage;
+pub mod web;
 
 pub use config::Settings;
 pub use server::Server;

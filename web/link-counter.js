@@ -264,9 +264,9 @@ export class LinkCounter {
   _closed(code, reason) {
     clearTimeout(this._stableTimer);
     this._ws = null;
+    this._state = code === CLOSE_POLICY ? "stopped" : "waiting";
     this._forget();
     if (code === CLOSE_POLICY) {
-      this._state = "stopped";
       this._log.error(
         `link-counter: the server refused this page (close 1008${reason ? `: ${reason}` : ""}); not reconnecting`,
       );

@@ -490,8 +490,8 @@ export function embed(options = {}) {
     renderAll();
   }
 
-  // Coalesce DOM changes into one rescan per frame; ignore our own badges.
-  let pending = false;
+  // The observer already batches a burst of DOM changes into one call; our
+  // own badge changes are ignored, so a rescan does not trigger another.
   const observer = new win.MutationObserver((records) => {
     const relevant = records.some((r) => {
       const node = r.target.nodeType === 1 ? r.target : r.target.parentElement;
@@ -502,13 +502,7 @@ export function embed(options = {}) {
       }
       return true;
     });
-    if (relevant && !pending) {
-      pending = true;
-      win.requestAnimationFrame(() => {
-        pending = false;
-        rescan();
-      });
-    }
+    if (relevant) rescan();
   });
   observer.observe(doc.documentElement, {
     subtree: true,

@@ -185,6 +185,14 @@ function startSite(addr) {
   <script type="module" src="http://${addr}/link-counter.js" data-page="site-home"></script>
 </body></html>`,
   };
+  pages["/site/marked.html"] = `<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>Marked links only</title></head>
+<body>
+  <nav><a id="nav" href="/">Home</a></nav>
+  <p><a id="marked" href="/blog/post-1" data-link-counter>Post 1</a></p>
+  <p><a id="plain" href="/blog/post-2">Post 2</a></p>
+  <script type="module" src="http://${addr}/link-counter.js"></script>
+</body></html>`;
   return new Promise((resolve) => {
     const server = http.createServer((req, res) => {
       const body = pages[req.url];
@@ -358,6 +366,16 @@ function defineSteps(svc, browser, siteAddr) {
     v1.close();
     v2.close();
     await waitBadge(site, cafe, 0);
+
+    // With links marked data-link-counter, only those get a badge; without
+    // data-page, the page's own id is derived from its path.
+    const marked = await openTab(context, `http://${siteAddr}/site/marked.html`);
+    await waitBadge(marked, "%2Fblog%2Fpost-1", 0);
+    const badged = await marked.evaluate(() =>
+      [...document.querySelectorAll(".link-counter-badge")].map((b) => b.previousElementSibling.id),
+    );
+    assertEq(badged, ["marked"], "links with badges when some are marked");
+    assertEq(await svc.counts(["%2Fsite%2Fmarked.html"]), { "%2Fsite%2Fmarked.html": 1 }, "derived own id");
     await context.close();
   });
 

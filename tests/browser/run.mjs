@@ -283,6 +283,17 @@ function defineSteps(svc, browser, siteAddr) {
     if (!/1 person viewing now/.test(label)) fail(`accessible label: ${label}`);
     assertEq(await svc.counts([ID.b, ID.c]), { [ID.b]: 1, [ID.c]: 1 }, "API counts of the derived ids");
 
+    // The demo's placeholders have the badges' final box before any script runs.
+    const noJs = await browser.newContext({ javaScriptEnabled: false });
+    const bare = await openTab(noJs, `${base()}/pages/b`);
+    const boxOf = (page) =>
+      page.evaluate(() => {
+        const r = document.querySelector('a[href="/pages/c"] + .link-counter-badge').getBoundingClientRect();
+        return { x: r.x, y: r.y, width: r.width, height: r.height };
+      });
+    assertEq(await boxOf(bare), await boxOf(b), "badge box without the script vs live (no layout shift)");
+    await noJs.close();
+
     const c2 = await openTab(context, `${base()}/pages/c`);
     await waitBadge(b, ID.c, 2);
     await waitBadge(c2, ID.b, 1);

@@ -35,6 +35,8 @@ pub struct Settings {
     pub limits: LimitSettings,
     /// Origin checks and trusted proxies.
     pub security: SecuritySettings,
+    /// Browser assets and the demo site.
+    pub web: WebSettings,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -136,6 +138,13 @@ pub struct RoomSettings {
     /// Inactivity after which a room's stored record is deleted.
     #[serde(with = "humantime_serde")]
     pub storage_ttl: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebSettings {
+    /// Serve the demo site (`/`, `/pages/a`..`/pages/d`); `/link-counter.js` is always served.
+    pub demo: bool,
 }
 
 impl Settings {

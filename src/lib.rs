@@ -10,6 +10,7 @@
 //! - [`limits`]: admission control: origins, client IP behind trusted proxies, connection caps, token buckets.
 //! - [`storage`]: the only module that touches sled.
 //! - [`http`]: routes (WebSocket endpoint, read-only JSON API, health).
+//! - [`web`]: browser assets compiled into the binary: `/link-counter.js` (ETag) and the demo site.
 //! - [`server`]: wiring and graceful shutdown.
 //! - [`shutdown`]: SIGINT and SIGTERM.
 #![forbid(unsafe_code)]
@@ -25,6 +26,7 @@ pub mod session;
 pub mod shard;
 pub mod shutdown;
 pub mod storage;
+pub mod web;
 
 pub use config::Settings;
 pub use server::Server;

@@ -101,6 +101,7 @@ impl Server {
         let server = HttpServer::new(move || {
             App::new()
                 .app_data(web::Data::new(state.clone()))
+                .configure(|cfg| crate::web::configure(cfg, &state.settings.web))
                 .configure(http::configure)
         })
         .workers(settings.worker_count())

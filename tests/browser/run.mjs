@@ -1,0 +1,515 @@
+// Real-browser tests of web/link-counter.js, the drop-in embed and the demo
+// site, against the real link-counter binary. Driven by tests/browser.rs
+// (`cargo test --test browser`); can also be run directly:
+//
+//   LINK_COUNTER_BIN=target/debug/link-counter node tests/browser/run.mjs
+//
+// Environment:
+//   LINK_COUNTER_BIN                the binary to test (required)
+//   LINK_COUNTER_ARTIFACTS          where failure screenshots go (default: a temp dir)
+//   LINK_COUNTER_DEMO_SCREENSHOT    if set, also writes a screenshot of the demo there
+//   CHROMIUM                        the browser (default /usr/bin/chromium; never downloaded)
+//
+// The harness starts the binary itself (port 0, temp storage) so that it can
+// stop it with SIGTERM and start it again on the same port. No assertion is
+// about timing: every wait has a generous deadline and only checks an outcome.
+
+import { spawn } from "node:child_process";
+import fs from "node:fs";
+import http from "node:http";
+import os from "node:os";
+import path from "node:path";
+import readline from "node:readline";
+
+import PartySocket from "partysocket";
+import { chromium } from "playwright-core";
+import WebSocket from "ws";
+
+import { runUnitTests } from "./unit.mjs";
+
+const BIN = process.env.LINK_COUNTER_BIN;
+const CHROMIUM = process.env.CHROMIUM || "/usr/bin/chromium";
+const ARTIFACTS = process.env.LINK_COUNTER_ARTIFACTS || fs.mkdtempSync(path.join(os.tmpdir(), "lc-browser-"));
+const DEMO_SCREENSHOT = process.env.LINK_COUNTER_DEMO_SCREENSHOT;
+/** Deadline of every wait (generous: CI machines can be slow). */
+const PATIENCE = 30_000;
+const LAUNCH_ARGS = [
+  "--headless",
+  "--no-sandbox",
+  "--disable-gpu",
+  "--disable-background-networking",
+  "--disable-quic",
+  "--no-first-run",
+  "--disable-component-update",
+  "--disable-sync",
+];
+
+/** Page ids as the embed derives them (documented in docs/embed.md). */
+const ID = {
+  a: "%2Fpages%2Fa",
+  b: "%2Fpages%2Fb",
+  c: "%2Fpages%2Fc",
+  d: "%2Fpages%2Fd",
+};
+
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+
+function fail(message) {
+  throw new Error(message);
+}
+
+function assertEq(actual, expected, what) {
+  const a = JSON.stringify(actual);
+  const e = JSON.stringify(expected);
+  if (a !== e) fail(`${what}: expected ${e}, got ${a}`);
+}
+
+/** Polls `check` (which returns true, or a description of what it saw) until true. */
+async function eventually(what, check, timeout = PATIENCE) {
+  const deadline = Date.now() + timeout;
+  let last;
+  for (;;) {
+    last = await check();
+    if (last === true) return;
+    if (Date.now() > deadline) fail(`timed out waiting for ${what}; last seen: ${JSON.stringify(last)}`);
+    await sleep(50);
+  }
+}
+
+// ---------------------------------------------------------------------------
+// The service under test
+
+class Service {
+  constructor(bin) {
+    this.bin = bin;
+    this.dir = fs.mkdtempSync(path.join(os.tmpdir(), "lc-browser-data-"));
+    this.addr = null;
+    this.proc = null;
+    this.log = [];
+  }
+
+  /** Starts the binary on `bind` and resolves with the address it reports. */
+  async start(bind = "127.0.0.1:0") {
+    // The port may still be held for a moment after a restart: retry.
+    for (let attempt = 0; ; attempt++) {
+      try {
+        this.addr = await this._startOnce(bind);
+        return this.addr;
+      } catch (e) {
+        if (attempt >= 50) throw e;
+        await sleep(200);
+      }
+    }
+  }
+
+  _startOnce(bind) {
+    return new Promise((resolve, reject) => {
+      const proc = spawn(this.bin, [], {
+        env: {
+          ...process.env,
+          RUST_LOG: process.env.RUST_LOG || "warn",
+          LINK_COUNTER__SERVER__BIND: bind,
+          LINK_COUNTER__SERVER__SHUTDOWN_TIMEOUT: "3s",
+          LINK_COUNTER__STORAGE__PATH: this.dir,
+          LINK_COUNTER__WEB__DEMO: "true",
+        },
+        stdio: ["ignore", "pipe", "pipe"],
+      });
+      proc.stderr.on("data", (d) => this.log.push(d.toString()));
+      const lines = readline.createInterface({ input: proc.stdout });
+      let done = false;
+      lines.once("line", (line) => {
+        const m = /^listening on (\S+)$/.exec(line);
+        done = true;
+        if (m) {
+          this.proc = proc;
+          resolve(m[1]);
+        } else {
+          proc.kill("SIGKILL");
+          reject(new Error(`unexpected first line: ${line}`));
+        }
+      });
+      proc.once("exit", (code) => {
+        if (!done) reject(new Error(`link-counter exited with ${code} before listening: ${this.log.join("")}`));
+      });
+    });
+  }
+
+  /** SIGTERM (graceful: sessions are closed with 1001) and wait for the exit. */
+  async stop() {
+    const proc = this.proc;
+    this.proc = null;
+    if (!proc || proc.exitCode !== null) return;
+    const exited = new Promise((r) => proc.once("exit", r));
+    proc.kill("SIGTERM");
+    const timer = setTimeout(() => proc.kill("SIGKILL"), PATIENCE);
+    const code = await exited;
+    clearTimeout(timer);
+    if (code !== 0) fail(`link-counter exited with ${code} on SIGTERM`);
+  }
+
+  async counts(ids) {
+    const q = ids.map((id) => `id=${encodeURIComponent(id)}`).join("&");
+    const res = await fetch(`http://${this.addr}/api/v1/counts?${q}`);
+    return res.json();
+  }
+
+  cleanup() {
+    this.proc?.kill("SIGKILL");
+    fs.rmSync(this.dir, { recursive: true, force: true });
+  }
+}
+
+/** A raw WebSocket viewer of page `id` (a visitor that is not a browser). */
+function viewer(addr, id) {
+  return new Promise((resolve, reject) => {
+    const ws = new WebSocket(`ws://${addr}/parties/page/${encodeURIComponent(id)}`);
+    ws.once("open", () => resolve(ws));
+    ws.once("error", reject);
+  });
+}
+
+/** A static "customer site" on another origin that embeds the script. */
+function startSite(addr) {
+  const pages = {
+    "/site/index.html": `<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>A customer site</title></head>
+<body>
+  <h1>A customer site</h1>
+  <p><a id="intro" href="/docs/intro?utm_source=x#top">Intro</a></p>
+  <p><a id="cafe" href="/café/">Café</a></p>
+  <p><a id="upper" href="/caf%C3%A9/">Café again (encoded)</a></p>
+  <p><a id="external" href="https://example.com/elsewhere">Elsewhere</a></p>
+  <p><a id="fixed" href="/whatever" data-page-id="pricing">Pricing</a></p>
+  <div id="more"></div>
+  <script type="module" src="http://${addr}/link-counter.js" data-page="site-home"></script>
+</body></html>`,
+  };
+  pages["/site/marked.html"] = `<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>Marked links only</title></head>
+<body>
+  <nav><a id="nav" href="/">Home</a></nav>
+  <p><a id="marked" href="/blog/post-1" data-link-counter>Post 1</a></p>
+  <p><a id="plain" href="/blog/post-2">Post 2</a></p>
+  <script type="module" src="http://${addr}/link-counter.js"></script>
+</body></html>`;
+  return new Promise((resolve) => {
+    const server = http.createServer((req, res) => {
+      const body = pages[req.url];
+      res.writeHead(body ? 200 : 404, { "content-type": "text/html; charset=utf-8" });
+      res.end(body ?? "not found");
+    });
+    server.listen(0, "127.0.0.1", () => resolve(server));
+  });
+}
+
+// ---------------------------------------------------------------------------
+// Browser helpers
+
+/** The badge next to the link to page `id`: {state, count, label} or null. */
+function badgeOf(page, id) {
+  return page.evaluate((id) => {
+    const b = [...document.querySelectorAll(".link-counter-badge")].find((e) => e.dataset.pageId === id);
+    if (!b) return null;
+    return {
+      state: b.dataset.state,
+      count: b.dataset.count === undefined ? null : Number(b.dataset.count),
+      text: b.querySelector("[aria-hidden]")?.textContent ?? null,
+      label: b.querySelector(".link-counter-sr")?.textContent ?? null,
+    };
+  }, id);
+}
+
+/** Waits until the badge for `id` on `page` shows `expected` (a number, or "unknown"). */
+async function waitBadge(page, id, expected) {
+  await eventually(`badge ${decodeURIComponent(id)} on ${page.url()} to show ${expected}`, async () => {
+    const b = await badgeOf(page, id);
+    if (expected === "unknown" ? b?.state === "unknown" && b.count === null : b?.state === "live" && b.count === expected) {
+      return true;
+    }
+    return b;
+  });
+}
+
+async function badgeRect(page, id) {
+  return page.evaluate((id) => {
+    const b = [...document.querySelectorAll(".link-counter-badge")].find((e) => e.dataset.pageId === id);
+    const r = b.getBoundingClientRect();
+    return { x: r.x, y: r.y, width: r.width, height: r.height };
+  }, id);
+}
+
+// ---------------------------------------------------------------------------
+// The tests
+
+const steps = [];
+function step(name, fn) {
+  steps.push({ name, fn });
+}
+
+/** Every open page, for screenshots on failure. */
+const openPages = new Set();
+const consoleLines = [];
+
+async function openTab(context, url) {
+  const page = await context.newPage();
+  openPages.add(page);
+  page.on("close", () => openPages.delete(page));
+  page.on("console", (m) => consoleLines.push(`[${page.url()}] ${m.type()}: ${m.text()}`));
+  page.on("pageerror", (e) => consoleLines.push(`[${page.url()}] pageerror: ${e.message}`));
+  const sockets = [];
+  page.on("websocket", (ws) => sockets.push(ws.url()));
+  page.sockets = sockets;
+  await page.goto(url);
+  return page;
+}
+
+function defineSteps(svc, browser, siteAddr) {
+  const base = () => `http://${svc.addr}`;
+
+  step("demo: / redirects to /pages/a; badges count viewers; ids are derived from paths", async () => {
+    const context = await browser.newContext();
+    const root = await openTab(context, `${base()}/`);
+    assertEq(new URL(root.url()).pathname, "/pages/a", "/ redirects to");
+    await root.close();
+
+    const b = await openTab(context, `${base()}/pages/b`);
+    const c1 = await openTab(context, `${base()}/pages/c`);
+    await waitBadge(b, ID.c, 1);
+    await waitBadge(b, ID.b, 1); // b links to itself: its own viewer
+    await waitBadge(b, ID.a, 0);
+    assertEq(b.sockets, [`ws://${svc.addr}/parties/page/${encodeURIComponent(ID.b)}`], "page b's WebSocket URL");
+    const label = (await badgeOf(b, ID.c)).label;
+    if (!/1 person viewing now/.test(label)) fail(`accessible label: ${label}`);
+    assertEq(await svc.counts([ID.b, ID.c]), { [ID.b]: 1, [ID.c]: 1 }, "API counts of the derived ids");
+
+    // The demo's placeholders have the badges' final box before any script runs.
+    const noJs = await browser.newContext({ javaScriptEnabled: false });
+    const bare = await openTab(noJs, `${base()}/pages/b`);
+    const boxOf = (page) =>
+      page.evaluate(() => {
+        const r = document.querySelector('a[href="/pages/c"] + .link-counter-badge').getBoundingClientRect();
+        return { x: r.x, y: r.y, width: r.width, height: r.height };
+      });
+    assertEq(await boxOf(bare), await boxOf(b), "badge box without the script vs live (no layout shift)");
+    await noJs.close();
+
+    const c2 = await openTab(context, `${base()}/pages/c`);
+    await waitBadge(b, ID.c, 2);
+    await waitBadge(c2, ID.b, 1);
+    await c1.close();
+    await c2.close();
+    await waitBadge(b, ID.c, 0);
+    await context.close();
+  });
+
+  step("restart: badges go unknown while the server is down, then come back without a reload", async () => {
+    const context = await browser.newContext();
+    const b = await openTab(context, `${base()}/pages/b`);
+    const c = await openTab(context, `${base()}/pages/c`);
+    await waitBadge(b, ID.c, 1);
+    await waitBadge(b, ID.b, 1);
+    const liveRect = await badgeRect(b, ID.c);
+    await b.evaluate(() => {
+      window.__notReloaded = true;
+    });
+    const port = svc.addr.split(":").pop();
+
+    await svc.stop();
+    for (const id of [ID.a, ID.b, ID.c]) await waitBadge(b, id, "unknown");
+    const t = await badgeOf(b, ID.c);
+    if (/\d/.test(t.text)) fail(`unknown badge shows a number: ${JSON.stringify(t)}`);
+    assertEq(await badgeRect(b, ID.c), liveRect, "badge box while unknown (no layout shift)");
+
+    await svc.start(`127.0.0.1:${port}`);
+    await waitBadge(b, ID.c, 1);
+    await waitBadge(b, ID.b, 1);
+    await waitBadge(b, ID.a, 0);
+    await waitBadge(c, ID.b, 1);
+    assertEq(await b.evaluate(() => window.__notReloaded === true), true, "page b was not reloaded");
+    assertEq(await badgeRect(b, ID.c), liveRect, "badge box when live again");
+    await context.close();
+  });
+
+  step("embed on another site: same-site links only, path rule, overrides, runtime link changes", async () => {
+    const context = await browser.newContext();
+    const site = await openTab(context, `http://${siteAddr}/site/index.html`);
+    const intro = "%2Fdocs%2Fintro";
+    const cafe = "%2Fcaf%C3%A9%2F";
+    await waitBadge(site, intro, 0);
+    await waitBadge(site, cafe, 0);
+    await waitBadge(site, "pricing", 0);
+    const ids = await site.evaluate(() =>
+      [...document.querySelectorAll(".link-counter-badge")].map((b) => [b.previousElementSibling.id, b.dataset.pageId]),
+    );
+    assertEq(
+      ids,
+      [
+        ["intro", intro],
+        ["cafe", cafe],
+        ["upper", cafe],
+        ["fixed", "pricing"],
+      ],
+      "links with badges (no external link) and their ids",
+    );
+    assertEq(await svc.counts(["site-home"]), { "site-home": 1 }, "data-page sets the page's own id");
+
+    const v1 = await viewer(svc.addr, cafe);
+    await waitBadge(site, cafe, 1);
+
+    // A link added at runtime is followed on the same connection.
+    await site.evaluate(() => {
+      document.getElementById("more").innerHTML = '<a id="added" href="/added" data-page-id="added-later">Added</a>';
+    });
+    await waitBadge(site, "added-later", 0);
+    const v2 = await viewer(svc.addr, "added-later");
+    await waitBadge(site, "added-later", 1);
+    // Editing a link's target follows the new page.
+    await site.evaluate(() => {
+      document.getElementById("added").dataset.pageId = "renamed";
+    });
+    await waitBadge(site, "renamed", 0);
+    // Removing a link removes its badge.
+    await site.evaluate(() => document.getElementById("intro").remove());
+    await eventually("the removed link's badge to go", async () => (await badgeOf(site, intro)) === null || "still there");
+    assertEq(site.sockets.length, 1, "WebSockets opened by the page (link changes must not reconnect)");
+    assertEq(site.sockets[0], `ws://${svc.addr}/parties/page/site-home`, "the site's WebSocket URL");
+    v1.close();
+    v2.close();
+    await waitBadge(site, cafe, 0);
+
+    // With links marked data-link-counter, only those get a badge; without
+    // data-page, the page's own id is derived from its path.
+    const marked = await openTab(context, `http://${siteAddr}/site/marked.html`);
+    await waitBadge(marked, "%2Fblog%2Fpost-1", 0);
+    const badged = await marked.evaluate(() =>
+      [...document.querySelectorAll(".link-counter-badge")].map((b) => b.previousElementSibling.id),
+    );
+    assertEq(badged, ["marked"], "links with badges when some are marked");
+    assertEq(await svc.counts(["%2Fsite%2Fmarked.html"]), { "%2Fsite%2Fmarked.html": 1 }, "derived own id");
+    await context.close();
+  });
+
+  step("PartySocket (unmodified, party \"page\") gets the same counts as our client", async () => {
+    const room = encodeURIComponent(ID.d); // PartySocket puts the room in the path as given
+    const shown = new Map();
+    const ps = new PartySocket({ host: svc.addr, party: "page", room, WebSocket });
+    ps.addEventListener("open", () => ps.send(JSON.stringify({ type: "subscribe", links: [ID.b, ID.c, ID.d] })));
+    ps.addEventListener("message", (e) => {
+      const msg = JSON.parse(e.data);
+      if (msg.type === "update") for (const [k, v] of Object.entries(msg.connections)) shown.set(k, v);
+    });
+    try {
+      await eventually("PartySocket to open", () => ps.readyState === 1 || ps.readyState);
+      const url = new URL(ps.url);
+      assertEq(url.pathname, `/parties/page/${encodeURIComponent(ID.d)}`, "PartySocket URL path");
+      if (!url.searchParams.get("_pk")) fail(`PartySocket URL has no _pk: ${ps.url}`);
+
+      const context = await browser.newContext();
+      const a = await openTab(context, `${base()}/pages/a`); // links to b, c, d
+      const same = async (expected) => {
+        await eventually(`both clients to show ${JSON.stringify(expected)}`, async () => {
+          const ours = {};
+          for (const k of Object.keys(expected)) ours[k] = (await badgeOf(a, k))?.count ?? null;
+          const theirs = Object.fromEntries(Object.keys(expected).map((k) => [k, shown.get(k) ?? null]));
+          const ok = JSON.stringify(ours) === JSON.stringify(expected) && JSON.stringify(theirs) === JSON.stringify(expected);
+          return ok || { ours, partysocket: theirs };
+        });
+      };
+      await same({ [ID.b]: 0, [ID.c]: 0, [ID.d]: 1 }); // the PartySocket views d
+      const c = await openTab(context, `${base()}/pages/c`);
+      await same({ [ID.b]: 0, [ID.c]: 1, [ID.d]: 1 });
+      const b = await openTab(context, `${base()}/pages/b`);
+      await same({ [ID.b]: 1, [ID.c]: 1, [ID.d]: 1 });
+      await c.close();
+      await same({ [ID.b]: 1, [ID.c]: 0, [ID.d]: 1 });
+      const d = await openTab(context, `${base()}/pages/d`);
+      await same({ [ID.b]: 1, [ID.c]: 0, [ID.d]: 2 });
+      await b.close();
+      await d.close();
+      await same({ [ID.b]: 0, [ID.c]: 0, [ID.d]: 1 });
+      await context.close();
+    } finally {
+      ps.close();
+    }
+  });
+
+  if (DEMO_SCREENSHOT) {
+    step(`screenshot of the demo for the docs (${DEMO_SCREENSHOT})`, async () => {
+      const context = await browser.newContext({ viewport: { width: 760, height: 560 }, deviceScaleFactor: 1 });
+      const a = await openTab(context, `${base()}/pages/a`);
+      const others = [];
+      for (const p of ["b", "c", "c", "c"]) others.push(await openTab(context, `${base()}/pages/${p}`));
+      await waitBadge(a, ID.b, 1);
+      await waitBadge(a, ID.c, 3);
+      await waitBadge(a, ID.d, 0);
+      await a.bringToFront();
+      await a.screenshot({ path: DEMO_SCREENSHOT });
+      await context.close();
+    });
+  }
+}
+
+async function screenshotAll(stepName) {
+  const files = [];
+  let n = 0;
+  for (const page of openPages) {
+    const file = path.join(ARTIFACTS, `failure-${stepName.replace(/[^a-z0-9]+/gi, "-").slice(0, 40)}-${n++}.png`);
+    try {
+      await page.screenshot({ path: file, fullPage: true, timeout: 10_000 });
+      files.push(`${file} (${page.url()})`);
+    } catch (e) {
+      files.push(`(no screenshot of ${page.url()}: ${e.message})`);
+    }
+  }
+  return files;
+}
+
+async function main() {
+  if (!BIN) fail("set LINK_COUNTER_BIN to the link-counter binary");
+  if (!fs.existsSync(CHROMIUM)) fail(`${CHROMIUM} is missing: run apt-get install -y chromium`);
+  fs.mkdirSync(ARTIFACTS, { recursive: true });
+
+  const started = Date.now();
+  await runUnitTests();
+  console.log("ok   link-counter.js unit tests (fake WebSocket)");
+
+  const svc = new Service(BIN);
+  let browser;
+  let site;
+  let failed = 0;
+  try {
+    await svc.start();
+    site = await startSite(svc.addr);
+    const siteAddr = `127.0.0.1:${site.address().port}`;
+    browser = await chromium.launch({ executablePath: CHROMIUM, headless: true, args: LAUNCH_ARGS });
+    defineSteps(svc, browser, siteAddr);
+    for (const { name, fn } of steps) {
+      const t0 = Date.now();
+      try {
+        await fn();
+        console.log(`ok   ${name} (${Date.now() - t0} ms)`);
+      } catch (e) {
+        failed++;
+        console.log(`FAIL ${name}\n     ${e.stack}`);
+        for (const f of await screenshotAll(name)) console.log(`     screenshot: ${f}`);
+        console.log(`     browser console:\n${consoleLines.map((l) => `       ${l}`).join("\n")}`);
+        console.log(`     server log:\n${svc.log.join("")}`);
+        for (const page of [...openPages]) await page.close().catch(() => {});
+        if (!svc.proc) await svc.start(`127.0.0.1:${svc.addr.split(":").pop()}`);
+      }
+    }
+  } finally {
+    await browser?.close();
+    site?.close();
+    await svc.stop().catch((e) => console.log(`stop: ${e.message}`));
+    svc.cleanup();
+  }
+  console.log(`${failed ? "FAILED" : "passed"}: ${steps.length - failed}/${steps.length} browser steps in ${Date.now() - started} ms`);
+  if (failed) process.exit(1);
+}
+
+main().catch((e) => {
+  console.error(e.stack);
+  process.exit(1);
+});

@@ -1,0 +1,549 @@
+// link-counter.js: live counts of the people viewing the pages a page links to.
+//
+// An ES module with no dependencies and no build step, served by link-counter
+// at /link-counter.js. Two ways to use it (see docs/embed.md):
+//
+// 1. Drop-in embed: <script type="module" src="https://HOST/link-counter.js"></script>
+//    finds the page's links, connects, and renders a live badge next to each.
+// 2. Library: import { LinkCounter, pageIdFromUrl } from "https://HOST/link-counter.js"
+//    (importing it from another module does not start the embed).
+//
+// Wire protocol (PartyKit link-counter compatible): a WebSocket to
+// /parties/page/{encodeURIComponent(page id)}, a `subscribe` with the linked
+// ids on every (re)connect, `update` messages applied as "set these ids".
+
+export const VERSION = "0.1.0";
+
+/** Most ids the server accepts in one subscribe (`max_links_per_subscribe`). */
+export const MAX_LINKS = 256;
+
+/** Longest page id, in UTF-8 bytes. */
+const MAX_ID_BYTES = 256;
+
+/** Close codes of the protocol that change what the client does. */
+const CLOSE_GOING_AWAY = 1001; // server restarting: reconnect soon
+const CLOSE_POLICY = 1008; // refused by policy: stop, retrying cannot help
+
+/** Reconnection defaults (milliseconds). */
+export const DEFAULT_BACKOFF = Object.freeze({
+  /** Ceiling of the first retry's delay; doubles per failed attempt. */
+  base: 1000,
+  /** Largest ceiling. */
+  cap: 30000,
+  /** A connection open this long resets the attempt counter. */
+  stableAfter: 10000,
+});
+
+/**
+ * Why `id` cannot be a page id, or null if it can: 1 to 256 UTF-8 bytes,
+ * no control characters, no "/".
+ */
+export function pageIdProblem(id) {
+  if (typeof id !== "string" || id.length === 0) return "is empty";
+  if (new TextEncoder().encode(id).length > MAX_ID_BYTES) return `is longer than ${MAX_ID_BYTES} bytes`;
+  if (id.includes("/")) return 'contains "/"';
+  // eslint-disable-next-line no-control-regex
+  if (/[\u0000-\u001f\u007f-\u009f]/.test(id)) return "contains a control character";
+  return null;
+}
+
+/**
+ * The page id of a URL: its path (no query, no fragment), percent-decoded,
+ * then percent-encoded as one segment with encodeURIComponent, so "/" becomes
+ * "%2F": "/pages/b?x#y" -> "%2Fpages%2Fb", "/café/" -> "%2Fcaf%C3%A9%2F".
+ * Decoding first makes "/caf%C3%A9", "/caf%c3%a9" and "/café" one page.
+ * Returns null when the result is not a valid page id (longer than 256 bytes).
+ */
+export function pageIdFromUrl(url, base = globalThis.location?.href) {
+  const path = new URL(url, base).pathname;
+  let decoded = path;
+  try {
+    decoded = decodeURIComponent(path);
+  } catch {
+    // Not valid percent-encoding ("/100%"): use the path as it is.
+  }
+  const id = encodeURIComponent(decoded);
+  return pageIdProblem(id) ? null : id;
+}
+
+/** The WebSocket URL of page `id` on `host` ("https://h" or "h:port"). */
+export function roomUrl(host, id) {
+  const url = new URL(/^[a-z]+:\/\//i.test(host) ? host : `https://${host}`);
+  const scheme = url.protocol === "http:" || url.protocol === "ws:" ? "ws:" : "wss:";
+  return `${scheme}//${url.host}/parties/page/${encodeURIComponent(id)}`;
+}
+
+/**
+ * One live connection for one page: it counts as a viewer of `page` and
+ * keeps the counts of `links` current.
+ *
+ * Counts are `number` when live and `null` when unknown: before the first
+ * update after a (re)connect, and whenever the connection is down. A stale
+ * number is never presented as live.
+ */
+export class LinkCounter {
+  /**
+   * @param {object} options
+   * @param {string} options.host   service origin, e.g. "https://counts.example.com"
+   * @param {string} options.page   this page's id
+   * @param {string[]} [options.links]  ids whose counts to follow
+   * @param {(counts: Map<string, number|null>, info: {connected: boolean, changed: string[]}) => void} [options.onUpdate]
+   * @param {{base?: number, cap?: number, stableAfter?: number}} [options.backoff]
+   * @param {typeof WebSocket} [options.WebSocket]  a WebSocket implementation (default: the global one)
+   * @param {Console} [options.logger]
+   */
+  constructor({ host, page, links = [], onUpdate = null, backoff = {}, WebSocket: WS, logger = console }) {
+    const problem = pageIdProblem(page);
+    if (problem) throw new Error(`link-counter: page id ${JSON.stringify(page)} ${problem}`);
+    this.page = page;
+    this.url = roomUrl(host, page);
+    this.onUpdate = onUpdate;
+    this._backoff = { ...DEFAULT_BACKOFF, ...backoff };
+    this._WS = WS ?? globalThis.WebSocket;
+    this._log = logger;
+    this._links = [];
+    this._counts = new Map();
+    this._ws = null;
+    this._state = "idle";
+    this._attempt = 0;
+    this._retryTimer = null;
+    this._stableTimer = null;
+    this._onOnline = () => {
+      // The network is back: do not wait out a long backoff.
+      if (this._state === "waiting") this._schedule(this._backoff.base);
+    };
+    globalThis.addEventListener?.("online", this._onOnline);
+    this._setLinks(links, false);
+    this._connect();
+  }
+
+  /** "connecting", "open", "waiting" (to reconnect) or "stopped". */
+  get state() {
+    return this._state;
+  }
+
+  /** True while the connection is open. */
+  get connected() {
+    return this._state === "open";
+  }
+
+  /** The followed ids, in order. */
+  get links() {
+    return [...this._links];
+  }
+
+  /** A copy of the counts: id -> number, or null when unknown. */
+  get counts() {
+    return new Map(this._counts);
+  }
+
+  /** The count of `id`: a number, or null when unknown or not followed. */
+  get(id) {
+    return this._counts.get(id) ?? null;
+  }
+
+  /**
+   * Follows another set of ids on the same connection (a new `subscribe`).
+   * Ids that stay keep their counts; new ones are unknown until the server's
+   * answer, which comes right after the subscribe.
+   */
+  setLinks(ids) {
+    this._setLinks(ids, true);
+  }
+
+  /** Closes the connection for good. */
+  close() {
+    this._stop();
+    globalThis.removeEventListener?.("online", this._onOnline);
+  }
+
+  _setLinks(ids, send) {
+    const unique = [];
+    const seen = new Set();
+    for (const id of ids) {
+      if (seen.has(id)) continue;
+      const problem = pageIdProblem(id);
+      if (problem) {
+        this._log.warn(`link-counter: ignoring link id ${JSON.stringify(id)}: it ${problem}`);
+        continue;
+      }
+      if (unique.length === MAX_LINKS) {
+        this._log.warn(`link-counter: following only the first ${MAX_LINKS} linked pages`);
+        break;
+      }
+      seen.add(id);
+      unique.push(id);
+    }
+    const changed = [];
+    for (const id of this._counts.keys()) {
+      if (!seen.has(id)) {
+        this._counts.delete(id);
+        changed.push(id);
+      }
+    }
+    for (const id of unique) {
+      if (!this._counts.has(id)) {
+        this._counts.set(id, null);
+        changed.push(id);
+      }
+    }
+    this._links = unique;
+    if (send && this._state === "open") this._subscribe();
+    if (changed.length) this._emit(changed);
+  }
+
+  _subscribe() {
+    this._ws.send(JSON.stringify({ type: "subscribe", links: this._links }));
+  }
+
+  _emit(changed) {
+    if (!this.onUpdate) return;
+    try {
+      this.onUpdate(this.counts, { connected: this.connected, changed });
+    } catch (e) {
+      this._log.error("link-counter: onUpdate threw", e);
+    }
+  }
+
+  _connect() {
+    this._retryTimer = null;
+    this._state = "connecting";
+    let ws;
+    try {
+      ws = new this._WS(this.url);
+    } catch (e) {
+      this._log.error(`link-counter: cannot open ${this.url}`, e);
+      this._state = "stopped";
+      return;
+    }
+    this._ws = ws;
+    ws.onopen = () => {
+      if (this._ws !== ws) return;
+      this._state = "open";
+      this._stableTimer = setTimeout(() => {
+        this._attempt = 0;
+      }, this._backoff.stableAfter);
+      // On every (re)connect: the server forgets a connection's links with it.
+      this._subscribe();
+    };
+    ws.onmessage = (event) => {
+      if (this._ws !== ws) return;
+      this._message(event.data);
+    };
+    ws.onclose = (event) => {
+      if (this._ws !== ws) return;
+      this._closed(event.code, event.reason);
+    };
+    // An error is always followed by close; nothing to do here.
+    ws.onerror = () => {};
+  }
+
+  _message(data) {
+    let msg;
+    try {
+      msg = JSON.parse(data);
+    } catch {
+      this._log.warn("link-counter: ignoring a message that is not JSON");
+      return;
+    }
+    if (msg?.type === "update" && msg.connections && typeof msg.connections === "object") {
+      const changed = [];
+      for (const [id, n] of Object.entries(msg.connections)) {
+        // Only ids still followed: an update may cross a new subscribe.
+        if (this._counts.has(id) && Number.isInteger(n) && n >= 0 && this._counts.get(id) !== n) {
+          this._counts.set(id, n);
+          changed.push(id);
+        }
+      }
+      if (changed.length) this._emit(changed);
+    } else if (msg?.type === "error") {
+      this._log.warn(`link-counter: server refused a request: ${msg.code}: ${msg.message}`);
+    }
+  }
+
+  _closed(code, reason) {
+    clearTimeout(this._stableTimer);
+    this._ws = null;
+    this._state = code === CLOSE_POLICY ? "stopped" : "waiting";
+    this._forget();
+    if (code === CLOSE_POLICY) {
+      this._log.error(
+        `link-counter: the server refused this page (close 1008${reason ? `: ${reason}` : ""}); not reconnecting`,
+      );
+      return;
+    }
+    if (code === CLOSE_GOING_AWAY) this._attempt = 0; // a restart: come back soon
+    // Full jitter: uniform in [0, min(cap, base * 2^attempt)), so thousands
+    // of tabs that lost the same server do not come back in step.
+    const ceiling = Math.min(this._backoff.cap, this._backoff.base * 2 ** this._attempt);
+    this._attempt = Math.min(this._attempt + 1, 30);
+    this._schedule(ceiling);
+  }
+
+  _schedule(ceiling) {
+    clearTimeout(this._retryTimer);
+    this._state = "waiting";
+    this._retryTimer = setTimeout(() => this._connect(), Math.random() * ceiling);
+  }
+
+  /** Marks every count unknown (the connection that kept them live is gone). */
+  _forget() {
+    const changed = [];
+    for (const [id, n] of this._counts) {
+      if (n !== null) {
+        this._counts.set(id, null);
+        changed.push(id);
+      }
+    }
+    if (changed.length) this._emit(changed);
+  }
+
+  _stop() {
+    this._state = "stopped";
+    clearTimeout(this._retryTimer);
+    clearTimeout(this._stableTimer);
+    const ws = this._ws;
+    this._ws = null;
+    if (ws) ws.close(1000);
+    this._forget();
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Drop-in embed
+
+const BADGE_CLASS = "link-counter-badge";
+const STYLE_ID = "link-counter-style";
+
+/** Default badge styles: zero specificity (`:where`), so any site rule wins. */
+const STYLES = `
+:where(.${BADGE_CLASS}) {
+  display: inline-block;
+  box-sizing: border-box;
+  min-width: var(--link-counter-min-width, 2.4em);
+  margin-inline-start: var(--link-counter-gap, 0.5em);
+  padding: var(--link-counter-padding, 0 0.5em);
+  border-radius: var(--link-counter-radius, 999px);
+  background: var(--link-counter-bg, #2563eb);
+  color: var(--link-counter-color, #fff);
+  font-family: var(--link-counter-font-family, system-ui, sans-serif);
+  font-size: var(--link-counter-font-size, 0.8em);
+  font-weight: var(--link-counter-font-weight, 600);
+  line-height: 1.6;
+  font-variant-numeric: tabular-nums;
+  text-align: center;
+  vertical-align: baseline;
+  white-space: nowrap;
+  transition: background-color 0.2s, color 0.2s;
+}
+:where(.${BADGE_CLASS}[data-state="unknown"]) {
+  background: var(--link-counter-unknown-bg, #d1d5db);
+  color: var(--link-counter-unknown-color, #374151);
+}
+.${BADGE_CLASS} > .link-counter-sr {
+  position: absolute;
+  width: 1px;
+  height: 1px;
+  overflow: hidden;
+  clip-path: inset(50%);
+  white-space: nowrap;
+}
+`;
+
+/** Default badge texts. */
+export const DEFAULT_LABELS = Object.freeze({
+  /** What the badge shows while the count is unknown. */
+  unknownText: "–",
+  /** Screen-reader and tooltip text while unknown. */
+  unknown: () => "live count unavailable",
+  /** Screen-reader and tooltip text for a live count. */
+  live: (n) => `${n} ${n === 1 ? "person" : "people"} viewing now`,
+});
+
+function injectStyles(doc) {
+  if (doc.getElementById(STYLE_ID)) return;
+  const style = doc.createElement("style");
+  style.id = STYLE_ID;
+  style.textContent = STYLES;
+  // First in <head>, so the site's own rules come later and win.
+  doc.head.prepend(style);
+}
+
+function renderBadge(badge, count, labels) {
+  const live = typeof count === "number";
+  const state = live ? "live" : "unknown";
+  const text = live ? String(count) : labels.unknownText;
+  const label = live ? labels.live(count) : labels.unknown();
+  if (badge.dataset.state === state && badge.dataset.count === (live ? text : undefined) && badge.title === label) {
+    return; // unchanged: no DOM writes
+  }
+  badge.dataset.state = state;
+  if (live) badge.dataset.count = text;
+  else delete badge.dataset.count;
+  badge.title = label;
+  const shown = badge.ownerDocument.createElement("span");
+  shown.setAttribute("aria-hidden", "true");
+  shown.textContent = text;
+  const sr = badge.ownerDocument.createElement("span");
+  sr.className = "link-counter-sr";
+  sr.textContent = ` (${label})`;
+  badge.replaceChildren(shown, sr);
+}
+
+/**
+ * Starts the embed on `doc`: picks the links, follows their pages and keeps
+ * a badge next to each. Re-scans when the DOM changes (links added, removed
+ * or edited) and re-subscribes on the same connection when the set changes.
+ *
+ * @param {object} [options]
+ * @param {string} [options.host]  service origin (default: where this module was loaded from)
+ * @param {string} [options.page]  this page's id (default: derived from location)
+ * @param {"auto"|"all"|"marked"} [options.links]  which links get a badge
+ * @returns {{counter: LinkCounter|null, rescan: () => void, stop: () => void}}
+ */
+export function embed(options = {}) {
+  const doc = options.document ?? document;
+  const win = doc.defaultView ?? globalThis;
+  const log = options.logger ?? console;
+  const labels = { ...DEFAULT_LABELS, ...(options.labels ?? {}) };
+  const mode = options.links ?? "auto";
+  const host = options.host ?? new URL(import.meta.url).origin;
+  const page = options.page ?? pageIdFromUrl(win.location.href);
+  const badges = new Map(); // link element -> badge element
+
+  injectStyles(doc);
+
+  let counter = null;
+  const problem = pageIdProblem(page);
+  if (problem) {
+    log.error(`link-counter: this page's id ${JSON.stringify(page)} ${problem}; set data-page on the script tag`);
+  } else {
+    counter = new LinkCounter({
+      host,
+      page,
+      backoff: options.backoff,
+      WebSocket: options.WebSocket,
+      logger: log,
+      onUpdate: () => renderAll(),
+    });
+  }
+
+  function linkId(a) {
+    if (a.dataset.pageId !== undefined) return pageIdProblem(a.dataset.pageId) ? null : a.dataset.pageId;
+    let url;
+    try {
+      url = new URL(a.href, win.location.href);
+    } catch {
+      return null;
+    }
+    if (url.origin !== win.location.origin) return null; // same site only
+    return pageIdFromUrl(url.href);
+  }
+
+  function chosenLinks() {
+    const all = [...doc.querySelectorAll("a[href]")].filter(
+      (a) => a.dataset.linkCounter !== "off" && !a.closest(`.${BADGE_CLASS}`),
+    );
+    const marked = all.filter((a) => a.dataset.linkCounter !== undefined);
+    const useMarked = mode === "marked" || (mode === "auto" && marked.length > 0);
+    return useMarked ? marked : all;
+  }
+
+  function renderAll() {
+    for (const [a, badge] of badges) {
+      renderBadge(badge, counter ? counter.get(badge.dataset.pageId) : null, labels);
+    }
+  }
+
+  function rescan() {
+    const seen = new Set();
+    const ids = [];
+    for (const a of chosenLinks()) {
+      const id = linkId(a);
+      if (id === null) continue;
+      seen.add(a);
+      ids.push(id);
+      let badge = badges.get(a);
+      if (!badge) {
+        // Reuse a placeholder rendered by the site (no insertion, no shift).
+        const next = a.nextElementSibling;
+        badge = next?.classList.contains(BADGE_CLASS) && !next.dataset.pageId ? next : doc.createElement("span");
+        badge.classList.add(BADGE_CLASS);
+        badges.set(a, badge);
+      }
+      if (a.nextElementSibling !== badge) a.after(badge);
+      badge.dataset.pageId = id;
+    }
+    for (const [a, badge] of badges) {
+      if (!seen.has(a)) {
+        badge.remove();
+        badges.delete(a);
+      }
+    }
+    if (counter) {
+      const unique = [...new Set(ids)];
+      const current = counter.links;
+      if (unique.length !== current.length || unique.some((id, i) => id !== current[i])) {
+        counter.setLinks(unique);
+      }
+    }
+    renderAll();
+  }
+
+  // The observer already batches a burst of DOM changes into one call; our
+  // own badge changes are ignored, so a rescan does not trigger another.
+  const observer = new win.MutationObserver((records) => {
+    const relevant = records.some((r) => {
+      const node = r.target.nodeType === 1 ? r.target : r.target.parentElement;
+      if (node?.closest?.(`.${BADGE_CLASS}`)) return false;
+      if (r.type === "childList") {
+        const nodes = [...r.addedNodes, ...r.removedNodes];
+        return nodes.some((n) => !(n.nodeType === 1 && n.classList.contains(BADGE_CLASS)));
+      }
+      return true;
+    });
+    if (relevant) rescan();
+  });
+  observer.observe(doc.documentElement, {
+    subtree: true,
+    childList: true,
+    attributes: true,
+    attributeFilter: ["href", "data-page-id", "data-link-counter"],
+  });
+
+  rescan();
+  return {
+    counter,
+    rescan,
+    stop() {
+      observer.disconnect();
+      counter?.close();
+      for (const badge of badges.values()) badge.remove();
+      badges.clear();
+    },
+  };
+}
+
+/** The <script> element that loaded this module, if any. */
+function ownScript() {
+  if (typeof document === "undefined") return null;
+  for (const s of document.querySelectorAll("script[src]")) {
+    if (s.src === import.meta.url) return s;
+  }
+  return null;
+}
+
+// Loaded by a script tag (not imported): start the embed, configured by the
+// tag's data attributes.
+const script = ownScript();
+if (script && script.dataset.embed !== "off") {
+  const start = () => {
+    window.linkCounter = embed({
+      page: script.dataset.page || undefined,
+      host: script.dataset.host || undefined,
+      links: script.dataset.links || undefined,
+    });
+  };
+  if (document.readyState === "loading") document.addEventListener("DOMContentLoaded", start, { once: true });
+  else start();
+}

@@ -138,6 +138,10 @@ struct PageEntry {
     count: u64,
     /// The value last published to subscribers.
     published: u64,
+    /// A subscriber was answered with a value other than `published` since
+    /// the last publish, so the next change must go out even if it returns
+    /// to `published` (1 -> 0 -> 1 within one tick).
+    told_other: bool,
     /// Rooms (by uid) that follow this page.
     subscribers: HashSet<u64>,
     /// Persistent stats.
@@ -211,6 +215,7 @@ impl Counter {
         self.pages.entry(page.clone()).or_insert_with(|| PageEntry {
             count: 0,
             published: 0,
+            told_other: false,
             subscribers: HashSet::new(),
             stats: storage.load_stats(page).ok().flatten().unwrap_or_default(),
             dirty: false,
@@ -269,6 +274,20 @@ impl Counter {
             .collect()
     }
 
+    /// Current counts for a new follower; remembers when it was told a
+    /// value that the other followers have not been told yet.
+    fn answer(&mut self, links: &[PageId]) -> Vec<(PageId, u64)> {
+        for l in links {
+            if let Some(e) = self.pages.get_mut(l) {
+                if e.count != e.published {
+                    e.told_other = true;
+                    self.changed.insert(l.clone());
+                }
+            }
+        }
+        self.counts_of(links)
+    }
+
     /// Publishes every changed count: one message per subscriber room.
     fn publish(&mut self) {
         if self.resync.is_some() || self.changed.is_empty() {
@@ -279,10 +298,11 @@ impl Counter {
             let Some(e) = self.pages.get_mut(&page) else {
                 continue;
             };
-            if e.count == e.published {
+            if e.count == e.published && !e.told_other {
                 continue;
             }
             e.published = e.count;
+            e.told_other = false;
             for room in &e.subscribers {
                 outbox
                     .entry(*room)
@@ -480,6 +500,7 @@ impl Supervised for Counter {
                 PageEntry {
                     count: 0,
                     published: 0,
+                    told_other: false,
                     subscribers: HashSet::new(),
                     stats,
                     dirty,
@@ -532,7 +553,7 @@ impl Handler<Subscribe> for Counter {
             r.deferred.push((msg.addr, accepted, refused));
             return;
         }
-        let counts = self.counts_of(&accepted);
+        let counts = self.answer(&accepted);
         msg.addr.do_send(Subscribed { counts, refused });
     }
 }

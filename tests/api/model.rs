@@ -172,8 +172,11 @@ impl Model<'_> {
             while want.iter().any(|(k, v)| c.shown.get(k) != Some(v)) {
                 let msg = tokio::time::timeout_at(deadline, rx.recv()).await;
                 let Ok(Some(Outbound::Text(text))) = msg else {
+                    let ids: Vec<&str> = names.iter().map(|n| &**n).collect();
+                    let q = format!("/api/v1/counts?ids={}", ids.join(","));
+                    let server = crate::helpers::http_get(self.app.addr, &q).await.1;
                     return Err(format!(
-                        "conn {} on {} shows {:?}, truth {:?}",
+                        "conn {} on {} shows {:?}, truth {:?}; the server counts {server}",
                         c.id, names[c.page], c.shown, want
                     ));
                 };
@@ -206,8 +209,13 @@ fn subscribers_converge_to_true_counts() {
         .enable_all()
         .build()
         .expect("runtime");
+    // PROPTEST_CASES raises the number of cases for a longer hunt.
+    let cases: u32 = std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(64);
     let mut runner = TestRunner::new(ProptestConfig {
-        cases: 24,
+        cases,
         ..ProptestConfig::default()
     });
     let case = AtomicU64::new(0);
@@ -238,4 +246,8 @@ fn subscribers_converge_to_true_counts() {
     if let Err(e) = result {
         panic!("{e}");
     }
+    assert!(
+        case.load(Ordering::Relaxed) >= u64::from(cases),
+        "every case ran"
+    );
 }

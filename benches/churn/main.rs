@@ -34,7 +34,7 @@ impl Scale {
         if self.smoke {
             0.5
         } else {
-            8.0
+            4.0
         }
     }
     fn warmup(self) -> Duration {
@@ -74,6 +74,7 @@ fn main() {
     // The load generator: a 2-thread runtime, as many cores as the machine has.
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
+        .thread_name("lc-bench-client")
         .enable_all()
         .build()
         .expect("client runtime");
@@ -176,9 +177,17 @@ async fn churn_run(
     }
 }
 
-fn print_churn(target: &str, c: usize, leave: Leave, r: &ChurnResult, ceiling: Option<f64>) {
+fn print_churn(
+    target: &str,
+    c: usize,
+    leave: Leave,
+    round: usize,
+    r: &ChurnResult,
+    ceiling: Option<f64>,
+) {
     let mut line = Line::new("churn")
         .s("target", target)
+        .s("round", round)
         .s("c", c)
         .s("leave", leave.name())
         .f("secs", r.secs)
@@ -197,32 +206,86 @@ fn print_churn(target: &str, c: usize, leave: Leave, r: &ChurnResult, ceiling: O
 }
 
 /// Churn against the service and against the bare ceiling, interleaved in
-/// one run so both see the same machine.
+/// one run so both see the same machine: `rounds` rounds of (ceiling,
+/// service with close handshake, service with dropped TCP) per concurrency;
+/// each service run is compared with the ceiling run just before it, and the
+/// summary line gives the median ratio over the rounds.
 fn churn(rt: &tokio::runtime::Runtime, scale: Scale) {
-    let concurrencies: &[usize] = &[50, 500];
-    for &c in concurrencies {
-        let ceiling = Ceiling::start();
-        let r_ceil = rt.block_on(churn_run(
-            ceiling.addr,
-            c,
-            Leave::Close,
-            scale.warmup(),
-            scale.churn_secs(),
-        ));
-        drop(ceiling);
-        print_churn("ceiling", c, Leave::Close, &r_ceil, None);
-        for leave in [Leave::Close, Leave::Drop] {
-            let service = InProcess::start(&[]);
-            let r = rt.block_on(churn_run(
-                service.addr,
+    let rounds = if scale.smoke { 1 } else { 3 };
+    // `LC_BENCH_CONCURRENCY=50,500` (the default) picks the concurrencies.
+    let concurrencies: Vec<usize> = std::env::var("LC_BENCH_CONCURRENCY")
+        .ok()
+        .map(|v| v.split(',').filter_map(|c| c.trim().parse().ok()).collect())
+        .unwrap_or_else(|| vec![50, 500]);
+    // (c, leave) -> (service rates, ratios, p50s, p99s, errors)
+    type Acc = (Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>, u64);
+    let mut acc: Vec<((usize, Leave), Acc)> = Vec::new();
+    let mut ceilings: Vec<(usize, f64)> = Vec::new();
+    for round in 0..rounds {
+        for &c in &concurrencies {
+            let ceiling = Ceiling::start();
+            let r_ceil = rt.block_on(churn_run(
+                ceiling.addr,
                 c,
-                leave,
+                Leave::Close,
                 scale.warmup(),
                 scale.churn_secs(),
             ));
-            drop(service);
-            print_churn("service", c, leave, &r, Some(r_ceil.rate()));
+            drop(ceiling);
+            print_churn("ceiling", c, Leave::Close, round, &r_ceil, None);
+            ceilings.push((c, r_ceil.rate()));
+            for leave in [Leave::Close, Leave::Drop] {
+                let service = InProcess::start(&[]);
+                let r = rt.block_on(churn_run(
+                    service.addr,
+                    c,
+                    leave,
+                    scale.warmup(),
+                    scale.churn_secs(),
+                ));
+                drop(service);
+                print_churn("service", c, leave, round, &r, Some(r_ceil.rate()));
+                let i = match acc.iter().position(|(k, _)| *k == (c, leave)) {
+                    Some(i) => i,
+                    None => {
+                        acc.push(((c, leave), Default::default()));
+                        acc.len() - 1
+                    }
+                };
+                let a = &mut acc[i].1;
+                a.0.push(r.rate());
+                a.1.push(100.0 * r.rate() / r_ceil.rate());
+                a.2.push(r.p50_ms);
+                a.3.push(r.p99_ms);
+                a.4 += r.errors;
+            }
         }
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        pct(v, 50.0)
+    };
+    for ((c, leave), (mut rates, mut ratios, mut p50s, mut p99s, errors)) in acc {
+        let mut ceil: Vec<f64> = ceilings
+            .iter()
+            .filter(|(cc, _)| *cc == c)
+            .map(|(_, r)| *r)
+            .collect();
+        ratios.sort_by(f64::total_cmp);
+        Line::new("churn_summary")
+            .s("c", c)
+            .s("leave", leave.name())
+            .s("rounds", rounds)
+            .f("ceiling_cycles_per_s", median(&mut ceil))
+            .f("service_cycles_per_s", median(&mut rates))
+            .f("pct_of_ceiling", median(&mut ratios))
+            .f("pct_of_ceiling_min", pct(&ratios, 0.0))
+            .f("pct_of_ceiling_max", pct(&ratios, 100.0))
+            .f("p50_ms", median(&mut p50s))
+            .f("p99_ms", median(&mut p99s))
+            .s("errors", errors)
+            .f("target_pct", 70.0)
+            .print();
     }
 }
 
@@ -562,24 +625,34 @@ async fn http_ok(server: SocketAddr) -> bool {
 
 // ----------------------------------------------------------------- fan-out
 
+/// Fan-out at the default 50 ms broadcast interval and at 100 ms (where the
+/// deliveries it demands fit this machine; see BENCHMARKS.md).
 fn fanout(rt: &tokio::runtime::Runtime, scale: Scale, nofile: u64) {
+    for interval_ms in [50u64, 100] {
+        fanout_at(rt, scale, nofile, interval_ms);
+    }
+}
+
+fn fanout_at(rt: &tokio::runtime::Runtime, scale: Scale, nofile: u64, interval_ms: u64) {
     let (rooms, per_room) = if scale.smoke { (20, 5) } else { (1000, 10) };
     let n = rooms * per_room;
-    assert!(
-        (n as u64) + 1000 < nofile,
-        "fan-out needs {n} descriptors per process"
-    );
     let secs_run = if scale.smoke { 1.0 } else { 10.0 };
     let togglers = 8usize;
+    let ramp = if scale.smoke { 40 } else { 1000 };
+    assert!(
+        ((n + ramp) as u64) + 500 < nofile,
+        "fan-out needs {} descriptors per process; RLIMIT_NOFILE is {nofile}",
+        n + ramp + 500
+    );
     let sampled = 100usize.min(n);
-    let service = ChildService::start(&[]);
+    let interval = format!("{interval_ms}ms");
+    let service = ChildService::start(&[("COUNTER__BROADCAST_INTERVAL", &interval)]);
     let server = service.addr;
-    let interval_ms = 50.0;
     rt.block_on(async {
         // Subscribers: `per_room` connections on each of `rooms` pages, all following "hot".
         let deliveries = Arc::new(AtomicU64::new(0));
         let counting = Arc::new(AtomicBool::new(false));
-        let samples: Arc<Mutex<Vec<Vec<Instant>>>> =
+        let samples: Arc<Mutex<Vec<Vec<(Instant, u64)>>>> =
             Arc::new(Mutex::new(vec![Vec::new(); sampled]));
         let sem = Arc::new(tokio::sync::Semaphore::new(64));
         let mut held = Vec::with_capacity(n);
@@ -614,7 +687,10 @@ fn fanout(rt: &tokio::runtime::Runtime, scale: Scale, nofile: u64) {
                     if m.is_text() && counting.load(Ordering::Relaxed) {
                         deliveries.fetch_add(1, Ordering::Relaxed);
                         if i < sampled {
-                            samples.lock().expect("not poisoned")[i].push(Instant::now());
+                            let now = Instant::now();
+                            if let Some(v) = m.to_text().ok().and_then(|t| count_of(t, "hot")) {
+                                samples.lock().expect("not poisoned")[i].push((now, v));
+                            }
                         }
                     }
                 }
@@ -625,69 +701,115 @@ fn fanout(rt: &tokio::runtime::Runtime, scale: Scale, nofile: u64) {
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
 
-        // Togglers: connect to "hot" and close, as fast as the service allows.
-        let events: Arc<Mutex<Vec<Instant>>> = Arc::default();
-        let stop = Arc::new(AtomicBool::new(false));
+        // Togglers: ramps of `ramp` connections to "hot" opened by `togglers`
+        // concurrent clients, then closed, as fast as the service allows.
+        // Ramps make each count value unique over a window much longer than
+        // any lag, so a delivered value identifies the change it reflects.
+        let events: Arc<Mutex<Vec<(Instant, i64)>>> = Arc::default();
         let toggle_errors = Arc::new(AtomicU64::new(0));
         counting.store(true, Ordering::Relaxed);
+        let (service_cpu0, client_cpu0) = (cpu_secs(service.pid()), cpu_secs(std::process::id()));
         let started = Instant::now();
-        let mut tasks = Vec::new();
-        for _ in 0..togglers {
-            let (events, stop, toggle_errors) =
-                (events.clone(), stop.clone(), toggle_errors.clone());
-            tasks.push(tokio::spawn(async move {
-                while !stop.load(Ordering::Relaxed) {
-                    let r = tokio::time::timeout(CYCLE_TIMEOUT, async {
-                        let ws = connect(server, "/parties/page/hot").await?;
-                        events.lock().expect("not poisoned").push(Instant::now());
-                        let t = Instant::now();
-                        let r = close_handshake(ws).await;
-                        events.lock().expect("not poisoned").push(t);
-                        r
-                    })
-                    .await;
-                    if !matches!(r, Ok(Ok(()))) {
-                        toggle_errors.fetch_add(1, Ordering::Relaxed);
+        let end = started + Duration::from_secs_f64(secs_run);
+        while Instant::now() < end {
+            let mut openers = Vec::new();
+            for t in 0..togglers {
+                let (events, toggle_errors) = (events.clone(), toggle_errors.clone());
+                let share = ramp / togglers + usize::from(t < ramp % togglers);
+                openers.push(tokio::spawn(async move {
+                    let mut open = Vec::with_capacity(share);
+                    for _ in 0..share {
+                        match tokio::time::timeout(
+                            CYCLE_TIMEOUT,
+                            connect(server, "/parties/page/hot"),
+                        )
+                        .await
+                        {
+                            Ok(Ok(ws)) => {
+                                events
+                                    .lock()
+                                    .expect("not poisoned")
+                                    .push((Instant::now(), 1));
+                                open.push(ws);
+                            }
+                            _ => {
+                                toggle_errors.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
                     }
-                }
-            }));
-        }
-        tokio::time::sleep(Duration::from_secs_f64(secs_run)).await;
-        stop.store(true, Ordering::Relaxed);
-        for t in tasks {
-            let _ = t.await;
+                    open
+                }));
+            }
+            let mut groups = Vec::new();
+            for o in openers {
+                groups.push(o.await.expect("opener"));
+            }
+            let mut closers = Vec::new();
+            for group in groups {
+                let (events, toggle_errors) = (events.clone(), toggle_errors.clone());
+                closers.push(tokio::spawn(async move {
+                    for ws in group {
+                        events
+                            .lock()
+                            .expect("not poisoned")
+                            .push((Instant::now(), -1));
+                        let r = tokio::time::timeout(CYCLE_TIMEOUT, close_handshake(ws)).await;
+                        if !matches!(r, Ok(Ok(()))) {
+                            toggle_errors.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }));
+            }
+            for c in closers {
+                let _ = c.await;
+            }
         }
         let toggling = secs(started);
+        let service_cpu = 100.0 * (cpu_secs(service.pid()) - service_cpu0) / toggling;
+        let client_cpu = 100.0 * (cpu_secs(std::process::id()) - client_cpu0) / toggling;
         tokio::time::sleep(Duration::from_millis(300)).await;
         counting.store(false, Ordering::Relaxed);
         let delivered = deliveries.load(Ordering::Relaxed);
 
-        // Publish lag: for each update a sampled subscriber received, the age
-        // of the oldest count change it carries (the first change after the
-        // subscriber's previous update).
+        // Publish lag: a delivered value v at time r reflects the latest
+        // change before r that produced v, and every change before it; each
+        // change's lag is the time until a sampled subscriber first got an
+        // update reflecting it.
         let mut events = events.lock().expect("not poisoned").clone();
-        events.sort();
+        events.sort_by_key(|e| e.0);
+        let mut value = 0i64;
+        let mut by_value: std::collections::HashMap<i64, Vec<usize>> = Default::default();
+        for (i, e) in events.iter().enumerate() {
+            value += e.1;
+            by_value.entry(value).or_default().push(i);
+        }
         let mut lags = Vec::new();
         for recv in samples.lock().expect("not poisoned").iter() {
-            let mut prev = started;
-            for &r in recv {
-                let i = events.partition_point(|&e| e <= prev);
-                if let Some(&e) = events.get(i) {
-                    if e <= r {
-                        lags.push(ms(r - e));
-                    }
+            let mut next = 0usize;
+            for &(r, v) in recv {
+                let Some(idx) = by_value.get(&(v as i64)) else {
+                    continue;
+                };
+                let k = idx.partition_point(|&i| events[i].0 <= r);
+                let Some(&j) = k.checked_sub(1).and_then(|k| idx.get(k)) else {
+                    continue;
+                };
+                while next <= j {
+                    lags.push(ms(r - events[next].0));
+                    next += 1;
                 }
-                prev = r;
             }
         }
         lags.sort_by(f64::total_cmp);
         let changes = events.len() as f64;
         let per_conn = delivered as f64 / n as f64;
         Line::new("fanout")
+            .s("broadcast_interval_ms", interval_ms)
             .s("rooms", rooms)
             .s("conns_per_room", per_room)
             .s("subscribers", n)
             .s("togglers", togglers)
+            .s("ramp", ramp)
             .f("secs", toggling)
             .f("count_changes_per_s", changes / toggling)
             .f("deliveries_per_s", delivered as f64 / toggling)
@@ -696,7 +818,9 @@ fn fanout(rt: &tokio::runtime::Runtime, scale: Scale, nofile: u64) {
             .f("publish_lag_p50_ms", pct(&lags, 50.0))
             .f("publish_lag_p99_ms", pct(&lags, 99.0))
             .f("publish_lag_max_ms", pct(&lags, 100.0))
-            .f("target_ms", 2.0 * interval_ms)
+            .f("target_ms", 2.0 * interval_ms as f64)
+            .f("service_cpu_pct", service_cpu)
+            .f("client_cpu_pct", client_cpu)
             .s("open_errors", open_errors.load(Ordering::Relaxed))
             .s("toggle_errors", toggle_errors.load(Ordering::Relaxed))
             .print();

@@ -244,6 +244,8 @@ pub fn settings(dir: &std::path::Path, extra: &[(&str, &str)]) -> Settings {
             dir.display().to_string(),
         ),
     ];
+    // Overrides in the bench's own environment apply too (the child inherits them).
+    env.extend(std::env::vars().filter(|(k, _)| k.starts_with("LINK_COUNTER__")));
     for (k, v) in extra {
         env.push((format!("LINK_COUNTER__{k}"), v.to_string()));
     }
@@ -298,7 +300,17 @@ impl ChildService {
     pub fn start(extra: &[(&str, &str)]) -> ChildService {
         let dir = tempfile::tempdir().expect("temp dir");
         let bin = PathBuf::from(env!("CARGO_BIN_EXE_link-counter"));
-        let mut cmd = Command::new(&bin);
+        // `LC_BENCH_WRAP="valgrind --tool=massif"` (say) runs the service under a profiler.
+        let wrap = std::env::var("LC_BENCH_WRAP").unwrap_or_default();
+        let mut words = wrap.split_whitespace();
+        let mut cmd = match words.next() {
+            Some(tool) => {
+                let mut c = Command::new(tool);
+                c.args(words).arg(&bin);
+                c
+            }
+            None => Command::new(&bin),
+        };
         cmd.env("LINK_COUNTER__SERVER__BIND", "127.0.0.1:0")
             .env("LINK_COUNTER__STORAGE__PATH", dir.path())
             .env("RUST_LOG", "warn")
@@ -338,6 +350,14 @@ impl ChildService {
 
 impl Drop for ChildService {
     fn drop(&mut self) {
+        // SIGTERM first (a profiler wrapping the service writes its output on exit).
+        let _ = Command::new("kill")
+            .arg(self.child.id().to_string())
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline && self.alive() {
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -376,6 +396,7 @@ impl Ceiling {
         let addr = listener.local_addr().expect("local addr");
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
+            .thread_name("lc-ceiling")
             .enable_all()
             .build()
             .expect("ceiling runtime");
@@ -422,4 +443,21 @@ pub fn secs(t: Instant) -> f64 {
 /// Milliseconds of a duration as f64.
 pub fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
+}
+
+/// CPU time (user + system) a process has used so far, in seconds.
+pub fn cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces) start after ')'.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or(vec![], |(_, rest)| rest.split_whitespace().collect());
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // utime and stime are fields 14 and 15 of the full line (11 and 12 here); 100 Hz clock.
+    (ticks(11) + ticks(12)) / 100.0
 }

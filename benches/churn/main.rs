@@ -625,6 +625,9 @@ async fn http_ok(server: SocketAddr) -> bool {
 
 // ----------------------------------------------------------------- fan-out
 
+/// (arrival time, count of "hot") of each update one sampled subscriber got.
+type Receipts = Vec<(Instant, u64)>;
+
 /// Fan-out at the default 50 ms broadcast interval and at 100 ms (where the
 /// deliveries it demands fit this machine; see BENCHMARKS.md).
 fn fanout(rt: &tokio::runtime::Runtime, scale: Scale, nofile: u64) {
@@ -652,8 +655,7 @@ fn fanout_at(rt: &tokio::runtime::Runtime, scale: Scale, nofile: u64, interval_m
         // Subscribers: `per_room` connections on each of `rooms` pages, all following "hot".
         let deliveries = Arc::new(AtomicU64::new(0));
         let counting = Arc::new(AtomicBool::new(false));
-        let samples: Arc<Mutex<Vec<Vec<(Instant, u64)>>>> =
-            Arc::new(Mutex::new(vec![Vec::new(); sampled]));
+        let samples: Arc<Mutex<Vec<Receipts>>> = Arc::new(Mutex::new(vec![Vec::new(); sampled]));
         let sem = Arc::new(tokio::sync::Semaphore::new(64));
         let mut held = Vec::with_capacity(n);
         let mut ready = Vec::with_capacity(n);

@@ -1,0 +1,834 @@
+//! The connection-churn bench suite (see BENCHMARKS.md).
+//!
+//! `cargo bench --bench churn [-- SCENARIO...]` with scenarios `churn`
+//! (service vs. in-bench ceiling), `propagation`, `memory`, `fanout`; none
+//! given runs all. `LC_BENCH_SMOKE=1` (or `--smoke`) runs every scenario at
+//! tiny scale in a few seconds. Each scenario prints `BENCH ...` summary
+//! lines in logfmt (`key=value`), one per measured configuration.
+
+mod support;
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc, Mutex,
+    },
+    time::{Duration, Instant},
+};
+
+use futures_util::{SinkExt, StreamExt};
+use tokio_tungstenite::tungstenite::Message;
+
+use support::*;
+
+/// Scale of a run.
+#[derive(Clone, Copy)]
+struct Scale {
+    smoke: bool,
+}
+
+impl Scale {
+    /// Measured seconds of one churn run.
+    fn churn_secs(self) -> f64 {
+        if self.smoke {
+            0.5
+        } else {
+            4.0
+        }
+    }
+    fn warmup(self) -> Duration {
+        Duration::from_millis(if self.smoke { 100 } else { 1000 })
+    }
+}
+
+/// Number of pages the churn clients pick from.
+const PAGES: u64 = 200;
+/// Links per churn subscribe.
+const LINKS: usize = 5;
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let smoke = std::env::var("LC_BENCH_SMOKE").is_ok_and(|v| v != "0" && !v.is_empty())
+        || args.iter().any(|a| a == "--smoke");
+    let wanted: Vec<&str> = args
+        .iter()
+        .filter(|a| !a.starts_with('-'))
+        .map(String::as_str)
+        .collect();
+    let all = ["churn", "propagation", "memory", "fanout"];
+    for w in &wanted {
+        if !all.contains(w) {
+            eprintln!("unknown scenario {w:?}; known: {all:?}");
+            std::process::exit(2);
+        }
+    }
+    let run = |s: &str| wanted.is_empty() || wanted.contains(&s);
+    let scale = Scale { smoke };
+    let nofile = raise_nofile();
+    println!(
+        "# link-counter bench: smoke={smoke} nproc={} RLIMIT_NOFILE={nofile}",
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    );
+    let started = Instant::now();
+    // The load generator: a 2-thread runtime, as many cores as the machine has.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("lc-bench-client")
+        .enable_all()
+        .build()
+        .expect("client runtime");
+    if run("churn") {
+        churn(&rt, scale);
+    }
+    if run("propagation") {
+        propagation(&rt, scale);
+    }
+    if run("memory") {
+        memory(&rt, scale, nofile);
+    }
+    if run("fanout") {
+        fanout(&rt, scale, nofile);
+    }
+    println!("# bench done in {:.1}s", secs(started));
+}
+
+// ------------------------------------------------------------------ churn
+
+/// Result of one churn run.
+struct ChurnResult {
+    cycles: u64,
+    errors: u64,
+    secs: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    first_error: Option<String>,
+}
+
+impl ChurnResult {
+    fn rate(&self) -> f64 {
+        self.cycles as f64 / self.secs
+    }
+}
+
+/// `concurrency` workers loop cycles against `server` for `secs` after a warm-up.
+async fn churn_run(
+    server: SocketAddr,
+    concurrency: usize,
+    leave: Leave,
+    warmup: Duration,
+    secs: f64,
+) -> ChurnResult {
+    let start = Instant::now() + warmup;
+    let end = start + Duration::from_secs_f64(secs);
+    let errors_first: Arc<Mutex<Option<String>>> = Arc::default();
+    let mut tasks = Vec::with_capacity(concurrency);
+    for w in 0..concurrency {
+        let errors_first = errors_first.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut rng = Rng::new(w as u64 + 1);
+            let mut times: Vec<f64> = Vec::new();
+            let mut errors = 0u64;
+            loop {
+                let t0 = Instant::now();
+                if t0 >= end {
+                    break;
+                }
+                let page = format!("p{}", rng.below(PAGES));
+                let links = rng.pages(LINKS, PAGES);
+                let r = tokio::time::timeout(CYCLE_TIMEOUT, cycle(server, &page, &links, leave))
+                    .await
+                    .map_err(|_| anyhow::anyhow!("cycle timed out"))
+                    .and_then(|r| r);
+                if t0 < start {
+                    continue;
+                }
+                match r {
+                    Ok(()) => times.push(ms(t0.elapsed())),
+                    Err(e) => {
+                        errors += 1;
+                        let mut first = errors_first.lock().expect("not poisoned");
+                        if first.is_none() {
+                            *first = Some(e.to_string());
+                        }
+                    }
+                }
+            }
+            (times, errors)
+        }));
+    }
+    let mut times = Vec::new();
+    let mut errors = 0;
+    for t in tasks {
+        let (t, e) = t.await.expect("worker");
+        times.extend(t);
+        errors += e;
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    times.sort_by(f64::total_cmp);
+    let first_error = errors_first.lock().expect("not poisoned").clone();
+    ChurnResult {
+        cycles: times.len() as u64,
+        errors,
+        secs: elapsed,
+        p50_ms: pct(&times, 50.0),
+        p99_ms: pct(&times, 99.0),
+        first_error,
+    }
+}
+
+fn print_churn(
+    target: &str,
+    c: usize,
+    leave: Leave,
+    round: usize,
+    r: &ChurnResult,
+    ceiling: Option<f64>,
+) {
+    let mut line = Line::new("churn")
+        .s("target", target)
+        .s("round", round)
+        .s("c", c)
+        .s("leave", leave.name())
+        .f("secs", r.secs)
+        .s("cycles", r.cycles)
+        .f("cycles_per_s", r.rate())
+        .f("p50_ms", r.p50_ms)
+        .f("p99_ms", r.p99_ms)
+        .s("errors", r.errors);
+    if let Some(ceil) = ceiling {
+        line = line.f("pct_of_ceiling", 100.0 * r.rate() / ceil);
+    }
+    line.print();
+    if let Some(e) = &r.first_error {
+        println!("#   first error: {e}");
+    }
+}
+
+/// Churn against the service and against the bare ceiling, interleaved in
+/// one run so both see the same machine: `rounds` rounds of (ceiling,
+/// service with close handshake, service with dropped TCP) per concurrency;
+/// each service run is compared with the ceiling run just before it, and the
+/// summary line gives the median ratio over the rounds.
+fn churn(rt: &tokio::runtime::Runtime, scale: Scale) {
+    let rounds = if scale.smoke { 1 } else { 3 };
+    // `LC_BENCH_CONCURRENCY=50,500` (the default) picks the concurrencies.
+    let concurrencies: Vec<usize> = std::env::var("LC_BENCH_CONCURRENCY")
+        .ok()
+        .map(|v| v.split(',').filter_map(|c| c.trim().parse().ok()).collect())
+        .unwrap_or_else(|| vec![50, 500]);
+    // (c, leave) -> (service rates, ratios, p50s, p99s, errors)
+    type Acc = (Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>, u64);
+    let mut acc: Vec<((usize, Leave), Acc)> = Vec::new();
+    let mut ceilings: Vec<(usize, f64)> = Vec::new();
+    for round in 0..rounds {
+        for &c in &concurrencies {
+            let ceiling = Ceiling::start();
+            let r_ceil = rt.block_on(churn_run(
+                ceiling.addr,
+                c,
+                Leave::Close,
+                scale.warmup(),
+                scale.churn_secs(),
+            ));
+            drop(ceiling);
+            print_churn("ceiling", c, Leave::Close, round, &r_ceil, None);
+            ceilings.push((c, r_ceil.rate()));
+            for leave in [Leave::Close, Leave::Drop] {
+                let service = InProcess::start(&[]);
+                let r = rt.block_on(churn_run(
+                    service.addr,
+                    c,
+                    leave,
+                    scale.warmup(),
+                    scale.churn_secs(),
+                ));
+                drop(service);
+                print_churn("service", c, leave, round, &r, Some(r_ceil.rate()));
+                let i = match acc.iter().position(|(k, _)| *k == (c, leave)) {
+                    Some(i) => i,
+                    None => {
+                        acc.push(((c, leave), Default::default()));
+                        acc.len() - 1
+                    }
+                };
+                let a = &mut acc[i].1;
+                a.0.push(r.rate());
+                a.1.push(100.0 * r.rate() / r_ceil.rate());
+                a.2.push(r.p50_ms);
+                a.3.push(r.p99_ms);
+                a.4 += r.errors;
+            }
+        }
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        pct(v, 50.0)
+    };
+    for ((c, leave), (mut rates, mut ratios, mut p50s, mut p99s, errors)) in acc {
+        let mut ceil: Vec<f64> = ceilings
+            .iter()
+            .filter(|(cc, _)| *cc == c)
+            .map(|(_, r)| *r)
+            .collect();
+        ratios.sort_by(f64::total_cmp);
+        Line::new("churn_summary")
+            .s("c", c)
+            .s("leave", leave.name())
+            .s("rounds", rounds)
+            .f("ceiling_cycles_per_s", median(&mut ceil))
+            .f("service_cycles_per_s", median(&mut rates))
+            .f("pct_of_ceiling", median(&mut ratios))
+            .f("pct_of_ceiling_min", pct(&ratios, 0.0))
+            .f("pct_of_ceiling_max", pct(&ratios, 100.0))
+            .f("p50_ms", median(&mut p50s))
+            .f("p99_ms", median(&mut p99s))
+            .s("errors", errors)
+            .f("target_pct", 70.0)
+            .print();
+    }
+}
+
+// ------------------------------------------------------------ propagation
+
+/// Parses the count of `page` out of an update, if present.
+fn count_of(text: &str, page: &str) -> Option<u64> {
+    let v: serde_json::Value = serde_json::from_str(text).ok()?;
+    v["connections"][page].as_u64()
+}
+
+/// An observer of one page's count: a task forwarding (time, count) of each update.
+async fn observe(
+    server: SocketAddr,
+    page: &str,
+) -> tokio::sync::mpsc::UnboundedReceiver<(Instant, u64)> {
+    let mut ws = connect(server, "/parties/page/observer")
+        .await
+        .expect("observer connects");
+    ws.send(subscribe_msg(&[page.to_string()]))
+        .await
+        .expect("subscribe");
+    let first = next_update(&mut ws).await.expect("first update");
+    assert_eq!(count_of(&first, page), Some(0), "{first}");
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let page = page.to_string();
+    tokio::spawn(async move {
+        while let Some(Ok(m)) = ws.next().await {
+            if let Message::Text(t) = m {
+                if let Some(c) = count_of(&t, &page) {
+                    if tx.send((Instant::now(), c)).is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+    });
+    rx
+}
+
+/// Waits for the observer to show `want`; returns when it arrived.
+async fn wait_count(
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<(Instant, u64)>,
+    want: u64,
+) -> anyhow::Result<Instant> {
+    let deadline = tokio::time::Instant::now() + CYCLE_TIMEOUT;
+    loop {
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Some((t, c))) if c == want => return Ok(t),
+            Ok(Some(_)) => continue,
+            Ok(None) => anyhow::bail!("observer ended"),
+            Err(_) => anyhow::bail!("count {want} never arrived"),
+        }
+    }
+}
+
+/// Background churn paced at `rate` cycles/s over pages p0..p199 (never the
+/// observed page); returns the cycles done and errors.
+async fn paced_churn(server: SocketAddr, rate: f64, stop: Arc<AtomicBool>) -> (u64, u64, f64) {
+    let workers = 50usize;
+    let period = Duration::from_secs_f64(workers as f64 / rate);
+    let done = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for w in 0..workers {
+        let (stop, done, errors) = (stop.clone(), done.clone(), errors.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut rng = Rng::new(1000 + w as u64);
+            let offset = period.mul_f64(w as f64 / workers as f64);
+            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + offset, period);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            while !stop.load(Ordering::Relaxed) {
+                tick.tick().await;
+                let page = format!("p{}", rng.below(PAGES));
+                let links = rng.pages(LINKS, PAGES);
+                let r =
+                    tokio::time::timeout(CYCLE_TIMEOUT, cycle(server, &page, &links, Leave::Close))
+                        .await;
+                if matches!(r, Ok(Ok(()))) {
+                    done.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    errors.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+    (
+        done.load(Ordering::Relaxed),
+        errors.load(Ordering::Relaxed),
+        secs(started),
+    )
+}
+
+fn propagation(rt: &tokio::runtime::Runtime, scale: Scale) {
+    let toggles = if scale.smoke { 5 } else { 150 };
+    let bg_rate = if scale.smoke { 200.0 } else { 1000.0 };
+    for background in [false, true] {
+        let service = InProcess::start(&[]);
+        let interval = Duration::from_millis(50);
+        let server = service.addr;
+        rt.block_on(async {
+            let stop = Arc::new(AtomicBool::new(false));
+            let bg = background.then(|| tokio::spawn(paced_churn(server, bg_rate, stop.clone())));
+            if background {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            let hot = "X";
+            let mut rx = observe(server, hot).await;
+            let mut rng = Rng::new(7);
+            let (mut up, mut down) = (Vec::new(), Vec::new());
+            let mut errors = 0u64;
+            for _ in 0..toggles {
+                // Random phase against the broadcast tick.
+                let jitter = |rng: &mut Rng| Duration::from_micros(rng.below(50_000));
+                tokio::time::sleep(jitter(&mut rng)).await;
+                let r: anyhow::Result<()> = async {
+                    let ws = connect(server, &format!("/parties/page/{hot}")).await?;
+                    let t_up = Instant::now();
+                    up.push(ms(wait_count(&mut rx, 1).await? - t_up));
+                    tokio::time::sleep(jitter(&mut rng)).await;
+                    let t_down = Instant::now();
+                    let closing = tokio::spawn(close_handshake(ws));
+                    down.push(ms(wait_count(&mut rx, 0).await? - t_down));
+                    closing.await??;
+                    Ok(())
+                }
+                .await;
+                if let Err(e) = r {
+                    errors += 1;
+                    eprintln!("propagation error: {e}");
+                    // Resynchronise on an empty page before the next toggle.
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    while rx.try_recv().is_ok() {}
+                }
+            }
+            stop.store(true, Ordering::Relaxed);
+            let bg_done = match bg {
+                Some(h) => Some(h.await.expect("background churn")),
+                None => None,
+            };
+            for (dir, v) in [("up", &mut up), ("down", &mut down)] {
+                v.sort_by(f64::total_cmp);
+                let mut line = Line::new("propagation")
+                    .s("direction", dir)
+                    .s("background", background)
+                    .s("samples", v.len())
+                    .f("p50_ms", pct(v, 50.0))
+                    .f("p99_ms", pct(v, 99.0))
+                    .f("max_ms", pct(v, 100.0))
+                    .f("target_ms", ms(interval) + 10.0)
+                    .s("errors", errors);
+                if let Some((done, errs, s)) = bg_done {
+                    line = line
+                        .f("bg_cycles_per_s", done as f64 / s)
+                        .s("bg_errors", errs);
+                }
+                line.print();
+            }
+        });
+        drop(service);
+    }
+}
+
+// ----------------------------------------------------------------- memory
+
+/// Opens `n` idle subscribed connections (3 links each), at most 64 opening at
+/// once; each is then held by a task that keeps reading (answering pings).
+async fn open_idle(
+    server: SocketAddr,
+    n: usize,
+    first: usize,
+    held: &mut Vec<tokio::task::JoinHandle<()>>,
+) -> u64 {
+    let sem = Arc::new(tokio::sync::Semaphore::new(64));
+    let errors = Arc::new(AtomicU64::new(0));
+    let mut opening = Vec::with_capacity(n);
+    for i in first..first + n {
+        let permit = sem.clone().acquire_owned().await.expect("semaphore");
+        let errors = errors.clone();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        opening.push(rx);
+        held.push(tokio::spawn(async move {
+            let mut rng = Rng::new(i as u64 + 99);
+            let page = format!("p{}", i as u64 % PAGES);
+            let links = rng.pages(3, PAGES);
+            let r = async {
+                let mut ws = connect(server, &format!("/parties/page/{page}")).await?;
+                ws.send(subscribe_msg(&links)).await?;
+                next_update(&mut ws).await?;
+                anyhow::Ok(ws)
+            };
+            let ws = tokio::time::timeout(Duration::from_secs(20), r).await;
+            drop(permit);
+            let _ = tx.send(());
+            match ws {
+                Ok(Ok(mut ws)) => while let Some(Ok(_)) = ws.next().await {},
+                _ => {
+                    errors.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }));
+    }
+    for rx in opening {
+        let _ = rx.await;
+    }
+    errors.load(Ordering::Relaxed)
+}
+
+/// Time for a fresh connection to get its first update, `n` times.
+async fn probe_fresh(server: SocketAddr, n: usize) -> (Vec<f64>, u64) {
+    let mut times = Vec::new();
+    let mut errors = 0;
+    for i in 0..n {
+        let t0 = Instant::now();
+        let r = tokio::time::timeout(CYCLE_TIMEOUT, async {
+            let mut ws = connect(server, &format!("/parties/page/fresh{i}")).await?;
+            ws.send(subscribe_msg(&["p1".into(), "p2".into(), "p3".into()]))
+                .await?;
+            next_update(&mut ws).await?;
+            let t = t0.elapsed();
+            close_handshake(ws).await?;
+            anyhow::Ok(t)
+        })
+        .await;
+        match r {
+            Ok(Ok(t)) => times.push(ms(t)),
+            _ => errors += 1,
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    times.sort_by(f64::total_cmp);
+    (times, errors)
+}
+
+/// Waits until RSS stops moving (allocator and kernel settle), then reads it.
+async fn settled_rss(pid: u32) -> u64 {
+    let mut last = rss_kib(pid);
+    for _ in 0..20 {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let now = rss_kib(pid);
+        if now.abs_diff(last) < 64 {
+            return now;
+        }
+        last = now;
+    }
+    last
+}
+
+fn memory(rt: &tokio::runtime::Runtime, scale: Scale, nofile: u64) {
+    // Each process needs one descriptor per connection plus some slack.
+    let fit = nofile.saturating_sub(1000) as usize;
+    let big = if scale.smoke { 600 } else { 15_000.min(fit) };
+    let small = if scale.smoke { 200 } else { 5_000.min(big / 3) };
+    println!("# memory: RLIMIT_NOFILE={nofile}; sizes {small} and {big}");
+    let mut service = ChildService::start(&[]);
+    let pid = service.pid();
+    let server = service.addr;
+    rt.block_on(async {
+        // Warm the allocator and the rooms with some churn first.
+        for i in 0..200u64 {
+            let mut rng = Rng::new(i);
+            let _ = cycle(
+                server,
+                &format!("p{}", i % PAGES),
+                &rng.pages(3, PAGES),
+                Leave::Close,
+            )
+            .await;
+        }
+        let base = settled_rss(pid).await;
+        let client_base = rss_kib(std::process::id());
+        let mut held = Vec::new();
+        let mut opened = 0usize;
+        let mut errors = 0u64;
+        let mut per_small = f64::NAN;
+        let mut rss_small = 0u64;
+        for &n in &[small, big] {
+            errors += open_idle(server, n - opened, opened, &mut held).await;
+            opened = n;
+            let rss = settled_rss(pid).await;
+            let per = (rss.saturating_sub(base)) as f64 / n as f64;
+            let (fresh, fresh_errors) = probe_fresh(server, if scale.smoke { 3 } else { 20 }).await;
+            let client_per =
+                rss_kib(std::process::id()).saturating_sub(client_base) as f64 / n as f64;
+            let alive = service.alive();
+            let health = tokio::time::timeout(Duration::from_secs(5), http_ok(server))
+                .await
+                .unwrap_or(false);
+            let mut line = Line::new("memory")
+                .s("connections", n)
+                .s("service_fds", open_fds(pid))
+                .s("rss_base_kib", base)
+                .s("rss_kib", rss)
+                .f("kib_per_conn", per)
+                .f("client_kib_per_conn", client_per)
+                .f("fresh_first_update_p50_ms", pct(&fresh, 50.0))
+                .f("fresh_first_update_max_ms", pct(&fresh, 100.0))
+                .s("fresh_errors", fresh_errors)
+                .s("open_errors", errors)
+                .s("healthy", alive && health);
+            if n == big && n != small {
+                line = line
+                    .f(
+                        "marginal_kib_per_conn",
+                        rss.saturating_sub(rss_small) as f64 / (big - small) as f64,
+                    )
+                    .f("growth_vs_small", per / per_small);
+            }
+            line.print();
+            per_small = per;
+            rss_small = rss;
+        }
+        for h in held {
+            h.abort();
+        }
+    });
+}
+
+/// `GET /healthz` answers 200.
+async fn http_ok(server: SocketAddr) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut s) = tokio::net::TcpStream::connect(server).await else {
+        return false;
+    };
+    let req = format!("GET /healthz HTTP/1.1\r\nHost: {server}\r\nConnection: close\r\n\r\n");
+    if s.write_all(req.as_bytes()).await.is_err() {
+        return false;
+    }
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf).await;
+    buf.starts_with(b"HTTP/1.1 200")
+}
+
+// ----------------------------------------------------------------- fan-out
+
+/// (arrival time, count of "hot") of each update one sampled subscriber got.
+type Receipts = Vec<(Instant, u64)>;
+
+/// Fan-out at the default 50 ms broadcast interval and at 100 ms (where the
+/// deliveries it demands fit this machine; see BENCHMARKS.md).
+fn fanout(rt: &tokio::runtime::Runtime, scale: Scale, nofile: u64) {
+    for interval_ms in [50u64, 100] {
+        fanout_at(rt, scale, nofile, interval_ms);
+    }
+}
+
+fn fanout_at(rt: &tokio::runtime::Runtime, scale: Scale, nofile: u64, interval_ms: u64) {
+    let (rooms, per_room) = if scale.smoke { (20, 5) } else { (1000, 10) };
+    let n = rooms * per_room;
+    let secs_run = if scale.smoke { 1.0 } else { 10.0 };
+    let togglers = 8usize;
+    let ramp = if scale.smoke { 40 } else { 1000 };
+    assert!(
+        ((n + ramp) as u64) + 500 < nofile,
+        "fan-out needs {} descriptors per process; RLIMIT_NOFILE is {nofile}",
+        n + ramp + 500
+    );
+    let sampled = 100usize.min(n);
+    let interval = format!("{interval_ms}ms");
+    let service = ChildService::start(&[("COUNTER__BROADCAST_INTERVAL", &interval)]);
+    let server = service.addr;
+    rt.block_on(async {
+        // Subscribers: `per_room` connections on each of `rooms` pages, all following "hot".
+        let deliveries = Arc::new(AtomicU64::new(0));
+        let counting = Arc::new(AtomicBool::new(false));
+        let samples: Arc<Mutex<Vec<Receipts>>> = Arc::new(Mutex::new(vec![Vec::new(); sampled]));
+        let sem = Arc::new(tokio::sync::Semaphore::new(64));
+        let mut held = Vec::with_capacity(n);
+        let mut ready = Vec::with_capacity(n);
+        let open_errors = Arc::new(AtomicU64::new(0));
+        for i in 0..n {
+            let permit = sem.clone().acquire_owned().await.expect("semaphore");
+            let (deliveries, counting, samples, open_errors) = (
+                deliveries.clone(),
+                counting.clone(),
+                samples.clone(),
+                open_errors.clone(),
+            );
+            let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+            ready.push(rx);
+            held.push(tokio::spawn(async move {
+                let page = format!("r{}", i % rooms);
+                let r = async {
+                    let mut ws = connect(server, &format!("/parties/page/{page}")).await?;
+                    ws.send(subscribe_msg(&["hot".into()])).await?;
+                    next_update(&mut ws).await?;
+                    anyhow::Ok(ws)
+                };
+                let r = tokio::time::timeout(Duration::from_secs(20), r).await;
+                drop(permit);
+                let _ = tx.send(());
+                let Ok(Ok(mut ws)) = r else {
+                    open_errors.fetch_add(1, Ordering::Relaxed);
+                    return;
+                };
+                while let Some(Ok(m)) = ws.next().await {
+                    if m.is_text() && counting.load(Ordering::Relaxed) {
+                        deliveries.fetch_add(1, Ordering::Relaxed);
+                        if i < sampled {
+                            let now = Instant::now();
+                            if let Some(v) = m.to_text().ok().and_then(|t| count_of(t, "hot")) {
+                                samples.lock().expect("not poisoned")[i].push((now, v));
+                            }
+                        }
+                    }
+                }
+            }));
+        }
+        for rx in ready {
+            let _ = rx.await;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+
+        // Togglers: ramps of `ramp` connections to "hot" opened by `togglers`
+        // concurrent clients, then closed, as fast as the service allows.
+        // Ramps make each count value unique over a window much longer than
+        // any lag, so a delivered value identifies the change it reflects.
+        let events: Arc<Mutex<Vec<(Instant, i64)>>> = Arc::default();
+        let toggle_errors = Arc::new(AtomicU64::new(0));
+        counting.store(true, Ordering::Relaxed);
+        let (service_cpu0, client_cpu0) = (cpu_secs(service.pid()), cpu_secs(std::process::id()));
+        let started = Instant::now();
+        let end = started + Duration::from_secs_f64(secs_run);
+        while Instant::now() < end {
+            let mut openers = Vec::new();
+            for t in 0..togglers {
+                let (events, toggle_errors) = (events.clone(), toggle_errors.clone());
+                let share = ramp / togglers + usize::from(t < ramp % togglers);
+                openers.push(tokio::spawn(async move {
+                    let mut open = Vec::with_capacity(share);
+                    for _ in 0..share {
+                        match tokio::time::timeout(
+                            CYCLE_TIMEOUT,
+                            connect(server, "/parties/page/hot"),
+                        )
+                        .await
+                        {
+                            Ok(Ok(ws)) => {
+                                events
+                                    .lock()
+                                    .expect("not poisoned")
+                                    .push((Instant::now(), 1));
+                                open.push(ws);
+                            }
+                            _ => {
+                                toggle_errors.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                    }
+                    open
+                }));
+            }
+            let mut groups = Vec::new();
+            for o in openers {
+                groups.push(o.await.expect("opener"));
+            }
+            let mut closers = Vec::new();
+            for group in groups {
+                let (events, toggle_errors) = (events.clone(), toggle_errors.clone());
+                closers.push(tokio::spawn(async move {
+                    for ws in group {
+                        events
+                            .lock()
+                            .expect("not poisoned")
+                            .push((Instant::now(), -1));
+                        let r = tokio::time::timeout(CYCLE_TIMEOUT, close_handshake(ws)).await;
+                        if !matches!(r, Ok(Ok(()))) {
+                            toggle_errors.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }));
+            }
+            for c in closers {
+                let _ = c.await;
+            }
+        }
+        let toggling = secs(started);
+        let service_cpu = 100.0 * (cpu_secs(service.pid()) - service_cpu0) / toggling;
+        let client_cpu = 100.0 * (cpu_secs(std::process::id()) - client_cpu0) / toggling;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        counting.store(false, Ordering::Relaxed);
+        let delivered = deliveries.load(Ordering::Relaxed);
+
+        // Publish lag: a delivered value v at time r reflects the latest
+        // change before r that produced v, and every change before it; each
+        // change's lag is the time until a sampled subscriber first got an
+        // update reflecting it.
+        let mut events = events.lock().expect("not poisoned").clone();
+        events.sort_by_key(|e| e.0);
+        let mut value = 0i64;
+        let mut by_value: std::collections::HashMap<i64, Vec<usize>> = Default::default();
+        for (i, e) in events.iter().enumerate() {
+            value += e.1;
+            by_value.entry(value).or_default().push(i);
+        }
+        let mut lags = Vec::new();
+        for recv in samples.lock().expect("not poisoned").iter() {
+            let mut next = 0usize;
+            for &(r, v) in recv {
+                let Some(idx) = by_value.get(&(v as i64)) else {
+                    continue;
+                };
+                let k = idx.partition_point(|&i| events[i].0 <= r);
+                let Some(&j) = k.checked_sub(1).and_then(|k| idx.get(k)) else {
+                    continue;
+                };
+                while next <= j {
+                    lags.push(ms(r - events[next].0));
+                    next += 1;
+                }
+            }
+        }
+        lags.sort_by(f64::total_cmp);
+        let changes = events.len() as f64;
+        let per_conn = delivered as f64 / n as f64;
+        Line::new("fanout")
+            .s("broadcast_interval_ms", interval_ms)
+            .s("rooms", rooms)
+            .s("conns_per_room", per_room)
+            .s("subscribers", n)
+            .s("togglers", togglers)
+            .s("ramp", ramp)
+            .f("secs", toggling)
+            .f("count_changes_per_s", changes / toggling)
+            .f("deliveries_per_s", delivered as f64 / toggling)
+            .f("msgs_per_conn_per_s", per_conn / toggling)
+            .f("coalescing_ratio", changes / per_conn.max(1.0))
+            .f("publish_lag_p50_ms", pct(&lags, 50.0))
+            .f("publish_lag_p99_ms", pct(&lags, 99.0))
+            .f("publish_lag_max_ms", pct(&lags, 100.0))
+            .f("target_ms", 2.0 * interval_ms as f64)
+            .f("service_cpu_pct", service_cpu)
+            .f("client_cpu_pct", client_cpu)
+            .s("open_errors", open_errors.load(Ordering::Relaxed))
+            .s("toggle_errors", toggle_errors.load(Ordering::Relaxed))
+            .print();
+        for h in held {
+            h.abort();
+        }
+    });
+    drop(service);
+}

@@ -234,6 +234,16 @@ pub struct InProcess {
     _dir: tempfile::TempDir,
 }
 
+/// Abuse caps are off: the load generator is a handful of loopback
+/// addresses opening thousands of connections per second, which is exactly
+/// what the per-IP caps exist to refuse in production.
+pub const NO_CAPS: &[(&str, &str)] = &[
+    ("LIMITS__MAX_CONNECTIONS", "0"),
+    ("LIMITS__MAX_CONNECTIONS_PER_IP", "0"),
+    ("LIMITS__CONNECTIONS_PER_IP_PER_SECOND", "0"),
+    ("LIMITS__MESSAGES_PER_SECOND", "0"),
+];
+
 /// Bench settings: defaults (2 shards, 2 workers on this machine, 50 ms
 /// broadcast) with a temp data dir and port 0, plus `extra` env overrides.
 pub fn settings(dir: &std::path::Path, extra: &[(&str, &str)]) -> Settings {
@@ -244,6 +254,9 @@ pub fn settings(dir: &std::path::Path, extra: &[(&str, &str)]) -> Settings {
             dir.display().to_string(),
         ),
     ];
+    for (k, v) in NO_CAPS {
+        env.push((format!("LINK_COUNTER__{k}"), v.to_string()));
+    }
     // Overrides in the bench's own environment apply too (the child inherits them).
     env.extend(std::env::vars().filter(|(k, _)| k.starts_with("LINK_COUNTER__")));
     for (k, v) in extra {
@@ -316,7 +329,7 @@ impl ChildService {
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
-        for (k, v) in extra {
+        for (k, v) in NO_CAPS.iter().chain(extra) {
             cmd.env(format!("LINK_COUNTER__{k}"), v);
         }
         let mut child = cmd

@@ -638,6 +638,7 @@ impl Handler<GetPage> for Counter {
             peak_at: stats.peak_at_ms.map(rfc3339),
             total_connections: stats.total_connections,
             last_active: stats.last_active_ms.map(rfc3339),
+            links: Vec::new(),
         })
     }
 }

@@ -224,8 +224,15 @@ async fn page_info(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse
         Ok(p) => p,
         Err(e) => return json_error(StatusCode::BAD_REQUEST, "invalid_page_id", &e.to_string()),
     };
+    let record = state.storage.load_room(&page);
     match state.counter.send(GetPage(page)).await {
-        Ok(info) => HttpResponse::Ok().json(info),
+        Ok(mut info) => {
+            if let Ok(Some(mut r)) = record {
+                r.links.sort();
+                info.links = r.links;
+            }
+            HttpResponse::Ok().json(info)
+        }
         Err(_) => json_error(
             StatusCode::SERVICE_UNAVAILABLE,
             "overloaded",

@@ -79,9 +79,17 @@ fn main() -> ExitCode {
                 return ExitCode::from(1);
             }
         };
+        let mut signals = match shutdown::Signals::install() {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("link-counter: cannot install signal handlers: {e}");
+                server.shutdown().await;
+                return ExitCode::from(1);
+            }
+        };
         // Machine-readable line for scripts and tests that bind port 0.
         println!("listening on {}", server.local_addr());
-        shutdown::signal().await;
+        signals.recv().await;
         server.shutdown().await;
         ExitCode::SUCCESS
     })

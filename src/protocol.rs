@@ -223,6 +223,10 @@ pub struct PageInfo {
     pub peak_at: Option<String>,
     pub total_connections: u64,
     pub last_active: Option<String>,
+    /// The pages this page's viewers follow, from its stored room record
+    /// (an extension of PROTOCOL.md's shape).
+    #[serde(default)]
+    pub links: Vec<String>,
 }
 
 #[cfg(test)]

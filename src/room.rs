@@ -141,6 +141,9 @@ pub struct PageRoom {
     refs: HashMap<PageId, usize>,
     /// Last counts known for followed links (what subscribed clients were told).
     cache: HashMap<PageId, u64>,
+    /// The page's outbound links: the last non-empty link set one of its
+    /// connections subscribed to (restored from the room record on start).
+    last_links: Vec<PageId>,
     /// Messages routed by the shard and handled here (eviction handshake).
     processed: u64,
     /// Connections opened since the last count report (for stats).
@@ -174,6 +177,7 @@ impl PageRoom {
             conns: HashMap::new(),
             refs: HashMap::new(),
             cache: HashMap::new(),
+            last_links: Vec::new(),
             processed: 0,
             opened: 0,
             idle_since: Some(Instant::now()),
@@ -207,7 +211,7 @@ impl PageRoom {
             return;
         }
         let record = RoomRecord {
-            links: self.refs.keys().map(|l| l.to_string()).collect(),
+            links: self.last_links.iter().map(|l| l.to_string()).collect(),
             counts: self
                 .cache
                 .iter()
@@ -350,6 +354,13 @@ impl Actor for PageRoom {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
+        match self.storage.load_room(&self.page) {
+            Ok(Some(record)) => {
+                self.last_links = record.links.into_iter().map(PageId::from).collect();
+            }
+            Ok(None) => {}
+            Err(e) => tracing::error!(page = %self.page, error = %e, "room record unreadable"),
+        }
         let idle = self.settings.room.idle_timeout;
         let every = (idle / 4).max(Duration::from_millis(10));
         ctx.run_interval(every, move |act, _| {
@@ -419,6 +430,9 @@ impl Handler<SetLinks> for PageRoom {
         let Some(conn) = self.conns.get_mut(&msg.conn) else {
             return;
         };
+        if !msg.links.is_empty() {
+            self.last_links.clone_from(&msg.links);
+        }
         let new: HashSet<PageId> = msg.links.into_iter().collect();
         let old = std::mem::replace(&mut conn.links, new.clone());
         let mut added = Vec::new();

@@ -55,7 +55,7 @@ pub struct PageStats {
 /// Persistent record of one page room.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RoomRecord {
-    /// Union of the links the room's connections subscribed to, last time it changed.
+    /// The page's outbound links: the last non-empty link set one of its connections subscribed to.
     pub links: Vec<String>,
     /// The counts of those links the room last delivered.
     pub counts: BTreeMap<String, u64>,

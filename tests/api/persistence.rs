@@ -21,11 +21,19 @@ async fn restart_keeps_stats_and_starts_counts_at_zero() {
     }
     held.pop().expect("one").close().await;
     crate::lifecycle_wait(&app, "r", 2).await;
+    // A page whose viewers follow links: its room record is restored below.
+    let mut home = app.connect("home").await;
+    home.subscribe(&["s", "r"]).await;
+    home.next_update().await;
     let report = app.shutdown().await;
     assert_eq!(report.cut, 0);
     drop(held);
 
+    drop(home);
     let app = spawn_app_with(settings(dir.path(), &[]));
+    let home = app.get_json("/api/v1/pages/home").await;
+    assert_eq!(home["links"], serde_json::json!(["r", "s"]));
+    assert_eq!(home["connections"], 0);
     let info = app.get_json("/api/v1/pages/r").await;
     assert_eq!(info["connections"], 0);
     assert_eq!(info["total_connections"], 3);

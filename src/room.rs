@@ -112,6 +112,51 @@ pub struct SaveRecord;
 
 // ---------------------------------------------------------------- state
 
+/// Which of a batch of changes one connection follows (a bitset).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Subset {
+    /// Up to 64 changes.
+    Small(u64),
+    /// More: one bit per change.
+    Large(Vec<u64>),
+}
+
+impl Subset {
+    fn new(words: usize) -> Subset {
+        if words <= 1 {
+            Subset::Small(0)
+        } else {
+            Subset::Large(vec![0; words])
+        }
+    }
+
+    fn set(&mut self, i: usize) {
+        match self {
+            Subset::Small(w) => *w |= 1 << i,
+            Subset::Large(ws) => ws[i / 64] |= 1 << (i % 64),
+        }
+    }
+
+    fn get(&self, i: usize) -> bool {
+        match self {
+            Subset::Small(w) => w & (1 << i) != 0,
+            Subset::Large(ws) => ws[i / 64] & (1 << (i % 64)) != 0,
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        match self {
+            Subset::Small(w) => *w == 0,
+            Subset::Large(ws) => ws.iter().all(|w| *w == 0),
+        }
+    }
+
+    /// Indices of the set bits below `n`.
+    fn iter(&self, n: usize) -> impl Iterator<Item = usize> + '_ {
+        (0..n).filter(|i| self.get(*i))
+    }
+}
+
 /// One open connection of the room.
 struct Conn {
     /// Its outbound queue; `None` once it overflowed or closed.
@@ -263,27 +308,29 @@ impl PageRoom {
             return false;
         }
         // Group connections by which of the changes they follow, so each
-        // distinct payload is serialized once.
-        let mut payloads: HashMap<Vec<u32>, ByteString> = HashMap::new();
+        // distinct payload is serialized once. The subset is a bitset over
+        // `changes`: one word (no allocation) for up to 64 changes.
+        let words = changes.len().div_ceil(64);
+        let mut payloads: HashMap<Subset, ByteString> = HashMap::new();
         let page = &self.page;
         for (id, conn) in self.conns.iter_mut() {
             if conn.pending || conn.tx.is_none() {
                 continue;
             }
-            let subset: Vec<u32> = changes
-                .iter()
-                .enumerate()
-                .filter(|(_, (l, _))| conn.links.contains(l))
-                .map(|(i, _)| i as u32)
-                .collect();
+            let mut subset = Subset::new(words);
+            for (i, (link, _)) in changes.iter().enumerate() {
+                if conn.links.contains(link) {
+                    subset.set(i);
+                }
+            }
             if subset.is_empty() {
                 continue;
             }
             let text = payloads.entry(subset).or_insert_with_key(|subset| {
                 ByteString::from(update_json(
                     subset
-                        .iter()
-                        .map(|&i| (&*changes[i as usize].0, changes[i as usize].1)),
+                        .iter(changes.len())
+                        .map(|i| (&*changes[i].0, changes[i].1)),
                 ))
             });
             Self::send_to(page, *id, conn, text);
@@ -515,5 +562,28 @@ impl Handler<SaveRecord> for PageRoom {
     type Result = ();
     fn handle(&mut self, _: SaveRecord, _: &mut Context<Self>) {
         self.save();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Subset;
+
+    #[test]
+    fn subsets_are_bitsets_that_compare_by_content() {
+        let mut a = Subset::new(1);
+        assert!(a.is_empty());
+        a.set(0);
+        a.set(63);
+        assert_eq!(a.iter(64).collect::<Vec<_>>(), vec![0, 63]);
+        let mut b = Subset::new(3);
+        b.set(5);
+        b.set(130);
+        assert_eq!(b.iter(131).collect::<Vec<_>>(), vec![5, 130]);
+        let mut c = Subset::new(3);
+        c.set(130);
+        c.set(5);
+        assert_eq!(b, c);
+        assert!(!b.is_empty());
     }
 }

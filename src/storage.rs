@@ -102,6 +102,30 @@ fn decode<T: for<'de> Deserialize<'de>>(key: &[u8], bytes: &[u8]) -> Option<T> {
     }
 }
 
+/// Deletes the records of `tree` whose activity time is before `cutoff_ms`
+/// (unreadable ones too, but never those of a newer build), except pages
+/// for which `keep` says yes, in one batch. Returns how many were deleted.
+fn expire<T: for<'de> Deserialize<'de>>(
+    tree: &sled::Tree,
+    cutoff_ms: u64,
+    keep: impl Fn(&str) -> bool,
+    last_active: impl Fn(T) -> u64,
+) -> Result<usize, StorageError> {
+    let mut batch = sled::Batch::default();
+    let mut doomed = 0;
+    for item in tree.iter() {
+        let (k, v) = item?;
+        let stale =
+            !is_foreign(&v) && decode::<T>(&k, &v).is_none_or(|r| last_active(r) < cutoff_ms);
+        if stale && !keep(&String::from_utf8_lossy(&k)) {
+            batch.remove(k);
+            doomed += 1;
+        }
+    }
+    tree.apply_batch(batch)?;
+    Ok(doomed)
+}
+
 impl Storage {
     /// Opens (or creates) the database in `path`.
     pub fn open(path: &Path) -> Result<Storage, StorageError> {
@@ -177,22 +201,9 @@ impl Storage {
         cutoff_ms: u64,
         keep: impl Fn(&str) -> bool,
     ) -> Result<usize, StorageError> {
-        let mut doomed = Vec::new();
-        for item in self.rooms.iter() {
-            let (k, v) = item?;
-            let page = String::from_utf8_lossy(&k);
-            let stale = !is_foreign(&v)
-                && decode::<RoomRecord>(&k, &v).is_none_or(|r| r.last_active_ms < cutoff_ms);
-            if stale && !keep(&page) {
-                doomed.push(k);
-            }
-        }
-        let mut batch = sled::Batch::default();
-        for k in &doomed {
-            batch.remove(k.clone());
-        }
-        self.rooms.apply_batch(batch)?;
-        Ok(doomed.len())
+        expire(&self.rooms, cutoff_ms, keep, |r: RoomRecord| {
+            r.last_active_ms
+        })
     }
 
     /// Deletes stats of pages inactive since before `cutoff_ms`, except pages
@@ -202,23 +213,9 @@ impl Storage {
         cutoff_ms: u64,
         keep: impl Fn(&str) -> bool,
     ) -> Result<usize, StorageError> {
-        let mut doomed = Vec::new();
-        for item in self.stats.iter() {
-            let (k, v) = item?;
-            let page = String::from_utf8_lossy(&k);
-            let stale = !is_foreign(&v)
-                && decode::<PageStats>(&k, &v)
-                    .is_none_or(|s| s.last_active_ms.unwrap_or(0) < cutoff_ms);
-            if stale && !keep(&page) {
-                doomed.push(k);
-            }
-        }
-        let mut batch = sled::Batch::default();
-        for k in &doomed {
-            batch.remove(k.clone());
-        }
-        self.stats.apply_batch(batch)?;
-        Ok(doomed.len())
+        expire(&self.stats, cutoff_ms, keep, |s: PageStats| {
+            s.last_active_ms.unwrap_or(0)
+        })
     }
 
     /// Number of stored room records.

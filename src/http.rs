@@ -164,6 +164,9 @@ async fn websocket(
         active: state.active.clone(),
         permit,
     };
+    state
+        .active
+        .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     actix_web::rt::spawn(session::run(ctx, ws_session, stream));
     response
 }

@@ -21,10 +21,13 @@ pub mod close {
     pub const UNSUPPORTED: u16 = 1003;
     /// WebSocket protocol violation (malformed frames).
     pub const PROTOCOL_ERROR: u16 = 1002;
-    /// Policy violation (origin, abuse, caps, a client too slow to read).
+    /// Policy violation (origin, abuse, caps).
     pub const POLICY: u16 = 1008;
     /// Message larger than `max_message_bytes`.
     pub const TOO_BIG: u16 = 1009;
+    /// Try again later: the client fell too far behind reading its updates
+    /// (its send queue overflowed); it should reconnect with backoff.
+    pub const TRY_AGAIN_LATER: u16 = 1013;
     /// Internal error.
     pub const INTERNAL: u16 = 1011;
 }

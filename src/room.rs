@@ -38,12 +38,20 @@ pub type ConnId = u64;
 pub enum Outbound {
     /// A ready-to-send text frame.
     Text(ByteString),
-    /// Send `error` (an `error` message), then close with `code` and `reason`.
-    Refuse {
-        error: ByteString,
-        code: u16,
-        reason: &'static str,
-    },
+    /// Send an `error` message, then close (boxed: rare, and it keeps
+    /// every queue slot small).
+    Refuse(Box<Refusal>),
+}
+
+/// A connection refused after its upgrade.
+#[derive(Debug, Clone)]
+pub struct Refusal {
+    /// The `error` message to send first.
+    pub error: ByteString,
+    /// Close code.
+    pub code: u16,
+    /// Close reason.
+    pub reason: &'static str,
 }
 
 /// Outbound queue of one connection (bounded: `websocket.send_queue`).

@@ -43,7 +43,8 @@ pub struct SessionContext {
     pub settings: Arc<Settings>,
     /// Becomes true when the server shuts down.
     pub shutdown: watch::Receiver<bool>,
-    /// Open sessions (decremented when this one ends).
+    /// Open sessions: incremented by the HTTP handler before it spawns the
+    /// session (so shutdown never misses one), decremented when it ends.
     pub active: Arc<AtomicUsize>,
     /// This connection's slot in the connection caps, released when it ends.
     pub permit: Permit,
@@ -60,8 +61,25 @@ impl Drop for ActiveGuard {
 
 /// Writes one text frame; false when the client is gone or did not take it
 /// within `limit` (a client that does not read cannot stall the loop).
+/// The write future is boxed: it exists only while writing, so it does not
+/// enlarge every idle connection's task.
 async fn send(session: &mut Session, text: ByteString, limit: Duration) -> bool {
-    matches!(timeout(limit, session.text(text)).await, Ok(Ok(())))
+    let write = Box::pin(timeout(limit, session.text(text)));
+    matches!(write.await, Ok(Ok(())))
+}
+
+/// Writes a pong answering `ping` (or, with `None`, our own ping), bounded
+/// by `limit` and boxed like [`send`].
+async fn control(
+    session: &mut Session,
+    ping: Option<actix_web::web::Bytes>,
+    limit: Duration,
+) -> bool {
+    let write: std::pin::Pin<Box<dyn std::future::Future<Output = _>>> = match &ping {
+        Some(payload) => Box::pin(timeout(limit, session.pong(payload))),
+        None => Box::pin(timeout(limit, session.ping(b""))),
+    };
+    matches!(write.await, Ok(Ok(())))
 }
 
 fn reason(code: u16, text: &str) -> Option<CloseReason> {
@@ -82,7 +100,6 @@ pub async fn run(ctx: SessionContext, mut session: Session, stream: actix_ws::Me
         active,
         permit,
     } = ctx;
-    active.fetch_add(1, Ordering::SeqCst);
     let _guard = ActiveGuard(active);
     let ws = &settings.websocket;
     let conn = NEXT_CONN_ID.fetch_add(1, Ordering::Relaxed);
@@ -107,7 +124,10 @@ pub async fn run(ctx: SessionContext, mut session: Session, stream: actix_ws::Me
         Instant::now() + ws.heartbeat_interval,
         ws.heartbeat_interval,
     );
-    let mut deadline = Instant::now() + ws.client_timeout;
+    // One timer for the liveness deadline, moved forward on every frame
+    // (cheaper than a new timer per loop iteration).
+    let deadline = sleep_until(Instant::now() + ws.client_timeout);
+    tokio::pin!(deadline);
 
     // `Some(reason)`: close the socket with it; `None`: it is already gone.
     let close_with: Option<Option<CloseReason>> = loop {
@@ -116,7 +136,7 @@ pub async fn run(ctx: SessionContext, mut session: Session, stream: actix_ws::Me
             _ = shutdown.changed() => break Some(reason(close::GOING_AWAY, "server shutting down")),
             frame = stream.recv() => {
                 let now = Instant::now();
-                deadline = now + ws.client_timeout;
+                deadline.as_mut().reset(now + ws.client_timeout);
                 // Every data frame and ping spends a token; over the rate the
                 // message is refused, and a client that keeps on is closed.
                 if matches!(frame, Some(Ok(AggregatedMessage::Text(_) | AggregatedMessage::Ping(_))))
@@ -134,7 +154,7 @@ pub async fn run(ctx: SessionContext, mut session: Session, stream: actix_ws::Me
                     }
                     continue;
                 }
-                if matches!(frame, Some(Ok(AggregatedMessage::Text(_)))) {
+                if matches!(frame, Some(Ok(AggregatedMessage::Text(_) | AggregatedMessage::Ping(_)))) {
                     strikes = 0;
                 }
                 match frame {
@@ -155,7 +175,7 @@ pub async fn run(ctx: SessionContext, mut session: Session, stream: actix_ws::Me
                         break Some(reason(close::UNSUPPORTED, "binary frames are not supported"));
                     }
                     Some(Ok(AggregatedMessage::Ping(bytes))) => {
-                        if !matches!(timeout(ws.client_timeout, session.pong(&bytes)).await, Ok(Ok(()))) {
+                        if !control(&mut session, Some(bytes), ws.client_timeout).await {
                             break None;
                         }
                     }
@@ -179,18 +199,18 @@ pub async fn run(ctx: SessionContext, mut session: Session, stream: actix_ws::Me
                         break None;
                     }
                 }
-                Some(Outbound::Refuse { error, code, reason: why }) => {
-                    let _ = send(&mut session, error, CLOSE_WRITE_TIMEOUT).await;
-                    break Some(reason(code, why));
+                Some(Outbound::Refuse(r)) => {
+                    let _ = send(&mut session, r.error, CLOSE_WRITE_TIMEOUT).await;
+                    break Some(reason(r.code, r.reason));
                 }
-                None => break Some(reason(close::POLICY, "client too slow: send queue overflowed")),
+                None => break Some(reason(close::TRY_AGAIN_LATER, "client too slow: send queue overflowed")),
             },
-            _ = sleep_until(deadline) => {
+            _ = &mut deadline => {
                 tracing::debug!(page = %page, conn, "client timed out");
                 break Some(reason(close::NORMAL, "client timeout"));
             }
             _ = heartbeat.tick() => {
-                if !matches!(timeout(ws.client_timeout, session.ping(b"")).await, Ok(Ok(()))) {
+                if !control(&mut session, None, ws.client_timeout).await {
                     break None;
                 }
             }

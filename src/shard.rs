@@ -23,7 +23,7 @@ use crate::{
     config::Settings,
     counter::{Counter, ShardRooms},
     protocol::{close, PageId, ProtocolError},
-    room::{Join, Leave, Outbound, PageRoom, ReportState, SaveRecord, SetLinks, StopRoom},
+    room::{Join, Leave, Outbound, PageRoom, Refusal, ReportState, SaveRecord, SetLinks, StopRoom},
     storage::Storage,
 };
 
@@ -114,11 +114,11 @@ impl Handler<Join> for Shard {
                     "overloaded",
                     "the server holds the most pages it may; try again later",
                 );
-                let _ = msg.tx.try_send(Outbound::Refuse {
+                let _ = msg.tx.try_send(Outbound::Refuse(Box::new(Refusal {
                     error: error.to_json().into(),
-                    code: close::POLICY,
+                    code: close::TRY_AGAIN_LATER,
                     reason: "overloaded: room limit reached",
-                });
+                })));
                 return;
             }
             let uid = NEXT_ROOM_UID.fetch_add(1, Ordering::Relaxed);

@@ -523,7 +523,7 @@ async fn distinct_page_floods_hit_the_caps() {
     real.next_update().await;
     let mut viewer = app.connect("real-target").await;
 
-    // Connections to new pages: rooms up to the cap, then `overloaded` + 1008.
+    // Connections to new pages: rooms up to the cap, then `overloaded` + 1013 (try again later).
     let mut held = Vec::new();
     let mut refused = 0;
     for i in 0..30 {
@@ -532,7 +532,7 @@ async fn distinct_page_floods_hit_the_caps() {
         let v = c.next_json().await;
         if v["type"] == "error" {
             assert_eq!(v["code"], "overloaded", "{v}");
-            assert_eq!(c.expect_close().await, 1008);
+            assert_eq!(c.expect_close().await, 1013);
             refused += 1;
         } else {
             held.push(c);

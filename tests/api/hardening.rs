@@ -11,8 +11,6 @@ use tokio::{
     net::{TcpSocket, TcpStream},
 };
 use tokio_tungstenite::tungstenite::{
-    client::IntoClientRequest,
-    http::{HeaderName, HeaderValue},
     protocol::frame::{
         coding::{Data, OpCode},
         Frame,
@@ -20,7 +18,7 @@ use tokio_tungstenite::tungstenite::{
     Message,
 };
 
-use crate::helpers::{counts, http_get, spawn_app, Client, TestApp, PATIENCE};
+use crate::helpers::{connect_from, counts, http_get, spawn_app, Client, TestApp, PATIENCE};
 
 /// The invariant checked after every row: the server answers HTTP, the
 /// watcher (subscribed to `target`) shows the true count, and a fresh
@@ -258,24 +256,7 @@ async fn try_connect_from(
     page: &str,
     headers: &[(&str, &str)],
 ) -> Result<Client, u16> {
-    let socket = TcpSocket::new_v4().expect("socket");
-    socket
-        .bind(format!("{src}:0").parse().expect("addr"))
-        .expect("bind source");
-    let stream = socket.connect(app.addr).await.expect("tcp connect");
-    let mut req = app.ws_url(page).into_client_request().expect("request");
-    for (k, v) in headers {
-        let name = HeaderName::from_bytes(k.as_bytes()).expect("header name");
-        req.headers_mut()
-            .insert(name, HeaderValue::from_str(v).expect("header"));
-    }
-    match tokio_tungstenite::client_async(req, tokio_tungstenite::MaybeTlsStream::Plain(stream))
-        .await
-    {
-        Ok((ws, _)) => Ok(Client::from_stream(ws)),
-        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => Err(resp.status().as_u16()),
-        Err(e) => panic!("unexpected error {e}"),
-    }
+    connect_from(app.addr, src, &app.ws_url(page), headers).await
 }
 
 /// Per-IP concurrent cap (429), per-IP new-connection rate (429) and the

@@ -233,6 +233,37 @@ async fn open(url: &str) -> WebSocketStream<MaybeTlsStream<TcpStream>> {
     ws
 }
 
+/// Opens a WebSocket to `url` (served at `target`) from source address
+/// `src` (a 127.0.0.x), with extra request headers; `Err(status)` when the
+/// upgrade is refused with an HTTP status.
+pub async fn connect_from(
+    target: SocketAddr,
+    src: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+) -> Result<Client, u16> {
+    use tokio_tungstenite::tungstenite::{
+        client::IntoClientRequest,
+        http::{HeaderName, HeaderValue},
+    };
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket
+        .bind(format!("{src}:0").parse().expect("source address"))
+        .expect("bind source");
+    let stream = socket.connect(target).await.expect("tcp connect");
+    let mut req = url.into_client_request().expect("request");
+    for (k, v) in headers {
+        let name = HeaderName::from_bytes(k.as_bytes()).expect("header name");
+        req.headers_mut()
+            .insert(name, HeaderValue::from_str(v).expect("header value"));
+    }
+    match tokio_tungstenite::client_async(req, MaybeTlsStream::Plain(stream)).await {
+        Ok((ws, _)) => Ok(Client::from_stream(ws)),
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => Err(resp.status().as_u16()),
+        Err(e) => panic!("connect {url} from {src}: {e}"),
+    }
+}
+
 impl SilentClient {
     pub async fn connect(url: &str) -> SilentClient {
         SilentClient(open(url).await)

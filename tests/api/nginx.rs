@@ -8,10 +8,7 @@ use std::{
     time::Duration,
 };
 
-use tokio::net::TcpSocket;
-use tokio_tungstenite::{tungstenite::client::IntoClientRequest, MaybeTlsStream};
-
-use crate::helpers::{counts, http_get, spawn_app, Client, PATIENCE};
+use crate::helpers::{connect_from, counts, http_get, spawn_app, Client, PATIENCE};
 
 const NGINX: &str = "/usr/sbin/nginx";
 
@@ -94,22 +91,14 @@ fn is_root() -> bool {
 
 /// Connects through nginx from source address `src`.
 async fn via(nginx: &Nginx, src: &str, path: &str) -> Result<Client, u16> {
-    let socket = TcpSocket::new_v4().expect("socket");
-    socket
-        .bind(format!("{src}:0").parse().expect("addr"))
-        .expect("bind");
-    let stream = socket
-        .connect(([127, 0, 0, 1], nginx.port).into())
-        .await
-        .expect("connect nginx");
-    let req = format!("ws://127.0.0.1:{}{path}", nginx.port)
-        .into_client_request()
-        .expect("req");
-    match tokio_tungstenite::client_async(req, MaybeTlsStream::Plain(stream)).await {
-        Ok((ws, _)) => Ok(Client::from_stream(ws)),
-        Err(tokio_tungstenite::tungstenite::Error::Http(r)) => Err(r.status().as_u16()),
-        Err(e) => panic!("through nginx: {e}"),
-    }
+    let target = ([127, 0, 0, 1], nginx.port).into();
+    connect_from(
+        target,
+        src,
+        &format!("ws://127.0.0.1:{}{path}", nginx.port),
+        &[],
+    )
+    .await
 }
 
 /// Counts work through nginx, at the root and under a path prefix; the client

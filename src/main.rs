@@ -74,6 +74,8 @@ fn main() -> ExitCode {
                 return ExitCode::from(1);
             }
         };
+        // Handlers first: a script may send SIGTERM as soon as it reads the line.
+        let stop = shutdown::signal();
         // Machine-readable line for scripts and tests that bind port 0.
         println!("listening on {}", server.local_addr());
         if let Some(admin) = server.admin_addr() {
@@ -81,7 +83,7 @@ fn main() -> ExitCode {
             use std::io::Write;
             let _ = writeln!(std::io::stdout(), "admin listening on {admin}");
         }
-        shutdown::signal().await;
+        stop.await;
         server.shutdown().await;
         ExitCode::SUCCESS
     })

@@ -41,7 +41,9 @@ pub enum Outbound {
     /// An `update` message; `since` is when the oldest change it carries
     /// happened (for the publish-lag histogram), `None` for a full update.
     Update {
+        /// The serialized `update`.
         text: ByteString,
+        /// When the oldest change it carries was applied at the counter.
         since: Option<Instant>,
     },
     /// Send `error` (an `error` message), then close with `code` and `reason`.

@@ -314,6 +314,16 @@ pub enum LogFormat {
     Json,
 }
 
+impl LogFormat {
+    /// The config value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogFormat::Text => "text",
+            LogFormat::Json => "json",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LogSettings {

@@ -84,7 +84,7 @@ pub fn log_settings(s: &Settings) {
         allowed_origins = s.security.allowed_origins.len(),
         trusted_proxies = s.security.trusted_proxies.len(),
         demo = s.web.demo,
-        log_format = ?s.log.format,
+        log_format = s.log.format.as_str(),
         "settings"
     );
 }

@@ -120,6 +120,7 @@ pub fn install() -> Option<&'static PrometheusHandle> {
             match built {
                 Ok(handle) => {
                     describe();
+                    init_counters();
                     Some(handle)
                 }
                 Err(e) => {
@@ -185,6 +186,34 @@ fn describe() {
     describe_gauge!(CLUSTER_NODES, "Live cluster nodes this node sees");
 }
 
+/// Every counter is exposed from the start (at 0), so that `rate()` and
+/// alerts see a series before the first event.
+fn init_counters() {
+    for name in [
+        CONNECTIONS_OPENED,
+        LINKS_REFUSED,
+        MESSAGES_IN,
+        MESSAGES_OUT,
+        COUNT_CHANGES,
+        COUNT_PUBLISHES,
+        UPDATES_SENT,
+        SWEEPS,
+        ROOMS_EVICTED,
+        COUNTER_RESTARTS,
+    ] {
+        counter!(name).increment(0);
+    }
+    for why in CloseKind::ALL {
+        counter!(CONNECTIONS_CLOSED, "reason" => why.as_str()).increment(0);
+    }
+    for why in Refused::ALL {
+        counter!(CONNECTIONS_REFUSED, "reason" => why.as_str()).increment(0);
+    }
+    for what in ["pages", "room_records", "stats_records"] {
+        counter!(SWEEP_REMOVED, "what" => what).increment(0);
+    }
+}
+
 // ---------------------------------------------------------------- labels
 
 /// Why a WebSocket session ended (label `reason` of `connections_closed_total`).
@@ -213,6 +242,20 @@ pub enum CloseKind {
 }
 
 impl CloseKind {
+    /// Every reason, for initializing the series.
+    pub const ALL: [CloseKind; 10] = [
+        CloseKind::ClientClose,
+        CloseKind::Abrupt,
+        CloseKind::Timeout,
+        CloseKind::RateLimited,
+        CloseKind::TooBig,
+        CloseKind::Binary,
+        CloseKind::ProtocolError,
+        CloseKind::SlowClient,
+        CloseKind::Shutdown,
+        CloseKind::MaxRooms,
+    ];
+
     /// The label value.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -252,6 +295,18 @@ pub enum Refused {
 }
 
 impl Refused {
+    /// Every reason, for initializing the series.
+    pub const ALL: [Refused; 8] = [
+        Refused::Origin,
+        Refused::MaxConnections,
+        Refused::MaxConnectionsPerIp,
+        Refused::ConnectionRate,
+        Refused::BadPageId,
+        Refused::BadHandshake,
+        Refused::ShuttingDown,
+        Refused::MaxRooms,
+    ];
+
     /// The label value.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -348,9 +403,11 @@ pub fn counter_restarted() {
     counter!(COUNTER_RESTARTS).increment(1);
 }
 
-/// Scrape-time gauges: rooms alive on `shard`.
+/// Scrape-time gauges: rooms alive on `shard` (and its open-connections
+/// series made visible, at 0 before its first connection).
 pub fn set_rooms(shard: usize, rooms: usize) {
     gauge!(ROOMS, "shard" => shard.to_string()).set(rooms as f64);
+    gauge!(CONNECTIONS_OPEN, "shard" => shard.to_string()).increment(0.0);
 }
 
 /// Scrape-time gauges of the counter's state.

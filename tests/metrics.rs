@@ -222,6 +222,11 @@ async fn scraped_values_equal_the_script() {
         assert!(text.contains(name), "{name} missing:\n{text}");
     }
     assert!(text.contains("# TYPE link_counter_connections_opened_total counter"));
+    // Reasons that never happened are exposed at 0 (series exist from the start).
+    assert!(
+        text.contains("link_counter_connections_closed_total{reason=\"binary\"} 0"),
+        "{text}"
+    );
 
     // Metrics are not on the public listener by default; the stats API is.
     let (status, _) = app.get("/metrics").await;

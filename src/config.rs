@@ -37,6 +37,10 @@ pub struct Settings {
     pub security: SecuritySettings,
     /// Browser assets and the demo site.
     pub web: WebSettings,
+    /// The operator listener (metrics, dashboard).
+    pub admin: AdminSettings,
+    /// Log format and filter.
+    pub log: LogSettings,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -270,7 +274,7 @@ impl Settings {
         if self.storage.path.as_os_str().is_empty() {
             return bad("storage.path", "must not be empty");
         }
-        Ok(())
+        validate_ops(self)
     }
 
     /// Shard count after resolving 0 to the number of cores.
@@ -282,6 +286,68 @@ impl Settings {
     pub fn worker_count(&self) -> usize {
         resolve_threads(self.server.workers)
     }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminSettings {
+    /// Address of the admin listener (`/metrics`, `/dashboard`); empty = none.
+    pub bind: String,
+    /// Also serve `/metrics` on the public listener.
+    pub metrics_on_public: bool,
+}
+
+impl AdminSettings {
+    /// The admin address, `None` when `admin.bind` is empty (validated by [`Settings::validate`]).
+    pub fn addr(&self) -> Option<SocketAddr> {
+        self.bind.trim().parse().ok()
+    }
+}
+
+/// Output format of the logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+impl LogFormat {
+    /// The config value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogFormat::Text => "text",
+            LogFormat::Json => "json",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSettings {
+    /// `text` or `json`.
+    pub format: LogFormat,
+    /// RUST_LOG-style filter used when `RUST_LOG` is not set.
+    pub filter: String,
+}
+
+/// Checks of the `[admin]` and `[log]` sections; each error names its key.
+fn validate_ops(s: &Settings) -> Result<(), ConfigError> {
+    let bad =
+        |key: &str, why: String| Err(ConfigError(format!("invalid configuration: {key}: {why}")));
+    let bind = s.admin.bind.trim();
+    if !bind.is_empty() && bind.parse::<SocketAddr>().is_err() {
+        return bad(
+            "admin.bind",
+            format!("{bind:?} is not an address:port (use \"\" for no admin listener)"),
+        );
+    }
+    if let Err(e) = tracing_subscriber::EnvFilter::try_new(&s.log.filter) {
+        return bad("log.filter", e.to_string());
+    }
+    Ok(())
 }
 
 fn resolve_threads(n: usize) -> usize {

@@ -130,6 +130,33 @@ pub struct CounterStatus {
     pub pages: usize,
 }
 
+/// Sizes of the counter's state, for `/metrics` and `/api/v1/stats`.
+#[derive(Message)]
+#[rtype(result = "CounterLoad")]
+pub struct GetLoad;
+
+/// Answer to [`GetLoad`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CounterLoad {
+    /// Pages held in memory.
+    pub pages: usize,
+    /// Pages with at least one live connection.
+    pub live_pages: usize,
+    /// (room, followed page) pairs.
+    pub subscriptions: usize,
+    /// Rooms following at least one link.
+    pub follower_rooms: usize,
+    /// Sum of the live counts (connections known to the counter).
+    pub connections: u64,
+    /// Connections opened since the process started.
+    pub opened_total: u64,
+}
+
+/// The `limit` pages with the most live connections, most first (ties by id).
+#[derive(Message)]
+#[rtype(result = "Vec<PageInfo>")]
+pub struct GetTop(pub usize);
+
 // ---------------------------------------------------------------- state
 
 /// One page as the counter knows it.
@@ -192,6 +219,10 @@ pub struct Counter {
     epoch: u64,
     /// Set while rebuilding.
     resync: Option<Resync>,
+    /// When the oldest change not yet published was applied (publish-lag metric).
+    oldest_change: Option<Instant>,
+    /// Connections opened since the process started (`/api/v1/stats`).
+    opened_total: u64,
 }
 
 impl Counter {
@@ -206,6 +237,8 @@ impl Counter {
             generation: 0,
             epoch: 0,
             resync: None,
+            oldest_change: None,
+            opened_total: 0,
         }
     }
 
@@ -228,6 +261,9 @@ impl Counter {
         if e.count == count && opened == 0 {
             return;
         }
+        if e.count != count {
+            crate::metrics::count_changed();
+        }
         e.count = count;
         e.stats.total_connections += opened;
         e.stats.last_active_ms = Some(now);
@@ -237,6 +273,8 @@ impl Counter {
         }
         e.dirty = true;
         self.changed.insert(page.clone());
+        self.opened_total += opened;
+        self.oldest_change.get_or_insert_with(Instant::now);
     }
 
     fn follow(&mut self, room: u64, addr: &Addr<PageRoom>, links: &[PageId]) {
@@ -293,6 +331,8 @@ impl Counter {
         if self.resync.is_some() || self.changed.is_empty() {
             return;
         }
+        let since = self.oldest_change.take();
+        let mut published = 0;
         let mut outbox: HashMap<u64, Vec<(PageId, u64)>> = HashMap::new();
         for page in self.changed.drain() {
             let Some(e) = self.pages.get_mut(&page) else {
@@ -303,6 +343,7 @@ impl Counter {
             }
             e.published = e.count;
             e.told_other = false;
+            published += 1;
             for room in &e.subscribers {
                 outbox
                     .entry(*room)
@@ -310,15 +351,17 @@ impl Counter {
                     .push((page.clone(), e.count));
             }
         }
+        crate::metrics::counts_published(published);
         for (room, changes) in outbox {
             if let Some(f) = self.followers.get(&room) {
-                f.addr.do_send(Counts { changes });
+                f.addr.do_send(Counts { changes, since });
             }
         }
     }
 
     /// Writes dirty stats in one batch, then flushes off-thread.
     fn snapshot(&mut self, wait: bool) {
+        let started = Instant::now();
         let dirty: Vec<(PageId, PageStats)> = self
             .pages
             .iter_mut()
@@ -342,6 +385,7 @@ impl Counter {
                 return;
             }
         }
+        crate::metrics::snapshot(started.elapsed(), dirty.len());
         let storage = self.storage.clone();
         if wait {
             if let Err(e) = storage.flush() {
@@ -383,6 +427,11 @@ impl Counter {
             Ok(n) => report.stats_expired = n,
             Err(e) => tracing::error!(error = %e, "stats expiry failed"),
         }
+        crate::metrics::sweep(
+            report.pages_dropped,
+            report.rooms_expired,
+            report.stats_expired,
+        );
         tracing::info!(
             pages_dropped = report.pages_dropped,
             rooms_expired = report.rooms_expired,
@@ -440,10 +489,12 @@ impl Counter {
             e.published = e.count;
         }
         self.changed.clear();
+        self.oldest_change = None;
         for f in self.followers.values() {
             let links: Vec<PageId> = f.links.iter().cloned().collect();
             f.addr.do_send(Counts {
                 changes: self.counts_of(&links),
+                since: None,
             });
         }
         for (addr, links, refused) in r.deferred {
@@ -486,6 +537,7 @@ impl Actor for Counter {
 
 impl Supervised for Counter {
     fn restarting(&mut self, _ctx: &mut Context<Self>) {
+        crate::metrics::counter_restarted();
         // Live state is rebuilt from the rooms; stats (not live) are kept,
         // except the fields that the live state derives.
         let stats: HashMap<PageId, (PageStats, bool)> = self
@@ -542,6 +594,7 @@ impl Handler<Subscribe> for Counter {
             }
         }
         if !refused.is_empty() {
+            crate::metrics::links_refused(refused.len());
             tracing::info!(
                 refused = refused.len(),
                 max_pages = max,
@@ -583,6 +636,7 @@ impl Handler<RoomState> for Counter {
         if e.count != msg.count {
             e.count = msg.count;
             self.changed.insert(msg.page.clone());
+            self.oldest_change.get_or_insert_with(Instant::now);
         }
         if let Some(r) = &mut self.resync {
             if r.epoch == msg.epoch {
@@ -678,5 +732,54 @@ impl Handler<InjectFault> for Counter {
         }
         self.followers.clear();
         self.fault(ctx, "injected by test hook");
+    }
+}
+
+impl Handler<GetLoad> for Counter {
+    type Result = MessageResult<GetLoad>;
+    fn handle(&mut self, _: GetLoad, _: &mut Context<Self>) -> Self::Result {
+        let mut load = CounterLoad {
+            pages: self.pages.len(),
+            live_pages: 0,
+            subscriptions: 0,
+            follower_rooms: self.followers.len(),
+            connections: 0,
+            opened_total: self.opened_total,
+        };
+        for e in self.pages.values() {
+            load.subscriptions += e.subscribers.len();
+            load.connections += e.count;
+            load.live_pages += usize::from(e.count > 0);
+        }
+        MessageResult(load)
+    }
+}
+
+impl Handler<GetTop> for Counter {
+    type Result = MessageResult<GetTop>;
+    fn handle(&mut self, msg: GetTop, _: &mut Context<Self>) -> Self::Result {
+        let mut live: Vec<(&PageId, &PageEntry)> =
+            self.pages.iter().filter(|(_, e)| e.count > 0).collect();
+        let order = |a: &(&PageId, &PageEntry), b: &(&PageId, &PageEntry)| {
+            b.1.count.cmp(&a.1.count).then_with(|| a.0.cmp(b.0))
+        };
+        if live.len() > msg.0 && msg.0 > 0 {
+            live.select_nth_unstable_by(msg.0 - 1, order);
+        }
+        live.truncate(msg.0);
+        live.sort_by(order);
+        MessageResult(
+            live.into_iter()
+                .map(|(id, e)| PageInfo {
+                    id: id.to_string(),
+                    connections: e.count,
+                    peak_connections: e.stats.peak_connections,
+                    peak_at: e.stats.peak_at_ms.map(rfc3339),
+                    total_connections: e.stats.total_connections,
+                    last_active: e.stats.last_active_ms.map(rfc3339),
+                    links: Vec::new(),
+                })
+                .collect(),
+        )
     }
 }

@@ -16,6 +16,7 @@ use crate::{
     config::Settings,
     counter::{Counter, GetCounts, GetPage, GetStatus},
     limits::{client_ip, ConnLimiter, OriginPolicy, Refusal},
+    metrics::{connection_refused, Refused},
     protocol::{decode_page_id, validate_page_id, PageId},
     session::{self, SessionContext},
     shard::Shards,
@@ -101,9 +102,14 @@ async fn websocket(
         .unwrap_or_default();
     let page = match decode_page_id(raw) {
         Ok(p) => p,
-        Err(e) => return plain(StatusCode::BAD_REQUEST, &format!("invalid page id: {e}")),
+        Err(e) => {
+            tracing::info!(path = req.uri().path(), error = %e, "invalid page id; upgrade refused");
+            connection_refused(Refused::BadPageId);
+            return plain(StatusCode::BAD_REQUEST, &format!("invalid page id: {e}"));
+        }
     };
     if !is_upgrade(&req) {
+        connection_refused(Refused::BadHandshake);
         return plain(
             StatusCode::BAD_REQUEST,
             "this is a WebSocket endpoint: connect with a WebSocket client \
@@ -111,6 +117,8 @@ async fn websocket(
         );
     }
     if *state.shutdown.borrow() {
+        tracing::info!(page = %page, "shutting down; upgrade refused");
+        connection_refused(Refused::ShuttingDown);
         return plain(StatusCode::SERVICE_UNAVAILABLE, "server is shutting down");
     }
     let origin = req
@@ -122,6 +130,7 @@ async fn websocket(
             origin = origin.unwrap_or(""),
             "origin not allowed; upgrade refused"
         );
+        connection_refused(Refused::Origin);
         return plain(StatusCode::FORBIDDEN, "origin not allowed");
     }
     let peer = req
@@ -136,20 +145,24 @@ async fn websocket(
         Ok(p) => p,
         Err(refusal) => {
             tracing::info!(%ip, ?refusal, "connection cap; upgrade refused");
-            let status = match refusal {
-                Refusal::Global => StatusCode::SERVICE_UNAVAILABLE,
-                Refusal::PerIp | Refusal::Rate => StatusCode::TOO_MANY_REQUESTS,
+            let (status, why) = match refusal {
+                Refusal::Global => (StatusCode::SERVICE_UNAVAILABLE, Refused::MaxConnections),
+                Refusal::PerIp => (StatusCode::TOO_MANY_REQUESTS, Refused::MaxConnectionsPerIp),
+                Refusal::Rate => (StatusCode::TOO_MANY_REQUESTS, Refused::ConnectionRate),
             };
+            connection_refused(why);
             return plain(status, refusal.message());
         }
     };
     let (response, ws_session, stream) = match actix_ws::handle(&req, body) {
         Ok(parts) => parts,
         Err(e) => {
+            tracing::info!(error = %e, "WebSocket handshake failed; upgrade refused");
+            connection_refused(Refused::BadHandshake);
             return plain(
                 StatusCode::BAD_REQUEST,
                 &format!("WebSocket handshake failed: {e}"),
-            )
+            );
         }
     };
     let pk = web::Query::<BTreeMap<String, String>>::from_query(req.query_string())

@@ -12,13 +12,19 @@
 //! - [`http`]: routes (WebSocket endpoint, read-only JSON API, health).
 //! - [`web`]: browser assets compiled into the binary: `/link-counter.js` (ETag) and the demo site.
 //! - [`server`]: wiring and graceful shutdown.
+//! - [`metrics`]: the names of every Prometheus metric and the helpers that record them.
+//! - [`admin`]: the admin listener: `/metrics`, `/dashboard`, `/api/v1/stats`, `/api/v1/top`.
+//! - [`logging`]: tracing setup (text or JSON, filter) and the startup settings summary.
 //! - [`shutdown`]: SIGINT and SIGTERM.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod config;
 pub mod counter;
 pub mod http;
 pub mod limits;
+pub mod logging;
+pub mod metrics;
 pub mod protocol;
 pub mod room;
 pub mod server;

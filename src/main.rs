@@ -10,7 +10,8 @@ const USAGE: &str = "usage: link-counter [--config FILE]
 Serves live page-view counts over WebSocket (PartyKit link-counter protocol).
 Settings: embedded defaults (config/default.toml), then FILE, then
 environment variables LINK_COUNTER__SECTION__KEY (e.g. LINK_COUNTER__SERVER__BIND=0.0.0.0:8080).
-Logs: RUST_LOG (default info).";
+Logs: log.format (text|json) and log.filter; RUST_LOG wins when set.
+Operators: /metrics and /dashboard on admin.bind (default 127.0.0.1:2000).";
 
 fn main() -> ExitCode {
     let mut args = std::env::args().skip(1);
@@ -45,14 +46,8 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    link_counter::logging::init(&settings.log);
+    link_counter::logging::log_settings(&settings);
 
     let storage = match Storage::open(&settings.storage.path) {
         Ok(s) => s,
@@ -89,6 +84,11 @@ fn main() -> ExitCode {
         };
         // Machine-readable line for scripts and tests that bind port 0.
         println!("listening on {}", server.local_addr());
+        if let Some(admin) = server.admin_addr() {
+            // Readers may stop after the first line: a closed stdout is fine here.
+            use std::io::Write;
+            let _ = writeln!(std::io::stdout(), "admin listening on {admin}");
+        }
         signals.recv().await;
         server.shutdown().await;
         ExitCode::SUCCESS

@@ -36,8 +36,16 @@ pub type ConnId = u64;
 /// What a room or shard sends to a session.
 #[derive(Debug, Clone)]
 pub enum Outbound {
-    /// A ready-to-send text frame.
+    /// A ready-to-send text frame (not an update).
     Text(ByteString),
+    /// An `update` message; `since` is when the oldest change it carries
+    /// happened (for the publish-lag histogram), `None` for a full update.
+    Update {
+        /// The serialized `update`.
+        text: ByteString,
+        /// When the oldest change it carries was applied at the counter.
+        since: Option<Instant>,
+    },
     /// Send an `error` message, then close (boxed: rare, and it keeps
     /// every queue slot small).
     Refuse(Box<Refusal>),
@@ -90,6 +98,8 @@ pub struct Leave {
 #[rtype(result = "()")]
 pub struct Counts {
     pub changes: Vec<(PageId, u64)>,
+    /// When the oldest of these changes was applied at the counter (publish lag).
+    pub since: Option<Instant>,
 }
 
 /// The counter's answer to a [`Subscribe`]: current counts of the links it
@@ -278,10 +288,10 @@ impl PageRoom {
         }
     }
 
-    /// Sends `text` to one connection, cutting it off if its queue is full.
-    fn send_to(page: &PageId, conn_id: ConnId, conn: &mut Conn, text: &ByteString) {
+    /// Sends `out` to one connection, cutting it off if its queue is full.
+    fn send_to(page: &PageId, conn_id: ConnId, conn: &mut Conn, out: Outbound) {
         let Some(tx) = &conn.tx else { return };
-        match tx.try_send(Outbound::Text(text.clone())) {
+        match tx.try_send(out) {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(_)) => {
                 tracing::warn!(page = %page, conn = conn_id, "send queue full; closing slow client");
@@ -302,7 +312,7 @@ impl PageRoom {
 
     /// Applies counts from the counter and delivers the ids whose value
     /// changed to the (non-pending) connections that follow them.
-    fn apply_counts(&mut self, counts: Vec<(PageId, u64)>) -> bool {
+    fn apply_counts(&mut self, counts: Vec<(PageId, u64)>, since: Option<Instant>) -> bool {
         let mut changes: Vec<(PageId, u64)> = Vec::new();
         for (link, count) in counts {
             if !self.refs.contains_key(&link) {
@@ -341,7 +351,11 @@ impl PageRoom {
                         .map(|i| (&*changes[i].0, changes[i].1)),
                 ))
             });
-            Self::send_to(page, *id, conn, text);
+            let out = Outbound::Update {
+                text: text.clone(),
+                since,
+            };
+            Self::send_to(page, *id, conn, out);
         }
         true
     }
@@ -361,7 +375,8 @@ impl PageRoom {
             let text = self.full_update(conn);
             if let Some(conn) = self.conns.get_mut(&id) {
                 conn.pending = false;
-                Self::send_to(&self.page, id, conn, &text);
+                let out = Outbound::Update { text, since: None };
+                Self::send_to(&self.page, id, conn, out);
             }
         }
     }
@@ -387,7 +402,9 @@ impl PageRoom {
                     &**dropped[0]
                 ),
             );
-            Self::send_to(page, *id, conn, &ByteString::from(error.to_json()));
+            crate::metrics::error_sent(error.code);
+            let out = Outbound::Text(ByteString::from(error.to_json()));
+            Self::send_to(page, *id, conn, out);
         }
     }
 
@@ -526,7 +543,7 @@ impl Handler<SetLinks> for PageRoom {
 impl Handler<Counts> for PageRoom {
     type Result = ();
     fn handle(&mut self, msg: Counts, ctx: &mut Context<Self>) {
-        if self.apply_counts(msg.changes) {
+        if self.apply_counts(msg.changes, msg.since) {
             self.release_pending();
             self.mark_dirty(ctx);
         }
@@ -539,7 +556,7 @@ impl Handler<Subscribed> for PageRoom {
         if !msg.refused.is_empty() {
             self.refuse_links(&msg.refused);
         }
-        self.apply_counts(msg.counts);
+        self.apply_counts(msg.counts, None);
         self.release_pending();
         self.mark_dirty(ctx);
     }

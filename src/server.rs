@@ -44,6 +44,8 @@ pub struct Server {
     active: Arc<AtomicUsize>,
     /// Shared settings.
     settings: Arc<Settings>,
+    /// The admin listener (metrics, dashboard), if `admin.bind` is set.
+    admin: Option<crate::admin::AdminServer>,
 }
 
 /// What a graceful shutdown did.
@@ -98,9 +100,13 @@ impl Server {
             tracing::warn!("security.allowed_origins is empty: any website may connect");
         }
         let local_addr = listener.local_addr()?;
+        crate::metrics::install();
+        let ops = crate::admin::Ops::new(&settings);
+        let admin = crate::admin::start(&state, &ops)?;
         let server = HttpServer::new(move || {
             App::new()
                 .app_data(web::Data::new(state.clone()))
+                .configure(|cfg| ops.configure_public(cfg))
                 .configure(|cfg| crate::web::configure(cfg, &state.settings.web))
                 .configure(http::configure)
         })
@@ -136,7 +142,13 @@ impl Server {
             shutdown_tx,
             active,
             settings,
+            admin,
         })
+    }
+
+    /// The admin listener's address (`None` when `admin.bind` is empty).
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().map(|a| a.addr)
     }
 
     /// The bound address.
@@ -183,6 +195,9 @@ impl Server {
             );
         }
         self.http.stop(cut == 0).await;
+        if let Some(admin) = &self.admin {
+            admin.handle.stop(false).await;
+        }
         for shard in self.shards.all() {
             let _ = shard.send(SaveAll).await;
         }

@@ -20,6 +20,7 @@ use tokio::{
 use crate::{
     config::Settings,
     limits::{Permit, TokenBucket},
+    metrics::{self as m, CloseKind},
     protocol::{close, parse_client_message, ClientMessage, PageId, ProtocolError},
     room::{Join, Leave, Outbound, SetLinks},
     shard::Shards,
@@ -65,7 +66,11 @@ impl Drop for ActiveGuard {
 /// enlarge every idle connection's task.
 async fn send(session: &mut Session, text: ByteString, limit: Duration) -> bool {
     let write = Box::pin(timeout(limit, session.text(text)));
-    matches!(write.await, Ok(Ok(())))
+    let sent = matches!(write.await, Ok(Ok(())));
+    if sent {
+        m::message_out();
+    }
+    sent
 }
 
 /// Writes a pong answering `ping` (or, with `None`, our own ping), bounded
@@ -103,7 +108,9 @@ pub async fn run(ctx: SessionContext, mut session: Session, stream: actix_ws::Me
     let _guard = ActiveGuard(active);
     let ws = &settings.websocket;
     let conn = NEXT_CONN_ID.fetch_add(1, Ordering::Relaxed);
+    let shard_index = shards.index_of(&page);
     let shard = shards.for_page(&page).clone();
+    m::connection_opened(shard_index);
     let (tx, mut rx) = mpsc::channel::<Outbound>(ws.send_queue);
     shard.do_send(Join {
         page: page.clone(),
@@ -129,14 +136,17 @@ pub async fn run(ctx: SessionContext, mut session: Session, stream: actix_ws::Me
     let deadline = sleep_until(Instant::now() + ws.client_timeout);
     tokio::pin!(deadline);
 
-    // `Some(reason)`: close the socket with it; `None`: it is already gone.
-    let close_with: Option<Option<CloseReason>> = loop {
+    // Why it ends, and `Some(reason)`: close the socket with it; `None`: it is already gone.
+    let (kind, close_with): (CloseKind, Option<Option<CloseReason>>) = loop {
         tokio::select! {
             biased;
-            _ = shutdown.changed() => break Some(reason(close::GOING_AWAY, "server shutting down")),
+            _ = shutdown.changed() => break (CloseKind::Shutdown, Some(reason(close::GOING_AWAY, "server shutting down"))),
             frame = stream.recv() => {
                 let now = Instant::now();
                 deadline.as_mut().reset(now + ws.client_timeout);
+                if matches!(frame, Some(Ok(AggregatedMessage::Text(_)))) {
+                    m::message_in();
+                }
                 // Every data frame and ping spends a token; over the rate the
                 // message is refused, and a client that keeps on is closed.
                 if matches!(frame, Some(Ok(AggregatedMessage::Text(_) | AggregatedMessage::Ping(_))))
@@ -145,12 +155,13 @@ pub async fn run(ctx: SessionContext, mut session: Session, stream: actix_ws::Me
                     strikes += 1;
                     if strikes >= limits.flood_strikes {
                         tracing::info!(page = %page, conn, %ip, "message flood; closing");
-                        break Some(reason(close::POLICY, "message rate limit exceeded repeatedly"));
+                        break (CloseKind::RateLimited, Some(reason(close::POLICY, "message rate limit exceeded repeatedly")));
                     }
                     let e = ProtocolError::new("rate_limited", format!(
                         "more than {} messages per second; message ignored", limits.messages_per_second));
+                    m::error_sent(e.code);
                     if !send(&mut session, e.to_json().into(), ws.client_timeout).await {
-                        break None;
+                        break (CloseKind::Abrupt, None);
                     }
                     continue;
                 }
@@ -158,60 +169,69 @@ pub async fn run(ctx: SessionContext, mut session: Session, stream: actix_ws::Me
                     strikes = 0;
                 }
                 match frame {
-                    None => break None,
+                    None => break (CloseKind::Abrupt, None),
                     Some(Ok(AggregatedMessage::Text(text))) => {
                         match parse_client_message(&text, ws.max_links_per_subscribe) {
                             Ok(ClientMessage::Subscribe { links }) => {
                                 shard.do_send(SetLinks { page: page.clone(), conn, links });
                             }
                             Err(e) => {
+                                m::error_sent(e.code);
                                 if !send(&mut session, e.to_json().into(), ws.client_timeout).await {
-                                    break None;
+                                    break (CloseKind::Abrupt, None);
                                 }
                             }
                         }
                     }
                     Some(Ok(AggregatedMessage::Binary(_))) => {
-                        break Some(reason(close::UNSUPPORTED, "binary frames are not supported"));
+                        break (CloseKind::Binary, Some(reason(close::UNSUPPORTED, "binary frames are not supported")));
                     }
                     Some(Ok(AggregatedMessage::Ping(bytes))) => {
                         if !control(&mut session, Some(bytes), ws.client_timeout).await {
-                            break None;
+                            break (CloseKind::Abrupt, None);
                         }
                     }
                     Some(Ok(AggregatedMessage::Pong(_))) => {}
-                    Some(Ok(AggregatedMessage::Close(r))) => break Some(r),
+                    Some(Ok(AggregatedMessage::Close(r))) => break (CloseKind::ClientClose, Some(r)),
                     Some(Err(WsError::Overflow)) => {
-                        break Some(reason(close::TOO_BIG, "message larger than max_message_bytes"));
+                        break (CloseKind::TooBig, Some(reason(close::TOO_BIG, "message larger than max_message_bytes")));
                     }
                     Some(Err(WsError::Io(e))) if e.to_string().contains("maximum continuation size") => {
-                        break Some(reason(close::TOO_BIG, "message larger than max_message_bytes"));
+                        break (CloseKind::TooBig, Some(reason(close::TOO_BIG, "message larger than max_message_bytes")));
                     }
                     Some(Err(e)) => {
                         tracing::debug!(page = %page, conn, error = %e, "protocol error");
-                        break Some(reason(close::PROTOCOL_ERROR, "protocol error"));
+                        // A read error is a connection that died, not a protocol violation.
+                        let kind = if matches!(e, WsError::Io(_)) { CloseKind::Abrupt } else { CloseKind::ProtocolError };
+                        break (kind, Some(reason(close::PROTOCOL_ERROR, "protocol error")));
                     }
                 }
             }
             out = rx.recv() => match out {
                 Some(Outbound::Text(text)) => {
                     if !send(&mut session, text, ws.client_timeout).await {
-                        break None;
+                        break (CloseKind::Abrupt, None);
                     }
+                }
+                Some(Outbound::Update { text, since }) => {
+                    if !send(&mut session, text, ws.client_timeout).await {
+                        break (CloseKind::Abrupt, None);
+                    }
+                    m::update_sent(since.map(|t| t.elapsed()));
                 }
                 Some(Outbound::Refuse(r)) => {
                     let _ = send(&mut session, r.error, CLOSE_WRITE_TIMEOUT).await;
-                    break Some(reason(r.code, r.reason));
+                    break (CloseKind::MaxRooms, Some(reason(r.code, r.reason)));
                 }
-                None => break Some(reason(close::TRY_AGAIN_LATER, "client too slow: send queue overflowed")),
+                None => break (CloseKind::SlowClient, Some(reason(close::TRY_AGAIN_LATER, "client too slow: send queue overflowed"))),
             },
             _ = &mut deadline => {
                 tracing::debug!(page = %page, conn, "client timed out");
-                break Some(reason(close::NORMAL, "client timeout"));
+                break (CloseKind::Timeout, Some(reason(close::NORMAL, "client timeout")));
             }
             _ = heartbeat.tick() => {
                 if !control(&mut session, None, ws.client_timeout).await {
-                    break None;
+                    break (CloseKind::Abrupt, None);
                 }
             }
         }
@@ -222,7 +242,8 @@ pub async fn run(ctx: SessionContext, mut session: Session, stream: actix_ws::Me
         page: page.clone(),
         conn,
     });
-    tracing::debug!(page = %page, conn, "disconnected");
+    m::connection_closed(shard_index, kind);
+    tracing::debug!(page = %page, conn, reason = kind.as_str(), "disconnected");
     if let Some(r) = close_with {
         let _ = timeout(CLOSE_WRITE_TIMEOUT, session.close(r)).await;
     }

@@ -110,6 +110,8 @@ impl Handler<Join> for Shard {
             if self.rooms_alive.fetch_add(1, Ordering::SeqCst) >= max {
                 self.rooms_alive.fetch_sub(1, Ordering::SeqCst);
                 tracing::info!(page = %msg.page, max_rooms = max, "room cap reached; connection refused");
+                crate::metrics::connection_refused(crate::metrics::Refused::MaxRooms);
+                crate::metrics::error_sent("overloaded");
                 let error = ProtocolError::new(
                     "overloaded",
                     "the server holds the most pages it may; try again later",
@@ -171,6 +173,7 @@ impl Handler<RoomIdle> for Shard {
         if evict {
             if let Some(slot) = self.rooms.remove(&msg.page) {
                 self.rooms_alive.fetch_sub(1, Ordering::SeqCst);
+                crate::metrics::room_evicted();
                 tracing::debug!(page = %msg.page, "idle room stopped");
                 slot.addr.do_send(StopRoom);
             }
@@ -264,9 +267,14 @@ impl Shards {
 
     /// The shard that owns `page`.
     pub fn for_page(&self, page: &str) -> &Addr<Shard> {
+        &self.addrs[self.index_of(page)]
+    }
+
+    /// The index of the shard that owns `page` (the `shard` label of metrics).
+    pub fn index_of(&self, page: &str) -> usize {
         let mut h = std::hash::DefaultHasher::new();
         page.hash(&mut h);
-        &self.addrs[(h.finish() % self.addrs.len() as u64) as usize]
+        (h.finish() % self.addrs.len() as u64) as usize
     }
 
     /// All shard addresses.

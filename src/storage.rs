@@ -153,6 +153,11 @@ impl Storage {
         })
     }
 
+    /// Size of the database on disk in bytes (the `storage_bytes` gauge).
+    pub fn size_on_disk(&self) -> Result<u64, StorageError> {
+        Ok(self.db.size_on_disk()?)
+    }
+
     /// True when the database answers a read.
     pub fn is_usable(&self) -> Result<(), StorageError> {
         self.db.open_tree("meta")?.get("schema")?;

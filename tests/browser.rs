@@ -1,4 +1,4 @@
-//! Real-browser tests: runs `tests/browser/run.mjs` (Node, playwright-core
+//! Real-browser tests: runs `tests/browser/run.mjs` and `dashboard.mjs` (Node, playwright-core
 //! driving Debian's `/usr/bin/chromium`, npm `partysocket`) against the real
 //! binary. A separate test target, so `cargo test --test api` stays fast.
 //!
@@ -16,11 +16,9 @@ fn harness_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser")
 }
 
-/// The demo, the drop-in embed and `link-counter.js` in a real browser:
-/// live badges, restart without reload, runtime link changes, PartySocket
-/// interoperability (see the steps in `tests/browser/run.mjs`).
-#[test]
-fn browser() {
+/// Checks the prerequisites, runs `npm ci` if needed, then runs `script`
+/// with Node against the real binary and fails the test if it fails.
+fn run_node(script: &str) {
     assert!(
         Path::new(CHROMIUM).exists(),
         "{CHROMIUM} is missing: the browser tests need Debian's chromium; \
@@ -37,7 +35,7 @@ fn browser() {
     }
     let artifacts = Path::new(env!("CARGO_TARGET_TMPDIR")).join("browser-artifacts");
     let mut cmd = Command::new("node");
-    cmd.arg(dir.join("run.mjs"))
+    cmd.arg(dir.join(script))
         .current_dir(&dir)
         .env("LINK_COUNTER_BIN", env!("CARGO_BIN_EXE_link-counter"))
         .env("LINK_COUNTER_ARTIFACTS", &artifacts)
@@ -49,8 +47,23 @@ fn browser() {
     eprintln!("{}", String::from_utf8_lossy(&out.stderr));
     assert!(
         out.status.success(),
-        "browser tests failed ({}); failure screenshots are in {}",
+        "browser tests ({script}) failed ({}); failure screenshots are in {}",
         out.status,
         artifacts.display()
     );
+}
+
+/// The demo, the drop-in embed and `link-counter.js` in a real browser:
+/// live badges, restart without reload, runtime link changes, PartySocket
+/// interoperability (see the steps in `tests/browser/run.mjs`).
+#[test]
+fn browser() {
+    run_node("run.mjs");
+}
+
+/// The operator dashboard in a real browser: it shows the total and the top
+/// pages and follows viewers opening and closing (`tests/browser/dashboard.mjs`).
+#[test]
+fn dashboard() {
+    run_node("dashboard.mjs");
 }

@@ -249,6 +249,7 @@ pub const NO_CAPS: &[(&str, &str)] = &[
 pub fn settings(dir: &std::path::Path, extra: &[(&str, &str)]) -> Settings {
     let mut env: Vec<(String, String)> = vec![
         ("LINK_COUNTER__SERVER__BIND".into(), "127.0.0.1:0".into()),
+        ("LINK_COUNTER__ADMIN__BIND".into(), "127.0.0.1:0".into()),
         (
             "LINK_COUNTER__STORAGE__PATH".into(),
             dir.display().to_string(),
@@ -325,6 +326,7 @@ impl ChildService {
             None => Command::new(&bin),
         };
         cmd.env("LINK_COUNTER__SERVER__BIND", "127.0.0.1:0")
+            .env("LINK_COUNTER__ADMIN__BIND", "127.0.0.1:0")
             .env("LINK_COUNTER__STORAGE__PATH", dir.path())
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())

@@ -56,6 +56,17 @@ fn invalid_config_names_the_key_and_exits() {
         ),
         (
             vec![],
+            vec![("LINK_COUNTER__ADMIN__BIND", "nowhere")],
+            "admin.bind",
+        ),
+        (
+            vec![],
+            vec![("LINK_COUNTER__LOG__FILTER", "link_counter=loud")],
+            "log.filter",
+        ),
+        (vec![], vec![("LINK_COUNTER__LOG__FORMAT", "xml")], "xml"),
+        (
+            vec![],
             vec![("LINK_COUNTER__COUNTER__BROADCAST_INTERVAL", "0s")],
             "counter.broadcast_interval",
         ),
@@ -90,6 +101,7 @@ fn config_file_and_env_override_apply() {
     let mut child = Command::new(env!("CARGO_BIN_EXE_link-counter"))
         .args(["--config", file.to_str().expect("utf8")])
         .env("LINK_COUNTER__SERVER__BIND", "127.0.0.1:0")
+        .env("LINK_COUNTER__ADMIN__BIND", "127.0.0.1:0")
         .env("LINK_COUNTER__STORAGE__PATH", dir.path().join("data"))
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())

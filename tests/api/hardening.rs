@@ -341,7 +341,8 @@ async fn connection_rate_per_ip() {
             .await
             .expect("other ip"),
     );
-    assert_eq!(app.get_json("/api/v1/counts?ids=rate").await["rate"], 4);
+    // The joins reach the counter asynchronously after the handshakes.
+    crate::lifecycle_wait(&app, "rate", 4).await;
 }
 
 /// A browser upgrade from a non-allowed Origin is refused with 403; allowed

@@ -32,6 +32,7 @@ pub const PATIENCE: Duration = Duration::from_secs(10);
 pub fn settings(dir: &Path, extra: &[(&str, &str)]) -> Settings {
     let mut env: Vec<(String, String)> = vec![
         ("LINK_COUNTER__SERVER__BIND".into(), "127.0.0.1:0".into()),
+        ("LINK_COUNTER__ADMIN__BIND".into(), "127.0.0.1:0".into()),
         ("LINK_COUNTER__SERVER__SHARDS".into(), "2".into()),
         ("LINK_COUNTER__SERVER__WORKERS".into(), "2".into()),
         ("LINK_COUNTER__SERVER__SHUTDOWN_TIMEOUT".into(), "3s".into()),
@@ -80,6 +81,8 @@ fn init_logs() {
 /// A server running in its own thread.
 pub struct TestApp {
     pub addr: SocketAddr,
+    /// The admin listener (metrics, dashboard).
+    pub admin: Option<SocketAddr>,
     pub counter: Addr<Counter>,
     pub storage: Storage,
     pub shards: Shards,
@@ -100,6 +103,7 @@ pub fn spawn_app_with(settings: Settings) -> TestApp {
             let server = Server::start(settings, listener).expect("server starts");
             tx.send((
                 server.local_addr(),
+                server.admin_addr(),
                 server.counter(),
                 server.storage(),
                 server.shards().clone(),
@@ -109,9 +113,10 @@ pub fn spawn_app_with(settings: Settings) -> TestApp {
             server.shutdown().await
         })
     });
-    let (addr, counter, storage, shards) = rx.recv().expect("server reports its address");
+    let (addr, admin, counter, storage, shards) = rx.recv().expect("server reports its address");
     TestApp {
         addr,
+        admin,
         counter,
         storage,
         shards,

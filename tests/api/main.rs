@@ -6,6 +6,7 @@ mod helpers;
 mod lifecycle;
 mod model;
 mod nginx;
+mod ops;
 mod persistence;
 mod protocol;
 

@@ -57,6 +57,7 @@ struct Binary {
 fn start_binary(dir: &std::path::Path) -> Binary {
     let mut child = Command::new(env!("CARGO_BIN_EXE_link-counter"))
         .env("LINK_COUNTER__SERVER__BIND", "127.0.0.1:0")
+        .env("LINK_COUNTER__ADMIN__BIND", "127.0.0.1:0")
         .env("LINK_COUNTER__STORAGE__PATH", dir)
         .env("LINK_COUNTER__STORAGE__SNAPSHOT_INTERVAL", "100ms")
         .env("RUST_LOG", "warn")

@@ -109,6 +109,7 @@ class Service {
           ...process.env,
           RUST_LOG: process.env.RUST_LOG || "warn",
           LINK_COUNTER__SERVER__BIND: bind,
+          LINK_COUNTER__ADMIN__BIND: "127.0.0.1:0",
           LINK_COUNTER__SERVER__SHUTDOWN_TIMEOUT: "3s",
           LINK_COUNTER__STORAGE__PATH: this.dir,
           LINK_COUNTER__WEB__DEMO: "true",

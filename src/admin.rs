@@ -1,0 +1,210 @@
+//! The operator side: `GET /metrics` (Prometheus text), `GET /dashboard` (a
+//! live page, `web/dashboard.html`), and the read-only API it reads
+//! (`GET /api/v1/stats`, `GET /api/v1/top?limit=N`). All of it is served by a
+//! second HTTP server on `admin.bind` (loopback by default); the two API
+//! routes are also on the public listener, and `/metrics` is when
+//! `admin.metrics_on_public` is set. Nothing here writes state.
+
+use std::{
+    net::{SocketAddr, TcpListener},
+    sync::atomic::Ordering,
+    time::{Duration, Instant},
+};
+
+use actix_web::{dev::ServerHandle, http::header, web, App, HttpRequest, HttpResponse, HttpServer};
+
+use crate::{
+    counter::{GetLoad, GetTop},
+    http::AppState,
+    metrics,
+    shard::RoomCountQuery,
+};
+
+/// The dashboard, compiled in (no build step, no external resources).
+pub const DASHBOARD_HTML: &str = include_str!("../web/dashboard.html");
+
+/// Default and largest `limit` of `/api/v1/top`.
+pub const TOP_DEFAULT: usize = 20;
+pub const TOP_MAX: usize = 100;
+
+/// Longest an actor may take to answer a scrape or stats query.
+const QUERY_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// What the operator routes need besides [`AppState`]; cheap to clone.
+#[derive(Clone)]
+pub struct Ops {
+    /// When the server started (uptime).
+    pub started: Instant,
+    /// Serve `/metrics` on the public listener too.
+    pub metrics_on_public: bool,
+}
+
+impl Ops {
+    pub fn new(settings: &crate::Settings) -> Ops {
+        Ops {
+            started: Instant::now(),
+            metrics_on_public: settings.admin.metrics_on_public,
+        }
+    }
+
+    /// Routes added to the public listener: the read-only stats API, and
+    /// `/metrics` when `admin.metrics_on_public` is set.
+    pub fn configure_public(&self, cfg: &mut web::ServiceConfig) {
+        cfg.app_data(web::Data::new(self.clone()));
+        configure_api(cfg);
+        if self.metrics_on_public {
+            cfg.route("/metrics", web::get().to(metrics_text));
+        }
+    }
+}
+
+/// `/api/v1/stats` and `/api/v1/top`.
+fn configure_api(cfg: &mut web::ServiceConfig) {
+    cfg.route("/api/v1/stats", web::get().to(stats))
+        .route("/api/v1/top", web::get().to(top));
+}
+
+/// Every route of the admin listener.
+fn configure_admin(cfg: &mut web::ServiceConfig) {
+    configure_api(cfg);
+    cfg.route("/metrics", web::get().to(metrics_text))
+        .route("/dashboard", web::get().to(dashboard))
+        .route(
+            "/healthz",
+            web::get().to(|| async { HttpResponse::Ok().body("ok\n") }),
+        )
+        .route(
+            "/",
+            web::get().to(|| async {
+                HttpResponse::Found()
+                    .insert_header((header::LOCATION, "/dashboard"))
+                    .finish()
+            }),
+        );
+}
+
+/// A running admin listener.
+pub struct AdminServer {
+    /// The address actually bound.
+    pub addr: SocketAddr,
+    /// Stops it.
+    pub handle: ServerHandle,
+}
+
+/// Binds `admin.bind` and serves the admin routes on one worker; `Ok(None)`
+/// when `admin.bind` is empty. Must be called inside an actix `System`.
+pub fn start(state: &AppState, ops: &Ops) -> anyhow::Result<Option<AdminServer>> {
+    let settings = &state.settings.admin;
+    let Some(bind) = settings.addr() else {
+        return Ok(None);
+    };
+    let listener =
+        TcpListener::bind(bind).map_err(|e| anyhow::anyhow!("admin.bind {bind}: {e}"))?;
+    let addr = listener.local_addr()?;
+    let (state, ops) = (state.clone(), ops.clone());
+    let server = HttpServer::new(move || {
+        App::new()
+            .app_data(web::Data::new(state.clone()))
+            .app_data(web::Data::new(ops.clone()))
+            .configure(configure_admin)
+    })
+    .workers(1)
+    .disable_signals()
+    .shutdown_timeout(1)
+    .listen(listener)?
+    .run();
+    let handle = server.handle();
+    actix_web::rt::spawn(async move {
+        if let Err(e) = server.await {
+            tracing::error!(error = %e, "admin server failed");
+        }
+    });
+    tracing::info!(%addr, "admin listener (metrics, dashboard)");
+    Ok(Some(AdminServer { addr, handle }))
+}
+
+/// `GET /metrics`: refreshes the scrape-time gauges from the actors, then renders.
+async fn metrics_text(state: web::Data<AppState>) -> HttpResponse {
+    for (i, shard) in state.shards.all().iter().enumerate() {
+        if let Ok(Ok(n)) = tokio::time::timeout(QUERY_TIMEOUT, shard.send(RoomCountQuery)).await {
+            metrics::set_rooms(i, n);
+        }
+    }
+    if let Ok(Ok(load)) = tokio::time::timeout(QUERY_TIMEOUT, state.counter.send(GetLoad)).await {
+        metrics::set_counter_state(load.pages, load.subscriptions, load.follower_rooms);
+    }
+    if let Ok(bytes) = state.storage.size_on_disk() {
+        metrics::set_storage_bytes(bytes);
+    }
+    HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4; charset=utf-8")
+        .body(metrics::render())
+}
+
+/// `GET /dashboard`.
+async fn dashboard() -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("text/html; charset=utf-8")
+        .insert_header((header::CACHE_CONTROL, "no-store"))
+        .insert_header((
+            header::CONTENT_SECURITY_POLICY,
+            "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; \
+             connect-src 'self'; img-src 'self' data:",
+        ))
+        .body(DASHBOARD_HTML)
+}
+
+fn unavailable() -> HttpResponse {
+    HttpResponse::ServiceUnavailable().json(serde_json::json!({
+        "type": "error", "code": "overloaded", "message": "counter unavailable",
+    }))
+}
+
+/// `GET /api/v1/stats`: totals of this server.
+async fn stats(state: web::Data<AppState>, ops: web::Data<Ops>) -> HttpResponse {
+    let Ok(Ok(load)) = tokio::time::timeout(QUERY_TIMEOUT, state.counter.send(GetLoad)).await
+    else {
+        return unavailable();
+    };
+    let mut rooms = 0;
+    for shard in state.shards.all() {
+        if let Ok(Ok(n)) = tokio::time::timeout(QUERY_TIMEOUT, shard.send(RoomCountQuery)).await {
+            rooms += n;
+        }
+    }
+    HttpResponse::Ok()
+        .insert_header((header::CACHE_CONTROL, "no-store"))
+        .json(serde_json::json!({
+            "connections": state.active.load(Ordering::SeqCst),
+            "connections_opened_total": load.opened_total,
+            "rooms": rooms,
+            "pages": load.pages,
+            "live_pages": load.live_pages,
+            "subscriptions": load.subscriptions,
+            "uptime_seconds": ops.started.elapsed().as_secs_f64(),
+        }))
+}
+
+/// `GET /api/v1/top?limit=N` (default 20, at most 100): pages by live connections.
+async fn top(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
+    let mut limit = TOP_DEFAULT;
+    for (key, value) in form_urlencoded::parse(req.query_string().as_bytes()) {
+        if key == "limit" {
+            match value.parse::<usize>() {
+                Ok(n) => limit = n.min(TOP_MAX),
+                Err(_) => {
+                    return HttpResponse::BadRequest().json(serde_json::json!({
+                        "type": "error", "code": "invalid_limit",
+                        "message": format!("limit must be an integer 0..={TOP_MAX}"),
+                    }))
+                }
+            }
+        }
+    }
+    match tokio::time::timeout(QUERY_TIMEOUT, state.counter.send(GetTop(limit))).await {
+        Ok(Ok(pages)) => HttpResponse::Ok()
+            .insert_header((header::CACHE_CONTROL, "no-store"))
+            .json(pages),
+        _ => unavailable(),
+    }
+}

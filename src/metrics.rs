@@ -1,0 +1,455 @@
+//! Prometheus metrics: the one place that names them. Every metric of the
+//! service is a constant here with a helper that records it; the rest of the
+//! code calls the helpers (one line at the point where the event happens), so
+//! names and labels cannot drift apart. The exposition text is rendered by
+//! `metrics-exporter-prometheus` (no listener of its own): [`render`] is
+//! called by `GET /metrics` (see [`crate::admin`]).
+//!
+//! Gauges of actor state (rooms per shard, pages, subscriptions, database
+//! size) are not maintained incrementally: [`crate::admin`] asks the shards
+//! and the counter when `/metrics` is scraped and sets them then. The open
+//! connections gauge is maintained by the sessions (+1 on open, -1 on end).
+//!
+//! # Metrics
+//!
+//! | name | type | labels | meaning |
+//! |---|---|---|---|
+//! | `link_counter_connections_open` | gauge | `shard` | WebSocket sessions open now |
+//! | `link_counter_rooms` | gauge | `shard` | page rooms alive now (set at scrape) |
+//! | `link_counter_pages` | gauge | | pages the counter tracks (set at scrape) |
+//! | `link_counter_subscriptions` | gauge | | (room, followed page) pairs at the counter (set at scrape) |
+//! | `link_counter_follower_rooms` | gauge | | rooms following at least one link (set at scrape) |
+//! | `link_counter_storage_bytes` | gauge | | sled database size on disk (set at scrape) |
+//! | `link_counter_connections_opened_total` | counter | | WebSocket sessions started (upgrade completed) |
+//! | `link_counter_connections_closed_total` | counter | `reason` | sessions ended, by [`CloseKind`] |
+//! | `link_counter_connections_refused_total` | counter | `reason` | connections refused, by [`Refused`] |
+//! | `link_counter_links_refused_total` | counter | | subscribed links refused at `limits.max_pages` |
+//! | `link_counter_messages_in_total` | counter | | client text messages received |
+//! | `link_counter_messages_out_total` | counter | | text messages written to client sockets |
+//! | `link_counter_errors_total` | counter | `code` | `error` messages sent to clients, by protocol code |
+//! | `link_counter_count_changes_total` | counter | | count changes applied by the counter |
+//! | `link_counter_count_publishes_total` | counter | | changed counts published to follower rooms (after coalescing) |
+//! | `link_counter_updates_sent_total` | counter | | `update` messages written to client sockets |
+//! | `link_counter_publish_lag_seconds` | histogram | | count change → its `update` written to a subscriber's socket |
+//! | `link_counter_snapshot_duration_seconds` | histogram | | stats snapshot (batch write) duration |
+//! | `link_counter_snapshot_records` | histogram | | stats records written per snapshot |
+//! | `link_counter_sweeps_total` | counter | | cleanup sweeps run |
+//! | `link_counter_sweep_removed_total` | counter | `what` | removed by sweeps: `pages` (memory), `room_records`, `stats_records` |
+//! | `link_counter_rooms_evicted_total` | counter | | idle rooms stopped |
+//! | `link_counter_counter_restarts_total` | counter | | supervised restarts of the counter |
+//!
+//! Cluster mode (recorded by the cluster module):
+//!
+//! | name | type | labels | meaning |
+//! |---|---|---|---|
+//! | `link_counter_redis_rtt_seconds` | histogram | `op` | Redis command round-trip time |
+//! | `link_counter_redis_reconnects_total` | counter | | reconnections to Redis |
+//! | `link_counter_cluster_nodes_reaped_total` | counter | | dead nodes whose counts were removed |
+//! | `link_counter_cluster_messages_published_total` | counter | | messages this node published to Redis |
+//! | `link_counter_cluster_messages_received_total` | counter | | messages this node received from Redis |
+//! | `link_counter_cluster_nodes` | gauge | | live nodes this node sees |
+
+use std::{sync::OnceLock, time::Duration};
+
+use metrics::{counter, gauge, histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+pub const CONNECTIONS_OPEN: &str = "link_counter_connections_open";
+pub const ROOMS: &str = "link_counter_rooms";
+pub const PAGES: &str = "link_counter_pages";
+pub const SUBSCRIPTIONS: &str = "link_counter_subscriptions";
+pub const FOLLOWER_ROOMS: &str = "link_counter_follower_rooms";
+pub const STORAGE_BYTES: &str = "link_counter_storage_bytes";
+pub const CONNECTIONS_OPENED: &str = "link_counter_connections_opened_total";
+pub const CONNECTIONS_CLOSED: &str = "link_counter_connections_closed_total";
+pub const CONNECTIONS_REFUSED: &str = "link_counter_connections_refused_total";
+pub const LINKS_REFUSED: &str = "link_counter_links_refused_total";
+pub const MESSAGES_IN: &str = "link_counter_messages_in_total";
+pub const MESSAGES_OUT: &str = "link_counter_messages_out_total";
+pub const ERRORS: &str = "link_counter_errors_total";
+pub const COUNT_CHANGES: &str = "link_counter_count_changes_total";
+pub const COUNT_PUBLISHES: &str = "link_counter_count_publishes_total";
+pub const UPDATES_SENT: &str = "link_counter_updates_sent_total";
+pub const PUBLISH_LAG: &str = "link_counter_publish_lag_seconds";
+pub const SNAPSHOT_DURATION: &str = "link_counter_snapshot_duration_seconds";
+pub const SNAPSHOT_RECORDS: &str = "link_counter_snapshot_records";
+pub const SWEEPS: &str = "link_counter_sweeps_total";
+pub const SWEEP_REMOVED: &str = "link_counter_sweep_removed_total";
+pub const ROOMS_EVICTED: &str = "link_counter_rooms_evicted_total";
+pub const COUNTER_RESTARTS: &str = "link_counter_counter_restarts_total";
+
+pub const REDIS_RTT: &str = "link_counter_redis_rtt_seconds";
+pub const REDIS_RECONNECTS: &str = "link_counter_redis_reconnects_total";
+pub const CLUSTER_NODES_REAPED: &str = "link_counter_cluster_nodes_reaped_total";
+pub const CLUSTER_PUBLISHED: &str = "link_counter_cluster_messages_published_total";
+pub const CLUSTER_RECEIVED: &str = "link_counter_cluster_messages_received_total";
+pub const CLUSTER_NODES: &str = "link_counter_cluster_nodes";
+
+/// Buckets (seconds) of the latency histograms: 100 µs to 10 s.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5,
+    1.0, 2.5, 5.0, 10.0,
+];
+/// Buckets of the snapshot size histogram (records).
+const RECORD_BUCKETS: &[f64] = &[
+    0.0,
+    1.0,
+    10.0,
+    100.0,
+    1_000.0,
+    10_000.0,
+    100_000.0,
+    1_000_000.0,
+];
+
+/// The process-wide recorder's handle (a recorder can be installed once per process).
+static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+
+/// Installs the Prometheus recorder on first call (later calls, e.g. a
+/// second server in the same test process, share it). `None` when another
+/// recorder was installed first; metrics are then not exposed.
+pub fn install() -> Option<&'static PrometheusHandle> {
+    HANDLE
+        .get_or_init(|| {
+            let built = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
+                .and_then(|b| {
+                    b.set_buckets_for_metric(Matcher::Full(SNAPSHOT_RECORDS.into()), RECORD_BUCKETS)
+                })
+                .and_then(|b| b.install_recorder());
+            match built {
+                Ok(handle) => {
+                    describe();
+                    init_counters();
+                    Some(handle)
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "metrics recorder not installed; /metrics will be empty");
+                    None
+                }
+            }
+        })
+        .as_ref()
+}
+
+/// The Prometheus text exposition of every metric.
+pub fn render() -> String {
+    match install() {
+        Some(h) => {
+            h.run_upkeep();
+            h.render()
+        }
+        None => String::new(),
+    }
+}
+
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_gauge!(CONNECTIONS_OPEN, "WebSocket sessions open now, by shard");
+    describe_gauge!(ROOMS, "Page rooms alive now, by shard");
+    describe_gauge!(PAGES, "Pages the counter tracks");
+    describe_gauge!(SUBSCRIPTIONS, "(room, followed page) pairs at the counter");
+    describe_gauge!(FOLLOWER_ROOMS, "Rooms following at least one link");
+    describe_gauge!(STORAGE_BYTES, Unit::Bytes, "Database size on disk");
+    describe_counter!(CONNECTIONS_OPENED, "WebSocket sessions started");
+    describe_counter!(CONNECTIONS_CLOSED, "WebSocket sessions ended, by reason");
+    describe_counter!(CONNECTIONS_REFUSED, "Connections refused, by reason");
+    describe_counter!(
+        LINKS_REFUSED,
+        "Subscribed links refused at limits.max_pages"
+    );
+    describe_counter!(MESSAGES_IN, "Client text messages received");
+    describe_counter!(MESSAGES_OUT, "Text messages written to client sockets");
+    describe_counter!(ERRORS, "Error messages sent to clients, by code");
+    describe_counter!(COUNT_CHANGES, "Count changes applied by the counter");
+    describe_counter!(
+        COUNT_PUBLISHES,
+        "Changed counts published to follower rooms after coalescing"
+    );
+    describe_counter!(UPDATES_SENT, "Update messages written to client sockets");
+    describe_histogram!(
+        PUBLISH_LAG,
+        Unit::Seconds,
+        "From a count change to its update written to a subscriber's socket"
+    );
+    describe_histogram!(SNAPSHOT_DURATION, Unit::Seconds, "Stats snapshot duration");
+    describe_histogram!(SNAPSHOT_RECORDS, "Stats records written per snapshot");
+    describe_counter!(SWEEPS, "Cleanup sweeps run");
+    describe_counter!(SWEEP_REMOVED, "Entries removed by sweeps, by kind");
+    describe_counter!(ROOMS_EVICTED, "Idle rooms stopped");
+    describe_counter!(COUNTER_RESTARTS, "Supervised restarts of the counter");
+    describe_histogram!(REDIS_RTT, Unit::Seconds, "Redis command round-trip time");
+    describe_counter!(REDIS_RECONNECTS, "Reconnections to Redis");
+    describe_counter!(CLUSTER_NODES_REAPED, "Dead nodes whose counts were removed");
+    describe_counter!(CLUSTER_PUBLISHED, "Messages published to Redis");
+    describe_counter!(CLUSTER_RECEIVED, "Messages received from Redis");
+    describe_gauge!(CLUSTER_NODES, "Live cluster nodes this node sees");
+}
+
+/// Every counter is exposed from the start (at 0), so that `rate()` and
+/// alerts see a series before the first event.
+fn init_counters() {
+    for name in [
+        CONNECTIONS_OPENED,
+        LINKS_REFUSED,
+        MESSAGES_IN,
+        MESSAGES_OUT,
+        COUNT_CHANGES,
+        COUNT_PUBLISHES,
+        UPDATES_SENT,
+        SWEEPS,
+        ROOMS_EVICTED,
+        COUNTER_RESTARTS,
+    ] {
+        counter!(name).increment(0);
+    }
+    for why in CloseKind::ALL {
+        counter!(CONNECTIONS_CLOSED, "reason" => why.as_str()).increment(0);
+    }
+    for why in Refused::ALL {
+        counter!(CONNECTIONS_REFUSED, "reason" => why.as_str()).increment(0);
+    }
+    for what in ["pages", "room_records", "stats_records"] {
+        counter!(SWEEP_REMOVED, "what" => what).increment(0);
+    }
+}
+
+// ---------------------------------------------------------------- labels
+
+/// Why a WebSocket session ended (label `reason` of `connections_closed_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseKind {
+    /// The client sent a close frame.
+    ClientClose,
+    /// The stream ended or a write failed without a close handshake.
+    Abrupt,
+    /// Nothing received for `websocket.client_timeout`.
+    Timeout,
+    /// Closed 1008 after `limits.flood_strikes` rate-limited messages.
+    RateLimited,
+    /// Closed 1009: a message over `websocket.max_message_bytes`.
+    TooBig,
+    /// Closed 1003: a binary frame.
+    Binary,
+    /// Closed 1002: a WebSocket protocol violation.
+    ProtocolError,
+    /// Closed 1008: its send queue overflowed (slow client).
+    SlowClient,
+    /// Closed 1001: server shutdown.
+    Shutdown,
+    /// Closed 1008: `limits.max_rooms` reached when it joined.
+    MaxRooms,
+}
+
+impl CloseKind {
+    /// Every reason, for initializing the series.
+    pub const ALL: [CloseKind; 10] = [
+        CloseKind::ClientClose,
+        CloseKind::Abrupt,
+        CloseKind::Timeout,
+        CloseKind::RateLimited,
+        CloseKind::TooBig,
+        CloseKind::Binary,
+        CloseKind::ProtocolError,
+        CloseKind::SlowClient,
+        CloseKind::Shutdown,
+        CloseKind::MaxRooms,
+    ];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CloseKind::ClientClose => "client_close",
+            CloseKind::Abrupt => "abrupt",
+            CloseKind::Timeout => "timeout",
+            CloseKind::RateLimited => "rate_limited",
+            CloseKind::TooBig => "too_big",
+            CloseKind::Binary => "binary",
+            CloseKind::ProtocolError => "protocol_error",
+            CloseKind::SlowClient => "slow_client",
+            CloseKind::Shutdown => "shutdown",
+            CloseKind::MaxRooms => "max_rooms",
+        }
+    }
+}
+
+/// Why a connection was refused (label `reason` of `connections_refused_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// 403: `Origin` not in `security.allowed_origins`.
+    Origin,
+    /// 503: `limits.max_connections` reached.
+    MaxConnections,
+    /// 429: `limits.max_connections_per_ip` reached.
+    MaxConnectionsPerIp,
+    /// 429: over `limits.connections_per_ip_per_second`.
+    ConnectionRate,
+    /// 400: invalid page id in the path.
+    BadPageId,
+    /// 400: not a WebSocket upgrade, or the handshake failed.
+    BadHandshake,
+    /// 503: the server is shutting down.
+    ShuttingDown,
+    /// Upgraded, then closed 1008: `limits.max_rooms` reached.
+    MaxRooms,
+}
+
+impl Refused {
+    /// Every reason, for initializing the series.
+    pub const ALL: [Refused; 8] = [
+        Refused::Origin,
+        Refused::MaxConnections,
+        Refused::MaxConnectionsPerIp,
+        Refused::ConnectionRate,
+        Refused::BadPageId,
+        Refused::BadHandshake,
+        Refused::ShuttingDown,
+        Refused::MaxRooms,
+    ];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Refused::Origin => "origin",
+            Refused::MaxConnections => "max_connections",
+            Refused::MaxConnectionsPerIp => "max_connections_per_ip",
+            Refused::ConnectionRate => "connections_per_ip_per_second",
+            Refused::BadPageId => "bad_page_id",
+            Refused::BadHandshake => "bad_handshake",
+            Refused::ShuttingDown => "shutting_down",
+            Refused::MaxRooms => "max_rooms",
+        }
+    }
+}
+
+// ---------------------------------------------------------------- recording
+
+/// A session started on `shard`.
+pub fn connection_opened(shard: usize) {
+    counter!(CONNECTIONS_OPENED).increment(1);
+    gauge!(CONNECTIONS_OPEN, "shard" => shard.to_string()).increment(1.0);
+}
+
+/// A session on `shard` ended for `why`.
+pub fn connection_closed(shard: usize, why: CloseKind) {
+    counter!(CONNECTIONS_CLOSED, "reason" => why.as_str()).increment(1);
+    gauge!(CONNECTIONS_OPEN, "shard" => shard.to_string()).decrement(1.0);
+}
+
+/// A connection was refused for `why`.
+pub fn connection_refused(why: Refused) {
+    counter!(CONNECTIONS_REFUSED, "reason" => why.as_str()).increment(1);
+}
+
+/// `n` subscribed links were refused at `limits.max_pages`.
+pub fn links_refused(n: usize) {
+    counter!(LINKS_REFUSED).increment(n as u64);
+}
+
+/// A client text message arrived.
+pub fn message_in() {
+    counter!(MESSAGES_IN).increment(1);
+}
+
+/// A text message was written to a client socket.
+pub fn message_out() {
+    counter!(MESSAGES_OUT).increment(1);
+}
+
+/// An `error` message with `code` is sent to a client.
+pub fn error_sent(code: &'static str) {
+    counter!(ERRORS, "code" => code).increment(1);
+}
+
+/// The counter applied a count change.
+pub fn count_changed() {
+    counter!(COUNT_CHANGES).increment(1);
+}
+
+/// The counter published `n` changed counts (one per page, after coalescing).
+pub fn counts_published(n: usize) {
+    counter!(COUNT_PUBLISHES).increment(n as u64);
+}
+
+/// An `update` reached a client socket `lag` after the oldest change it carries.
+pub fn update_sent(lag: Option<Duration>) {
+    counter!(UPDATES_SENT).increment(1);
+    if let Some(lag) = lag {
+        histogram!(PUBLISH_LAG).record(lag.as_secs_f64());
+    }
+}
+
+/// A stats snapshot wrote `records` records in `took`.
+pub fn snapshot(took: Duration, records: usize) {
+    histogram!(SNAPSHOT_DURATION).record(took.as_secs_f64());
+    histogram!(SNAPSHOT_RECORDS).record(records as f64);
+}
+
+/// A sweep removed these.
+pub fn sweep(pages: usize, room_records: usize, stats_records: usize) {
+    counter!(SWEEPS).increment(1);
+    counter!(SWEEP_REMOVED, "what" => "pages").increment(pages as u64);
+    counter!(SWEEP_REMOVED, "what" => "room_records").increment(room_records as u64);
+    counter!(SWEEP_REMOVED, "what" => "stats_records").increment(stats_records as u64);
+}
+
+/// An idle room was stopped.
+pub fn room_evicted() {
+    counter!(ROOMS_EVICTED).increment(1);
+}
+
+/// The counter restarted under its supervisor.
+pub fn counter_restarted() {
+    counter!(COUNTER_RESTARTS).increment(1);
+}
+
+/// Scrape-time gauges: rooms alive on `shard` (and its open-connections
+/// series made visible, at 0 before its first connection).
+pub fn set_rooms(shard: usize, rooms: usize) {
+    gauge!(ROOMS, "shard" => shard.to_string()).set(rooms as f64);
+    gauge!(CONNECTIONS_OPEN, "shard" => shard.to_string()).increment(0.0);
+}
+
+/// Scrape-time gauges of the counter's state.
+pub fn set_counter_state(pages: usize, subscriptions: usize, follower_rooms: usize) {
+    gauge!(PAGES).set(pages as f64);
+    gauge!(SUBSCRIPTIONS).set(subscriptions as f64);
+    gauge!(FOLLOWER_ROOMS).set(follower_rooms as f64);
+}
+
+/// Scrape-time gauge of the database size.
+pub fn set_storage_bytes(bytes: u64) {
+    gauge!(STORAGE_BYTES).set(bytes as f64);
+}
+
+// ---------------------------------------------------------------- cluster
+
+/// Cluster: one Redis command (`op`, e.g. "publish", "hincrby") took `rtt`.
+pub fn redis_rtt(op: &'static str, rtt: Duration) {
+    histogram!(REDIS_RTT, "op" => op).record(rtt.as_secs_f64());
+}
+
+/// Cluster: reconnected to Redis.
+pub fn redis_reconnected() {
+    counter!(REDIS_RECONNECTS).increment(1);
+}
+
+/// Cluster: `n` dead nodes were reaped.
+pub fn cluster_nodes_reaped(n: usize) {
+    counter!(CLUSTER_NODES_REAPED).increment(n as u64);
+}
+
+/// Cluster: `n` messages published to Redis.
+pub fn cluster_published(n: usize) {
+    counter!(CLUSTER_PUBLISHED).increment(n as u64);
+}
+
+/// Cluster: `n` messages received from Redis.
+pub fn cluster_received(n: usize) {
+    counter!(CLUSTER_RECEIVED).increment(n as u64);
+}
+
+/// Cluster: `n` live nodes seen.
+pub fn set_cluster_nodes(n: usize) {
+    gauge!(CLUSTER_NODES).set(n as f64);
+}

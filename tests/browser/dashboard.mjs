@@ -1,0 +1,174 @@
+// Real-browser test of the operator dashboard (/dashboard on the admin
+// listener, web/dashboard.html). Driven by tests/browser.rs
+// (`cargo test --test browser dashboard`); can also be run directly:
+//
+//   LINK_COUNTER_BIN=target/debug/link-counter node tests/browser/dashboard.mjs
+//
+// Environment: LINK_COUNTER_BIN (required), LINK_COUNTER_ARTIFACTS (failure
+// screenshot directory), CHROMIUM (default /usr/bin/chromium; never downloaded).
+//
+// Starts the binary (port 0 for both listeners), opens the dashboard in
+// Chromium, opens WebSocket viewers to two pages and waits until the page
+// shows the total and the top list; then closes one and waits for the drop.
+// Every wait has a generous deadline and only checks an outcome.
+
+import { spawn } from "node:child_process";
+import fs from "node:fs";
+import os from "node:os";
+import path from "node:path";
+import readline from "node:readline";
+
+import { chromium } from "playwright-core";
+import WebSocket from "ws";
+
+const BIN = process.env.LINK_COUNTER_BIN;
+const CHROMIUM = process.env.CHROMIUM || "/usr/bin/chromium";
+const ARTIFACTS = process.env.LINK_COUNTER_ARTIFACTS || fs.mkdtempSync(path.join(os.tmpdir(), "lc-dashboard-"));
+const PATIENCE = 30_000;
+const LAUNCH_ARGS = [
+  "--headless",
+  "--no-sandbox",
+  "--disable-gpu",
+  "--disable-background-networking",
+  "--disable-quic",
+  "--no-first-run",
+  "--disable-component-update",
+  "--disable-sync",
+];
+
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+
+async function eventually(what, check, timeout = PATIENCE) {
+  const deadline = Date.now() + timeout;
+  let last;
+  for (;;) {
+    last = await check();
+    if (last === true) return;
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}; last seen: ${JSON.stringify(last)}`);
+    await sleep(100);
+  }
+}
+
+/** Starts the binary; resolves with {proc, addr, admin, log}. */
+function startService(dir) {
+  return new Promise((resolve, reject) => {
+    const log = [];
+    const proc = spawn(BIN, [], {
+      env: {
+        ...process.env,
+        RUST_LOG: process.env.RUST_LOG || "warn",
+        LINK_COUNTER__SERVER__BIND: "127.0.0.1:0",
+        LINK_COUNTER__ADMIN__BIND: "127.0.0.1:0",
+        LINK_COUNTER__STORAGE__PATH: dir,
+      },
+      stdio: ["ignore", "pipe", "pipe"],
+    });
+    proc.stderr.on("data", (d) => log.push(d.toString()));
+    const lines = readline.createInterface({ input: proc.stdout });
+    const found = {};
+    lines.on("line", (line) => {
+      let m;
+      if ((m = /^listening on (\S+)$/.exec(line))) found.addr = m[1];
+      if ((m = /^admin listening on (\S+)$/.exec(line))) found.admin = m[1];
+      if (found.addr && found.admin) resolve({ proc, log, ...found });
+    });
+    proc.once("exit", (code) => reject(new Error(`link-counter exited with ${code}: ${log.join("")}`)));
+  });
+}
+
+function viewer(addr, id) {
+  return new Promise((resolve, reject) => {
+    const ws = new WebSocket(`ws://${addr}/parties/page/${encodeURIComponent(id)}`);
+    ws.once("open", () => resolve(ws));
+    ws.once("error", reject);
+  });
+}
+
+/** What the dashboard shows: the total and the top rows. */
+function shown(page) {
+  return page.evaluate(() => ({
+    total: document.getElementById("total").dataset.value,
+    rate: document.getElementById("rate").textContent,
+    top: [...document.querySelectorAll("#top tbody tr")].map((tr) => ({
+      id: tr.dataset.pageId,
+      now: Number(tr.cells[2].textContent),
+      peak: Number(tr.cells[3].textContent),
+      total: Number(tr.cells[4].textContent),
+    })),
+    points: document.getElementById("line").getAttribute("points").trim().split(/\s+/).filter(Boolean).length,
+  }));
+}
+
+async function main() {
+  if (!BIN) throw new Error("LINK_COUNTER_BIN is not set");
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), "lc-dashboard-data-"));
+  const started = Date.now();
+  let svc;
+  let browser;
+  let page;
+  const consoleLines = [];
+  const sockets = [];
+  try {
+    svc = await startService(dir);
+    browser = await chromium.launch({ executablePath: CHROMIUM, args: LAUNCH_ARGS });
+    page = await browser.newPage();
+    page.on("console", (m) => consoleLines.push(`${m.type()}: ${m.text()}`));
+    page.on("pageerror", (e) => consoleLines.push(`pageerror: ${e.message}`));
+    await page.goto(`http://${svc.admin}/dashboard`);
+
+    await eventually("the dashboard to show 0 connections", async () => {
+      const s = await shown(page);
+      return (s.total === "0" && s.top.length === 0) || s;
+    });
+
+    // Two viewers of one page, one of another.
+    sockets.push(await viewer(svc.addr, "alpha"), await viewer(svc.addr, "alpha"), await viewer(svc.addr, "beta"));
+    await eventually("the total and the top list to update", async () => {
+      const s = await shown(page);
+      const ok =
+        s.total === "3" &&
+        s.top.length === 2 &&
+        s.top[0].id === "alpha" && s.top[0].now === 2 && s.top[0].peak === 2 && s.top[0].total === 2 &&
+        s.top[1].id === "beta" && s.top[1].now === 1;
+      return ok || s;
+    });
+
+    // One leaves: the total drops, alpha keeps its peak.
+    sockets.shift().close();
+    await eventually("the total to drop to 2", async () => {
+      const s = await shown(page);
+      const alpha = s.top.find((r) => r.id === "alpha");
+      return (s.total === "2" && alpha?.now === 1 && alpha?.peak === 2 && s.points >= 3) || s;
+    });
+    const s = await shown(page);
+    if (!/^\d+(\.\d+)?$/.test(s.rate)) throw new Error(`connections per second not shown: ${s.rate}`);
+    const errors = consoleLines.filter((l) => l.startsWith("error") || l.startsWith("pageerror"));
+    if (errors.length) throw new Error(`browser console errors:\n${errors.join("\n")}`);
+    console.log(`ok   dashboard shows the total, the rate, the top list and the chart (${Date.now() - started} ms)`);
+  } catch (e) {
+    console.log(`FAIL dashboard\n     ${e.stack}`);
+    if (page) {
+      fs.mkdirSync(ARTIFACTS, { recursive: true });
+      const file = path.join(ARTIFACTS, "dashboard.png");
+      await page.screenshot({ path: file, fullPage: true }).catch(() => {});
+      console.log(`     screenshot: ${file}`);
+    }
+    console.log(`     browser console:\n${consoleLines.map((l) => `       ${l}`).join("\n")}`);
+    console.log(`     server log:\n${svc?.log.join("") ?? ""}`);
+    process.exitCode = 1;
+  } finally {
+    for (const ws of sockets) ws.terminate();
+    await browser?.close();
+    if (svc?.proc && svc.proc.exitCode === null) {
+      const exited = new Promise((r) => svc.proc.once("exit", r));
+      svc.proc.kill("SIGTERM");
+      await exited;
+    }
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+}
+
+main().catch((e) => {
+  console.error(e.stack);
+  process.exit(1);
+});

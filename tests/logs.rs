@@ -1,0 +1,129 @@
+//! Logs of the real binary in JSON mode (`log.format = "json"`): every line
+//! is a JSON object with the documented fields (see `src/logging.rs`).
+
+use std::{
+    io::{BufRead, BufReader},
+    process::{Command, Stdio},
+    sync::mpsc,
+    time::{Duration, Instant},
+};
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::Value;
+use tokio_tungstenite::tungstenite::{self, client::IntoClientRequest, Message};
+
+const PATIENCE: Duration = Duration::from_secs(10);
+
+/// JSON mode: the startup summary, one `debug` line per connection open and
+/// close (with its reason), one `info` line per refusal; each line parses
+/// and has `timestamp`, `level`, `target` and `message`.
+#[tokio::test(flavor = "multi_thread")]
+async fn json_logs_have_the_documented_fields() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_link-counter"))
+        .env_remove("RUST_LOG")
+        .env("LINK_COUNTER__SERVER__BIND", "127.0.0.1:0")
+        .env("LINK_COUNTER__ADMIN__BIND", "127.0.0.1:0")
+        .env("LINK_COUNTER__STORAGE__PATH", dir.path())
+        .env("LINK_COUNTER__LOG__FORMAT", "json")
+        .env(
+            "LINK_COUNTER__LOG__FILTER",
+            "info,link_counter::session=debug",
+        )
+        .env(
+            "LINK_COUNTER__SECURITY__ALLOWED_ORIGINS",
+            "https://ok.example",
+        )
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
+    let mut first = String::new();
+    stdout.read_line(&mut first).expect("first line");
+    let addr = first
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("unexpected first line {first:?}"))
+        .to_string();
+    let (tx, rx) = mpsc::channel::<String>();
+    let stderr = child.stderr.take().expect("stderr");
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+
+    // One refusal, one connection opened and closed cleanly.
+    let mut req = format!("ws://{addr}/parties/page/p")
+        .into_client_request()
+        .expect("request");
+    req.headers_mut()
+        .insert("Origin", "https://evil.example".parse().expect("header"));
+    assert!(matches!(
+        tokio_tungstenite::connect_async(req).await,
+        Err(tungstenite::Error::Http(_))
+    ));
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/parties/page/p"))
+        .await
+        .expect("connect");
+    ws.send(Message::Close(None)).await.expect("close");
+    // Wait for the server's side of the close handshake.
+    while let Ok(Some(Ok(m))) = tokio::time::timeout(PATIENCE, ws.next()).await {
+        if m.is_close() {
+            break;
+        }
+    }
+    drop(ws);
+
+    let mut lines: Vec<Value> = Vec::new();
+    let deadline = Instant::now() + PATIENCE;
+    while !lines.iter().any(|l| l["message"] == "disconnected") {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = rx
+            .recv_timeout(left)
+            .unwrap_or_else(|_| panic!("no `disconnected` line; got {lines:#?}"));
+        let v: Value =
+            serde_json::from_str(&line).unwrap_or_else(|e| panic!("not a JSON line ({e}): {line}"));
+        for field in ["timestamp", "level", "target", "message"] {
+            assert!(v[field].is_string(), "{field} missing in {line}");
+        }
+        lines.push(v);
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+
+    let find = |msg: &str| {
+        lines
+            .iter()
+            .find(|l| l["message"] == msg)
+            .unwrap_or_else(|| panic!("no {msg:?} line in {lines:#?}"))
+            .clone()
+    };
+    let settings = find("settings");
+    assert_eq!(settings["level"], "INFO");
+    assert_eq!(settings["bind"], "127.0.0.1:0");
+    assert!(settings["max_connections"].is_number(), "{settings}");
+    let refused = find("origin not allowed; upgrade refused");
+    assert_eq!(refused["level"], "INFO");
+    assert_eq!(refused["origin"], "https://evil.example");
+    let connected = find("connected");
+    assert_eq!(connected["level"], "DEBUG");
+    assert_eq!(connected["target"], "link_counter::session");
+    assert_eq!(connected["page"], "p");
+    assert!(connected["conn"].is_number(), "{connected}");
+    let disconnected = find("disconnected");
+    assert_eq!(disconnected["reason"], "client_close");
+    assert_eq!(disconnected["conn"], connected["conn"]);
+    assert!(
+        chrono_like(settings["timestamp"].as_str().expect("timestamp")),
+        "{settings}"
+    );
+}
+
+/// `2026-01-02T03:04:05.678Z`-shaped (RFC 3339, UTC).
+fn chrono_like(ts: &str) -> bool {
+    ts.len() >= 20 && ts.as_bytes()[4] == b'-' && ts.as_bytes()[10] == b'T' && ts.ends_with('Z')
+}

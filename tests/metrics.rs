@@ -1,0 +1,245 @@
+//! `/metrics` against a scripted session: a separate test binary (its own
+//! process), so the process-wide metrics recorder starts at zero and only
+//! this script moves it. Scraped values must equal what the script did.
+
+#[allow(dead_code)]
+#[path = "api/helpers.rs"]
+mod helpers;
+
+use std::{collections::BTreeMap, time::Duration};
+
+use helpers::{counts, http_get, spawn_app, SilentClient, PATIENCE};
+use tokio_tungstenite::tungstenite::{self, client::IntoClientRequest};
+
+/// One sample of the exposition text: metric name, labels, value.
+#[derive(Debug)]
+struct Sample {
+    name: String,
+    labels: BTreeMap<String, String>,
+    value: f64,
+}
+
+/// Parses the Prometheus text exposition format (comments skipped).
+fn parse(text: &str) -> Vec<Sample> {
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let (series, value) = line.rsplit_once(' ').expect("`series value`");
+        let value: f64 = value
+            .parse()
+            .unwrap_or_else(|_| panic!("value in {line:?}"));
+        let (name, labels) = match series.split_once('{') {
+            Some((name, rest)) => {
+                let body = rest.strip_suffix('}').expect("closing brace");
+                let labels = body
+                    .split("\",")
+                    .filter(|kv| !kv.is_empty())
+                    .map(|kv| {
+                        let (k, v) = kv.split_once("=\"").expect("label=\"value\"");
+                        (k.to_string(), v.trim_end_matches('"').to_string())
+                    })
+                    .collect();
+                (name.to_string(), labels)
+            }
+            None => (series.to_string(), BTreeMap::new()),
+        };
+        out.push(Sample {
+            name,
+            labels,
+            value,
+        });
+    }
+    out
+}
+
+/// Sum of the samples of `name` whose labels include `labels`.
+fn value(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> f64 {
+    samples
+        .iter()
+        .filter(|s| s.name == name)
+        .filter(|s| {
+            labels
+                .iter()
+                .all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
+        })
+        .map(|s| s.value)
+        .sum()
+}
+
+/// A WebSocket upgrade the server refuses; returns the HTTP status.
+async fn refused_status(url: &str, origin: Option<&str>) -> u16 {
+    let mut req = url.into_client_request().expect("request");
+    if let Some(o) = origin {
+        req.headers_mut()
+            .insert("Origin", o.parse().expect("header value"));
+    }
+    match tokio_tungstenite::connect_async(req).await {
+        Err(tungstenite::Error::Http(resp)) => resp.status().as_u16(),
+        Err(e) => panic!("expected an HTTP refusal, got {e}"),
+        Ok(_) => panic!("expected a refusal, the upgrade succeeded"),
+    }
+}
+
+/// After a scripted set of connects, subscribes, refusals (origin, bad page
+/// id, room cap) and closes (clean, abrupt, timeout, room cap), every scraped
+/// connection, message, error, refusal and room value equals what the script did.
+#[tokio::test(flavor = "multi_thread")]
+async fn scraped_values_equal_the_script() {
+    let (app, _dir) = spawn_app(&[
+        ("LIMITS__MAX_ROOMS", "2"),
+        ("SECURITY__ALLOWED_ORIGINS", "https://ok.example"),
+    ]);
+    let admin = app.admin.expect("the test settings bind an admin listener");
+
+    // Three viewers on two pages, each subscribing once.
+    let mut a1 = app.connect("a").await;
+    let mut a2 = app.connect("a").await;
+    a1.subscribe(&["b"]).await;
+    a2.subscribe(&["b"]).await;
+    a1.wait_for(&counts(&[("b", 0)])).await;
+    a2.wait_for(&counts(&[("b", 0)])).await;
+    let mut b1 = app.connect("b").await;
+    b1.subscribe(&["a"]).await;
+    b1.wait_for(&counts(&[("a", 2)])).await;
+    a1.wait_for(&counts(&[("b", 1)])).await;
+    a2.wait_for(&counts(&[("b", 1)])).await;
+
+    // Refusals: an origin not allowed, a bad page id, the room cap.
+    assert_eq!(
+        refused_status(&app.ws_url("a"), Some("https://evil.example")).await,
+        403
+    );
+    assert_eq!(refused_status(&app.ws_url("%ZZ"), None).await, 400);
+    let mut c = app.connect("c").await;
+    let error: serde_json::Value = serde_json::from_str(&c.next_text().await).expect("JSON");
+    assert_eq!(error["code"], "overloaded");
+    assert_eq!(c.expect_close().await, 1013);
+
+    // Closes: clean, abrupt, timeout (a client that never answers pings).
+    a2.close().await;
+    a1.drop_abruptly();
+    let silent = SilentClient::connect(&app.ws_url("b")).await;
+
+    type Expectation<'a> = (&'a str, Vec<(&'a str, &'a str)>, f64);
+    let expected: Vec<Expectation> = vec![
+        ("link_counter_connections_opened_total", vec![], 5.0),
+        ("link_counter_connections_open", vec![], 1.0),
+        (
+            "link_counter_connections_closed_total",
+            vec![("reason", "client_close")],
+            1.0,
+        ),
+        (
+            "link_counter_connections_closed_total",
+            vec![("reason", "abrupt")],
+            1.0,
+        ),
+        (
+            "link_counter_connections_closed_total",
+            vec![("reason", "timeout")],
+            1.0,
+        ),
+        (
+            "link_counter_connections_closed_total",
+            vec![("reason", "max_rooms")],
+            1.0,
+        ),
+        ("link_counter_connections_closed_total", vec![], 4.0),
+        (
+            "link_counter_connections_refused_total",
+            vec![("reason", "origin")],
+            1.0,
+        ),
+        (
+            "link_counter_connections_refused_total",
+            vec![("reason", "bad_page_id")],
+            1.0,
+        ),
+        (
+            "link_counter_connections_refused_total",
+            vec![("reason", "max_rooms")],
+            1.0,
+        ),
+        ("link_counter_connections_refused_total", vec![], 3.0),
+        ("link_counter_messages_in_total", vec![], 3.0),
+        (
+            "link_counter_errors_total",
+            vec![("code", "overloaded")],
+            1.0,
+        ),
+        ("link_counter_errors_total", vec![], 1.0),
+        ("link_counter_rooms", vec![], 2.0),
+        ("link_counter_pages", vec![], 2.0),
+        // Room a follows b, room b follows a.
+        ("link_counter_subscriptions", vec![], 1.0),
+        ("link_counter_follower_rooms", vec![], 1.0),
+    ];
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    let (text, samples) = loop {
+        let (status, text) = http_get(admin, "/metrics").await;
+        assert_eq!(status, 200, "{text}");
+        let samples = parse(&text);
+        let wrong: Vec<String> = expected
+            .iter()
+            .filter_map(|(name, labels, want)| {
+                let got = value(&samples, name, labels);
+                (got != *want).then(|| format!("{name}{labels:?} = {got}, expected {want}"))
+            })
+            .collect();
+        if wrong.is_empty() {
+            break (text, samples);
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "metrics never matched the script:\n{}\n\n{text}",
+            wrong.join("\n")
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    drop(silent);
+
+    // Updates that followed a count change were timed (b joining: a1 and a2).
+    assert!(
+        value(&samples, "link_counter_publish_lag_seconds_count", &[]) >= 2.0,
+        "{text}"
+    );
+    assert!(
+        value(&samples, "link_counter_updates_sent_total", &[]) >= 5.0,
+        "{text}"
+    );
+    assert!(
+        value(&samples, "link_counter_count_changes_total", &[]) >= 3.0,
+        "{text}"
+    );
+    for name in [
+        "link_counter_publish_lag_seconds_bucket",
+        "link_counter_messages_out_total",
+        "link_counter_count_publishes_total",
+    ] {
+        assert!(text.contains(name), "{name} missing:\n{text}");
+    }
+    assert!(text.contains("# TYPE link_counter_connections_opened_total counter"));
+    // Reasons that never happened are exposed at 0 (series exist from the start).
+    assert!(
+        text.contains("link_counter_connections_closed_total{reason=\"binary\"} 0"),
+        "{text}"
+    );
+
+    // Metrics are not on the public listener by default; the stats API is.
+    let (status, _) = app.get("/metrics").await;
+    assert_eq!(status, 404);
+    let stats = app.get_json("/api/v1/stats").await;
+    assert_eq!(stats["connections"], 1, "{stats}");
+    // The stats API counts viewers that joined a page (not the one refused at the room cap).
+    assert_eq!(stats["connections_opened_total"], 4, "{stats}");
+    assert_eq!(stats["rooms"], 2, "{stats}");
+    let top = app.get_json("/api/v1/top?limit=5").await;
+    assert_eq!(top[0]["id"], "b", "{top}");
+    assert_eq!(top[0]["connections"], 1, "{top}");
+    assert_eq!(top[0]["total_connections"], 2, "{top}");
+    drop(b1);
+    app.shutdown().await;
+}

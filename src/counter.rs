@@ -16,6 +16,7 @@ use std::{
 use actix::prelude::*;
 
 use crate::{
+    cluster::{self, Cluster},
     config::Settings,
     protocol::{PageId, PageInfo},
     room::{Counts, PageRoom, Subscribed},
@@ -78,6 +79,11 @@ pub struct ShardRooms {
 #[rtype(result = "()")]
 pub struct SetShards(pub Vec<Addr<Shard>>);
 
+/// The cluster module's address (cluster mode only), given once after it is started.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct SetCluster(pub Addr<Cluster>);
+
 /// Live counts of these ids (unknown ids are 0).
 #[derive(Message)]
 #[rtype(result = "Vec<u64>")]
@@ -134,8 +140,13 @@ pub struct CounterStatus {
 
 /// One page as the counter knows it.
 struct PageEntry {
-    /// Live connections to the page (reported by its room).
+    /// Live connections to the page on this node (reported by its room).
     count: u64,
+    /// Cluster mode: the sum of the other live nodes' counts, kept while the
+    /// page is followed here (0 otherwise). What is shown is `count + remote`.
+    remote: u64,
+    /// Cluster mode: the local `count` last sent to the cluster module.
+    reported: u64,
     /// The value last published to subscribers.
     published: u64,
     /// A subscriber was answered with a value other than `published` since
@@ -148,6 +159,14 @@ struct PageEntry {
     stats: PageStats,
     /// Stats changed since the last snapshot.
     dirty: bool,
+}
+
+impl PageEntry {
+    /// The count everyone sees: this node's plus, in cluster mode, the other
+    /// live nodes'. The only function used where a count is read.
+    fn shown(&self) -> u64 {
+        self.count + self.remote
+    }
 }
 
 /// A room that follows at least one link.
@@ -192,6 +211,10 @@ pub struct Counter {
     epoch: u64,
     /// Set while rebuilding.
     resync: Option<Resync>,
+    /// Cluster mode: the module that shares counts through Redis.
+    cluster: Option<Addr<Cluster>>,
+    /// Cluster mode: pages whose local count changed since the last tick.
+    local_changed: HashSet<PageId>,
 }
 
 impl Counter {
@@ -206,6 +229,8 @@ impl Counter {
             generation: 0,
             epoch: 0,
             resync: None,
+            cluster: None,
+            local_changed: HashSet::new(),
         }
     }
 
@@ -214,6 +239,8 @@ impl Counter {
         let storage = &self.storage;
         self.pages.entry(page.clone()).or_insert_with(|| PageEntry {
             count: 0,
+            remote: 0,
+            reported: 0,
             published: 0,
             told_other: false,
             subscribers: HashSet::new(),
@@ -237,11 +264,21 @@ impl Counter {
         }
         e.dirty = true;
         self.changed.insert(page.clone());
+        self.local_changed.insert(page.clone());
     }
 
     fn follow(&mut self, room: u64, addr: &Addr<PageRoom>, links: &[PageId]) {
+        let mut first = Vec::new();
         for link in links {
-            self.entry(link).subscribers.insert(room);
+            let e = self.entry(link);
+            if e.subscribers.insert(room) && e.subscribers.len() == 1 {
+                first.push(link.clone());
+            }
+        }
+        // Node-level reference counting: the cluster follows a page while
+        // at least one local room does (rebuilds send the whole set instead).
+        if let (Some(c), None, false) = (&self.cluster, &self.resync, first.is_empty()) {
+            c.do_send(cluster::Follow { pages: first });
         }
         let f = self.followers.entry(room).or_insert_with(|| Follower {
             addr: addr.clone(),
@@ -252,10 +289,18 @@ impl Counter {
     }
 
     fn unfollow(&mut self, room: u64, links: &[PageId]) {
+        let mut last = Vec::new();
         for link in links {
             if let Some(e) = self.pages.get_mut(link) {
-                e.subscribers.remove(&room);
+                if e.subscribers.remove(&room) && e.subscribers.is_empty() {
+                    // No longer followed here: remote values stop arriving.
+                    e.remote = 0;
+                    last.push(link.clone());
+                }
             }
+        }
+        if let (Some(c), None, false) = (&self.cluster, &self.resync, last.is_empty()) {
+            c.do_send(cluster::Unfollow { pages: last });
         }
         if let Some(f) = self.followers.get_mut(&room) {
             for link in links {
@@ -270,7 +315,7 @@ impl Counter {
     fn counts_of(&self, links: &[PageId]) -> Vec<(PageId, u64)> {
         links
             .iter()
-            .map(|l| (l.clone(), self.pages.get(l).map_or(0, |e| e.count)))
+            .map(|l| (l.clone(), self.pages.get(l).map_or(0, PageEntry::shown)))
             .collect()
     }
 
@@ -279,7 +324,7 @@ impl Counter {
     fn answer(&mut self, links: &[PageId]) -> Vec<(PageId, u64)> {
         for l in links {
             if let Some(e) = self.pages.get_mut(l) {
-                if e.count != e.published {
+                if e.shown() != e.published {
                     e.told_other = true;
                     self.changed.insert(l.clone());
                 }
@@ -290,7 +335,11 @@ impl Counter {
 
     /// Publishes every changed count: one message per subscriber room.
     fn publish(&mut self) {
-        if self.resync.is_some() || self.changed.is_empty() {
+        if self.resync.is_some() {
+            return;
+        }
+        self.publish_local();
+        if self.changed.is_empty() {
             return;
         }
         let mut outbox: HashMap<u64, Vec<(PageId, u64)>> = HashMap::new();
@@ -298,16 +347,14 @@ impl Counter {
             let Some(e) = self.pages.get_mut(&page) else {
                 continue;
             };
-            if e.count == e.published && !e.told_other {
+            let shown = e.shown();
+            if shown == e.published && !e.told_other {
                 continue;
             }
-            e.published = e.count;
+            e.published = shown;
             e.told_other = false;
             for room in &e.subscribers {
-                outbox
-                    .entry(*room)
-                    .or_default()
-                    .push((page.clone(), e.count));
+                outbox.entry(*room).or_default().push((page.clone(), shown));
             }
         }
         for (room, changes) in outbox {
@@ -315,6 +362,52 @@ impl Counter {
                 f.addr.do_send(Counts { changes });
             }
         }
+    }
+
+    /// Cluster mode: sends the local counts that changed since the last tick
+    /// (one message per tick at most).
+    fn publish_local(&mut self) {
+        let Some(cluster) = &self.cluster else {
+            self.local_changed.clear();
+            return;
+        };
+        let mut changes = Vec::new();
+        for page in self.local_changed.drain() {
+            if let Some(e) = self.pages.get_mut(&page) {
+                if e.count != e.reported {
+                    e.reported = e.count;
+                    changes.push((page, e.count));
+                }
+            }
+        }
+        if !changes.is_empty() {
+            cluster.do_send(cluster::LocalCounts {
+                changes,
+                full: false,
+            });
+        }
+    }
+
+    /// Cluster mode, after a rebuild: the whole local state and followed set.
+    fn resend_cluster_state(&mut self) {
+        self.local_changed.clear();
+        let Some(cluster) = &self.cluster else { return };
+        let mut changes = Vec::new();
+        let mut followed = Vec::new();
+        for (page, e) in self.pages.iter_mut() {
+            e.reported = e.count;
+            if e.count > 0 {
+                changes.push((page.clone(), e.count));
+            }
+            if !e.subscribers.is_empty() {
+                followed.push(page.clone());
+            }
+        }
+        cluster.do_send(cluster::LocalCounts {
+            changes,
+            full: true,
+        });
+        cluster.do_send(cluster::SetFollowed { pages: followed });
     }
 
     /// Writes dirty stats in one batch, then flushes off-thread.
@@ -361,8 +454,9 @@ impl Counter {
         // Save first, so nothing dropped from memory is lost.
         self.snapshot(false);
         let before = self.pages.len();
-        self.pages
-            .retain(|_, e| e.count > 0 || !e.subscribers.is_empty() || e.dirty);
+        self.pages.retain(|_, e| {
+            e.count > 0 || !e.subscribers.is_empty() || e.dirty || e.reported != e.count
+        });
         report.pages_dropped = before - self.pages.len();
         let now = now_ms();
         let live = |page: &str| {
@@ -437,9 +531,10 @@ impl Counter {
         // Every follower gets the full current counts of its links; rooms
         // forward only the values that differ from what their clients saw.
         for e in self.pages.values_mut() {
-            e.published = e.count;
+            e.published = e.shown();
         }
         self.changed.clear();
+        self.resend_cluster_state();
         for f in self.followers.values() {
             let links: Vec<PageId> = f.links.iter().cloned().collect();
             f.addr.do_send(Counts {
@@ -499,6 +594,8 @@ impl Supervised for Counter {
                 page,
                 PageEntry {
                     count: 0,
+                    remote: 0,
+                    reported: 0,
                     published: 0,
                     told_other: false,
                     subscribers: HashSet::new(),
@@ -509,6 +606,7 @@ impl Supervised for Counter {
         }
         self.followers.clear();
         self.changed.clear();
+        self.local_changed.clear();
         self.resync = None;
     }
 }
@@ -517,6 +615,28 @@ impl Handler<SetShards> for Counter {
     type Result = ();
     fn handle(&mut self, msg: SetShards, _: &mut Context<Self>) {
         self.shards = msg.0;
+    }
+}
+
+impl Handler<SetCluster> for Counter {
+    type Result = ();
+    fn handle(&mut self, msg: SetCluster, _: &mut Context<Self>) {
+        self.cluster = Some(msg.0);
+    }
+}
+
+impl Handler<cluster::RemoteCounts> for Counter {
+    type Result = ();
+    fn handle(&mut self, msg: cluster::RemoteCounts, _: &mut Context<Self>) {
+        for (page, sum) in msg.changes {
+            // Only followed pages hold remote values (see `unfollow`).
+            if let Some(e) = self.pages.get_mut(&page) {
+                if !e.subscribers.is_empty() && e.remote != sum {
+                    e.remote = sum;
+                    self.changed.insert(page);
+                }
+            }
+        }
     }
 }
 
@@ -583,6 +703,7 @@ impl Handler<RoomState> for Counter {
         if e.count != msg.count {
             e.count = msg.count;
             self.changed.insert(msg.page.clone());
+            self.local_changed.insert(msg.page.clone());
         }
         if let Some(r) = &mut self.resync {
             if r.epoch == msg.epoch {
@@ -611,7 +732,7 @@ impl Handler<GetCounts> for Counter {
         MessageResult(
             msg.0
                 .iter()
-                .map(|id| self.pages.get(id).map_or(0, |e| e.count))
+                .map(|id| self.pages.get(id).map_or(0, PageEntry::shown))
                 .collect(),
         )
     }
@@ -621,7 +742,7 @@ impl Handler<GetPage> for Counter {
     type Result = MessageResult<GetPage>;
     fn handle(&mut self, msg: GetPage, _: &mut Context<Self>) -> Self::Result {
         let (count, stats) = match self.pages.get(&msg.0) {
-            Some(e) => (e.count, e.stats.clone()),
+            Some(e) => (e.shown(), e.stats.clone()),
             None => (
                 0,
                 self.storage

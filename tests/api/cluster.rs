@@ -1,0 +1,400 @@
+//! Cluster mode: several real `link-counter` processes sharing counts through
+//! a real `redis-server` started by the tests on a free port.
+//!
+//! Skip rule: without `redis-server` on PATH these tests print one line and
+//! pass, unless `LINK_COUNTER_REQUIRE_REDIS` is set (test.sh sets it), in
+//! which case they fail.
+
+use std::{
+    io::{BufRead, BufReader},
+    net::{SocketAddr, TcpListener},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use crate::helpers::{counts, http_get, Client};
+
+/// Whether the cluster tests can run here; panics if they are required but cannot.
+fn redis_available() -> bool {
+    let found = Command::new("redis-server")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !found {
+        if std::env::var_os("LINK_COUNTER_REQUIRE_REDIS").is_some() {
+            panic!("LINK_COUNTER_REQUIRE_REDIS is set but redis-server is not installed");
+        }
+        println!("cluster tests skipped: redis-server not installed");
+    }
+    found
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind port 0")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+/// A `redis-server` child without persistence (a restart loses everything,
+/// the hardest case for convergence).
+struct Redis {
+    port: u16,
+    child: Option<Child>,
+}
+
+impl Redis {
+    fn start() -> Redis {
+        let mut r = Redis {
+            port: free_port(),
+            child: None,
+        };
+        r.restart();
+        r
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    /// Starts (again) on the same port and waits until it accepts connections.
+    fn restart(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string()])
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server starts");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(Instant::now() < deadline, "redis-server did not listen");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// kill -9.
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Liveness settings of the tests (short, so crashes are detected quickly).
+const HEARTBEAT: &str = "200ms";
+const NODE_TTL: Duration = Duration::from_secs(1);
+
+/// A real `link-counter` process in cluster mode.
+struct Node {
+    child: Child,
+    addr: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl Node {
+    fn start(redis: &Redis) -> Node {
+        Self::start_with(redis, &[])
+    }
+
+    fn start_with(redis: &Redis, extra: &[(&str, &str)]) -> Node {
+        let dir = tempfile::tempdir().expect("tmp");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_link-counter"));
+        cmd.env("LINK_COUNTER__SERVER__BIND", "127.0.0.1:0")
+            .env("LINK_COUNTER__SERVER__SHARDS", "2")
+            .env("LINK_COUNTER__SERVER__WORKERS", "2")
+            .env("LINK_COUNTER__STORAGE__PATH", dir.path())
+            .env("LINK_COUNTER__CLUSTER__REDIS_URL", redis.url())
+            .env("LINK_COUNTER__CLUSTER__HEARTBEAT_INTERVAL", HEARTBEAT)
+            .env(
+                "LINK_COUNTER__CLUSTER__NODE_TTL",
+                format!("{}ms", NODE_TTL.as_millis()),
+            )
+            .env("LINK_COUNTER__LIMITS__MAX_CONNECTIONS_PER_IP", "0")
+            .env("LINK_COUNTER__LIMITS__CONNECTIONS_PER_IP_PER_SECOND", "0")
+            .env("LINK_COUNTER__LIMITS__MESSAGES_PER_SECOND", "0")
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "error".into()),
+            );
+        for (k, v) in extra {
+            cmd.env(format!("LINK_COUNTER__{k}"), v);
+        }
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("binary starts");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut line = String::new();
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("read stdout");
+        let addr = line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+            .parse()
+            .expect("address");
+        Node {
+            child,
+            addr,
+            _dir: dir,
+        }
+    }
+
+    async fn connect(&self, page: &str) -> Client {
+        Client::connect(&format!("ws://{}/parties/page/{page}", self.addr)).await
+    }
+
+    /// A client on page `o` subscribed to `links`, with its first update read.
+    async fn observer(&self, links: &[&str]) -> Client {
+        let mut c = self.connect("o").await;
+        c.subscribe(links).await;
+        c.next_update().await;
+        c
+    }
+
+    async fn ready(&self) -> (u16, String) {
+        http_get(self.addr, "/readyz").await
+    }
+
+    /// Waits until `/readyz` answers `status`.
+    async fn wait_ready(&self, status: u16) {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let (s, body) = self.ready().await;
+            if s == status {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "/readyz stayed {s} ({body}), expected {status}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn kill_9(mut self) {
+        self.child.kill().expect("kill -9");
+        self.child.wait().expect("reaped");
+    }
+
+    /// SIGTERM, then waits for the exit.
+    fn terminate(mut self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success());
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(s) = self.child.try_wait().expect("wait") {
+                assert!(s.success(), "exit status {s}");
+                return;
+            }
+            assert!(Instant::now() < deadline, "did not exit on SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Viewers of a page spread over two nodes: subscribers on a third node (and
+/// on the two nodes themselves) see the exact sum, going up and going down.
+#[tokio::test]
+async fn counts_are_summed_across_nodes() {
+    if !redis_available() {
+        return;
+    }
+    let redis = Redis::start();
+    let (a, b, c) = (
+        Node::start(&redis),
+        Node::start(&redis),
+        Node::start(&redis),
+    );
+    let mut obs_c = c.observer(&["x", "y"]).await;
+    let mut obs_a = a.observer(&["x"]).await;
+    let mut on_a = Vec::new();
+    let mut on_b = Vec::new();
+    for _ in 0..2 {
+        on_a.push(a.connect("x").await);
+    }
+    for _ in 0..3 {
+        on_b.push(b.connect("x").await);
+    }
+    let _y = b.connect("y").await;
+    obs_c.wait_for(&counts(&[("x", 5), ("y", 1)])).await;
+    obs_a.wait_for(&counts(&[("x", 5)])).await;
+    on_a.pop().expect("one").close().await;
+    obs_c.wait_for(&counts(&[("x", 4)])).await;
+    for v in on_b.drain(..) {
+        v.close().await;
+    }
+    obs_c.wait_for(&counts(&[("x", 1), ("y", 1)])).await;
+    obs_a.wait_for(&counts(&[("x", 1)])).await;
+    // Exact, and stays exact: nothing else arrives.
+    obs_c.expect_silence(Duration::from_millis(500)).await;
+    assert_eq!(obs_c.shown, counts(&[("x", 1), ("y", 1)]));
+}
+
+/// kill -9 of a node: subscribers elsewhere see its viewers disappear within
+/// `node_ttl` plus a heartbeat and a tick; a restarted node (new id) does not
+/// double count.
+#[tokio::test]
+async fn crashed_node_viewers_disappear_within_node_ttl() {
+    if !redis_available() {
+        return;
+    }
+    let redis = Redis::start();
+    let (a, b, c) = (
+        Node::start(&redis),
+        Node::start(&redis),
+        Node::start(&redis),
+    );
+    let mut obs = c.observer(&["x"]).await;
+    let _on_a: Vec<Client> = futures_util::future::join_all((0..2).map(|_| a.connect("x"))).await;
+    let on_b: Vec<Client> = futures_util::future::join_all((0..3).map(|_| b.connect("x"))).await;
+    obs.wait_for(&counts(&[("x", 5)])).await;
+    let killed = Instant::now();
+    b.kill_9();
+    obs.wait_for(&counts(&[("x", 2)])).await;
+    let took = killed.elapsed();
+    println!("kill -9: ghost counts gone after {took:?} (node_ttl {NODE_TTL:?})");
+    // node_ttl + heartbeat + tick, plus scheduling slack.
+    assert!(
+        took <= NODE_TTL + Duration::from_millis(200 + 50 + 750),
+        "ghosts lasted {took:?}"
+    );
+    drop(on_b);
+    // The same machine comes back: a new process with a new id.
+    let b2 = Node::start(&redis);
+    let _back = b2.connect("x").await;
+    obs.wait_for(&counts(&[("x", 3)])).await;
+    // Several node_ttl later it is still exact (nothing of the old id returns).
+    obs.expect_silence(NODE_TTL * 2).await;
+    assert_eq!(obs.shown, counts(&[("x", 3)]));
+    let mut late = b2.observer(&["x"]).await;
+    late.wait_for(&counts(&[("x", 3)])).await;
+}
+
+/// Redis is stopped and restarted (losing all its data) while viewers come and
+/// go: nodes keep serving their local counts, `/readyz` reports degraded, and
+/// after Redis is back every subscriber converges to the exact counts.
+#[tokio::test]
+async fn redis_restart_under_churn_converges() {
+    if !redis_available() {
+        return;
+    }
+    let mut redis = Redis::start();
+    let (a, b) = (Node::start(&redis), Node::start(&redis));
+    let mut obs_a = a.observer(&["x"]).await;
+    let mut obs_b = b.observer(&["x"]).await;
+    let mut on_a: Vec<Client> =
+        futures_util::future::join_all((0..3).map(|_| a.connect("x"))).await;
+    let mut on_b: Vec<Client> =
+        futures_util::future::join_all((0..4).map(|_| b.connect("x"))).await;
+    obs_a.wait_for(&counts(&[("x", 7)])).await;
+    obs_b.wait_for(&counts(&[("x", 7)])).await;
+    assert_eq!(a.ready().await.0, 200);
+
+    redis.stop();
+    a.wait_ready(503).await;
+    let (_, body) = a.ready().await;
+    assert!(body.contains("redis"), "{body}");
+    // Churn while Redis is down; each node keeps serving (new connections are
+    // accepted, local changes are shown on top of the last known remote counts).
+    for _ in 0..2 {
+        on_a.pop().expect("one").close().await;
+    }
+    for _ in 0..3 {
+        on_b.push(b.connect("x").await);
+    }
+    obs_a.wait_for(&counts(&[("x", 5)])).await; // 1 local + 4 frozen remote
+    obs_b.wait_for(&counts(&[("x", 10)])).await; // 7 local + 3 frozen remote
+    let fresh = a.observer(&["x"]).await;
+    drop(fresh);
+
+    let restarted = Instant::now();
+    redis.restart();
+    // Exact again: 1 on a, 7 on b.
+    obs_a.wait_for(&counts(&[("x", 8)])).await;
+    obs_b.wait_for(&counts(&[("x", 8)])).await;
+    println!("redis restart: converged after {:?}", restarted.elapsed());
+    a.wait_ready(200).await;
+    b.wait_ready(200).await;
+    // And it keeps working after recovery.
+    on_a.push(a.connect("x").await);
+    obs_b.wait_for(&counts(&[("x", 9)])).await;
+    obs_a.wait_for(&counts(&[("x", 9)])).await;
+}
+
+/// A node started late sees the existing counts of other nodes as soon as one
+/// of its clients subscribes.
+#[tokio::test]
+async fn late_node_sees_existing_counts() {
+    if !redis_available() {
+        return;
+    }
+    let redis = Redis::start();
+    let a = Node::start(&redis);
+    let _v: Vec<Client> = futures_util::future::join_all((0..4).map(|_| a.connect("x"))).await;
+    let _w = a.connect("w").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let late = Node::start(&redis);
+    let asked = Instant::now();
+    let mut obs = late.connect("o").await;
+    obs.subscribe(&["x", "w", "z"]).await;
+    obs.wait_for(&counts(&[("x", 4), ("w", 1), ("z", 0)])).await;
+    println!(
+        "late node: existing counts shown after {:?}",
+        asked.elapsed()
+    );
+    assert!(asked.elapsed() < Duration::from_secs(1));
+}
+
+/// A graceful shutdown (SIGTERM) removes the node's viewers from the other
+/// nodes at once, long before `node_ttl` (here 30 s) would.
+#[tokio::test]
+async fn graceful_shutdown_removes_contributions_at_once() {
+    if !redis_available() {
+        return;
+    }
+    let redis = Redis::start();
+    let ttl = [("CLUSTER__NODE_TTL", "30s")];
+    let (a, b) = (
+        Node::start_with(&redis, &ttl),
+        Node::start_with(&redis, &ttl),
+    );
+    let mut obs = a.observer(&["x"]).await;
+    let _on_a = a.connect("x").await;
+    let mut on_b: Vec<Client> =
+        futures_util::future::join_all((0..3).map(|_| b.connect("x"))).await;
+    obs.wait_for(&counts(&[("x", 4)])).await;
+    let t = Instant::now();
+    let closing = tokio::task::spawn_blocking(move || b.terminate());
+    for c in &mut on_b {
+        assert_eq!(c.expect_close().await, 1001);
+    }
+    obs.wait_for(&counts(&[("x", 1)])).await;
+    closing.await.expect("terminated");
+    println!("graceful leave: others updated after {:?}", t.elapsed());
+    assert!(t.elapsed() < Duration::from_secs(5));
+}

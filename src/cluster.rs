@@ -52,10 +52,32 @@ pub struct LocalCounts {
 }
 
 /// Counter -> cluster: these pages gained their first local follower room.
+/// Answered with [`RemoteCounts`] for them, then [`Loaded`] with `req`.
 #[derive(Message, Debug)]
 #[rtype(result = "()")]
 pub struct Follow {
     /// Pages to load and follow.
+    pub pages: Vec<PageId>,
+    /// Echoed in [`Loaded`].
+    pub req: u64,
+}
+
+/// Cluster -> counter: the current values of the pages of [`Follow`] `req`
+/// were loaded and sent (or could not be: Redis is down); held subscribe
+/// answers can go out.
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub struct Loaded {
+    /// The [`Follow`] request.
+    pub req: u64,
+}
+
+/// Counter -> cluster: the other live nodes' counts of pages this node does
+/// not follow (HTTP reads); `None` while Redis is unreachable.
+#[derive(Message, Debug)]
+#[rtype(result = "Option<Vec<u64>>")]
+pub struct Fetch {
+    /// Pages to read.
     pub pages: Vec<PageId>,
 }
 
@@ -115,7 +137,8 @@ impl ClusterHealth {
 /// What the driver task receives.
 enum Cmd {
     Local(LocalCounts),
-    Follow(Vec<PageId>),
+    Follow(Vec<PageId>, u64),
+    Fetch(Vec<PageId>, oneshot::Sender<Option<Vec<u64>>>),
     Unfollow(Vec<PageId>),
     SetFollowed(Vec<PageId>),
     Leave(oneshot::Sender<bool>),
@@ -159,7 +182,21 @@ impl Handler<LocalCounts> for Cluster {
 impl Handler<Follow> for Cluster {
     type Result = ();
     fn handle(&mut self, msg: Follow, _: &mut Context<Self>) {
-        let _ = self.tx.send(Cmd::Follow(msg.pages));
+        let _ = self.tx.send(Cmd::Follow(msg.pages, msg.req));
+    }
+}
+
+impl Handler<Fetch> for Cluster {
+    type Result = ResponseFuture<Option<Vec<u64>>>;
+    fn handle(&mut self, msg: Fetch, _: &mut Context<Self>) -> Self::Result {
+        let (tx, rx) = oneshot::channel();
+        let sent = self.tx.send(Cmd::Fetch(msg.pages, tx)).is_ok();
+        Box::pin(async move {
+            if !sent {
+                return None;
+            }
+            rx.await.ok().flatten()
+        })
     }
 }
 
@@ -242,6 +279,8 @@ struct Driver {
     remote: HashMap<PageId, HashMap<String, (u64, u64)>>,
     /// Remote sum last sent to the counter per followed page.
     sums_sent: HashMap<PageId, u64>,
+    /// True once this id was registered in Redis (a lost registration then means a new id).
+    registered: bool,
     /// Nodes found dead; their messages are ignored (ids are never reused).
     dead: HashSet<String>,
     /// Commands connection (None while disconnected).
@@ -313,6 +352,7 @@ impl Driver {
             remote: HashMap::new(),
             sums_sent: HashMap::new(),
             dead: HashSet::new(),
+            registered: false,
             conn: None,
             sink: None,
         }
@@ -394,10 +434,14 @@ impl Driver {
     fn apply_offline(&mut self, cmd: Cmd) {
         match cmd {
             Cmd::Local(m) => self.note_local(m),
-            Cmd::Follow(pages) => {
+            Cmd::Follow(pages, req) => {
                 for p in pages {
                     self.add_follow(p);
                 }
+                self.counter.do_send(Loaded { req });
+            }
+            Cmd::Fetch(_, reply) => {
+                let _ = reply.send(None);
             }
             Cmd::Unfollow(pages) => {
                 self.drop_follows(pages);
@@ -556,15 +600,18 @@ impl Driver {
         )
         .await?;
         if kept.is_none() {
-            let old = std::mem::replace(&mut self.node, fresh_node_id());
-            if self.seq > 0 {
-                tracing::warn!(old = %old, new = %self.node, "cluster: node key expired in redis; new node id");
+            if self.registered {
+                // Others consider the old id dead (or Redis lost its data):
+                // never resurrect it, take a new one.
+                let old = std::mem::replace(&mut self.node, fresh_node_id());
+                tracing::warn!(old = %old, new = %self.node, "cluster: node key gone from redis; new node id");
                 // Our old fields are ghosts now: delete them ourselves.
                 self.reap(&old).await?;
             }
-            // Everything local must be written under the new id.
+            // Everything local must be written under the (new) id.
             self.dirty.extend(self.local.keys().cloned());
         }
+        self.registered = true;
         let mut p = redis::pipe();
         p.cmd("SET")
             .arg(self.node_key(&self.node))
@@ -738,6 +785,31 @@ impl Driver {
         Ok(())
     }
 
+    /// The other live nodes' counts of `pages`, read from Redis (not kept).
+    async fn fetch(&mut self, pages: &[PageId]) -> Result<Vec<u64>, String> {
+        if pages.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (live, _) = self.live_nodes().await?;
+        let mut p = redis::pipe();
+        for page in pages {
+            p.hgetall(self.page_key(page));
+        }
+        let conn = self.conn.as_mut().ok_or("not connected")?;
+        let maps: Vec<HashMap<String, String>> = timed(p.query_async(conn)).await?;
+        Ok(maps
+            .into_iter()
+            .map(|fields| {
+                fields
+                    .into_iter()
+                    .filter(|(n, _)| *n != self.node && live.contains(n))
+                    .filter_map(|(_, v)| parse_field(&v))
+                    .map(|(_, c)| c)
+                    .sum()
+            })
+            .collect())
+    }
+
     /// Heartbeat: refresh our liveness key, find dead nodes, drop and reap them.
     async fn heartbeat(&mut self) -> Result<(), String> {
         let key = self.node_key(&self.node);
@@ -881,15 +953,30 @@ impl Driver {
                 let pages: Vec<PageId> = self.dirty.drain().collect();
                 self.write(&pages).await
             }
-            Cmd::Follow(pages) => {
+            Cmd::Follow(pages, req) => {
                 let new: Vec<PageId> = pages
                     .into_iter()
                     .filter(|p| self.add_follow(p.clone()))
                     .collect();
                 let chans: Vec<u32> = new.iter().map(|p| self.channel_of(p)).collect();
-                self.subscribe(&chans).await?;
-                self.load(&new).await
+                let mut r = self.subscribe(&chans).await;
+                if r.is_ok() {
+                    r = self.load(&new).await;
+                }
+                // After the RemoteCounts of `load`, even on failure.
+                self.counter.do_send(Loaded { req });
+                r
             }
+            Cmd::Fetch(pages, reply) => match self.fetch(&pages).await {
+                Ok(sums) => {
+                    let _ = reply.send(Some(sums));
+                    Ok(())
+                }
+                Err(e) => {
+                    let _ = reply.send(None);
+                    Err(e)
+                }
+            },
             Cmd::Unfollow(pages) => {
                 let empty = self.drop_follows(pages);
                 self.unsubscribe(&empty).await

@@ -192,6 +192,24 @@ struct Resync {
 /// Longest a rebuild waits for missing reports before publishing anyway.
 const RESYNC_DEADLINE: Duration = Duration::from_secs(2);
 
+/// Cluster mode: longest a subscribe answer waits for the cluster's values.
+const LOAD_DEADLINE: Duration = Duration::from_secs(1);
+
+/// Cluster mode: a subscribe answer held until the other nodes' counts of
+/// newly followed pages are loaded, so the first update is the cluster count.
+struct AwaitingLoad {
+    /// The room to answer.
+    addr: Addr<PageRoom>,
+    /// Accepted links.
+    links: Vec<PageId>,
+    /// Refused links.
+    refused: Vec<PageId>,
+    /// `Follow` requests not yet `Loaded`.
+    waiting: HashSet<u64>,
+    /// When it was held (answered anyway after [`LOAD_DEADLINE`]).
+    since: Instant,
+}
+
 pub struct Counter {
     /// Timers and retention settings.
     settings: Arc<Settings>,
@@ -215,6 +233,12 @@ pub struct Counter {
     cluster: Option<Addr<Cluster>>,
     /// Cluster mode: pages whose local count changed since the last tick.
     local_changed: HashSet<PageId>,
+    /// Cluster mode: pages being loaded from the cluster, by `Follow` request.
+    loading: HashMap<PageId, u64>,
+    /// Cluster mode: subscribe answers held until their pages are loaded.
+    awaiting: Vec<AwaitingLoad>,
+    /// Cluster mode: last `Follow` request number.
+    load_seq: u64,
 }
 
 impl Counter {
@@ -231,6 +255,9 @@ impl Counter {
             resync: None,
             cluster: None,
             local_changed: HashSet::new(),
+            loading: HashMap::new(),
+            awaiting: Vec::new(),
+            load_seq: 0,
         }
     }
 
@@ -278,7 +305,12 @@ impl Counter {
         // Node-level reference counting: the cluster follows a page while
         // at least one local room does (rebuilds send the whole set instead).
         if let (Some(c), None, false) = (&self.cluster, &self.resync, first.is_empty()) {
-            c.do_send(cluster::Follow { pages: first });
+            self.load_seq += 1;
+            let req = self.load_seq;
+            for p in &first {
+                self.loading.insert(p.clone(), req);
+            }
+            c.do_send(cluster::Follow { pages: first, req });
         }
         let f = self.followers.entry(room).or_insert_with(|| Follower {
             addr: addr.clone(),
@@ -500,7 +532,11 @@ impl Counter {
             started: Instant::now(),
             listed: HashMap::new(),
             reported: HashSet::new(),
-            deferred: Vec::new(),
+            // Answers held for the cluster are answered after the rebuild.
+            deferred: std::mem::take(&mut self.awaiting)
+                .into_iter()
+                .map(|a| (a.addr, a.links, a.refused))
+                .collect(),
         });
         for shard in &self.shards {
             shard.do_send(crate::shard::Resync { epoch: self.epoch });
@@ -554,6 +590,26 @@ impl Counter {
         );
     }
 
+    /// Cluster mode: sends the held subscribe answers that are complete (or
+    /// waited [`LOAD_DEADLINE`]).
+    fn release_awaiting(&mut self) {
+        if self.awaiting.is_empty() || self.resync.is_some() {
+            return;
+        }
+        let (ready, held): (Vec<AwaitingLoad>, Vec<AwaitingLoad>) =
+            std::mem::take(&mut self.awaiting)
+                .into_iter()
+                .partition(|a| a.waiting.is_empty() || a.since.elapsed() >= LOAD_DEADLINE);
+        self.awaiting = held;
+        for a in ready {
+            let counts = self.answer(&a.links);
+            a.addr.do_send(Subscribed {
+                counts,
+                refused: a.refused,
+            });
+        }
+    }
+
     /// Stops on an internal inconsistency; the supervisor rebuilds.
     fn fault(&mut self, ctx: &mut Context<Self>, what: &str) {
         tracing::error!(fault = what, "counter fault; restarting");
@@ -572,7 +628,10 @@ impl Actor for Counter {
         ctx.run_interval(s.counter.sweep_interval, |act, _| {
             act.sweep();
         });
-        ctx.run_interval(Duration::from_millis(100), |act, _| act.check_resync());
+        ctx.run_interval(Duration::from_millis(100), |act, _| {
+            act.check_resync();
+            act.release_awaiting();
+        });
         if self.generation > 1 {
             self.begin_resync();
         }
@@ -607,6 +666,7 @@ impl Supervised for Counter {
         self.followers.clear();
         self.changed.clear();
         self.local_changed.clear();
+        self.loading.clear();
         self.resync = None;
     }
 }
@@ -637,6 +697,17 @@ impl Handler<cluster::RemoteCounts> for Counter {
                 }
             }
         }
+    }
+}
+
+impl Handler<cluster::Loaded> for Counter {
+    type Result = ();
+    fn handle(&mut self, msg: cluster::Loaded, _: &mut Context<Self>) {
+        self.loading.retain(|_, req| *req != msg.req);
+        for a in &mut self.awaiting {
+            a.waiting.remove(&msg.req);
+        }
+        self.release_awaiting();
     }
 }
 
@@ -671,6 +742,20 @@ impl Handler<Subscribe> for Counter {
         self.follow(msg.room, &msg.addr, &accepted);
         if let Some(r) = &mut self.resync {
             r.deferred.push((msg.addr, accepted, refused));
+            return;
+        }
+        let waiting: HashSet<u64> = accepted
+            .iter()
+            .filter_map(|l| self.loading.get(l).copied())
+            .collect();
+        if !waiting.is_empty() {
+            self.awaiting.push(AwaitingLoad {
+                addr: msg.addr,
+                links: accepted,
+                refused,
+                waiting,
+                since: Instant::now(),
+            });
             return;
         }
         let counts = self.answer(&accepted);
@@ -726,20 +811,60 @@ impl Handler<ShardRooms> for Counter {
     }
 }
 
+impl Counter {
+    /// Cluster mode: the indices of `ids` this node does not follow (their
+    /// shown value lacks the other nodes' counts) and a fetch of those.
+    fn fetch_unfollowed(
+        &self,
+        ids: &[PageId],
+    ) -> Option<(Vec<usize>, Request<Cluster, cluster::Fetch>)> {
+        let cluster = self.cluster.as_ref()?;
+        let idx: Vec<usize> = ids
+            .iter()
+            .enumerate()
+            .filter(|(_, id)| self.pages.get(*id).is_none_or(|e| e.subscribers.is_empty()))
+            .map(|(i, _)| i)
+            .collect();
+        if idx.is_empty() {
+            return None;
+        }
+        let pages = idx.iter().filter_map(|i| ids.get(*i).cloned()).collect();
+        Some((idx, cluster.send(cluster::Fetch { pages })))
+    }
+}
+
+/// Adds fetched remote sums to `values` at `idx` (unchanged if the fetch failed).
+async fn add_fetched(
+    mut values: Vec<u64>,
+    fetch: Option<(Vec<usize>, Request<Cluster, cluster::Fetch>)>,
+) -> Vec<u64> {
+    if let Some((idx, req)) = fetch {
+        if let Ok(Some(sums)) = req.await {
+            for (i, sum) in idx.into_iter().zip(sums) {
+                if let Some(v) = values.get_mut(i) {
+                    *v += sum;
+                }
+            }
+        }
+    }
+    values
+}
+
 impl Handler<GetCounts> for Counter {
-    type Result = MessageResult<GetCounts>;
+    type Result = ResponseFuture<Vec<u64>>;
     fn handle(&mut self, msg: GetCounts, _: &mut Context<Self>) -> Self::Result {
-        MessageResult(
-            msg.0
-                .iter()
-                .map(|id| self.pages.get(id).map_or(0, PageEntry::shown))
-                .collect(),
-        )
+        let values: Vec<u64> = msg
+            .0
+            .iter()
+            .map(|id| self.pages.get(id).map_or(0, PageEntry::shown))
+            .collect();
+        let fetch = self.fetch_unfollowed(&msg.0);
+        Box::pin(add_fetched(values, fetch))
     }
 }
 
 impl Handler<GetPage> for Counter {
-    type Result = MessageResult<GetPage>;
+    type Result = ResponseFuture<PageInfo>;
     fn handle(&mut self, msg: GetPage, _: &mut Context<Self>) -> Self::Result {
         let (count, stats) = match self.pages.get(&msg.0) {
             Some(e) => (e.shown(), e.stats.clone()),
@@ -752,13 +877,21 @@ impl Handler<GetPage> for Counter {
                     .unwrap_or_default(),
             ),
         };
-        MessageResult(PageInfo {
+        let fetch = self.fetch_unfollowed(std::slice::from_ref(&msg.0));
+        let info = PageInfo {
             id: msg.0.to_string(),
             connections: count,
             peak_connections: stats.peak_connections,
             peak_at: stats.peak_at_ms.map(rfc3339),
             total_connections: stats.total_connections,
             last_active: stats.last_active_ms.map(rfc3339),
+        };
+        Box::pin(async move {
+            let mut info = info;
+            if let Some(c) = add_fetched(vec![info.connections], fetch).await.first() {
+                info.connections = *c;
+            }
+            info
         })
     }
 }

@@ -254,7 +254,10 @@ async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     }
     if state.cluster.as_ref().is_some_and(|c| !c.connected()) {
         // Degraded, still serving: local counts live, other nodes' frozen.
-        return not_ready("cluster: redis unreachable; serving local counts".into());
+        return HttpResponse::ServiceUnavailable().json(serde_json::json!({
+            "status": "degraded",
+            "reason": "cluster: redis unreachable; serving local counts",
+        }));
     }
     match tokio::time::timeout(Duration::from_secs(2), state.counter.send(GetStatus)).await {
         Ok(Ok(s)) if !s.rebuilding => {

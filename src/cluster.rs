@@ -314,6 +314,14 @@ fn fnv1a(s: &str) -> u64 {
     h
 }
 
+/// The Redis URL without its password, for logs.
+fn redacted(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => format!("{}***{}", &url[..s + 3], &url[at..]),
+        _ => url.to_string(),
+    }
+}
+
 /// Parses a hash field value `"{seq}:{count}"`.
 fn parse_field(v: &str) -> Option<(u64, u64)> {
     let (s, c) = v.split_once(':')?;
@@ -388,7 +396,7 @@ impl Driver {
 
     /// The main loop: connect (with backoff), run until Redis fails, repeat.
     async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Cmd>) {
-        tracing::info!(node = %self.node, url = %self.settings.cluster.redis_url, "cluster mode");
+        tracing::info!(node = %self.node, redis = %redacted(&self.settings.cluster.redis_url), "cluster mode");
         let mut backoff = BACKOFF_MIN;
         loop {
             let exit = match self.connect().await {
@@ -893,7 +901,9 @@ impl Driver {
 
     /// Removes this node's contributions at once (graceful shutdown).
     async fn leave(&mut self) -> Result<(), String> {
-        let pages: Vec<PageId> = self.local.keys().cloned().collect();
+        let mut pages: HashSet<PageId> = self.local.keys().cloned().collect();
+        pages.extend(self.dirty.drain());
+        let pages: Vec<PageId> = pages.into_iter().collect();
         self.local.clear();
         // Zeros are published, fields deleted.
         self.write(&pages).await?;
@@ -914,7 +924,10 @@ impl Driver {
         beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         beat.tick().await;
         loop {
+            // Biased: queued commands are applied first, so when Redis is slow
+            // the local changes of several ticks go out in one write.
             let r = tokio::select! {
+                biased;
                 cmd = rx.recv() => match cmd {
                     None => return Exit::Stop,
                     Some(Cmd::Leave(done)) => {
@@ -931,6 +944,11 @@ impl Driver {
                     }
                     Some(cmd) => self.handle(cmd).await,
                 },
+                _ = std::future::ready(()), if !self.dirty.is_empty() => {
+                    let pages: Vec<PageId> = self.dirty.drain().collect();
+                    self.write(&pages).await
+                }
+                _ = beat.tick() => self.heartbeat().await,
                 msg = stream.next() => match msg {
                     None => Err("pub/sub connection closed".into()),
                     Some(m) => {
@@ -938,7 +956,6 @@ impl Driver {
                         Ok(())
                     }
                 },
-                _ = beat.tick() => self.heartbeat().await,
             };
             if let Err(e) = r {
                 return Exit::Lost(e);
@@ -949,9 +966,9 @@ impl Driver {
     async fn handle(&mut self, cmd: Cmd) -> Result<(), String> {
         match cmd {
             Cmd::Local(m) => {
+                // Written by the serve loop once no command is queued.
                 self.note_local(m);
-                let pages: Vec<PageId> = self.dirty.drain().collect();
-                self.write(&pages).await
+                Ok(())
             }
             Cmd::Follow(pages, req) => {
                 let new: Vec<PageId> = pages

@@ -251,6 +251,53 @@ enum Exit {
     Stop,
 }
 
+/// The other nodes' values of followed pages: page -> node -> (seq, count).
+#[derive(Default)]
+struct RemoteTable(HashMap<PageId, HashMap<String, (u64, u64)>>);
+
+impl RemoteTable {
+    /// Stores `node`'s value unless the one held has the same or a newer
+    /// `seq` (stale or reordered data never wins); true if stored.
+    fn apply(&mut self, page: &PageId, node: &str, seq: u64, count: u64) -> bool {
+        let m = self.0.entry(page.clone()).or_default();
+        match m.get(node) {
+            Some((s, _)) if *s >= seq => false,
+            _ => {
+                m.insert(node.to_string(), (seq, count));
+                true
+            }
+        }
+    }
+
+    /// Sum over the nodes held for `page`.
+    fn sum(&self, page: &PageId) -> u64 {
+        self.0
+            .get(page)
+            .map_or(0, |m| m.values().map(|(_, c)| c).sum())
+    }
+
+    /// Drops every node not in `live`; returns the pages that lost one.
+    fn retain_live(&mut self, live: &HashSet<String>) -> Vec<PageId> {
+        let mut affected = Vec::new();
+        for (page, m) in self.0.iter_mut() {
+            let before = m.len();
+            m.retain(|n, _| live.contains(n));
+            if m.len() != before {
+                affected.push(page.clone());
+            }
+        }
+        affected
+    }
+
+    fn remove(&mut self, page: &PageId) {
+        self.0.remove(page);
+    }
+
+    fn clear(&mut self) {
+        self.0.clear();
+    }
+}
+
 /// Owns all cluster state and the Redis connections.
 struct Driver {
     /// Timers, prefix, channel count.
@@ -276,7 +323,7 @@ struct Driver {
     /// Channels the current pub/sub connection is subscribed to.
     subscribed: HashSet<u32>,
     /// Followed page -> other node -> (seq, count).
-    remote: HashMap<PageId, HashMap<String, (u64, u64)>>,
+    remote: RemoteTable,
     /// Remote sum last sent to the counter per followed page.
     sums_sent: HashMap<PageId, u64>,
     /// True once this id was registered in Redis (a lost registration then means a new id).
@@ -357,7 +404,7 @@ impl Driver {
             followed: HashSet::new(),
             channel_refs: HashMap::new(),
             subscribed: HashSet::new(),
-            remote: HashMap::new(),
+            remote: RemoteTable::default(),
             sums_sent: HashMap::new(),
             dead: HashSet::new(),
             registered: false,
@@ -545,12 +592,6 @@ impl Driver {
         (add, gone)
     }
 
-    fn sum(&self, page: &PageId) -> u64 {
-        self.remote
-            .get(page)
-            .map_or(0, |m| m.values().map(|(_, c)| c).sum())
-    }
-
     /// Sends the counter the remote sums of `pages` that changed.
     fn send_sums(&mut self, pages: &[PageId]) {
         let mut changes = Vec::new();
@@ -558,7 +599,7 @@ impl Driver {
             if !self.followed.contains(p) {
                 continue;
             }
-            let s = self.sum(p);
+            let s = self.remote.sum(p);
             if self.sums_sent.get(p) != Some(&s) {
                 self.sums_sent.insert(p.clone(), s);
                 changes.push((p.clone(), s));
@@ -574,14 +615,7 @@ impl Driver {
         if node == self.node || self.dead.contains(node) || !self.followed.contains(page) {
             return false;
         }
-        let m = self.remote.entry(page.clone()).or_default();
-        match m.get(node) {
-            Some((s, _)) if *s >= seq => false,
-            _ => {
-                m.insert(node.to_string(), (seq, count));
-                true
-            }
-        }
+        self.remote.apply(page, node, seq, count)
     }
 
     /// Connects, registers (fresh id if Redis lost ours), subscribes, re-asserts
@@ -842,14 +876,7 @@ impl Driver {
         }
         let (live, dead) = self.live_nodes().await?;
         // Drop every contribution of a node that is not live.
-        let mut affected = Vec::new();
-        for (page, m) in self.remote.iter_mut() {
-            let before = m.len();
-            m.retain(|n, _| live.contains(n));
-            if m.len() != before {
-                affected.push(page.clone());
-            }
-        }
+        let affected = self.remote.retain_live(&live);
         if !affected.is_empty() {
             tracing::info!(
                 pages = affected.len(),
@@ -1032,5 +1059,53 @@ impl Driver {
             }
         }
         self.send_sums(&touched);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A stale or reordered value never overwrites a newer one, whether it
+    /// comes from a message or from a hash field loaded later.
+    #[test]
+    fn older_seq_never_wins() {
+        let mut t = RemoteTable::default();
+        let x = PageId::from("x");
+        assert!(t.apply(&x, "a", 5, 3));
+        assert!(!t.apply(&x, "a", 4, 9), "older seq ignored");
+        assert!(!t.apply(&x, "a", 5, 9), "same seq ignored");
+        assert!(t.apply(&x, "b", 1, 2));
+        assert_eq!(t.sum(&x), 5);
+        assert!(t.apply(&x, "a", 6, 0));
+        assert_eq!(t.sum(&x), 2);
+    }
+
+    /// Dead nodes' contributions are dropped and the affected pages reported.
+    #[test]
+    fn dead_nodes_are_dropped() {
+        let mut t = RemoteTable::default();
+        let (x, y) = (PageId::from("x"), PageId::from("y"));
+        t.apply(&x, "a", 1, 3);
+        t.apply(&x, "b", 1, 4);
+        t.apply(&y, "b", 1, 1);
+        let live: HashSet<String> = ["b".to_string()].into();
+        assert_eq!(t.retain_live(&live), vec![x.clone()]);
+        assert_eq!(t.sum(&x), 4);
+        assert_eq!(t.sum(&y), 1);
+    }
+
+    /// Field values parse; the channel hash is stable across builds and nodes.
+    #[test]
+    fn field_format_and_stable_hash() {
+        assert_eq!(parse_field("12:3"), Some((12, 3)));
+        assert_eq!(parse_field("garbage"), None);
+        assert_eq!(fnv1a(""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(fnv1a("a"), 0xaf63_dc4c_8601_ec8c);
+        assert_eq!(
+            redacted("redis://:secret@host:6379/0"),
+            "redis://***@host:6379/0"
+        );
+        assert_eq!(redacted("redis://host:6379"), "redis://host:6379");
     }
 }

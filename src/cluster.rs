@@ -98,6 +98,16 @@ pub struct SetFollowed {
     pub pages: Vec<PageId>,
 }
 
+/// Counter -> cluster: a rebuild started; send the remote sums of every
+/// followed page again (the cluster module kept them; the counter did not),
+/// then [`Loaded`] with `req`.
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub struct ResendRemote {
+    /// Echoed in [`Loaded`].
+    pub req: u64,
+}
+
 /// Cluster -> counter: the sum of the other live nodes' counts of followed pages.
 #[derive(Message, Debug)]
 #[rtype(result = "()")]
@@ -141,6 +151,7 @@ enum Cmd {
     Fetch(Vec<PageId>, oneshot::Sender<Option<Vec<u64>>>),
     Unfollow(Vec<PageId>),
     SetFollowed(Vec<PageId>),
+    Resend(u64),
     Leave(oneshot::Sender<bool>),
 }
 
@@ -211,6 +222,13 @@ impl Handler<SetFollowed> for Cluster {
     type Result = ();
     fn handle(&mut self, msg: SetFollowed, _: &mut Context<Self>) {
         let _ = self.tx.send(Cmd::SetFollowed(msg.pages));
+    }
+}
+
+impl Handler<ResendRemote> for Cluster {
+    type Result = ();
+    fn handle(&mut self, msg: ResendRemote, _: &mut Context<Self>) {
+        let _ = self.tx.send(Cmd::Resend(msg.req));
     }
 }
 
@@ -512,10 +530,19 @@ impl Driver {
                 self.sums_sent.clear();
                 self.send_sums(&all);
             }
+            Cmd::Resend(req) => self.resend(req),
             Cmd::Leave(done) => {
                 let _ = done.send(false);
             }
         }
+    }
+
+    /// Sends the counter every followed page's current remote sum, then `Loaded`.
+    fn resend(&mut self, req: u64) {
+        self.sums_sent.clear();
+        let all: Vec<PageId> = self.followed.iter().cloned().collect();
+        self.send_sums(&all);
+        self.counter.do_send(Loaded { req });
     }
 
     fn note_local(&mut self, m: LocalCounts) {
@@ -1035,9 +1062,14 @@ impl Driver {
                 let chans: Vec<u32> = add.iter().map(|p| self.channel_of(p)).collect();
                 self.subscribe(&chans).await?;
                 self.sums_sent.clear();
+                self.load(&add).await?;
                 let all: Vec<PageId> = self.followed.iter().cloned().collect();
-                self.remote.clear();
-                self.load(&all).await
+                self.send_sums(&all);
+                Ok(())
+            }
+            Cmd::Resend(req) => {
+                self.resend(req);
+                Ok(())
             }
             Cmd::Leave(done) => {
                 let _ = done.send(false);

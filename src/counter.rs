@@ -187,6 +187,8 @@ struct Resync {
     reported: HashSet<u64>,
     /// Subscribe answers held back until the rebuild completes: (room, accepted, refused).
     deferred: Vec<(Addr<PageRoom>, Vec<PageId>, Vec<PageId>)>,
+    /// Cluster mode: the `ResendRemote` request whose answer is awaited.
+    remote_req: Option<u64>,
 }
 
 /// Longest a rebuild waits for missing reports before publishing anyway.
@@ -537,9 +539,19 @@ impl Counter {
                 .into_iter()
                 .map(|a| (a.addr, a.links, a.refused))
                 .collect(),
+            remote_req: None,
         });
         for shard in &self.shards {
             shard.do_send(crate::shard::Resync { epoch: self.epoch });
+        }
+        if let Some(c) = &self.cluster {
+            // Remote sums were dropped with the live state: ask for them again,
+            // so the rebuilt counts include the other nodes from the start.
+            self.load_seq += 1;
+            c.do_send(cluster::ResendRemote { req: self.load_seq });
+            if let Some(r) = &mut self.resync {
+                r.remote_req = Some(self.load_seq);
+            }
         }
         self.check_resync();
     }
@@ -554,7 +566,7 @@ impl Counter {
             .flatten()
             .all(|uid| r.reported.contains(uid));
         let late = r.started.elapsed() >= RESYNC_DEADLINE;
-        let complete = all_listed && all_reported;
+        let complete = all_listed && all_reported && r.remote_req.is_none();
         if !complete && !late {
             return;
         }
@@ -567,6 +579,9 @@ impl Counter {
         // Every follower gets the full current counts of its links; rooms
         // forward only the values that differ from what their clients saw.
         for e in self.pages.values_mut() {
+            if e.subscribers.is_empty() {
+                e.remote = 0;
+            }
             e.published = e.shown();
         }
         self.changed.clear();
@@ -689,6 +704,12 @@ impl Handler<cluster::RemoteCounts> for Counter {
     type Result = ();
     fn handle(&mut self, msg: cluster::RemoteCounts, _: &mut Context<Self>) {
         for (page, sum) in msg.changes {
+            if self.resync.is_some() {
+                // Rooms are still re-reporting which pages they follow; pages
+                // left unfollowed are zeroed when the rebuild completes.
+                self.entry(&page).remote = sum;
+                continue;
+            }
             // Only followed pages hold remote values (see `unfollow`).
             if let Some(e) = self.pages.get_mut(&page) {
                 if !e.subscribers.is_empty() && e.remote != sum {
@@ -703,6 +724,12 @@ impl Handler<cluster::RemoteCounts> for Counter {
 impl Handler<cluster::Loaded> for Counter {
     type Result = ();
     fn handle(&mut self, msg: cluster::Loaded, _: &mut Context<Self>) {
+        if let Some(r) = &mut self.resync {
+            if r.remote_req == Some(msg.req) {
+                r.remote_req = None;
+                self.check_resync();
+            }
+        }
         self.loading.retain(|_, req| *req != msg.req);
         for a in &mut self.awaiting {
             a.waiting.remove(&msg.req);

@@ -437,3 +437,108 @@ async fn graceful_shutdown_removes_contributions_at_once() {
     assert!(took < Duration::from_secs(5));
     closing.await.expect("terminated");
 }
+
+/// A node stalled for longer than `node_ttl` (SIGSTOP) is declared dead and
+/// its viewers disappear elsewhere; when it resumes it notices, takes a new
+/// id, re-asserts its counts, and the sum is exact again (no double count).
+#[tokio::test]
+async fn stalled_node_rejoins_with_a_new_id() {
+    if !redis_available() {
+        return;
+    }
+    let redis = Redis::start();
+    let (a, b) = (Node::start(&redis), Node::start(&redis));
+    let mut obs = a.observer(&["x"]).await;
+    let _on_a = a.connect("x").await;
+    let _on_b: Vec<Client> = futures_util::future::join_all((0..2).map(|_| b.connect("x"))).await;
+    obs.wait_for(&counts(&[("x", 3)])).await;
+    let signal = |sig: &str| {
+        let ok = Command::new("kill")
+            .args([sig, &b.child.id().to_string()])
+            .status()
+            .expect("kill runs")
+            .success();
+        assert!(ok, "kill {sig}");
+    };
+    signal("-STOP");
+    obs.wait_for(&counts(&[("x", 1)])).await;
+    signal("-CONT");
+    let resumed = Instant::now();
+    obs.wait_for(&counts(&[("x", 3)])).await;
+    println!(
+        "stalled node: counted again {:?} after resuming",
+        resumed.elapsed()
+    );
+    obs.expect_silence(NODE_TTL * 2).await;
+    assert_eq!(obs.shown, counts(&[("x", 3)]));
+}
+
+/// A counter fault in cluster mode: the rebuild includes the other nodes'
+/// counts from the start (no dip), the rebuilt counter re-sends its whole
+/// local state and followed set, and counts stay exact on both nodes.
+#[tokio::test]
+async fn counter_restart_in_cluster_mode_stays_exact() {
+    if !redis_available() {
+        return;
+    }
+    let redis = Redis::start();
+    let a = Node::start(&redis);
+    let url = redis.url();
+    let (b, _dir) = crate::helpers::spawn_app(&[
+        ("CLUSTER__REDIS_URL", &url),
+        ("CLUSTER__HEARTBEAT_INTERVAL", HEARTBEAT),
+        ("CLUSTER__NODE_TTL", "1s"),
+    ]);
+    let mut obs_a = a.observer(&["x"]).await;
+    let mut obs_b = b.connect("o").await;
+    obs_b.subscribe(&["x"]).await;
+    obs_b.next_update().await;
+    let _on_a: Vec<Client> = futures_util::future::join_all((0..3).map(|_| a.connect("x"))).await;
+    let on_b = b.connect("x").await;
+    obs_b.wait_for(&counts(&[("x", 4)])).await;
+    obs_a.wait_for(&counts(&[("x", 4)])).await;
+    b.counter.do_send(link_counter::counter::InjectFault);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let status = b
+        .counter
+        .send(link_counter::counter::GetStatus)
+        .await
+        .expect("status");
+    assert_eq!(status.generation, 2, "the counter restarted");
+    // No dip to the local count: the rebuild waited for the remote sums.
+    obs_b.expect_silence(Duration::from_millis(300)).await;
+    assert_eq!(obs_b.shown, counts(&[("x", 4)]));
+    on_b.close().await;
+    obs_a.wait_for(&counts(&[("x", 3)])).await;
+    obs_b.wait_for(&counts(&[("x", 3)])).await;
+    let _more = a.connect("x").await;
+    obs_b.wait_for(&counts(&[("x", 4)])).await;
+}
+
+/// Cluster settings are validated before anything starts; the error names the key.
+#[test]
+fn cluster_settings_are_validated() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let load = |extra: &[(&str, &str)]| {
+        let mut env = vec![(
+            "LINK_COUNTER__STORAGE__PATH".to_string(),
+            dir.path().display().to_string(),
+        )];
+        for (k, v) in extra {
+            env.push((format!("LINK_COUNTER__{k}"), v.to_string()));
+        }
+        link_counter::Settings::load_from(None, env)
+    };
+    let s = load(&[]).expect("defaults are valid");
+    assert!(!s.cluster.enabled(), "single node by default");
+    let s = load(&[("CLUSTER__REDIS_URL", "redis://127.0.0.1:6379")]).expect("valid");
+    assert!(s.cluster.enabled());
+    let e = load(&[
+        ("CLUSTER__REDIS_URL", "redis://127.0.0.1:6379"),
+        ("CLUSTER__NODE_TTL", "1s"),
+    ])
+    .expect_err("ttl below 2 heartbeats");
+    assert!(e.to_string().contains("cluster.node_ttl"), "{e}");
+    let e = load(&[("CLUSTER__REDIS_URL", "not a url")]).expect_err("bad url");
+    assert!(e.to_string().contains("cluster.redis_url"), "{e}");
+}

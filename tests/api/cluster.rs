@@ -26,7 +26,10 @@ fn redis_available() -> bool {
         if std::env::var_os("LINK_COUNTER_REQUIRE_REDIS").is_some() {
             panic!("LINK_COUNTER_REQUIRE_REDIS is set but redis-server is not installed");
         }
-        println!("cluster tests skipped: redis-server not installed");
+        static SAID: std::sync::Once = std::sync::Once::new();
+        SAID.call_once(|| {
+            println!("cluster tests skipped: redis-server not installed");
+        });
     }
     found
 }

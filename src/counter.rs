@@ -194,6 +194,9 @@ struct Resync {
 /// Longest a rebuild waits for missing reports before publishing anyway.
 const RESYNC_DEADLINE: Duration = Duration::from_secs(2);
 
+/// Cluster mode: longest an HTTP read waits for the other nodes' counts.
+const FETCH_DEADLINE: Duration = Duration::from_millis(500);
+
 /// Cluster mode: longest a subscribe answer waits for the cluster's values.
 const LOAD_DEADLINE: Duration = Duration::from_secs(1);
 
@@ -860,13 +863,15 @@ impl Counter {
     }
 }
 
-/// Adds fetched remote sums to `values` at `idx` (unchanged if the fetch failed).
+/// Adds fetched remote sums to `values` at `idx` (unchanged if the fetch
+/// failed or took longer than [`FETCH_DEADLINE`]).
 async fn add_fetched(
     mut values: Vec<u64>,
     fetch: Option<(Vec<usize>, Request<Cluster, cluster::Fetch>)>,
 ) -> Vec<u64> {
     if let Some((idx, req)) = fetch {
-        if let Ok(Some(sums)) = req.await {
+        // A read never waits long for Redis: without an answer it is local only.
+        if let Ok(Ok(Some(sums))) = tokio::time::timeout(FETCH_DEADLINE, req).await {
             for (i, sum) in idx.into_iter().zip(sums) {
                 if let Some(v) = values.get_mut(i) {
                     *v += sum;

@@ -247,6 +247,8 @@ impl Handler<Leave> for Cluster {
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 /// Longest wait between reconnect attempts.
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Dead node ids remembered to ignore their late messages.
+const MAX_DEAD_REMEMBERED: usize = 10_000;
 /// Deadline of one Redis command (a hung Redis counts as down).
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -910,6 +912,11 @@ impl Driver {
                 "cluster: dropped dead nodes' counts"
             );
             self.send_sums(&affected);
+        }
+        if self.dead.len() > MAX_DEAD_REMEMBERED {
+            // Only an optimisation (late messages of a dead node are also
+            // dropped by the next heartbeat's liveness check): keep it bounded.
+            self.dead.clear();
         }
         for n in dead {
             if n != self.node {

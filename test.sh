@@ -40,5 +40,8 @@ if [ ! -d tests/browser/node_modules ] || [ tests/browser/package-lock.json -nt 
   (cd tests/browser && npm ci --no-audit --no-fund)
 fi
 
+# redis-server is installed above, so the cluster tests must run (not skip).
+export LINK_COUNTER_REQUIRE_REDIS=1
+
 echo "==> cargo test $*"
 exec cargo test "$@"

@@ -41,6 +41,32 @@ pub struct Settings {
     pub admin: AdminSettings,
     /// Log format and filter.
     pub log: LogSettings,
+    /// Cluster mode through Redis (off when `redis_url` is empty).
+    pub cluster: ClusterSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterSettings {
+    /// Redis URL; empty = single node (no Redis).
+    pub redis_url: String,
+    /// Prefix of every Redis key and channel (several clusters can share one Redis).
+    pub key_prefix: String,
+    /// How often a node refreshes its liveness key and looks for dead nodes.
+    #[serde(with = "humantime_serde")]
+    pub heartbeat_interval: Duration,
+    /// Lifetime of a node's liveness key: the bound on ghost counts after a crash.
+    #[serde(with = "humantime_serde")]
+    pub node_ttl: Duration,
+    /// Pub/sub channels pages are hashed into.
+    pub channels: u32,
+}
+
+impl ClusterSettings {
+    /// True when this node is a cluster member.
+    pub fn enabled(&self) -> bool {
+        !self.redis_url.is_empty()
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -273,6 +299,24 @@ impl Settings {
         }
         if self.storage.path.as_os_str().is_empty() {
             return bad("storage.path", "must not be empty");
+        }
+        let c = &self.cluster;
+        if c.enabled() {
+            if let Err(e) = redis::Client::open(c.redis_url.as_str()) {
+                return bad("cluster.redis_url", &e.to_string());
+            }
+            if c.heartbeat_interval.is_zero() {
+                return bad("cluster.heartbeat_interval", "must be greater than 0");
+            }
+            if c.node_ttl < c.heartbeat_interval * 2 {
+                return bad(
+                    "cluster.node_ttl",
+                    "must be at least twice cluster.heartbeat_interval",
+                );
+            }
+            if c.channels == 0 {
+                return bad("cluster.channels", "must be at least 1");
+            }
         }
         validate_ops(self)
     }

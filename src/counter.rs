@@ -16,6 +16,7 @@ use std::{
 use actix::prelude::*;
 
 use crate::{
+    cluster::{self, Cluster},
     config::Settings,
     protocol::{PageId, PageInfo},
     room::{Counts, PageRoom, Subscribed},
@@ -77,6 +78,11 @@ pub struct ShardRooms {
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct SetShards(pub Vec<Addr<Shard>>);
+
+/// The cluster module's address (cluster mode only), given once after it is started.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct SetCluster(pub Addr<Cluster>);
 
 /// Live counts of these ids (unknown ids are 0).
 #[derive(Message)]
@@ -161,8 +167,13 @@ pub struct GetTop(pub usize);
 
 /// One page as the counter knows it.
 struct PageEntry {
-    /// Live connections to the page (reported by its room).
+    /// Live connections to the page on this node (reported by its room).
     count: u64,
+    /// Cluster mode: the sum of the other live nodes' counts, kept while the
+    /// page is followed here (0 otherwise). What is shown is `count + remote`.
+    remote: u64,
+    /// Cluster mode: the local `count` last sent to the cluster module.
+    reported: u64,
     /// The value last published to subscribers.
     published: u64,
     /// A subscriber was answered with a value other than `published` since
@@ -175,6 +186,14 @@ struct PageEntry {
     stats: PageStats,
     /// Stats changed since the last snapshot.
     dirty: bool,
+}
+
+impl PageEntry {
+    /// The count everyone sees: this node's plus, in cluster mode, the other
+    /// live nodes'. The only function used where a count is read.
+    fn shown(&self) -> u64 {
+        self.count + self.remote
+    }
 }
 
 /// A room that follows at least one link.
@@ -195,10 +214,33 @@ struct Resync {
     reported: HashSet<u64>,
     /// Subscribe answers held back until the rebuild completes: (room, accepted, refused).
     deferred: Vec<(Addr<PageRoom>, Vec<PageId>, Vec<PageId>)>,
+    /// Cluster mode: the `ResendRemote` request whose answer is awaited.
+    remote_req: Option<u64>,
 }
 
 /// Longest a rebuild waits for missing reports before publishing anyway.
 const RESYNC_DEADLINE: Duration = Duration::from_secs(2);
+
+/// Cluster mode: longest an HTTP read waits for the other nodes' counts.
+const FETCH_DEADLINE: Duration = Duration::from_millis(500);
+
+/// Cluster mode: longest a subscribe answer waits for the cluster's values.
+const LOAD_DEADLINE: Duration = Duration::from_secs(1);
+
+/// Cluster mode: a subscribe answer held until the other nodes' counts of
+/// newly followed pages are loaded, so the first update is the cluster count.
+struct AwaitingLoad {
+    /// The room to answer.
+    addr: Addr<PageRoom>,
+    /// Accepted links.
+    links: Vec<PageId>,
+    /// Refused links.
+    refused: Vec<PageId>,
+    /// `Follow` requests not yet `Loaded`.
+    waiting: HashSet<u64>,
+    /// When it was held (answered anyway after [`LOAD_DEADLINE`]).
+    since: Instant,
+}
 
 pub struct Counter {
     /// Timers and retention settings.
@@ -223,6 +265,16 @@ pub struct Counter {
     oldest_change: Option<Instant>,
     /// Connections opened since the process started (`/api/v1/stats`).
     opened_total: u64,
+    /// Cluster mode: the module that shares counts through Redis.
+    cluster: Option<Addr<Cluster>>,
+    /// Cluster mode: pages whose local count changed since the last tick.
+    local_changed: HashSet<PageId>,
+    /// Cluster mode: pages being loaded from the cluster, by `Follow` request.
+    loading: HashMap<PageId, u64>,
+    /// Cluster mode: subscribe answers held until their pages are loaded.
+    awaiting: Vec<AwaitingLoad>,
+    /// Cluster mode: last `Follow` request number.
+    load_seq: u64,
 }
 
 impl Counter {
@@ -239,6 +291,11 @@ impl Counter {
             resync: None,
             oldest_change: None,
             opened_total: 0,
+            cluster: None,
+            local_changed: HashSet::new(),
+            loading: HashMap::new(),
+            awaiting: Vec::new(),
+            load_seq: 0,
         }
     }
 
@@ -247,6 +304,8 @@ impl Counter {
         let storage = &self.storage;
         self.pages.entry(page.clone()).or_insert_with(|| PageEntry {
             count: 0,
+            remote: 0,
+            reported: 0,
             published: 0,
             told_other: false,
             subscribers: HashSet::new(),
@@ -275,11 +334,26 @@ impl Counter {
         self.changed.insert(page.clone());
         self.opened_total += opened;
         self.oldest_change.get_or_insert_with(Instant::now);
+        self.local_changed.insert(page.clone());
     }
 
     fn follow(&mut self, room: u64, addr: &Addr<PageRoom>, links: &[PageId]) {
+        let mut first = Vec::new();
         for link in links {
-            self.entry(link).subscribers.insert(room);
+            let e = self.entry(link);
+            if e.subscribers.insert(room) && e.subscribers.len() == 1 {
+                first.push(link.clone());
+            }
+        }
+        // Node-level reference counting: the cluster follows a page while
+        // at least one local room does (rebuilds send the whole set instead).
+        if let (Some(c), None, false) = (&self.cluster, &self.resync, first.is_empty()) {
+            self.load_seq += 1;
+            let req = self.load_seq;
+            for p in &first {
+                self.loading.insert(p.clone(), req);
+            }
+            c.do_send(cluster::Follow { pages: first, req });
         }
         let f = self.followers.entry(room).or_insert_with(|| Follower {
             addr: addr.clone(),
@@ -290,10 +364,18 @@ impl Counter {
     }
 
     fn unfollow(&mut self, room: u64, links: &[PageId]) {
+        let mut last = Vec::new();
         for link in links {
             if let Some(e) = self.pages.get_mut(link) {
-                e.subscribers.remove(&room);
+                if e.subscribers.remove(&room) && e.subscribers.is_empty() {
+                    // No longer followed here: remote values stop arriving.
+                    e.remote = 0;
+                    last.push(link.clone());
+                }
             }
+        }
+        if let (Some(c), None, false) = (&self.cluster, &self.resync, last.is_empty()) {
+            c.do_send(cluster::Unfollow { pages: last });
         }
         if let Some(f) = self.followers.get_mut(&room) {
             for link in links {
@@ -308,7 +390,7 @@ impl Counter {
     fn counts_of(&self, links: &[PageId]) -> Vec<(PageId, u64)> {
         links
             .iter()
-            .map(|l| (l.clone(), self.pages.get(l).map_or(0, |e| e.count)))
+            .map(|l| (l.clone(), self.pages.get(l).map_or(0, PageEntry::shown)))
             .collect()
     }
 
@@ -317,7 +399,7 @@ impl Counter {
     fn answer(&mut self, links: &[PageId]) -> Vec<(PageId, u64)> {
         for l in links {
             if let Some(e) = self.pages.get_mut(l) {
-                if e.count != e.published {
+                if e.shown() != e.published {
                     e.told_other = true;
                     self.changed.insert(l.clone());
                 }
@@ -328,7 +410,11 @@ impl Counter {
 
     /// Publishes every changed count: one message per subscriber room.
     fn publish(&mut self) {
-        if self.resync.is_some() || self.changed.is_empty() {
+        if self.resync.is_some() {
+            return;
+        }
+        self.publish_local();
+        if self.changed.is_empty() {
             return;
         }
         let since = self.oldest_change.take();
@@ -338,17 +424,15 @@ impl Counter {
             let Some(e) = self.pages.get_mut(&page) else {
                 continue;
             };
-            if e.count == e.published && !e.told_other {
+            let shown = e.shown();
+            if shown == e.published && !e.told_other {
                 continue;
             }
-            e.published = e.count;
+            e.published = shown;
             e.told_other = false;
             published += 1;
             for room in &e.subscribers {
-                outbox
-                    .entry(*room)
-                    .or_default()
-                    .push((page.clone(), e.count));
+                outbox.entry(*room).or_default().push((page.clone(), shown));
             }
         }
         crate::metrics::counts_published(published);
@@ -357,6 +441,52 @@ impl Counter {
                 f.addr.do_send(Counts { changes, since });
             }
         }
+    }
+
+    /// Cluster mode: sends the local counts that changed since the last tick
+    /// (one message per tick at most).
+    fn publish_local(&mut self) {
+        let Some(cluster) = &self.cluster else {
+            self.local_changed.clear();
+            return;
+        };
+        let mut changes = Vec::new();
+        for page in self.local_changed.drain() {
+            if let Some(e) = self.pages.get_mut(&page) {
+                if e.count != e.reported {
+                    e.reported = e.count;
+                    changes.push((page, e.count));
+                }
+            }
+        }
+        if !changes.is_empty() {
+            cluster.do_send(cluster::LocalCounts {
+                changes,
+                full: false,
+            });
+        }
+    }
+
+    /// Cluster mode, after a rebuild: the whole local state and followed set.
+    fn resend_cluster_state(&mut self) {
+        self.local_changed.clear();
+        let Some(cluster) = &self.cluster else { return };
+        let mut changes = Vec::new();
+        let mut followed = Vec::new();
+        for (page, e) in self.pages.iter_mut() {
+            e.reported = e.count;
+            if e.count > 0 {
+                changes.push((page.clone(), e.count));
+            }
+            if !e.subscribers.is_empty() {
+                followed.push(page.clone());
+            }
+        }
+        cluster.do_send(cluster::LocalCounts {
+            changes,
+            full: true,
+        });
+        cluster.do_send(cluster::SetFollowed { pages: followed });
     }
 
     /// Writes dirty stats in one batch, then flushes off-thread.
@@ -405,8 +535,9 @@ impl Counter {
         // Save first, so nothing dropped from memory is lost.
         self.snapshot(false);
         let before = self.pages.len();
-        self.pages
-            .retain(|_, e| e.count > 0 || !e.subscribers.is_empty() || e.dirty);
+        self.pages.retain(|_, e| {
+            e.count > 0 || !e.subscribers.is_empty() || e.dirty || e.reported != e.count
+        });
         report.pages_dropped = before - self.pages.len();
         let now = now_ms();
         let live = |page: &str| {
@@ -455,10 +586,24 @@ impl Counter {
             started: Instant::now(),
             listed: HashMap::new(),
             reported: HashSet::new(),
-            deferred: Vec::new(),
+            // Answers held for the cluster are answered after the rebuild.
+            deferred: std::mem::take(&mut self.awaiting)
+                .into_iter()
+                .map(|a| (a.addr, a.links, a.refused))
+                .collect(),
+            remote_req: None,
         });
         for shard in &self.shards {
             shard.do_send(crate::shard::Resync { epoch: self.epoch });
+        }
+        if let Some(c) = &self.cluster {
+            // Remote sums were dropped with the live state: ask for them again,
+            // so the rebuilt counts include the other nodes from the start.
+            self.load_seq += 1;
+            c.do_send(cluster::ResendRemote { req: self.load_seq });
+            if let Some(r) = &mut self.resync {
+                r.remote_req = Some(self.load_seq);
+            }
         }
         self.check_resync();
     }
@@ -473,7 +618,7 @@ impl Counter {
             .flatten()
             .all(|uid| r.reported.contains(uid));
         let late = r.started.elapsed() >= RESYNC_DEADLINE;
-        let complete = all_listed && all_reported;
+        let complete = all_listed && all_reported && r.remote_req.is_none();
         if !complete && !late {
             return;
         }
@@ -486,10 +631,14 @@ impl Counter {
         // Every follower gets the full current counts of its links; rooms
         // forward only the values that differ from what their clients saw.
         for e in self.pages.values_mut() {
-            e.published = e.count;
+            if e.subscribers.is_empty() {
+                e.remote = 0;
+            }
+            e.published = e.shown();
         }
         self.changed.clear();
         self.oldest_change = None;
+        self.resend_cluster_state();
         for f in self.followers.values() {
             let links: Vec<PageId> = f.links.iter().cloned().collect();
             f.addr.do_send(Counts {
@@ -510,6 +659,26 @@ impl Counter {
         );
     }
 
+    /// Cluster mode: sends the held subscribe answers that are complete (or
+    /// waited [`LOAD_DEADLINE`]).
+    fn release_awaiting(&mut self) {
+        if self.awaiting.is_empty() || self.resync.is_some() {
+            return;
+        }
+        let (ready, held): (Vec<AwaitingLoad>, Vec<AwaitingLoad>) =
+            std::mem::take(&mut self.awaiting)
+                .into_iter()
+                .partition(|a| a.waiting.is_empty() || a.since.elapsed() >= LOAD_DEADLINE);
+        self.awaiting = held;
+        for a in ready {
+            let counts = self.answer(&a.links);
+            a.addr.do_send(Subscribed {
+                counts,
+                refused: a.refused,
+            });
+        }
+    }
+
     /// Stops on an internal inconsistency; the supervisor rebuilds.
     fn fault(&mut self, ctx: &mut Context<Self>, what: &str) {
         tracing::error!(fault = what, "counter fault; restarting");
@@ -528,7 +697,10 @@ impl Actor for Counter {
         ctx.run_interval(s.counter.sweep_interval, |act, _| {
             act.sweep();
         });
-        ctx.run_interval(Duration::from_millis(100), |act, _| act.check_resync());
+        ctx.run_interval(Duration::from_millis(100), |act, _| {
+            act.check_resync();
+            act.release_awaiting();
+        });
         if self.generation > 1 {
             self.begin_resync();
         }
@@ -551,6 +723,8 @@ impl Supervised for Counter {
                 page,
                 PageEntry {
                     count: 0,
+                    remote: 0,
+                    reported: 0,
                     published: 0,
                     told_other: false,
                     subscribers: HashSet::new(),
@@ -561,6 +735,8 @@ impl Supervised for Counter {
         }
         self.followers.clear();
         self.changed.clear();
+        self.local_changed.clear();
+        self.loading.clear();
         self.resync = None;
     }
 }
@@ -569,6 +745,51 @@ impl Handler<SetShards> for Counter {
     type Result = ();
     fn handle(&mut self, msg: SetShards, _: &mut Context<Self>) {
         self.shards = msg.0;
+    }
+}
+
+impl Handler<SetCluster> for Counter {
+    type Result = ();
+    fn handle(&mut self, msg: SetCluster, _: &mut Context<Self>) {
+        self.cluster = Some(msg.0);
+    }
+}
+
+impl Handler<cluster::RemoteCounts> for Counter {
+    type Result = ();
+    fn handle(&mut self, msg: cluster::RemoteCounts, _: &mut Context<Self>) {
+        for (page, sum) in msg.changes {
+            if self.resync.is_some() {
+                // Rooms are still re-reporting which pages they follow; pages
+                // left unfollowed are zeroed when the rebuild completes.
+                self.entry(&page).remote = sum;
+                continue;
+            }
+            // Only followed pages hold remote values (see `unfollow`).
+            if let Some(e) = self.pages.get_mut(&page) {
+                if !e.subscribers.is_empty() && e.remote != sum {
+                    e.remote = sum;
+                    self.changed.insert(page);
+                }
+            }
+        }
+    }
+}
+
+impl Handler<cluster::Loaded> for Counter {
+    type Result = ();
+    fn handle(&mut self, msg: cluster::Loaded, _: &mut Context<Self>) {
+        if let Some(r) = &mut self.resync {
+            if r.remote_req == Some(msg.req) {
+                r.remote_req = None;
+                self.check_resync();
+            }
+        }
+        self.loading.retain(|_, req| *req != msg.req);
+        for a in &mut self.awaiting {
+            a.waiting.remove(&msg.req);
+        }
+        self.release_awaiting();
     }
 }
 
@@ -606,6 +827,20 @@ impl Handler<Subscribe> for Counter {
             r.deferred.push((msg.addr, accepted, refused));
             return;
         }
+        let waiting: HashSet<u64> = accepted
+            .iter()
+            .filter_map(|l| self.loading.get(l).copied())
+            .collect();
+        if !waiting.is_empty() {
+            self.awaiting.push(AwaitingLoad {
+                addr: msg.addr,
+                links: accepted,
+                refused,
+                waiting,
+                since: Instant::now(),
+            });
+            return;
+        }
         let counts = self.answer(&accepted);
         msg.addr.do_send(Subscribed { counts, refused });
     }
@@ -637,6 +872,7 @@ impl Handler<RoomState> for Counter {
             e.count = msg.count;
             self.changed.insert(msg.page.clone());
             self.oldest_change.get_or_insert_with(Instant::now);
+            self.local_changed.insert(msg.page.clone());
         }
         if let Some(r) = &mut self.resync {
             if r.epoch == msg.epoch {
@@ -659,23 +895,65 @@ impl Handler<ShardRooms> for Counter {
     }
 }
 
+impl Counter {
+    /// Cluster mode: the indices of `ids` this node does not follow (their
+    /// shown value lacks the other nodes' counts) and a fetch of those.
+    fn fetch_unfollowed(
+        &self,
+        ids: &[PageId],
+    ) -> Option<(Vec<usize>, Request<Cluster, cluster::Fetch>)> {
+        let cluster = self.cluster.as_ref()?;
+        let idx: Vec<usize> = ids
+            .iter()
+            .enumerate()
+            .filter(|(_, id)| self.pages.get(*id).is_none_or(|e| e.subscribers.is_empty()))
+            .map(|(i, _)| i)
+            .collect();
+        if idx.is_empty() {
+            return None;
+        }
+        let pages = idx.iter().filter_map(|i| ids.get(*i).cloned()).collect();
+        Some((idx, cluster.send(cluster::Fetch { pages })))
+    }
+}
+
+/// Adds fetched remote sums to `values` at `idx` (unchanged if the fetch
+/// failed or took longer than [`FETCH_DEADLINE`]).
+async fn add_fetched(
+    mut values: Vec<u64>,
+    fetch: Option<(Vec<usize>, Request<Cluster, cluster::Fetch>)>,
+) -> Vec<u64> {
+    if let Some((idx, req)) = fetch {
+        // A read never waits long for Redis: without an answer it is local only.
+        if let Ok(Ok(Some(sums))) = tokio::time::timeout(FETCH_DEADLINE, req).await {
+            for (i, sum) in idx.into_iter().zip(sums) {
+                if let Some(v) = values.get_mut(i) {
+                    *v += sum;
+                }
+            }
+        }
+    }
+    values
+}
+
 impl Handler<GetCounts> for Counter {
-    type Result = MessageResult<GetCounts>;
+    type Result = ResponseFuture<Vec<u64>>;
     fn handle(&mut self, msg: GetCounts, _: &mut Context<Self>) -> Self::Result {
-        MessageResult(
-            msg.0
-                .iter()
-                .map(|id| self.pages.get(id).map_or(0, |e| e.count))
-                .collect(),
-        )
+        let values: Vec<u64> = msg
+            .0
+            .iter()
+            .map(|id| self.pages.get(id).map_or(0, PageEntry::shown))
+            .collect();
+        let fetch = self.fetch_unfollowed(&msg.0);
+        Box::pin(add_fetched(values, fetch))
     }
 }
 
 impl Handler<GetPage> for Counter {
-    type Result = MessageResult<GetPage>;
+    type Result = ResponseFuture<PageInfo>;
     fn handle(&mut self, msg: GetPage, _: &mut Context<Self>) -> Self::Result {
         let (count, stats) = match self.pages.get(&msg.0) {
-            Some(e) => (e.count, e.stats.clone()),
+            Some(e) => (e.shown(), e.stats.clone()),
             None => (
                 0,
                 self.storage
@@ -685,7 +963,8 @@ impl Handler<GetPage> for Counter {
                     .unwrap_or_default(),
             ),
         };
-        MessageResult(PageInfo {
+        let fetch = self.fetch_unfollowed(std::slice::from_ref(&msg.0));
+        let info = PageInfo {
             id: msg.0.to_string(),
             connections: count,
             peak_connections: stats.peak_connections,
@@ -693,6 +972,13 @@ impl Handler<GetPage> for Counter {
             total_connections: stats.total_connections,
             last_active: stats.last_active_ms.map(rfc3339),
             links: Vec::new(),
+        };
+        Box::pin(async move {
+            let mut info = info;
+            if let Some(c) = add_fetched(vec![info.connections], fetch).await.first() {
+                info.connections = *c;
+            }
+            info
         })
     }
 }
@@ -759,9 +1045,9 @@ impl Handler<GetTop> for Counter {
     type Result = MessageResult<GetTop>;
     fn handle(&mut self, msg: GetTop, _: &mut Context<Self>) -> Self::Result {
         let mut live: Vec<(&PageId, &PageEntry)> =
-            self.pages.iter().filter(|(_, e)| e.count > 0).collect();
+            self.pages.iter().filter(|(_, e)| e.shown() > 0).collect();
         let order = |a: &(&PageId, &PageEntry), b: &(&PageId, &PageEntry)| {
-            b.1.count.cmp(&a.1.count).then_with(|| a.0.cmp(b.0))
+            b.1.shown().cmp(&a.1.shown()).then_with(|| a.0.cmp(b.0))
         };
         if live.len() > msg.0 && msg.0 > 0 {
             live.select_nth_unstable_by(msg.0 - 1, order);
@@ -772,7 +1058,7 @@ impl Handler<GetTop> for Counter {
             live.into_iter()
                 .map(|(id, e)| PageInfo {
                     id: id.to_string(),
-                    connections: e.count,
+                    connections: e.shown(),
                     peak_connections: e.stats.peak_connections,
                     peak_at: e.stats.peak_at_ms.map(rfc3339),
                     total_connections: e.stats.total_connections,

@@ -47,6 +47,8 @@ pub struct AppState {
     pub limiter: Arc<ConnLimiter>,
     /// Allowed browser origins.
     pub origins: Arc<OriginPolicy>,
+    /// Cluster mode: whether Redis is reachable (None on a single node).
+    pub cluster: Option<crate::cluster::ClusterHealth>,
 }
 
 /// Registers every route.
@@ -272,6 +274,13 @@ async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     }
     if let Err(e) = state.storage.is_usable() {
         return not_ready(e.to_string());
+    }
+    if state.cluster.as_ref().is_some_and(|c| !c.connected()) {
+        // Degraded, still serving: local counts live, other nodes' frozen.
+        return HttpResponse::ServiceUnavailable().json(serde_json::json!({
+            "status": "degraded",
+            "reason": "cluster: redis unreachable; serving local counts",
+        }));
     }
     match tokio::time::timeout(Duration::from_secs(2), state.counter.send(GetStatus)).await {
         Ok(Ok(s)) if !s.rebuilding => {

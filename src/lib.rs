@@ -9,6 +9,7 @@
 //! - [`counter`]: `Counter`, the supervised singleton: counts, followers, coalesced publishing, stats.
 //! - [`limits`]: admission control: origins, client IP behind trusted proxies, connection caps, token buckets.
 //! - [`storage`]: the only module that touches sled.
+//! - [`cluster`]: cluster mode, the only module that touches Redis (absent without `cluster.redis_url`).
 //! - [`http`]: routes (WebSocket endpoint, read-only JSON API, health).
 //! - [`web`]: browser assets compiled into the binary: `/link-counter.js` (ETag) and the demo site.
 //! - [`server`]: wiring and graceful shutdown.
@@ -19,6 +20,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod cluster;
 pub mod config;
 pub mod counter;
 pub mod http;

@@ -16,8 +16,9 @@ use actix_web::{web, App, HttpServer};
 use tokio::sync::watch;
 
 use crate::{
+    cluster::{Cluster, ClusterHealth, Leave},
     config::Settings,
-    counter::{Counter, FinalSnapshot, SetShards},
+    counter::{Counter, FinalSnapshot, SetCluster, SetShards},
     http::{self, AppState},
     limits::{ConnLimiter, OriginPolicy},
     shard::{SaveAll, Shards},
@@ -46,6 +47,8 @@ pub struct Server {
     settings: Arc<Settings>,
     /// The admin listener (metrics, dashboard), if `admin.bind` is set.
     admin: Option<crate::admin::AdminServer>,
+    /// Cluster mode: the Redis module and its arbiter (None on a single node).
+    cluster: Option<(Addr<Cluster>, Arbiter)>,
 }
 
 /// What a graceful shutdown did.
@@ -83,6 +86,17 @@ impl Server {
             settings.clone(),
         );
         counter.do_send(SetShards(shards.all().to_vec()));
+        let mut cluster_health: Option<ClusterHealth> = None;
+        let cluster = if settings.cluster.enabled() {
+            let arbiter = Arbiter::new();
+            let (addr, health) =
+                Cluster::start(settings.clone(), counter.clone(), &arbiter.handle())?;
+            counter.do_send(SetCluster(addr.clone()));
+            cluster_health = Some(health);
+            Some((addr, arbiter))
+        } else {
+            None
+        };
 
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let active = Arc::new(AtomicUsize::new(0));
@@ -95,6 +109,7 @@ impl Server {
             active: active.clone(),
             limiter: ConnLimiter::new(&settings),
             origins: Arc::new(OriginPolicy::new(&settings)),
+            cluster: cluster_health,
         };
         if settings.security.allowed_origins.is_empty() {
             tracing::warn!("security.allowed_origins is empty: any website may connect");
@@ -143,6 +158,7 @@ impl Server {
             active,
             settings,
             admin,
+            cluster,
         })
     }
 
@@ -176,12 +192,23 @@ impl Server {
         self.active.load(Ordering::SeqCst)
     }
 
-    /// Graceful shutdown: stop accepting, close every WebSocket with 1001,
-    /// wait up to `shutdown_timeout`, write the final snapshot, flush.
+    /// Graceful shutdown: stop accepting, (cluster mode) remove this node's
+    /// counts from the cluster, close every WebSocket with 1001, wait up to
+    /// `shutdown_timeout`, write the final snapshot, flush.
     pub async fn shutdown(self) -> ShutdownReport {
         let grace = self.settings.server.shutdown_timeout;
         tracing::info!(sessions = self.active_sessions(), "shutting down");
         self.http.pause().await;
+        if let Some((cluster, _)) = &self.cluster {
+            // Before clients are closed, so other nodes drop this node's
+            // viewers at once instead of after `node_ttl`.
+            match tokio::time::timeout(Duration::from_secs(3), cluster.send(Leave)).await {
+                Ok(Ok(true)) => tracing::info!("left the cluster"),
+                _ => tracing::warn!(
+                    "could not leave the cluster cleanly; other nodes drop this node within cluster.node_ttl"
+                ),
+            }
+        }
         let _ = self.shutdown_tx.send(true);
         let started = Instant::now();
         while self.active_sessions() > 0 && started.elapsed() < grace {
@@ -210,7 +237,9 @@ impl Server {
             tracing::error!(error = %e, "final flush failed");
         }
         self.shards.stop().await;
-        crate::shard::stop_and_join(vec![self.counter_arbiter]).await;
+        let mut arbiters = vec![self.counter_arbiter];
+        arbiters.extend(self.cluster.map(|(_, a)| a));
+        crate::shard::stop_and_join(arbiters).await;
         tracing::info!(cut, "stopped");
         ShutdownReport { cut }
     }

@@ -1,0 +1,636 @@
+//! Cluster mode: several real `link-counter` processes sharing counts through
+//! a real `redis-server` started by the tests on a free port.
+//!
+//! Skip rule: without `redis-server` on PATH these tests print one line and
+//! pass, unless `LINK_COUNTER_REQUIRE_REDIS` is set (test.sh sets it), in
+//! which case they fail.
+
+use std::{
+    io::{BufRead, BufReader},
+    net::{SocketAddr, TcpListener},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use crate::helpers::{counts, http_get, Client};
+
+/// Whether the cluster tests can run here; panics if they are required but cannot.
+fn redis_available() -> bool {
+    let found = Command::new("redis-server")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !found {
+        if std::env::var_os("LINK_COUNTER_REQUIRE_REDIS").is_some() {
+            panic!("LINK_COUNTER_REQUIRE_REDIS is set but redis-server is not installed");
+        }
+        static SAID: std::sync::Once = std::sync::Once::new();
+        SAID.call_once(|| {
+            println!("cluster tests skipped: redis-server not installed");
+        });
+    }
+    found
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind port 0")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+/// A `redis-server` child without persistence (a restart loses everything,
+/// the hardest case for convergence).
+struct Redis {
+    port: u16,
+    child: Option<Child>,
+}
+
+impl Redis {
+    fn start() -> Redis {
+        let mut r = Redis {
+            port: free_port(),
+            child: None,
+        };
+        r.restart();
+        r
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    /// Starts (again) on the same port and waits until it accepts connections.
+    fn restart(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string()])
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server starts");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(Instant::now() < deadline, "redis-server did not listen");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// kill -9.
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Liveness settings of the tests (short, so crashes are detected quickly).
+const HEARTBEAT: &str = "200ms";
+const NODE_TTL: Duration = Duration::from_secs(1);
+
+/// A real `link-counter` process in cluster mode.
+struct Node {
+    child: Child,
+    addr: SocketAddr,
+    /// The admin listener (`/metrics`).
+    admin: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl Node {
+    fn start(redis: &Redis) -> Node {
+        Self::start_with(redis, &[])
+    }
+
+    fn start_with(redis: &Redis, extra: &[(&str, &str)]) -> Node {
+        let dir = tempfile::tempdir().expect("tmp");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_link-counter"));
+        cmd.env("LINK_COUNTER__SERVER__BIND", "127.0.0.1:0")
+            .env("LINK_COUNTER__ADMIN__BIND", "127.0.0.1:0")
+            .env("LINK_COUNTER__SERVER__SHARDS", "2")
+            .env("LINK_COUNTER__SERVER__WORKERS", "2")
+            .env("LINK_COUNTER__STORAGE__PATH", dir.path())
+            .env("LINK_COUNTER__CLUSTER__REDIS_URL", redis.url())
+            .env("LINK_COUNTER__CLUSTER__HEARTBEAT_INTERVAL", HEARTBEAT)
+            .env(
+                "LINK_COUNTER__CLUSTER__NODE_TTL",
+                format!("{}ms", NODE_TTL.as_millis()),
+            )
+            .env("LINK_COUNTER__LIMITS__MAX_CONNECTIONS_PER_IP", "0")
+            .env("LINK_COUNTER__LIMITS__CONNECTIONS_PER_IP_PER_SECOND", "0")
+            .env("LINK_COUNTER__LIMITS__MESSAGES_PER_SECOND", "0")
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "error".into()),
+            );
+        for (k, v) in extra {
+            cmd.env(format!("LINK_COUNTER__{k}"), v);
+        }
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("binary starts");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut lines = BufReader::new(stdout).lines();
+        let mut addr_after = |prefix: &str| -> SocketAddr {
+            let line = lines.next().expect("a line").expect("read stdout");
+            line.trim()
+                .strip_prefix(prefix)
+                .unwrap_or_else(|| panic!("unexpected line {line:?}"))
+                .parse()
+                .expect("address")
+        };
+        let addr = addr_after("listening on ");
+        let admin = addr_after("admin listening on ");
+        Node {
+            child,
+            addr,
+            admin,
+            _dir: dir,
+        }
+    }
+
+    async fn connect(&self, page: &str) -> Client {
+        Client::connect(&format!("ws://{}/parties/page/{page}", self.addr)).await
+    }
+
+    /// A client on page `o` subscribed to `links`, with its first update read.
+    async fn observer(&self, links: &[&str]) -> Client {
+        let mut c = self.connect("o").await;
+        c.subscribe(links).await;
+        c.next_update().await;
+        c
+    }
+
+    async fn ready(&self) -> (u16, String) {
+        http_get(self.addr, "/readyz").await
+    }
+
+    /// Waits until `/readyz` answers `status`.
+    async fn wait_ready(&self, status: u16) {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let (s, body) = self.ready().await;
+            if s == status {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "/readyz stayed {s} ({body}), expected {status}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn kill_9(mut self) {
+        self.child.kill().expect("kill -9");
+        self.child.wait().expect("reaped");
+    }
+
+    /// SIGTERM, then waits for the exit.
+    fn terminate(mut self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success());
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(s) = self.child.try_wait().expect("wait") {
+                assert!(s.success(), "exit status {s}");
+                return;
+            }
+            assert!(Instant::now() < deadline, "did not exit on SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Viewers of a page spread over two nodes: subscribers on a third node (and
+/// on the two nodes themselves) see the exact sum, going up and going down;
+/// the HTTP API of any node answers the cluster count too.
+#[tokio::test]
+async fn counts_are_summed_across_nodes() {
+    if !redis_available() {
+        return;
+    }
+    let redis = Redis::start();
+    let (a, b, c) = (
+        Node::start(&redis),
+        Node::start(&redis),
+        Node::start(&redis),
+    );
+    let mut obs_c = c.observer(&["x", "y"]).await;
+    let mut obs_a = a.observer(&["x"]).await;
+    let mut on_a = Vec::new();
+    let mut on_b = Vec::new();
+    for _ in 0..2 {
+        on_a.push(a.connect("x").await);
+    }
+    for _ in 0..3 {
+        on_b.push(b.connect("x").await);
+    }
+    let _y = b.connect("y").await;
+    obs_c.wait_for(&counts(&[("x", 5), ("y", 1)])).await;
+    obs_a.wait_for(&counts(&[("x", 5)])).await;
+    // a follows x but not y; c has no local viewer of either.
+    for node in [&a, &c] {
+        let (status, body) = http_get(node.addr, "/api/v1/counts?ids=x,y").await;
+        assert_eq!(status, 200);
+        let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+        assert_eq!(v, serde_json::json!({"x": 5, "y": 1}));
+    }
+    let (_, body) = http_get(a.addr, "/api/v1/pages/y").await;
+    let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(v["connections"], 1, "{v}");
+    on_a.pop().expect("one").close().await;
+    obs_c.wait_for(&counts(&[("x", 4)])).await;
+    for v in on_b.drain(..) {
+        v.close().await;
+    }
+    obs_c.wait_for(&counts(&[("x", 1), ("y", 1)])).await;
+    obs_a.wait_for(&counts(&[("x", 1)])).await;
+    // Exact, and stays exact: nothing else arrives.
+    obs_c.expect_silence(Duration::from_millis(500)).await;
+    assert_eq!(obs_c.shown, counts(&[("x", 1), ("y", 1)]));
+    // The cluster metrics saw the traffic: b published its counts, c received them.
+    let metric = |text: &str, name: &str| -> f64 {
+        text.lines()
+            .filter(|l| {
+                l.strip_prefix(name)
+                    .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    let (_, b_metrics) = http_get(b.admin, "/metrics").await;
+    let (_, c_metrics) = http_get(c.admin, "/metrics").await;
+    assert!(
+        metric(&b_metrics, "link_counter_cluster_messages_published_total") >= 1.0,
+        "{b_metrics}"
+    );
+    assert!(
+        metric(&c_metrics, "link_counter_cluster_messages_received_total") >= 1.0,
+        "{c_metrics}"
+    );
+    assert!(
+        metric(&b_metrics, "link_counter_redis_rtt_seconds_count") >= 1.0,
+        "{b_metrics}"
+    );
+    assert_eq!(
+        metric(&c_metrics, "link_counter_cluster_nodes"),
+        3.0,
+        "{c_metrics}"
+    );
+}
+
+/// kill -9 of a node: subscribers elsewhere see its viewers disappear within
+/// `node_ttl` plus a heartbeat and a tick; a restarted node (new id) does not
+/// double count.
+#[tokio::test]
+async fn crashed_node_viewers_disappear_within_node_ttl() {
+    if !redis_available() {
+        return;
+    }
+    let redis = Redis::start();
+    let (a, b, c) = (
+        Node::start(&redis),
+        Node::start(&redis),
+        Node::start(&redis),
+    );
+    let mut obs = c.observer(&["x"]).await;
+    let _on_a: Vec<Client> = futures_util::future::join_all((0..2).map(|_| a.connect("x"))).await;
+    let on_b: Vec<Client> = futures_util::future::join_all((0..3).map(|_| b.connect("x"))).await;
+    obs.wait_for(&counts(&[("x", 5)])).await;
+    let killed = Instant::now();
+    b.kill_9();
+    obs.wait_for(&counts(&[("x", 2)])).await;
+    let took = killed.elapsed();
+    println!("kill -9: ghost counts gone after {took:?} (node_ttl {NODE_TTL:?})");
+    // node_ttl + heartbeat_interval + broadcast_interval, plus scheduling slack.
+    assert!(
+        took <= NODE_TTL + Duration::from_millis(200 + 50 + 500),
+        "ghosts lasted {took:?}"
+    );
+    drop(on_b);
+    // The same machine comes back: a new process with a new id.
+    let b2 = Node::start(&redis);
+    let _back = b2.connect("x").await;
+    obs.wait_for(&counts(&[("x", 3)])).await;
+    // Several node_ttl later it is still exact (nothing of the old id returns).
+    obs.expect_silence(NODE_TTL * 2).await;
+    assert_eq!(obs.shown, counts(&[("x", 3)]));
+    let mut late = b2.observer(&["x"]).await;
+    late.wait_for(&counts(&[("x", 3)])).await;
+}
+
+/// Redis is stopped and restarted (losing all its data) while viewers come and
+/// go: nodes keep serving their local counts, `/readyz` reports degraded, and
+/// after Redis is back every subscriber converges to the exact counts.
+#[tokio::test]
+async fn redis_restart_under_churn_converges() {
+    if !redis_available() {
+        return;
+    }
+    let mut redis = Redis::start();
+    let (a, b) = (Node::start(&redis), Node::start(&redis));
+    let mut obs_a = a.observer(&["x"]).await;
+    let mut obs_b = b.observer(&["x"]).await;
+    let mut on_a: Vec<Client> =
+        futures_util::future::join_all((0..3).map(|_| a.connect("x"))).await;
+    let mut on_b: Vec<Client> =
+        futures_util::future::join_all((0..4).map(|_| b.connect("x"))).await;
+    obs_a.wait_for(&counts(&[("x", 7)])).await;
+    obs_b.wait_for(&counts(&[("x", 7)])).await;
+    assert_eq!(a.ready().await.0, 200);
+
+    redis.stop();
+    a.wait_ready(503).await;
+    let (_, body) = a.ready().await;
+    assert!(body.contains("redis"), "{body}");
+    // Churn while Redis is down; each node keeps serving (new connections are
+    // accepted, local changes are shown on top of the last known remote counts).
+    for _ in 0..2 {
+        on_a.pop().expect("one").close().await;
+    }
+    for _ in 0..3 {
+        on_b.push(b.connect("x").await);
+    }
+    obs_a.wait_for(&counts(&[("x", 5)])).await; // 1 local + 4 frozen remote
+    obs_b.wait_for(&counts(&[("x", 10)])).await; // 7 local + 3 frozen remote
+    let fresh = a.observer(&["x"]).await;
+    drop(fresh);
+
+    // Churn on both nodes through the outage and the restart.
+    let churn: Vec<_> = [a.addr, b.addr]
+        .into_iter()
+        .map(|addr| {
+            tokio::spawn(async move {
+                let url = format!("ws://{addr}/parties/page/x");
+                loop {
+                    let c = Client::connect(&url).await;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    c.drop_abruptly();
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let restarted = Instant::now();
+    redis.restart();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for c in churn {
+        c.abort();
+        let _ = c.await;
+    }
+    // Exact again: 1 on a, 7 on b.
+    obs_a.wait_for(&counts(&[("x", 8)])).await;
+    obs_b.wait_for(&counts(&[("x", 8)])).await;
+    println!(
+        "redis restart: converged {:?} after the restart (churn ran until 500ms after it)",
+        restarted.elapsed()
+    );
+    a.wait_ready(200).await;
+    b.wait_ready(200).await;
+    // And it keeps working after recovery.
+    on_a.push(a.connect("x").await);
+    obs_b.wait_for(&counts(&[("x", 9)])).await;
+    obs_a.wait_for(&counts(&[("x", 9)])).await;
+}
+
+/// A node started late sees the existing counts of other nodes as soon as one
+/// of its clients subscribes.
+#[tokio::test]
+async fn late_node_sees_existing_counts() {
+    if !redis_available() {
+        return;
+    }
+    let redis = Redis::start();
+    let a = Node::start(&redis);
+    let _v: Vec<Client> = futures_util::future::join_all((0..4).map(|_| a.connect("x"))).await;
+    let _w = a.connect("w").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let late = Node::start(&redis);
+    let asked = Instant::now();
+    let mut obs = late.connect("o").await;
+    obs.subscribe(&["x", "w", "z"]).await;
+    // The very first update is already the cluster count.
+    assert_eq!(
+        obs.next_update().await,
+        counts(&[("x", 4), ("w", 1), ("z", 0)])
+    );
+    println!(
+        "late node: existing counts shown after {:?}",
+        asked.elapsed()
+    );
+    assert!(asked.elapsed() < Duration::from_secs(1));
+}
+
+/// A graceful shutdown (SIGTERM) removes the node's viewers from the other
+/// nodes at once, long before `node_ttl` (here 30 s) would.
+#[tokio::test]
+async fn graceful_shutdown_removes_contributions_at_once() {
+    if !redis_available() {
+        return;
+    }
+    let redis = Redis::start();
+    let ttl = [("CLUSTER__NODE_TTL", "30s")];
+    let (a, b) = (
+        Node::start_with(&redis, &ttl),
+        Node::start_with(&redis, &ttl),
+    );
+    let mut obs = a.observer(&["x"]).await;
+    let _on_a = a.connect("x").await;
+    let mut on_b: Vec<Client> =
+        futures_util::future::join_all((0..3).map(|_| b.connect("x"))).await;
+    obs.wait_for(&counts(&[("x", 4)])).await;
+    let t = Instant::now();
+    let closing = tokio::task::spawn_blocking(move || b.terminate());
+    for c in &mut on_b {
+        assert_eq!(c.expect_close().await, 1001);
+    }
+    obs.wait_for(&counts(&[("x", 1)])).await;
+    let took = t.elapsed();
+    println!("graceful leave: others updated after {took:?}");
+    assert!(took < Duration::from_secs(5));
+    closing.await.expect("terminated");
+}
+
+/// A node stalled for longer than `node_ttl` (SIGSTOP) is declared dead and
+/// its viewers disappear elsewhere; when it resumes it notices, takes a new
+/// id, re-asserts its counts, and the sum is exact again (no double count).
+#[tokio::test]
+async fn stalled_node_rejoins_with_a_new_id() {
+    if !redis_available() {
+        return;
+    }
+    let redis = Redis::start();
+    let (a, b) = (Node::start(&redis), Node::start(&redis));
+    let mut obs = a.observer(&["x"]).await;
+    let _on_a = a.connect("x").await;
+    let _on_b: Vec<Client> = futures_util::future::join_all((0..2).map(|_| b.connect("x"))).await;
+    obs.wait_for(&counts(&[("x", 3)])).await;
+    let signal = |sig: &str| {
+        let ok = Command::new("kill")
+            .args([sig, &b.child.id().to_string()])
+            .status()
+            .expect("kill runs")
+            .success();
+        assert!(ok, "kill {sig}");
+    };
+    signal("-STOP");
+    obs.wait_for(&counts(&[("x", 1)])).await;
+    signal("-CONT");
+    let resumed = Instant::now();
+    obs.wait_for(&counts(&[("x", 3)])).await;
+    println!(
+        "stalled node: counted again {:?} after resuming",
+        resumed.elapsed()
+    );
+    obs.expect_silence(NODE_TTL * 2).await;
+    assert_eq!(obs.shown, counts(&[("x", 3)]));
+}
+
+/// A counter fault in cluster mode: the rebuild includes the other nodes'
+/// counts from the start (no dip), the rebuilt counter re-sends its whole
+/// local state and followed set, and counts stay exact on both nodes.
+#[tokio::test]
+async fn counter_restart_in_cluster_mode_stays_exact() {
+    if !redis_available() {
+        return;
+    }
+    let redis = Redis::start();
+    let a = Node::start(&redis);
+    let url = redis.url();
+    let (b, _dir) = crate::helpers::spawn_app(&[
+        ("CLUSTER__REDIS_URL", &url),
+        ("CLUSTER__HEARTBEAT_INTERVAL", HEARTBEAT),
+        ("CLUSTER__NODE_TTL", "1s"),
+    ]);
+    let mut obs_a = a.observer(&["x"]).await;
+    let mut obs_b = b.connect("o").await;
+    obs_b.subscribe(&["x"]).await;
+    obs_b.next_update().await;
+    let _on_a: Vec<Client> = futures_util::future::join_all((0..3).map(|_| a.connect("x"))).await;
+    let on_b = b.connect("x").await;
+    obs_b.wait_for(&counts(&[("x", 4)])).await;
+    obs_a.wait_for(&counts(&[("x", 4)])).await;
+    b.counter.do_send(link_counter::counter::InjectFault);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let status = b
+        .counter
+        .send(link_counter::counter::GetStatus)
+        .await
+        .expect("status");
+    assert_eq!(status.generation, 2, "the counter restarted");
+    // No dip to the local count: the rebuild waited for the remote sums.
+    obs_b.expect_silence(Duration::from_millis(300)).await;
+    assert_eq!(obs_b.shown, counts(&[("x", 4)]));
+    on_b.close().await;
+    obs_a.wait_for(&counts(&[("x", 3)])).await;
+    obs_b.wait_for(&counts(&[("x", 3)])).await;
+    let _more = a.connect("x").await;
+    obs_b.wait_for(&counts(&[("x", 4)])).await;
+}
+
+/// Cluster settings are validated before anything starts; the error names the key.
+#[test]
+fn cluster_settings_are_validated() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let load = |extra: &[(&str, &str)]| {
+        let mut env = vec![(
+            "LINK_COUNTER__STORAGE__PATH".to_string(),
+            dir.path().display().to_string(),
+        )];
+        for (k, v) in extra {
+            env.push((format!("LINK_COUNTER__{k}"), v.to_string()));
+        }
+        link_counter::Settings::load_from(None, env)
+    };
+    let s = load(&[]).expect("defaults are valid");
+    assert!(!s.cluster.enabled(), "single node by default");
+    let s = load(&[("CLUSTER__REDIS_URL", "redis://127.0.0.1:6379")]).expect("valid");
+    assert!(s.cluster.enabled());
+    let e = load(&[
+        ("CLUSTER__REDIS_URL", "redis://127.0.0.1:6379"),
+        ("CLUSTER__NODE_TTL", "1s"),
+    ])
+    .expect_err("ttl below 2 heartbeats");
+    assert!(e.to_string().contains("cluster.node_ttl"), "{e}");
+    let e = load(&[("CLUSTER__REDIS_URL", "not a url")]).expect_err("bad url");
+    assert!(e.to_string().contains("cluster.redis_url"), "{e}");
+}
+
+/// Measurement, not a check (`cargo test --test api redis_load -- --ignored
+/// --nocapture`): Redis commands per second for two nodes under connection
+/// churn, to compare with the capacity arithmetic of docs/cluster.md.
+#[tokio::test]
+#[ignore]
+async fn redis_load_under_churn() {
+    if !redis_available() {
+        return;
+    }
+    let redis = Redis::start();
+    let (a, b) = (Node::start(&redis), Node::start(&redis));
+    let _obs = (a.observer(&["x"]).await, b.observer(&["x"]).await);
+    let commands = || {
+        let out = Command::new("redis-cli")
+            .args(["-p", &redis.port.to_string(), "info", "stats"])
+            .output()
+            .expect("redis-cli runs");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .find_map(|l| l.strip_prefix("total_commands_processed:"))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .expect("total_commands_processed")
+    };
+    let cycles = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let before = commands();
+    let started = Instant::now();
+    let churn: Vec<_> = [a.addr, b.addr]
+        .into_iter()
+        .flat_map(|addr| (0..4).map(move |i| (addr, i)))
+        .map(|(addr, i)| {
+            let cycles = cycles.clone();
+            tokio::spawn(async move {
+                let url = format!("ws://{addr}/parties/page/p{i}");
+                loop {
+                    let c = Client::connect(&url).await;
+                    c.close().await;
+                    cycles.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for c in churn {
+        c.abort();
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let after = commands();
+    let n = cycles.load(std::sync::atomic::Ordering::Relaxed);
+    println!(
+        "redis load: 2 nodes, 8 pages, {:.0} connect+close cycles/s -> {:.0} redis commands/s (heartbeats included)",
+        n as f64 / secs,
+        (after - before) as f64 / secs
+    );
+}

@@ -1,7 +1,7 @@
 // link-counter.js: live counts of the people viewing the pages a page links to.
 //
 // An ES module with no dependencies and no build step, served by link-counter
-// at /link-counter.js. Two ways to use it (see docs/embed.md):
+// at /link-counter.js. Two ways to use it (see README.md, "Add live counts to your site"):
 //
 // 1. Drop-in embed: <script type="module" src="https://HOST/link-counter.js"></script>
 //    finds the page's links, connects, and renders a live badge next to each.

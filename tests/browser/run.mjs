@@ -44,7 +44,7 @@ const LAUNCH_ARGS = [
   "--disable-sync",
 ];
 
-/** Page ids as the embed derives them (documented in docs/embed.md). */
+/** Page ids as the embed derives them (documented in README.md, "Add live counts to your site"). */
 const ID = {
   a: "%2Fpages%2Fa",
   b: "%2Fpages%2Fb",

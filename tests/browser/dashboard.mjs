@@ -19,35 +19,11 @@ import path from "node:path";
 import readline from "node:readline";
 
 import { chromium } from "playwright-core";
-import WebSocket from "ws";
+import { CHROMIUM, LAUNCH_ARGS, eventually, viewer } from "./common.mjs";
 
 const BIN = process.env.LINK_COUNTER_BIN;
-const CHROMIUM = process.env.CHROMIUM || "/usr/bin/chromium";
 const ARTIFACTS = process.env.LINK_COUNTER_ARTIFACTS || fs.mkdtempSync(path.join(os.tmpdir(), "lc-dashboard-"));
-const PATIENCE = 30_000;
-const LAUNCH_ARGS = [
-  "--headless",
-  "--no-sandbox",
-  "--disable-gpu",
-  "--disable-background-networking",
-  "--disable-quic",
-  "--no-first-run",
-  "--disable-component-update",
-  "--disable-sync",
-];
 
-const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
-
-async function eventually(what, check, timeout = PATIENCE) {
-  const deadline = Date.now() + timeout;
-  let last;
-  for (;;) {
-    last = await check();
-    if (last === true) return;
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}; last seen: ${JSON.stringify(last)}`);
-    await sleep(100);
-  }
-}
 
 /** Starts the binary; resolves with {proc, addr, admin, log}. */
 function startService(dir) {
@@ -76,13 +52,6 @@ function startService(dir) {
   });
 }
 
-function viewer(addr, id) {
-  return new Promise((resolve, reject) => {
-    const ws = new WebSocket(`ws://${addr}/parties/page/${encodeURIComponent(id)}`);
-    ws.once("open", () => resolve(ws));
-    ws.once("error", reject);
-  });
-}
 
 /** What the dashboard shows: the total and the top rows. */
 function shown(page) {

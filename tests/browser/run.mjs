@@ -25,24 +25,12 @@ import PartySocket from "partysocket";
 import { chromium } from "playwright-core";
 import WebSocket from "ws";
 
+import { CHROMIUM, LAUNCH_ARGS, PATIENCE, eventually, sleep, viewer } from "./common.mjs";
 import { runUnitTests } from "./unit.mjs";
 
 const BIN = process.env.LINK_COUNTER_BIN;
-const CHROMIUM = process.env.CHROMIUM || "/usr/bin/chromium";
 const ARTIFACTS = process.env.LINK_COUNTER_ARTIFACTS || fs.mkdtempSync(path.join(os.tmpdir(), "lc-browser-"));
 const DEMO_SCREENSHOT = process.env.LINK_COUNTER_DEMO_SCREENSHOT;
-/** Deadline of every wait (generous: CI machines can be slow). */
-const PATIENCE = 30_000;
-const LAUNCH_ARGS = [
-  "--headless",
-  "--no-sandbox",
-  "--disable-gpu",
-  "--disable-background-networking",
-  "--disable-quic",
-  "--no-first-run",
-  "--disable-component-update",
-  "--disable-sync",
-];
 
 /** Page ids as the embed derives them (documented in README.md, "Add live counts to your site"). */
 const ID = {
@@ -51,8 +39,6 @@ const ID = {
   c: "%2Fpages%2Fc",
   d: "%2Fpages%2Fd",
 };
-
-const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
 function fail(message) {
   throw new Error(message);
@@ -64,17 +50,6 @@ function assertEq(actual, expected, what) {
   if (a !== e) fail(`${what}: expected ${e}, got ${a}`);
 }
 
-/** Polls `check` (which returns true, or a description of what it saw) until true. */
-async function eventually(what, check, timeout = PATIENCE) {
-  const deadline = Date.now() + timeout;
-  let last;
-  for (;;) {
-    last = await check();
-    if (last === true) return;
-    if (Date.now() > deadline) fail(`timed out waiting for ${what}; last seen: ${JSON.stringify(last)}`);
-    await sleep(50);
-  }
-}
 
 // ---------------------------------------------------------------------------
 // The service under test
@@ -161,14 +136,6 @@ class Service {
   }
 }
 
-/** A raw WebSocket viewer of page `id` (a visitor that is not a browser). */
-function viewer(addr, id) {
-  return new Promise((resolve, reject) => {
-    const ws = new WebSocket(`ws://${addr}/parties/page/${encodeURIComponent(id)}`);
-    ws.once("open", () => resolve(ws));
-    ws.once("error", reject);
-  });
-}
 
 /** A static "customer site" on another origin that embeds the script. */
 function startSite(addr) {

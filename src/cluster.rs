@@ -846,13 +846,7 @@ impl Driver {
         if pages.is_empty() {
             return Ok(());
         }
-        let (live, _) = self.live_nodes().await?;
-        let mut p = redis::pipe();
-        for page in pages {
-            p.hgetall(self.page_key(page));
-        }
-        let conn = self.conn.as_mut().ok_or("not connected")?;
-        let maps: Vec<HashMap<String, String>> = timed(p.query_async(conn)).await?;
+        let (live, maps) = self.read_pages(pages).await?;
         for (page, fields) in pages.iter().zip(maps) {
             for (node, v) in fields {
                 if !live.contains(&node) {
@@ -867,18 +861,27 @@ impl Driver {
         Ok(())
     }
 
-    /// The other live nodes' counts of `pages`, read from Redis (not kept).
-    async fn fetch(&mut self, pages: &[PageId]) -> Result<Vec<u64>, String> {
-        if pages.is_empty() {
-            return Ok(Vec::new());
-        }
+    /// The live node ids and, per page, its hash of `node -> "seq:count"` fields.
+    async fn read_pages(
+        &mut self,
+        pages: &[PageId],
+    ) -> Result<(HashSet<String>, Vec<HashMap<String, String>>), String> {
         let (live, _) = self.live_nodes().await?;
         let mut p = redis::pipe();
         for page in pages {
             p.hgetall(self.page_key(page));
         }
         let conn = self.conn.as_mut().ok_or("not connected")?;
-        let maps: Vec<HashMap<String, String>> = timed(p.query_async(conn)).await?;
+        let maps = timed(p.query_async(conn)).await?;
+        Ok((live, maps))
+    }
+
+    /// The other live nodes' counts of `pages`, read from Redis (not kept).
+    async fn fetch(&mut self, pages: &[PageId]) -> Result<Vec<u64>, String> {
+        if pages.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (live, maps) = self.read_pages(pages).await?;
         Ok(maps
             .into_iter()
             .map(|fields| {

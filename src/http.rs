@@ -167,9 +167,9 @@ async fn websocket(
             );
         }
     };
-    let pk = web::Query::<BTreeMap<String, String>>::from_query(req.query_string())
-        .ok()
-        .and_then(|q| q.get("_pk").cloned());
+    let pk = form_urlencoded::parse(req.query_string().as_bytes())
+        .find(|(k, _)| k == "_pk")
+        .map(|(_, v)| v.into_owned());
     let ctx = SessionContext {
         page,
         pk,

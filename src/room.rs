@@ -33,22 +33,47 @@ use crate::{
 /// A connection's id, unique in the process.
 pub type ConnId = u64;
 
-/// What a room or shard sends to a session.
+/// What a room or shard sends to a session. Two words: every connection's
+/// queue allocates a block of slots up front, so the slot is kept small and
+/// the payload, shared by every connection that gets it, sits behind an `Arc`.
 #[derive(Debug, Clone)]
 pub enum Outbound {
     /// A ready-to-send text frame (not an update).
-    Text(ByteString),
-    /// An `update` message; `since` is when the oldest change it carries
-    /// happened (for the publish-lag histogram), `None` for a full update.
-    Update {
-        /// The serialized `update`.
-        text: ByteString,
-        /// When the oldest change it carries was applied at the counter.
-        since: Option<Instant>,
-    },
-    /// Send an `error` message, then close (boxed: rare, and it keeps
-    /// every queue slot small).
+    Text(Arc<Frame>),
+    /// An `update` message.
+    Update(Arc<Frame>),
+    /// Send an `error` message, then close (boxed: rare).
     Refuse(Box<Refusal>),
+    /// The server is shutting down: close with 1001.
+    Shutdown,
+}
+
+/// One serialized message, built once and shared by every connection it goes to.
+#[derive(Debug)]
+pub struct Frame {
+    /// The serialized JSON text.
+    pub text: ByteString,
+    /// When the oldest change an update carries was applied at the counter
+    /// (for the publish-lag histogram); `None` for a full update or a text.
+    pub since: Option<Instant>,
+}
+
+impl Outbound {
+    /// A text frame that is not an update.
+    pub fn text(text: impl Into<ByteString>) -> Outbound {
+        Outbound::Text(Arc::new(Frame {
+            text: text.into(),
+            since: None,
+        }))
+    }
+
+    /// An update (with `since` for the publish-lag histogram).
+    pub fn update(text: impl Into<ByteString>, since: Option<Instant>) -> Outbound {
+        Outbound::Update(Arc::new(Frame {
+            text: text.into(),
+            since,
+        }))
+    }
 }
 
 /// A connection refused after its upgrade.
@@ -217,6 +242,8 @@ pub struct PageRoom {
     idle_reported: Option<u64>,
     /// The record changed since it was last written.
     dirty: bool,
+    /// Set by [`crate::shard::CloseAll`]: connections joining now are told to close.
+    closing: bool,
     /// A record write is scheduled.
     save_scheduled: bool,
 }
@@ -246,6 +273,7 @@ impl PageRoom {
             idle_since: Some(Instant::now()),
             idle_reported: None,
             dirty: false,
+            closing: false,
             save_scheduled: false,
         }
     }
@@ -329,7 +357,7 @@ impl PageRoom {
         // distinct payload is serialized once. The subset is a bitset over
         // `changes`: one word (no allocation) for up to 64 changes.
         let words = changes.len().div_ceil(64);
-        let mut payloads: HashMap<Subset, ByteString> = HashMap::new();
+        let mut payloads: HashMap<Subset, Outbound> = HashMap::new();
         let page = &self.page;
         for (id, conn) in self.conns.iter_mut() {
             if conn.pending || conn.tx.is_none() {
@@ -344,18 +372,17 @@ impl PageRoom {
             if subset.is_empty() {
                 continue;
             }
-            let text = payloads.entry(subset).or_insert_with_key(|subset| {
-                ByteString::from(update_json(
-                    subset
-                        .iter(changes.len())
-                        .map(|i| (&*changes[i].0, changes[i].1)),
-                ))
+            let out = payloads.entry(subset).or_insert_with_key(|subset| {
+                Outbound::update(
+                    update_json(
+                        subset
+                            .iter(changes.len())
+                            .map(|i| (&*changes[i].0, changes[i].1)),
+                    ),
+                    since,
+                )
             });
-            let out = Outbound::Update {
-                text: text.clone(),
-                since,
-            };
-            Self::send_to(page, *id, conn, out);
+            Self::send_to(page, *id, conn, out.clone());
         }
         true
     }
@@ -375,7 +402,7 @@ impl PageRoom {
             let text = self.full_update(conn);
             if let Some(conn) = self.conns.get_mut(&id) {
                 conn.pending = false;
-                let out = Outbound::Update { text, since: None };
+                let out = Outbound::update(text, None);
                 Self::send_to(&self.page, id, conn, out);
             }
         }
@@ -403,7 +430,7 @@ impl PageRoom {
                 ),
             );
             crate::metrics::error_sent(error.code);
-            let out = Outbound::Text(ByteString::from(error.to_json()));
+            let out = Outbound::text(error.to_json());
             Self::send_to(page, *id, conn, out);
         }
     }
@@ -457,6 +484,9 @@ impl Handler<Join> for PageRoom {
     type Result = ();
     fn handle(&mut self, msg: Join, ctx: &mut Context<Self>) {
         self.processed += 1;
+        if self.closing {
+            let _ = msg.tx.try_send(Outbound::Shutdown);
+        }
         self.conns.insert(
             msg.conn,
             Conn {
@@ -469,6 +499,16 @@ impl Handler<Join> for PageRoom {
         self.idle_since = None;
         self.report_count();
         self.mark_dirty(ctx);
+    }
+}
+
+impl Handler<crate::shard::CloseAll> for PageRoom {
+    type Result = ();
+    fn handle(&mut self, _: crate::shard::CloseAll, _: &mut Context<Self>) {
+        self.closing = true;
+        for (id, conn) in self.conns.iter_mut() {
+            Self::send_to(&self.page, *id, conn, Outbound::Shutdown);
+        }
     }
 }
 

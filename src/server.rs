@@ -21,7 +21,7 @@ use crate::{
     counter::{Counter, FinalSnapshot, SetCluster, SetShards},
     http::{self, AppState},
     limits::{ConnLimiter, OriginPolicy},
-    shard::{SaveAll, Shards},
+    shard::{CloseAll, SaveAll, Shards},
     storage::Storage,
 };
 
@@ -84,6 +84,9 @@ impl Server {
             counter.clone(),
             storage.clone(),
             settings.clone(),
+            std::env::var("LC_EXP_HOME")
+                .is_ok()
+                .then(|| counter_arbiter.handle()),
         );
         counter.do_send(SetShards(shards.all().to_vec()));
         let mut cluster_health: Option<ClusterHealth> = None;
@@ -209,7 +212,12 @@ impl Server {
                 ),
             }
         }
+        // New upgrades are refused from here on; open sessions (and any
+        // still joining) are told through their rooms to close with 1001.
         let _ = self.shutdown_tx.send(true);
+        for shard in self.shards.all() {
+            let _ = shard.send(CloseAll).await;
+        }
         let started = Instant::now();
         while self.active_sessions() > 0 && started.elapsed() < grace {
             tokio::time::sleep(Duration::from_millis(10)).await;

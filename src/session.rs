@@ -3,10 +3,13 @@
 //! heartbeat pings and the shutdown signal, and one cleanup point after it.
 
 use std::{
+    future::Future,
+    pin::pin,
     sync::{
         atomic::{AtomicU64, AtomicUsize, Ordering},
         Arc,
     },
+    task::Poll,
     time::Duration,
 };
 
@@ -14,7 +17,7 @@ use actix_ws::{AggregatedMessage, CloseCode, CloseReason, ProtocolError as WsErr
 use bytestring::ByteString;
 use tokio::{
     sync::{mpsc, watch},
-    time::{interval_at, sleep_until, timeout, Instant},
+    time::{interval_at, sleep_until, timeout, Instant, MissedTickBehavior},
 };
 
 use crate::{
@@ -42,7 +45,8 @@ pub struct SessionContext {
     pub shards: Shards,
     /// Limits and timers.
     pub settings: Arc<Settings>,
-    /// Becomes true when the server shuts down.
+    /// True once the server shuts down (read, never awaited: the shards
+    /// tell each session to close through its queue).
     pub shutdown: watch::Receiver<bool>,
     /// Open sessions: incremented by the HTTP handler before it spawns the
     /// session (so shutdown never misses one), decremented when it ends.
@@ -60,13 +64,24 @@ impl Drop for ActiveGuard {
     }
 }
 
+/// Runs `write` to completion, or gives up after `limit`. The usual write
+/// only queues the frame and is ready at once: that path arms no timer.
+async fn bounded<F: Future>(write: F, limit: Duration) -> Option<F::Output> {
+    let mut write = pin!(write);
+    let first = std::future::poll_fn(|cx| Poll::Ready(write.as_mut().poll(cx))).await;
+    match first {
+        Poll::Ready(out) => Some(out),
+        Poll::Pending => timeout(limit, write).await.ok(),
+    }
+}
+
 /// Writes one text frame; false when the client is gone or did not take it
 /// within `limit` (a client that does not read cannot stall the loop).
 /// The write future is boxed: it exists only while writing, so it does not
 /// enlarge every idle connection's task.
 async fn send(session: &mut Session, text: ByteString, limit: Duration) -> bool {
-    let write = Box::pin(timeout(limit, session.text(text)));
-    let sent = matches!(write.await, Ok(Ok(())));
+    let write = Box::pin(bounded(session.text(text), limit));
+    let sent = matches!(write.await, Some(Ok(())));
     if sent {
         m::message_out();
     }
@@ -80,11 +95,11 @@ async fn control(
     ping: Option<actix_web::web::Bytes>,
     limit: Duration,
 ) -> bool {
-    let write: std::pin::Pin<Box<dyn std::future::Future<Output = _>>> = match &ping {
-        Some(payload) => Box::pin(timeout(limit, session.pong(payload))),
-        None => Box::pin(timeout(limit, session.ping(b""))),
+    let write: std::pin::Pin<Box<dyn Future<Output = _>>> = match &ping {
+        Some(payload) => Box::pin(bounded(session.pong(payload), limit)),
+        None => Box::pin(bounded(session.ping(b""), limit)),
     };
-    matches!(write.await, Ok(Ok(())))
+    matches!(write.await, Some(Ok(())))
 }
 
 fn reason(code: u16, text: &str) -> Option<CloseReason> {
@@ -101,7 +116,7 @@ pub async fn run(ctx: SessionContext, mut session: Session, stream: actix_ws::Me
         pk,
         shards,
         settings,
-        mut shutdown,
+        shutdown,
         active,
         permit,
     } = ctx;
@@ -131,19 +146,21 @@ pub async fn run(ctx: SessionContext, mut session: Session, stream: actix_ws::Me
         Instant::now() + ws.heartbeat_interval,
         ws.heartbeat_interval,
     );
-    // One timer for the liveness deadline, moved forward on every frame
-    // (cheaper than a new timer per loop iteration).
-    let deadline = sleep_until(Instant::now() + ws.client_timeout);
+    heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    // Liveness: a frame only records when it came; the one timer fires at
+    // `last_seen + client_timeout` and is moved forward then if frames came
+    // meanwhile (no timer operation per frame).
+    let mut last_seen = Instant::now();
+    let deadline = sleep_until(last_seen + ws.client_timeout);
     tokio::pin!(deadline);
 
     // Why it ends, and `Some(reason)`: close the socket with it; `None`: it is already gone.
     let (kind, close_with): (CloseKind, Option<Option<CloseReason>>) = loop {
         tokio::select! {
             biased;
-            _ = shutdown.changed() => break (CloseKind::Shutdown, Some(reason(close::GOING_AWAY, "server shutting down"))),
             frame = stream.recv() => {
                 let now = Instant::now();
-                deadline.as_mut().reset(now + ws.client_timeout);
+                last_seen = now;
                 if matches!(frame, Some(Ok(AggregatedMessage::Text(_)))) {
                     m::message_in();
                 }
@@ -208,24 +225,33 @@ pub async fn run(ctx: SessionContext, mut session: Session, stream: actix_ws::Me
                 }
             }
             out = rx.recv() => match out {
-                Some(Outbound::Text(text)) => {
-                    if !send(&mut session, text, ws.client_timeout).await {
+                Some(Outbound::Text(frame)) => {
+                    if !send(&mut session, frame.text.clone(), ws.client_timeout).await {
                         break (CloseKind::Abrupt, None);
                     }
                 }
-                Some(Outbound::Update { text, since }) => {
-                    if !send(&mut session, text, ws.client_timeout).await {
+                Some(Outbound::Update(frame)) => {
+                    if !send(&mut session, frame.text.clone(), ws.client_timeout).await {
                         break (CloseKind::Abrupt, None);
                     }
-                    m::update_sent(since.map(|t| t.elapsed()));
+                    m::update_sent(frame.since.map(|t| t.elapsed()));
                 }
                 Some(Outbound::Refuse(r)) => {
                     let _ = send(&mut session, r.error, CLOSE_WRITE_TIMEOUT).await;
                     break (CloseKind::MaxRooms, Some(reason(r.code, r.reason)));
                 }
+                Some(Outbound::Shutdown) => break (CloseKind::Shutdown, Some(reason(close::GOING_AWAY, "server shutting down"))),
+                // The room cut this connection off: its queue overflowed
+                // (or, during shutdown, could not take the close notice).
+                None if *shutdown.borrow() => break (CloseKind::Shutdown, Some(reason(close::GOING_AWAY, "server shutting down"))),
                 None => break (CloseKind::SlowClient, Some(reason(close::TRY_AGAIN_LATER, "client too slow: send queue overflowed"))),
             },
             _ = &mut deadline => {
+                let due = last_seen + ws.client_timeout;
+                if due > Instant::now() {
+                    deadline.as_mut().reset(due);
+                    continue;
+                }
                 tracing::debug!(page = %page, conn, "client timed out");
                 break (CloseKind::Timeout, Some(reason(close::NORMAL, "client timeout")));
             }

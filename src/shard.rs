@@ -53,6 +53,12 @@ pub struct Resync {
 #[rtype(result = "()")]
 pub struct SaveAll;
 
+/// The server is shutting down: tell every connection to close with 1001,
+/// and every connection that joins from now on as soon as it joins.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct CloseAll;
+
 /// Number of live rooms on this shard.
 #[derive(Message)]
 #[rtype(result = "usize")]
@@ -83,6 +89,8 @@ pub struct Shard {
     rooms: HashMap<PageId, Slot>,
     /// Rooms alive on all shards (for `limits.max_rooms`).
     rooms_alive: Arc<AtomicUsize>,
+    /// Set by [`CloseAll`]: no new rooms, joins are told to close.
+    closing: bool,
 }
 
 impl Shard {
@@ -105,6 +113,10 @@ impl Actor for Shard {
 impl Handler<Join> for Shard {
     type Result = ();
     fn handle(&mut self, msg: Join, ctx: &mut Context<Self>) {
+        if self.closing && !self.rooms.contains_key(&msg.page) {
+            let _ = msg.tx.try_send(Outbound::Shutdown);
+            return;
+        }
         if !self.rooms.contains_key(&msg.page) {
             let max = self.settings.limits.max_rooms;
             if self.rooms_alive.fetch_add(1, Ordering::SeqCst) >= max {
@@ -213,6 +225,19 @@ impl Handler<SaveAll> for Shard {
     }
 }
 
+impl Handler<CloseAll> for Shard {
+    type Result = ResponseFuture<()>;
+    fn handle(&mut self, _: CloseAll, _: &mut Context<Self>) -> Self::Result {
+        self.closing = true;
+        let sends: Vec<_> = self.rooms.values().map(|s| s.addr.send(CloseAll)).collect();
+        Box::pin(async move {
+            for s in sends {
+                let _ = s.await;
+            }
+        })
+    }
+}
+
 impl Handler<RoomCountQuery> for Shard {
     type Result = usize;
     fn handle(&mut self, _: RoomCountQuery, _: &mut Context<Self>) -> usize {
@@ -236,27 +261,36 @@ impl Shards {
         counter: Addr<Counter>,
         storage: Storage,
         settings: Arc<Settings>,
+        home: Option<actix::ArbiterHandle>,
     ) -> Shards {
         let mut arbiters = Vec::with_capacity(n);
         let mut addrs = Vec::with_capacity(n);
         let rooms_alive = Arc::new(AtomicUsize::new(0));
         for index in 0..n {
-            let arbiter = Arbiter::new();
+            let handle = match (&home, index) {
+                (Some(h), 0) => h.clone(),
+                _ => {
+                    let arbiter = Arbiter::new();
+                    let h = arbiter.handle();
+                    arbiters.push(arbiter);
+                    h
+                }
+            };
             let (counter, storage, settings, rooms_alive) = (
                 counter.clone(),
                 storage.clone(),
                 settings.clone(),
                 rooms_alive.clone(),
             );
-            let addr = Shard::start_in_arbiter(&arbiter.handle(), move |_| Shard {
+            let addr = Shard::start_in_arbiter(&handle, move |_| Shard {
                 index,
                 counter,
                 storage,
                 settings,
                 rooms: HashMap::new(),
                 rooms_alive,
+                closing: false,
             });
-            arbiters.push(arbiter);
             addrs.push(addr);
         }
         Shards {

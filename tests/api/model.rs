@@ -171,7 +171,7 @@ impl Model<'_> {
             let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
             while want.iter().any(|(k, v)| c.shown.get(k) != Some(v)) {
                 let msg = tokio::time::timeout_at(deadline, rx.recv()).await;
-                let Ok(Some(Outbound::Text(text) | Outbound::Update { text, .. })) = msg else {
+                let Ok(Some(Outbound::Text(frame) | Outbound::Update(frame))) = msg else {
                     let ids: Vec<&str> = names.iter().map(|n| &**n).collect();
                     let q = format!("/api/v1/counts?ids={}", ids.join(","));
                     let server = crate::helpers::http_get(self.app.addr, &q).await.1;
@@ -180,7 +180,7 @@ impl Model<'_> {
                         c.id, names[c.page], c.shown, want
                     ));
                 };
-                apply(&mut c.shown, &text)?;
+                apply(&mut c.shown, &frame.text)?;
             }
         }
         Ok(())

@@ -112,9 +112,8 @@ pub struct ServerSettings {
     /// Grace period for draining connections on shutdown.
     #[serde(with = "humantime_serde")]
     pub shutdown_timeout: Duration,
-    /// Shard arbiters hosting page rooms (0 = one per core).
-    pub shards: usize,
-    /// HTTP worker threads (0 = one per core).
+    /// HTTP worker threads, each also hosting one shard of page rooms
+    /// (0 = one per core).
     pub workers: usize,
 }
 
@@ -319,11 +318,6 @@ impl Settings {
             }
         }
         validate_ops(self)
-    }
-
-    /// Shard count after resolving 0 to the number of cores.
-    pub fn shard_count(&self) -> usize {
-        resolve_threads(self.server.shards)
     }
 
     /// Worker count after resolving 0 to the number of cores.

@@ -123,6 +123,10 @@ async fn websocket(
         connection_refused(Refused::ShuttingDown);
         return plain(StatusCode::SERVICE_UNAVAILABLE, "server is shutting down");
     }
+    let Some(shard) = state.shards.for_page(&page).cloned() else {
+        connection_refused(Refused::Starting);
+        return plain(StatusCode::SERVICE_UNAVAILABLE, "server is starting; retry");
+    };
     let origin = req
         .headers()
         .get(header::ORIGIN)
@@ -171,9 +175,10 @@ async fn websocket(
         .find(|(k, _)| k == "_pk")
         .map(|(_, v)| v.into_owned());
     let ctx = SessionContext {
+        shard_index: state.shards.index_of(&page),
         page,
         pk,
-        shards: state.shards.clone(),
+        shard,
         settings: state.settings.clone(),
         shutdown: state.shutdown.clone(),
         active: state.active.clone(),

@@ -72,7 +72,6 @@ pub fn log_settings(s: &Settings) {
         bind = %s.server.bind,
         admin_bind = if s.admin.bind.is_empty() { "(none)" } else { s.admin.bind.as_str() },
         metrics_on_public = s.admin.metrics_on_public,
-        shards = s.shard_count(),
         workers = s.worker_count(),
         storage = %s.storage.path.display(),
         snapshot_interval = %humantime::format_duration(s.storage.snapshot_interval),

@@ -67,7 +67,7 @@ fn main() -> ExitCode {
         }
     };
     actix_rt::System::new().block_on(async move {
-        let server = match Server::start_with_storage(settings, listener, storage) {
+        let server = match Server::start_with_storage(settings, listener, storage).await {
             Ok(s) => s,
             Err(e) => {
                 eprintln!("link-counter: {e}");

@@ -290,13 +290,15 @@ pub enum Refused {
     BadHandshake,
     /// 503: the server is shutting down.
     ShuttingDown,
+    /// 503: the server is still starting (a worker has not hosted its shard yet).
+    Starting,
     /// Upgraded, then closed 1008: `limits.max_rooms` reached.
     MaxRooms,
 }
 
 impl Refused {
     /// Every reason, for initializing the series.
-    pub const ALL: [Refused; 8] = [
+    pub const ALL: [Refused; 9] = [
         Refused::Origin,
         Refused::MaxConnections,
         Refused::MaxConnectionsPerIp,
@@ -304,6 +306,7 @@ impl Refused {
         Refused::BadPageId,
         Refused::BadHandshake,
         Refused::ShuttingDown,
+        Refused::Starting,
         Refused::MaxRooms,
     ];
 
@@ -317,6 +320,7 @@ impl Refused {
             Refused::BadPageId => "bad_page_id",
             Refused::BadHandshake => "bad_handshake",
             Refused::ShuttingDown => "shutting_down",
+            Refused::Starting => "starting",
             Refused::MaxRooms => "max_rooms",
         }
     }

@@ -1,6 +1,6 @@
-//! Wiring: opens storage, starts the counter (supervised, own arbiter), the
-//! shards and the HTTP server on a bound listener, and runs the graceful
-//! shutdown. Must be called inside an actix `System`.
+//! Wiring: opens storage, starts the counter (supervised, own arbiter) and
+//! the HTTP server on a bound listener, whose workers each host one shard,
+//! and runs the graceful shutdown. Must be called inside an actix `System`.
 
 use std::{
     net::{SocketAddr, TcpListener},
@@ -18,10 +18,10 @@ use tokio::sync::watch;
 use crate::{
     cluster::{Cluster, ClusterHealth, Leave},
     config::Settings,
-    counter::{Counter, FinalSnapshot, SetCluster, SetShards},
+    counter::{Counter, FinalSnapshot, SetCluster},
     http::{self, AppState},
     limits::{ConnLimiter, OriginPolicy},
-    shard::{CloseAll, SaveAll, Shards},
+    shard::{CloseAll, SaveAll, Shards, StopShard},
     storage::Storage,
 };
 
@@ -60,13 +60,14 @@ pub struct ShutdownReport {
 
 impl Server {
     /// Opens storage in `settings.storage.path` and starts serving on `listener`.
-    pub fn start(settings: Settings, listener: TcpListener) -> anyhow::Result<Server> {
+    pub async fn start(settings: Settings, listener: TcpListener) -> anyhow::Result<Server> {
         let storage = Storage::open(&settings.storage.path)?;
-        Self::start_with_storage(settings, listener, storage)
+        Self::start_with_storage(settings, listener, storage).await
     }
 
-    /// Starts serving on `listener` with an already opened store.
-    pub fn start_with_storage(
+    /// Starts serving on `listener` with an already opened store; returns
+    /// once every HTTP worker hosts its shard.
+    pub async fn start_with_storage(
         settings: Settings,
         listener: TcpListener,
         storage: Storage,
@@ -79,16 +80,13 @@ impl Server {
                 Counter::new(settings, storage)
             })
         };
-        let shards = Shards::start(
-            settings.shard_count(),
+        // One shard per HTTP worker, started by the worker itself (below).
+        let shards = Shards::new(
+            settings.worker_count(),
             counter.clone(),
             storage.clone(),
             settings.clone(),
-            std::env::var("LC_EXP_HOME")
-                .is_ok()
-                .then(|| counter_arbiter.handle()),
         );
-        counter.do_send(SetShards(shards.all().to_vec()));
         let mut cluster_health: Option<ClusterHealth> = None;
         let cluster = if settings.cluster.enabled() {
             let arbiter = Arbiter::new();
@@ -121,7 +119,10 @@ impl Server {
         crate::metrics::install();
         let ops = crate::admin::Ops::new(&settings);
         let admin = crate::admin::start(&state, &ops)?;
+        let hosts = shards.clone();
         let server = HttpServer::new(move || {
+            // Runs once on each worker's thread: the worker hosts a shard.
+            hosts.host_here();
             App::new()
                 .app_data(web::Data::new(state.clone()))
                 .configure(|cfg| ops.configure_public(cfg))
@@ -149,7 +150,13 @@ impl Server {
                 tracing::error!(error = %e, "http server failed");
             }
         });
-        tracing::info!(addr = %local_addr, shards = settings.shard_count(), "listening");
+        if tokio::time::timeout(Duration::from_secs(30), shards.ready())
+            .await
+            .is_err()
+        {
+            anyhow::bail!("the HTTP workers did not start within 30 s");
+        }
+        tracing::info!(addr = %local_addr, workers = settings.worker_count(), "listening");
         Ok(Server {
             local_addr,
             http,
@@ -229,10 +236,7 @@ impl Server {
                 "shutdown timeout reached; cutting remaining connections"
             );
         }
-        self.http.stop(cut == 0).await;
-        if let Some(admin) = &self.admin {
-            admin.handle.stop(false).await;
-        }
+        // The shards live on the HTTP workers: save before stopping them.
         for shard in self.shards.all() {
             let _ = shard.send(SaveAll).await;
         }
@@ -244,7 +248,13 @@ impl Server {
         if let Err(e) = self.storage.flush() {
             tracing::error!(error = %e, "final flush failed");
         }
-        self.shards.stop().await;
+        for shard in self.shards.all() {
+            let _ = shard.send(StopShard).await;
+        }
+        self.http.stop(cut == 0).await;
+        if let Some(admin) = &self.admin {
+            admin.handle.stop(false).await;
+        }
         let mut arbiters = vec![self.counter_arbiter];
         arbiters.extend(self.cluster.map(|(_, a)| a));
         crate::shard::stop_and_join(arbiters).await;

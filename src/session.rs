@@ -13,6 +13,7 @@ use std::{
     time::Duration,
 };
 
+use actix::Addr;
 use actix_ws::{AggregatedMessage, CloseCode, CloseReason, ProtocolError as WsError, Session};
 use bytestring::ByteString;
 use tokio::{
@@ -26,7 +27,7 @@ use crate::{
     metrics::{self as m, CloseKind},
     protocol::{close, parse_client_message, ClientMessage, PageId, ProtocolError},
     room::{Join, Leave, Outbound, SetLinks},
-    shard::Shards,
+    shard::Shard,
 };
 
 /// Source of connection ids, unique in the process.
@@ -41,8 +42,10 @@ pub struct SessionContext {
     pub page: PageId,
     /// PartySocket's `_pk` connection id, for logs.
     pub pk: Option<String>,
-    /// Routing to the page's room.
-    pub shards: Shards,
+    /// The shard that owns the page's room.
+    pub shard: Addr<Shard>,
+    /// Its index (the `shard` label of metrics).
+    pub shard_index: usize,
     /// Limits and timers.
     pub settings: Arc<Settings>,
     /// True once the server shuts down (read, never awaited: the shards
@@ -114,7 +117,8 @@ pub async fn run(ctx: SessionContext, mut session: Session, stream: actix_ws::Me
     let SessionContext {
         page,
         pk,
-        shards,
+        shard,
+        shard_index,
         settings,
         shutdown,
         active,
@@ -123,8 +127,6 @@ pub async fn run(ctx: SessionContext, mut session: Session, stream: actix_ws::Me
     let _guard = ActiveGuard(active);
     let ws = &settings.websocket;
     let conn = NEXT_CONN_ID.fetch_add(1, Ordering::Relaxed);
-    let shard_index = shards.index_of(&page);
-    let shard = shards.for_page(&page).clone();
     m::connection_opened(shard_index);
     let (tx, mut rx) = mpsc::channel::<Outbound>(ws.send_queue);
     shard.do_send(Join {

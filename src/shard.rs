@@ -1,4 +1,4 @@
-//! Shards: one `Shard` actor per arbiter (one arbiter per core by default).
+//! Shards: one `Shard` actor per HTTP worker arbiter (one per core by default).
 //! A page id hashes to one shard; that shard's actor is the only owner of the
 //! map from page id to `PageRoom`, so looking up or creating a room never
 //! takes a lock. Sessions send their `Join`/`SetLinks`/`Leave` to the shard,
@@ -13,7 +13,7 @@ use std::{
     hash::{Hash, Hasher},
     sync::{
         atomic::{AtomicU64, AtomicUsize, Ordering},
-        Arc,
+        Arc, OnceLock,
     },
 };
 
@@ -21,7 +21,7 @@ use actix::prelude::*;
 
 use crate::{
     config::Settings,
-    counter::{Counter, ShardRooms},
+    counter::{Counter, SetShards, ShardRooms},
     protocol::{close, PageId, ProtocolError},
     room::{Join, Leave, Outbound, PageRoom, Refusal, ReportState, SaveRecord, SetLinks, StopRoom},
     storage::Storage,
@@ -58,6 +58,12 @@ pub struct SaveAll;
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct CloseAll;
+
+/// Final step of a shutdown: stop every room and the shard itself (the
+/// worker threads that host them may outlive the HTTP server).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct StopShard;
 
 /// Number of live rooms on this shard.
 #[derive(Message)]
@@ -238,6 +244,17 @@ impl Handler<CloseAll> for Shard {
     }
 }
 
+impl Handler<StopShard> for Shard {
+    type Result = ();
+    fn handle(&mut self, _: StopShard, ctx: &mut Context<Self>) {
+        for (_, slot) in self.rooms.drain() {
+            slot.addr.do_send(StopRoom);
+            self.rooms_alive.fetch_sub(1, Ordering::SeqCst);
+        }
+        ctx.stop();
+    }
+}
+
 impl Handler<RoomCountQuery> for Shard {
     type Result = usize;
     fn handle(&mut self, _: RoomCountQuery, _: &mut Context<Self>) -> usize {
@@ -246,83 +263,120 @@ impl Handler<RoomCountQuery> for Shard {
 }
 
 /// The set of shards, with the hash that picks one for a page. Cheap to clone.
+///
+/// Thread per core: each shard lives on one of the HTTP server's worker
+/// arbiters, started there by [`Shards::host_here`] when the worker builds
+/// its app, so a session whose page hashes to its own worker reaches its room
+/// without crossing threads. The table is complete once every worker has
+/// started ([`Shards::ready`]); until then [`Shards::for_page`] may answer
+/// `None` (the HTTP handler then answers 503).
 #[derive(Clone)]
 pub struct Shards {
-    /// One address per shard.
-    addrs: Arc<[Addr<Shard>]>,
-    /// Keeps the arbiters (threads) alive.
-    arbiters: Arc<std::sync::Mutex<Vec<Arbiter>>>,
+    inner: Arc<ShardsInner>,
+}
+
+struct ShardsInner {
+    /// One slot per shard, filled by the worker that hosts it.
+    slots: Box<[OnceLock<Addr<Shard>>]>,
+    /// Slots handed out to workers so far.
+    claimed: AtomicUsize,
+    /// Slots filled so far.
+    filled: AtomicUsize,
+    /// Wakes [`Shards::ready`] when the last slot is filled.
+    all_filled: tokio::sync::Notify,
+    /// What a new shard needs.
+    counter: Addr<Counter>,
+    storage: Storage,
+    settings: Arc<Settings>,
+    rooms_alive: Arc<AtomicUsize>,
 }
 
 impl Shards {
-    /// Starts `n` shard arbiters, each with its `Shard` actor.
-    pub fn start(
+    /// The table of `n` shards, none started yet.
+    pub fn new(
         n: usize,
         counter: Addr<Counter>,
         storage: Storage,
         settings: Arc<Settings>,
-        home: Option<actix::ArbiterHandle>,
     ) -> Shards {
-        let mut arbiters = Vec::with_capacity(n);
-        let mut addrs = Vec::with_capacity(n);
-        let rooms_alive = Arc::new(AtomicUsize::new(0));
-        for index in 0..n {
-            let handle = match (&home, index) {
-                (Some(h), 0) => h.clone(),
-                _ => {
-                    let arbiter = Arbiter::new();
-                    let h = arbiter.handle();
-                    arbiters.push(arbiter);
-                    h
-                }
-            };
-            let (counter, storage, settings, rooms_alive) = (
-                counter.clone(),
-                storage.clone(),
-                settings.clone(),
-                rooms_alive.clone(),
-            );
-            let addr = Shard::start_in_arbiter(&handle, move |_| Shard {
-                index,
+        Shards {
+            inner: Arc::new(ShardsInner {
+                slots: (0..n.max(1)).map(|_| OnceLock::new()).collect(),
+                claimed: AtomicUsize::new(0),
+                filled: AtomicUsize::new(0),
+                all_filled: tokio::sync::Notify::new(),
                 counter,
                 storage,
                 settings,
-                rooms: HashMap::new(),
-                rooms_alive,
-                closing: false,
-            });
-            addrs.push(addr);
-        }
-        Shards {
-            addrs: addrs.into(),
-            arbiters: Arc::new(std::sync::Mutex::new(arbiters)),
+                rooms_alive: Arc::new(AtomicUsize::new(0)),
+            }),
         }
     }
 
-    /// The shard that owns `page`.
-    pub fn for_page(&self, page: &str) -> &Addr<Shard> {
-        &self.addrs[self.index_of(page)]
+    /// Starts the next unhosted shard on the current arbiter (an HTTP
+    /// worker's, called from its app factory). When the table is complete,
+    /// the counter is given every shard's address.
+    pub fn host_here(&self) {
+        let inner = &self.inner;
+        let index = inner.claimed.fetch_add(1, Ordering::SeqCst);
+        let Some(slot) = inner.slots.get(index) else {
+            // Only if actix restarts a worker after a panic: its shard is
+            // gone with it; counts of its pages cannot be kept exact.
+            tracing::error!(index, "an HTTP worker restarted; it hosts no shard");
+            return;
+        };
+        let addr = Shard {
+            index,
+            counter: inner.counter.clone(),
+            storage: inner.storage.clone(),
+            settings: inner.settings.clone(),
+            rooms: HashMap::new(),
+            rooms_alive: inner.rooms_alive.clone(),
+            closing: false,
+        }
+        .start();
+        let _ = slot.set(addr);
+        if inner.filled.fetch_add(1, Ordering::SeqCst) + 1 == inner.slots.len() {
+            inner.counter.do_send(SetShards(self.all()));
+            inner.all_filled.notify_waiters();
+        }
+    }
+
+    /// True once every shard is hosted.
+    pub fn is_ready(&self) -> bool {
+        self.inner.filled.load(Ordering::SeqCst) == self.inner.slots.len()
+    }
+
+    /// Waits until every shard is hosted.
+    pub async fn ready(&self) {
+        loop {
+            let notified = self.inner.all_filled.notified();
+            if self.is_ready() {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// The shard that owns `page` (`None` only before [`Shards::ready`]).
+    pub fn for_page(&self, page: &str) -> Option<&Addr<Shard>> {
+        self.inner.slots[self.index_of(page)].get()
     }
 
     /// The index of the shard that owns `page` (the `shard` label of metrics).
     pub fn index_of(&self, page: &str) -> usize {
         let mut h = std::hash::DefaultHasher::new();
         page.hash(&mut h);
-        (h.finish() % self.addrs.len() as u64) as usize
+        (h.finish() % self.inner.slots.len() as u64) as usize
     }
 
-    /// All shard addresses.
-    pub fn all(&self) -> &[Addr<Shard>] {
-        &self.addrs
-    }
-
-    /// Stops the shard arbiters and waits for their threads (so every room,
-    /// and its handle on storage, is gone when this returns).
-    pub async fn stop(&self) {
-        // A poisoned lock still holds the arbiters; take them anyway.
-        let arbiters =
-            std::mem::take(&mut *self.arbiters.lock().unwrap_or_else(|e| e.into_inner()));
-        stop_and_join(arbiters).await;
+    /// The addresses of the shards hosted so far (all of them once ready).
+    pub fn all(&self) -> Vec<Addr<Shard>> {
+        self.inner
+            .slots
+            .iter()
+            .filter_map(|s| s.get().cloned())
+            .collect()
     }
 }
 

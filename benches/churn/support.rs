@@ -276,7 +276,9 @@ impl InProcess {
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let thread = std::thread::spawn(move || {
             actix_rt::System::new().block_on(async move {
-                let server = Server::start(settings, listener).expect("service starts");
+                let server = Server::start(settings, listener)
+                    .await
+                    .expect("service starts");
                 ready_tx.send(()).expect("bench waits");
                 let _ = stop_rx.await;
                 server.shutdown().await;

@@ -118,7 +118,6 @@ impl Node {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_link-counter"));
         cmd.env("LINK_COUNTER__SERVER__BIND", "127.0.0.1:0")
             .env("LINK_COUNTER__ADMIN__BIND", "127.0.0.1:0")
-            .env("LINK_COUNTER__SERVER__SHARDS", "2")
             .env("LINK_COUNTER__SERVER__WORKERS", "2")
             .env("LINK_COUNTER__STORAGE__PATH", dir.path())
             .env("LINK_COUNTER__CLUSTER__REDIS_URL", redis.url())

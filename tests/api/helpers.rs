@@ -33,7 +33,6 @@ pub fn settings(dir: &Path, extra: &[(&str, &str)]) -> Settings {
     let mut env: Vec<(String, String)> = vec![
         ("LINK_COUNTER__SERVER__BIND".into(), "127.0.0.1:0".into()),
         ("LINK_COUNTER__ADMIN__BIND".into(), "127.0.0.1:0".into()),
-        ("LINK_COUNTER__SERVER__SHARDS".into(), "2".into()),
         ("LINK_COUNTER__SERVER__WORKERS".into(), "2".into()),
         ("LINK_COUNTER__SERVER__SHUTDOWN_TIMEOUT".into(), "3s".into()),
         (
@@ -100,7 +99,9 @@ pub fn spawn_app_with(settings: Settings) -> TestApp {
     let thread = std::thread::spawn(move || {
         actix_rt::System::new().block_on(async move {
             let listener = TcpListener::bind("127.0.0.1:0").expect("bind port 0");
-            let server = Server::start(settings, listener).expect("server starts");
+            let server = Server::start(settings, listener)
+                .await
+                .expect("server starts");
             tx.send((
                 server.local_addr(),
                 server.admin_addr(),

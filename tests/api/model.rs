@@ -78,6 +78,7 @@ impl Model<'_> {
         self.app
             .shards
             .for_page(&page)
+            .expect("shards are ready once the server started")
             .do_send(Leave { page, conn: c.id });
     }
 
@@ -94,6 +95,7 @@ impl Model<'_> {
                 self.app
                     .shards
                     .for_page(&page)
+                    .expect("shards are ready once the server started")
                     .do_send(Join { page, conn: id, tx });
                 self.open.push(FakeConn {
                     id,
@@ -112,11 +114,15 @@ impl Model<'_> {
                 c.shown.clear();
                 let page = self.names[c.page].clone();
                 let links = links.iter().map(|l| self.names[*l].clone()).collect();
-                self.app.shards.for_page(&page).do_send(SetLinks {
-                    page,
-                    conn: c.id,
-                    links,
-                });
+                self.app
+                    .shards
+                    .for_page(&page)
+                    .expect("shards are ready once the server started")
+                    .do_send(SetLinks {
+                        page,
+                        conn: c.id,
+                        links,
+                    });
             }
             Op::Close(i) => {
                 let Some(i) = pick(*i, self.open.len()) else {

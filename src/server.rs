@@ -142,6 +142,8 @@ impl Server {
         )
         .client_request_timeout(settings.limits.handshake_timeout)
         .client_disconnect_timeout(Duration::from_secs(1))
+        // Small frames, latency first: no Nagle delay behind an unacked frame.
+        .tcp_nodelay(true)
         .listen(listener)?
         .run();
         let http = server.handle();

@@ -132,6 +132,52 @@ pub fn install() -> Option<&'static PrometheusHandle> {
         .as_ref()
 }
 
+/// Handles of the metrics recorded once or more per connection, resolved
+/// once: the macros hash the name and labels and look the series up in the
+/// registry on every call (and a numeric label allocates).
+struct Hot {
+    opened: metrics::Counter,
+    closed: Vec<metrics::Counter>,
+    messages_in: metrics::Counter,
+    messages_out: metrics::Counter,
+    updates_sent: metrics::Counter,
+    publish_lag: metrics::Histogram,
+    /// `connections_open{shard}`, created on first use (shard indexes are
+    /// small: one per HTTP worker).
+    open_by_shard: [OnceLock<metrics::Gauge>; 256],
+}
+
+impl Hot {
+    fn open_gauge(&self, shard: usize) -> metrics::Gauge {
+        match self.open_by_shard.get(shard) {
+            Some(slot) => slot
+                .get_or_init(|| gauge!(CONNECTIONS_OPEN, "shard" => shard.to_string()))
+                .clone(),
+            None => gauge!(CONNECTIONS_OPEN, "shard" => shard.to_string()),
+        }
+    }
+}
+
+fn hot() -> &'static Hot {
+    static HOT: OnceLock<Hot> = OnceLock::new();
+    HOT.get_or_init(|| {
+        // Handles bind to the recorder installed when they are made.
+        install();
+        Hot {
+            opened: counter!(CONNECTIONS_OPENED),
+            closed: CloseKind::ALL
+                .iter()
+                .map(|k| counter!(CONNECTIONS_CLOSED, "reason" => k.as_str()))
+                .collect(),
+            messages_in: counter!(MESSAGES_IN),
+            messages_out: counter!(MESSAGES_OUT),
+            updates_sent: counter!(UPDATES_SENT),
+            publish_lag: histogram!(PUBLISH_LAG),
+            open_by_shard: [const { OnceLock::new() }; 256],
+        }
+    })
+}
+
 /// The Prometheus text exposition of every metric.
 pub fn render() -> String {
     match install() {
@@ -330,14 +376,19 @@ impl Refused {
 
 /// A session started on `shard`.
 pub fn connection_opened(shard: usize) {
-    counter!(CONNECTIONS_OPENED).increment(1);
-    gauge!(CONNECTIONS_OPEN, "shard" => shard.to_string()).increment(1.0);
+    let hot = hot();
+    hot.opened.increment(1);
+    hot.open_gauge(shard).increment(1.0);
 }
 
 /// A session on `shard` ended for `why`.
 pub fn connection_closed(shard: usize, why: CloseKind) {
-    counter!(CONNECTIONS_CLOSED, "reason" => why.as_str()).increment(1);
-    gauge!(CONNECTIONS_OPEN, "shard" => shard.to_string()).decrement(1.0);
+    let hot = hot();
+    match CloseKind::ALL.iter().position(|k| *k == why) {
+        Some(i) => hot.closed[i].increment(1),
+        None => counter!(CONNECTIONS_CLOSED, "reason" => why.as_str()).increment(1),
+    }
+    hot.open_gauge(shard).decrement(1.0);
 }
 
 /// A connection was refused for `why`.
@@ -352,12 +403,12 @@ pub fn links_refused(n: usize) {
 
 /// A client text message arrived.
 pub fn message_in() {
-    counter!(MESSAGES_IN).increment(1);
+    hot().messages_in.increment(1);
 }
 
 /// A text message was written to a client socket.
 pub fn message_out() {
-    counter!(MESSAGES_OUT).increment(1);
+    hot().messages_out.increment(1);
 }
 
 /// An `error` message with `code` is sent to a client.
@@ -377,9 +428,10 @@ pub fn counts_published(n: usize) {
 
 /// An `update` reached a client socket `lag` after the oldest change it carries.
 pub fn update_sent(lag: Option<Duration>) {
-    counter!(UPDATES_SENT).increment(1);
+    let hot = hot();
+    hot.updates_sent.increment(1);
     if let Some(lag) = lag {
-        histogram!(PUBLISH_LAG).record(lag.as_secs_f64());
+        hot.publish_lag.record(lag.as_secs_f64());
     }
 }
 

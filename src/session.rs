@@ -160,6 +160,31 @@ pub async fn run(ctx: SessionContext, mut session: Session, stream: actix_ws::Me
     let (kind, close_with): (CloseKind, Option<Option<CloseReason>>) = loop {
         tokio::select! {
             biased;
+            // The outbox first: a wake-up for an update then costs no poll of
+            // the socket stream or the timers (a queue holds at most
+            // `send_queue` messages, so reading is never put off for long).
+            out = rx.recv() => match out {
+                Some(Outbound::Text(frame)) => {
+                    if !send(&mut session, frame.text.clone(), ws.client_timeout).await {
+                        break (CloseKind::Abrupt, None);
+                    }
+                }
+                Some(Outbound::Update(frame)) => {
+                    if !send(&mut session, frame.text.clone(), ws.client_timeout).await {
+                        break (CloseKind::Abrupt, None);
+                    }
+                    m::update_sent(frame.since.map(|t| t.elapsed()));
+                }
+                Some(Outbound::Refuse(r)) => {
+                    let _ = send(&mut session, r.error, CLOSE_WRITE_TIMEOUT).await;
+                    break (CloseKind::MaxRooms, Some(reason(r.code, r.reason)));
+                }
+                Some(Outbound::Shutdown) => break (CloseKind::Shutdown, Some(reason(close::GOING_AWAY, "server shutting down"))),
+                // The room cut this connection off: its queue overflowed
+                // (or, during shutdown, could not take the close notice).
+                None if *shutdown.borrow() => break (CloseKind::Shutdown, Some(reason(close::GOING_AWAY, "server shutting down"))),
+                None => break (CloseKind::SlowClient, Some(reason(close::TRY_AGAIN_LATER, "client too slow: send queue overflowed"))),
+            },
             frame = stream.recv() => {
                 let now = Instant::now();
                 last_seen = now;
@@ -226,28 +251,6 @@ pub async fn run(ctx: SessionContext, mut session: Session, stream: actix_ws::Me
                     }
                 }
             }
-            out = rx.recv() => match out {
-                Some(Outbound::Text(frame)) => {
-                    if !send(&mut session, frame.text.clone(), ws.client_timeout).await {
-                        break (CloseKind::Abrupt, None);
-                    }
-                }
-                Some(Outbound::Update(frame)) => {
-                    if !send(&mut session, frame.text.clone(), ws.client_timeout).await {
-                        break (CloseKind::Abrupt, None);
-                    }
-                    m::update_sent(frame.since.map(|t| t.elapsed()));
-                }
-                Some(Outbound::Refuse(r)) => {
-                    let _ = send(&mut session, r.error, CLOSE_WRITE_TIMEOUT).await;
-                    break (CloseKind::MaxRooms, Some(reason(r.code, r.reason)));
-                }
-                Some(Outbound::Shutdown) => break (CloseKind::Shutdown, Some(reason(close::GOING_AWAY, "server shutting down"))),
-                // The room cut this connection off: its queue overflowed
-                // (or, during shutdown, could not take the close notice).
-                None if *shutdown.borrow() => break (CloseKind::Shutdown, Some(reason(close::GOING_AWAY, "server shutting down"))),
-                None => break (CloseKind::SlowClient, Some(reason(close::TRY_AGAIN_LATER, "client too slow: send queue overflowed"))),
-            },
             _ = &mut deadline => {
                 let due = last_seen + ws.client_timeout;
                 if due > Instant::now() {
@@ -273,6 +276,6 @@ pub async fn run(ctx: SessionContext, mut session: Session, stream: actix_ws::Me
     m::connection_closed(shard_index, kind);
     tracing::debug!(page = %page, conn, reason = kind.as_str(), "disconnected");
     if let Some(r) = close_with {
-        let _ = timeout(CLOSE_WRITE_TIMEOUT, session.close(r)).await;
+        let _ = bounded(session.close(r), CLOSE_WRITE_TIMEOUT).await;
     }
 }

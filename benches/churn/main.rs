@@ -623,6 +623,69 @@ async fn http_ok(server: SocketAddr) -> bool {
     buf.starts_with(b"HTTP/1.1 200")
 }
 
+/// `GET path` on `server`: the body of a 200 answer.
+async fn http_body(server: SocketAddr, path: &str) -> Option<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(server).await.ok()?;
+    let req = format!("GET {path} HTTP/1.1\r\nHost: {server}\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.ok()?;
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf).await;
+    let text = String::from_utf8(buf).ok()?;
+    if !text.starts_with("HTTP/1.1 200") {
+        return None;
+    }
+    text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned())
+}
+
+/// Cumulative buckets `(le, count)` of the service's publish-lag histogram
+/// (from the change at the counter to the frame handed to the connection's
+/// writer), scraped from the admin listener's `/metrics`.
+async fn service_lag_buckets(admin: Option<SocketAddr>) -> Vec<(f64, f64)> {
+    let Some(admin) = admin else {
+        return Vec::new();
+    };
+    let Some(body) = http_body(admin, "/metrics").await else {
+        return Vec::new();
+    };
+    body.lines()
+        .filter(|l| l.starts_with("link_counter_publish_lag_seconds_bucket{"))
+        .filter_map(|l| {
+            let le = l.split("le=\"").nth(1)?.split('"').next()?;
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
+            let count: f64 = l.rsplit(' ').next()?.parse().ok()?;
+            Some((le, count))
+        })
+        .collect()
+}
+
+/// The bucket bound (ms) under which a fraction `q` of the samples recorded
+/// between two scrapes fall (`NaN` without samples).
+fn bucket_quantile_ms(before: &[(f64, f64)], after: &[(f64, f64)], q: f64) -> f64 {
+    let delta: Vec<(f64, f64)> = after
+        .iter()
+        .map(|(le, n)| {
+            let n0 = before
+                .iter()
+                .find(|(l, _)| l == le)
+                .map_or(0.0, |(_, n)| *n);
+            (*le, n - n0)
+        })
+        .collect();
+    let total = delta.last().map_or(0.0, |(_, n)| *n);
+    if total <= 0.0 {
+        return f64::NAN;
+    }
+    delta
+        .iter()
+        .find(|(_, n)| *n >= q * total)
+        .map_or(f64::NAN, |(le, _)| le * 1000.0)
+}
+
 // ----------------------------------------------------------------- fan-out
 
 /// (arrival time, count of "hot") of each update one sampled subscriber got.
@@ -710,6 +773,7 @@ fn fanout_at(rt: &tokio::runtime::Runtime, scale: Scale, nofile: u64, interval_m
         let events: Arc<Mutex<Vec<(Instant, i64)>>> = Arc::default();
         let toggle_errors = Arc::new(AtomicU64::new(0));
         counting.store(true, Ordering::Relaxed);
+        let lag_before = service_lag_buckets(service.admin).await;
         let (service_cpu0, client_cpu0) = (cpu_secs(service.pid()), cpu_secs(std::process::id()));
         let started = Instant::now();
         let end = started + Duration::from_secs_f64(secs_run);
@@ -770,6 +834,7 @@ fn fanout_at(rt: &tokio::runtime::Runtime, scale: Scale, nofile: u64, interval_m
         let service_cpu = 100.0 * (cpu_secs(service.pid()) - service_cpu0) / toggling;
         let client_cpu = 100.0 * (cpu_secs(std::process::id()) - client_cpu0) / toggling;
         tokio::time::sleep(Duration::from_millis(300)).await;
+        let lag_after = service_lag_buckets(service.admin).await;
         counting.store(false, Ordering::Relaxed);
         let delivered = deliveries.load(Ordering::Relaxed);
 
@@ -821,6 +886,14 @@ fn fanout_at(rt: &tokio::runtime::Runtime, scale: Scale, nofile: u64, interval_m
             .f("publish_lag_p99_ms", pct(&lags, 99.0))
             .f("publish_lag_max_ms", pct(&lags, 100.0))
             .f("target_ms", 2.0 * interval_ms as f64)
+            .f(
+                "service_lag_p50_le_ms",
+                bucket_quantile_ms(&lag_before, &lag_after, 0.5),
+            )
+            .f(
+                "service_lag_p99_le_ms",
+                bucket_quantile_ms(&lag_before, &lag_after, 0.99),
+            )
             .f("service_cpu_pct", service_cpu)
             .f("client_cpu_pct", client_cpu)
             .s("open_errors", open_errors.load(Ordering::Relaxed))

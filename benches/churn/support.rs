@@ -308,6 +308,8 @@ impl Drop for InProcess {
 /// The release binary as a child process (own fd table and RSS).
 pub struct ChildService {
     pub addr: SocketAddr,
+    /// The admin listener (`/metrics`).
+    pub admin: Option<SocketAddr>,
     child: Child,
     _dir: tempfile::TempDir,
 }
@@ -341,9 +343,16 @@ impl ChildService {
             .unwrap_or_else(|e| panic!("spawn {}: {e}", bin.display()));
         let stdout = child.stdout.take().expect("piped stdout");
         let mut line = String::new();
-        BufReader::new(stdout)
+        let mut stdout = BufReader::new(stdout);
+        stdout
             .read_line(&mut line)
             .expect("service prints its address");
+        let mut second = String::new();
+        let _ = stdout.read_line(&mut second);
+        let admin = second
+            .trim()
+            .strip_prefix("admin listening on ")
+            .and_then(|a| a.parse().ok());
         let addr = line
             .trim()
             .strip_prefix("listening on ")
@@ -351,6 +360,7 @@ impl ChildService {
             .unwrap_or_else(|| panic!("unexpected first line {line:?}"));
         ChildService {
             addr,
+            admin,
             child,
             _dir: dir,
         }

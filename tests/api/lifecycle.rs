@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use link_counter::{
     counter::{GetStatus, SweepNow},
-    shard::RoomCountQuery,
+    shard::{CloseAll, RoomCountQuery},
     storage::Storage,
 };
 
@@ -192,4 +192,40 @@ async fn graceful_shutdown_sends_1001_and_flushes() {
         .expect("stats saved");
     assert_eq!(stats.total_connections, 5);
     assert_eq!(stats.peak_connections, 5);
+}
+
+/// Shutdown reaches sessions through their rooms: once the shards are told to
+/// close, every open connection gets 1001, and so does a connection whose
+/// `Join` reaches a shard after that, whether its page still has a room (the
+/// room tells it) or not (the shard tells it, creating nothing). Counts stay
+/// exact throughout.
+#[tokio::test]
+async fn closing_shards_close_late_joiners_with_1001() {
+    let (app, _dir) = spawn_app(&[]);
+    let mut early = app.connect("early").await;
+    early.subscribe(&["early"]).await;
+    early.wait_for(&counts(&[("early", 1)])).await;
+    for s in app.shards.all() {
+        s.send(CloseAll).await.expect("shard answers");
+    }
+    assert_eq!(early.expect_close().await, 1001);
+    // Only the shards were told: the HTTP side still upgrades, so these joins
+    // reach closing shards.
+    let mut same_page = app.connect("early").await;
+    assert_eq!(same_page.expect_close().await, 1001);
+    let mut new_page = app.connect("never-seen-before").await;
+    assert_eq!(new_page.expect_close().await, 1001);
+    eventually("every page counts 0 again", || async {
+        let c = app
+            .get_json("/api/v1/counts?ids=early,never-seen-before")
+            .await;
+        c["early"] == 0 && c["never-seen-before"] == 0
+    })
+    .await;
+    // No room was created for the page that had none (an empty room would
+    // live for `room.idle_timeout`, 60 s).
+    assert!(
+        live_rooms(&app).await <= 1,
+        "a closing shard created a room"
+    );
 }

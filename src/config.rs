@@ -143,8 +143,6 @@ pub struct WebSocketSettings {
     pub max_message_bytes: usize,
     /// Most ids in one subscribe or counts query.
     pub max_links_per_subscribe: usize,
-    /// Bounded outbound queue per connection (messages).
-    pub send_queue: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -240,9 +238,6 @@ impl Settings {
         }
         if ws.max_links_per_subscribe == 0 {
             return bad("websocket.max_links_per_subscribe", "must be at least 1");
-        }
-        if ws.send_queue == 0 {
-            return bad("websocket.send_queue", "must be at least 1");
         }
         for (key, d) in [
             ("storage.snapshot_interval", self.storage.snapshot_interval),

@@ -6,11 +6,12 @@
 //! the connections that subscribed to that id, serializing each distinct
 //! payload once.
 //!
-//! Overflow policy: each connection has a bounded queue (`websocket.send_queue`
-//! messages). A connection whose queue is full when an update is due is cut
-//! off: the room drops its sender, the session sees its queue end and closes
-//! the socket with 1008. Until the session's `Leave` arrives the connection
-//! still counts as a viewer; counts stay exact.
+//! Overflow policy: the room writes text frames straight into each
+//! connection's actix-ws session, whose channel holds 32 frames. A connection
+//! with 32 unwritten frames when an update is due is cut off: the room drops
+//! its writer and its control queue, the session sees its queue end and
+//! closes the socket with 1013. Until the session's `Leave` arrives the
+//! connection still counts as a viewer; counts stay exact.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -87,8 +88,39 @@ pub struct Refusal {
     pub reason: &'static str,
 }
 
-/// Outbound queue of one connection (bounded: `websocket.send_queue`).
+/// Control queue of one connection (bounded: [`QUEUE_CAPACITY`]).
 pub type Outbox = mpsc::Sender<Outbound>;
+
+/// Capacity of a connection's [`Outbox`]. In service it carries the rare
+/// control messages; a session double without a writer (tests) gets its
+/// text frames there too. (tokio allocates 32 slots per channel anyway.)
+pub const QUEUE_CAPACITY: usize = 32;
+
+/// What became of a frame handed to a connection's actix-ws session.
+enum Written {
+    Yes,
+    /// Its channel is full: the connection does not read.
+    Full,
+    /// The session is closed.
+    Closed,
+}
+
+/// Queues a text frame in an actix-ws session if it has room now; never waits.
+fn write_now(writer: &mut actix_ws::Session, text: ByteString) -> Written {
+    use futures_util::Sink;
+    use std::{pin::Pin, task::Poll};
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match Pin::new(&mut *writer).poll_ready(&mut cx) {
+        Poll::Ready(Ok(())) => {
+            match Pin::new(&mut *writer).start_send(actix_ws::Message::Text(text)) {
+                Ok(()) => Written::Yes,
+                Err(_) => Written::Closed,
+            }
+        }
+        Poll::Ready(Err(_)) => Written::Closed,
+        Poll::Pending => Written::Full,
+    }
+}
 
 // ---------------------------------------------------------------- messages
 
@@ -99,6 +131,10 @@ pub struct Join {
     pub page: PageId,
     pub conn: ConnId,
     pub tx: Outbox,
+    /// The connection's actix-ws session: the room writes its text frames
+    /// (updates, `overloaded` errors) straight into it. `None`: they go
+    /// through `tx` like the control messages (test doubles of a session).
+    pub writer: Option<actix_ws::Session>,
 }
 
 /// A connection replaced its link set.
@@ -202,8 +238,10 @@ impl Subset {
 
 /// One open connection of the room.
 struct Conn {
-    /// Its outbound queue; `None` once it overflowed or closed.
+    /// Its control queue; `None` once it overflowed or closed.
     tx: Option<Outbox>,
+    /// Its actix-ws session, for text frames; `None` once cut off or closed.
+    writer: Option<actix_ws::Session>,
     /// The ids it subscribed to.
     links: HashSet<PageId>,
     /// Waiting for counts of some of its links before its full update.
@@ -316,16 +354,52 @@ impl PageRoom {
         }
     }
 
-    /// Sends `out` to one connection, cutting it off if its queue is full.
+    /// Sends `out` to one connection, cutting it off if it is too far behind.
+    ///
+    /// Text frames go straight into the connection's actix-ws session (no
+    /// wake-up of the session task on the way); the session's channel holds
+    /// 32 frames, and a connection with 32 unwritten frames is cut off. Cut
+    /// off = the room drops its queue and its writer: the session sees its
+    /// queue end and closes with 1013; the connection counts until its
+    /// `Leave`. Control messages (`Refuse`, `Shutdown`) go through the queue.
     fn send_to(page: &PageId, conn_id: ConnId, conn: &mut Conn, out: Outbound) {
+        if conn.tx.is_none() {
+            return;
+        }
+        if let (Outbound::Text(frame) | Outbound::Update(frame), Some(writer)) =
+            (&out, conn.writer.as_mut())
+        {
+            match write_now(writer, frame.text.clone()) {
+                Written::Yes => {
+                    crate::metrics::message_out();
+                    if matches!(out, Outbound::Update(_)) {
+                        crate::metrics::update_sent(frame.since.map(|t| t.elapsed()));
+                    }
+                }
+                Written::Full => {
+                    tracing::warn!(page = %page, conn = conn_id, "send queue full; closing slow client");
+                    conn.tx = None;
+                    conn.writer = None;
+                }
+                Written::Closed => {
+                    conn.tx = None;
+                    conn.writer = None;
+                }
+            }
+            return;
+        }
         let Some(tx) = &conn.tx else { return };
         match tx.try_send(out) {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(_)) => {
                 tracing::warn!(page = %page, conn = conn_id, "send queue full; closing slow client");
                 conn.tx = None;
+                conn.writer = None;
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => conn.tx = None,
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                conn.tx = None;
+                conn.writer = None;
+            }
         }
     }
 
@@ -491,6 +565,7 @@ impl Handler<Join> for PageRoom {
             msg.conn,
             Conn {
                 tx: Some(msg.tx),
+                writer: msg.writer,
                 links: HashSet::new(),
                 pending: false,
             },

@@ -26,7 +26,7 @@ use crate::{
     limits::{Permit, TokenBucket},
     metrics::{self as m, CloseKind},
     protocol::{close, parse_client_message, ClientMessage, PageId, ProtocolError},
-    room::{Join, Leave, Outbound, SetLinks},
+    room::{Join, Leave, Outbound, SetLinks, QUEUE_CAPACITY},
     shard::Shard,
 };
 
@@ -128,11 +128,12 @@ pub async fn run(ctx: SessionContext, mut session: Session, stream: actix_ws::Me
     let ws = &settings.websocket;
     let conn = NEXT_CONN_ID.fetch_add(1, Ordering::Relaxed);
     m::connection_opened(shard_index);
-    let (tx, mut rx) = mpsc::channel::<Outbound>(ws.send_queue);
+    let (tx, mut rx) = mpsc::channel::<Outbound>(QUEUE_CAPACITY);
     shard.do_send(Join {
         page: page.clone(),
         conn,
         tx,
+        writer: Some(session.clone()),
     });
     let ip = permit.ip();
     tracing::debug!(page = %page, conn, %ip, pk = pk.as_deref().unwrap_or(""), "connected");
@@ -160,9 +161,8 @@ pub async fn run(ctx: SessionContext, mut session: Session, stream: actix_ws::Me
     let (kind, close_with): (CloseKind, Option<Option<CloseReason>>) = loop {
         tokio::select! {
             biased;
-            // The outbox first: a wake-up for an update then costs no poll of
-            // the socket stream or the timers (a queue holds at most
-            // `send_queue` messages, so reading is never put off for long).
+            // The control queue first (it is rare and short: `QUEUE_CAPACITY`
+            // at most, so reading is never put off for long).
             out = rx.recv() => match out {
                 Some(Outbound::Text(frame)) => {
                     if !send(&mut session, frame.text.clone(), ws.client_timeout).await {

@@ -462,7 +462,7 @@ async fn slow_handshake_is_dropped() {
 /// without bound: it is cut off, stops counting, and others are unaffected.
 #[tokio::test]
 async fn client_that_never_reads_is_cut_off() {
-    let (app, _dir) = spawn_app(&[("WEBSOCKET__SEND_QUEUE", "4")]);
+    let (app, _dir) = spawn_app(&[]);
     let mut watcher = app.connect("watcher").await;
     watcher.subscribe(&["sink"]).await;
     watcher.next_update().await;

@@ -96,7 +96,12 @@ impl Model<'_> {
                     .shards
                     .for_page(&page)
                     .expect("shards are ready once the server started")
-                    .do_send(Join { page, conn: id, tx });
+                    .do_send(Join {
+                        page,
+                        conn: id,
+                        tx,
+                        writer: None,
+                    });
                 self.open.push(FakeConn {
                     id,
                     page: *p,

@@ -125,9 +125,11 @@ impl Server {
             hosts.host_here();
             App::new()
                 .app_data(web::Data::new(state.clone()))
+                // The WebSocket route first: routes are tried in order, and
+                // each upgrade then matches one pattern instead of three.
+                .configure(http::configure)
                 .configure(|cfg| ops.configure_public(cfg))
                 .configure(|cfg| crate::web::configure(cfg, &state.settings.web))
-                .configure(http::configure)
         })
         .workers(settings.worker_count())
         .disable_signals()

@@ -205,18 +205,24 @@ fn describe() {
         "Subscribed links refused at limits.max_pages"
     );
     describe_counter!(MESSAGES_IN, "Client text messages received");
-    describe_counter!(MESSAGES_OUT, "Text messages written to client sockets");
+    describe_counter!(
+        MESSAGES_OUT,
+        "Text messages handed to client connections' writers"
+    );
     describe_counter!(ERRORS, "Error messages sent to clients, by code");
     describe_counter!(COUNT_CHANGES, "Count changes applied by the counter");
     describe_counter!(
         COUNT_PUBLISHES,
         "Changed counts published to follower rooms after coalescing"
     );
-    describe_counter!(UPDATES_SENT, "Update messages written to client sockets");
+    describe_counter!(
+        UPDATES_SENT,
+        "Update messages handed to client connections' writers"
+    );
     describe_histogram!(
         PUBLISH_LAG,
         Unit::Seconds,
-        "From a count change to its update written to a subscriber's socket"
+        "From a count change to its update handed to a subscriber's writer"
     );
     describe_histogram!(SNAPSHOT_DURATION, Unit::Seconds, "Stats snapshot duration");
     describe_histogram!(SNAPSHOT_RECORDS, "Stats records written per snapshot");
@@ -406,7 +412,7 @@ pub fn message_in() {
     hot().messages_in.increment(1);
 }
 
-/// A text message was written to a client socket.
+/// A text message was handed to a client connection's writer.
 pub fn message_out() {
     hot().messages_out.increment(1);
 }
@@ -426,7 +432,7 @@ pub fn counts_published(n: usize) {
     counter!(COUNT_PUBLISHES).increment(n as u64);
 }
 
-/// An `update` reached a client socket `lag` after the oldest change it carries.
+/// An `update` was handed to a client connection's writer `lag` after the oldest change it carries.
 pub fn update_sent(lag: Option<Duration>) {
     let hot = hot();
     hot.updates_sent.increment(1);

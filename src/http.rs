@@ -123,7 +123,7 @@ async fn websocket(
         connection_refused(Refused::ShuttingDown);
         return plain(StatusCode::SERVICE_UNAVAILABLE, "server is shutting down");
     }
-    let Some(shard) = state.shards.for_page(&page).cloned() else {
+    let Some((shard_index, shard)) = state.shards.locate(&page) else {
         connection_refused(Refused::Starting);
         return plain(StatusCode::SERVICE_UNAVAILABLE, "server is starting; retry");
     };
@@ -175,10 +175,10 @@ async fn websocket(
         .find(|(k, _)| k == "_pk")
         .map(|(_, v)| v.into_owned());
     let ctx = SessionContext {
-        shard_index: state.shards.index_of(&page),
+        shard_index,
+        shard: shard.clone(),
         page,
         pk,
-        shard,
         settings: state.settings.clone(),
         shutdown: state.shutdown.clone(),
         active: state.active.clone(),

@@ -4,7 +4,7 @@
 //! - [`config`]: typed settings: embedded defaults, TOML file, environment overrides.
 //! - [`protocol`]: wire types of PROTOCOL.md and page-id rules (the only JSON of the protocol).
 //! - [`session`]: one WebSocket connection (actix-ws task, one `select!` loop).
-//! - [`shard`]: shard arbiters and the lock-free page-id → room map of each.
+//! - [`shard`]: one shard per HTTP worker (thread per core) and the lock-free page-id → room map of each.
 //! - [`room`]: `PageRoom`, one actor per page: connections, link sets, delivery.
 //! - [`counter`]: `Counter`, the supervised singleton: counts, followers, coalesced publishing, stats.
 //! - [`limits`]: admission control: origins, client IP behind trusted proxies, connection caps, token buckets.

@@ -1,5 +1,6 @@
-//! `PageRoom`: one actor per page id, living on the shard arbiter its id
-//! hashes to. It owns the page's connections: their outbound queues, their
+//! `PageRoom`: one actor per page id, living on the HTTP worker that hosts
+//! the shard its id hashes to. It owns the page's connections: their
+//! actix-ws writers and control queues, their
 //! link sets and the reference-counted union of those links. It follows a
 //! link at the counter only while at least one of its connections wants it,
 //! reports its own connection count, and delivers each changed count only to
@@ -96,12 +97,13 @@ pub type Outbox = mpsc::Sender<Outbound>;
 /// text frames there too. (tokio allocates 32 slots per channel anyway.)
 pub const QUEUE_CAPACITY: usize = 32;
 
-/// What became of a frame handed to a connection's actix-ws session.
+/// What became of a message handed to a connection (its actix-ws session
+/// or its control queue).
 enum Written {
     Yes,
-    /// Its channel is full: the connection does not read.
+    /// Full: the connection does not read.
     Full,
-    /// The session is closed.
+    /// The connection is closed.
     Closed,
 }
 
@@ -363,43 +365,30 @@ impl PageRoom {
     /// queue end and closes with 1013; the connection counts until its
     /// `Leave`. Control messages (`Refuse`, `Shutdown`) go through the queue.
     fn send_to(page: &PageId, conn_id: ConnId, conn: &mut Conn, out: Outbound) {
-        if conn.tx.is_none() {
-            return;
-        }
-        if let (Outbound::Text(frame) | Outbound::Update(frame), Some(writer)) =
-            (&out, conn.writer.as_mut())
-        {
-            match write_now(writer, frame.text.clone()) {
-                Written::Yes => {
+        let Some(tx) = &conn.tx else { return };
+        let written = match (&out, conn.writer.as_mut()) {
+            (Outbound::Text(frame) | Outbound::Update(frame), Some(writer)) => {
+                let written = write_now(writer, frame.text.clone());
+                if matches!(written, Written::Yes) {
                     crate::metrics::message_out();
                     if matches!(out, Outbound::Update(_)) {
                         crate::metrics::update_sent(frame.since.map(|t| t.elapsed()));
                     }
                 }
-                Written::Full => {
-                    tracing::warn!(page = %page, conn = conn_id, "send queue full; closing slow client");
-                    conn.tx = None;
-                    conn.writer = None;
-                }
-                Written::Closed => {
-                    conn.tx = None;
-                    conn.writer = None;
-                }
+                written
             }
-            return;
+            _ => match tx.try_send(out) {
+                Ok(()) => Written::Yes,
+                Err(mpsc::error::TrySendError::Full(_)) => Written::Full,
+                Err(mpsc::error::TrySendError::Closed(_)) => Written::Closed,
+            },
+        };
+        if matches!(written, Written::Full) {
+            tracing::warn!(page = %page, conn = conn_id, "send queue full; closing slow client");
         }
-        let Some(tx) = &conn.tx else { return };
-        match tx.try_send(out) {
-            Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                tracing::warn!(page = %page, conn = conn_id, "send queue full; closing slow client");
-                conn.tx = None;
-                conn.writer = None;
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => {
-                conn.tx = None;
-                conn.writer = None;
-            }
+        if !matches!(written, Written::Yes) {
+            conn.tx = None;
+            conn.writer = None;
         }
     }
 

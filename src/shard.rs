@@ -360,7 +360,13 @@ impl Shards {
 
     /// The shard that owns `page` (`None` only before [`Shards::ready`]).
     pub fn for_page(&self, page: &str) -> Option<&Addr<Shard>> {
-        self.inner.slots[self.index_of(page)].get()
+        self.locate(page).map(|(_, addr)| addr)
+    }
+
+    /// The shard that owns `page` and its index, from one hash.
+    pub fn locate(&self, page: &str) -> Option<(usize, &Addr<Shard>)> {
+        let index = self.index_of(page);
+        self.inner.slots[index].get().map(|addr| (index, addr))
     }
 
     /// The index of the shard that owns `page` (the `shard` label of metrics).

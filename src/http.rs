@@ -187,7 +187,7 @@ async fn websocket(
     state
         .active
         .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-    actix_web::rt::spawn(session::run(ctx, ws_session, stream));
+    session::start(ctx, ws_session, stream);
     response
 }
 

@@ -26,7 +26,7 @@ use crate::{
     limits::{Permit, TokenBucket},
     metrics::{self as m, CloseKind},
     protocol::{close, parse_client_message, ClientMessage, PageId, ProtocolError},
-    room::{Join, Leave, Outbound, SetLinks, QUEUE_CAPACITY},
+    room::{ConnId, Join, Leave, Outbound, SetLinks, QUEUE_CAPACITY},
     shard::Shard,
 };
 
@@ -112,8 +112,35 @@ fn reason(code: u16, text: &str) -> Option<CloseReason> {
     })
 }
 
-/// Runs one connection until it closes; it counts as a viewer throughout.
-pub async fn run(ctx: SessionContext, mut session: Session, stream: actix_ws::MessageStream) {
+/// Starts one connection: joins its page's room, then spawns the task that
+/// runs it until it closes. It counts as a viewer throughout.
+///
+/// The `Join` is sent here, from the upgrade handler, before the `101`
+/// response is written: the room's mailbox has it before the client sees
+/// the handshake complete, and it does not wait for the session task's
+/// first turn behind every other task of the worker (under a fan-out that
+/// turn can be tens of milliseconds away).
+pub fn start(ctx: SessionContext, session: Session, stream: actix_ws::MessageStream) {
+    let conn = NEXT_CONN_ID.fetch_add(1, Ordering::Relaxed);
+    m::connection_opened(ctx.shard_index);
+    let (tx, rx) = mpsc::channel::<Outbound>(QUEUE_CAPACITY);
+    ctx.shard.do_send(Join {
+        page: ctx.page.clone(),
+        conn,
+        tx,
+        writer: Some(session.clone()),
+    });
+    actix_web::rt::spawn(run(ctx, conn, rx, session, stream));
+}
+
+/// The connection's task (see [`start`]).
+async fn run(
+    ctx: SessionContext,
+    conn: ConnId,
+    mut rx: mpsc::Receiver<Outbound>,
+    mut session: Session,
+    stream: actix_ws::MessageStream,
+) {
     let SessionContext {
         page,
         pk,
@@ -126,15 +153,6 @@ pub async fn run(ctx: SessionContext, mut session: Session, stream: actix_ws::Me
     } = ctx;
     let _guard = ActiveGuard(active);
     let ws = &settings.websocket;
-    let conn = NEXT_CONN_ID.fetch_add(1, Ordering::Relaxed);
-    m::connection_opened(shard_index);
-    let (tx, mut rx) = mpsc::channel::<Outbound>(QUEUE_CAPACITY);
-    shard.do_send(Join {
-        page: page.clone(),
-        conn,
-        tx,
-        writer: Some(session.clone()),
-    });
     let ip = permit.ip();
     tracing::debug!(page = %page, conn, %ip, pk = pk.as_deref().unwrap_or(""), "connected");
     let limits = &settings.limits;

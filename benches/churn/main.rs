@@ -49,6 +49,10 @@ const LINKS: usize = 5;
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("--fanout-ceiling-server") {
+        let ms = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(50);
+        run_fanout_ceiling(Duration::from_millis(ms));
+    }
     let smoke = std::env::var("LC_BENCH_SMOKE").is_ok_and(|v| v != "0" && !v.is_empty())
         || args.iter().any(|a| a == "--smoke");
     let wanted: Vec<&str> = args
@@ -691,15 +695,39 @@ fn bucket_quantile_ms(before: &[(f64, f64)], after: &[(f64, f64)], q: f64) -> f6
 /// (arrival time, count of "hot") of each update one sampled subscriber got.
 type Receipts = Vec<(Instant, u64)>;
 
-/// Fan-out at the default 50 ms broadcast interval and at 100 ms (where the
-/// deliveries it demands fit this machine; see BENCHMARKS.md).
+/// Fan-out at the default 50 ms broadcast interval and at 100 ms, each
+/// against the bare fan-out ceiling first, then the service.
 fn fanout(rt: &tokio::runtime::Runtime, scale: Scale, nofile: u64) {
     for interval_ms in [50u64, 100] {
-        fanout_at(rt, scale, nofile, interval_ms);
+        let ceiling = fanout_at(rt, scale, nofile, interval_ms, Target::Ceiling);
+        let service = fanout_at(rt, scale, nofile, interval_ms, Target::Service);
+        Line::new("fanout_summary")
+            .s("broadcast_interval_ms", interval_ms)
+            .f("ceiling_publish_lag_p99_ms", ceiling)
+            .f("service_publish_lag_p99_ms", service)
+            .f("service_vs_ceiling_p99", service / ceiling)
+            .f("target_ms", 2.0 * interval_ms as f64)
+            .print();
     }
 }
 
-fn fanout_at(rt: &tokio::runtime::Runtime, scale: Scale, nofile: u64, interval_ms: u64) {
+/// What a fan-out run drives.
+#[derive(Clone, Copy, PartialEq)]
+enum Target {
+    /// The bare broadcast server (`run_fanout_ceiling`).
+    Ceiling,
+    /// The release binary.
+    Service,
+}
+
+/// One fan-out run; returns its publish lag p99 (ms).
+fn fanout_at(
+    rt: &tokio::runtime::Runtime,
+    scale: Scale,
+    nofile: u64,
+    interval_ms: u64,
+    target: Target,
+) -> f64 {
     let (rooms, per_room) = if scale.smoke { (20, 5) } else { (1000, 10) };
     let n = rooms * per_room;
     let secs_run = if scale.smoke { 1.0 } else { 10.0 };
@@ -712,9 +740,12 @@ fn fanout_at(rt: &tokio::runtime::Runtime, scale: Scale, nofile: u64, interval_m
     );
     let sampled = 100usize.min(n);
     let interval = format!("{interval_ms}ms");
-    let service = ChildService::start(&[("COUNTER__BROADCAST_INTERVAL", &interval)]);
+    let service = match target {
+        Target::Ceiling => ChildService::fanout_ceiling(interval_ms),
+        Target::Service => ChildService::start(&[("COUNTER__BROADCAST_INTERVAL", &interval)]),
+    };
     let server = service.addr;
-    rt.block_on(async {
+    let p99 = rt.block_on(async {
         // Subscribers: `per_room` connections on each of `rooms` pages, all following "hot".
         let deliveries = Arc::new(AtomicU64::new(0));
         let counting = Arc::new(AtomicBool::new(false));
@@ -870,7 +901,15 @@ fn fanout_at(rt: &tokio::runtime::Runtime, scale: Scale, nofile: u64, interval_m
         lags.sort_by(f64::total_cmp);
         let changes = events.len() as f64;
         let per_conn = delivered as f64 / n as f64;
+        let p99 = pct(&lags, 99.0);
         Line::new("fanout")
+            .s(
+                "target",
+                match target {
+                    Target::Ceiling => "ceiling",
+                    Target::Service => "service",
+                },
+            )
             .s("broadcast_interval_ms", interval_ms)
             .s("rooms", rooms)
             .s("conns_per_room", per_room)
@@ -883,7 +922,7 @@ fn fanout_at(rt: &tokio::runtime::Runtime, scale: Scale, nofile: u64, interval_m
             .f("msgs_per_conn_per_s", per_conn / toggling)
             .f("coalescing_ratio", changes / per_conn.max(1.0))
             .f("publish_lag_p50_ms", pct(&lags, 50.0))
-            .f("publish_lag_p99_ms", pct(&lags, 99.0))
+            .f("publish_lag_p99_ms", p99)
             .f("publish_lag_max_ms", pct(&lags, 100.0))
             .f("target_ms", 2.0 * interval_ms as f64)
             .f(
@@ -902,6 +941,8 @@ fn fanout_at(rt: &tokio::runtime::Runtime, scale: Scale, nofile: u64, interval_m
         for h in held {
             h.abort();
         }
+        p99
     });
     drop(service);
+    p99
 }

@@ -332,27 +332,46 @@ impl ChildService {
         cmd.env("LINK_COUNTER__SERVER__BIND", "127.0.0.1:0")
             .env("LINK_COUNTER__ADMIN__BIND", "127.0.0.1:0")
             .env("LINK_COUNTER__STORAGE__PATH", dir.path())
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
+            .env("RUST_LOG", "warn");
         for (k, v) in NO_CAPS.iter().chain(extra) {
             cmd.env(format!("LINK_COUNTER__{k}"), v);
         }
+        Self::spawn(cmd, dir, true)
+    }
+
+    /// The fan-out ceiling server ([`run_fanout_ceiling`]): this bench
+    /// binary again, as a child with its own descriptor table.
+    pub fn fanout_ceiling(interval_ms: u64) -> ChildService {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let exe = std::env::current_exe().expect("current exe");
+        let mut cmd = Command::new(exe);
+        cmd.arg("--fanout-ceiling-server")
+            .arg(interval_ms.to_string());
+        Self::spawn(cmd, dir, false)
+    }
+
+    /// Spawns `cmd`, which prints `listening on ADDR` (then, if
+    /// `admin_line`, `admin listening on ADDR`) on its standard output.
+    fn spawn(mut cmd: Command, dir: tempfile::TempDir, admin_line: bool) -> ChildService {
+        cmd.stdout(Stdio::piped()).stderr(Stdio::inherit());
         let mut child = cmd
             .spawn()
-            .unwrap_or_else(|e| panic!("spawn {}: {e}", bin.display()));
+            .unwrap_or_else(|e| panic!("spawn {:?}: {e}", cmd.get_program()));
         let stdout = child.stdout.take().expect("piped stdout");
         let mut line = String::new();
         let mut stdout = BufReader::new(stdout);
         stdout
             .read_line(&mut line)
-            .expect("service prints its address");
-        let mut second = String::new();
-        let _ = stdout.read_line(&mut second);
-        let admin = second
-            .trim()
-            .strip_prefix("admin listening on ")
-            .and_then(|a| a.parse().ok());
+            .expect("the child prints its address");
+        let mut admin = None;
+        if admin_line {
+            let mut second = String::new();
+            let _ = stdout.read_line(&mut second);
+            admin = second
+                .trim()
+                .strip_prefix("admin listening on ")
+                .and_then(|a| a.parse().ok());
+        }
         let addr = line
             .trim()
             .strip_prefix("listening on ")
@@ -487,4 +506,103 @@ pub fn cpu_secs(pid: u32) -> f64 {
     };
     // utime and stime are fields 14 and 15 of the full line (11 and 12 here); 100 Hz clock.
     (ticks(11) + ticks(12)) / 100.0
+}
+
+/// The fan-out ceiling: a bare presence server for one hot page, run as a
+/// child process (`--fanout-ceiling-server MS`, own descriptor table), on a
+/// 2-thread runtime like the service's 2 workers. A connection to a path
+/// ending in `/hot` counts as one viewer of "hot" until it closes; any
+/// other connection is a subscriber: its first text frame is answered with
+/// the current count, then a ticker publishes the count every `interval`
+/// when it changed (a `watch` channel: one wake-up per subscriber per
+/// publish, the cheapest broadcast tokio has). No rooms, no counter, no
+/// storage, no limits; what is left is the per-socket cost of delivering
+/// 10,000 frames per tick on this machine.
+pub fn run_fanout_ceiling(interval: Duration) -> ! {
+    use std::sync::{atomic::AtomicI64, Arc};
+    let listener = listener();
+    let addr = listener.local_addr().expect("local addr");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("lc-fanout-ceiling")
+        .enable_all()
+        .build()
+        .expect("fan-out ceiling runtime");
+    runtime.block_on(async move {
+        let count = Arc::new(AtomicI64::new(0));
+        let (publish, counts) = tokio::sync::watch::channel(0i64);
+        {
+            let count = count.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(interval);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tick.tick().await;
+                    let now = count.load(Ordering::Relaxed);
+                    publish.send_if_modified(|v| std::mem::replace(v, now) != now);
+                }
+            });
+        }
+        listener.set_nonblocking(true).expect("nonblocking");
+        let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
+        println!("listening on {addr}");
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let (count, mut counts) = (count.clone(), counts.clone());
+            tokio::spawn(async move {
+                let _ = stream.set_nodelay(true);
+                let mut hot = false;
+                let callback =
+                    |req: &tokio_tungstenite::tungstenite::handshake::server::Request, res| {
+                        hot = req.uri().path().ends_with("/hot");
+                        Ok(res)
+                    };
+                let Ok(mut ws) = tokio_tungstenite::accept_hdr_async(stream, callback).await else {
+                    return;
+                };
+                if hot {
+                    count.fetch_add(1, Ordering::Relaxed);
+                    while let Some(Ok(_)) = ws.next().await {}
+                    count.fetch_sub(1, Ordering::Relaxed);
+                    return;
+                }
+                let update = |n: i64| {
+                    Message::text(format!(
+                        r#"{{"type":"update","connections":{{"hot":{n}}}}}"#
+                    ))
+                };
+                // The subscribe, answered with the current count.
+                loop {
+                    match ws.next().await {
+                        Some(Ok(m)) if m.is_text() => break,
+                        Some(Ok(_)) => continue,
+                        _ => return,
+                    }
+                }
+                let now = *counts.borrow_and_update();
+                if ws.send(update(now)).await.is_err() {
+                    return;
+                }
+                loop {
+                    tokio::select! {
+                        changed = counts.changed() => {
+                            if changed.is_err() {
+                                return;
+                            }
+                            let now = *counts.borrow_and_update();
+                            if ws.send(update(now)).await.is_err() {
+                                return;
+                            }
+                        }
+                        m = ws.next() => match m {
+                            Some(Ok(_)) => {}
+                            _ => return,
+                        },
+                    }
+                }
+            });
+        }
+    })
 }

@@ -554,6 +554,8 @@ pub fn run_fanout_ceiling(interval: Duration) -> ! {
             tokio::spawn(async move {
                 let _ = stream.set_nodelay(true);
                 let mut hot = false;
+                // The callback's type is tungstenite's (`Result<Response, ErrorResponse>`).
+                #[allow(clippy::result_large_err)]
                 let callback =
                     |req: &tokio_tungstenite::tungstenite::handshake::server::Request, res| {
                         hot = req.uri().path().ends_with("/hot");

@@ -43,6 +43,10 @@ pub struct Subscribe {
     pub room: u64,
     pub addr: Addr<PageRoom>,
     pub links: Vec<PageId>,
+    /// The room's id of this request, echoed in the answer
+    /// ([`Subscribed::req`]): a refusal only applies to a link whose latest
+    /// request it answers.
+    pub req: u64,
 }
 
 /// A room stops following these links (last of its connections dropped them).
@@ -213,7 +217,7 @@ struct Resync {
     /// Rooms that answered.
     reported: HashSet<u64>,
     /// Subscribe answers held back until the rebuild completes: (room, accepted, refused).
-    deferred: Vec<(Addr<PageRoom>, Vec<PageId>, Vec<PageId>)>,
+    deferred: Vec<Deferred>,
     /// Cluster mode: the `ResendRemote` request whose answer is awaited.
     remote_req: Option<u64>,
 }
@@ -226,6 +230,9 @@ const FETCH_DEADLINE: Duration = Duration::from_millis(500);
 
 /// Cluster mode: longest a subscribe answer waits for the cluster's values.
 const LOAD_DEADLINE: Duration = Duration::from_secs(1);
+
+/// A subscribe answer held during a rebuild: (room, accepted, refused, request id).
+type Deferred = (Addr<PageRoom>, Vec<PageId>, Vec<PageId>, u64);
 
 /// Cluster mode: a subscribe answer held until the other nodes' counts of
 /// newly followed pages are loaded, so the first update is the cluster count.
@@ -240,6 +247,8 @@ struct AwaitingLoad {
     waiting: HashSet<u64>,
     /// When it was held (answered anyway after [`LOAD_DEADLINE`]).
     since: Instant,
+    /// The room's request id ([`Subscribe::req`]).
+    req: u64,
 }
 
 pub struct Counter {
@@ -589,7 +598,7 @@ impl Counter {
             // Answers held for the cluster are answered after the rebuild.
             deferred: std::mem::take(&mut self.awaiting)
                 .into_iter()
-                .map(|a| (a.addr, a.links, a.refused))
+                .map(|a| (a.addr, a.links, a.refused, a.req))
                 .collect(),
             remote_req: None,
         });
@@ -646,10 +655,11 @@ impl Counter {
                 since: None,
             });
         }
-        for (addr, links, refused) in r.deferred {
+        for (addr, links, refused, req) in r.deferred {
             addr.do_send(Subscribed {
                 counts: self.counts_of(&links),
                 refused,
+                req,
             });
         }
         tracing::info!(
@@ -675,6 +685,7 @@ impl Counter {
             a.addr.do_send(Subscribed {
                 counts,
                 refused: a.refused,
+                req: a.req,
             });
         }
     }
@@ -824,7 +835,7 @@ impl Handler<Subscribe> for Counter {
         }
         self.follow(msg.room, &msg.addr, &accepted);
         if let Some(r) = &mut self.resync {
-            r.deferred.push((msg.addr, accepted, refused));
+            r.deferred.push((msg.addr, accepted, refused, msg.req));
             return;
         }
         let waiting: HashSet<u64> = accepted
@@ -838,11 +849,16 @@ impl Handler<Subscribe> for Counter {
                 refused,
                 waiting,
                 since: Instant::now(),
+                req: msg.req,
             });
             return;
         }
         let counts = self.answer(&accepted);
-        msg.addr.do_send(Subscribed { counts, refused });
+        msg.addr.do_send(Subscribed {
+            counts,
+            refused,
+            req: msg.req,
+        });
     }
 }
 

@@ -172,6 +172,8 @@ pub struct Counts {
 pub struct Subscribed {
     pub counts: Vec<(PageId, u64)>,
     pub refused: Vec<PageId>,
+    /// The id of the [`Subscribe`] this answers.
+    pub req: u64,
 }
 
 /// Re-report everything to the counter (it restarted), for resync `epoch`.
@@ -269,6 +271,15 @@ pub struct PageRoom {
     refs: HashMap<PageId, usize>,
     /// Last counts known for followed links (what subscribed clients were told).
     cache: HashMap<PageId, u64>,
+    /// The id of the latest `Subscribe` that asked for each followed link.
+    /// A refusal applies only to a link whose latest request it answers: if
+    /// the link was dropped and asked for again meanwhile, the newer answer
+    /// decides (otherwise an old refusal could drop a link the counter has
+    /// since accepted, leaving the counter following it for a room that
+    /// does not).
+    requested: HashMap<PageId, u64>,
+    /// Id of the last `Subscribe` sent.
+    last_req: u64,
     /// The page's outbound links: the last non-empty link set one of its
     /// connections subscribed to (restored from the room record on start).
     last_links: Vec<PageId>,
@@ -307,6 +318,8 @@ impl PageRoom {
             conns: HashMap::new(),
             refs: HashMap::new(),
             cache: HashMap::new(),
+            requested: HashMap::new(),
+            last_req: 0,
             last_links: Vec::new(),
             processed: 0,
             opened: 0,
@@ -505,6 +518,7 @@ impl PageRoom {
                 if *n == 0 {
                     self.refs.remove(link);
                     self.cache.remove(link);
+                    self.requested.remove(link);
                     gone.push(link.clone());
                 }
             }
@@ -629,10 +643,15 @@ impl Handler<SetLinks> for PageRoom {
             });
         }
         if !added.is_empty() {
+            self.last_req += 1;
+            for link in &added {
+                self.requested.insert(link.clone(), self.last_req);
+            }
             self.counter.do_send(Subscribe {
                 room: self.uid,
                 addr: ctx.address(),
                 links: added,
+                req: self.last_req,
             });
         }
         let Some(conn) = self.conns.get_mut(&msg.conn) else {
@@ -657,8 +676,18 @@ impl Handler<Counts> for PageRoom {
 impl Handler<Subscribed> for PageRoom {
     type Result = ();
     fn handle(&mut self, msg: Subscribed, ctx: &mut Context<Self>) {
-        if !msg.refused.is_empty() {
-            self.refuse_links(&msg.refused);
+        // Refusals of links asked for again since are stale: the newer
+        // answer decides.
+        let refused: Vec<PageId> = msg
+            .refused
+            .into_iter()
+            .filter(|l| self.requested.get(l) == Some(&msg.req))
+            .collect();
+        if !refused.is_empty() {
+            for link in &refused {
+                self.requested.remove(link);
+            }
+            self.refuse_links(&refused);
         }
         self.apply_counts(msg.counts, None);
         self.release_pending();

@@ -70,6 +70,12 @@ pub struct StopShard;
 #[rtype(result = "usize")]
 pub struct RoomCountQuery;
 
+/// The live room of a page on this shard, if any (tests and diagnostics:
+/// it lets a test hand a room a message as the counter would).
+#[derive(Message)]
+#[rtype(result = "Option<Addr<PageRoom>>")]
+pub struct RoomOf(pub PageId);
+
 // ---------------------------------------------------------------- state
 
 /// A live room as its shard knows it.
@@ -252,6 +258,13 @@ impl Handler<StopShard> for Shard {
             self.rooms_alive.fetch_sub(1, Ordering::SeqCst);
         }
         ctx.stop();
+    }
+}
+
+impl Handler<RoomOf> for Shard {
+    type Result = Option<Addr<PageRoom>>;
+    fn handle(&mut self, msg: RoomOf, _: &mut Context<Self>) -> Self::Result {
+        self.rooms.get(&msg.0).map(|slot| slot.addr.clone())
     }
 }
 

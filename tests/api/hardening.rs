@@ -555,3 +555,82 @@ async fn distinct_page_floods_hit_the_caps() {
     real.wait_for(&counts(&[("real-target", 0)])).await;
     let _ = Duration::ZERO;
 }
+
+/// A page-cap refusal that answers an older subscribe of a link the room has
+/// asked for again since (dropped and re-added before the answer came) must
+/// not drop the link: the newer answer decides. The refusal that answers the
+/// latest request still applies. The counter's answers are handed to the
+/// room directly, as the counter would send them, because the interleaving
+/// that produces a stale refusal (cap full, then freed between two requests)
+/// cannot be scheduled from outside.
+#[tokio::test]
+async fn a_stale_page_cap_refusal_does_not_drop_a_link_asked_for_again() {
+    use link_counter::{protocol::PageId, room::Subscribed, shard::RoomOf};
+    let (app, _dir) = spawn_app(&[]);
+    let mut reader = app.connect("reader").await;
+    reader.subscribe(&["x"]).await; // request 1
+    assert_eq!(reader.next_update().await, counts(&[("x", 0)]));
+    reader.subscribe(&[]).await; // drops x
+    assert!(reader.next_update().await.is_empty());
+    reader.subscribe(&["x"]).await; // request 2
+    assert_eq!(reader.next_update().await, counts(&[("x", 0)]));
+
+    let shard = app.shards.for_page("reader").expect("shards ready").clone();
+    let room = shard
+        .send(RoomOf(PageId::from("reader")))
+        .await
+        .expect("shard answers")
+        .expect("the page has a room");
+
+    // The refusal of request 1 arrives late: ignored, x is still followed.
+    room.send(Subscribed {
+        counts: Vec::new(),
+        refused: vec![PageId::from("x")],
+        req: 1,
+    })
+    .await
+    .expect("room answers");
+    let mut viewer = app.connect("x").await;
+    let next = reader.next_json().await;
+    assert_eq!(
+        next["type"], "update",
+        "the stale refusal was applied: {next}"
+    );
+    assert_eq!(reader_counts(&next), counts(&[("x", 1)]));
+
+    // A refusal of the latest request (2) applies: `overloaded`, x dropped.
+    room.send(Subscribed {
+        counts: Vec::new(),
+        refused: vec![PageId::from("x")],
+        req: 2,
+    })
+    .await
+    .expect("room answers");
+    let v = reader.next_json().await;
+    assert_eq!(
+        (v["type"].as_str(), v["code"].as_str()),
+        (Some("error"), Some("overloaded")),
+        "{v}"
+    );
+    viewer.close().await;
+    let mut probe = app.connect("probe").await;
+    probe.subscribe(&["x"]).await;
+    assert_eq!(probe.next_update().await, counts(&[("x", 0)]));
+    // x is no longer followed by the reader: its changes do not reach it.
+    viewer = app.connect("x").await;
+    probe.wait_for(&counts(&[("x", 1)])).await;
+    reader.expect_silence(Duration::from_millis(300)).await;
+    viewer.close().await;
+}
+
+/// The `connections` of an update message as a map.
+fn reader_counts(v: &serde_json::Value) -> std::collections::BTreeMap<String, u64> {
+    v["connections"]
+        .as_object()
+        .map(|m| {
+            m.iter()
+                .map(|(k, n)| (k.clone(), n.as_u64().unwrap_or(u64::MAX)))
+                .collect()
+        })
+        .unwrap_or_default()
+}

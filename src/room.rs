@@ -1,6 +1,6 @@
 //! `PageRoom`: one actor per page id, living on the HTTP worker that hosts
 //! the shard its id hashes to. It owns the page's connections: their
-//! actix-ws writers and control queues, their
+//! actix-ws writers and control channels, their
 //! link sets and the reference-counted union of those links. It follows a
 //! link at the counter only while at least one of its connections wants it,
 //! reports its own connection count, and delivers each changed count only to
@@ -10,7 +10,7 @@
 //! Overflow policy: the room writes text frames straight into each
 //! connection's actix-ws session, whose channel holds 32 frames. A connection
 //! with 32 unwritten frames when an update is due is cut off: the room drops
-//! its writer and its control queue, the session sees its queue end and
+//! its writer and its control channel, the session sees that channel end and
 //! closes the socket with 1013. Until the session's `Leave` arrives the
 //! connection still counts as a viewer; counts stay exact.
 
@@ -22,7 +22,7 @@ use std::{
 
 use actix::prelude::*;
 use bytestring::ByteString;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::{
     config::Settings,
@@ -89,16 +89,79 @@ pub struct Refusal {
     pub reason: &'static str,
 }
 
-/// Control queue of one connection (bounded: [`QUEUE_CAPACITY`]).
-pub type Outbox = mpsc::Sender<Outbound>;
+/// The sending side of a connection's control channel, held by its room.
+///
+/// A session's control messages (`Refuse`, `Shutdown`) are terminal: the
+/// session closes after the first. So a real session's control channel is a
+/// `oneshot` (~100 bytes), not a queue (a tokio `mpsc` allocates a block of
+/// 32 slots up front, ~1 KB per connection). Dropping the `Outbox` (the room
+/// cut the connection off) ends the session's [`Inbox`]. A session double
+/// without a writer (tests) gets every message through a bounded queue.
+#[derive(Debug)]
+pub struct Outbox(OutboxKind);
 
-/// Capacity of a connection's [`Outbox`]. In service it carries the rare
-/// control messages; a session double without a writer (tests) gets its
-/// text frames there too. (tokio allocates 32 slots per channel anyway.)
+#[derive(Debug)]
+enum OutboxKind {
+    /// A real session: one control message; `None` once it was sent.
+    Control(Option<oneshot::Sender<Outbound>>),
+    /// A session double: every message, bounded.
+    Queue(mpsc::Sender<Outbound>),
+}
+
+/// The receiving side of a real session's control channel ([`Outbox::control`]).
+#[derive(Debug)]
+pub struct Inbox(Option<oneshot::Receiver<Outbound>>);
+
+/// Capacity of a session double's queue ([`Outbox::queue`]).
 pub const QUEUE_CAPACITY: usize = 32;
 
+impl Outbox {
+    /// The control channel of a real session (its frames go to its writer).
+    pub fn control() -> (Outbox, Inbox) {
+        let (tx, rx) = oneshot::channel();
+        (Outbox(OutboxKind::Control(Some(tx))), Inbox(Some(rx)))
+    }
+
+    /// A queue of every message, for a session double without a writer.
+    pub fn queue(tx: mpsc::Sender<Outbound>) -> Outbox {
+        Outbox(OutboxKind::Queue(tx))
+    }
+
+    /// Hands over `out` without waiting.
+    fn try_send(&mut self, out: Outbound) -> Written {
+        match &mut self.0 {
+            OutboxKind::Control(tx) => match tx.take().map(|tx| tx.send(out)) {
+                Some(Ok(())) => Written::Yes,
+                // Already used (the session is closing) or the session is gone.
+                _ => Written::Closed,
+            },
+            OutboxKind::Queue(tx) => match tx.try_send(out) {
+                Ok(()) => Written::Yes,
+                Err(mpsc::error::TrySendError::Full(_)) => Written::Full,
+                Err(mpsc::error::TrySendError::Closed(_)) => Written::Closed,
+            },
+        }
+    }
+
+    /// Tells a connection that is not (yet) in a room: a refusal or the close
+    /// notice of a closing shard or room. Best effort: it may be gone.
+    pub fn tell(mut self, out: Outbound) {
+        let _ = self.try_send(out);
+    }
+}
+
+impl Inbox {
+    /// The control message; `None` if the room dropped its `Outbox` (it cut
+    /// the connection off) and after the one message was received.
+    pub async fn recv(&mut self) -> Option<Outbound> {
+        let out = self.0.as_mut()?.await.ok();
+        self.0 = None;
+        out
+    }
+}
+
 /// What became of a message handed to a connection (its actix-ws session
-/// or its control queue).
+/// or its control channel).
 enum Written {
     Yes,
     /// Full: the connection does not read.
@@ -242,7 +305,7 @@ impl Subset {
 
 /// One open connection of the room.
 struct Conn {
-    /// Its control queue; `None` once it overflowed or closed.
+    /// Its control channel; `None` once it was cut off or closed.
     tx: Option<Outbox>,
     /// Its actix-ws session, for text frames; `None` once cut off or closed.
     writer: Option<actix_ws::Session>,
@@ -374,11 +437,12 @@ impl PageRoom {
     /// Text frames go straight into the connection's actix-ws session (no
     /// wake-up of the session task on the way); the session's channel holds
     /// 32 frames, and a connection with 32 unwritten frames is cut off. Cut
-    /// off = the room drops its queue and its writer: the session sees its
-    /// queue end and closes with 1013; the connection counts until its
-    /// `Leave`. Control messages (`Refuse`, `Shutdown`) go through the queue.
+    /// off = the room drops its control channel and its writer: the session
+    /// sees that channel end and closes with 1013; the connection counts
+    /// until its `Leave`. Control messages (`Refuse`, `Shutdown`) go through
+    /// the control channel.
     fn send_to(page: &PageId, conn_id: ConnId, conn: &mut Conn, out: Outbound) {
-        let Some(tx) = &conn.tx else { return };
+        let Some(tx) = conn.tx.as_mut() else { return };
         let written = match (&out, conn.writer.as_mut()) {
             (Outbound::Text(frame) | Outbound::Update(frame), Some(writer)) => {
                 let written = write_now(writer, frame.text.clone());
@@ -390,11 +454,7 @@ impl PageRoom {
                 }
                 written
             }
-            _ => match tx.try_send(out) {
-                Ok(()) => Written::Yes,
-                Err(mpsc::error::TrySendError::Full(_)) => Written::Full,
-                Err(mpsc::error::TrySendError::Closed(_)) => Written::Closed,
-            },
+            _ => tx.try_send(out),
         };
         if matches!(written, Written::Full) {
             tracing::warn!(page = %page, conn = conn_id, "send queue full; closing slow client");
@@ -561,13 +621,14 @@ impl Handler<Join> for PageRoom {
     type Result = ();
     fn handle(&mut self, msg: Join, ctx: &mut Context<Self>) {
         self.processed += 1;
+        let mut tx = msg.tx;
         if self.closing {
-            let _ = msg.tx.try_send(Outbound::Shutdown);
+            let _ = tx.try_send(Outbound::Shutdown);
         }
         self.conns.insert(
             msg.conn,
             Conn {
-                tx: Some(msg.tx),
+                tx: Some(tx),
                 writer: msg.writer,
                 links: HashSet::new(),
                 pending: false,

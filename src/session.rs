@@ -17,7 +17,7 @@ use actix::Addr;
 use actix_ws::{AggregatedMessage, CloseCode, CloseReason, ProtocolError as WsError, Session};
 use bytestring::ByteString;
 use tokio::{
-    sync::{mpsc, watch},
+    sync::watch,
     time::{interval_at, sleep_until, timeout, Instant, MissedTickBehavior},
 };
 
@@ -26,7 +26,7 @@ use crate::{
     limits::{Permit, TokenBucket},
     metrics::{self as m, CloseKind},
     protocol::{close, parse_client_message, ClientMessage, PageId, ProtocolError},
-    room::{ConnId, Join, Leave, Outbound, SetLinks, QUEUE_CAPACITY},
+    room::{ConnId, Inbox, Join, Leave, Outbound, Outbox, SetLinks},
     shard::Shard,
 };
 
@@ -49,7 +49,7 @@ pub struct SessionContext {
     /// Limits and timers.
     pub settings: Arc<Settings>,
     /// True once the server shuts down (read, never awaited: the shards
-    /// tell each session to close through its queue).
+    /// tell each session to close through its control channel).
     pub shutdown: watch::Receiver<bool>,
     /// Open sessions: incremented by the HTTP handler before it spawns the
     /// session (so shutdown never misses one), decremented when it ends.
@@ -123,7 +123,7 @@ fn reason(code: u16, text: &str) -> Option<CloseReason> {
 pub fn start(ctx: SessionContext, session: Session, stream: actix_ws::MessageStream) {
     let conn = NEXT_CONN_ID.fetch_add(1, Ordering::Relaxed);
     m::connection_opened(ctx.shard_index);
-    let (tx, rx) = mpsc::channel::<Outbound>(QUEUE_CAPACITY);
+    let (tx, rx) = Outbox::control();
     ctx.shard.do_send(Join {
         page: ctx.page.clone(),
         conn,
@@ -137,7 +137,7 @@ pub fn start(ctx: SessionContext, session: Session, stream: actix_ws::MessageStr
 async fn run(
     ctx: SessionContext,
     conn: ConnId,
-    mut rx: mpsc::Receiver<Outbound>,
+    mut rx: Inbox,
     mut session: Session,
     stream: actix_ws::MessageStream,
 ) {
@@ -179,8 +179,8 @@ async fn run(
     let (kind, close_with): (CloseKind, Option<Option<CloseReason>>) = loop {
         tokio::select! {
             biased;
-            // The control queue first (it is rare and short: `QUEUE_CAPACITY`
-            // at most, so reading is never put off for long).
+            // The control channel first (at most one message, terminal, so
+            // reading is never put off for long).
             out = rx.recv() => match out {
                 Some(Outbound::Text(frame)) => {
                     if !send(&mut session, frame.text.clone(), ws.client_timeout).await {
@@ -198,8 +198,9 @@ async fn run(
                     break (CloseKind::MaxRooms, Some(reason(r.code, r.reason)));
                 }
                 Some(Outbound::Shutdown) => break (CloseKind::Shutdown, Some(reason(close::GOING_AWAY, "server shutting down"))),
-                // The room cut this connection off: its queue overflowed
-                // (or, during shutdown, could not take the close notice).
+                // The room cut this connection off: its actix-ws channel
+                // overflowed (or, during shutdown, it could not take the close
+                // notice).
                 None if *shutdown.borrow() => break (CloseKind::Shutdown, Some(reason(close::GOING_AWAY, "server shutting down"))),
                 None => break (CloseKind::SlowClient, Some(reason(close::TRY_AGAIN_LATER, "client too slow: send queue overflowed"))),
             },

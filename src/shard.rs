@@ -126,7 +126,7 @@ impl Handler<Join> for Shard {
     type Result = ();
     fn handle(&mut self, msg: Join, ctx: &mut Context<Self>) {
         if self.closing && !self.rooms.contains_key(&msg.page) {
-            let _ = msg.tx.try_send(Outbound::Shutdown);
+            msg.tx.tell(Outbound::Shutdown);
             return;
         }
         if !self.rooms.contains_key(&msg.page) {
@@ -140,7 +140,7 @@ impl Handler<Join> for Shard {
                     "overloaded",
                     "the server holds the most pages it may; try again later",
                 );
-                let _ = msg.tx.try_send(Outbound::Refuse(Box::new(Refusal {
+                msg.tx.tell(Outbound::Refuse(Box::new(Refusal {
                     error: error.to_json().into(),
                     code: close::TRY_AGAIN_LATER,
                     reason: "overloaded: room limit reached",

@@ -13,7 +13,7 @@ use bytestring::ByteString;
 use link_counter::{
     counter::{GetStatus, InjectFault, SweepNow},
     protocol::PageId,
-    room::{Join, Leave, Outbound, SetLinks},
+    room::{Join, Leave, Outbound, Outbox, SetLinks},
 };
 use proptest::{prelude::*, test_runner::TestRunner};
 use tokio::sync::mpsc;
@@ -99,7 +99,7 @@ impl Model<'_> {
                     .do_send(Join {
                         page,
                         conn: id,
-                        tx,
+                        tx: Outbox::queue(tx),
                         writer: None,
                     });
                 self.open.push(FakeConn {

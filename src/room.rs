@@ -151,10 +151,14 @@ impl Outbox {
 }
 
 impl Inbox {
-    /// The control message; `None` if the room dropped its `Outbox` (it cut
-    /// the connection off) and after the one message was received.
+    /// The control message, or `None` if the room dropped its `Outbox` (it
+    /// cut the connection off). Once either was returned it waits forever
+    /// (a `oneshot` must not be polled again).
     pub async fn recv(&mut self) -> Option<Outbound> {
-        let out = self.0.as_mut()?.await.ok();
+        let Some(rx) = self.0.as_mut() else {
+            return std::future::pending().await;
+        };
+        let out = rx.await.ok();
         self.0 = None;
         out
     }
@@ -749,6 +753,13 @@ impl Handler<Subscribed> for PageRoom {
                 self.requested.remove(link);
             }
             self.refuse_links(&refused);
+            // The counter may follow a refused link for this room anyway: a
+            // rebuild's `RoomState` (sent while this answer was held) lists
+            // every link the room had. Unfollowing is a no-op otherwise.
+            self.counter.do_send(Unsubscribe {
+                room: self.uid,
+                links: refused,
+            });
         }
         self.apply_counts(msg.counts, None);
         self.release_pending();

@@ -58,12 +58,44 @@ pub struct SessionContext {
     pub permit: Permit,
 }
 
-/// Decrements the open-session gauge however the task ends.
+/// Decrements the open-session gauge however the task ends, even if it is
+/// dropped before its first turn.
 struct ActiveGuard(Arc<AtomicUsize>);
 
 impl Drop for ActiveGuard {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// A connection's place in its room, from the `Join` ([`start`]) to the
+/// `Leave`: `run` leaves before it writes the close frame; if the task is
+/// dropped first (its runtime torn down, even before its first turn), `Drop`
+/// leaves, so a room never counts a connection whose task is gone.
+struct Membership {
+    shard: Addr<Shard>,
+    page: PageId,
+    conn: ConnId,
+    shard_index: usize,
+    left: bool,
+}
+
+impl Membership {
+    fn leave(&mut self, kind: CloseKind) {
+        if std::mem::replace(&mut self.left, true) {
+            return;
+        }
+        self.shard.do_send(Leave {
+            page: self.page.clone(),
+            conn: self.conn,
+        });
+        m::connection_closed(self.shard_index, kind);
+    }
+}
+
+impl Drop for Membership {
+    fn drop(&mut self) {
+        self.leave(CloseKind::Abrupt);
     }
 }
 
@@ -130,13 +162,21 @@ pub fn start(ctx: SessionContext, session: Session, stream: actix_ws::MessageStr
         tx,
         writer: Some(session.clone()),
     });
-    actix_web::rt::spawn(run(ctx, conn, rx, session, stream));
+    let active = ActiveGuard(ctx.active.clone());
+    let membership = Membership {
+        shard: ctx.shard.clone(),
+        page: ctx.page.clone(),
+        conn,
+        shard_index: ctx.shard_index,
+        left: false,
+    };
+    actix_web::rt::spawn(run(ctx, (active, membership), rx, session, stream));
 }
 
 /// The connection's task (see [`start`]).
 async fn run(
     ctx: SessionContext,
-    conn: ConnId,
+    (_active, mut membership): (ActiveGuard, Membership),
     mut rx: Inbox,
     mut session: Session,
     stream: actix_ws::MessageStream,
@@ -145,13 +185,13 @@ async fn run(
         page,
         pk,
         shard,
-        shard_index,
+        shard_index: _,
         settings,
         shutdown,
-        active,
+        active: _,
         permit,
     } = ctx;
-    let _guard = ActiveGuard(active);
+    let conn = membership.conn;
     let ws = &settings.websocket;
     let ip = permit.ip();
     tracing::debug!(page = %page, conn, %ip, pk = pk.as_deref().unwrap_or(""), "connected");
@@ -288,11 +328,7 @@ async fn run(
     };
 
     // Stop counting first, then say goodbye.
-    shard.do_send(Leave {
-        page: page.clone(),
-        conn,
-    });
-    m::connection_closed(shard_index, kind);
+    membership.leave(kind);
     tracing::debug!(page = %page, conn, reason = kind.as_str(), "disconnected");
     if let Some(r) = close_with {
         // Boxed: this state exists once per connection, at its end; inline

@@ -451,6 +451,8 @@ impl Ceiling {
             let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
+                    // Out of descriptors, say: do not spin.
+                    tokio::time::sleep(Duration::from_millis(10)).await;
                     continue;
                 };
                 tokio::spawn(async move {
@@ -548,6 +550,7 @@ pub fn run_fanout_ceiling(interval: Duration) -> ! {
         println!("listening on {addr}");
         loop {
             let Ok((stream, _)) = listener.accept().await else {
+                tokio::time::sleep(Duration::from_millis(10)).await;
                 continue;
             };
             let (count, mut counts) = (count.clone(), counts.clone());

@@ -5,7 +5,7 @@
 use std::{net::SocketAddr, time::Duration};
 
 use futures_util::SinkExt;
-use link_counter::counter::GetStatus;
+use link_counter::counter::{GetLoad, GetStatus};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpSocket, TcpStream},
@@ -612,6 +612,22 @@ async fn a_stale_page_cap_refusal_does_not_drop_a_link_asked_for_again() {
         (Some("error"), Some("overloaded")),
         "{v}"
     );
+    // The counter had accepted request 2: the room that dropped x unfollows
+    // it there too, so no follower is left behind (this is what a rebuild's
+    // `RoomState` can leave when a held refusal arrives after it).
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let load = app.counter.send(GetLoad).await.expect("load");
+        if load.subscriptions == 0 && load.follower_rooms == 0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the counter still follows x for the room: {} subscriptions",
+            load.subscriptions
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     viewer.close().await;
     let mut probe = app.connect("probe").await;
     probe.subscribe(&["x"]).await;

@@ -51,7 +51,11 @@ fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.first().map(String::as_str) == Some("--fanout-ceiling-server") {
         let ms = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(50);
-        run_fanout_ceiling(Duration::from_millis(ms));
+        let policy = match args.get(2).map(String::as_str) {
+            Some("queue") => CeilingPolicy::Queue,
+            _ => CeilingPolicy::Latest,
+        };
+        run_fanout_ceiling(Duration::from_millis(ms), policy);
     }
     let smoke = std::env::var("LC_BENCH_SMOKE").is_ok_and(|v| v != "0" && !v.is_empty())
         || args.iter().any(|a| a == "--smoke");
@@ -696,16 +700,32 @@ fn bucket_quantile_ms(before: &[(f64, f64)], after: &[(f64, f64)], q: f64) -> f6
 type Receipts = Vec<(Instant, u64)>;
 
 /// Fan-out at the default 50 ms broadcast interval and at 100 ms, each
-/// against the bare fan-out ceiling first, then the service.
+/// against the bare fan-out ceiling (both delivery policies) first, then the
+/// service.
 fn fanout(rt: &tokio::runtime::Runtime, scale: Scale, nofile: u64) {
     for interval_ms in [50u64, 100] {
-        let ceiling = fanout_at(rt, scale, nofile, interval_ms, Target::Ceiling);
+        let ceiling = fanout_at(
+            rt,
+            scale,
+            nofile,
+            interval_ms,
+            Target::Ceiling(CeilingPolicy::Latest),
+        );
+        let queued = fanout_at(
+            rt,
+            scale,
+            nofile,
+            interval_ms,
+            Target::Ceiling(CeilingPolicy::Queue),
+        );
         let service = fanout_at(rt, scale, nofile, interval_ms, Target::Service);
         Line::new("fanout_summary")
             .s("broadcast_interval_ms", interval_ms)
             .f("ceiling_publish_lag_p99_ms", ceiling)
+            .f("queue_ceiling_publish_lag_p99_ms", queued)
             .f("service_publish_lag_p99_ms", service)
             .f("service_vs_ceiling_p99", service / ceiling)
+            .f("service_vs_queue_ceiling_p99", service / queued)
             .f("target_ms", 2.0 * interval_ms as f64)
             .print();
     }
@@ -714,8 +734,8 @@ fn fanout(rt: &tokio::runtime::Runtime, scale: Scale, nofile: u64) {
 /// What a fan-out run drives.
 #[derive(Clone, Copy, PartialEq)]
 enum Target {
-    /// The bare broadcast server (`run_fanout_ceiling`).
-    Ceiling,
+    /// The bare broadcast server (`run_fanout_ceiling`) with a delivery policy.
+    Ceiling(CeilingPolicy),
     /// The release binary.
     Service,
 }
@@ -741,7 +761,7 @@ fn fanout_at(
     let sampled = 100usize.min(n);
     let interval = format!("{interval_ms}ms");
     let service = match target {
-        Target::Ceiling => ChildService::fanout_ceiling(interval_ms),
+        Target::Ceiling(policy) => ChildService::fanout_ceiling(interval_ms, policy),
         Target::Service => ChildService::start(&[("COUNTER__BROADCAST_INTERVAL", &interval)]),
     };
     let server = service.addr;
@@ -906,7 +926,8 @@ fn fanout_at(
             .s(
                 "target",
                 match target {
-                    Target::Ceiling => "ceiling",
+                    Target::Ceiling(CeilingPolicy::Latest) => "ceiling",
+                    Target::Ceiling(CeilingPolicy::Queue) => "queue_ceiling",
                     Target::Service => "service",
                 },
             )

@@ -704,20 +704,8 @@ type Receipts = Vec<(Instant, u64)>;
 /// service.
 fn fanout(rt: &tokio::runtime::Runtime, scale: Scale, nofile: u64) {
     for interval_ms in [50u64, 100] {
-        let ceiling = fanout_at(
-            rt,
-            scale,
-            nofile,
-            interval_ms,
-            Target::Ceiling(CeilingPolicy::Latest),
-        );
-        let queued = fanout_at(
-            rt,
-            scale,
-            nofile,
-            interval_ms,
-            Target::Ceiling(CeilingPolicy::Queue),
-        );
+        let [ceiling, queued] = [CeilingPolicy::Latest, CeilingPolicy::Queue]
+            .map(|policy| fanout_at(rt, scale, nofile, interval_ms, Target::Ceiling(policy)));
         let service = fanout_at(rt, scale, nofile, interval_ms, Target::Service);
         Line::new("fanout_summary")
             .s("broadcast_interval_ms", interval_ms)

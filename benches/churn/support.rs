@@ -437,16 +437,21 @@ pub struct Ceiling {
     runtime: Option<tokio::runtime::Runtime>,
 }
 
+/// The runtime of a ceiling server: 2 threads, as the service has 2 workers here.
+fn ceiling_runtime(name: &str) -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name(name)
+        .enable_all()
+        .build()
+        .expect("ceiling runtime")
+}
+
 impl Ceiling {
     pub fn start() -> Ceiling {
         let listener = listener();
         let addr = listener.local_addr().expect("local addr");
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .thread_name("lc-ceiling")
-            .enable_all()
-            .build()
-            .expect("ceiling runtime");
+        let runtime = ceiling_runtime("lc-ceiling");
         runtime.spawn(async move {
             listener.set_nonblocking(true).expect("nonblocking");
             let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
@@ -564,12 +569,7 @@ pub fn run_fanout_ceiling(interval: Duration, policy: CeilingPolicy) -> ! {
     use std::sync::{atomic::AtomicI64, Arc};
     let listener = listener();
     let addr = listener.local_addr().expect("local addr");
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .thread_name("lc-fanout-ceiling")
-        .enable_all()
-        .build()
-        .expect("fan-out ceiling runtime");
+    let runtime = ceiling_runtime("lc-fanout-ceiling");
     runtime.block_on(async move {
         let count = Arc::new(AtomicI64::new(0));
         let (publish, counts) = tokio::sync::watch::channel(0i64);

@@ -582,14 +582,16 @@ async fn a_stale_page_cap_refusal_does_not_drop_a_link_asked_for_again() {
         .expect("shard answers")
         .expect("the page has a room");
 
+    // The counter's answer to request `req`: x refused.
+    let refuse_x = |req: u64| {
+        room.send(Subscribed {
+            counts: Vec::new(),
+            refused: vec![PageId::from("x")],
+            req,
+        })
+    };
     // The refusal of request 1 arrives late: ignored, x is still followed.
-    room.send(Subscribed {
-        counts: Vec::new(),
-        refused: vec![PageId::from("x")],
-        req: 1,
-    })
-    .await
-    .expect("room answers");
+    refuse_x(1).await.expect("room answers");
     let mut viewer = app.connect("x").await;
     let next = reader.next_json().await;
     assert_eq!(
@@ -599,13 +601,7 @@ async fn a_stale_page_cap_refusal_does_not_drop_a_link_asked_for_again() {
     assert_eq!(reader_counts(&next), counts(&[("x", 1)]));
 
     // A refusal of the latest request (2) applies: `overloaded`, x dropped.
-    room.send(Subscribed {
-        counts: Vec::new(),
-        refused: vec![PageId::from("x")],
-        req: 2,
-    })
-    .await
-    .expect("room answers");
+    refuse_x(2).await.expect("room answers");
     let v = reader.next_json().await;
     assert_eq!(
         (v["type"].as_str(), v["code"].as_str()),

@@ -307,6 +307,18 @@ impl Subset {
     }
 }
 
+/// A link the room follows.
+struct Followed {
+    /// How many of its connections want it.
+    conns: usize,
+    /// The id of the `Subscribe` that asked the counter for it. A refusal
+    /// applies only if it answers this request: if the link was dropped and
+    /// asked for again meanwhile, the newer answer decides (otherwise an old
+    /// refusal could drop a link the counter has since accepted, leaving the
+    /// counter following it for a room that does not).
+    req: u64,
+}
+
 /// One open connection of the room.
 struct Conn {
     /// Its control channel; `None` once it was cut off or closed.
@@ -334,17 +346,10 @@ pub struct PageRoom {
     settings: Arc<Settings>,
     /// Open connections.
     conns: HashMap<ConnId, Conn>,
-    /// How many connections want each link (the union, reference counted).
-    refs: HashMap<PageId, usize>,
+    /// The links its connections want (the union, reference counted).
+    refs: HashMap<PageId, Followed>,
     /// Last counts known for followed links (what subscribed clients were told).
     cache: HashMap<PageId, u64>,
-    /// The id of the latest `Subscribe` that asked for each followed link.
-    /// A refusal applies only to a link whose latest request it answers: if
-    /// the link was dropped and asked for again meanwhile, the newer answer
-    /// decides (otherwise an old refusal could drop a link the counter has
-    /// since accepted, leaving the counter following it for a room that
-    /// does not).
-    requested: HashMap<PageId, u64>,
     /// Id of the last `Subscribe` sent.
     last_req: u64,
     /// The page's outbound links: the last non-empty link set one of its
@@ -385,7 +390,6 @@ impl PageRoom {
             conns: HashMap::new(),
             refs: HashMap::new(),
             cache: HashMap::new(),
-            requested: HashMap::new(),
             last_req: 0,
             last_links: Vec::new(),
             processed: 0,
@@ -577,12 +581,11 @@ impl PageRoom {
 
     fn drop_links(&mut self, links: &HashSet<PageId>, gone: &mut Vec<PageId>) {
         for link in links {
-            if let Some(n) = self.refs.get_mut(link) {
-                *n -= 1;
-                if *n == 0 {
+            if let Some(f) = self.refs.get_mut(link) {
+                f.conns -= 1;
+                if f.conns == 0 {
                     self.refs.remove(link);
                     self.cache.remove(link);
-                    self.requested.remove(link);
                     gone.push(link.clone());
                 }
             }
@@ -691,10 +694,14 @@ impl Handler<SetLinks> for PageRoom {
         let new: HashSet<PageId> = msg.links.into_iter().collect();
         let old = std::mem::replace(&mut conn.links, new.clone());
         let mut added = Vec::new();
+        let req = self.last_req + 1;
         for link in new.difference(&old) {
-            let n = self.refs.entry(link.clone()).or_insert(0);
-            *n += 1;
-            if *n == 1 {
+            let f = self
+                .refs
+                .entry(link.clone())
+                .or_insert(Followed { conns: 0, req });
+            f.conns += 1;
+            if f.conns == 1 {
                 added.push(link.clone());
             }
         }
@@ -708,15 +715,12 @@ impl Handler<SetLinks> for PageRoom {
             });
         }
         if !added.is_empty() {
-            self.last_req += 1;
-            for link in &added {
-                self.requested.insert(link.clone(), self.last_req);
-            }
+            self.last_req = req;
             self.counter.do_send(Subscribe {
                 room: self.uid,
                 addr: ctx.address(),
                 links: added,
-                req: self.last_req,
+                req,
             });
         }
         let Some(conn) = self.conns.get_mut(&msg.conn) else {
@@ -746,12 +750,9 @@ impl Handler<Subscribed> for PageRoom {
         let refused: Vec<PageId> = msg
             .refused
             .into_iter()
-            .filter(|l| self.requested.get(l) == Some(&msg.req))
+            .filter(|l| self.refs.get(l).is_some_and(|f| f.req == msg.req))
             .collect();
         if !refused.is_empty() {
-            for link in &refused {
-                self.requested.remove(link);
-            }
             self.refuse_links(&refused);
             // The counter may follow a refused link for this room anyway: a
             // rebuild's `RoomState` (sent while this answer was held) lists

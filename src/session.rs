@@ -71,13 +71,15 @@ impl Drop for ActiveGuard {
 /// A connection's place in its room, from the `Join` ([`start`]) to the
 /// `Leave`: `run` leaves before it writes the close frame; if the task is
 /// dropped first (its runtime torn down, even before its first turn), `Drop`
-/// leaves, so a room never counts a connection whose task is gone.
+/// leaves, so a room never counts a connection whose task is gone. It also
+/// holds the connection's slot in the open-session gauge.
 struct Membership {
     shard: Addr<Shard>,
     page: PageId,
     conn: ConnId,
     shard_index: usize,
     left: bool,
+    _active: ActiveGuard,
 }
 
 impl Membership {
@@ -153,48 +155,53 @@ fn reason(code: u16, text: &str) -> Option<CloseReason> {
 /// first turn behind every other task of the worker (under a fan-out that
 /// turn can be tens of milliseconds away).
 pub fn start(ctx: SessionContext, session: Session, stream: actix_ws::MessageStream) {
-    let conn = NEXT_CONN_ID.fetch_add(1, Ordering::Relaxed);
-    m::connection_opened(ctx.shard_index);
-    let (tx, rx) = Outbox::control();
-    ctx.shard.do_send(Join {
-        page: ctx.page.clone(),
-        conn,
-        tx,
-        writer: Some(session.clone()),
-    });
-    let active = ActiveGuard(ctx.active.clone());
-    let membership = Membership {
-        shard: ctx.shard.clone(),
-        page: ctx.page.clone(),
-        conn,
-        shard_index: ctx.shard_index,
-        left: false,
-    };
-    actix_web::rt::spawn(run(ctx, (active, membership), rx, session, stream));
-}
-
-/// The connection's task (see [`start`]).
-async fn run(
-    ctx: SessionContext,
-    (_active, mut membership): (ActiveGuard, Membership),
-    mut rx: Inbox,
-    mut session: Session,
-    stream: actix_ws::MessageStream,
-) {
     let SessionContext {
         page,
         pk,
         shard,
-        shard_index: _,
+        shard_index,
         settings,
         shutdown,
-        active: _,
+        active,
         permit,
     } = ctx;
+    let conn = NEXT_CONN_ID.fetch_add(1, Ordering::Relaxed);
+    m::connection_opened(shard_index);
+    let (tx, rx) = Outbox::control();
+    shard.do_send(Join {
+        page: page.clone(),
+        conn,
+        tx,
+        writer: Some(session.clone()),
+    });
+    let ip = permit.ip();
+    tracing::debug!(page = %page, conn, %ip, pk = pk.as_deref().unwrap_or(""), "connected");
+    let membership = Membership {
+        shard,
+        page,
+        conn,
+        shard_index,
+        left: false,
+        _active: ActiveGuard(active),
+    };
+    actix_web::rt::spawn(run(
+        membership, settings, shutdown, permit, rx, session, stream,
+    ));
+}
+
+/// The connection's task (see [`start`]).
+async fn run(
+    mut membership: Membership,
+    settings: Arc<Settings>,
+    shutdown: watch::Receiver<bool>,
+    permit: Permit,
+    mut rx: Inbox,
+    mut session: Session,
+    stream: actix_ws::MessageStream,
+) {
     let conn = membership.conn;
     let ws = &settings.websocket;
     let ip = permit.ip();
-    tracing::debug!(page = %page, conn, %ip, pk = pk.as_deref().unwrap_or(""), "connected");
     let limits = &settings.limits;
     let mut bucket = TokenBucket::new(limits.messages_per_second, limits.burst);
     let mut strikes = 0u32;
@@ -257,7 +264,7 @@ async fn run(
                 {
                     strikes += 1;
                     if strikes >= limits.flood_strikes {
-                        tracing::info!(page = %page, conn, %ip, "message flood; closing");
+                        tracing::info!(page = %membership.page, conn, %ip, "message flood; closing");
                         break (CloseKind::RateLimited, Some(reason(close::POLICY, "message rate limit exceeded repeatedly")));
                     }
                     let e = ProtocolError::new("rate_limited", format!(
@@ -276,7 +283,7 @@ async fn run(
                     Some(Ok(AggregatedMessage::Text(text))) => {
                         match parse_client_message(&text, ws.max_links_per_subscribe) {
                             Ok(ClientMessage::Subscribe { links }) => {
-                                shard.do_send(SetLinks { page: page.clone(), conn, links });
+                                membership.shard.do_send(SetLinks { page: membership.page.clone(), conn, links });
                             }
                             Err(e) => {
                                 m::error_sent(e.code);
@@ -303,7 +310,7 @@ async fn run(
                         break (CloseKind::TooBig, Some(reason(close::TOO_BIG, "message larger than max_message_bytes")));
                     }
                     Some(Err(e)) => {
-                        tracing::debug!(page = %page, conn, error = %e, "protocol error");
+                        tracing::debug!(page = %membership.page, conn, error = %e, "protocol error");
                         // A read error is a connection that died, not a protocol violation.
                         let kind = if matches!(e, WsError::Io(_)) { CloseKind::Abrupt } else { CloseKind::ProtocolError };
                         break (kind, Some(reason(close::PROTOCOL_ERROR, "protocol error")));
@@ -316,7 +323,7 @@ async fn run(
                     deadline.as_mut().reset(due);
                     continue;
                 }
-                tracing::debug!(page = %page, conn, "client timed out");
+                tracing::debug!(page = %membership.page, conn, "client timed out");
                 break (CloseKind::Timeout, Some(reason(close::NORMAL, "client timeout")));
             }
             _ = heartbeat.tick() => {
@@ -329,7 +336,7 @@ async fn run(
 
     // Stop counting first, then say goodbye.
     membership.leave(kind);
-    tracing::debug!(page = %page, conn, reason = kind.as_str(), "disconnected");
+    tracing::debug!(page = %membership.page, conn, reason = kind.as_str(), "disconnected");
     if let Some(r) = close_with {
         // Boxed: this state exists once per connection, at its end; inline
         // it would make every idle connection's task ~580 bytes larger.

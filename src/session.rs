@@ -229,16 +229,13 @@ async fn run(
             // The control channel first (at most one message, terminal, so
             // reading is never put off for long).
             out = rx.recv() => match out {
-                Some(Outbound::Text(frame)) => {
+                // Not sent here: a session joins with its writer, and the room
+                // writes text frames there (only session doubles without a
+                // writer get them through their queue). Written if it ever were.
+                Some(Outbound::Text(frame) | Outbound::Update(frame)) => {
                     if !send(&mut session, frame.text.clone(), ws.client_timeout).await {
                         break (CloseKind::Abrupt, None);
                     }
-                }
-                Some(Outbound::Update(frame)) => {
-                    if !send(&mut session, frame.text.clone(), ws.client_timeout).await {
-                        break (CloseKind::Abrupt, None);
-                    }
-                    m::update_sent(frame.since.map(|t| t.elapsed()));
                 }
                 Some(Outbound::Refuse(r)) => {
                     let _ = send(&mut session, r.error, CLOSE_WRITE_TIMEOUT).await;

@@ -143,6 +143,10 @@ pub struct WebSocketSettings {
     pub max_message_bytes: usize,
     /// Most ids in one subscribe or counts query.
     pub max_links_per_subscribe: usize,
+    /// How long a server-initiated close waits for the client's Close frame
+    /// before the TCP connection is closed anyway.
+    #[serde(with = "humantime_serde")]
+    pub close_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -238,6 +242,9 @@ impl Settings {
         }
         if ws.max_links_per_subscribe == 0 {
             return bad("websocket.max_links_per_subscribe", "must be at least 1");
+        }
+        if ws.close_timeout.is_zero() || ws.close_timeout > Duration::from_secs(60) {
+            return bad("websocket.close_timeout", "must be between 1ms and 60s");
         }
         for (key, d) in [
             ("storage.snapshot_interval", self.storage.snapshot_interval),

@@ -9,13 +9,20 @@ use std::{
 };
 
 use actix::Addr;
-use actix_web::{http::header, web, HttpRequest, HttpResponse};
-use tokio::sync::watch;
+use actix_codec::Framed;
+use actix_http::{body::BodySize, h1, ws, ConnectionType, Request, RequestHead, Response};
+use actix_web::{
+    http::{header, StatusCode},
+    web, HttpRequest, HttpResponse,
+};
+use bytes::Bytes;
+use futures_util::SinkExt;
+use tokio::{net::TcpStream, sync::watch};
 
 use crate::{
     config::Settings,
     counter::{Counter, GetCounts, GetPage, GetStatus},
-    limits::{client_ip, ConnLimiter, OriginPolicy, Refusal},
+    limits::{client_ip, ConnLimiter, OriginPolicy, Refusal as CapRefusal},
     metrics::{connection_refused, Refused},
     protocol::{decode_page_id, validate_page_id, PageId},
     session::{self, SessionContext},
@@ -39,7 +46,7 @@ pub struct AppState {
     pub counter: Addr<Counter>,
     /// For readiness checks.
     pub storage: Storage,
-    /// True once shutdown began.
+    /// True once shutdown began (upgrades are refused from then on).
     pub shutdown: watch::Receiver<bool>,
     /// Open WebSocket sessions.
     pub active: Arc<AtomicUsize>,
@@ -84,51 +91,90 @@ async fn not_found(req: HttpRequest) -> HttpResponse {
     )
 }
 
-fn is_upgrade(req: &HttpRequest) -> bool {
-    req.headers()
-        .get(header::UPGRADE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"))
-}
-
-async fn websocket(
-    req: HttpRequest,
-    body: web::Payload,
-    state: web::Data<AppState>,
-) -> HttpResponse {
-    use actix_web::http::StatusCode;
+/// `GET /parties/page/{id}` without an upgrade (upgrades never reach the
+/// routes: actix-http hands them to [`upgrade`]).
+async fn websocket(req: HttpRequest) -> HttpResponse {
     let raw = req
         .uri()
         .path()
         .strip_prefix(PAGE_PREFIX)
         .unwrap_or_default();
-    let page = match decode_page_id(raw) {
-        Ok(p) => p,
-        Err(e) => {
-            tracing::info!(path = req.uri().path(), error = %e, "invalid page id; upgrade refused");
-            connection_refused(Refused::BadPageId);
-            return plain(StatusCode::BAD_REQUEST, &format!("invalid page id: {e}"));
+    if let Err(e) = decode_page_id(raw) {
+        connection_refused(Refused::BadPageId);
+        return plain(StatusCode::BAD_REQUEST, &format!("invalid page id: {e}"));
+    }
+    connection_refused(Refused::BadHandshake);
+    plain(
+        StatusCode::BAD_REQUEST,
+        "this is a WebSocket endpoint: connect with a WebSocket client \
+         (GET with Upgrade: websocket), e.g. PartySocket with party \"page\"",
+    )
+}
+
+/// An upgrade refused before the handshake: status, text, and the metric.
+struct Refusal {
+    status: StatusCode,
+    text: String,
+    why: Option<Refused>,
+}
+
+impl Refusal {
+    fn new(status: StatusCode, why: Refused, text: impl Into<String>) -> Refusal {
+        Refusal {
+            status,
+            text: text.into(),
+            why: Some(why),
         }
+    }
+}
+
+/// Decides whether an upgrade request may open a session: route, page id,
+/// handshake, shutdown, origin, connection caps, in that order.
+fn admit(head: &RequestHead, state: &AppState) -> Result<SessionContext, Refusal> {
+    let path = head.uri.path();
+    let Some(raw) = path.strip_prefix(PAGE_PREFIX) else {
+        return Err(Refusal {
+            status: StatusCode::NOT_FOUND,
+            text: format!(
+                "no route for {} {path}; WebSocket rooms are at {PAGE_PREFIX}{{page_id}}",
+                head.method
+            ),
+            why: None,
+        });
     };
-    if !is_upgrade(&req) {
-        connection_refused(Refused::BadHandshake);
-        return plain(
+    let page = decode_page_id(raw).map_err(|e| {
+        tracing::info!(path, error = %e, "invalid page id; upgrade refused");
+        Refusal::new(
             StatusCode::BAD_REQUEST,
-            "this is a WebSocket endpoint: connect with a WebSocket client \
-             (GET with Upgrade: websocket), e.g. PartySocket with party \"page\"",
-        );
+            Refused::BadPageId,
+            format!("invalid page id: {e}"),
+        )
+    })?;
+    if let Err(e) = ws::verify_handshake(head) {
+        tracing::info!(error = %e, "WebSocket handshake failed; upgrade refused");
+        return Err(Refusal::new(
+            StatusCode::BAD_REQUEST,
+            Refused::BadHandshake,
+            format!("WebSocket handshake failed: {e}"),
+        ));
     }
     if *state.shutdown.borrow() {
         tracing::info!(page = %page, "shutting down; upgrade refused");
-        connection_refused(Refused::ShuttingDown);
-        return plain(StatusCode::SERVICE_UNAVAILABLE, "server is shutting down");
+        return Err(Refusal::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            Refused::ShuttingDown,
+            "server is shutting down",
+        ));
     }
     let Some((shard_index, shard)) = state.shards.locate(&page) else {
-        connection_refused(Refused::Starting);
-        return plain(StatusCode::SERVICE_UNAVAILABLE, "server is starting; retry");
+        return Err(Refusal::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            Refused::Starting,
+            "server is starting; retry",
+        ));
     };
-    let origin = req
-        .headers()
+    let origin = head
+        .headers
         .get(header::ORIGIN)
         .map(|v| v.to_str().unwrap_or("\u{fffd}"));
     if !state.origins.allows(origin) {
@@ -136,64 +182,99 @@ async fn websocket(
             origin = origin.unwrap_or(""),
             "origin not allowed; upgrade refused"
         );
-        connection_refused(Refused::Origin);
-        return plain(StatusCode::FORBIDDEN, "origin not allowed");
+        return Err(Refusal::new(
+            StatusCode::FORBIDDEN,
+            Refused::Origin,
+            "origin not allowed",
+        ));
     }
-    let peer = req
-        .peer_addr()
+    let peer = head
+        .peer_addr
         .map_or(IpAddr::from([0, 0, 0, 0]), |a| a.ip());
     let ip = client_ip(
         peer,
-        req.headers(),
+        &head.headers,
         &state.settings.security.trusted_proxies,
     );
-    let permit = match state.limiter.try_acquire(ip) {
-        Ok(p) => p,
-        Err(refusal) => {
-            tracing::info!(%ip, ?refusal, "connection cap; upgrade refused");
-            let (status, why) = match refusal {
-                Refusal::Global => (StatusCode::SERVICE_UNAVAILABLE, Refused::MaxConnections),
-                Refusal::PerIp => (StatusCode::TOO_MANY_REQUESTS, Refused::MaxConnectionsPerIp),
-                Refusal::Rate => (StatusCode::TOO_MANY_REQUESTS, Refused::ConnectionRate),
-            };
-            connection_refused(why);
-            return plain(status, refusal.message());
-        }
-    };
-    let (response, ws_session, stream) = match actix_ws::handle(&req, body) {
-        Ok(parts) => parts,
-        Err(e) => {
-            tracing::info!(error = %e, "WebSocket handshake failed; upgrade refused");
-            connection_refused(Refused::BadHandshake);
-            return plain(
-                StatusCode::BAD_REQUEST,
-                &format!("WebSocket handshake failed: {e}"),
-            );
-        }
-    };
-    let pk = form_urlencoded::parse(req.query_string().as_bytes())
-        .find(|(k, _)| k == "_pk")
-        .map(|(_, v)| v.into_owned());
-    let ctx = SessionContext {
+    let permit = state.limiter.try_acquire(ip).map_err(|refusal| {
+        tracing::info!(%ip, ?refusal, "connection cap; upgrade refused");
+        let (status, why) = match refusal {
+            CapRefusal::Global => (StatusCode::SERVICE_UNAVAILABLE, Refused::MaxConnections),
+            CapRefusal::PerIp => (StatusCode::TOO_MANY_REQUESTS, Refused::MaxConnectionsPerIp),
+            CapRefusal::Rate => (StatusCode::TOO_MANY_REQUESTS, Refused::ConnectionRate),
+        };
+        Refusal::new(status, why, refusal.message())
+    })?;
+    let pk = head.uri.query().and_then(|q| {
+        form_urlencoded::parse(q.as_bytes())
+            .find(|(k, _)| k == "_pk")
+            .map(|(_, v)| v.into_owned())
+    });
+    Ok(SessionContext {
         shard_index,
         shard: shard.clone(),
         page,
         pk,
         settings: state.settings.clone(),
-        shutdown: state.shutdown.clone(),
         active: state.active.clone(),
         permit,
+    })
+}
+
+/// The upgraded connection, as actix-http hands it over after parsing the
+/// request head.
+pub type Upgraded = Framed<TcpStream, h1::Codec>;
+
+/// actix-http's upgrade hook: every request with `Upgrade: websocket` (and
+/// every `CONNECT`) comes here instead of the routes. An admitted one joins
+/// its room, gets its `101` written through the framed connection, and
+/// becomes a session on the bare socket; the request is dropped at once.
+/// Anything else gets a short plain-text answer and the connection closes.
+pub async fn upgrade(req: Request, mut framed: Upgraded, state: AppState) {
+    let limit = state.settings.limits.handshake_timeout;
+    let refusal = match admit(req.head(), &state) {
+        Ok(ctx) => {
+            let response = ws::handshake_response(req.head()).finish().drop_body();
+            drop(req);
+            let joined = session::join(ctx);
+            let sent = tokio::time::timeout(
+                limit,
+                framed.send(h1::Message::Item((response, BodySize::None))),
+            )
+            .await;
+            if matches!(sent, Ok(Ok(()))) {
+                let parts = framed.into_parts();
+                actix_web::rt::spawn(joined.run(parts.io, parts.read_buf));
+            }
+            return;
+        }
+        Err(r) => r,
     };
-    state
-        .active
-        .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-    session::start(ctx, ws_session, stream);
+    drop(req);
+    if let Some(why) = refusal.why {
+        connection_refused(why);
+    }
+    let body = Bytes::from(format!("{}\n", refusal.text));
+    let mut response = Response::with_body(refusal.status, ());
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
     response
+        .head_mut()
+        .set_connection_type(ConnectionType::Close);
+    let len = body.len() as u64;
+    let _ = tokio::time::timeout(limit, async {
+        framed
+            .feed(h1::Message::Item((response, BodySize::Sized(len))))
+            .await?;
+        framed.send(h1::Message::Chunk(Some(body))).await
+    })
+    .await;
 }
 
 /// `GET /api/v1/counts?ids=a,b` (or repeated `id=`): live counts, unknown ids 0.
 async fn counts(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
-    use actix_web::http::StatusCode;
     let max = state.settings.websocket.max_links_per_subscribe;
     let mut ids: Vec<PageId> = Vec::new();
     for (key, value) in form_urlencoded::parse(req.query_string().as_bytes()) {
@@ -237,7 +318,6 @@ async fn counts(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
 
 /// `GET /api/v1/pages/{id}`: stats and live count of one page.
 async fn page_info(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
-    use actix_web::http::StatusCode;
     let raw = req
         .uri()
         .path()

@@ -3,7 +3,8 @@
 //! # Layout
 //! - [`config`]: typed settings: embedded defaults, TOML file, environment overrides.
 //! - [`protocol`]: wire types of PROTOCOL.md and page-id rules (the only JSON of the protocol).
-//! - [`session`]: one WebSocket connection (actix-ws task, one `select!` loop).
+//! - [`session`]: one WebSocket connection on the socket it owns (one task, one `select!` loop).
+//! - [`delivery`]: a connection's mailbox: pending output held as state (latest counts merged).
 //! - [`shard`]: one shard per HTTP worker (thread per core) and the lock-free page-id → room map of each.
 //! - [`room`]: `PageRoom`, one actor per page: connections, link sets, delivery.
 //! - [`counter`]: `Counter`, the supervised singleton: counts, followers, coalesced publishing, stats.
@@ -23,6 +24,7 @@ pub mod admin;
 pub mod cluster;
 pub mod config;
 pub mod counter;
+pub mod delivery;
 pub mod http;
 pub mod limits;
 pub mod logging;

@@ -285,7 +285,9 @@ pub enum CloseKind {
     Binary,
     /// Closed 1002: a WebSocket protocol violation.
     ProtocolError,
-    /// Closed 1008: its send queue overflowed (slow client).
+    /// Closed 1007: a text message that is not valid UTF-8.
+    InvalidUtf8,
+    /// Closed 1013: its socket took no bytes for `websocket.client_timeout`.
     SlowClient,
     /// Closed 1001: server shutdown.
     Shutdown,
@@ -295,7 +297,7 @@ pub enum CloseKind {
 
 impl CloseKind {
     /// Every reason, for initializing the series.
-    pub const ALL: [CloseKind; 10] = [
+    pub const ALL: [CloseKind; 11] = [
         CloseKind::ClientClose,
         CloseKind::Abrupt,
         CloseKind::Timeout,
@@ -303,6 +305,7 @@ impl CloseKind {
         CloseKind::TooBig,
         CloseKind::Binary,
         CloseKind::ProtocolError,
+        CloseKind::InvalidUtf8,
         CloseKind::SlowClient,
         CloseKind::Shutdown,
         CloseKind::MaxRooms,
@@ -318,6 +321,7 @@ impl CloseKind {
             CloseKind::TooBig => "too_big",
             CloseKind::Binary => "binary",
             CloseKind::ProtocolError => "protocol_error",
+            CloseKind::InvalidUtf8 => "invalid_utf8",
             CloseKind::SlowClient => "slow_client",
             CloseKind::Shutdown => "shutdown",
             CloseKind::MaxRooms => "max_rooms",

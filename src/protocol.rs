@@ -21,12 +21,14 @@ pub mod close {
     pub const UNSUPPORTED: u16 = 1003;
     /// WebSocket protocol violation (malformed frames).
     pub const PROTOCOL_ERROR: u16 = 1002;
+    /// A text message that is not valid UTF-8.
+    pub const INVALID_PAYLOAD: u16 = 1007;
     /// Policy violation (origin, abuse, caps).
     pub const POLICY: u16 = 1008;
     /// Message larger than `max_message_bytes`.
     pub const TOO_BIG: u16 = 1009;
-    /// Try again later: the client fell too far behind reading its updates
-    /// (its send queue overflowed); it should reconnect with backoff.
+    /// Try again later: a capacity cap with nothing left to evict, or a
+    /// socket that took no bytes for `client_timeout`; reconnect with backoff.
     pub const TRY_AGAIN_LATER: u16 = 1013;
     /// Internal error.
     pub const INTERNAL: u16 = 1011;

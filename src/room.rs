@@ -1,18 +1,14 @@
 //! `PageRoom`: one actor per page id, living on the HTTP worker that hosts
 //! the shard its id hashes to. It owns the page's connections: their
-//! actix-ws writers and control channels, their
-//! link sets and the reference-counted union of those links. It follows a
-//! link at the counter only while at least one of its connections wants it,
-//! reports its own connection count, and delivers each changed count only to
-//! the connections that subscribed to that id, serializing each distinct
-//! payload once.
+//! mailboxes ([`crate::delivery`]), their link sets and the
+//! reference-counted union of those links. It follows a link at the counter
+//! only while at least one of its connections wants it, reports its own
+//! connection count, and hands each changed count only to the connections
+//! that subscribed to that id, serializing each distinct payload once.
 //!
-//! Overflow policy: the room writes text frames straight into each
-//! connection's actix-ws session, whose channel holds 32 frames. A connection
-//! with 32 unwritten frames when an update is due is cut off: the room drops
-//! its writer and its control channel, the session sees that channel end and
-//! closes the socket with 1013. Until the session's `Leave` arrives the
-//! connection still counts as a viewer; counts stay exact.
+//! Delivery never waits and never cuts a connection off: a count goes into
+//! the connection's mailbox, where it merges with whatever its session has
+//! not taken yet.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -21,175 +17,15 @@ use std::{
 };
 
 use actix::prelude::*;
-use bytestring::ByteString;
-use tokio::sync::{mpsc, oneshot};
 
 use crate::{
     config::Settings,
     counter::{Counter, RoomCount, RoomState, Subscribe, Unsubscribe},
-    protocol::{update_json, PageId, ProtocolError},
+    delivery::{ConnId, End, Mailbox, Update},
+    protocol::{PageId, ProtocolError},
     shard::{RoomIdle, Shard},
     storage::{now_ms, RoomRecord, Storage},
 };
-
-/// A connection's id, unique in the process.
-pub type ConnId = u64;
-
-/// What a room or shard sends to a session. Two words: every connection's
-/// queue allocates a block of slots up front, so the slot is kept small and
-/// the payload, shared by every connection that gets it, sits behind an `Arc`.
-#[derive(Debug, Clone)]
-pub enum Outbound {
-    /// A ready-to-send text frame (not an update).
-    Text(Arc<Frame>),
-    /// An `update` message.
-    Update(Arc<Frame>),
-    /// Send an `error` message, then close (boxed: rare).
-    Refuse(Box<Refusal>),
-    /// The server is shutting down: close with 1001.
-    Shutdown,
-}
-
-/// One serialized message, built once and shared by every connection it goes to.
-#[derive(Debug)]
-pub struct Frame {
-    /// The serialized JSON text.
-    pub text: ByteString,
-    /// When the oldest change an update carries was applied at the counter
-    /// (for the publish-lag histogram); `None` for a full update or a text.
-    pub since: Option<Instant>,
-}
-
-impl Outbound {
-    /// A text frame that is not an update.
-    pub fn text(text: impl Into<ByteString>) -> Outbound {
-        Outbound::Text(Arc::new(Frame {
-            text: text.into(),
-            since: None,
-        }))
-    }
-
-    /// An update (with `since` for the publish-lag histogram).
-    pub fn update(text: impl Into<ByteString>, since: Option<Instant>) -> Outbound {
-        Outbound::Update(Arc::new(Frame {
-            text: text.into(),
-            since,
-        }))
-    }
-}
-
-/// A connection refused after its upgrade.
-#[derive(Debug, Clone)]
-pub struct Refusal {
-    /// The `error` message to send first.
-    pub error: ByteString,
-    /// Close code.
-    pub code: u16,
-    /// Close reason.
-    pub reason: &'static str,
-}
-
-/// The sending side of a connection's control channel, held by its room.
-///
-/// A session's control messages (`Refuse`, `Shutdown`) are terminal: the
-/// session closes after the first. So a real session's control channel is a
-/// `oneshot` (~100 bytes), not a queue (a tokio `mpsc` allocates a block of
-/// 32 slots up front, ~1 KB per connection). Dropping the `Outbox` (the room
-/// cut the connection off) ends the session's [`Inbox`]. A session double
-/// without a writer (tests) gets every message through a bounded queue.
-#[derive(Debug)]
-pub struct Outbox(OutboxKind);
-
-#[derive(Debug)]
-enum OutboxKind {
-    /// A real session: one control message; `None` once it was sent.
-    Control(Option<oneshot::Sender<Outbound>>),
-    /// A session double: every message, bounded.
-    Queue(mpsc::Sender<Outbound>),
-}
-
-/// The receiving side of a real session's control channel ([`Outbox::control`]).
-#[derive(Debug)]
-pub struct Inbox(Option<oneshot::Receiver<Outbound>>);
-
-/// Capacity of a session double's queue ([`Outbox::queue`]).
-pub const QUEUE_CAPACITY: usize = 32;
-
-impl Outbox {
-    /// The control channel of a real session (its frames go to its writer).
-    pub fn control() -> (Outbox, Inbox) {
-        let (tx, rx) = oneshot::channel();
-        (Outbox(OutboxKind::Control(Some(tx))), Inbox(Some(rx)))
-    }
-
-    /// A queue of every message, for a session double without a writer.
-    pub fn queue(tx: mpsc::Sender<Outbound>) -> Outbox {
-        Outbox(OutboxKind::Queue(tx))
-    }
-
-    /// Hands over `out` without waiting.
-    fn try_send(&mut self, out: Outbound) -> Written {
-        match &mut self.0 {
-            OutboxKind::Control(tx) => match tx.take().map(|tx| tx.send(out)) {
-                Some(Ok(())) => Written::Yes,
-                // Already used (the session is closing) or the session is gone.
-                _ => Written::Closed,
-            },
-            OutboxKind::Queue(tx) => match tx.try_send(out) {
-                Ok(()) => Written::Yes,
-                Err(mpsc::error::TrySendError::Full(_)) => Written::Full,
-                Err(mpsc::error::TrySendError::Closed(_)) => Written::Closed,
-            },
-        }
-    }
-
-    /// Tells a connection that is not (yet) in a room: a refusal or the close
-    /// notice of a closing shard or room. Best effort: it may be gone.
-    pub fn tell(mut self, out: Outbound) {
-        let _ = self.try_send(out);
-    }
-}
-
-impl Inbox {
-    /// The control message, or `None` if the room dropped its `Outbox` (it
-    /// cut the connection off). Once either was returned it waits forever
-    /// (a `oneshot` must not be polled again).
-    pub async fn recv(&mut self) -> Option<Outbound> {
-        let Some(rx) = self.0.as_mut() else {
-            return std::future::pending().await;
-        };
-        let out = rx.await.ok();
-        self.0 = None;
-        out
-    }
-}
-
-/// What became of a message handed to a connection (its actix-ws session
-/// or its control channel).
-enum Written {
-    Yes,
-    /// Full: the connection does not read.
-    Full,
-    /// The connection is closed.
-    Closed,
-}
-
-/// Queues a text frame in an actix-ws session if it has room now; never waits.
-fn write_now(writer: &mut actix_ws::Session, text: ByteString) -> Written {
-    use futures_util::Sink;
-    use std::{pin::Pin, task::Poll};
-    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-    match Pin::new(&mut *writer).poll_ready(&mut cx) {
-        Poll::Ready(Ok(())) => {
-            match Pin::new(&mut *writer).start_send(actix_ws::Message::Text(text)) {
-                Ok(()) => Written::Yes,
-                Err(_) => Written::Closed,
-            }
-        }
-        Poll::Ready(Err(_)) => Written::Closed,
-        Poll::Pending => Written::Full,
-    }
-}
 
 // ---------------------------------------------------------------- messages
 
@@ -199,11 +35,8 @@ fn write_now(writer: &mut actix_ws::Session, text: ByteString) -> Written {
 pub struct Join {
     pub page: PageId,
     pub conn: ConnId,
-    pub tx: Outbox,
-    /// The connection's actix-ws session: the room writes its text frames
-    /// (updates, `overloaded` errors) straight into it. `None`: they go
-    /// through `tx` like the control messages (test doubles of a session).
-    pub writer: Option<actix_ws::Session>,
+    /// Where the room puts what the connection is to be told.
+    pub mailbox: Arc<Mailbox>,
 }
 
 /// A connection replaced its link set.
@@ -321,10 +154,8 @@ struct Followed {
 
 /// One open connection of the room.
 struct Conn {
-    /// Its control channel; `None` once it was cut off or closed.
-    tx: Option<Outbox>,
-    /// Its actix-ws session, for text frames; `None` once cut off or closed.
-    writer: Option<actix_ws::Session>,
+    /// What it is to be told (shared with its session).
+    mailbox: Arc<Mailbox>,
     /// The ids it subscribed to.
     links: HashSet<PageId>,
     /// Waiting for counts of some of its links before its full update.
@@ -440,46 +271,15 @@ impl PageRoom {
         }
     }
 
-    /// Sends `out` to one connection, cutting it off if it is too far behind.
-    ///
-    /// Text frames go straight into the connection's actix-ws session (no
-    /// wake-up of the session task on the way); the session's channel holds
-    /// 32 frames, and a connection with 32 unwritten frames is cut off. Cut
-    /// off = the room drops its control channel and its writer: the session
-    /// sees that channel end and closes with 1013; the connection counts
-    /// until its `Leave`. Control messages (`Refuse`, `Shutdown`) go through
-    /// the control channel.
-    fn send_to(page: &PageId, conn_id: ConnId, conn: &mut Conn, out: Outbound) {
-        let Some(tx) = conn.tx.as_mut() else { return };
-        let written = match (&out, conn.writer.as_mut()) {
-            (Outbound::Text(frame) | Outbound::Update(frame), Some(writer)) => {
-                let written = write_now(writer, frame.text.clone());
-                if matches!(written, Written::Yes) {
-                    crate::metrics::message_out();
-                    if matches!(out, Outbound::Update(_)) {
-                        crate::metrics::update_sent(frame.since.map(|t| t.elapsed()));
-                    }
-                }
-                written
-            }
-            _ => tx.try_send(out),
-        };
-        if matches!(written, Written::Full) {
-            tracing::warn!(page = %page, conn = conn_id, "send queue full; closing slow client");
-        }
-        if !matches!(written, Written::Yes) {
-            conn.tx = None;
-            conn.writer = None;
-        }
-    }
-
     /// The full update of one connection's links, from the cache.
-    fn full_update(&self, conn: &Conn) -> ByteString {
-        ByteString::from(update_json(
+    fn full_update(&self, conn: &Conn) -> Arc<Update> {
+        Update::new(
             conn.links
                 .iter()
-                .map(|l| (&**l, self.cache.get(l).copied().unwrap_or(0))),
-        ))
+                .map(|l| (l.clone(), self.cache.get(l).copied().unwrap_or(0)))
+                .collect(),
+            None,
+        )
     }
 
     /// Applies counts from the counter and delivers the ids whose value
@@ -501,10 +301,9 @@ impl PageRoom {
         // distinct payload is serialized once. The subset is a bitset over
         // `changes`: one word (no allocation) for up to 64 changes.
         let words = changes.len().div_ceil(64);
-        let mut payloads: HashMap<Subset, Outbound> = HashMap::new();
-        let page = &self.page;
-        for (id, conn) in self.conns.iter_mut() {
-            if conn.pending || conn.tx.is_none() {
+        let mut payloads: HashMap<Subset, Arc<Update>> = HashMap::new();
+        for conn in self.conns.values() {
+            if conn.pending {
                 continue;
             }
             let mut subset = Subset::new(words);
@@ -516,17 +315,16 @@ impl PageRoom {
             if subset.is_empty() {
                 continue;
             }
-            let out = payloads.entry(subset).or_insert_with_key(|subset| {
-                Outbound::update(
-                    update_json(
-                        subset
-                            .iter(changes.len())
-                            .map(|i| (&*changes[i].0, changes[i].1)),
-                    ),
+            let update = payloads.entry(subset).or_insert_with_key(|subset| {
+                Update::new(
+                    subset
+                        .iter(changes.len())
+                        .map(|i| changes[i].clone())
+                        .collect(),
                     since,
                 )
             });
-            Self::send_to(page, *id, conn, out.clone());
+            conn.mailbox.update(update);
         }
         true
     }
@@ -543,11 +341,10 @@ impl PageRoom {
             let Some(conn) = self.conns.get(&id) else {
                 continue;
             };
-            let text = self.full_update(conn);
+            let full = self.full_update(conn);
             if let Some(conn) = self.conns.get_mut(&id) {
                 conn.pending = false;
-                let out = Outbound::update(text, None);
-                Self::send_to(&self.page, id, conn, out);
+                conn.mailbox.replace(full);
             }
         }
     }
@@ -559,8 +356,7 @@ impl PageRoom {
             self.refs.remove(link);
             self.cache.remove(link);
         }
-        let page = &self.page;
-        for (id, conn) in self.conns.iter_mut() {
+        for conn in self.conns.values_mut() {
             let dropped: Vec<&PageId> = refused.iter().filter(|l| conn.links.remove(*l)).collect();
             if dropped.is_empty() {
                 continue;
@@ -574,8 +370,7 @@ impl PageRoom {
                 ),
             );
             crate::metrics::error_sent(error.code);
-            let out = Outbound::text(error.to_json());
-            Self::send_to(page, *id, conn, out);
+            conn.mailbox.notice(error.to_json().into());
         }
     }
 
@@ -628,15 +423,13 @@ impl Handler<Join> for PageRoom {
     type Result = ();
     fn handle(&mut self, msg: Join, ctx: &mut Context<Self>) {
         self.processed += 1;
-        let mut tx = msg.tx;
         if self.closing {
-            let _ = tx.try_send(Outbound::Shutdown);
+            msg.mailbox.end(End::Shutdown);
         }
         self.conns.insert(
             msg.conn,
             Conn {
-                tx: Some(tx),
-                writer: msg.writer,
+                mailbox: msg.mailbox,
                 links: HashSet::new(),
                 pending: false,
             },
@@ -652,8 +445,8 @@ impl Handler<crate::shard::CloseAll> for PageRoom {
     type Result = ();
     fn handle(&mut self, _: crate::shard::CloseAll, _: &mut Context<Self>) {
         self.closing = true;
-        for (id, conn) in self.conns.iter_mut() {
-            Self::send_to(&self.page, *id, conn, Outbound::Shutdown);
+        for conn in self.conns.values() {
+            conn.mailbox.end(End::Shutdown);
         }
     }
 }

@@ -12,7 +12,9 @@ use std::{
 };
 
 use actix::{Addr, Arbiter, Supervisor};
-use actix_web::{web, App, HttpServer};
+use actix_http::{HttpService, Request};
+use actix_service::{fn_service, map_config, IntoServiceFactory, ServiceFactoryExt};
+use actix_web::{dev::AppConfig, web, App};
 use tokio::sync::watch;
 
 use crate::{
@@ -30,7 +32,7 @@ pub struct Server {
     /// The address actually bound (port 0 resolved).
     local_addr: SocketAddr,
     /// Stops the HTTP server.
-    http: actix_web::dev::ServerHandle,
+    http: actix_server::ServerHandle,
     /// The counter singleton.
     counter: Addr<Counter>,
     /// The counter's arbiter.
@@ -120,34 +122,55 @@ impl Server {
         let ops = crate::admin::Ops::new(&settings);
         let admin = crate::admin::start(&state, &ops)?;
         let hosts = shards.clone();
-        let server = HttpServer::new(move || {
-            // Runs once on each worker's thread: the worker hosts a shard.
-            hosts.host_here();
-            App::new()
-                .app_data(web::Data::new(state.clone()))
-                // The WebSocket route first: routes are tried in order, and
-                // each upgrade then matches one pattern instead of three.
-                .configure(http::configure)
-                .configure(|cfg| ops.configure_public(cfg))
-                .configure(|cfg| crate::web::configure(cfg, &state.settings.web))
-        })
-        .workers(settings.worker_count())
-        .disable_signals()
-        // actix-web takes whole seconds: round up so the grace is never shorter.
-        .shutdown_timeout(
-            settings
-                .server
-                .shutdown_timeout
-                .as_secs_f64()
-                .ceil()
-                .max(1.0) as u64,
-        )
-        .client_request_timeout(settings.limits.handshake_timeout)
-        .client_disconnect_timeout(Duration::from_secs(1))
-        // Small frames, latency first: no Nagle delay behind an unacked frame.
-        .tcp_nodelay(true)
-        .listen(listener)?
-        .run();
+        let ws_state = state.clone();
+        let handshake_timeout = settings.limits.handshake_timeout;
+        // actix-web's `HttpServer` builds this same stack, but without
+        // actix-http's upgrade hook: WebSocket upgrades leave the routes
+        // here and become sessions that own their socket (`http::upgrade`).
+        let server = actix_server::Server::build()
+            .workers(settings.worker_count())
+            .disable_signals()
+            // actix-server takes whole seconds: round up so the grace is never shorter.
+            .shutdown_timeout(
+                settings
+                    .server
+                    .shutdown_timeout
+                    .as_secs_f64()
+                    .ceil()
+                    .max(1.0) as u64,
+            )
+            .listen("link-counter", listener, move || {
+                // Runs once on each worker's thread: the worker hosts a shard.
+                hosts.host_here();
+                let app = App::new()
+                    .app_data(web::Data::new(state.clone()))
+                    .configure(http::configure)
+                    .configure(|cfg| ops.configure_public(cfg))
+                    .configure(|cfg| crate::web::configure(cfg, &state.settings.web));
+                let ws_state = ws_state.clone();
+                HttpService::build()
+                    .client_request_timeout(handshake_timeout)
+                    .client_disconnect_timeout(Duration::from_secs(1))
+                    // Small frames, latency first: no Nagle delay behind an unacked frame.
+                    .tcp_nodelay(true)
+                    .local_addr(local_addr)
+                    .upgrade(fn_service(
+                        move |(req, framed): (Request, http::Upgraded)| {
+                            let state = ws_state.clone();
+                            async move {
+                                http::upgrade(req, framed, state).await;
+                                Ok::<_, std::convert::Infallible>(())
+                            }
+                        },
+                    ))
+                    .finish(map_config(
+                        app.into_factory()
+                            .map_err(|e: actix_web::Error| e.error_response()),
+                        |_| AppConfig::default(),
+                    ))
+                    .tcp()
+            })?
+            .run();
         let http = server.handle();
         actix_web::rt::spawn(async move {
             if let Err(e) = server.await {

@@ -1,40 +1,60 @@
-//! One WebSocket connection: an actix-ws task with a single `select!` loop
-//! over client frames, queued updates from its room, the liveness deadline,
-//! heartbeat pings and the shutdown signal, and one cleanup point after it.
+//! One WebSocket connection, on the socket it owns: after the upgrade
+//! ([`crate::http::upgrade`]) the session holds the bare TCP stream and
+//! actix-http's WebSocket codec, and runs one task with one `select!` loop
+//! over its mailbox, the socket's read and write readiness and one timer,
+//! then one cleanup point.
+//!
+//! Output is state ([`crate::delivery`]): the session takes its mailbox only
+//! when everything it wrote before has left, so a connection that is behind
+//! gets the merged latest counts in its next frame. It is closed as stuck
+//! only when its socket takes no bytes for `websocket.client_timeout`.
+//!
+//! Input is bounded: a frame's declared length is checked against
+//! `websocket.max_message_bytes` before its payload is read (fragments by
+//! their running total), so nothing a client sends grows a buffer past that
+//! plus one read. An idle connection holds no read or write buffer.
 
 use std::{
-    future::Future,
-    pin::pin,
+    io,
     sync::{
         atomic::{AtomicU64, AtomicUsize, Ordering},
         Arc,
     },
-    task::Poll,
-    time::Duration,
 };
 
 use actix::Addr;
-use actix_ws::{AggregatedMessage, CloseCode, CloseReason, ProtocolError as WsError, Session};
+use actix_codec::{Decoder, Encoder};
+use actix_http::ws::{
+    CloseCode, CloseReason, Codec, Frame, Item, Message, ProtocolError as WsError,
+};
+use bytes::{Buf, Bytes, BytesMut};
 use bytestring::ByteString;
 use tokio::{
-    sync::watch,
-    time::{interval_at, sleep_until, timeout, Instant, MissedTickBehavior},
+    net::TcpStream,
+    time::{sleep_until, timeout_at, Instant},
 };
 
 use crate::{
     config::Settings,
+    delivery::{ConnId, End, Mailbox},
     limits::{Permit, TokenBucket},
     metrics::{self as m, CloseKind},
     protocol::{close, parse_client_message, ClientMessage, PageId, ProtocolError},
-    room::{ConnId, Inbox, Join, Leave, Outbound, Outbox, SetLinks},
+    room::{Join, Leave, SetLinks},
     shard::Shard,
 };
 
 /// Source of connection ids, unique in the process.
 static NEXT_CONN_ID: AtomicU64 = AtomicU64::new(1);
 
-/// Longest wait for a close frame to be written during shutdown.
-const CLOSE_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
+/// Bytes asked of the socket per read.
+const READ_CHUNK: usize = 4096;
+
+/// Replies of the session's own (`error` messages answering the client's
+/// messages) are written only while less than this is waiting to leave;
+/// over it they are dropped, so a client that sends but does not read
+/// cannot grow the write buffer.
+const REPLY_BACKLOG: usize = 16 * 1024;
 
 /// What a session needs from the server.
 pub struct SessionContext {
@@ -48,18 +68,14 @@ pub struct SessionContext {
     pub shard_index: usize,
     /// Limits and timers.
     pub settings: Arc<Settings>,
-    /// True once the server shuts down (read, never awaited: the shards
-    /// tell each session to close through its control channel).
-    pub shutdown: watch::Receiver<bool>,
-    /// Open sessions: incremented by the HTTP handler before it spawns the
-    /// session (so shutdown never misses one), decremented when it ends.
+    /// Open sessions: incremented by [`join`] (so a shutdown that starts
+    /// now waits for this one), decremented when it ends.
     pub active: Arc<AtomicUsize>,
     /// This connection's slot in the connection caps, released when it ends.
     pub permit: Permit,
 }
 
-/// Decrements the open-session gauge however the task ends, even if it is
-/// dropped before its first turn.
+/// Decrements the open-session gauge however the session ends.
 struct ActiveGuard(Arc<AtomicUsize>);
 
 impl Drop for ActiveGuard {
@@ -68,17 +84,22 @@ impl Drop for ActiveGuard {
     }
 }
 
-/// A connection's place in its room, from the `Join` ([`start`]) to the
-/// `Leave`: `run` leaves before it writes the close frame; if the task is
-/// dropped first (its runtime torn down, even before its first turn), `Drop`
-/// leaves, so a room never counts a connection whose task is gone. It also
-/// holds the connection's slot in the open-session gauge.
+/// A connection's place in its room, from the `Join` ([`join`]) to the
+/// `Leave`: the session leaves before it writes its close frame; if it is
+/// dropped first (its runtime torn down, or the upgrade failed after the
+/// join), `Drop` leaves, so a room never counts a connection that is gone.
 struct Membership {
+    /// Routes the `Leave` (and `SetLinks`) to the room.
     shard: Addr<Shard>,
+    /// The page counted.
     page: PageId,
+    /// This connection.
     conn: ConnId,
+    /// The `shard` label of metrics.
     shard_index: usize,
+    /// The `Leave` was sent.
     left: bool,
+    /// The connection's slot in the open-session gauge.
     _active: ActiveGuard,
 }
 
@@ -101,242 +122,580 @@ impl Drop for Membership {
     }
 }
 
-/// Runs `write` to completion, or gives up after `limit`. The usual write
-/// only queues the frame and is ready at once: that path arms no timer.
-async fn bounded<F: Future>(write: F, limit: Duration) -> Option<F::Output> {
-    let mut write = pin!(write);
-    let first = std::future::poll_fn(|cx| Poll::Ready(write.as_mut().poll(cx))).await;
-    match first {
-        Poll::Ready(out) => Some(out),
-        Poll::Pending => timeout(limit, write).await.ok(),
-    }
+/// A connection that joined its room and waits for its socket ([`Joined::run`]).
+pub struct Joined {
+    membership: Membership,
+    mailbox: Arc<Mailbox>,
+    settings: Arc<Settings>,
+    permit: Permit,
 }
 
-/// Writes one text frame; false when the client is gone or did not take it
-/// within `limit` (a client that does not read cannot stall the loop).
-/// The write future is boxed: it exists only while writing, so it does not
-/// enlarge every idle connection's task.
-async fn send(session: &mut Session, text: ByteString, limit: Duration) -> bool {
-    let write = Box::pin(bounded(session.text(text), limit));
-    let sent = matches!(write.await, Some(Ok(())));
-    if sent {
-        m::message_out();
-    }
-    sent
-}
-
-/// Writes a pong answering `ping` (or, with `None`, our own ping), bounded
-/// by `limit` and boxed like [`send`].
-async fn control(
-    session: &mut Session,
-    ping: Option<actix_web::web::Bytes>,
-    limit: Duration,
-) -> bool {
-    let write: std::pin::Pin<Box<dyn Future<Output = _>>> = match &ping {
-        Some(payload) => Box::pin(bounded(session.pong(payload), limit)),
-        None => Box::pin(bounded(session.ping(b""), limit)),
-    };
-    matches!(write.await, Some(Ok(())))
-}
-
-fn reason(code: u16, text: &str) -> Option<CloseReason> {
-    Some(CloseReason {
-        code: CloseCode::from(code),
-        description: Some(text.to_owned()),
-    })
-}
-
-/// Starts one connection: joins its page's room, then spawns the task that
-/// runs it until it closes. It counts as a viewer throughout.
+/// Joins the page's room: from here on the connection counts as a viewer.
 ///
-/// The `Join` is sent here, from the upgrade handler, before the `101`
-/// response is written: the room's mailbox has it before the client sees
-/// the handshake complete, and it does not wait for the session task's
-/// first turn behind every other task of the worker (under a fan-out that
-/// turn can be tens of milliseconds away).
-pub fn start(ctx: SessionContext, session: Session, stream: actix_ws::MessageStream) {
+/// Called by the upgrade handler before it writes the `101`: the room's
+/// mailbox has the `Join` before the client sees the handshake complete.
+/// Dropping the result (the `101` could not be written) leaves again.
+pub fn join(ctx: SessionContext) -> Joined {
     let SessionContext {
         page,
         pk,
         shard,
         shard_index,
         settings,
-        shutdown,
         active,
         permit,
     } = ctx;
+    active.fetch_add(1, Ordering::SeqCst);
     let conn = NEXT_CONN_ID.fetch_add(1, Ordering::Relaxed);
     m::connection_opened(shard_index);
-    let (tx, rx) = Outbox::control();
+    let mailbox = Mailbox::new();
     shard.do_send(Join {
         page: page.clone(),
         conn,
-        tx,
-        writer: Some(session.clone()),
+        mailbox: mailbox.clone(),
     });
     let ip = permit.ip();
     tracing::debug!(page = %page, conn, %ip, pk = pk.as_deref().unwrap_or(""), "connected");
-    let membership = Membership {
-        shard,
-        page,
-        conn,
-        shard_index,
-        left: false,
-        _active: ActiveGuard(active),
-    };
-    actix_web::rt::spawn(run(
-        membership, settings, shutdown, permit, rx, session, stream,
-    ));
+    Joined {
+        membership: Membership {
+            shard,
+            page,
+            conn,
+            shard_index,
+            left: false,
+            _active: ActiveGuard(active),
+        },
+        mailbox,
+        settings,
+        permit,
+    }
 }
 
-/// The connection's task (see [`start`]).
-async fn run(
-    mut membership: Membership,
-    settings: Arc<Settings>,
-    shutdown: watch::Receiver<bool>,
-    permit: Permit,
-    mut rx: Inbox,
-    mut session: Session,
-    stream: actix_ws::MessageStream,
-) {
-    let conn = membership.conn;
-    let ws = &settings.websocket;
-    let ip = permit.ip();
-    let limits = &settings.limits;
-    let mut bucket = TokenBucket::new(limits.messages_per_second, limits.burst);
-    let mut strikes = 0u32;
+impl Joined {
+    /// Runs the connection on its socket until it closes. `read_buf` holds
+    /// whatever the client sent after its upgrade request.
+    pub async fn run(self, io: TcpStream, read_buf: BytesMut) {
+        let ws = &self.settings.websocket;
+        let limits = &self.settings.limits;
+        let now = Instant::now();
+        let session = Session {
+            codec: Codec::new().max_size(ws.max_message_bytes),
+            rbuf: read_buf,
+            wbuf: BytesMut::new(),
+            message: None,
+            bucket: TokenBucket::new(limits.messages_per_second, limits.burst),
+            strikes: 0,
+            last_seen: now,
+            last_progress: now,
+            next_ping: now + ws.heartbeat_interval,
+            pong: None,
+            ping_due: false,
+            mail: false,
+            io,
+            joined: self,
+        };
+        session.run().await;
+    }
+}
 
-    let mut stream = stream
-        .max_frame_size(ws.max_message_bytes)
-        .aggregate_continuations()
-        .max_continuation_size(ws.max_message_bytes);
-    let mut heartbeat = interval_at(
-        Instant::now() + ws.heartbeat_interval,
-        ws.heartbeat_interval,
-    );
-    heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    // Liveness: a frame only records when it came; the one timer fires at
-    // `last_seen + client_timeout` and is moved forward then if frames came
-    // meanwhile (no timer operation per frame).
-    let mut last_seen = Instant::now();
-    let deadline = sleep_until(last_seen + ws.client_timeout);
-    tokio::pin!(deadline);
+/// Why the loop ended and how to say goodbye.
+struct Ending {
+    kind: CloseKind,
+    /// The close frame to send; `None`: the connection is gone, just drop it.
+    close: Option<CloseReason>,
+}
 
-    // Why it ends, and `Some(reason)`: close the socket with it; `None`: it is already gone.
-    let (kind, close_with): (CloseKind, Option<Option<CloseReason>>) = loop {
-        tokio::select! {
-            biased;
-            // The control channel first (at most one message, terminal, so
-            // reading is never put off for long).
-            out = rx.recv() => match out {
-                // Not sent here: a session joins with its writer, and the room
-                // writes text frames there (only session doubles without a
-                // writer get them through their queue). Written if it ever were.
-                Some(Outbound::Text(frame) | Outbound::Update(frame)) => {
-                    if !send(&mut session, frame.text.clone(), ws.client_timeout).await {
-                        break (CloseKind::Abrupt, None);
-                    }
+impl Ending {
+    fn new(kind: CloseKind, code: u16, text: &str) -> Ending {
+        Ending {
+            kind,
+            close: Some(CloseReason {
+                code: CloseCode::from(code),
+                description: Some(text.to_owned()),
+            }),
+        }
+    }
+
+    fn gone() -> Ending {
+        Ending {
+            kind: CloseKind::Abrupt,
+            close: None,
+        }
+    }
+}
+
+/// The running connection. Every field is needed while it is idle; the
+/// buffers are empty (no allocation) then.
+struct Session {
+    /// The socket.
+    io: TcpStream,
+    /// actix-http's frame codec (server side: client frames must be masked).
+    codec: Codec,
+    /// Bytes read but not yet decoded: at most one frame (header-checked)
+    /// plus one read; released whenever it empties.
+    rbuf: BytesMut,
+    /// Encoded frames the socket has not taken yet; released when it empties.
+    wbuf: BytesMut,
+    /// A fragmented text message being reassembled (bounded like a frame).
+    message: Option<BytesMut>,
+    /// The client's message rate.
+    bucket: TokenBucket,
+    /// Consecutive rate-limited messages.
+    strikes: u32,
+    /// When bytes last came from the client (liveness).
+    last_seen: Instant,
+    /// When the socket last took bytes (or output became waiting).
+    last_progress: Instant,
+    /// When the next heartbeat ping is due.
+    next_ping: Instant,
+    /// The payload of the latest ping to answer.
+    pong: Option<Bytes>,
+    /// A heartbeat ping is due.
+    ping_due: bool,
+    /// The mailbox signalled: take it when the write buffer is empty.
+    mail: bool,
+    /// The room membership, mailbox, settings and permit.
+    joined: Joined,
+}
+
+impl Session {
+    async fn run(mut self) {
+        let timer = sleep_until(self.next_due());
+        tokio::pin!(timer);
+        // Bytes the client sent with its upgrade request.
+        let mut ending = if self.rbuf.is_empty() {
+            None
+        } else {
+            self.decode().err()
+        };
+        while ending.is_none() {
+            if let Err(e) = self.fill_and_flush() {
+                ending = Some(e);
+                break;
+            }
+            let due = self.next_due();
+            if due < timer.deadline() {
+                timer.as_mut().reset(due);
+            }
+            let writing = !self.wbuf.is_empty();
+            let step = tokio::select! {
+                biased;
+                () = self.joined.mailbox.ready(), if !writing && !self.mail => {
+                    self.mail = true;
+                    Ok(())
                 }
-                Some(Outbound::Refuse(r)) => {
-                    let _ = send(&mut session, r.error, CLOSE_WRITE_TIMEOUT).await;
-                    break (CloseKind::MaxRooms, Some(reason(r.code, r.reason)));
+                () = &mut timer => {
+                    let r = self.on_timer();
+                    timer.as_mut().reset(self.next_due());
+                    r
                 }
-                Some(Outbound::Shutdown) => break (CloseKind::Shutdown, Some(reason(close::GOING_AWAY, "server shutting down"))),
-                // The room cut this connection off: its actix-ws channel
-                // overflowed (or, during shutdown, it could not take the close
-                // notice).
-                None if *shutdown.borrow() => break (CloseKind::Shutdown, Some(reason(close::GOING_AWAY, "server shutting down"))),
-                None => break (CloseKind::SlowClient, Some(reason(close::TRY_AGAIN_LATER, "client too slow: send queue overflowed"))),
-            },
-            frame = stream.recv() => {
-                let now = Instant::now();
-                last_seen = now;
-                if matches!(frame, Some(Ok(AggregatedMessage::Text(_)))) {
-                    m::message_in();
+                r = self.io.writable(), if writing => match r {
+                    Ok(()) => self.flush(),
+                    Err(_) => Err(Ending::gone()),
+                },
+                r = self.io.readable() => match r {
+                    Ok(()) => self.read(),
+                    Err(_) => Err(Ending::gone()),
+                },
+            };
+            ending = step.err();
+        }
+        let Some(ending) = ending else { return };
+        self.close(ending).await;
+    }
+
+    /// When the timer must fire next.
+    fn next_due(&self) -> Instant {
+        let timeout = self.joined.settings.websocket.client_timeout;
+        let mut due = (self.last_seen + timeout).min(self.next_ping);
+        if !self.wbuf.is_empty() {
+            due = due.min(self.last_progress + timeout);
+        }
+        due
+    }
+
+    /// Liveness, stuck output and the heartbeat.
+    fn on_timer(&mut self) -> Result<(), Ending> {
+        let now = Instant::now();
+        let ws = &self.joined.settings.websocket;
+        let page = &self.joined.membership.page;
+        let conn = self.joined.membership.conn;
+        if now >= self.last_seen + ws.client_timeout {
+            tracing::debug!(page = %page, conn, "client timed out");
+            return Err(Ending::new(
+                CloseKind::Timeout,
+                close::NORMAL,
+                "client timeout",
+            ));
+        }
+        if !self.wbuf.is_empty() && now >= self.last_progress + ws.client_timeout {
+            tracing::info!(page = %page, conn, "socket took no bytes for client_timeout; closing");
+            return Err(Ending::new(
+                CloseKind::SlowClient,
+                close::TRY_AGAIN_LATER,
+                "client took no data for client_timeout",
+            ));
+        }
+        if now >= self.next_ping {
+            self.ping_due = true;
+            self.next_ping = now + ws.heartbeat_interval;
+        }
+        Ok(())
+    }
+
+    /// When nothing waits to leave: encodes what is pending (a pong, the
+    /// heartbeat ping, then the mailbox: notice and merged counts) and
+    /// writes it. The mailbox is taken only here, so counts that change
+    /// while the socket is full merge there instead of queueing.
+    fn fill_and_flush(&mut self) -> Result<(), Ending> {
+        if !self.wbuf.is_empty() {
+            return Ok(());
+        }
+        if let Some(payload) = self.pong.take() {
+            self.encode(Message::Pong(payload));
+        }
+        if std::mem::take(&mut self.ping_due) {
+            self.encode(Message::Ping(Bytes::new()));
+        }
+        if std::mem::take(&mut self.mail) {
+            let taken = self.joined.mailbox.take();
+            if let Some(end) = taken.end {
+                return Err(match end {
+                    End::Shutdown => Ending::new(
+                        CloseKind::Shutdown,
+                        close::GOING_AWAY,
+                        "server shutting down",
+                    ),
+                    End::Refuse {
+                        error,
+                        code,
+                        reason,
+                    } => {
+                        self.text(error);
+                        Ending::new(CloseKind::MaxRooms, code, reason)
+                    }
+                });
+            }
+            if let Some(notice) = taken.notice {
+                self.text(notice);
+            }
+            if let Some((text, since)) = taken.update {
+                self.text(text);
+                m::update_sent(since.map(|t| t.elapsed()));
+            }
+        }
+        if self.wbuf.is_empty() {
+            return Ok(());
+        }
+        self.last_progress = Instant::now();
+        self.flush()
+    }
+
+    fn encode(&mut self, msg: Message) {
+        // Encoding a whole (unfragmented) message cannot fail.
+        let _ = self.codec.encode(msg, &mut self.wbuf);
+    }
+
+    fn text(&mut self, text: ByteString) {
+        self.encode(Message::Text(text));
+        m::message_out();
+    }
+
+    /// Writes as much of the write buffer as the socket takes now.
+    fn flush(&mut self) -> Result<(), Ending> {
+        while !self.wbuf.is_empty() {
+            match self.io.try_write(&self.wbuf) {
+                Ok(0) => return Err(Ending::gone()),
+                Ok(n) => {
+                    self.wbuf.advance(n);
+                    self.last_progress = Instant::now();
                 }
-                // Every data frame and ping spends a token; over the rate the
-                // message is refused, and a client that keeps on is closed.
-                if matches!(frame, Some(Ok(AggregatedMessage::Text(_) | AggregatedMessage::Ping(_))))
-                    && !bucket.try_take(now.into_std())
-                {
-                    strikes += 1;
-                    if strikes >= limits.flood_strikes {
-                        tracing::info!(page = %membership.page, conn, %ip, "message flood; closing");
-                        break (CloseKind::RateLimited, Some(reason(close::POLICY, "message rate limit exceeded repeatedly")));
-                    }
-                    let e = ProtocolError::new("rate_limited", format!(
-                        "more than {} messages per second; message ignored", limits.messages_per_second));
-                    m::error_sent(e.code);
-                    if !send(&mut session, e.to_json().into(), ws.client_timeout).await {
-                        break (CloseKind::Abrupt, None);
-                    }
-                    continue;
-                }
-                if matches!(frame, Some(Ok(AggregatedMessage::Text(_) | AggregatedMessage::Ping(_)))) {
-                    strikes = 0;
-                }
-                match frame {
-                    None => break (CloseKind::Abrupt, None),
-                    Some(Ok(AggregatedMessage::Text(text))) => {
-                        match parse_client_message(&text, ws.max_links_per_subscribe) {
-                            Ok(ClientMessage::Subscribe { links }) => {
-                                membership.shard.do_send(SetLinks { page: membership.page.clone(), conn, links });
-                            }
-                            Err(e) => {
-                                m::error_sent(e.code);
-                                if !send(&mut session, e.to_json().into(), ws.client_timeout).await {
-                                    break (CloseKind::Abrupt, None);
-                                }
-                            }
-                        }
-                    }
-                    Some(Ok(AggregatedMessage::Binary(_))) => {
-                        break (CloseKind::Binary, Some(reason(close::UNSUPPORTED, "binary frames are not supported")));
-                    }
-                    Some(Ok(AggregatedMessage::Ping(bytes))) => {
-                        if !control(&mut session, Some(bytes), ws.client_timeout).await {
-                            break (CloseKind::Abrupt, None);
-                        }
-                    }
-                    Some(Ok(AggregatedMessage::Pong(_))) => {}
-                    Some(Ok(AggregatedMessage::Close(r))) => break (CloseKind::ClientClose, Some(r)),
-                    Some(Err(WsError::Overflow)) => {
-                        break (CloseKind::TooBig, Some(reason(close::TOO_BIG, "message larger than max_message_bytes")));
-                    }
-                    Some(Err(WsError::Io(e))) if e.to_string().contains("maximum continuation size") => {
-                        break (CloseKind::TooBig, Some(reason(close::TOO_BIG, "message larger than max_message_bytes")));
-                    }
-                    Some(Err(e)) => {
-                        tracing::debug!(page = %membership.page, conn, error = %e, "protocol error");
-                        // A read error is a connection that died, not a protocol violation.
-                        let kind = if matches!(e, WsError::Io(_)) { CloseKind::Abrupt } else { CloseKind::ProtocolError };
-                        break (kind, Some(reason(close::PROTOCOL_ERROR, "protocol error")));
-                    }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(_) => return Err(Ending::gone()),
+            }
+        }
+        self.wbuf = BytesMut::new();
+        Ok(())
+    }
+
+    /// Reads what the socket has and handles every complete frame.
+    fn read(&mut self) -> Result<(), Ending> {
+        self.rbuf.reserve(READ_CHUNK);
+        match self.io.try_read_buf(&mut self.rbuf) {
+            Ok(0) => return Err(Ending::gone()),
+            Ok(_) => self.last_seen = Instant::now(),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(_) => return Err(Ending::gone()),
+        }
+        let r = self.decode();
+        if self.rbuf.is_empty() {
+            self.rbuf = BytesMut::new();
+        }
+        r
+    }
+
+    /// Decodes and handles every complete frame in the read buffer,
+    /// refusing an oversized one from its header.
+    fn decode(&mut self) -> Result<(), Ending> {
+        let max = self.joined.settings.websocket.max_message_bytes as u64;
+        loop {
+            if let Some((opcode, len)) = frame_header(&self.rbuf) {
+                let before = match (opcode, &self.message) {
+                    (OPCODE_CONTINUATION, Some(m)) => m.len() as u64,
+                    _ => 0,
+                };
+                if before.saturating_add(len) > max {
+                    return Err(too_big());
                 }
             }
-            _ = &mut deadline => {
-                let due = last_seen + ws.client_timeout;
-                if due > Instant::now() {
-                    deadline.as_mut().reset(due);
-                    continue;
-                }
-                tracing::debug!(page = %membership.page, conn, "client timed out");
-                break (CloseKind::Timeout, Some(reason(close::NORMAL, "client timeout")));
-            }
-            _ = heartbeat.tick() => {
-                if !control(&mut session, None, ws.client_timeout).await {
-                    break (CloseKind::Abrupt, None);
+            match self.codec.decode(&mut self.rbuf) {
+                Ok(Some(frame)) => self.on_frame(frame)?,
+                Ok(None) => return Ok(()),
+                Err(WsError::Overflow) => return Err(too_big()),
+                Err(e) => {
+                    let page = &self.joined.membership.page;
+                    tracing::debug!(page = %page, conn = self.joined.membership.conn, error = %e, "protocol error");
+                    return Err(Ending::new(
+                        CloseKind::ProtocolError,
+                        close::PROTOCOL_ERROR,
+                        "protocol error",
+                    ));
                 }
             }
         }
-    };
+    }
 
-    // Stop counting first, then say goodbye.
-    membership.leave(kind);
-    tracing::debug!(page = %membership.page, conn, reason = kind.as_str(), "disconnected");
-    if let Some(r) = close_with {
-        // Boxed: this state exists once per connection, at its end; inline
-        // it would make every idle connection's task ~580 bytes larger.
-        let _ = Box::pin(bounded(session.close(r), CLOSE_WRITE_TIMEOUT)).await;
+    fn on_frame(&mut self, frame: Frame) -> Result<(), Ending> {
+        match frame {
+            Frame::Text(payload) => self.on_message(payload),
+            Frame::Continuation(Item::FirstText(part)) => {
+                self.message = Some(BytesMut::from(&part[..]));
+                Ok(())
+            }
+            Frame::Continuation(Item::Continue(part)) => {
+                if let Some(m) = &mut self.message {
+                    m.extend_from_slice(&part);
+                }
+                Ok(())
+            }
+            Frame::Continuation(Item::Last(part)) => match self.message.take() {
+                Some(mut m) => {
+                    m.extend_from_slice(&part);
+                    self.on_message(m.freeze())
+                }
+                // The rest of a binary message (its first part closed the connection).
+                None => Ok(()),
+            },
+            Frame::Binary(_) | Frame::Continuation(Item::FirstBinary(_)) => Err(Ending::new(
+                CloseKind::Binary,
+                close::UNSUPPORTED,
+                "binary frames are not supported",
+            )),
+            Frame::Ping(payload) => {
+                self.spend_token()?;
+                self.pong = Some(payload);
+                Ok(())
+            }
+            Frame::Pong(_) => Ok(()),
+            Frame::Close(reason) => Err(Ending {
+                kind: CloseKind::ClientClose,
+                // Echo the client's code (RFC 6455 §5.5.1).
+                close: Some(reason.unwrap_or(CloseCode::Normal.into())),
+            }),
+        }
+    }
+
+    /// Every data message and ping spends a token; over the rate the
+    /// message is refused (`Ok(false)`), and a client that keeps on is closed.
+    fn spend_token(&mut self) -> Result<bool, Ending> {
+        if self.bucket.try_take(std::time::Instant::now()) {
+            self.strikes = 0;
+            return Ok(true);
+        }
+        self.strikes += 1;
+        let limits = &self.joined.settings.limits;
+        if self.strikes >= limits.flood_strikes {
+            let page = &self.joined.membership.page;
+            let ip = self.joined.permit.ip();
+            tracing::info!(page = %page, conn = self.joined.membership.conn, %ip, "message flood; closing");
+            return Err(Ending::new(
+                CloseKind::RateLimited,
+                close::POLICY,
+                "message rate limit exceeded repeatedly",
+            ));
+        }
+        self.reply(ProtocolError::new(
+            "rate_limited",
+            format!(
+                "more than {} messages per second; message ignored",
+                limits.messages_per_second
+            ),
+        ));
+        Ok(false)
+    }
+
+    /// A complete text message.
+    fn on_message(&mut self, payload: Bytes) -> Result<(), Ending> {
+        m::message_in();
+        if !self.spend_token()? {
+            return Ok(());
+        }
+        let Ok(text) = std::str::from_utf8(&payload) else {
+            return Err(Ending::new(
+                CloseKind::InvalidUtf8,
+                close::INVALID_PAYLOAD,
+                "text message is not valid UTF-8",
+            ));
+        };
+        let max_links = self.joined.settings.websocket.max_links_per_subscribe;
+        match parse_client_message(text, max_links) {
+            Ok(ClientMessage::Subscribe { links }) => {
+                let ms = &self.joined.membership;
+                ms.shard.do_send(SetLinks {
+                    page: ms.page.clone(),
+                    conn: ms.conn,
+                    links,
+                });
+            }
+            Err(e) => self.reply(e),
+        }
+        Ok(())
+    }
+
+    /// Answers the client with an `error` message, unless output is backed up.
+    fn reply(&mut self, e: ProtocolError) {
+        m::error_sent(e.code);
+        if self.wbuf.len() < REPLY_BACKLOG {
+            if self.wbuf.is_empty() {
+                self.last_progress = Instant::now();
+            }
+            self.text(e.to_json().into());
+        }
+    }
+
+    /// Stops counting, then says goodbye: the close frame (after any
+    /// refusal text already encoded), written within `close_timeout`; then
+    /// the TCP connection is closed, at once if the client started the
+    /// close, else when the client answers (or closes) or `close_timeout`
+    /// passes.
+    async fn close(mut self, ending: Ending) {
+        self.joined.membership.leave(ending.kind);
+        tracing::debug!(
+            page = %self.joined.membership.page,
+            conn = self.joined.membership.conn,
+            reason = ending.kind.as_str(),
+            "disconnected"
+        );
+        let Some(reason) = ending.close else { return };
+        let deadline = Instant::now() + self.joined.settings.websocket.close_timeout;
+        self.encode(Message::Close(Some(reason)));
+        let written = timeout_at(deadline, async {
+            loop {
+                if self.flush().is_err() {
+                    return false;
+                }
+                if self.wbuf.is_empty() {
+                    return true;
+                }
+                if self.io.writable().await.is_err() {
+                    return false;
+                }
+            }
+        })
+        .await;
+        if written != Ok(true) || ending.kind == CloseKind::ClientClose {
+            return;
+        }
+        // Our close is out: half-close, then wait for the client's Close
+        // frame (or its end of the stream), keeping at most one frame.
+        let _ = timeout_at(deadline, async {
+            let _ = tokio::io::AsyncWriteExt::shutdown(&mut self.io).await;
+            while self.io.readable().await.is_ok() {
+                match self.await_close() {
+                    Some(true) => return,
+                    Some(false) => break,
+                    None => {}
+                }
+            }
+            // The client keeps sending what cannot be parsed (the rest of an
+            // oversized frame): discard it until it stops or time runs out.
+            let mut scratch = vec![0u8; READ_CHUNK];
+            while self.io.readable().await.is_ok() {
+                match self.io.try_read(&mut scratch) {
+                    Ok(0) => return,
+                    Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(_) => return,
+                }
+            }
+        })
+        .await;
+    }
+
+    /// While closing: reads, and looks for the client's Close frame among
+    /// the frames that came. `Some(true)`: it came, or the stream ended;
+    /// `Some(false)`: what came cannot be parsed; `None`: not yet.
+    fn await_close(&mut self) -> Option<bool> {
+        let max = self.joined.settings.websocket.max_message_bytes as u64;
+        self.rbuf.reserve(READ_CHUNK);
+        match self.io.try_read_buf(&mut self.rbuf) {
+            Ok(0) => return Some(true),
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return None,
+            Err(_) => return Some(true),
+        }
+        loop {
+            if frame_header(&self.rbuf).is_some_and(|(_, len)| len > max) {
+                return Some(false);
+            }
+            match self.codec.decode(&mut self.rbuf) {
+                Ok(Some(Frame::Close(_))) => return Some(true),
+                Ok(Some(_)) => {}
+                Ok(None) => return None,
+                Err(_) => return Some(false),
+            }
+        }
+    }
+}
+
+fn too_big() -> Ending {
+    Ending::new(
+        CloseKind::TooBig,
+        close::TOO_BIG,
+        "message larger than max_message_bytes",
+    )
+}
+
+/// Opcode of a continuation frame (RFC 6455 §5.2).
+const OPCODE_CONTINUATION: u8 = 0x0;
+
+/// The opcode and declared payload length of the frame at the start of
+/// `buf`, once its length field has arrived. Only the length is read here,
+/// so an oversized frame is refused before its payload is buffered;
+/// actix-http's codec parses (and validates) the frame itself.
+fn frame_header(buf: &[u8]) -> Option<(u8, u64)> {
+    let opcode = buf.first()? & 0x0f;
+    let len = match buf.get(1)? & 0x7f {
+        126 => u64::from(u16::from_be_bytes(buf.get(2..4)?.try_into().ok()?)),
+        127 => u64::from_be_bytes(buf.get(2..10)?.try_into().ok()?),
+        n => u64::from(n),
+    };
+    Some((opcode, len))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::frame_header;
+
+    #[test]
+    fn declared_lengths_are_read_from_every_header_form() {
+        assert_eq!(frame_header(&[0x81]), None);
+        assert_eq!(frame_header(&[0x81, 0x85]), Some((1, 5)));
+        assert_eq!(frame_header(&[0x80, 0xfe, 0x01]), None);
+        assert_eq!(frame_header(&[0x80, 0xfe, 0x01, 0x00]), Some((0, 256)));
+        let mut big = vec![0x81, 0xff];
+        big.extend_from_slice(&(1u64 << 30).to_be_bytes());
+        assert_eq!(frame_header(&big[..9]), None);
+        assert_eq!(frame_header(&big), Some((1, 1 << 30)));
     }
 }

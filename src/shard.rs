@@ -22,8 +22,9 @@ use actix::prelude::*;
 use crate::{
     config::Settings,
     counter::{Counter, SetShards, ShardRooms},
+    delivery::End,
     protocol::{close, PageId, ProtocolError},
-    room::{Join, Leave, Outbound, PageRoom, Refusal, ReportState, SaveRecord, SetLinks, StopRoom},
+    room::{Join, Leave, PageRoom, ReportState, SaveRecord, SetLinks, StopRoom},
     storage::Storage,
 };
 
@@ -126,7 +127,7 @@ impl Handler<Join> for Shard {
     type Result = ();
     fn handle(&mut self, msg: Join, ctx: &mut Context<Self>) {
         if self.closing && !self.rooms.contains_key(&msg.page) {
-            msg.tx.tell(Outbound::Shutdown);
+            msg.mailbox.end(End::Shutdown);
             return;
         }
         if !self.rooms.contains_key(&msg.page) {
@@ -140,11 +141,11 @@ impl Handler<Join> for Shard {
                     "overloaded",
                     "the server holds the most pages it may; try again later",
                 );
-                msg.tx.tell(Outbound::Refuse(Box::new(Refusal {
+                msg.mailbox.end(End::Refuse {
                     error: error.to_json().into(),
                     code: close::TRY_AGAIN_LATER,
                     reason: "overloaded: room limit reached",
-                })));
+                });
                 return;
             }
             let uid = NEXT_ROOM_UID.fetch_add(1, Ordering::Relaxed);

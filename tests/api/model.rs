@@ -9,14 +9,15 @@ use std::{
     time::Duration,
 };
 
-use bytestring::ByteString;
+use std::sync::Arc;
+
 use link_counter::{
     counter::{GetStatus, InjectFault, SweepNow},
+    delivery::Mailbox,
     protocol::PageId,
-    room::{Join, Leave, Outbound, Outbox, SetLinks},
+    room::{Join, Leave, SetLinks},
 };
 use proptest::{prelude::*, test_runner::TestRunner};
-use tokio::sync::mpsc;
 
 use crate::helpers::{spawn_app, TestApp};
 
@@ -50,7 +51,8 @@ fn op() -> impl Strategy<Value = Op> {
 struct FakeConn {
     id: u64,
     page: usize,
-    rx: Option<mpsc::Receiver<Outbound>>,
+    /// Its mailbox, read the way a session reads it (merged latest values).
+    rx: Option<Arc<Mailbox>>,
     links: BTreeSet<usize>,
     shown: BTreeMap<String, u64>,
 }
@@ -89,7 +91,7 @@ impl Model<'_> {
         let pick = |n: usize, len: usize| if len == 0 { None } else { Some(n % len) };
         match op {
             Op::Connect(p) => {
-                let (tx, rx) = mpsc::channel(64);
+                let rx = Mailbox::new();
                 let id = NEXT.fetch_add(1, Ordering::Relaxed);
                 let page = self.names[*p].clone();
                 self.app
@@ -99,8 +101,7 @@ impl Model<'_> {
                     .do_send(Join {
                         page,
                         conn: id,
-                        tx: Outbox::queue(tx),
-                        writer: None,
+                        mailbox: rx.clone(),
                     });
                 self.open.push(FakeConn {
                     id,
@@ -181,8 +182,17 @@ impl Model<'_> {
             let rx = c.rx.as_mut().expect("open connections keep their receiver");
             let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
             while want.iter().any(|(k, v)| c.shown.get(k) != Some(v)) {
-                let msg = tokio::time::timeout_at(deadline, rx.recv()).await;
-                let Ok(Some(Outbound::Text(frame) | Outbound::Update(frame))) = msg else {
+                let ready = tokio::time::timeout_at(deadline, rx.ready()).await;
+                let taken = rx.take();
+                if let Some(end) = &taken.end {
+                    return Err(format!("conn {} was told to end: {end:?}", c.id));
+                }
+                if let Some((text, _)) = taken.update {
+                    apply(&mut c.shown, &text)?;
+                    continue;
+                }
+                // A wake-up can come for values an earlier take already got.
+                if ready.is_err() {
                     let ids: Vec<&str> = names.iter().map(|n| &**n).collect();
                     let q = format!("/api/v1/counts?ids={}", ids.join(","));
                     let server = crate::helpers::http_get(self.app.addr, &q).await.1;
@@ -190,15 +200,14 @@ impl Model<'_> {
                         "conn {} on {} shows {:?}, truth {:?}; the server counts {server}",
                         c.id, names[c.page], c.shown, want
                     ));
-                };
-                apply(&mut c.shown, &frame.text)?;
+                }
             }
         }
         Ok(())
     }
 }
 
-fn apply(shown: &mut BTreeMap<String, u64>, text: &ByteString) -> Result<(), String> {
+fn apply(shown: &mut BTreeMap<String, u64>, text: &str) -> Result<(), String> {
     let v: serde_json::Value = serde_json::from_str(text).map_err(|e| e.to_string())?;
     if v["type"] != "update" {
         return Err(format!("unexpected message {v}"));

@@ -1,0 +1,284 @@
+//! What a connection has to be told, held as state: the hand-over point
+//! between a page room (and its shard), which write, and the connection's
+//! session, which takes and sends.
+//!
+//! Counts are state, not a message queue. A connection's [`Mailbox`] holds
+//! the latest value of each id that changed since the session last took it
+//! (at most the connection's link count), the latest notice (an `error`
+//! message from its room) and the terminal instruction (refuse or shut
+//! down). A room never waits on a connection and never cuts one off for
+//! being behind: while the session cannot write, new counts merge into what
+//! is pending, and its next frame carries the merged latest values.
+
+use std::{
+    sync::{Arc, Mutex, MutexGuard},
+    time::Instant,
+};
+
+use bytestring::ByteString;
+use tokio::sync::Notify;
+
+use crate::protocol::{update_json, PageId};
+
+/// A connection's id, unique in the process.
+pub type ConnId = u64;
+
+/// One `update` message built by a room, shared by every connection it
+/// goes to (each distinct payload is serialized once).
+#[derive(Debug)]
+pub struct Update {
+    /// The serialized message.
+    pub text: ByteString,
+    /// Its values, for merging with a later update that arrives before the
+    /// session took this one.
+    pub values: Vec<(PageId, u64)>,
+    /// When the oldest change it carries was applied at the counter (the
+    /// publish-lag histogram); `None` for a full update.
+    pub since: Option<Instant>,
+}
+
+impl Update {
+    /// An update of `values`, serialized now.
+    pub fn new(values: Vec<(PageId, u64)>, since: Option<Instant>) -> Arc<Update> {
+        let text = update_json(values.iter().map(|(id, n)| (&**id, *n))).into();
+        Arc::new(Update {
+            text,
+            values,
+            since,
+        })
+    }
+}
+
+/// The terminal instruction for a connection.
+#[derive(Debug, Clone)]
+pub enum End {
+    /// Send this `error` message, then close with `code` and `reason`.
+    Refuse {
+        error: ByteString,
+        code: u16,
+        reason: &'static str,
+    },
+    /// The server is shutting down: close with 1001.
+    Shutdown,
+}
+
+/// Pending counts of a connection.
+#[derive(Debug, Default)]
+enum Counts {
+    /// Nothing to send.
+    #[default]
+    Nothing,
+    /// One update as its room built it (the usual case: sent as is).
+    One(Arc<Update>),
+    /// Several updates merged: the latest value of each id, in the order
+    /// the ids first changed.
+    Merged {
+        values: Vec<(PageId, u64)>,
+        since: Option<Instant>,
+    },
+}
+
+#[derive(Debug, Default)]
+struct Pending {
+    counts: Counts,
+    notice: Option<ByteString>,
+    end: Option<End>,
+}
+
+/// What a session takes from its mailbox in one go.
+#[derive(Debug, Default)]
+pub struct Taken {
+    /// The terminal instruction, if any (then nothing else matters).
+    pub end: Option<End>,
+    /// An `error` message to send before the counts.
+    pub notice: Option<ByteString>,
+    /// An update to send: its text and the publish time of its oldest change.
+    pub update: Option<(ByteString, Option<Instant>)>,
+}
+
+impl Taken {
+    /// Nothing was pending.
+    pub fn is_empty(&self) -> bool {
+        self.end.is_none() && self.notice.is_none() && self.update.is_none()
+    }
+}
+
+/// A connection's pending output (see the module doc). The room holds one
+/// `Arc` (in its connection entry), the session the other.
+#[derive(Debug, Default)]
+pub struct Mailbox {
+    /// The pending state; locked only to merge or take, never across an await.
+    pending: Mutex<Pending>,
+    /// Wakes the session when something became pending.
+    ready: Notify,
+}
+
+impl Mailbox {
+    /// An empty mailbox.
+    pub fn new() -> Arc<Mailbox> {
+        Arc::new(Mailbox::default())
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Pending> {
+        // A panic while holding this lock cannot leave it inconsistent
+        // (every update is a single assignment), so poisoning is ignored.
+        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Merges a delta: each of its ids takes its new value.
+    pub fn update(&self, update: &Arc<Update>) {
+        {
+            let mut p = self.lock();
+            if p.end.is_some() {
+                return;
+            }
+            match &mut p.counts {
+                Counts::Nothing => p.counts = Counts::One(update.clone()),
+                Counts::One(first) => {
+                    let mut values = first.values.clone();
+                    merge(&mut values, &update.values);
+                    let since = oldest(first.since, update.since);
+                    p.counts = Counts::Merged { values, since };
+                }
+                Counts::Merged { values, since } => {
+                    merge(values, &update.values);
+                    *since = oldest(*since, update.since);
+                }
+            }
+        }
+        self.ready.notify_one();
+    }
+
+    /// Replaces whatever counts are pending with a full update of the
+    /// connection's (new) link set: it carries the latest value of every id
+    /// the connection follows, and ids it no longer follows are dropped.
+    pub fn replace(&self, full: Arc<Update>) {
+        {
+            let mut p = self.lock();
+            if p.end.is_some() {
+                return;
+            }
+            p.counts = Counts::One(full);
+        }
+        self.ready.notify_one();
+    }
+
+    /// Sets the notice to send (an `error` message); a later one replaces it.
+    pub fn notice(&self, text: ByteString) {
+        {
+            let mut p = self.lock();
+            if p.end.is_some() {
+                return;
+            }
+            p.notice = Some(text);
+        }
+        self.ready.notify_one();
+    }
+
+    /// Sets the terminal instruction; the first one stands.
+    pub fn end(&self, end: End) {
+        {
+            let mut p = self.lock();
+            if p.end.is_some() {
+                return;
+            }
+            p.end = Some(end);
+        }
+        self.ready.notify_one();
+    }
+
+    /// Takes everything pending, leaving the mailbox empty (but ended, if it was).
+    pub fn take(&self) -> Taken {
+        let mut p = self.lock();
+        if let Some(end) = p.end.clone() {
+            p.counts = Counts::Nothing;
+            p.notice = None;
+            return Taken {
+                end: Some(end),
+                ..Taken::default()
+            };
+        }
+        let update = match std::mem::take(&mut p.counts) {
+            Counts::Nothing => None,
+            Counts::One(u) => Some((u.text.clone(), u.since)),
+            Counts::Merged { values, since } => Some((
+                update_json(values.iter().map(|(id, n)| (&**id, *n))).into(),
+                since,
+            )),
+        };
+        Taken {
+            end: None,
+            notice: p.notice.take(),
+            update,
+        }
+    }
+
+    /// Waits until something may be pending (a wake-up stored while nobody
+    /// waited completes this at once).
+    pub async fn ready(&self) {
+        self.ready.notified().await;
+    }
+}
+
+fn merge(values: &mut Vec<(PageId, u64)>, new: &[(PageId, u64)]) {
+    for (id, n) in new {
+        match values.iter_mut().find(|(v, _)| v == id) {
+            Some(slot) => slot.1 = *n,
+            None => values.push((id.clone(), *n)),
+        }
+    }
+}
+
+fn oldest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn up(values: &[(&str, u64)]) -> Arc<Update> {
+        Update::new(
+            values.iter().map(|(k, v)| (PageId::from(*k), *v)).collect(),
+            None,
+        )
+    }
+
+    #[test]
+    fn deltas_merge_to_the_latest_value_of_each_id() {
+        let m = Mailbox::new();
+        m.update(&up(&[("a", 1), ("b", 1)]));
+        m.update(&up(&[("a", 2)]));
+        m.update(&up(&[("c", 5), ("a", 3)]));
+        let t = m.take();
+        assert_eq!(
+            t.update.map(|u| u.0.to_string()).as_deref(),
+            Some(r#"{"type":"update","connections":{"a":3,"b":1,"c":5}}"#)
+        );
+        assert!(m.take().is_empty());
+    }
+
+    #[test]
+    fn a_full_update_replaces_pending_deltas_and_an_end_wins() {
+        let m = Mailbox::new();
+        m.update(&up(&[("gone", 1)]));
+        m.replace(up(&[("x", 4)]));
+        m.notice("oops".into());
+        let t = m.take();
+        assert_eq!(t.notice.as_deref(), Some("oops"));
+        assert_eq!(
+            t.update.map(|u| u.0.to_string()).as_deref(),
+            Some(r#"{"type":"update","connections":{"x":4}}"#)
+        );
+        m.update(&up(&[("x", 5)]));
+        m.end(End::Shutdown);
+        m.update(&up(&[("x", 6)]));
+        let t = m.take();
+        assert!(matches!(t.end, Some(End::Shutdown)));
+        assert!(t.update.is_none());
+        assert!(matches!(m.take().end, Some(End::Shutdown)));
+    }
+}

@@ -10,6 +10,7 @@ mod nginx;
 mod ops;
 mod persistence;
 mod protocol;
+mod publish;
 
 /// Waits until the API shows `n` live connections on `page`.
 pub async fn lifecycle_wait(app: &helpers::TestApp, page: &str, n: u64) {

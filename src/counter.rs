@@ -1,5 +1,7 @@
 //! The `Counter`: the singleton that knows every page's live count and which
-//! rooms follow it, applies changes at once and publishes them coalesced.
+//! rooms follow it, applies changes at once and publishes them: at once when
+//! nothing went out in the last `broadcast_interval`, else coalesced into one
+//! publish an interval after the last (see [`Counter::publish_soon`]).
 //!
 //! It runs on its own arbiter under [`actix::Supervisor`]. Its handlers never
 //! panic; when one finds its state inconsistent (or a test injects a fault) it
@@ -182,7 +184,7 @@ struct PageEntry {
     published: u64,
     /// A subscriber was answered with a value other than `published` since
     /// the last publish, so the next change must go out even if it returns
-    /// to `published` (1 -> 0 -> 1 within one tick).
+    /// to `published` (1 -> 0 -> 1 within one interval).
     told_other: bool,
     /// Rooms (by uid) that follow this page.
     subscribers: HashSet<u64>,
@@ -272,11 +274,17 @@ pub struct Counter {
     resync: Option<Resync>,
     /// When the oldest change not yet published was applied (publish-lag metric).
     oldest_change: Option<Instant>,
+    /// When a publish last sent anything (to a room or the cluster module),
+    /// or a rebuild sent the full counts: the start of the current interval.
+    last_publish: Option<Instant>,
+    /// A coalesced publish is scheduled (`run_later`) for the end of the
+    /// interval that started at `last_publish`.
+    publish_scheduled: bool,
     /// Connections opened since the process started (`/api/v1/stats`).
     opened_total: u64,
     /// Cluster mode: the module that shares counts through Redis.
     cluster: Option<Addr<Cluster>>,
-    /// Cluster mode: pages whose local count changed since the last tick.
+    /// Cluster mode: pages whose local count changed since the last publish.
     local_changed: HashSet<PageId>,
     /// Cluster mode: pages being loaded from the cluster, by `Follow` request.
     loading: HashMap<PageId, u64>,
@@ -299,6 +307,8 @@ impl Counter {
             epoch: 0,
             resync: None,
             oldest_change: None,
+            last_publish: None,
+            publish_scheduled: false,
             opened_total: 0,
             cluster: None,
             local_changed: HashSet::new(),
@@ -404,7 +414,8 @@ impl Counter {
     }
 
     /// Current counts for a new follower; remembers when it was told a
-    /// value that the other followers have not been told yet.
+    /// value that the other followers have not been told yet (the caller
+    /// then calls [`Counter::publish_soon`], after sending the answer).
     fn answer(&mut self, links: &[PageId]) -> Vec<(PageId, u64)> {
         for l in links {
             if let Some(e) = self.pages.get_mut(l) {
@@ -417,13 +428,47 @@ impl Counter {
         self.counts_of(links)
     }
 
-    /// Publishes every changed count: one message per subscriber room.
+    /// To be called after every change recorded in `changed` or
+    /// `local_changed`. Leading edge: if nothing was published in the last
+    /// `broadcast_interval`, publishes now. Otherwise makes sure one publish
+    /// is scheduled for `last_publish + broadcast_interval`, which takes every
+    /// change made until then. So a burst of changes costs one publish now
+    /// and one an interval later, and every room and the cluster module get
+    /// at most one message per interval (plus a rebuild's full counts).
+    /// Nothing during a rebuild: its completion sends the full state.
+    fn publish_soon(&mut self, ctx: &mut Context<Self>) {
+        if self.publish_scheduled || self.resync.is_some() {
+            return;
+        }
+        if self.changed.is_empty() && self.local_changed.is_empty() {
+            return;
+        }
+        let interval = self.settings.counter.broadcast_interval;
+        let now = Instant::now();
+        match self.last_publish {
+            Some(last) if now.duration_since(last) < interval => {
+                self.publish_scheduled = true;
+                ctx.run_later(last + interval - now, |act, _| {
+                    act.publish_scheduled = false;
+                    act.publish();
+                });
+            }
+            _ => self.publish(),
+        }
+    }
+
+    /// Publishes every changed count: one message per subscriber room (and,
+    /// in cluster mode, one to the cluster module). Called only through
+    /// [`Counter::publish_soon`] and the publish it schedules.
     fn publish(&mut self) {
         if self.resync.is_some() {
             return;
         }
-        self.publish_local();
+        let sent_local = self.publish_local();
         if self.changed.is_empty() {
+            if sent_local {
+                self.last_publish = Some(Instant::now());
+            }
             return;
         }
         let since = self.oldest_change.take();
@@ -445,6 +490,11 @@ impl Counter {
             }
         }
         crate::metrics::counts_published(published);
+        // A publish that sent nothing (changes that cancelled out, pages
+        // nobody follows) does not start an interval: it cost no one a message.
+        if sent_local || !outbox.is_empty() {
+            self.last_publish = Some(Instant::now());
+        }
         for (room, changes) in outbox {
             if let Some(f) = self.followers.get(&room) {
                 f.addr.do_send(Counts { changes, since });
@@ -452,12 +502,12 @@ impl Counter {
         }
     }
 
-    /// Cluster mode: sends the local counts that changed since the last tick
-    /// (one message per tick at most).
-    fn publish_local(&mut self) {
+    /// Cluster mode: sends the local counts that changed since the last
+    /// publish (so at most one message per interval); true if it sent one.
+    fn publish_local(&mut self) -> bool {
         let Some(cluster) = &self.cluster else {
             self.local_changed.clear();
-            return;
+            return false;
         };
         let mut changes = Vec::new();
         for page in self.local_changed.drain() {
@@ -468,12 +518,14 @@ impl Counter {
                 }
             }
         }
-        if !changes.is_empty() {
-            cluster.do_send(cluster::LocalCounts {
-                changes,
-                full: false,
-            });
+        if changes.is_empty() {
+            return false;
         }
+        cluster.do_send(cluster::LocalCounts {
+            changes,
+            full: false,
+        });
+        true
     }
 
     /// Cluster mode, after a rebuild: the whole local state and followed set.
@@ -647,6 +699,9 @@ impl Counter {
         }
         self.changed.clear();
         self.oldest_change = None;
+        // The full counts below are this interval's publish: a change right
+        // after waits for the end of the interval (`publish_soon`).
+        self.last_publish = Some(Instant::now());
         self.resend_cluster_state();
         for f in self.followers.values() {
             let links: Vec<PageId> = f.links.iter().cloned().collect();
@@ -671,7 +726,7 @@ impl Counter {
 
     /// Cluster mode: sends the held subscribe answers that are complete (or
     /// waited [`LOAD_DEADLINE`]).
-    fn release_awaiting(&mut self) {
+    fn release_awaiting(&mut self, ctx: &mut Context<Self>) {
         if self.awaiting.is_empty() || self.resync.is_some() {
             return;
         }
@@ -688,6 +743,8 @@ impl Counter {
                 req: a.req,
             });
         }
+        // After the answers: a room hears of a newer value only after its answer.
+        self.publish_soon(ctx);
     }
 
     /// Stops on an internal inconsistency; the supervisor rebuilds.
@@ -703,14 +760,13 @@ impl Actor for Counter {
     fn started(&mut self, ctx: &mut Context<Self>) {
         self.generation += 1;
         let s = &self.settings;
-        ctx.run_interval(s.counter.broadcast_interval, |act, _| act.publish());
         ctx.run_interval(s.storage.snapshot_interval, |act, _| act.snapshot(false));
         ctx.run_interval(s.counter.sweep_interval, |act, _| {
             act.sweep();
         });
-        ctx.run_interval(Duration::from_millis(100), |act, _| {
+        ctx.run_interval(Duration::from_millis(100), |act, ctx| {
             act.check_resync();
-            act.release_awaiting();
+            act.release_awaiting(ctx);
         });
         if self.generation > 1 {
             self.begin_resync();
@@ -749,6 +805,8 @@ impl Supervised for Counter {
         self.local_changed.clear();
         self.loading.clear();
         self.resync = None;
+        // The restart dropped the context's timers, a scheduled publish too.
+        self.publish_scheduled = false;
     }
 }
 
@@ -768,7 +826,7 @@ impl Handler<SetCluster> for Counter {
 
 impl Handler<cluster::RemoteCounts> for Counter {
     type Result = ();
-    fn handle(&mut self, msg: cluster::RemoteCounts, _: &mut Context<Self>) {
+    fn handle(&mut self, msg: cluster::RemoteCounts, ctx: &mut Context<Self>) {
         for (page, sum) in msg.changes {
             if self.resync.is_some() {
                 // Rooms are still re-reporting which pages they follow; pages
@@ -784,12 +842,13 @@ impl Handler<cluster::RemoteCounts> for Counter {
                 }
             }
         }
+        self.publish_soon(ctx);
     }
 }
 
 impl Handler<cluster::Loaded> for Counter {
     type Result = ();
-    fn handle(&mut self, msg: cluster::Loaded, _: &mut Context<Self>) {
+    fn handle(&mut self, msg: cluster::Loaded, ctx: &mut Context<Self>) {
         if let Some(r) = &mut self.resync {
             if r.remote_req == Some(msg.req) {
                 r.remote_req = None;
@@ -800,20 +859,21 @@ impl Handler<cluster::Loaded> for Counter {
         for a in &mut self.awaiting {
             a.waiting.remove(&msg.req);
         }
-        self.release_awaiting();
+        self.release_awaiting(ctx);
     }
 }
 
 impl Handler<RoomCount> for Counter {
     type Result = ();
-    fn handle(&mut self, msg: RoomCount, _: &mut Context<Self>) {
+    fn handle(&mut self, msg: RoomCount, ctx: &mut Context<Self>) {
         self.set_count(&msg.page, msg.count, msg.opened);
+        self.publish_soon(ctx);
     }
 }
 
 impl Handler<Subscribe> for Counter {
     type Result = ();
-    fn handle(&mut self, msg: Subscribe, _: &mut Context<Self>) {
+    fn handle(&mut self, msg: Subscribe, ctx: &mut Context<Self>) {
         // Links to pages not yet tracked are refused once `max_pages` is reached.
         let max = self.settings.limits.max_pages;
         let (mut accepted, mut refused) = (Vec::with_capacity(msg.links.len()), Vec::new());
@@ -859,6 +919,8 @@ impl Handler<Subscribe> for Counter {
             refused,
             req: msg.req,
         });
+        // After the answer: a room hears of a newer value only after its answer.
+        self.publish_soon(ctx);
     }
 }
 
@@ -871,7 +933,7 @@ impl Handler<Unsubscribe> for Counter {
 
 impl Handler<RoomState> for Counter {
     type Result = ();
-    fn handle(&mut self, msg: RoomState, _: &mut Context<Self>) {
+    fn handle(&mut self, msg: RoomState, ctx: &mut Context<Self>) {
         // Replace what is known of this room with its own account.
         let old: Vec<PageId> = self
             .followers
@@ -896,6 +958,8 @@ impl Handler<RoomState> for Counter {
             }
         }
         self.check_resync();
+        // A report after the rebuild completed (past its deadline) is a change.
+        self.publish_soon(ctx);
     }
 }
 

@@ -10,6 +10,7 @@ mod nginx;
 mod ops;
 mod persistence;
 mod protocol;
+mod publish;
 mod websocket;
 
 /// Waits until the API shows `n` live connections on `page`.

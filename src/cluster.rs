@@ -11,8 +11,8 @@
 //! - `P nodes`: set of node ids (to discover dead ones).
 //! - `P node-pages:{id}`: set of pages where the node has a field (cleanup without SCAN).
 //! - `P reap:{id}`: `SET NX PX` claim, so one survivor deletes a dead node's fields.
-//! - `P ch:{k}`: pub/sub channel `k = fnv1a(page) % cluster.channels`. Once per
-//!   counter tick a node publishes, on each channel with changes, one JSON message
+//! - `P ch:{k}`: pub/sub channel `k = fnv1a(page) % cluster.channels`. At most once
+//!   per counter publish a node publishes, on each channel with changes, one JSON message
 //!   `{"node":id,"seq":n,"pages":[[page,count],…]}`; nodes subscribe only to the
 //!   channels of pages their rooms follow (reference-counted) and ignore other pages.
 //!
@@ -40,7 +40,7 @@ use crate::{config::Settings, counter::Counter, metrics as m, protocol::PageId};
 // ---------------------------------------------------------------- messages
 
 /// Counter -> cluster: this node's local counts that changed since the last
-/// tick (coalesced by the counter). With `full`, the list is the whole local
+/// publish (coalesced by the counter). With `full`, the list is the whole local
 /// state and every page not in it is 0 (sent after a counter rebuild).
 #[derive(Message, Debug)]
 #[rtype(result = "()")]
@@ -158,7 +158,7 @@ enum Cmd {
 /// The typed front of the cluster driver.
 pub struct Cluster {
     /// To the driver task (unbounded: the counter sends at most a few
-    /// messages per tick, and the driver drains them even while Redis is down).
+    /// messages per publish, and the driver drains them even while Redis is down).
     tx: mpsc::UnboundedSender<Cmd>,
 }
 

@@ -63,6 +63,8 @@ struct Shared {
     closes: Mutex<BTreeMap<(usize, String), u64>>,
     /// Updates naming an id the client does not follow, or unparsable text.
     unexpected: AtomicUsize,
+    /// Updates received by all clients.
+    updates: AtomicUsize,
     first_error: Mutex<Option<String>>,
 }
 
@@ -152,6 +154,7 @@ async fn client(
         };
         let why = match next {
             Some(Ok(Message::Text(t))) => {
+                shared.updates.fetch_add(1, Ordering::Relaxed);
                 match update_counts(&t) {
                     Some(counts) => {
                         for (id, n) in counts {
@@ -262,11 +265,13 @@ pub fn ramp(rt: &tokio::runtime::Runtime, smoke: bool, nofile: u64) {
         phase: AtomicUsize::new(PHASE_RAMP),
         closes: Mutex::default(),
         unexpected: AtomicUsize::new(0),
+        updates: AtomicUsize::new(0),
         first_error: Mutex::default(),
     });
     rt.block_on(async {
         let sem = Arc::new(tokio::sync::Semaphore::new(inflight));
         let mut tasks = Vec::with_capacity(n);
+        let (service_cpu0, client_cpu0) = (cpu_secs(pid), cpu_secs(std::process::id()));
         let started = Instant::now();
         for i in 0..n {
             let permit = sem.clone().acquire_owned().await.expect("semaphore");
@@ -276,6 +281,9 @@ pub fn ramp(rt: &tokio::runtime::Runtime, smoke: bool, nofile: u64) {
         let _all = sem.acquire_many(inflight as u32).await.expect("semaphore");
         let ramp_end = Instant::now();
         let ramp_secs = (ramp_end - started).as_secs_f64();
+        let ramp_updates = shared.updates.load(Ordering::Relaxed);
+        let service_cpu = 100.0 * (cpu_secs(pid) - service_cpu0) / ramp_secs;
+        let client_cpu = 100.0 * (cpu_secs(std::process::id()) - client_cpu0) / ramp_secs;
         shared.phase.store(PHASE_SETTLE, Ordering::Relaxed);
 
         // Converge: until every open client's view is exact (or the limit),
@@ -337,6 +345,9 @@ pub fn ramp(rt: &tokio::runtime::Runtime, smoke: bool, nofile: u64) {
             .s("inflight", inflight)
             .f("ramp_secs", ramp_secs)
             .f("connects_per_s", n as f64 / ramp_secs)
+            .f("ramp_updates_per_s", ramp_updates as f64 / ramp_secs)
+            .f("ramp_service_cpu_pct", service_cpu)
+            .f("ramp_client_cpu_pct", client_cpu)
             .s("open", open)
             .s("exact", exact)
             .s("not_exact", open - exact)

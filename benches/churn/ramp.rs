@@ -1,7 +1,7 @@
 //! `ramp`: a connect storm against the release binary, then a check that
 //! every client's view of its counts is exact.
 //!
-//! 15,000 clients (smoke: 500) open as fast as the service lets them (at most
+//! 15,000 clients (smoke: 500; `LC_BENCH_RAMP_CLIENTS`) open as fast as the service lets them (at most
 //! `LC_BENCH_RAMP_INFLIGHT` opening at once, default 512) over 100 pages,
 //! each subscribing to 3 other pages and reading every frame for the rest of
 //! the run, applying each update as "set these ids to these counts". Every
@@ -227,7 +227,12 @@ fn exactness(shared: &Shared) -> (usize, usize) {
 
 pub fn ramp(rt: &tokio::runtime::Runtime, smoke: bool, nofile: u64) {
     let fit = nofile.saturating_sub(1000) as usize;
-    let n = if smoke { 500 } else { 15_000.min(fit) };
+    // `LC_BENCH_RAMP_CLIENTS=N` overrides the number of clients.
+    let n = std::env::var("LC_BENCH_RAMP_CLIENTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(if smoke { 500 } else { 15_000 })
+        .min(fit);
     let inflight: usize = std::env::var("LC_BENCH_RAMP_INFLIGHT")
         .ok()
         .and_then(|v| v.parse().ok())

@@ -1,11 +1,14 @@
 //! The connection-churn bench suite (see BENCHMARKS.md).
 //!
 //! `cargo bench --bench churn [-- SCENARIO...]` with scenarios `churn`
-//! (service vs. in-bench ceiling), `propagation`, `memory`, `fanout`; none
-//! given runs all. `LC_BENCH_SMOKE=1` (or `--smoke`) runs every scenario at
+//! (service vs. the tokio-tungstenite and actix-http ceilings),
+//! `propagation`, `memory`, `fanout`, `ramp`, `oversize`; none given runs all. `LC_BENCH_SMOKE=1` (or `--smoke`) runs every scenario at
 //! tiny scale in a few seconds. Each scenario prints `BENCH ...` summary
 //! lines in logfmt (`key=value`), one per measured configuration.
 
+mod actix_ceiling;
+mod oversize;
+mod ramp;
 mod support;
 
 use std::{
@@ -49,13 +52,13 @@ const LINKS: usize = 5;
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    if args.first().map(String::as_str) == Some("--fanout-ceiling-server") {
-        let ms = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(50);
-        let policy = match args.get(2).map(String::as_str) {
-            Some("queue") => CeilingPolicy::Queue,
-            _ => CeilingPolicy::Latest,
-        };
-        run_fanout_ceiling(Duration::from_millis(ms), policy);
+    match args.first().map(String::as_str) {
+        Some("--fanout-ceiling-server") => {
+            let ms = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(50);
+            run_fanout_ceiling(Duration::from_millis(ms));
+        }
+        Some("--actix-ceiling-server") => actix_ceiling::run_actix_ceiling(),
+        _ => {}
     }
     let smoke = std::env::var("LC_BENCH_SMOKE").is_ok_and(|v| v != "0" && !v.is_empty())
         || args.iter().any(|a| a == "--smoke");
@@ -64,7 +67,14 @@ fn main() {
         .filter(|a| !a.starts_with('-'))
         .map(String::as_str)
         .collect();
-    let all = ["churn", "propagation", "memory", "fanout"];
+    let all = [
+        "churn",
+        "propagation",
+        "memory",
+        "fanout",
+        "ramp",
+        "oversize",
+    ];
     for w in &wanted {
         if !all.contains(w) {
             eprintln!("unknown scenario {w:?}; known: {all:?}");
@@ -97,6 +107,12 @@ fn main() {
     }
     if run("fanout") {
         fanout(&rt, scale, nofile);
+    }
+    if run("ramp") {
+        ramp::ramp(&rt, scale.smoke, nofile);
+    }
+    if run("oversize") {
+        oversize::oversize(&rt, scale.smoke);
     }
     println!("# bench done in {:.1}s", secs(started));
 }
@@ -185,13 +201,15 @@ async fn churn_run(
     }
 }
 
+/// Prints one churn run; `ceilings` are (field name, rate) of the ceiling
+/// runs it is compared with (`pct_of_ceiling` and the like).
 fn print_churn(
     target: &str,
     c: usize,
     leave: Leave,
     round: usize,
     r: &ChurnResult,
-    ceiling: Option<f64>,
+    ceilings: &[(&str, f64)],
 ) {
     let mut line = Line::new("churn")
         .s("target", target)
@@ -204,8 +222,8 @@ fn print_churn(
         .f("p50_ms", r.p50_ms)
         .f("p99_ms", r.p99_ms)
         .s("errors", r.errors);
-    if let Some(ceil) = ceiling {
-        line = line.f("pct_of_ceiling", 100.0 * r.rate() / ceil);
+    for (name, ceil) in ceilings {
+        line = line.f(name, 100.0 * r.rate() / ceil);
     }
     line.print();
     if let Some(e) = &r.first_error {
@@ -213,11 +231,25 @@ fn print_churn(
     }
 }
 
-/// Churn against the service and against the bare ceiling, interleaved in
-/// one run so both see the same machine: `rounds` rounds of (ceiling,
-/// service with close handshake, service with dropped TCP) per concurrency;
-/// each service run is compared with the ceiling run just before it, and the
-/// summary line gives the median ratio over the rounds.
+/// Service results of one (concurrency, leave) over the rounds.
+#[derive(Default)]
+struct ChurnAcc {
+    rates: Vec<f64>,
+    /// Percent of the tokio-tungstenite ceiling run of the same round.
+    ratios: Vec<f64>,
+    /// Percent of the actix-http ceiling run of the same round.
+    actix_ratios: Vec<f64>,
+    p50s: Vec<f64>,
+    p99s: Vec<f64>,
+    errors: u64,
+}
+
+/// Churn against the service and against two bare ceilings, interleaved in
+/// one run so all see the same machine: `rounds` rounds of (tokio-tungstenite
+/// ceiling, actix-http ceiling, service with close handshake, service with
+/// dropped TCP) per concurrency; each service run is compared with the
+/// ceiling runs just before it, and the summary line gives the median ratios
+/// over the rounds.
 fn churn(rt: &tokio::runtime::Runtime, scale: Scale) {
     let rounds = if scale.smoke { 1 } else { 3 };
     // `LC_BENCH_CONCURRENCY=50,500` (the default) picks the concurrencies.
@@ -225,10 +257,9 @@ fn churn(rt: &tokio::runtime::Runtime, scale: Scale) {
         .ok()
         .map(|v| v.split(',').filter_map(|c| c.trim().parse().ok()).collect())
         .unwrap_or_else(|| vec![50, 500]);
-    // (c, leave) -> (service rates, ratios, p50s, p99s, errors)
-    type Acc = (Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>, u64);
-    let mut acc: Vec<((usize, Leave), Acc)> = Vec::new();
-    let mut ceilings: Vec<(usize, f64)> = Vec::new();
+    let mut acc: Vec<((usize, Leave), ChurnAcc)> = Vec::new();
+    // (c, tokio-tungstenite ceiling rate, actix-http ceiling rate)
+    let mut ceilings: Vec<(usize, f64, f64)> = Vec::new();
     for round in 0..rounds {
         for &c in &concurrencies {
             let ceiling = Ceiling::start();
@@ -240,8 +271,25 @@ fn churn(rt: &tokio::runtime::Runtime, scale: Scale) {
                 scale.churn_secs(),
             ));
             drop(ceiling);
-            print_churn("ceiling", c, Leave::Close, round, &r_ceil, None);
-            ceilings.push((c, r_ceil.rate()));
+            print_churn("ceiling", c, Leave::Close, round, &r_ceil, &[]);
+            let actix = ChildService::actix_ceiling();
+            let r_actix = rt.block_on(churn_run(
+                actix.addr,
+                c,
+                Leave::Close,
+                scale.warmup(),
+                scale.churn_secs(),
+            ));
+            drop(actix);
+            print_churn(
+                "actix_ceiling",
+                c,
+                Leave::Close,
+                round,
+                &r_actix,
+                &[("pct_of_ceiling", r_ceil.rate())],
+            );
+            ceilings.push((c, r_ceil.rate(), r_actix.rate()));
             for leave in [Leave::Close, Leave::Drop] {
                 let service = InProcess::start(&[]);
                 let r = rt.block_on(churn_run(
@@ -252,20 +300,31 @@ fn churn(rt: &tokio::runtime::Runtime, scale: Scale) {
                     scale.churn_secs(),
                 ));
                 drop(service);
-                print_churn("service", c, leave, round, &r, Some(r_ceil.rate()));
+                print_churn(
+                    "service",
+                    c,
+                    leave,
+                    round,
+                    &r,
+                    &[
+                        ("pct_of_ceiling", r_ceil.rate()),
+                        ("pct_of_actix_ceiling", r_actix.rate()),
+                    ],
+                );
                 let i = match acc.iter().position(|(k, _)| *k == (c, leave)) {
                     Some(i) => i,
                     None => {
-                        acc.push(((c, leave), Default::default()));
+                        acc.push(((c, leave), ChurnAcc::default()));
                         acc.len() - 1
                     }
                 };
                 let a = &mut acc[i].1;
-                a.0.push(r.rate());
-                a.1.push(100.0 * r.rate() / r_ceil.rate());
-                a.2.push(r.p50_ms);
-                a.3.push(r.p99_ms);
-                a.4 += r.errors;
+                a.rates.push(r.rate());
+                a.ratios.push(100.0 * r.rate() / r_ceil.rate());
+                a.actix_ratios.push(100.0 * r.rate() / r_actix.rate());
+                a.p50s.push(r.p50_ms);
+                a.p99s.push(r.p99_ms);
+                a.errors += r.errors;
             }
         }
     }
@@ -273,25 +332,35 @@ fn churn(rt: &tokio::runtime::Runtime, scale: Scale) {
         v.sort_by(f64::total_cmp);
         pct(v, 50.0)
     };
-    for ((c, leave), (mut rates, mut ratios, mut p50s, mut p99s, errors)) in acc {
+    for ((c, leave), mut a) in acc {
         let mut ceil: Vec<f64> = ceilings
             .iter()
-            .filter(|(cc, _)| *cc == c)
-            .map(|(_, r)| *r)
+            .filter(|(cc, _, _)| *cc == c)
+            .map(|(_, r, _)| *r)
             .collect();
-        ratios.sort_by(f64::total_cmp);
+        let mut actix: Vec<f64> = ceilings
+            .iter()
+            .filter(|(cc, _, _)| *cc == c)
+            .map(|(_, _, r)| *r)
+            .collect();
+        a.ratios.sort_by(f64::total_cmp);
+        a.actix_ratios.sort_by(f64::total_cmp);
         Line::new("churn_summary")
             .s("c", c)
             .s("leave", leave.name())
             .s("rounds", rounds)
             .f("ceiling_cycles_per_s", median(&mut ceil))
-            .f("service_cycles_per_s", median(&mut rates))
-            .f("pct_of_ceiling", median(&mut ratios))
-            .f("pct_of_ceiling_min", pct(&ratios, 0.0))
-            .f("pct_of_ceiling_max", pct(&ratios, 100.0))
-            .f("p50_ms", median(&mut p50s))
-            .f("p99_ms", median(&mut p99s))
-            .s("errors", errors)
+            .f("actix_ceiling_cycles_per_s", median(&mut actix))
+            .f("service_cycles_per_s", median(&mut a.rates))
+            .f("pct_of_ceiling", median(&mut a.ratios))
+            .f("pct_of_ceiling_min", pct(&a.ratios, 0.0))
+            .f("pct_of_ceiling_max", pct(&a.ratios, 100.0))
+            .f("pct_of_actix_ceiling", median(&mut a.actix_ratios))
+            .f("pct_of_actix_ceiling_min", pct(&a.actix_ratios, 0.0))
+            .f("pct_of_actix_ceiling_max", pct(&a.actix_ratios, 100.0))
+            .f("p50_ms", median(&mut a.p50s))
+            .f("p99_ms", median(&mut a.p99s))
+            .s("errors", a.errors)
             .f("target_pct", 70.0)
             .print();
     }
@@ -350,11 +419,16 @@ async fn wait_count(
     }
 }
 
-/// Background churn paced at `rate` cycles/s over pages p0..p199 (never the
-/// observed page); returns the cycles done and errors.
-async fn paced_churn(server: SocketAddr, rate: f64, stop: Arc<AtomicBool>) -> (u64, u64, f64) {
+/// Background churn over pages p0..p199 (never the observed page): paced at
+/// `rate` cycles/s, or as fast as it goes (`None`); returns the cycles done,
+/// the errors and the seconds it ran.
+async fn background_churn(
+    server: SocketAddr,
+    rate: Option<f64>,
+    stop: Arc<AtomicBool>,
+) -> (u64, u64, f64) {
     let workers = 50usize;
-    let period = Duration::from_secs_f64(workers as f64 / rate);
+    let period = rate.map(|rate| Duration::from_secs_f64(workers as f64 / rate));
     let done = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
@@ -363,11 +437,17 @@ async fn paced_churn(server: SocketAddr, rate: f64, stop: Arc<AtomicBool>) -> (u
         let (stop, done, errors) = (stop.clone(), done.clone(), errors.clone());
         tasks.push(tokio::spawn(async move {
             let mut rng = Rng::new(1000 + w as u64);
-            let offset = period.mul_f64(w as f64 / workers as f64);
-            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + offset, period);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut tick = period.map(|period| {
+                let offset = period.mul_f64(w as f64 / workers as f64);
+                let mut tick =
+                    tokio::time::interval_at(tokio::time::Instant::now() + offset, period);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                tick
+            });
             while !stop.load(Ordering::Relaxed) {
-                tick.tick().await;
+                if let Some(tick) = &mut tick {
+                    tick.tick().await;
+                }
                 let page = format!("p{}", rng.below(PAGES));
                 let links = rng.pages(LINKS, PAGES);
                 let r =
@@ -391,74 +471,118 @@ async fn paced_churn(server: SocketAddr, rate: f64, stop: Arc<AtomicBool>) -> (u
     )
 }
 
-fn propagation(rt: &tokio::runtime::Runtime, scale: Scale) {
-    let toggles = if scale.smoke { 5 } else { 150 };
-    let bg_rate = if scale.smoke { 200.0 } else { 1000.0 };
-    for background in [false, true] {
-        let service = InProcess::start(&[]);
-        let interval = Duration::from_millis(50);
-        let server = service.addr;
-        rt.block_on(async {
-            let stop = Arc::new(AtomicBool::new(false));
-            let bg = background.then(|| tokio::spawn(paced_churn(server, bg_rate, stop.clone())));
-            if background {
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-            let hot = "X";
-            let mut rx = observe(server, hot).await;
-            let mut rng = Rng::new(7);
-            let (mut up, mut down) = (Vec::new(), Vec::new());
-            let mut errors = 0u64;
-            for _ in 0..toggles {
-                // Random phase against the broadcast tick.
-                let jitter = |rng: &mut Rng| Duration::from_micros(rng.below(50_000));
-                tokio::time::sleep(jitter(&mut rng)).await;
-                let r: anyhow::Result<()> = async {
-                    let ws = connect(server, &format!("/parties/page/{hot}")).await?;
-                    let t_up = Instant::now();
-                    up.push(ms(wait_count(&mut rx, 1).await? - t_up));
-                    tokio::time::sleep(jitter(&mut rng)).await;
-                    let t_down = Instant::now();
-                    let closing = tokio::spawn(close_handshake(ws));
-                    down.push(ms(wait_count(&mut rx, 0).await? - t_down));
-                    closing.await??;
-                    Ok(())
-                }
-                .await;
-                if let Err(e) = r {
-                    errors += 1;
-                    eprintln!("propagation error: {e}");
-                    // Resynchronise on an empty page before the next toggle.
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                    while rx.try_recv().is_ok() {}
-                }
-            }
-            stop.store(true, Ordering::Relaxed);
-            let bg_done = match bg {
-                Some(h) => Some(h.await.expect("background churn")),
-                None => None,
-            };
-            for (dir, v) in [("up", &mut up), ("down", &mut down)] {
-                v.sort_by(f64::total_cmp);
-                let mut line = Line::new("propagation")
-                    .s("direction", dir)
-                    .s("background", background)
-                    .s("samples", v.len())
-                    .f("p50_ms", pct(v, 50.0))
-                    .f("p99_ms", pct(v, 99.0))
-                    .f("max_ms", pct(v, 100.0))
-                    .f("target_ms", ms(interval) + 10.0)
-                    .s("errors", errors);
-                if let Some((done, errs, s)) = bg_done {
-                    line = line
-                        .f("bg_cycles_per_s", done as f64 / s)
-                        .s("bg_errors", errs);
-                }
-                line.print();
-            }
-        });
-        drop(service);
+/// The load a propagation run measures under.
+#[derive(Clone, Copy, PartialEq)]
+enum Load {
+    /// No background churn; random 0–50 ms pauses between changes, so some
+    /// changes fall in the same broadcast interval as the one before.
+    Jitter,
+    /// No background churn; pauses longer than `broadcast_interval` between
+    /// changes (each change is the first in its interval).
+    Quiet,
+    /// Background churn paced at 1,000 cycles/s (smoke: 200); 0–50 ms pauses.
+    Paced,
+    /// Background churn as fast as it goes (the CPU saturated); 0–50 ms pauses.
+    Saturated,
+}
+
+impl Load {
+    fn name(self) -> &'static str {
+        match self {
+            Load::Jitter => "jitter",
+            Load::Quiet => "quiet",
+            Load::Paced => "paced",
+            Load::Saturated => "saturated",
+        }
     }
+}
+
+fn propagation(rt: &tokio::runtime::Runtime, scale: Scale) {
+    for load in [Load::Jitter, Load::Quiet, Load::Paced, Load::Saturated] {
+        propagation_under(rt, scale, load);
+    }
+}
+
+/// One propagation run: an observer of `X` and a client toggling its
+/// presence on `X`; prints one line per direction.
+fn propagation_under(rt: &tokio::runtime::Runtime, scale: Scale, load: Load) {
+    let toggles = if scale.smoke { 5 } else { 150 };
+    let bg_rate = match load {
+        Load::Jitter | Load::Quiet => None,
+        Load::Paced => Some(Some(if scale.smoke { 200.0 } else { 1000.0 })),
+        Load::Saturated => Some(None),
+    };
+    let service = InProcess::start(&[]);
+    let interval = Duration::from_millis(50);
+    let server = service.addr;
+    rt.block_on(async {
+        let stop = Arc::new(AtomicBool::new(false));
+        let bg = bg_rate.map(|rate| tokio::spawn(background_churn(server, rate, stop.clone())));
+        if bg.is_some() {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        let hot = "X";
+        let mut rx = observe(server, hot).await;
+        let mut rng = Rng::new(7);
+        let (mut up, mut down) = (Vec::new(), Vec::new());
+        let mut errors = 0u64;
+        // The pause before each change: a random phase against the broadcast
+        // tick, and for `Quiet` more than one interval since the last change.
+        let pause = |rng: &mut Rng| match load {
+            Load::Quiet => interval + Duration::from_millis(10 + rng.below(40)),
+            _ => Duration::from_micros(rng.below(50_000)),
+        };
+        for _ in 0..toggles {
+            tokio::time::sleep(pause(&mut rng)).await;
+            let r: anyhow::Result<()> = async {
+                let ws = connect(server, &format!("/parties/page/{hot}")).await?;
+                let t_up = Instant::now();
+                up.push(ms(wait_count(&mut rx, 1).await? - t_up));
+                tokio::time::sleep(pause(&mut rng)).await;
+                let t_down = Instant::now();
+                let closing = tokio::spawn(close_handshake(ws));
+                down.push(ms(wait_count(&mut rx, 0).await? - t_down));
+                closing.await??;
+                Ok(())
+            }
+            .await;
+            if let Err(e) = r {
+                errors += 1;
+                eprintln!("propagation error: {e}");
+                // Resynchronise on an empty page before the next toggle.
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                while rx.try_recv().is_ok() {}
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        let bg_done = match bg {
+            Some(h) => Some(h.await.expect("background churn")),
+            None => None,
+        };
+        for (dir, v) in [("up", &mut up), ("down", &mut down)] {
+            v.sort_by(f64::total_cmp);
+            let mut line = Line::new("propagation")
+                .s("direction", dir)
+                .s("load", load.name())
+                .s("background", bg_done.is_some())
+                .s("samples", v.len())
+                .f("p50_ms", pct(v, 50.0))
+                .f("p99_ms", pct(v, 99.0))
+                .f("max_ms", pct(v, 100.0));
+            line = match load {
+                Load::Quiet => line.f("target_p50_ms", 5.0).f("target_p99_ms", 60.0),
+                _ => line.f("target_ms", ms(interval) + 10.0),
+            };
+            line = line.s("errors", errors);
+            if let Some((done, errs, s)) = bg_done {
+                line = line
+                    .f("bg_cycles_per_s", done as f64 / s)
+                    .s("bg_errors", errs);
+            }
+            line.print();
+        }
+    });
+    drop(service);
 }
 
 // ----------------------------------------------------------------- memory
@@ -546,15 +670,37 @@ async fn settled_rss(pid: u32) -> u64 {
     last
 }
 
+/// Idle subscribed connections at two sizes, first against the actix-http
+/// ceiling (`--actix-ceiling-server`), then against the service; the
+/// service's lines carry the ceiling's KiB per connection and the ratio.
 fn memory(rt: &tokio::runtime::Runtime, scale: Scale, nofile: u64) {
     // Each process needs one descriptor per connection plus some slack.
     let fit = nofile.saturating_sub(1000) as usize;
     let big = if scale.smoke { 600 } else { 15_000.min(fit) };
     let small = if scale.smoke { 200 } else { 5_000.min(big / 3) };
     println!("# memory: RLIMIT_NOFILE={nofile}; sizes {small} and {big}");
-    let mut service = ChildService::start(&[]);
+    let ceiling = memory_at(rt, scale, [small, big], ChildService::actix_ceiling(), None);
+    memory_at(
+        rt,
+        scale,
+        [small, big],
+        ChildService::start(&[]),
+        Some(&ceiling),
+    );
+}
+
+/// One memory run against `service` (the service if `ceiling` is given,
+/// else the actix-http ceiling); returns the KiB per connection at each size.
+fn memory_at(
+    rt: &tokio::runtime::Runtime,
+    scale: Scale,
+    [small, big]: [usize; 2],
+    mut service: ChildService,
+    ceiling: Option<&[f64; 2]>,
+) -> [f64; 2] {
     let pid = service.pid();
     let server = service.addr;
+    let mut pers = [f64::NAN; 2];
     rt.block_on(async {
         // Warm the allocator and the rooms with some churn first.
         for i in 0..200u64 {
@@ -572,21 +718,26 @@ fn memory(rt: &tokio::runtime::Runtime, scale: Scale, nofile: u64) {
         let mut held = Vec::new();
         let mut opened = 0usize;
         let mut errors = 0u64;
-        let mut per_small = f64::NAN;
         let mut rss_small = 0u64;
-        for &n in &[small, big] {
+        for (k, &n) in [small, big].iter().enumerate() {
             errors += open_idle(server, n - opened, opened, &mut held).await;
             opened = n;
             let rss = settled_rss(pid).await;
             let per = (rss.saturating_sub(base)) as f64 / n as f64;
+            pers[k] = per;
             let (fresh, fresh_errors) = probe_fresh(server, if scale.smoke { 3 } else { 20 }).await;
             let client_per =
                 rss_kib(std::process::id()).saturating_sub(client_base) as f64 / n as f64;
             let alive = service.alive();
-            let health = tokio::time::timeout(Duration::from_secs(5), http_ok(server))
-                .await
-                .unwrap_or(false);
             let mut line = Line::new("memory")
+                .s(
+                    "target",
+                    if ceiling.is_some() {
+                        "service"
+                    } else {
+                        "actix_ceiling"
+                    },
+                )
                 .s("connections", n)
                 .s("service_fds", open_fds(pid))
                 .s("rss_base_kib", base)
@@ -596,24 +747,42 @@ fn memory(rt: &tokio::runtime::Runtime, scale: Scale, nofile: u64) {
                 .f("fresh_first_update_p50_ms", pct(&fresh, 50.0))
                 .f("fresh_first_update_max_ms", pct(&fresh, 100.0))
                 .s("fresh_errors", fresh_errors)
-                .s("open_errors", errors)
-                .s("healthy", alive && health);
-            if n == big && n != small {
+                .s("open_errors", errors);
+            if let Some(ceiling) = ceiling {
+                let health = tokio::time::timeout(Duration::from_secs(5), http_ok(server))
+                    .await
+                    .unwrap_or(false);
+                line = line
+                    .s("healthy", alive && health)
+                    .f("ceiling_kib_per_conn", ceiling[k])
+                    .f("vs_ceiling", per / ceiling[k]);
+            } else {
+                line = line.s("alive", alive);
+            }
+            if k == 1 && n != small {
                 line = line
                     .f(
                         "marginal_kib_per_conn",
                         rss.saturating_sub(rss_small) as f64 / (big - small) as f64,
                     )
-                    .f("growth_vs_small", per / per_small);
+                    .f("growth_vs_small", per / pers[0]);
+            }
+            if ceiling.is_some() {
+                line = line.f("target_kib_per_conn", 10.0);
             }
             line.print();
-            per_small = per;
             rss_small = rss;
         }
-        for h in held {
+        // Close the client side before the next run opens as many again.
+        for h in &held {
             h.abort();
         }
+        for h in held {
+            let _ = h.await;
+        }
     });
+    drop(service);
+    pers
 }
 
 /// `GET /healthz` answers 200.
@@ -700,20 +869,19 @@ fn bucket_quantile_ms(before: &[(f64, f64)], after: &[(f64, f64)], q: f64) -> f6
 type Receipts = Vec<(Instant, u64)>;
 
 /// Fan-out at the default 50 ms broadcast interval and at 100 ms, each
-/// against the bare fan-out ceiling (both delivery policies) first, then the
-/// service.
+/// against the bare fan-out ceiling (latest-value policy) first, then the
+/// service; the summary gives the service's p99 as a ratio of the ceiling's
+/// (target: at most 1.1).
 fn fanout(rt: &tokio::runtime::Runtime, scale: Scale, nofile: u64) {
     for interval_ms in [50u64, 100] {
-        let [ceiling, queued] = [CeilingPolicy::Latest, CeilingPolicy::Queue]
-            .map(|policy| fanout_at(rt, scale, nofile, interval_ms, Target::Ceiling(policy)));
+        let ceiling = fanout_at(rt, scale, nofile, interval_ms, Target::Ceiling);
         let service = fanout_at(rt, scale, nofile, interval_ms, Target::Service);
         Line::new("fanout_summary")
             .s("broadcast_interval_ms", interval_ms)
             .f("ceiling_publish_lag_p99_ms", ceiling)
-            .f("queue_ceiling_publish_lag_p99_ms", queued)
             .f("service_publish_lag_p99_ms", service)
             .f("service_vs_ceiling_p99", service / ceiling)
-            .f("service_vs_queue_ceiling_p99", service / queued)
+            .f("target_vs_ceiling_p99", 1.1)
             .f("target_ms", 2.0 * interval_ms as f64)
             .print();
     }
@@ -722,8 +890,8 @@ fn fanout(rt: &tokio::runtime::Runtime, scale: Scale, nofile: u64) {
 /// What a fan-out run drives.
 #[derive(Clone, Copy, PartialEq)]
 enum Target {
-    /// The bare broadcast server (`run_fanout_ceiling`) with a delivery policy.
-    Ceiling(CeilingPolicy),
+    /// The bare broadcast server (`run_fanout_ceiling`, latest-value policy).
+    Ceiling,
     /// The release binary.
     Service,
 }
@@ -749,7 +917,7 @@ fn fanout_at(
     let sampled = 100usize.min(n);
     let interval = format!("{interval_ms}ms");
     let service = match target {
-        Target::Ceiling(policy) => ChildService::fanout_ceiling(interval_ms, policy),
+        Target::Ceiling => ChildService::fanout_ceiling(interval_ms),
         Target::Service => ChildService::start(&[("COUNTER__BROADCAST_INTERVAL", &interval)]),
     };
     let server = service.addr;
@@ -914,8 +1082,7 @@ fn fanout_at(
             .s(
                 "target",
                 match target {
-                    Target::Ceiling(CeilingPolicy::Latest) => "ceiling",
-                    Target::Ceiling(CeilingPolicy::Queue) => "queue_ceiling",
+                    Target::Ceiling => "ceiling",
                     Target::Service => "service",
                 },
             )

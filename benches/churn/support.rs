@@ -341,13 +341,22 @@ impl ChildService {
 
     /// The fan-out ceiling server ([`run_fanout_ceiling`]): this bench
     /// binary again, as a child with its own descriptor table.
-    pub fn fanout_ceiling(interval_ms: u64, policy: CeilingPolicy) -> ChildService {
+    pub fn fanout_ceiling(interval_ms: u64) -> ChildService {
         let dir = tempfile::tempdir().expect("temp dir");
         let exe = std::env::current_exe().expect("current exe");
         let mut cmd = Command::new(exe);
         cmd.arg("--fanout-ceiling-server")
-            .arg(interval_ms.to_string())
-            .arg(policy.name());
+            .arg(interval_ms.to_string());
+        Self::spawn(cmd, dir, false)
+    }
+
+    /// The actix-http ceiling server (`actix_ceiling::run_actix_ceiling`):
+    /// this bench binary again, as a child with its own descriptor table and RSS.
+    pub fn actix_ceiling() -> ChildService {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let exe = std::env::current_exe().expect("current exe");
+        let mut cmd = Command::new(exe);
+        cmd.arg("--actix-ceiling-server");
         Self::spawn(cmd, dir, false)
     }
 
@@ -426,7 +435,7 @@ pub fn open_fds(pid: u32) -> usize {
 }
 
 /// The fixed answer of the ceiling server to every subscribe.
-const CEILING_UPDATE: &str =
+pub const CEILING_UPDATE: &str =
     r#"{"type":"update","connections":{"p1":0,"p2":0,"p3":0,"p4":0,"p5":0}}"#;
 
 /// The ceiling: a bare tokio-tungstenite server on a 2-thread runtime (the
@@ -517,55 +526,18 @@ pub fn cpu_secs(pid: u32) -> f64 {
 }
 
 /// The fan-out ceiling: a bare presence server for one hot page, run as a
-/// child process (`--fanout-ceiling-server MS [latest|queue]`, own
-/// descriptor table), on a 2-thread runtime like the service's 2 workers. A
-/// connection to a path ending in `/hot` counts as one viewer of "hot" until
-/// it closes; any other connection is a subscriber: its first text frame is
-/// answered with the current count, then a ticker publishes the count every
-/// `interval` when it changed. No rooms, no counter, no storage, no limits;
-/// what is left is the per-socket cost of delivering 10,000 frames per tick
-/// on this machine. Two delivery policies:
-/// - `Latest`: a `watch` channel, one wake-up per subscriber per publish; a
-///   subscriber that is behind skips straight to the latest value (the
-///   cheapest broadcast tokio has, and a legitimate design for presence);
-/// - `Queue`: a `broadcast` channel of 32, every publish delivered in order
-///   and a subscriber more than 32 behind disconnected, which is the
-///   service's policy (actix-ws's channel of 32 frames, then 1013).
-#[derive(Clone, Copy, PartialEq, Debug)]
-pub enum CeilingPolicy {
-    Latest,
-    Queue,
-}
-
-impl CeilingPolicy {
-    pub fn name(self) -> &'static str {
-        match self {
-            CeilingPolicy::Latest => "latest",
-            CeilingPolicy::Queue => "queue",
-        }
-    }
-}
-
-/// A subscriber's feed of published counts.
-enum Feed {
-    Latest(tokio::sync::watch::Receiver<i64>),
-    Queue(tokio::sync::broadcast::Receiver<i64>),
-}
-
-impl Feed {
-    /// The next count to send; `None`: stop (publisher gone, or too far behind).
-    async fn next(&mut self) -> Option<i64> {
-        match self {
-            Feed::Latest(rx) => {
-                rx.changed().await.ok()?;
-                Some(*rx.borrow_and_update())
-            }
-            Feed::Queue(rx) => rx.recv().await.ok(),
-        }
-    }
-}
-
-pub fn run_fanout_ceiling(interval: Duration, policy: CeilingPolicy) -> ! {
+/// child process (`--fanout-ceiling-server MS`, own descriptor table), on a
+/// 2-thread runtime like the service's 2 workers. A connection to a path
+/// ending in `/hot` counts as one viewer of "hot" until it closes; any other
+/// connection is a subscriber: its first text frame is answered with the
+/// current count, then a ticker publishes the count every `interval` when it
+/// changed. No rooms, no counter, no storage, no limits; what is left is the
+/// per-socket cost of delivering 10,000 frames per tick on this machine.
+/// Delivery policy: the latest value (a `watch` channel, one wake-up per
+/// subscriber per publish; a subscriber that falls behind skips straight to
+/// the newest count, never disconnected) — the policy a presence server
+/// should have, and the one the service's target is stated against.
+pub fn run_fanout_ceiling(interval: Duration) -> ! {
     use std::sync::{atomic::AtomicI64, Arc};
     let listener = listener();
     let addr = listener.local_addr().expect("local addr");
@@ -573,18 +545,15 @@ pub fn run_fanout_ceiling(interval: Duration, policy: CeilingPolicy) -> ! {
     runtime.block_on(async move {
         let count = Arc::new(AtomicI64::new(0));
         let (publish, counts) = tokio::sync::watch::channel(0i64);
-        let (queue, _) = tokio::sync::broadcast::channel::<i64>(32);
         {
-            let (count, queue) = (count.clone(), queue.clone());
+            let count = count.clone();
             tokio::spawn(async move {
                 let mut tick = tokio::time::interval(interval);
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 loop {
                     tick.tick().await;
                     let now = count.load(Ordering::Relaxed);
-                    if publish.send_if_modified(|v| std::mem::replace(v, now) != now) {
-                        let _ = queue.send(now);
-                    }
+                    publish.send_if_modified(|v| std::mem::replace(v, now) != now);
                 }
             });
         }
@@ -596,7 +565,7 @@ pub fn run_fanout_ceiling(interval: Duration, policy: CeilingPolicy) -> ! {
                 tokio::time::sleep(Duration::from_millis(10)).await;
                 continue;
             };
-            let (count, counts, queue) = (count.clone(), counts.clone(), queue.clone());
+            let (count, mut counts) = (count.clone(), counts.clone());
             tokio::spawn(async move {
                 let _ = stream.set_nodelay(true);
                 let mut hot = false;
@@ -623,11 +592,6 @@ pub fn run_fanout_ceiling(interval: Duration, policy: CeilingPolicy) -> ! {
                 };
                 // The subscribe, answered with the current count; the feed
                 // starts there.
-                let mut counts = counts;
-                let mut feed = match policy {
-                    CeilingPolicy::Latest => None,
-                    CeilingPolicy::Queue => Some(queue.subscribe()),
-                };
                 loop {
                     match ws.next().await {
                         Some(Ok(m)) if m.is_text() => break,
@@ -639,16 +603,13 @@ pub fn run_fanout_ceiling(interval: Duration, policy: CeilingPolicy) -> ! {
                 if ws.send(update(now)).await.is_err() {
                     return;
                 }
-                let mut feed = match feed.take() {
-                    Some(rx) => Feed::Queue(rx),
-                    None => Feed::Latest(counts),
-                };
                 loop {
                     tokio::select! {
-                        next = feed.next() => {
-                            let Some(now) = next else {
+                        changed = counts.changed() => {
+                            if changed.is_err() {
                                 return;
-                            };
+                            }
+                            let now = *counts.borrow_and_update();
                             if ws.send(update(now)).await.is_err() {
                                 return;
                             }

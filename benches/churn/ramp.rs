@@ -1,0 +1,380 @@
+//! `ramp`: a connect storm against the release binary, then a check that
+//! every client's view of its counts is exact.
+//!
+//! 15,000 clients (smoke: 500; `LC_BENCH_RAMP_CLIENTS`) open as fast as the service lets them (at most
+//! `LC_BENCH_RAMP_INFLIGHT` opening at once, default 512) over 100 pages,
+//! each subscribing to 3 other pages and reading every frame for the rest of
+//! the run, applying each update as "set these ids to these counts". Every
+//! close the server initiates (close frame, or the stream ending) is counted
+//! by close code, during the ramp and during a settle period after it. After
+//! the ramp the bench waits until every connected client's view equals the
+//! true counts (the true count of page p: clients connected to p), and reports
+//! how long that took and how many clients are exact at the end.
+
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicI64, AtomicU8, AtomicUsize, Ordering},
+        Arc, Mutex,
+    },
+    time::{Duration, Instant},
+};
+
+use futures_util::{SinkExt, StreamExt};
+use tokio_tungstenite::tungstenite::{self, Message};
+
+use crate::support::*;
+
+/// Pages the ramp's clients connect to (`p0` … `p99`).
+const RAMP_PAGES: usize = 100;
+/// Links each client follows.
+const RAMP_LINKS: usize = 3;
+
+/// Where a client is.
+const OPENING: u8 = 0;
+const OPEN: u8 = 1;
+/// The server closed it (close frame or stream end) after it opened.
+const CLOSED: u8 = 2;
+/// It never opened (connect, handshake or first update failed or timed out,
+/// or the server closed it before its first update).
+const FAILED: u8 = 3;
+
+/// Phases in which a server close is counted.
+const PHASE_RAMP: usize = 0;
+const PHASE_SETTLE: usize = 1;
+/// After the measurement: closes are no longer counted.
+const PHASE_DONE: usize = 2;
+
+/// One client's shared state.
+struct Client {
+    page: usize,
+    links: [usize; RAMP_LINKS],
+    /// Latest count per link (-1: none received yet).
+    view: [AtomicI64; RAMP_LINKS],
+    state: AtomicU8,
+}
+
+/// Shared state of the run.
+struct Shared {
+    clients: Vec<Client>,
+    phase: AtomicUsize,
+    /// (phase, close code or "eof"/"error:…") -> count.
+    closes: Mutex<BTreeMap<(usize, String), u64>>,
+    /// Updates naming an id the client does not follow, or unparsable text.
+    unexpected: AtomicUsize,
+    /// Updates received by all clients.
+    updates: AtomicUsize,
+    first_error: Mutex<Option<String>>,
+}
+
+impl Shared {
+    fn server_closed(&self, why: String) {
+        let phase = self.phase.load(Ordering::Relaxed);
+        if phase == PHASE_DONE {
+            return;
+        }
+        *self
+            .closes
+            .lock()
+            .expect("not poisoned")
+            .entry((phase, why))
+            .or_default() += 1;
+    }
+    fn error(&self, e: String) {
+        let mut first = self.first_error.lock().expect("not poisoned");
+        if first.is_none() {
+            *first = Some(e);
+        }
+    }
+}
+
+/// The counts of an update (`None`: not an update).
+fn update_counts(text: &str) -> Option<Vec<(usize, i64)>> {
+    #[derive(serde::Deserialize)]
+    struct Update<'a> {
+        #[serde(rename = "type")]
+        kind: &'a str,
+        #[serde(borrow)]
+        connections: BTreeMap<&'a str, i64>,
+    }
+    let u: Update = serde_json::from_str(text).ok()?;
+    if u.kind != "update" {
+        return None;
+    }
+    u.connections
+        .iter()
+        .map(|(id, n)| Some((id.strip_prefix('p')?.parse().ok()?, *n)))
+        .collect()
+}
+
+/// One client: connect, subscribe, then read every frame until the server
+/// ends the connection (or the task is aborted at the end of the run).
+async fn client(
+    server: SocketAddr,
+    shared: Arc<Shared>,
+    i: usize,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) {
+    let me = &shared.clients[i];
+    let links: Vec<String> = me.links.iter().map(|l| format!("p{l}")).collect();
+    let open = async {
+        let mut ws = connect(server, &format!("/parties/page/p{}", me.page)).await?;
+        ws.send(subscribe_msg(&links)).await?;
+        anyhow::Ok(ws)
+    };
+    let mut ws = match tokio::time::timeout(Duration::from_secs(30), open).await {
+        Ok(Ok(ws)) => ws,
+        Ok(Err(e)) => {
+            shared.error(format!("open: {e}"));
+            me.state.store(FAILED, Ordering::Relaxed);
+            return;
+        }
+        Err(_) => {
+            shared.error("open: timed out after 30 s".into());
+            me.state.store(FAILED, Ordering::Relaxed);
+            return;
+        }
+    };
+    // Held until the first update (or failure): at most `inflight` opening at once.
+    let mut opened = Some(permit);
+    let first_deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let next = if opened.is_some() {
+            match tokio::time::timeout_at(first_deadline, ws.next()).await {
+                Ok(n) => n,
+                Err(_) => {
+                    shared.error("first update: timed out after 30 s".into());
+                    me.state.store(FAILED, Ordering::Relaxed);
+                    return;
+                }
+            }
+        } else {
+            ws.next().await
+        };
+        let why = match next {
+            Some(Ok(Message::Text(t))) => {
+                shared.updates.fetch_add(1, Ordering::Relaxed);
+                match update_counts(&t) {
+                    Some(counts) => {
+                        for (id, n) in counts {
+                            match me.links.iter().position(|&l| l == id) {
+                                Some(k) => me.view[k].store(n, Ordering::Relaxed),
+                                None => {
+                                    shared.unexpected.fetch_add(1, Ordering::Relaxed);
+                                }
+                            }
+                        }
+                    }
+                    None => {
+                        shared.unexpected.fetch_add(1, Ordering::Relaxed);
+                        shared.error(format!("unexpected message {t}"));
+                    }
+                }
+                if opened.take().is_some() {
+                    me.state.store(OPEN, Ordering::Relaxed);
+                }
+                continue;
+            }
+            Some(Ok(Message::Close(frame))) => match frame {
+                Some(f) => u16::from(f.code).to_string(),
+                None => "no_code".to_string(),
+            },
+            Some(Ok(_)) => continue,
+            None | Some(Err(tungstenite::Error::ConnectionClosed)) => "eof".to_string(),
+            Some(Err(tungstenite::Error::Io(e))) => format!("io_{:?}", e.kind()),
+            Some(Err(e)) => {
+                shared.error(format!("read: {e}"));
+                "error".to_string()
+            }
+        };
+        shared.server_closed(why);
+        let state = if opened.take().is_some() {
+            FAILED
+        } else {
+            CLOSED
+        };
+        me.state.store(state, Ordering::Relaxed);
+        return;
+    }
+}
+
+/// (clients open, clients open with an exact view).
+fn exactness(shared: &Shared) -> (usize, usize) {
+    let mut truth = [0i64; RAMP_PAGES];
+    for c in &shared.clients {
+        if c.state.load(Ordering::Relaxed) == OPEN {
+            truth[c.page] += 1;
+        }
+    }
+    let mut open = 0;
+    let mut exact = 0;
+    for c in &shared.clients {
+        if c.state.load(Ordering::Relaxed) != OPEN {
+            continue;
+        }
+        open += 1;
+        if c.links
+            .iter()
+            .zip(&c.view)
+            .all(|(&l, v)| v.load(Ordering::Relaxed) == truth[l])
+        {
+            exact += 1;
+        }
+    }
+    (open, exact)
+}
+
+pub fn ramp(rt: &tokio::runtime::Runtime, smoke: bool, nofile: u64) {
+    let fit = nofile.saturating_sub(1000) as usize;
+    // `LC_BENCH_RAMP_CLIENTS=N` overrides the number of clients.
+    let n = std::env::var("LC_BENCH_RAMP_CLIENTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(if smoke { 500 } else { 15_000 })
+        .min(fit);
+    let inflight: usize = std::env::var("LC_BENCH_RAMP_INFLIGHT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(512);
+    let settle = Duration::from_secs(if smoke { 1 } else { 5 });
+    let converge_limit = Duration::from_secs(if smoke { 5 } else { 30 });
+    // Per-IP caps off (NO_CAPS), the global cap above the ramp.
+    let max = (n + 1000).to_string();
+    let service = ChildService::start(&[("LIMITS__MAX_CONNECTIONS", max.as_str())]);
+    let server = service.addr;
+    let pid = service.pid();
+    let mut rng = Rng::new(4242);
+    let clients = (0..n)
+        .map(|i| {
+            let page = i % RAMP_PAGES;
+            let mut links = [usize::MAX; RAMP_LINKS];
+            let mut k = 0;
+            while k < RAMP_LINKS {
+                let l = rng.below(RAMP_PAGES as u64) as usize;
+                if l != page && !links.contains(&l) {
+                    links[k] = l;
+                    k += 1;
+                }
+            }
+            Client {
+                page,
+                links,
+                view: std::array::from_fn(|_| AtomicI64::new(-1)),
+                state: AtomicU8::new(OPENING),
+            }
+        })
+        .collect();
+    let shared = Arc::new(Shared {
+        clients,
+        phase: AtomicUsize::new(PHASE_RAMP),
+        closes: Mutex::default(),
+        unexpected: AtomicUsize::new(0),
+        updates: AtomicUsize::new(0),
+        first_error: Mutex::default(),
+    });
+    rt.block_on(async {
+        let sem = Arc::new(tokio::sync::Semaphore::new(inflight));
+        let mut tasks = Vec::with_capacity(n);
+        let (service_cpu0, client_cpu0) = (cpu_secs(pid), cpu_secs(std::process::id()));
+        let started = Instant::now();
+        for i in 0..n {
+            let permit = sem.clone().acquire_owned().await.expect("semaphore");
+            tasks.push(tokio::spawn(client(server, shared.clone(), i, permit)));
+        }
+        // Every client has opened or failed once all permits are back.
+        let _all = sem.acquire_many(inflight as u32).await.expect("semaphore");
+        let ramp_end = Instant::now();
+        let ramp_secs = (ramp_end - started).as_secs_f64();
+        let ramp_updates = shared.updates.load(Ordering::Relaxed);
+        let service_cpu = 100.0 * (cpu_secs(pid) - service_cpu0) / ramp_secs;
+        let client_cpu = 100.0 * (cpu_secs(std::process::id()) - client_cpu0) / ramp_secs;
+        shared.phase.store(PHASE_SETTLE, Ordering::Relaxed);
+
+        // Converge: until every open client's view is exact (or the limit),
+        // and at least the settle period.
+        let mut converged: Option<Duration> = None;
+        loop {
+            let now = Instant::now();
+            let (open, exact) = exactness(&shared);
+            if converged.is_none() && open == exact {
+                converged = Some(now - ramp_end);
+            }
+            let waited = now - ramp_end;
+            if (converged.is_some() && waited >= settle) || waited >= converge_limit.max(settle) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let settle_secs = secs(ramp_end);
+        let (open, exact) = exactness(&shared);
+        shared.phase.store(PHASE_DONE, Ordering::Relaxed);
+        let rss = rss_kib(pid);
+        let fds = open_fds(pid);
+        for t in &tasks {
+            t.abort();
+        }
+        for t in tasks {
+            let _ = t.await;
+        }
+
+        let failed = shared
+            .clients
+            .iter()
+            .filter(|c| c.state.load(Ordering::Relaxed) == FAILED)
+            .count();
+        let closes = shared.closes.lock().expect("not poisoned").clone();
+        let in_phase = |phase: usize| -> u64 {
+            closes
+                .iter()
+                .filter(|((p, _), _)| *p == phase)
+                .map(|(_, n)| n)
+                .sum()
+        };
+        let by_code = |phase: usize| -> String {
+            let parts: Vec<String> = closes
+                .iter()
+                .filter(|((p, _), _)| *p == phase)
+                .map(|((_, why), n)| format!("{why}:{n}"))
+                .collect();
+            if parts.is_empty() {
+                "none".into()
+            } else {
+                parts.join(",")
+            }
+        };
+        Line::new("ramp")
+            .s("clients", n)
+            .s("pages", RAMP_PAGES)
+            .s("links", RAMP_LINKS)
+            .s("inflight", inflight)
+            .f("ramp_secs", ramp_secs)
+            .f("connects_per_s", n as f64 / ramp_secs)
+            .f("ramp_updates_per_s", ramp_updates as f64 / ramp_secs)
+            .f("ramp_service_cpu_pct", service_cpu)
+            .f("ramp_client_cpu_pct", client_cpu)
+            .s("open", open)
+            .s("exact", exact)
+            .s("not_exact", open - exact)
+            .s("failed_opens", failed)
+            .s("server_closes_ramp", in_phase(PHASE_RAMP))
+            .s("server_closes_settle", in_phase(PHASE_SETTLE))
+            .s("closes_ramp_by_code", by_code(PHASE_RAMP))
+            .s("closes_settle_by_code", by_code(PHASE_SETTLE))
+            .f(
+                "converge_ms",
+                converged.map_or(f64::NAN, |d| d.as_secs_f64() * 1e3),
+            )
+            .f("settle_secs", settle_secs)
+            .s("unexpected_msgs", shared.unexpected.load(Ordering::Relaxed))
+            .s("service_rss_kib", rss)
+            .s("service_fds", fds)
+            .s("target_server_closes", 0)
+            .s("target_exact", n)
+            .print();
+        if let Some(e) = shared.first_error.lock().expect("not poisoned").as_ref() {
+            println!("#   first error: {e}");
+        }
+    });
+    drop(service);
+}

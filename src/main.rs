@@ -1,7 +1,7 @@
 //! The `link-counter` binary: parse the command line, load and validate the
 //! configuration, start tracing, serve until SIGINT/SIGTERM.
 
-use std::{net::TcpListener, path::PathBuf, process::ExitCode};
+use std::{path::PathBuf, process::ExitCode};
 
 use link_counter::{config::Settings, shutdown, storage::Storage, Server};
 
@@ -59,7 +59,7 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let listener = match TcpListener::bind(settings.server.bind) {
+    let listener = match link_counter::server::bind(settings.server.bind) {
         Ok(l) => l,
         Err(e) => {
             eprintln!("link-counter: server.bind {}: {e}", settings.server.bind);

@@ -27,6 +27,23 @@ use crate::{
     storage::Storage,
 };
 
+/// Accept backlog of the public listener: a burst of arrivals (every
+/// client reconnecting after a deploy) must not overflow the queue of
+/// connections the kernel completed before the workers accept them (the
+/// standard library's `bind` uses 128). The kernel caps it at
+/// `net.core.somaxconn`.
+pub const BACKLOG: i32 = 4096;
+
+/// Binds the public listener (`SO_REUSEADDR`, backlog [`BACKLOG`]).
+pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(BACKLOG)?;
+    Ok(socket.into())
+}
+
 /// A running service.
 pub struct Server {
     /// The address actually bound (port 0 resolved).

@@ -11,12 +11,13 @@
 //! is pending, and its next frame carries the merged latest values.
 
 use std::{
+    future::poll_fn,
     sync::{Arc, Mutex, MutexGuard},
+    task::{Context, Poll, Waker},
     time::Instant,
 };
 
 use bytestring::ByteString;
-use tokio::sync::Notify;
 
 use crate::protocol::{update_json, PageId};
 
@@ -83,6 +84,10 @@ struct Pending {
     counts: Counts,
     notice: Option<ByteString>,
     end: Option<End>,
+    /// Something was put here since the session last looked.
+    signalled: bool,
+    /// The session's task, while it waits.
+    waker: Option<Waker>,
 }
 
 /// What a session takes from its mailbox in one go.
@@ -107,10 +112,9 @@ impl Taken {
 /// `Arc` (in its connection entry), the session the other.
 #[derive(Debug, Default)]
 pub struct Mailbox {
-    /// The pending state; locked only to merge or take, never across an await.
+    /// The pending state and the session's waker; locked only to merge,
+    /// take or register, never across an await.
     pending: Mutex<Pending>,
-    /// Wakes the session when something became pending.
-    ready: Notify,
 }
 
 impl Mailbox {
@@ -125,71 +129,74 @@ impl Mailbox {
         self.pending.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Marks the mailbox signalled and wakes the session (after unlocking).
+    fn signal(mut p: MutexGuard<'_, Pending>) {
+        p.signalled = true;
+        let waker = p.waker.take();
+        drop(p);
+        if let Some(w) = waker {
+            w.wake();
+        }
+    }
+
     /// Merges a delta: each of its ids takes its new value.
     pub fn update(&self, update: &Arc<Update>) {
-        {
-            let mut p = self.lock();
-            if p.end.is_some() {
-                return;
+        let mut p = self.lock();
+        if p.end.is_some() {
+            return;
+        }
+        match &mut p.counts {
+            Counts::Nothing => p.counts = Counts::One(update.clone()),
+            Counts::One(first) => {
+                let mut values = first.values.clone();
+                merge(&mut values, &update.values);
+                let since = oldest(first.since, update.since);
+                p.counts = Counts::Merged { values, since };
             }
-            match &mut p.counts {
-                Counts::Nothing => p.counts = Counts::One(update.clone()),
-                Counts::One(first) => {
-                    let mut values = first.values.clone();
-                    merge(&mut values, &update.values);
-                    let since = oldest(first.since, update.since);
-                    p.counts = Counts::Merged { values, since };
-                }
-                Counts::Merged { values, since } => {
-                    merge(values, &update.values);
-                    *since = oldest(*since, update.since);
-                }
+            Counts::Merged { values, since } => {
+                merge(values, &update.values);
+                *since = oldest(*since, update.since);
             }
         }
-        self.ready.notify_one();
+        Self::signal(p);
     }
 
     /// Replaces whatever counts are pending with a full update of the
     /// connection's (new) link set: it carries the latest value of every id
     /// the connection follows, and ids it no longer follows are dropped.
     pub fn replace(&self, full: Arc<Update>) {
-        {
-            let mut p = self.lock();
-            if p.end.is_some() {
-                return;
-            }
-            p.counts = Counts::One(full);
+        let mut p = self.lock();
+        if p.end.is_some() {
+            return;
         }
-        self.ready.notify_one();
+        p.counts = Counts::One(full);
+        Self::signal(p);
     }
 
     /// Sets the notice to send (an `error` message); a later one replaces it.
     pub fn notice(&self, text: ByteString) {
-        {
-            let mut p = self.lock();
-            if p.end.is_some() {
-                return;
-            }
-            p.notice = Some(text);
+        let mut p = self.lock();
+        if p.end.is_some() {
+            return;
         }
-        self.ready.notify_one();
+        p.notice = Some(text);
+        Self::signal(p);
     }
 
     /// Sets the terminal instruction; the first one stands.
     pub fn end(&self, end: End) {
-        {
-            let mut p = self.lock();
-            if p.end.is_some() {
-                return;
-            }
-            p.end = Some(end);
+        let mut p = self.lock();
+        if p.end.is_some() {
+            return;
         }
-        self.ready.notify_one();
+        p.end = Some(end);
+        Self::signal(p);
     }
 
     /// Takes everything pending, leaving the mailbox empty (but ended, if it was).
     pub fn take(&self) -> Taken {
         let mut p = self.lock();
+        p.signalled = false;
         if let Some(end) = p.end.clone() {
             p.counts = Counts::Nothing;
             p.notice = None;
@@ -213,10 +220,23 @@ impl Mailbox {
         }
     }
 
-    /// Waits until something may be pending (a wake-up stored while nobody
-    /// waited completes this at once).
+    /// Ready when something was put here since the last `take` (or the
+    /// last ready answer); otherwise registers the task to wake. Polled
+    /// in place by the session, so waiting costs its task no future state.
+    pub fn poll_ready(&self, cx: &mut Context<'_>) -> Poll<()> {
+        let mut p = self.lock();
+        if std::mem::take(&mut p.signalled) {
+            return Poll::Ready(());
+        }
+        if !p.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            p.waker = Some(cx.waker().clone());
+        }
+        Poll::Pending
+    }
+
+    /// Waits until something was put here (see [`Mailbox::poll_ready`]).
     pub async fn ready(&self) {
-        self.ready.notified().await;
+        poll_fn(|cx| self.poll_ready(cx)).await;
     }
 }
 

@@ -244,7 +244,7 @@ pub async fn upgrade(req: Request, mut framed: Upgraded, state: AppState) {
             .await;
             if matches!(sent, Ok(Ok(()))) {
                 let parts = framed.into_parts();
-                actix_web::rt::spawn(joined.run(parts.io, parts.read_buf));
+                run_at_home(&state, joined, parts.io, parts.read_buf);
             }
             return;
         }
@@ -271,6 +271,34 @@ pub async fn upgrade(req: Request, mut framed: Upgraded, state: AppState) {
         framed.send(h1::Message::Chunk(Some(body))).await
     })
     .await;
+}
+
+/// Runs the session on the worker that hosts its page's shard, moving the
+/// socket there if this worker is another: the room's wake-ups of the
+/// session, and the session's messages to the room, then never cross
+/// threads. (Moving costs one hand-over per connection; a fan-out wakes
+/// every subscriber on every publish.)
+fn run_at_home(
+    state: &AppState,
+    joined: session::Joined,
+    io: TcpStream,
+    read_buf: bytes::BytesMut,
+) {
+    let Some(home) = state.shards.home_elsewhere(joined.shard_index()) else {
+        actix_web::rt::spawn(joined.run(io, read_buf));
+        return;
+    };
+    let Ok(io) = io.into_std() else {
+        return; // The socket is gone; dropping `joined` leaves the room.
+    };
+    // If the worker is gone (shutting down) the closure is dropped, and
+    // with it the socket and `joined` (which leaves the room).
+    home.spawn_fn(move || match TcpStream::from_std(io) {
+        Ok(io) => {
+            actix_web::rt::spawn(joined.run(io, read_buf));
+        }
+        Err(e) => tracing::debug!(error = %e, "could not move a socket to its worker"),
+    });
 }
 
 /// `GET /api/v1/counts?ids=a,b` (or repeated `id=`): live counts, unknown ids 0.

@@ -178,6 +178,18 @@ fn hot() -> &'static Hot {
     })
 }
 
+/// How often histogram samples are folded into their buckets when nobody
+/// scrapes: the recorder keeps every sample until then.
+pub const UPKEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Folds recorded histogram samples into their buckets. Without it, samples
+/// (one per update delivered) pile up in memory until the next scrape.
+pub fn upkeep() {
+    if let Some(h) = install() {
+        h.run_upkeep();
+    }
+}
+
 /// The Prometheus text exposition of every metric.
 pub fn render() -> String {
     match install() {

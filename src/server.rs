@@ -136,6 +136,14 @@ impl Server {
         }
         let local_addr = listener.local_addr()?;
         crate::metrics::install();
+        // On the counter's arbiter: stops with it.
+        counter_arbiter.spawn(async {
+            let mut every = tokio::time::interval(crate::metrics::UPKEEP_INTERVAL);
+            loop {
+                every.tick().await;
+                crate::metrics::upkeep();
+            }
+        });
         let ops = crate::admin::Ops::new(&settings);
         let admin = crate::admin::start(&state, &ops)?;
         let hosts = shards.clone();

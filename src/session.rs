@@ -201,6 +201,11 @@ pub fn join(ctx: SessionContext) -> Joined {
 }
 
 impl Joined {
+    /// The index of the shard that owns the connection's page.
+    pub fn shard_index(&self) -> usize {
+        self.membership.shard_index
+    }
+
     /// Runs the connection on its socket until it closes. `read_buf` holds
     /// whatever the client sent after its upgrade request.
     /// (Not an `async fn`: the session is built here and moved into its own

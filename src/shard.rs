@@ -289,9 +289,19 @@ pub struct Shards {
     inner: Arc<ShardsInner>,
 }
 
+/// A shard as hosted by its worker.
+struct Hosted {
+    /// The shard actor.
+    addr: Addr<Shard>,
+    /// The worker's arbiter: sessions of the shard's pages run there.
+    arbiter: actix::dev::ArbiterHandle,
+    /// The worker's thread (to tell whether a caller is already on it).
+    thread: std::thread::ThreadId,
+}
+
 struct ShardsInner {
     /// One slot per shard, filled by the worker that hosts it.
-    slots: Box<[OnceLock<Addr<Shard>>]>,
+    slots: Box<[OnceLock<Hosted>]>,
     /// Slots handed out to workers so far.
     claimed: AtomicUsize,
     /// Slots filled so far.
@@ -349,7 +359,11 @@ impl Shards {
             closing: false,
         }
         .start();
-        let _ = slot.set(addr);
+        let _ = slot.set(Hosted {
+            addr,
+            arbiter: actix::Arbiter::current(),
+            thread: std::thread::current().id(),
+        });
         if inner.filled.fetch_add(1, Ordering::SeqCst) + 1 == inner.slots.len() {
             inner.counter.do_send(SetShards(self.all()));
             inner.all_filled.notify_waiters();
@@ -380,7 +394,7 @@ impl Shards {
     /// The shard that owns `page` and its index, from one hash.
     pub fn locate(&self, page: &str) -> Option<(usize, &Addr<Shard>)> {
         let index = self.index_of(page);
-        self.inner.slots[index].get().map(|addr| (index, addr))
+        self.inner.slots[index].get().map(|h| (index, &h.addr))
     }
 
     /// The index of the shard that owns `page` (the `shard` label of metrics).
@@ -395,8 +409,15 @@ impl Shards {
         self.inner
             .slots
             .iter()
-            .filter_map(|s| s.get().cloned())
+            .filter_map(|s| s.get().map(|h| h.addr.clone()))
             .collect()
+    }
+
+    /// The arbiter of the worker that hosts shard `index`, unless the
+    /// caller runs on that worker already (`None` then, or before it is hosted).
+    pub fn home_elsewhere(&self, index: usize) -> Option<&actix::dev::ArbiterHandle> {
+        let hosted = self.inner.slots.get(index)?.get()?;
+        (hosted.thread != std::thread::current().id()).then_some(&hosted.arbiter)
     }
 }
 

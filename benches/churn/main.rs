@@ -361,7 +361,7 @@ fn churn(rt: &tokio::runtime::Runtime, scale: Scale) {
             .f("p50_ms", median(&mut a.p50s))
             .f("p99_ms", median(&mut a.p99s))
             .s("errors", a.errors)
-            .f("target_pct", 70.0)
+            .f("target_pct", 80.0)
             .print();
     }
 }
@@ -768,7 +768,7 @@ fn memory_at(
                     .f("growth_vs_small", per / pers[0]);
             }
             if ceiling.is_some() {
-                line = line.f("target_kib_per_conn", 10.0);
+                line = line.f("target_kib_per_conn", 4.0);
             }
             line.print();
             rss_small = rss;

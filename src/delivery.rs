@@ -139,13 +139,19 @@ impl Mailbox {
         }
     }
 
-    /// Merges a delta: each of its ids takes its new value.
-    pub fn update(&self, update: &Arc<Update>) {
+    /// Applies `change` unless the mailbox has ended, then wakes the session.
+    fn put(&self, change: impl FnOnce(&mut Pending)) {
         let mut p = self.lock();
         if p.end.is_some() {
             return;
         }
-        match &mut p.counts {
+        change(&mut p);
+        Self::signal(p);
+    }
+
+    /// Merges a delta: each of its ids takes its new value.
+    pub fn update(&self, update: &Arc<Update>) {
+        self.put(|p| match &mut p.counts {
             Counts::Nothing => p.counts = Counts::One(update.clone()),
             Counts::One(first) => {
                 let mut values = first.values.clone();
@@ -157,40 +163,24 @@ impl Mailbox {
                 merge(values, &update.values);
                 *since = oldest(*since, update.since);
             }
-        }
-        Self::signal(p);
+        });
     }
 
     /// Replaces whatever counts are pending with a full update of the
     /// connection's (new) link set: it carries the latest value of every id
     /// the connection follows, and ids it no longer follows are dropped.
     pub fn replace(&self, full: Arc<Update>) {
-        let mut p = self.lock();
-        if p.end.is_some() {
-            return;
-        }
-        p.counts = Counts::One(full);
-        Self::signal(p);
+        self.put(|p| p.counts = Counts::One(full));
     }
 
     /// Sets the notice to send (an `error` message); a later one replaces it.
     pub fn notice(&self, text: ByteString) {
-        let mut p = self.lock();
-        if p.end.is_some() {
-            return;
-        }
-        p.notice = Some(text);
-        Self::signal(p);
+        self.put(|p| p.notice = Some(text));
     }
 
     /// Sets the terminal instruction; the first one stands.
     pub fn end(&self, end: End) {
-        let mut p = self.lock();
-        if p.end.is_some() {
-            return;
-        }
-        p.end = Some(end);
-        Self::signal(p);
+        self.put(|p| p.end = Some(end));
     }
 
     /// Takes everything pending, leaving the mailbox empty (but ended, if it was).

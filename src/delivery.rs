@@ -11,6 +11,7 @@
 //! is pending, and its next frame carries the merged latest values.
 
 use std::{
+    collections::HashMap,
     future::poll_fn,
     sync::{Arc, Mutex, MutexGuard},
     task::{Context, Poll, Waker},
@@ -183,6 +184,11 @@ impl Mailbox {
         self.put(|p| p.end = Some(end));
     }
 
+    /// The terminal instruction, if one was set (nothing is taken).
+    pub fn ended(&self) -> Option<End> {
+        self.lock().end.clone()
+    }
+
     /// Takes everything pending, leaving the mailbox empty (but ended, if it was).
     pub fn take(&self) -> Taken {
         let mut p = self.lock();
@@ -231,10 +237,29 @@ impl Mailbox {
 }
 
 fn merge(values: &mut Vec<(PageId, u64)>, new: &[(PageId, u64)]) {
+    // A linear search while small; an index beyond, so merging into a
+    // connection far behind on hundreds of links stays linear.
+    if values.len().saturating_mul(new.len()) <= 256 {
+        for (id, n) in new {
+            match values.iter_mut().find(|(v, _)| v == id) {
+                Some(slot) => slot.1 = *n,
+                None => values.push((id.clone(), *n)),
+            }
+        }
+        return;
+    }
+    let mut at: HashMap<PageId, usize> = values
+        .iter()
+        .enumerate()
+        .map(|(i, (id, _))| (id.clone(), i))
+        .collect();
     for (id, n) in new {
-        match values.iter_mut().find(|(v, _)| v == id) {
-            Some(slot) => slot.1 = *n,
-            None => values.push((id.clone(), *n)),
+        match at.get(id) {
+            Some(&i) => values[i].1 = *n,
+            None => {
+                at.insert(id.clone(), values.len());
+                values.push((id.clone(), *n));
+            }
         }
     }
 }
@@ -269,6 +294,24 @@ mod tests {
             Some(r#"{"type":"update","connections":{"a":3,"b":1,"c":5}}"#)
         );
         assert!(m.take().is_empty());
+    }
+
+    #[test]
+    fn merging_many_links_keeps_first_change_order_and_latest_values() {
+        let m = Mailbox::new();
+        let ids: Vec<String> = (0..100).map(|i| format!("p{i}")).collect();
+        let all = |n: u64| up(&ids.iter().map(|i| (i.as_str(), n)).collect::<Vec<_>>());
+        m.update(&all(1));
+        m.update(&all(2));
+        m.update(&up(&[("new", 7), ("p5", 3)]));
+        let (text, _) = m.take().update.expect("an update");
+        let v: serde_json::Value = serde_json::from_str(&text).expect("json");
+        let map = v["connections"].as_object().expect("map");
+        assert_eq!(map.len(), 101);
+        assert_eq!(
+            (map["p0"].as_u64(), map["p5"].as_u64(), map["new"].as_u64()),
+            (Some(2), Some(3), Some(7))
+        );
     }
 
     #[test]

@@ -278,7 +278,7 @@ struct Session {
     /// Encoded frames the socket has not taken yet; released when it empties.
     wbuf: BytesMut,
     /// A fragmented text message being reassembled (bounded like a frame).
-    message: Option<BytesMut>,
+    message: Option<Vec<u8>>,
     /// The client's message rate.
     bucket: TokenBucket,
     /// Consecutive rate-limited messages.
@@ -329,9 +329,14 @@ impl Session {
                 let writing = !self.wbuf.is_empty();
                 let step = tokio::select! {
                     biased;
-                    () = poll_fn(|cx| self.joined.mailbox.poll_ready(cx)), if !writing && !self.mail => {
+                    // Also while output is backed up, but then only for its end
+                    // (shutdown is not kept waiting behind a slow reader).
+                    () = poll_fn(|cx| self.joined.mailbox.poll_ready(cx)), if writing || !self.mail => {
                         self.mail = true;
-                        Ok(())
+                        match self.joined.mailbox.ended() {
+                            Some(end) if writing => Err(ending_for(end)),
+                            _ => Ok(()),
+                        }
                     }
                     () = &mut timer => {
                         let r = self.on_timer();
@@ -435,21 +440,10 @@ impl Session {
         if std::mem::take(&mut self.mail) {
             let taken = self.joined.mailbox.take();
             if let Some(end) = taken.end {
-                return Err(match end {
-                    End::Shutdown => Ending::new(
-                        CloseKind::Shutdown,
-                        close::GOING_AWAY,
-                        "server shutting down",
-                    ),
-                    End::Refuse {
-                        error,
-                        code,
-                        reason,
-                    } => {
-                        self.text(error);
-                        Ending::new(CloseKind::MaxRooms, code, reason)
-                    }
-                });
+                if let End::Refuse { error, .. } = &end {
+                    self.text(error.clone());
+                }
+                return Err(ending_for(end));
             }
             if let Some(notice) = taken.notice {
                 self.text(notice);
@@ -498,34 +492,52 @@ impl Session {
         Ok(())
     }
 
-    /// Reads what the socket has and handles every complete frame.
+    /// Reads what the socket has and handles every complete frame. Nearly
+    /// always into the worker's scratch buffer; while a partial frame is
+    /// pending, into the session's own buffer, only as much as that frame
+    /// still needs (so it is never reallocated past the frame's size).
     fn read(&mut self) -> Result<(), Ending> {
-        let partial = !self.rbuf.is_empty();
-        let mut buf = if partial {
-            std::mem::take(&mut self.rbuf)
-        } else {
-            take_scratch(&READ_SCRATCH)
-        };
-        buf.reserve(READ_CHUNK);
-        let r = match self.io.try_read_buf(&mut buf) {
-            Ok(0) => Err(Ending::gone()),
-            Ok(_) => {
-                self.last_seen = Instant::now();
-                self.decode(&mut buf)
+        use bytes::BufMut;
+        let max = self.joined.settings.websocket.max_message_bytes as u64;
+        if self.rbuf.is_empty() {
+            let mut buf = take_scratch(&READ_SCRATCH);
+            buf.reserve(READ_CHUNK);
+            let r = match self.io.try_read_buf(&mut buf) {
+                Ok(0) => Err(Ending::gone()),
+                Ok(_) => self.decode(&mut buf),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(()),
+                Err(_) => Err(Ending::gone()),
+            };
+            if !buf.is_empty() {
+                self.rbuf = frame_buffer(&buf, max);
             }
+            return_scratch(&READ_SCRATCH, buf);
+            return r;
+        }
+        let mut buf = std::mem::take(&mut self.rbuf);
+        let need = match frame_header(&buf) {
+            Some((_, header, len)) if len <= max => {
+                (header + len as usize).saturating_sub(buf.len())
+            }
+            Some(_) => READ_CHUNK,
+            None => MAX_HEADER.saturating_sub(buf.len()),
+        };
+        let want = need.clamp(1, READ_CHUNK);
+        if buf.capacity() - buf.len() < want {
+            buf = frame_buffer(&buf, max);
+            if buf.capacity() - buf.len() < want {
+                buf.reserve(want);
+            }
+        }
+        let r = match self.io.try_read_buf(&mut (&mut buf).limit(want)) {
+            Ok(0) => Err(Ending::gone()),
+            Ok(_) => self.decode(&mut buf),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(()),
             Err(_) => Err(Ending::gone()),
         };
-        if partial {
-            // The session's own buffer: kept while it holds a partial frame.
-            if !buf.is_empty() {
-                self.rbuf = buf;
-            }
-        } else {
-            if !buf.is_empty() {
-                self.rbuf = BytesMut::from(&buf[..]);
-            }
-            return_scratch(&READ_SCRATCH, buf);
+        if !buf.is_empty() {
+            // Still the partial frame: a read never asks for more than it needs.
+            self.rbuf = buf;
         }
         r
     }
@@ -535,7 +547,7 @@ impl Session {
     fn decode(&mut self, buf: &mut BytesMut) -> Result<(), Ending> {
         let max = self.joined.settings.websocket.max_message_bytes as u64;
         loop {
-            if let Some((opcode, len)) = frame_header(buf) {
+            if let Some((opcode, _, len)) = frame_header(buf) {
                 let before = match (opcode, &self.message) {
                     (OPCODE_CONTINUATION, Some(m)) => m.len() as u64,
                     _ => 0,
@@ -545,7 +557,12 @@ impl Session {
                 }
             }
             match self.codec.decode(buf) {
-                Ok(Some(frame)) => self.on_frame(frame)?,
+                Ok(Some(frame)) => {
+                    // Liveness counts complete frames, not bytes: a frame
+                    // dribbled in byte by byte does not keep a connection alive.
+                    self.last_seen = Instant::now();
+                    self.on_frame(frame)?
+                }
                 Ok(None) => return Ok(()),
                 Err(WsError::Overflow) => return Err(too_big()),
                 Err(e) => {
@@ -565,19 +582,21 @@ impl Session {
         match frame {
             Frame::Text(payload) => self.on_message(payload),
             Frame::Continuation(Item::FirstText(part)) => {
-                self.message = Some(BytesMut::from(&part[..]));
+                self.message = Some(part.to_vec());
                 Ok(())
             }
             Frame::Continuation(Item::Continue(part)) => {
                 if let Some(m) = &mut self.message {
+                    m.reserve_exact(part.len());
                     m.extend_from_slice(&part);
                 }
                 Ok(())
             }
             Frame::Continuation(Item::Last(part)) => match self.message.take() {
                 Some(mut m) => {
+                    m.reserve_exact(part.len());
                     m.extend_from_slice(&part);
-                    self.on_message(m.freeze())
+                    self.on_message(Bytes::from(m))
                 }
                 // The rest of a binary message (its first part closed the connection).
                 None => Ok(()),
@@ -742,7 +761,7 @@ impl Session {
             Err(_) => return Some(true),
         }
         loop {
-            if frame_header(&self.rbuf).is_some_and(|(_, len)| len > max) {
+            if frame_header(&self.rbuf).is_some_and(|(_, _, len)| len > max) {
                 return Some(false);
             }
             match self.codec.decode(&mut self.rbuf) {
@@ -752,6 +771,18 @@ impl Session {
                 Err(_) => return Some(false),
             }
         }
+    }
+}
+
+/// How a connection told to end closes (a refusal's `error` text is written first).
+fn ending_for(end: End) -> Ending {
+    match end {
+        End::Shutdown => Ending::new(
+            CloseKind::Shutdown,
+            close::GOING_AWAY,
+            "server shutting down",
+        ),
+        End::Refuse { code, reason, .. } => Ending::new(CloseKind::MaxRooms, code, reason),
     }
 }
 
@@ -766,18 +797,40 @@ fn too_big() -> Ending {
 /// Opcode of a continuation frame (RFC 6455 §5.2).
 const OPCODE_CONTINUATION: u8 = 0x0;
 
-/// The opcode and declared payload length of the frame at the start of
-/// `buf`, once its length field has arrived. Only the length is read here,
-/// so an oversized frame is refused before its payload is buffered;
-/// actix-http's codec parses (and validates) the frame itself.
-fn frame_header(buf: &[u8]) -> Option<(u8, u64)> {
+/// Longest frame header a client sends: 2 bytes, an 8-byte length, a 4-byte mask.
+const MAX_HEADER: usize = 14;
+
+/// The opcode, header length (mask included) and declared payload length
+/// of the frame at the start of `buf`, once its length field has arrived.
+/// Only the length is read here, so an oversized frame is refused before
+/// its payload is buffered; actix-http's codec parses (and validates) the
+/// frame itself.
+fn frame_header(buf: &[u8]) -> Option<(u8, usize, u64)> {
     let opcode = buf.first()? & 0x0f;
-    let len = match buf.get(1)? & 0x7f {
-        126 => u64::from(u16::from_be_bytes(buf.get(2..4)?.try_into().ok()?)),
-        127 => u64::from_be_bytes(buf.get(2..10)?.try_into().ok()?),
-        n => u64::from(n),
+    let second = *buf.get(1)?;
+    let mask = if second & 0x80 != 0 { 4 } else { 0 };
+    let (ext, len) = match second & 0x7f {
+        126 => (
+            2,
+            u64::from(u16::from_be_bytes(buf.get(2..4)?.try_into().ok()?)),
+        ),
+        127 => (8, u64::from_be_bytes(buf.get(2..10)?.try_into().ok()?)),
+        n => (0, u64::from(n)),
     };
-    Some((opcode, len))
+    Some((opcode, 2 + ext + mask, len))
+}
+
+/// A session buffer for the partial frame `part`: sized for the whole
+/// frame once its header is in (and within `max`), so reading the rest
+/// never reallocates; otherwise for the longest header.
+fn frame_buffer(part: &[u8], max: u64) -> BytesMut {
+    let size = match frame_header(part) {
+        Some((_, header, len)) if len <= max => header + len as usize,
+        _ => MAX_HEADER,
+    };
+    let mut buf = BytesMut::with_capacity(size.max(part.len()));
+    buf.extend_from_slice(part);
+    buf
 }
 
 #[cfg(test)]
@@ -785,14 +838,26 @@ mod tests {
     use super::frame_header;
 
     #[test]
+    fn a_partial_frame_gets_a_buffer_of_its_own_size_never_of_a_huge_declared_one() {
+        let part = [0x81, 0xfe, 0x01, 0x00, 0, 0, 0, 0, b'x'];
+        let buf = super::frame_buffer(&part, 1024);
+        assert_eq!((buf.len(), buf.capacity()), (9, 8 + 256));
+        let mut huge = vec![0x81, 0xff];
+        huge.extend_from_slice(&(1u64 << 30).to_be_bytes());
+        assert!(super::frame_buffer(&huge, 1024).capacity() < 64);
+        assert!(super::frame_buffer(&[0x81], 1024).capacity() < 64);
+    }
+
+    #[test]
     fn declared_lengths_are_read_from_every_header_form() {
         assert_eq!(frame_header(&[0x81]), None);
-        assert_eq!(frame_header(&[0x81, 0x85]), Some((1, 5)));
+        assert_eq!(frame_header(&[0x81, 0x85]), Some((1, 6, 5)));
+        assert_eq!(frame_header(&[0x81, 0x05]), Some((1, 2, 5)));
         assert_eq!(frame_header(&[0x80, 0xfe, 0x01]), None);
-        assert_eq!(frame_header(&[0x80, 0xfe, 0x01, 0x00]), Some((0, 256)));
+        assert_eq!(frame_header(&[0x80, 0xfe, 0x01, 0x00]), Some((0, 8, 256)));
         let mut big = vec![0x81, 0xff];
         big.extend_from_slice(&(1u64 << 30).to_be_bytes());
         assert_eq!(frame_header(&big[..9]), None);
-        assert_eq!(frame_header(&big), Some((1, 1 << 30)));
+        assert_eq!(frame_header(&big), Some((1, 14, 1 << 30)));
     }
 }

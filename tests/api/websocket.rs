@@ -392,3 +392,30 @@ async fn a_client_that_stops_reading_is_closed_and_stays_bounded() {
     fresh.subscribe(&["sink"]).await;
     assert_eq!(fresh.next_update().await, counts(&[("sink", 0)]));
 }
+
+/// Liveness counts complete frames: a client that dribbles one frame in a
+/// byte at a time (never finishing it, never answering pings) is closed
+/// after `client_timeout` like a silent one, and stops counting.
+#[tokio::test]
+async fn a_frame_dribbled_byte_by_byte_does_not_keep_a_connection_alive() {
+    let (app, _dir) = spawn_app(&[]);
+    let mut watcher = app.connect("watcher").await;
+    watcher.subscribe(&["drip"]).await;
+    watcher.next_update().await;
+    let mut s = raw_upgrade(app.addr, "drip", None).await;
+    watcher.wait_for(&counts(&[("drip", 1)])).await;
+    s.write_all(&client_header(0x1, true, 1000))
+        .await
+        .expect("header");
+    let dripper = tokio::spawn(async move {
+        // 1000 bytes at 10/s: far longer than the test's 600 ms client_timeout.
+        for _ in 0..1000 {
+            if s.write_all(b"x").await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    watcher.wait_for(&counts(&[("drip", 0)])).await;
+    dripper.abort();
+}

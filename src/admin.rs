@@ -37,6 +37,8 @@ pub struct Ops {
     pub started: Instant,
     /// Serve `/metrics` on the public listener too.
     pub metrics_on_public: bool,
+    /// `admin.token`: the bearer token the data routes require, if set.
+    pub token: Option<std::sync::Arc<str>>,
 }
 
 impl Ops {
@@ -44,6 +46,7 @@ impl Ops {
         Ops {
             started: Instant::now(),
             metrics_on_public: settings.admin.metrics_on_public,
+            token: settings.admin.token.get().map(std::sync::Arc::from),
         }
     }
 
@@ -56,6 +59,41 @@ impl Ops {
             cfg.route("/metrics", web::get().to(metrics_text));
         }
     }
+}
+
+/// `None` when `req` may read admin data: no `admin.token` is set, or the
+/// request carries it as `Authorization: Bearer TOKEN` (compared in constant
+/// time). Otherwise the 401 to answer.
+fn deny(req: &HttpRequest) -> Option<HttpResponse> {
+    let token = req.app_data::<web::Data<Ops>>()?.token.clone()?;
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if constant_time_eq(given.as_bytes(), token.as_bytes()) {
+        return None;
+    }
+    Some(
+        HttpResponse::Unauthorized()
+            .insert_header((header::WWW_AUTHENTICATE, "Bearer"))
+            .json(serde_json::json!({
+                "type": "error",
+                "code": "unauthorized",
+                "message": "admin.token is set: send Authorization: Bearer TOKEN",
+            })),
+    )
+}
+
+/// Compares without returning early on the first difference (only the
+/// length leaks, and a token's length is no secret worth keeping).
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    let diff = a
+        .iter()
+        .zip(b)
+        .fold(a.len() ^ b.len(), |acc, (x, y)| acc | usize::from(x ^ y));
+    diff == 0
 }
 
 /// `/api/v1/stats` and `/api/v1/top`.
@@ -124,7 +162,10 @@ pub fn start(state: &AppState, ops: &Ops) -> anyhow::Result<Option<AdminServer>>
 }
 
 /// `GET /metrics`: refreshes the scrape-time gauges from the actors, then renders.
-async fn metrics_text(state: web::Data<AppState>) -> HttpResponse {
+async fn metrics_text(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
+    if let Some(denied) = deny(&req) {
+        return denied;
+    }
     for (i, shard) in state.shards.all().iter().enumerate() {
         if let Ok(Ok(n)) = tokio::time::timeout(QUERY_TIMEOUT, shard.send(RoomCountQuery)).await {
             metrics::set_rooms(i, n);
@@ -161,7 +202,10 @@ fn unavailable() -> HttpResponse {
 }
 
 /// `GET /api/v1/stats`: totals of this server.
-async fn stats(state: web::Data<AppState>, ops: web::Data<Ops>) -> HttpResponse {
+async fn stats(req: HttpRequest, state: web::Data<AppState>, ops: web::Data<Ops>) -> HttpResponse {
+    if let Some(denied) = deny(&req) {
+        return denied;
+    }
     let Ok(Ok(load)) = tokio::time::timeout(QUERY_TIMEOUT, state.counter.send(GetLoad)).await
     else {
         return unavailable();
@@ -187,6 +231,9 @@ async fn stats(state: web::Data<AppState>, ops: web::Data<Ops>) -> HttpResponse 
 
 /// `GET /api/v1/top?limit=N` (default 20, at most 100): pages by live connections.
 async fn top(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
+    if let Some(denied) = deny(&req) {
+        return denied;
+    }
     let mut limit = TOP_DEFAULT;
     for (key, value) in form_urlencoded::parse(req.query_string().as_bytes()) {
         if key == "limit" {
@@ -206,5 +253,17 @@ async fn top(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
             .insert_header((header::CACHE_CONTROL, "no-store"))
             .json(pages),
         _ => unavailable(),
+    }
+}
+
+#[cfg(test)]
+mod token_tests {
+    #[test]
+    fn tokens_compare_by_every_byte_and_length() {
+        use super::constant_time_eq as eq;
+        assert!(eq(b"abcdefghijklmnop", b"abcdefghijklmnop"));
+        assert!(!eq(b"abcdefghijklmnoq", b"abcdefghijklmnop"));
+        assert!(!eq(b"abcdefghijklmno", b"abcdefghijklmnop"));
+        assert!(!eq(b"", b"abcdefghijklmnop"));
     }
 }

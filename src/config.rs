@@ -243,6 +243,14 @@ impl Settings {
         if ws.max_links_per_subscribe == 0 {
             return bad("websocket.max_links_per_subscribe", "must be at least 1");
         }
+        if let Some(t) = self.admin.token.get() {
+            if t.len() < 16 || !t.bytes().all(|b| b.is_ascii_graphic()) {
+                return bad(
+                    "admin.token",
+                    "must be at least 16 printable characters without spaces (or empty for none)",
+                );
+            }
+        }
         if ws.close_timeout.is_zero() || ws.close_timeout > Duration::from_secs(60) {
             return bad("websocket.close_timeout", "must be between 1ms and 60s");
         }
@@ -335,6 +343,27 @@ pub struct AdminSettings {
     pub bind: String,
     /// Also serve `/metrics` on the public listener.
     pub metrics_on_public: bool,
+    /// Bearer token every admin data route requires; empty = none. A secret:
+    /// never logged, never shown (its `Debug` is redacted).
+    pub token: AdminToken,
+}
+
+/// The admin token (see [`AdminSettings::token`]).
+#[derive(Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct AdminToken(String);
+
+impl AdminToken {
+    /// The token, `None` when unset.
+    pub fn get(&self) -> Option<&str> {
+        (!self.0.is_empty()).then_some(self.0.as_str())
+    }
+}
+
+impl std::fmt::Debug for AdminToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_empty() { "(none)" } else { "***" })
+    }
 }
 
 impl AdminSettings {

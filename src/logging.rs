@@ -64,14 +64,15 @@ pub fn redact_url(url: &str) -> String {
     }
 }
 
-/// One `info` line with the settings an operator checks first. No setting
-/// holds a secret today; credentials added later go through [`redact_url`].
+/// One `info` line with the settings an operator checks first. Secrets are
+/// never in it: `admin.token` only as set or not, URLs through [`redact_url`].
 pub fn log_settings(s: &Settings) {
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
         bind = %s.server.bind,
         admin_bind = if s.admin.bind.is_empty() { "(none)" } else { s.admin.bind.as_str() },
         metrics_on_public = s.admin.metrics_on_public,
+        admin_token = if s.admin.token.get().is_some() { "set" } else { "(none)" },
         workers = s.worker_count(),
         storage = %s.storage.path.display(),
         snapshot_interval = %humantime::format_duration(s.storage.snapshot_interval),

@@ -79,3 +79,62 @@ async fn top_and_stats_follow_the_connections() {
     drop(clients);
     app.shutdown().await;
 }
+
+/// With `admin.token` set, every admin data route (on both listeners)
+/// answers 401 without `Authorization: Bearer TOKEN` or with a wrong one,
+/// and serves with it; the dashboard page itself (no data) and `/healthz`
+/// stay open. A token too short to be a secret is refused at start.
+#[tokio::test(flavor = "multi_thread")]
+async fn admin_token_guards_the_data_routes() {
+    use crate::helpers::http_raw;
+    const TOKEN: &str = "s3cret-token-0123456789";
+    let (app, _dir) = spawn_app(&[
+        ("ADMIN__TOKEN", TOKEN),
+        ("ADMIN__METRICS_ON_PUBLIC", "true"),
+    ]);
+    let admin = app.admin.expect("admin listener");
+    let get = |addr: std::net::SocketAddr, path: &'static str, auth: Option<&str>| {
+        let auth = auth.map_or(String::new(), |a| format!("Authorization: {a}\r\n"));
+        async move {
+            http_raw(
+                addr,
+                &format!("GET {path} HTTP/1.1\r\nHost: x\r\n{auth}Connection: close\r\n\r\n"),
+            )
+            .await
+        }
+    };
+    let bearer = format!("Bearer {TOKEN}");
+    for base in [app.addr, admin] {
+        for path in ["/metrics", "/api/v1/stats", "/api/v1/top"] {
+            let (status, body) = get(base, path, None).await;
+            assert_eq!(status, 401, "{path} without a token: {body}");
+            assert!(body.contains("unauthorized"), "{body}");
+            let (status, _) = get(base, path, Some("Bearer s3cret-token-0123456780")).await;
+            assert_eq!(status, 401, "{path} with a wrong token");
+            let (status, _) = get(base, path, Some(TOKEN)).await;
+            assert_eq!(status, 401, "{path} without the Bearer scheme");
+            let (status, body) = get(base, path, Some(&bearer)).await;
+            assert_eq!(status, 200, "{path} with the token: {body}");
+        }
+    }
+    assert_eq!(get(admin, "/dashboard", None).await.0, 200);
+    assert_eq!(get(admin, "/healthz", None).await.0, 200);
+    app.shutdown().await;
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let short = link_counter::Settings::load_from(
+        None,
+        vec![
+            (
+                "LINK_COUNTER__STORAGE__PATH".to_string(),
+                dir.path().display().to_string(),
+            ),
+            (
+                "LINK_COUNTER__ADMIN__TOKEN".to_string(),
+                "short".to_string(),
+            ),
+        ],
+    );
+    let err = short.expect_err("a 5-character token is refused");
+    assert!(err.to_string().contains("admin.token"), "{err}");
+}

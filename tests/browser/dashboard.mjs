@@ -7,8 +7,9 @@
 // Environment: LINK_COUNTER_BIN (required), LINK_COUNTER_ARTIFACTS (failure
 // screenshot directory), CHROMIUM (default /usr/bin/chromium; never downloaded).
 //
-// Starts the binary (port 0 for both listeners), opens the dashboard in
-// Chromium, opens WebSocket viewers to two pages and waits until the page
+// Starts the binary (port 0 for both listeners, an admin.token), opens the
+// dashboard in Chromium without the token (it says how to give it), then with
+// it in the URL fragment, opens WebSocket viewers to two pages and waits until the page
 // shows the total and the top list; then closes one and waits for the drop.
 // Every wait has a generous deadline and only checks an outcome.
 
@@ -22,6 +23,8 @@ import { chromium } from "playwright-core";
 import { CHROMIUM, LAUNCH_ARGS, eventually, viewer } from "./common.mjs";
 
 const BIN = process.env.LINK_COUNTER_BIN;
+// admin.token for this run: the page must get it from its URL fragment.
+const TOKEN = "dashboard-test-token-0123456789";
 const ARTIFACTS = process.env.LINK_COUNTER_ARTIFACTS || fs.mkdtempSync(path.join(os.tmpdir(), "lc-dashboard-"));
 
 
@@ -36,6 +39,7 @@ function startService(dir) {
         LINK_COUNTER__SERVER__BIND: "127.0.0.1:0",
         LINK_COUNTER__ADMIN__BIND: "127.0.0.1:0",
         LINK_COUNTER__STORAGE__PATH: dir,
+        LINK_COUNTER__ADMIN__TOKEN: TOKEN,
       },
       stdio: ["ignore", "pipe", "pipe"],
     });
@@ -83,7 +87,19 @@ async function main() {
     page = await browser.newPage();
     page.on("console", (m) => consoleLines.push(`${m.type()}: ${m.text()}`));
     page.on("pageerror", (e) => consoleLines.push(`pageerror: ${e.message}`));
+    // Without the token the page says how to give it.
     await page.goto(`http://${svc.admin}/dashboard`);
+    await eventually("the dashboard to ask for admin.token", async () => {
+      const status = await page.evaluate(() => document.getElementById("status").textContent);
+      return status.includes("/dashboard#token=") || status;
+    });
+    consoleLines.length = 0; // the browser logs the 401s themselves
+
+    // With it (in the fragment, which never reaches the server), it works,
+    // and the token leaves the address bar.
+    await page.goto("about:blank");
+    await page.goto(`http://${svc.admin}/dashboard#token=${TOKEN}`);
+    await eventually("the token to leave the address bar", async () => !page.url().includes("token") || page.url());
 
     await eventually("the dashboard to show 0 connections", async () => {
       const s = await shown(page);

@@ -30,7 +30,7 @@
 //! | `link_counter_count_changes_total` | counter | | count changes applied by the counter |
 //! | `link_counter_count_publishes_total` | counter | | changed counts published to follower rooms (after coalescing) |
 //! | `link_counter_updates_sent_total` | counter | | `update` messages written to client sockets |
-//! | `link_counter_publish_lag_seconds` | histogram | | count change → its `update` written to a subscriber's socket |
+//! | `link_counter_publish_lag_seconds` | histogram | | count change → its `update` encoded for a subscriber's socket by its session |
 //! | `link_counter_snapshot_duration_seconds` | histogram | | stats snapshot (batch write) duration |
 //! | `link_counter_snapshot_records` | histogram | | stats records written per snapshot |
 //! | `link_counter_sweeps_total` | counter | | cleanup sweeps run |
@@ -448,7 +448,7 @@ pub fn counts_published(n: usize) {
     counter!(COUNT_PUBLISHES).increment(n as u64);
 }
 
-/// An `update` was handed to a client connection's writer `lag` after the oldest change it carries.
+/// An `update` was encoded for a client's socket `lag` after the oldest change it carries.
 pub fn update_sent(lag: Option<Duration>) {
     let hot = hot();
     hot.updates_sent.increment(1);

@@ -405,20 +405,18 @@ impl Session {
     /// writes it. The mailbox is taken only here, so counts that change
     /// while the socket is full merge there instead of queueing.
     fn fill_and_flush(&mut self) -> Result<(), Ending> {
-        if !self.wbuf.is_empty() {
+        let pending = self.pong.is_some() || self.ping_due || self.mail;
+        if !self.wbuf.is_empty() || !pending {
             return Ok(());
         }
         // Encode into the worker's scratch buffer; keep only what the
         // socket does not take.
         self.wbuf = take_scratch(&WRITE_SCRATCH);
-        let r = self.fill();
-        let r = r.and_then(|()| {
-            if self.wbuf.is_empty() {
-                return Ok(());
-            }
+        let r = self.fill().and_then(|()| self.write_now());
+        if !self.wbuf.is_empty() {
+            // Output begins to wait now: the stuck-output clock starts.
             self.last_progress = Instant::now();
-            self.write_now()
-        });
+        }
         let scratch = if self.wbuf.is_empty() {
             std::mem::take(&mut self.wbuf)
         } else {
@@ -478,14 +476,19 @@ impl Session {
 
     /// Writes as much of the write buffer as the socket takes now.
     fn write_now(&mut self) -> Result<(), Ending> {
+        let before = self.wbuf.len();
         while !self.wbuf.is_empty() {
             match self.io.try_write(&self.wbuf) {
                 Ok(0) => return Err(Ending::gone()),
-                Ok(n) => {
-                    self.wbuf.advance(n);
-                    self.last_progress = Instant::now();
+                Ok(n) => self.wbuf.advance(n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    // The stuck-output clock runs from the last write that
+                    // made progress (or from when output began to wait).
+                    if self.wbuf.len() != before {
+                        self.last_progress = Instant::now();
+                    }
+                    return Ok(());
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
                 Err(_) => return Err(Ending::gone()),
             }
         }
@@ -499,45 +502,45 @@ impl Session {
     fn read(&mut self) -> Result<(), Ending> {
         use bytes::BufMut;
         let max = self.joined.settings.websocket.max_message_bytes as u64;
-        if self.rbuf.is_empty() {
-            let mut buf = take_scratch(&READ_SCRATCH);
-            buf.reserve(READ_CHUNK);
-            let r = match self.io.try_read_buf(&mut buf) {
-                Ok(0) => Err(Ending::gone()),
-                Ok(_) => self.decode(&mut buf),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(()),
-                Err(_) => Err(Ending::gone()),
+        let partial = !self.rbuf.is_empty();
+        let (mut buf, want) = if partial {
+            let buf = std::mem::take(&mut self.rbuf);
+            let need = match frame_header(&buf) {
+                Some((_, header, len)) if len <= max => header + len as usize - buf.len(),
+                _ => MAX_HEADER.saturating_sub(buf.len()),
             };
-            if !buf.is_empty() {
-                self.rbuf = frame_buffer(&buf, max);
-            }
-            return_scratch(&READ_SCRATCH, buf);
-            return r;
-        }
-        let mut buf = std::mem::take(&mut self.rbuf);
-        let need = match frame_header(&buf) {
-            Some((_, header, len)) if len <= max => {
-                (header + len as usize).saturating_sub(buf.len())
-            }
-            Some(_) => READ_CHUNK,
-            None => MAX_HEADER.saturating_sub(buf.len()),
-        };
-        let want = need.clamp(1, READ_CHUNK);
-        if buf.capacity() - buf.len() < want {
-            buf = frame_buffer(&buf, max);
+            let want = need.clamp(1, READ_CHUNK);
+            let mut buf = if buf.capacity() - buf.len() < want {
+                frame_buffer(&buf, max)
+            } else {
+                buf
+            };
             if buf.capacity() - buf.len() < want {
                 buf.reserve(want);
             }
-        }
+            (buf, want)
+        } else {
+            let mut buf = take_scratch(&READ_SCRATCH);
+            buf.reserve(READ_CHUNK);
+            let want = buf.capacity() - buf.len();
+            (buf, want)
+        };
         let r = match self.io.try_read_buf(&mut (&mut buf).limit(want)) {
             Ok(0) => Err(Ending::gone()),
             Ok(_) => self.decode(&mut buf),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(()),
             Err(_) => Err(Ending::gone()),
         };
-        if !buf.is_empty() {
+        if partial {
             // Still the partial frame: a read never asks for more than it needs.
-            self.rbuf = buf;
+            if !buf.is_empty() {
+                self.rbuf = buf;
+            }
+        } else {
+            if !buf.is_empty() {
+                self.rbuf = frame_buffer(&buf, max);
+            }
+            return_scratch(&READ_SCRATCH, buf);
         }
         r
     }

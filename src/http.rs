@@ -112,15 +112,15 @@ async fn websocket(req: HttpRequest) -> HttpResponse {
 }
 
 /// An upgrade refused before the handshake: status, text, and the metric.
-struct Refusal {
+struct Rejection {
     status: StatusCode,
     text: String,
     why: Option<Refused>,
 }
 
-impl Refusal {
-    fn new(status: StatusCode, why: Refused, text: impl Into<String>) -> Refusal {
-        Refusal {
+impl Rejection {
+    fn new(status: StatusCode, why: Refused, text: impl Into<String>) -> Rejection {
+        Rejection {
             status,
             text: text.into(),
             why: Some(why),
@@ -130,10 +130,10 @@ impl Refusal {
 
 /// Decides whether an upgrade request may open a session: route, page id,
 /// handshake, shutdown, origin, connection caps, in that order.
-fn admit(head: &RequestHead, state: &AppState) -> Result<SessionContext, Refusal> {
+fn admit(head: &RequestHead, state: &AppState) -> Result<SessionContext, Rejection> {
     let path = head.uri.path();
     let Some(raw) = path.strip_prefix(PAGE_PREFIX) else {
-        return Err(Refusal {
+        return Err(Rejection {
             status: StatusCode::NOT_FOUND,
             text: format!(
                 "no route for {} {path}; WebSocket rooms are at {PAGE_PREFIX}{{page_id}}",
@@ -144,7 +144,7 @@ fn admit(head: &RequestHead, state: &AppState) -> Result<SessionContext, Refusal
     };
     let page = decode_page_id(raw).map_err(|e| {
         tracing::info!(path, error = %e, "invalid page id; upgrade refused");
-        Refusal::new(
+        Rejection::new(
             StatusCode::BAD_REQUEST,
             Refused::BadPageId,
             format!("invalid page id: {e}"),
@@ -152,7 +152,7 @@ fn admit(head: &RequestHead, state: &AppState) -> Result<SessionContext, Refusal
     })?;
     if let Err(e) = ws::verify_handshake(head) {
         tracing::info!(error = %e, "WebSocket handshake failed; upgrade refused");
-        return Err(Refusal::new(
+        return Err(Rejection::new(
             StatusCode::BAD_REQUEST,
             Refused::BadHandshake,
             format!("WebSocket handshake failed: {e}"),
@@ -160,14 +160,14 @@ fn admit(head: &RequestHead, state: &AppState) -> Result<SessionContext, Refusal
     }
     if *state.shutdown.borrow() {
         tracing::info!(page = %page, "shutting down; upgrade refused");
-        return Err(Refusal::new(
+        return Err(Rejection::new(
             StatusCode::SERVICE_UNAVAILABLE,
             Refused::ShuttingDown,
             "server is shutting down",
         ));
     }
     let Some((shard_index, shard)) = state.shards.locate(&page) else {
-        return Err(Refusal::new(
+        return Err(Rejection::new(
             StatusCode::SERVICE_UNAVAILABLE,
             Refused::Starting,
             "server is starting; retry",
@@ -182,7 +182,7 @@ fn admit(head: &RequestHead, state: &AppState) -> Result<SessionContext, Refusal
             origin = origin.unwrap_or(""),
             "origin not allowed; upgrade refused"
         );
-        return Err(Refusal::new(
+        return Err(Rejection::new(
             StatusCode::FORBIDDEN,
             Refused::Origin,
             "origin not allowed",
@@ -203,7 +203,7 @@ fn admit(head: &RequestHead, state: &AppState) -> Result<SessionContext, Refusal
             CapRefusal::PerIp => (StatusCode::TOO_MANY_REQUESTS, Refused::MaxConnectionsPerIp),
             CapRefusal::Rate => (StatusCode::TOO_MANY_REQUESTS, Refused::ConnectionRate),
         };
-        Refusal::new(status, why, refusal.message())
+        Rejection::new(status, why, refusal.message())
     })?;
     let pk = head.uri.query().and_then(|q| {
         form_urlencoded::parse(q.as_bytes())
@@ -232,7 +232,7 @@ pub type Upgraded = Framed<TcpStream, h1::Codec>;
 /// Anything else gets a short plain-text answer and the connection closes.
 pub async fn upgrade(req: Request, mut framed: Upgraded, state: AppState) {
     let limit = state.settings.limits.handshake_timeout;
-    let refusal = match admit(req.head(), &state) {
+    let rejection = match admit(req.head(), &state) {
         Ok(ctx) => {
             let response = ws::handshake_response(req.head()).finish().drop_body();
             drop(req);
@@ -251,11 +251,11 @@ pub async fn upgrade(req: Request, mut framed: Upgraded, state: AppState) {
         Err(r) => r,
     };
     drop(req);
-    if let Some(why) = refusal.why {
+    if let Some(why) = rejection.why {
         connection_refused(why);
     }
-    let body = Bytes::from(format!("{}\n", refusal.text));
-    let mut response = Response::with_body(refusal.status, ());
+    let body = Bytes::from(format!("{}\n", rejection.text));
+    let mut response = Response::with_body(rejection.status, ());
     response.headers_mut().insert(
         header::CONTENT_TYPE,
         header::HeaderValue::from_static("text/plain; charset=utf-8"),

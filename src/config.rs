@@ -128,6 +128,11 @@ pub struct StorageSettings {
     /// How long stats of an inactive page are kept.
     #[serde(with = "humantime_serde")]
     pub stats_retention: Duration,
+    /// Bytes of sled's page cache.
+    pub cache_capacity: u64,
+    /// Most records each stored tree keeps (stats, room records); the least
+    /// recently active go first.
+    pub max_records: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -308,6 +313,12 @@ impl Settings {
         }
         if self.storage.path.as_os_str().is_empty() {
             return bad("storage.path", "must not be empty");
+        }
+        if self.storage.cache_capacity < 1 << 20 {
+            return bad("storage.cache_capacity", "must be at least 1048576 (1 MiB)");
+        }
+        if self.storage.max_records == 0 {
+            return bad("storage.max_records", "must be at least 1");
         }
         let c = &self.cluster;
         if c.enabled() {

@@ -49,7 +49,7 @@ fn main() -> ExitCode {
     link_counter::logging::init(&settings.log);
     link_counter::logging::log_settings(&settings);
 
-    let storage = match Storage::open(&settings.storage.path) {
+    let storage = match Storage::open(&settings.storage.path, settings.storage.cache_capacity) {
         Ok(s) => s,
         Err(e) => {
             eprintln!(

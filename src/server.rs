@@ -80,7 +80,7 @@ pub struct ShutdownReport {
 impl Server {
     /// Opens storage in `settings.storage.path` and starts serving on `listener`.
     pub async fn start(settings: Settings, listener: TcpListener) -> anyhow::Result<Server> {
-        let storage = Storage::open(&settings.storage.path)?;
+        let storage = Storage::open(&settings.storage.path, settings.storage.cache_capacity)?;
         Self::start_with_storage(settings, listener, storage).await
     }
 

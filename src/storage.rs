@@ -128,9 +128,10 @@ fn expire<T: for<'de> Deserialize<'de>>(
 
 impl Storage {
     /// Opens (or creates) the database in `path`.
-    pub fn open(path: &Path) -> Result<Storage, StorageError> {
+    pub fn open(path: &Path, cache_capacity: u64) -> Result<Storage, StorageError> {
         let db = sled::Config::new()
             .path(path)
+            .cache_capacity(cache_capacity)
             .flush_every_ms(Some(200))
             .open()?;
         let meta = db.open_tree("meta")?;

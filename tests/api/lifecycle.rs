@@ -185,7 +185,7 @@ async fn graceful_shutdown_sends_1001_and_flushes() {
     // The listener is closed.
     assert!(tokio::net::TcpStream::connect(addr).await.is_err());
     // The final snapshot reached disk even though the interval is an hour.
-    let reopened = Storage::open(dir.path()).expect("store reopens");
+    let reopened = Storage::open(dir.path(), 8 << 20).expect("store reopens");
     let stats = reopened
         .load_stats("bye")
         .expect("read")

@@ -175,7 +175,11 @@ async fn metrics_text(req: HttpRequest, state: web::Data<AppState>) -> HttpRespo
         metrics::set_counter_state(load.pages, load.subscriptions, load.follower_rooms);
     }
     if let Ok(bytes) = state.storage.size_on_disk() {
-        metrics::set_storage_bytes(bytes);
+        metrics::set_storage(
+            bytes,
+            state.storage.stats_records(),
+            state.storage.room_records(),
+        );
     }
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4; charset=utf-8")

@@ -121,6 +121,12 @@ pub struct SweepReport {
     pub stats_expired: usize,
 }
 
+/// Whether the counter holds each of these pages in memory (tests, diagnostics).
+#[doc(hidden)]
+#[derive(Message)]
+#[rtype(result = "Vec<bool>")]
+pub struct Tracked(pub Vec<PageId>);
+
 /// Test hook: corrupt the live state and stop, as an internal fault would.
 #[doc(hidden)]
 #[derive(Message)]
@@ -199,6 +205,18 @@ impl PageEntry {
     /// live nodes'. The only function used where a count is read.
     fn shown(&self) -> u64 {
         self.count + self.remote
+    }
+
+    /// Nothing live depends on it: no connection here, no follower, and
+    /// (cluster mode) nothing unsent to the other nodes. Such an entry only
+    /// caches stats, and may be dropped once they are saved.
+    fn is_idle(&self) -> bool {
+        self.count == 0 && self.subscribers.is_empty() && self.reported == 0
+    }
+
+    /// Last activity, for least-recently-active order (never active: oldest).
+    fn last_active(&self) -> u64 {
+        self.stats.last_active_ms.unwrap_or(0)
     }
 }
 
@@ -577,6 +595,8 @@ impl Counter {
             }
         }
         crate::metrics::snapshot(started.elapsed(), dirty.len());
+        self.forget_idle_pages();
+        self.trim_storage();
         let storage = self.storage.clone();
         if wait {
             if let Err(e) = storage.flush() {
@@ -588,6 +608,101 @@ impl Counter {
                     tracing::error!(error = %e, "flush failed");
                 }
             });
+        }
+    }
+
+    /// Drops the idle pages (see [`PageEntry::is_idle`]) inactive for
+    /// `room.idle_timeout` (their stats were just saved).
+    fn forget_idle_pages(&mut self) {
+        if self.resync.is_some() {
+            return;
+        }
+        let timeout = self.settings.room.idle_timeout.as_millis() as u64;
+        let cutoff = now_ms().saturating_sub(timeout);
+        let before = self.pages.len();
+        self.pages
+            .retain(|_, e| !(e.is_idle() && !e.dirty && e.last_active() < cutoff));
+        crate::metrics::evicted("pages", before - self.pages.len());
+    }
+
+    /// At `limits.max_pages`: makes room for `wanted` new pages by dropping
+    /// the least recently active idle ones (at least a sixteenth of the cap
+    /// at a time, so the scan is amortized), saving their stats first.
+    fn make_room_for_pages(&mut self, wanted: usize) {
+        let max = self.settings.limits.max_pages;
+        if self.pages.len() + wanted <= max || self.resync.is_some() {
+            return;
+        }
+        let goal = (self.pages.len() + wanted - max).max(max / 16);
+        let mut idle: Vec<(u64, &PageId)> = self
+            .pages
+            .iter()
+            .filter(|(_, e)| e.is_idle())
+            .map(|(p, e)| (e.last_active(), p))
+            .collect();
+        if idle.len() > goal {
+            idle.select_nth_unstable(goal - 1);
+            idle.truncate(goal);
+        }
+        let doomed: Vec<PageId> = idle.into_iter().map(|(_, p)| p.clone()).collect();
+        let unsaved: Vec<(&str, &PageStats)> = doomed
+            .iter()
+            .filter_map(|p| {
+                self.pages
+                    .get(p)
+                    .filter(|e| e.dirty)
+                    .map(|e| (&**p, &e.stats))
+            })
+            .collect();
+        if let Err(e) = self.storage.save_stats(unsaved) {
+            tracing::error!(error = %e, "stats write failed; idle pages kept");
+            return;
+        }
+        for p in &doomed {
+            self.pages.remove(p);
+        }
+        crate::metrics::evicted("pages", doomed.len());
+        tracing::debug!(
+            dropped = doomed.len(),
+            "page cap reached; idle pages dropped"
+        );
+    }
+
+    /// Deletes the least recently active stored records past
+    /// `storage.max_records` (never those of live pages).
+    fn trim_storage(&mut self) {
+        let max = self.settings.storage.max_records;
+        let live = |page: &str| {
+            self.pages
+                .get(page)
+                .is_some_and(|e| e.count > 0 || !e.subscribers.is_empty())
+        };
+        match self.storage.trim(max, live) {
+            Ok((stats, rooms)) => {
+                crate::metrics::evicted("stats_records", stats.len());
+                crate::metrics::evicted("room_records", rooms);
+                if stats.len() + rooms > 0 {
+                    tracing::debug!(
+                        stats = stats.len(),
+                        rooms,
+                        max_records = max,
+                        "records past the cap deleted"
+                    );
+                }
+                // Stats deleted on disk are gone from memory too (the
+                // pages are idle: the trim keeps live ones), so a page
+                // visited again starts afresh instead of writing them back.
+                for page in stats {
+                    if self
+                        .pages
+                        .get(page.as_str())
+                        .is_some_and(|e| e.is_idle() && !e.dirty)
+                    {
+                        self.pages.remove(page.as_str());
+                    }
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "record trim failed"),
         }
     }
 
@@ -876,6 +991,12 @@ impl Handler<Subscribe> for Counter {
     fn handle(&mut self, msg: Subscribe, ctx: &mut Context<Self>) {
         // Links to pages not yet tracked are refused once `max_pages` is reached.
         let max = self.settings.limits.max_pages;
+        let new = msg
+            .links
+            .iter()
+            .filter(|l| !self.pages.contains_key(*l))
+            .count();
+        self.make_room_for_pages(new);
         let (mut accepted, mut refused) = (Vec::with_capacity(msg.links.len()), Vec::new());
         for link in msg.links {
             if self.pages.contains_key(&link) || self.pages.len() < max {
@@ -1085,6 +1206,13 @@ impl Handler<GetStatus> for Counter {
             rebuilding: self.resync.is_some(),
             pages: self.pages.len(),
         })
+    }
+}
+
+impl Handler<Tracked> for Counter {
+    type Result = MessageResult<Tracked>;
+    fn handle(&mut self, msg: Tracked, _: &mut Context<Self>) -> Self::Result {
+        MessageResult(msg.0.iter().map(|p| self.pages.contains_key(p)).collect())
     }
 }
 

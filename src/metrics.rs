@@ -20,6 +20,7 @@
 //! | `link_counter_subscriptions` | gauge | | (room, followed page) pairs at the counter (set at scrape) |
 //! | `link_counter_follower_rooms` | gauge | | rooms following at least one link (set at scrape) |
 //! | `link_counter_storage_bytes` | gauge | | sled database size on disk (set at scrape) |
+//! | `link_counter_stored_records` | gauge | `store` | records kept: `stats`, `rooms` (set at scrape) |
 //! | `link_counter_connections_opened_total` | counter | | WebSocket sessions started (upgrade completed) |
 //! | `link_counter_connections_closed_total` | counter | `reason` | sessions ended, by [`CloseKind`] |
 //! | `link_counter_connections_refused_total` | counter | `reason` | connections refused, by [`Refused`] |
@@ -35,7 +36,8 @@
 //! | `link_counter_snapshot_records` | histogram | | stats records written per snapshot |
 //! | `link_counter_sweeps_total` | counter | | cleanup sweeps run |
 //! | `link_counter_sweep_removed_total` | counter | `what` | removed by sweeps: `pages` (memory), `room_records`, `stats_records` |
-//! | `link_counter_rooms_evicted_total` | counter | | idle rooms stopped |
+//! | `link_counter_evicted_total` | counter | `what` | removed to stay within caps: `pages` (idle pages forgotten after `room.idle_timeout` or at `limits.max_pages`), `stats_records` and `room_records` (past `storage.max_records`) |
+//! | `link_counter_rooms_evicted_total` | counter | `why` | idle rooms stopped: `idle` (after `room.idle_timeout`), `cap` (to let a new page in at `limits.max_rooms`) |
 //! | `link_counter_counter_restarts_total` | counter | | supervised restarts of the counter |
 //!
 //! Cluster mode (recorded by the cluster module):
@@ -60,6 +62,8 @@ pub const PAGES: &str = "link_counter_pages";
 pub const SUBSCRIPTIONS: &str = "link_counter_subscriptions";
 pub const FOLLOWER_ROOMS: &str = "link_counter_follower_rooms";
 pub const STORAGE_BYTES: &str = "link_counter_storage_bytes";
+pub const STORED_RECORDS: &str = "link_counter_stored_records";
+pub const EVICTED: &str = "link_counter_evicted_total";
 pub const CONNECTIONS_OPENED: &str = "link_counter_connections_opened_total";
 pub const CONNECTIONS_CLOSED: &str = "link_counter_connections_closed_total";
 pub const CONNECTIONS_REFUSED: &str = "link_counter_connections_refused_total";
@@ -209,6 +213,11 @@ fn describe() {
     describe_gauge!(SUBSCRIPTIONS, "(room, followed page) pairs at the counter");
     describe_gauge!(FOLLOWER_ROOMS, "Rooms following at least one link");
     describe_gauge!(STORAGE_BYTES, Unit::Bytes, "Database size on disk");
+    describe_gauge!(STORED_RECORDS, "Records kept, by store");
+    describe_counter!(
+        EVICTED,
+        "Idle pages forgotten and records deleted to stay within caps"
+    );
     describe_counter!(CONNECTIONS_OPENED, "WebSocket sessions started");
     describe_counter!(CONNECTIONS_CLOSED, "WebSocket sessions ended, by reason");
     describe_counter!(CONNECTIONS_REFUSED, "Connections refused, by reason");
@@ -262,10 +271,15 @@ fn init_counters() {
         COUNT_PUBLISHES,
         UPDATES_SENT,
         SWEEPS,
-        ROOMS_EVICTED,
         COUNTER_RESTARTS,
     ] {
         counter!(name).increment(0);
+    }
+    for what in ["pages", "stats_records", "room_records"] {
+        counter!(EVICTED, "what" => what).increment(0);
+    }
+    for why in ["idle", "cap"] {
+        counter!(ROOMS_EVICTED, "why" => why).increment(0);
     }
     for why in CloseKind::ALL {
         counter!(CONNECTIONS_CLOSED, "reason" => why.as_str()).increment(0);
@@ -472,8 +486,8 @@ pub fn sweep(pages: usize, room_records: usize, stats_records: usize) {
 }
 
 /// An idle room was stopped.
-pub fn room_evicted() {
-    counter!(ROOMS_EVICTED).increment(1);
+pub fn room_evicted(why: &'static str) {
+    counter!(ROOMS_EVICTED, "why" => why).increment(1);
 }
 
 /// The counter restarted under its supervisor.
@@ -495,9 +509,18 @@ pub fn set_counter_state(pages: usize, subscriptions: usize, follower_rooms: usi
     gauge!(FOLLOWER_ROOMS).set(follower_rooms as f64);
 }
 
-/// Scrape-time gauge of the database size.
-pub fn set_storage_bytes(bytes: u64) {
+/// Scrape-time gauges of the database size and records kept.
+pub fn set_storage(bytes: u64, stats_records: usize, room_records: usize) {
     gauge!(STORAGE_BYTES).set(bytes as f64);
+    gauge!(STORED_RECORDS, "store" => "stats").set(stats_records as f64);
+    gauge!(STORED_RECORDS, "store" => "rooms").set(room_records as f64);
+}
+
+/// Idle pages forgotten, or records deleted past `storage.max_records`.
+pub fn evicted(what: &'static str, n: usize) {
+    if n > 0 {
+        counter!(EVICTED, "what" => what).increment(n as u64);
+    }
 }
 
 // ---------------------------------------------------------------- cluster

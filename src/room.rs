@@ -13,7 +13,7 @@
 use std::{
     collections::{HashMap, HashSet},
     sync::Arc,
-    time::{Duration, Instant},
+    time::Instant,
 };
 
 use actix::prelude::*;
@@ -190,10 +190,6 @@ pub struct PageRoom {
     processed: u64,
     /// Connections opened since the last count report (for stats).
     opened: u64,
-    /// Since when the room has had no connection.
-    idle_since: Option<Instant>,
-    /// The `processed` value last reported idle, to report once.
-    idle_reported: Option<u64>,
     /// The record changed since it was last written.
     dirty: bool,
     /// Set by [`crate::shard::CloseAll`]: connections joining now are told to close.
@@ -225,11 +221,21 @@ impl PageRoom {
             last_links: Vec::new(),
             processed: 0,
             opened: 0,
-            idle_since: Some(Instant::now()),
-            idle_reported: None,
             dirty: false,
             closing: false,
             save_scheduled: false,
+        }
+    }
+
+    /// Tells the shard the room has no connection left (after each routed
+    /// message that leaves it empty): it may then be stopped at any time.
+    fn report_if_idle(&self) {
+        if self.conns.is_empty() {
+            self.shard.do_send(RoomIdle {
+                page: self.page.clone(),
+                uid: self.uid,
+                processed: self.processed,
+            });
         }
     }
 
@@ -254,6 +260,11 @@ impl PageRoom {
 
     fn save(&mut self) {
         if !self.dirty {
+            return;
+        }
+        if self.last_links.is_empty() && self.cache.is_empty() {
+            // Nothing worth a record (a page whose viewers never subscribed).
+            self.dirty = false;
             return;
         }
         let record = RoomRecord {
@@ -391,7 +402,7 @@ impl PageRoom {
 impl Actor for PageRoom {
     type Context = Context<Self>;
 
-    fn started(&mut self, ctx: &mut Context<Self>) {
+    fn started(&mut self, _: &mut Context<Self>) {
         match self.storage.load_room(&self.page) {
             Ok(Some(record)) => {
                 self.last_links = record.links.into_iter().map(PageId::from).collect();
@@ -399,19 +410,6 @@ impl Actor for PageRoom {
             Ok(None) => {}
             Err(e) => tracing::error!(page = %self.page, error = %e, "room record unreadable"),
         }
-        let idle = self.settings.room.idle_timeout;
-        let every = (idle / 4).max(Duration::from_millis(10));
-        ctx.run_interval(every, move |act, _| {
-            let Some(since) = act.idle_since else { return };
-            if since.elapsed() >= idle && act.idle_reported != Some(act.processed) {
-                act.idle_reported = Some(act.processed);
-                act.shard.do_send(RoomIdle {
-                    page: act.page.clone(),
-                    uid: act.uid,
-                    processed: act.processed,
-                });
-            }
-        });
     }
 
     fn stopped(&mut self, _: &mut Context<Self>) {
@@ -435,7 +433,6 @@ impl Handler<Join> for PageRoom {
             },
         );
         self.opened += 1;
-        self.idle_since = None;
         self.report_count();
         self.mark_dirty(ctx);
     }
@@ -456,6 +453,7 @@ impl Handler<Leave> for PageRoom {
     fn handle(&mut self, msg: Leave, ctx: &mut Context<Self>) {
         self.processed += 1;
         let Some(conn) = self.conns.remove(&msg.conn) else {
+            self.report_if_idle();
             return;
         };
         let mut gone = Vec::new();
@@ -466,11 +464,9 @@ impl Handler<Leave> for PageRoom {
                 links: gone,
             });
         }
-        if self.conns.is_empty() {
-            self.idle_since = Some(Instant::now());
-        }
         self.report_count();
         self.mark_dirty(ctx);
+        self.report_if_idle();
     }
 }
 
@@ -479,6 +475,7 @@ impl Handler<SetLinks> for PageRoom {
     fn handle(&mut self, msg: SetLinks, ctx: &mut Context<Self>) {
         self.processed += 1;
         let Some(conn) = self.conns.get_mut(&msg.conn) else {
+            self.report_if_idle();
             return;
         };
         if !msg.links.is_empty() {

@@ -4,17 +4,24 @@
 //! takes a lock. Sessions send their `Join`/`SetLinks`/`Leave` to the shard,
 //! which forwards them to the room on the same thread, in order.
 //!
-//! Eviction handshake: an empty room reports `RoomIdle` with the number of
-//! routed messages it has handled; the shard removes it only if that equals
-//! the number it forwarded, so no message can be in flight to a stopping room.
+//! Idle rooms: a room that has just lost its last connection reports
+//! `RoomIdle` with the number of routed messages it has handled. If that
+//! equals the number its shard forwarded, no message is in flight to it, and
+//! the shard lists it in the process-wide [`IdleRooms`] index, oldest first;
+//! the next message forwarded to it takes it off. A listed room may be
+//! stopped at any time without losing a message: after `room.idle_timeout`
+//! (each shard's timer), or at once when a new page needs a room at
+//! `limits.max_rooms` (the least recently active one goes first, on any
+//! shard). A new page is refused only when no room is idle.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     hash::{Hash, Hasher},
     sync::{
         atomic::{AtomicU64, AtomicUsize, Ordering},
-        Arc, OnceLock,
+        Arc, Mutex, OnceLock,
     },
+    time::{Duration, Instant},
 };
 
 use actix::prelude::*;
@@ -33,13 +40,26 @@ static NEXT_ROOM_UID: AtomicU64 = AtomicU64::new(1);
 
 // ---------------------------------------------------------------- messages
 
-/// An empty room asks to be evicted; `processed` is how many routed messages it handled.
+/// A room has no connection left; `processed` is how many routed messages it handled.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct RoomIdle {
     pub page: PageId,
     pub uid: u64,
     pub processed: u64,
+}
+
+/// Stop this idle room if it is still idle under this listing (`seq`); the
+/// sender took it off the index. When it is not (a connection came back) and
+/// `reclaim` is set, stop the next idle room instead: a new room was let in
+/// on the promise of one going.
+#[derive(Message)]
+#[rtype(result = "()")]
+struct Evict {
+    page: PageId,
+    uid: u64,
+    seq: u64,
+    reclaim: bool,
 }
 
 /// The counter restarted: ask every room to report, and list them.
@@ -87,6 +107,27 @@ struct Slot {
     uid: u64,
     /// Routed messages forwarded to it.
     forwarded: u64,
+    /// Its key in the idle index while it is listed there.
+    idle: Option<u64>,
+}
+
+/// One idle room in the index.
+struct IdleRoom {
+    /// Index of the shard that owns it.
+    shard: usize,
+    page: PageId,
+    uid: u64,
+    /// When it was listed.
+    since: Instant,
+}
+
+/// The idle rooms of every shard, least recently active first (keys are
+/// issued in order). Taken by a shard only when one of its rooms becomes
+/// idle or busy again, or to stop one.
+#[derive(Default)]
+pub struct IdleRooms {
+    next: u64,
+    order: BTreeMap<u64, IdleRoom>,
 }
 
 pub struct Shard {
@@ -102,25 +143,128 @@ pub struct Shard {
     rooms: HashMap<PageId, Slot>,
     /// Rooms alive on all shards (for `limits.max_rooms`).
     rooms_alive: Arc<AtomicUsize>,
+    /// Every shard, and the idle index they share.
+    shards: Shards,
     /// Set by [`CloseAll`]: no new rooms, joins are told to close.
     closing: bool,
 }
 
 impl Shard {
+    fn idle(&self) -> std::sync::MutexGuard<'_, IdleRooms> {
+        // The index is never left half-updated, so a poisoned lock is usable.
+        self.shards
+            .inner
+            .idle
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
     fn route<M>(&mut self, page: &PageId, msg: M)
     where
         M: Message<Result = ()> + Send + 'static,
         PageRoom: Handler<M>,
     {
-        if let Some(slot) = self.rooms.get_mut(page) {
-            slot.forwarded += 1;
-            slot.addr.do_send(msg);
+        let Some(slot) = self.rooms.get_mut(page) else {
+            return;
+        };
+        slot.forwarded += 1;
+        slot.addr.do_send(msg);
+        if let Some(seq) = slot.idle.take() {
+            self.idle().order.remove(&seq);
+        }
+    }
+
+    /// Stops the room of `page` if it is the idle room listed under `seq`
+    /// (already taken off the index by the caller).
+    fn evict(&mut self, page: &PageId, uid: u64, seq: u64, why: &'static str) -> bool {
+        let listed = self
+            .rooms
+            .get(page)
+            .is_some_and(|s| s.uid == uid && s.idle == Some(seq));
+        if !listed {
+            return false;
+        }
+        let Some(slot) = self.rooms.remove(page) else {
+            return false;
+        };
+        self.rooms_alive.fetch_sub(1, Ordering::SeqCst);
+        crate::metrics::room_evicted(why);
+        tracing::debug!(page = %page, why, "idle room stopped");
+        slot.addr.do_send(StopRoom);
+        true
+    }
+
+    /// At `limits.max_rooms`: stops the least recently active idle room, on
+    /// this shard at once or on another through [`Evict`]. False when no
+    /// room is idle.
+    fn make_room(&mut self) -> bool {
+        loop {
+            let Some((seq, idle)) = self.idle().order.pop_first() else {
+                return false;
+            };
+            if idle.shard == self.index {
+                if self.evict(&idle.page, idle.uid, seq, "cap") {
+                    return true;
+                }
+                continue;
+            }
+            if let Some(h) = self
+                .shards
+                .inner
+                .slots
+                .get(idle.shard)
+                .and_then(|s| s.get())
+            {
+                h.addr.do_send(Evict {
+                    page: idle.page,
+                    uid: idle.uid,
+                    seq,
+                    reclaim: true,
+                });
+                return true;
+            }
+        }
+    }
+
+    /// Stops every room idle for `room.idle_timeout` (on any shard).
+    fn evict_expired(&mut self) {
+        let timeout = self.settings.room.idle_timeout;
+        loop {
+            let expired = {
+                let mut idle = self.idle();
+                match idle.order.first_entry() {
+                    Some(e) if e.get().since.elapsed() >= timeout => Some(e.remove_entry()),
+                    _ => None,
+                }
+            };
+            let Some((seq, idle)) = expired else { return };
+            if idle.shard == self.index {
+                self.evict(&idle.page, idle.uid, seq, "idle");
+            } else if let Some(h) = self
+                .shards
+                .inner
+                .slots
+                .get(idle.shard)
+                .and_then(|s| s.get())
+            {
+                h.addr.do_send(Evict {
+                    page: idle.page,
+                    uid: idle.uid,
+                    seq,
+                    reclaim: false,
+                });
+            }
         }
     }
 }
 
 impl Actor for Shard {
     type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        let every = (self.settings.room.idle_timeout / 4).max(Duration::from_millis(10));
+        ctx.run_interval(every, |act, _| act.evict_expired());
+    }
 }
 
 impl Handler<Join> for Shard {
@@ -132,7 +276,7 @@ impl Handler<Join> for Shard {
         }
         if !self.rooms.contains_key(&msg.page) {
             let max = self.settings.limits.max_rooms;
-            if self.rooms_alive.fetch_add(1, Ordering::SeqCst) >= max {
+            if self.rooms_alive.fetch_add(1, Ordering::SeqCst) >= max && !self.make_room() {
                 self.rooms_alive.fetch_sub(1, Ordering::SeqCst);
                 tracing::info!(page = %msg.page, max_rooms = max, "room cap reached; connection refused");
                 crate::metrics::connection_refused(crate::metrics::Refused::MaxRooms);
@@ -164,6 +308,7 @@ impl Handler<Join> for Shard {
                     addr,
                     uid,
                     forwarded: 0,
+                    idle: None,
                 },
             );
         }
@@ -191,17 +336,41 @@ impl Handler<Leave> for Shard {
 impl Handler<RoomIdle> for Shard {
     type Result = ();
     fn handle(&mut self, msg: RoomIdle, _: &mut Context<Self>) {
-        let evict = self
-            .rooms
-            .get(&msg.page)
-            .is_some_and(|s| s.uid == msg.uid && s.forwarded == msg.processed);
-        if evict {
-            if let Some(slot) = self.rooms.remove(&msg.page) {
-                self.rooms_alive.fetch_sub(1, Ordering::SeqCst);
-                crate::metrics::room_evicted();
-                tracing::debug!(page = %msg.page, "idle room stopped");
-                slot.addr.do_send(StopRoom);
-            }
+        let index = self.index;
+        let Some(slot) = self.rooms.get_mut(&msg.page) else {
+            return;
+        };
+        if slot.uid != msg.uid || slot.forwarded != msg.processed || slot.idle.is_some() {
+            return;
+        }
+        let mut idle = self
+            .shards
+            .inner
+            .idle
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let seq = idle.next;
+        idle.next += 1;
+        idle.order.insert(
+            seq,
+            IdleRoom {
+                shard: index,
+                page: msg.page,
+                uid: msg.uid,
+                since: Instant::now(),
+            },
+        );
+        slot.idle = Some(seq);
+    }
+}
+
+impl Handler<Evict> for Shard {
+    type Result = ();
+    fn handle(&mut self, msg: Evict, _: &mut Context<Self>) {
+        let why = if msg.reclaim { "cap" } else { "idle" };
+        if !self.evict(&msg.page, msg.uid, msg.seq, why) && msg.reclaim {
+            // The room was busy again: keep the promise with another one.
+            self.make_room();
         }
     }
 }
@@ -254,6 +423,8 @@ impl Handler<CloseAll> for Shard {
 impl Handler<StopShard> for Shard {
     type Result = ();
     fn handle(&mut self, _: StopShard, ctx: &mut Context<Self>) {
+        let index = self.index;
+        self.idle().order.retain(|_, r| r.shard != index);
         for (_, slot) in self.rooms.drain() {
             slot.addr.do_send(StopRoom);
             self.rooms_alive.fetch_sub(1, Ordering::SeqCst);
@@ -313,6 +484,8 @@ struct ShardsInner {
     storage: Storage,
     settings: Arc<Settings>,
     rooms_alive: Arc<AtomicUsize>,
+    /// The idle rooms of every shard.
+    idle: Mutex<IdleRooms>,
 }
 
 impl Shards {
@@ -333,6 +506,7 @@ impl Shards {
                 storage,
                 settings,
                 rooms_alive: Arc::new(AtomicUsize::new(0)),
+                idle: Mutex::new(IdleRooms::default()),
             }),
         }
     }
@@ -356,6 +530,7 @@ impl Shards {
             settings: inner.settings.clone(),
             rooms: HashMap::new(),
             rooms_alive: inner.rooms_alive.clone(),
+            shards: self.clone(),
             closing: false,
         }
         .start();
@@ -395,6 +570,12 @@ impl Shards {
     pub fn locate(&self, page: &str) -> Option<(usize, &Addr<Shard>)> {
         let index = self.index_of(page);
         self.inner.slots[index].get().map(|h| (index, &h.addr))
+    }
+
+    /// The idle rooms' pages, least recently active first (tests, diagnostics).
+    pub fn idle_pages(&self) -> Vec<PageId> {
+        let idle = self.inner.idle.lock().unwrap_or_else(|e| e.into_inner());
+        idle.order.values().map(|r| r.page.clone()).collect()
     }
 
     /// The index of the shard that owns `page` (the `shard` label of metrics).

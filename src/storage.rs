@@ -9,6 +9,10 @@
 use std::{
     collections::BTreeMap,
     path::Path,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
@@ -63,17 +67,6 @@ pub struct RoomRecord {
     pub last_active_ms: u64,
 }
 
-/// Handle to the database; cheap to clone, usable from any thread.
-#[derive(Clone)]
-pub struct Storage {
-    /// The sled database (kept for flushes).
-    db: sled::Db,
-    /// Per-page stats records.
-    stats: sled::Tree,
-    /// Per-room records.
-    rooms: sled::Tree,
-}
-
 fn encode<T: Serialize>(value: &T) -> Vec<u8> {
     let mut out = vec![RECORD_V1];
     // Serializing these plain structs to JSON cannot fail.
@@ -102,28 +95,182 @@ fn decode<T: for<'de> Deserialize<'de>>(key: &[u8], bytes: &[u8]) -> Option<T> {
     }
 }
 
-/// Deletes the records of `tree` whose activity time is before `cutoff_ms`
-/// (unreadable ones too, but never those of a newer build), except pages
-/// for which `keep` says yes, in one batch. Returns how many were deleted.
-fn expire<T: for<'de> Deserialize<'de>>(
-    tree: &sled::Tree,
-    cutoff_ms: u64,
-    keep: impl Fn(&str) -> bool,
-    last_active: impl Fn(T) -> u64,
-) -> Result<usize, StorageError> {
-    let mut batch = sled::Batch::default();
-    let mut doomed = 0;
-    for item in tree.iter() {
-        let (k, v) = item?;
-        let stale =
-            !is_foreign(&v) && decode::<T>(&k, &v).is_none_or(|r| last_active(r) < cutoff_ms);
-        if stale && !keep(&String::from_utf8_lossy(&k)) {
-            batch.remove(k);
-            doomed += 1;
+/// A record tree with an index by last activity, so the least recently
+/// active records are found without a scan: `data` maps page -> record,
+/// `age` holds one empty-valued key `active_ms (8 bytes, big-endian) ++ page`
+/// per record. A write puts the new age key before the record and removes
+/// the old one after it, so a crash in between leaves at worst a stale age
+/// key (repaired when it is reached), never a record without one.
+#[derive(Clone)]
+struct Capped {
+    /// Page id -> versioned record.
+    data: sled::Tree,
+    /// The age index.
+    age: sled::Tree,
+    /// Records in `data` (sled's `len` is a scan).
+    len: Arc<AtomicUsize>,
+    /// Activity time of a stored record (0 for one that does not decode).
+    active: fn(&[u8], &[u8]) -> u64,
+}
+
+fn age_key(active_ms: u64, page: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(8 + page.len());
+    k.extend_from_slice(&active_ms.to_be_bytes());
+    k.extend_from_slice(page);
+    k
+}
+
+/// Splits an age key into (activity time, page).
+fn split_age_key(k: &[u8]) -> Option<(u64, &[u8])> {
+    let (t, page) = k.split_first_chunk::<8>()?;
+    Some((u64::from_be_bytes(*t), page))
+}
+
+impl Capped {
+    /// Opens both trees; rebuilds the index when it does not match the data
+    /// (a database written before the index existed, or damaged).
+    fn open(
+        db: &sled::Db,
+        name: &str,
+        active: fn(&[u8], &[u8]) -> u64,
+    ) -> Result<Capped, StorageError> {
+        let data = db.open_tree(name)?;
+        let age = db.open_tree(format!("{name}_by_age"))?;
+        let len = data.iter().keys().count();
+        let indexed = data
+            .iter()
+            .values()
+            .filter(|v| v.as_ref().is_ok_and(|v| !is_foreign(v)))
+            .count();
+        if age.iter().keys().count() != indexed {
+            tracing::info!(tree = name, records = len, "rebuilding the activity index");
+            age.clear()?;
+            let mut batch = sled::Batch::default();
+            for item in data.iter() {
+                let (k, v) = item?;
+                if !is_foreign(&v) {
+                    batch.insert(age_key(active(&k, &v), &k), &[]);
+                }
+            }
+            age.apply_batch(batch)?;
         }
+        Ok(Capped {
+            data,
+            age,
+            len: Arc::new(AtomicUsize::new(len)),
+            active,
+        })
     }
-    tree.apply_batch(batch)?;
-    Ok(doomed)
+
+    fn get(&self, page: &str) -> Result<Option<sled::IVec>, StorageError> {
+        Ok(self.data.get(page)?)
+    }
+
+    /// Writes one record, active at `active_ms`.
+    fn put(&self, page: &str, value: Vec<u8>, active_ms: u64) -> Result<(), StorageError> {
+        let key = page.as_bytes();
+        let new_age = age_key(active_ms, key);
+        self.age.insert(new_age.as_slice(), &[])?;
+        match self.data.insert(key, value)? {
+            None => {
+                self.len.fetch_add(1, Ordering::Relaxed);
+            }
+            Some(old) => {
+                let old_age = age_key((self.active)(key, &old), key);
+                if old_age != new_age {
+                    self.age.remove(old_age)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Walks the index from the oldest key, deleting each record whose
+    /// indexed time `doomed` accepts and that `keep` does not, until
+    /// `done()`. Stale index keys met on the way are repaired; a record
+    /// rewritten meanwhile is left alone. Returns the pages deleted.
+    fn evict_oldest(
+        &self,
+        done: impl Fn() -> bool,
+        doomed: impl Fn(u64) -> bool,
+        keep: impl Fn(&str) -> bool,
+    ) -> Result<Vec<String>, StorageError> {
+        let mut deleted = Vec::new();
+        for item in self.age.iter().keys() {
+            if done() {
+                break;
+            }
+            let age = item?;
+            let Some((indexed, page)) = split_age_key(&age) else {
+                self.age.remove(&age)?;
+                continue;
+            };
+            if !doomed(indexed) {
+                break;
+            }
+            let Some(value) = self.data.get(page)? else {
+                self.age.remove(&age)?;
+                continue;
+            };
+            if is_foreign(&value) {
+                // A newer build's record: never deleted by this one.
+                self.age.remove(&age)?;
+                continue;
+            }
+            let active = (self.active)(page, &value);
+            if active > indexed {
+                // Stale: the record has a newer key of its own.
+                self.age.remove(&age)?;
+                self.age.insert(age_key(active, page), &[])?;
+                continue;
+            }
+            let name = String::from_utf8_lossy(page);
+            if keep(&name) {
+                continue;
+            }
+            let swapped = self
+                .data
+                .compare_and_swap(page, Some(value), None as Option<&[u8]>)?;
+            if swapped.is_ok() {
+                self.len.fetch_sub(1, Ordering::Relaxed);
+                self.age.remove(&age)?;
+                deleted.push(name.into_owned());
+            }
+        }
+        Ok(deleted)
+    }
+
+    /// Deletes the least recently active records until at most `max` remain.
+    fn trim(&self, max: usize, keep: impl Fn(&str) -> bool) -> Result<Vec<String>, StorageError> {
+        if self.len.load(Ordering::Relaxed) <= max {
+            return Ok(Vec::new());
+        }
+        self.evict_oldest(|| self.len.load(Ordering::Relaxed) <= max, |_| true, keep)
+    }
+
+    /// Deletes the records last active before `cutoff_ms`.
+    fn expire(&self, cutoff_ms: u64, keep: impl Fn(&str) -> bool) -> Result<usize, StorageError> {
+        Ok(self.evict_oldest(|| false, |t| t < cutoff_ms, keep)?.len())
+    }
+}
+
+fn stats_active(key: &[u8], value: &[u8]) -> u64 {
+    decode::<PageStats>(key, value).map_or(0, |s| s.last_active_ms.unwrap_or(0))
+}
+
+fn room_active(key: &[u8], value: &[u8]) -> u64 {
+    decode::<RoomRecord>(key, value).map_or(0, |r| r.last_active_ms)
+}
+
+/// Handle to the database; cheap to clone, usable from any thread.
+#[derive(Clone)]
+pub struct Storage {
+    /// The sled database (kept for flushes).
+    db: sled::Db,
+    /// Per-page stats records.
+    stats: Capped,
+    /// Per-room records.
+    rooms: Capped,
 }
 
 impl Storage {
@@ -148,8 +295,8 @@ impl Storage {
             }
         }
         Ok(Storage {
-            stats: db.open_tree("stats")?,
-            rooms: db.open_tree("rooms")?,
+            stats: Capped::open(&db, "stats", stats_active)?,
+            rooms: Capped::open(&db, "rooms", room_active)?,
             db,
         })
     }
@@ -173,16 +320,15 @@ impl Storage {
             .and_then(|v| decode(page.as_bytes(), &v)))
     }
 
-    /// Writes many stats records in one atomic batch.
+    /// Writes many stats records.
     pub fn save_stats<'a>(
         &self,
         records: impl IntoIterator<Item = (&'a str, &'a PageStats)>,
     ) -> Result<(), StorageError> {
-        let mut batch = sled::Batch::default();
         for (page, stats) in records {
-            batch.insert(page.as_bytes(), encode(stats));
+            let active = stats.last_active_ms.unwrap_or(0);
+            self.stats.put(page, encode(stats), active)?;
         }
-        self.stats.apply_batch(batch)?;
         Ok(())
     }
 
@@ -196,8 +342,7 @@ impl Storage {
 
     /// Writes one room record.
     pub fn save_room(&self, page: &str, record: &RoomRecord) -> Result<(), StorageError> {
-        self.rooms.insert(page.as_bytes(), encode(record))?;
-        Ok(())
+        self.rooms.put(page, encode(record), record.last_active_ms)
     }
 
     /// Deletes room records inactive since before `cutoff_ms`, except pages
@@ -207,9 +352,7 @@ impl Storage {
         cutoff_ms: u64,
         keep: impl Fn(&str) -> bool,
     ) -> Result<usize, StorageError> {
-        expire(&self.rooms, cutoff_ms, keep, |r: RoomRecord| {
-            r.last_active_ms
-        })
+        self.rooms.expire(cutoff_ms, keep)
     }
 
     /// Deletes stats of pages inactive since before `cutoff_ms`, except pages
@@ -219,24 +362,91 @@ impl Storage {
         cutoff_ms: u64,
         keep: impl Fn(&str) -> bool,
     ) -> Result<usize, StorageError> {
-        expire(&self.stats, cutoff_ms, keep, |s: PageStats| {
-            s.last_active_ms.unwrap_or(0)
-        })
+        self.stats.expire(cutoff_ms, keep)
+    }
+
+    /// Deletes the least recently active records of each store past `max`
+    /// records, except pages for which `keep` says yes. Returns the pages
+    /// whose stats were deleted and how many room records were.
+    pub fn trim(
+        &self,
+        max: usize,
+        keep: impl Fn(&str) -> bool,
+    ) -> Result<(Vec<String>, usize), StorageError> {
+        Ok((
+            self.stats.trim(max, &keep)?,
+            self.rooms.trim(max, &keep)?.len(),
+        ))
     }
 
     /// Number of stored room records.
     pub fn room_records(&self) -> usize {
-        self.rooms.len()
+        self.rooms.len.load(Ordering::Relaxed)
     }
 
     /// Number of stored stats records.
     pub fn stats_records(&self) -> usize {
-        self.stats.len()
+        self.stats.len.load(Ordering::Relaxed)
     }
 
     /// Writes everything to disk and waits for it.
     pub fn flush(&self) -> Result<(), StorageError> {
         self.db.flush()?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stats_at(ms: u64) -> PageStats {
+        PageStats {
+            total_connections: 1,
+            last_active_ms: Some(ms),
+            ..PageStats::default()
+        }
+    }
+
+    fn kept(s: &Storage, pages: &[&str]) -> Vec<bool> {
+        pages
+            .iter()
+            .map(|p| s.load_stats(p).expect("read").is_some())
+            .collect()
+    }
+
+    /// The cap deletes the least recently active records first, keeps what
+    /// `keep` names, repairs stale index keys instead of trusting them, and
+    /// the index is rebuilt when a database lacks it.
+    #[test]
+    fn trim_goes_by_last_activity_and_survives_a_stale_or_missing_index() {
+        let dir = tempfile::tempdir().expect("dir");
+        let pages = ["p1", "p2", "p3", "p4", "p5", "p6"];
+        {
+            let s = Storage::open(dir.path(), 1 << 20).expect("open");
+            for (i, p) in pages.iter().enumerate() {
+                s.save_stats([(*p, &stats_at(10 + i as u64))])
+                    .expect("save");
+            }
+            // p2 rewritten later: now the most recent.
+            s.save_stats([("p2", &stats_at(100))]).expect("save");
+            assert_eq!(s.stats_records(), 6);
+            let (gone, _) = s.trim(4, |p| p == "p1").expect("trim");
+            assert_eq!(gone, ["p3", "p4"]);
+            assert_eq!(kept(&s, &pages), [true, true, false, false, true, true]);
+            // A stale key (as a crash between the two writes leaves): p5
+            // indexed as the oldest although its record is newer.
+            s.stats.age.insert(age_key(0, b"p5"), &[]).expect("insert");
+            let (gone, _) = s.trim(3, |_| false).expect("trim");
+            assert_eq!(gone, ["p1"]);
+            assert_eq!(kept(&s, &pages), [false, true, false, false, true, true]);
+            s.db.drop_tree("stats_by_age").expect("drop index");
+            s.flush().expect("flush");
+        }
+        let s = Storage::open(dir.path(), 1 << 20).expect("reopen");
+        assert_eq!(s.stats_records(), 3);
+        let (gone, _) = s.trim(1, |_| false).expect("trim");
+        assert_eq!(gone, ["p5", "p6"]);
+        assert_eq!(kept(&s, &pages), [false, true, false, false, false, false]);
     }
 }

@@ -3,7 +3,8 @@
 use std::time::Duration;
 
 use link_counter::{
-    counter::{GetStatus, SweepNow},
+    counter::{GetStatus, SweepNow, Tracked},
+    protocol::PageId,
     shard::{CloseAll, RoomCountQuery},
     storage::Storage,
 };
@@ -59,8 +60,9 @@ async fn idle_rooms_are_evicted() {
     assert_eq!(live_rooms(&app).await, 2);
 }
 
-/// The sweep drops pages with no connections and no subscribers, never a page
-/// that still has subscribers (whose viewers must keep reaching them), and
+/// Pages with no connections and no subscribers are forgotten (by the
+/// snapshot after `room.idle_timeout`, else by the sweep), never a page that
+/// still has subscribers (whose viewers must keep reaching them); the sweep
 /// expires room records after `room.storage_ttl` of inactivity.
 #[tokio::test]
 async fn sweep_keeps_pages_with_subscribers() {
@@ -72,18 +74,36 @@ async fn sweep_keeps_pages_with_subscribers() {
     let mut fan = app.connect("fan").await;
     fan.subscribe(&["watched"]).await;
     assert_eq!(fan.next_update().await, counts(&[("watched", 0)]));
-    app.connect("lonely").await.close().await;
+    let mut lonely = app.connect("lonely").await;
+    lonely.subscribe(&["elsewhere"]).await;
+    lonely.next_update().await;
+    lonely.close().await;
     eventually("lonely's record written", || async {
         app.storage.load_room("lonely").ok().flatten().is_some()
     })
     .await;
+    let tracked = |pages: &[&str]| {
+        app.counter
+            .send(Tracked(pages.iter().map(|p| PageId::from(*p)).collect()))
+    };
+    eventually("lonely and elsewhere forgotten", || async {
+        tracked(&["lonely", "elsewhere"]).await.expect("counter") == [false, false]
+    })
+    .await;
+    assert_eq!(
+        tracked(&["fan", "watched"]).await.expect("counter"),
+        [true, true]
+    );
 
     let before = app.counter.send(GetStatus).await.expect("status").pages;
     tokio::time::sleep(Duration::from_millis(400)).await;
     let report = app.counter.send(SweepNow).await.expect("sweep");
     let after = app.counter.send(GetStatus).await.expect("status").pages;
-    assert!(report.pages_dropped >= 1, "{report:?}");
     assert_eq!(before - after, report.pages_dropped);
+    assert_eq!(
+        tracked(&["fan", "watched"]).await.expect("counter"),
+        [true, true]
+    );
     assert!(report.rooms_expired >= 1, "{report:?}");
     assert!(app.storage.load_room("lonely").expect("read").is_none());
     // The page fan is still live and its room record kept.

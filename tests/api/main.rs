@@ -1,6 +1,7 @@
 //! Integration tests: one binary (keeps link time down), one module per area.
 
 mod binary;
+mod caps;
 mod cluster;
 mod hardening;
 mod helpers;

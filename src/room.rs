@@ -186,7 +186,7 @@ pub struct PageRoom {
     /// The page's outbound links: the last non-empty link set one of its
     /// connections subscribed to (restored from the room record on start).
     last_links: Vec<PageId>,
-    /// Messages routed by the shard and handled here (eviction handshake).
+    /// Messages routed by the shard and handled here (idle handshake).
     processed: u64,
     /// Connections opened since the last count report (for stats).
     opened: u64,

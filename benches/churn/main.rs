@@ -2,13 +2,20 @@
 //!
 //! `cargo bench --bench churn [-- SCENARIO...]` with scenarios `churn`
 //! (service vs. the tokio-tungstenite and actix-http ceilings),
-//! `propagation`, `memory`, `fanout`, `ramp`, `oversize`; none given runs all. `LC_BENCH_SMOKE=1` (or `--smoke`) runs every scenario at
-//! tiny scale in a few seconds. Each scenario prints `BENCH ...` summary
+//! `propagation`, `memory`, `fanout`, `ramp`, `oversize`, `flood` (floods of
+//! distinct page ids, then ordinary traffic to new pages: failures, RSS, data
+//! dir, pages tracked, exact counts) and `soak` (30 minutes of churn, floods,
+//! kill -9 restarts and a Redis restart in cluster mode; `LC_SOAK_SECS`);
+//! none given runs all but `soak`, which runs at full scale only when named.
+//! `LC_BENCH_SMOKE=1` (or `--smoke`) runs every scenario at tiny scale in a few
+//! seconds (`soak` included). Each scenario prints `BENCH ...` summary
 //! lines in logfmt (`key=value`), one per measured configuration.
 
 mod actix_ceiling;
+mod flood;
 mod oversize;
 mod ramp;
+mod soak;
 mod support;
 
 use std::{
@@ -74,6 +81,8 @@ fn main() {
         "fanout",
         "ramp",
         "oversize",
+        "flood",
+        "soak",
     ];
     for w in &wanted {
         if !all.contains(w) {
@@ -81,7 +90,8 @@ fn main() {
             std::process::exit(2);
         }
     }
-    let run = |s: &str| wanted.is_empty() || wanted.contains(&s);
+    // The 30-minute soak runs at full scale only when named.
+    let run = |s: &str| wanted.contains(&s) || (wanted.is_empty() && (smoke || s != "soak"));
     let scale = Scale { smoke };
     let nofile = raise_nofile();
     println!(
@@ -113,6 +123,12 @@ fn main() {
     }
     if run("oversize") {
         oversize::oversize(&rt, scale.smoke);
+    }
+    if run("flood") {
+        flood::flood(&rt, scale.smoke);
+    }
+    if run("soak") {
+        soak::soak(&rt, scale.smoke);
     }
     println!("# bench done in {:.1}s", secs(started));
 }
@@ -798,21 +814,6 @@ async fn http_ok(server: SocketAddr) -> bool {
     let mut buf = Vec::new();
     let _ = s.read_to_end(&mut buf).await;
     buf.starts_with(b"HTTP/1.1 200")
-}
-
-/// `GET path` on `server`: the body of a 200 answer.
-async fn http_body(server: SocketAddr, path: &str) -> Option<String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(server).await.ok()?;
-    let req = format!("GET {path} HTTP/1.1\r\nHost: {server}\r\nConnection: close\r\n\r\n");
-    s.write_all(req.as_bytes()).await.ok()?;
-    let mut buf = Vec::new();
-    let _ = s.read_to_end(&mut buf).await;
-    let text = String::from_utf8(buf).ok()?;
-    if !text.starts_with("HTTP/1.1 200") {
-        return None;
-    }
-    text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned())
 }
 
 /// Cumulative buckets `(le, count)` of the service's publish-lag histogram

@@ -311,12 +311,61 @@ pub struct ChildService {
     /// The admin listener (`/metrics`).
     pub admin: Option<SocketAddr>,
     child: Child,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
+    /// The service's own settings (`extra`), kept for [`ChildService::restart`];
+    /// `None` for the ceiling servers.
+    extra: Option<Vec<(String, String)>>,
 }
 
 impl ChildService {
+    /// The release binary on a fresh temp data dir, per-IP caps off
+    /// ([`NO_CAPS`]), plus `extra` settings (`SECTION__KEY`, value).
     pub fn start(extra: &[(&str, &str)]) -> ChildService {
-        let dir = tempfile::tempdir().expect("temp dir");
+        Self::start_in(tempfile::tempdir().expect("temp dir"), extra)
+    }
+
+    /// [`ChildService::start`] on the data dir `dir` (which it keeps: a
+    /// [`ChildService::restart`] reopens the same database).
+    pub fn start_in(dir: tempfile::TempDir, extra: &[(&str, &str)]) -> ChildService {
+        let extra: Vec<(String, String)> = extra
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let cmd = Self::service_command(dir.path(), &extra);
+        let mut service = Self::spawn(cmd, dir, true);
+        service.extra = Some(extra);
+        service
+    }
+
+    /// The data dir (`storage.path`) of the child.
+    pub fn data_dir(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+
+    /// SIGKILL, then reap: no graceful shutdown, nothing flushed.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts the service again with the same settings on the same data dir
+    /// (after [`ChildService::kill9`]; a live child is killed first). It binds
+    /// new ports: `addr` and `admin` change.
+    pub fn restart(&mut self) {
+        let extra = self
+            .extra
+            .clone()
+            .expect("only the service binary restarts");
+        self.kill9();
+        let cmd = Self::service_command(self.dir.path(), &extra);
+        let (child, addr, admin) = Self::launch(cmd, true);
+        self.child = child;
+        self.addr = addr;
+        self.admin = admin;
+    }
+
+    /// The command line of the release binary on `dir` with `extra` settings.
+    fn service_command(dir: &std::path::Path, extra: &[(String, String)]) -> Command {
         let bin = PathBuf::from(env!("CARGO_BIN_EXE_link-counter"));
         // `LC_BENCH_WRAP="valgrind --tool=massif"` (say) runs the service under a profiler.
         let wrap = std::env::var("LC_BENCH_WRAP").unwrap_or_default();
@@ -331,12 +380,15 @@ impl ChildService {
         };
         cmd.env("LINK_COUNTER__SERVER__BIND", "127.0.0.1:0")
             .env("LINK_COUNTER__ADMIN__BIND", "127.0.0.1:0")
-            .env("LINK_COUNTER__STORAGE__PATH", dir.path())
+            .env("LINK_COUNTER__STORAGE__PATH", dir)
             .env("RUST_LOG", "warn");
-        for (k, v) in NO_CAPS.iter().chain(extra) {
+        for (k, v) in NO_CAPS {
             cmd.env(format!("LINK_COUNTER__{k}"), v);
         }
-        Self::spawn(cmd, dir, true)
+        for (k, v) in extra {
+            cmd.env(format!("LINK_COUNTER__{k}"), v);
+        }
+        cmd
     }
 
     /// The fan-out ceiling server ([`run_fanout_ceiling`]): this bench
@@ -362,7 +414,19 @@ impl ChildService {
 
     /// Spawns `cmd`, which prints `listening on ADDR` (then, if
     /// `admin_line`, `admin listening on ADDR`) on its standard output.
-    fn spawn(mut cmd: Command, dir: tempfile::TempDir, admin_line: bool) -> ChildService {
+    fn spawn(cmd: Command, dir: tempfile::TempDir, admin_line: bool) -> ChildService {
+        let (child, addr, admin) = Self::launch(cmd, admin_line);
+        ChildService {
+            addr,
+            admin,
+            child,
+            dir,
+            extra: None,
+        }
+    }
+
+    /// Spawns `cmd` and reads its addresses (see [`ChildService::spawn`]).
+    fn launch(mut cmd: Command, admin_line: bool) -> (Child, SocketAddr, Option<SocketAddr>) {
         cmd.stdout(Stdio::piped()).stderr(Stdio::inherit());
         let mut child = cmd
             .spawn()
@@ -387,12 +451,7 @@ impl ChildService {
             .strip_prefix("listening on ")
             .and_then(|a| a.parse().ok())
             .unwrap_or_else(|| panic!("unexpected first line {line:?}"));
-        ChildService {
-            addr,
-            admin,
-            child,
-            _dir: dir,
-        }
+        (child, addr, admin)
     }
 
     pub fn pid(&self) -> u32 {
@@ -406,6 +465,10 @@ impl ChildService {
 
 impl Drop for ChildService {
     fn drop(&mut self) {
+        if !self.alive() {
+            // Already reaped (after `kill9`, say): its pid may belong to another process now.
+            return;
+        }
         // SIGTERM first (a profiler wrapping the service writes its output on exit).
         let _ = Command::new("kill")
             .arg(self.child.id().to_string())
@@ -623,4 +686,294 @@ pub fn run_fanout_ceiling(interval: Duration) -> ! {
             });
         }
     })
+}
+
+/// `GET path` on `server`: the body of a 200 answer.
+pub async fn http_body(server: SocketAddr, path: &str) -> Option<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(server).await.ok()?;
+    let req = format!("GET {path} HTTP/1.1\r\nHost: {server}\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.ok()?;
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf).await;
+    let text = String::from_utf8(buf).ok()?;
+    if !text.starts_with("HTTP/1.1 200") {
+        return None;
+    }
+    text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned())
+}
+
+/// The service's `/api/v1/stats` (from the admin listener), if it answers.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Stats {
+    /// Pages the counter tracks.
+    pub pages: u64,
+    /// Tracked pages with connections.
+    pub live_pages: u64,
+    /// Page rooms alive.
+    pub rooms: u64,
+    /// Open WebSocket connections.
+    pub connections: u64,
+}
+
+impl Stats {
+    /// `/api/v1/stats` of the admin listener `admin`; `None` when it does not answer.
+    pub async fn get(admin: Option<SocketAddr>) -> Option<Stats> {
+        let body =
+            tokio::time::timeout(Duration::from_secs(10), http_body(admin?, "/api/v1/stats"))
+                .await
+                .ok()??;
+        let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+        let n = |k: &str| v.get(k).and_then(serde_json::Value::as_u64).unwrap_or(0);
+        Some(Stats {
+            pages: n("pages"),
+            live_pages: n("live_pages"),
+            rooms: n("rooms"),
+            connections: n("connections"),
+        })
+    }
+}
+
+/// Total size of the files under `dir` (recursively), in KiB.
+pub fn dir_kib(dir: &std::path::Path) -> u64 {
+    fn bytes(dir: &std::path::Path) -> u64 {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return 0;
+        };
+        entries
+            .flatten()
+            .map(|e| match e.file_type() {
+                Ok(t) if t.is_dir() => bytes(&e.path()),
+                Ok(_) => e.metadata().map_or(0, |m| m.len()),
+                Err(_) => 0,
+            })
+            .sum()
+    }
+    bytes(dir) / 1024
+}
+
+/// A fixed set of pages, each held open by a known number of connections
+/// (page `i`: `1 + i % 4`, so a count that lands on the wrong page shows),
+/// and one subscriber on a page of its own following all of them. The bench
+/// knows every true count, so the subscriber's view can be checked at quiet
+/// points. Every connection reads all the time (pongs included), so none is
+/// closed as silent.
+pub struct Observed {
+    pages: Vec<String>,
+    /// Held connections per page that are still open: the true counts.
+    truth: std::sync::Arc<Vec<std::sync::atomic::AtomicI64>>,
+    /// The subscriber's latest value per page (-1: none yet).
+    view: std::sync::Arc<Vec<std::sync::atomic::AtomicI64>>,
+    /// The subscriber is connected.
+    observer_open: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Held connections or the subscriber ended by the server (close frame or stream end).
+    server_ends: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// The first message the subscriber did not expect (an error, say).
+    unexpected: std::sync::Arc<std::sync::Mutex<Option<String>>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+/// The counts of an update message (`None`: not an update).
+pub fn update_map(text: &str) -> Option<Vec<(String, i64)>> {
+    let v: serde_json::Value = serde_json::from_str(text).ok()?;
+    if v.get("type")?.as_str()? != "update" {
+        return None;
+    }
+    v.get("connections")?
+        .as_object()?
+        .iter()
+        .map(|(k, n)| Some((k.clone(), n.as_i64()?)))
+        .collect()
+}
+
+impl Observed {
+    /// Opens `n` pages `{prefix}0` … and the subscriber (on `{prefix}observer`);
+    /// returns once every held connection is open and the subscriber has
+    /// its first update.
+    pub async fn open(server: SocketAddr, prefix: &str, n: usize) -> anyhow::Result<Observed> {
+        use std::sync::{
+            atomic::{AtomicBool, AtomicI64, AtomicU64},
+            Arc, Mutex,
+        };
+        let pages: Vec<String> = (0..n).map(|i| format!("{prefix}{i}")).collect();
+        let truth: Arc<Vec<AtomicI64>> = Arc::new((0..n).map(|_| AtomicI64::new(0)).collect());
+        let view: Arc<Vec<AtomicI64>> = Arc::new((0..n).map(|_| AtomicI64::new(-1)).collect());
+        let observer_open = Arc::new(AtomicBool::new(false));
+        let server_ends = Arc::new(AtomicU64::new(0));
+        let unexpected: Arc<Mutex<Option<String>>> = Arc::default();
+        let mut tasks = Vec::new();
+        let limit = Duration::from_secs(10);
+        for (i, page) in pages.iter().enumerate() {
+            for _ in 0..1 + i % 4 {
+                let mut ws =
+                    tokio::time::timeout(limit, connect(server, &format!("/parties/page/{page}")))
+                        .await
+                        .map_err(|_| anyhow::anyhow!("held connection to {page}: timed out"))??;
+                truth[i].fetch_add(1, Ordering::SeqCst);
+                let (truth, server_ends) = (truth.clone(), server_ends.clone());
+                tasks.push(tokio::spawn(async move {
+                    while let Some(Ok(m)) = ws.next().await {
+                        if m.is_close() {
+                            break;
+                        }
+                    }
+                    truth[i].fetch_sub(1, Ordering::SeqCst);
+                    server_ends.fetch_add(1, Ordering::Relaxed);
+                }));
+            }
+        }
+        let mut ws = tokio::time::timeout(
+            limit,
+            connect(server, &format!("/parties/page/{prefix}observer")),
+        )
+        .await
+        .map_err(|_| anyhow::anyhow!("subscriber: connect timed out"))??;
+        ws.send(subscribe_msg(&pages)).await?;
+        let index: std::collections::HashMap<String, usize> = pages
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (p.clone(), i))
+            .collect();
+        let apply = {
+            let (view, unexpected) = (view.clone(), unexpected.clone());
+            move |t: &str| match update_map(t) {
+                Some(counts) => {
+                    for (id, n) in counts {
+                        match index.get(&id) {
+                            Some(&i) => view[i].store(n, Ordering::SeqCst),
+                            None => {
+                                let mut u = unexpected.lock().expect("not poisoned");
+                                u.get_or_insert_with(|| format!("update for {id}: {t}"));
+                            }
+                        }
+                    }
+                    true
+                }
+                None => {
+                    let mut u = unexpected.lock().expect("not poisoned");
+                    u.get_or_insert_with(|| t.to_string());
+                    false
+                }
+            }
+        };
+        // The first update (the full map) before returning.
+        let first = tokio::time::timeout(limit, async {
+            loop {
+                match ws.next().await {
+                    Some(Ok(Message::Text(t))) => {
+                        if apply(&t) {
+                            return Ok(());
+                        }
+                    }
+                    Some(Ok(Message::Close(c))) => anyhow::bail!("subscriber closed: {c:?}"),
+                    Some(Ok(_)) => continue,
+                    Some(Err(e)) => return Err(e.into()),
+                    None => anyhow::bail!("subscriber: stream ended"),
+                }
+            }
+        })
+        .await
+        .map_err(|_| anyhow::anyhow!("subscriber: first update timed out"))?;
+        first?;
+        observer_open.store(true, Ordering::SeqCst);
+        {
+            let (observer_open, server_ends) = (observer_open.clone(), server_ends.clone());
+            tasks.push(tokio::spawn(async move {
+                while let Some(Ok(m)) = ws.next().await {
+                    match m {
+                        Message::Text(t) => {
+                            apply(&t);
+                        }
+                        Message::Close(_) => break,
+                        _ => {}
+                    }
+                }
+                observer_open.store(false, Ordering::SeqCst);
+                server_ends.fetch_add(1, Ordering::Relaxed);
+            }));
+        }
+        Ok(Observed {
+            pages,
+            truth,
+            view,
+            observer_open,
+            server_ends,
+            unexpected,
+            tasks,
+        })
+    }
+
+    /// Observed pages.
+    pub fn page_count(&self) -> usize {
+        self.pages.len()
+    }
+
+    /// Held connections still open.
+    pub fn held(&self) -> i64 {
+        self.truth.iter().map(|t| t.load(Ordering::SeqCst)).sum()
+    }
+
+    /// Pages whose latest value at the subscriber differs from the true
+    /// count (all of them while the subscriber is closed: its view is stale).
+    pub fn mismatches(&self) -> usize {
+        if !self.observer_open.load(Ordering::SeqCst) {
+            return self.pages.len();
+        }
+        self.truth
+            .iter()
+            .zip(self.view.iter())
+            .filter(|(t, v)| t.load(Ordering::SeqCst) != v.load(Ordering::SeqCst))
+            .count()
+    }
+
+    /// `page=seen/true` for each mismatched page (for a `#` line).
+    pub fn describe_mismatches(&self) -> String {
+        let parts: Vec<String> = self
+            .pages
+            .iter()
+            .zip(self.truth.iter().zip(self.view.iter()))
+            .filter_map(|(p, (t, v))| {
+                let (t, v) = (t.load(Ordering::SeqCst), v.load(Ordering::SeqCst));
+                (t != v).then(|| format!("{p}={v}/{t}"))
+            })
+            .collect();
+        format!(
+            "subscriber_open={} seen/true: {}",
+            self.observer_open.load(Ordering::SeqCst),
+            parts.join(" ")
+        )
+    }
+
+    /// Connections (held or the subscriber) the server ended so far.
+    pub fn server_ends(&self) -> u64 {
+        self.server_ends.load(Ordering::Relaxed)
+    }
+
+    /// The first message the subscriber did not expect, if any.
+    pub fn unexpected(&self) -> Option<String> {
+        self.unexpected.lock().expect("not poisoned").clone()
+    }
+
+    /// Polls until the subscriber's view equals the true counts, at most
+    /// `limit`: (mismatches at the end, ms waited).
+    pub async fn converge(&self, limit: Duration) -> (usize, f64) {
+        let start = Instant::now();
+        loop {
+            let m = self.mismatches();
+            if m == 0 || start.elapsed() >= limit {
+                return (m, ms(start.elapsed()));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Drops every connection (the tasks are aborted; nothing is counted).
+    pub async fn close(self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
 }

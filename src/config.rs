@@ -91,6 +91,8 @@ pub struct LimitSettings {
     pub handshake_timeout: Duration,
     /// Most page rooms alive.
     pub max_rooms: usize,
+    /// Most rooms kept with no connection (the least recently active stop first).
+    pub max_idle_rooms: usize,
     /// Most pages tracked by the counter.
     pub max_pages: usize,
 }

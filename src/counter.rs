@@ -242,6 +242,9 @@ struct Resync {
     remote_req: Option<u64>,
 }
 
+/// Stats records written between two trims in a snapshot.
+const SNAPSHOT_CHUNK: usize = 1024;
+
 /// Longest a rebuild waits for missing reports before publishing anyway.
 const RESYNC_DEADLINE: Duration = Duration::from_secs(2);
 
@@ -580,19 +583,23 @@ impl Counter {
                 (p.clone(), e.stats.clone())
             })
             .collect();
-        if !dirty.is_empty() {
+        // In chunks, each followed by the trim, so that a burst of new pages
+        // never takes the store far past `storage.max_records` (sled does not
+        // give back the space of a peak).
+        for (i, chunk) in dirty.chunks(SNAPSHOT_CHUNK).enumerate() {
             if let Err(e) = self
                 .storage
-                .save_stats(dirty.iter().map(|(p, s)| (&**p, s)))
+                .save_stats(chunk.iter().map(|(p, s)| (&**p, s)))
             {
                 tracing::error!(error = %e, "stats snapshot failed; will retry");
-                for (p, _) in &dirty {
+                for (p, _) in &dirty[i * SNAPSHOT_CHUNK..] {
                     if let Some(e) = self.pages.get_mut(p) {
                         e.dirty = true;
                     }
                 }
                 return;
             }
+            self.trim_storage();
         }
         crate::metrics::snapshot(started.elapsed(), dirty.len());
         self.forget_idle_pages();
@@ -981,6 +988,11 @@ impl Handler<cluster::Loaded> for Counter {
 impl Handler<RoomCount> for Counter {
     type Result = ();
     fn handle(&mut self, msg: RoomCount, ctx: &mut Context<Self>) {
+        if !self.pages.contains_key(&msg.page) {
+            // A page with a room is always tracked, but it takes the place
+            // of an idle one when the counter is at `limits.max_pages`.
+            self.make_room_for_pages(1);
+        }
         self.set_count(&msg.page, msg.count, msg.opened);
         self.publish_soon(ctx);
     }

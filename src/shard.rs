@@ -226,14 +226,19 @@ impl Shard {
         }
     }
 
-    /// Stops every room idle for `room.idle_timeout` (on any shard).
+    /// Stops every room idle for `room.idle_timeout`, and the least recently
+    /// active past `limits.max_idle_rooms` (on any shard).
     fn evict_expired(&mut self) {
         let timeout = self.settings.room.idle_timeout;
+        let max_idle = self.settings.limits.max_idle_rooms;
         loop {
             let expired = {
                 let mut idle = self.idle();
+                let excess = idle.order.len() > max_idle;
                 match idle.order.first_entry() {
-                    Some(e) if e.get().since.elapsed() >= timeout => Some(e.remove_entry()),
+                    Some(e) if excess || e.get().since.elapsed() >= timeout => {
+                        Some(e.remove_entry())
+                    }
                     _ => None,
                 }
             };
@@ -262,7 +267,8 @@ impl Actor for Shard {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
-        let every = (self.settings.room.idle_timeout / 4).max(Duration::from_millis(10));
+        let every = (self.settings.room.idle_timeout / 4)
+            .clamp(Duration::from_millis(10), Duration::from_secs(1));
         ctx.run_interval(every, |act, _| act.evict_expired());
     }
 }

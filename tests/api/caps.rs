@@ -231,3 +231,27 @@ async fn stored_records_stay_within_max_records() {
     assert_eq!(info["total_connections"], 1, "{info}");
     assert_eq!(info["links"], serde_json::json!([]), "{info}");
 }
+
+/// Past `limits.max_idle_rooms`, the least recently active idle rooms stop at
+/// once, long before `room.idle_timeout`; rooms with connections never do.
+#[tokio::test]
+async fn idle_rooms_past_their_cap_stop_at_once() {
+    let (app, _dir) = spawn_app(&[
+        ("LIMITS__MAX_IDLE_ROOMS", "2"),
+        ("ROOM__IDLE_TIMEOUT", "1h"),
+    ]);
+    let _held = app.connect("held").await;
+    for p in ["i1", "i2", "i3", "i4"] {
+        app.connect(p).await.close().await;
+    }
+    eventually("two idle rooms left, the most recent", || async {
+        idle_pages(&app) == ["i3", "i4"]
+    })
+    .await;
+    eventually("i1 and i2 stopped", || async {
+        !has_room(&app, "i1").await && !has_room(&app, "i2").await
+    })
+    .await;
+    assert!(has_room(&app, "held").await);
+    assert!(has_room(&app, "i4").await);
+}

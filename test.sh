@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The test command: installs what the test suite drives (nginx, Debian's
-# chromium, Node.js/npm and the browser tests' npm packages) when missing,
-# then runs `cargo test`. Extra arguments go to `cargo test`.
+# The test command: installs what the test suite drives (nginx, openssl,
+# Debian's chromium, Node.js/npm and the browser tests' npm packages) when
+# missing, then runs `cargo test`. Extra arguments go to `cargo test`.
 # The tests start their own servers (the service, nginx, redis-server,
 # headless chromium) on free ports with temp data dirs.
 set -euo pipefail
@@ -11,6 +11,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")"
 required=(
   "cc:gcc"
   "/usr/sbin/nginx:nginx"
+  "openssl:openssl"
   "/usr/bin/chromium:chromium"
   "node:nodejs"
   "npm:npm"
@@ -31,6 +32,21 @@ if ((${#missing[@]})); then
   [ "$(id -u)" -eq 0 ] || sudo="sudo"
   $sudo apt-get update
   $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${missing[@]}"
+fi
+
+# The browser tests' playwright-core needs Node.js 20 or newer; Debian 12's
+# own nodejs package is 18.
+node_version="$(node -p process.versions.node)"
+if ((${node_version%%.*} < 20)); then
+  cat >&2 <<EOF
+error: Node.js $node_version is too old: the browser tests (playwright-core) need Node.js 20 or newer.
+  Debian 13 (trixie) ships Node.js 20 as its nodejs package.
+  Elsewhere (Debian 12 bookworm, Ubuntu 24.04), install it from NodeSource (https://github.com/nodesource/distributions):
+    curl -fsSL https://deb.nodesource.com/setup_22.x -o nodesource_setup.sh
+    sudo bash nodesource_setup.sh && sudo apt-get install -y nodejs
+  (NodeSource's nodejs includes npm.) Then run ./test.sh again.
+EOF
+  exit 1
 fi
 
 # npm packages of the browser tests (playwright-core, partysocket, ws), from

@@ -1,145 +1,814 @@
-//! A real nginx, configured with the shipped `deploy/nginx/link-counter.conf`,
-//! in front of a real service.
+//! The shipped deployment files, installed the way their headers say, in front
+//! of the real binary.
+//!
+//! nginx runs Debian's own `/etc/nginx/nginx.conf` with Debian's default site
+//! enabled (both copied into a temp prefix dir: only paths, ports, the pid and
+//! log locations, and the worker user when not root, are rewritten), plus a
+//! shipped `deploy/nginx/*.conf` with only its ports, upstream address, host
+//! name, certificate paths and webroot substituted. TLS uses a certificate
+//! made at test time with the openssl CLI; TLS clients are `openssl s_client`
+//! processes (which verify that certificate and the host name), bridged to a
+//! local TCP stream so the test's WebSocket and HTTP clients run over them and
+//! connections can come from chosen 127.0.0.x addresses. The service is the
+//! binary started with `deploy/config.example.toml` (bind address, data dir
+//! and timers overridden from the environment).
 
 use std::{
-    net::TcpListener,
-    path::Path,
+    io::{BufRead, BufReader},
+    net::{SocketAddr, TcpListener},
+    os::unix::process::CommandExt,
+    path::{Path, PathBuf},
     process::{Child, Command, Stdio},
-    time::Duration,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
 };
 
-use crate::helpers::{connect_from, counts, http_get, spawn_app, Client, PATIENCE};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+    task::JoinHandle,
+};
+use tokio_tungstenite::{
+    tungstenite::{
+        client::IntoClientRequest,
+        http::{HeaderName, HeaderValue},
+    },
+    MaybeTlsStream,
+};
+
+use crate::helpers::{counts, Client, PATIENCE};
 
 const NGINX: &str = "/usr/sbin/nginx";
+const DEBIAN_NGINX_CONF: &str = "/etc/nginx/nginx.conf";
+const DEBIAN_DEFAULT_SITE: &str = "/etc/nginx/sites-available/default";
+/// Marker of the page Debian's default site serves in the tests.
+const DEFAULT_SITE_PAGE: &str = "Debian default site (test)";
 
-/// nginx in the foreground with its own prefix dir; killed on drop.
-struct Nginx {
-    child: Child,
-    port: u16,
+fn repo(path: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
 }
 
-impl Drop for Nginx {
+fn read(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
+}
+
+fn write(path: &Path, text: &str) {
+    std::fs::write(path, text).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+}
+
+/// `text` with every `from` replaced by `to`; `from` must occur (so a change
+/// of the file fails here instead of silently testing something else).
+fn swap(text: &str, from: &str, to: &str, file: &str) -> String {
+    assert!(text.contains(from), "{file}: expected `{from}` in it");
+    text.replace(from, to)
+}
+
+/// `text` without its lines that contain `needle` (which must occur).
+fn drop_lines(text: &str, needle: &str, file: &str) -> String {
+    assert!(text.contains(needle), "{file}: expected `{needle}` in it");
+    text.lines()
+        .filter(|l| !l.contains(needle))
+        .map(|l| format!("{l}\n"))
+        .collect()
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn ipv6_loopback() -> bool {
+    TcpListener::bind("[::1]:0").is_ok()
+}
+
+/// A port free on 127.0.0.1 (and on [::1] when `ipv6`).
+fn free_port(ipv6: bool) -> u16 {
+    loop {
+        let v4 = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = v4.local_addr().expect("addr").port();
+        if !ipv6 || TcpListener::bind(("::1", port)).is_ok() {
+            return port;
+        }
+    }
+}
+
+/// Processes whose process group is `pgid`, from /proc.
+fn process_group(pgid: i32) -> Vec<i32> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // "pid (comm) state ppid pgrp ...": comm may hold spaces and parentheses.
+        let Some((_, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        if rest.split_whitespace().nth(2) == Some(&pgid.to_string()) {
+            found.push(pid);
+        }
+    }
+    found
+}
+
+// ---------------------------------------------------------------- the service
+
+/// The binary, configured by `deploy/config.example.toml`.
+struct Service {
+    child: Child,
+    addr: SocketAddr,
+    _data: tempfile::TempDir,
+}
+
+impl Service {
+    /// `env`: overrides as (KEY, value) pairs, KEY without the `LINK_COUNTER__` prefix.
+    fn start(env: &[(&str, &str)]) -> Service {
+        let data = tempfile::tempdir().expect("tmp");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_link-counter"))
+            .arg("--config")
+            .arg(repo("deploy/config.example.toml"))
+            .env("LINK_COUNTER__SERVER__BIND", "127.0.0.1:0")
+            .env("LINK_COUNTER__ADMIN__BIND", "127.0.0.1:0")
+            .env("LINK_COUNTER__SERVER__SHUTDOWN_TIMEOUT", "3s")
+            .env("LINK_COUNTER__STORAGE__PATH", data.path())
+            .env("LINK_COUNTER__WEBSOCKET__HEARTBEAT_INTERVAL", "100ms")
+            .env("LINK_COUNTER__WEBSOCKET__CLIENT_TIMEOUT", "600ms")
+            .envs(env.iter().map(|(k, v)| (format!("LINK_COUNTER__{k}"), *v)))
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("the binary starts");
+        let mut out = BufReader::new(child.stdout.take().expect("stdout"));
+        let mut line = String::new();
+        out.read_line(&mut line).expect("first line");
+        let addr = line
+            .trim()
+            .strip_prefix("listening on ")
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("expected `listening on ADDR`, got {line:?}"));
+        // Keep reading stdout (the admin line) so the binary never writes to a closed pipe.
+        std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
+        Service {
+            child,
+            addr,
+            _data: data,
+        }
+    }
+}
+
+impl Drop for Service {
     fn drop(&mut self) {
-        let _ = self.child.kill();
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + PATIENCE;
+        while self.child.try_wait().ok().flatten().is_none() {
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
         let _ = self.child.wait();
     }
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
+// ---------------------------------------------------------------- nginx
+
+/// Where a shipped file goes, as its header says.
+#[derive(Clone, Copy)]
+enum Install {
+    /// /etc/nginx/sites-available/NAME plus a symlink in sites-enabled/.
+    SitesEnabled,
+    /// /etc/nginx/conf.d/NAME.
+    ConfD,
 }
 
-fn start_nginx(dir: &Path, upstream: std::net::SocketAddr) -> Nginx {
-    assert!(
-        Path::new(NGINX).exists(),
-        "nginx is required for this test: apt-get install -y nginx (.ci/run installs it)"
-    );
-    let port = free_port();
-    let shipped = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/deploy/nginx/link-counter.conf"
-    ))
-    .expect("shipped nginx config");
-    assert!(shipped.contains("server 127.0.0.1:1999;") && shipped.contains("listen 80;"));
-    let site = shipped
-        .replace("server 127.0.0.1:1999;", &format!("server {upstream};"))
-        .replace("listen 80;", &format!("listen 127.0.0.1:{port};"));
-    std::fs::write(dir.join("link-counter.conf"), site).expect("write site");
-    let d = dir.display();
-    let main = format!(
-        "worker_processes 1;\ndaemon off;\nmaster_process on;\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n\
-         {user}events {{ worker_connections 256; }}\n\
-         http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n\
-         fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
-         include {d}/link-counter.conf;\n}}\n",
-        user = if is_root() { "user root;\n" } else { "" },
-    );
-    std::fs::write(dir.join("nginx.conf"), main).expect("write conf");
-    let check = Command::new(NGINX)
-        .args(["-t", "-p", &d.to_string(), "-c", &format!("{d}/nginx.conf")])
-        .output()
-        .expect("nginx -t");
-    assert!(
-        check.status.success(),
-        "nginx -t: {}",
-        String::from_utf8_lossy(&check.stderr)
-    );
-    let child = Command::new(NGINX)
-        .args(["-p", &d.to_string(), "-c", &format!("{d}/nginx.conf")])
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("nginx starts");
-    let deadline = std::time::Instant::now() + PATIENCE;
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(std::time::Instant::now() < deadline, "nginx did not listen");
-        std::thread::sleep(Duration::from_millis(20));
+/// A shipped nginx file and the one edit its header asks for (its
+/// placeholder host name replaced by ours).
+#[derive(Clone, Copy)]
+struct Site {
+    file: &'static str,
+    placeholder: &'static str,
+    host: &'static str,
+    install: Install,
+}
+
+const ROOT_SITE: Site = Site {
+    file: "link-counter.conf",
+    placeholder: "presence.example.com",
+    host: "counts.test",
+    install: Install::SitesEnabled,
+};
+
+const PREFIX_SITE: Site = Site {
+    file: "link-counter-prefix.conf",
+    placeholder: "www.example.com",
+    host: "site.test",
+    install: Install::ConfD,
+};
+
+/// An nginx prefix dir laid out like /etc/nginx on Debian, with `sites`
+/// installed next to Debian's default site.
+struct Layout {
+    dir: tempfile::TempDir,
+    http: u16,
+    https: u16,
+}
+
+impl Layout {
+    fn new(sites: &[Site], upstream: SocketAddr) -> Layout {
+        assert!(
+            Path::new(NGINX).exists() && Path::new(DEBIAN_NGINX_CONF).exists(),
+            "Debian's nginx is required for this test: apt-get install -y nginx (./test.sh installs it)"
+        );
+        let tmp = tempfile::tempdir().expect("tmp");
+        let d = tmp.path().display().to_string();
+        let ipv6 = ipv6_loopback();
+        let (http, https) = (free_port(ipv6), free_port(ipv6));
+        for sub in [
+            "conf.d",
+            "sites-available",
+            "sites-enabled",
+            "log",
+            "tls",
+            "www/.well-known/acme-challenge",
+        ] {
+            std::fs::create_dir_all(tmp.path().join(sub)).expect("mkdir");
+        }
+        if is_root() {
+            // Debian's `user www-data` stays: its workers must reach the webroot.
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755))
+                .expect("chmod");
+        }
+        // Debian's module snippets load `modules/*.so` relative to the prefix.
+        if Path::new("/usr/share/nginx/modules").exists() {
+            std::os::unix::fs::symlink("/usr/share/nginx/modules", tmp.path().join("modules"))
+                .expect("symlink modules");
+        }
+
+        // Debian's nginx.conf: paths only (and no `user` when not root).
+        let file = DEBIAN_NGINX_CONF;
+        let mut main = read(Path::new(file));
+        main = swap(
+            &main,
+            "pid /run/nginx.pid;",
+            &format!("pid {d}/nginx.pid;"),
+            file,
+        );
+        main = swap(&main, "/var/log/nginx/", &format!("{d}/log/"), file);
+        main = swap(&main, "/etc/nginx/conf.d/", &format!("{d}/conf.d/"), file);
+        main = swap(
+            &main,
+            "/etc/nginx/sites-enabled/",
+            &format!("{d}/sites-enabled/"),
+            file,
+        );
+        // Debian's compiled-in temp paths are under /var/lib/nginx.
+        main = swap(
+            &main,
+            "\nhttp {\n",
+            &format!(
+                "\nhttp {{\n\tclient_body_temp_path {d}/body;\n\tproxy_temp_path {d}/proxy;\n\
+                 \tfastcgi_temp_path {d}/fastcgi;\n\tuwsgi_temp_path {d}/uwsgi;\n\
+                 \tscgi_temp_path {d}/scgi;\n"
+            ),
+            file,
+        );
+        if !is_root() {
+            main = drop_lines(&main, "user www-data;", file);
+        }
+        write(&tmp.path().join("nginx.conf"), &main);
+
+        let listen = |text: String, from: &str, port: u16, tail: &str, file: &str| -> String {
+            let v4 = swap(
+                &text,
+                &format!("listen {from}{tail};"),
+                &format!("listen 127.0.0.1:{port}{tail};"),
+                file,
+            );
+            let v6 = format!("listen [::]:{from}{tail};");
+            if ipv6 {
+                swap(&v4, &v6, &format!("listen [::1]:{port}{tail};"), file)
+            } else {
+                drop_lines(&v4, &v6, file)
+            }
+        };
+
+        // Debian's default site, enabled as Debian ships it.
+        let file = DEBIAN_DEFAULT_SITE;
+        let mut default = read(Path::new(file));
+        default = listen(default, "80", http, " default_server", file);
+        default = swap(
+            &default,
+            "root /var/www/html;",
+            &format!("root {d}/www;"),
+            file,
+        );
+        write(&tmp.path().join("sites-available/default"), &default);
+        std::os::unix::fs::symlink(
+            tmp.path().join("sites-available/default"),
+            tmp.path().join("sites-enabled/default"),
+        )
+        .expect("enable default site");
+        write(
+            &tmp.path().join("www/index.nginx-debian.html"),
+            &format!("<h1>{DEFAULT_SITE_PAGE}</h1>\n"),
+        );
+
+        // The shipped files.
+        for site in sites {
+            let file = site.file;
+            let mut text = read(&repo(&format!("deploy/nginx/{file}")));
+            text = swap(&text, site.placeholder, site.host, file);
+            text = listen(text, "80", http, "", file);
+            text = listen(text, "443", https, " ssl", file);
+            text = swap(
+                &text,
+                &format!("/etc/letsencrypt/live/{}/", site.host),
+                &format!("{d}/tls/"),
+                file,
+            );
+            text = swap(
+                &text,
+                "root /var/www/html;",
+                &format!("root {d}/www;"),
+                file,
+            );
+            text = swap(
+                &text,
+                "server 127.0.0.1:1999;",
+                &format!("server {upstream};"),
+                file,
+            );
+            // Nothing outside the prefix dir is left in the directives.
+            for line in text.lines() {
+                let directive = line.split('#').next().unwrap_or_default();
+                for system in ["/etc/", "/var/", ":1999"] {
+                    assert!(!directive.contains(system), "{file}: `{line}` left as is");
+                }
+            }
+            match site.install {
+                Install::ConfD => write(&tmp.path().join("conf.d").join(file), &text),
+                Install::SitesEnabled => {
+                    let available = tmp.path().join("sites-available").join(file);
+                    write(&available, &text);
+                    std::os::unix::fs::symlink(
+                        &available,
+                        tmp.path().join("sites-enabled").join(file),
+                    )
+                    .expect("enable site");
+                }
+            }
+        }
+
+        // The certificate the shipped files point at, for all our host names.
+        let names: Vec<String> = sites.iter().map(|s| format!("DNS:{}", s.host)).collect();
+        let out = Command::new("openssl")
+            .args([
+                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+            ])
+            .args(["-subj", &format!("/CN={}", sites[0].host)])
+            .args(["-addext", &format!("subjectAltName={}", names.join(","))])
+            .arg("-keyout")
+            .arg(tmp.path().join("tls/privkey.pem"))
+            .arg("-out")
+            .arg(tmp.path().join("tls/fullchain.pem"))
+            .output()
+            .expect("openssl is required for this test: apt-get install -y openssl");
+        assert!(
+            out.status.success(),
+            "openssl req: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+
+        Layout {
+            dir: tmp,
+            http,
+            https,
+        }
     }
-    Nginx { child, port }
+
+    fn path(&self, sub: &str) -> PathBuf {
+        self.dir.path().join(sub)
+    }
+
+    /// nginx's command line for this prefix (`extra` after it).
+    fn nginx(&self, extra: &[&str]) -> Command {
+        let mut cmd = Command::new(NGINX);
+        cmd.arg("-p")
+            .arg(format!("{}/", self.dir.path().display()))
+            .arg("-c")
+            .arg(self.path("nginx.conf"))
+            .arg("-e")
+            .arg(self.path("log/error.log"))
+            .args(extra);
+        cmd
+    }
+
+    /// `nginx -t`: the configuration is valid and draws no warning (a
+    /// "conflicting server name" with the default site would be one).
+    fn check(&self) {
+        let out = self.nginx(&["-t"]).output().expect("nginx -t runs");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "nginx -t failed:\n{stderr}");
+        for bad in ["[warn]", "[emerg]", "[alert]", "conflicting"] {
+            assert!(!stderr.contains(bad), "nginx -t says `{bad}`:\n{stderr}");
+        }
+    }
 }
 
-fn is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .is_ok_and(|o| o.stdout.starts_with(b"0"))
+/// A running nginx (master and workers in a process group of their own),
+/// stopped with SIGTERM on drop; TLS clients made through it are tracked so
+/// the test can wait for their `openssl s_client` processes.
+struct Nginx {
+    layout: Layout,
+    child: Child,
+    http: SocketAddr,
+    https: SocketAddr,
+    stopped: bool,
+    bridges: Arc<Mutex<Vec<JoinHandle<()>>>>,
 }
 
-/// Connects through nginx from source address `src`.
-async fn via(nginx: &Nginx, src: &str, path: &str) -> Result<Client, u16> {
-    let target = ([127, 0, 0, 1], nginx.port).into();
-    connect_from(
-        target,
-        src,
-        &format!("ws://127.0.0.1:{}{path}", nginx.port),
-        &[],
-    )
-    .await
+impl Nginx {
+    fn start(sites: &[Site], upstream: SocketAddr) -> Nginx {
+        let layout = Layout::new(sites, upstream);
+        layout.check();
+        let child = layout
+            .nginx(&["-g", "daemon off;"])
+            .process_group(0)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("nginx starts");
+        let mut nginx = Nginx {
+            http: ([127, 0, 0, 1], layout.http).into(),
+            https: ([127, 0, 0, 1], layout.https).into(),
+            layout,
+            child,
+            stopped: false,
+            bridges: Arc::default(),
+        };
+        let deadline = Instant::now() + PATIENCE;
+        while std::net::TcpStream::connect(nginx.http).is_err()
+            || std::net::TcpStream::connect(nginx.https).is_err()
+            || nginx.workers().is_empty()
+        {
+            if let Ok(Some(status)) = nginx.child.try_wait() {
+                panic!(
+                    "nginx exited ({status}):\n{}",
+                    std::fs::read_to_string(nginx.layout.path("log/error.log")).unwrap_or_default()
+                );
+            }
+            assert!(Instant::now() < deadline, "nginx did not start listening");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        nginx
+    }
+
+    fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// The worker processes (the group minus the master).
+    fn workers(&self) -> Vec<i32> {
+        let pid = self.pid();
+        process_group(pid)
+            .into_iter()
+            .filter(|p| *p != pid)
+            .collect()
+    }
+
+    /// Fast shutdown (SIGTERM: the master stops its workers, waits for them,
+    /// then exits). Returns the processes of nginx's group still there after
+    /// the master exited (and kills those).
+    fn shutdown(&mut self) -> Vec<i32> {
+        if self.stopped {
+            return Vec::new();
+        }
+        self.stopped = true;
+        let pid = self.pid();
+        let mut exited = matches!(self.child.try_wait(), Ok(Some(_)));
+        if !exited {
+            // SAFETY: kill(2) on our own child, not yet reaped.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+        }
+        let deadline = Instant::now() + PATIENCE;
+        while !exited && Instant::now() < deadline {
+            exited = matches!(self.child.try_wait(), Ok(Some(_)));
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let left = process_group(pid);
+        if !exited || !left.is_empty() {
+            // SAFETY: kill(2) on the process group nginx was started in.
+            unsafe { libc::kill(-pid, libc::SIGKILL) };
+            let _ = self.child.wait();
+        }
+        left
+    }
+
+    /// Stops nginx and checks that nothing it or the test's TLS clients
+    /// started is left: no worker outlives the master, every s_client exits.
+    async fn finish(mut self) {
+        let workers = self.workers();
+        assert!(!workers.is_empty(), "nginx runs workers");
+        let left = self.shutdown();
+        assert!(left.is_empty(), "nginx processes left behind: {left:?}");
+        for w in workers {
+            assert!(
+                !Path::new(&format!("/proc/{w}")).exists(),
+                "worker {w} outlived nginx"
+            );
+        }
+        let bridges = std::mem::take(&mut *self.bridges.lock().expect("lock"));
+        for b in bridges {
+            tokio::time::timeout(PATIENCE, b)
+                .await
+                .expect("openssl s_client exits when nginx is gone")
+                .expect("bridge task");
+        }
+    }
+
+    /// A TLS connection to nginx's HTTPS port from source address `src` (a
+    /// 127.0.0.x), made by `openssl s_client`, which sends `host` as SNI and
+    /// verifies the test certificate for it. Returns a local TCP stream
+    /// carrying the connection's plaintext; closing it closes the connection.
+    async fn tls(&self, src: &str, host: &str) -> TcpStream {
+        let mut child = tokio::process::Command::new("openssl")
+            .arg("s_client")
+            .args(["-quiet", "-no_ign_eof", "-nocommands"])
+            .args(["-verify_return_error", "-verify_quiet"])
+            .args(["-connect", &self.https.to_string()])
+            .args(["-bind", &format!("{src}:0")])
+            .args(["-servername", host, "-verify_hostname", host])
+            .arg("-CAfile")
+            .arg(self.layout.path("tls/fullchain.pem"))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("openssl s_client starts");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let near = TcpStream::connect(listener.local_addr().expect("addr"))
+            .await
+            .expect("connect");
+        let (far, _) = listener.accept().await.expect("accept");
+        let mut stdin = child.stdin.take().expect("stdin");
+        let mut stdout = child.stdout.take().expect("stdout");
+        let mut stderr = child.stderr.take().expect("stderr");
+        let bridge = tokio::spawn(async move {
+            let (mut from_test, mut to_test) = far.into_split();
+            // The test side's EOF closes s_client's stdin: with -no_ign_eof it
+            // then closes the TLS connection.
+            let up = tokio::spawn(async move {
+                let _ = tokio::io::copy(&mut from_test, &mut stdin).await;
+            });
+            let _ = tokio::io::copy(&mut stdout, &mut to_test).await;
+            let _ = to_test.shutdown().await;
+            up.abort();
+            let mut err = String::new();
+            let _ = stderr.read_to_string(&mut err).await;
+            let status = child.wait().await.expect("wait for s_client");
+            if !status.success() && !err.trim().is_empty() {
+                eprintln!("openssl s_client ({status}): {err}");
+            }
+        });
+        self.bridges.lock().expect("lock").push(bridge);
+        near
+    }
+
+    /// A WebSocket over TLS through nginx (`wss://{host}{path}`) from source
+    /// address `src`; `Err(status)` when the upgrade is refused.
+    async fn wss(
+        &self,
+        src: &str,
+        host: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<Client, u16> {
+        let stream = self.tls(src, host).await;
+        let url = format!("wss://{host}{path}");
+        let mut req = url.as_str().into_client_request().expect("request");
+        for (k, v) in headers {
+            req.headers_mut().insert(
+                HeaderName::from_bytes(k.as_bytes()).expect("header name"),
+                HeaderValue::from_str(v).expect("header value"),
+            );
+        }
+        let handshake = tokio_tungstenite::client_async(req, MaybeTlsStream::Plain(stream));
+        match tokio::time::timeout(PATIENCE, handshake)
+            .await
+            .expect("handshake in time")
+        {
+            Ok((ws, _)) => Ok(Client::from_stream(ws)),
+            Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => Err(resp.status().as_u16()),
+            Err(e) => panic!("wss {url} from {src}: {e}"),
+        }
+    }
+
+    /// GET over TLS (from 127.0.0.1).
+    async fn https_get(&self, host: &str, path: &str) -> Response {
+        let stream = self.tls("127.0.0.1", host).await;
+        request(stream, host, path).await
+    }
+
+    /// GET over plain HTTP.
+    async fn http_get(&self, host: &str, path: &str) -> Response {
+        let stream = TcpStream::connect(self.http).await.expect("connect");
+        request(stream, host, path).await
+    }
 }
 
-/// Counts work through nginx, at the root and under a path prefix; the client
-/// IP the service uses is the one nginx forwarded (per-IP cap of 1 tells two
-/// clients apart although both arrive from nginx's address).
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// A raw HTTP response.
+struct Response {
+    status: u16,
+    head: String,
+    body: String,
+}
+
+impl Response {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.head.lines().skip(1).find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.trim().eq_ignore_ascii_case(name).then(|| v.trim())
+        })
+    }
+}
+
+async fn request(mut s: TcpStream, host: &str, path: &str) -> Response {
+    let req = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.expect("write");
+    let mut buf = Vec::new();
+    tokio::time::timeout(PATIENCE, s.read_to_end(&mut buf))
+        .await
+        .expect("response in time")
+        .expect("read");
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("GET {host}{path}: no response: {text:?}"));
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("status line: {head}"));
+    Response {
+        status,
+        head: head.to_string(),
+        body: body.to_string(),
+    }
+}
+
+/// Port 80 of a shipped file: its ACME challenges are served from the
+/// webroot, everything else of its host redirects to HTTPS, and Debian's
+/// default site still answers every other host name.
+async fn check_port_80(nginx: &Nginx, host: &str) {
+    let token = "lc-test-token";
+    write(
+        &nginx
+            .layout
+            .path(&format!("www/.well-known/acme-challenge/{token}")),
+        "lc-test-token.key-authorization",
+    );
+    let r = nginx
+        .http_get(host, &format!("/.well-known/acme-challenge/{token}"))
+        .await;
+    assert_eq!(
+        (r.status, r.body.as_str()),
+        (200, "lc-test-token.key-authorization"),
+        "{}",
+        r.head
+    );
+    for path in ["/", "/parties/page/x?a=1", "/presence/link-counter.js"] {
+        let r = nginx.http_get(host, path).await;
+        assert_eq!(r.status, 301, "http://{host}{path}: {}", r.head);
+        assert_eq!(
+            r.header("location"),
+            Some(format!("https://{host}{path}").as_str())
+        );
+    }
+    let r = nginx.http_get("other.test", "/").await;
+    assert_eq!(r.status, 200, "{}", r.head);
+    assert!(r.body.contains(DEFAULT_SITE_PAGE), "{}", r.body);
+}
+
+/// `body` is the embed the service serves (`web/link-counter.js`, compiled in).
+fn assert_is_embed(body: &str) {
+    assert!(
+        body == link_counter::web::LINK_COUNTER_JS,
+        "not the embed: {} bytes, starting {:?}",
+        body.len(),
+        body.chars().take(200).collect::<String>()
+    );
+}
+
+/// The shipped nginx file, dropped into Debian's nginx next to its default
+/// site: port 80 redirects to HTTPS (ACME challenges excepted), and over TLS
+/// the counts work end to end; the client IP the service uses is the one
+/// nginx forwarded (a per-IP cap of 1 tells clients from 127.0.0.21 and
+/// 127.0.0.22 apart although both arrive from nginx's address), and what a
+/// client writes into X-Forwarded-For or Forwarded itself is not believed.
 #[tokio::test]
-async fn counts_through_nginx() {
-    let (app, _dir) = spawn_app(&[
-        ("SECURITY__TRUSTED_PROXIES", "127.0.0.1/32"),
-        ("LIMITS__MAX_CONNECTIONS_PER_IP", "1"),
-    ]);
-    let tmp = tempfile::tempdir().expect("tmp");
-    let nginx = start_nginx(tmp.path(), app.addr);
+async fn counts_over_tls_through_nginx_next_to_debian_default_site() {
+    let service = Service::start(&[("LIMITS__MAX_CONNECTIONS_PER_IP", "1")]);
+    let nginx = Nginx::start(&[ROOT_SITE], service.addr);
+    let host = ROOT_SITE.host;
+    check_port_80(&nginx, host).await;
 
-    let mut observer = via(&nginx, "127.0.0.20", "/parties/page/home")
+    let r = nginx.https_get(host, "/healthz").await;
+    assert_eq!(r.status, 200, "{}", r.head);
+    assert_eq!(
+        r.header("strict-transport-security"),
+        Some("max-age=31536000")
+    );
+    let r = nginx.https_get(host, "/link-counter.js").await;
+    assert_eq!(r.status, 200, "{}", r.head);
+    assert!(
+        r.header("content-type")
+            .is_some_and(|t| t.starts_with("text/javascript")),
+        "{}",
+        r.head
+    );
+    assert_is_embed(&r.body);
+
+    let mut observer = nginx
+        .wss("127.0.0.20", host, "/parties/page/home", &[])
         .await
         .expect("observer");
     observer.subscribe(&["x"]).await;
     assert_eq!(observer.next_update().await, counts(&[("x", 0)]));
 
-    // Root mount, client 127.0.0.21.
-    let a = via(&nginx, "127.0.0.21", "/parties/page/x")
+    let a = nginx
+        .wss("127.0.0.21", host, "/parties/page/x", &[])
         .await
         .expect("a");
     observer.wait_for(&counts(&[("x", 1)])).await;
-    // Same forwarded IP again: refused by the per-IP cap (so the service saw 127.0.0.21, not nginx).
-    assert_eq!(
-        via(&nginx, "127.0.0.21", "/parties/page/x").await.err(),
-        Some(429)
-    );
-    // Prefix mount, another client IP: admitted.
-    let b = via(&nginx, "127.0.0.22", "/presence/parties/page/x")
+    // Same client IP again: refused by the per-IP cap, so the service saw
+    // 127.0.0.21, not nginx's 127.0.0.1; also when the client claims other
+    // addresses itself.
+    for headers in [
+        vec![],
+        vec![("x-forwarded-for", "127.0.0.51")],
+        vec![("forwarded", "for=127.0.0.52")],
+        vec![
+            ("forwarded", "for=127.0.0.53"),
+            ("x-forwarded-for", "127.0.0.54"),
+        ],
+    ] {
+        assert_eq!(
+            nginx
+                .wss("127.0.0.21", host, "/parties/page/x", &headers)
+                .await
+                .err(),
+            Some(429),
+            "{headers:?}"
+        );
+    }
+    let b = nginx
+        .wss("127.0.0.22", host, "/parties/page/x", &[])
         .await
-        .expect("b via prefix");
+        .expect("b");
     observer.wait_for(&counts(&[("x", 2)])).await;
-    let (status, body) = http_get(
-        ([127, 0, 0, 1], nginx.port).into(),
-        "/presence/api/v1/counts?ids=x",
-    )
-    .await;
-    assert_eq!((status, body.trim()), (200, r#"{"x":2}"#));
+    let r = nginx.https_get(host, "/api/v1/counts?ids=x").await;
+    assert_eq!((r.status, r.body.trim()), (200, r#"{"x":2}"#), "{}", r.head);
+
+    // The sample config's allowed_origins apply behind nginx.
+    assert_eq!(
+        nginx
+            .wss(
+                "127.0.0.24",
+                host,
+                "/parties/page/x",
+                &[("origin", "https://evil.test")]
+            )
+            .await
+            .err(),
+        Some(403)
+    );
+    let allowed = nginx
+        .wss(
+            "127.0.0.25",
+            host,
+            "/parties/page/x",
+            &[("origin", "https://blog.example.com")],
+        )
+        .await
+        .expect("an allowed origin");
+    observer.wait_for(&counts(&[("x", 3)])).await;
+    allowed.close().await;
+    observer.wait_for(&counts(&[("x", 2)])).await;
 
     a.close().await;
     observer.wait_for(&counts(&[("x", 1)])).await;
@@ -147,8 +816,161 @@ async fn counts_through_nginx() {
     observer.wait_for(&counts(&[("x", 0)])).await;
     // Heartbeats pass through: the observer survives several client_timeouts.
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let _c = via(&nginx, "127.0.0.23", "/parties/page/x")
+    let c = nginx
+        .wss("127.0.0.23", host, "/parties/page/x", &[])
         .await
         .expect("c");
     observer.wait_for(&counts(&[("x", 1)])).await;
+
+    drop((observer, c));
+    nginx.finish().await;
+    drop(service);
+}
+
+/// The path-prefix alternative, dropped into conf.d next to Debian's default
+/// site: the site's own pages at /, the service under /presence/ (nginx
+/// strips the prefix), WebSockets and the embed over TLS, client IPs
+/// forwarded.
+#[tokio::test]
+async fn prefix_mount_over_tls_through_nginx() {
+    let service = Service::start(&[("LIMITS__MAX_CONNECTIONS_PER_IP", "1")]);
+    let nginx = Nginx::start(&[PREFIX_SITE], service.addr);
+    let host = PREFIX_SITE.host;
+    check_port_80(&nginx, host).await;
+
+    write(&nginx.layout.path("www/index.html"), "the site itself\n");
+    let r = nginx.https_get(host, "/").await;
+    assert_eq!((r.status, r.body.as_str()), (200, "the site itself\n"));
+    // The service is not at the root of this host.
+    assert_eq!(nginx.https_get(host, "/healthz").await.status, 404);
+    let r = nginx.https_get(host, "/presence/healthz").await;
+    assert_eq!(r.status, 200, "{}", r.head);
+    let r = nginx.https_get(host, "/presence/link-counter.js").await;
+    assert_eq!(r.status, 200, "{}", r.head);
+    assert_is_embed(&r.body);
+
+    let mut observer = nginx
+        .wss("127.0.0.20", host, "/presence/parties/page/home", &[])
+        .await
+        .expect("observer");
+    observer.subscribe(&["x"]).await;
+    assert_eq!(observer.next_update().await, counts(&[("x", 0)]));
+    let a = nginx
+        .wss("127.0.0.21", host, "/presence/parties/page/x", &[])
+        .await
+        .expect("a");
+    observer.wait_for(&counts(&[("x", 1)])).await;
+    assert_eq!(
+        nginx
+            .wss(
+                "127.0.0.21",
+                host,
+                "/presence/parties/page/x",
+                &[("forwarded", "for=127.0.0.52")]
+            )
+            .await
+            .err(),
+        Some(429)
+    );
+    let b = nginx
+        .wss("127.0.0.22", host, "/presence/parties/page/x", &[])
+        .await
+        .expect("b");
+    observer.wait_for(&counts(&[("x", 2)])).await;
+    let r = nginx.https_get(host, "/presence/api/v1/counts?ids=x").await;
+    assert_eq!((r.status, r.body.trim()), (200, r#"{"x":2}"#), "{}", r.head);
+    b.drop_abruptly();
+    observer.wait_for(&counts(&[("x", 1)])).await;
+
+    drop((observer, a));
+    nginx.finish().await;
+    drop(service);
+}
+
+/// Both shipped nginx files can be enabled at once, next to the default site.
+#[test]
+fn both_nginx_files_together_pass_nginx_t() {
+    let both = [
+        ROOT_SITE,
+        Site {
+            install: Install::SitesEnabled,
+            ..PREFIX_SITE
+        },
+    ];
+    Layout::new(&both, "127.0.0.1:9".parse().expect("addr")).check();
+}
+
+/// The install files agree: the sample config loads and sets what the nginx
+/// files and the systemd unit assume.
+#[test]
+fn install_files_agree() {
+    let sample = repo("deploy/config.example.toml");
+    let s = link_counter::Settings::load_from(Some(sample.as_path()), Vec::new())
+        .expect("deploy/config.example.toml loads");
+    assert_eq!(s.server.bind, "127.0.0.1:1999".parse().expect("addr"));
+    assert_eq!(s.storage.path, Path::new("/var/lib/link-counter"));
+    assert!(!s.web.demo);
+    assert_eq!(
+        s.security.trusted_proxies,
+        vec!["127.0.0.1/32".parse::<ipnet::IpNet>().expect("cidr")]
+    );
+    assert!(!s.security.allowed_origins.is_empty());
+    assert_eq!(s.admin.bind, "127.0.0.1:2000");
+    assert!(!s.admin.metrics_on_public);
+    assert_eq!(s.log.format, link_counter::config::LogFormat::Json);
+
+    for file in ["link-counter.conf", "link-counter-prefix.conf"] {
+        let text = read(&repo(&format!("deploy/nginx/{file}")));
+        assert!(
+            text.contains(&format!("server {};", s.server.bind)),
+            "{file}: upstream is server.bind"
+        );
+    }
+
+    let unit = read(&repo("deploy/systemd/link-counter.service"));
+    let value = |key: &str| -> Vec<&str> {
+        unit.lines()
+            .filter_map(|l| l.strip_prefix(&format!("{key}=")))
+            .collect()
+    };
+    assert_eq!(
+        value("ExecStart"),
+        ["/usr/local/bin/link-counter --config /etc/link-counter/config.toml"]
+    );
+    assert_eq!(value("User"), ["link-counter"]);
+    assert_eq!(
+        value("StateDirectory")
+            .iter()
+            .map(|d| Path::new("/var/lib").join(d))
+            .collect::<Vec<_>>(),
+        std::slice::from_ref(&s.storage.path),
+        "StateDirectory is storage.path"
+    );
+    let nofile: usize = value("LimitNOFILE")[0].parse().expect("a number");
+    assert!(nofile > 2 * s.limits.max_connections);
+
+    // systemd's own check, where systemd is installed (ExecStart pointed at
+    // the built binary, which is not in /usr/local/bin here).
+    let analyze = Path::new("/usr/bin/systemd-analyze");
+    if analyze.exists() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let copy = dir.path().join("link-counter.service");
+        write(
+            &copy,
+            &unit.replace(
+                "/usr/local/bin/link-counter",
+                env!("CARGO_BIN_EXE_link-counter"),
+            ),
+        );
+        let out = Command::new(analyze)
+            .arg("verify")
+            .arg(&copy)
+            .output()
+            .expect("systemd-analyze runs");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success() && !stderr.contains("link-counter.service"),
+            "systemd-analyze verify:\n{stderr}"
+        );
+    }
 }

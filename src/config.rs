@@ -1,16 +1,44 @@
 //! Typed settings: embedded defaults (`config/default.toml`), an optional TOML
 //! file, then `LINK_COUNTER__SECTION__KEY` environment variables, validated
 //! before anything binds a port.
+//!
+//! Every error names the setting and says where its value came from (the
+//! environment variable, or the file and line) and, where it can, how to fix
+//! it: TOML syntax errors carry the file, line and column; unknown settings
+//! the nearest valid name; enum settings their valid values; list entries
+//! their index. [`env_warnings`] lists the variables that look like settings
+//! but are ignored (e.g. `LINK_COUNTER_SERVER_BIND`, one underscore).
 
-use std::{net::SocketAddr, path::PathBuf, time::Duration};
+use std::{
+    collections::HashMap,
+    net::{IpAddr, SocketAddr},
+    path::{Path, PathBuf},
+    sync::OnceLock,
+    time::Duration,
+};
 
-use serde::Deserialize;
+use serde::{de::Error as _, Deserialize, Deserializer};
 
 /// The defaults, compiled in so that the binary runs with no file at all.
 pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
 
 /// Prefix of the environment variables that override settings.
 pub const ENV_PREFIX: &str = "LINK_COUNTER";
+
+/// What every setting's variable starts with: `LINK_COUNTER__SECTION__KEY`.
+const ENV_SETTING_PREFIX: &str = "LINK_COUNTER__";
+
+/// Variables of the project's own tooling (test and benchmark harnesses) that
+/// start with `LINK_COUNTER_` without being settings: never warned about.
+const TOOLING_VARS: &[&str] = &[
+    "LINK_COUNTER_BIN",
+    "LINK_COUNTER_ARTIFACTS",
+    "LINK_COUNTER_DEMO_SCREENSHOT",
+    "LINK_COUNTER_REQUIRE_REDIS",
+];
+
+/// How durations are written (appended to a duration's error).
+const DURATION_HINT: &str = "; write a duration such as \"500ms\", \"15s\", \"1h\" or \"30days\"";
 
 /// A configuration that cannot be used; the message names the key.
 #[derive(Debug, thiserror::Error)]
@@ -102,7 +130,9 @@ pub struct LimitSettings {
 pub struct SecuritySettings {
     /// Allowed `Origin`s (exact or `*.domain` patterns); empty = any.
     pub allowed_origins: Vec<String>,
-    /// Proxies whose forwarding headers are trusted.
+    /// Proxies whose forwarding headers are trusted (CIDRs; a bare address
+    /// is one host, e.g. `10.0.0.1` = `10.0.0.1/32`).
+    #[serde(deserialize_with = "deserialize_proxies")]
     pub trusted_proxies: Vec<ipnet::IpNet>,
 }
 
@@ -187,15 +217,17 @@ pub struct WebSettings {
 
 impl Settings {
     /// Defaults, then `file` (if any), then the process environment.
-    pub fn load(file: Option<&std::path::Path>) -> Result<Settings, ConfigError> {
-        Self::load_from(file, std::env::vars())
+    pub fn load(file: Option<&Path>) -> Result<Settings, ConfigError> {
+        Self::load_from(file, process_env()?)
     }
 
     /// Like [`Settings::load`] with an explicit environment (used by tests).
+    /// Every `LINK_COUNTER__…` variable must name a setting.
     pub fn load_from(
-        file: Option<&std::path::Path>,
+        file: Option<&Path>,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Settings, ConfigError> {
+        let mut sources = Sources::default();
         let mut builder = config::Config::builder().add_source(config::File::from_str(
             DEFAULT_TOML,
             config::FileFormat::Toml,
@@ -204,12 +236,23 @@ impl Settings {
             let text = std::fs::read_to_string(path).map_err(|e| {
                 ConfigError(format!("cannot read config file {}: {e}", path.display()))
             })?;
+            // Alone first, so that a syntax error is reported with the file's name.
+            config::Config::builder()
+                .add_source(config::File::from_str(&text, config::FileFormat::Toml))
+                .build()
+                .map_err(|e| toml_syntax_error(path, &e.to_string()))?;
             builder = builder.add_source(config::File::from_str(&text, config::FileFormat::Toml));
+            sources.file = Some((path.to_path_buf(), text));
         }
-        let overrides: std::collections::HashMap<String, String> = env
-            .into_iter()
-            .filter(|(k, _)| k.starts_with(&format!("{ENV_PREFIX}__")))
-            .collect();
+        let mut overrides: HashMap<String, String> = HashMap::new();
+        for (name, value) in env {
+            if !name.starts_with(ENV_SETTING_PREFIX) {
+                continue;
+            }
+            let key = env_setting(&name)?;
+            sources.env.insert(key, name.clone());
+            overrides.insert(name, value);
+        }
         builder = builder.add_source(
             config::Environment::with_prefix(ENV_PREFIX)
                 .prefix_separator("__")
@@ -220,20 +263,30 @@ impl Settings {
                 .with_list_parse_key("security.trusted_proxies")
                 .source(Some(overrides)),
         );
-        let raw = builder
-            .build()
-            .map_err(|e| ConfigError(format!("invalid configuration: {e}")))?;
-        let settings: Settings = raw
-            .try_deserialize()
-            .map_err(|e| ConfigError(format!("invalid configuration: {e}")))?;
-        settings.validate()?;
+        let raw = builder.build().map_err(|e| sources.explain(&e))?;
+        // Entry by entry, so that the error names the index.
+        if let Ok(proxies) = raw.get::<Vec<String>>("security.trusted_proxies") {
+            for (i, p) in proxies.iter().enumerate() {
+                parse_proxy(p).map_err(|why| {
+                    sources.locate(Invalid::new(format!("security.trusted_proxies[{i}]"), why))
+                })?;
+            }
+        }
+        let settings: Settings = raw.try_deserialize().map_err(|e| sources.explain(&e))?;
+        settings.check().map_err(|e| sources.locate(e))?;
         Ok(settings)
     }
 
     /// Cross-field checks that serde cannot express; each error names its key.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let bad =
-            |key: &str, why: &str| Err(ConfigError(format!("invalid configuration: {key}: {why}")));
+        self.check()
+            .map_err(|e| ConfigError(format!("invalid configuration: {}: {}", e.key, e.why)))
+    }
+
+    /// [`Settings::validate`], with the key apart (so that the caller can say
+    /// where the value came from).
+    fn check(&self) -> Result<(), Invalid> {
+        let bad = |key: &str, why: &str| Err(Invalid::new(key, why));
         let ws = &self.websocket;
         if ws.heartbeat_interval.is_zero() {
             return bad("websocket.heartbeat_interval", "must be greater than 0");
@@ -308,9 +361,8 @@ impl Settings {
             return bad("limits.max_pages", "must be at least limits.max_rooms");
         }
         for (i, o) in self.security.allowed_origins.iter().enumerate() {
-            if let Err(why) = crate::limits::OriginPattern::parse(o) {
-                let key = format!("security.allowed_origins[{i}]");
-                return bad(&key, &why);
+            if let Err(why) = check_origin(o) {
+                return bad(&format!("security.allowed_origins[{i}]"), &why);
             }
         }
         if self.storage.path.as_os_str().is_empty() {
@@ -387,8 +439,7 @@ impl AdminSettings {
 }
 
 /// Output format of the logs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
     /// Human-readable lines.
     Text,
@@ -397,12 +448,30 @@ pub enum LogFormat {
 }
 
 impl LogFormat {
+    /// Every format, in the order the documentation lists them.
+    pub const ALL: [LogFormat; 2] = [LogFormat::Text, LogFormat::Json];
+
     /// The config value.
     pub fn as_str(self) -> &'static str {
         match self {
             LogFormat::Text => "text",
             LogFormat::Json => "json",
         }
+    }
+}
+
+impl<'de> Deserialize<'de> for LogFormat {
+    /// `"text"` or `"json"` (any case); anything else is refused with the valid values.
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let given = String::deserialize(d)?;
+        LogFormat::ALL
+            .into_iter()
+            .find(|f| given.trim().eq_ignore_ascii_case(f.as_str()))
+            .ok_or_else(|| {
+                D::Error::custom(format!(
+                    "{given:?} is not a log format; use \"text\" or \"json\""
+                ))
+            })
     }
 }
 
@@ -416,9 +485,8 @@ pub struct LogSettings {
 }
 
 /// Checks of the `[admin]` and `[log]` sections; each error names its key.
-fn validate_ops(s: &Settings) -> Result<(), ConfigError> {
-    let bad =
-        |key: &str, why: String| Err(ConfigError(format!("invalid configuration: {key}: {why}")));
+fn validate_ops(s: &Settings) -> Result<(), Invalid> {
+    let bad = |key: &str, why: String| Err(Invalid::new(key, why));
     let bind = s.admin.bind.trim();
     if !bind.is_empty() && bind.parse::<SocketAddr>().is_err() {
         return bad(
@@ -437,5 +505,685 @@ fn resolve_threads(n: usize) -> usize {
         n
     } else {
         std::thread::available_parallelism().map_or(1, |n| n.get())
+    }
+}
+
+/// A setting that cannot be used: its key and why.
+#[derive(Debug)]
+struct Invalid {
+    key: String,
+    why: String,
+}
+
+impl Invalid {
+    fn new(key: impl Into<String>, why: impl Into<String>) -> Invalid {
+        Invalid {
+            key: key.into(),
+            why: why.into(),
+        }
+    }
+}
+
+/// Where the values of a load came from, to say where a bad one was set.
+#[derive(Default)]
+struct Sources {
+    /// The config file and its text.
+    file: Option<(PathBuf, String)>,
+    /// `section.key` -> the environment variable that set it.
+    env: HashMap<String, String>,
+}
+
+impl Sources {
+    /// " (from environment variable X)", " (in FILE, line N)", or "" for a default.
+    fn origin(&self, key: &str) -> String {
+        let base = key.split('[').next().unwrap_or(key);
+        if let Some(var) = self.env.get(base) {
+            return format!(" (from environment variable {var})");
+        }
+        match &self.file {
+            Some((path, text)) => match toml_line(text, base) {
+                Some(n) => format!(" (in {}, line {n})", path.display()),
+                None => String::new(),
+            },
+            None => String::new(),
+        }
+    }
+
+    /// The error of a setting that failed a check.
+    fn locate(&self, e: Invalid) -> ConfigError {
+        let origin = self.origin(&e.key);
+        ConfigError(format!(
+            "invalid configuration: {}: {}{origin}",
+            e.key, e.why
+        ))
+    }
+
+    /// Rewrites an error of the `config` crate ("MESSAGE for key `KEY`")
+    /// as "KEY: MESSAGE (where it was set)", with a hint where there is one.
+    fn explain(&self, e: &config::ConfigError) -> ConfigError {
+        let message = e.to_string();
+        let (body, key) = match message.rsplit_once(" for key `") {
+            Some((body, rest)) if rest.ends_with('`') => {
+                (body, Some(rest.trim_end_matches('`').to_owned()))
+            }
+            _ => (message.as_str(), None),
+        };
+        if let Some(rest) = body.strip_prefix("unknown field `") {
+            let field = rest.split('`').next().unwrap_or_default();
+            let full = match &key {
+                Some(k) => format!("{k}.{field}"),
+                None => field.to_owned(),
+            };
+            let origin = self.origin(&full);
+            return ConfigError(format!(
+                "invalid configuration: {full}: not a setting{origin}{}",
+                setting_hint(&full)
+            ));
+        }
+        match key {
+            Some(key) => {
+                let hint = if body.contains("expected a duration") {
+                    DURATION_HINT
+                } else if body.contains("expected a sequence") {
+                    "; write a list: [\"a\", \"b\"] in a file, a,b in an environment variable"
+                } else {
+                    ""
+                };
+                let origin = self.origin(&key);
+                ConfigError(format!(
+                    "invalid configuration: {key}: {body}{origin}{hint}"
+                ))
+            }
+            None => ConfigError(format!("invalid configuration: {body}")),
+        }
+    }
+}
+
+/// The process environment as text. Variables that are not valid UTF-8 are
+/// skipped (none of them is a setting), except a `LINK_COUNTER__` one.
+pub fn process_env() -> Result<Vec<(String, String)>, ConfigError> {
+    let mut env = Vec::new();
+    for (name, value) in std::env::vars_os() {
+        let name = name.to_string_lossy().into_owned();
+        match value.into_string() {
+            Ok(value) => env.push((name, value)),
+            Err(_) if name.starts_with(ENV_SETTING_PREFIX) => {
+                return Err(ConfigError(format!(
+                    "invalid configuration: environment variable {name} is not valid UTF-8"
+                )))
+            }
+            Err(_) => {}
+        }
+    }
+    Ok(env)
+}
+
+/// Warnings about environment variables that start with `LINK_COUNTER` but
+/// are not settings and so are ignored (a single underscore, lower case, a
+/// typo in the prefix), each naming the variable and the nearest setting's
+/// variable when one is close. `LINK_COUNTER__…` variables are not here: an
+/// unknown one is an error of [`Settings::load`].
+pub fn env_warnings<S: AsRef<str>>(names: impl IntoIterator<Item = S>) -> Vec<String> {
+    let mut warnings: Vec<String> = names
+        .into_iter()
+        .filter_map(|name| {
+            let name = name.as_ref();
+            let ours = name
+                .get(..ENV_PREFIX.len())
+                .is_some_and(|p| p.eq_ignore_ascii_case(ENV_PREFIX));
+            if !ours || name.starts_with(ENV_SETTING_PREFIX) || TOOLING_VARS.contains(&name) {
+                return None;
+            }
+            let hint = match nearest_env_var(name) {
+                Some(var) => format!("; did you mean {var}?"),
+                None => String::new(),
+            };
+            Some(format!(
+                "environment variable {name} is ignored: it is not a setting \
+                 (settings are LINK_COUNTER__SECTION__KEY, in capitals, with two underscores \
+                 between the parts){hint}"
+            ))
+        })
+        .collect();
+    warnings.sort();
+    warnings
+}
+
+/// Every setting as (section, key), read from the embedded defaults (which
+/// list every setting).
+fn known_settings() -> &'static [(String, String)] {
+    static KNOWN: OnceLock<Vec<(String, String)>> = OnceLock::new();
+    KNOWN.get_or_init(|| {
+        let Ok(defaults) = config::Config::builder()
+            .add_source(config::File::from_str(
+                DEFAULT_TOML,
+                config::FileFormat::Toml,
+            ))
+            .build()
+        else {
+            return Vec::new();
+        };
+        let Ok(sections) = defaults.try_deserialize::<config::Map<String, config::Value>>() else {
+            return Vec::new();
+        };
+        let mut known = Vec::new();
+        for (section, value) in sections {
+            if let Ok(table) = value.into_table() {
+                known.extend(table.into_keys().map(|key| (section.clone(), key)));
+            }
+        }
+        known.sort();
+        known
+    })
+}
+
+/// Is `section.key` a setting?
+fn is_setting(section: &str, key: &str) -> bool {
+    known_settings()
+        .iter()
+        .any(|(s, k)| s == section && k == key)
+}
+
+/// The keys of `section`, if it is one.
+fn section_keys(section: &str) -> Vec<&'static str> {
+    known_settings()
+        .iter()
+        .filter(|(s, _)| s == section)
+        .map(|(_, k)| k.as_str())
+        .collect()
+}
+
+/// The setting a `LINK_COUNTER__SECTION__KEY` variable sets (`section.key`),
+/// or the error naming the variable and the nearest one.
+fn env_setting(name: &str) -> Result<String, ConfigError> {
+    let rest = name[ENV_SETTING_PREFIX.len()..].to_ascii_lowercase();
+    if let Some((section, key)) = rest.split_once("__") {
+        if is_setting(section, key) {
+            return Ok(format!("{section}.{key}"));
+        }
+    }
+    let hint = match nearest_env_var(name) {
+        Some(var) => format!("; did you mean {var}?"),
+        None => match rest.split_once("__") {
+            Some((section, _)) if !section_keys(section).is_empty() => format!(
+                "; the settings of [{section}] are {}",
+                section_keys(section).join(", ")
+            ),
+            _ => String::new(),
+        },
+    };
+    Err(ConfigError(format!(
+        "invalid configuration: environment variable {name} is not a setting \
+         (settings are LINK_COUNTER__SECTION__KEY, e.g. LINK_COUNTER__SERVER__BIND){hint}"
+    )))
+}
+
+/// A name compared without case or underscores.
+fn compact(s: &str) -> String {
+    s.chars()
+        .filter(|c| *c != '_' && *c != '.')
+        .map(|c| c.to_ascii_lowercase())
+        .collect()
+}
+
+/// Edit distance (insertions, deletions, substitutions).
+fn distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let next = (prev + usize::from(ca != *cb))
+                .min(row[j] + 1)
+                .min(row[j + 1] + 1);
+            prev = row[j + 1];
+            row[j + 1] = next;
+        }
+    }
+    row[b.len()]
+}
+
+/// The one candidate close to `word` (same letters ignoring case and
+/// underscores, or a small edit away), if there is exactly one.
+fn nearest<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+    let word = compact(word);
+    let limit = (word.chars().count() / 3).clamp(1, 3);
+    let mut best: Option<(usize, &str)> = None;
+    let mut tie = false;
+    for c in candidates {
+        let d = distance(&word, &compact(c));
+        match best {
+            Some((b, _)) if d > b => {}
+            Some((b, _)) if d == b => tie = true,
+            _ => {
+                best = Some((d, c));
+                tie = false;
+            }
+        }
+    }
+    match best {
+        Some((d, c)) if d <= limit && !tie => Some(c),
+        _ => None,
+    }
+}
+
+/// The setting variable nearest to `name` (`LINK_COUNTER_SERVER_BIND` ->
+/// `LINK_COUNTER__SERVER__BIND`).
+fn nearest_env_var(name: &str) -> Option<String> {
+    let rest = name.get(ENV_PREFIX.len()..).unwrap_or(name);
+    let names: Vec<String> = known_settings()
+        .iter()
+        .map(|(s, k)| format!("{s}.{k}"))
+        .collect();
+    let found = nearest(rest, names.iter().map(String::as_str))?;
+    Some(format!(
+        "{ENV_SETTING_PREFIX}{}",
+        found.replace('.', "__").to_ascii_uppercase()
+    ))
+}
+
+/// "; did you mean …?" or the valid names, for an unknown `section.key` or `section`.
+fn setting_hint(full: &str) -> String {
+    let sections: Vec<&str> = {
+        let mut v: Vec<&str> = known_settings().iter().map(|(s, _)| s.as_str()).collect();
+        v.dedup();
+        v
+    };
+    match full.split_once('.') {
+        Some((section, key)) if sections.contains(&section) => {
+            let keys = section_keys(section);
+            match nearest(key, keys.iter().copied()) {
+                Some(k) => format!("; did you mean {section}.{k}?"),
+                None => format!("; the settings of [{section}] are {}", keys.join(", ")),
+            }
+        }
+        _ => {
+            let section = full.split('.').next().unwrap_or(full);
+            match nearest(section, sections.iter().copied()) {
+                Some(s) => format!("; did you mean [{s}]?"),
+                None => format!("; the sections are {}", sections.join(", ")),
+            }
+        }
+    }
+}
+
+/// The line (1-based) of `key` (`section.key` or `section`) in a TOML text:
+/// under its `[section]` header, as a dotted key, or the section's inline
+/// table. Best effort, for messages only.
+fn toml_line(text: &str, key: &str) -> Option<usize> {
+    let key = key.to_ascii_lowercase();
+    let section = key.split('.').next().unwrap_or(&key);
+    let is_key = |s: &str| {
+        !s.is_empty()
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "_-.\"' ".contains(c))
+    };
+    let normalize = |s: &str| {
+        s.split('.')
+            .map(|p| p.trim().trim_matches(['"', '\'']).to_ascii_lowercase())
+            .collect::<Vec<_>>()
+            .join(".")
+    };
+    let mut table = String::new();
+    for (i, line) in text.lines().enumerate() {
+        let t = line.trim();
+        if let Some(header) = t.strip_prefix('[') {
+            let header = header.trim_start_matches('[');
+            table = normalize(header.split(']').next().unwrap_or_default());
+            if table == key {
+                return Some(i + 1);
+            }
+            continue;
+        }
+        let Some((lhs, rhs)) = t.split_once('=') else {
+            continue;
+        };
+        if !is_key(lhs) {
+            continue;
+        }
+        let lhs = normalize(lhs);
+        let full = if table.is_empty() {
+            lhs
+        } else {
+            format!("{table}.{lhs}")
+        };
+        let inline_section = full == section && rhs.trim_start().starts_with('{');
+        if full == key || full.starts_with(&format!("{key}.")) || inline_section {
+            return Some(i + 1);
+        }
+    }
+    None
+}
+
+/// A TOML syntax error of the config file, with its name, line and column
+/// (from the parser's "TOML parse error at line L, column C" and excerpt).
+fn toml_syntax_error(path: &Path, message: &str) -> ConfigError {
+    let mut lines = message.lines();
+    let position = lines
+        .next()
+        .and_then(|l| l.trim().strip_prefix("TOML parse error at "))
+        .map(str::to_owned);
+    let (mut excerpt, mut description) = (Vec::new(), Vec::new());
+    for line in lines {
+        let t = line.trim_start();
+        let numbered = t.split_once('|').is_some_and(|(n, _)| {
+            n.trim().is_empty() || n.trim().bytes().all(|b| b.is_ascii_digit())
+        });
+        if numbered {
+            excerpt.push(line);
+        } else if !t.is_empty() {
+            description.push(t);
+        }
+    }
+    match position {
+        Some(position) if !description.is_empty() => ConfigError(format!(
+            "invalid configuration: {}, {position}: {} (TOML syntax)\n{}",
+            path.display(),
+            description.join("; "),
+            excerpt.join("\n")
+        )),
+        _ => ConfigError(format!(
+            "invalid configuration: {}: {}",
+            path.display(),
+            message.trim_end()
+        )),
+    }
+}
+
+/// The hint for a list entry that is really a whole list (JSON or TOML
+/// syntax pasted into an environment variable), naming the variable.
+fn list_hint(entry: &str, var: &str, example: &str) -> String {
+    let t = entry.trim();
+    if t.contains(['"', '\'', ',']) || t.starts_with('[') || t.ends_with(']') {
+        format!(
+            "; in an environment variable give a comma-separated list without brackets or \
+             quotes, e.g. {var}={example}"
+        )
+    } else {
+        String::new()
+    }
+}
+
+/// Checks one `security.allowed_origins` entry: `scheme://host[:port]` or a
+/// pattern (`host`, `*.domain`, `https://*.domain`), no path, no spaces.
+pub fn check_origin(entry: &str) -> Result<(), String> {
+    let s = entry.trim();
+    let not = |why: String| Err(format!("{entry:?} is not an origin{why}"));
+    let shape = " (an origin is scheme://host[:port], e.g. \"https://example.com\")";
+    if s.is_empty() {
+        return not(format!(": it is empty{shape}"));
+    }
+    if s.contains(['"', '\'', ',']) || (s.starts_with('[') && s.contains("://")) {
+        return not(list_hint(
+            s,
+            "LINK_COUNTER__SECURITY__ALLOWED_ORIGINS",
+            "https://a.example,https://b.example",
+        ));
+    }
+    if s.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return not(format!(
+            ": it contains a space or a control character{shape}"
+        ));
+    }
+    let (scheme, rest) = match s.split_once("://") {
+        Some((scheme, rest)) => (Some(scheme), rest),
+        None => (None, s),
+    };
+    if let Some(scheme) = scheme {
+        let mut chars = scheme.chars();
+        let valid = chars.next().is_some_and(|c| c.is_ascii_alphabetic())
+            && chars.all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c));
+        if !valid {
+            return not(format!(": {scheme:?} is not a scheme{shape}"));
+        }
+    }
+    if let Some(i) = rest.find(['/', '?', '#']) {
+        return not(format!(
+            ": it has a path ({:?}); give only scheme://host[:port]",
+            &rest[i..]
+        ));
+    }
+    if rest.contains('@') {
+        return not(format!(": it has a user name{shape}"));
+    }
+    let host = match rest.strip_prefix('[') {
+        Some(r) => r.split(']').next().unwrap_or_default(),
+        None => rest.rsplit_once(':').map_or(rest, |(h, _)| h),
+    };
+    if !host.is_ascii() {
+        return not(
+            ": the host is not ASCII; write an internationalized domain in its \
+                     xn-- (punycode) form, as browsers send it"
+                .to_owned(),
+        );
+    }
+    let valid_host = if rest.starts_with('[') {
+        host.chars()
+            .all(|c| c.is_ascii_hexdigit() || ":.".contains(c))
+    } else {
+        host.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-._*".contains(c))
+    };
+    if !valid_host {
+        return not(format!(": {host:?} is not a host name{shape}"));
+    }
+    crate::limits::OriginPattern::parse(s).map(drop)
+}
+
+/// Parses one `security.trusted_proxies` entry: a CIDR (`10.0.0.0/8`) or one
+/// address (`10.0.0.1`, the same as `10.0.0.1/32`); spaces around are ignored.
+pub fn parse_proxy(entry: &str) -> Result<ipnet::IpNet, String> {
+    let t = entry.trim();
+    if let Ok(net) = t.parse::<ipnet::IpNet>() {
+        return Ok(net);
+    }
+    if let Ok(addr) = t.parse::<IpAddr>() {
+        return Ok(ipnet::IpNet::from(addr));
+    }
+    let hint = list_hint(
+        t,
+        "LINK_COUNTER__SECURITY__TRUSTED_PROXIES",
+        "10.0.0.0/8,192.168.1.10",
+    );
+    let hint = if hint.is_empty() {
+        "; write a CIDR such as \"10.0.0.0/8\" or one address such as \"192.168.1.10\"".to_owned()
+    } else {
+        hint
+    };
+    Err(format!("{entry:?} is not an IP network{hint}"))
+}
+
+fn deserialize_proxies<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<ipnet::IpNet>, D::Error> {
+    Vec::<String>::deserialize(d)?
+        .iter()
+        .map(|p| parse_proxy(p).map_err(D::Error::custom))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(env: &[(&str, &str)]) -> Result<Settings, ConfigError> {
+        let mut all = vec![(
+            "LINK_COUNTER__STORAGE__PATH".to_owned(),
+            "/nonexistent/lc".to_owned(),
+        )];
+        all.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        Settings::load_from(None, all)
+    }
+
+    #[test]
+    fn every_setting_is_known() {
+        let known = known_settings();
+        assert!(known.len() > 30, "{known:?}");
+        assert!(is_setting("server", "bind") && is_setting("security", "allowed_origins"));
+        assert!(!is_setting("server", "bnd"));
+    }
+
+    #[test]
+    fn near_names_are_suggested_only_when_obvious() {
+        let var = |n: &str| nearest_env_var(n);
+        assert_eq!(
+            var("LINK_COUNTER_SERVER_BIND").as_deref(),
+            Some("LINK_COUNTER__SERVER__BIND")
+        );
+        assert_eq!(
+            var("link_counter__admin__token").as_deref(),
+            Some("LINK_COUNTER__ADMIN__TOKEN")
+        );
+        assert_eq!(
+            var("LINK_COUNTER_LIMITS_MAX_CONECTIONS").as_deref(),
+            Some("LINK_COUNTER__LIMITS__MAX_CONNECTIONS")
+        );
+        assert_eq!(var("LINK_COUNTER_WHATEVER"), None);
+        assert_eq!(var("LINK_COUNTER_"), None);
+        assert_eq!(distance("kitten", "sitting"), 3);
+        assert_eq!(distance("", "abc"), 3);
+    }
+
+    #[test]
+    fn warnings_name_ignored_lookalikes_only() {
+        let w = env_warnings([
+            "LINK_COUNTER_SERVER_BIND",
+            "LINK_COUNTER__SERVER__BIND",
+            "LINK_COUNTER_BIN",
+            "PATH",
+            "LINK_COUNTERX",
+            "lin",
+        ]);
+        assert_eq!(w.len(), 2, "{w:?}");
+        assert!(w.iter().any(|l| l.contains("LINK_COUNTER_SERVER_BIND")
+            && l.contains("did you mean LINK_COUNTER__SERVER__BIND?")));
+        assert!(w.iter().any(|l| l.contains("LINK_COUNTERX")));
+    }
+
+    #[test]
+    fn unknown_setting_variables_are_errors() {
+        let e = load(&[("LINK_COUNTER__SERVER__BND", "x")]).expect_err("unknown");
+        assert!(e.0.contains("LINK_COUNTER__SERVER__BND"), "{e}");
+        assert!(
+            e.0.contains("did you mean LINK_COUNTER__SERVER__BIND?"),
+            "{e}"
+        );
+        let e = load(&[("LINK_COUNTER__SERVER__QQQQQQQQQ", "x")]).expect_err("unknown");
+        assert!(e.0.contains("bind, shutdown_timeout, workers"), "{e}");
+        let e = load(&[("LINK_COUNTER__", "x")]).expect_err("empty");
+        assert!(e.0.contains("not a setting"), "{e}");
+        // Case of the section and key does not matter (as in the config crate).
+        assert!(load(&[("LINK_COUNTER__server__workers", "3")]).is_ok());
+    }
+
+    #[test]
+    fn origins_are_checked_strictly() {
+        for ok in [
+            "https://example.com",
+            " https://example.com",
+            "http://localhost:8080",
+            "example.com",
+            "*.example.com",
+            "https://*.example.com",
+            "http://[::1]:8080",
+            "[::1]",
+        ] {
+            assert!(check_origin(ok).is_ok(), "{ok}: {:?}", check_origin(ok));
+        }
+        for (bad, why) in [
+            ("", "empty"),
+            ("[\"https://a.example\"]", "comma-separated list"),
+            ("'https://a.example'", "comma-separated list"),
+            ("[https://a.example]", "comma-separated list"),
+            ("https://exa mple.com", "space"),
+            ("https://a.example/", "path"),
+            ("https://a.example?x", "path"),
+            ("https://user@a.example", "user"),
+            ("ht tp://a.example", "space"),
+            ("1http://a.example", "scheme"),
+            ("https://bücher.example", "xn--"),
+            ("https://a!b.example", "host"),
+            ("https://a.example:99999", "port"),
+            ("https://a.*.example", "'*'"),
+        ] {
+            let e = check_origin(bad).expect_err(bad);
+            assert!(e.contains(why), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn proxies_accept_cidrs_and_addresses() {
+        assert_eq!(
+            parse_proxy(" 10.0.0.0/8 ").map(|n| n.to_string()),
+            Ok("10.0.0.0/8".to_owned())
+        );
+        assert_eq!(
+            parse_proxy("192.168.1.10").map(|n| n.to_string()),
+            Ok("192.168.1.10/32".to_owned())
+        );
+        assert_eq!(
+            parse_proxy("::1").map(|n| n.to_string()),
+            Ok("::1/128".to_owned())
+        );
+        assert!(parse_proxy("[\"10.0.0.0/8\"]")
+            .expect_err("json")
+            .contains("comma-separated list"));
+        assert!(parse_proxy("10.0.0.0/33")
+            .expect_err("prefix")
+            .contains("CIDR"));
+        let s = load(&[(
+            "LINK_COUNTER__SECURITY__TRUSTED_PROXIES",
+            "10.0.0.0/8, 192.168.1.10",
+        )])
+        .expect("a list with spaces");
+        assert_eq!(s.security.trusted_proxies.len(), 2);
+    }
+
+    #[test]
+    fn log_format_lists_its_values() {
+        let e = load(&[("LINK_COUNTER__LOG__FORMAT", "xml")]).expect_err("xml");
+        assert!(
+            e.0.starts_with(
+                "invalid configuration: log.format: \"xml\" is not a log format; \
+                 use \"text\" or \"json\""
+            ),
+            "{e}"
+        );
+        assert!(e.0.contains("LINK_COUNTER__LOG__FORMAT"), "{e}");
+        let s = load(&[("LINK_COUNTER__LOG__FORMAT", "JSON")]).expect("any case");
+        assert_eq!(s.log.format, LogFormat::Json);
+    }
+
+    #[test]
+    fn keys_are_found_in_toml_text() {
+        let text =
+            "# a comment with bind = 1\n[server]\nworkers = 2\n\n[log]\n  format = \"xml\"\n\
+                    [security]\nallowed_origins = [\n  \"a=b\",\n]\n";
+        assert_eq!(toml_line(text, "server.workers"), Some(3));
+        assert_eq!(toml_line(text, "log.format"), Some(6));
+        assert_eq!(toml_line(text, "security"), Some(7));
+        assert_eq!(toml_line(text, "security.allowed_origins"), Some(8));
+        assert_eq!(toml_line(text, "server.bind"), None);
+        assert_eq!(toml_line("log.format = \"x\"\n", "log.format"), Some(1));
+        assert_eq!(
+            toml_line("\n\"log\" = { format = 1 }\n", "log.format"),
+            Some(2)
+        );
+    }
+
+    #[test]
+    fn toml_syntax_errors_name_the_file_line_and_column() {
+        let message = "TOML parse error at line 3, column 11\n  |\n3 | workers = = 3\n  |           ^\nextra `=`, expected nothing\n";
+        let e = toml_syntax_error(Path::new("/etc/lc.toml"), message);
+        let mut lines = e.0.lines();
+        assert_eq!(
+            lines.next(),
+            Some(
+                "invalid configuration: /etc/lc.toml, line 3, column 11: extra `=`, \
+                 expected nothing (TOML syntax)"
+            )
+        );
+        assert!(e.0.contains("3 | workers = = 3"), "{e}");
+        let e = toml_syntax_error(Path::new("x.toml"), "something else");
+        assert_eq!(e.0, "invalid configuration: x.toml: something else");
     }
 }

@@ -1,9 +1,18 @@
 //! The `link-counter` binary: parse the command line, load and validate the
 //! configuration, start tracing, serve until SIGINT/SIGTERM.
+//!
+//! Exit status: 0 after a clean shutdown, 2 for a usage or configuration
+//! error (nothing was opened or bound), 1 for a runtime error (storage,
+//! listener, signal handlers).
 
 use std::{path::PathBuf, process::ExitCode};
 
-use link_counter::{config::Settings, shutdown, storage::Storage, Server};
+use link_counter::{
+    config::{self, Settings},
+    shutdown,
+    storage::Storage,
+    Server,
+};
 
 const USAGE: &str = "usage: link-counter [--config FILE]
 
@@ -11,52 +20,68 @@ Serves live page-view counts over WebSocket (PartyKit link-counter protocol).
 Settings: embedded defaults (config/default.toml), then FILE, then
 environment variables LINK_COUNTER__SECTION__KEY (e.g. LINK_COUNTER__SERVER__BIND=0.0.0.0:8080).
 Logs: log.format (text|json) and log.filter; RUST_LOG wins when set.
-Operators: /metrics and /dashboard on admin.bind (default 127.0.0.1:2000).";
+Operators: /metrics and /dashboard on admin.bind (default 127.0.0.1:2000).
+Exit status: 0 after SIGINT/SIGTERM, 2 for a configuration error, 1 for a
+runtime error (storage.path unusable, address in use).";
 
 fn main() -> ExitCode {
-    let mut args = std::env::args().skip(1);
+    // `args_os`: a non-UTF-8 argument is refused (or taken as a path), never a panic.
+    let mut args = std::env::args_os().skip(1);
     let mut config_file: Option<PathBuf> = None;
     while let Some(arg) = args.next() {
-        match arg.as_str() {
-            "--config" | "-c" => match args.next() {
+        match arg.to_str() {
+            Some("--config" | "-c") => match args.next() {
                 Some(f) => config_file = Some(PathBuf::from(f)),
                 None => {
                     eprintln!("link-counter: --config needs a FILE\n\n{USAGE}");
                     return ExitCode::from(2);
                 }
             },
-            "--help" | "-h" => {
+            Some("--help" | "-h") => {
                 println!("{USAGE}");
                 return ExitCode::SUCCESS;
             }
-            "--version" | "-V" => {
+            Some("--version" | "-V") => {
                 println!("link-counter {}", env!("CARGO_PKG_VERSION"));
                 return ExitCode::SUCCESS;
             }
-            other => {
-                eprintln!("link-counter: unknown argument {other:?}\n\n{USAGE}");
+            _ => {
+                eprintln!("link-counter: unknown argument {arg:?}\n\n{USAGE}");
                 return ExitCode::from(2);
             }
         }
     }
-    let settings = match Settings::load(config_file.as_deref()) {
-        Ok(s) => s,
+    let env = match config::process_env() {
+        Ok(env) => env,
         Err(e) => {
             eprintln!("link-counter: {e}");
             return ExitCode::from(2);
         }
     };
+    let warnings = config::env_warnings(env.iter().map(|(name, _)| name));
+    let settings = match Settings::load_from(config_file.as_deref(), env) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("link-counter: {e}");
+            for w in &warnings {
+                eprintln!("link-counter: warning: {w}");
+            }
+            return ExitCode::from(2);
+        }
+    };
     link_counter::logging::init(&settings.log);
+    for w in &warnings {
+        tracing::warn!("{w}");
+    }
     link_counter::logging::log_settings(&settings);
     return_freed_memory();
 
+    // Its errors name storage.path (a second instance on the same directory
+    // is told so).
     let storage = match Storage::open(&settings.storage.path, settings.storage.cache_capacity) {
         Ok(s) => s,
         Err(e) => {
-            eprintln!(
-                "link-counter: storage.path {}: {e}",
-                settings.storage.path.display()
-            );
+            eprintln!("link-counter: {e}");
             return ExitCode::from(1);
         }
     };

@@ -29,6 +29,54 @@ pub enum StorageError {
     Sled(#[from] sled::Error),
     #[error("storage at {path} was written by an incompatible version (schema {found})")]
     Schema { path: String, found: String },
+    /// Another process holds the database's lock (sled allows one process per directory).
+    #[error(
+        "storage.path {path} is in use by another process: probably another link-counter \
+         is running on this data directory; stop it, or give this instance its own \
+         storage.path (LINK_COUNTER__STORAGE__PATH)"
+    )]
+    Locked { path: String },
+    /// The directory cannot be created or opened.
+    #[error("cannot open storage.path {path}: {source}{hint}")]
+    Open {
+        path: String,
+        source: sled::Error,
+        /// What to check, when the cause suggests it ("" otherwise).
+        hint: &'static str,
+    },
+}
+
+impl StorageError {
+    /// An error of [`Storage::open`], named after the directory it was opening.
+    fn opening(self, path: &Path) -> StorageError {
+        let StorageError::Sled(source) = self else {
+            return self;
+        };
+        let path = path.display().to_string();
+        match &source {
+            // sled reports its failed `flock` as an `Other` I/O error with this text.
+            sled::Error::Io(e) if e.to_string().contains("could not acquire lock") => {
+                StorageError::Locked { path }
+            }
+            sled::Error::Io(e) => {
+                let hint = match e.kind() {
+                    std::io::ErrorKind::PermissionDenied => {
+                        " (the user running link-counter needs to be able to create and write it)"
+                    }
+                    std::io::ErrorKind::NotADirectory | std::io::ErrorKind::AlreadyExists => {
+                        " (it must be a directory, or not exist yet)"
+                    }
+                    _ => "",
+                };
+                StorageError::Open { path, source, hint }
+            }
+            _ => StorageError::Open {
+                path,
+                source,
+                hint: "",
+            },
+        }
+    }
 }
 
 /// Milliseconds since the Unix epoch.
@@ -276,6 +324,10 @@ pub struct Storage {
 impl Storage {
     /// Opens (or creates) the database in `path`.
     pub fn open(path: &Path, cache_capacity: u64) -> Result<Storage, StorageError> {
+        Self::open_db(path, cache_capacity).map_err(|e| e.opening(path))
+    }
+
+    fn open_db(path: &Path, cache_capacity: u64) -> Result<Storage, StorageError> {
         let db = sled::Config::new()
             .path(path)
             .cache_capacity(cache_capacity)

@@ -1,13 +1,19 @@
 //! The operator side: `GET /metrics` (Prometheus text), `GET /dashboard` (a
 //! live page, `web/dashboard.html`), and the read-only API it reads
-//! (`GET /api/v1/stats`, `GET /api/v1/top?limit=N`). All of it is served by a
-//! second HTTP server on `admin.bind` (loopback by default); the two API
-//! routes are also on the public listener, and `/metrics` is when
-//! `admin.metrics_on_public` is set. Nothing here writes state.
+//! (`GET /api/v1/stats`, `GET /api/v1/top?limit=N`, `GET /api/v1/history`).
+//! All of it is served by a second HTTP server on `admin.bind` (loopback by
+//! default); the API routes are also on the public listener, and `/metrics`
+//! is when `admin.metrics_on_public` is set. Nothing here writes state.
+//!
+//! The history is the server's own record of the last 15 minutes of the
+//! connection total (one sample every [`HISTORY_INTERVAL`], at most
+//! [`HISTORY_LEN`], in memory only), so that the dashboard's chart is full
+//! as soon as it is opened.
 
 use std::{
+    collections::VecDeque,
     net::{SocketAddr, TcpListener},
-    sync::atomic::Ordering,
+    sync::{atomic::Ordering, Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -30,6 +36,49 @@ pub const TOP_MAX: usize = 100;
 /// Longest an actor may take to answer a scrape or stats query.
 const QUERY_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// Period of the history's samples.
+pub const HISTORY_INTERVAL: Duration = Duration::from_secs(5);
+/// Samples the history keeps: 15 minutes of them.
+pub const HISTORY_LEN: usize = 180;
+
+/// One history sample.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Sample {
+    /// When it was taken (ms since the Unix epoch).
+    pub time_ms: u64,
+    /// Open WebSocket connections then.
+    pub connections: usize,
+}
+
+/// The last [`HISTORY_LEN`] samples, oldest first: a fixed-size ring.
+#[derive(Debug)]
+pub struct History {
+    samples: VecDeque<Sample>,
+}
+
+impl Default for History {
+    fn default() -> Self {
+        History {
+            samples: VecDeque::with_capacity(HISTORY_LEN),
+        }
+    }
+}
+
+impl History {
+    /// Adds a sample, dropping the oldest when full.
+    pub fn push(&mut self, sample: Sample) {
+        if self.samples.len() == HISTORY_LEN {
+            self.samples.pop_front();
+        }
+        self.samples.push_back(sample);
+    }
+
+    /// The samples, oldest first.
+    pub fn samples(&self) -> impl ExactSizeIterator<Item = &Sample> {
+        self.samples.iter()
+    }
+}
+
 /// What the operator routes need besides [`AppState`]; cheap to clone.
 #[derive(Clone)]
 pub struct Ops {
@@ -38,7 +87,9 @@ pub struct Ops {
     /// Serve `/metrics` on the public listener too.
     pub metrics_on_public: bool,
     /// `admin.token`: the bearer token the data routes require, if set.
-    pub token: Option<std::sync::Arc<str>>,
+    pub token: Option<Arc<str>>,
+    /// The last 15 minutes of the connection total (filled by [`start`]).
+    pub history: Arc<Mutex<History>>,
 }
 
 impl Ops {
@@ -46,8 +97,15 @@ impl Ops {
         Ops {
             started: Instant::now(),
             metrics_on_public: settings.admin.metrics_on_public,
-            token: settings.admin.token.get().map(std::sync::Arc::from),
+            token: settings.admin.token.get().map(Arc::from),
+            history: Arc::default(),
         }
+    }
+
+    /// The history, even if a thread panicked while holding it (a sample
+    /// push cannot leave it inconsistent).
+    fn history(&self) -> std::sync::MutexGuard<'_, History> {
+        self.history.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Routes added to the public listener: the read-only stats API, and
@@ -96,10 +154,11 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     diff == 0
 }
 
-/// `/api/v1/stats` and `/api/v1/top`.
+/// `/api/v1/stats`, `/api/v1/top` and `/api/v1/history`.
 fn configure_api(cfg: &mut web::ServiceConfig) {
     cfg.route("/api/v1/stats", web::get().to(stats))
-        .route("/api/v1/top", web::get().to(top));
+        .route("/api/v1/top", web::get().to(top))
+        .route("/api/v1/history", web::get().to(history));
 }
 
 /// Every route of the admin listener.
@@ -129,9 +188,12 @@ pub struct AdminServer {
     pub handle: ServerHandle,
 }
 
-/// Binds `admin.bind` and serves the admin routes on one worker; `Ok(None)`
-/// when `admin.bind` is empty. Must be called inside an actix `System`.
+/// Starts recording the history, then binds `admin.bind` and serves the
+/// admin routes on one worker; `Ok(None)` when `admin.bind` is empty (the
+/// history is recorded anyway: the public listener serves it too). Must be
+/// called inside an actix `System`.
 pub fn start(state: &AppState, ops: &Ops) -> anyhow::Result<Option<AdminServer>> {
+    record_history(state, ops);
     let settings = &state.settings.admin;
     let Some(bind) = settings.addr() else {
         return Ok(None);
@@ -159,6 +221,33 @@ pub fn start(state: &AppState, ops: &Ops) -> anyhow::Result<Option<AdminServer>>
     });
     tracing::info!(%addr, "admin listener (metrics, dashboard)");
     Ok(Some(AdminServer { addr, handle }))
+}
+
+/// Samples the connection total every [`HISTORY_INTERVAL`] (the first at
+/// once) into `ops.history` until shutdown begins.
+fn record_history(state: &AppState, ops: &Ops) {
+    let (active, history) = (state.active.clone(), ops.history.clone());
+    let mut shutdown = state.shutdown.clone();
+    actix_web::rt::spawn(async move {
+        let mut every = tokio::time::interval(HISTORY_INTERVAL);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = every.tick() => {
+                    let sample = Sample {
+                        time_ms: crate::storage::now_ms(),
+                        connections: active.load(Ordering::SeqCst),
+                    };
+                    history.lock().unwrap_or_else(|e| e.into_inner()).push(sample);
+                }
+                changed = shutdown.changed() => {
+                    if changed.is_err() || *shutdown.borrow() {
+                        break;
+                    }
+                }
+            }
+        }
+    });
 }
 
 /// `GET /metrics`: refreshes the scrape-time gauges from the actors, then renders.
@@ -233,6 +322,24 @@ async fn stats(req: HttpRequest, state: web::Data<AppState>, ops: web::Data<Ops>
         }))
 }
 
+/// `GET /api/v1/history`: the samples of the last 15 minutes, oldest first,
+/// with the server's clock (`now_ms`) so that a client can place them on its own.
+async fn history(req: HttpRequest, ops: web::Data<Ops>) -> HttpResponse {
+    if let Some(denied) = deny(&req) {
+        return denied;
+    }
+    let samples: Vec<Sample> = ops.history().samples().copied().collect();
+    HttpResponse::Ok()
+        .insert_header((header::CACHE_CONTROL, "no-store"))
+        .json(serde_json::json!({
+            "interval_seconds": HISTORY_INTERVAL.as_secs(),
+            "window_seconds": HISTORY_INTERVAL.as_secs() * HISTORY_LEN as u64,
+            "max_samples": HISTORY_LEN,
+            "now_ms": crate::storage::now_ms(),
+            "samples": samples,
+        }))
+}
+
 /// `GET /api/v1/top?limit=N` (default 20, at most 100): pages by live connections.
 async fn top(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
     if let Some(denied) = deny(&req) {
@@ -257,6 +364,29 @@ async fn top(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
             .insert_header((header::CACHE_CONTROL, "no-store"))
             .json(pages),
         _ => unavailable(),
+    }
+}
+
+#[cfg(test)]
+mod history_tests {
+    use super::{History, Sample, HISTORY_LEN};
+
+    #[test]
+    fn the_history_keeps_the_newest_samples_and_no_more() {
+        let mut h = History::default();
+        for i in 0..(HISTORY_LEN as u64 * 3 + 7) {
+            h.push(Sample {
+                time_ms: i,
+                connections: i as usize,
+            });
+        }
+        assert_eq!(h.samples().len(), HISTORY_LEN);
+        let times: Vec<u64> = h.samples().map(|s| s.time_ms).collect();
+        let last = HISTORY_LEN as u64 * 3 + 6;
+        assert_eq!(times[0], last + 1 - HISTORY_LEN as u64);
+        assert_eq!(*times.last().expect("full"), last);
+        assert!(times.windows(2).all(|w| w[0] + 1 == w[1]), "oldest first");
+        assert!(h.samples.capacity() < HISTORY_LEN * 2, "fixed size");
     }
 }
 

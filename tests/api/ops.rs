@@ -1,7 +1,7 @@
 //! The operator surface: the admin listener, `/metrics` placement, the
-//! read-only stats and top APIs, the dashboard page.
+//! read-only stats, top and history APIs, the dashboard page.
 
-use crate::helpers::{counts, http_get, spawn_app};
+use crate::helpers::{counts, http_get, spawn_app, PATIENCE};
 
 /// By default `/metrics` and `/dashboard` are only on the admin listener;
 /// `/api/v1/stats` and `/api/v1/top` are on both.
@@ -105,7 +105,12 @@ async fn admin_token_guards_the_data_routes() {
     };
     let bearer = format!("Bearer {TOKEN}");
     for base in [app.addr, admin] {
-        for path in ["/metrics", "/api/v1/stats", "/api/v1/top"] {
+        for path in [
+            "/metrics",
+            "/api/v1/stats",
+            "/api/v1/top",
+            "/api/v1/history",
+        ] {
             let (status, body) = get(base, path, None).await;
             assert_eq!(status, 401, "{path} without a token: {body}");
             assert!(body.contains("unauthorized"), "{body}");
@@ -137,4 +142,76 @@ async fn admin_token_guards_the_data_routes() {
     );
     let err = short.expect_err("a 5-character token is refused");
     assert!(err.to_string().contains("admin.token"), "{err}");
+}
+
+/// `/api/v1/history` (on both listeners) is the server's record of the
+/// connection total: one sample every 5 s (the first at start), oldest
+/// first, at most 180 (15 minutes), with the server's clock; a new sample
+/// follows the connections.
+#[tokio::test(flavor = "multi_thread")]
+async fn history_records_the_last_15_minutes() {
+    let before_ms = now_ms();
+    let (app, _dir) = spawn_app(&[]);
+    let admin = app.admin.expect("admin listener");
+    let (status, body) = http_get(admin, "/api/v1/history").await;
+    assert_eq!(status, 200, "{body}");
+    let h: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    assert_eq!(h["interval_seconds"], 5, "{h}");
+    assert_eq!(h["window_seconds"], 900, "{h}");
+    assert_eq!(h["max_samples"], 180, "{h}");
+    let server_now = h["now_ms"].as_u64().expect("now_ms");
+    assert!(
+        server_now >= before_ms && server_now <= now_ms() + 1000,
+        "{h}"
+    );
+    let samples = h["samples"].as_array().expect("samples");
+    assert!(
+        !samples.is_empty() && samples.len() <= 180,
+        "a sample is taken at start: {h}"
+    );
+    let first = &samples[0];
+    assert_eq!(first["connections"], 0, "{h}");
+    let t = first["time_ms"].as_u64().expect("time_ms");
+    assert!(t >= before_ms && t <= server_now, "{h}");
+    assert_eq!(
+        first.as_object().expect("object").len(),
+        2,
+        "time_ms and connections only: {h}"
+    );
+
+    let _clients = [app.connect("h1").await, app.connect("h2").await];
+    let deadline = std::time::Instant::now() + PATIENCE;
+    let h = loop {
+        let h = app.get_json("/api/v1/history").await;
+        let samples = h["samples"].as_array().expect("samples").clone();
+        assert!(samples.len() <= 180, "{h}");
+        let times: Vec<u64> = samples
+            .iter()
+            .map(|s| s["time_ms"].as_u64().expect("time_ms"))
+            .collect();
+        assert!(times.windows(2).all(|w| w[0] < w[1]), "oldest first: {h}");
+        if samples.iter().any(|s| s["connections"] == 2) {
+            break h;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no sample saw the 2 connections: {h}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    };
+    // Samples are ~5 s apart, never closer than the interval allows.
+    let times: Vec<u64> = h["samples"]
+        .as_array()
+        .expect("samples")
+        .iter()
+        .map(|s| s["time_ms"].as_u64().expect("time_ms"))
+        .collect();
+    assert!(times.windows(2).all(|w| w[1] - w[0] >= 4_000), "{h}");
+    app.shutdown().await;
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }

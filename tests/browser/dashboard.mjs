@@ -11,6 +11,9 @@
 // dashboard in Chromium without the token (it says how to give it), then with
 // it in the URL fragment, opens WebSocket viewers to two pages and waits until the page
 // shows the total and the top list; then closes one and waits for the drop.
+// Then viewers of percent-encoded ids (as the embed makes them): the list shows
+// them decoded, as text. Last, a second tab opened once the server has
+// recorded a few 5-second samples: its chart has them on its very first draw.
 // Every wait has a generous deadline and only checks an outcome.
 
 import { spawn } from "node:child_process";
@@ -20,7 +23,7 @@ import path from "node:path";
 import readline from "node:readline";
 
 import { chromium } from "playwright-core";
-import { CHROMIUM, LAUNCH_ARGS, eventually, viewer } from "./common.mjs";
+import { CHROMIUM, LAUNCH_ARGS, eventually, sleep, viewer } from "./common.mjs";
 
 const BIN = process.env.LINK_COUNTER_BIN;
 // admin.token for this run: the page must get it from its URL fragment.
@@ -28,9 +31,10 @@ const TOKEN = "dashboard-test-token-0123456789";
 const ARTIFACTS = process.env.LINK_COUNTER_ARTIFACTS || fs.mkdtempSync(path.join(os.tmpdir(), "lc-dashboard-"));
 
 
-/** Starts the binary; resolves with {proc, addr, admin, log}. */
+/** Starts the binary; resolves with {proc, addr, admin, log, started}. */
 function startService(dir) {
   return new Promise((resolve, reject) => {
+    const started = Date.now();
     const log = [];
     const proc = spawn(BIN, [], {
       env: {
@@ -50,7 +54,7 @@ function startService(dir) {
       let m;
       if ((m = /^listening on (\S+)$/.exec(line))) found.addr = m[1];
       if ((m = /^admin listening on (\S+)$/.exec(line))) found.admin = m[1];
-      if (found.addr && found.admin) resolve({ proc, log, ...found });
+      if (found.addr && found.admin) resolve({ proc, log, started, ...found });
     });
     proc.once("exit", (code) => reject(new Error(`link-counter exited with ${code}: ${log.join("")}`)));
   });
@@ -64,12 +68,24 @@ function shown(page) {
     rate: document.getElementById("rate").textContent,
     top: [...document.querySelectorAll("#top tbody tr")].map((tr) => ({
       id: tr.dataset.pageId,
+      shown: tr.cells[1].textContent,
       now: Number(tr.cells[2].textContent),
       peak: Number(tr.cells[3].textContent),
       total: Number(tr.cells[4].textContent),
     })),
     points: document.getElementById("line").getAttribute("points").trim().split(/\s+/).filter(Boolean).length,
   }));
+}
+
+/** The chart as drawn: its point count and the time it spans (from the x coordinates). */
+function chart(page) {
+  return page.evaluate(() => {
+    const xs = document.getElementById("line").getAttribute("points").trim().split(/\s+/)
+      .filter(Boolean).map((p) => Number(p.split(",")[0]));
+    // x = 24 + 576 * (1 - age / 15 min): see drawChart in web/dashboard.html.
+    const spanSeconds = xs.length ? ((Math.max(...xs) - Math.min(...xs)) / 576) * 900 : 0;
+    return { points: xs.length, spanSeconds, status: document.getElementById("status").textContent };
+  });
 }
 
 async function main() {
@@ -127,9 +143,45 @@ async function main() {
     });
     const s = await shown(page);
     if (!/^\d+(\.\d+)?$/.test(s.rate)) throw new Error(`connections per second not shown: ${s.rate}`);
+
+    // Ids as the embed makes them (percent-encoded paths) are shown decoded,
+    // as text: markup in an id stays text; an id that does not decode is shown as is.
+    const encoded = "%2Fpages%2F%C3%A9t%C3%A9";
+    const markup = "%3Cimg%20src%3Dx%20onerror%3D%22window.pwned%3D1%22%3E";
+    sockets.push(await viewer(svc.addr, encoded), await viewer(svc.addr, markup), await viewer(svc.addr, "100%"));
+    await eventually("the ids to be shown decoded", async () => {
+      const s = await shown(page);
+      const by = (id) => s.top.find((r) => r.id === id)?.shown;
+      const ok =
+        by(encoded) === "/pages/été" &&
+        by(markup) === '<img src=x onerror="window.pwned=1">' &&
+        by("100%") === "100%" &&
+        by("alpha") === "alpha";
+      return ok || s;
+    });
+    const injected = await page.evaluate(() => document.querySelectorAll("#top img").length + (window.pwned ? 1 : 0));
+    if (injected) throw new Error("an id was rendered as HTML");
+
+    // A tab opened now: the server has recorded a sample every 5 s since it
+    // started, so the chart has them on its first draw (without the server's
+    // history it would have one point, this poll's).
+    const uptime = Date.now() - svc.started;
+    if (uptime < 13_000) await sleep(13_000 - uptime);
+    const second = await browser.newPage();
+    second.on("console", (m) => consoleLines.push(`${m.type()}: ${m.text()}`));
+    second.on("pageerror", (e) => consoleLines.push(`pageerror: ${e.message}`));
+    await second.goto(`http://${svc.admin}/dashboard#token=${TOKEN}`);
+    await eventually("the second tab's first update", async () => {
+      const c = await chart(second);
+      return c.status.startsWith("updated") || c;
+    });
+    const first = await chart(second);
+    if (!(first.points >= 3 && first.spanSeconds >= 9)) {
+      throw new Error(`the chart is not filled from the server's history on load: ${JSON.stringify(first)}`);
+    }
     const errors = consoleLines.filter((l) => l.startsWith("error") || l.startsWith("pageerror"));
     if (errors.length) throw new Error(`browser console errors:\n${errors.join("\n")}`);
-    console.log(`ok   dashboard shows the total, the rate, the top list and the chart (${Date.now() - started} ms)`);
+    console.log(`ok   dashboard shows the total, the rate, the top list (ids decoded) and the chart, full on first load (${Date.now() - started} ms)`);
   } catch (e) {
     console.log(`FAIL dashboard\n     ${e.stack}`);
     if (page) {

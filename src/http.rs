@@ -1,5 +1,5 @@
-//! HTTP routes: the WebSocket endpoint of PROTOCOL.md and the read-only JSON
-//! API. No route can set or change a count.
+//! HTTP routes: the WebSocket endpoint of PROTOCOL.md, the read-only JSON
+//! API and the origin check. No route can set or change a count.
 
 use std::{
     collections::BTreeMap,
@@ -34,6 +34,10 @@ use crate::{
 pub const PAGE_PREFIX: &str = "/parties/page/";
 /// Path prefix of the page stats API.
 const PAGES_API_PREFIX: &str = "/api/v1/pages/";
+/// The origin check: may the requesting `Origin` open WebSockets here?
+pub const ORIGIN_CHECK_PATH: &str = "/api/v1/origin";
+/// The setting the origin check names (what an operator changes).
+pub const ORIGINS_SETTING: &str = "security.allowed_origins";
 
 /// Everything a request handler needs; shared by all workers.
 #[derive(Clone)]
@@ -63,6 +67,8 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.route("/parties/page/{tail:.*}", web::get().to(websocket))
         .route("/api/v1/counts", web::get().to(counts))
         .route("/api/v1/pages/{tail:.*}", web::get().to(page_info))
+        .route(ORIGIN_CHECK_PATH, web::get().to(origin_check))
+        .route(ORIGIN_CHECK_PATH, web::post().to(origin_check))
         .route("/healthz", web::get().to(healthz))
         .route("/readyz", web::get().to(readyz))
         .default_service(web::to(not_found));
@@ -342,6 +348,36 @@ async fn counts(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
             "counter unavailable",
         ),
     }
+}
+
+/// `GET` or `POST /api/v1/origin`: whether this request's `Origin` header
+/// passes the check a WebSocket upgrade makes (the same [`OriginPolicy`]),
+/// as `{"origin": "…"|null, "allowed": bool, "setting": "security.allowed_origins"}`.
+///
+/// A browser hides why an upgrade failed, so the embed asks here after a
+/// failed attempt and can tell a site owner which setting to change. The
+/// answer is readable from any site (`Access-Control-Allow-Origin: *`, a
+/// simple request: no preflight) and says nothing but that one bit about the
+/// caller's own origin: never the configured list. `POST` is there because
+/// browsers send `Origin` on a same-origin `POST` but not on a same-origin
+/// `GET`; nothing is changed by either.
+async fn origin_check(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
+    // Read as the upgrade's admission reads it (a header that is not
+    // visible ASCII cannot match any pattern).
+    let origin = req
+        .headers()
+        .get(header::ORIGIN)
+        .map(|v| v.to_str().unwrap_or("\u{fffd}"));
+    let allowed = state.origins.allows(origin);
+    HttpResponse::Ok()
+        .insert_header((header::ACCESS_CONTROL_ALLOW_ORIGIN, "*"))
+        .insert_header((header::CACHE_CONTROL, "no-store"))
+        .insert_header((header::VARY, "Origin"))
+        .json(serde_json::json!({
+            "origin": origin,
+            "allowed": allowed,
+            "setting": ORIGINS_SETTING,
+        }))
 }
 
 /// `GET /api/v1/pages/{id}`: stats and live count of one page.

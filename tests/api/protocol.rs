@@ -5,7 +5,7 @@ use std::{collections::BTreeMap, time::Duration};
 use link_counter::counter::{GetStatus, InjectFault};
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::helpers::{counts, spawn_app, Client, SilentClient};
+use crate::helpers::{connect_from, counts, spawn_app, Client, SilentClient, PATIENCE};
 
 /// The reference scenario of PROTOCOL.md, message for message.
 #[tokio::test]
@@ -292,4 +292,117 @@ async fn page_ids_in_urls() {
             other => panic!("{bad}: expected HTTP 400, got {other:?}"),
         }
     }
+}
+
+/// One request to the origin check with an optional `Origin`: the status,
+/// the response headers (names lower-cased) and the JSON body.
+async fn ask_origin(
+    addr: std::net::SocketAddr,
+    method: &str,
+    origin: Option<&str>,
+) -> (u16, BTreeMap<String, String>, serde_json::Value) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let origin_line = origin.map_or(String::new(), |o| format!("Origin: {o}\r\n"));
+    let length = if method == "POST" {
+        "Content-Length: 0\r\n"
+    } else {
+        ""
+    };
+    let request = format!(
+        "{method} /api/v1/origin HTTP/1.1\r\nHost: {addr}\r\n{origin_line}{length}Connection: close\r\n\r\n"
+    );
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    s.write_all(request.as_bytes()).await.expect("write");
+    let mut buf = Vec::new();
+    tokio::time::timeout(PATIENCE, s.read_to_end(&mut buf))
+        .await
+        .expect("response in time")
+        .expect("read");
+    let text = String::from_utf8(buf).expect("UTF-8 response");
+    let (head, body) = text.split_once("\r\n\r\n").expect("head and body");
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.split(' ').nth(1))
+        .and_then(|s| s.parse().ok())
+        .expect("status line");
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    let json = serde_json::from_str(body).unwrap_or_else(|e| panic!("JSON body {body:?}: {e}"));
+    (status, headers, json)
+}
+
+/// `GET`/`POST /api/v1/origin` answers, readable from any site, whether the
+/// request's `Origin` may open WebSockets, by the same rule as the upgrade
+/// (checked against real upgrades), and reveals nothing else: not the list.
+#[tokio::test]
+async fn origin_check_answers_as_the_upgrade_does() {
+    let (app, _dir) = spawn_app(&[(
+        "SECURITY__ALLOWED_ORIGINS",
+        "https://good.example,*.trusted.example",
+    )]);
+    let cases = [
+        (Some("https://good.example"), true),
+        (Some("http://a.trusted.example"), true),
+        (Some("https://evil.example"), false),
+        (Some("https://good.example.evil.net"), false),
+        (Some("null"), false),
+        // No Origin: not a browser, allowed (as the upgrade allows it).
+        (None, true),
+    ];
+    for (origin, allowed) in cases {
+        for method in ["GET", "POST"] {
+            let (status, headers, json) = ask_origin(app.addr, method, origin).await;
+            assert_eq!(status, 200, "{method} {origin:?}");
+            assert_eq!(
+                json,
+                serde_json::json!({
+                    "origin": origin,
+                    "allowed": allowed,
+                    "setting": "security.allowed_origins",
+                }),
+                "{method} {origin:?}"
+            );
+            assert_eq!(
+                headers
+                    .get("access-control-allow-origin")
+                    .map(String::as_str),
+                Some("*")
+            );
+            assert_eq!(
+                headers.get("cache-control").map(String::as_str),
+                Some("no-store")
+            );
+            assert_eq!(headers.get("vary").map(String::as_str), Some("Origin"));
+            assert!(
+                headers["content-type"].starts_with("application/json"),
+                "{headers:?}"
+            );
+            if !allowed {
+                let text = json.to_string();
+                assert!(
+                    !text.contains("good.example\"") && !text.contains("trusted"),
+                    "the configured list leaks: {text}"
+                );
+            }
+        }
+        // The upgrade agrees.
+        let headers: Vec<(&str, &str)> = origin.map(|o| ("origin", o)).into_iter().collect();
+        let upgraded = connect_from(app.addr, "127.0.0.1", &app.ws_url("oc"), &headers).await;
+        match (allowed, upgraded) {
+            (true, Ok(_)) | (false, Err(403)) => {}
+            (_, Ok(_)) => panic!("{origin:?}: the check says refused, the upgrade got in"),
+            (_, Err(status)) => {
+                panic!("{origin:?}: the check says allowed, the upgrade got {status}")
+            }
+        }
+    }
+
+    // Without security.allowed_origins every origin is allowed.
+    let (open, _dir2) = spawn_app(&[]);
+    let (_, _, json) = ask_origin(open.addr, "GET", Some("https://evil.example")).await;
+    assert_eq!(json["allowed"], true);
+    assert_eq!(json["origin"], "https://evil.example");
 }

@@ -1,7 +1,9 @@
 //! Browser assets compiled into the binary (no runtime file paths): the
 //! client library and drop-in embed `web/link-counter.js`, served at
 //! `/link-counter.js` with an ETag, and the demo site of the seed (`/` and
-//! `/pages/a`..`/pages/d`), served only when `web.demo` is on.
+//! `/pages/a`..`/pages/d`), served only when `web.demo` is on. The demo's
+//! URLs (its script, its links, the redirect from `/`) are relative, so it
+//! also works where a proxy mounts the service under a path prefix.
 
 use actix_web::{
     http::{header, StatusCode},
@@ -98,10 +100,11 @@ async fn script(req: HttpRequest) -> HttpResponse {
     }
 }
 
-/// `GET /` (demo only): the seed's entry page.
+/// `GET /` (demo only): the seed's entry page. The `Location` is relative
+/// (RFC 9110): behind a proxy's `/presence/` it leads to `/presence/pages/a`.
 async fn demo_root() -> HttpResponse {
     HttpResponse::Found()
-        .insert_header((header::LOCATION, "/pages/a"))
+        .insert_header((header::LOCATION, "pages/a"))
         .finish()
 }
 
@@ -128,7 +131,7 @@ pub fn render_demo_page(page: &str) -> Option<String> {
         .iter()
         .map(|l| {
             format!(
-                "      <li><a href=\"/pages/{l}\">Page {up}</a>\
+                "      <li><a href=\"{l}\">Page {up}</a>\
                  <span class=\"link-counter-badge\" data-state=\"unknown\"></span></li>\n",
                 up = l.to_ascii_uppercase()
             )
@@ -201,20 +204,25 @@ mod tests {
         assert_eq!(status, StatusCode::OK);
     }
 
-    /// With `demo` on, `/` redirects to `/pages/a` and each page of the
-    /// seed's graph links exactly its neighbours, through the embed.
+    /// With `demo` on, `/` redirects to `pages/a` and each page of the
+    /// seed's graph links exactly its neighbours, through the embed; every
+    /// URL is relative, so a path prefix in front of the service is kept.
     #[actix_web::test]
     async fn demo_pages_follow_the_seed_graph() {
         let (status, res) = get(true, "/", None).await;
         assert_eq!(status, StatusCode::FOUND);
-        assert_eq!(hdr(&res, header::LOCATION), "/pages/a");
+        assert_eq!(hdr(&res, header::LOCATION), "pages/a");
         for (page, links) in DEMO_GRAPH {
             let (status, res) = get(true, &format!("/pages/{page}"), None).await;
             assert_eq!(status, StatusCode::OK);
             let html = body(res).await;
-            assert!(html.contains(r#"<script type="module" src="/link-counter.js""#));
+            assert!(html.contains(r#"<script type="module" src="../link-counter.js""#));
+            assert!(
+                !html.contains("src=\"/") && !html.contains("href=\"/"),
+                "no root-relative URL in {page}"
+            );
             let hrefs: Vec<&str> = html
-                .split("<a href=\"/pages/")
+                .split("<a href=\"")
                 .skip(1)
                 .filter_map(|s| s.split('"').next())
                 .collect();

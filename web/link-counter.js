@@ -11,6 +11,10 @@
 // Wire protocol (PartyKit link-counter compatible): a WebSocket to
 // /parties/page/{encodeURIComponent(page id)}, a `subscribe` with the linked
 // ids on every (re)connect, `update` messages applied as "set these ids".
+//
+// Every URL it uses is under the service's base URL, path prefix included:
+// loaded from https://HOST/presence/link-counter.js it connects to
+// wss://HOST/presence/parties/page/... (and asks /presence/api/v1/origin).
 
 export const VERSION = "0.1.0";
 
@@ -19,6 +23,22 @@ export const MAX_LINKS = 256;
 
 /** Longest page id, in UTF-8 bytes. */
 const MAX_ID_BYTES = 256;
+
+/** Last path segments that stand for their directory ("/docs/index.html" is "/docs/"). */
+const INDEX_FILES = ["index.html", "index.htm"];
+
+/** The service's answer to "may this page's origin connect?" (CORS-readable), under its base URL. */
+const ORIGIN_CHECK_PATH = "/api/v1/origin";
+
+/** The service setting that lists the browser origins allowed to connect. */
+export const ORIGINS_SETTING = "security.allowed_origins";
+
+/**
+ * Consecutive attempts that fail before opening after which the client asks
+ * the service whether this page's origin is allowed (again). A client that
+ * has never been connected asks after its first failure already.
+ */
+const ORIGIN_CHECK_EVERY = 3;
 
 /** Close codes of the protocol that change what the client does. */
 const CLOSE_GOING_AWAY = 1001; // server restarting: reconnect soon
@@ -32,6 +52,11 @@ export const DEFAULT_BACKOFF = Object.freeze({
   cap: 30000,
   /** A connection open this long resets the attempt counter. */
   stableAfter: 10000,
+  /**
+   * Mean delay between attempts once the service said this page's origin is
+   * not allowed (uniform in [refused / 2, 3 * refused / 2)): 5 minutes.
+   */
+  refused: 300000,
 });
 
 /**
@@ -52,9 +77,15 @@ export function pageIdProblem(id) {
  * then percent-encoded as one segment with encodeURIComponent, so "/" becomes
  * "%2F": "/pages/b?x#y" -> "%2Fpages%2Fb", "/café/" -> "%2Fcaf%C3%A9%2F".
  * Decoding first makes "/caf%C3%A9", "/caf%c3%a9" and "/café" one page.
+ * A last segment "index.html" or "index.htm" is dropped, so "/docs/index.html"
+ * is the page "/docs/" ("%2Fdocs%2F"), unless `options.keepIndex`.
  * Returns null when the result is not a valid page id (longer than 256 bytes).
+ *
+ * @param {string} url
+ * @param {string} [base]  what a relative `url` is relative to (default: the page's location)
+ * @param {{keepIndex?: boolean}} [options]
  */
-export function pageIdFromUrl(url, base = globalThis.location?.href) {
+export function pageIdFromUrl(url, base = globalThis.location?.href, { keepIndex = false } = {}) {
   const path = new URL(url, base).pathname;
   let decoded = path;
   try {
@@ -62,15 +93,46 @@ export function pageIdFromUrl(url, base = globalThis.location?.href) {
   } catch {
     // Not valid percent-encoding ("/100%"): use the path as it is.
   }
+  if (!keepIndex) {
+    const dir = decoded.lastIndexOf("/") + 1;
+    if (INDEX_FILES.includes(decoded.slice(dir))) decoded = decoded.slice(0, dir);
+  }
   const id = encodeURIComponent(decoded);
   return pageIdProblem(id) ? null : id;
 }
 
-/** The WebSocket URL of page `id` on `host` ("https://h" or "h:port"). */
+/**
+ * The service's base URL, "http(s)://host[:port][/prefix]" without a
+ * trailing slash, from a `host` option: "https://counts.example.com",
+ * "counts.example.com:8080" (https is assumed), "https://example.com/presence"
+ * (a path prefix is kept), or a path on the page's own site, "/presence"
+ * (resolved against `base`). ws: and wss: stand for http: and https:; a query
+ * or fragment is ignored.
+ */
+export function serviceBase(host, base = globalThis.location?.href) {
+  let url;
+  try {
+    if (/^[a-z][a-z0-9+.-]*:\/\//i.test(host)) url = new URL(host);
+    else if (host.startsWith("/")) url = new URL(host, base);
+    else url = new URL(`https://${host}`);
+  } catch {
+    throw new Error(`link-counter: host ${JSON.stringify(host)} is not a URL, a host name or a path`);
+  }
+  const scheme = url.protocol === "http:" || url.protocol === "ws:" ? "http:" : "https:";
+  return `${scheme}//${url.host}${url.pathname.replace(/\/+$/, "")}`;
+}
+
+/**
+ * The WebSocket URL of page `id` on `host` (anything `serviceBase` takes):
+ * roomUrl("https://h/presence", "a") -> "wss://h/presence/parties/page/a".
+ */
 export function roomUrl(host, id) {
-  const url = new URL(/^[a-z]+:\/\//i.test(host) ? host : `https://${host}`);
-  const scheme = url.protocol === "http:" || url.protocol === "ws:" ? "ws:" : "wss:";
-  return `${scheme}//${url.host}/parties/page/${encodeURIComponent(id)}`;
+  return `${serviceBase(host).replace(/^http/, "ws")}/parties/page/${encodeURIComponent(id)}`;
+}
+
+/** The URL of the service's origin check (`/api/v1/origin` under its base URL). */
+export function originCheckUrl(host) {
+  return `${serviceBase(host)}${ORIGIN_CHECK_PATH}`;
 }
 
 /**
@@ -84,22 +146,35 @@ export function roomUrl(host, id) {
 export class LinkCounter {
   /**
    * @param {object} options
-   * @param {string} options.host   service origin, e.g. "https://counts.example.com"
+   * @param {string} options.host   the service, e.g. "https://counts.example.com" or
+   *   "https://example.com/presence" (a path prefix is kept; see `serviceBase`)
    * @param {string} options.page   this page's id
    * @param {string[]} [options.links]  ids whose counts to follow
    * @param {(counts: Map<string, number|null>, info: {connected: boolean, changed: string[]}) => void} [options.onUpdate]
-   * @param {{base?: number, cap?: number, stableAfter?: number}} [options.backoff]
+   * @param {{base?: number, cap?: number, stableAfter?: number, refused?: number}} [options.backoff]
    * @param {typeof WebSocket} [options.WebSocket]  a WebSocket implementation (default: the global one)
+   * @param {typeof fetch} [options.fetch]  for the origin check (default: the global one; none: no check)
    * @param {Console} [options.logger]
    */
-  constructor({ host, page, links = [], onUpdate = null, backoff = {}, WebSocket: WS, logger = console }) {
+  constructor({
+    host,
+    page,
+    links = [],
+    onUpdate = null,
+    backoff = {},
+    WebSocket: WS,
+    fetch: fetchImpl,
+    logger = console,
+  }) {
     const problem = pageIdProblem(page);
     if (problem) throw new Error(`link-counter: page id ${JSON.stringify(page)} ${problem}`);
     this.page = page;
-    this.url = roomUrl(host, page);
+    this.base = serviceBase(host);
+    this.url = roomUrl(this.base, page);
     this.onUpdate = onUpdate;
     this._backoff = { ...DEFAULT_BACKOFF, ...backoff };
     this._WS = WS ?? globalThis.WebSocket;
+    this._fetch = fetchImpl ?? globalThis.fetch?.bind(globalThis) ?? null;
     this._log = logger;
     this._links = [];
     this._counts = new Map();
@@ -108,9 +183,18 @@ export class LinkCounter {
     this._attempt = 0;
     this._retryTimer = null;
     this._stableTimer = null;
+    /** True once a connection has opened. */
+    this._everOpened = false;
+    /** Consecutive attempts that closed before opening. */
+    this._failedOpens = 0;
+    /** An origin check is in flight. */
+    this._checking = false;
+    /** The service said this page's origin is not allowed (until a connection opens). */
+    this._refused = false;
     this._onOnline = () => {
-      // The network is back: do not wait out a long backoff.
-      if (this._state === "waiting") this._schedule(this._backoff.base);
+      // The network is back: do not wait out a long backoff (a refused
+      // origin is not a network problem: keep its slow pace).
+      if (this._state === "waiting" && !this._refused) this._schedule(this._backoff.base);
     };
     globalThis.addEventListener?.("online", this._onOnline);
     this._setLinks(links, false);
@@ -125,6 +209,15 @@ export class LinkCounter {
   /** True while the connection is open. */
   get connected() {
     return this._state === "open";
+  }
+
+  /**
+   * True when the service said this page's origin may not connect
+   * (`security.allowed_origins`); it then retries only every few minutes,
+   * until a connection opens.
+   */
+  get refused() {
+    return this._refused;
   }
 
   /** The followed ids, in order. */
@@ -217,8 +310,13 @@ export class LinkCounter {
       return;
     }
     this._ws = ws;
+    let opened = false;
     ws.onopen = () => {
       if (this._ws !== ws) return;
+      opened = true;
+      this._everOpened = true;
+      this._failedOpens = 0;
+      this._refused = false;
       this._state = "open";
       this._stableTimer = setTimeout(() => {
         this._attempt = 0;
@@ -232,7 +330,7 @@ export class LinkCounter {
     };
     ws.onclose = (event) => {
       if (this._ws !== ws) return;
-      this._closed(event.code, event.reason);
+      this._closed(event.code, event.reason, opened);
     };
     // An error is always followed by close; nothing to do here.
     ws.onerror = () => {};
@@ -261,7 +359,8 @@ export class LinkCounter {
     }
   }
 
-  _closed(code, reason) {
+  /** The connection closed; `opened` is false when it never opened (a failed attempt). */
+  _closed(code, reason, opened) {
     clearTimeout(this._stableTimer);
     this._ws = null;
     this._state = code === CLOSE_POLICY ? "stopped" : "waiting";
@@ -272,18 +371,76 @@ export class LinkCounter {
       );
       return;
     }
+    if (!opened) this._failedOpens++;
+    if (this._refused) {
+      this._retrySlowly();
+      return;
+    }
     if (code === CLOSE_GOING_AWAY) this._attempt = 0; // a restart: come back soon
     // Full jitter: uniform in [0, min(cap, base * 2^attempt)), so thousands
     // of tabs that lost the same server do not come back in step.
     const ceiling = Math.min(this._backoff.cap, this._backoff.base * 2 ** this._attempt);
     this._attempt = Math.min(this._attempt + 1, 30);
     this._schedule(ceiling);
+    // A browser hides why an upgrade failed (a 403 for a refused origin
+    // looks like a network error): ask the service.
+    const first = this._failedOpens === 1 && !this._everOpened;
+    if (!opened && (first || this._failedOpens % ORIGIN_CHECK_EVERY === 0)) this._checkOrigin();
   }
 
   _schedule(ceiling) {
+    this._retryIn(Math.random() * ceiling);
+  }
+
+  /** The next attempt once the origin was refused: about every `backoff.refused`. */
+  _retrySlowly() {
+    this._retryIn(this._backoff.refused * (0.5 + Math.random()));
+  }
+
+  _retryIn(delay) {
     clearTimeout(this._retryTimer);
     this._state = "waiting";
-    this._retryTimer = setTimeout(() => this._connect(), Math.random() * ceiling);
+    this._retryTimer = setTimeout(() => this._connect(), delay);
+  }
+
+  /**
+   * Asks the service whether this page's origin may connect (the check its
+   * upgrade makes). If not: one console.error naming the origin and the
+   * setting, and from then on slow retries instead of the backoff. Any other
+   * outcome (unreachable, an older service without the check, allowed)
+   * leaves the backoff as it is.
+   */
+  async _checkOrigin() {
+    if (this._checking || this._refused || !this._fetch) return;
+    this._checking = true;
+    let answer = null;
+    try {
+      // POST: a browser sends Origin with it even to its own origin (a GET
+      // to the same origin goes without), and without a body or custom
+      // headers it needs no CORS preflight.
+      const res = await this._fetch(originCheckUrl(this.base), {
+        method: "POST",
+        mode: "cors",
+        credentials: "omit",
+        cache: "no-store",
+      });
+      if (res.ok) answer = await res.json();
+    } catch {
+      // Unreachable or not JSON: an ordinary failure, the backoff goes on.
+    } finally {
+      this._checking = false;
+    }
+    if (answer?.allowed !== false || this._refused || this._state === "open" || this._state === "stopped") return;
+    this._refused = true;
+    const origin = typeof answer.origin === "string" ? answer.origin : (globalThis.location?.origin ?? "(none)");
+    const minutes = Math.round(this._backoff.refused / 60000);
+    this._log.error(
+      `link-counter: this page's origin ${origin} is not allowed to connect to ${this.base}: ` +
+        `add ${origin} to ${ORIGINS_SETTING} in the service's configuration ` +
+        `(LINK_COUNTER__SECURITY__ALLOWED_ORIGINS in its environment). ` +
+        `Counts stay unknown; retrying about every ${minutes > 0 ? `${minutes} minutes` : `${this._backoff.refused} ms`}.`,
+    );
+    if (this._state === "waiting") this._retrySlowly(); // replaces the backoff's retry
   }
 
   /** Marks every count unknown (the connection that kept them live is gone). */
@@ -396,9 +553,11 @@ function renderBadge(badge, count, labels) {
  * or edited) and re-subscribes on the same connection when the set changes.
  *
  * @param {object} [options]
- * @param {string} [options.host]  service origin (default: where this module was loaded from)
+ * @param {string} [options.host]  the service, path prefix included (default: the
+ *   folder this module was loaded from: https://h/presence/link-counter.js -> https://h/presence)
  * @param {string} [options.page]  this page's id (default: derived from location)
  * @param {"auto"|"all"|"marked"} [options.links]  which links get a badge
+ * @param {boolean} [options.keepIndex]  "/x/index.html" stays its own page (default: it is "/x/")
  * @returns {{counter: LinkCounter|null, rescan: () => void, stop: () => void}}
  */
 export function embed(options = {}) {
@@ -407,8 +566,9 @@ export function embed(options = {}) {
   const log = options.logger ?? console;
   const labels = { ...DEFAULT_LABELS, ...(options.labels ?? {}) };
   const mode = options.links ?? "auto";
-  const host = options.host ?? new URL(import.meta.url).origin;
-  const page = options.page ?? pageIdFromUrl(win.location.href);
+  const idOptions = { keepIndex: Boolean(options.keepIndex) };
+  const host = serviceBase(options.host ?? new URL(".", import.meta.url).href, win.location.href);
+  const page = options.page ?? pageIdFromUrl(win.location.href, undefined, idOptions);
   const badges = new Map(); // link element -> badge element
 
   injectStyles(doc);
@@ -423,6 +583,7 @@ export function embed(options = {}) {
       page,
       backoff: options.backoff,
       WebSocket: options.WebSocket,
+      fetch: options.fetch,
       logger: log,
       onUpdate: () => renderAll(),
     });
@@ -437,7 +598,7 @@ export function embed(options = {}) {
       return null;
     }
     if (url.origin !== win.location.origin) return null; // same site only
-    return pageIdFromUrl(url.href);
+    return pageIdFromUrl(url.href, undefined, idOptions);
   }
 
   function chosenLinks() {
@@ -542,6 +703,8 @@ if (script && script.dataset.embed !== "off") {
       page: script.dataset.page || undefined,
       host: script.dataset.host || undefined,
       links: script.dataset.links || undefined,
+      // Present (data-keep-index, or any value but "false"/"off"): on.
+      keepIndex: script.dataset.keepIndex !== undefined && !/^(false|off)$/i.test(script.dataset.keepIndex),
     });
   };
   if (document.readyState === "loading") document.addEventListener("DOMContentLoaded", start, { once: true });

@@ -25,7 +25,7 @@ import PartySocket from "partysocket";
 import { chromium } from "playwright-core";
 import WebSocket from "ws";
 
-import { CHROMIUM, LAUNCH_ARGS, PATIENCE, eventually, sleep, viewer } from "./common.mjs";
+import { CHROMIUM, LAUNCH_ARGS, PATIENCE, eventually, sleep, startPrefixProxy, viewer } from "./common.mjs";
 import { runUnitTests } from "./unit.mjs";
 
 const BIN = process.env.LINK_COUNTER_BIN;
@@ -55,8 +55,10 @@ function assertEq(actual, expected, what) {
 // The service under test
 
 class Service {
-  constructor(bin) {
+  /** `env`: extra environment of the binary (e.g. a setting under test). */
+  constructor(bin, env = {}) {
     this.bin = bin;
+    this.env = env;
     this.dir = fs.mkdtempSync(path.join(os.tmpdir(), "lc-browser-data-"));
     this.addr = null;
     this.proc = null;
@@ -88,6 +90,7 @@ class Service {
           LINK_COUNTER__SERVER__SHUTDOWN_TIMEOUT: "3s",
           LINK_COUNTER__STORAGE__PATH: this.dir,
           LINK_COUNTER__WEB__DEMO: "true",
+          ...this.env,
         },
         stdio: ["ignore", "pipe", "pipe"],
       });
@@ -137,7 +140,10 @@ class Service {
 }
 
 
-/** A static "customer site" on another origin that embeds the script. */
+/**
+ * A static "customer site" on another origin that embeds the script. Steps
+ * add pages to `server.pages` (path -> HTML) as they need them.
+ */
 function startSite(addr) {
   const pages = {
     "/site/index.html": `<!DOCTYPE html>
@@ -167,6 +173,7 @@ function startSite(addr) {
       res.writeHead(body ? 200 : 404, { "content-type": "text/html; charset=utf-8" });
       res.end(body ?? "not found");
     });
+    server.pages = pages;
     server.listen(0, "127.0.0.1", () => resolve(server));
   });
 }
@@ -223,7 +230,11 @@ async function openTab(context, url) {
   const page = await context.newPage();
   openPages.add(page);
   page.on("close", () => openPages.delete(page));
-  page.on("console", (m) => consoleLines.push(`[${page.url()}] ${m.type()}: ${m.text()}`));
+  page.consoleErrors = [];
+  page.on("console", (m) => {
+    consoleLines.push(`[${page.url()}] ${m.type()}: ${m.text()}`);
+    if (m.type() === "error") page.consoleErrors.push(m.text());
+  });
   page.on("pageerror", (e) => consoleLines.push(`[${page.url()}] pageerror: ${e.message}`));
   const sockets = [];
   page.on("websocket", (ws) => sockets.push(ws.url()));
@@ -232,7 +243,13 @@ async function openTab(context, url) {
   return page;
 }
 
-function defineSteps(svc, browser, siteAddr) {
+/** The "link-counter:" lines a page wrote with console.error. */
+function embedErrors(page) {
+  return page.consoleErrors.filter((t) => t.startsWith("link-counter:"));
+}
+
+function defineSteps(svc, browser, site) {
+  const siteAddr = `127.0.0.1:${site.address().port}`;
   const base = () => `http://${svc.addr}`;
 
   step("demo: / redirects to /pages/a; badges count viewers; ids are derived from paths", async () => {
@@ -256,7 +273,7 @@ function defineSteps(svc, browser, siteAddr) {
     const bare = await openTab(noJs, `${base()}/pages/b`);
     const boxOf = (page) =>
       page.evaluate(() => {
-        const r = document.querySelector('a[href="/pages/c"] + .link-counter-badge').getBoundingClientRect();
+        const r = document.querySelector('a[href="c"] + .link-counter-badge').getBoundingClientRect();
         return { x: r.x, y: r.y, width: r.width, height: r.height };
       });
     assertEq(await boxOf(bare), await boxOf(b), "badge box without the script vs live (no layout shift)");
@@ -402,6 +419,157 @@ function defineSteps(svc, browser, siteAddr) {
     }
   });
 
+  step("path prefix: the demo and the embed under /presence/ stay under /presence/ (script path, data-host path)", async () => {
+    // Only /presence/ is proxied: anything the embed asks outside it fails.
+    const proxy = await startPrefixProxy("/presence/", svc.addr);
+    const via = `http://${proxy.addr}/presence`;
+    const P = { b: "%2Fpresence%2Fpages%2Fb", c: "%2Fpresence%2Fpages%2Fc", a: "%2Fpresence%2Fpages%2Fa" };
+    const context = await browser.newContext();
+    try {
+      const root = await openTab(context, `${via}/`);
+      assertEq(new URL(root.url()).pathname, "/presence/pages/a", "/presence/ redirects to");
+      await root.close();
+      // The demo page and its script come from /presence/: the WebSocket goes there too.
+      const b = await openTab(context, `${via}/pages/b`);
+      const c = await openTab(context, `${via}/pages/c`);
+      await waitBadge(b, P.c, 1);
+      await waitBadge(b, P.b, 1);
+      await waitBadge(b, P.a, 0);
+      assertEq(b.sockets, [`ws://${proxy.addr}/presence/parties/page/${encodeURIComponent(P.b)}`], "page b's WebSocket URL");
+      assertEq(await svc.counts([P.b, P.c]), { [P.b]: 1, [P.c]: 1 }, "counts of the prefixed pages");
+      await c.close();
+      await waitBadge(b, P.c, 0);
+
+      // data-host with a path: the script from the service's root, the
+      // connection through the prefix the attribute names.
+      site.pages["/site/hosted.html"] = `<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>data-host with a path</title></head>
+<body>
+  <p><a id="intro" href="/docs/intro">Intro</a></p>
+  <script type="module" src="http://${svc.addr}/link-counter.js" data-host="${via}" data-page="hosted"></script>
+</body></html>`;
+      const hosted = await openTab(context, `http://${siteAddr}/site/hosted.html`);
+      await waitBadge(hosted, "%2Fdocs%2Fintro", 0);
+      assertEq(hosted.sockets, [`ws://${proxy.addr}/presence/parties/page/hosted`], "the data-host page's WebSocket URL");
+      assertEq(await svc.counts(["hosted"]), { hosted: 1 }, "the data-host page counts as viewed");
+      const v = await viewer(svc.addr, "%2Fdocs%2Fintro");
+      await waitBadge(hosted, "%2Fdocs%2Fintro", 1);
+      v.close();
+
+      const outside = proxy.seen.filter((r) => !r.url.startsWith("/presence/"));
+      assertEq(outside, [], "requests the proxy got outside /presence/");
+      // (Page a, the redirect's target, may or may not have connected before its tab closed.)
+      const room = (id) => `/presence/parties/page/${encodeURIComponent(id)}`;
+      const upgrades = proxy.seen.filter((r) => r.upgrade && r.url !== room(P.a)).map((r) => r.url);
+      assertEq(upgrades, [room(P.b), room(P.c), "/presence/parties/page/hosted"], "upgrades through the proxy");
+    } finally {
+      await context.close();
+      proxy.close();
+    }
+  });
+
+  step("index.html: /docs/index.html is the page /docs/ (its own id and its links); data-keep-index opts out", async () => {
+    const docs = "%2Fdocs%2F";
+    const guide = "%2Fguide%2F";
+    site.pages["/docs/index.html"] = `<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>Docs</title></head>
+<body>
+  <p><a id="dir" href="/docs/">Docs</a></p>
+  <p><a id="file" href="/docs/index.html">Docs again</a></p>
+  <p><a id="htm" href="/guide/index.htm?x=1">Guide</a></p>
+  <p><a id="other" href="/docs/install.html">Install</a></p>
+  <script type="module" src="http://${svc.addr}/link-counter.js"></script>
+</body></html>`;
+    site.pages["/kept/index.html"] = `<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>Kept</title></head>
+<body>
+  <p><a id="dir" href="/kept/">Kept</a></p>
+  <p><a id="file" href="/kept/index.html">Kept, the file</a></p>
+  <script type="module" src="http://${svc.addr}/link-counter.js" data-keep-index></script>
+</body></html>`;
+    const context = await browser.newContext();
+    const page = await openTab(context, `http://${siteAddr}/docs/index.html`);
+    await waitBadge(page, docs, 1); // the page itself, under the directory's id
+    await waitBadge(page, guide, 0);
+    const ids = await page.evaluate(() =>
+      [...document.querySelectorAll(".link-counter-badge")].map((b) => [b.previousElementSibling.id, b.dataset.pageId]),
+    );
+    assertEq(
+      ids,
+      [
+        ["dir", docs],
+        ["file", docs],
+        ["htm", guide],
+        ["other", "%2Fdocs%2Finstall.html"],
+      ],
+      "badge ids with the index rule",
+    );
+    assertEq(page.sockets, [`ws://${svc.addr}/parties/page/${encodeURIComponent(docs)}`], "its WebSocket URL");
+    assertEq(await svc.counts([docs, "%2Fdocs%2Findex.html"]), { [docs]: 1, "%2Fdocs%2Findex.html": 0 }, "counts");
+
+    const kept = await openTab(context, `http://${siteAddr}/kept/index.html`);
+    await waitBadge(kept, "%2Fkept%2Findex.html", 1);
+    await waitBadge(kept, "%2Fkept%2F", 0);
+    assertEq(await svc.counts(["%2Fkept%2Findex.html", "%2Fkept%2F"]), { "%2Fkept%2F": 0, "%2Fkept%2Findex.html": 1 }, "kept counts");
+    await context.close();
+  });
+
+  step("refused origin: one console.error naming the origin and security.allowed_origins, then no more attempts", async () => {
+    // A service that allows another origin only, under a prefix (so the
+    // origin check must go through the prefix too).
+    const strict = new Service(BIN, { LINK_COUNTER__SECURITY__ALLOWED_ORIGINS: "https://allowed.example" });
+    let proxy;
+    const context = await browser.newContext();
+    try {
+      await strict.start();
+      proxy = await startPrefixProxy("/presence/", strict.addr);
+      site.pages["/site/refused.html"] = `<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>Not allowed</title></head>
+<body>
+  <p><a id="intro" href="/docs/intro">Intro</a></p>
+  <script type="module" src="http://${proxy.addr}/presence/link-counter.js"></script>
+</body></html>`;
+      const expected = (origin) =>
+        `link-counter: this page's origin ${origin} is not allowed to connect to http://${proxy.addr}/presence: ` +
+        `add ${origin} to security.allowed_origins in the service's configuration ` +
+        "(LINK_COUNTER__SECURITY__ALLOWED_ORIGINS in its environment). " +
+        "Counts stay unknown; retrying about every 5 minutes.";
+      // A site on another origin, and the service's own demo page (the same
+      // origin as the service: its Origin header is sent all the same).
+      const page = await openTab(context, `http://${siteAddr}/site/refused.html`);
+      const demo = await openTab(context, `http://${proxy.addr}/presence/pages/b`);
+      for (const [tab, origin] of [
+        [page, `http://${siteAddr}`],
+        [demo, `http://${proxy.addr}`],
+      ]) {
+        await eventually(`the embed's console.error on ${tab.url()}`, () => embedErrors(tab).length > 0 || tab.consoleErrors);
+        assertEq(embedErrors(tab), [expected(origin)], `the embed's console errors on ${tab.url()}`);
+        assertEq(await tab.evaluate(() => window.linkCounter.counter.refused), true, "counter.refused");
+      }
+      await waitBadge(page, "%2Fdocs%2Fintro", "unknown");
+      await waitBadge(demo, "%2Fpresence%2Fpages%2Fc", "unknown");
+      const attempts = () => ({
+        browser: page.sockets.length + demo.sockets.length,
+        proxied: proxy.seen.filter((r) => r.upgrade).length,
+      });
+      const before = attempts();
+      if (before.browser < 2 || before.proxied !== before.browser) fail(`upgrade attempts: ${JSON.stringify(before)}`);
+      // The backoff would have tried again within 1 + 2 + 4 s; the refused
+      // embed waits minutes. (A negative check: it needs a wait.)
+      await sleep(8000);
+      assertEq(attempts(), before, "upgrade attempts after 8 s");
+      assertEq([embedErrors(page).length, embedErrors(demo).length], [1, 1], "link-counter console errors after 8 s");
+      const checks = proxy.seen.filter((r) => r.url === "/presence/api/v1/origin").map((r) => r.method);
+      assertEq(checks, ["POST", "POST"], "origin checks through the prefix");
+      assertEq(proxy.seen.filter((r) => !r.url.startsWith("/presence/")), [], "requests outside /presence/");
+    } finally {
+      await context.close();
+      proxy?.close();
+      await strict.stop().catch(() => {});
+      strict.cleanup();
+    }
+  });
+
   if (DEMO_SCREENSHOT) {
     step(`screenshot of the demo for the docs (${DEMO_SCREENSHOT})`, async () => {
       const context = await browser.newContext({ viewport: { width: 760, height: 560 }, deviceScaleFactor: 1 });
@@ -449,9 +617,8 @@ async function main() {
   try {
     await svc.start();
     site = await startSite(svc.addr);
-    const siteAddr = `127.0.0.1:${site.address().port}`;
     browser = await chromium.launch({ executablePath: CHROMIUM, headless: true, args: LAUNCH_ARGS });
-    defineSteps(svc, browser, siteAddr);
+    defineSteps(svc, browser, site);
     for (const { name, fn } of steps) {
       const t0 = Date.now();
       try {

@@ -4,7 +4,15 @@
 
 import assert from "node:assert/strict";
 
-import { DEFAULT_BACKOFF, LinkCounter, pageIdFromUrl, pageIdProblem, roomUrl } from "../../web/link-counter.js";
+import {
+  DEFAULT_BACKOFF,
+  LinkCounter,
+  originCheckUrl,
+  pageIdFromUrl,
+  pageIdProblem,
+  roomUrl,
+  serviceBase,
+} from "../../web/link-counter.js";
 
 class FakeSocket {
   static all = [];
@@ -69,20 +77,48 @@ function quietLogger() {
   return { lines, warn: (...a) => lines.warn.push(a.join(" ")), error: (...a) => lines.error.push(a.join(" ")) };
 }
 
+/**
+ * A fake fetch for the origin check: records each request and answers with
+ * what `answer()` returns (an object: JSON with status 200; an Error: a
+ * network failure; a number: that status, no JSON), after the test says so.
+ */
+function fakeFetch(answer = () => ({ origin: "https://site.example", allowed: true })) {
+  const calls = [];
+  const fetch = (url, init) =>
+    new Promise((resolve, reject) => {
+      calls.push({
+        url,
+        init,
+        settle() {
+          const a = answer();
+          if (a instanceof Error) reject(a);
+          else if (typeof a === "number") resolve({ ok: a < 300, status: a, json: async () => JSON.parse("<html>") });
+          else resolve({ ok: true, status: 200, json: async () => a });
+        },
+      });
+    });
+  return { fetch, calls };
+}
+
+/** Lets settled promises run their continuations (the fake timers do not touch microtasks). */
+const flush = () => new Promise((r) => setImmediate(r));
+
 function newCounter(extra = {}) {
   FakeSocket.all = [];
   const updates = [];
   const logger = quietLogger();
+  const checks = fakeFetch();
   const counter = new LinkCounter({
     host: "http://h:1",
     page: "%2Fpages%2Fa",
     links: ["b", "c"],
     WebSocket: FakeSocket,
+    fetch: checks.fetch,
     logger,
     onUpdate: (counts, info) => updates.push({ counts: Object.fromEntries(counts), ...info }),
     ...extra,
   });
-  return { counter, updates, logger, socket: () => FakeSocket.all.at(-1) };
+  return { counter, updates, logger, checks, socket: () => FakeSocket.all.at(-1) };
 }
 
 const tests = {
@@ -103,10 +139,183 @@ const tests = {
     assert.equal(pageIdProblem("%2Fpages%2Fb"), null);
   },
 
+  "index.html and index.htm are their directory, unless keepIndex"() {
+    const base = "https://site.example/x/y";
+    assert.equal(pageIdFromUrl("/docs/index.html", base), "%2Fdocs%2F");
+    assert.equal(pageIdFromUrl("/docs/index.htm?x=1#top", base), "%2Fdocs%2F");
+    assert.equal(pageIdFromUrl("/docs/index%2Ehtml", base), "%2Fdocs%2F"); // decoded first
+    assert.equal(pageIdFromUrl("/index.html", base), "%2F");
+    assert.equal(pageIdFromUrl("/index.html", base), pageIdFromUrl("/", base));
+    assert.equal(pageIdFromUrl("index.html", "https://site.example/docs/a"), "%2Fdocs%2F");
+    // Everything else stays as it was: only a last segment that is exactly one of the two.
+    assert.equal(pageIdFromUrl("/docs/", base), "%2Fdocs%2F");
+    assert.equal(pageIdFromUrl("/docs", base), "%2Fdocs");
+    assert.equal(pageIdFromUrl("/docs/index.html/", base), "%2Fdocs%2Findex.html%2F");
+    assert.equal(pageIdFromUrl("/docs/myindex.html", base), "%2Fdocs%2Fmyindex.html");
+    assert.equal(pageIdFromUrl("/docs/index.php", base), "%2Fdocs%2Findex.php");
+    assert.equal(pageIdFromUrl("/docs/Index.HTML", base), "%2Fdocs%2FIndex.HTML");
+    assert.equal(pageIdFromUrl("/index.html.bak", base), "%2Findex.html.bak");
+    // The opt-out (data-keep-index on the script tag).
+    assert.equal(pageIdFromUrl("/docs/index.html", base, { keepIndex: true }), "%2Fdocs%2Findex.html");
+    assert.equal(pageIdFromUrl("/index.htm", base, { keepIndex: true }), "%2Findex.htm");
+    assert.equal(pageIdFromUrl("/docs/", base, { keepIndex: true }), "%2Fdocs%2F");
+  },
+
+  "the service base keeps a path prefix; every URL goes under it"() {
+    assert.equal(serviceBase("https://counts.example"), "https://counts.example");
+    assert.equal(serviceBase("https://counts.example/"), "https://counts.example");
+    assert.equal(serviceBase("https://counts.example/presence"), "https://counts.example/presence");
+    assert.equal(serviceBase("https://counts.example/presence/?x=1#y"), "https://counts.example/presence");
+    assert.equal(serviceBase("wss://counts.example/a/b/"), "https://counts.example/a/b");
+    assert.equal(serviceBase("ws://h:1/p"), "http://h:1/p");
+    assert.equal(serviceBase("counts.example:8080/presence"), "https://counts.example:8080/presence");
+    assert.equal(serviceBase("/presence/", "http://site.example:81/docs/a.html"), "http://site.example:81/presence");
+    assert.equal(serviceBase("//other.example/p", "http://site.example/"), "http://other.example/p");
+    // The embed's default: the folder the script was loaded from.
+    assert.equal(
+      serviceBase(new URL(".", "https://h.example/presence/link-counter.js?v=2").href),
+      "https://h.example/presence",
+    );
+    assert.equal(serviceBase(new URL(".", "https://h.example/link-counter.js").href), "https://h.example");
+    assert.throws(() => serviceBase("/presence", undefined), /link-counter: host "\/presence"/);
+    assert.equal(roomUrl("https://h.example/presence/", "%2Fa"), "wss://h.example/presence/parties/page/%252Fa");
+    assert.equal(roomUrl("http://h:1/p", "a"), "ws://h:1/p/parties/page/a");
+    assert.equal(originCheckUrl("https://h.example/presence/"), "https://h.example/presence/api/v1/origin");
+    assert.equal(originCheckUrl("counts.example"), "https://counts.example/api/v1/origin");
+  },
+
   "the room URL percent-encodes the id once more"() {
     assert.equal(roomUrl("http://h:1", "%2Fpages%2Fb"), "ws://h:1/parties/page/%252Fpages%252Fb");
     assert.equal(roomUrl("https://counts.example", "a b"), "wss://counts.example/parties/page/a%20b");
     assert.equal(roomUrl("counts.example", "a"), "wss://counts.example/parties/page/a");
+  },
+
+  async "a refused origin: one console.error naming it and the setting, then slow retries"() {
+    await withFakeTime(async (clock) => {
+      const { base, refused } = DEFAULT_BACKOFF;
+      const checks = fakeFetch(() => ({ origin: "https://site.example", allowed: false, setting: "security.allowed_origins" }));
+      const { counter, logger, socket } = newCounter({ host: "http://h:1/presence/", fetch: checks.fetch });
+      assert.equal(socket().url, "ws://h:1/presence/parties/page/%252Fpages%252Fa");
+      socket().serverClose(1006); // the 403 looks like this to a browser
+      // The backoff's retry is pending while the service is asked.
+      assert.deepEqual(clock.delays(), [base * clock.random]);
+      assert.equal(checks.calls.length, 1);
+      assert.equal(checks.calls[0].url, "http://h:1/presence/api/v1/origin");
+      assert.equal(checks.calls[0].init.method, "POST");
+      checks.calls[0].settle();
+      await flush();
+      assert.equal(counter.refused, true);
+      assert.equal(counter.state, "waiting");
+      assert.equal(logger.lines.error.length, 1);
+      const [message] = logger.lines.error;
+      assert.ok(message.startsWith("link-counter: "), message);
+      assert.match(message, /origin https:\/\/site\.example is not allowed/);
+      assert.match(message, /add https:\/\/site\.example to security\.allowed_origins/);
+      // The backoff's retry was replaced by a slow one.
+      assert.deepEqual(clock.delays(), [refused * (0.5 + clock.random)]);
+      // Later failures: slow retries, no more checks, no more messages; "online" does not hurry it.
+      for (let i = 0; i < 5; i++) {
+        clock.fire();
+        assert.equal(FakeSocket.all.length, i + 2);
+        socket().serverClose(1006);
+        assert.deepEqual(clock.delays(), [refused * (0.5 + clock.random)]);
+      }
+      counter._onOnline();
+      assert.deepEqual(clock.delays(), [refused * (0.5 + clock.random)]);
+      assert.equal(checks.calls.length, 1);
+      assert.equal(logger.lines.error.length, 1);
+      // Once allowed (the operator fixed the setting), it connects and is normal again.
+      clock.fire();
+      socket().serverOpen();
+      assert.equal(counter.refused, false);
+      assert.equal(counter.state, "open");
+      socket().serverClose(1006); // closed before stableAfter: the attempts go on from 1
+      assert.deepEqual(
+        clock.delays().filter((d) => d !== DEFAULT_BACKOFF.stableAfter),
+        [2 * base * clock.random],
+      );
+    });
+  },
+
+  async "the origin check: asked after the first failure, then every 3 failures in a row"() {
+    await withFakeTime(async (clock) => {
+      const { counter, checks, logger, socket } = newCounter();
+      socket().serverClose(1006);
+      assert.equal(checks.calls.length, 1); // never connected: ask at once
+      checks.calls[0].settle(); // allowed: an ordinary failure
+      await flush();
+      const askedAt = [];
+      for (let i = 2; i <= 7; i++) {
+        clock.fire();
+        socket().serverClose(1006);
+        if (checks.calls.length > askedAt.length + 1) {
+          askedAt.push(i);
+          checks.calls.at(-1).settle();
+          await flush();
+        }
+      }
+      assert.deepEqual(askedAt, [3, 6]);
+      assert.equal(counter.refused, false);
+      assert.deepEqual(logger.lines.error, []);
+      // Connected once: a later run of failures asks only at the 3rd.
+      clock.fire();
+      socket().serverOpen();
+      socket().serverClose(1006); // it had opened: not a failed attempt
+      assert.equal(checks.calls.length, 3);
+      for (let i = 1; i <= 3; i++) {
+        clock.fire();
+        socket().serverClose(1006);
+      }
+      assert.equal(checks.calls.length, 4);
+    });
+  },
+
+  async "an unreachable or older service, or no answer yet, leaves the backoff as it is"() {
+    for (const answer of [new Error("network down"), 404, { allowed: true, origin: "https://site.example" }]) {
+      await withFakeTime(async (clock) => {
+        const checks = fakeFetch(() => answer);
+        const { counter, logger, socket } = newCounter({ fetch: checks.fetch });
+        socket().serverClose(1006);
+        assert.equal(checks.calls.length, 1);
+        // No second check while one is in flight.
+        clock.fire();
+        socket().serverClose(1006);
+        clock.fire();
+        socket().serverClose(1006);
+        assert.equal(checks.calls.length, 1, String(answer));
+        checks.calls[0].settle();
+        await flush();
+        assert.equal(counter.refused, false, String(answer));
+        assert.deepEqual(logger.lines.error, [], String(answer));
+        assert.deepEqual(clock.delays(), [4 * DEFAULT_BACKOFF.base * clock.random], String(answer));
+      });
+    }
+  },
+
+  async "a refusal that arrives after close() or after a connection opened changes nothing"() {
+    await withFakeTime(async (clock) => {
+      const checks = fakeFetch(() => ({ origin: "https://site.example", allowed: false }));
+      const { counter, logger, socket } = newCounter({ fetch: checks.fetch });
+      socket().serverClose(1006);
+      clock.fire();
+      socket().serverOpen();
+      checks.calls[0].settle();
+      await flush();
+      assert.equal(counter.refused, false);
+      assert.equal(counter.state, "open");
+      assert.deepEqual(logger.lines.error, []);
+    });
+    await withFakeTime(async (clock) => {
+      const checks = fakeFetch(() => ({ origin: "https://site.example", allowed: false }));
+      const { counter, logger, socket } = newCounter({ fetch: checks.fetch });
+      socket().serverClose(1006);
+      counter.close();
+      checks.calls[0].settle();
+      await flush();
+      assert.equal(counter.state, "stopped");
+      assert.deepEqual(clock.delays(), []);
+      assert.deepEqual(logger.lines.error, []);
+    });
   },
 
   async "subscribes on open and applies updates as set-these-ids"() {

@@ -310,6 +310,23 @@ fn room_active(key: &[u8], value: &[u8]) -> u64 {
     decode::<RoomRecord>(key, value).map_or(0, |r| r.last_active_ms)
 }
 
+/// Whether the sled database in `path` was created with compression (sled
+/// records it in its `conf` file and refuses to open it with the other
+/// setting); `None` for a new database. New databases are compressed (zstd):
+/// records are JSON, and compression also shrinks the garbage sled keeps
+/// until it cleans a segment, so the data directory under an id flood is
+/// about half the size (see BENCHMARKS.md, `flood`).
+fn compression_of(path: &Path) -> Option<bool> {
+    let conf = std::fs::read(path.join("conf")).ok()?;
+    String::from_utf8_lossy(&conf).lines().find_map(|l| {
+        match l.strip_prefix("use_compression:")?.trim() {
+            "true" => Some(true),
+            "false" => Some(false),
+            _ => None,
+        }
+    })
+}
+
 /// Handle to the database; cheap to clone, usable from any thread.
 #[derive(Clone)]
 pub struct Storage {
@@ -328,9 +345,17 @@ impl Storage {
     }
 
     fn open_db(path: &Path, cache_capacity: u64) -> Result<Storage, StorageError> {
+        let compress = compression_of(path).unwrap_or(true);
+        if !compress {
+            tracing::info!(
+                path = %path.display(),
+                "this data directory was created without compression; it stays uncompressed"
+            );
+        }
         let db = sled::Config::new()
             .path(path)
             .cache_capacity(cache_capacity)
+            .use_compression(compress)
             .flush_every_ms(Some(200))
             .open()?;
         let meta = db.open_tree("meta")?;
@@ -465,6 +490,35 @@ mod tests {
             .iter()
             .map(|p| s.load_stats(p).expect("read").is_some())
             .collect()
+    }
+
+    /// A new database is compressed; one created without compression (an
+    /// earlier build) opens as it is, with its records.
+    #[test]
+    fn compression_follows_the_database() {
+        let fresh = tempfile::tempdir().expect("dir");
+        drop(Storage::open(fresh.path(), 1 << 20).expect("open"));
+        assert_eq!(compression_of(fresh.path()), Some(true));
+        let old = tempfile::tempdir().expect("dir");
+        {
+            let db = sled::Config::new()
+                .path(old.path())
+                .use_compression(false)
+                .open()
+                .expect("plain sled");
+            db.open_tree("meta")
+                .expect("meta")
+                .insert("schema", SCHEMA_VERSION)
+                .expect("schema");
+            db.open_tree("stats")
+                .expect("stats")
+                .insert("kept", encode(&stats_at(5)))
+                .expect("record");
+            db.flush().expect("flush");
+        }
+        let s = Storage::open(old.path(), 1 << 20).expect("an uncompressed database opens");
+        assert_eq!(compression_of(old.path()), Some(false));
+        assert_eq!(s.load_stats("kept").expect("read"), Some(stats_at(5)));
     }
 
     /// The cap deletes the least recently active records first, keeps what

@@ -10,7 +10,7 @@
 //! the source of truth, so counts stay exact across a counter restart.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{HashMap, HashSet, VecDeque},
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -303,6 +303,13 @@ pub struct Counter {
     publish_scheduled: bool,
     /// Connections opened since the process started (`/api/v1/stats`).
     opened_total: u64,
+    /// Stats taken from dirty entries, waiting to be written, oldest first.
+    unsaved: VecDeque<(PageId, PageStats)>,
+    /// A chunk of `unsaved` is scheduled for writing.
+    saving: bool,
+    /// Time spent and records written by the snapshot in progress (metrics).
+    snapshot_took: Duration,
+    snapshot_records: usize,
     /// Cluster mode: the module that shares counts through Redis.
     cluster: Option<Addr<Cluster>>,
     /// Cluster mode: pages whose local count changed since the last publish.
@@ -331,6 +338,10 @@ impl Counter {
             last_publish: None,
             publish_scheduled: false,
             opened_total: 0,
+            unsaved: VecDeque::new(),
+            saving: false,
+            snapshot_took: Duration::ZERO,
+            snapshot_records: 0,
             cluster: None,
             local_changed: HashSet::new(),
             loading: HashMap::new(),
@@ -571,37 +582,84 @@ impl Counter {
         cluster.do_send(cluster::SetFollowed { pages: followed });
     }
 
-    /// Writes dirty stats in one batch, then flushes off-thread.
-    fn snapshot(&mut self, wait: bool) {
-        let started = Instant::now();
-        let dirty: Vec<(PageId, PageStats)> = self
-            .pages
-            .iter_mut()
-            .filter(|(_, e)| e.dirty)
-            .map(|(p, e)| {
-                e.dirty = false;
-                (p.clone(), e.stats.clone())
-            })
-            .collect();
-        // In chunks, each followed by the trim, so that a burst of new pages
-        // never takes the store far past `storage.max_records` (sled does not
-        // give back the space of a peak).
-        for (i, chunk) in dirty.chunks(SNAPSHOT_CHUNK).enumerate() {
-            if let Err(e) = self
-                .storage
-                .save_stats(chunk.iter().map(|(p, s)| (&**p, s)))
-            {
-                tracing::error!(error = %e, "stats snapshot failed; will retry");
-                for (p, _) in &dirty[i * SNAPSHOT_CHUNK..] {
-                    if let Some(e) = self.pages.get_mut(p) {
-                        e.dirty = true;
-                    }
-                }
-                return;
-            }
-            self.trim_storage();
+    /// Moves every dirty entry's stats to the write queue.
+    fn take_dirty(&mut self) {
+        for (p, e) in self.pages.iter_mut().filter(|(_, e)| e.dirty) {
+            e.dirty = false;
+            self.unsaved.push_back((p.clone(), e.stats.clone()));
         }
-        crate::metrics::snapshot(started.elapsed(), dirty.len());
+    }
+
+    /// The snapshot timer: queues the dirty stats and writes them one chunk
+    /// per turn of the actor's loop, so a burst of new pages (an id flood)
+    /// never holds the counter away from its messages for long.
+    fn snapshot(&mut self, ctx: &mut Context<Self>) {
+        self.take_dirty();
+        if self.unsaved.is_empty() {
+            self.finish_snapshot(false);
+        } else {
+            self.save_soon(ctx);
+        }
+    }
+
+    /// Schedules the next chunk of the write queue.
+    fn save_soon(&mut self, ctx: &mut Context<Self>) {
+        if self.saving {
+            return;
+        }
+        self.saving = true;
+        ctx.run_later(Duration::ZERO, |act, ctx| {
+            act.saving = false;
+            match act.save_chunk() {
+                Ok(true) => act.save_soon(ctx),
+                Ok(false) => act.finish_snapshot(false),
+                // Left queued: the next snapshot tick retries.
+                Err(()) => {}
+            }
+        });
+    }
+
+    /// Writes every queued and dirty stats record now (shutdown).
+    fn snapshot_now(&mut self) {
+        self.take_dirty();
+        loop {
+            match self.save_chunk() {
+                Ok(true) => continue,
+                Ok(false) => break,
+                Err(()) => return,
+            }
+        }
+        self.finish_snapshot(true);
+    }
+
+    /// Writes the next chunk of the queue, then trims the stores, so that a
+    /// burst never takes a store far past `storage.max_records` (sled does
+    /// not give back the space of a peak). True while more is queued.
+    fn save_chunk(&mut self) -> Result<bool, ()> {
+        let started = Instant::now();
+        let n = self.unsaved.len().min(SNAPSHOT_CHUNK);
+        let chunk: Vec<(PageId, PageStats)> = self.unsaved.drain(..n).collect();
+        if let Err(e) = self
+            .storage
+            .save_stats(chunk.iter().map(|(p, s)| (&**p, s)))
+        {
+            tracing::error!(error = %e, "stats snapshot failed; will retry");
+            for item in chunk.into_iter().rev() {
+                self.unsaved.push_front(item);
+            }
+            return Err(());
+        }
+        self.snapshot_took += started.elapsed();
+        self.snapshot_records += n;
+        self.trim_storage();
+        Ok(!self.unsaved.is_empty())
+    }
+
+    /// After the queue is written: metrics, idle pages forgotten, the trim,
+    /// and a flush (off-thread unless `wait`).
+    fn finish_snapshot(&mut self, wait: bool) {
+        let records = std::mem::take(&mut self.snapshot_records);
+        crate::metrics::snapshot(std::mem::take(&mut self.snapshot_took), records);
         self.forget_idle_pages();
         self.trim_storage();
         let storage = self.storage.clone();
@@ -609,7 +667,7 @@ impl Counter {
             if let Err(e) = storage.flush() {
                 tracing::error!(error = %e, "flush failed");
             }
-        } else if !dirty.is_empty() {
+        } else if records > 0 {
             std::thread::spawn(move || {
                 if let Err(e) = storage.flush() {
                     tracing::error!(error = %e, "flush failed");
@@ -652,21 +710,11 @@ impl Counter {
             idle.truncate(goal);
         }
         let doomed: Vec<PageId> = idle.into_iter().map(|(_, p)| p.clone()).collect();
-        let unsaved: Vec<(&str, &PageStats)> = doomed
-            .iter()
-            .filter_map(|p| {
-                self.pages
-                    .get(p)
-                    .filter(|e| e.dirty)
-                    .map(|e| (&**p, &e.stats))
-            })
-            .collect();
-        if let Err(e) = self.storage.save_stats(unsaved) {
-            tracing::error!(error = %e, "stats write failed; idle pages kept");
-            return;
-        }
         for p in &doomed {
-            self.pages.remove(p);
+            // Unsaved stats go to the write queue.
+            if let Some(e) = self.pages.remove(p).filter(|e| e.dirty) {
+                self.unsaved.push_back((p.clone(), e.stats));
+            }
         }
         crate::metrics::evicted("pages", doomed.len());
         tracing::debug!(
@@ -715,8 +763,8 @@ impl Counter {
 
     fn sweep(&mut self) -> SweepReport {
         let mut report = SweepReport::default();
-        // Save first, so nothing dropped from memory is lost.
-        self.snapshot(false);
+        // Pages with unsaved stats are kept; stats in the write queue are
+        // written whether their page stays in memory or not.
         let before = self.pages.len();
         self.pages.retain(|_, e| {
             e.count > 0 || !e.subscribers.is_empty() || e.dirty || e.reported != e.count
@@ -882,7 +930,7 @@ impl Actor for Counter {
     fn started(&mut self, ctx: &mut Context<Self>) {
         self.generation += 1;
         let s = &self.settings;
-        ctx.run_interval(s.storage.snapshot_interval, |act, _| act.snapshot(false));
+        ctx.run_interval(s.storage.snapshot_interval, |act, ctx| act.snapshot(ctx));
         ctx.run_interval(s.counter.sweep_interval, |act, _| {
             act.sweep();
         });
@@ -927,8 +975,10 @@ impl Supervised for Counter {
         self.local_changed.clear();
         self.loading.clear();
         self.resync = None;
-        // The restart dropped the context's timers, a scheduled publish too.
+        // The restart dropped the context's timers, a scheduled publish and
+        // a scheduled write too (the write queue itself is kept).
         self.publish_scheduled = false;
+        self.saving = false;
     }
 }
 
@@ -1199,7 +1249,7 @@ impl Handler<GetPage> for Counter {
 impl Handler<FinalSnapshot> for Counter {
     type Result = ();
     fn handle(&mut self, _: FinalSnapshot, _: &mut Context<Self>) {
-        self.snapshot(true);
+        self.snapshot_now();
     }
 }
 

@@ -32,7 +32,7 @@
 //! | `link_counter_count_publishes_total` | counter | | changed counts published to follower rooms (after coalescing) |
 //! | `link_counter_updates_sent_total` | counter | | `update` messages written to client sockets |
 //! | `link_counter_publish_lag_seconds` | histogram | | count change → its `update` encoded for a subscriber's socket by its session |
-//! | `link_counter_snapshot_duration_seconds` | histogram | | stats snapshot (batch write) duration |
+//! | `link_counter_snapshot_duration_seconds` | histogram | | stats snapshot duration (all its chunks) |
 //! | `link_counter_snapshot_records` | histogram | | stats records written per snapshot |
 //! | `link_counter_sweeps_total` | counter | | cleanup sweeps run |
 //! | `link_counter_sweep_removed_total` | counter | `what` | removed by sweeps: `pages` (memory), `room_records`, `stats_records` |
@@ -317,7 +317,7 @@ pub enum CloseKind {
     SlowClient,
     /// Closed 1001: server shutdown.
     Shutdown,
-    /// Closed 1008: `limits.max_rooms` reached when it joined.
+    /// Closed 1013 (try again later): `limits.max_rooms` reached when it joined.
     MaxRooms,
 }
 
@@ -374,7 +374,7 @@ pub enum Refused {
     ShuttingDown,
     /// 503: the server is still starting (a worker has not hosted its shard yet).
     Starting,
-    /// Upgraded, then closed 1008: `limits.max_rooms` reached.
+    /// Upgraded, then closed 1013 (try again later): `limits.max_rooms` reached.
     MaxRooms,
 }
 

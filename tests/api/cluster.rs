@@ -581,7 +581,8 @@ fn cluster_settings_are_validated() {
 
 /// Measurement, not a check (`cargo test --test api redis_load -- --ignored
 /// --nocapture`): Redis commands per second for two nodes under connection
-/// churn, to compare with the capacity arithmetic in README "Running a cluster".
+/// churn, to compare with the capacity arithmetic in docs/CLUSTER.md
+/// ("Capacity arithmetic").
 #[tokio::test]
 #[ignore]
 async fn redis_load_under_churn() {

@@ -208,22 +208,31 @@ impl Shard {
                 }
                 continue;
             }
-            if let Some(h) = self
-                .shards
-                .inner
-                .slots
-                .get(idle.shard)
-                .and_then(|s| s.get())
-            {
-                h.addr.do_send(Evict {
-                    page: idle.page,
-                    uid: idle.uid,
-                    seq,
-                    reclaim: true,
-                });
+            if self.send_evict(idle, seq, true) {
                 return true;
             }
         }
+    }
+
+    /// Asks the shard that owns `idle` to stop it (see [`Evict`]); false if
+    /// that shard is not hosted.
+    fn send_evict(&self, idle: IdleRoom, seq: u64, reclaim: bool) -> bool {
+        let Some(h) = self
+            .shards
+            .inner
+            .slots
+            .get(idle.shard)
+            .and_then(|s| s.get())
+        else {
+            return false;
+        };
+        h.addr.do_send(Evict {
+            page: idle.page,
+            uid: idle.uid,
+            seq,
+            reclaim,
+        });
+        true
     }
 
     /// Stops every room idle for `room.idle_timeout`, and the least recently
@@ -245,19 +254,8 @@ impl Shard {
             let Some((seq, idle)) = expired else { return };
             if idle.shard == self.index {
                 self.evict(&idle.page, idle.uid, seq, "idle");
-            } else if let Some(h) = self
-                .shards
-                .inner
-                .slots
-                .get(idle.shard)
-                .and_then(|s| s.get())
-            {
-                h.addr.do_send(Evict {
-                    page: idle.page,
-                    uid: idle.uid,
-                    seq,
-                    reclaim: false,
-                });
+            } else {
+                self.send_evict(idle, seq, false);
             }
         }
     }

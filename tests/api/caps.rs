@@ -6,22 +6,7 @@ use std::time::Duration;
 
 use link_counter::{counter::Tracked, protocol::PageId, shard::RoomOf};
 
-use crate::helpers::{counts, spawn_app, TestApp, PATIENCE};
-
-async fn eventually<F, Fut>(what: &str, mut f: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    while !f().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
+use crate::helpers::{counts, eventually, spawn_app, TestApp};
 
 fn idle_pages(app: &TestApp) -> Vec<String> {
     app.shards

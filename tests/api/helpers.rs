@@ -189,15 +189,37 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     .await
 }
 
-/// Sends a raw request and reads the whole response.
-pub async fn http_raw(addr: SocketAddr, request: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).await.expect("connect");
+/// Writes `request` on `s` and reads until the peer closes.
+pub async fn exchange(s: &mut TcpStream, request: &str) -> Vec<u8> {
     s.write_all(request.as_bytes()).await.expect("write");
     let mut buf = Vec::new();
     tokio::time::timeout(PATIENCE, s.read_to_end(&mut buf))
         .await
         .expect("response in time")
         .expect("read");
+    buf
+}
+
+/// Polls `f` every 20 ms until it is true; panics after [`PATIENCE`].
+pub async fn eventually<F, Fut>(what: &str, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while !f().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Sends a raw request and reads the whole response.
+pub async fn http_raw(addr: SocketAddr, request: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    let buf = exchange(&mut s, request).await;
     let text = String::from_utf8_lossy(&buf).into_owned();
     let status = text
         .split(' ')

@@ -9,7 +9,7 @@ use link_counter::{
     storage::Storage,
 };
 
-use crate::helpers::{counts, http_raw, spawn_app, PATIENCE};
+use crate::helpers::{counts, eventually, http_raw, spawn_app};
 
 async fn live_rooms(app: &crate::helpers::TestApp) -> usize {
     let mut n = 0;
@@ -17,21 +17,6 @@ async fn live_rooms(app: &crate::helpers::TestApp) -> usize {
         n += s.send(RoomCountQuery).await.expect("shard answers");
     }
     n
-}
-
-async fn eventually<F, Fut>(what: &str, mut f: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    while !f().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 /// A room with no connections stops after `room.idle_timeout`; a room with

@@ -649,12 +649,7 @@ impl Response {
 
 async fn request(mut s: TcpStream, host: &str, path: &str) -> Response {
     let req = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
-    s.write_all(req.as_bytes()).await.expect("write");
-    let mut buf = Vec::new();
-    tokio::time::timeout(PATIENCE, s.read_to_end(&mut buf))
-        .await
-        .expect("response in time")
-        .expect("read");
+    let buf = crate::helpers::exchange(&mut s, &req).await;
     let text = String::from_utf8_lossy(&buf).into_owned();
     let (head, body) = text
         .split_once("\r\n\r\n")

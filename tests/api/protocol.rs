@@ -5,7 +5,7 @@ use std::{collections::BTreeMap, time::Duration};
 use link_counter::counter::{GetStatus, InjectFault};
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::helpers::{connect_from, counts, spawn_app, Client, SilentClient, PATIENCE};
+use crate::helpers::{connect_from, counts, spawn_app, Client, SilentClient};
 
 /// The reference scenario of PROTOCOL.md, message for message.
 #[tokio::test]
@@ -301,7 +301,6 @@ async fn ask_origin(
     method: &str,
     origin: Option<&str>,
 ) -> (u16, BTreeMap<String, String>, serde_json::Value) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let origin_line = origin.map_or(String::new(), |o| format!("Origin: {o}\r\n"));
     let length = if method == "POST" {
         "Content-Length: 0\r\n"
@@ -312,12 +311,7 @@ async fn ask_origin(
         "{method} /api/v1/origin HTTP/1.1\r\nHost: {addr}\r\n{origin_line}{length}Connection: close\r\n\r\n"
     );
     let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    s.write_all(request.as_bytes()).await.expect("write");
-    let mut buf = Vec::new();
-    tokio::time::timeout(PATIENCE, s.read_to_end(&mut buf))
-        .await
-        .expect("response in time")
-        .expect("read");
+    let buf = crate::helpers::exchange(&mut s, &request).await;
     let text = String::from_utf8(buf).expect("UTF-8 response");
     let (head, body) = text.split_once("\r\n\r\n").expect("head and body");
     let mut lines = head.lines();

@@ -8,6 +8,39 @@ use serde::{Deserialize, Serialize};
 /// A validated page id: 1..=256 bytes of UTF-8, no control characters, no `/`.
 pub type PageId = Arc<str>;
 
+/// A page's two presence figures: its open connections, and the distinct
+/// visitors among them (a connection without a visitor id is its own
+/// visitor, so `visitors <= connections`). Node-local or cluster-wide,
+/// depending on who holds it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct Tally {
+    /// Open connections.
+    pub connections: u64,
+    /// Distinct visitor ids among them.
+    pub visitors: u64,
+}
+
+impl Tally {
+    /// No connection.
+    pub const ZERO: Tally = Tally {
+        connections: 0,
+        visitors: 0,
+    };
+
+    /// Both figures summed (saturating).
+    pub fn plus(self, other: Tally) -> Tally {
+        Tally {
+            connections: self.connections.saturating_add(other.connections),
+            visitors: self.visitors.saturating_add(other.visitors),
+        }
+    }
+
+    /// True when no connection is counted.
+    pub fn is_zero(self) -> bool {
+        self.connections == 0
+    }
+}
+
 /// Longest page id in bytes.
 pub const MAX_PAGE_ID_BYTES: usize = 256;
 

@@ -313,6 +313,8 @@ pub struct Cluster {
     groups: HashMap<u32, usize>,
     /// Channels subscribed (or being subscribed).
     subscribed: HashSet<String>,
+    /// The groups or the live view changed since `subscribed` was computed.
+    resubscribe: bool,
     /// Held pages whose values were loaded on this connection.
     loaded: HashSet<PageId>,
     /// Held pages to load.
@@ -369,6 +371,7 @@ impl Cluster {
             lingering: HashMap::new(),
             groups: HashMap::new(),
             subscribed: HashSet::new(),
+            resubscribe: false,
             loaded: HashSet::new(),
             to_load: HashSet::new(),
             syncing: false,
@@ -457,6 +460,7 @@ impl Cluster {
         }
         // Pub/sub messages of the gap are lost: subscribe and load again.
         self.subscribed.clear();
+        self.resubscribe = true;
         self.loaded.clear();
         self.remote.clear_values();
         self.to_load.extend(self.remote.held().cloned());
@@ -515,8 +519,9 @@ impl Cluster {
             .filter(|n| n.process != own)
             .map(|n| (n.process, n.incarnation))
             .collect();
-        let (affected, joined) = self.remote.set_live(live);
+        let (affected, joined, changed) = self.remote.set_live(live);
         self.have_view = true;
+        self.resubscribe |= changed;
         if joined {
             // A node not counted before: load its values of every held page.
             self.to_load.extend(self.remote.held().cloned());
@@ -726,14 +731,17 @@ impl Cluster {
         }
         let Some(link) = &self.link else { return };
         let (conn, gen) = (link.conn.clone(), link.gen);
-        let wanted = self.wanted_channels();
-        let sub: Vec<String> = wanted.difference(&self.subscribed).cloned().collect();
-        let unsub: Vec<String> = self.subscribed.difference(&wanted).cloned().collect();
+        let (mut sub, mut unsub) = (Vec::new(), Vec::new());
+        if std::mem::take(&mut self.resubscribe) {
+            let wanted = self.wanted_channels();
+            sub = wanted.difference(&self.subscribed).cloned().collect();
+            unsub = self.subscribed.difference(&wanted).cloned().collect();
+            self.subscribed = wanted;
+        }
         let loads: Vec<PageId> = self.to_load.drain().collect();
         if sub.is_empty() && unsub.is_empty() && loads.is_empty() {
             return;
         }
-        self.subscribed = wanted;
         self.syncing = true;
         let keys = self.keys.clone();
         let by_group = |names: Vec<String>| -> Vec<Vec<String>> {
@@ -818,7 +826,9 @@ impl Cluster {
             return;
         }
         self.remote.hold(page);
-        *self.groups.entry(self.keys.channel_of(page)).or_default() += 1;
+        let n = self.groups.entry(self.keys.channel_of(page)).or_default();
+        *n += 1;
+        self.resubscribe |= *n == 1;
         self.to_load.insert(page.clone());
     }
 
@@ -837,6 +847,7 @@ impl Cluster {
             *n -= 1;
             if *n == 0 {
                 self.groups.remove(&k);
+                self.resubscribe = true;
             }
         }
     }

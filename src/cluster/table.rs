@@ -133,10 +133,12 @@ impl RemoteTable {
     }
 
     /// Replaces the live view with a heartbeat snapshot (own process left
-    /// out by the caller). Returns the held pages that lost a value and
-    /// whether a node not counted before became live (its values must be loaded).
-    pub fn set_live(&mut self, live: HashMap<Arc<str>, u64>) -> (Vec<PageId>, bool) {
+    /// out by the caller). Returns the held pages that lost a value, whether
+    /// a node not counted before became live (its values must be loaded),
+    /// and whether the view changed at all.
+    pub fn set_live(&mut self, live: HashMap<Arc<str>, u64>) -> (Vec<PageId>, bool, bool) {
         let joined = live.iter().any(|(p, i)| self.live.get(p) != Some(i));
+        let changed = joined || live.len() != self.live.len();
         self.live = live;
         let mut affected = Vec::new();
         for (page, m) in self.pages.iter_mut() {
@@ -147,7 +149,7 @@ impl RemoteTable {
                 affected.push(page.clone());
             }
         }
-        (affected, joined)
+        (affected, joined, changed)
     }
 
     /// Held pages.
@@ -242,22 +244,24 @@ mod tests {
         let mut tb = RemoteTable::default();
         let x = PageId::from("x");
         tb.hold(&x);
-        let (_, joined) = tb.set_live(view(&["a.1", "b.1"]));
-        assert!(joined);
+        let (_, joined, changed) = tb.set_live(view(&["a.1", "b.1"]));
+        assert!(joined && changed);
         tb.apply(&x, &id("a.1"), 1, t(100));
         tb.apply(&x, &id("b.1"), 1, t(4));
         // Not live yet: ignored (it is loaded once a snapshot shows it).
         assert!(!tb.apply(&x, &id("a.2"), 1, t(100)));
         assert_eq!(tb.sum(&x), t(104));
         // a.1 stalled past its ttl: the snapshot no longer has it.
-        let (affected, joined) = tb.set_live(view(&["b.1"]));
+        let (affected, joined, changed) = tb.set_live(view(&["b.1"]));
         assert_eq!(affected, vec![x.clone()]);
-        assert!(!joined);
+        assert!(!joined && changed);
+        let (affected, _, changed) = tb.set_live(view(&["b.1"]));
+        assert!(affected.is_empty() && !changed);
         assert_eq!(tb.sum(&x), t(4));
         // Late messages of a.1 are ignored.
         assert!(!tb.apply(&x, &id("a.1"), 2, t(100)));
         // a.2 registered: counted once, never with a.1.
-        let (_, joined) = tb.set_live(view(&["a.2", "b.1"]));
+        let (_, joined, _) = tb.set_live(view(&["a.2", "b.1"]));
         assert!(joined);
         assert!(tb.apply(&x, &id("a.2"), 1, t(100)));
         assert!(!tb.apply(&x, &id("a.1"), 3, t(100)));

@@ -444,7 +444,7 @@ impl Cluster {
             .chain(futures_util::stream::once(async move { (gen, None) }));
         ctx.add_stream(pushes);
         self.link = Some(Link { conn, gen });
-        tracing::info!(node = %self.id, redis = %self.backend.describe(), "cluster: connected to redis");
+        tracing::info!(process = %self.id.process, redis = %self.backend.describe(), "cluster: connected to redis");
         if self.joined {
             if check.ok {
                 // Still live: only what may not have reached Redis is written again.

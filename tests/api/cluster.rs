@@ -151,13 +151,19 @@ impl Node {
     }
 
     fn start_with(redis: &Redis, extra: &[(&str, &str)]) -> Node {
+        Self::start_on(&redis.url(), extra)
+    }
+
+    /// A node on the Redis at `url` (with `CLUSTER__REDIS_CLUSTER` in
+    /// `extra`: a Redis Cluster's seed list).
+    fn start_on(url: &str, extra: &[(&str, &str)]) -> Node {
         let dir = tempfile::tempdir().expect("tmp");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_link-counter"));
         cmd.env("LINK_COUNTER__SERVER__BIND", "127.0.0.1:0")
             .env("LINK_COUNTER__ADMIN__BIND", "127.0.0.1:0")
             .env("LINK_COUNTER__SERVER__WORKERS", "2")
             .env("LINK_COUNTER__STORAGE__PATH", dir.path())
-            .env("LINK_COUNTER__CLUSTER__REDIS_URL", redis.url())
+            .env("LINK_COUNTER__CLUSTER__REDIS_URL", url)
             .env("LINK_COUNTER__CLUSTER__HEARTBEAT_INTERVAL", HEARTBEAT)
             .env(
                 "LINK_COUNTER__CLUSTER__NODE_TTL",
@@ -631,6 +637,30 @@ fn cluster_settings_are_validated() {
     assert!(e.to_string().contains("cluster.node_ttl"), "{e}");
     let e = load(&[("CLUSTER__REDIS_URL", "not a url")]).expect_err("bad url");
     assert!(e.to_string().contains("cluster.redis_url"), "{e}");
+    let e = load(&[
+        ("CLUSTER__REDIS_URL", "redis://127.0.0.1:6379"),
+        ("CLUSTER__KEY_PREFIX", "lc{x}:"),
+    ])
+    .expect_err("braces in the prefix");
+    assert!(e.to_string().contains("cluster.key_prefix"), "{e}");
+    let s = load(&[
+        (
+            "CLUSTER__REDIS_URL",
+            "redis://10.0.0.1:7000, redis://10.0.0.2:7000",
+        ),
+        ("CLUSTER__REDIS_CLUSTER", "true"),
+    ])
+    .expect("a seed list");
+    assert_eq!(
+        s.cluster.redis_urls(),
+        ["redis://10.0.0.1:7000", "redis://10.0.0.2:7000"]
+    );
+    let e = load(&[
+        ("CLUSTER__REDIS_URL", "redis://10.0.0.1:7000,nope"),
+        ("CLUSTER__REDIS_CLUSTER", "true"),
+    ])
+    .expect_err("one bad seed");
+    assert!(e.to_string().contains("cluster.redis_url"), "{e}");
 }
 
 /// Measurement, not a check (`cargo test --test api redis_load -- --ignored
@@ -902,4 +932,206 @@ async fn stalled_node_is_never_counted_twice() {
         }
         assert_eq!(obs.shown, counts(&[("x", 5)]));
     }
+}
+
+/// A real Redis Cluster of three masters (no replicas) on free ports,
+/// created with `redis-cli --cluster create`.
+struct RedisCluster {
+    ports: Vec<u16>,
+    children: Vec<Child>,
+    _dir: tempfile::TempDir,
+}
+
+impl RedisCluster {
+    fn start() -> RedisCluster {
+        let dir = tempfile::tempdir().expect("tmp");
+        let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let children = ports
+            .iter()
+            .map(|p| {
+                let node_dir = dir.path().join(p.to_string());
+                std::fs::create_dir(&node_dir).expect("node dir");
+                Command::new("redis-server")
+                    .args(["--port", &p.to_string(), "--bind", "127.0.0.1"])
+                    .args([
+                        "--cluster-enabled",
+                        "yes",
+                        "--save",
+                        "",
+                        "--appendonly",
+                        "no",
+                    ])
+                    .arg("--dir")
+                    .arg(&node_dir)
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .expect("redis-server starts")
+            })
+            .collect();
+        let cluster = RedisCluster {
+            ports,
+            children,
+            _dir: dir,
+        };
+        for p in &cluster.ports {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while std::net::TcpStream::connect(("127.0.0.1", *p)).is_err() {
+                assert!(Instant::now() < deadline, "redis-server did not listen");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        let addrs: Vec<String> = cluster
+            .ports
+            .iter()
+            .map(|p| format!("127.0.0.1:{p}"))
+            .collect();
+        let out = Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&addrs)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()
+            .expect("redis-cli runs");
+        assert!(
+            out.status.success(),
+            "cluster create: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        // Every master agrees the cluster is up.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        for p in &cluster.ports {
+            while !cluster
+                .cli(*p, &["cluster", "info"])
+                .contains("cluster_state:ok")
+            {
+                assert!(Instant::now() < deadline, "cluster never became ok");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        cluster
+    }
+
+    /// Seed URLs for `cluster.redis_url`.
+    fn urls(&self) -> String {
+        let urls: Vec<String> = self.ports[..2]
+            .iter()
+            .map(|p| format!("redis://127.0.0.1:{p}"))
+            .collect();
+        urls.join(",")
+    }
+
+    fn cli(&self, port: u16, args: &[&str]) -> String {
+        let out = Command::new("redis-cli")
+            .args(["-p", &port.to_string()])
+            .args(args)
+            .output()
+            .expect("redis-cli runs");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Calls of `command` summed over the masters.
+    fn calls(&self, command: &str) -> u64 {
+        let prefix = format!("cmdstat_{command}:calls=");
+        self.ports
+            .iter()
+            .map(|p| {
+                self.cli(*p, &["info", "commandstats"])
+                    .lines()
+                    .find_map(|l| l.strip_prefix(&prefix)?.split(',').next()?.parse().ok())
+                    .unwrap_or(0)
+            })
+            .sum()
+    }
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// On a real 3-master Redis Cluster (`cluster.redis_cluster`): counts are
+/// summed across three nodes (subscribers and the HTTP API), through sharded
+/// pub/sub only (SPUBLISH, no PUBLISH), with keys spread over the masters;
+/// a kill -9 ghost goes, a stalled node is not counted twice, a graceful
+/// leave removes a node at once.
+#[tokio::test]
+async fn redis_cluster_shares_counts() {
+    if !redis_available() {
+        return;
+    }
+    let rc = RedisCluster::start();
+    let urls = rc.urls();
+    let extra = [("CLUSTER__REDIS_CLUSTER", "true")];
+    let (a, b, c) = (
+        Node::start_on(&urls, &extra),
+        Node::start_on(&urls, &extra),
+        Node::start_on(&urls, &extra),
+    );
+    for node in [&a, &b, &c] {
+        eventually("every node sees three", || async {
+            node.nodes_seen().await == 3.0
+        })
+        .await;
+    }
+    let pages: Vec<String> = (0..12).map(|i| format!("page{i}")).collect();
+    let links: Vec<&str> = pages.iter().map(String::as_str).collect();
+    let mut obs_c = c.connect("o").await;
+    obs_c.subscribe(&links).await;
+    obs_c.next_update().await;
+    let mut held = Vec::new();
+    let mut want = Vec::new();
+    for (i, p) in pages.iter().enumerate() {
+        // page i: (i % 3) + 1 viewers on a, 2 on b.
+        for _ in 0..(i % 3) + 1 {
+            held.push(a.connect(p).await);
+        }
+        for _ in 0..2 {
+            held.push(b.connect(p).await);
+        }
+        want.push((p.as_str(), (i % 3) as u64 + 3));
+    }
+    obs_c.wait_for(&counts(&want)).await;
+    let (_, body) = http_get(c.addr, &format!("/api/v1/counts?ids={}", links.join(","))).await;
+    let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+    for (p, n) in &want {
+        assert_eq!(v[*p], *n, "{body}");
+    }
+    assert!(rc.calls("spublish") > 0, "sharded pub/sub used");
+    assert_eq!(rc.calls("publish"), 0, "no cluster-wide PUBLISH");
+    let with_keys = rc
+        .ports
+        .iter()
+        .filter(|p| rc.cli(**p, &["dbsize"]).trim() != "0")
+        .count();
+    assert!(with_keys >= 2, "keys spread over the masters");
+
+    // A stalled b: dropped, then counted again, never twice.
+    let mut obs_a = a.observer(&["page0"]).await;
+    obs_a.wait_for(&counts(&[("page0", 3)])).await;
+    b.signal("-STOP");
+    assert!(max_until_page(&mut obs_a, "page0", 1).await <= 3);
+    b.signal("-CONT");
+    assert!(max_until_page(&mut obs_a, "page0", 3).await <= 3);
+
+    // Graceful leave of b, then kill -9 of a: c ends with nothing.
+    let closing = tokio::task::spawn_blocking(move || b.terminate());
+    obs_c.wait_for(&counts(&[("page0", 1), ("page1", 2)])).await;
+    closing.await.expect("terminated");
+    a.kill_9();
+    obs_c.wait_for(&counts(&[("page0", 0), ("page1", 0)])).await;
+    drop(held);
+}
+
+/// Reads updates until `page` equals `want`; returns the largest value seen.
+async fn max_until_page(c: &mut Client, page: &str, want: u64) -> u64 {
+    let mut max = c.shown.get(page).copied().unwrap_or(0);
+    while c.shown.get(page) != Some(&want) {
+        c.next_json().await;
+        max = max.max(c.shown.get(page).copied().unwrap_or(0));
+    }
+    max
 }

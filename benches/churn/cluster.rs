@@ -21,6 +21,10 @@
 //!   10 s after the load stops (every subscriber exact, every churn page 0
 //!   on every node's HTTP API).
 //!
+//! Also per run: the `redis-server`'s CPU use (percent of one core), and at
+//! the end the ceiling: `redis-benchmark` (50 clients, no pipelining) against
+//! the same build: `SET`, `HSET` and `PUBLISH` per second.
+//!
 //! Then, with `heartbeat_interval` 200 ms and `node_ttl` 1 s, 3 nodes:
 //! - **stall**: 20 runs (smoke 2) of SIGSTOP on the node holding 100 of 200
 //!   viewers of a page, SIGCONT once the others dropped it (even runs) or
@@ -423,6 +427,7 @@ async fn run(n: usize, links: Links, rate: f64, smoke: bool) {
     let published0 = metric_sum(&nodes, "link_counter_cluster_messages_published_total").await;
     let received0 = metric_sum(&nodes, "link_counter_cluster_messages_received_total").await;
     let (cycles0, t0) = (done.load(Ordering::Relaxed), Instant::now());
+    let redis_cpu0 = cpu_secs(redis.child.id());
     let probe_stop = Arc::new(AtomicBool::new(false));
     let src = addrs[n - 1];
     let ps = probe_stop.clone();
@@ -433,6 +438,7 @@ async fn run(n: usize, links: Links, rate: f64, smoke: bool) {
     };
     let (mut prop, ()) = tokio::join!(probing, timer);
     let secs_run = secs(t0);
+    let redis_cpu = cpu_secs(redis.child.id()) - redis_cpu0;
     let cycles = done.load(Ordering::Relaxed) - cycles0;
     let after = redis.commandstats();
     let published =
@@ -532,6 +538,7 @@ async fn run(n: usize, links: Links, rate: f64, smoke: bool) {
         .s("errors", errors.load(Ordering::Relaxed))
         .f("cmds_per_cycle", total as f64 / cycles.max(1) as f64)
         .f("heartbeat_cmds_per_s", heartbeat as f64 / secs_run)
+        .f("redis_cpu_pct", redis_cpu / secs_run * 100.0)
         .s("per_cycle", top.join(","))
         .f(
             "deliveries_per_publish",
@@ -646,6 +653,39 @@ async fn crashes(smoke: bool) {
     nodes.clear();
 }
 
+/// The ceiling next to the runs: what the same `redis-server` build does
+/// on this machine with `redis-benchmark` (50 clients, no pipelining).
+fn redis_ceiling(smoke: bool) {
+    let redis = Redis::start();
+    let port = redis.url.rsplit(':').next().unwrap_or("6379").to_string();
+    let n = if smoke { "20000" } else { "300000" };
+    let run = |args: &[&str]| -> f64 {
+        let out = Command::new("redis-benchmark")
+            .args(["-p", port.as_str(), "-q", "-c", "50", "-n", n])
+            .args(args)
+            .output();
+        let text = out.map(|o| String::from_utf8_lossy(&o.stdout).into_owned());
+        // "SET: 98765.43 requests per second, p50=…" (after progress lines ending in \r).
+        text.ok()
+            .and_then(|t| {
+                t.rsplit('\r')
+                    .next()
+                    .and_then(|l| l.split_once(": "))
+                    .and_then(|(_, r)| r.split_whitespace().next()?.parse().ok())
+            })
+            .unwrap_or(f64::NAN)
+    };
+    Line::new("cluster")
+        .s("part", "redis_ceiling")
+        .f("set_per_s", run(&["-t", "set"]))
+        .f("hset_per_s", run(&["-t", "hset"]))
+        .f(
+            "publish_per_s",
+            run(&["publish", "c", "{\"node\":\"x.1\",\"seq\":1}"]),
+        )
+        .print();
+}
+
 pub fn cluster(rt: &tokio::runtime::Runtime, smoke: bool) {
     let rate: f64 = std::env::var("LC_CLUSTER_RATE")
         .ok()
@@ -659,4 +699,5 @@ pub fn cluster(rt: &tokio::runtime::Runtime, smoke: bool) {
         run(if smoke { 2 } else { 4 }, Links::New, rate, smoke).await;
         crashes(smoke).await;
     });
+    redis_ceiling(smoke);
 }

@@ -30,7 +30,8 @@
 //!   viewers of a page, SIGCONT once the others dropped it (even runs) or
 //!   after `node_ttl` + 0–0.5 s (odd runs); a run is above the truth if a
 //!   subscriber on either other node ever shows more than 200;
-//! - **kill -9**: 5 runs (smoke 1) of kill -9 on a node holding 100 viewers;
+//! - **kill -9**: 5 runs (smoke 1) of kill -9, at a random point of the
+//!   heartbeat cycle, on a node holding 100 viewers;
 //!   the time until a subscriber elsewhere drops them, next to the bound
 //!   `node_ttl` + `heartbeat_interval` + `broadcast_interval`.
 
@@ -632,6 +633,9 @@ async fn crashes(smoke: bool) {
             wa.wait(0, 200, Duration::from_secs(10)).await,
             "victim counted"
         );
+        // The watcher saw the victim right after its node's heartbeat: a random
+        // delay so the kill falls anywhere in the heartbeat cycle.
+        tokio::time::sleep(Duration::from_millis(rng.below(hb))).await;
         let t = Instant::now();
         victim.kill9();
         if wa.wait(0, 100, Duration::from_secs(30)).await {

@@ -663,62 +663,6 @@ fn cluster_settings_are_validated() {
     assert!(e.to_string().contains("cluster.redis_url"), "{e}");
 }
 
-/// Measurement, not a check (`cargo test --test api redis_load -- --ignored
-/// --nocapture`): Redis commands per second for two nodes under connection
-/// churn, to compare with the capacity arithmetic in docs/CLUSTER.md
-/// ("Capacity arithmetic").
-#[tokio::test]
-#[ignore]
-async fn redis_load_under_churn() {
-    if !redis_available() {
-        return;
-    }
-    let redis = Redis::start();
-    let (a, b) = (Node::start(&redis), Node::start(&redis));
-    let _obs = (a.observer(&["x"]).await, b.observer(&["x"]).await);
-    let commands = || {
-        let out = Command::new("redis-cli")
-            .args(["-p", &redis.port.to_string(), "info", "stats"])
-            .output()
-            .expect("redis-cli runs");
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .find_map(|l| l.strip_prefix("total_commands_processed:"))
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .expect("total_commands_processed")
-    };
-    let cycles = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let before = commands();
-    let started = Instant::now();
-    let churn: Vec<_> = [a.addr, b.addr]
-        .into_iter()
-        .flat_map(|addr| (0..4).map(move |i| (addr, i)))
-        .map(|(addr, i)| {
-            let cycles = cycles.clone();
-            tokio::spawn(async move {
-                let url = format!("ws://{addr}/parties/page/p{i}");
-                loop {
-                    let c = Client::connect(&url).await;
-                    c.close().await;
-                    cycles.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                }
-            })
-        })
-        .collect();
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    for c in churn {
-        c.abort();
-    }
-    let secs = started.elapsed().as_secs_f64();
-    let after = commands();
-    let n = cycles.load(std::sync::atomic::Ordering::Relaxed);
-    println!(
-        "redis load: 2 nodes, 8 pages, {:.0} connect+close cycles/s -> {:.0} redis commands/s (heartbeats included)",
-        n as f64 / secs,
-        (after - before) as f64 / secs
-    );
-}
-
 /// Redis commands caused by one scripted set of follows (a client on the
 /// first node subscribing to 40 pages no one followed) with `n` nodes up,
 /// from `INFO commandstats`: (commands other than subscriptions, HGETALLs,

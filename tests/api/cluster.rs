@@ -810,16 +810,6 @@ async fn heartbeat_keeps_schedule_under_follow_flood() {
     assert_eq!(obs.shown, counts(&[("x", 3)]));
 }
 
-/// Reads updates until `x` equals `want`; returns the largest `x` seen.
-async fn max_until(c: &mut Client, want: u64) -> u64 {
-    let mut max = c.shown.get("x").copied().unwrap_or(0);
-    while c.shown.get("x") != Some(&want) {
-        c.next_json().await;
-        max = max.max(c.shown.get("x").copied().unwrap_or(0));
-    }
-    max
-}
-
 /// A node stalled (SIGSTOP) past `node_ttl` and resumed, again and again,
 /// sometimes after the others dropped it and sometimes while they may not
 /// have yet: observers on both other nodes never see more than the true
@@ -847,16 +837,16 @@ async fn stalled_node_is_never_counted_twice() {
         b.signal("-STOP");
         if round % 2 == 0 {
             // Resumed just after the others dropped it.
-            assert!(max_until(&mut obs_a, 2).await <= truth);
-            assert!(max_until(&mut obs_c, 2).await <= truth);
+            assert!(max_until_page(&mut obs_a, "x", 2).await <= truth);
+            assert!(max_until_page(&mut obs_c, "x", 2).await <= truth);
         } else {
             // Resumed around its expiry (the stall length is the stimulus).
             tokio::time::sleep(NODE_TTL + Duration::from_millis(100 * round)).await;
         }
         b.signal("-CONT");
         let (ma, mc) = (
-            max_until(&mut obs_a, 5).await,
-            max_until(&mut obs_c, 5).await,
+            max_until_page(&mut obs_a, "x", 5).await,
+            max_until_page(&mut obs_c, "x", 5).await,
         );
         println!("stall round {round}: most seen {ma} on a, {mc} on c (truth {truth})");
         assert!(ma <= truth && mc <= truth, "counted twice: {ma}, {mc}");

@@ -512,13 +512,15 @@ impl Cluster {
     fn on_view(&mut self, ctx: &mut Context<Self>, id: Option<Arc<str>>, r: BeatReply) {
         m::set_cluster_nodes(r.live.len());
         let own = self.id.process.clone();
-        let live: HashMap<Arc<str>, u64> = r
-            .live
-            .iter()
-            .filter_map(|s| NodeId::parse(s))
-            .filter(|n| n.process != own)
-            .map(|n| (n.process, n.incarnation))
-            .collect();
+        // One incarnation per process, the latest (two could only both look
+        // live if Redis's clock stepped back past an expiry).
+        let mut live: HashMap<Arc<str>, u64> = HashMap::new();
+        for n in r.live.iter().filter_map(|s| NodeId::parse(s)) {
+            if n.process != own {
+                let inc = live.entry(n.process).or_insert(n.incarnation);
+                *inc = (*inc).max(n.incarnation);
+            }
+        }
         let (affected, joined, changed) = self.remote.set_live(live);
         self.have_view = true;
         self.resubscribe |= changed;

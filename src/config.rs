@@ -76,8 +76,11 @@ pub struct Settings {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClusterSettings {
-    /// Redis URL; empty = single node (no Redis).
+    /// Redis URL; empty = single node (no Redis). With `redis_cluster`, one or
+    /// more comma-separated seed nodes of a Redis Cluster.
     pub redis_url: String,
+    /// `redis_url` names a Redis Cluster (sharded pub/sub, hash-tagged keys).
+    pub redis_cluster: bool,
     /// Prefix of every Redis key and channel (several clusters can share one Redis).
     pub key_prefix: String,
     /// How often a node refreshes its liveness key and looks for dead nodes.
@@ -88,9 +91,27 @@ pub struct ClusterSettings {
     pub node_ttl: Duration,
     /// Pub/sub channels pages are hashed into.
     pub channels: u32,
+    /// How long a page stays followed (subscribed, its values kept current)
+    /// after its last local follower left, so a page followed again soon
+    /// costs no Redis command (0 = drop it at once).
+    #[serde(with = "humantime_serde")]
+    pub follow_linger: Duration,
 }
 
 impl ClusterSettings {
+    /// The Redis URLs: one, or with `redis_cluster` the comma-separated seeds.
+    pub fn redis_urls(&self) -> Vec<&str> {
+        if self.redis_cluster {
+            self.redis_url
+                .split(',')
+                .map(str::trim)
+                .filter(|u| !u.is_empty())
+                .collect()
+        } else {
+            vec![self.redis_url.as_str()]
+        }
+    }
+
     /// True when this node is a cluster member.
     pub fn enabled(&self) -> bool {
         !self.redis_url.is_empty()
@@ -376,8 +397,16 @@ impl Settings {
         }
         let c = &self.cluster;
         if c.enabled() {
-            if let Err(e) = redis::Client::open(c.redis_url.as_str()) {
-                return bad("cluster.redis_url", &e.to_string());
+            for url in c.redis_urls() {
+                if let Err(e) = redis::Client::open(url) {
+                    return bad("cluster.redis_url", &e.to_string());
+                }
+            }
+            if c.key_prefix.contains(['{', '}']) {
+                return bad(
+                    "cluster.key_prefix",
+                    "must not contain '{' or '}' (the keys carry their own hash tags)",
+                );
             }
             if c.heartbeat_interval.is_zero() {
                 return bad("cluster.heartbeat_interval", "must be greater than 0");

@@ -546,7 +546,7 @@ impl Counter {
             if let Some(e) = self.pages.get_mut(&page) {
                 if e.count != e.reported {
                     e.reported = e.count;
-                    changes.push((page, e.count));
+                    changes.push((page, local_tally(e.count)));
                 }
             }
         }
@@ -569,7 +569,7 @@ impl Counter {
         for (page, e) in self.pages.iter_mut() {
             e.reported = e.count;
             if e.count > 0 {
-                changes.push((page.clone(), e.count));
+                changes.push((page.clone(), local_tally(e.count)));
             }
             if !e.subscribers.is_empty() {
                 followed.push(page.clone());
@@ -1000,6 +1000,7 @@ impl Handler<cluster::RemoteCounts> for Counter {
     type Result = ();
     fn handle(&mut self, msg: cluster::RemoteCounts, ctx: &mut Context<Self>) {
         for (page, sum) in msg.changes {
+            let sum = sum.connections;
             if self.resync.is_some() {
                 // Rooms are still re-reporting which pages they follow; pages
                 // left unfollowed are zeroed when the rebuild completes.
@@ -1180,6 +1181,16 @@ impl Counter {
     }
 }
 
+/// Cluster mode: the tally this node reports for a local connection count
+/// (the one place a count becomes a [`Tally`] for the cluster; visitors
+/// equal connections until distinct visitors are counted).
+fn local_tally(count: u64) -> crate::protocol::Tally {
+    crate::protocol::Tally {
+        connections: count,
+        visitors: count,
+    }
+}
+
 /// Adds fetched remote sums to `values` at `idx` (unchanged if the fetch
 /// failed or took longer than [`FETCH_DEADLINE`]).
 async fn add_fetched(
@@ -1191,7 +1202,7 @@ async fn add_fetched(
         if let Ok(Ok(Some(sums))) = tokio::time::timeout(FETCH_DEADLINE, req).await {
             for (i, sum) in idx.into_iter().zip(sums) {
                 if let Some(v) = values.get_mut(i) {
-                    *v += sum;
+                    *v += sum.connections;
                 }
             }
         }

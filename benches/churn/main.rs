@@ -5,13 +5,16 @@
 //! `propagation`, `memory`, `fanout`, `ramp`, `oversize`, `flood` (floods of
 //! distinct page ids, then ordinary traffic to new pages: failures, RSS, data
 //! dir, pages tracked, exact counts) and `soak` (30 minutes of churn, floods,
-//! kill -9 restarts and a Redis restart in cluster mode; `LC_SOAK_SECS`);
+//! kill -9 restarts and a Redis restart in cluster mode; `LC_SOAK_SECS`) and
+//! `cluster` (1 to 6 nodes sharing a private redis-server: Redis commands per
+//! cycle, deliveries per publish, propagation, heartbeat gaps, stalls, kill -9);
 //! none given runs all but `soak`, which runs at full scale only when named.
 //! `LC_BENCH_SMOKE=1` (or `--smoke`) runs every scenario at tiny scale in a few
 //! seconds (`soak` included). Each scenario prints `BENCH ...` summary
 //! lines in logfmt (`key=value`), one per measured configuration.
 
 mod actix_ceiling;
+mod cluster;
 mod flood;
 mod oversize;
 mod ramp;
@@ -83,6 +86,7 @@ fn main() {
         "oversize",
         "flood",
         "soak",
+        "cluster",
     ];
     for w in &wanted {
         if !all.contains(w) {
@@ -129,6 +133,9 @@ fn main() {
     }
     if run("soak") {
         soak::soak(&rt, scale.smoke);
+    }
+    if run("cluster") {
+        cluster::cluster(&rt, scale.smoke);
     }
     println!("# bench done in {:.1}s", secs(started));
 }

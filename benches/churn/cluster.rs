@@ -1,0 +1,707 @@
+//! `cluster`: N = 1, 2, 4, 6 release-binary nodes on this box sharing one
+//! private `redis-server` (free port, no persistence), under a constant total
+//! churn spread evenly over the nodes (`LC_CLUSTER_RATE`, default 1,000
+//! cycles/s; smoke 100): connect to one of 200 pages, subscribe to 5 random
+//! links, first update, close handshake.
+//!
+//! Loads: `links200` (the links among the same 200 pages, at every N) and
+//! `newlinks` (every link a page never followed before, so every follow is a
+//! Redis load; at N = 4, smoke N = 2). Each run: 2 s warm-up (smoke 0.5),
+//! then 10 s measured (smoke 1.5), default timers (`heartbeat_interval` 1 s,
+//! `node_ttl` 5 s, `broadcast_interval` 50 ms). Printed per run:
+//! - Redis commands per cycle (`INFO commandstats`: every command, those run
+//!   by the heartbeat script included) and the heartbeat's share per second;
+//! - pub/sub deliveries per publish (the nodes' received / published messages);
+//! - cross-node propagation p50/p99: a probe connection toggled on the last
+//!   node, seen by a subscriber on the first;
+//! - the longest heartbeat gap (successive deadlines of each node id in the
+//!   liveness set, Redis time) and node id changes;
+//! - held pages (2 connections per node on each of 10 pages, a subscriber on
+//!   every node): values above the truth seen during the run, and mismatches
+//!   10 s after the load stops (every subscriber exact, every churn page 0
+//!   on every node's HTTP API).
+//!
+//! Also per run: the `redis-server`'s CPU use (percent of one core), and at
+//! the end the ceiling: `redis-benchmark` (50 clients, no pipelining) against
+//! the same build: `SET`, `HSET` and `PUBLISH` per second.
+//!
+//! Then, with `heartbeat_interval` 200 ms and `node_ttl` 1 s, 3 nodes:
+//! - **stall**: 20 runs (smoke 2) of SIGSTOP on the node holding 100 of 200
+//!   viewers of a page, SIGCONT once the others dropped it (even runs) or
+//!   after `node_ttl` + 0–0.5 s (odd runs); a run is above the truth if a
+//!   subscriber on either other node ever shows more than 200;
+//! - **kill -9**: 5 runs (smoke 1) of kill -9, at a random point of the
+//!   heartbeat cycle, on a node holding 100 viewers;
+//!   the time until a subscriber elsewhere drops them, next to the bound
+//!   `node_ttl` + `heartbeat_interval` + `broadcast_interval`.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    process::{Child, Command, Stdio},
+    sync::{
+        atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use futures_util::{SinkExt, StreamExt};
+
+use crate::support::*;
+
+/// Pages the churn connects to and (load `links200`) links to.
+const PAGES: u64 = 200;
+/// Links per subscribe.
+const LINKS: usize = 5;
+/// Held pages per run.
+const HELD: usize = 10;
+/// Held connections per node and held page.
+const HELD_PER_NODE: i64 = 2;
+/// Churn clients.
+const WORKERS: usize = 50;
+
+/// A private `redis-server` on a free port, and a client to inspect it.
+struct Redis {
+    child: Child,
+    url: String,
+    client: redis::Client,
+}
+
+impl Redis {
+    fn start() -> Redis {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("redis-server (apt-get install redis-server)");
+        let url = format!("redis://127.0.0.1:{port}");
+        let client = redis::Client::open(url.as_str()).expect("redis url");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while client.get_connection().is_err() {
+            assert!(Instant::now() < deadline, "redis-server did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Redis { child, url, client }
+    }
+
+    fn conn(&self) -> redis::Connection {
+        self.client.get_connection().expect("redis connection")
+    }
+
+    /// Every command's calls (`INFO commandstats`).
+    fn commandstats(&self) -> HashMap<String, u64> {
+        let info: String = redis::cmd("INFO")
+            .arg("commandstats")
+            .query(&mut self.conn())
+            .expect("info");
+        info.lines()
+            .filter_map(|l| {
+                let (name, rest) = l.strip_prefix("cmdstat_")?.split_once(':')?;
+                let calls = rest
+                    .strip_prefix("calls=")?
+                    .split(',')
+                    .next()?
+                    .parse()
+                    .ok()?;
+                Some((name.to_string(), calls))
+            })
+            .collect()
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Samples the liveness set every 50 ms: per node id, its successive deadlines.
+struct BeatWatch {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<HashMap<String, Vec<u64>>>>,
+}
+
+impl BeatWatch {
+    fn start(redis: &Redis) -> BeatWatch {
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut conn = redis.conn();
+        let s = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut seen: HashMap<String, Vec<u64>> = HashMap::new();
+            while !s.load(Ordering::Relaxed) {
+                let live: Vec<(String, u64)> = redis::cmd("ZRANGE")
+                    .arg("link-counter:{live}z")
+                    .arg(0)
+                    .arg(-1)
+                    .arg("WITHSCORES")
+                    .query(&mut conn)
+                    .unwrap_or_default();
+                for (id, d) in live {
+                    let v = seen.entry(id).or_default();
+                    if v.last() != Some(&d) {
+                        v.push(d);
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            seen
+        });
+        BeatWatch {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// (longest gap between two beats of one id in ms, node ids seen).
+    fn finish(mut self) -> (u64, usize) {
+        self.stop.store(true, Ordering::Relaxed);
+        let seen = self
+            .thread
+            .take()
+            .and_then(|t| t.join().ok())
+            .unwrap_or_default();
+        let gap = seen
+            .values()
+            .flat_map(|d| d.windows(2).map(|w| w[1].saturating_sub(w[0])))
+            .max()
+            .unwrap_or(0);
+        (gap, seen.len())
+    }
+}
+
+/// A subscriber following `pages`: the latest value and the largest ever seen per page.
+struct Watcher {
+    latest: Arc<Vec<AtomicI64>>,
+    max: Arc<Vec<AtomicI64>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Watcher {
+    async fn open(server: SocketAddr, pages: &[String]) -> Watcher {
+        let mut ws = connect(server, "/parties/page/watcher")
+            .await
+            .expect("watcher connects");
+        ws.send(subscribe_msg(pages)).await.expect("subscribe");
+        let latest: Arc<Vec<AtomicI64>> =
+            Arc::new(pages.iter().map(|_| AtomicI64::new(-1)).collect());
+        let max: Arc<Vec<AtomicI64>> = Arc::new(pages.iter().map(|_| AtomicI64::new(-1)).collect());
+        let index: HashMap<String, usize> = pages
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (p.clone(), i))
+            .collect();
+        let (l, m) = (latest.clone(), max.clone());
+        let task = tokio::spawn(async move {
+            while let Some(Ok(msg)) = ws.next().await {
+                let tokio_tungstenite::tungstenite::Message::Text(t) = msg else {
+                    continue;
+                };
+                for (page, n) in update_map(&t).unwrap_or_default() {
+                    if let Some(i) = index.get(&page) {
+                        l[*i].store(n, Ordering::SeqCst);
+                        m[*i].fetch_max(n, Ordering::SeqCst);
+                    }
+                }
+            }
+        });
+        Watcher { latest, max, task }
+    }
+
+    fn latest(&self, i: usize) -> i64 {
+        self.latest[i].load(Ordering::SeqCst)
+    }
+
+    fn max(&self, i: usize) -> i64 {
+        self.max[i].load(Ordering::SeqCst)
+    }
+
+    fn reset_max(&self) {
+        for (m, l) in self.max.iter().zip(self.latest.iter()) {
+            m.store(l.load(Ordering::SeqCst), Ordering::SeqCst);
+        }
+    }
+
+    /// Waits until page `i` shows `want` (at most `limit`); true if it did.
+    async fn wait(&self, i: usize, want: i64, limit: Duration) -> bool {
+        let end = Instant::now() + limit;
+        while Instant::now() < end {
+            if self.latest(i) == want {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        self.latest(i) == want
+    }
+}
+
+impl Drop for Watcher {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Opens `n` connections to `page` on `server` that stay open (reading, so
+/// pings are answered) until the returned task is aborted.
+async fn hold(server: SocketAddr, page: &str, n: usize) -> Vec<tokio::task::JoinHandle<()>> {
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let mut ws = connect(server, &format!("/parties/page/{page}"))
+            .await
+            .expect("held connection");
+        out.push(tokio::spawn(async move {
+            while let Some(Ok(_)) = ws.next().await {}
+        }));
+    }
+    out
+}
+
+/// Sum of a metric over a node's `/metrics`.
+async fn metric(admin: Option<SocketAddr>, name: &str) -> f64 {
+    let Some(text) = (match admin {
+        Some(a) => http_body(a, "/metrics").await,
+        None => None,
+    }) else {
+        return 0.0;
+    };
+    text.lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|r| r.starts_with(' ') || r.starts_with('{'))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Sum of `name` over every node.
+async fn metric_sum(nodes: &[ChildService], name: &str) -> f64 {
+    let mut s = 0.0;
+    for n in nodes {
+        s += metric(n.admin, name).await;
+    }
+    s
+}
+
+/// Starts `n` nodes on `redis` with the extra settings.
+fn start_nodes(redis: &Redis, n: usize, extra: &[(&str, &str)]) -> Vec<ChildService> {
+    let mut settings: Vec<(&str, &str)> = vec![
+        ("CLUSTER__REDIS_URL", redis.url.as_str()),
+        ("SERVER__WORKERS", "1"),
+    ];
+    settings.extend_from_slice(extra);
+    (0..n).map(|_| ChildService::start(&settings)).collect()
+}
+
+/// Waits until every node sees `n` live nodes.
+async fn wait_nodes(nodes: &[ChildService], n: usize) {
+    let end = Instant::now() + Duration::from_secs(30);
+    for node in nodes {
+        while metric(node.admin, "link_counter_cluster_nodes").await != n as f64 {
+            assert!(Instant::now() < end, "nodes did not see each other");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// Which links a churn cycle subscribes to.
+#[derive(Clone, Copy, PartialEq)]
+enum Links {
+    /// Among the same 200 pages.
+    Steady,
+    /// Pages never followed before.
+    New,
+}
+
+/// The churn: [`WORKERS`] clients paced to `rate` cycles/s in total, worker
+/// `w` on node `w mod N`.
+fn churn(
+    addrs: Vec<SocketAddr>,
+    rate: f64,
+    links: Links,
+    stop: Arc<AtomicBool>,
+    done: Arc<AtomicU64>,
+    errors: Arc<AtomicU64>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let period = Duration::from_secs_f64(WORKERS as f64 / rate);
+    let fresh = Arc::new(AtomicU64::new(0));
+    (0..WORKERS)
+        .map(|w| {
+            let (stop, done, errors, fresh) =
+                (stop.clone(), done.clone(), errors.clone(), fresh.clone());
+            let server = addrs[w % addrs.len()];
+            tokio::spawn(async move {
+                let mut rng = Rng::new(31 + w as u64);
+                let offset = period.mul_f64(w as f64 / WORKERS as f64);
+                let mut tick =
+                    tokio::time::interval_at(tokio::time::Instant::now() + offset, period);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                while !stop.load(Ordering::Relaxed) {
+                    tick.tick().await;
+                    let page = format!("p{}", rng.below(PAGES));
+                    let l = match links {
+                        Links::Steady => rng.pages(LINKS, PAGES),
+                        Links::New => (0..LINKS)
+                            .map(|_| format!("n{}", fresh.fetch_add(1, Ordering::Relaxed)))
+                            .collect(),
+                    };
+                    let r =
+                        tokio::time::timeout(CYCLE_TIMEOUT, cycle(server, &page, &l, Leave::Close))
+                            .await;
+                    if matches!(r, Ok(Ok(()))) {
+                        done.fetch_add(1, Ordering::Relaxed);
+                    } else {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            })
+        })
+        .collect()
+}
+
+/// Toggles a probe connection to page `q` on `src` while `stop` is unset;
+/// `watcher` (following `q` as page 0) on another node; returns the
+/// propagation delays in ms.
+async fn probe(src: SocketAddr, watcher: &Watcher, stop: Arc<AtomicBool>) -> Vec<f64> {
+    let mut samples = Vec::new();
+    while !stop.load(Ordering::Relaxed) {
+        let Ok(ws) = connect(src, "/parties/page/q").await else {
+            continue;
+        };
+        let t0 = Instant::now();
+        if watcher.wait(0, 1, CYCLE_TIMEOUT).await {
+            samples.push(ms(t0.elapsed()));
+        }
+        let t1 = Instant::now();
+        let _ = close_handshake(ws).await;
+        if watcher.wait(0, 0, CYCLE_TIMEOUT).await {
+            samples.push(ms(t1.elapsed()));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    samples
+}
+
+/// One measured run of `n` nodes.
+async fn run(n: usize, links: Links, rate: f64, smoke: bool) {
+    let redis = Redis::start();
+    let nodes = start_nodes(&redis, n, &[]);
+    wait_nodes(&nodes, n).await;
+    let addrs: Vec<SocketAddr> = nodes.iter().map(|s| s.addr).collect();
+    let held_pages: Vec<String> = (0..HELD).map(|i| format!("h{i}")).collect();
+    let mut held = Vec::new();
+    for a in &addrs {
+        for p in &held_pages {
+            held.extend(hold(*a, p, HELD_PER_NODE as usize).await);
+        }
+    }
+    let mut watchers = Vec::new();
+    for a in &addrs {
+        watchers.push(Watcher::open(*a, &held_pages).await);
+    }
+    let truth = HELD_PER_NODE * n as i64;
+    let probe_watch = Watcher::open(addrs[0], &["q".to_string()]).await;
+    let (warm, measured) = if smoke { (0.5, 1.5) } else { (2.0, 10.0) };
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let (done, errors) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let tasks = churn(
+        addrs.clone(),
+        rate,
+        links,
+        stop.clone(),
+        done.clone(),
+        errors.clone(),
+    );
+    tokio::time::sleep(Duration::from_secs_f64(warm)).await;
+    for w in &watchers {
+        w.reset_max();
+    }
+    let beats = BeatWatch::start(&redis);
+    let before = redis.commandstats();
+    let published0 = metric_sum(&nodes, "link_counter_cluster_messages_published_total").await;
+    let received0 = metric_sum(&nodes, "link_counter_cluster_messages_received_total").await;
+    let (cycles0, t0) = (done.load(Ordering::Relaxed), Instant::now());
+    let redis_cpu0 = cpu_secs(redis.child.id());
+    let probe_stop = Arc::new(AtomicBool::new(false));
+    let src = addrs[n - 1];
+    let ps = probe_stop.clone();
+    let probing = async { probe(src, &probe_watch, ps).await };
+    let timer = async {
+        tokio::time::sleep(Duration::from_secs_f64(measured)).await;
+        probe_stop.store(true, Ordering::Relaxed);
+    };
+    let (mut prop, ()) = tokio::join!(probing, timer);
+    let secs_run = secs(t0);
+    let redis_cpu = cpu_secs(redis.child.id()) - redis_cpu0;
+    let cycles = done.load(Ordering::Relaxed) - cycles0;
+    let after = redis.commandstats();
+    let published =
+        metric_sum(&nodes, "link_counter_cluster_messages_published_total").await - published0;
+    let received =
+        metric_sum(&nodes, "link_counter_cluster_messages_received_total").await - received0;
+    let (gap_ms, ids) = beats.finish();
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        let _ = t.await;
+    }
+    let delta = |k: &str| {
+        after
+            .get(k)
+            .unwrap_or(&0)
+            .saturating_sub(*before.get(k).unwrap_or(&0))
+    };
+    // The bench's own probes (INFO, the liveness set's ZRANGE) left out.
+    let probes = ["info", "zrange"];
+    let total: u64 = after
+        .keys()
+        .filter(|k| !probes.contains(&k.as_str()))
+        .map(|k| delta(k))
+        .sum();
+    let heartbeat: u64 = ["eval", "time", "zscore", "zadd", "zrangebyscore"]
+        .iter()
+        .map(|k| delta(k))
+        .sum();
+    let mut top: Vec<(u64, &String)> = after
+        .keys()
+        .map(|k| (delta(k), k))
+        .filter(|(d, k)| *d > 0 && !probes.contains(&k.as_str()))
+        .collect();
+    top.sort_by(|a, b| b.cmp(a));
+    let top: Vec<String> = top
+        .iter()
+        .take(6)
+        .map(|(d, k)| format!("{k}:{:.2}", *d as f64 / cycles.max(1) as f64))
+        .collect();
+    let above = watchers
+        .iter()
+        .flat_map(|w| (0..HELD).map(move |i| w.max(i)))
+        .filter(|m| *m > truth)
+        .count();
+    // The load stopped: every subscriber exact, every churn page 0 everywhere.
+    let end = Instant::now() + Duration::from_secs(10);
+    let mut mismatches = 0;
+    let mut wrong: Vec<String> = Vec::new();
+    for (k, w) in watchers.iter().enumerate() {
+        for i in 0..HELD {
+            if !w
+                .wait(i, truth, end.saturating_duration_since(Instant::now()))
+                .await
+            {
+                mismatches += 1;
+                wrong.push(format!("node{k} sees h{i}={}", w.latest(i)));
+            }
+        }
+    }
+    let ids_q: Vec<String> = (0..PAGES).map(|i| format!("p{i}")).collect();
+    for a in &addrs {
+        // Polled until exact or the deadline: the last closes may still be on their way.
+        let bad = loop {
+            let body = http_body(*a, &format!("/api/v1/counts?ids={}", ids_q.join(",")))
+                .await
+                .unwrap_or_default();
+            let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+            let bad: Vec<String> = ids_q
+                .iter()
+                .filter(|p| v[p.as_str()].as_u64() != Some(0))
+                .map(|p| format!("{a} answers {p}={}", v[p.as_str()]))
+                .collect();
+            if bad.is_empty() || Instant::now() >= end {
+                break bad;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        mismatches += bad.len();
+        wrong.extend(bad);
+    }
+    if !wrong.is_empty() {
+        eprintln!("# cluster n={n} mismatches: {}", wrong.join("; "));
+    }
+    prop.sort_by(|a, b| a.total_cmp(b));
+    Line::new("cluster")
+        .s("n", n)
+        .s(
+            "load",
+            if links == Links::Steady {
+                "links200"
+            } else {
+                "newlinks"
+            },
+        )
+        .f("rate_target", rate)
+        .f("cycles_per_s", cycles as f64 / secs_run)
+        .s("errors", errors.load(Ordering::Relaxed))
+        .f("cmds_per_cycle", total as f64 / cycles.max(1) as f64)
+        .f("heartbeat_cmds_per_s", heartbeat as f64 / secs_run)
+        .f("redis_cpu_pct", redis_cpu / secs_run * 100.0)
+        .s("per_cycle", top.join(","))
+        .f(
+            "deliveries_per_publish",
+            if published > 0.0 {
+                received / published
+            } else {
+                0.0
+            },
+        )
+        .f("prop_p50_ms", pct(&prop, 50.0))
+        .f("prop_p99_ms", pct(&prop, 99.0))
+        .s("prop_samples", prop.len())
+        .s("hb_gap_max_ms", gap_ms)
+        .s("id_changes", ids.saturating_sub(n))
+        .s("above_truth", above)
+        .s("mismatches", mismatches)
+        .print();
+    for h in held {
+        h.abort();
+    }
+}
+
+/// The stall and kill -9 runs (3 nodes, short timers).
+async fn crashes(smoke: bool) {
+    let (hb, ttl, tick) = (200u64, 1000u64, 50u64);
+    let redis = Redis::start();
+    let timers = [
+        ("CLUSTER__HEARTBEAT_INTERVAL", "200ms"),
+        ("CLUSTER__NODE_TTL", "1s"),
+    ];
+    let mut nodes = start_nodes(&redis, 3, &timers);
+    wait_nodes(&nodes, 3).await;
+    let x = vec!["x".to_string()];
+    let (wa, wc) = (
+        Watcher::open(nodes[0].addr, &x).await,
+        Watcher::open(nodes[2].addr, &x).await,
+    );
+    let _on_a = hold(nodes[0].addr, "x", 100).await;
+    let on_b = hold(nodes[1].addr, "x", 100).await;
+    assert!(
+        wa.wait(0, 200, Duration::from_secs(10)).await
+            && wc.wait(0, 200, Duration::from_secs(10)).await
+    );
+    let runs = if smoke { 2 } else { 20 };
+    let mut above_runs = 0;
+    let mut most = 0;
+    let pid = nodes[1].pid().to_string();
+    let sig = |s: &str| {
+        let _ = Command::new("kill").args([s, pid.as_str()]).status();
+    };
+    let mut rng = Rng::new(5);
+    for r in 0..runs {
+        wa.reset_max();
+        wc.reset_max();
+        sig("-STOP");
+        if r % 2 == 0 {
+            wa.wait(0, 100, Duration::from_secs(10)).await;
+            wc.wait(0, 100, Duration::from_secs(10)).await;
+        } else {
+            tokio::time::sleep(Duration::from_millis(ttl + rng.below(500))).await;
+        }
+        sig("-CONT");
+        // Back to 200 and settled (a late drop and reload may follow).
+        for _ in 0..2 {
+            wa.wait(0, 200, Duration::from_secs(10)).await;
+            wc.wait(0, 200, Duration::from_secs(10)).await;
+            tokio::time::sleep(Duration::from_millis(ttl + 2 * hb)).await;
+        }
+        let m = wa.max(0).max(wc.max(0));
+        most = most.max(m);
+        above_runs += usize::from(m > 200);
+    }
+    Line::new("cluster")
+        .s("part", "stall")
+        .s("runs", runs)
+        .s("above_truth_runs", above_runs)
+        .s("most_seen", most)
+        .s("truth", 200)
+        .print();
+    for h in on_b {
+        h.abort();
+    }
+    assert!(wa.wait(0, 100, Duration::from_secs(10)).await);
+    // kill -9: a fresh node with 100 viewers each run.
+    let kills = if smoke { 1 } else { 5 };
+    let mut ghosts = Vec::new();
+    for _ in 0..kills {
+        let mut victim = start_nodes(&redis, 1, &timers).remove(0);
+        let held_v = hold(victim.addr, "x", 100).await;
+        assert!(
+            wa.wait(0, 200, Duration::from_secs(10)).await,
+            "victim counted"
+        );
+        // The watcher saw the victim right after its node's heartbeat: a random
+        // delay so the kill falls anywhere in the heartbeat cycle.
+        tokio::time::sleep(Duration::from_millis(rng.below(hb))).await;
+        let t = Instant::now();
+        victim.kill9();
+        if wa.wait(0, 100, Duration::from_secs(30)).await {
+            ghosts.push(ms(t.elapsed()));
+        }
+        for h in held_v {
+            h.abort();
+        }
+    }
+    ghosts.sort_by(|a, b| a.total_cmp(b));
+    Line::new("cluster")
+        .s("part", "kill9")
+        .s("runs", kills)
+        .f("ghost_ms_max", ghosts.last().copied().unwrap_or(f64::NAN))
+        .f("ghost_ms_min", ghosts.first().copied().unwrap_or(f64::NAN))
+        .s("bound_ms", ttl + hb + tick)
+        .s("gone_runs", ghosts.len())
+        .print();
+    nodes.clear();
+}
+
+/// The ceiling next to the runs: what the same `redis-server` build does
+/// on this machine with `redis-benchmark` (50 clients, no pipelining).
+fn redis_ceiling(smoke: bool) {
+    let redis = Redis::start();
+    let port = redis.url.rsplit(':').next().unwrap_or("6379").to_string();
+    let n = if smoke { "20000" } else { "300000" };
+    let run = |args: &[&str]| -> f64 {
+        let out = Command::new("redis-benchmark")
+            .args(["-p", port.as_str(), "-q", "-c", "50", "-n", n])
+            .args(args)
+            .output();
+        let text = out.map(|o| String::from_utf8_lossy(&o.stdout).into_owned());
+        // "SET: 98765.43 requests per second, p50=…" (after progress lines ending in \r).
+        text.ok()
+            .and_then(|t| {
+                t.rsplit('\r')
+                    .next()
+                    .and_then(|l| l.split_once(": "))
+                    .and_then(|(_, r)| r.split_whitespace().next()?.parse().ok())
+            })
+            .unwrap_or(f64::NAN)
+    };
+    Line::new("cluster")
+        .s("part", "redis_ceiling")
+        .f("set_per_s", run(&["-t", "set"]))
+        .f("hset_per_s", run(&["-t", "hset"]))
+        .f(
+            "publish_per_s",
+            run(&["publish", "c", "{\"node\":\"x.1\",\"seq\":1}"]),
+        )
+        .print();
+}
+
+pub fn cluster(rt: &tokio::runtime::Runtime, smoke: bool) {
+    let rate: f64 = std::env::var("LC_CLUSTER_RATE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(if smoke { 100.0 } else { 1000.0 });
+    let ns: &[usize] = if smoke { &[1, 2] } else { &[1, 2, 4, 6] };
+    rt.block_on(async {
+        for &n in ns {
+            run(n, Links::Steady, rate, smoke).await;
+        }
+        run(if smoke { 2 } else { 4 }, Links::New, rate, smoke).await;
+        crashes(smoke).await;
+    });
+    redis_ceiling(smoke);
+}

@@ -158,6 +158,11 @@ impl TestApp {
         Client::connect(&self.ws_url(page)).await
     }
 
+    /// Connects to `page` as visitor `visitor` (`?visitor=…`).
+    pub async fn connect_as(&self, page: &str, visitor: &str) -> Client {
+        Client::connect(&format!("{}?visitor={visitor}", self.ws_url(page))).await
+    }
+
     pub async fn get(&self, path: &str) -> (u16, String) {
         http_get(self.addr, path).await
     }
@@ -243,6 +248,8 @@ pub struct Client {
     reader: tokio::task::JoinHandle<()>,
     /// Counts as this client would display them.
     pub shown: BTreeMap<String, u64>,
+    /// Visitor figures as this client would display them (from `visitors` maps).
+    pub shown_visitors: BTreeMap<String, u64>,
 }
 
 /// A client that completed the handshake and then never reads or answers
@@ -322,6 +329,7 @@ impl Client {
             rx,
             reader,
             shown: BTreeMap::new(),
+            shown_visitors: BTreeMap::new(),
         }
     }
 
@@ -338,6 +346,12 @@ impl Client {
 
     pub async fn subscribe(&mut self, links: &[&str]) {
         let msg = serde_json::json!({"type": "subscribe", "links": links});
+        self.send_text(&msg.to_string()).await;
+    }
+
+    /// Subscribes asking for the `visitors` map too.
+    pub async fn subscribe_visitors(&mut self, links: &[&str]) {
+        let msg = serde_json::json!({"type": "subscribe", "links": links, "visitors": true});
         self.send_text(&msg.to_string()).await;
     }
 
@@ -364,6 +378,12 @@ impl Client {
                 self.shown
                     .insert(k.clone(), c.as_u64().expect("integer count"));
             }
+            if let Some(map) = v.get("visitors") {
+                for (k, c) in map.as_object().expect("visitors map") {
+                    self.shown_visitors
+                        .insert(k.clone(), c.as_u64().expect("integer count"));
+                }
+            }
         }
         v
     }
@@ -387,6 +407,40 @@ impl Client {
                 panic!(
                     "counts did not converge: shown {:?}, expected {expected:?}",
                     self.shown
+                );
+            }
+        }
+    }
+
+    /// Reads updates until `shown` and `shown_visitors` equal `connections`
+    /// and `visitors` on those ids, checking after every update that no
+    /// figure went above `ceiling` (connections, visitors) for those ids.
+    pub async fn wait_for_tally(
+        &mut self,
+        connections: &BTreeMap<String, u64>,
+        visitors: &BTreeMap<String, u64>,
+        ceiling: (u64, u64),
+    ) {
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        loop {
+            for k in connections.keys() {
+                let (c, v) = (self.shown.get(k), self.shown_visitors.get(k));
+                assert!(
+                    c.is_none_or(|c| *c <= ceiling.0) && v.is_none_or(|v| *v <= ceiling.1),
+                    "{k}: shown {c:?} connections and {v:?} visitors, more than {ceiling:?}"
+                );
+            }
+            let done = |shown: &BTreeMap<String, u64>, want: &BTreeMap<String, u64>| {
+                want.iter().all(|(k, v)| shown.get(k) == Some(v))
+            };
+            if done(&self.shown, connections) && done(&self.shown_visitors, visitors) {
+                return;
+            }
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if tokio::time::timeout(left, self.next_json()).await.is_err() {
+                panic!(
+                    "tallies did not converge: shown {:?} and visitors {:?}, expected {connections:?} and {visitors:?}",
+                    self.shown, self.shown_visitors
                 );
             }
         }

@@ -490,3 +490,60 @@ impl Drop for Client {
         self.reader.abort();
     }
 }
+
+/// A private `redis-server` on a free port, without persistence, killed on
+/// drop (for cluster-mode nodes started by a test).
+pub struct RedisServer {
+    pub port: u16,
+    child: std::process::Child,
+}
+
+impl RedisServer {
+    /// Starts one and waits until it accepts connections. `None` (after one
+    /// line on stdout) when `redis-server` is not installed, unless
+    /// `LINK_COUNTER_REQUIRE_REDIS` is set (test.sh sets it): then it panics.
+    pub fn start() -> Option<RedisServer> {
+        use std::process::{Command, Stdio};
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let child = match Command::new("redis-server")
+            .args(["--port", &port.to_string()])
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+        {
+            Ok(child) => child,
+            Err(e) if std::env::var_os("LINK_COUNTER_REQUIRE_REDIS").is_some() => {
+                panic!("LINK_COUNTER_REQUIRE_REDIS is set but redis-server cannot start: {e}")
+            }
+            Err(_) => {
+                println!("skipped: redis-server not installed");
+                return None;
+            }
+        };
+        let redis = RedisServer { port, child };
+        let deadline = std::time::Instant::now() + PATIENCE;
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "redis-server did not listen"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Some(redis)
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

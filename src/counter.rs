@@ -1,7 +1,8 @@
 //! The `Counter`: the singleton that knows every page's live [`Tally`]
-//! (connections and distinct visitors) and which rooms follow it, applies changes at once and publishes them: at once when
-//! nothing went out in the last `broadcast_interval`, else coalesced into one
-//! publish an interval after the last (see [`Counter::publish_soon`]).
+//! (connections and distinct visitors) and which rooms follow it, applies
+//! changes at once and publishes them: at once when nothing went out in the
+//! last `broadcast_interval`, else coalesced into one publish an interval
+//! after the last (see [`Counter::publish_soon`]).
 //!
 //! It runs on its own arbiter under [`actix::Supervisor`]. Its handlers never
 //! panic; when one finds its state inconsistent (or a test injects a fault) it

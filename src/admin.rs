@@ -263,6 +263,7 @@ async fn metrics_text(req: HttpRequest, state: web::Data<AppState>) -> HttpRespo
     if let Ok(Ok(load)) = tokio::time::timeout(QUERY_TIMEOUT, state.counter.send(GetLoad)).await {
         metrics::set_counter_state(load.pages, load.subscriptions, load.follower_rooms);
     }
+    metrics::set_visitors(state.visitors.distinct());
     if let Ok(bytes) = state.storage.size_on_disk() {
         metrics::set_storage(
             bytes,
@@ -313,6 +314,7 @@ async fn stats(req: HttpRequest, state: web::Data<AppState>, ops: web::Data<Ops>
         .insert_header((header::CACHE_CONTROL, "no-store"))
         .json(serde_json::json!({
             "connections": state.active.load(Ordering::SeqCst),
+            "visitors": state.visitors.distinct(),
             "connections_opened_total": load.opened_total,
             "rooms": rooms,
             "pages": load.pages,

@@ -1,7 +1,8 @@
-//! The `Counter`: the singleton that knows every page's live count and which
-//! rooms follow it, applies changes at once and publishes them: at once when
-//! nothing went out in the last `broadcast_interval`, else coalesced into one
-//! publish an interval after the last (see [`Counter::publish_soon`]).
+//! The `Counter`: the singleton that knows every page's live [`Tally`]
+//! (connections and distinct visitors) and which rooms follow it, applies
+//! changes at once and publishes them: at once when nothing went out in the
+//! last `broadcast_interval`, else coalesced into one publish an interval
+//! after the last (see [`Counter::publish_soon`]).
 //!
 //! It runs on its own arbiter under [`actix::Supervisor`]. Its handlers never
 //! panic; when one finds its state inconsistent (or a test injects a fault) it
@@ -20,7 +21,7 @@ use actix::prelude::*;
 use crate::{
     cluster::{self, Cluster},
     config::Settings,
-    protocol::{PageId, PageInfo},
+    protocol::{PageId, PageInfo, Tally},
     room::{Counts, PageRoom, Subscribed},
     shard::Shard,
     storage::{now_ms, rfc3339, PageStats, Storage},
@@ -28,12 +29,12 @@ use crate::{
 
 // ---------------------------------------------------------------- messages
 
-/// A room's own connection count (absolute), plus connections opened since its last report.
+/// A room's own tally (absolute), plus connections opened since its last report.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct RoomCount {
     pub page: PageId,
-    pub count: u64,
+    pub tally: Tally,
     pub opened: u64,
 }
 
@@ -67,7 +68,7 @@ pub struct RoomState {
     pub room: u64,
     pub addr: Addr<PageRoom>,
     pub page: PageId,
-    pub count: u64,
+    pub tally: Tally,
     pub links: Vec<PageId>,
 }
 
@@ -90,9 +91,9 @@ pub struct SetShards(pub Vec<Addr<Shard>>);
 #[rtype(result = "()")]
 pub struct SetCluster(pub Addr<Cluster>);
 
-/// Live counts of these ids (unknown ids are 0).
+/// Live tallies of these ids (unknown ids are 0).
 #[derive(Message)]
-#[rtype(result = "Vec<u64>")]
+#[rtype(result = "Vec<Tally>")]
 pub struct GetCounts(pub Vec<PageId>);
 
 /// Stats and live count of one page.
@@ -179,15 +180,15 @@ pub struct GetTop(pub usize);
 
 /// One page as the counter knows it.
 struct PageEntry {
-    /// Live connections to the page on this node (reported by its room).
-    count: u64,
-    /// Cluster mode: the sum of the other live nodes' counts, kept while the
-    /// page is followed here (0 otherwise). What is shown is `count + remote`.
-    remote: u64,
-    /// Cluster mode: the local `count` last sent to the cluster module.
-    reported: u64,
+    /// The page's tally on this node (reported by its room).
+    local: Tally,
+    /// Cluster mode: the sum of the other live nodes' tallies, kept while the
+    /// page is followed here (0 otherwise). What is shown is `local + remote`.
+    remote: Tally,
+    /// Cluster mode: the `local` tally last sent to the cluster module.
+    reported: Tally,
     /// The value last published to subscribers.
-    published: u64,
+    published: Tally,
     /// A subscriber was answered with a value other than `published` since
     /// the last publish, so the next change must go out even if it returns
     /// to `published` (1 -> 0 -> 1 within one interval).
@@ -201,17 +202,18 @@ struct PageEntry {
 }
 
 impl PageEntry {
-    /// The count everyone sees: this node's plus, in cluster mode, the other
-    /// live nodes'. The only function used where a count is read.
-    fn shown(&self) -> u64 {
-        self.count + self.remote
+    /// The tally everyone sees: this node's plus, in cluster mode, the other
+    /// live nodes' (a visitor with connections on two nodes counts on each).
+    /// The only function used where a count is read.
+    fn shown(&self) -> Tally {
+        self.local.plus(self.remote)
     }
 
     /// Nothing live depends on it: no connection here, no follower, and
     /// (cluster mode) nothing unsent to the other nodes. Such an entry only
     /// caches stats, and may be dropped once they are saved.
     fn is_idle(&self) -> bool {
-        self.count == 0 && self.subscribers.is_empty() && self.reported == 0
+        self.local.is_zero() && self.subscribers.is_empty() && self.reported.is_zero()
     }
 
     /// Last activity, for least-recently-active order (never active: oldest).
@@ -354,10 +356,10 @@ impl Counter {
     fn entry(&mut self, page: &PageId) -> &mut PageEntry {
         let storage = &self.storage;
         self.pages.entry(page.clone()).or_insert_with(|| PageEntry {
-            count: 0,
-            remote: 0,
-            reported: 0,
-            published: 0,
+            local: Tally::ZERO,
+            remote: Tally::ZERO,
+            reported: Tally::ZERO,
+            published: Tally::ZERO,
             told_other: false,
             subscribers: HashSet::new(),
             stats: storage.load_stats(page).ok().flatten().unwrap_or_default(),
@@ -365,22 +367,23 @@ impl Counter {
         })
     }
 
-    fn set_count(&mut self, page: &PageId, count: u64, opened: u64) {
+    fn set_count(&mut self, page: &PageId, tally: Tally, opened: u64) {
         let now = now_ms();
         let e = self.entry(page);
-        if e.count == count && opened == 0 {
+        if e.local == tally && opened == 0 {
             return;
         }
-        if e.count != count {
+        if e.local != tally {
             crate::metrics::count_changed();
         }
-        e.count = count;
+        e.local = tally;
         e.stats.total_connections += opened;
         e.stats.last_active_ms = Some(now);
-        if count > e.stats.peak_connections {
-            e.stats.peak_connections = count;
+        if tally.connections > e.stats.peak_connections {
+            e.stats.peak_connections = tally.connections;
             e.stats.peak_at_ms = Some(now);
         }
+        e.stats.peak_visitors = e.stats.peak_visitors.max(tally.visitors);
         e.dirty = true;
         self.changed.insert(page.clone());
         self.opened_total += opened;
@@ -420,7 +423,7 @@ impl Counter {
             if let Some(e) = self.pages.get_mut(link) {
                 if e.subscribers.remove(&room) && e.subscribers.is_empty() {
                     // No longer followed here: remote values stop arriving.
-                    e.remote = 0;
+                    e.remote = Tally::ZERO;
                     last.push(link.clone());
                 }
             }
@@ -438,17 +441,20 @@ impl Counter {
         }
     }
 
-    fn counts_of(&self, links: &[PageId]) -> Vec<(PageId, u64)> {
+    fn counts_of(&self, links: &[PageId]) -> Vec<(PageId, Tally)> {
         links
             .iter()
-            .map(|l| (l.clone(), self.pages.get(l).map_or(0, PageEntry::shown)))
+            .map(|l| {
+                let shown = self.pages.get(l).map_or(Tally::ZERO, PageEntry::shown);
+                (l.clone(), shown)
+            })
             .collect()
     }
 
     /// Current counts for a new follower; remembers when it was told a
     /// value that the other followers have not been told yet (the caller
     /// then calls [`Counter::publish_soon`], after sending the answer).
-    fn answer(&mut self, links: &[PageId]) -> Vec<(PageId, u64)> {
+    fn answer(&mut self, links: &[PageId]) -> Vec<(PageId, Tally)> {
         for l in links {
             if let Some(e) = self.pages.get_mut(l) {
                 if e.shown() != e.published {
@@ -505,7 +511,7 @@ impl Counter {
         }
         let since = self.oldest_change.take();
         let mut published = 0;
-        let mut outbox: HashMap<u64, Vec<(PageId, u64)>> = HashMap::new();
+        let mut outbox: HashMap<u64, Vec<(PageId, Tally)>> = HashMap::new();
         for page in self.changed.drain() {
             let Some(e) = self.pages.get_mut(&page) else {
                 continue;
@@ -544,9 +550,9 @@ impl Counter {
         let mut changes = Vec::new();
         for page in self.local_changed.drain() {
             if let Some(e) = self.pages.get_mut(&page) {
-                if e.count != e.reported {
-                    e.reported = e.count;
-                    changes.push((page, local_tally(e.count)));
+                if e.local != e.reported {
+                    e.reported = e.local;
+                    changes.push((page, e.local));
                 }
             }
         }
@@ -567,9 +573,9 @@ impl Counter {
         let mut changes = Vec::new();
         let mut followed = Vec::new();
         for (page, e) in self.pages.iter_mut() {
-            e.reported = e.count;
-            if e.count > 0 {
-                changes.push((page.clone(), local_tally(e.count)));
+            e.reported = e.local;
+            if !e.local.is_zero() {
+                changes.push((page.clone(), e.local));
             }
             if !e.subscribers.is_empty() {
                 followed.push(page.clone());
@@ -730,7 +736,7 @@ impl Counter {
         let live = |page: &str| {
             self.pages
                 .get(page)
-                .is_some_and(|e| e.count > 0 || !e.subscribers.is_empty())
+                .is_some_and(|e| !e.local.is_zero() || !e.subscribers.is_empty())
         };
         match self.storage.trim(max, live) {
             Ok((stats, rooms)) => {
@@ -767,14 +773,14 @@ impl Counter {
         // written whether their page stays in memory or not.
         let before = self.pages.len();
         self.pages.retain(|_, e| {
-            e.count > 0 || !e.subscribers.is_empty() || e.dirty || e.reported != e.count
+            !e.local.is_zero() || !e.subscribers.is_empty() || e.dirty || e.reported != e.local
         });
         report.pages_dropped = before - self.pages.len();
         let now = now_ms();
         let live = |page: &str| {
             self.pages
                 .get(page)
-                .is_some_and(|e| e.count > 0 || !e.subscribers.is_empty())
+                .is_some_and(|e| !e.local.is_zero() || !e.subscribers.is_empty())
         };
         let ttl = self.settings.room.storage_ttl.as_millis() as u64;
         match self.storage.expire_rooms(now.saturating_sub(ttl), live) {
@@ -863,7 +869,7 @@ impl Counter {
         // forward only the values that differ from what their clients saw.
         for e in self.pages.values_mut() {
             if e.subscribers.is_empty() {
-                e.remote = 0;
+                e.remote = Tally::ZERO;
             }
             e.published = e.shown();
         }
@@ -959,10 +965,10 @@ impl Supervised for Counter {
             self.pages.insert(
                 page,
                 PageEntry {
-                    count: 0,
-                    remote: 0,
-                    reported: 0,
-                    published: 0,
+                    local: Tally::ZERO,
+                    remote: Tally::ZERO,
+                    reported: Tally::ZERO,
+                    published: Tally::ZERO,
                     told_other: false,
                     subscribers: HashSet::new(),
                     stats,
@@ -1000,7 +1006,6 @@ impl Handler<cluster::RemoteCounts> for Counter {
     type Result = ();
     fn handle(&mut self, msg: cluster::RemoteCounts, ctx: &mut Context<Self>) {
         for (page, sum) in msg.changes {
-            let sum = sum.connections;
             if self.resync.is_some() {
                 // Rooms are still re-reporting which pages they follow; pages
                 // left unfollowed are zeroed when the rebuild completes.
@@ -1044,7 +1049,7 @@ impl Handler<RoomCount> for Counter {
             // of an idle one when the counter is at `limits.max_pages`.
             self.make_room_for_pages(1);
         }
-        self.set_count(&msg.page, msg.count, msg.opened);
+        self.set_count(&msg.page, msg.tally, msg.opened);
         self.publish_soon(ctx);
     }
 }
@@ -1130,8 +1135,8 @@ impl Handler<RoomState> for Counter {
             self.followers.remove(&msg.room);
         }
         let e = self.entry(&msg.page);
-        if e.count != msg.count {
-            e.count = msg.count;
+        if e.local != msg.tally {
+            e.local = msg.tally;
             self.changed.insert(msg.page.clone());
             self.oldest_change.get_or_insert_with(Instant::now);
             self.local_changed.insert(msg.page.clone());
@@ -1181,28 +1186,18 @@ impl Counter {
     }
 }
 
-/// Cluster mode: the tally this node reports for a local connection count
-/// (the one place a count becomes a [`Tally`] for the cluster; visitors
-/// equal connections until distinct visitors are counted).
-fn local_tally(count: u64) -> crate::protocol::Tally {
-    crate::protocol::Tally {
-        connections: count,
-        visitors: count,
-    }
-}
-
 /// Adds fetched remote sums to `values` at `idx` (unchanged if the fetch
 /// failed or took longer than [`FETCH_DEADLINE`]).
 async fn add_fetched(
-    mut values: Vec<u64>,
+    mut values: Vec<Tally>,
     fetch: Option<(Vec<usize>, Request<Cluster, cluster::Fetch>)>,
-) -> Vec<u64> {
+) -> Vec<Tally> {
     if let Some((idx, req)) = fetch {
         // A read never waits long for Redis: without an answer it is local only.
         if let Ok(Ok(Some(sums))) = tokio::time::timeout(FETCH_DEADLINE, req).await {
             for (i, sum) in idx.into_iter().zip(sums) {
                 if let Some(v) = values.get_mut(i) {
-                    *v += sum.connections;
+                    *v = v.plus(sum);
                 }
             }
         }
@@ -1211,12 +1206,12 @@ async fn add_fetched(
 }
 
 impl Handler<GetCounts> for Counter {
-    type Result = ResponseFuture<Vec<u64>>;
+    type Result = ResponseFuture<Vec<Tally>>;
     fn handle(&mut self, msg: GetCounts, _: &mut Context<Self>) -> Self::Result {
-        let values: Vec<u64> = msg
+        let values: Vec<Tally> = msg
             .0
             .iter()
-            .map(|id| self.pages.get(id).map_or(0, PageEntry::shown))
+            .map(|id| self.pages.get(id).map_or(Tally::ZERO, PageEntry::shown))
             .collect();
         let fetch = self.fetch_unfollowed(&msg.0);
         Box::pin(add_fetched(values, fetch))
@@ -1226,10 +1221,10 @@ impl Handler<GetCounts> for Counter {
 impl Handler<GetPage> for Counter {
     type Result = ResponseFuture<PageInfo>;
     fn handle(&mut self, msg: GetPage, _: &mut Context<Self>) -> Self::Result {
-        let (count, stats) = match self.pages.get(&msg.0) {
+        let (shown, stats) = match self.pages.get(&msg.0) {
             Some(e) => (e.shown(), e.stats.clone()),
             None => (
-                0,
+                Tally::ZERO,
                 self.storage
                     .load_stats(&msg.0)
                     .ok()
@@ -1238,21 +1233,14 @@ impl Handler<GetPage> for Counter {
             ),
         };
         let fetch = self.fetch_unfollowed(std::slice::from_ref(&msg.0));
-        let info = PageInfo {
-            id: msg.0.to_string(),
-            connections: count,
-            peak_connections: stats.peak_connections,
-            peak_at: stats.peak_at_ms.map(rfc3339),
-            total_connections: stats.total_connections,
-            last_active: stats.last_active_ms.map(rfc3339),
-            links: Vec::new(),
-        };
+        let id = msg.0.to_string();
         Box::pin(async move {
-            let mut info = info;
-            if let Some(c) = add_fetched(vec![info.connections], fetch).await.first() {
-                info.connections = *c;
-            }
-            info
+            let shown = add_fetched(vec![shown], fetch)
+                .await
+                .first()
+                .copied()
+                .unwrap_or(shown);
+            page_info(id, shown, &stats)
         })
     }
 }
@@ -1294,7 +1282,7 @@ impl Handler<InjectFault> for Counter {
     fn handle(&mut self, _: InjectFault, ctx: &mut Context<Self>) {
         // Scramble the live state the way a bug would, then fault.
         for e in self.pages.values_mut() {
-            e.count = e.count.wrapping_add(7);
+            e.local.connections = e.local.connections.wrapping_add(7);
             e.subscribers.clear();
         }
         self.followers.clear();
@@ -1315,8 +1303,8 @@ impl Handler<GetLoad> for Counter {
         };
         for e in self.pages.values() {
             load.subscriptions += e.subscribers.len();
-            load.connections += e.count;
-            load.live_pages += usize::from(e.count > 0);
+            load.connections += e.local.connections;
+            load.live_pages += usize::from(!e.local.is_zero());
         }
         MessageResult(load)
     }
@@ -1325,10 +1313,14 @@ impl Handler<GetLoad> for Counter {
 impl Handler<GetTop> for Counter {
     type Result = MessageResult<GetTop>;
     fn handle(&mut self, msg: GetTop, _: &mut Context<Self>) -> Self::Result {
-        let mut live: Vec<(&PageId, &PageEntry)> =
-            self.pages.iter().filter(|(_, e)| e.shown() > 0).collect();
+        let mut live: Vec<(&PageId, &PageEntry)> = self
+            .pages
+            .iter()
+            .filter(|(_, e)| !e.shown().is_zero())
+            .collect();
         let order = |a: &(&PageId, &PageEntry), b: &(&PageId, &PageEntry)| {
-            b.1.shown().cmp(&a.1.shown()).then_with(|| a.0.cmp(b.0))
+            let n = |e: &PageEntry| e.shown().connections;
+            n(b.1).cmp(&n(a.1)).then_with(|| a.0.cmp(b.0))
         };
         if live.len() > msg.0 && msg.0 > 0 {
             live.select_nth_unstable_by(msg.0 - 1, order);
@@ -1337,16 +1329,23 @@ impl Handler<GetTop> for Counter {
         live.sort_by(order);
         MessageResult(
             live.into_iter()
-                .map(|(id, e)| PageInfo {
-                    id: id.to_string(),
-                    connections: e.shown(),
-                    peak_connections: e.stats.peak_connections,
-                    peak_at: e.stats.peak_at_ms.map(rfc3339),
-                    total_connections: e.stats.total_connections,
-                    last_active: e.stats.last_active_ms.map(rfc3339),
-                    links: Vec::new(),
-                })
+                .map(|(id, e)| page_info(id.to_string(), e.shown(), &e.stats))
                 .collect(),
         )
+    }
+}
+
+/// The `/api/v1/pages/{id}` body of a page (without its links).
+fn page_info(id: String, shown: Tally, stats: &PageStats) -> PageInfo {
+    PageInfo {
+        id,
+        connections: shown.connections,
+        visitors: shown.visitors,
+        peak_connections: stats.peak_connections,
+        peak_at: stats.peak_at_ms.map(rfc3339),
+        peak_visitors: stats.peak_visitors,
+        total_connections: stats.total_connections,
+        last_active: stats.last_active_ms.map(rfc3339),
+        links: Vec::new(),
     }
 }

@@ -20,7 +20,7 @@ use std::{
 
 use bytestring::ByteString;
 
-use crate::protocol::{update_json, PageId};
+use crate::protocol::{update_json, PageId, Tally};
 
 /// A connection's id, unique in the process.
 pub type ConnId = u64;
@@ -33,19 +33,26 @@ pub struct Update {
     pub text: ByteString,
     /// Its values, for merging with a later update that arrives before the
     /// session took this one.
-    pub values: Vec<(PageId, u64)>,
+    pub values: Vec<(PageId, Tally)>,
+    /// It carries the `visitors` map (its connection subscribed with `"visitors": true`).
+    pub visitors: bool,
     /// When the oldest change it carries was applied at the counter (the
     /// publish-lag histogram); `None` for a full update.
     pub since: Option<Instant>,
 }
 
 impl Update {
-    /// An update of `values`, serialized now.
-    pub fn new(values: Vec<(PageId, u64)>, since: Option<Instant>) -> Arc<Update> {
-        let text = update_json(values.iter().map(|(id, n)| (&**id, *n))).into();
+    /// An update of `values`, serialized now (with the `visitors` map if `visitors`).
+    pub fn new(
+        values: Vec<(PageId, Tally)>,
+        since: Option<Instant>,
+        visitors: bool,
+    ) -> Arc<Update> {
+        let text = update_json(values.iter().map(|(id, t)| (&**id, *t)), visitors).into();
         Arc::new(Update {
             text,
             values,
+            visitors,
             since,
         })
     }
@@ -73,10 +80,13 @@ enum Counts {
     /// One update as its room built it (the usual case: sent as is).
     One(Arc<Update>),
     /// Several updates merged: the latest value of each id, in the order
-    /// the ids first changed.
+    /// the ids first changed, rendered as the latest of them was (with or
+    /// without the `visitors` map: a connection's updates change form only
+    /// at a new subscribe, whose full update replaces what is pending).
     Merged {
-        values: Vec<(PageId, u64)>,
+        values: Vec<(PageId, Tally)>,
         since: Option<Instant>,
+        visitors: bool,
     },
 }
 
@@ -158,11 +168,20 @@ impl Mailbox {
                 let mut values = first.values.clone();
                 merge(&mut values, &update.values);
                 let since = oldest(first.since, update.since);
-                p.counts = Counts::Merged { values, since };
+                p.counts = Counts::Merged {
+                    values,
+                    since,
+                    visitors: update.visitors,
+                };
             }
-            Counts::Merged { values, since } => {
+            Counts::Merged {
+                values,
+                since,
+                visitors,
+            } => {
                 merge(values, &update.values);
                 *since = oldest(*since, update.since);
+                *visitors = update.visitors;
             }
         });
     }
@@ -204,8 +223,12 @@ impl Mailbox {
         let update = match std::mem::take(&mut p.counts) {
             Counts::Nothing => None,
             Counts::One(u) => Some((u.text.clone(), u.since)),
-            Counts::Merged { values, since } => Some((
-                update_json(values.iter().map(|(id, n)| (&**id, *n))).into(),
+            Counts::Merged {
+                values,
+                since,
+                visitors,
+            } => Some((
+                update_json(values.iter().map(|(id, t)| (&**id, *t)), visitors).into(),
                 since,
             )),
         };
@@ -236,7 +259,7 @@ impl Mailbox {
     }
 }
 
-fn merge(values: &mut Vec<(PageId, u64)>, new: &[(PageId, u64)]) {
+fn merge(values: &mut Vec<(PageId, Tally)>, new: &[(PageId, Tally)]) {
     // A linear search while small; an index beyond, so merging into a
     // connection far behind on hundreds of links stays linear.
     if values.len().saturating_mul(new.len()) <= 256 {
@@ -275,10 +298,28 @@ fn oldest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
 mod tests {
     use super::*;
 
+    /// An update without the visitors map (each id's visitors = its connections).
     fn up(values: &[(&str, u64)]) -> Arc<Update> {
+        up_with(
+            &values.iter().map(|(k, v)| (*k, *v, *v)).collect::<Vec<_>>(),
+            false,
+        )
+    }
+
+    fn up_with(values: &[(&str, u64, u64)], visitors: bool) -> Arc<Update> {
         Update::new(
-            values.iter().map(|(k, v)| (PageId::from(*k), *v)).collect(),
+            values
+                .iter()
+                .map(|(k, c, v)| {
+                    let t = Tally {
+                        connections: *c,
+                        visitors: *v,
+                    };
+                    (PageId::from(*k), t)
+                })
+                .collect(),
             None,
+            visitors,
         )
     }
 
@@ -333,5 +374,24 @@ mod tests {
         assert!(matches!(t.end, Some(End::Shutdown)));
         assert!(t.update.is_none());
         assert!(matches!(m.take().end, Some(End::Shutdown)));
+    }
+
+    #[test]
+    fn merged_updates_keep_the_visitors_map_and_the_latest_tally() {
+        let m = Mailbox::new();
+        m.update(&up_with(&[("a", 3, 1), ("b", 1, 1)], true));
+        m.update(&up_with(&[("a", 2, 1)], true));
+        m.update(&up_with(&[("b", 2, 2)], true));
+        assert_eq!(
+            m.take().update.map(|u| u.0.to_string()).as_deref(),
+            Some(r#"{"type":"update","connections":{"a":2,"b":2},"visitors":{"a":1,"b":2}}"#)
+        );
+        // Without the flag, merged updates stay byte for byte the plain form.
+        m.update(&up_with(&[("a", 3, 1)], false));
+        m.update(&up_with(&[("b", 4, 1)], false));
+        assert_eq!(
+            m.take().update.map(|u| u.0.to_string()).as_deref(),
+            Some(r#"{"type":"update","connections":{"a":3,"b":4}}"#)
+        );
     }
 }

@@ -24,10 +24,11 @@ use crate::{
     counter::{Counter, GetCounts, GetPage, GetStatus},
     limits::{client_ip, ConnLimiter, OriginPolicy, Refusal as CapRefusal},
     metrics::{connection_refused, Refused},
-    protocol::{decode_page_id, validate_page_id, PageId},
+    protocol::{decode_page_id, validate_page_id, PageId, Tally},
     session::{self, SessionContext},
     shard::Shards,
     storage::Storage,
+    visitor::{self, NodeVisitors},
 };
 
 /// Path prefix of page rooms (PartyKit's `/parties/{party}/{room}` with party `page`).
@@ -60,6 +61,8 @@ pub struct AppState {
     pub origins: Arc<OriginPolicy>,
     /// Cluster mode: whether Redis is reachable (None on a single node).
     pub cluster: Option<crate::cluster::ClusterHealth>,
+    /// Distinct visitors across the node (sessions join and leave it).
+    pub visitors: Arc<NodeVisitors>,
 }
 
 /// Registers every route.
@@ -211,7 +214,8 @@ fn admit(head: &RequestHead, state: &AppState) -> Result<SessionContext, Rejecti
         };
         Rejection::new(status, why, refusal.message())
     })?;
-    let pk = head.uri.query().and_then(|q| {
+    let query = head.uri.query();
+    let pk = query.and_then(|q| {
         form_urlencoded::parse(q.as_bytes())
             .find(|(k, _)| k == "_pk")
             .map(|(_, v)| v.into_owned())
@@ -221,6 +225,8 @@ fn admit(head: &RequestHead, state: &AppState) -> Result<SessionContext, Rejecti
         shard: shard.clone(),
         page,
         pk,
+        visitor: visitor::from_query(query),
+        node_visitors: state.visitors.clone(),
         settings: state.settings.clone(),
         active: state.active.clone(),
         permit,
@@ -307,14 +313,31 @@ fn run_at_home(
     });
 }
 
-/// `GET /api/v1/counts?ids=a,b` (or repeated `id=`): live counts, unknown ids 0.
+/// `GET /api/v1/counts?ids=a,b` (or repeated `id=`): live counts, unknown
+/// ids 0, as `{"a":1,"b":0}`; with `visitors=true`, both figures as
+/// `{"connections":{"a":1,"b":0},"visitors":{"a":1,"b":0}}`.
 async fn counts(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
     let max = state.settings.websocket.max_links_per_subscribe;
     let mut ids: Vec<PageId> = Vec::new();
+    let mut with_visitors = false;
     for (key, value) in form_urlencoded::parse(req.query_string().as_bytes()) {
         let values: Vec<&str> = match &*key {
             "ids" => value.split(',').filter(|s| !s.is_empty()).collect(),
             "id" => vec![&value],
+            "visitors" => {
+                with_visitors = match &*value {
+                    "true" => true,
+                    "false" => false,
+                    _ => {
+                        return json_error(
+                            StatusCode::BAD_REQUEST,
+                            "invalid_parameter",
+                            "visitors must be true or false",
+                        )
+                    }
+                };
+                continue;
+            }
             _ => continue,
         };
         for v in values {
@@ -339,8 +362,18 @@ async fn counts(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
     }
     match state.counter.send(GetCounts(ids.clone())).await {
         Ok(values) => {
-            let map: BTreeMap<&str, u64> = ids.iter().map(|s| &**s).zip(values).collect();
-            HttpResponse::Ok().json(map)
+            let figure = |f: fn(&Tally) -> u64| -> BTreeMap<&str, u64> {
+                ids.iter().map(|s| &**s).zip(values.iter().map(f)).collect()
+            };
+            let connections = figure(|t| t.connections);
+            if with_visitors {
+                HttpResponse::Ok().json(serde_json::json!({
+                    "connections": connections,
+                    "visitors": figure(|t| t.visitors),
+                }))
+            } else {
+                HttpResponse::Ok().json(connections)
+            }
         }
         Err(_) => json_error(
             StatusCode::SERVICE_UNAVAILABLE,

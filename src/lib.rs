@@ -6,8 +6,9 @@
 //! - [`session`]: one WebSocket connection on the socket it owns (one task, one `select!` loop).
 //! - [`delivery`]: a connection's mailbox: pending output held as state (latest counts merged).
 //! - [`shard`]: one shard per HTTP worker (thread per core) and the lock-free page-id → room map of each.
-//! - [`room`]: `PageRoom`, one actor per page: connections, link sets, delivery.
-//! - [`counter`]: `Counter`, the supervised singleton: counts, followers, coalesced publishing, stats.
+//! - [`room`]: `PageRoom`, one actor per page: connections, their visitors, link sets, delivery.
+//! - [`visitor`]: visitor ids (the rule, the keyed hash kept instead) and distinct-visitor reference counts.
+//! - [`counter`]: `Counter`, the supervised singleton: tallies, followers, coalesced publishing, stats.
 //! - [`limits`]: admission control: origins, client IP behind trusted proxies, connection caps, token buckets.
 //! - [`storage`]: the only module that touches sled.
 //! - [`cluster`]: cluster mode, the only module that touches Redis (absent without `cluster.redis_url`).
@@ -36,6 +37,7 @@ pub mod session;
 pub mod shard;
 pub mod shutdown;
 pub mod storage;
+pub mod visitor;
 pub mod web;
 
 pub use config::Settings;

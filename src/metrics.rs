@@ -15,6 +15,7 @@
 //! | name | type | labels | meaning |
 //! |---|---|---|---|
 //! | `link_counter_connections_open` | gauge | `shard` | WebSocket sessions open now |
+//! | `link_counter_visitors` | gauge | | distinct visitors among them, over all pages of this node (set at scrape; no per-page or per-visitor series) |
 //! | `link_counter_rooms` | gauge | `shard` | page rooms alive now (set at scrape) |
 //! | `link_counter_pages` | gauge | | pages the counter tracks (set at scrape) |
 //! | `link_counter_subscriptions` | gauge | | (room, followed page) pairs at the counter (set at scrape) |
@@ -61,6 +62,7 @@ pub const ROOMS: &str = "link_counter_rooms";
 pub const PAGES: &str = "link_counter_pages";
 pub const SUBSCRIPTIONS: &str = "link_counter_subscriptions";
 pub const FOLLOWER_ROOMS: &str = "link_counter_follower_rooms";
+pub const VISITORS: &str = "link_counter_visitors";
 pub const STORAGE_BYTES: &str = "link_counter_storage_bytes";
 pub const STORED_RECORDS: &str = "link_counter_stored_records";
 pub const EVICTED: &str = "link_counter_evicted_total";
@@ -212,6 +214,10 @@ fn describe() {
     describe_gauge!(PAGES, "Pages the counter tracks");
     describe_gauge!(SUBSCRIPTIONS, "(room, followed page) pairs at the counter");
     describe_gauge!(FOLLOWER_ROOMS, "Rooms following at least one link");
+    describe_gauge!(
+        VISITORS,
+        "Distinct visitors among the open WebSocket sessions, over all pages"
+    );
     describe_gauge!(STORAGE_BYTES, Unit::Bytes, "Database size on disk");
     describe_gauge!(STORED_RECORDS, "Records kept, by store");
     describe_counter!(
@@ -507,6 +513,11 @@ pub fn set_counter_state(pages: usize, subscriptions: usize, follower_rooms: usi
     gauge!(PAGES).set(pages as f64);
     gauge!(SUBSCRIPTIONS).set(subscriptions as f64);
     gauge!(FOLLOWER_ROOMS).set(follower_rooms as f64);
+}
+
+/// Scrape-time gauge of the node's distinct visitors.
+pub fn set_visitors(visitors: u64) {
+    gauge!(VISITORS).set(visitors as f64);
 }
 
 /// Scrape-time gauges of the database size and records kept.

@@ -122,8 +122,9 @@ pub fn decode_page_id(raw: &str) -> Result<PageId, PageIdError> {
 /// A message from the client.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ClientMessage {
-    /// Replace this connection's link set (duplicates removed, order kept).
-    Subscribe { links: Vec<PageId> },
+    /// Replace this connection's link set (duplicates removed, order kept);
+    /// with `visitors`, its updates also carry the `visitors` map.
+    Subscribe { links: Vec<PageId>, visitors: bool },
 }
 
 /// An `error` reply: its code and human text.
@@ -200,6 +201,16 @@ pub fn parse_client_message(text: &str, max_links: usize) -> Result<ClientMessag
                     ))
                 }
             };
+            let visitors = match obj.get("visitors") {
+                None | Some(serde_json::Value::Bool(false)) => false,
+                Some(serde_json::Value::Bool(true)) => true,
+                Some(_) => {
+                    return Err(ProtocolError::new(
+                        "invalid_json",
+                        "\"visitors\" must be true or false",
+                    ))
+                }
+            };
             let mut out: Vec<PageId> = Vec::with_capacity(links.len().min(max_links));
             let mut seen = std::collections::HashSet::with_capacity(links.len().min(max_links));
             for link in links {
@@ -219,7 +230,10 @@ pub fn parse_client_message(text: &str, max_links: usize) -> Result<ClientMessag
                     }
                 }
             }
-            Ok(ClientMessage::Subscribe { links: out })
+            Ok(ClientMessage::Subscribe {
+                links: out,
+                visitors,
+            })
         }
         other => Err(ProtocolError::new(
             "unknown_type",
@@ -236,20 +250,35 @@ fn truncate(s: &str) -> &str {
     &s[..end]
 }
 
-/// Serializes `{"type":"update","connections":{...}}` for the given pairs.
-pub fn update_json<'a>(pairs: impl IntoIterator<Item = (&'a str, u64)>) -> String {
+/// Serializes an `update` of the given values: `{"type":"update","connections":{...}}`,
+/// and with `visitors` also `"visitors":{...}` (the same ids), each map sorted by id.
+pub fn update_json<'a>(
+    values: impl IntoIterator<Item = (&'a str, Tally)>,
+    visitors: bool,
+) -> String {
     #[derive(Serialize)]
     struct Update<'a> {
         #[serde(rename = "type")]
         kind: &'static str,
         connections: BTreeMap<&'a str, u64>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        visitors: Option<BTreeMap<&'a str, u64>>,
+    }
+    let mut connections = BTreeMap::new();
+    let mut distinct = visitors.then(BTreeMap::new);
+    for (id, t) in values {
+        connections.insert(id, t.connections);
+        if let Some(d) = &mut distinct {
+            d.insert(id, t.visitors);
+        }
     }
     let update = Update {
         kind: "update",
-        connections: pairs.into_iter().collect(),
+        connections,
+        visitors: distinct,
     };
-    // Serializing a map of strings to integers cannot fail.
-    serde_json::to_string(&update).expect("a map of strings to integers serializes")
+    // Serializing maps of strings to integers cannot fail.
+    serde_json::to_string(&update).expect("maps of strings to integers serialize")
 }
 
 /// Body of `GET /api/v1/pages/{id}`.
@@ -257,8 +286,14 @@ pub fn update_json<'a>(pairs: impl IntoIterator<Item = (&'a str, u64)>) -> Strin
 pub struct PageInfo {
     pub id: String,
     pub connections: u64,
+    /// Distinct visitors among the connections (an extension of PROTOCOL.md's shape).
+    #[serde(default)]
+    pub visitors: u64,
     pub peak_connections: u64,
     pub peak_at: Option<String>,
+    /// Highest distinct-visitor figure seen (an extension of PROTOCOL.md's shape).
+    #[serde(default)]
+    pub peak_visitors: u64,
     pub total_connections: u64,
     pub last_active: Option<String>,
     /// The pages this page's viewers follow, from its stored room record
@@ -291,8 +326,29 @@ mod tests {
         assert_eq!(
             m,
             ClientMessage::Subscribe {
-                links: vec!["b".into(), "c".into()]
+                links: vec!["b".into(), "c".into()],
+                visitors: false,
             }
+        );
+        let flagged = |t: &str| match parse_client_message(t, 256) {
+            Ok(ClientMessage::Subscribe { visitors, .. }) => Ok(visitors),
+            Err(e) => Err(e.code),
+        };
+        assert_eq!(
+            flagged(r#"{"type":"subscribe","links":[],"visitors":true}"#),
+            Ok(true)
+        );
+        assert_eq!(
+            flagged(r#"{"type":"subscribe","links":[],"visitors":false}"#),
+            Ok(false)
+        );
+        assert_eq!(
+            flagged(r#"{"type":"subscribe","links":[],"visitors":1}"#),
+            Err("invalid_json")
+        );
+        assert_eq!(
+            flagged(r#"{"type":"subscribe","links":[],"visitors":"yes"}"#),
+            Err("invalid_json")
         );
         let codes = |t: &str| parse_client_message(t, 2).unwrap_err().code;
         assert_eq!(codes("nope"), "invalid_json");
@@ -320,9 +376,17 @@ mod tests {
 
     #[test]
     fn update_is_sorted_json() {
+        let t = |connections, visitors| Tally {
+            connections,
+            visitors,
+        };
         assert_eq!(
-            update_json([("c", 0), ("b", 3)]),
+            update_json([("c", t(0, 0)), ("b", t(3, 2))], false),
             r#"{"type":"update","connections":{"b":3,"c":0}}"#
+        );
+        assert_eq!(
+            update_json([("c", t(0, 0)), ("b", t(3, 2))], true),
+            r#"{"type":"update","connections":{"b":3,"c":0},"visitors":{"b":2,"c":0}}"#
         );
     }
 
@@ -355,7 +419,7 @@ mod tests {
             ) {
                 let text = serde_json::json!({"type": kind, "links": links}).to_string();
                 match parse_client_message(&text, max) {
-                    Ok(ClientMessage::Subscribe { links: got }) => {
+                    Ok(ClientMessage::Subscribe { links: got, .. }) => {
                         prop_assert!(got.len() <= max);
                         for l in &got {
                             prop_assert!(validate_page_id(l).is_ok());
@@ -380,7 +444,7 @@ mod tests {
             let links: Vec<String> = (0..100_000).map(|i| format!("{}", i % 10)).collect();
             let text = serde_json::json!({"type": "subscribe", "links": links}).to_string();
             let ok = parse_client_message(&text, 256).unwrap();
-            assert!(matches!(ok, ClientMessage::Subscribe { ref links } if links.len() == 10));
+            assert!(matches!(ok, ClientMessage::Subscribe { ref links, .. } if links.len() == 10));
             let distinct: Vec<String> = (0..100_000).map(|i| i.to_string()).collect();
             let text = serde_json::json!({"type": "subscribe", "links": distinct}).to_string();
             assert_eq!(

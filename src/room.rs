@@ -1,10 +1,13 @@
 //! `PageRoom`: one actor per page id, living on the HTTP worker that hosts
 //! the shard its id hashes to. It owns the page's connections: their
 //! mailboxes ([`crate::delivery`]), their link sets and the
-//! reference-counted union of those links. It follows a link at the counter
-//! only while at least one of its connections wants it, reports its own
-//! connection count, and hands each changed count only to the connections
-//! that subscribed to that id, serializing each distinct payload once.
+//! reference-counted union of those links, and their visitors (a reference
+//! count per visitor key, [`crate::visitor::Visitors`]). It follows a link at
+//! the counter only while at least one of its connections wants it, reports
+//! its own [`Tally`] (connections and distinct visitors), and hands each
+//! changed tally only to the connections that subscribed to that id,
+//! serializing each distinct payload once. A connection that did not ask for
+//! visitors hears of an id only when its connection count changed.
 //!
 //! Delivery never waits and never cuts a connection off: a count goes into
 //! the connection's mailbox, where it merges with whatever its session has
@@ -22,9 +25,10 @@ use crate::{
     config::Settings,
     counter::{Counter, RoomCount, RoomState, Subscribe, Unsubscribe},
     delivery::{ConnId, End, Mailbox, Update},
-    protocol::{PageId, ProtocolError},
+    protocol::{PageId, ProtocolError, Tally},
     shard::{RoomIdle, Shard},
     storage::{now_ms, RoomRecord, Storage},
+    visitor::{VisitorKey, Visitors},
 };
 
 // ---------------------------------------------------------------- messages
@@ -37,6 +41,8 @@ pub struct Join {
     pub conn: ConnId,
     /// Where the room puts what the connection is to be told.
     pub mailbox: Arc<Mailbox>,
+    /// Its visitor (`None`: its own visitor).
+    pub visitor: Option<VisitorKey>,
 }
 
 /// A connection replaced its link set.
@@ -46,6 +52,8 @@ pub struct SetLinks {
     pub page: PageId,
     pub conn: ConnId,
     pub links: Vec<PageId>,
+    /// Its updates carry the `visitors` map from now on.
+    pub visitors: bool,
 }
 
 /// A connection closed, timed out or died.
@@ -56,11 +64,11 @@ pub struct Leave {
     pub conn: ConnId,
 }
 
-/// Latest counts of some followed links, from the counter.
+/// Latest tallies of some followed links, from the counter.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Counts {
-    pub changes: Vec<(PageId, u64)>,
+    pub changes: Vec<(PageId, Tally)>,
     /// When the oldest of these changes was applied at the counter (publish lag).
     pub since: Option<Instant>,
 }
@@ -70,7 +78,7 @@ pub struct Counts {
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Subscribed {
-    pub counts: Vec<(PageId, u64)>,
+    pub counts: Vec<(PageId, Tally)>,
     pub refused: Vec<PageId>,
     /// The id of the [`Subscribe`] this answers.
     pub req: u64,
@@ -160,6 +168,10 @@ struct Conn {
     links: HashSet<PageId>,
     /// Waiting for counts of some of its links before its full update.
     pending: bool,
+    /// Its visitor (`None`: its own visitor).
+    visitor: Option<VisitorKey>,
+    /// It asked for the `visitors` map in its updates.
+    visitors: bool,
 }
 
 pub struct PageRoom {
@@ -177,10 +189,12 @@ pub struct PageRoom {
     settings: Arc<Settings>,
     /// Open connections.
     conns: HashMap<ConnId, Conn>,
+    /// The distinct visitors among them.
+    visitors: Visitors,
     /// The links its connections want (the union, reference counted).
     refs: HashMap<PageId, Followed>,
-    /// Last counts known for followed links (what subscribed clients were told).
-    cache: HashMap<PageId, u64>,
+    /// Last tallies known for followed links (what subscribed clients were told).
+    cache: HashMap<PageId, Tally>,
     /// Id of the last `Subscribe` sent.
     last_req: u64,
     /// The page's outbound links: the last non-empty link set one of its
@@ -215,6 +229,7 @@ impl PageRoom {
             storage,
             settings,
             conns: HashMap::new(),
+            visitors: Visitors::default(),
             refs: HashMap::new(),
             cache: HashMap::new(),
             last_req: 0,
@@ -239,10 +254,18 @@ impl PageRoom {
         }
     }
 
+    /// This page's own figures.
+    fn tally(&self) -> Tally {
+        Tally {
+            connections: self.conns.len() as u64,
+            visitors: self.visitors.distinct(),
+        }
+    }
+
     fn report_count(&mut self) {
         self.counter.do_send(RoomCount {
             page: self.page.clone(),
-            count: self.conns.len() as u64,
+            tally: self.tally(),
             opened: std::mem::take(&mut self.opened),
         });
     }
@@ -272,7 +295,7 @@ impl PageRoom {
             counts: self
                 .cache
                 .iter()
-                .map(|(l, c)| (l.to_string(), *c))
+                .map(|(l, t)| (l.to_string(), t.connections))
                 .collect(),
             last_active_ms: now_ms(),
         };
@@ -287,54 +310,67 @@ impl PageRoom {
         Update::new(
             conn.links
                 .iter()
-                .map(|l| (l.clone(), self.cache.get(l).copied().unwrap_or(0)))
+                .map(|l| (l.clone(), self.cache.get(l).copied().unwrap_or_default()))
                 .collect(),
             None,
+            conn.visitors,
         )
     }
 
-    /// Applies counts from the counter and delivers the ids whose value
-    /// changed to the (non-pending) connections that follow them.
-    fn apply_counts(&mut self, counts: Vec<(PageId, u64)>, since: Option<Instant>) -> bool {
-        let mut changes: Vec<(PageId, u64)> = Vec::new();
-        for (link, count) in counts {
+    /// Applies tallies from the counter and delivers the ids whose value
+    /// changed to the (non-pending) connections that follow them: to a
+    /// connection that asked for visitors when either figure changed, to
+    /// any other only when the connection count did.
+    fn apply_counts(&mut self, counts: Vec<(PageId, Tally)>, since: Option<Instant>) -> bool {
+        // Each change, and whether its connection count changed.
+        let mut changes: Vec<(PageId, Tally, bool)> = Vec::new();
+        for (link, tally) in counts {
             if !self.refs.contains_key(&link) {
                 continue;
             }
-            if self.cache.insert(link.clone(), count) != Some(count) {
-                changes.push((link, count));
+            match self.cache.insert(link.clone(), tally) {
+                Some(old) if old == tally => {}
+                old => {
+                    let connections = old.is_none_or(|o| o.connections != tally.connections);
+                    changes.push((link, tally, connections));
+                }
             }
         }
         if changes.is_empty() {
             return false;
         }
-        // Group connections by which of the changes they follow, so each
-        // distinct payload is serialized once. The subset is a bitset over
-        // `changes`: one word (no allocation) for up to 64 changes.
+        // Group connections by which of the changes they follow (and the
+        // form they get), so each distinct payload is serialized once. The
+        // subset is a bitset over `changes`: one word (no allocation) for up
+        // to 64 changes.
         let words = changes.len().div_ceil(64);
-        let mut payloads: HashMap<Subset, Arc<Update>> = HashMap::new();
+        let mut payloads: HashMap<(Subset, bool), Arc<Update>> = HashMap::new();
         for conn in self.conns.values() {
             if conn.pending {
                 continue;
             }
             let mut subset = Subset::new(words);
-            for (i, (link, _)) in changes.iter().enumerate() {
-                if conn.links.contains(link) {
+            for (i, (link, _, connections)) in changes.iter().enumerate() {
+                if (conn.visitors || *connections) && conn.links.contains(link) {
                     subset.set(i);
                 }
             }
             if subset.is_empty() {
                 continue;
             }
-            let update = payloads.entry(subset).or_insert_with_key(|subset| {
-                Update::new(
-                    subset
-                        .iter(changes.len())
-                        .map(|i| changes[i].clone())
-                        .collect(),
-                    since,
-                )
-            });
+            let update =
+                payloads
+                    .entry((subset, conn.visitors))
+                    .or_insert_with_key(|(subset, visitors)| {
+                        Update::new(
+                            subset
+                                .iter(changes.len())
+                                .map(|i| (changes[i].0.clone(), changes[i].1))
+                                .collect(),
+                            since,
+                            *visitors,
+                        )
+                    });
             conn.mailbox.update(update);
         }
         true
@@ -424,12 +460,15 @@ impl Handler<Join> for PageRoom {
         if self.closing {
             msg.mailbox.end(End::Shutdown);
         }
+        self.visitors.add(msg.visitor);
         self.conns.insert(
             msg.conn,
             Conn {
                 mailbox: msg.mailbox,
                 links: HashSet::new(),
                 pending: false,
+                visitor: msg.visitor,
+                visitors: false,
             },
         );
         self.opened += 1;
@@ -456,6 +495,7 @@ impl Handler<Leave> for PageRoom {
             self.report_if_idle();
             return;
         };
+        self.visitors.remove(conn.visitor);
         let mut gone = Vec::new();
         self.drop_links(&conn.links, &mut gone);
         if !gone.is_empty() {
@@ -517,6 +557,7 @@ impl Handler<SetLinks> for PageRoom {
             return;
         };
         conn.pending = true;
+        conn.visitors = msg.visitors;
         self.release_pending();
         self.mark_dirty(ctx);
     }
@@ -566,7 +607,7 @@ impl Handler<ReportState> for PageRoom {
             room: self.uid,
             addr: ctx.address(),
             page: self.page.clone(),
-            count: self.conns.len() as u64,
+            tally: self.tally(),
             links: self.refs.keys().cloned().collect(),
         });
     }

@@ -130,6 +130,7 @@ impl Server {
             limiter: ConnLimiter::new(&settings),
             origins: Arc::new(OriginPolicy::new(&settings)),
             cluster: cluster_health,
+            visitors: Arc::default(),
         };
         if settings.security.allowed_origins.is_empty() {
             tracing::warn!("security.allowed_origins is empty: any website may connect");

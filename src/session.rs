@@ -44,6 +44,7 @@ use crate::{
     protocol::{close, parse_client_message, ClientMessage, PageId, ProtocolError},
     room::{Join, Leave, SetLinks},
     shard::Shard,
+    visitor::{NodeVisitors, VisitorKey, VisitorParam},
 };
 
 /// Source of connection ids, unique in the process.
@@ -91,6 +92,10 @@ pub struct SessionContext {
     pub page: PageId,
     /// PartySocket's `_pk` connection id, for logs.
     pub pk: Option<String>,
+    /// Its visitor id, as its key (never logged).
+    pub visitor: VisitorParam,
+    /// The node's distinct visitors, which this connection joins.
+    pub node_visitors: Arc<NodeVisitors>,
     /// The shard that owns the page's room.
     pub shard: Addr<Shard>,
     /// Its index (the `shard` label of metrics).
@@ -126,6 +131,10 @@ struct Membership {
     conn: ConnId,
     /// The `shard` label of metrics.
     shard_index: usize,
+    /// Its visitor (`None`: its own visitor).
+    visitor: Option<VisitorKey>,
+    /// The node's distinct visitors, left with the room.
+    node_visitors: Arc<NodeVisitors>,
     /// The `Leave` was sent.
     left: bool,
     /// The connection's slot in the open-session gauge.
@@ -141,6 +150,7 @@ impl Membership {
             page: self.page.clone(),
             conn: self.conn,
         });
+        self.node_visitors.remove(self.visitor);
         m::connection_closed(self.shard_index, kind);
     }
 }
@@ -159,15 +169,20 @@ pub struct Joined {
     permit: Permit,
 }
 
-/// Joins the page's room: from here on the connection counts as a viewer.
+/// Joins the page's room: from here on the connection counts as a viewer
+/// (and its visitor, as one of the page's and the node's visitors).
 ///
 /// Called by the upgrade handler before it writes the `101`: the room's
 /// mailbox has the `Join` before the client sees the handshake complete.
-/// Dropping the result (the `101` could not be written) leaves again.
+/// Dropping the result (the `101` could not be written) leaves again. An
+/// invalid visitor id is ignored (the connection is its own visitor) and
+/// answered with an `invalid_visitor` error as the connection's first message.
 pub fn join(ctx: SessionContext) -> Joined {
     let SessionContext {
         page,
         pk,
+        visitor,
+        node_visitors,
         shard,
         shard_index,
         settings,
@@ -178,10 +193,17 @@ pub fn join(ctx: SessionContext) -> Joined {
     let conn = NEXT_CONN_ID.fetch_add(1, Ordering::Relaxed);
     m::connection_opened(shard_index);
     let mailbox = Mailbox::new();
+    if let VisitorParam::Invalid(e) = visitor {
+        let error = e.protocol_error();
+        m::error_sent(error.code);
+        mailbox.notice(error.to_json().into());
+    }
+    node_visitors.add(visitor.key());
     shard.do_send(Join {
         page: page.clone(),
         conn,
         mailbox: mailbox.clone(),
+        visitor: visitor.key(),
     });
     let ip = permit.ip();
     tracing::debug!(page = %page, conn, %ip, pk = pk.as_deref().unwrap_or(""), "connected");
@@ -191,6 +213,8 @@ pub fn join(ctx: SessionContext) -> Joined {
             page,
             conn,
             shard_index,
+            visitor: visitor.key(),
+            node_visitors,
             left: false,
             _active: ActiveGuard(active),
         },
@@ -668,12 +692,13 @@ impl Session {
         };
         let max_links = self.joined.settings.websocket.max_links_per_subscribe;
         match parse_client_message(text, max_links) {
-            Ok(ClientMessage::Subscribe { links }) => {
+            Ok(ClientMessage::Subscribe { links, visitors }) => {
                 let ms = &self.joined.membership;
                 ms.shard.do_send(SetLinks {
                     page: ms.page.clone(),
                     conn: ms.conn,
                     links,
+                    visitors,
                 });
             }
             Err(e) => self.reply(e),

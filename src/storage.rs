@@ -100,6 +100,10 @@ pub struct PageStats {
     pub peak_connections: u64,
     /// When the peak was reached (ms since epoch).
     pub peak_at_ms: Option<u64>,
+    /// Highest distinct-visitor figure seen (records written before visitors
+    /// were counted read as 0).
+    #[serde(default)]
+    pub peak_visitors: u64,
     /// Last time a connection opened or closed (ms since epoch).
     pub last_active_ms: Option<u64>,
 }
@@ -519,6 +523,35 @@ mod tests {
         let s = Storage::open(old.path(), 1 << 20).expect("an uncompressed database opens");
         assert_eq!(compression_of(old.path()), Some(false));
         assert_eq!(s.load_stats("kept").expect("read"), Some(stats_at(5)));
+    }
+
+    /// A stats record written before visitors were counted (no
+    /// `peak_visitors`) reads with a peak of 0 visitors and its other fields.
+    #[test]
+    fn stats_records_without_peak_visitors_stay_readable() {
+        let dir = tempfile::tempdir().expect("dir");
+        let s = Storage::open(dir.path(), 1 << 20).expect("open");
+        // The record as an earlier build wrote it, straight into the tree.
+        let mut old = vec![RECORD_V1];
+        old.extend_from_slice(
+            br#"{"total_connections":9,"peak_connections":4,"peak_at_ms":7,"last_active_ms":8}"#,
+        );
+        s.stats.data.insert("old", old).expect("record");
+        let expected = PageStats {
+            total_connections: 9,
+            peak_connections: 4,
+            peak_at_ms: Some(7),
+            peak_visitors: 0,
+            last_active_ms: Some(8),
+        };
+        assert_eq!(s.load_stats("old").expect("read"), Some(expected.clone()));
+        // Written back, the new field is kept.
+        let newer = PageStats {
+            peak_visitors: 3,
+            ..expected
+        };
+        s.save_stats([("old", &newer)]).expect("save");
+        assert_eq!(s.load_stats("old").expect("read"), Some(newer));
     }
 
     /// The cap deletes the least recently active records first, keeps what

@@ -14,9 +14,14 @@ use tokio_tungstenite::tungstenite::{self, client::IntoClientRequest, Message};
 
 const PATIENCE: Duration = Duration::from_secs(10);
 
+/// A valid visitor id and an invalid one (a character outside the set).
+const VISITOR: &str = "Zq7-visitor-never-logged";
+const INVALID_VISITOR: &str = "Zq7.invalid.never.logged";
+
 /// JSON mode: the startup summary, one `debug` line per connection open and
 /// close (with its reason), one `info` line per refusal; each line parses
-/// and has `timestamp`, `level`, `target` and `message`.
+/// and has `timestamp`, `level`, `target` and `message`. Visitor ids, valid
+/// or not, appear in no line, even with every module at `debug`.
 #[tokio::test(flavor = "multi_thread")]
 async fn json_logs_have_the_documented_fields() {
     let dir = tempfile::tempdir().expect("tmp");
@@ -26,10 +31,7 @@ async fn json_logs_have_the_documented_fields() {
         .env("LINK_COUNTER__ADMIN__BIND", "127.0.0.1:0")
         .env("LINK_COUNTER__STORAGE__PATH", dir.path())
         .env("LINK_COUNTER__LOG__FORMAT", "json")
-        .env(
-            "LINK_COUNTER__LOG__FILTER",
-            "info,link_counter::session=debug",
-        )
+        .env("LINK_COUNTER__LOG__FILTER", "info,link_counter=debug")
         .env(
             "LINK_COUNTER__SECURITY__ALLOWED_ORIGINS",
             "https://ok.example",
@@ -66,9 +68,26 @@ async fn json_logs_have_the_documented_fields() {
         tokio_tungstenite::connect_async(req).await,
         Err(tungstenite::Error::Http(_))
     ));
-    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/parties/page/p"))
+    // An invalid visitor id first (its connection is told, not refused), then
+    // the clean connection with a valid one.
+    let (mut bad, _) = tokio_tungstenite::connect_async(format!(
+        "ws://{addr}/parties/page/p?visitor={INVALID_VISITOR}"
+    ))
+    .await
+    .expect("connect");
+    let error = tokio::time::timeout(PATIENCE, bad.next())
         .await
-        .expect("connect");
+        .expect("a message in time");
+    assert!(
+        matches!(&error, Some(Ok(Message::Text(t))) if t.contains("invalid_visitor")),
+        "{error:?}"
+    );
+    drop(bad);
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!(
+        "ws://{addr}/parties/page/p?_pk=pk1&visitor={VISITOR}"
+    ))
+    .await
+    .expect("connect");
     ws.send(Message::Close(None)).await.expect("close");
     // Wait for the server's side of the close handshake.
     while let Ok(Some(Ok(m))) = tokio::time::timeout(PATIENCE, ws.next()).await {
@@ -80,11 +99,19 @@ async fn json_logs_have_the_documented_fields() {
 
     let mut lines: Vec<Value> = Vec::new();
     let deadline = Instant::now() + PATIENCE;
-    while !lines.iter().any(|l| l["message"] == "disconnected") {
+    while lines
+        .iter()
+        .filter(|l| l["message"] == "disconnected")
+        .count()
+        < 2
+    {
         let left = deadline.saturating_duration_since(Instant::now());
         let line = rx
             .recv_timeout(left)
-            .unwrap_or_else(|_| panic!("no `disconnected` line; got {lines:#?}"));
+            .unwrap_or_else(|_| panic!("no two `disconnected` lines; got {lines:#?}"));
+        for id in [VISITOR, INVALID_VISITOR] {
+            assert!(!line.contains(id), "a visitor id in the logs: {line}");
+        }
         let v: Value =
             serde_json::from_str(&line).unwrap_or_else(|e| panic!("not a JSON line ({e}): {line}"));
         for field in ["timestamp", "level", "target", "message"] {
@@ -109,14 +136,20 @@ async fn json_logs_have_the_documented_fields() {
     let refused = find("origin not allowed; upgrade refused");
     assert_eq!(refused["level"], "INFO");
     assert_eq!(refused["origin"], "https://evil.example");
-    let connected = find("connected");
+    let connected = lines
+        .iter()
+        .find(|l| l["message"] == "connected" && l["pk"] == "pk1")
+        .unwrap_or_else(|| panic!("no `connected` line of pk1 in {lines:#?}"))
+        .clone();
     assert_eq!(connected["level"], "DEBUG");
     assert_eq!(connected["target"], "link_counter::session");
     assert_eq!(connected["page"], "p");
     assert!(connected["conn"].is_number(), "{connected}");
-    let disconnected = find("disconnected");
+    let disconnected = lines
+        .iter()
+        .find(|l| l["message"] == "disconnected" && l["conn"] == connected["conn"])
+        .unwrap_or_else(|| panic!("no `disconnected` line of pk1 in {lines:#?}"));
     assert_eq!(disconnected["reason"], "client_close");
-    assert_eq!(disconnected["conn"], connected["conn"]);
     assert!(
         chrono_like(settings["timestamp"].as_str().expect("timestamp")),
         "{settings}"

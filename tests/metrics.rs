@@ -240,6 +240,34 @@ async fn scraped_values_equal_the_script() {
     assert_eq!(top[0]["id"], "b", "{top}");
     assert_eq!(top[0]["connections"], 1, "{top}");
     assert_eq!(top[0]["total_connections"], 2, "{top}");
-    drop(b1);
+
+    // Distinct visitors over the node: one visitor on a and b with three
+    // tabs, plus b1 (no id): 4 sessions, 2 visitors. No series names a page
+    // or a visitor.
+    let visitor = format!("{}?visitor=metrics-visitor-1", app.ws_url("a"));
+    let v1 = helpers::Client::connect(&visitor).await;
+    let v2 = helpers::Client::connect(&visitor).await;
+    let v3 = helpers::Client::connect(&visitor.replace("/page/a?", "/page/b?")).await;
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let (_, text) = http_get(admin, "/metrics").await;
+        let samples = parse(&text);
+        let open = value(&samples, "link_counter_connections_open", &[]);
+        let visitors: Vec<&Sample> = samples
+            .iter()
+            .filter(|s| s.name == "link_counter_visitors")
+            .collect();
+        assert!(visitors.iter().all(|s| s.labels.is_empty()), "{visitors:?}");
+        if open == 4.0 && value(&samples, "link_counter_visitors", &[]) == 2.0 {
+            assert!(!text.contains("metrics-visitor-1"), "{text}");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "expected 4 sessions and 2 visitors:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop((b1, v1, v2, v3));
     app.shutdown().await;
 }

@@ -9,8 +9,13 @@
 //    (importing it from another module does not start the embed).
 //
 // Wire protocol (PartyKit link-counter compatible): a WebSocket to
-// /parties/page/{encodeURIComponent(page id)}, a `subscribe` with the linked
-// ids on every (re)connect, `update` messages applied as "set these ids".
+// /parties/page/{encodeURIComponent(page id)}?visitor={visitor id}, a
+// `subscribe` with the linked ids (and "visitors": true) on every
+// (re)connect, `update` messages applied as "set these ids".
+//
+// People, not tabs: the visitor id is random, made once per browser profile
+// and site and kept in localStorage (a fresh one per page load where storage
+// is unavailable), so the tabs of one browser count as one person.
 //
 // Every URL it uses is under the service's base URL, path prefix included:
 // loaded from https://HOST/presence/link-counter.js it connects to
@@ -23,6 +28,15 @@ export const MAX_LINKS = 256;
 
 /** Longest page id, in UTF-8 bytes. */
 const MAX_ID_BYTES = 256;
+
+/** Where this browser profile's visitor id is kept (per site: localStorage is per origin). */
+export const VISITOR_STORAGE_KEY = "link-counter-visitor";
+
+/** A valid visitor id (the server's rule): 8 to 64 characters of A-Z a-z 0-9 _ -. */
+const VISITOR_ID = /^[A-Za-z0-9_-]{8,64}$/;
+
+/** The figures a counter can show: distinct people, or open connections (tabs). */
+const FIGURES = ["visitors", "connections"];
 
 /** Last path segments that stand for their directory ("/docs/index.html" is "/docs/"). */
 const INDEX_FILES = ["index.html", "index.htm"];
@@ -135,9 +149,44 @@ export function originCheckUrl(host) {
   return `${serviceBase(host)}${ORIGIN_CHECK_PATH}`;
 }
 
+/** A new random visitor id: 16 random bytes, base64url (22 characters). */
+export function newVisitorId() {
+  const bytes = globalThis.crypto.getRandomValues(new Uint8Array(16));
+  return btoa(String.fromCharCode(...bytes)).replace(/\+/g, "-").replace(/\//g, "_").replace(/=+$/, "");
+}
+
+/** This page load's id when storage is unavailable (one per page load, shared by its counters). */
+let pageLoadVisitor = null;
+
 /**
- * One live connection for one page: it counts as a viewer of `page` and
- * keeps the counts of `links` current.
+ * This browser profile's visitor id on this site: the one kept in
+ * `localStorage` (made and kept on first use), or, where storage is
+ * unavailable (blocked, sandboxed, full), one made for this page load.
+ * Random, never derived from anything about the browser.
+ *
+ * @param {Storage} [storage]  default: `localStorage`
+ */
+export function visitorId(storage) {
+  try {
+    const store = storage ?? globalThis.localStorage;
+    const kept = store.getItem(VISITOR_STORAGE_KEY);
+    if (kept !== null && VISITOR_ID.test(kept)) return kept;
+    store.setItem(VISITOR_STORAGE_KEY, newVisitorId());
+    // Read back: another tab that made one at the same moment may have won.
+    const stored = store.getItem(VISITOR_STORAGE_KEY);
+    if (stored !== null && VISITOR_ID.test(stored)) return stored;
+  } catch {
+    // No storage here (blocked cookies and site data, a sandboxed frame, a full quota).
+  }
+  pageLoadVisitor ??= newVisitorId();
+  return pageLoadVisitor;
+}
+
+/**
+ * One live connection for one page: it counts as a viewer of `page` (as
+ * visitor `visitor`) and keeps the counts of `links` current: by default the
+ * number of people on each (distinct visitors), with `count: "connections"`
+ * the number of open connections (tabs).
  *
  * Counts are `number` when live and `null` when unknown: before the first
  * update after a (re)connect, and whenever the connection is down. A stale
@@ -150,6 +199,10 @@ export class LinkCounter {
    *   "https://example.com/presence" (a path prefix is kept; see `serviceBase`)
    * @param {string} options.page   this page's id
    * @param {string[]} [options.links]  ids whose counts to follow
+   * @param {"visitors"|"connections"} [options.count]  which figure `get` and `counts` give
+   *   (default "visitors": people; "connections": tabs)
+   * @param {string|null} [options.visitor]  this browser's visitor id (default: `visitorId()`;
+   *   null: none, the connection is a visitor of its own)
    * @param {(counts: Map<string, number|null>, info: {connected: boolean, changed: string[]}) => void} [options.onUpdate]
    * @param {{base?: number, cap?: number, stableAfter?: number, refused?: number}} [options.backoff]
    * @param {typeof WebSocket} [options.WebSocket]  a WebSocket implementation (default: the global one)
@@ -160,6 +213,8 @@ export class LinkCounter {
     host,
     page,
     links = [],
+    count = "visitors",
+    visitor,
     onUpdate = null,
     backoff = {},
     WebSocket: WS,
@@ -168,9 +223,16 @@ export class LinkCounter {
   }) {
     const problem = pageIdProblem(page);
     if (problem) throw new Error(`link-counter: page id ${JSON.stringify(page)} ${problem}`);
+    if (!FIGURES.includes(count)) throw new Error(`link-counter: count ${JSON.stringify(count)} is not "visitors" or "connections"`);
+    const id = visitor === undefined ? visitorId() : visitor;
+    if (id !== null && !(typeof id === "string" && VISITOR_ID.test(id))) {
+      throw new Error(`link-counter: visitor id ${JSON.stringify(id)} is not 8 to 64 characters of A-Z a-z 0-9 _ -`);
+    }
     this.page = page;
+    this.figure = count;
+    this.visitor = id;
     this.base = serviceBase(host);
-    this.url = roomUrl(this.base, page);
+    this.url = roomUrl(this.base, page) + (id === null ? "" : `?visitor=${id}`);
     this.onUpdate = onUpdate;
     this._backoff = { ...DEFAULT_BACKOFF, ...backoff };
     this._WS = WS ?? globalThis.WebSocket;
@@ -178,6 +240,8 @@ export class LinkCounter {
     this._log = logger;
     this._links = [];
     this._counts = new Map();
+    /** id -> {connections, visitors} as last told (visitors null without the map), or null. */
+    this._tallies = new Map();
     this._ws = null;
     this._state = "idle";
     this._attempt = 0;
@@ -230,9 +294,17 @@ export class LinkCounter {
     return new Map(this._counts);
   }
 
-  /** The count of `id`: a number, or null when unknown or not followed. */
+  /** The count of `id` (the `count` option's figure): a number, or null when unknown or not followed. */
   get(id) {
     return this._counts.get(id) ?? null;
+  }
+
+  /**
+   * Both figures of `id` as last told, `{connections, visitors}`, or null when
+   * unknown (`visitors` is null with `count: "connections"`).
+   */
+  tally(id) {
+    return this._tallies.get(id) ?? null;
   }
 
   /**
@@ -271,6 +343,7 @@ export class LinkCounter {
     for (const id of this._counts.keys()) {
       if (!seen.has(id)) {
         this._counts.delete(id);
+        this._tallies.delete(id);
         changed.push(id);
       }
     }
@@ -286,7 +359,9 @@ export class LinkCounter {
   }
 
   _subscribe() {
-    this._ws.send(JSON.stringify({ type: "subscribe", links: this._links }));
+    const msg = { type: "subscribe", links: this._links };
+    if (this.figure === "visitors") msg.visitors = true;
+    this._ws.send(JSON.stringify(msg));
   }
 
   _emit(changed) {
@@ -345,10 +420,18 @@ export class LinkCounter {
       return;
     }
     if (msg?.type === "update" && msg.connections && typeof msg.connections === "object") {
+      const figure = (n) => Number.isInteger(n) && n >= 0;
+      // An update carries the visitors map when asked for; a service that
+      // does not count visitors sends connections only, which are then shown.
+      const visitors = this.figure === "visitors" && msg.visitors && typeof msg.visitors === "object" ? msg.visitors : null;
       const changed = [];
-      for (const [id, n] of Object.entries(msg.connections)) {
+      for (const [id, connections] of Object.entries(msg.connections)) {
         // Only ids still followed: an update may cross a new subscribe.
-        if (this._counts.has(id) && Number.isInteger(n) && n >= 0 && this._counts.get(id) !== n) {
+        if (!this._counts.has(id) || !figure(connections)) continue;
+        const people = visitors && figure(visitors[id]) ? visitors[id] : null;
+        this._tallies.set(id, { connections, visitors: people });
+        const n = people ?? connections;
+        if (this._counts.get(id) !== n) {
           this._counts.set(id, n);
           changed.push(id);
         }
@@ -445,6 +528,7 @@ export class LinkCounter {
 
   /** Marks every count unknown (the connection that kept them live is gone). */
   _forget() {
+    this._tallies.clear();
     const changed = [];
     for (const [id, n] of this._counts) {
       if (n !== null) {
@@ -513,8 +597,10 @@ export const DEFAULT_LABELS = Object.freeze({
   unknownText: "–",
   /** Screen-reader and tooltip text while unknown. */
   unknown: () => "live count unavailable",
-  /** Screen-reader and tooltip text for a live count. */
+  /** Screen-reader and tooltip text for a live count of people (the default). */
   live: (n) => `${n} ${n === 1 ? "person" : "people"} viewing now`,
+  /** Screen-reader and tooltip text for a live count of tabs (`data-count="connections"`). */
+  liveConnections: (n) => `${n} ${n === 1 ? "tab" : "tabs"} open now`,
 });
 
 function injectStyles(doc) {
@@ -526,11 +612,11 @@ function injectStyles(doc) {
   doc.head.prepend(style);
 }
 
-function renderBadge(badge, count, labels) {
+function renderBadge(badge, count, labels, figure) {
   const live = typeof count === "number";
   const state = live ? "live" : "unknown";
   const text = live ? String(count) : labels.unknownText;
-  const label = live ? labels.live(count) : labels.unknown();
+  const label = !live ? labels.unknown() : figure === "connections" ? labels.liveConnections(count) : labels.live(count);
   if (badge.dataset.state === state && badge.dataset.count === (live ? text : undefined) && badge.title === label) {
     return; // unchanged: no DOM writes
   }
@@ -557,6 +643,7 @@ function renderBadge(badge, count, labels) {
  *   folder this module was loaded from: https://h/presence/link-counter.js -> https://h/presence)
  * @param {string} [options.page]  this page's id (default: derived from location)
  * @param {"auto"|"all"|"marked"} [options.links]  which links get a badge
+ * @param {"visitors"|"connections"} [options.count]  what a badge counts: people (default) or tabs
  * @param {boolean} [options.keepIndex]  "/x/index.html" stays its own page (default: it is "/x/")
  * @returns {{counter: LinkCounter|null, rescan: () => void, stop: () => void}}
  */
@@ -566,6 +653,11 @@ export function embed(options = {}) {
   const log = options.logger ?? console;
   const labels = { ...DEFAULT_LABELS, ...(options.labels ?? {}) };
   const mode = options.links ?? "auto";
+  let figure = options.count ?? "visitors";
+  if (!FIGURES.includes(figure)) {
+    log.warn(`link-counter: data-count ${JSON.stringify(figure)} is not "visitors" or "connections"; counting people`);
+    figure = "visitors";
+  }
   const idOptions = { keepIndex: Boolean(options.keepIndex) };
   const host = serviceBase(options.host ?? new URL(".", import.meta.url).href, win.location.href);
   const page = options.page ?? pageIdFromUrl(win.location.href, undefined, idOptions);
@@ -581,6 +673,8 @@ export function embed(options = {}) {
     counter = new LinkCounter({
       host,
       page,
+      count: figure,
+      visitor: options.visitor,
       backoff: options.backoff,
       WebSocket: options.WebSocket,
       fetch: options.fetch,
@@ -612,7 +706,7 @@ export function embed(options = {}) {
 
   function renderAll() {
     for (const [a, badge] of badges) {
-      renderBadge(badge, counter ? counter.get(badge.dataset.pageId) : null, labels);
+      renderBadge(badge, counter ? counter.get(badge.dataset.pageId) : null, labels, figure);
     }
   }
 
@@ -703,6 +797,7 @@ if (script && script.dataset.embed !== "off") {
       page: script.dataset.page || undefined,
       host: script.dataset.host || undefined,
       links: script.dataset.links || undefined,
+      count: script.dataset.count || undefined,
       // Present (data-keep-index, or any value but "false"/"off"): on.
       keepIndex: script.dataset.keepIndex !== undefined && !/^(false|off)$/i.test(script.dataset.keepIndex),
     });

@@ -7,130 +7,14 @@
 
 use std::{
     io::{BufRead, BufReader},
-    net::{SocketAddr, TcpListener},
+    net::SocketAddr,
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 
-use crate::helpers::{counts, eventually, http_get, Client};
-
-/// Whether the cluster tests can run here; panics if they are required but cannot.
-fn redis_available() -> bool {
-    let found = Command::new("redis-server")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !found {
-        if std::env::var_os("LINK_COUNTER_REQUIRE_REDIS").is_some() {
-            panic!("LINK_COUNTER_REQUIRE_REDIS is set but redis-server is not installed");
-        }
-        static SAID: std::sync::Once = std::sync::Once::new();
-        SAID.call_once(|| {
-            println!("cluster tests skipped: redis-server not installed");
-        });
-    }
-    found
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .expect("bind port 0")
-        .local_addr()
-        .expect("addr")
-        .port()
-}
-
-/// A `redis-server` child without persistence (a restart loses everything,
-/// the hardest case for convergence).
-struct Redis {
-    port: u16,
-    child: Option<Child>,
-}
-
-impl Redis {
-    fn start() -> Redis {
-        let mut r = Redis {
-            port: free_port(),
-            child: None,
-        };
-        r.restart();
-        r
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
-    }
-
-    /// Starts (again) on the same port and waits until it accepts connections.
-    fn restart(&mut self) {
-        let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string()])
-            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server starts");
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(Instant::now() < deadline, "redis-server did not listen");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// `redis-cli` against this server; its standard output.
-    fn cli(&self, args: &[&str]) -> String {
-        let out = Command::new("redis-cli")
-            .args(["-p", &self.port.to_string()])
-            .args(args)
-            .output()
-            .expect("redis-cli runs");
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    /// `INFO commandstats` as command name -> calls (commands run by scripts included).
-    fn commandstats(&self) -> std::collections::BTreeMap<String, u64> {
-        self.cli(&["info", "commandstats"])
-            .lines()
-            .filter_map(|l| {
-                let (name, rest) = l.strip_prefix("cmdstat_")?.split_once(':')?;
-                let calls = rest
-                    .strip_prefix("calls=")?
-                    .split(',')
-                    .next()?
-                    .parse()
-                    .ok()?;
-                Some((name.to_string(), calls))
-            })
-            .collect()
-    }
-
-    /// The liveness sorted set: node id -> deadline (Redis ms).
-    fn live_set(&self) -> std::collections::BTreeMap<String, u64> {
-        let out = self.cli(&["zrange", "link-counter:{live}z", "0", "-1", "withscores"]);
-        let words: Vec<&str> = out.lines().map(str::trim).collect();
-        words
-            .chunks(2)
-            .filter_map(|w| Some((w.first()?.to_string(), w.get(1)?.parse().ok()?)))
-            .collect()
-    }
-
-    /// kill -9.
-    fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
+use crate::helpers::{
+    counts, eventually, free_port, http_get, redis_available, Client, RedisServer,
+};
 
 /// Liveness settings of the tests (short, so crashes are detected quickly).
 const HEARTBEAT: &str = "200ms";
@@ -146,11 +30,11 @@ struct Node {
 }
 
 impl Node {
-    fn start(redis: &Redis) -> Node {
+    fn start(redis: &RedisServer) -> Node {
         Self::start_with(redis, &[])
     }
 
-    fn start_with(redis: &Redis, extra: &[(&str, &str)]) -> Node {
+    fn start_with(redis: &RedisServer, extra: &[(&str, &str)]) -> Node {
         Self::start_on(&redis.url(), extra)
     }
 
@@ -301,10 +185,9 @@ fn metric(text: &str, name: &str) -> f64 {
 /// the HTTP API of any node answers the cluster count too.
 #[tokio::test]
 async fn counts_are_summed_across_nodes() {
-    if !redis_available() {
+    let Some(redis) = RedisServer::start() else {
         return;
-    }
-    let redis = Redis::start();
+    };
     let (a, b, c) = (
         Node::start(&redis),
         Node::start(&redis),
@@ -370,10 +253,9 @@ async fn counts_are_summed_across_nodes() {
 /// double count.
 #[tokio::test]
 async fn crashed_node_viewers_disappear_within_node_ttl() {
-    if !redis_available() {
+    let Some(redis) = RedisServer::start() else {
         return;
-    }
-    let redis = Redis::start();
+    };
     let (a, b, c) = (
         Node::start(&redis),
         Node::start(&redis),
@@ -407,10 +289,9 @@ async fn crashed_node_viewers_disappear_within_node_ttl() {
 /// after Redis is back every subscriber converges to the exact counts.
 #[tokio::test]
 async fn redis_restart_under_churn_converges() {
-    if !redis_available() {
+    let Some(mut redis) = RedisServer::start() else {
         return;
-    }
-    let mut redis = Redis::start();
+    };
     let (a, b) = (Node::start(&redis), Node::start(&redis));
     let mut obs_a = a.observer(&["x"]).await;
     let mut obs_b = b.observer(&["x"]).await;
@@ -480,10 +361,9 @@ async fn redis_restart_under_churn_converges() {
 /// of its clients subscribes.
 #[tokio::test]
 async fn late_node_sees_existing_counts() {
-    if !redis_available() {
+    let Some(redis) = RedisServer::start() else {
         return;
-    }
-    let redis = Redis::start();
+    };
     let a = Node::start(&redis);
     let _v: Vec<Client> = futures_util::future::join_all((0..4).map(|_| a.connect("x"))).await;
     let _w = a.connect("w").await;
@@ -515,10 +395,9 @@ async fn late_node_sees_existing_counts() {
 /// nodes at once, long before `node_ttl` (here 30 s) would.
 #[tokio::test]
 async fn graceful_shutdown_removes_contributions_at_once() {
-    if !redis_available() {
+    let Some(redis) = RedisServer::start() else {
         return;
-    }
-    let redis = Redis::start();
+    };
     let ttl = [("CLUSTER__NODE_TTL", "30s")];
     let (a, b) = (
         Node::start_with(&redis, &ttl),
@@ -545,10 +424,9 @@ async fn graceful_shutdown_removes_contributions_at_once() {
 /// id, re-asserts its counts, and the sum is exact again (no double count).
 #[tokio::test]
 async fn stalled_node_rejoins_with_a_new_id() {
-    if !redis_available() {
+    let Some(redis) = RedisServer::start() else {
         return;
-    }
-    let redis = Redis::start();
+    };
     let (a, b) = (Node::start(&redis), Node::start(&redis));
     let mut obs = a.observer(&["x"]).await;
     let _on_a = a.connect("x").await;
@@ -572,10 +450,9 @@ async fn stalled_node_rejoins_with_a_new_id() {
 /// local state and followed set, and counts stay exact on both nodes.
 #[tokio::test]
 async fn counter_restart_in_cluster_mode_stays_exact() {
-    if !redis_available() {
+    let Some(redis) = RedisServer::start() else {
         return;
-    }
-    let redis = Redis::start();
+    };
     let a = Node::start(&redis);
     let url = redis.url();
     let (b, _dir) = crate::helpers::spawn_app(&[
@@ -669,7 +546,7 @@ fn cluster_settings_are_validated() {
 /// SUBSCRIBE commands). The heartbeat script's commands are left out (they
 /// run on their own schedule, not per follow).
 async fn follow_cost(n: usize) -> (u64, u64, u64) {
-    let redis = Redis::start();
+    let redis = RedisServer::start().expect("redis-server runs");
     let nodes: Vec<Node> = (0..n).map(|_| Node::start(&redis)).collect();
     let a = &nodes[0];
     for node in &nodes {
@@ -734,10 +611,9 @@ async fn follow_cost_is_independent_of_node_count() {
 /// changes and its viewers never disappear from the other node.
 #[tokio::test]
 async fn heartbeat_keeps_schedule_under_follow_flood() {
-    if !redis_available() {
+    let Some(redis) = RedisServer::start() else {
         return;
-    }
-    let redis = Redis::start();
+    };
     let a = Node::start(&redis);
     eventually("a registered", || async { redis.live_set().len() == 1 }).await;
     let a_id = redis.live_set().into_keys().next().expect("a's id");
@@ -817,10 +693,9 @@ async fn heartbeat_keeps_schedule_under_follow_flood() {
 /// end exact.
 #[tokio::test]
 async fn stalled_node_is_never_counted_twice() {
-    if !redis_available() {
+    let Some(redis) = RedisServer::start() else {
         return;
-    }
-    let redis = Redis::start();
+    };
     let (a, b, c) = (
         Node::start(&redis),
         Node::start(&redis),

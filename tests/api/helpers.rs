@@ -5,7 +5,8 @@ use std::{
     collections::BTreeMap,
     net::{SocketAddr, TcpListener},
     path::{Path, PathBuf},
-    time::Duration,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
 };
 
 use actix::Addr;
@@ -158,6 +159,11 @@ impl TestApp {
         Client::connect(&self.ws_url(page)).await
     }
 
+    /// Connects to `page` as visitor `visitor` (`?visitor=…`).
+    pub async fn connect_as(&self, page: &str, visitor: &str) -> Client {
+        Client::connect(&format!("{}?visitor={visitor}", self.ws_url(page))).await
+    }
+
     pub async fn get(&self, path: &str) -> (u16, String) {
         http_get(self.addr, path).await
     }
@@ -243,6 +249,8 @@ pub struct Client {
     reader: tokio::task::JoinHandle<()>,
     /// Counts as this client would display them.
     pub shown: BTreeMap<String, u64>,
+    /// Visitor figures as this client would display them (from `visitors` maps).
+    pub shown_visitors: BTreeMap<String, u64>,
 }
 
 /// A client that completed the handshake and then never reads or answers
@@ -322,6 +330,7 @@ impl Client {
             rx,
             reader,
             shown: BTreeMap::new(),
+            shown_visitors: BTreeMap::new(),
         }
     }
 
@@ -338,6 +347,12 @@ impl Client {
 
     pub async fn subscribe(&mut self, links: &[&str]) {
         let msg = serde_json::json!({"type": "subscribe", "links": links});
+        self.send_text(&msg.to_string()).await;
+    }
+
+    /// Subscribes asking for the `visitors` map too.
+    pub async fn subscribe_visitors(&mut self, links: &[&str]) {
+        let msg = serde_json::json!({"type": "subscribe", "links": links, "visitors": true});
         self.send_text(&msg.to_string()).await;
     }
 
@@ -364,6 +379,12 @@ impl Client {
                 self.shown
                     .insert(k.clone(), c.as_u64().expect("integer count"));
             }
+            if let Some(map) = v.get("visitors") {
+                for (k, c) in map.as_object().expect("visitors map") {
+                    self.shown_visitors
+                        .insert(k.clone(), c.as_u64().expect("integer count"));
+                }
+            }
         }
         v
     }
@@ -387,6 +408,40 @@ impl Client {
                 panic!(
                     "counts did not converge: shown {:?}, expected {expected:?}",
                     self.shown
+                );
+            }
+        }
+    }
+
+    /// Reads updates until `shown` and `shown_visitors` equal `connections`
+    /// and `visitors` on those ids, checking after every update that no
+    /// figure went above `ceiling` (connections, visitors) for those ids.
+    pub async fn wait_for_tally(
+        &mut self,
+        connections: &BTreeMap<String, u64>,
+        visitors: &BTreeMap<String, u64>,
+        ceiling: (u64, u64),
+    ) {
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        loop {
+            for k in connections.keys() {
+                let (c, v) = (self.shown.get(k), self.shown_visitors.get(k));
+                assert!(
+                    c.is_none_or(|c| *c <= ceiling.0) && v.is_none_or(|v| *v <= ceiling.1),
+                    "{k}: shown {c:?} connections and {v:?} visitors, more than {ceiling:?}"
+                );
+            }
+            let done = |shown: &BTreeMap<String, u64>, want: &BTreeMap<String, u64>| {
+                want.iter().all(|(k, v)| shown.get(k) == Some(v))
+            };
+            if done(&self.shown, connections) && done(&self.shown_visitors, visitors) {
+                return;
+            }
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if tokio::time::timeout(left, self.next_json()).await.is_err() {
+                panic!(
+                    "tallies did not converge: shown {:?} and visitors {:?}, expected {connections:?} and {visitors:?}",
+                    self.shown, self.shown_visitors
                 );
             }
         }
@@ -434,5 +489,129 @@ impl Client {
 impl Drop for Client {
     fn drop(&mut self) {
         self.reader.abort();
+    }
+}
+
+/// Whether tests needing Redis can run here; panics if they are required but cannot.
+pub fn redis_available() -> bool {
+    let found = Command::new("redis-server")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !found {
+        if std::env::var_os("LINK_COUNTER_REQUIRE_REDIS").is_some() {
+            panic!("LINK_COUNTER_REQUIRE_REDIS is set but redis-server is not installed");
+        }
+        static SAID: std::sync::Once = std::sync::Once::new();
+        SAID.call_once(|| {
+            println!("Redis tests skipped: redis-server not installed");
+        });
+    }
+    found
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind port 0")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+/// A `redis-server` child without persistence (a restart loses everything,
+/// the hardest case for convergence).
+pub struct RedisServer {
+    pub port: u16,
+    child: Option<Child>,
+}
+
+impl RedisServer {
+    /// `None` (after one line on stdout) when `redis-server` is not
+    /// installed, unless `LINK_COUNTER_REQUIRE_REDIS` is set (test.sh sets
+    /// it): then it panics.
+    pub fn start() -> Option<RedisServer> {
+        if !redis_available() {
+            return None;
+        }
+        let mut r = RedisServer {
+            port: free_port(),
+            child: None,
+        };
+        r.restart();
+        Some(r)
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    /// Starts (again) on the same port and waits until it accepts connections.
+    pub fn restart(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string()])
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server starts");
+        self.child = Some(child);
+        let deadline = Instant::now() + PATIENCE;
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(Instant::now() < deadline, "redis-server did not listen");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `redis-cli` against this server; its standard output.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let out = Command::new("redis-cli")
+            .args(["-p", &self.port.to_string()])
+            .args(args)
+            .output()
+            .expect("redis-cli runs");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// `INFO commandstats` as command name -> calls (commands run by scripts included).
+    pub fn commandstats(&self) -> std::collections::BTreeMap<String, u64> {
+        self.cli(&["info", "commandstats"])
+            .lines()
+            .filter_map(|l| {
+                let (name, rest) = l.strip_prefix("cmdstat_")?.split_once(':')?;
+                let calls = rest
+                    .strip_prefix("calls=")?
+                    .split(',')
+                    .next()?
+                    .parse()
+                    .ok()?;
+                Some((name.to_string(), calls))
+            })
+            .collect()
+    }
+
+    /// The liveness sorted set: node id -> deadline (Redis ms).
+    pub fn live_set(&self) -> std::collections::BTreeMap<String, u64> {
+        let out = self.cli(&["zrange", "link-counter:{live}z", "0", "-1", "withscores"]);
+        let words: Vec<&str> = out.lines().map(str::trim).collect();
+        words
+            .chunks(2)
+            .filter_map(|w| Some((w.first()?.to_string(), w.get(1)?.parse().ok()?)))
+            .collect()
+    }
+
+    /// kill -9.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.stop();
     }
 }

@@ -12,6 +12,7 @@ mod ops;
 mod persistence;
 mod protocol;
 mod publish;
+mod visitors;
 mod websocket;
 
 /// Waits until the API shows `n` live connections on `page`.

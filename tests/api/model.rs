@@ -1,7 +1,10 @@
-//! Property test of the room and counter logic: random sequences of connect,
-//! subscribe, close, abrupt drop, idle eviction, sweep and counter restart,
-//! driven through the real shard/room/counter actors of a running server;
-//! after every step each subscriber must converge to the true counts.
+//! Property test of the room and counter logic: random sequences of connect
+//! (as one of a few visitors, or none), subscribe (with or without the
+//! visitors map), close, abrupt drop, idle eviction, sweep and counter
+//! restart, driven through the real shard/room/counter actors of a running
+//! server; after every step each subscriber must converge to the true
+//! counts, and a subscriber that asked for visitors to the true number of
+//! distinct visitors, while one that did not never sees a `visitors` map.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -16,6 +19,7 @@ use link_counter::{
     delivery::Mailbox,
     protocol::PageId,
     room::{Join, Leave, SetLinks},
+    visitor::{self, VisitorKey},
 };
 use proptest::{prelude::*, test_runner::TestRunner};
 
@@ -23,10 +27,15 @@ use crate::helpers::{spawn_app, TestApp};
 
 const PAGES: usize = 4;
 
+/// Visitor ids the connections pick from (or none: their own visitor).
+const VISITORS: [&str; 3] = ["visitor-a", "visitor-b", "visitor-c"];
+
 #[derive(Debug, Clone)]
 enum Op {
-    Connect(usize),
-    Subscribe(usize, BTreeSet<usize>),
+    /// Connect to a page, as `VISITORS[v]` (none when out of range).
+    Connect(usize, usize),
+    /// Subscribe, with the visitors map or not.
+    Subscribe(usize, BTreeSet<usize>, bool),
     Close(usize),
     Drop(usize),
     Idle,
@@ -36,9 +45,9 @@ enum Op {
 
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
-        4 => (0..PAGES).prop_map(Op::Connect),
-        4 => (any::<usize>(), proptest::collection::btree_set(0..PAGES, 0..=PAGES))
-            .prop_map(|(i, s)| Op::Subscribe(i, s)),
+        4 => (0..PAGES, 0..VISITORS.len() + 1).prop_map(|(p, v)| Op::Connect(p, v)),
+        4 => (any::<usize>(), proptest::collection::btree_set(0..PAGES, 0..=PAGES), any::<bool>())
+            .prop_map(|(i, s, v)| Op::Subscribe(i, s, v)),
         2 => any::<usize>().prop_map(Op::Close),
         2 => any::<usize>().prop_map(Op::Drop),
         1 => Just(Op::Idle),
@@ -51,10 +60,21 @@ fn op() -> impl Strategy<Value = Op> {
 struct FakeConn {
     id: u64,
     page: usize,
+    /// Its visitor, as an index into `VISITORS` (`None`: its own).
+    visitor: Option<usize>,
     /// Its mailbox, read the way a session reads it (merged latest values).
     rx: Option<Arc<Mailbox>>,
     links: BTreeSet<usize>,
+    /// It subscribed with `"visitors": true`.
+    wants_visitors: bool,
     shown: BTreeMap<String, u64>,
+    shown_visitors: BTreeMap<String, u64>,
+}
+
+/// The key the server keeps of `VISITORS[v]`.
+fn key(v: Option<usize>) -> Option<VisitorKey> {
+    let id = VISITORS[v?];
+    visitor::from_query(Some(&format!("visitor={id}"))).key()
 }
 
 /// Connection ids far from the sessions' own.
@@ -75,6 +95,26 @@ impl Model<'_> {
             + self.dying.iter().filter(|c| c.page == page).count()) as u64
     }
 
+    /// Distinct visitors of `page`: each visitor id once, each connection without one.
+    fn visitors(&self, page: usize) -> u64 {
+        let on_page = self
+            .open
+            .iter()
+            .chain(&self.dying)
+            .filter(|c| c.page == page);
+        let mut ids = BTreeSet::new();
+        let mut anonymous = 0;
+        for c in on_page {
+            match c.visitor {
+                Some(v) => {
+                    ids.insert(v);
+                }
+                None => anonymous += 1,
+            }
+        }
+        ids.len() as u64 + anonymous
+    }
+
     fn leave(&self, c: &FakeConn) {
         let page = self.names[c.page].clone();
         self.app
@@ -90,10 +130,11 @@ impl Model<'_> {
         }
         let pick = |n: usize, len: usize| if len == 0 { None } else { Some(n % len) };
         match op {
-            Op::Connect(p) => {
+            Op::Connect(p, v) => {
                 let rx = Mailbox::new();
                 let id = NEXT.fetch_add(1, Ordering::Relaxed);
                 let page = self.names[*p].clone();
+                let visitor = (*v < VISITORS.len()).then_some(*v);
                 self.app
                     .shards
                     .for_page(&page)
@@ -102,22 +143,28 @@ impl Model<'_> {
                         page,
                         conn: id,
                         mailbox: rx.clone(),
+                        visitor: key(visitor),
                     });
                 self.open.push(FakeConn {
                     id,
                     page: *p,
+                    visitor,
                     rx: Some(rx),
                     links: BTreeSet::new(),
+                    wants_visitors: false,
                     shown: BTreeMap::new(),
+                    shown_visitors: BTreeMap::new(),
                 });
             }
-            Op::Subscribe(i, links) => {
+            Op::Subscribe(i, links, wants_visitors) => {
                 let Some(i) = pick(*i, self.open.len()) else {
                     return;
                 };
                 let c = &mut self.open[i];
                 c.links = links.clone();
+                c.wants_visitors = *wants_visitors;
                 c.shown.clear();
+                c.shown_visitors.clear();
                 let page = self.names[c.page].clone();
                 let links = links.iter().map(|l| self.names[*l].clone()).collect();
                 self.app
@@ -128,6 +175,7 @@ impl Model<'_> {
                         page,
                         conn: c.id,
                         links,
+                        visitors: *wants_visitors,
                     });
             }
             Op::Close(i) => {
@@ -169,9 +217,11 @@ impl Model<'_> {
         }
     }
 
-    /// Every open subscriber shows the true count of each of its links.
+    /// Every open subscriber shows the true count of each of its links (and,
+    /// if it asked, the true number of visitors).
     async fn converged(&mut self) -> Result<(), String> {
         let truth: Vec<u64> = (0..PAGES).map(|p| self.count(p)).collect();
+        let truth_visitors: Vec<u64> = (0..PAGES).map(|p| self.visitors(p)).collect();
         let names = self.names.clone();
         for c in &mut self.open {
             let want: BTreeMap<String, u64> = c
@@ -179,16 +229,34 @@ impl Model<'_> {
                 .iter()
                 .map(|l| (names[*l].to_string(), truth[*l]))
                 .collect();
+            let want_visitors: BTreeMap<String, u64> = if c.wants_visitors {
+                c.links
+                    .iter()
+                    .map(|l| (names[*l].to_string(), truth_visitors[*l]))
+                    .collect()
+            } else {
+                BTreeMap::new()
+            };
             let rx = c.rx.as_mut().expect("open connections keep their receiver");
             let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-            while want.iter().any(|(k, v)| c.shown.get(k) != Some(v)) {
+            while want.iter().any(|(k, v)| c.shown.get(k) != Some(v))
+                || want_visitors
+                    .iter()
+                    .any(|(k, v)| c.shown_visitors.get(k) != Some(v))
+            {
                 let ready = tokio::time::timeout_at(deadline, rx.ready()).await;
                 let taken = rx.take();
                 if let Some(end) = &taken.end {
                     return Err(format!("conn {} was told to end: {end:?}", c.id));
                 }
                 if let Some((text, _)) = taken.update {
-                    apply(&mut c.shown, &text)?;
+                    apply(&mut c.shown, &mut c.shown_visitors, &text)?;
+                    if !c.wants_visitors && !c.shown_visitors.is_empty() {
+                        return Err(format!(
+                            "conn {} did not ask for visitors but got {text}",
+                            c.id
+                        ));
+                    }
                     continue;
                 }
                 // A wake-up can come for values an earlier take already got.
@@ -197,8 +265,9 @@ impl Model<'_> {
                     let q = format!("/api/v1/counts?ids={}", ids.join(","));
                     let server = crate::helpers::http_get(self.app.addr, &q).await.1;
                     return Err(format!(
-                        "conn {} on {} shows {:?}, truth {:?}; the server counts {server}",
-                        c.id, names[c.page], c.shown, want
+                        "conn {} on {} shows {:?} and visitors {:?}, truth {:?} and {:?}; \
+                         the server counts {server}",
+                        c.id, names[c.page], c.shown, c.shown_visitors, want, want_visitors
                     ));
                 }
             }
@@ -207,13 +276,26 @@ impl Model<'_> {
     }
 }
 
-fn apply(shown: &mut BTreeMap<String, u64>, text: &str) -> Result<(), String> {
+fn apply(
+    shown: &mut BTreeMap<String, u64>,
+    shown_visitors: &mut BTreeMap<String, u64>,
+    text: &str,
+) -> Result<(), String> {
     let v: serde_json::Value = serde_json::from_str(text).map_err(|e| e.to_string())?;
     if v["type"] != "update" {
         return Err(format!("unexpected message {v}"));
     }
     for (k, n) in v["connections"].as_object().ok_or("no connections map")? {
         shown.insert(k.clone(), n.as_u64().ok_or("count is not an integer")?);
+    }
+    if let Some(map) = v.get("visitors") {
+        for (k, n) in map.as_object().ok_or("visitors is not a map")? {
+            let n = n.as_u64().ok_or("visitors is not an integer")?;
+            if Some(&n) > shown.get(k) {
+                return Err(format!("{k}: more visitors than connections in {text}"));
+            }
+            shown_visitors.insert(k.clone(), n);
+        }
     }
     Ok(())
 }

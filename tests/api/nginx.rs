@@ -5,7 +5,8 @@
 //! enabled (both copied into a temp prefix dir: only paths, ports, the pid and
 //! log locations, and the worker user when not root, are rewritten), plus a
 //! shipped `deploy/nginx/*.conf` with only its ports, upstream address, host
-//! name, certificate paths and webroot substituted. TLS uses a certificate
+//! name, certificate paths and webroot substituted (the upstream may be several
+//! nodes: one `server` line each). TLS uses a certificate
 //! made at test time with the openssl CLI; TLS clients are `openssl s_client`
 //! processes (which verify that certificate and the host name), bridged to a
 //! local TCP stream so the test's WebSocket and HTTP clients run over them and
@@ -36,7 +37,7 @@ use tokio_tungstenite::{
     MaybeTlsStream,
 };
 
-use crate::helpers::{counts, Client, PATIENCE};
+use crate::helpers::{counts, eventually, http_get, Client, RedisServer, PATIENCE};
 
 const NGINX: &str = "/usr/sbin/nginx";
 const DEBIAN_NGINX_CONF: &str = "/etc/nginx/nginx.conf";
@@ -119,6 +120,8 @@ fn process_group(pgid: i32) -> Vec<i32> {
 struct Service {
     child: Child,
     addr: SocketAddr,
+    /// The admin listener (`/metrics`, `/api/v1/stats`).
+    admin: SocketAddr,
     _data: tempfile::TempDir,
 }
 
@@ -142,18 +145,22 @@ impl Service {
             .spawn()
             .expect("the binary starts");
         let mut out = BufReader::new(child.stdout.take().expect("stdout"));
-        let mut line = String::new();
-        out.read_line(&mut line).expect("first line");
-        let addr = line
-            .trim()
-            .strip_prefix("listening on ")
-            .and_then(|a| a.parse().ok())
-            .unwrap_or_else(|| panic!("expected `listening on ADDR`, got {line:?}"));
-        // Keep reading stdout (the admin line) so the binary never writes to a closed pipe.
+        let mut address = |prefix: &str| -> SocketAddr {
+            let mut line = String::new();
+            out.read_line(&mut line).expect("a line");
+            line.trim()
+                .strip_prefix(prefix)
+                .and_then(|a| a.parse().ok())
+                .unwrap_or_else(|| panic!("expected `{prefix}ADDR`, got {line:?}"))
+        };
+        let addr = address("listening on ");
+        let admin = address("admin listening on ");
+        // Keep reading stdout so the binary never writes to a closed pipe.
         std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
         Service {
             child,
             addr,
+            admin,
             _data: data,
         }
     }
@@ -219,7 +226,8 @@ struct Layout {
 }
 
 impl Layout {
-    fn new(sites: &[Site], upstream: SocketAddr) -> Layout {
+    /// `upstreams`: the service's nodes, in place of the shipped `server` line.
+    fn new(sites: &[Site], upstreams: &[SocketAddr]) -> Layout {
         assert!(
             Path::new(NGINX).exists() && Path::new(DEBIAN_NGINX_CONF).exists(),
             "Debian's nginx is required for this test: apt-get install -y nginx (./test.sh installs it)"
@@ -338,10 +346,11 @@ impl Layout {
                 &format!("root {d}/www;"),
                 file,
             );
+            let servers: Vec<String> = upstreams.iter().map(|u| format!("server {u};")).collect();
             text = swap(
                 &text,
                 "server 127.0.0.1:1999;",
-                &format!("server {upstream};"),
+                &servers.join("\n    "),
                 file,
             );
             // Nothing outside the prefix dir is left in the directives.
@@ -434,8 +443,8 @@ struct Nginx {
 }
 
 impl Nginx {
-    fn start(sites: &[Site], upstream: SocketAddr) -> Nginx {
-        let layout = Layout::new(sites, upstream);
+    fn start(sites: &[Site], upstreams: &[SocketAddr]) -> Nginx {
+        let layout = Layout::new(sites, upstreams);
         layout.check();
         let child = layout
             .nginx(&["-g", "daemon off;"])
@@ -718,7 +727,7 @@ fn assert_is_embed(body: &str) {
 #[tokio::test]
 async fn counts_over_tls_through_nginx_next_to_debian_default_site() {
     let service = Service::start(&[("LIMITS__MAX_CONNECTIONS_PER_IP", "1")]);
-    let nginx = Nginx::start(&[ROOT_SITE], service.addr);
+    let nginx = Nginx::start(&[ROOT_SITE], &[service.addr]);
     let host = ROOT_SITE.host;
     check_port_80(&nginx, host).await;
 
@@ -829,7 +838,7 @@ async fn counts_over_tls_through_nginx_next_to_debian_default_site() {
 #[tokio::test]
 async fn prefix_mount_over_tls_through_nginx() {
     let service = Service::start(&[("LIMITS__MAX_CONNECTIONS_PER_IP", "1")]);
-    let nginx = Nginx::start(&[PREFIX_SITE], service.addr);
+    let nginx = Nginx::start(&[PREFIX_SITE], &[service.addr]);
     let host = PREFIX_SITE.host;
     check_port_80(&nginx, host).await;
 
@@ -882,6 +891,156 @@ async fn prefix_mount_over_tls_through_nginx() {
     drop(service);
 }
 
+/// A node's open sessions and distinct visitors, from its `/metrics`.
+async fn node_figures(node: &Service) -> (u64, u64) {
+    let (status, text) = http_get(node.admin, "/metrics").await;
+    assert_eq!(status, 200, "{text}");
+    let sum = |name: &str| -> u64 {
+        text.lines()
+            .filter(|l| {
+                l.strip_prefix(name)
+                    .is_some_and(|rest| rest.starts_with(['{', ' ']))
+            })
+            .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+            .sum::<f64>() as u64
+    };
+    (
+        sum("link_counter_connections_open"),
+        sum("link_counter_visitors"),
+    )
+}
+
+/// Waits until the nodes' figures (open sessions, distinct visitors) satisfy
+/// `expected`, and returns them.
+async fn settle(
+    nodes: &[Service; 2],
+    expected: impl Fn(&[(u64, u64); 2]) -> bool,
+) -> [(u64, u64); 2] {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let now = [node_figures(&nodes[0]).await, node_figures(&nodes[1]).await];
+        if expected(&now) {
+            return now;
+        }
+        assert!(Instant::now() < deadline, "the nodes stayed at {now:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The shipped file in front of a 2-node cluster (a real `redis-server`),
+/// its upstream given both nodes: the `hash` on the visitor id puts both
+/// tabs of each visitor on one node, whose distinct visitors rise by exactly
+/// one, so the nodes' figures add up to the true number of people (which
+/// every node answers); visitors
+/// land on both nodes, and so do connections without a visitor id. Counts
+/// through nginx stay cluster-wide.
+#[tokio::test]
+async fn the_nginx_hash_keeps_each_visitor_on_one_node_of_a_cluster() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let url = redis.url();
+    let env = [
+        ("CLUSTER__REDIS_URL", url.as_str()),
+        ("LIMITS__MAX_CONNECTIONS_PER_IP", "0"),
+        ("LIMITS__CONNECTIONS_PER_IP_PER_SECOND", "0"),
+    ];
+    let nodes = [Service::start(&env), Service::start(&env)];
+    for node in &nodes {
+        eventually("both nodes to be ready (in the cluster)", || async {
+            http_get(node.addr, "/readyz").await.0 == 200
+        })
+        .await;
+    }
+    let nginx = Nginx::start(&[ROOT_SITE], &[nodes[0].addr, nodes[1].addr]);
+    let host = ROOT_SITE.host;
+    let mut observer = nginx
+        .wss("127.0.0.20", host, "/parties/page/home", &[])
+        .await
+        .expect("observer");
+    observer.subscribe(&["x"]).await;
+    assert_eq!(observer.next_update().await, counts(&[("x", 0)]));
+
+    let total = |f: &[(u64, u64); 2]| f[0].0 + f[1].0;
+    let start = settle(&nodes, |f| total(f) == 1).await;
+
+    // Visitor after visitor (at least 8, until both nodes had one; with a
+    // fair hash, 32 visitors all on one node happen with probability 2^-31).
+    let mut used = [false, false];
+    for i in 0..32 {
+        let id = format!("nginx-visitor-{i:02}");
+        let path = format!("/parties/page/x?visitor={id}");
+        let t1 = nginx
+            .wss("127.0.0.21", host, &path, &[])
+            .await
+            .expect("tab 1");
+        let t2 = nginx
+            .wss("127.0.0.22", host, &path, &[])
+            .await
+            .expect("tab 2");
+        let after = settle(&nodes, |f| total(f) == total(&start) + 2).await;
+        let node = usize::from(after[1].0 > start[1].0);
+        assert_eq!(
+            after[node],
+            (start[node].0 + 2, start[node].1 + 1),
+            "{id}: both tabs on node {node}, one more visitor there ({start:?} -> {after:?})"
+        );
+        assert_eq!(
+            after[1 - node],
+            start[1 - node],
+            "{id}: {start:?} -> {after:?}"
+        );
+        used[node] = true;
+        observer.wait_for(&counts(&[("x", 2)])).await;
+        // Every node answers the cluster-wide figure: two tabs, one person.
+        for n in &nodes {
+            eventually("the cluster-wide visitor figure on each node", || async {
+                let (status, body) = http_get(n.addr, "/api/v1/counts?ids=x&visitors=true").await;
+                status == 200
+                    && serde_json::from_str::<serde_json::Value>(&body).ok()
+                        == Some(serde_json::json!({"connections": {"x": 2}, "visitors": {"x": 1}}))
+            })
+            .await;
+        }
+        t1.close().await;
+        t2.drop_abruptly();
+        observer.wait_for(&counts(&[("x", 0)])).await;
+        settle(&nodes, |f| *f == start).await;
+        if i >= 7 && used == [true, true] {
+            break;
+        }
+    }
+    assert_eq!(used, [true, true], "every visitor went to one node");
+
+    // Without a visitor id a connection goes to either node.
+    let mut used = [false, false];
+    for _ in 0..32 {
+        let c = nginx
+            .wss("127.0.0.23", host, "/parties/page/y", &[])
+            .await
+            .expect("a connection without a visitor id");
+        let after = settle(&nodes, |f| total(f) == total(&start) + 1).await;
+        let node = usize::from(after[1].0 > start[1].0);
+        assert_eq!(after[node].1, start[node].1 + 1, "its own visitor");
+        used[node] = true;
+        c.close().await;
+        settle(&nodes, |f| *f == start).await;
+        if used == [true, true] {
+            break;
+        }
+    }
+    assert_eq!(
+        used,
+        [true, true],
+        "connections without an id all went to one node"
+    );
+
+    drop(observer);
+    nginx.finish().await;
+    drop(nodes);
+    drop(redis);
+}
+
 /// Both shipped nginx files can be enabled at once, next to the default site.
 #[test]
 fn both_nginx_files_together_pass_nginx_t() {
@@ -892,7 +1051,7 @@ fn both_nginx_files_together_pass_nginx_t() {
             ..PREFIX_SITE
         },
     ];
-    Layout::new(&both, "127.0.0.1:9".parse().expect("addr")).check();
+    Layout::new(&both, &["127.0.0.1:9".parse().expect("addr")]).check();
 }
 
 /// The install files agree: the sample config loads and sets what the nginx
@@ -920,6 +1079,13 @@ fn install_files_agree() {
             text.contains(&format!("server {};", s.server.bind)),
             "{file}: upstream is server.bind"
         );
+        // The cluster balancing on the visitor id, before `keepalive` as nginx requires.
+        let hash = text.find("consistent;").expect("a consistent hash");
+        assert!(
+            text.contains("map $arg_visitor "),
+            "{file}: keyed on the visitor id"
+        );
+        assert!(hash < text.find("keepalive").expect("keepalive"), "{file}");
     }
 
     let unit = read(&repo("deploy/systemd/link-counter.service"));

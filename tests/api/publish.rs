@@ -6,7 +6,10 @@
 
 use std::time::Duration;
 
-use link_counter::{counter::RoomCount, protocol::PageId};
+use link_counter::{
+    counter::RoomCount,
+    protocol::{PageId, Tally},
+};
 
 use crate::helpers::{counts, spawn_app};
 
@@ -60,7 +63,10 @@ async fn a_burst_is_one_publish_now_and_one_an_interval_later() {
     for count in 1..=1000 {
         app.counter.do_send(RoomCount {
             page: page.clone(),
-            count,
+            tally: Tally {
+                connections: count,
+                visitors: count,
+            },
             opened: 1,
         });
     }

@@ -133,6 +133,13 @@ class Service {
     return res.json();
   }
 
+  /** Both figures: {connections: {...}, visitors: {...}}. */
+  async tallies(ids) {
+    const q = ids.map((id) => `id=${encodeURIComponent(id)}`).join("&");
+    const res = await fetch(`http://${this.addr}/api/v1/counts?visitors=true&${q}`);
+    return res.json();
+  }
+
   cleanup() {
     this.proc?.kill("SIGKILL");
     fs.rmSync(this.dir, { recursive: true, force: true });
@@ -194,6 +201,18 @@ function badgeOf(page, id) {
     };
   }, id);
 }
+
+/** A WebSocket URL without its query (the visitor id). */
+const withoutQuery = (url) => url.split("?")[0];
+
+/** The `visitor` parameter of a WebSocket URL. */
+const visitorParam = (url) => new URL(url).searchParams.get("visitor");
+
+/** The visitor id a page's origin keeps for its browser context. */
+const keptVisitor = (page) => page.evaluate(() => localStorage.getItem("link-counter-visitor"));
+
+/** Both figures of link `id` as the embed on `page` last heard them. */
+const tallyOf = (page, id) => page.evaluate((id) => window.linkCounter.counter.tally(id), id);
 
 /** Waits until the badge for `id` on `page` shows `expected` (a number, or "unknown"). */
 async function waitBadge(page, id, expected) {
@@ -263,7 +282,7 @@ function defineSteps(svc, browser, site) {
     await waitBadge(b, ID.c, 1);
     await waitBadge(b, ID.b, 1); // b links to itself: its own viewer
     await waitBadge(b, ID.a, 0);
-    assertEq(b.sockets, [`ws://${svc.addr}/parties/page/${encodeURIComponent(ID.b)}`], "page b's WebSocket URL");
+    assertEq(b.sockets.map(withoutQuery), [`ws://${svc.addr}/parties/page/${encodeURIComponent(ID.b)}`], "page b's WebSocket URL");
     const label = (await badgeOf(b, ID.c)).label;
     if (!/1 person viewing now/.test(label)) fail(`accessible label: ${label}`);
     assertEq(await svc.counts([ID.b, ID.c]), { [ID.b]: 1, [ID.c]: 1 }, "API counts of the derived ids");
@@ -279,13 +298,88 @@ function defineSteps(svc, browser, site) {
     assertEq(await boxOf(bare), await boxOf(b), "badge box without the script vs live (no layout shift)");
     await noJs.close();
 
-    const c2 = await openTab(context, `${base()}/pages/c`);
+    // Another browser (a context of its own) is another person.
+    const other = await browser.newContext();
+    const c2 = await openTab(other, `${base()}/pages/c`);
     await waitBadge(b, ID.c, 2);
     await waitBadge(c2, ID.b, 1);
     await c1.close();
     await c2.close();
     await waitBadge(b, ID.c, 0);
+    await other.close();
     await context.close();
+  });
+
+  step("people, not tabs: two tabs of one browser show 1 person, a second browser 2; data-count=\"connections\" shows tabs; without storage each page load is a person", async () => {
+    const alice = await browser.newContext();
+    const b = await openTab(alice, `${base()}/pages/b`);
+    const c1 = await openTab(alice, `${base()}/pages/c`);
+    const c2 = await openTab(alice, `${base()}/pages/c`);
+    // The server counts both tabs; page b's badge for c says one person.
+    await eventually("page b to hear that c has 2 tabs of 1 person", async () => {
+      const t = await tallyOf(b, ID.c);
+      return (t?.connections === 2 && t?.visitors === 1) || t;
+    });
+    const one = await badgeOf(b, ID.c);
+    assertEq([one.state, one.count, one.text, one.label], ["live", 1, "1", " (1 person viewing now)"], "badge of c: two tabs, one browser");
+    assertEq(await b.evaluate((id) => document.querySelector(`.link-counter-badge[data-page-id="${id}"]`).title, ID.c), "1 person viewing now", "badge title");
+    assertEq(await svc.tallies([ID.c]), { connections: { [ID.c]: 2 }, visitors: { [ID.c]: 1 } }, "API figures of c");
+    // One random id per browser profile: kept by the site's origin, the same in every tab and WebSocket URL.
+    const id = await keptVisitor(b);
+    if (!/^[A-Za-z0-9_-]{22}$/.test(id ?? "")) fail(`kept visitor id: ${id}`);
+    await eventually("the tabs' WebSockets to be seen", () => [b, c1, c2].every((t) => t.sockets.length === 1) || [b, c1, c2].map((t) => t.sockets));
+    for (const tab of [b, c1, c2]) {
+      assertEq(await keptVisitor(tab), id, `kept visitor id on ${tab.url()}`);
+      assertEq(tab.sockets.map(visitorParam), [id], `visitor of ${tab.url()}'s WebSocket`);
+    }
+
+    // A second browser is a second person.
+    const bob = await browser.newContext();
+    const c3 = await openTab(bob, `${base()}/pages/c`);
+    await waitBadge(b, ID.c, 2);
+    assertEq((await badgeOf(b, ID.c)).label, " (2 people viewing now)", "badge label of c with two people");
+    const bobId = await keptVisitor(c3);
+    if (!bobId || bobId === id) fail(`the second browser's visitor id: ${bobId} (first: ${id})`);
+
+    // data-count="connections": the badge counts tabs (3: two of Alice's, one of Bob's).
+    site.pages["/site/tabs.html"] = `<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>Tabs</title></head>
+<body>
+  <p><a id="c" href="/elsewhere" data-page-id="${ID.c}">Page C</a></p>
+  <script type="module" src="http://${svc.addr}/link-counter.js" data-page="tabs" data-count="connections"></script>
+</body></html>`;
+    const tabs = await openTab(alice, `http://${siteAddr}/site/tabs.html`);
+    await waitBadge(tabs, ID.c, 3);
+    assertEq((await badgeOf(tabs, ID.c)).label, " (3 tabs open now)", "badge label with data-count=connections");
+    await c2.close();
+    await waitBadge(tabs, ID.c, 2);
+    await waitBadge(b, ID.c, 2); // Alice still has a tab of c
+
+    // Storage unavailable: every page load is a person of its own.
+    const noStorage = await browser.newContext();
+    await noStorage.addInitScript(() => {
+      Object.defineProperty(window, "localStorage", {
+        configurable: true,
+        get() {
+          throw new DOMException("The operation is insecure.", "SecurityError");
+        },
+      });
+    });
+    const n1 = await openTab(noStorage, `${base()}/pages/c`);
+    const n2 = await openTab(noStorage, `${base()}/pages/c`);
+    await waitBadge(b, ID.c, 4);
+    await eventually("both tabs' WebSockets to be seen", () => (n1.sockets.length === 1 && n2.sockets.length === 1) || [n1.sockets, n2.sockets]);
+    const [v1, v2] = [n1.sockets.map(visitorParam), n2.sockets.map(visitorParam)];
+    if (v1.length !== 1 || v2.length !== 1 || !/^[A-Za-z0-9_-]{22}$/.test(v1[0]) || v1[0] === v2[0]) {
+      fail(`visitor ids without storage: ${JSON.stringify([v1, v2])}`);
+    }
+    assertEq(embedErrors(n1), [], "console errors without storage");
+
+    await noStorage.close();
+    await bob.close();
+    await c1.close();
+    await waitBadge(b, ID.c, 0);
+    await alice.close();
   });
 
   step("restart: badges go unknown while the server is down, then come back without a reload", async () => {
@@ -358,7 +452,8 @@ function defineSteps(svc, browser, site) {
     await site.evaluate(() => document.getElementById("intro").remove());
     await eventually("the removed link's badge to go", async () => (await badgeOf(site, intro)) === null || "still there");
     assertEq(site.sockets.length, 1, "WebSockets opened by the page (link changes must not reconnect)");
-    assertEq(site.sockets[0], `ws://${svc.addr}/parties/page/site-home`, "the site's WebSocket URL");
+    assertEq(withoutQuery(site.sockets[0]), `ws://${svc.addr}/parties/page/site-home`, "the site's WebSocket URL");
+    assertEq(visitorParam(site.sockets[0]), await keptVisitor(site), "the site's WebSocket carries the site's visitor id");
     v1.close();
     v2.close();
     await waitBadge(site, cafe, 0);
@@ -413,6 +508,26 @@ function defineSteps(svc, browser, site) {
       await b.close();
       await d.close();
       await same({ [ID.b]: 0, [ID.c]: 0, [ID.d]: 1 });
+
+      // PartySocket passes a visitor id with its `query` option: with this
+      // browser's id, its connection to c is one more tab of the same person.
+      // (Every page above had at most one tab of this browser, so people and
+      // connections were the same numbers.)
+      const c2 = await openTab(context, `${base()}/pages/c`);
+      await same({ [ID.b]: 0, [ID.c]: 1, [ID.d]: 1 });
+      const id = await keptVisitor(a);
+      const ps2 = new PartySocket({ host: svc.addr, party: "page", room: encodeURIComponent(ID.c), query: { visitor: id }, WebSocket });
+      try {
+        await eventually("the embed to hear that c has 2 connections of 1 person", async () => {
+          const t = await tallyOf(a, ID.c);
+          return (t?.connections === 2 && t?.visitors === 1 && shown.get(ID.c) === 2) || { t, partysocket: shown.get(ID.c) };
+        });
+        assertEq((await badgeOf(a, ID.c)).count, 1, "the embed's badge of c (one person)");
+        assertEq(visitorParam(ps2.url), id, "PartySocket's visitor parameter");
+      } finally {
+        ps2.close();
+      }
+      await c2.close();
       await context.close();
     } finally {
       ps.close();
@@ -435,7 +550,7 @@ function defineSteps(svc, browser, site) {
       await waitBadge(b, P.c, 1);
       await waitBadge(b, P.b, 1);
       await waitBadge(b, P.a, 0);
-      assertEq(b.sockets, [`ws://${proxy.addr}/presence/parties/page/${encodeURIComponent(P.b)}`], "page b's WebSocket URL");
+      assertEq(b.sockets.map(withoutQuery), [`ws://${proxy.addr}/presence/parties/page/${encodeURIComponent(P.b)}`], "page b's WebSocket URL");
       assertEq(await svc.counts([P.b, P.c]), { [P.b]: 1, [P.c]: 1 }, "counts of the prefixed pages");
       await c.close();
       await waitBadge(b, P.c, 0);
@@ -450,7 +565,7 @@ function defineSteps(svc, browser, site) {
 </body></html>`;
       const hosted = await openTab(context, `http://${siteAddr}/site/hosted.html`);
       await waitBadge(hosted, "%2Fdocs%2Fintro", 0);
-      assertEq(hosted.sockets, [`ws://${proxy.addr}/presence/parties/page/hosted`], "the data-host page's WebSocket URL");
+      assertEq(hosted.sockets.map(withoutQuery), [`ws://${proxy.addr}/presence/parties/page/hosted`], "the data-host page's WebSocket URL");
       assertEq(await svc.counts(["hosted"]), { hosted: 1 }, "the data-host page counts as viewed");
       const v = await viewer(svc.addr, "%2Fdocs%2Fintro");
       await waitBadge(hosted, "%2Fdocs%2Fintro", 1);
@@ -460,7 +575,7 @@ function defineSteps(svc, browser, site) {
       assertEq(outside, [], "requests the proxy got outside /presence/");
       // (Page a, the redirect's target, may or may not have connected before its tab closed.)
       const room = (id) => `/presence/parties/page/${encodeURIComponent(id)}`;
-      const upgrades = proxy.seen.filter((r) => r.upgrade && r.url !== room(P.a)).map((r) => r.url);
+      const upgrades = proxy.seen.filter((r) => r.upgrade && withoutQuery(r.url) !== room(P.a)).map((r) => withoutQuery(r.url));
       assertEq(upgrades, [room(P.b), room(P.c), "/presence/parties/page/hosted"], "upgrades through the proxy");
     } finally {
       await context.close();
@@ -504,7 +619,7 @@ function defineSteps(svc, browser, site) {
       ],
       "badge ids with the index rule",
     );
-    assertEq(page.sockets, [`ws://${svc.addr}/parties/page/${encodeURIComponent(docs)}`], "its WebSocket URL");
+    assertEq(page.sockets.map(withoutQuery), [`ws://${svc.addr}/parties/page/${encodeURIComponent(docs)}`], "its WebSocket URL");
     assertEq(await svc.counts([docs, "%2Fdocs%2Findex.html"]), { [docs]: 1, "%2Fdocs%2Findex.html": 0 }, "counts");
 
     const kept = await openTab(context, `http://${siteAddr}/kept/index.html`);
@@ -574,13 +689,19 @@ function defineSteps(svc, browser, site) {
     step(`screenshot of the demo for the docs (${DEMO_SCREENSHOT})`, async () => {
       const context = await browser.newContext({ viewport: { width: 760, height: 560 }, deviceScaleFactor: 1 });
       const a = await openTab(context, `${base()}/pages/a`);
+      // One person on b, three on c (each a browser of its own).
       const others = [];
-      for (const p of ["b", "c", "c", "c"]) others.push(await openTab(context, `${base()}/pages/${p}`));
+      for (const p of ["b", "c", "c", "c"]) {
+        const person = await browser.newContext();
+        others.push(person);
+        await openTab(person, `${base()}/pages/${p}`);
+      }
       await waitBadge(a, ID.b, 1);
       await waitBadge(a, ID.c, 3);
       await waitBadge(a, ID.d, 0);
       await a.bringToFront();
       await a.screenshot({ path: DEMO_SCREENSHOT });
+      for (const person of others) await person.close();
       await context.close();
     });
   }

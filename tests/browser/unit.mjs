@@ -7,11 +7,14 @@ import assert from "node:assert/strict";
 import {
   DEFAULT_BACKOFF,
   LinkCounter,
+  VISITOR_STORAGE_KEY,
+  newVisitorId,
   originCheckUrl,
   pageIdFromUrl,
   pageIdProblem,
   roomUrl,
   serviceBase,
+  visitorId,
 } from "../../web/link-counter.js";
 
 class FakeSocket {
@@ -103,6 +106,24 @@ function fakeFetch(answer = () => ({ origin: "https://site.example", allowed: tr
 /** Lets settled promises run their continuations (the fake timers do not touch microtasks). */
 const flush = () => new Promise((r) => setImmediate(r));
 
+/** A Storage-like map (getItem/setItem), or one whose every call throws (storage blocked). */
+function fakeStorage({ blocked = false } = {}) {
+  const items = new Map();
+  const deny = () => {
+    throw new Error("SecurityError: access to storage is denied");
+  };
+  return {
+    items,
+    getItem: (k) => (blocked ? deny() : (items.get(k) ?? null)),
+    setItem: (k, v) => (blocked ? deny() : items.set(k, String(v))),
+  };
+}
+
+/**
+ * A counter on a fake socket. Unless a test says otherwise it counts
+ * connections with no visitor id: the plain wire form (what a PartySocket
+ * client sends and gets); the visitor tests below set `count` and `visitor`.
+ */
 function newCounter(extra = {}) {
   FakeSocket.all = [];
   const updates = [];
@@ -112,6 +133,8 @@ function newCounter(extra = {}) {
     host: "http://h:1",
     page: "%2Fpages%2Fa",
     links: ["b", "c"],
+    count: "connections",
+    visitor: null,
     WebSocket: FakeSocket,
     fetch: checks.fetch,
     logger,
@@ -433,6 +456,84 @@ const tests = {
       assert.equal(socket().closedWith, 1000);
       assert.equal(counter.state, "stopped");
       assert.deepEqual(clock.delays(), []);
+    });
+  },
+
+  "visitor ids: random, kept per browser profile, one per page load without storage"() {
+    const id = newVisitorId();
+    assert.match(id, /^[A-Za-z0-9_-]{22}$/);
+    assert.notEqual(newVisitorId(), id);
+    // Made once, then kept.
+    const storage = fakeStorage();
+    const first = visitorId(storage);
+    assert.match(first, /^[A-Za-z0-9_-]{22}$/);
+    assert.equal(storage.items.get(VISITOR_STORAGE_KEY), first);
+    assert.equal(visitorId(storage), first);
+    // A kept value that is not a valid id is replaced.
+    storage.items.set(VISITOR_STORAGE_KEY, "bad id!");
+    const replaced = visitorId(storage);
+    assert.notEqual(replaced, "bad id!");
+    assert.equal(storage.items.get(VISITOR_STORAGE_KEY), replaced);
+    // Storage unavailable: one id for this page load, whoever asks.
+    const blocked = fakeStorage({ blocked: true });
+    const loadId = visitorId(blocked);
+    assert.match(loadId, /^[A-Za-z0-9_-]{22}$/);
+    assert.equal(visitorId(blocked), loadId);
+    assert.notEqual(loadId, first);
+  },
+
+  async "counting people: the visitor id in the URL, visitors asked for and shown, both figures kept"() {
+    await withFakeTime(() => {
+      const { counter, updates, socket } = newCounter({ count: "visitors", visitor: "visitor_0123-abcd" });
+      assert.equal(socket().url, "ws://h:1/parties/page/%252Fpages%252Fa?visitor=visitor_0123-abcd");
+      assert.equal(counter.visitor, "visitor_0123-abcd");
+      socket().serverOpen();
+      assert.deepEqual(socket().sent, [{ type: "subscribe", links: ["b", "c"], visitors: true }]);
+      socket().serverSend({ type: "update", connections: { b: 4, c: 0 }, visitors: { b: 1, c: 0 } });
+      assert.deepEqual(Object.fromEntries(counter.counts), { b: 1, c: 0 });
+      assert.deepEqual(counter.tally("b"), { connections: 4, visitors: 1 });
+      // A new tab of the same person: connections change, the count shown does not.
+      socket().serverSend({ type: "update", connections: { b: 5 }, visitors: { b: 1 } });
+      assert.deepEqual(counter.tally("b"), { connections: 5, visitors: 1 });
+      assert.deepEqual(updates.at(-1).counts, { b: 1, c: 0 });
+      socket().serverSend({ type: "update", connections: { c: 2 }, visitors: { c: 2 } });
+      assert.deepEqual(updates.at(-1), { counts: { b: 1, c: 2 }, connected: true, changed: ["c"] });
+      // A service that does not count visitors: its connections are shown.
+      socket().serverSend({ type: "update", connections: { c: 3 } });
+      assert.equal(counter.get("c"), 3);
+      assert.deepEqual(counter.tally("c"), { connections: 3, visitors: null });
+      socket().serverClose(1006);
+      assert.equal(counter.tally("b"), null);
+    });
+  },
+
+  async "by default a counter counts people as this browser's visitor; visitor null sends none"() {
+    await withFakeTime(() => {
+      const realStorage = Object.getOwnPropertyDescriptor(globalThis, "localStorage");
+      const storage = fakeStorage();
+      Object.defineProperty(globalThis, "localStorage", { value: storage, configurable: true });
+      try {
+        FakeSocket.all = [];
+        const counter = new LinkCounter({ host: "http://h:1", page: "p", WebSocket: FakeSocket, logger: quietLogger() });
+        const kept = storage.items.get(VISITOR_STORAGE_KEY);
+        assert.equal(counter.figure, "visitors");
+        assert.equal(FakeSocket.all.at(-1).url, `ws://h:1/parties/page/p?visitor=${kept}`);
+        counter.close();
+        const anonymous = new LinkCounter({ host: "http://h:1", page: "p", visitor: null, WebSocket: FakeSocket, logger: quietLogger() });
+        assert.equal(FakeSocket.all.at(-1).url, "ws://h:1/parties/page/p");
+        anonymous.close();
+        assert.throws(
+          () => new LinkCounter({ host: "http://h:1", page: "p", visitor: "short", WebSocket: FakeSocket }),
+          /link-counter: visitor id "short"/,
+        );
+        assert.throws(
+          () => new LinkCounter({ host: "http://h:1", page: "p", count: "tabs", WebSocket: FakeSocket }),
+          /link-counter: count "tabs"/,
+        );
+      } finally {
+        if (realStorage) Object.defineProperty(globalThis, "localStorage", realStorage);
+        else delete globalThis.localStorage;
+      }
     });
   },
 

@@ -76,7 +76,8 @@ pub struct Settings {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClusterSettings {
-    /// Redis URL; empty = single node (no Redis).
+    /// Redis URL; empty = single node (no Redis). A secret when it carries a
+    /// password: set it from the environment; logged only redacted.
     pub redis_url: String,
     /// Prefix of every Redis key and channel (several clusters can share one Redis).
     pub key_prefix: String,

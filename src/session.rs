@@ -283,7 +283,7 @@ struct Session {
     bucket: TokenBucket,
     /// Consecutive rate-limited messages.
     strikes: u32,
-    /// When bytes last came from the client (liveness).
+    /// When the client's last complete frame arrived (liveness).
     last_seen: Instant,
     /// When the socket last took bytes (or output became waiting).
     last_progress: Instant,

@@ -314,8 +314,8 @@ fn room_active(key: &[u8], value: &[u8]) -> u64 {
 /// records it in its `conf` file and refuses to open it with the other
 /// setting); `None` for a new database. New databases are compressed (zstd):
 /// records are JSON, and compression also shrinks the garbage sled keeps
-/// until it cleans a segment, so the data directory under an id flood is
-/// about half the size (see BENCHMARKS.md, `flood`).
+/// until it cleans a segment (the data directory under an id flood:
+/// BENCHMARKS.md, `flood`).
 fn compression_of(path: &Path) -> Option<bool> {
     let conf = std::fs::read(path.join("conf")).ok()?;
     String::from_utf8_lossy(&conf).lines().find_map(|l| {

@@ -23,7 +23,7 @@ use crate::{
     counter::{GetLoad, GetTop},
     http::AppState,
     metrics,
-    shard::RoomCountQuery,
+    shard::CountRooms,
 };
 
 /// The dashboard, compiled in (no build step, no external resources).
@@ -256,7 +256,7 @@ async fn metrics_text(req: HttpRequest, state: web::Data<AppState>) -> HttpRespo
         return denied;
     }
     for (i, shard) in state.shards.all().iter().enumerate() {
-        if let Ok(Ok(n)) = tokio::time::timeout(QUERY_TIMEOUT, shard.send(RoomCountQuery)).await {
+        if let Ok(Ok(n)) = tokio::time::timeout(QUERY_TIMEOUT, shard.send(CountRooms)).await {
             metrics::set_rooms(i, n);
         }
     }
@@ -305,7 +305,7 @@ async fn stats(req: HttpRequest, state: web::Data<AppState>, ops: web::Data<Ops>
     };
     let mut rooms = 0;
     for shard in state.shards.all() {
-        if let Ok(Ok(n)) = tokio::time::timeout(QUERY_TIMEOUT, shard.send(RoomCountQuery)).await {
+        if let Ok(Ok(n)) = tokio::time::timeout(QUERY_TIMEOUT, shard.send(CountRooms)).await {
             rooms += n;
         }
     }

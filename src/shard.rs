@@ -86,13 +86,14 @@ pub struct CloseAll;
 #[rtype(result = "()")]
 pub struct StopShard;
 
-/// Number of live rooms on this shard.
+/// Number of live rooms on this shard (the `rooms` gauge and `/api/v1/stats`).
 #[derive(Message)]
 #[rtype(result = "usize")]
-pub struct RoomCountQuery;
+pub struct CountRooms;
 
-/// The live room of a page on this shard, if any (tests and diagnostics:
-/// it lets a test hand a room a message as the counter would).
+/// Test hook: the live room of a page on this shard, if any (a test hands
+/// it a message as the counter would).
+#[cfg(feature = "test-hooks")]
 #[derive(Message)]
 #[rtype(result = "Option<Addr<PageRoom>>")]
 pub struct RoomOf(pub PageId);
@@ -437,6 +438,7 @@ impl Handler<StopShard> for Shard {
     }
 }
 
+#[cfg(feature = "test-hooks")]
 impl Handler<RoomOf> for Shard {
     type Result = Option<Addr<PageRoom>>;
     fn handle(&mut self, msg: RoomOf, _: &mut Context<Self>) -> Self::Result {
@@ -444,9 +446,9 @@ impl Handler<RoomOf> for Shard {
     }
 }
 
-impl Handler<RoomCountQuery> for Shard {
+impl Handler<CountRooms> for Shard {
     type Result = usize;
-    fn handle(&mut self, _: RoomCountQuery, _: &mut Context<Self>) -> usize {
+    fn handle(&mut self, _: CountRooms, _: &mut Context<Self>) -> usize {
         self.rooms.len()
     }
 }
@@ -576,7 +578,8 @@ impl Shards {
         self.inner.slots[index].get().map(|h| (index, &h.addr))
     }
 
-    /// The idle rooms' pages, least recently active first (tests, diagnostics).
+    /// Test hook: the idle rooms' pages, least recently active first.
+    #[cfg(feature = "test-hooks")]
     pub fn idle_pages(&self) -> Vec<PageId> {
         let idle = self.inner.idle.lock().unwrap_or_else(|e| e.into_inner());
         idle.order.values().map(|r| r.page.clone()).collect()

@@ -75,6 +75,12 @@ const ALLOWED_EXCEPTIONS: &[(&str, &str, &str)] = &[
         "issue 17, to be removed: spells rate_limited",
     ),
     (
+        "test-hook",
+        "counter",
+        "issue 17, to be removed: InjectFault, SweepNow and Tracked (and fault()) get their \
+         #[cfg(feature = \"test-hooks\")] lines in counter.rs",
+    ),
+    (
         "error-code",
         "room",
         "issue 17, to be removed: spells overloaded; room.rs is to use protocol::code::OVERLOADED",
@@ -94,6 +100,8 @@ struct Source {
     code: Vec<char>,
     /// The string literals outside test code: (line, contents).
     literals: Vec<(usize, String)>,
+    /// The file as written, one entry per character.
+    raw: Vec<char>,
 }
 
 impl Source {
@@ -155,6 +163,46 @@ impl Source {
             .filter(|(_, id)| id == name)
             .map(|(at, _)| self.line_of(at))
             .collect()
+    }
+
+    /// The attributes written right before the item starting at `at`
+    /// (`pub` and doc comments skipped), as written.
+    fn attributes_before(&self, at: usize) -> String {
+        let mut i = at;
+        let skip_space = |mut i: usize| {
+            while i > 0 && self.code[i - 1].is_whitespace() {
+                i -= 1;
+            }
+            i
+        };
+        i = skip_space(i);
+        if i >= 3 && self.code[i - 3..i] == ['p', 'u', 'b'] {
+            i = skip_space(i - 3);
+        }
+        let end = i;
+        while i > 0 && self.code[i - 1] == ']' {
+            // Back to the matching `#[`.
+            let mut depth = 0;
+            let mut j = i;
+            while j > 0 {
+                j -= 1;
+                match self.code[j] {
+                    ']' => depth += 1,
+                    '[' => {
+                        depth -= 1;
+                        if depth == 0 {
+                            break;
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            if j == 0 || self.code[j - 1] != '#' {
+                break;
+            }
+            i = skip_space(j - 1);
+        }
+        self.raw[i..end].iter().collect()
     }
 
     /// True when this file belongs to `module` or one of its submodules.
@@ -234,6 +282,7 @@ fn sources() -> Vec<Source> {
                 path: format!("src/{}", rel.display()),
                 code,
                 literals: Vec::new(),
+                raw: text.chars().collect(),
             };
             src.literals = literals
                 .into_iter()
@@ -1079,6 +1128,61 @@ fn assets_are_compiled_in() {
     let srcs = sources();
     let web = srcs.iter().find(|s| s.module == "web").expect("src/web.rs");
     assert!(!web.mentions("include_str").is_empty());
+}
+
+/// Items only tests use: messages (with their handlers) and functions.
+const TEST_HOOKS: &[&str] = &["InjectFault", "SweepNow", "Tracked", "RoomOf", "idle_pages"];
+
+/// Test hooks are compiled only with the `test-hooks` feature (which only
+/// the crate's dev-dependency on itself turns on): each hook's definition
+/// and each `impl` naming it carries `#[cfg(feature = "test-hooks")]`.
+#[test]
+fn test_hooks_are_compiled_only_with_their_feature() {
+    let manifest = fs::read_to_string(root().join("Cargo.toml")).expect("Cargo.toml");
+    assert!(
+        manifest.contains("features = [\"test-hooks\"]"),
+        "the dev-dependency that enables the hooks for tests"
+    );
+    let exempt = excepted("test-hook");
+    let srcs = sources();
+    let mut problems = Vec::new();
+    let mut gated = 0;
+    for s in &srcs {
+        let idents = s.idents();
+        for (k, (at, id)) in idents.iter().enumerate() {
+            let names_hook = match id.as_str() {
+                "struct" | "enum" | "fn" => idents
+                    .get(k + 1)
+                    .is_some_and(|(_, n)| TEST_HOOKS.contains(&n.as_str())),
+                "impl" => {
+                    let header_end = (*at..s.code.len())
+                        .find(|&i| s.code[i] == '{' || s.code[i] == ';')
+                        .unwrap_or(s.code.len());
+                    idents[k + 1..]
+                        .iter()
+                        .take_while(|(i, _)| *i < header_end)
+                        .any(|(_, n)| TEST_HOOKS.contains(&n.as_str()))
+                }
+                _ => false,
+            };
+            if !names_hook {
+                continue;
+            }
+            if s.attributes_before(*at)
+                .contains("feature = \"test-hooks\"")
+            {
+                gated += 1;
+            } else if !exempt.iter().any(|m| s.is_in(m)) {
+                problems.push(format!("{}:{} {id}", s.path, s.line_of(*at)));
+            }
+        }
+    }
+    assert!(gated >= 3, "found {gated} gated hooks");
+    assert!(
+        problems.is_empty(),
+        "test hooks without #[cfg(feature = \"test-hooks\")]:\n{}",
+        problems.join("\n")
+    );
 }
 
 /// The library forbids `unsafe`; the binary's one `unsafe` block is the

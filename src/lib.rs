@@ -18,6 +18,7 @@
 //! - [`admin`]: the admin listener: `/metrics`, `/dashboard`, `/api/v1/stats`, `/api/v1/top`.
 //! - [`logging`]: tracing setup (text or JSON, filter) and the startup settings summary.
 //! - [`shutdown`]: SIGINT and SIGTERM.
+//! - [`time`]: wall-clock milliseconds and their RFC 3339 text.
 #![forbid(unsafe_code)]
 
 pub mod admin;
@@ -36,6 +37,7 @@ pub mod session;
 pub mod shard;
 pub mod shutdown;
 pub mod storage;
+pub mod time;
 pub mod web;
 
 pub use config::Settings;

@@ -41,7 +41,7 @@ use crate::{
     delivery::{ConnId, End, Mailbox},
     limits::{Permit, TokenBucket},
     metrics::{self as m, CloseKind},
-    protocol::{close, parse_client_message, ClientMessage, PageId, ProtocolError},
+    protocol::{close, code, parse_client_message, ClientMessage, PageId, ProtocolError},
     room::{Join, Leave, SetLinks},
     shard::Shard,
 };
@@ -644,7 +644,7 @@ impl Session {
             ));
         }
         self.reply(ProtocolError::new(
-            "rate_limited",
+            code::RATE_LIMITED,
             format!(
                 "more than {} messages per second; message ignored",
                 limits.messages_per_second

@@ -30,7 +30,7 @@ use crate::{
     config::Settings,
     counter::{Counter, SetShards, ShardRooms},
     delivery::End,
-    protocol::{close, PageId, ProtocolError},
+    protocol::{close, code, PageId, ProtocolError},
     room::{Join, Leave, PageRoom, ReportState, SaveRecord, SetLinks, StopRoom},
     storage::Storage,
 };
@@ -285,9 +285,9 @@ impl Handler<Join> for Shard {
                 self.rooms_alive.fetch_sub(1, Ordering::SeqCst);
                 tracing::info!(page = %msg.page, max_rooms = max, "room cap reached; connection refused");
                 crate::metrics::connection_refused(crate::metrics::Refused::MaxRooms);
-                crate::metrics::error_sent("overloaded");
+                crate::metrics::error_sent(code::OVERLOADED);
                 let error = ProtocolError::new(
-                    "overloaded",
+                    code::OVERLOADED,
                     "the server holds the most pages it may; try again later",
                 );
                 msg.mailbox.end(End::Refuse {
@@ -606,21 +606,5 @@ impl Shards {
     pub fn home_elsewhere(&self, index: usize) -> Option<&actix::dev::ArbiterHandle> {
         let hosted = self.inner.slots.get(index)?.get()?;
         (hosted.thread != std::thread::current().id()).then_some(&hosted.arbiter)
-    }
-}
-
-/// Stops arbiters and joins their threads off the async runtime.
-pub async fn stop_and_join(arbiters: Vec<Arbiter>) {
-    for a in &arbiters {
-        a.stop();
-    }
-    let joined = actix_web::rt::task::spawn_blocking(move || {
-        for a in arbiters {
-            let _ = a.join();
-        }
-    })
-    .await;
-    if joined.is_err() {
-        tracing::error!("an arbiter thread panicked while stopping");
     }
 }

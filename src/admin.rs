@@ -13,17 +13,25 @@
 use std::{
     collections::VecDeque,
     net::{SocketAddr, TcpListener},
-    sync::{atomic::Ordering, Arc, Mutex},
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc, Mutex,
+    },
     time::{Duration, Instant},
 };
 
+use actix::Addr;
 use actix_web::{dev::ServerHandle, http::header, web, App, HttpRequest, HttpResponse, HttpServer};
+use tokio::sync::watch;
 
 use crate::{
-    counter::{GetLoad, GetTop},
-    http::AppState,
+    counter::{Counter, GetLoad, GetTop},
+    http::{counter_unavailable, error_response},
     metrics,
-    shard::RoomCountQuery,
+    protocol::{code, ProtocolError},
+    shard::{CountRooms, Shards},
+    storage::Storage,
+    visitor::NodeVisitors,
 };
 
 /// The dashboard, compiled in (no build step, no external resources).
@@ -79,9 +87,19 @@ impl History {
     }
 }
 
-/// What the operator routes need besides [`AppState`]; cheap to clone.
+/// What the operator routes read; cheap to clone.
 #[derive(Clone)]
 pub struct Ops {
+    /// The counter, for its load and top pages.
+    pub counter: Addr<Counter>,
+    /// The shards, for their room counts.
+    pub shards: Shards,
+    /// The database, for its size and record counts.
+    pub storage: Storage,
+    /// Open WebSocket sessions.
+    pub active: Arc<AtomicUsize>,
+    /// Distinct visitors across the node.
+    pub visitors: Arc<NodeVisitors>,
     /// When the server started (uptime).
     pub started: Instant,
     /// Serve `/metrics` on the public listener too.
@@ -93,8 +111,20 @@ pub struct Ops {
 }
 
 impl Ops {
-    pub fn new(settings: &crate::Settings) -> Ops {
+    pub fn new(
+        settings: &crate::Settings,
+        counter: Addr<Counter>,
+        shards: Shards,
+        storage: Storage,
+        active: Arc<AtomicUsize>,
+        visitors: Arc<NodeVisitors>,
+    ) -> Ops {
         Ops {
+            counter,
+            shards,
+            storage,
+            active,
+            visitors,
             started: Instant::now(),
             metrics_on_public: settings.admin.metrics_on_public,
             token: settings.admin.token.get().map(Arc::from),
@@ -133,15 +163,18 @@ fn deny(req: &HttpRequest) -> Option<HttpResponse> {
     if constant_time_eq(given.as_bytes(), token.as_bytes()) {
         return None;
     }
-    Some(
-        HttpResponse::Unauthorized()
-            .insert_header((header::WWW_AUTHENTICATE, "Bearer"))
-            .json(serde_json::json!({
-                "type": "error",
-                "code": "unauthorized",
-                "message": "admin.token is set: send Authorization: Bearer TOKEN",
-            })),
-    )
+    let mut denied = error_response(
+        actix_web::http::StatusCode::UNAUTHORIZED,
+        &ProtocolError::new(
+            code::UNAUTHORIZED,
+            "admin.token is set: send Authorization: Bearer TOKEN",
+        ),
+    );
+    denied.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        header::HeaderValue::from_static("Bearer"),
+    );
+    Some(denied)
 }
 
 /// Compares without returning early on the first difference (only the
@@ -188,23 +221,25 @@ pub struct AdminServer {
     pub handle: ServerHandle,
 }
 
-/// Starts recording the history, then binds `admin.bind` and serves the
-/// admin routes on one worker; `Ok(None)` when `admin.bind` is empty (the
-/// history is recorded anyway: the public listener serves it too). Must be
-/// called inside an actix `System`.
-pub fn start(state: &AppState, ops: &Ops) -> anyhow::Result<Option<AdminServer>> {
-    record_history(state, ops);
-    let settings = &state.settings.admin;
+/// Starts recording the history until `shutdown` turns true, then binds
+/// `admin.bind` and serves the admin routes on one worker; `Ok(None)` when
+/// `admin.bind` is empty (the history is recorded anyway: the public
+/// listener serves it too). Must be called inside an actix `System`.
+pub fn start(
+    settings: &crate::config::AdminSettings,
+    ops: &Ops,
+    shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<Option<AdminServer>> {
+    record_history(ops, shutdown);
     let Some(bind) = settings.addr() else {
         return Ok(None);
     };
     let listener =
         TcpListener::bind(bind).map_err(|e| anyhow::anyhow!("admin.bind {bind}: {e}"))?;
     let addr = listener.local_addr()?;
-    let (state, ops) = (state.clone(), ops.clone());
+    let ops = ops.clone();
     let server = HttpServer::new(move || {
         App::new()
-            .app_data(web::Data::new(state.clone()))
             .app_data(web::Data::new(ops.clone()))
             .configure(configure_admin)
     })
@@ -225,9 +260,8 @@ pub fn start(state: &AppState, ops: &Ops) -> anyhow::Result<Option<AdminServer>>
 
 /// Samples the connection total every [`HISTORY_INTERVAL`] (the first at
 /// once) into `ops.history` until shutdown begins.
-fn record_history(state: &AppState, ops: &Ops) {
-    let (active, history) = (state.active.clone(), ops.history.clone());
-    let mut shutdown = state.shutdown.clone();
+fn record_history(ops: &Ops, mut shutdown: watch::Receiver<bool>) {
+    let (active, history) = (ops.active.clone(), ops.history.clone());
     actix_web::rt::spawn(async move {
         let mut every = tokio::time::interval(HISTORY_INTERVAL);
         every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -235,7 +269,7 @@ fn record_history(state: &AppState, ops: &Ops) {
             tokio::select! {
                 _ = every.tick() => {
                     let sample = Sample {
-                        time_ms: crate::storage::now_ms(),
+                        time_ms: crate::time::now_ms(),
                         connections: active.load(Ordering::SeqCst),
                     };
                     history.lock().unwrap_or_else(|e| e.into_inner()).push(sample);
@@ -251,24 +285,24 @@ fn record_history(state: &AppState, ops: &Ops) {
 }
 
 /// `GET /metrics`: refreshes the scrape-time gauges from the actors, then renders.
-async fn metrics_text(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
+async fn metrics_text(req: HttpRequest, ops: web::Data<Ops>) -> HttpResponse {
     if let Some(denied) = deny(&req) {
         return denied;
     }
-    for (i, shard) in state.shards.all().iter().enumerate() {
-        if let Ok(Ok(n)) = tokio::time::timeout(QUERY_TIMEOUT, shard.send(RoomCountQuery)).await {
+    for (i, shard) in ops.shards.all().iter().enumerate() {
+        if let Ok(Ok(n)) = tokio::time::timeout(QUERY_TIMEOUT, shard.send(CountRooms)).await {
             metrics::set_rooms(i, n);
         }
     }
-    if let Ok(Ok(load)) = tokio::time::timeout(QUERY_TIMEOUT, state.counter.send(GetLoad)).await {
+    if let Ok(Ok(load)) = tokio::time::timeout(QUERY_TIMEOUT, ops.counter.send(GetLoad)).await {
         metrics::set_counter_state(load.pages, load.subscriptions, load.follower_rooms);
     }
-    metrics::set_visitors(state.visitors.distinct());
-    if let Ok(bytes) = state.storage.size_on_disk() {
+    metrics::set_visitors(ops.visitors.distinct());
+    if let Ok(bytes) = ops.storage.size_on_disk() {
         metrics::set_storage(
             bytes,
-            state.storage.stats_records(),
-            state.storage.room_records(),
+            ops.storage.stats_records(),
+            ops.storage.room_records(),
         );
     }
     HttpResponse::Ok()
@@ -289,32 +323,25 @@ async fn dashboard() -> HttpResponse {
         .body(DASHBOARD_HTML)
 }
 
-fn unavailable() -> HttpResponse {
-    HttpResponse::ServiceUnavailable().json(serde_json::json!({
-        "type": "error", "code": "overloaded", "message": "counter unavailable",
-    }))
-}
-
 /// `GET /api/v1/stats`: totals of this server.
-async fn stats(req: HttpRequest, state: web::Data<AppState>, ops: web::Data<Ops>) -> HttpResponse {
+async fn stats(req: HttpRequest, ops: web::Data<Ops>) -> HttpResponse {
     if let Some(denied) = deny(&req) {
         return denied;
     }
-    let Ok(Ok(load)) = tokio::time::timeout(QUERY_TIMEOUT, state.counter.send(GetLoad)).await
-    else {
-        return unavailable();
+    let Ok(Ok(load)) = tokio::time::timeout(QUERY_TIMEOUT, ops.counter.send(GetLoad)).await else {
+        return counter_unavailable();
     };
     let mut rooms = 0;
-    for shard in state.shards.all() {
-        if let Ok(Ok(n)) = tokio::time::timeout(QUERY_TIMEOUT, shard.send(RoomCountQuery)).await {
+    for shard in ops.shards.all() {
+        if let Ok(Ok(n)) = tokio::time::timeout(QUERY_TIMEOUT, shard.send(CountRooms)).await {
             rooms += n;
         }
     }
     HttpResponse::Ok()
         .insert_header((header::CACHE_CONTROL, "no-store"))
         .json(serde_json::json!({
-            "connections": state.active.load(Ordering::SeqCst),
-            "visitors": state.visitors.distinct(),
+            "connections": ops.active.load(Ordering::SeqCst),
+            "visitors": ops.visitors.distinct(),
             "connections_opened_total": load.opened_total,
             "rooms": rooms,
             "pages": load.pages,
@@ -337,13 +364,13 @@ async fn history(req: HttpRequest, ops: web::Data<Ops>) -> HttpResponse {
             "interval_seconds": HISTORY_INTERVAL.as_secs(),
             "window_seconds": HISTORY_INTERVAL.as_secs() * HISTORY_LEN as u64,
             "max_samples": HISTORY_LEN,
-            "now_ms": crate::storage::now_ms(),
+            "now_ms": crate::time::now_ms(),
             "samples": samples,
         }))
 }
 
 /// `GET /api/v1/top?limit=N` (default 20, at most 100): pages by live connections.
-async fn top(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
+async fn top(req: HttpRequest, ops: web::Data<Ops>) -> HttpResponse {
     if let Some(denied) = deny(&req) {
         return denied;
     }
@@ -353,19 +380,22 @@ async fn top(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
             match value.parse::<usize>() {
                 Ok(n) => limit = n.min(TOP_MAX),
                 Err(_) => {
-                    return HttpResponse::BadRequest().json(serde_json::json!({
-                        "type": "error", "code": "invalid_limit",
-                        "message": format!("limit must be an integer 0..={TOP_MAX}"),
-                    }))
+                    return error_response(
+                        actix_web::http::StatusCode::BAD_REQUEST,
+                        &ProtocolError::new(
+                            code::INVALID_LIMIT,
+                            format!("limit must be an integer 0..={TOP_MAX}"),
+                        ),
+                    )
                 }
             }
         }
     }
-    match tokio::time::timeout(QUERY_TIMEOUT, state.counter.send(GetTop(limit))).await {
+    match tokio::time::timeout(QUERY_TIMEOUT, ops.counter.send(GetTop(limit))).await {
         Ok(Ok(pages)) => HttpResponse::Ok()
             .insert_header((header::CACHE_CONTROL, "no-store"))
             .json(pages),
-        _ => unavailable(),
+        _ => counter_unavailable(),
     }
 }
 

@@ -77,7 +77,8 @@ pub struct Settings {
 #[serde(deny_unknown_fields)]
 pub struct ClusterSettings {
     /// Redis URL; empty = single node (no Redis). With `redis_cluster`, one or
-    /// more comma-separated seed nodes of a Redis Cluster.
+    /// more comma-separated seed nodes of a Redis Cluster. A secret when it
+    /// carries a password: set it from the environment; logged only redacted.
     pub redis_url: String,
     /// `redis_url` names a Redis Cluster (sharded pub/sub, hash-tagged keys).
     pub redis_cluster: bool,

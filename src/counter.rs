@@ -24,7 +24,8 @@ use crate::{
     protocol::{PageId, PageInfo, Tally},
     room::{Counts, PageRoom, Subscribed},
     shard::Shard,
-    storage::{now_ms, rfc3339, PageStats, Storage},
+    storage::{PageStats, Storage},
+    time::{now_ms, rfc3339},
 };
 
 // ---------------------------------------------------------------- messages
@@ -106,7 +107,8 @@ pub struct GetPage(pub PageId);
 #[rtype(result = "()")]
 pub struct FinalSnapshot;
 
-/// Run the sweep now (the timer does this every `sweep_interval`).
+/// Test hook: run the sweep now (the timer does this every `sweep_interval`).
+#[cfg(feature = "test-hooks")]
 #[derive(Message)]
 #[rtype(result = "SweepReport")]
 pub struct SweepNow;
@@ -122,14 +124,14 @@ pub struct SweepReport {
     pub stats_expired: usize,
 }
 
-/// Whether the counter holds each of these pages in memory (tests, diagnostics).
-#[doc(hidden)]
+/// Test hook: whether the counter holds each of these pages in memory.
+#[cfg(feature = "test-hooks")]
 #[derive(Message)]
 #[rtype(result = "Vec<bool>")]
 pub struct Tracked(pub Vec<PageId>);
 
 /// Test hook: corrupt the live state and stop, as an internal fault would.
-#[doc(hidden)]
+#[cfg(feature = "test-hooks")]
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct InjectFault;
@@ -924,6 +926,7 @@ impl Counter {
     }
 
     /// Stops on an internal inconsistency; the supervisor rebuilds.
+    #[cfg(feature = "test-hooks")]
     fn fault(&mut self, ctx: &mut Context<Self>, what: &str) {
         tracing::error!(fault = what, "counter fault; restarting");
         ctx.stop();
@@ -1252,6 +1255,7 @@ impl Handler<FinalSnapshot> for Counter {
     }
 }
 
+#[cfg(feature = "test-hooks")]
 impl Handler<SweepNow> for Counter {
     type Result = MessageResult<SweepNow>;
     fn handle(&mut self, _: SweepNow, _: &mut Context<Self>) -> Self::Result {
@@ -1270,6 +1274,7 @@ impl Handler<GetStatus> for Counter {
     }
 }
 
+#[cfg(feature = "test-hooks")]
 impl Handler<Tracked> for Counter {
     type Result = MessageResult<Tracked>;
     fn handle(&mut self, msg: Tracked, _: &mut Context<Self>) -> Self::Result {
@@ -1277,6 +1282,7 @@ impl Handler<Tracked> for Counter {
     }
 }
 
+#[cfg(feature = "test-hooks")]
 impl Handler<InjectFault> for Counter {
     type Result = ();
     fn handle(&mut self, _: InjectFault, ctx: &mut Context<Self>) {

@@ -24,7 +24,7 @@ use crate::{
     counter::{Counter, GetCounts, GetPage, GetStatus},
     limits::{client_ip, ConnLimiter, OriginPolicy, Refusal as CapRefusal},
     metrics::{connection_refused, Refused},
-    protocol::{decode_page_id, validate_page_id, PageId, Tally},
+    protocol::{code, decode_page_id, validate_page_id, PageId, ProtocolError, Tally},
     session::{self, SessionContext},
     shard::Shards,
     storage::Storage,
@@ -77,10 +77,19 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .default_service(web::to(not_found));
 }
 
-fn json_error(status: actix_web::http::StatusCode, code: &str, message: &str) -> HttpResponse {
-    HttpResponse::build(status).json(serde_json::json!({
-        "type": "error", "code": code, "message": message,
-    }))
+/// An HTTP error answer: `status` with the protocol's `error` body.
+pub fn error_response(status: StatusCode, error: &ProtocolError) -> HttpResponse {
+    HttpResponse::build(status)
+        .content_type(header::ContentType::json())
+        .body(error.to_json())
+}
+
+/// The answer when the counter does not answer a read.
+pub fn counter_unavailable() -> HttpResponse {
+    error_response(
+        StatusCode::SERVICE_UNAVAILABLE,
+        &ProtocolError::new(code::OVERLOADED, "counter unavailable"),
+    )
 }
 
 fn plain(status: actix_web::http::StatusCode, text: &str) -> HttpResponse {
@@ -329,10 +338,12 @@ async fn counts(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
                     "true" => true,
                     "false" => false,
                     _ => {
-                        return json_error(
+                        return error_response(
                             StatusCode::BAD_REQUEST,
-                            "invalid_parameter",
-                            "visitors must be true or false",
+                            &ProtocolError::new(
+                                code::INVALID_PARAMETER,
+                                "visitors must be true or false",
+                            ),
                         )
                     }
                 };
@@ -342,20 +353,21 @@ async fn counts(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
         };
         for v in values {
             if let Err(e) = validate_page_id(v) {
-                return json_error(
+                return error_response(
                     StatusCode::BAD_REQUEST,
-                    "invalid_page_id",
-                    &format!("{v:?}: {e}"),
+                    &ProtocolError::new(code::INVALID_PAGE_ID, format!("{v:?}: {e}")),
                 );
             }
             if !ids.iter().any(|x| &**x == v) {
                 ids.push(PageId::from(v));
             }
             if ids.len() > max {
-                return json_error(
+                return error_response(
                     StatusCode::BAD_REQUEST,
-                    "too_many_links",
-                    &format!("at most {max} ids per request"),
+                    &ProtocolError::new(
+                        code::TOO_MANY_LINKS,
+                        format!("at most {max} ids per request"),
+                    ),
                 );
             }
         }
@@ -375,11 +387,7 @@ async fn counts(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
                 HttpResponse::Ok().json(connections)
             }
         }
-        Err(_) => json_error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "overloaded",
-            "counter unavailable",
-        ),
+        Err(_) => counter_unavailable(),
     }
 }
 
@@ -422,7 +430,12 @@ async fn page_info(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse
         .unwrap_or_default();
     let page = match decode_page_id(raw) {
         Ok(p) => p,
-        Err(e) => return json_error(StatusCode::BAD_REQUEST, "invalid_page_id", &e.to_string()),
+        Err(e) => {
+            return error_response(
+                StatusCode::BAD_REQUEST,
+                &ProtocolError::new(code::INVALID_PAGE_ID, e.to_string()),
+            )
+        }
     };
     let record = state.storage.load_room(&page);
     match state.counter.send(GetPage(page)).await {
@@ -433,11 +446,7 @@ async fn page_info(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse
             }
             HttpResponse::Ok().json(info)
         }
-        Err(_) => json_error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "overloaded",
-            "counter unavailable",
-        ),
+        Err(_) => counter_unavailable(),
     }
 }
 

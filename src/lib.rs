@@ -5,7 +5,7 @@
 //! - [`protocol`]: wire types of PROTOCOL.md and page-id rules (the only JSON of the protocol).
 //! - [`session`]: one WebSocket connection on the socket it owns (one task, one `select!` loop).
 //! - [`delivery`]: a connection's mailbox: pending output held as state (latest counts merged).
-//! - [`shard`]: one shard per HTTP worker (thread per core) and the lock-free page-id → room map of each.
+//! - [`shard`]: one shard per HTTP worker (thread per core), whose actor alone owns its page-id → room map.
 //! - [`room`]: `PageRoom`, one actor per page: connections, their visitors, link sets, delivery.
 //! - [`visitor`]: visitor ids (the rule, the keyed hash kept instead) and distinct-visitor reference counts.
 //! - [`counter`]: `Counter`, the supervised singleton: tallies, followers, coalesced publishing, stats.
@@ -19,6 +19,8 @@
 //! - [`admin`]: the admin listener: `/metrics`, `/dashboard`, `/api/v1/stats`, `/api/v1/top`.
 //! - [`logging`]: tracing setup (text or JSON, filter) and the startup settings summary.
 //! - [`shutdown`]: SIGINT and SIGTERM.
+//! - [`time`]: wall-clock milliseconds and their RFC 3339 text.
+//! - [`hash`]: FNV-1a, the stable hash of cluster channel groups and the script's ETag.
 #![forbid(unsafe_code)]
 
 pub mod admin;
@@ -26,6 +28,7 @@ pub mod cluster;
 pub mod config;
 pub mod counter;
 pub mod delivery;
+pub mod hash;
 pub mod http;
 pub mod limits;
 pub mod logging;
@@ -37,6 +40,7 @@ pub mod session;
 pub mod shard;
 pub mod shutdown;
 pub mod storage;
+pub mod time;
 pub mod visitor;
 pub mod web;
 

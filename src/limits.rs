@@ -16,8 +16,6 @@ use std::{
 use actix_web::http::header::HeaderMap;
 use ipnet::IpNet;
 
-use crate::config::Settings;
-
 // ---------------------------------------------------------------- token bucket
 
 /// A token bucket: `rate` tokens per second, at most `burst` stored.
@@ -172,11 +170,11 @@ pub struct OriginPolicy {
 }
 
 impl OriginPolicy {
-    pub fn new(settings: &Settings) -> OriginPolicy {
+    /// The policy of `security.allowed_origins` (validated at start-up, so
+    /// every entry parses).
+    pub fn new(allowed_origins: &[String]) -> OriginPolicy {
         OriginPolicy {
-            patterns: settings
-                .security
-                .allowed_origins
+            patterns: allowed_origins
                 .iter()
                 .filter_map(|o| OriginPattern::parse(o).ok())
                 .collect(),
@@ -319,12 +317,13 @@ pub struct Permit {
 }
 
 impl ConnLimiter {
-    pub fn new(settings: &Settings) -> Arc<ConnLimiter> {
-        let l = &settings.limits;
+    /// Caps of `limits.max_connections`, `limits.max_connections_per_ip`
+    /// and `limits.connections_per_ip_per_second` / `_burst` (0 = none).
+    pub fn new(max_total: usize, max_per_ip: usize, rate: f64, burst: f64) -> Arc<ConnLimiter> {
         Arc::new(ConnLimiter {
-            max_total: l.max_connections,
-            max_per_ip: l.max_connections_per_ip,
-            rate: (l.connections_per_ip_per_second, l.connections_per_ip_burst),
+            max_total,
+            max_per_ip,
+            rate: (rate, burst),
             total: AtomicUsize::new(0),
             ips: std::array::from_fn(|_| Mutex::new(HashMap::new())),
         })

@@ -45,7 +45,7 @@
 //!
 //! | name | type | labels | meaning |
 //! |---|---|---|---|
-//! | `link_counter_redis_rtt_seconds` | histogram | `op` | Redis command round-trip time |
+//! | `link_counter_redis_rtt_seconds` | histogram | `op` | Redis round-trip time: `write` (a batch of count changes), `load` (followed pages' sums), `heartbeat` |
 //! | `link_counter_redis_reconnects_total` | counter | | reconnections to Redis |
 //! | `link_counter_cluster_nodes_reaped_total` | counter | | dead nodes whose counts were removed |
 //! | `link_counter_cluster_messages_published_total` | counter | | messages this node published to Redis |
@@ -232,24 +232,18 @@ fn describe() {
         "Subscribed links refused at limits.max_pages"
     );
     describe_counter!(MESSAGES_IN, "Client text messages received");
-    describe_counter!(
-        MESSAGES_OUT,
-        "Text messages handed to client connections' writers"
-    );
+    describe_counter!(MESSAGES_OUT, "Text messages written to client sockets");
     describe_counter!(ERRORS, "Error messages sent to clients, by code");
     describe_counter!(COUNT_CHANGES, "Count changes applied by the counter");
     describe_counter!(
         COUNT_PUBLISHES,
         "Changed counts published to follower rooms after coalescing"
     );
-    describe_counter!(
-        UPDATES_SENT,
-        "Update messages handed to client connections' writers"
-    );
+    describe_counter!(UPDATES_SENT, "Update messages written to client sockets");
     describe_histogram!(
         PUBLISH_LAG,
         Unit::Seconds,
-        "From a count change to its update handed to a subscriber's writer"
+        "From a count change to its update encoded for a subscriber's socket"
     );
     describe_histogram!(SNAPSHOT_DURATION, Unit::Seconds, "Stats snapshot duration");
     describe_histogram!(SNAPSHOT_RECORDS, "Stats records written per snapshot");
@@ -448,7 +442,7 @@ pub fn message_in() {
     hot().messages_in.increment(1);
 }
 
-/// A text message was handed to a client connection's writer.
+/// A text message was encoded for a client's socket.
 pub fn message_out() {
     hot().messages_out.increment(1);
 }
@@ -536,9 +530,30 @@ pub fn evicted(what: &'static str, n: usize) {
 
 // ---------------------------------------------------------------- cluster
 
-/// Cluster: one Redis command (`op`, e.g. "publish", "hincrby") took `rtt`.
-pub fn redis_rtt(op: &'static str, rtt: Duration) {
-    histogram!(REDIS_RTT, "op" => op).record(rtt.as_secs_f64());
+/// The `op` label of [`REDIS_RTT`]: what a Redis round trip did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RedisOp {
+    /// A batch of count changes written.
+    Write,
+    /// Newly followed pages' sums loaded.
+    Load,
+    /// The liveness refresh.
+    Heartbeat,
+}
+
+impl RedisOp {
+    fn label(self) -> &'static str {
+        match self {
+            RedisOp::Write => "write",
+            RedisOp::Load => "load",
+            RedisOp::Heartbeat => "heartbeat",
+        }
+    }
+}
+
+/// Cluster: one Redis round trip of kind `op` took `rtt`.
+pub fn redis_rtt(op: RedisOp, rtt: Duration) {
+    histogram!(REDIS_RTT, "op" => op.label()).record(rtt.as_secs_f64());
 }
 
 /// Cluster: reconnected to Redis.

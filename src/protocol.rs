@@ -67,6 +67,32 @@ pub mod close {
     pub const INTERNAL: u16 = 1011;
 }
 
+/// The `code` of an `error` message (docs/PROTOCOL.md) and of the HTTP
+/// API's error bodies: the only place they are spelled.
+pub mod code {
+    /// Not JSON, not an object, or `links` missing or not an array of strings.
+    pub const INVALID_JSON: &str = "invalid_json";
+    /// A message `type` the server does not know.
+    pub const UNKNOWN_TYPE: &str = "unknown_type";
+    /// A page id that breaks the page-id rules.
+    pub const INVALID_PAGE_ID: &str = "invalid_page_id";
+    /// More than `max_links_per_subscribe` ids.
+    pub const TOO_MANY_LINKS: &str = "too_many_links";
+    /// Over `limits.messages_per_second`: the message is ignored.
+    pub const RATE_LIMITED: &str = "rate_limited";
+    /// A cap is reached, or the counter did not answer.
+    pub const OVERLOADED: &str = "overloaded";
+    /// HTTP API: a `limit` that is not an integer.
+    pub const INVALID_LIMIT: &str = "invalid_limit";
+    /// HTTP API: `admin.token` is set and the request does not carry it.
+    pub const UNAUTHORIZED: &str = "unauthorized";
+    /// A `?visitor=` id that breaks the rules: ignored (the connection is its
+    /// own visitor); the connection stays open.
+    pub const INVALID_VISITOR: &str = "invalid_visitor";
+    /// HTTP API: a query parameter with a value it does not take.
+    pub const INVALID_PARAMETER: &str = "invalid_parameter";
+}
+
 /// Why a page id was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PageIdError {
@@ -164,22 +190,25 @@ struct ServerError<'a> {
 /// Parses and validates one text frame.
 pub fn parse_client_message(text: &str, max_links: usize) -> Result<ClientMessage, ProtocolError> {
     let value: serde_json::Value = serde_json::from_str(text).map_err(|e| {
-        ProtocolError::new("invalid_json", format!("message is not valid JSON: {e}"))
+        ProtocolError::new(
+            code::INVALID_JSON,
+            format!("message is not valid JSON: {e}"),
+        )
     })?;
     let obj = value
         .as_object()
-        .ok_or_else(|| ProtocolError::new("invalid_json", "message must be a JSON object"))?;
+        .ok_or_else(|| ProtocolError::new(code::INVALID_JSON, "message must be a JSON object"))?;
     let kind = match obj.get("type") {
         Some(serde_json::Value::String(s)) => s.as_str(),
         Some(_) => {
             return Err(ProtocolError::new(
-                "unknown_type",
+                code::UNKNOWN_TYPE,
                 "\"type\" must be a string",
             ))
         }
         None => {
             return Err(ProtocolError::new(
-                "unknown_type",
+                code::UNKNOWN_TYPE,
                 "message has no \"type\"",
             ))
         }
@@ -190,13 +219,13 @@ pub fn parse_client_message(text: &str, max_links: usize) -> Result<ClientMessag
                 Some(serde_json::Value::Array(a)) => a,
                 Some(_) => {
                     return Err(ProtocolError::new(
-                        "invalid_json",
+                        code::INVALID_JSON,
                         "\"links\" must be an array of strings",
                     ))
                 }
                 None => {
                     return Err(ProtocolError::new(
-                        "invalid_json",
+                        code::INVALID_JSON,
                         "subscribe needs \"links\"",
                     ))
                 }
@@ -215,16 +244,19 @@ pub fn parse_client_message(text: &str, max_links: usize) -> Result<ClientMessag
             let mut seen = std::collections::HashSet::with_capacity(links.len().min(max_links));
             for link in links {
                 let s = link.as_str().ok_or_else(|| {
-                    ProtocolError::new("invalid_json", "\"links\" must be an array of strings")
+                    ProtocolError::new(code::INVALID_JSON, "\"links\" must be an array of strings")
                 })?;
                 validate_page_id(s).map_err(|e| {
-                    ProtocolError::new("invalid_page_id", format!("link {:?}: {e}", truncate(s)))
+                    ProtocolError::new(
+                        code::INVALID_PAGE_ID,
+                        format!("link {:?}: {e}", truncate(s)),
+                    )
                 })?;
                 if seen.insert(s) {
                     out.push(Arc::from(s));
                     if out.len() > max_links {
                         return Err(ProtocolError::new(
-                            "too_many_links",
+                            code::TOO_MANY_LINKS,
                             format!("at most {max_links} links per subscribe"),
                         ));
                     }
@@ -236,7 +268,7 @@ pub fn parse_client_message(text: &str, max_links: usize) -> Result<ClientMessag
             })
         }
         other => Err(ProtocolError::new(
-            "unknown_type",
+            code::UNKNOWN_TYPE,
             format!("unknown message type {:?}", truncate(other)),
         )),
     }

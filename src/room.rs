@@ -25,9 +25,10 @@ use crate::{
     config::Settings,
     counter::{Counter, RoomCount, RoomState, Subscribe, Unsubscribe},
     delivery::{ConnId, End, Mailbox, Update},
-    protocol::{PageId, ProtocolError, Tally},
+    protocol::{code, PageId, ProtocolError, Tally},
     shard::{RoomIdle, Shard},
-    storage::{now_ms, RoomRecord, Storage},
+    storage::{RoomRecord, Storage},
+    time::now_ms,
     visitor::{VisitorKey, Visitors},
 };
 
@@ -409,7 +410,7 @@ impl PageRoom {
                 continue;
             }
             let error = ProtocolError::new(
-                "overloaded",
+                code::OVERLOADED,
                 format!(
                     "the server tracks the most pages it may; not following {} link(s), e.g. {:?}",
                     dropped.len(),

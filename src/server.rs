@@ -127,8 +127,13 @@ impl Server {
             storage: storage.clone(),
             shutdown: shutdown_rx,
             active: active.clone(),
-            limiter: ConnLimiter::new(&settings),
-            origins: Arc::new(OriginPolicy::new(&settings)),
+            limiter: ConnLimiter::new(
+                settings.limits.max_connections,
+                settings.limits.max_connections_per_ip,
+                settings.limits.connections_per_ip_per_second,
+                settings.limits.connections_per_ip_burst,
+            ),
+            origins: Arc::new(OriginPolicy::new(&settings.security.allowed_origins)),
             cluster: cluster_health,
             visitors: Arc::default(),
         };
@@ -145,8 +150,15 @@ impl Server {
                 crate::metrics::upkeep();
             }
         });
-        let ops = crate::admin::Ops::new(&settings);
-        let admin = crate::admin::start(&state, &ops)?;
+        let ops = crate::admin::Ops::new(
+            &settings,
+            counter.clone(),
+            shards.clone(),
+            storage.clone(),
+            active.clone(),
+            state.visitors.clone(),
+        );
+        let admin = crate::admin::start(&settings.admin, &ops, state.shutdown.clone())?;
         let hosts = shards.clone();
         let ws_state = state.clone();
         let handshake_timeout = settings.limits.handshake_timeout;
@@ -310,8 +322,24 @@ impl Server {
         }
         let mut arbiters = vec![self.counter_arbiter];
         arbiters.extend(self.cluster.map(|(_, a)| a));
-        crate::shard::stop_and_join(arbiters).await;
+        stop_and_join(arbiters).await;
         tracing::info!(cut, "stopped");
         ShutdownReport { cut }
+    }
+}
+
+/// Stops arbiters and joins their threads off the async runtime.
+async fn stop_and_join(arbiters: Vec<Arbiter>) {
+    for a in &arbiters {
+        a.stop();
+    }
+    let joined = actix_web::rt::task::spawn_blocking(move || {
+        for a in arbiters {
+            let _ = a.join();
+        }
+    })
+    .await;
+    if joined.is_err() {
+        tracing::error!("an arbiter thread panicked while stopping");
     }
 }

@@ -41,7 +41,7 @@ use crate::{
     delivery::{ConnId, End, Mailbox},
     limits::{Permit, TokenBucket},
     metrics::{self as m, CloseKind},
-    protocol::{close, parse_client_message, ClientMessage, PageId, ProtocolError},
+    protocol::{close, code, parse_client_message, ClientMessage, PageId, ProtocolError},
     room::{Join, Leave, SetLinks},
     shard::Shard,
     visitor::{NodeVisitors, VisitorKey, VisitorParam},
@@ -307,7 +307,7 @@ struct Session {
     bucket: TokenBucket,
     /// Consecutive rate-limited messages.
     strikes: u32,
-    /// When bytes last came from the client (liveness).
+    /// When the client's last complete frame arrived (liveness).
     last_seen: Instant,
     /// When the socket last took bytes (or output became waiting).
     last_progress: Instant,
@@ -668,7 +668,7 @@ impl Session {
             ));
         }
         self.reply(ProtocolError::new(
-            "rate_limited",
+            code::RATE_LIMITED,
             format!(
                 "more than {} messages per second; message ignored",
                 limits.messages_per_second

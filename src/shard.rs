@@ -30,7 +30,7 @@ use crate::{
     config::Settings,
     counter::{Counter, SetShards, ShardRooms},
     delivery::End,
-    protocol::{close, PageId, ProtocolError},
+    protocol::{close, code, PageId, ProtocolError},
     room::{Join, Leave, PageRoom, ReportState, SaveRecord, SetLinks, StopRoom},
     storage::Storage,
 };
@@ -86,13 +86,14 @@ pub struct CloseAll;
 #[rtype(result = "()")]
 pub struct StopShard;
 
-/// Number of live rooms on this shard.
+/// Number of live rooms on this shard (the `rooms` gauge and `/api/v1/stats`).
 #[derive(Message)]
 #[rtype(result = "usize")]
-pub struct RoomCountQuery;
+pub struct CountRooms;
 
-/// The live room of a page on this shard, if any (tests and diagnostics:
-/// it lets a test hand a room a message as the counter would).
+/// Test hook: the live room of a page on this shard, if any (a test hands
+/// it a message as the counter would).
+#[cfg(feature = "test-hooks")]
 #[derive(Message)]
 #[rtype(result = "Option<Addr<PageRoom>>")]
 pub struct RoomOf(pub PageId);
@@ -284,9 +285,9 @@ impl Handler<Join> for Shard {
                 self.rooms_alive.fetch_sub(1, Ordering::SeqCst);
                 tracing::info!(page = %msg.page, max_rooms = max, "room cap reached; connection refused");
                 crate::metrics::connection_refused(crate::metrics::Refused::MaxRooms);
-                crate::metrics::error_sent("overloaded");
+                crate::metrics::error_sent(code::OVERLOADED);
                 let error = ProtocolError::new(
-                    "overloaded",
+                    code::OVERLOADED,
                     "the server holds the most pages it may; try again later",
                 );
                 msg.mailbox.end(End::Refuse {
@@ -437,6 +438,7 @@ impl Handler<StopShard> for Shard {
     }
 }
 
+#[cfg(feature = "test-hooks")]
 impl Handler<RoomOf> for Shard {
     type Result = Option<Addr<PageRoom>>;
     fn handle(&mut self, msg: RoomOf, _: &mut Context<Self>) -> Self::Result {
@@ -444,9 +446,9 @@ impl Handler<RoomOf> for Shard {
     }
 }
 
-impl Handler<RoomCountQuery> for Shard {
+impl Handler<CountRooms> for Shard {
     type Result = usize;
-    fn handle(&mut self, _: RoomCountQuery, _: &mut Context<Self>) -> usize {
+    fn handle(&mut self, _: CountRooms, _: &mut Context<Self>) -> usize {
         self.rooms.len()
     }
 }
@@ -576,7 +578,8 @@ impl Shards {
         self.inner.slots[index].get().map(|h| (index, &h.addr))
     }
 
-    /// The idle rooms' pages, least recently active first (tests, diagnostics).
+    /// Test hook: the idle rooms' pages, least recently active first.
+    #[cfg(feature = "test-hooks")]
     pub fn idle_pages(&self) -> Vec<PageId> {
         let idle = self.inner.idle.lock().unwrap_or_else(|e| e.into_inner());
         idle.order.values().map(|r| r.page.clone()).collect()
@@ -603,21 +606,5 @@ impl Shards {
     pub fn home_elsewhere(&self, index: usize) -> Option<&actix::dev::ArbiterHandle> {
         let hosted = self.inner.slots.get(index)?.get()?;
         (hosted.thread != std::thread::current().id()).then_some(&hosted.arbiter)
-    }
-}
-
-/// Stops arbiters and joins their threads off the async runtime.
-pub async fn stop_and_join(arbiters: Vec<Arbiter>) {
-    for a in &arbiters {
-        a.stop();
-    }
-    let joined = actix_web::rt::task::spawn_blocking(move || {
-        for a in arbiters {
-            let _ = a.join();
-        }
-    })
-    .await;
-    if joined.is_err() {
-        tracing::error!("an arbiter thread panicked while stopping");
     }
 }

@@ -13,7 +13,6 @@ use std::{
         atomic::{AtomicUsize, Ordering},
         Arc,
     },
-    time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use serde::{Deserialize, Serialize};
@@ -77,18 +76,6 @@ impl StorageError {
             },
         }
     }
-}
-
-/// Milliseconds since the Unix epoch.
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
-/// RFC 3339 text of a millisecond timestamp.
-pub fn rfc3339(ms: u64) -> String {
-    humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
 }
 
 /// Persistent statistics of one page.
@@ -318,8 +305,8 @@ fn room_active(key: &[u8], value: &[u8]) -> u64 {
 /// records it in its `conf` file and refuses to open it with the other
 /// setting); `None` for a new database. New databases are compressed (zstd):
 /// records are JSON, and compression also shrinks the garbage sled keeps
-/// until it cleans a segment, so the data directory under an id flood is
-/// about half the size (see BENCHMARKS.md, `flood`).
+/// until it cleans a segment (the data directory under an id flood:
+/// BENCHMARKS.md, `flood`).
 fn compression_of(path: &Path) -> Option<bool> {
     let conf = std::fs::read(path.join("conf")).ok()?;
     String::from_utf8_lossy(&conf).lines().find_map(|l| {

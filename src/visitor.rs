@@ -41,9 +41,6 @@ pub const MIN_LEN: usize = 8;
 /// Longest valid visitor id, in characters.
 pub const MAX_LEN: usize = 64;
 
-/// The `error` code a connection with an invalid visitor id is told.
-pub const INVALID_VISITOR: &str = "invalid_visitor";
-
 /// What the server keeps of a visitor id: a keyed 128-bit hash (keys random
 /// per process), compared for equality only. Two ids collide with
 /// probability about 2^-128; a collision could only merge two visitors
@@ -95,7 +92,7 @@ impl VisitorIdError {
     /// The non-fatal `error` message the connection is sent.
     pub fn protocol_error(self) -> ProtocolError {
         ProtocolError::new(
-            INVALID_VISITOR,
+            crate::protocol::code::INVALID_VISITOR,
             format!("{self}; ignored: this connection counts as its own visitor"),
         )
     }
@@ -345,7 +342,7 @@ mod tests {
         }
         assert_eq!(
             VisitorIdError::TooShort.protocol_error().code,
-            INVALID_VISITOR
+            crate::protocol::code::INVALID_VISITOR
         );
     }
 

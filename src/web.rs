@@ -30,20 +30,8 @@ pub const DEMO_GRAPH: [(&str, &[&str]); 4] = [
 /// it briefly and then revalidate with the ETag (a 304 costs no body).
 const SCRIPT_CACHE_CONTROL: &str = "public, max-age=300, must-revalidate";
 
-/// FNV-1a, 64 bits: a stable content hash computable at compile time.
-const fn fnv1a(bytes: &[u8]) -> u64 {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    let mut i = 0;
-    while i < bytes.len() {
-        hash ^= bytes[i] as u64;
-        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
-        i += 1;
-    }
-    hash
-}
-
 /// Content hash of the script, the variable part of its ETag.
-const LINK_COUNTER_JS_HASH: u64 = fnv1a(LINK_COUNTER_JS.as_bytes());
+const LINK_COUNTER_JS_HASH: u64 = crate::hash::fnv1a(LINK_COUNTER_JS.as_bytes());
 
 /// The script's strong ETag: crate version and content hash.
 pub fn script_etag() -> String {

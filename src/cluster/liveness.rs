@@ -81,7 +81,7 @@ async fn run(
         let sent = std::time::Instant::now();
         let reply = store::heartbeat(&c, &keys, beat_id.as_deref(), BeatMode::Beat, ttl).await;
         match &reply {
-            Ok(_) => m::redis_rtt("heartbeat", sent.elapsed()),
+            Ok(_) => m::redis_rtt(m::RedisOp::Heartbeat, sent.elapsed()),
             Err(_) => conn = None,
         }
         to.do_send(Beat {

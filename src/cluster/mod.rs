@@ -635,7 +635,7 @@ impl Cluster {
             act.writing = false;
             match r {
                 Ok(done) => {
-                    m::redis_rtt("write", started.elapsed());
+                    m::redis_rtt(m::RedisOp::Write, started.elapsed());
                     m::cluster_published(done.published);
                     if done.left {
                         act.finish_leave(true);
@@ -769,7 +769,7 @@ impl Cluster {
             match r {
                 Ok((pages, maps)) => {
                     if !pages.is_empty() {
-                        m::redis_rtt("load", started.elapsed());
+                        m::redis_rtt(m::RedisOp::Load, started.elapsed());
                     }
                     if gen == act.gen {
                         act.apply_loaded(&pages, maps);

@@ -71,7 +71,7 @@ impl Keys {
 
     /// The channel group `k` of a page (`fnv1a(page) mod channels`).
     pub fn channel_of(&self, page: &str) -> u32 {
-        (fnv1a(page) % u64::from(self.channels)) as u32
+        (crate::hash::fnv1a(page.as_bytes()) % u64::from(self.channels)) as u32
     }
 
     /// Every channel group.
@@ -129,24 +129,6 @@ impl Keys {
     }
 }
 
-/// Stable hash of a page id (FNV-1a), identical on every node and version.
-pub(super) fn fnv1a(s: &str) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in s.as_bytes() {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    h
-}
-
-/// The Redis URL without its password, for logs.
-pub(super) fn redacted(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(s), Some(at)) if at > s => format!("{}***{}", &url[..s + 3], &url[at..]),
-        _ => url.to_string(),
-    }
-}
-
 /// How to reach Redis: one instance or a Redis Cluster.
 #[derive(Clone)]
 pub(super) struct Backend {
@@ -170,7 +152,11 @@ impl Backend {
 
     /// The URLs for logs (passwords hidden).
     pub fn describe(&self) -> String {
-        let urls: Vec<String> = self.urls.iter().map(|u| redacted(u)).collect();
+        let urls: Vec<String> = self
+            .urls
+            .iter()
+            .map(|u| crate::logging::redact_url(u))
+            .collect();
         if self.cluster {
             format!("cluster {}", urls.join(","))
         } else {
@@ -552,8 +538,6 @@ mod tests {
     /// channel group share one hash tag; URLs are redacted in logs.
     #[test]
     fn layout() {
-        assert_eq!(fnv1a(""), 0xcbf2_9ce4_8422_2325);
-        assert_eq!(fnv1a("a"), 0xaf63_dc4c_8601_ec8c);
         let keys = Keys {
             prefix: "lc:".into(),
             channels: 64,
@@ -565,10 +549,5 @@ mod tests {
         assert_eq!(keys.group_of_channel(&keys.channel(k, "n")), Some(k));
         assert_eq!(keys.group_of_channel("other"), None);
         assert_eq!(keys.live(), "lc:{live}z");
-        assert_eq!(
-            redacted("redis://:secret@host:6379/0"),
-            "redis://***@host:6379/0"
-        );
-        assert_eq!(redacted("redis://host:6379"), "redis://host:6379");
     }
 }

@@ -17,7 +17,9 @@ use tokio_tungstenite::tungstenite::{
     Message,
 };
 
-use crate::helpers::{connect_from, counts, http_get, spawn_app, Client, TestApp, PATIENCE};
+use crate::helpers::{
+    connect_from, counts, eventually, http_get, spawn_app, Client, TestApp, PATIENCE,
+};
 
 /// The invariant checked after every row: the server answers HTTP, the
 /// watcher (subscribed to `target`) shows the true count, and a fresh
@@ -577,19 +579,11 @@ async fn a_stale_page_cap_refusal_does_not_drop_a_link_asked_for_again() {
     // The counter had accepted request 2: the room that dropped x unfollows
     // it there too, so no follower is left behind (this is what a rebuild's
     // `RoomState` can leave when a held refusal arrives after it).
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    loop {
+    eventually("the counter follows x for nobody", || async {
         let load = app.counter.send(GetLoad).await.expect("load");
-        if load.subscriptions == 0 && load.follower_rooms == 0 {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the counter still follows x for the room: {} subscriptions",
-            load.subscriptions
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        load.subscriptions == 0 && load.follower_rooms == 0
+    })
+    .await;
     viewer.close().await;
     let mut probe = app.connect("probe").await;
     probe.subscribe(&["x"]).await;

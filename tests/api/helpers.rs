@@ -206,17 +206,58 @@ pub async fn exchange(s: &mut TcpStream, request: &str) -> Vec<u8> {
     buf
 }
 
-/// Polls `f` every 20 ms until it is true; panics after [`PATIENCE`].
-pub async fn eventually<F, Fut>(what: &str, mut f: F)
+/// What one poll of [`eventually`] found: `true` or `Some(value)` when
+/// the wait is over.
+pub trait Ready {
+    /// What the wait returns.
+    type Value;
+    fn ready(self) -> Option<Self::Value>;
+}
+
+impl Ready for bool {
+    type Value = ();
+    fn ready(self) -> Option<()> {
+        self.then_some(())
+    }
+}
+
+impl<T> Ready for Option<T> {
+    type Value = T;
+    fn ready(self) -> Option<T> {
+        self
+    }
+}
+
+/// Polls `f` every 20 ms until it is `true` (or `Some`, whose value it
+/// returns); panics after [`PATIENCE`]. The one way tests wait for state.
+pub async fn eventually<F, Fut>(what: &str, f: F) -> <Fut::Output as Ready>::Value
 where
     F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
+    Fut: std::future::Future,
+    Fut::Output: Ready,
 {
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    while !f().await {
+    eventually_within(PATIENCE, what, f).await
+}
+
+/// [`eventually`] with a longer patience, for waits that scale with a test's size.
+pub async fn eventually_within<F, Fut>(
+    patience: Duration,
+    what: &str,
+    mut f: F,
+) -> <Fut::Output as Ready>::Value
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future,
+    Fut::Output: Ready,
+{
+    let deadline = tokio::time::Instant::now() + patience;
+    loop {
+        if let Some(value) = f().await.ready() {
+            return value;
+        }
         assert!(
             tokio::time::Instant::now() < deadline,
-            "timed out waiting for: {what}"
+            "timed out after {patience:?} waiting for: {what}"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

@@ -5,7 +5,7 @@ use std::time::Duration;
 use link_counter::{
     counter::{GetStatus, SweepNow, Tracked},
     protocol::PageId,
-    shard::{CloseAll, RoomCountQuery},
+    shard::{CloseAll, CountRooms},
     storage::Storage,
 };
 
@@ -14,7 +14,7 @@ use crate::helpers::{counts, eventually, http_raw, spawn_app};
 async fn live_rooms(app: &crate::helpers::TestApp) -> usize {
     let mut n = 0;
     for s in app.shards.all() {
-        n += s.send(RoomCountQuery).await.expect("shard answers");
+        n += s.send(CountRooms).await.expect("shard answers");
     }
     n
 }

@@ -17,16 +17,8 @@ mod websocket;
 
 /// Waits until the API shows `n` live connections on `page`.
 pub async fn lifecycle_wait(app: &helpers::TestApp, page: &str, n: u64) {
-    let deadline = tokio::time::Instant::now() + helpers::PATIENCE;
-    loop {
-        let v = app.get_json(&format!("/api/v1/counts?ids={page}")).await;
-        if v[page] == n {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{page} never reached {n}: {v}"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    helpers::eventually(&format!("{page} at {n} connections"), || async {
+        app.get_json(&format!("/api/v1/counts?ids={page}")).await[page] == n
+    })
+    .await;
 }

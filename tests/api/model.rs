@@ -206,13 +206,12 @@ impl Model<'_> {
                     .expect("status")
                     .generation;
                 self.app.counter.do_send(InjectFault);
-                loop {
-                    let s = self.app.counter.send(GetStatus).await.expect("status");
-                    if s.generation > before && !s.rebuilding {
-                        break;
-                    }
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
+                let counter = &self.app.counter;
+                crate::helpers::eventually("the counter restarted and rebuilt", || async {
+                    let s = counter.send(GetStatus).await.expect("status");
+                    s.generation > before && !s.rebuilding
+                })
+                .await;
             }
         }
     }

@@ -3,11 +3,13 @@
 use std::{
     io::{BufRead, BufReader},
     net::SocketAddr,
+    path::Path,
     process::{Child, Command, Stdio},
-    time::Duration,
 };
 
-use crate::helpers::{http_get, settings, spawn_app_with, Client};
+use link_counter::storage::Storage;
+
+use crate::helpers::{eventually, http_get, settings, spawn_app_with, Client};
 
 /// A graceful restart on the same data dir keeps the stats and starts every
 /// count at 0.
@@ -60,6 +62,9 @@ fn start_binary(dir: &std::path::Path) -> Binary {
         .env("LINK_COUNTER__ADMIN__BIND", "127.0.0.1:0")
         .env("LINK_COUNTER__STORAGE__PATH", dir)
         .env("LINK_COUNTER__STORAGE__SNAPSHOT_INTERVAL", "100ms")
+        // Every test client comes from 127.0.0.1: per-IP caps off, as in spawn_app.
+        .env("LINK_COUNTER__LIMITS__MAX_CONNECTIONS_PER_IP", "0")
+        .env("LINK_COUNTER__LIMITS__CONNECTIONS_PER_IP_PER_SECOND", "0")
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -89,6 +94,33 @@ async fn total_connections(addr: SocketAddr, page: &str) -> (u64, u64) {
     )
 }
 
+/// Copies a directory tree (a sled data directory: files and subdirectories).
+fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            copy_dir(&entry.path(), &target)?;
+        } else {
+            std::fs::copy(entry.path(), target)?;
+        }
+    }
+    Ok(())
+}
+
+/// The `total_connections` of `page` that a restart after `kill -9` would
+/// find now: read from a copy of the running binary's data directory (what
+/// its files hold). `None` while the copy does not open (taken in the middle
+/// of a write) or holds no record of the page.
+fn total_on_disk(dir: &Path, page: &str) -> Option<u64> {
+    let copy = tempfile::tempdir().expect("tmp");
+    copy_dir(dir, copy.path()).ok()?;
+    let storage = Storage::open(copy.path(), 1 << 20).ok()?;
+    let stats = storage.load_stats(page).ok().flatten()?;
+    Some(stats.total_connections)
+}
+
 /// kill -9 of the real binary during churn, restarted on the same data dir
 /// three times: the store opens every time, stats older than one snapshot
 /// interval are kept, and counts restart at 0 and converge as clients return.
@@ -104,14 +136,17 @@ async fn kill_9_during_churn_keeps_older_stats() {
             total >= settled_total,
             "round {round}: lost settled stats: {total} < {settled_total}"
         );
-        // 20 connections, then settle for several snapshot intervals.
+        // 20 connections, settled once a snapshot holding them is on disk.
         let url = format!("ws://{}/parties/page/k", bin.addr);
         let mut held = Vec::new();
         for _ in 0..20 {
             held.push(Client::connect(&url).await);
         }
-        tokio::time::sleep(Duration::from_millis(600)).await;
         settled_total = total + 20;
+        eventually("the 20 connections' stats on disk", || async {
+            total_on_disk(dir.path(), "k").is_some_and(|n| n >= settled_total)
+        })
+        .await;
         // Churn, and kill -9 in the middle of it.
         let churn = tokio::spawn(async move {
             loop {
@@ -119,7 +154,10 @@ async fn kill_9_during_churn_keeps_older_stats() {
                 c.drop_abruptly();
             }
         });
-        tokio::time::sleep(Duration::from_millis(150)).await;
+        eventually("churn under way", || async {
+            total_connections(bin.addr, "k").await.0 >= settled_total + 50
+        })
+        .await;
         bin.child.kill().expect("kill -9");
         bin.child.wait().expect("reaped");
         churn.abort();

@@ -230,19 +230,11 @@ async fn counter_restart_keeps_counts_exact() {
 
     let before = app.counter.send(GetStatus).await.expect("counter answers");
     app.counter.do_send(InjectFault);
-    // Wait until the restart completed.
-    let deadline = tokio::time::Instant::now() + crate::helpers::PATIENCE;
-    loop {
+    crate::helpers::eventually("the counter restarted and rebuilt", || async {
         let s = app.counter.send(GetStatus).await.expect("counter answers");
-        if s.generation > before.generation && !s.rebuilding {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "counter did not restart"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        s.generation > before.generation && !s.rebuilding
+    })
+    .await;
     let api = app.get_json("/api/v1/counts?ids=k1,k2,k3,obs").await;
     assert_eq!(
         api,

@@ -109,8 +109,12 @@ impl Server {
         let mut cluster_health: Option<ClusterHealth> = None;
         let cluster = if settings.cluster.enabled() {
             let arbiter = Arbiter::new();
-            let (addr, health) =
-                Cluster::start(settings.clone(), counter.clone(), &arbiter.handle())?;
+            let (addr, health) = Cluster::start(
+                settings.clone(),
+                counter.clone(),
+                storage.clone(),
+                &arbiter.handle(),
+            )?;
             counter.do_send(SetCluster(addr.clone()));
             cluster_health = Some(health);
             Some((addr, arbiter))

@@ -395,67 +395,96 @@ fn run_at_home(
 /// `{"connections":{"a":1,"b":0},"visitors":{"a":1,"b":0}}`.
 async fn counts(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
     let max = state.settings.websocket.max_links_per_subscribe;
-    let mut ids: Vec<PageId> = Vec::new();
-    let mut with_visitors = false;
-    for (key, value) in form_urlencoded::parse(req.query_string().as_bytes()) {
-        let values: Vec<&str> = match &*key {
-            "ids" => value.split(',').filter(|s| !s.is_empty()).collect(),
-            "id" => vec![&value],
-            "visitors" => {
-                with_visitors = match &*value {
-                    "true" => true,
-                    "false" => false,
-                    _ => {
-                        return error_response(
-                            StatusCode::BAD_REQUEST,
-                            &ProtocolError::new(
+    let query = match CountsQuery::parse(req.query_string(), max) {
+        Ok(q) => q,
+        Err(e) => return error_response(StatusCode::BAD_REQUEST, &e),
+    };
+    match state.counter.send(GetCounts(query.ids.clone())).await {
+        Ok(values) => query.answer(&values),
+        Err(_) => counter_unavailable(),
+    }
+}
+
+/// The query of `/api/v1/counts`.
+struct CountsQuery {
+    /// The ids asked for, each once, in the order first asked.
+    ids: Vec<PageId>,
+    /// `visitors=true`: answer both figures.
+    visitors: bool,
+}
+
+impl CountsQuery {
+    /// Reads `ids=`, `id=` and `visitors=` (other keys are ignored), and
+    /// refuses a bad id, a bad `visitors` or more than `max` ids.
+    fn parse(query: &str, max: usize) -> Result<CountsQuery, ProtocolError> {
+        let mut q = CountsQuery {
+            ids: Vec::new(),
+            visitors: false,
+        };
+        for (key, value) in form_urlencoded::parse(query.as_bytes()) {
+            match &*key {
+                "ids" => {
+                    for id in value.split(',').filter(|s| !s.is_empty()) {
+                        q.add(id, max)?;
+                    }
+                }
+                "id" => q.add(&value, max)?,
+                "visitors" => {
+                    q.visitors = match &*value {
+                        "true" => true,
+                        "false" => false,
+                        _ => {
+                            return Err(ProtocolError::new(
                                 code::INVALID_PARAMETER,
                                 "visitors must be true or false",
-                            ),
-                        )
+                            ))
+                        }
                     }
-                };
-                continue;
-            }
-            _ => continue,
-        };
-        for v in values {
-            if let Err(e) = validate_page_id(v) {
-                return error_response(
-                    StatusCode::BAD_REQUEST,
-                    &ProtocolError::new(code::INVALID_PAGE_ID, format!("{v:?}: {e}")),
-                );
-            }
-            if !ids.iter().any(|x| &**x == v) {
-                ids.push(PageId::from(v));
-            }
-            if ids.len() > max {
-                return error_response(
-                    StatusCode::BAD_REQUEST,
-                    &ProtocolError::new(
-                        code::TOO_MANY_LINKS,
-                        format!("at most {max} ids per request"),
-                    ),
-                );
+                }
+                _ => {}
             }
         }
+        Ok(q)
     }
-    match state.counter.send(GetCounts(ids.clone())).await {
-        Ok(values) => {
-            let figure = |f: fn(&Tally) -> u64| -> BTreeMap<&str, u64> {
-                ids.iter().map(|s| &**s).zip(values.iter().map(f)).collect()
-            };
-            let connections = figure(|t| t.connections);
-            if with_visitors {
-                HttpResponse::Ok().json(serde_json::json!({
-                    "connections": connections,
-                    "visitors": figure(|t| t.visitors),
-                }))
-            } else {
-                HttpResponse::Ok().json(connections)
-            }
+
+    /// Adds one id unless it is already there.
+    fn add(&mut self, id: &str, max: usize) -> Result<(), ProtocolError> {
+        if let Err(e) = validate_page_id(id) {
+            return Err(ProtocolError::new(
+                code::INVALID_PAGE_ID,
+                format!("{id:?}: {e}"),
+            ));
         }
-        Err(_) => counter_unavailable(),
+        if !self.ids.iter().any(|x| &**x == id) {
+            self.ids.push(PageId::from(id));
+        }
+        if self.ids.len() > max {
+            return Err(ProtocolError::new(
+                code::TOO_MANY_LINKS,
+                format!("at most {max} ids per request"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The answer, given the counter's tallies of `ids` in order.
+    fn answer(&self, values: &[Tally]) -> HttpResponse {
+        let figure = |f: fn(&Tally) -> u64| -> BTreeMap<&str, u64> {
+            self.ids
+                .iter()
+                .map(|s| &**s)
+                .zip(values.iter().map(f))
+                .collect()
+        };
+        let connections = figure(|t| t.connections);
+        if self.visitors {
+            HttpResponse::Ok().json(serde_json::json!({
+                "connections": connections,
+                "visitors": figure(|t| t.visitors),
+            }))
+        } else {
+            HttpResponse::Ok().json(connections)
+        }
     }
 }
 
@@ -622,6 +651,24 @@ mod tests {
             assert_eq!(rejection.status().as_u16(), status, "{rejection:?}");
             assert_eq!(rejection.reason(), reason, "{rejection:?}");
             assert_eq!(rejection.to_string(), text, "{rejection:?}");
+        }
+    }
+
+    /// The counts query keeps ids once in the order asked, and refuses a bad
+    /// id, a bad `visitors` and one id too many with their error codes.
+    #[test]
+    fn counts_query_reads_ids_once_in_order() {
+        let q = CountsQuery::parse("ids=b,a,,b&id=c&other=x&visitors=true", 3).expect("valid");
+        let ids: Vec<&str> = q.ids.iter().map(|s| &**s).collect();
+        assert_eq!(ids, ["b", "a", "c"]);
+        assert!(q.visitors);
+        for (query, code) in [
+            ("ids=a,b,c,d", code::TOO_MANY_LINKS),
+            ("id=", code::INVALID_PAGE_ID),
+            ("ids=a&visitors=yes", code::INVALID_PARAMETER),
+        ] {
+            let e = CountsQuery::parse(query, 3).err();
+            assert_eq!(e.map(|e| e.code), Some(code), "{query}");
         }
     }
 }

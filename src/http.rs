@@ -102,14 +102,11 @@ fn plain(status: actix_web::http::StatusCode, text: &str) -> HttpResponse {
 }
 
 async fn not_found(req: HttpRequest) -> HttpResponse {
-    plain(
-        actix_web::http::StatusCode::NOT_FOUND,
-        &format!(
-            "no route for {} {}; WebSocket rooms are at {PAGE_PREFIX}{{page_id}}",
-            req.method(),
-            req.uri().path()
-        ),
-    )
+    let rejection = Rejection::NoRoute {
+        method: req.method(),
+        path: req.uri().path(),
+    };
+    plain(rejection.status(), &rejection.to_string())
 }
 
 /// `GET /parties/page/{id}` without an upgrade (upgrades never reach the
@@ -141,7 +138,8 @@ async fn websocket(req: HttpRequest) -> HttpResponse {
 /// the text it is answered with.
 #[derive(Debug, thiserror::Error)]
 enum Rejection<'h> {
-    /// The path is not under [`PAGE_PREFIX`] (404; not logged or counted).
+    /// The path is not under [`PAGE_PREFIX`] (404, also the routes' answer;
+    /// not logged or counted).
     #[error("no route for {method} {path}; WebSocket rooms are at {PAGE_PREFIX}{{page_id}}")]
     NoRoute { method: &'h Method, path: &'h str },
     /// The page id does not decode (400).
@@ -273,7 +271,7 @@ fn origin_of(headers: &HeaderMap) -> Option<&str> {
 }
 
 /// The connection's slot in the connection caps of its client's address.
-fn take_slot<'h>(head: &RequestHead, state: &AppState) -> Result<Permit, Rejection<'h>> {
+fn take_slot(head: &RequestHead, state: &AppState) -> Result<Permit, Rejection<'static>> {
     let peer = head
         .peer_addr
         .map_or(IpAddr::from([0, 0, 0, 0]), |a| a.ip());

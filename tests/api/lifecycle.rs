@@ -6,7 +6,7 @@ use link_counter::{
     counter::{GetStatus, SweepNow, Tracked},
     protocol::PageId,
     shard::{CloseAll, CountRooms},
-    storage::Storage,
+    storage::{Storage, StorageError},
 };
 
 use crate::helpers::{counts, eventually, http_raw, spawn_app};
@@ -190,7 +190,16 @@ async fn graceful_shutdown_sends_1001_and_flushes() {
     // The listener is closed.
     assert!(tokio::net::TcpStream::connect(addr).await.is_err());
     // The final snapshot reached disk even though the interval is an hour.
-    let reopened = Storage::open(dir.path(), 8 << 20).expect("store reopens");
+    // Actors on the stopped worker threads may still be dropping their
+    // handles: the lock goes with the last of them.
+    let reopened = eventually("the store to reopen (its lock released)", || async {
+        match Storage::open(dir.path(), 8 << 20) {
+            Ok(s) => Some(s),
+            Err(StorageError::Locked { .. }) => None,
+            Err(e) => panic!("store reopens: {e}"),
+        }
+    })
+    .await;
     let stats = reopened
         .load_stats("bye")
         .expect("read")

@@ -16,14 +16,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use actix::prelude::*;
+use actix::{dev::ToEnvelope, prelude::*};
 
 use crate::{
     cluster::{self, Cluster},
     config::Settings,
     protocol::{PageId, PageInfo, Tally},
-    room::{Counts, PageRoom, Subscribed},
-    shard::Shard,
     storage::{PageStats, Storage},
     time::{now_ms, rfc3339},
 };
@@ -45,7 +43,8 @@ pub struct RoomCount {
 #[rtype(result = "()")]
 pub struct Subscribe {
     pub room: u64,
-    pub addr: Addr<PageRoom>,
+    /// Where the answer and later counts go.
+    pub to: Arc<RoomHandle>,
     pub links: Vec<PageId>,
     /// The room's id of this request, echoed in the answer
     /// ([`Subscribed::req`]): a refusal only applies to a link whose latest
@@ -67,7 +66,8 @@ pub struct Unsubscribe {
 pub struct RoomState {
     pub epoch: u64,
     pub room: u64,
-    pub addr: Addr<PageRoom>,
+    /// Where counts go.
+    pub to: Arc<RoomHandle>,
     pub page: PageId,
     pub tally: Tally,
     pub links: Vec<PageId>,
@@ -82,15 +82,67 @@ pub struct ShardRooms {
     pub rooms: Vec<u64>,
 }
 
-/// The shard addresses, given once after they are started.
+/// The shards (where [`Resync`] goes), given once after they are started.
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct SetShards(pub Vec<Addr<Shard>>);
+pub struct SetShards(pub Vec<Recipient<Resync>>);
 
 /// The cluster module's address (cluster mode only), given once after it is started.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct SetCluster(pub Addr<Cluster>);
+
+/// Counter -> room: latest tallies of some followed links.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Counts {
+    pub changes: Vec<(PageId, Tally)>,
+    /// When the oldest of these changes was applied at the counter (publish lag).
+    pub since: Option<Instant>,
+}
+
+/// Counter -> room: the answer to a [`Subscribe`]: current counts of the
+/// links it accepted, and the links it refused because `limits.max_pages`
+/// is reached.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Subscribed {
+    pub counts: Vec<(PageId, Tally)>,
+    pub refused: Vec<PageId>,
+    /// The id of the [`Subscribe`] this answers.
+    pub req: u64,
+}
+
+/// Counter -> shard: the counter restarted; ask every room to report, and
+/// list them ([`ShardRooms`]).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Resync {
+    pub epoch: u64,
+}
+
+/// Where the counter delivers to one room (rooms sit above the counter, so
+/// it holds these recipients, not the room's address). A room makes one when
+/// it starts and sends clones of the `Arc`; the counter keeps one per
+/// follower room.
+pub struct RoomHandle {
+    pub counts: Recipient<Counts>,
+    pub subscribed: Recipient<Subscribed>,
+}
+
+impl RoomHandle {
+    /// The handle of the actor at `addr`.
+    pub fn of<A>(addr: &Addr<A>) -> Arc<RoomHandle>
+    where
+        A: Handler<Counts> + Handler<Subscribed>,
+        A::Context: ToEnvelope<A, Counts> + ToEnvelope<A, Subscribed>,
+    {
+        Arc::new(RoomHandle {
+            counts: addr.clone().recipient(),
+            subscribed: addr.clone().recipient(),
+        })
+    }
+}
 
 /// Live tallies of these ids (unknown ids are 0).
 #[derive(Message)]
@@ -227,13 +279,13 @@ impl PageEntry {
 /// A room that follows at least one link.
 struct Follower {
     /// Where to deliver.
-    addr: Addr<PageRoom>,
+    to: Arc<RoomHandle>,
     /// The links it follows.
     links: HashSet<PageId>,
 }
 
 /// Progress of a rebuild after a restart.
-struct Resync {
+struct Rebuild {
     epoch: u64,
     started: Instant,
     /// Rooms each shard said it asked, by shard index.
@@ -259,13 +311,13 @@ const FETCH_DEADLINE: Duration = Duration::from_millis(500);
 const LOAD_DEADLINE: Duration = Duration::from_secs(1);
 
 /// A subscribe answer held during a rebuild: (room, accepted, refused, request id).
-type Deferred = (Addr<PageRoom>, Vec<PageId>, Vec<PageId>, u64);
+type Deferred = (Arc<RoomHandle>, Vec<PageId>, Vec<PageId>, u64);
 
 /// Cluster mode: a subscribe answer held until the other nodes' counts of
 /// newly followed pages are loaded, so the first update is the cluster count.
 struct AwaitingLoad {
     /// The room to answer.
-    addr: Addr<PageRoom>,
+    to: Arc<RoomHandle>,
     /// Accepted links.
     links: Vec<PageId>,
     /// Refused links.
@@ -284,7 +336,7 @@ pub struct Counter {
     /// Where stats are persisted.
     storage: Storage,
     /// Shards to ask for a resync after a restart.
-    shards: Vec<Addr<Shard>>,
+    shards: Vec<Recipient<Resync>>,
     /// Every page with a count, a subscriber or unsaved stats.
     pages: HashMap<PageId, PageEntry>,
     /// Rooms following links, by room uid.
@@ -296,7 +348,7 @@ pub struct Counter {
     /// Counter of resync rounds.
     epoch: u64,
     /// Set while rebuilding.
-    resync: Option<Resync>,
+    resync: Option<Rebuild>,
     /// When the oldest change not yet published was applied (publish-lag metric).
     oldest_change: Option<Instant>,
     /// When a publish last sent anything (to a room or the cluster module),
@@ -393,7 +445,7 @@ impl Counter {
         self.local_changed.insert(page.clone());
     }
 
-    fn follow(&mut self, room: u64, addr: &Addr<PageRoom>, links: &[PageId]) {
+    fn follow(&mut self, room: u64, to: &Arc<RoomHandle>, links: &[PageId]) {
         let mut first = Vec::new();
         for link in links {
             let e = self.entry(link);
@@ -412,10 +464,10 @@ impl Counter {
             c.do_send(cluster::Follow { pages: first, req });
         }
         let f = self.followers.entry(room).or_insert_with(|| Follower {
-            addr: addr.clone(),
+            to: to.clone(),
             links: HashSet::new(),
         });
-        f.addr = addr.clone();
+        f.to = to.clone();
         f.links.extend(links.iter().cloned());
     }
 
@@ -537,7 +589,7 @@ impl Counter {
         }
         for (room, changes) in outbox {
             if let Some(f) = self.followers.get(&room) {
-                f.addr.do_send(Counts { changes, since });
+                f.to.counts.do_send(Counts { changes, since });
             }
         }
     }
@@ -820,7 +872,7 @@ impl Counter {
             generation = self.generation,
             "counter restarted; rebuilding from rooms"
         );
-        self.resync = Some(Resync {
+        self.resync = Some(Rebuild {
             epoch: self.epoch,
             started: Instant::now(),
             listed: HashMap::new(),
@@ -828,12 +880,12 @@ impl Counter {
             // Answers held for the cluster are answered after the rebuild.
             deferred: std::mem::take(&mut self.awaiting)
                 .into_iter()
-                .map(|a| (a.addr, a.links, a.refused, a.req))
+                .map(|a| (a.to, a.links, a.refused, a.req))
                 .collect(),
             remote_req: None,
         });
         for shard in &self.shards {
-            shard.do_send(crate::shard::Resync { epoch: self.epoch });
+            shard.do_send(Resync { epoch: self.epoch });
         }
         if let Some(c) = &self.cluster {
             // Remote sums were dropped with the live state: ask for them again,
@@ -883,13 +935,13 @@ impl Counter {
         self.resend_cluster_state();
         for f in self.followers.values() {
             let links: Vec<PageId> = f.links.iter().cloned().collect();
-            f.addr.do_send(Counts {
+            f.to.counts.do_send(Counts {
                 changes: self.counts_of(&links),
                 since: None,
             });
         }
-        for (addr, links, refused, req) in r.deferred {
-            addr.do_send(Subscribed {
+        for (to, links, refused, req) in r.deferred {
+            to.subscribed.do_send(Subscribed {
                 counts: self.counts_of(&links),
                 refused,
                 req,
@@ -915,7 +967,7 @@ impl Counter {
         self.awaiting = held;
         for a in ready {
             let counts = self.answer(&a.links);
-            a.addr.do_send(Subscribed {
+            a.to.subscribed.do_send(Subscribed {
                 counts,
                 refused: a.refused,
                 req: a.req,
@@ -1085,9 +1137,9 @@ impl Handler<Subscribe> for Counter {
                 "page cap reached; links refused"
             );
         }
-        self.follow(msg.room, &msg.addr, &accepted);
+        self.follow(msg.room, &msg.to, &accepted);
         if let Some(r) = &mut self.resync {
-            r.deferred.push((msg.addr, accepted, refused, msg.req));
+            r.deferred.push((msg.to, accepted, refused, msg.req));
             return;
         }
         let waiting: HashSet<u64> = accepted
@@ -1096,7 +1148,7 @@ impl Handler<Subscribe> for Counter {
             .collect();
         if !waiting.is_empty() {
             self.awaiting.push(AwaitingLoad {
-                addr: msg.addr,
+                to: msg.to,
                 links: accepted,
                 refused,
                 waiting,
@@ -1106,7 +1158,7 @@ impl Handler<Subscribe> for Counter {
             return;
         }
         let counts = self.answer(&accepted);
-        msg.addr.do_send(Subscribed {
+        msg.to.subscribed.do_send(Subscribed {
             counts,
             refused,
             req: msg.req,
@@ -1133,7 +1185,7 @@ impl Handler<RoomState> for Counter {
             .map(|f| f.links.iter().cloned().collect())
             .unwrap_or_default();
         self.unfollow(msg.room, &old);
-        self.follow(msg.room, &msg.addr, &msg.links);
+        self.follow(msg.room, &msg.to, &msg.links);
         if msg.links.is_empty() {
             self.followers.remove(&msg.room);
         }

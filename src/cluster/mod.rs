@@ -40,7 +40,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use actix::prelude::*;
+use actix::{dev::ToEnvelope, prelude::*};
 use futures_util::StreamExt;
 use redis::PushInfo;
 use tokio::sync::{mpsc, oneshot};
@@ -51,7 +51,6 @@ use table::{NodeId, RemoteTable};
 
 use crate::{
     config::Settings,
-    counter::Counter,
     metrics as m,
     protocol::{PageId, Tally},
 };
@@ -133,6 +132,13 @@ pub struct ResendRemote {
 pub struct RemoteCounts {
     /// `(page, sum over the other live nodes)`.
     pub changes: Vec<(PageId, Tally)>,
+}
+
+/// The counter's side of the cluster module: where [`RemoteCounts`] and
+/// [`Loaded`] go.
+struct ToCounter {
+    remote: Recipient<RemoteCounts>,
+    loaded: Recipient<Loaded>,
 }
 
 /// Server -> cluster at shutdown: remove this node's contributions at once
@@ -273,7 +279,7 @@ pub struct Cluster {
     /// How to connect.
     backend: Backend,
     /// Where remote sums and [`Loaded`] go.
-    counter: Addr<Counter>,
+    counter: ToCounter,
     /// Read by `/readyz`.
     health: ClusterHealth,
     /// The heartbeat thread.
@@ -337,11 +343,21 @@ pub struct Cluster {
 
 impl Cluster {
     /// Starts the actor on `arbiter`; returns it and its health flag.
-    pub fn start(
+    /// `counter` is the actor that takes [`RemoteCounts`] and [`Loaded`] (the
+    /// counter, a layer above: the cluster keeps only those two recipients).
+    pub fn start<C>(
         settings: Arc<Settings>,
-        counter: Addr<Counter>,
+        counter: Addr<C>,
         arbiter: &ArbiterHandle,
-    ) -> anyhow::Result<(Addr<Cluster>, ClusterHealth)> {
+    ) -> anyhow::Result<(Addr<Cluster>, ClusterHealth)>
+    where
+        C: Handler<RemoteCounts> + Handler<Loaded>,
+        C::Context: ToEnvelope<C, RemoteCounts> + ToEnvelope<C, Loaded>,
+    {
+        let counter = ToCounter {
+            remote: counter.clone().recipient(),
+            loaded: counter.recipient(),
+        };
         let backend = Backend::new(&settings.cluster)?;
         let health = ClusterHealth::default();
         let h = health.clone();
@@ -477,7 +493,7 @@ impl Cluster {
         self.update_health();
         // Held subscribe answers go out with what is known.
         for (req, _) in self.waiters.drain(..) {
-            self.counter.do_send(Loaded { req });
+            self.counter.loaded.do_send(Loaded { req });
         }
         self.retry(ctx, why);
     }
@@ -811,7 +827,7 @@ impl Cluster {
         self.waiters.retain_mut(|(req, pages)| {
             pages.retain(|p| remote.holds(p) && !loaded.contains(p));
             if pages.is_empty() {
-                counter.do_send(Loaded { req: *req });
+                counter.loaded.do_send(Loaded { req: *req });
                 false
             } else {
                 true
@@ -909,7 +925,7 @@ impl Cluster {
             }
         }
         if !changes.is_empty() {
-            self.counter.do_send(RemoteCounts { changes });
+            self.counter.remote.do_send(RemoteCounts { changes });
         }
     }
 
@@ -1043,7 +1059,7 @@ impl Handler<Follow> for Cluster {
         self.send_sums(&msg.pages);
         if self.link.is_none() || waiting.is_empty() {
             // Loaded, or Redis is down: answer with what is known.
-            self.counter.do_send(Loaded { req: msg.req });
+            self.counter.loaded.do_send(Loaded { req: msg.req });
         } else {
             self.waiters.push((msg.req, waiting));
         }
@@ -1082,7 +1098,7 @@ impl Handler<ResendRemote> for Cluster {
     type Result = ();
     fn handle(&mut self, msg: ResendRemote, _: &mut Context<Self>) {
         self.resend_all();
-        self.counter.do_send(Loaded { req: msg.req });
+        self.counter.loaded.do_send(Loaded { req: msg.req });
     }
 }
 

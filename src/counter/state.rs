@@ -301,9 +301,16 @@ impl<R: Clone> State<R> {
             self.make_room_for_pages(1);
         }
         let mut out = Outbox::default();
+        self.set_count(page, tally, opened, now);
+        self.publish_soon(now.at, &mut out);
+        out
+    }
+
+    /// Applies a room's report: its tally, and stats.
+    fn set_count(&mut self, page: &PageId, tally: Tally, opened: u64, now: Now) {
         let e = self.entry(page);
         if e.local == tally && opened == 0 {
-            return out;
+            return;
         }
         if e.local != tally {
             crate::metrics::count_changed();
@@ -319,8 +326,6 @@ impl<R: Clone> State<R> {
         e.dirty = true;
         self.opened_total += opened;
         self.mark_changed(page, now.at);
-        self.publish_soon(now.at, &mut out);
-        out
     }
 
     /// A room starts following `links` (answered in the outbox, now or once

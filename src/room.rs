@@ -182,7 +182,9 @@ pub struct PageRoom {
     shard: Recipient<RoomIdle>,
     /// Where counts and subscriptions are reported.
     counter: Addr<Counter>,
-    /// Where the counter delivers to this room (made once, on first use).
+    /// Where the counter delivers to this room (made once, on first use). It
+    /// holds the room's own address, which is harmless: a room stops only
+    /// on [`StopRoom`], never by losing its last address.
     handle: Option<Arc<RoomHandle>>,
     /// Where the room record is written.
     storage: Storage,

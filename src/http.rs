@@ -10,7 +10,10 @@ use std::{
 
 use actix::Addr;
 use actix_codec::Framed;
-use actix_http::{body::BodySize, h1, ws, ConnectionType, Request, RequestHead, Response};
+use actix_http::{
+    body::BodySize, h1, header::HeaderMap, ws, ConnectionType, Method, Request, RequestHead,
+    Response,
+};
 use actix_web::{
     http::{header, StatusCode},
     web, HttpRequest, HttpResponse,
@@ -22,9 +25,9 @@ use tokio::{net::TcpStream, sync::watch};
 use crate::{
     config::Settings,
     counter::{Counter, GetCounts, GetPage, GetStatus},
-    limits::{client_ip, ConnLimiter, OriginPolicy, Refusal as CapRefusal},
+    limits::{client_ip, CapExceeded, ConnLimiter, OriginPolicy, Permit},
     metrics::{connection_refused, Refused},
-    protocol::{code, decode_page_id, validate_page_id, PageId, ProtocolError, Tally},
+    protocol::{code, decode_page_id, validate_page_id, PageId, PageIdError, ProtocolError, Tally},
     session::{self, SessionContext},
     shard::Shards,
     storage::Storage,
@@ -99,14 +102,11 @@ fn plain(status: actix_web::http::StatusCode, text: &str) -> HttpResponse {
 }
 
 async fn not_found(req: HttpRequest) -> HttpResponse {
-    plain(
-        actix_web::http::StatusCode::NOT_FOUND,
-        &format!(
-            "no route for {} {}; WebSocket rooms are at {PAGE_PREFIX}{{page_id}}",
-            req.method(),
-            req.uri().path()
-        ),
-    )
+    let rejection = Rejection::NoRoute {
+        method: req.method(),
+        path: req.uri().path(),
+    };
+    plain(rejection.status(), &rejection.to_string())
 }
 
 /// `GET /parties/page/{id}` without an upgrade (upgrades never reach the
@@ -117,9 +117,13 @@ async fn websocket(req: HttpRequest) -> HttpResponse {
         .path()
         .strip_prefix(PAGE_PREFIX)
         .unwrap_or_default();
-    if let Err(e) = decode_page_id(raw) {
-        connection_refused(Refused::BadPageId);
-        return plain(StatusCode::BAD_REQUEST, &format!("invalid page id: {e}"));
+    if let Err(error) = decode_page_id(raw) {
+        let rejection = Rejection::BadPageId {
+            path: req.uri().path(),
+            error,
+        };
+        rejection.count();
+        return plain(rejection.status(), &rejection.to_string());
     }
     connection_refused(Refused::BadHandshake);
     plain(
@@ -129,83 +133,145 @@ async fn websocket(req: HttpRequest) -> HttpResponse {
     )
 }
 
-/// An upgrade refused before the handshake: status, text, and the metric.
-struct Rejection {
-    status: StatusCode,
-    text: String,
-    why: Option<Refused>,
+/// Why an upgrade was refused before its handshake. Each knows its status,
+/// its `connections_refused_total` label, its log line, and (as `Display`)
+/// the text it is answered with.
+#[derive(Debug, thiserror::Error)]
+enum Rejection<'h> {
+    /// The path is not under [`PAGE_PREFIX`] (404, also the routes' answer;
+    /// not logged or counted).
+    #[error("no route for {method} {path}; WebSocket rooms are at {PAGE_PREFIX}{{page_id}}")]
+    NoRoute { method: &'h Method, path: &'h str },
+    /// The page id does not decode (400).
+    #[error("invalid page id: {error}")]
+    BadPageId { path: &'h str, error: PageIdError },
+    /// Not a WebSocket handshake (400).
+    #[error("WebSocket handshake failed: {0}")]
+    BadHandshake(ws::HandshakeError),
+    /// Shutdown began (503).
+    #[error("server is shutting down")]
+    ShuttingDown(PageId),
+    /// Not every worker hosts its shard yet (503; not logged).
+    #[error("server is starting; retry")]
+    Starting,
+    /// The `Origin` header is not allowed (403).
+    #[error("origin not allowed")]
+    Origin(Option<&'h str>),
+    /// A connection cap is reached (503 for the global cap, else 429).
+    #[error("{}", exceeded.message())]
+    Cap { ip: IpAddr, exceeded: CapExceeded },
 }
 
-impl Rejection {
-    fn new(status: StatusCode, why: Refused, text: impl Into<String>) -> Rejection {
-        Rejection {
-            status,
-            text: text.into(),
-            why: Some(why),
+impl Rejection<'_> {
+    fn status(&self) -> StatusCode {
+        match self {
+            Rejection::NoRoute { .. } => StatusCode::NOT_FOUND,
+            Rejection::BadPageId { .. } | Rejection::BadHandshake(_) => StatusCode::BAD_REQUEST,
+            Rejection::ShuttingDown(_) | Rejection::Starting => StatusCode::SERVICE_UNAVAILABLE,
+            Rejection::Origin(_) => StatusCode::FORBIDDEN,
+            Rejection::Cap { exceeded, .. } => match exceeded {
+                CapExceeded::Global => StatusCode::SERVICE_UNAVAILABLE,
+                CapExceeded::PerIp | CapExceeded::Rate => StatusCode::TOO_MANY_REQUESTS,
+            },
+        }
+    }
+
+    /// Its label in `connections_refused_total` (none for a missing route).
+    fn reason(&self) -> Option<Refused> {
+        Some(match self {
+            Rejection::NoRoute { .. } => return None,
+            Rejection::BadPageId { .. } => Refused::BadPageId,
+            Rejection::BadHandshake(_) => Refused::BadHandshake,
+            Rejection::ShuttingDown(_) => Refused::ShuttingDown,
+            Rejection::Starting => Refused::Starting,
+            Rejection::Origin(_) => Refused::Origin,
+            Rejection::Cap { exceeded, .. } => match exceeded {
+                CapExceeded::Global => Refused::MaxConnections,
+                CapExceeded::PerIp => Refused::MaxConnectionsPerIp,
+                CapExceeded::Rate => Refused::ConnectionRate,
+            },
+        })
+    }
+
+    /// Logs it (at `info`; a missing route and start-up are not logged).
+    fn log(&self) {
+        match self {
+            Rejection::NoRoute { .. } | Rejection::Starting => {}
+            Rejection::BadPageId { path, error } => {
+                tracing::info!(path, error = %error, "invalid page id; upgrade refused");
+            }
+            Rejection::BadHandshake(e) => {
+                tracing::info!(error = %e, "WebSocket handshake failed; upgrade refused");
+            }
+            Rejection::ShuttingDown(page) => {
+                tracing::info!(page = %page, "shutting down; upgrade refused");
+            }
+            Rejection::Origin(origin) => {
+                let origin = origin.unwrap_or("");
+                tracing::info!(origin, "origin not allowed; upgrade refused");
+            }
+            Rejection::Cap { ip, exceeded } => {
+                tracing::info!(%ip, refusal = ?exceeded, "connection cap; upgrade refused");
+            }
+        }
+    }
+
+    /// Counts it in `connections_refused_total` (a missing route is not counted).
+    fn count(&self) {
+        if let Some(why) = self.reason() {
+            connection_refused(why);
         }
     }
 }
 
 /// Decides whether an upgrade request may open a session: route, page id,
-/// handshake, shutdown, origin, connection caps, in that order.
-fn admit(head: &RequestHead, state: &AppState) -> Result<SessionContext, Rejection> {
-    let path = head.uri.path();
-    let Some(raw) = path.strip_prefix(PAGE_PREFIX) else {
-        return Err(Rejection {
-            status: StatusCode::NOT_FOUND,
-            text: format!(
-                "no route for {} {path}; WebSocket rooms are at {PAGE_PREFIX}{{page_id}}",
-                head.method
-            ),
-            why: None,
-        });
-    };
-    let page = decode_page_id(raw).map_err(|e| {
-        tracing::info!(path, error = %e, "invalid page id; upgrade refused");
-        Rejection::new(
-            StatusCode::BAD_REQUEST,
-            Refused::BadPageId,
-            format!("invalid page id: {e}"),
-        )
-    })?;
-    if let Err(e) = ws::verify_handshake(head) {
-        tracing::info!(error = %e, "WebSocket handshake failed; upgrade refused");
-        return Err(Rejection::new(
-            StatusCode::BAD_REQUEST,
-            Refused::BadHandshake,
-            format!("WebSocket handshake failed: {e}"),
-        ));
-    }
+/// handshake, shutdown, start-up, origin, connection caps, in that order.
+fn admit<'h>(head: &'h RequestHead, state: &AppState) -> Result<SessionContext, Rejection<'h>> {
+    let page = page_of(head)?;
+    ws::verify_handshake(head).map_err(Rejection::BadHandshake)?;
     if *state.shutdown.borrow() {
-        tracing::info!(page = %page, "shutting down; upgrade refused");
-        return Err(Rejection::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            Refused::ShuttingDown,
-            "server is shutting down",
-        ));
+        return Err(Rejection::ShuttingDown(page));
     }
-    let Some((shard_index, shard)) = state.shards.locate(&page) else {
-        return Err(Rejection::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            Refused::Starting,
-            "server is starting; retry",
-        ));
-    };
-    let origin = head
-        .headers
-        .get(header::ORIGIN)
-        .map(|v| v.to_str().unwrap_or("\u{fffd}"));
+    let (shard_index, shard) = state.shards.locate(&page).ok_or(Rejection::Starting)?;
+    let origin = origin_of(&head.headers);
     if !state.origins.allows(origin) {
-        tracing::info!(
-            origin = origin.unwrap_or(""),
-            "origin not allowed; upgrade refused"
-        );
-        return Err(Rejection::new(
-            StatusCode::FORBIDDEN,
-            Refused::Origin,
-            "origin not allowed",
-        ));
+        return Err(Rejection::Origin(origin));
     }
+    let permit = take_slot(head, state)?;
+    let query = head.uri.query();
+    Ok(SessionContext {
+        shard_index,
+        shard: shard.clone(),
+        page,
+        pk: pk_of(query),
+        visitor: visitor::from_query(query),
+        node_visitors: state.visitors.clone(),
+        settings: state.settings.clone(),
+        active: state.active.clone(),
+        permit,
+    })
+}
+
+/// The page id of an upgrade's path.
+fn page_of(head: &RequestHead) -> Result<PageId, Rejection<'_>> {
+    let path = head.uri.path();
+    let raw = path.strip_prefix(PAGE_PREFIX).ok_or(Rejection::NoRoute {
+        method: &head.method,
+        path,
+    })?;
+    decode_page_id(raw).map_err(|error| Rejection::BadPageId { path, error })
+}
+
+/// The `Origin` header as the origin check reads it: a value that is not
+/// visible ASCII cannot match any pattern.
+fn origin_of(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(header::ORIGIN)
+        .map(|v| v.to_str().unwrap_or("\u{fffd}"))
+}
+
+/// The connection's slot in the connection caps of its client's address.
+fn take_slot(head: &RequestHead, state: &AppState) -> Result<Permit, Rejection<'static>> {
     let peer = head
         .peer_addr
         .map_or(IpAddr::from([0, 0, 0, 0]), |a| a.ip());
@@ -214,32 +280,17 @@ fn admit(head: &RequestHead, state: &AppState) -> Result<SessionContext, Rejecti
         &head.headers,
         &state.settings.security.trusted_proxies,
     );
-    let permit = state.limiter.try_acquire(ip).map_err(|refusal| {
-        tracing::info!(%ip, ?refusal, "connection cap; upgrade refused");
-        let (status, why) = match refusal {
-            CapRefusal::Global => (StatusCode::SERVICE_UNAVAILABLE, Refused::MaxConnections),
-            CapRefusal::PerIp => (StatusCode::TOO_MANY_REQUESTS, Refused::MaxConnectionsPerIp),
-            CapRefusal::Rate => (StatusCode::TOO_MANY_REQUESTS, Refused::ConnectionRate),
-        };
-        Rejection::new(status, why, refusal.message())
-    })?;
-    let query = head.uri.query();
-    let pk = query.and_then(|q| {
-        form_urlencoded::parse(q.as_bytes())
-            .find(|(k, _)| k == "_pk")
-            .map(|(_, v)| v.into_owned())
-    });
-    Ok(SessionContext {
-        shard_index,
-        shard: shard.clone(),
-        page,
-        pk,
-        visitor: visitor::from_query(query),
-        node_visitors: state.visitors.clone(),
-        settings: state.settings.clone(),
-        active: state.active.clone(),
-        permit,
-    })
+    state
+        .limiter
+        .try_acquire(ip)
+        .map_err(|exceeded| Rejection::Cap { ip, exceeded })
+}
+
+/// PartySocket's `_pk` connection id, from the upgrade's query.
+fn pk_of(query: Option<&str>) -> Option<String> {
+    form_urlencoded::parse(query?.as_bytes())
+        .find(|(k, _)| k == "_pk")
+        .map(|(_, v)| v.into_owned())
 }
 
 /// The upgraded connection, as actix-http hands it over after parsing the
@@ -251,32 +302,47 @@ pub type Upgraded = Framed<TcpStream, h1::Codec>;
 /// its room, gets its `101` written through the framed connection, and
 /// becomes a session on the bare socket; the request is dropped at once.
 /// Anything else gets a short plain-text answer and the connection closes.
-pub async fn upgrade(req: Request, mut framed: Upgraded, state: AppState) {
-    let limit = state.settings.limits.handshake_timeout;
-    let rejection = match admit(req.head(), &state) {
-        Ok(ctx) => {
-            let response = ws::handshake_response(req.head()).finish().drop_body();
-            drop(req);
-            let joined = session::join(ctx);
-            let sent = tokio::time::timeout(
-                limit,
-                framed.send(h1::Message::Item((response, BodySize::None))),
-            )
-            .await;
-            if matches!(sent, Ok(Ok(()))) {
-                let parts = framed.into_parts();
-                run_at_home(&state, joined, parts.io, parts.read_buf);
-            }
-            return;
+pub async fn upgrade(req: Request, framed: Upgraded, state: AppState) {
+    let (status, text) = match admit(req.head(), &state) {
+        Ok(ctx) => return accept(req, framed, ctx, &state).await,
+        Err(rejection) => {
+            rejection.log();
+            rejection.count();
+            (rejection.status(), rejection.to_string())
         }
-        Err(r) => r,
     };
     drop(req);
-    if let Some(why) = rejection.why {
-        connection_refused(why);
+    refuse(
+        framed,
+        status,
+        text,
+        state.settings.limits.handshake_timeout,
+    )
+    .await;
+}
+
+/// Joins an admitted connection to its room, writes its `101`, and runs
+/// its session (unless the `101` could not be written in time).
+async fn accept(req: Request, mut framed: Upgraded, ctx: SessionContext, state: &AppState) {
+    let response = ws::handshake_response(req.head()).finish().drop_body();
+    drop(req);
+    let joined = session::join(ctx);
+    let sent = tokio::time::timeout(
+        state.settings.limits.handshake_timeout,
+        framed.send(h1::Message::Item((response, BodySize::None))),
+    )
+    .await;
+    if matches!(sent, Ok(Ok(()))) {
+        let parts = framed.into_parts();
+        run_at_home(state, joined, parts.io, parts.read_buf);
     }
-    let body = Bytes::from(format!("{}\n", rejection.text));
-    let mut response = Response::with_body(rejection.status, ());
+}
+
+/// Answers a refused upgrade with `status` and `text` (plain text), and
+/// closes the connection.
+async fn refuse(mut framed: Upgraded, status: StatusCode, text: String, limit: Duration) {
+    let body = Bytes::from(format!("{text}\n"));
+    let mut response = Response::with_body(status, ());
     response.headers_mut().insert(
         header::CONTENT_TYPE,
         header::HeaderValue::from_static("text/plain; charset=utf-8"),
@@ -327,67 +393,96 @@ fn run_at_home(
 /// `{"connections":{"a":1,"b":0},"visitors":{"a":1,"b":0}}`.
 async fn counts(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
     let max = state.settings.websocket.max_links_per_subscribe;
-    let mut ids: Vec<PageId> = Vec::new();
-    let mut with_visitors = false;
-    for (key, value) in form_urlencoded::parse(req.query_string().as_bytes()) {
-        let values: Vec<&str> = match &*key {
-            "ids" => value.split(',').filter(|s| !s.is_empty()).collect(),
-            "id" => vec![&value],
-            "visitors" => {
-                with_visitors = match &*value {
-                    "true" => true,
-                    "false" => false,
-                    _ => {
-                        return error_response(
-                            StatusCode::BAD_REQUEST,
-                            &ProtocolError::new(
+    let query = match CountsQuery::parse(req.query_string(), max) {
+        Ok(q) => q,
+        Err(e) => return error_response(StatusCode::BAD_REQUEST, &e),
+    };
+    match state.counter.send(GetCounts(query.ids.clone())).await {
+        Ok(values) => query.answer(&values),
+        Err(_) => counter_unavailable(),
+    }
+}
+
+/// The query of `/api/v1/counts`.
+struct CountsQuery {
+    /// The ids asked for, each once, in the order first asked.
+    ids: Vec<PageId>,
+    /// `visitors=true`: answer both figures.
+    visitors: bool,
+}
+
+impl CountsQuery {
+    /// Reads `ids=`, `id=` and `visitors=` (other keys are ignored), and
+    /// refuses a bad id, a bad `visitors` or more than `max` ids.
+    fn parse(query: &str, max: usize) -> Result<CountsQuery, ProtocolError> {
+        let mut q = CountsQuery {
+            ids: Vec::new(),
+            visitors: false,
+        };
+        for (key, value) in form_urlencoded::parse(query.as_bytes()) {
+            match &*key {
+                "ids" => {
+                    for id in value.split(',').filter(|s| !s.is_empty()) {
+                        q.add(id, max)?;
+                    }
+                }
+                "id" => q.add(&value, max)?,
+                "visitors" => {
+                    q.visitors = match &*value {
+                        "true" => true,
+                        "false" => false,
+                        _ => {
+                            return Err(ProtocolError::new(
                                 code::INVALID_PARAMETER,
                                 "visitors must be true or false",
-                            ),
-                        )
+                            ))
+                        }
                     }
-                };
-                continue;
-            }
-            _ => continue,
-        };
-        for v in values {
-            if let Err(e) = validate_page_id(v) {
-                return error_response(
-                    StatusCode::BAD_REQUEST,
-                    &ProtocolError::new(code::INVALID_PAGE_ID, format!("{v:?}: {e}")),
-                );
-            }
-            if !ids.iter().any(|x| &**x == v) {
-                ids.push(PageId::from(v));
-            }
-            if ids.len() > max {
-                return error_response(
-                    StatusCode::BAD_REQUEST,
-                    &ProtocolError::new(
-                        code::TOO_MANY_LINKS,
-                        format!("at most {max} ids per request"),
-                    ),
-                );
+                }
+                _ => {}
             }
         }
+        Ok(q)
     }
-    match state.counter.send(GetCounts(ids.clone())).await {
-        Ok(values) => {
-            let figure = |f: fn(&Tally) -> u64| -> BTreeMap<&str, u64> {
-                ids.iter().map(|s| &**s).zip(values.iter().map(f)).collect()
-            };
-            let connections = figure(|t| t.connections);
-            if with_visitors {
-                HttpResponse::Ok().json(serde_json::json!({
-                    "connections": connections,
-                    "visitors": figure(|t| t.visitors),
-                }))
-            } else {
-                HttpResponse::Ok().json(connections)
-            }
+
+    /// Adds one id unless it is already there.
+    fn add(&mut self, id: &str, max: usize) -> Result<(), ProtocolError> {
+        if let Err(e) = validate_page_id(id) {
+            return Err(ProtocolError::new(
+                code::INVALID_PAGE_ID,
+                format!("{id:?}: {e}"),
+            ));
         }
-        Err(_) => counter_unavailable(),
+        if !self.ids.iter().any(|x| &**x == id) {
+            self.ids.push(PageId::from(id));
+        }
+        if self.ids.len() > max {
+            return Err(ProtocolError::new(
+                code::TOO_MANY_LINKS,
+                format!("at most {max} ids per request"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The answer, given the counter's tallies of `ids` in order.
+    fn answer(&self, values: &[Tally]) -> HttpResponse {
+        let figure = |f: fn(&Tally) -> u64| -> BTreeMap<&str, u64> {
+            self.ids
+                .iter()
+                .map(|s| &**s)
+                .zip(values.iter().map(f))
+                .collect()
+        };
+        let connections = figure(|t| t.connections);
+        if self.visitors {
+            HttpResponse::Ok().json(serde_json::json!({
+                "connections": connections,
+                "visitors": figure(|t| t.visitors),
+            }))
+        } else {
+            HttpResponse::Ok().json(connections)
+        }
     }
 }
 
@@ -403,12 +498,7 @@ async fn counts(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
 /// browsers send `Origin` on a same-origin `POST` but not on a same-origin
 /// `GET`; nothing is changed by either.
 async fn origin_check(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
-    // Read as the upgrade's admission reads it (a header that is not
-    // visible ASCII cannot match any pattern).
-    let origin = req
-        .headers()
-        .get(header::ORIGIN)
-        .map(|v| v.to_str().unwrap_or("\u{fffd}"));
+    let origin = origin_of(req.headers());
     let allowed = state.origins.allows(origin);
     HttpResponse::Ok()
         .insert_header((header::ACCESS_CONTROL_ALLOW_ORIGIN, "*"))
@@ -479,5 +569,104 @@ async fn readyz(state: web::Data<AppState>) -> HttpResponse {
         }
         Ok(Ok(_)) => not_ready("counter is rebuilding after a restart".into()),
         _ => not_ready("counter not answering".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each refusal of an upgrade keeps its status, metric label and text.
+    #[test]
+    fn rejections_answer_as_documented() {
+        let cap = |exceeded| Rejection::Cap {
+            ip: IpAddr::from([10, 0, 0, 1]),
+            exceeded,
+        };
+        let rows = [
+            (
+                Rejection::NoRoute {
+                    method: &Method::GET,
+                    path: "/x",
+                },
+                404,
+                None,
+                "no route for GET /x; WebSocket rooms are at /parties/page/{page_id}",
+            ),
+            (
+                Rejection::BadPageId {
+                    path: "/parties/page/",
+                    error: PageIdError::Empty,
+                },
+                400,
+                Some(Refused::BadPageId),
+                "invalid page id: page id is empty",
+            ),
+            (
+                Rejection::BadHandshake(ws::HandshakeError::NoVersionHeader),
+                400,
+                Some(Refused::BadHandshake),
+                "WebSocket handshake failed: WebSocket version header is required",
+            ),
+            (
+                Rejection::ShuttingDown(PageId::from("p")),
+                503,
+                Some(Refused::ShuttingDown),
+                "server is shutting down",
+            ),
+            (
+                Rejection::Starting,
+                503,
+                Some(Refused::Starting),
+                "server is starting; retry",
+            ),
+            (
+                Rejection::Origin(Some("https://evil.example")),
+                403,
+                Some(Refused::Origin),
+                "origin not allowed",
+            ),
+            (
+                cap(CapExceeded::Global),
+                503,
+                Some(Refused::MaxConnections),
+                "server is at its connection limit; retry later",
+            ),
+            (
+                cap(CapExceeded::PerIp),
+                429,
+                Some(Refused::MaxConnectionsPerIp),
+                "too many concurrent connections from your address",
+            ),
+            (
+                cap(CapExceeded::Rate),
+                429,
+                Some(Refused::ConnectionRate),
+                "too many new connections from your address; slow down",
+            ),
+        ];
+        for (rejection, status, reason, text) in rows {
+            assert_eq!(rejection.status().as_u16(), status, "{rejection:?}");
+            assert_eq!(rejection.reason(), reason, "{rejection:?}");
+            assert_eq!(rejection.to_string(), text, "{rejection:?}");
+        }
+    }
+
+    /// The counts query keeps ids once in the order asked, and refuses a bad
+    /// id, a bad `visitors` and one id too many with their error codes.
+    #[test]
+    fn counts_query_reads_ids_once_in_order() {
+        let q = CountsQuery::parse("ids=b,a,,b&id=c&other=x&visitors=true", 3).expect("valid");
+        let ids: Vec<&str> = q.ids.iter().map(|s| &**s).collect();
+        assert_eq!(ids, ["b", "a", "c"]);
+        assert!(q.visitors);
+        for (query, code) in [
+            ("ids=a,b,c,d", code::TOO_MANY_LINKS),
+            ("id=", code::INVALID_PAGE_ID),
+            ("ids=a&visitors=yes", code::INVALID_PARAMETER),
+        ] {
+            let e = CountsQuery::parse(query, 3).err();
+            assert_eq!(e.map(|e| e.code), Some(code), "{query}");
+        }
     }
 }

@@ -261,9 +261,9 @@ pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr
 
 // ---------------------------------------------------------------- connection caps
 
-/// Why an upgrade was refused by the connection caps.
+/// Which connection cap an upgrade would exceed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Refusal {
+pub enum CapExceeded {
     /// `limits.max_connections` reached (503).
     Global,
     /// `limits.max_connections_per_ip` reached (429).
@@ -272,12 +272,13 @@ pub enum Refusal {
     Rate,
 }
 
-impl Refusal {
+impl CapExceeded {
+    /// The text a refused upgrade is answered with.
     pub fn message(self) -> &'static str {
         match self {
-            Refusal::Global => "server is at its connection limit; retry later",
-            Refusal::PerIp => "too many concurrent connections from your address",
-            Refusal::Rate => "too many new connections from your address; slow down",
+            CapExceeded::Global => "server is at its connection limit; retry later",
+            CapExceeded::PerIp => "too many concurrent connections from your address",
+            CapExceeded::Rate => "too many new connections from your address; slow down",
         }
     }
 }
@@ -336,11 +337,11 @@ impl ConnLimiter {
     }
 
     /// Admits one more connection from `ip`, or says why not.
-    pub fn try_acquire(self: &Arc<Self>, ip: IpAddr) -> Result<Permit, Refusal> {
+    pub fn try_acquire(self: &Arc<Self>, ip: IpAddr) -> Result<Permit, CapExceeded> {
         let total = self.total.fetch_add(1, Ordering::SeqCst) + 1;
         if self.max_total > 0 && total > self.max_total {
             self.total.fetch_sub(1, Ordering::SeqCst);
-            return Err(Refusal::Global);
+            return Err(CapExceeded::Global);
         }
         let now = Instant::now();
         // A poisoned lock only means another thread panicked mid-update of
@@ -353,14 +354,14 @@ impl ConnLimiter {
             open: 0,
             bucket: TokenBucket::new(self.rate.0, self.rate.1),
         });
-        let refusal = if self.max_per_ip > 0 && entry.open >= self.max_per_ip {
-            Some(Refusal::PerIp)
+        let exceeded = if self.max_per_ip > 0 && entry.open >= self.max_per_ip {
+            Some(CapExceeded::PerIp)
         } else if !entry.bucket.try_take(now) {
-            Some(Refusal::Rate)
+            Some(CapExceeded::Rate)
         } else {
             None
         };
-        if let Some(r) = refusal {
+        if let Some(r) = exceeded {
             drop(map);
             self.total.fetch_sub(1, Ordering::SeqCst);
             return Err(r);

@@ -12,12 +12,15 @@ use std::{
 };
 
 use actix::{Addr, Arbiter, Supervisor};
-use actix_http::{HttpService, Request};
-use actix_service::{fn_service, map_config, IntoServiceFactory, ServiceFactoryExt};
+use actix_http::{error::DispatchError, HttpService, Request};
+use actix_service::{
+    fn_service, map_config, IntoServiceFactory, ServiceFactory, ServiceFactoryExt,
+};
 use actix_web::{dev::AppConfig, web, App};
-use tokio::sync::watch;
+use tokio::{net::TcpStream, sync::watch};
 
 use crate::{
+    admin::{AdminServer, Ops},
     cluster::{Cluster, ClusterHealth, Leave},
     config::Settings,
     counter::{Counter, FinalSnapshot, SetCluster},
@@ -45,6 +48,9 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     Ok(socket.into())
 }
 
+/// An actor and the arbiter (thread) it runs on.
+type OnArbiter<A> = (Addr<A>, Arbiter);
+
 /// A running service.
 pub struct Server {
     /// The address actually bound (port 0 resolved).
@@ -66,9 +72,9 @@ pub struct Server {
     /// Shared settings.
     settings: Arc<Settings>,
     /// The admin listener (metrics, dashboard), if `admin.bind` is set.
-    admin: Option<crate::admin::AdminServer>,
+    admin: Option<AdminServer>,
     /// Cluster mode: the Redis module and its arbiter (None on a single node).
-    cluster: Option<(Addr<Cluster>, Arbiter)>,
+    cluster: Option<OnArbiter<Cluster>>,
 }
 
 /// What a graceful shutdown did.
@@ -93,135 +99,33 @@ impl Server {
         storage: Storage,
     ) -> anyhow::Result<Server> {
         let settings = Arc::new(settings);
-        let counter_arbiter = Arbiter::new();
-        let counter = {
-            let (settings, storage) = (settings.clone(), storage.clone());
-            Supervisor::start_in_arbiter(&counter_arbiter.handle(), move |_| {
-                Counter::new(settings, storage)
-            })
-        };
-        // One shard per HTTP worker, started by the worker itself (below).
+        let (counter, counter_arbiter) = start_counter(&settings, &storage);
+        // One shard per HTTP worker, started by the worker itself (`listen`).
         let shards = Shards::new(
             settings.worker_count(),
             counter.clone(),
             storage.clone(),
             settings.clone(),
         );
-        let mut cluster_health: Option<ClusterHealth> = None;
-        let cluster = if settings.cluster.enabled() {
-            let arbiter = Arbiter::new();
-            let (addr, health) =
-                Cluster::start(settings.clone(), counter.clone(), &arbiter.handle())?;
-            counter.do_send(SetCluster(addr.clone()));
-            cluster_health = Some(health);
-            Some((addr, arbiter))
-        } else {
-            None
-        };
-
+        let (cluster, cluster_health) = start_cluster(&settings, &counter, &storage)?;
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
-        let active = Arc::new(AtomicUsize::new(0));
         let state = AppState {
             settings: settings.clone(),
             shards: shards.clone(),
             counter: counter.clone(),
             storage: storage.clone(),
             shutdown: shutdown_rx,
-            active: active.clone(),
-            limiter: ConnLimiter::new(
-                settings.limits.max_connections,
-                settings.limits.max_connections_per_ip,
-                settings.limits.connections_per_ip_per_second,
-                settings.limits.connections_per_ip_burst,
-            ),
-            origins: Arc::new(OriginPolicy::new(&settings.security.allowed_origins)),
+            active: Arc::new(AtomicUsize::new(0)),
+            limiter: conn_limiter(&settings),
+            origins: origin_policy(&settings),
             cluster: cluster_health,
             visitors: Arc::default(),
         };
-        if settings.security.allowed_origins.is_empty() {
-            tracing::warn!("security.allowed_origins is empty: any website may connect");
-        }
         let local_addr = listener.local_addr()?;
-        crate::metrics::install();
-        // On the counter's arbiter: stops with it.
-        counter_arbiter.spawn(async {
-            let mut every = tokio::time::interval(crate::metrics::UPKEEP_INTERVAL);
-            loop {
-                every.tick().await;
-                crate::metrics::upkeep();
-            }
-        });
-        let ops = crate::admin::Ops::new(
-            &settings,
-            counter.clone(),
-            shards.clone(),
-            storage.clone(),
-            active.clone(),
-            state.visitors.clone(),
-        );
-        let admin = crate::admin::start(&settings.admin, &ops, state.shutdown.clone())?;
-        let hosts = shards.clone();
-        let ws_state = state.clone();
-        let handshake_timeout = settings.limits.handshake_timeout;
-        // actix-web's `HttpServer` builds this same stack, but without
-        // actix-http's upgrade hook: WebSocket upgrades leave the routes
-        // here and become sessions that own their socket (`http::upgrade`).
-        let server = actix_server::Server::build()
-            .workers(settings.worker_count())
-            .disable_signals()
-            // actix-server takes whole seconds: round up so the grace is never shorter.
-            .shutdown_timeout(
-                settings
-                    .server
-                    .shutdown_timeout
-                    .as_secs_f64()
-                    .ceil()
-                    .max(1.0) as u64,
-            )
-            .listen("link-counter", listener, move || {
-                // Runs once on each worker's thread: the worker hosts a shard.
-                hosts.host_here();
-                let app = App::new()
-                    .app_data(web::Data::new(state.clone()))
-                    .configure(http::configure)
-                    .configure(|cfg| ops.configure_public(cfg))
-                    .configure(|cfg| crate::web::configure(cfg, &state.settings.web));
-                let ws_state = ws_state.clone();
-                HttpService::build()
-                    .client_request_timeout(handshake_timeout)
-                    .client_disconnect_timeout(Duration::from_secs(1))
-                    // Small frames, latency first: no Nagle delay behind an unacked frame.
-                    .tcp_nodelay(true)
-                    .local_addr(local_addr)
-                    .upgrade(fn_service(
-                        move |(req, framed): (Request, http::Upgraded)| {
-                            let state = ws_state.clone();
-                            async move {
-                                http::upgrade(req, framed, state).await;
-                                Ok::<_, std::convert::Infallible>(())
-                            }
-                        },
-                    ))
-                    .finish(map_config(
-                        app.into_factory()
-                            .map_err(|e: actix_web::Error| e.error_response()),
-                        |_| AppConfig::default(),
-                    ))
-                    .tcp()
-            })?
-            .run();
-        let http = server.handle();
-        actix_web::rt::spawn(async move {
-            if let Err(e) = server.await {
-                tracing::error!(error = %e, "http server failed");
-            }
-        });
-        if tokio::time::timeout(Duration::from_secs(30), shards.ready())
-            .await
-            .is_err()
-        {
-            anyhow::bail!("the HTTP workers did not start within 30 s");
-        }
+        start_metrics(&counter_arbiter);
+        let (ops, admin) = start_admin(&state)?;
+        let http = listen(listener, local_addr, state.clone(), ops)?;
+        wait_for_shards(&shards).await?;
         tracing::info!(addr = %local_addr, workers = settings.worker_count(), "listening");
         Ok(Server {
             local_addr,
@@ -231,7 +135,7 @@ impl Server {
             shards,
             storage,
             shutdown_tx,
-            active,
+            active: state.active,
             settings,
             admin,
             cluster,
@@ -327,6 +231,166 @@ impl Server {
         tracing::info!(cut, "stopped");
         ShutdownReport { cut }
     }
+}
+
+/// Starts the counter under a supervisor, on an arbiter (thread) of its own.
+fn start_counter(settings: &Arc<Settings>, storage: &Storage) -> OnArbiter<Counter> {
+    let arbiter = Arbiter::new();
+    let (settings, storage) = (settings.clone(), storage.clone());
+    let counter =
+        Supervisor::start_in_arbiter(&arbiter.handle(), move |_| Counter::new(settings, storage));
+    (counter, arbiter)
+}
+
+/// Cluster mode (`cluster.redis_url` set): starts the cluster module on an
+/// arbiter of its own and hands it to the counter.
+fn start_cluster(
+    settings: &Arc<Settings>,
+    counter: &Addr<Counter>,
+    storage: &Storage,
+) -> anyhow::Result<(Option<OnArbiter<Cluster>>, Option<ClusterHealth>)> {
+    if !settings.cluster.enabled() {
+        return Ok((None, None));
+    }
+    let arbiter = Arbiter::new();
+    let (addr, health) = Cluster::start(
+        settings.clone(),
+        counter.clone(),
+        storage.clone(),
+        &arbiter.handle(),
+    )?;
+    counter.do_send(SetCluster(addr.clone()));
+    Ok((Some((addr, arbiter)), Some(health)))
+}
+
+/// The connection caps of `limits`.
+fn conn_limiter(settings: &Settings) -> Arc<ConnLimiter> {
+    ConnLimiter::new(
+        settings.limits.max_connections,
+        settings.limits.max_connections_per_ip,
+        settings.limits.connections_per_ip_per_second,
+        settings.limits.connections_per_ip_burst,
+    )
+}
+
+/// The origins upgrades may come from (`security.allowed_origins`).
+fn origin_policy(settings: &Settings) -> Arc<OriginPolicy> {
+    if settings.security.allowed_origins.is_empty() {
+        tracing::warn!("security.allowed_origins is empty: any website may connect");
+    }
+    Arc::new(OriginPolicy::new(&settings.security.allowed_origins))
+}
+
+/// Installs the metrics recorder, and its upkeep on the counter's arbiter
+/// (so it stops with it).
+fn start_metrics(counter_arbiter: &Arbiter) {
+    crate::metrics::install();
+    counter_arbiter.spawn(async {
+        let mut every = tokio::time::interval(crate::metrics::UPKEEP_INTERVAL);
+        loop {
+            every.tick().await;
+            crate::metrics::upkeep();
+        }
+    });
+}
+
+/// The operators' state, and the admin listener when `admin.bind` is set.
+fn start_admin(state: &AppState) -> anyhow::Result<(Ops, Option<AdminServer>)> {
+    let ops = Ops::new(
+        &state.settings,
+        state.counter.clone(),
+        state.shards.clone(),
+        state.storage.clone(),
+        state.active.clone(),
+        state.visitors.clone(),
+    );
+    let admin = crate::admin::start(&state.settings.admin, &ops, state.shutdown.clone())?;
+    Ok((ops, admin))
+}
+
+/// Starts the public listener: actix-server with `server.workers` workers,
+/// each hosting a shard and serving [`worker_service`].
+fn listen(
+    listener: TcpListener,
+    local_addr: SocketAddr,
+    state: AppState,
+    ops: Ops,
+) -> std::io::Result<actix_server::ServerHandle> {
+    let settings = state.settings.clone();
+    // actix-server takes whole seconds: round up so the grace is never shorter.
+    let grace = settings
+        .server
+        .shutdown_timeout
+        .as_secs_f64()
+        .ceil()
+        .max(1.0) as u64;
+    let server = actix_server::Server::build()
+        .workers(settings.worker_count())
+        .disable_signals()
+        .shutdown_timeout(grace)
+        .listen("link-counter", listener, move || {
+            // Runs once on each worker's thread: the worker hosts a shard.
+            state.shards.host_here();
+            worker_service(&state, &ops, local_addr)
+        })?
+        .run();
+    let http = server.handle();
+    actix_web::rt::spawn(async move {
+        if let Err(e) = server.await {
+            tracing::error!(error = %e, "http server failed");
+        }
+    });
+    Ok(http)
+}
+
+/// One worker's HTTP service. actix-web's `HttpServer` builds this same
+/// stack, but without actix-http's upgrade hook: WebSocket upgrades leave
+/// the routes here and become sessions that own their socket
+/// (`http::upgrade`).
+fn worker_service(
+    state: &AppState,
+    ops: &Ops,
+    local_addr: SocketAddr,
+) -> impl ServiceFactory<TcpStream, Config = (), Response = (), Error = DispatchError, InitError = ()>
+{
+    let app = App::new()
+        .app_data(web::Data::new(state.clone()))
+        .configure(http::configure)
+        .configure(|cfg| ops.configure_public(cfg))
+        .configure(|cfg| crate::web::configure(cfg, &state.settings.web));
+    let ws_state = state.clone();
+    HttpService::build()
+        .client_request_timeout(state.settings.limits.handshake_timeout)
+        .client_disconnect_timeout(Duration::from_secs(1))
+        // Small frames, latency first: no Nagle delay behind an unacked frame.
+        .tcp_nodelay(true)
+        .local_addr(local_addr)
+        .upgrade(fn_service(
+            move |(req, framed): (Request, http::Upgraded)| {
+                let state = ws_state.clone();
+                async move {
+                    http::upgrade(req, framed, state).await;
+                    Ok::<_, std::convert::Infallible>(())
+                }
+            },
+        ))
+        .finish(map_config(
+            app.into_factory()
+                .map_err(|e: actix_web::Error| e.error_response()),
+            |_| AppConfig::default(),
+        ))
+        .tcp()
+}
+
+/// Waits (at most 30 s) until every HTTP worker hosts its shard.
+async fn wait_for_shards(shards: &Shards) -> anyhow::Result<()> {
+    if tokio::time::timeout(Duration::from_secs(30), shards.ready())
+        .await
+        .is_err()
+    {
+        anyhow::bail!("the HTTP workers did not start within 30 s");
+    }
+    Ok(())
 }
 
 /// Stops arbiters and joins their threads off the async runtime.

@@ -22,6 +22,9 @@ const RECORD_V1: u8 = 1;
 /// Schema version stored in `meta/schema`.
 const SCHEMA_VERSION: &[u8] = b"1";
 
+/// Key in `meta` of the cluster identity: `host\ndir\nprocess\nincarnation`.
+const CLUSTER_IDENTITY: &str = "cluster_identity";
+
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
     #[error("storage error: {0}")]
@@ -327,6 +330,8 @@ pub struct Storage {
     stats: Capped,
     /// Per-room records.
     rooms: Capped,
+    /// The data directory, absolute (ties the cluster identity to it).
+    path: std::sync::Arc<std::path::PathBuf>,
 }
 
 impl Storage {
@@ -366,6 +371,7 @@ impl Storage {
             stats: Capped::open(&db, "stats", stats_active)?,
             rooms: Capped::open(&db, "rooms", room_active)?,
             db,
+            path: std::sync::Arc::new(std::fs::canonicalize(path).unwrap_or_else(|_| path.into())),
         })
     }
 
@@ -457,6 +463,53 @@ impl Storage {
         self.stats.len.load(Ordering::Relaxed)
     }
 
+    /// The cluster identity this data directory last registered under, as
+    /// `(process, incarnation)`: `None` if there is none, or if it was saved
+    /// on another host or in another directory (a copied data directory is a
+    /// new node, not this one).
+    pub fn cluster_identity(&self) -> Result<Option<(String, u64)>, StorageError> {
+        let Some(v) = self.db.open_tree("meta")?.get(CLUSTER_IDENTITY)? else {
+            return Ok(None);
+        };
+        let text = String::from_utf8_lossy(&v);
+        let mut parts = text.splitn(4, '\n');
+        let (Some(host), Some(dir), Some(process), Some(inc)) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Ok(None);
+        };
+        if host != self.host() || dir != self.dir() || process.is_empty() {
+            return Ok(None);
+        }
+        Ok(inc.parse().ok().map(|inc| (process.to_owned(), inc)))
+    }
+
+    /// Saves the cluster identity about to be registered, and waits until it
+    /// is on disk (so a crash right after the registration finds it).
+    pub fn save_cluster_identity(
+        &self,
+        process: &str,
+        incarnation: u64,
+    ) -> Result<(), StorageError> {
+        let v = format!("{}\n{}\n{process}\n{incarnation}", self.host(), self.dir());
+        self.db
+            .open_tree("meta")?
+            .insert(CLUSTER_IDENTITY, v.as_bytes())?;
+        self.flush()
+    }
+
+    /// This host's name, as the kernel has it ("" where unknown).
+    fn host(&self) -> String {
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_owned())
+            .unwrap_or_default()
+    }
+
+    /// The data directory, absolute.
+    fn dir(&self) -> String {
+        self.path.display().to_string()
+    }
+
     /// Writes everything to disk and waits for it.
     pub fn flush(&self) -> Result<(), StorageError> {
         self.db.flush()?;
@@ -514,6 +567,39 @@ mod tests {
 
     /// A stats record written before visitors were counted (no
     /// `peak_visitors`) reads with a peak of 0 visitors and its other fields.
+    /// The cluster identity survives a reopen of the same directory, and a
+    /// copy of the directory elsewhere does not inherit it.
+    #[test]
+    fn cluster_identity_belongs_to_its_directory() {
+        let dir = tempfile::tempdir().expect("dir");
+        let s = Storage::open(dir.path(), 1 << 20).expect("open");
+        assert_eq!(s.cluster_identity().expect("read"), None);
+        s.save_cluster_identity("18a-2f", 3).expect("save");
+        drop(s);
+        let s = Storage::open(dir.path(), 1 << 20).expect("reopen");
+        assert_eq!(
+            s.cluster_identity().expect("read"),
+            Some(("18a-2f".to_owned(), 3))
+        );
+        drop(s);
+        let copy = tempfile::tempdir().expect("dir");
+        for entry in std::fs::read_dir(dir.path()).expect("list") {
+            let entry = entry.expect("entry");
+            if entry.file_type().expect("type").is_file() {
+                std::fs::copy(entry.path(), copy.path().join(entry.file_name())).expect("copy");
+            } else {
+                let sub = copy.path().join(entry.file_name());
+                std::fs::create_dir_all(&sub).expect("mkdir");
+                for f in std::fs::read_dir(entry.path()).expect("list") {
+                    let f = f.expect("entry");
+                    std::fs::copy(f.path(), sub.join(f.file_name())).expect("copy");
+                }
+            }
+        }
+        let c = Storage::open(copy.path(), 1 << 20).expect("open the copy");
+        assert_eq!(c.cluster_identity().expect("read"), None);
+    }
+
     #[test]
     fn stats_records_without_peak_visitors_stay_readable() {
         let dir = tempfile::tempdir().expect("dir");

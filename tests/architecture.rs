@@ -1244,3 +1244,115 @@ fn the_reader_sees_code_only() {
         "a -> b (x:1), b -> c (x:2), c -> a (x:3)"
     );
 }
+
+// ---------------------------------------------------------------- function length
+
+/// The most lines a function on the connection path may take, from `fn` to
+/// its closing brace.
+const MAX_FN_LINES: usize = 60;
+
+/// The files of the connection path, held to [`MAX_FN_LINES`].
+const SHORT_FN_FILES: &[&str] = &[
+    "src/session.rs",
+    "src/http.rs",
+    "src/server.rs",
+    "src/room.rs",
+    "src/shard.rs",
+    "src/delivery.rs",
+];
+
+/// Functions of those files allowed to be longer today: (file, function,
+/// why). An entry that no longer names a long function fails the test.
+const LONG_FNS_ALLOWED: &[(&str, &str, &str)] = &[];
+
+/// Every function with a body in `code`, as (name, line of its `fn`, lines
+/// from `fn` to its closing brace).
+fn function_lengths(code: &[char]) -> Vec<(String, usize, usize)> {
+    let line_at = |at: usize| 1 + code[..at].iter().filter(|&&c| c == '\n').count();
+    let mut out = Vec::new();
+    for at in 0..code.len() {
+        let keyword = code[at..].starts_with(&['f', 'n'])
+            && (at == 0 || !is_ident_char(code[at - 1]))
+            && code.get(at + 2).is_some_and(|c| c.is_whitespace());
+        if !keyword {
+            continue;
+        }
+        let mut i = at + 2;
+        while i < code.len() && code[i].is_whitespace() {
+            i += 1;
+        }
+        let name: String = code[i..]
+            .iter()
+            .take_while(|&&c| is_ident_char(c))
+            .collect();
+        // The body is the first `{` outside parentheses and brackets, unless
+        // a `;` ends the declaration first.
+        let mut depth = 0i32;
+        let body = loop {
+            match code.get(i) {
+                None | Some(';') if depth == 0 => break None,
+                Some('(' | '[') => depth += 1,
+                Some(')' | ']') => depth -= 1,
+                Some('{') if depth == 0 => break Some(i),
+                _ => {}
+            }
+            i += 1;
+        };
+        if let (false, Some(open)) = (name.is_empty(), body) {
+            let close = skip_balanced(code, open, '{', '}') - 1;
+            out.push((name, line_at(at), line_at(close) - line_at(at) + 1));
+        }
+    }
+    out
+}
+
+/// No function in the files of the connection path is longer than
+/// [`MAX_FN_LINES`] lines (test modules left out), beyond the allow-list:
+/// each step is a named function short enough to read at once.
+#[test]
+fn connection_path_functions_are_short() {
+    let (code, _) = lex(concat!(
+        "fn a() {\n    let s = \"}\";\n}\n",
+        "pub(crate) async fn b(x: [u8; 2]) -> impl Fn(u8) -> u8 { move |y| x[0] + y }\n",
+        "trait T { fn c(&self); }\nfn d<const N: usize>()\nwhere\n    [u8; N]: Sized,\n{\n}\n",
+        "let f: fn(u8) -> u8 = g;\n",
+    ));
+    assert_eq!(
+        function_lengths(&code),
+        [("a".into(), 1, 3), ("b".into(), 4, 1), ("d".into(), 6, 5)]
+    );
+    let srcs = sources();
+    let mut long = Vec::new();
+    let mut seen_allowed = BTreeSet::new();
+    for &file in SHORT_FN_FILES {
+        let s = srcs
+            .iter()
+            .find(|s| s.path == file)
+            .unwrap_or_else(|| panic!("{file} is gone: update SHORT_FN_FILES"));
+        for (name, line, lines) in function_lengths(&s.code) {
+            if lines <= MAX_FN_LINES {
+                continue;
+            }
+            if LONG_FNS_ALLOWED
+                .iter()
+                .any(|&(f, n, _)| f == file && n == name)
+            {
+                seen_allowed.insert((file, name));
+            } else {
+                long.push(format!("{file}:{line} `{name}` is {lines} lines"));
+            }
+        }
+    }
+    for &(file, name, _) in LONG_FNS_ALLOWED {
+        if !seen_allowed.contains(&(file, name.to_owned())) {
+            long.push(format!(
+                "{file} `{name}` is allow-listed but no longer over {MAX_FN_LINES} lines: remove it"
+            ));
+        }
+    }
+    assert!(
+        long.is_empty(),
+        "split these into named steps of at most {MAX_FN_LINES} lines:\n{}",
+        long.join("\n")
+    );
+}

@@ -40,8 +40,31 @@ pub async fn connect(server: SocketAddr, path: &str) -> anyhow::Result<Ws> {
     socket.bind(SocketAddr::new(next_source().into(), 0))?;
     let stream = socket.connect(server).await?;
     stream.set_nodelay(true)?;
-    let (ws, _) = tokio_tungstenite::client_async(format!("ws://{server}{path}"), stream).await?;
+    let url = match visitor_tabs() {
+        Some(tabs) => {
+            let n = CONNECTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) / tabs;
+            let sep = if path.contains('?') { '&' } else { '?' };
+            format!("ws://{server}{path}{sep}visitor=bench-visitor-{n:08}")
+        }
+        None => format!("ws://{server}{path}"),
+    };
+    let (ws, _) = tokio_tungstenite::client_async(url, stream).await?;
     Ok(ws)
+}
+
+/// Connections opened by [`connect`] (numbers the visitors).
+static CONNECTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// `LC_BENCH_VISITOR_TABS=n`: every connection carries a visitor id, one id
+/// per `n` consecutive connections (the cost of counting distinct visitors).
+fn visitor_tabs() -> Option<u64> {
+    static TABS: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+    *TABS.get_or_init(|| {
+        std::env::var("LC_BENCH_VISITOR_TABS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|n| *n > 0)
+    })
 }
 
 /// The subscribe message for `links`.

@@ -53,6 +53,7 @@ use crate::{
     config::Settings,
     metrics as m,
     protocol::{PageId, Tally},
+    storage::Storage,
 };
 
 // ---------------------------------------------------------------- messages
@@ -280,6 +281,8 @@ pub struct Cluster {
     backend: Backend,
     /// Where remote sums and [`Loaded`] go.
     counter: ToCounter,
+    /// Where this node's identity is kept between runs.
+    storage: Storage,
     /// Read by `/readyz`.
     health: ClusterHealth,
     /// The heartbeat thread.
@@ -348,6 +351,7 @@ impl Cluster {
     pub fn start<C>(
         settings: Arc<Settings>,
         counter: Addr<C>,
+        storage: Storage,
         arbiter: &ArbiterHandle,
     ) -> anyhow::Result<(Addr<Cluster>, ClusterHealth)>
     where
@@ -359,20 +363,43 @@ impl Cluster {
             loaded: counter.recipient(),
         };
         let backend = Backend::new(&settings.cluster)?;
+        // The identity of this data directory's last run, if any: its id may
+        // still be live (a crash), so it is reaped before this run registers.
+        let previous = match storage.cluster_identity() {
+            Ok(previous) => previous,
+            Err(e) => {
+                tracing::warn!(error = %e, "cluster: previous identity unreadable; starting as a new process");
+                None
+            }
+        };
+        let (id, registered) = match previous {
+            Some((process, incarnation)) => (
+                NodeId {
+                    process: process.into(),
+                    incarnation,
+                },
+                true,
+            ),
+            None => (
+                NodeId {
+                    process: store::fresh_process(),
+                    incarnation: 0,
+                },
+                false,
+            ),
+        };
         let health = ClusterHealth::default();
         let h = health.clone();
         let addr = Cluster::start_in_arbiter(arbiter, move |_| Cluster {
             keys: Keys::new(&settings.cluster),
             backend,
             counter,
+            storage,
             health: h,
             liveness: None,
-            id: NodeId {
-                process: store::fresh_process(),
-                incarnation: 0,
-            },
+            id,
             joined: false,
-            registered: false,
+            registered,
             seq: 0,
             link: None,
             gen: 0,
@@ -608,6 +635,13 @@ impl Cluster {
             let old = self.registered.then(|| self.id.clone());
             self.id.incarnation += 1;
             self.registered = true;
+            // On disk before Redis: a crash after the registration finds it.
+            if let Err(e) = self
+                .storage
+                .save_cluster_identity(&self.id.process, self.id.incarnation)
+            {
+                tracing::warn!(error = %e, "cluster: identity not saved; after a crash this node's viewers may count twice until node_ttl");
+            }
             self.dirty.clear();
             self.written.clear();
             let ops: Vec<Op> = self

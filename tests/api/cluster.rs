@@ -41,7 +41,11 @@ impl Node {
     /// A node on the Redis at `url` (with `CLUSTER__REDIS_CLUSTER` in
     /// `extra`: a Redis Cluster's seed list).
     fn start_on(url: &str, extra: &[(&str, &str)]) -> Node {
-        let dir = tempfile::tempdir().expect("tmp");
+        Self::spawn(url, extra, tempfile::tempdir().expect("tmp"))
+    }
+
+    /// A node on the Redis at `url` with `dir` as its data directory.
+    fn spawn(url: &str, extra: &[(&str, &str)], dir: tempfile::TempDir) -> Node {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_link-counter"));
         cmd.env("LINK_COUNTER__SERVER__BIND", "127.0.0.1:0")
             .env("LINK_COUNTER__ADMIN__BIND", "127.0.0.1:0")
@@ -141,6 +145,15 @@ impl Node {
     fn kill_9(mut self) {
         self.child.kill().expect("kill -9");
         self.child.wait().expect("reaped");
+    }
+
+    /// kill -9, then a new process on the same data directory, as a
+    /// supervisor (systemd's `Restart=`) would start it.
+    fn kill_9_and_restart(mut self, redis: &RedisServer) -> Node {
+        self.child.kill().expect("kill -9");
+        self.child.wait().expect("reaped");
+        let dir = std::mem::replace(&mut self._dir, tempfile::tempdir().expect("tmp"));
+        Self::spawn(&redis.url(), &[], dir)
     }
 
     /// SIGTERM, then waits for the exit.
@@ -249,8 +262,8 @@ async fn counts_are_summed_across_nodes() {
 }
 
 /// kill -9 of a node: subscribers elsewhere see its viewers disappear within
-/// `node_ttl` plus a heartbeat and a tick; a restarted node (new id) does not
-/// double count.
+/// `node_ttl` plus a heartbeat and a tick; a new node on the same machine
+/// (a new data directory, so a new id) does not double count.
 #[tokio::test]
 async fn crashed_node_viewers_disappear_within_node_ttl() {
     let Some(redis) = RedisServer::start() else {
@@ -282,6 +295,47 @@ async fn crashed_node_viewers_disappear_within_node_ttl() {
     assert_eq!(obs.shown, counts(&[("x", 3)]));
     let mut late = b2.observer(&["x"]).await;
     late.wait_for(&counts(&[("x", 3)])).await;
+}
+
+/// kill -9 and an immediate restart on the same data directory, its viewers
+/// reconnecting at once (before the old id's `node_ttl` could pass): the
+/// restarted process reaps its previous id before it registers, so an
+/// observer elsewhere sees the crashed run's viewers or the new run's, never
+/// both. Several rounds.
+#[tokio::test]
+async fn a_restarted_node_never_counts_with_its_crashed_self() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    const VIEWERS: u64 = 6;
+    let mut a = Node::start(&redis);
+    let b = Node::start(&redis);
+    let mut obs = b.observer(&["x"]).await;
+    for round in 0..4 {
+        let viewers: Vec<Client> =
+            futures_util::future::join_all((0..VIEWERS).map(|_| a.connect("x"))).await;
+        obs.wait_for(&counts(&[("x", VIEWERS)])).await;
+        a = a.kill_9_and_restart(&redis);
+        drop(viewers);
+        let back: Vec<Client> =
+            futures_util::future::join_all((0..VIEWERS).map(|_| a.connect("x"))).await;
+        // Whatever it shows on the way, never the ghost plus the new run.
+        let mut max = obs.shown.get("x").copied().unwrap_or(0);
+        let deadline = Instant::now() + NODE_TTL * 4;
+        while Instant::now() < deadline {
+            match tokio::time::timeout(Duration::from_millis(100), obs.next_json()).await {
+                Ok(_) => max = max.max(obs.shown.get("x").copied().unwrap_or(0)),
+                Err(_) => continue,
+            }
+        }
+        assert!(
+            max <= VIEWERS,
+            "round {round}: observer saw {max} > {VIEWERS}"
+        );
+        obs.wait_for(&counts(&[("x", VIEWERS)])).await;
+        drop(back);
+        obs.wait_for(&counts(&[("x", 0)])).await;
+    }
 }
 
 /// Redis is stopped and restarted (losing all its data) while viewers come and

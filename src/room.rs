@@ -23,10 +23,11 @@ use actix::prelude::*;
 
 use crate::{
     config::Settings,
-    counter::{Counter, RoomCount, RoomState, Subscribe, Unsubscribe},
+    counter::{
+        Counter, Counts, RoomCount, RoomHandle, RoomState, Subscribe, Subscribed, Unsubscribe,
+    },
     delivery::{ConnId, End, Mailbox, Update},
     protocol::{code, PageId, ProtocolError, Tally},
-    shard::{RoomIdle, Shard},
     storage::{RoomRecord, Storage},
     time::now_ms,
     visitor::{VisitorKey, Visitors},
@@ -65,25 +66,22 @@ pub struct Leave {
     pub conn: ConnId,
 }
 
-/// Latest tallies of some followed links, from the counter.
+/// Room -> shard: the room has no connection left; `processed` is how many
+/// routed messages it handled.
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct Counts {
-    pub changes: Vec<(PageId, Tally)>,
-    /// When the oldest of these changes was applied at the counter (publish lag).
-    pub since: Option<Instant>,
+pub struct RoomIdle {
+    pub page: PageId,
+    pub uid: u64,
+    pub processed: u64,
 }
 
-/// The counter's answer to a [`Subscribe`]: current counts of the links it
-/// accepted, and the links it refused because `limits.max_pages` is reached.
+/// The server is shutting down (to a shard, which relays it to its rooms):
+/// tell every connection to close with 1001, and every connection that joins
+/// from now on as soon as it joins.
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct Subscribed {
-    pub counts: Vec<(PageId, Tally)>,
-    pub refused: Vec<PageId>,
-    /// The id of the [`Subscribe`] this answers.
-    pub req: u64,
-}
+pub struct CloseAll;
 
 /// Re-report everything to the counter (it restarted), for resync `epoch`.
 #[derive(Message)]
@@ -181,9 +179,13 @@ pub struct PageRoom {
     /// Unique id of this room instance (a recreated room gets a new one).
     uid: u64,
     /// The shard that routes messages here and decides eviction.
-    shard: Addr<Shard>,
+    shard: Recipient<RoomIdle>,
     /// Where counts and subscriptions are reported.
     counter: Addr<Counter>,
+    /// Where the counter delivers to this room (made once, on first use). It
+    /// holds the room's own address, which is harmless: a room stops only
+    /// on [`StopRoom`], never by losing its last address.
+    handle: Option<Arc<RoomHandle>>,
     /// Where the room record is written.
     storage: Storage,
     /// Idle timeout and snapshot interval.
@@ -207,7 +209,7 @@ pub struct PageRoom {
     opened: u64,
     /// The record changed since it was last written.
     dirty: bool,
-    /// Set by [`crate::shard::CloseAll`]: connections joining now are told to close.
+    /// Set by [`CloseAll`]: connections joining now are told to close.
     closing: bool,
     /// A record write is scheduled.
     save_scheduled: bool,
@@ -217,7 +219,7 @@ impl PageRoom {
     pub fn new(
         page: PageId,
         uid: u64,
-        shard: Addr<Shard>,
+        shard: Recipient<RoomIdle>,
         counter: Addr<Counter>,
         storage: Storage,
         settings: Arc<Settings>,
@@ -227,6 +229,7 @@ impl PageRoom {
             uid,
             shard,
             counter,
+            handle: None,
             storage,
             settings,
             conns: HashMap::new(),
@@ -253,6 +256,13 @@ impl PageRoom {
                 processed: self.processed,
             });
         }
+    }
+
+    /// Where the counter delivers to this room.
+    fn handle(&mut self, ctx: &Context<Self>) -> Arc<RoomHandle> {
+        self.handle
+            .get_or_insert_with(|| RoomHandle::of(&ctx.address()))
+            .clone()
     }
 
     /// This page's own figures.
@@ -478,9 +488,9 @@ impl Handler<Join> for PageRoom {
     }
 }
 
-impl Handler<crate::shard::CloseAll> for PageRoom {
+impl Handler<CloseAll> for PageRoom {
     type Result = ();
-    fn handle(&mut self, _: crate::shard::CloseAll, _: &mut Context<Self>) {
+    fn handle(&mut self, _: CloseAll, _: &mut Context<Self>) {
         self.closing = true;
         for conn in self.conns.values() {
             conn.mailbox.end(End::Shutdown);
@@ -547,9 +557,10 @@ impl Handler<SetLinks> for PageRoom {
         }
         if !added.is_empty() {
             self.last_req = req;
+            let to = self.handle(ctx);
             self.counter.do_send(Subscribe {
                 room: self.uid,
-                addr: ctx.address(),
+                to,
                 links: added,
                 req,
             });
@@ -603,10 +614,11 @@ impl Handler<Subscribed> for PageRoom {
 impl Handler<ReportState> for PageRoom {
     type Result = ();
     fn handle(&mut self, msg: ReportState, ctx: &mut Context<Self>) {
+        let to = self.handle(ctx);
         self.counter.do_send(RoomState {
             epoch: msg.epoch,
             room: self.uid,
-            addr: ctx.address(),
+            to,
             page: self.page.clone(),
             tally: self.tally(),
             links: self.refs.keys().cloned().collect(),

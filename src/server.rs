@@ -26,7 +26,8 @@ use crate::{
     counter::{Counter, FinalSnapshot, SetCluster},
     http::{self, AppState},
     limits::{ConnLimiter, OriginPolicy},
-    shard::{CloseAll, SaveAll, Shards, StopShard},
+    room::CloseAll,
+    shard::{SaveAll, Shards, StopShard},
     storage::Storage,
 };
 

@@ -28,10 +28,12 @@ use actix::prelude::*;
 
 use crate::{
     config::Settings,
-    counter::{Counter, SetShards, ShardRooms},
+    counter::{Counter, Resync, SetShards, ShardRooms},
     delivery::End,
     protocol::{close, code, PageId, ProtocolError},
-    room::{Join, Leave, PageRoom, ReportState, SaveRecord, SetLinks, StopRoom},
+    room::{
+        CloseAll, Join, Leave, PageRoom, ReportState, RoomIdle, SaveRecord, SetLinks, StopRoom,
+    },
     storage::Storage,
 };
 
@@ -39,15 +41,6 @@ use crate::{
 static NEXT_ROOM_UID: AtomicU64 = AtomicU64::new(1);
 
 // ---------------------------------------------------------------- messages
-
-/// A room has no connection left; `processed` is how many routed messages it handled.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct RoomIdle {
-    pub page: PageId,
-    pub uid: u64,
-    pub processed: u64,
-}
 
 /// Stop this idle room if it is still idle under this listing (`seq`); the
 /// sender took it off the index. When it is not (a connection came back) and
@@ -62,23 +55,10 @@ struct Evict {
     reclaim: bool,
 }
 
-/// The counter restarted: ask every room to report, and list them.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct Resync {
-    pub epoch: u64,
-}
-
 /// Save every room record (shutdown); answers when done.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct SaveAll;
-
-/// The server is shutting down: tell every connection to close with 1001,
-/// and every connection that joins from now on as soon as it joins.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct CloseAll;
 
 /// Final step of a shutdown: stop every room and the shard itself (the
 /// worker threads that host them may outlive the HTTP server).
@@ -301,7 +281,7 @@ impl Handler<Join> for Shard {
             let room = PageRoom::new(
                 msg.page.clone(),
                 uid,
-                ctx.address(),
+                ctx.address().recipient(),
                 self.counter.clone(),
                 self.storage.clone(),
                 self.settings.clone(),
@@ -546,7 +526,8 @@ impl Shards {
             thread: std::thread::current().id(),
         });
         if inner.filled.fetch_add(1, Ordering::SeqCst) + 1 == inner.slots.len() {
-            inner.counter.do_send(SetShards(self.all()));
+            let resync = self.all().into_iter().map(Addr::recipient).collect();
+            inner.counter.do_send(SetShards(resync));
             inner.all_filled.notify_waiters();
         }
     }

@@ -40,7 +40,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use actix::prelude::*;
+use actix::{dev::ToEnvelope, prelude::*};
 use futures_util::StreamExt;
 use redis::PushInfo;
 use tokio::sync::{mpsc, oneshot};
@@ -51,7 +51,6 @@ use table::{NodeId, RemoteTable};
 
 use crate::{
     config::Settings,
-    counter::Counter,
     metrics as m,
     protocol::{PageId, Tally},
     storage::Storage,
@@ -134,6 +133,13 @@ pub struct ResendRemote {
 pub struct RemoteCounts {
     /// `(page, sum over the other live nodes)`.
     pub changes: Vec<(PageId, Tally)>,
+}
+
+/// The counter's side of the cluster module: where [`RemoteCounts`] and
+/// [`Loaded`] go.
+struct ToCounter {
+    remote: Recipient<RemoteCounts>,
+    loaded: Recipient<Loaded>,
 }
 
 /// Server -> cluster at shutdown: remove this node's contributions at once
@@ -274,7 +280,7 @@ pub struct Cluster {
     /// How to connect.
     backend: Backend,
     /// Where remote sums and [`Loaded`] go.
-    counter: Addr<Counter>,
+    counter: ToCounter,
     /// Where this node's identity is kept between runs.
     storage: Storage,
     /// Read by `/readyz`.
@@ -340,12 +346,22 @@ pub struct Cluster {
 
 impl Cluster {
     /// Starts the actor on `arbiter`; returns it and its health flag.
-    pub fn start(
+    /// `counter` is the actor that takes [`RemoteCounts`] and [`Loaded`] (the
+    /// counter, a layer above: the cluster keeps only those two recipients).
+    pub fn start<C>(
         settings: Arc<Settings>,
-        counter: Addr<Counter>,
+        counter: Addr<C>,
         storage: Storage,
         arbiter: &ArbiterHandle,
-    ) -> anyhow::Result<(Addr<Cluster>, ClusterHealth)> {
+    ) -> anyhow::Result<(Addr<Cluster>, ClusterHealth)>
+    where
+        C: Handler<RemoteCounts> + Handler<Loaded>,
+        C::Context: ToEnvelope<C, RemoteCounts> + ToEnvelope<C, Loaded>,
+    {
+        let counter = ToCounter {
+            remote: counter.clone().recipient(),
+            loaded: counter.recipient(),
+        };
         let backend = Backend::new(&settings.cluster)?;
         // The identity of this data directory's last run, if any: its id may
         // still be live (a crash), so it is reaped before this run registers.
@@ -504,7 +520,7 @@ impl Cluster {
         self.update_health();
         // Held subscribe answers go out with what is known.
         for (req, _) in self.waiters.drain(..) {
-            self.counter.do_send(Loaded { req });
+            self.counter.loaded.do_send(Loaded { req });
         }
         self.retry(ctx, why);
     }
@@ -845,7 +861,7 @@ impl Cluster {
         self.waiters.retain_mut(|(req, pages)| {
             pages.retain(|p| remote.holds(p) && !loaded.contains(p));
             if pages.is_empty() {
-                counter.do_send(Loaded { req: *req });
+                counter.loaded.do_send(Loaded { req: *req });
                 false
             } else {
                 true
@@ -943,7 +959,7 @@ impl Cluster {
             }
         }
         if !changes.is_empty() {
-            self.counter.do_send(RemoteCounts { changes });
+            self.counter.remote.do_send(RemoteCounts { changes });
         }
     }
 
@@ -1077,7 +1093,7 @@ impl Handler<Follow> for Cluster {
         self.send_sums(&msg.pages);
         if self.link.is_none() || waiting.is_empty() {
             // Loaded, or Redis is down: answer with what is known.
-            self.counter.do_send(Loaded { req: msg.req });
+            self.counter.loaded.do_send(Loaded { req: msg.req });
         } else {
             self.waiters.push((msg.req, waiting));
         }
@@ -1116,7 +1132,7 @@ impl Handler<ResendRemote> for Cluster {
     type Result = ();
     fn handle(&mut self, msg: ResendRemote, _: &mut Context<Self>) {
         self.resend_all();
-        self.counter.do_send(Loaded { req: msg.req });
+        self.counter.loaded.do_send(Loaded { req: msg.req });
     }
 }
 

@@ -533,7 +533,7 @@ async fn distinct_page_floods_hit_the_caps() {
 /// cannot be scheduled from outside.
 #[tokio::test]
 async fn a_stale_page_cap_refusal_does_not_drop_a_link_asked_for_again() {
-    use link_counter::{protocol::PageId, room::Subscribed, shard::RoomOf};
+    use link_counter::{counter::Subscribed, protocol::PageId, shard::RoomOf};
     let (app, _dir) = spawn_app(&[]);
     let mut reader = app.connect("reader").await;
     reader.subscribe(&["x"]).await; // request 1

@@ -5,7 +5,8 @@ use std::time::Duration;
 use link_counter::{
     counter::{GetStatus, SweepNow, Tracked},
     protocol::PageId,
-    shard::{CloseAll, CountRooms},
+    room::CloseAll,
+    shard::CountRooms,
     storage::{Storage, StorageError},
 };
 

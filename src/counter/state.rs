@@ -1,0 +1,1372 @@
+//! The counter's logic as a plain state machine, without actix: inputs in
+//! (a room's tally, a subscribe, an unsubscribe, a remote sum, a tick with
+//! `now`), an [`Outbox`] out (what to send, in order, and when to publish).
+//! The actor in `mod.rs` owns it, runs the timers, dispatches the outbox and
+//! writes the stats it queues. `R` is where a room is delivered to (the
+//! actor's `Arc<RoomHandle>`; anything cloneable in tests).
+
+use std::{
+    collections::{HashMap, HashSet, VecDeque},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use crate::{
+    cluster,
+    config::Settings,
+    protocol::{PageId, Tally},
+    storage::PageStats,
+};
+
+/// Longest a rebuild waits for missing reports before publishing anyway.
+const RESYNC_DEADLINE: Duration = Duration::from_secs(2);
+
+/// Cluster mode: longest a subscribe answer waits for the cluster's values.
+const LOAD_DEADLINE: Duration = Duration::from_secs(1);
+
+/// The time an input happens at: monotonic (intervals, deadlines) and wall
+/// clock in milliseconds (stats).
+#[derive(Debug, Clone, Copy)]
+pub struct Now {
+    pub at: Instant,
+    pub ms: u64,
+}
+
+/// One thing to send, in the order the state decided it.
+pub enum Effect<R> {
+    /// To a follower room: latest tallies, with when the oldest change was applied.
+    Counts {
+        to: R,
+        changes: Vec<(PageId, Tally)>,
+        since: Option<Instant>,
+    },
+    /// To a room: the answer to its subscribe `req`.
+    Answer {
+        to: R,
+        counts: Vec<(PageId, Tally)>,
+        refused: Vec<PageId>,
+        req: u64,
+    },
+    /// To every shard: re-report your rooms for rebuild `epoch`.
+    Resync { epoch: u64 },
+    /// To the cluster module (cluster mode only).
+    Cluster(ToCluster),
+}
+
+/// The counter's messages to the cluster module.
+pub enum ToCluster {
+    Local(cluster::LocalCounts),
+    Follow(cluster::Follow),
+    Unfollow(cluster::Unfollow),
+    SetFollowed(cluster::SetFollowed),
+    ResendRemote(cluster::ResendRemote),
+}
+
+/// What an input produced.
+pub struct Outbox<R> {
+    /// To send now, in order (an answer goes before newer counts to its room).
+    pub sent: Vec<Effect<R>>,
+    /// Schedule [`State::scheduled_publish`] after this delay.
+    pub publish_in: Option<Duration>,
+}
+
+impl<R> Default for Outbox<R> {
+    fn default() -> Self {
+        Outbox {
+            sent: Vec::new(),
+            publish_in: None,
+        }
+    }
+}
+
+/// A room's whole state, as it reports it for rebuild `epoch`.
+pub struct RoomReport<R> {
+    pub epoch: u64,
+    pub room: u64,
+    pub to: R,
+    pub page: PageId,
+    pub tally: Tally,
+    pub links: Vec<PageId>,
+}
+
+/// One page as the counter knows it.
+pub(super) struct PageEntry {
+    /// The page's tally on this node (reported by its room).
+    pub(super) local: Tally,
+    /// Cluster mode: the sum of the other live nodes' tallies, kept while the
+    /// page is followed here (0 otherwise). What is shown is `local + remote`.
+    remote: Tally,
+    /// Cluster mode: the `local` tally last sent to the cluster module.
+    reported: Tally,
+    /// The value last published to subscribers.
+    published: Tally,
+    /// A subscriber was answered with a value other than `published` since
+    /// the last publish, so the next change must go out even if it returns
+    /// to `published` (1 -> 0 -> 1 within one interval).
+    told_other: bool,
+    /// Rooms (by uid) that follow this page.
+    pub(super) subscribers: HashSet<u64>,
+    /// Persistent stats.
+    pub(super) stats: PageStats,
+    /// Stats changed since the last snapshot.
+    pub(super) dirty: bool,
+}
+
+impl PageEntry {
+    fn new(stats: PageStats, dirty: bool) -> PageEntry {
+        PageEntry {
+            local: Tally::ZERO,
+            remote: Tally::ZERO,
+            reported: Tally::ZERO,
+            published: Tally::ZERO,
+            told_other: false,
+            subscribers: HashSet::new(),
+            stats,
+            dirty,
+        }
+    }
+
+    /// The tally everyone sees: this node's plus, in cluster mode, the other
+    /// live nodes' (a visitor with connections on two nodes counts on each).
+    /// The only function used where a count is read.
+    pub(super) fn shown(&self) -> Tally {
+        self.local.plus(self.remote)
+    }
+
+    /// Nothing live depends on it: no connection here, no follower, and
+    /// (cluster mode) nothing unsent to the other nodes. Such an entry only
+    /// caches stats, and may be dropped once they are saved.
+    fn is_idle(&self) -> bool {
+        self.local.is_zero() && self.subscribers.is_empty() && self.reported.is_zero()
+    }
+
+    /// A connection here or a follower room.
+    fn is_live(&self) -> bool {
+        !self.local.is_zero() || !self.subscribers.is_empty()
+    }
+
+    /// Last activity, for least-recently-active order (never active: oldest).
+    fn last_active(&self) -> u64 {
+        self.stats.last_active_ms.unwrap_or(0)
+    }
+}
+
+/// A room that follows at least one link.
+struct Follower<R> {
+    /// Where to deliver.
+    to: R,
+    /// The links it follows.
+    links: HashSet<PageId>,
+}
+
+/// A subscribe answer held back: (room, accepted, refused, request id).
+type Deferred<R> = (R, Vec<PageId>, Vec<PageId>, u64);
+
+/// Progress of a rebuild after a restart.
+struct Rebuild<R> {
+    epoch: u64,
+    started: Instant,
+    /// Rooms each shard said it asked, by shard index.
+    listed: HashMap<usize, Vec<u64>>,
+    /// Rooms that answered.
+    reported: HashSet<u64>,
+    /// Subscribe answers held back until the rebuild completes.
+    deferred: Vec<Deferred<R>>,
+    /// Cluster mode: the `ResendRemote` request whose answer is awaited.
+    remote_req: Option<u64>,
+}
+
+/// Cluster mode: a subscribe answer held until the other nodes' counts of
+/// newly followed pages are loaded, so the first update is the cluster count.
+struct AwaitingLoad<R> {
+    /// The answer.
+    answer: Deferred<R>,
+    /// `Follow` requests not yet `Loaded`.
+    waiting: HashSet<u64>,
+    /// When it was held (answered anyway after [`LOAD_DEADLINE`]).
+    since: Instant,
+}
+
+/// Loads a page's stored stats on first sight.
+pub type LoadStats = Box<dyn FnMut(&PageId) -> PageStats>;
+
+/// Every page's live count, who follows it, and what is left to publish.
+pub struct State<R> {
+    /// Page cap, publish interval, idle timeout.
+    settings: Arc<Settings>,
+    /// Where a page's stats come from on first sight.
+    load: LoadStats,
+    /// Every page with a count, a subscriber or unsaved stats.
+    pub(super) pages: HashMap<PageId, PageEntry>,
+    /// Rooms following links, by room uid.
+    followers: HashMap<u64, Follower<R>>,
+    /// Pages whose shown count may have changed since the last publish.
+    changed: HashSet<PageId>,
+    /// Shards that must list their rooms in a rebuild.
+    shards: usize,
+    /// Counter of rebuild rounds.
+    epoch: u64,
+    /// Set while rebuilding.
+    rebuild: Option<Rebuild<R>>,
+    /// When the oldest change not yet published was applied (publish-lag metric).
+    oldest_change: Option<Instant>,
+    /// When a publish last sent anything (to a room or the cluster module),
+    /// or a rebuild sent the full counts: the start of the current interval.
+    last_publish: Option<Instant>,
+    /// A coalesced publish is scheduled for the end of the interval that
+    /// started at `last_publish`.
+    publish_scheduled: bool,
+    /// Connections opened since the process started (`/api/v1/stats`).
+    pub(super) opened_total: u64,
+    /// Stats taken from dirty or dropped entries, waiting to be written, oldest first.
+    pub(super) unsaved: VecDeque<(PageId, PageStats)>,
+    /// Cluster mode is on.
+    cluster: bool,
+    /// Cluster mode: pages whose local count changed since the last publish.
+    local_changed: HashSet<PageId>,
+    /// Cluster mode: pages being loaded from the cluster, by `Follow` request.
+    loading: HashMap<PageId, u64>,
+    /// Cluster mode: subscribe answers held until their pages are loaded.
+    awaiting: Vec<AwaitingLoad<R>>,
+    /// Cluster mode: last `Follow` (or `ResendRemote`) request number.
+    load_seq: u64,
+}
+
+impl<R: Clone> State<R> {
+    pub fn new(settings: Arc<Settings>, load: LoadStats) -> State<R> {
+        State {
+            settings,
+            load,
+            pages: HashMap::new(),
+            followers: HashMap::new(),
+            changed: HashSet::new(),
+            shards: 0,
+            epoch: 0,
+            rebuild: None,
+            oldest_change: None,
+            last_publish: None,
+            publish_scheduled: false,
+            opened_total: 0,
+            unsaved: VecDeque::new(),
+            cluster: false,
+            local_changed: HashSet::new(),
+            loading: HashMap::new(),
+            awaiting: Vec::new(),
+            load_seq: 0,
+        }
+    }
+
+    /// The number of shards a rebuild waits for.
+    pub fn set_shards(&mut self, n: usize) {
+        self.shards = n;
+    }
+
+    /// Cluster mode from now on: local changes, follows and unfollows go to the cluster.
+    pub fn set_cluster(&mut self) {
+        self.cluster = true;
+    }
+
+    /// True while rebuilding from the rooms.
+    pub fn rebuilding(&self) -> bool {
+        self.rebuild.is_some()
+    }
+
+    /// Rooms following at least one link.
+    pub fn follower_rooms(&self) -> usize {
+        self.followers.len()
+    }
+
+    /// The entry of `page`, loading its stats on first sight.
+    fn entry(&mut self, page: &PageId) -> &mut PageEntry {
+        let load = &mut self.load;
+        self.pages
+            .entry(page.clone())
+            .or_insert_with(|| PageEntry::new(load(page), false))
+    }
+
+    /// A local change of `page`: to publish, and to report to the cluster.
+    fn mark_changed(&mut self, page: &PageId, now: Instant) {
+        self.changed.insert(page.clone());
+        self.oldest_change.get_or_insert(now);
+        self.local_changed.insert(page.clone());
+    }
+
+    // ------------------------------------------------------------ inputs
+
+    /// A room's own tally (absolute), plus connections opened since its last report.
+    pub fn room_count(&mut self, page: &PageId, tally: Tally, opened: u64, now: Now) -> Outbox<R> {
+        if !self.pages.contains_key(page) {
+            // A page with a room is always tracked, but it takes the place
+            // of an idle one when the counter is at `limits.max_pages`.
+            self.make_room_for_pages(1);
+        }
+        let mut out = Outbox::default();
+        self.set_count(page, tally, opened, now);
+        self.publish_soon(now.at, &mut out);
+        out
+    }
+
+    /// Applies a room's report: its tally, and stats.
+    fn set_count(&mut self, page: &PageId, tally: Tally, opened: u64, now: Now) {
+        let e = self.entry(page);
+        if e.local == tally && opened == 0 {
+            return;
+        }
+        if e.local != tally {
+            crate::metrics::count_changed();
+        }
+        e.local = tally;
+        e.stats.total_connections += opened;
+        e.stats.last_active_ms = Some(now.ms);
+        if tally.connections > e.stats.peak_connections {
+            e.stats.peak_connections = tally.connections;
+            e.stats.peak_at_ms = Some(now.ms);
+        }
+        e.stats.peak_visitors = e.stats.peak_visitors.max(tally.visitors);
+        e.dirty = true;
+        self.opened_total += opened;
+        self.mark_changed(page, now.at);
+    }
+
+    /// A room starts following `links` (answered in the outbox, now or once
+    /// the rebuild or the cluster's load completes).
+    pub fn subscribe(
+        &mut self,
+        room: u64,
+        to: R,
+        links: Vec<PageId>,
+        req: u64,
+        now: Instant,
+    ) -> Outbox<R> {
+        let mut out = Outbox::default();
+        let (accepted, refused) = self.admit(links);
+        self.follow(room, &to, &accepted, &mut out);
+        if let Some(r) = &mut self.rebuild {
+            r.deferred.push((to, accepted, refused, req));
+            return out;
+        }
+        let waiting: HashSet<u64> = accepted
+            .iter()
+            .filter_map(|l| self.loading.get(l).copied())
+            .collect();
+        if !waiting.is_empty() {
+            self.awaiting.push(AwaitingLoad {
+                answer: (to, accepted, refused, req),
+                waiting,
+                since: now,
+            });
+            return out;
+        }
+        let counts = self.answer(&accepted);
+        out.sent.push(Effect::Answer {
+            to,
+            counts,
+            refused,
+            req,
+        });
+        // After the answer: a room hears of a newer value only after its answer.
+        self.publish_soon(now, &mut out);
+        out
+    }
+
+    /// Splits `links` into those tracked or fitting under `limits.max_pages`
+    /// (tracked from now on) and those refused.
+    fn admit(&mut self, links: Vec<PageId>) -> (Vec<PageId>, Vec<PageId>) {
+        let max = self.settings.limits.max_pages;
+        let new = links
+            .iter()
+            .filter(|l| !self.pages.contains_key(*l))
+            .count();
+        self.make_room_for_pages(new);
+        let (mut accepted, mut refused) = (Vec::with_capacity(links.len()), Vec::new());
+        for link in links {
+            if self.pages.contains_key(&link) || self.pages.len() < max {
+                self.entry(&link);
+                accepted.push(link);
+            } else {
+                refused.push(link);
+            }
+        }
+        if !refused.is_empty() {
+            crate::metrics::links_refused(refused.len());
+            tracing::info!(
+                refused = refused.len(),
+                max_pages = max,
+                "page cap reached; links refused"
+            );
+        }
+        (accepted, refused)
+    }
+
+    /// A room stops following `links`.
+    pub fn unsubscribe(&mut self, room: u64, links: &[PageId]) -> Outbox<R> {
+        let mut out = Outbox::default();
+        self.unfollow(room, links, &mut out);
+        out
+    }
+
+    /// A room's whole state, in answer to a rebuild: replaces what is known of it.
+    pub fn room_state(&mut self, report: RoomReport<R>, now: Instant) -> Outbox<R> {
+        let mut out = Outbox::default();
+        let RoomReport { epoch, room, .. } = report;
+        let old: Vec<PageId> = self
+            .followers
+            .get(&room)
+            .map(|f| f.links.iter().cloned().collect())
+            .unwrap_or_default();
+        self.unfollow(room, &old, &mut out);
+        self.follow(room, &report.to, &report.links, &mut out);
+        if report.links.is_empty() {
+            self.followers.remove(&room);
+        }
+        let e = self.entry(&report.page);
+        if e.local != report.tally {
+            e.local = report.tally;
+            self.mark_changed(&report.page, now);
+        }
+        if let Some(r) = &mut self.rebuild {
+            if r.epoch == epoch {
+                r.reported.insert(room);
+            }
+        }
+        self.check_rebuild(now, &mut out);
+        // A report after the rebuild completed (past its deadline) is a change.
+        self.publish_soon(now, &mut out);
+        out
+    }
+
+    /// A shard's list of the rooms it asked to report for rebuild `epoch`.
+    pub fn shard_rooms(
+        &mut self,
+        epoch: u64,
+        shard: usize,
+        rooms: Vec<u64>,
+        now: Instant,
+    ) -> Outbox<R> {
+        let mut out = Outbox::default();
+        if let Some(r) = &mut self.rebuild {
+            if r.epoch == epoch {
+                r.listed.insert(shard, rooms);
+            }
+        }
+        self.check_rebuild(now, &mut out);
+        out
+    }
+
+    /// Cluster mode: the other live nodes' sums of followed pages.
+    pub fn remote_counts(&mut self, changes: Vec<(PageId, Tally)>, now: Instant) -> Outbox<R> {
+        let mut out = Outbox::default();
+        for (page, sum) in changes {
+            if self.rebuild.is_some() {
+                // Rooms are still re-reporting which pages they follow; pages
+                // left unfollowed are zeroed when the rebuild completes.
+                self.entry(&page).remote = sum;
+                continue;
+            }
+            // Only followed pages hold remote values (see `unfollow`).
+            if let Some(e) = self.pages.get_mut(&page) {
+                if !e.subscribers.is_empty() && e.remote != sum {
+                    e.remote = sum;
+                    self.changed.insert(page);
+                }
+            }
+        }
+        self.publish_soon(now, &mut out);
+        out
+    }
+
+    /// Cluster mode: the pages of `Follow` (or `ResendRemote`) `req` are loaded.
+    pub fn loaded(&mut self, req: u64, now: Instant) -> Outbox<R> {
+        let mut out = Outbox::default();
+        if let Some(r) = &mut self.rebuild {
+            if r.remote_req == Some(req) {
+                r.remote_req = None;
+                self.check_rebuild(now, &mut out);
+            }
+        }
+        self.loading.retain(|_, r| *r != req);
+        for a in &mut self.awaiting {
+            a.waiting.remove(&req);
+        }
+        self.release_awaiting(now, &mut out);
+        out
+    }
+
+    /// The periodic check: a rebuild past its deadline, held answers past theirs.
+    pub fn tick(&mut self, now: Instant) -> Outbox<R> {
+        let mut out = Outbox::default();
+        self.check_rebuild(now, &mut out);
+        self.release_awaiting(now, &mut out);
+        out
+    }
+
+    /// The publish scheduled by an earlier [`Outbox::publish_in`] is due.
+    pub fn scheduled_publish(&mut self, now: Instant) -> Outbox<R> {
+        let mut out = Outbox::default();
+        self.publish_scheduled = false;
+        self.publish(now, &mut out);
+        out
+    }
+
+    // ------------------------------------------------------------ following
+
+    fn follow(&mut self, room: u64, to: &R, links: &[PageId], out: &mut Outbox<R>) {
+        let mut first = Vec::new();
+        for link in links {
+            let e = self.entry(link);
+            if e.subscribers.insert(room) && e.subscribers.len() == 1 {
+                first.push(link.clone());
+            }
+        }
+        // Node-level reference counting: the cluster follows a page while
+        // at least one local room does (rebuilds send the whole set instead).
+        if self.cluster && self.rebuild.is_none() && !first.is_empty() {
+            self.load_seq += 1;
+            let req = self.load_seq;
+            for p in &first {
+                self.loading.insert(p.clone(), req);
+            }
+            let follow = cluster::Follow { pages: first, req };
+            out.sent.push(Effect::Cluster(ToCluster::Follow(follow)));
+        }
+        let f = self.followers.entry(room).or_insert_with(|| Follower {
+            to: to.clone(),
+            links: HashSet::new(),
+        });
+        f.to = to.clone();
+        f.links.extend(links.iter().cloned());
+    }
+
+    fn unfollow(&mut self, room: u64, links: &[PageId], out: &mut Outbox<R>) {
+        let mut last = Vec::new();
+        for link in links {
+            if let Some(e) = self.pages.get_mut(link) {
+                if e.subscribers.remove(&room) && e.subscribers.is_empty() {
+                    // No longer followed here: remote values stop arriving.
+                    e.remote = Tally::ZERO;
+                    last.push(link.clone());
+                }
+            }
+        }
+        if self.cluster && self.rebuild.is_none() && !last.is_empty() {
+            let unfollow = cluster::Unfollow { pages: last };
+            out.sent
+                .push(Effect::Cluster(ToCluster::Unfollow(unfollow)));
+        }
+        if let Some(f) = self.followers.get_mut(&room) {
+            for link in links {
+                f.links.remove(link);
+            }
+            if f.links.is_empty() {
+                self.followers.remove(&room);
+            }
+        }
+    }
+
+    fn counts_of(&self, links: &[PageId]) -> Vec<(PageId, Tally)> {
+        links
+            .iter()
+            .map(|l| {
+                let shown = self.pages.get(l).map_or(Tally::ZERO, PageEntry::shown);
+                (l.clone(), shown)
+            })
+            .collect()
+    }
+
+    /// Current counts for a new follower; remembers when it was told a
+    /// value that the other followers have not been told yet (the caller
+    /// then calls [`State::publish_soon`], after the answer).
+    fn answer(&mut self, links: &[PageId]) -> Vec<(PageId, Tally)> {
+        for l in links {
+            if let Some(e) = self.pages.get_mut(l) {
+                if e.shown() != e.published {
+                    e.told_other = true;
+                    self.changed.insert(l.clone());
+                }
+            }
+        }
+        self.counts_of(links)
+    }
+
+    // ------------------------------------------------------------ publishing
+
+    /// To be called after every change recorded in `changed` or
+    /// `local_changed`. Leading edge: if nothing was published in the last
+    /// `broadcast_interval`, publishes now. Otherwise makes sure one publish
+    /// is scheduled for `last_publish + broadcast_interval`, which takes every
+    /// change made until then. So a burst of changes costs one publish now
+    /// and one an interval later, and every room and the cluster module get
+    /// at most one message per interval (plus a rebuild's full counts).
+    /// Nothing during a rebuild: its completion sends the full state.
+    fn publish_soon(&mut self, now: Instant, out: &mut Outbox<R>) {
+        if self.publish_scheduled || self.rebuild.is_some() {
+            return;
+        }
+        if self.changed.is_empty() && self.local_changed.is_empty() {
+            return;
+        }
+        let interval = self.settings.counter.broadcast_interval;
+        match self.last_publish {
+            Some(last) if now.duration_since(last) < interval => {
+                self.publish_scheduled = true;
+                out.publish_in = Some(last + interval - now);
+            }
+            _ => self.publish(now, out),
+        }
+    }
+
+    /// Publishes every changed count: one message per subscriber room (and,
+    /// in cluster mode, one to the cluster module). Called only through
+    /// [`State::publish_soon`] and the publish it schedules.
+    fn publish(&mut self, now: Instant, out: &mut Outbox<R>) {
+        if self.rebuild.is_some() {
+            return;
+        }
+        let sent_local = self.publish_local(out);
+        if self.changed.is_empty() {
+            if sent_local {
+                self.last_publish = Some(now);
+            }
+            return;
+        }
+        let since = self.oldest_change.take();
+        let mut published = 0;
+        let mut outbox: HashMap<u64, Vec<(PageId, Tally)>> = HashMap::new();
+        for page in self.changed.drain() {
+            let Some(e) = self.pages.get_mut(&page) else {
+                continue;
+            };
+            let shown = e.shown();
+            if shown == e.published && !e.told_other {
+                continue;
+            }
+            e.published = shown;
+            e.told_other = false;
+            published += 1;
+            for room in &e.subscribers {
+                outbox.entry(*room).or_default().push((page.clone(), shown));
+            }
+        }
+        crate::metrics::counts_published(published);
+        // A publish that sent nothing (changes that cancelled out, pages
+        // nobody follows) does not start an interval: it cost no one a message.
+        if sent_local || !outbox.is_empty() {
+            self.last_publish = Some(now);
+        }
+        for (room, changes) in outbox {
+            if let Some(f) = self.followers.get(&room) {
+                let to = f.to.clone();
+                out.sent.push(Effect::Counts { to, changes, since });
+            }
+        }
+    }
+
+    /// Cluster mode: the local counts that changed since the last publish
+    /// (so at most one message per interval); true if there were any.
+    fn publish_local(&mut self, out: &mut Outbox<R>) -> bool {
+        if !self.cluster {
+            self.local_changed.clear();
+            return false;
+        }
+        let mut changes = Vec::new();
+        for page in self.local_changed.drain() {
+            if let Some(e) = self.pages.get_mut(&page) {
+                if e.local != e.reported {
+                    e.reported = e.local;
+                    changes.push((page, e.local));
+                }
+            }
+        }
+        if changes.is_empty() {
+            return false;
+        }
+        let local = cluster::LocalCounts {
+            changes,
+            full: false,
+        };
+        out.sent.push(Effect::Cluster(ToCluster::Local(local)));
+        true
+    }
+
+    /// Cluster mode: sends the held subscribe answers that are complete (or
+    /// waited [`LOAD_DEADLINE`]).
+    fn release_awaiting(&mut self, now: Instant, out: &mut Outbox<R>) {
+        if self.awaiting.is_empty() || self.rebuild.is_some() {
+            return;
+        }
+        let (ready, held): (Vec<AwaitingLoad<R>>, Vec<AwaitingLoad<R>>) =
+            std::mem::take(&mut self.awaiting)
+                .into_iter()
+                .partition(|a| {
+                    a.waiting.is_empty() || now.duration_since(a.since) >= LOAD_DEADLINE
+                });
+        self.awaiting = held;
+        for a in ready {
+            let (to, links, refused, req) = a.answer;
+            let counts = self.answer(&links);
+            out.sent.push(Effect::Answer {
+                to,
+                counts,
+                refused,
+                req,
+            });
+        }
+        // After the answers: a room hears of a newer value only after its answer.
+        self.publish_soon(now, out);
+    }
+
+    // ------------------------------------------------------------ rebuild
+
+    /// After a supervised restart: drops all live state, keeps only dirty
+    /// stats and the write queue (the restart also dropped the timers).
+    pub fn restart(&mut self) {
+        let dirty: Vec<(PageId, PageStats)> = self
+            .pages
+            .drain()
+            .filter(|(_, e)| e.dirty)
+            .map(|(p, e)| (p, e.stats))
+            .collect();
+        for (page, stats) in dirty {
+            self.pages.insert(page, PageEntry::new(stats, true));
+        }
+        self.followers.clear();
+        self.changed.clear();
+        self.local_changed.clear();
+        self.loading.clear();
+        self.rebuild = None;
+        self.publish_scheduled = false;
+    }
+
+    /// Starts a rebuild: every shard re-reports its rooms (and, in cluster
+    /// mode, the cluster re-sends the remote sums).
+    pub fn begin_rebuild(&mut self, generation: u64, now: Instant) -> Outbox<R> {
+        let mut out = Outbox::default();
+        self.epoch += 1;
+        tracing::warn!(
+            epoch = self.epoch,
+            generation,
+            "counter restarted; rebuilding from rooms"
+        );
+        let mut remote_req = None;
+        if self.cluster {
+            // Remote sums were dropped with the live state: ask for them again,
+            // so the rebuilt counts include the other nodes from the start.
+            self.load_seq += 1;
+            remote_req = Some(self.load_seq);
+        }
+        self.rebuild = Some(Rebuild {
+            epoch: self.epoch,
+            started: now,
+            listed: HashMap::new(),
+            reported: HashSet::new(),
+            // Answers held for the cluster are answered after the rebuild.
+            deferred: std::mem::take(&mut self.awaiting)
+                .into_iter()
+                .map(|a| a.answer)
+                .collect(),
+            remote_req,
+        });
+        out.sent.push(Effect::Resync { epoch: self.epoch });
+        if let Some(req) = remote_req {
+            let resend = cluster::ResendRemote { req };
+            out.sent
+                .push(Effect::Cluster(ToCluster::ResendRemote(resend)));
+        }
+        self.check_rebuild(now, &mut out);
+        out
+    }
+
+    /// Finishes the rebuild when every listed room has reported (or the deadline passed).
+    fn check_rebuild(&mut self, now: Instant, out: &mut Outbox<R>) {
+        let Some(r) = &self.rebuild else { return };
+        let all_listed = r.listed.len() >= self.shards;
+        let all_reported = r
+            .listed
+            .values()
+            .flatten()
+            .all(|uid| r.reported.contains(uid));
+        let late = now.duration_since(r.started) >= RESYNC_DEADLINE;
+        let complete = all_listed && all_reported && r.remote_req.is_none();
+        if !complete && !late {
+            return;
+        }
+        let Some(r) = self.rebuild.take() else { return };
+        if !complete {
+            tracing::warn!(
+                "rebuild deadline passed with missing reports; publishing what is known"
+            );
+        }
+        // Every follower gets the full current counts of its links; rooms
+        // forward only the values that differ from what their clients saw.
+        for e in self.pages.values_mut() {
+            if e.subscribers.is_empty() {
+                e.remote = Tally::ZERO;
+            }
+            e.published = e.shown();
+        }
+        self.changed.clear();
+        self.oldest_change = None;
+        // The full counts below are this interval's publish: a change right
+        // after waits for the end of the interval (`publish_soon`).
+        self.last_publish = Some(now);
+        self.resend_cluster_state(out);
+        for f in self.followers.values() {
+            let links: Vec<PageId> = f.links.iter().cloned().collect();
+            let changes = self.counts_of(&links);
+            out.sent.push(Effect::Counts {
+                to: f.to.clone(),
+                changes,
+                since: None,
+            });
+        }
+        for (to, links, refused, req) in r.deferred {
+            let counts = self.counts_of(&links);
+            out.sent.push(Effect::Answer {
+                to,
+                counts,
+                refused,
+                req,
+            });
+        }
+        tracing::info!(
+            epoch = r.epoch,
+            rooms = r.reported.len(),
+            "rebuild complete"
+        );
+    }
+
+    /// Cluster mode, after a rebuild: the whole local state and followed set.
+    fn resend_cluster_state(&mut self, out: &mut Outbox<R>) {
+        self.local_changed.clear();
+        if !self.cluster {
+            return;
+        }
+        let mut changes = Vec::new();
+        let mut followed = Vec::new();
+        for (page, e) in self.pages.iter_mut() {
+            e.reported = e.local;
+            if !e.local.is_zero() {
+                changes.push((page.clone(), e.local));
+            }
+            if !e.subscribers.is_empty() {
+                followed.push(page.clone());
+            }
+        }
+        let local = cluster::LocalCounts {
+            changes,
+            full: true,
+        };
+        out.sent.push(Effect::Cluster(ToCluster::Local(local)));
+        let set = cluster::SetFollowed { pages: followed };
+        out.sent.push(Effect::Cluster(ToCluster::SetFollowed(set)));
+    }
+
+    // ------------------------------------------------------------ memory and stats
+
+    /// Moves every dirty entry's stats to the write queue.
+    pub fn take_dirty(&mut self) {
+        for (p, e) in self.pages.iter_mut().filter(|(_, e)| e.dirty) {
+            e.dirty = false;
+            self.unsaved.push_back((p.clone(), e.stats.clone()));
+        }
+    }
+
+    /// True if `page` has a connection here or a follower room (its stored
+    /// records are kept).
+    pub fn is_live(&self, page: &str) -> bool {
+        self.pages.get(page).is_some_and(PageEntry::is_live)
+    }
+
+    /// Drops the idle pages (see [`PageEntry::is_idle`]) with saved stats,
+    /// inactive since before `cutoff_ms`. Returns how many.
+    pub fn forget_idle_pages(&mut self, cutoff_ms: u64) -> usize {
+        if self.rebuild.is_some() {
+            return 0;
+        }
+        let before = self.pages.len();
+        self.pages
+            .retain(|_, e| !(e.is_idle() && !e.dirty && e.last_active() < cutoff_ms));
+        before - self.pages.len()
+    }
+
+    /// Forgets the stats of `pages` deleted on disk when their pages are idle
+    /// (a page visited again starts afresh instead of writing them back).
+    pub fn forget_trimmed(&mut self, pages: &[String]) {
+        for page in pages {
+            if self
+                .pages
+                .get(page.as_str())
+                .is_some_and(|e| e.is_idle() && !e.dirty)
+            {
+                self.pages.remove(page.as_str());
+            }
+        }
+    }
+
+    /// The sweep's memory part: drops every page nothing live depends on and
+    /// whose stats are saved. Returns how many.
+    pub fn sweep_pages(&mut self) -> usize {
+        // Pages with unsaved stats are kept; stats in the write queue are
+        // written whether their page stays in memory or not.
+        let before = self.pages.len();
+        self.pages
+            .retain(|_, e| e.is_live() || e.dirty || e.reported != e.local);
+        before - self.pages.len()
+    }
+
+    /// At `limits.max_pages`: makes room for `wanted` new pages by dropping
+    /// the least recently active idle ones (at least a sixteenth of the cap
+    /// at a time, so the scan is amortized), queueing their unsaved stats.
+    fn make_room_for_pages(&mut self, wanted: usize) {
+        let max = self.settings.limits.max_pages;
+        if self.pages.len() + wanted <= max || self.rebuild.is_some() {
+            return;
+        }
+        let goal = (self.pages.len() + wanted - max).max(max / 16);
+        let mut idle: Vec<(u64, &PageId)> = self
+            .pages
+            .iter()
+            .filter(|(_, e)| e.is_idle())
+            .map(|(p, e)| (e.last_active(), p))
+            .collect();
+        if idle.len() > goal {
+            idle.select_nth_unstable(goal - 1);
+            idle.truncate(goal);
+        }
+        let doomed: Vec<PageId> = idle.into_iter().map(|(_, p)| p.clone()).collect();
+        for p in &doomed {
+            if let Some(e) = self.pages.remove(p).filter(|e| e.dirty) {
+                self.unsaved.push_back((p.clone(), e.stats));
+            }
+        }
+        crate::metrics::evicted("pages", doomed.len());
+        tracing::debug!(
+            dropped = doomed.len(),
+            "page cap reached; idle pages dropped"
+        );
+    }
+
+    /// Test hook: scrambles the live state the way a bug would.
+    #[cfg(feature = "test-hooks")]
+    pub fn scramble(&mut self) {
+        for e in self.pages.values_mut() {
+            e.local.connections = e.local.connections.wrapping_add(7);
+            e.subscribers.clear();
+        }
+        self.followers.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The state machine driven directly by random inputs against a model of
+    //! the rooms and the cluster module: every value a room is sent is what
+    //! this node knows and never above the truth (the local tally plus the
+    //! other nodes'); once the pending publish (and, in cluster mode, the
+    //! loads) went out, each room holds the truth of every page it follows;
+    //! a room is never sent a page it does not follow.
+
+    use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// Rooms (room `r` is the room of page `r`, so it reports that page's tally).
+    const ROOMS: usize = 3;
+    /// Pages followed (the first `ROOMS` have a room).
+    const PAGES: usize = 4;
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        /// Room reports (connections, visitors) for its page, opened one or not.
+        Count(usize, u64, u64, bool),
+        /// A room asks for these pages (those it does not follow yet).
+        Subscribe(usize, BTreeSet<usize>),
+        /// A room drops these pages (those it follows).
+        Unsubscribe(usize, BTreeSet<usize>),
+        /// The other nodes' tally of a page changes.
+        Remote(usize, u64, u64),
+        /// The cluster answers its oldest pending load.
+        Load,
+        /// Time passes (ms): timers fire.
+        Advance(u64),
+        /// The counter restarts and rebuilds from the rooms.
+        Restart,
+        /// Everything pending goes out; every room must then hold the truth.
+        Settle,
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        let tally = (0..4u64).prop_flat_map(|c| (Just(c), 0..=c));
+        let pages = prop::collection::btree_set(0..PAGES, 1..=2);
+        prop_oneof![
+            4 => (0..ROOMS, tally.clone(), any::<bool>()).prop_map(|(r, (c, v), o)| Op::Count(r, c, v, o)),
+            3 => (0..ROOMS, pages.clone()).prop_map(|(r, p)| Op::Subscribe(r, p)),
+            2 => (0..ROOMS, pages).prop_map(|(r, p)| Op::Unsubscribe(r, p)),
+            2 => (0..PAGES, tally).prop_map(|(p, (c, v))| Op::Remote(p, c, v)),
+            2 => Just(Op::Load),
+            3 => (0..150u64).prop_map(Op::Advance),
+            1 => (900..1500u64).prop_map(Op::Advance),
+            1 => Just(Op::Restart),
+            2 => Just(Op::Settle),
+        ]
+    }
+
+    fn page(i: usize) -> PageId {
+        PageId::from(format!("p{i}"))
+    }
+
+    fn le(a: Tally, b: Tally) -> bool {
+        a.connections <= b.connections && a.visitors <= b.visitors
+    }
+
+    /// Room `r`'s handle is `r`; an input waiting to be fed to the state.
+    enum Input {
+        Unsubscribe(u64, Vec<PageId>),
+        Remote(Vec<(PageId, Tally)>),
+        Loaded(u64),
+        ShardRooms(u64),
+        RoomState(u64, u64),
+    }
+
+    struct Model {
+        state: State<u64>,
+        now: Instant,
+        /// The scheduled publish is due at.
+        due: Option<Instant>,
+        cluster: bool,
+        /// Each room's own tally (of its page).
+        local: BTreeMap<PageId, Tally>,
+        /// The other nodes' tallies (the truth, beside `local`).
+        others: BTreeMap<PageId, Tally>,
+        /// What the cluster module sent the counter, per page it follows.
+        sent_remote: BTreeMap<PageId, Tally>,
+        /// Pages the cluster module follows.
+        cluster_followed: BTreeSet<PageId>,
+        /// `Follow` requests not answered yet.
+        loads: VecDeque<(u64, Vec<PageId>)>,
+        /// Each room's links, with the request that asked for each.
+        follows: Vec<BTreeMap<PageId, u64>>,
+        /// Last request id per room.
+        req: Vec<u64>,
+        /// The last value each room was sent per page.
+        delivered: BTreeMap<(u64, PageId), Tally>,
+    }
+
+    impl Model {
+        fn new(max_pages: usize, cluster: bool) -> Model {
+            let mut settings = Settings::load_from(None, Vec::new()).expect("defaults load");
+            settings.limits.max_pages = max_pages;
+            settings.counter.broadcast_interval = Duration::from_millis(100);
+            let mut state = State::new(Arc::new(settings), Box::new(|_| PageStats::default()));
+            state.set_shards(1);
+            if cluster {
+                state.set_cluster();
+            }
+            Model {
+                state,
+                now: Instant::now(),
+                due: None,
+                cluster,
+                local: BTreeMap::new(),
+                others: BTreeMap::new(),
+                sent_remote: BTreeMap::new(),
+                cluster_followed: BTreeSet::new(),
+                loads: VecDeque::new(),
+                follows: vec![BTreeMap::new(); ROOMS],
+                req: vec![0; ROOMS],
+                delivered: BTreeMap::new(),
+            }
+        }
+
+        fn tally(map: &BTreeMap<PageId, Tally>, p: &PageId) -> Tally {
+            map.get(p).copied().unwrap_or(Tally::ZERO)
+        }
+
+        /// What this node knows of `p`.
+        fn known(&self, p: &PageId) -> Tally {
+            Self::tally(&self.local, p).plus(Self::tally(&self.sent_remote, p))
+        }
+
+        /// The true tally of `p`.
+        fn truth(&self, p: &PageId) -> Tally {
+            let others = if self.cluster {
+                Self::tally(&self.others, p)
+            } else {
+                Tally::ZERO
+            };
+            Self::tally(&self.local, p).plus(others)
+        }
+
+        fn deliver(&mut self, room: u64, p: PageId, t: Tally) {
+            assert!(
+                self.follows[room as usize].contains_key(&p),
+                "room {room} was sent {p}, which it does not follow"
+            );
+            assert_eq!(t, self.known(&p), "room {room} was sent {p} = {t:?}");
+            assert!(le(t, self.truth(&p)), "{p}: {t:?} above the truth");
+            self.delivered.insert((room, p), t);
+        }
+
+        /// Applies what the state sent, and what the rooms and the cluster
+        /// answer, until nothing is left.
+        fn run(&mut self, out: Outbox<u64>) {
+            let mut inputs = VecDeque::new();
+            self.take(out, &mut inputs);
+            while let Some(input) = inputs.pop_front() {
+                let now = self.now;
+                let out = match input {
+                    Input::Unsubscribe(r, links) => self.state.unsubscribe(r, &links),
+                    Input::Remote(changes) => {
+                        for (p, t) in &changes {
+                            self.sent_remote.insert(p.clone(), *t);
+                        }
+                        self.state.remote_counts(changes, now)
+                    }
+                    Input::Loaded(req) => self.state.loaded(req, now),
+                    Input::ShardRooms(epoch) => {
+                        let rooms = (0..ROOMS as u64).collect();
+                        self.state.shard_rooms(epoch, 0, rooms, now)
+                    }
+                    Input::RoomState(epoch, r) => {
+                        let p = page(r as usize);
+                        let report = RoomReport {
+                            epoch,
+                            room: r,
+                            to: r,
+                            tally: Self::tally(&self.local, &p),
+                            page: p,
+                            links: self.follows[r as usize].keys().cloned().collect(),
+                        };
+                        self.state.room_state(report, now)
+                    }
+                };
+                self.take(out, &mut inputs);
+            }
+        }
+
+        fn take(&mut self, out: Outbox<u64>, inputs: &mut VecDeque<Input>) {
+            if let Some(d) = out.publish_in {
+                self.due = Some(self.now + d);
+            }
+            for effect in out.sent {
+                match effect {
+                    Effect::Counts { to, changes, .. } => {
+                        for (p, t) in changes {
+                            self.deliver(to, p, t);
+                        }
+                    }
+                    Effect::Answer {
+                        to,
+                        counts,
+                        refused,
+                        req,
+                    } => {
+                        let links = &mut self.follows[to as usize];
+                        let stale = |l: &PageId| links.get(l) != Some(&req);
+                        let refused: Vec<PageId> =
+                            refused.into_iter().filter(|l| !stale(l)).collect();
+                        for l in &refused {
+                            links.remove(l);
+                        }
+                        if !refused.is_empty() {
+                            inputs.push_back(Input::Unsubscribe(to, refused));
+                        }
+                        for (p, t) in counts {
+                            if self.follows[to as usize].contains_key(&p) {
+                                self.deliver(to, p, t);
+                            }
+                        }
+                    }
+                    Effect::Resync { epoch } => {
+                        for r in 0..ROOMS as u64 {
+                            inputs.push_back(Input::RoomState(epoch, r));
+                        }
+                        inputs.push_back(Input::ShardRooms(epoch));
+                    }
+                    Effect::Cluster(m) => self.cluster_gets(m, inputs),
+                }
+            }
+        }
+
+        fn cluster_gets(&mut self, m: ToCluster, inputs: &mut VecDeque<Input>) {
+            assert!(
+                self.cluster,
+                "the cluster module is written to only in cluster mode"
+            );
+            match m {
+                ToCluster::Local(_) => {}
+                ToCluster::Follow(f) => {
+                    self.cluster_followed.extend(f.pages.iter().cloned());
+                    self.loads.push_back((f.req, f.pages));
+                }
+                ToCluster::Unfollow(u) => {
+                    for p in u.pages {
+                        self.cluster_followed.remove(&p);
+                        self.sent_remote.remove(&p);
+                    }
+                }
+                ToCluster::SetFollowed(s) => {
+                    self.cluster_followed = s.pages.into_iter().collect();
+                    let followed = &self.cluster_followed;
+                    self.sent_remote.retain(|p, _| followed.contains(p));
+                }
+                ToCluster::ResendRemote(r) => {
+                    let sums = self.cluster_sums(self.cluster_followed.iter().cloned().collect());
+                    inputs.push_back(Input::Remote(sums));
+                    inputs.push_back(Input::Loaded(r.req));
+                }
+            }
+        }
+
+        fn cluster_sums(&self, pages: Vec<PageId>) -> Vec<(PageId, Tally)> {
+            pages
+                .into_iter()
+                .map(|p| {
+                    let t = Self::tally(&self.others, &p);
+                    (p, t)
+                })
+                .collect()
+        }
+
+        fn load(&mut self) {
+            let Some((req, pages)) = self.loads.pop_front() else {
+                return;
+            };
+            let pages: Vec<PageId> = pages
+                .into_iter()
+                .filter(|p| self.cluster_followed.contains(p))
+                .collect();
+            let sums = self.cluster_sums(pages);
+            for (p, t) in &sums {
+                self.sent_remote.insert(p.clone(), *t);
+            }
+            let now = self.now;
+            let out = self.state.remote_counts(sums, now);
+            self.run(out);
+            let out = self.state.loaded(req, now);
+            self.run(out);
+        }
+
+        fn advance(&mut self, ms: u64) {
+            self.now += Duration::from_millis(ms);
+            if self.due.is_some_and(|d| d <= self.now) {
+                self.due = None;
+                let out = self.state.scheduled_publish(self.now);
+                self.run(out);
+            }
+            let out = self.state.tick(self.now);
+            self.run(out);
+        }
+
+        fn settle(&mut self) {
+            while !self.loads.is_empty() {
+                self.load();
+            }
+            while let Some(due) = self.due {
+                self.advance(due.saturating_duration_since(self.now).as_millis() as u64 + 1);
+            }
+            for (r, links) in self.follows.iter().enumerate() {
+                for p in links.keys() {
+                    let got = self.delivered.get(&(r as u64, p.clone())).copied();
+                    assert_eq!(
+                        got,
+                        Some(self.truth(p)),
+                        "room {r}, page {p} after a publish"
+                    );
+                }
+            }
+        }
+
+        fn apply(&mut self, op: Op) {
+            let now = self.now;
+            match op {
+                Op::Count(r, connections, visitors, opened) => {
+                    let (p, tally) = (
+                        page(r),
+                        Tally {
+                            connections,
+                            visitors,
+                        },
+                    );
+                    self.local.insert(p.clone(), tally);
+                    let now = Now { at: now, ms: 0 };
+                    let out = self.state.room_count(&p, tally, u64::from(opened), now);
+                    self.run(out);
+                }
+                Op::Subscribe(r, pages) => {
+                    let links: Vec<PageId> = pages
+                        .into_iter()
+                        .map(page)
+                        .filter(|p| !self.follows[r].contains_key(p))
+                        .collect();
+                    if links.is_empty() {
+                        return;
+                    }
+                    self.req[r] += 1;
+                    let req = self.req[r];
+                    for l in &links {
+                        self.follows[r].insert(l.clone(), req);
+                    }
+                    let out = self.state.subscribe(r as u64, r as u64, links, req, now);
+                    self.run(out);
+                }
+                Op::Unsubscribe(r, pages) => {
+                    let links: Vec<PageId> = pages
+                        .into_iter()
+                        .map(page)
+                        .filter(|p| self.follows[r].remove(p).is_some())
+                        .collect();
+                    if !links.is_empty() {
+                        let out = self.state.unsubscribe(r as u64, &links);
+                        self.run(out);
+                    }
+                }
+                Op::Remote(p, connections, visitors) => {
+                    let (p, tally) = (
+                        page(p),
+                        Tally {
+                            connections,
+                            visitors,
+                        },
+                    );
+                    self.others.insert(p.clone(), tally);
+                    if self.cluster && self.cluster_followed.contains(&p) {
+                        self.sent_remote.insert(p.clone(), tally);
+                        let out = self.state.remote_counts(vec![(p, tally)], now);
+                        self.run(out);
+                    }
+                }
+                Op::Load => self.load(),
+                Op::Advance(ms) => self.advance(ms),
+                Op::Restart => {
+                    self.state.restart();
+                    self.due = None;
+                    self.sent_remote.clear();
+                    let out = self.state.begin_rebuild(2, now);
+                    self.run(out);
+                }
+                Op::Settle => self.settle(),
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        /// See the module doc.
+        #[test]
+        fn followers_get_the_truth_and_nothing_else(
+            max_pages in 2..8usize,
+            cluster in any::<bool>(),
+            ops in prop::collection::vec(op(), 1..80),
+        ) {
+            let mut m = Model::new(max_pages, cluster);
+            for op in ops {
+                m.apply(op);
+            }
+            m.apply(Op::Settle);
+        }
+    }
+}

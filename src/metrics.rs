@@ -485,9 +485,28 @@ pub fn sweep(pages: usize, room_records: usize, stats_records: usize) {
     counter!(SWEEP_REMOVED, "what" => "stats_records").increment(stats_records as u64);
 }
 
+/// Why an idle room was stopped (the `why` label of [`ROOMS_EVICTED`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RoomEviction {
+    /// A new page needed a room at `limits.max_rooms`.
+    Cap,
+    /// Idle for `room.idle_timeout`, or past `limits.max_idle_rooms`.
+    Idle,
+}
+
+impl RoomEviction {
+    /// The label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            RoomEviction::Cap => "cap",
+            RoomEviction::Idle => "idle",
+        }
+    }
+}
+
 /// An idle room was stopped.
-pub fn room_evicted(why: &'static str) {
-    counter!(ROOMS_EVICTED, "why" => why).increment(1);
+pub fn room_evicted(why: RoomEviction) {
+    counter!(ROOMS_EVICTED, "why" => why.label()).increment(1);
 }
 
 /// The counter restarted under its supervisor.
@@ -521,10 +540,26 @@ pub fn set_storage(bytes: u64, stats_records: usize, room_records: usize) {
     gauge!(STORED_RECORDS, "store" => "rooms").set(room_records as f64);
 }
 
+/// What was evicted (the `what` label of [`EVICTED`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Evicted {
+    /// Idle pages the counter forgot.
+    Pages,
+    /// Stats records deleted past `storage.max_records` or their retention.
+    StatsRecords,
+    /// Room records deleted likewise.
+    RoomRecords,
+}
+
 /// Idle pages forgotten, or records deleted past `storage.max_records`.
-pub fn evicted(what: &'static str, n: usize) {
+pub fn evicted(what: Evicted, n: usize) {
+    let label = match what {
+        Evicted::Pages => "pages",
+        Evicted::StatsRecords => "stats_records",
+        Evicted::RoomRecords => "room_records",
+    };
     if n > 0 {
-        counter!(EVICTED, "what" => what).increment(n as u64);
+        counter!(EVICTED, "what" => label).increment(n as u64);
     }
 }
 

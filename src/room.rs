@@ -24,7 +24,8 @@ use actix::prelude::*;
 use crate::{
     config::Settings,
     counter::{
-        Counter, Counts, RoomCount, RoomHandle, RoomState, Subscribe, Subscribed, Unsubscribe,
+        Counter, Counts, RoomCount, RoomHandle, RoomId, RoomState, Subscribe, Subscribed,
+        Unsubscribe,
     },
     delivery::{ConnId, End, Mailbox, Update},
     protocol::{code, PageId, ProtocolError, Tally},
@@ -72,7 +73,7 @@ pub struct Leave {
 #[rtype(result = "()")]
 pub struct RoomIdle {
     pub page: PageId,
-    pub uid: u64,
+    pub room: RoomId,
     pub processed: u64,
 }
 
@@ -177,7 +178,7 @@ pub struct PageRoom {
     /// The page this room counts.
     page: PageId,
     /// Unique id of this room instance (a recreated room gets a new one).
-    uid: u64,
+    id: RoomId,
     /// The shard that routes messages here and decides eviction.
     shard: Recipient<RoomIdle>,
     /// Where counts and subscriptions are reported.
@@ -218,7 +219,7 @@ pub struct PageRoom {
 impl PageRoom {
     pub fn new(
         page: PageId,
-        uid: u64,
+        id: RoomId,
         shard: Recipient<RoomIdle>,
         counter: Addr<Counter>,
         storage: Storage,
@@ -226,7 +227,7 @@ impl PageRoom {
     ) -> PageRoom {
         PageRoom {
             page,
-            uid,
+            id,
             shard,
             counter,
             handle: None,
@@ -252,7 +253,7 @@ impl PageRoom {
         if self.conns.is_empty() {
             self.shard.do_send(RoomIdle {
                 page: self.page.clone(),
-                uid: self.uid,
+                room: self.id,
                 processed: self.processed,
             });
         }
@@ -511,7 +512,7 @@ impl Handler<Leave> for PageRoom {
         self.drop_links(&conn.links, &mut gone);
         if !gone.is_empty() {
             self.counter.do_send(Unsubscribe {
-                room: self.uid,
+                room: self.id,
                 links: gone,
             });
         }
@@ -551,7 +552,7 @@ impl Handler<SetLinks> for PageRoom {
         self.drop_links(&removed, &mut gone);
         if !gone.is_empty() {
             self.counter.do_send(Unsubscribe {
-                room: self.uid,
+                room: self.id,
                 links: gone,
             });
         }
@@ -559,7 +560,7 @@ impl Handler<SetLinks> for PageRoom {
             self.last_req = req;
             let to = self.handle(ctx);
             self.counter.do_send(Subscribe {
-                room: self.uid,
+                room: self.id,
                 to,
                 links: added,
                 req,
@@ -601,7 +602,7 @@ impl Handler<Subscribed> for PageRoom {
             // rebuild's `RoomState` (sent while this answer was held) lists
             // every link the room had. Unfollowing is a no-op otherwise.
             self.counter.do_send(Unsubscribe {
-                room: self.uid,
+                room: self.id,
                 links: refused,
             });
         }
@@ -617,7 +618,7 @@ impl Handler<ReportState> for PageRoom {
         let to = self.handle(ctx);
         self.counter.do_send(RoomState {
             epoch: msg.epoch,
-            room: self.uid,
+            room: self.id,
             to,
             page: self.page.clone(),
             tally: self.tally(),

@@ -21,7 +21,7 @@ use tokio::{net::TcpStream, sync::watch};
 
 use crate::{
     admin::{AdminServer, Ops},
-    cluster::{Cluster, ClusterHealth, Leave},
+    cluster::{Cluster, ClusterHealth, Withdraw},
     config::Settings,
     counter::{Counter, FinalSnapshot, SetCluster},
     http::{self, AppState},
@@ -182,7 +182,7 @@ impl Server {
         if let Some((cluster, _)) = &self.cluster {
             // Before clients are closed, so other nodes drop this node's
             // viewers at once instead of after `node_ttl`.
-            match tokio::time::timeout(Duration::from_secs(3), cluster.send(Leave)).await {
+            match tokio::time::timeout(Duration::from_secs(3), cluster.send(Withdraw)).await {
                 Ok(Ok(true)) => tracing::info!("left the cluster"),
                 _ => tracing::warn!(
                     "could not leave the cluster cleanly; other nodes drop this node within cluster.node_ttl"

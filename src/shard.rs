@@ -28,8 +28,9 @@ use actix::prelude::*;
 
 use crate::{
     config::Settings,
-    counter::{Counter, Resync, SetShards, ShardRooms},
+    counter::{Counter, Resync, RoomId, SetShards, ShardRooms},
     delivery::End,
+    metrics::RoomEviction,
     protocol::{close, code, PageId, ProtocolError},
     room::{
         CloseAll, Join, Leave, PageRoom, ReportState, RoomIdle, SaveRecord, SetLinks, StopRoom,
@@ -37,8 +38,8 @@ use crate::{
     storage::Storage,
 };
 
-/// Source of room uids, unique in the process.
-static NEXT_ROOM_UID: AtomicU64 = AtomicU64::new(1);
+/// Source of room ids, unique in the process.
+static NEXT_ROOM_ID: AtomicU64 = AtomicU64::new(1);
 
 // ---------------------------------------------------------------- messages
 
@@ -50,7 +51,7 @@ static NEXT_ROOM_UID: AtomicU64 = AtomicU64::new(1);
 #[rtype(result = "()")]
 struct Evict {
     page: PageId,
-    uid: u64,
+    room: RoomId,
     seq: u64,
     reclaim: bool,
 }
@@ -84,8 +85,8 @@ pub struct RoomOf(pub PageId);
 struct Slot {
     /// The room actor.
     addr: Addr<PageRoom>,
-    /// Its uid (to ignore idle reports of a replaced room).
-    uid: u64,
+    /// Its id (to ignore idle reports of a replaced room).
+    room: RoomId,
     /// Routed messages forwarded to it.
     forwarded: u64,
     /// Its key in the idle index while it is listed there.
@@ -97,7 +98,7 @@ struct IdleRoom {
     /// Index of the shard that owns it.
     shard: usize,
     page: PageId,
-    uid: u64,
+    room: RoomId,
     /// When it was listed.
     since: Instant,
 }
@@ -157,11 +158,11 @@ impl Shard {
 
     /// Stops the room of `page` if it is the idle room listed under `seq`
     /// (already taken off the index by the caller).
-    fn evict(&mut self, page: &PageId, uid: u64, seq: u64, why: &'static str) -> bool {
+    fn evict(&mut self, page: &PageId, room: RoomId, seq: u64, why: RoomEviction) -> bool {
         let listed = self
             .rooms
             .get(page)
-            .is_some_and(|s| s.uid == uid && s.idle == Some(seq));
+            .is_some_and(|s| s.room == room && s.idle == Some(seq));
         if !listed {
             return false;
         }
@@ -170,7 +171,7 @@ impl Shard {
         };
         self.rooms_alive.fetch_sub(1, Ordering::SeqCst);
         crate::metrics::room_evicted(why);
-        tracing::debug!(page = %page, why, "idle room stopped");
+        tracing::debug!(page = %page, why = why.label(), "idle room stopped");
         slot.addr.do_send(StopRoom);
         true
     }
@@ -184,7 +185,7 @@ impl Shard {
                 return false;
             };
             if idle.shard == self.index {
-                if self.evict(&idle.page, idle.uid, seq, "cap") {
+                if self.evict(&idle.page, idle.room, seq, RoomEviction::Cap) {
                     return true;
                 }
                 continue;
@@ -209,7 +210,7 @@ impl Shard {
         };
         h.addr.do_send(Evict {
             page: idle.page,
-            uid: idle.uid,
+            room: idle.room,
             seq,
             reclaim,
         });
@@ -234,7 +235,7 @@ impl Shard {
             };
             let Some((seq, idle)) = expired else { return };
             if idle.shard == self.index {
-                self.evict(&idle.page, idle.uid, seq, "idle");
+                self.evict(&idle.page, idle.room, seq, RoomEviction::Idle);
             } else {
                 self.send_evict(idle, seq, false);
             }
@@ -277,10 +278,10 @@ impl Handler<Join> for Shard {
                 });
                 return;
             }
-            let uid = NEXT_ROOM_UID.fetch_add(1, Ordering::Relaxed);
+            let id = NEXT_ROOM_ID.fetch_add(1, Ordering::Relaxed);
             let room = PageRoom::new(
                 msg.page.clone(),
-                uid,
+                id,
                 ctx.address().recipient(),
                 self.counter.clone(),
                 self.storage.clone(),
@@ -291,7 +292,7 @@ impl Handler<Join> for Shard {
                 msg.page.clone(),
                 Slot {
                     addr,
-                    uid,
+                    room: id,
                     forwarded: 0,
                     idle: None,
                 },
@@ -325,7 +326,7 @@ impl Handler<RoomIdle> for Shard {
         let Some(slot) = self.rooms.get_mut(&msg.page) else {
             return;
         };
-        if slot.uid != msg.uid || slot.forwarded != msg.processed || slot.idle.is_some() {
+        if slot.room != msg.room || slot.forwarded != msg.processed || slot.idle.is_some() {
             return;
         }
         let mut idle = self
@@ -341,7 +342,7 @@ impl Handler<RoomIdle> for Shard {
             IdleRoom {
                 shard: index,
                 page: msg.page,
-                uid: msg.uid,
+                room: msg.room,
                 since: Instant::now(),
             },
         );
@@ -352,8 +353,12 @@ impl Handler<RoomIdle> for Shard {
 impl Handler<Evict> for Shard {
     type Result = ();
     fn handle(&mut self, msg: Evict, _: &mut Context<Self>) {
-        let why = if msg.reclaim { "cap" } else { "idle" };
-        if !self.evict(&msg.page, msg.uid, msg.seq, why) && msg.reclaim {
+        let why = if msg.reclaim {
+            RoomEviction::Cap
+        } else {
+            RoomEviction::Idle
+        };
+        if !self.evict(&msg.page, msg.room, msg.seq, why) && msg.reclaim {
             // The room was busy again: keep the promise with another one.
             self.make_room();
         }
@@ -366,7 +371,7 @@ impl Handler<Resync> for Shard {
         let mut rooms = Vec::with_capacity(self.rooms.len());
         for slot in self.rooms.values() {
             slot.addr.do_send(ReportState { epoch: msg.epoch });
-            rooms.push(slot.uid);
+            rooms.push(slot.room);
         }
         self.counter.do_send(ShardRooms {
             epoch: msg.epoch,

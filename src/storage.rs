@@ -567,6 +567,20 @@ mod tests {
 
     /// A stats record written before visitors were counted (no
     /// `peak_visitors`) reads with a peak of 0 visitors and its other fields.
+    /// Opens `path` once the previous handle's background flusher has let go
+    /// of the directory's lock (sled releases it from that thread).
+    fn reopen(path: &Path) -> Storage {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match Storage::open(path, 1 << 20) {
+                Err(StorageError::Locked { .. }) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                r => return r.expect("reopen"),
+            }
+        }
+    }
+
     /// The cluster identity survives a reopen of the same directory, and a
     /// copy of the directory elsewhere does not inherit it.
     #[test]
@@ -576,7 +590,7 @@ mod tests {
         assert_eq!(s.cluster_identity().expect("read"), None);
         s.save_cluster_identity("18a-2f", 3).expect("save");
         drop(s);
-        let s = Storage::open(dir.path(), 1 << 20).expect("reopen");
+        let s = reopen(dir.path());
         assert_eq!(
             s.cluster_identity().expect("read"),
             Some(("18a-2f".to_owned(), 3))
@@ -655,7 +669,7 @@ mod tests {
             s.db.drop_tree("stats_by_age").expect("drop index");
             s.flush().expect("flush");
         }
-        let s = Storage::open(dir.path(), 1 << 20).expect("reopen");
+        let s = reopen(dir.path());
         assert_eq!(s.stats_records(), 3);
         let (gone, _) = s.trim(1, |_| false).expect("trim");
         assert_eq!(gone, ["p5", "p6"]);

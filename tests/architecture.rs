@@ -1356,3 +1356,36 @@ fn connection_path_functions_are_short() {
         long.join("\n")
     );
 }
+
+/// Metric label values are spelled only in `metrics`: elsewhere a metrics
+/// helper is called with a typed label (`RoomEviction`, `Evicted`,
+/// `RedisOp`, `CloseKind`, `Refused`), never a string.
+#[test]
+fn metric_label_values_are_spelled_only_in_metrics() {
+    only_in("metric-label-value", &["metrics"], |s| {
+        let raw: String = s.raw.iter().collect();
+        let mut lines = Vec::new();
+        for (i, line) in raw.lines().enumerate() {
+            let t = line.trim_start();
+            if t.starts_with("//") {
+                continue;
+            }
+            // A helper called with a string: `metrics::x("…"` or `m::x("…"`.
+            let called_with_text = ["metrics::", "m::"].iter().any(|p| {
+                line.match_indices(p).any(|(at, _)| {
+                    let rest = &line[at + p.len()..];
+                    let name_len = rest
+                        .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                        .unwrap_or(rest.len());
+                    name_len > 0 && rest[name_len..].trim_start().starts_with("(\"")
+                })
+            });
+            // Inside `metrics`: the label enums' match arms spell the values.
+            let label_arm = t.contains("=> \"") && t.ends_with("\",");
+            if called_with_text || (s.is_in("metrics") && label_arm) {
+                lines.push(i + 1);
+            }
+        }
+        lines
+    });
+}

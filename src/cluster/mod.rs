@@ -146,7 +146,7 @@ struct ToCounter {
 /// (fields, liveness, zeros published), then stop touching Redis.
 #[derive(Message, Debug)]
 #[rtype(result = "bool")]
-pub struct Leave;
+pub struct Withdraw;
 
 /// Liveness thread -> cluster: one heartbeat's outcome.
 #[derive(Message, Debug)]
@@ -205,13 +205,15 @@ enum WriteJob {
     /// Changed tallies.
     Batch { ops: Vec<Op> },
     /// Graceful leave: zeros, then the id's page sets and registration.
-    Leave { ops: Vec<Op> },
+    Withdraw { ops: Vec<Op> },
 }
 
 impl WriteJob {
     fn ops(&self) -> &[Op] {
         match self {
-            WriteJob::Join { ops, .. } | WriteJob::Batch { ops } | WriteJob::Leave { ops } => ops,
+            WriteJob::Join { ops, .. } | WriteJob::Batch { ops } | WriteJob::Withdraw { ops } => {
+                ops
+            }
         }
     }
 }
@@ -260,7 +262,7 @@ async fn run_write(
             conn.run(groups).await?;
             done.published = published;
         }
-        WriteJob::Leave { ops } => {
+        WriteJob::Withdraw { ops } => {
             let (groups, published) = store::write_groups(&keys, &node, seq, &ops);
             conn.run(groups).await?;
             store::reap(&conn, &keys, &node.to_string(), true).await?;
@@ -630,7 +632,7 @@ impl Cluster {
                 .collect();
             self.local.clear();
             self.dirty.clear();
-            WriteJob::Leave { ops }
+            WriteJob::Withdraw { ops }
         } else if !self.joined {
             let old = self.registered.then(|| self.id.clone());
             self.id.incarnation += 1;
@@ -1182,9 +1184,9 @@ impl Handler<Fetch> for Cluster {
     }
 }
 
-impl Handler<Leave> for Cluster {
+impl Handler<Withdraw> for Cluster {
     type Result = ResponseFuture<bool>;
-    fn handle(&mut self, _: Leave, ctx: &mut Context<Self>) -> Self::Result {
+    fn handle(&mut self, _: Withdraw, ctx: &mut Context<Self>) -> Self::Result {
         if self.link.is_none() || !self.registered || self.left {
             return Box::pin(async { false });
         }

@@ -28,6 +28,8 @@ use crate::{
 
 mod state;
 
+pub use state::RoomId;
+
 use state::{Effect, LoadStats, Now, Outbox, PageEntry, RoomReport, State, ToCluster};
 
 // ---------------------------------------------------------------- messages
@@ -46,7 +48,7 @@ pub struct RoomCount {
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Subscribe {
-    pub room: u64,
+    pub room: RoomId,
     /// Where the answer and later counts go.
     pub to: Arc<RoomHandle>,
     pub links: Vec<PageId>,
@@ -60,7 +62,7 @@ pub struct Subscribe {
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Unsubscribe {
-    pub room: u64,
+    pub room: RoomId,
     pub links: Vec<PageId>,
 }
 
@@ -69,7 +71,7 @@ pub struct Unsubscribe {
 #[rtype(result = "()")]
 pub struct RoomState {
     pub epoch: u64,
-    pub room: u64,
+    pub room: RoomId,
     /// Where counts go.
     pub to: Arc<RoomHandle>,
     pub page: PageId,
@@ -408,7 +410,7 @@ impl Counter {
         let forgotten = self
             .state
             .forget_idle_pages(now_ms().saturating_sub(timeout));
-        crate::metrics::evicted("pages", forgotten);
+        crate::metrics::evicted(crate::metrics::Evicted::Pages, forgotten);
         self.trim_storage();
         let storage = self.storage.clone();
         if wait {
@@ -431,8 +433,8 @@ impl Counter {
         let state = &self.state;
         match self.storage.trim(max, |page| state.is_live(page)) {
             Ok((stats, rooms)) => {
-                crate::metrics::evicted("stats_records", stats.len());
-                crate::metrics::evicted("room_records", rooms);
+                crate::metrics::evicted(crate::metrics::Evicted::StatsRecords, stats.len());
+                crate::metrics::evicted(crate::metrics::Evicted::RoomRecords, rooms);
                 if stats.len() + rooms > 0 {
                     tracing::debug!(
                         stats = stats.len(),

@@ -18,6 +18,9 @@ use crate::{
     storage::PageStats,
 };
 
+/// A room instance's id, unique in the process (a recreated room gets a new one).
+pub type RoomId = u64;
+
 /// Longest a rebuild waits for missing reports before publishing anyway.
 const RESYNC_DEADLINE: Duration = Duration::from_secs(2);
 
@@ -82,7 +85,7 @@ impl<R> Default for Outbox<R> {
 /// A room's whole state, as it reports it for rebuild `epoch`.
 pub struct RoomReport<R> {
     pub epoch: u64,
-    pub room: u64,
+    pub room: RoomId,
     pub to: R,
     pub page: PageId,
     pub tally: Tally,
@@ -104,7 +107,7 @@ pub(super) struct PageEntry {
     /// the last publish, so the next change must go out even if it returns
     /// to `published` (1 -> 0 -> 1 within one interval).
     told_other: bool,
-    /// Rooms (by uid) that follow this page.
+    /// Rooms (by id) that follow this page.
     pub(super) subscribers: HashSet<u64>,
     /// Persistent stats.
     pub(super) stats: PageStats,
@@ -198,7 +201,7 @@ pub struct State<R> {
     load: LoadStats,
     /// Every page with a count, a subscriber or unsaved stats.
     pub(super) pages: HashMap<PageId, PageEntry>,
-    /// Rooms following links, by room uid.
+    /// Rooms following links, by room id.
     followers: HashMap<u64, Follower<R>>,
     /// Pages whose shown count may have changed since the last publish.
     changed: HashSet<PageId>,
@@ -332,7 +335,7 @@ impl<R: Clone> State<R> {
     /// the rebuild or the cluster's load completes).
     pub fn subscribe(
         &mut self,
-        room: u64,
+        room: RoomId,
         to: R,
         links: Vec<PageId>,
         req: u64,
@@ -399,7 +402,7 @@ impl<R: Clone> State<R> {
     }
 
     /// A room stops following `links`.
-    pub fn unsubscribe(&mut self, room: u64, links: &[PageId]) -> Outbox<R> {
+    pub fn unsubscribe(&mut self, room: RoomId, links: &[PageId]) -> Outbox<R> {
         let mut out = Outbox::default();
         self.unfollow(room, links, &mut out);
         out
@@ -510,7 +513,7 @@ impl<R: Clone> State<R> {
 
     // ------------------------------------------------------------ following
 
-    fn follow(&mut self, room: u64, to: &R, links: &[PageId], out: &mut Outbox<R>) {
+    fn follow(&mut self, room: RoomId, to: &R, links: &[PageId], out: &mut Outbox<R>) {
         let mut first = Vec::new();
         for link in links {
             let e = self.entry(link);
@@ -537,7 +540,7 @@ impl<R: Clone> State<R> {
         f.links.extend(links.iter().cloned());
     }
 
-    fn unfollow(&mut self, room: u64, links: &[PageId], out: &mut Outbox<R>) {
+    fn unfollow(&mut self, room: RoomId, links: &[PageId], out: &mut Outbox<R>) {
         let mut last = Vec::new();
         for link in links {
             if let Some(e) = self.pages.get_mut(link) {
@@ -784,7 +787,7 @@ impl<R: Clone> State<R> {
             .listed
             .values()
             .flatten()
-            .all(|uid| r.reported.contains(uid));
+            .all(|room| r.reported.contains(room));
         let late = now.duration_since(r.started) >= RESYNC_DEADLINE;
         let complete = all_listed && all_reported && r.remote_req.is_none();
         if !complete && !late {
@@ -939,7 +942,7 @@ impl<R: Clone> State<R> {
                 self.unsaved.push_back((p.clone(), e.stats));
             }
         }
-        crate::metrics::evicted("pages", doomed.len());
+        crate::metrics::evicted(crate::metrics::Evicted::Pages, doomed.len());
         tracing::debug!(
             dropped = doomed.len(),
             "page cap reached; idle pages dropped"
@@ -1099,7 +1102,7 @@ mod tests {
             Self::tally(&self.local, p).plus(others)
         }
 
-        fn deliver(&mut self, room: u64, p: PageId, t: Tally) {
+        fn deliver(&mut self, room: RoomId, p: PageId, t: Tally) {
             assert!(
                 self.follows[room as usize].contains_key(&p),
                 "room {room} was sent {p}, which it does not follow"

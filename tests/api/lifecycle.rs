@@ -191,8 +191,8 @@ async fn graceful_shutdown_sends_1001_and_flushes() {
     // The listener is closed.
     assert!(tokio::net::TcpStream::connect(addr).await.is_err());
     // The final snapshot reached disk even though the interval is an hour.
-    // Actors on the stopped worker threads may still be dropping their
-    // handles: the lock goes with the last of them.
+    // sled's background flusher releases the directory's lock shortly
+    // after the last handle is dropped.
     let reopened = eventually("the store to reopen (its lock released)", || async {
         match Storage::open(dir.path(), 8 << 20) {
             Ok(s) => Some(s),

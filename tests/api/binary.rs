@@ -4,8 +4,9 @@ use std::{
     io::{BufRead, BufReader, Read},
     path::Path,
     process::{Child, Command, Stdio},
-    time::{Duration, Instant},
 };
+
+use crate::helpers::eventually_blocking;
 
 /// Runs the binary to completion; (exit code, stderr). Storage goes to a
 /// directory that must never be created unless `env` sets another.
@@ -104,14 +105,11 @@ impl Running {
             .status()
             .expect("kill");
         assert!(status.success());
-        let deadline = Instant::now() + Duration::from_secs(15);
-        let code = loop {
-            if let Some(s) = self.child.try_wait().expect("wait") {
-                break s.code().unwrap_or(-1);
-            }
-            assert!(Instant::now() < deadline, "did not exit on SIGTERM");
-            std::thread::sleep(Duration::from_millis(20));
-        };
+        let code = eventually_blocking("the binary to exit on SIGTERM", || {
+            self.child.try_wait().expect("wait")
+        })
+        .code()
+        .unwrap_or(-1);
         let stderr = self
             .stderr
             .take()
@@ -228,18 +226,10 @@ fn config_file_and_env_override_apply() {
         .status()
         .expect("kill");
     assert!(status.success());
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Some(s) = child.try_wait().expect("wait") {
-            assert_eq!(s.code(), Some(0));
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "did not exit on SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let s = eventually_blocking("the binary to exit on SIGTERM", || {
+        child.try_wait().expect("wait")
+    });
+    assert_eq!(s.code(), Some(0));
 }
 
 /// A second instance on the data directory of a running one stops at once

@@ -13,7 +13,8 @@ use std::{
 };
 
 use crate::helpers::{
-    counts, eventually, free_port, http_get, redis_available, Client, RedisServer,
+    counts, eventually, eventually_blocking, free_port, http_get, redis_available, Client,
+    RedisServer,
 };
 
 /// Liveness settings of the tests (short, so crashes are detected quickly).
@@ -110,18 +111,10 @@ impl Node {
 
     /// Waits until `/readyz` answers `status`.
     async fn wait_ready(&self, status: u16) {
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            let (s, body) = self.ready().await;
-            if s == status {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "/readyz stayed {s} ({body}), expected {status}"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        eventually(&format!("/readyz to answer {status}"), || async {
+            self.ready().await.0 == status
+        })
+        .await;
     }
 
     /// Sends `sig` (`-STOP`, `-CONT`) to the process.
@@ -163,15 +156,10 @@ impl Node {
             .status()
             .expect("kill runs");
         assert!(status.success());
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            if let Some(s) = self.child.try_wait().expect("wait") {
-                assert!(s.success(), "exit status {s}");
-                return;
-            }
-            assert!(Instant::now() < deadline, "did not exit on SIGTERM");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let s = eventually_blocking("the node to exit on SIGTERM", || {
+            self.child.try_wait().expect("wait")
+        });
+        assert!(s.success(), "exit status {s}");
     }
 }
 
@@ -838,11 +826,9 @@ impl RedisCluster {
             _dir: dir,
         };
         for p in &cluster.ports {
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while std::net::TcpStream::connect(("127.0.0.1", *p)).is_err() {
-                assert!(Instant::now() < deadline, "redis-server did not listen");
-                std::thread::sleep(Duration::from_millis(20));
-            }
+            eventually_blocking("redis-server to listen", || {
+                std::net::TcpStream::connect(("127.0.0.1", *p)).is_ok()
+            });
         }
         let addrs: Vec<String> = cluster
             .ports
@@ -861,15 +847,12 @@ impl RedisCluster {
             String::from_utf8_lossy(&out.stdout)
         );
         // Every master agrees the cluster is up.
-        let deadline = Instant::now() + Duration::from_secs(20);
         for p in &cluster.ports {
-            while !cluster
-                .cli(*p, &["cluster", "info"])
-                .contains("cluster_state:ok")
-            {
-                assert!(Instant::now() < deadline, "cluster never became ok");
-                std::thread::sleep(Duration::from_millis(50));
-            }
+            eventually_blocking("every master to report cluster_state:ok", || {
+                cluster
+                    .cli(*p, &["cluster", "info"])
+                    .contains("cluster_state:ok")
+            });
         }
         cluster
     }

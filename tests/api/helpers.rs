@@ -263,6 +263,23 @@ where
     }
 }
 
+/// The blocking form of [`eventually`], for waits outside the runtime (a
+/// child process to exit, a port to open): polls `f` every 20 ms until it
+/// is `true` (or `Some`, whose value it returns); panics after [`PATIENCE`].
+pub fn eventually_blocking<T: Ready>(what: &str, mut f: impl FnMut() -> T) -> T::Value {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        if let Some(value) = f().ready() {
+            return value;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {PATIENCE:?} waiting for: {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Sends a raw request and reads the whole response.
 pub async fn http_raw(addr: SocketAddr, request: &str) -> (u16, String) {
     let mut s = TcpStream::connect(addr).await.expect("connect");
@@ -598,11 +615,10 @@ impl RedisServer {
             .spawn()
             .expect("redis-server starts");
         self.child = Some(child);
-        let deadline = Instant::now() + PATIENCE;
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(Instant::now() < deadline, "redis-server did not listen");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let port = self.port;
+        eventually_blocking("redis-server to listen", || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
     }
 
     /// `redis-cli` against this server; its standard output.

@@ -916,15 +916,11 @@ async fn settle(
     nodes: &[Service; 2],
     expected: impl Fn(&[(u64, u64); 2]) -> bool,
 ) -> [(u64, u64); 2] {
-    let deadline = Instant::now() + PATIENCE;
-    loop {
+    eventually("the nodes' figures", || async {
         let now = [node_figures(&nodes[0]).await, node_figures(&nodes[1]).await];
-        if expected(&now) {
-            return now;
-        }
-        assert!(Instant::now() < deadline, "the nodes stayed at {now:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        expected(&now).then_some(now)
+    })
+    .await
 }
 
 /// The shipped file in front of a 2-node cluster (a real `redis-server`),

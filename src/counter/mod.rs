@@ -128,9 +128,9 @@ pub struct Resync {
 }
 
 /// Where the counter delivers to one room (rooms sit above the counter, so
-/// it holds these recipients, not the room's address). A room makes one when
-/// it starts and sends clones of the `Arc`; the counter keeps one per
-/// follower room.
+/// it holds these recipients, not the room's address). A room makes one on
+/// its first subscribe or state report and sends clones of the `Arc`; the
+/// counter keeps one per follower room.
 pub struct RoomHandle {
     pub counts: Recipient<Counts>,
     pub subscribed: Recipient<Subscribed>,

@@ -59,5 +59,34 @@ fi
 # redis-server is installed above, so the cluster tests must run (not skip).
 export LINK_COUNTER_REQUIRE_REDIS=1
 
-echo "==> cargo test $*"
-exec cargo test "$@"
+# Every target runs even when one fails (--no-fail-fast); the output is
+# kept so that the run ends with the list of failed tests and one total line.
+log="$(mktemp)"
+trap 'rm -f "$log"' EXIT
+echo "==> cargo test --no-fail-fast $*"
+status=0
+cargo test --no-fail-fast "$@" 2>&1 | tee "$log" || status=$?
+
+# "test result: ok. 12 passed; 1 failed; ..." per target, summed; failed
+# tests named with their target ("Running tests/api/main.rs (...)").
+awk '
+  /^ *Running / { target = $2 }
+  /^ *Doc-tests / { target = "doc-tests " $2 }
+  /^test .* \.\.\. FAILED$/ { failed[++nf] = target ": " $2 }
+  /^test result: / {
+    for (i = 1; i <= NF; i++) {
+      if ($(i) ~ /^(passed|failed);?$/) { n = $(i - 1); sub(/;$/, "", $(i)); sum[$(i)] += n }
+    }
+  }
+  /^ +`--(test|lib|bin|bench|doc)/ { broken[++nb] = "target failed: " $1 " " $2 }
+  END {
+    if (nf || nb) {
+      print ""
+      print "failed tests:"
+      for (i = 1; i <= nf; i++) print "  " failed[i]
+      for (i = 1; i <= nb; i++) print "  " broken[i]
+    }
+    printf "total: %d passed, %d failed\n", sum["passed"], sum["failed"]
+  }
+' "$log"
+exit "$status"

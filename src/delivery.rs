@@ -193,6 +193,12 @@ impl Mailbox {
         self.put(|p| p.counts = Counts::One(full));
     }
 
+    /// Drops the pending counts (not the notice or the end): the
+    /// connection subscribed anew, and its full update follows.
+    pub fn discard_counts(&self) {
+        self.lock().counts = Counts::Nothing;
+    }
+
     /// Sets the notice to send (an `error` message); a later one replaces it.
     pub fn notice(&self, text: ByteString) {
         self.put(|p| p.notice = Some(text));

@@ -569,6 +569,10 @@ impl Handler<SetLinks> for PageRoom {
         let Some(conn) = self.conns.get_mut(&msg.conn) else {
             return;
         };
+        // What is pending was built for the old subscription (its links,
+        // its form): the new one starts from its full update, so a
+        // connection that no longer asks for visitors never sees the map.
+        conn.mailbox.discard_counts();
         conn.pending = true;
         conn.visitors = msg.visitors;
         self.release_pending();

@@ -21,7 +21,10 @@ use link_counter::{
     room::{Join, Leave, SetLinks},
     visitor::{self, VisitorKey},
 };
-use proptest::{prelude::*, test_runner::TestRunner};
+use proptest::{
+    prelude::*,
+    test_runner::{FileFailurePersistence, TestRunner},
+};
 
 use crate::helpers::{spawn_app, TestApp};
 
@@ -315,8 +318,15 @@ fn subscribers_converge_to_true_counts() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(64);
+    // Failing cases are saved to (and replayed first from) this file: the
+    // runner is built by hand, so the macro's source-file lookup does not
+    // apply and the path is given directly (relative to the package root,
+    // where cargo runs the tests).
     let mut runner = TestRunner::new(ProptestConfig {
         cases,
+        failure_persistence: Some(Box::new(FileFailurePersistence::Direct(
+            "proptest-regressions/model.txt",
+        ))),
         ..ProptestConfig::default()
     });
     let case = AtomicU64::new(0);

@@ -234,8 +234,8 @@ pub fn start(
     let Some(bind) = settings.addr() else {
         return Ok(None);
     };
-    let listener =
-        TcpListener::bind(bind).map_err(|e| anyhow::anyhow!("admin.bind {bind}: {e}"))?;
+    let listener = TcpListener::bind(bind)
+        .map_err(|e| anyhow::anyhow!(crate::config::bind_error("admin.bind", bind, &e)))?;
     let addr = listener.local_addr()?;
     let ops = ops.clone();
     let server = HttpServer::new(move || {

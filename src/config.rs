@@ -935,6 +935,38 @@ fn list_hint(entry: &str, var: &str, example: &str) -> String {
     }
 }
 
+/// The error line for a listener that could not bind: the setting, the
+/// address, the cause, and what to change. `key` is `server.bind` or
+/// `admin.bind`.
+pub fn bind_error(key: &str, addr: std::net::SocketAddr, e: &std::io::Error) -> String {
+    let var = format!("LINK_COUNTER__{}", key.replace('.', "__").to_uppercase());
+    let fix = match e.kind() {
+        std::io::ErrorKind::AddrInUse => format!(
+            ": another process listens there (another link-counter?); set {key} \
+             ({var}) to a free address"
+        ),
+        std::io::ErrorKind::PermissionDenied if addr.port() < 1024 => format!(
+            ": a port below 1024 needs root or CAP_NET_BIND_SERVICE; set {key} ({var}) \
+             to a port of 1024 or above"
+        ),
+        std::io::ErrorKind::AddrNotAvailable => format!(
+            ": no interface of this host has that address; set {key} ({var}) to one it \
+             has, or 0.0.0.0"
+        ),
+        _ => String::new(),
+    };
+    let off = if key == "admin.bind" {
+        ", or to \"\" to turn the admin listener off"
+    } else {
+        ""
+    };
+    if fix.is_empty() {
+        format!("{key} {addr}: {e}")
+    } else {
+        format!("{key} {addr}: {e}{fix}{off}")
+    }
+}
+
 /// Checks one `security.allowed_origins` entry: `scheme://host[:port]` or a
 /// pattern (`host`, `*.domain`, `https://*.domain`), no path, no spaces.
 pub fn check_origin(entry: &str) -> Result<(), String> {

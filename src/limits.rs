@@ -410,6 +410,49 @@ mod tests {
     use super::*;
     use actix_web::http::header::{HeaderName, HeaderValue};
 
+    /// The examples of docs/SECURITY.md#origins, row by row.
+    #[test]
+    fn origin_rules_as_documented() {
+        let rows: [(&str, &[&str], &[&str]); 4] = [
+            (
+                "https://example.com",
+                &["https://example.com", "https://example.com:8443"],
+                &["http://example.com", "https://www.example.com"],
+            ),
+            (
+                "https://example.com:8443",
+                &["https://example.com:8443"],
+                &["https://example.com"],
+            ),
+            (
+                "example.com",
+                &["https://example.com", "http://example.com:8080"],
+                &["https://www.example.com"],
+            ),
+            (
+                "https://*.example.com",
+                &["https://www.example.com", "https://a.b.example.com"],
+                &["https://example.com", "http://www.example.com"],
+            ),
+        ];
+        for (entry, allows, refuses) in rows {
+            let p = OriginPattern::parse(entry).expect("parses");
+            for o in allows {
+                assert!(p.matches(o), "{entry} should allow {o}");
+            }
+            for o in refuses {
+                assert!(!p.matches(o), "{entry} should refuse {o}");
+            }
+        }
+        let site = OriginPolicy::new(&[
+            "https://example.com".to_owned(),
+            "https://*.example.com".to_owned(),
+        ]);
+        assert!(site.allows(Some("https://example.com")));
+        assert!(site.allows(Some("https://www.example.com")));
+        assert!(!site.allows(Some("null")));
+    }
+
     #[test]
     fn origin_patterns() {
         let p = |s| OriginPattern::parse(s).unwrap();

@@ -88,7 +88,10 @@ fn main() -> ExitCode {
     let listener = match link_counter::server::bind(settings.server.bind) {
         Ok(l) => l,
         Err(e) => {
-            eprintln!("link-counter: server.bind {}: {e}", settings.server.bind);
+            eprintln!(
+                "link-counter: {}",
+                config::bind_error("server.bind", settings.server.bind, &e)
+            );
             return ExitCode::from(1);
         }
     };

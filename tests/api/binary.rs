@@ -433,3 +433,32 @@ fn misnamed_variables_warn_and_the_server_starts() {
     assert!(!stderr.contains("LINK_COUNTER_BIN"), "tooling: {stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
+
+/// A listener address that another process holds stops the binary (exit 1)
+/// with one line naming the setting, its environment variable and the fix,
+/// for the public listener and for the admin listener.
+#[test]
+fn a_port_in_use_names_the_setting_to_change() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = taken.local_addr().expect("addr").to_string();
+    let dir = tempfile::tempdir().expect("tmp");
+    let data = dir.path().join("data");
+    let data = data.to_str().expect("utf8");
+    for (var, key) in [
+        ("LINK_COUNTER__SERVER__BIND", "server.bind"),
+        ("LINK_COUNTER__ADMIN__BIND", "admin.bind"),
+    ] {
+        let (code, stderr) = run(&[], &[(var, &addr), ("LINK_COUNTER__STORAGE__PATH", data)]);
+        assert_eq!(code, 1, "{stderr}");
+        let line = stderr
+            .lines()
+            .find(|l| l.starts_with("link-counter: "))
+            .unwrap_or_default();
+        assert!(line.contains(&format!("{key} {addr}")), "{stderr}");
+        assert!(
+            line.contains("another process listens there") && line.contains(var),
+            "names the fix: {stderr}"
+        );
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+}

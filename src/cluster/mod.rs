@@ -307,6 +307,11 @@ pub struct Cluster {
     connecting: bool,
     /// Connected at least once (reconnects are counted).
     connected_before: bool,
+    /// The first connection attempt has not ended yet: a `Follow` waits for
+    /// it (bounded by the counter's load deadline) instead of being answered
+    /// with local counts only, so a node that starts under load shows the
+    /// cluster's count from its first update.
+    starting: bool,
     /// This node's non-zero local tallies.
     local: HashMap<PageId, Tally>,
     /// Pages whose local tally may differ from Redis.
@@ -408,6 +413,7 @@ impl Cluster {
             backoff: BACKOFF_MIN,
             connecting: false,
             connected_before: false,
+            starting: true,
             local: HashMap::new(),
             dirty: HashSet::new(),
             written: HashMap::new(),
@@ -480,6 +486,7 @@ impl Cluster {
             return;
         }
         self.backoff = BACKOFF_MIN;
+        self.starting = false;
         if self.connected_before {
             m::redis_reconnected();
         }
@@ -530,6 +537,11 @@ impl Cluster {
     fn retry(&mut self, ctx: &mut Context<Self>, why: &str) {
         if self.left {
             return;
+        }
+        // Follows held for the first attempt go out with what is known.
+        self.starting = false;
+        for (req, _) in self.waiters.drain(..) {
+            self.counter.loaded.do_send(Loaded { req });
         }
         tracing::warn!(error = %why, retry_in = ?self.backoff, "cluster: redis unreachable; serving local counts");
         self.connecting = true;
@@ -1093,7 +1105,7 @@ impl Handler<Follow> for Cluster {
             }
         }
         self.send_sums(&msg.pages);
-        if self.link.is_none() || waiting.is_empty() {
+        if waiting.is_empty() || (self.link.is_none() && !self.starting) {
             // Loaded, or Redis is down: answer with what is known.
             self.counter.loaded.do_send(Loaded { req: msg.req });
         } else {

@@ -163,7 +163,7 @@ function startSite(addr) {
   <p><a id="external" href="https://example.com/elsewhere">Elsewhere</a></p>
   <p><a id="fixed" href="/whatever" data-page-id="pricing">Pricing</a></p>
   <div id="more"></div>
-  <script type="module" src="http://${addr}/link-counter.js" data-page="site-home"></script>
+  <script type="module" src="http://${addr}/link-counter.js" data-count-automation data-page="site-home"></script>
 </body></html>`,
   };
   pages["/site/marked.html"] = `<!DOCTYPE html>
@@ -172,7 +172,7 @@ function startSite(addr) {
   <nav><a id="nav" href="/">Home</a></nav>
   <p><a id="marked" href="/blog/post-1" data-link-counter>Post 1</a></p>
   <p><a id="plain" href="/blog/post-2">Post 2</a></p>
-  <script type="module" src="http://${addr}/link-counter.js"></script>
+  <script type="module" src="http://${addr}/link-counter.js" data-count-automation></script>
 </body></html>`;
   return new Promise((resolve) => {
     const server = http.createServer((req, res) => {
@@ -208,8 +208,8 @@ const withoutQuery = (url) => url.split("?")[0];
 /** The `visitor` parameter of a WebSocket URL. */
 const visitorParam = (url) => new URL(url).searchParams.get("visitor");
 
-/** The visitor id a page's origin keeps for its browser context. */
-const keptVisitor = (page) => page.evaluate(() => localStorage.getItem("link-counter-visitor"));
+/** The visitor id the embed on `page` sends (the one its tab group settled on). */
+const visitorOf = (page) => page.evaluate(() => window.linkCounter.counter.visitor);
 
 /** Both figures of link `id` as the embed on `page` last heard them. */
 const tallyOf = (page, id) => page.evaluate((id) => window.linkCounter.counter.tally(id), id);
@@ -310,7 +310,7 @@ function defineSteps(svc, browser, site) {
     await context.close();
   });
 
-  step("people, not tabs: two tabs of one browser show 1 person, a second browser 2; data-count=\"connections\" shows tabs; without storage each page load is a person", async () => {
+  step("people, not tabs: two tabs of one browser show 1 person, a second browser 2; data-count=\"connections\" shows tabs; without BroadcastChannel each page load is a person", async () => {
     const alice = await browser.newContext();
     const b = await openTab(alice, `${base()}/pages/b`);
     const c1 = await openTab(alice, `${base()}/pages/c`);
@@ -324,21 +324,21 @@ function defineSteps(svc, browser, site) {
     assertEq([one.state, one.count, one.text, one.label], ["live", 1, "1", " (1 person viewing now)"], "badge of c: two tabs, one browser");
     assertEq(await b.evaluate((id) => document.querySelector(`.link-counter-badge[data-page-id="${id}"]`).title, ID.c), "1 person viewing now", "badge title");
     assertEq(await svc.tallies([ID.c]), { connections: { [ID.c]: 2 }, visitors: { [ID.c]: 1 } }, "API figures of c");
-    // One random id per browser profile: kept by the site's origin, the same in every tab and WebSocket URL.
-    const id = await keptVisitor(b);
-    if (!/^[A-Za-z0-9_-]{22}$/.test(id ?? "")) fail(`kept visitor id: ${id}`);
-    await eventually("the tabs' WebSockets to be seen", () => [b, c1, c2].every((t) => t.sockets.length === 1) || [b, c1, c2].map((t) => t.sockets));
-    for (const tab of [b, c1, c2]) {
-      assertEq(await keptVisitor(tab), id, `kept visitor id on ${tab.url()}`);
-      assertEq(tab.sockets.map(visitorParam), [id], `visitor of ${tab.url()}'s WebSocket`);
-    }
+    // One random id per browser: the tabs agreed on it in memory; every tab's WebSocket carries it.
+    await eventually("the three tabs to send one visitor id", async () => {
+      const seen = [];
+      for (const tab of [b, c1, c2]) seen.push([await visitorOf(tab), tab.sockets.length ? visitorParam(tab.sockets.at(-1)) : null]);
+      return seen.every(([v, sent]) => v === seen[0][0] && sent === v) || seen;
+    });
+    const id = await visitorOf(b);
+    if (!/^[A-Za-z0-9_-]{22}$/.test(id ?? "")) fail(`the tabs' visitor id: ${id}`);
 
     // A second browser is a second person.
     const bob = await browser.newContext();
     const c3 = await openTab(bob, `${base()}/pages/c`);
     await waitBadge(b, ID.c, 2);
     assertEq((await badgeOf(b, ID.c)).label, " (2 people viewing now)", "badge label of c with two people");
-    const bobId = await keptVisitor(c3);
+    const bobId = await visitorOf(c3);
     if (!bobId || bobId === id) fail(`the second browser's visitor id: ${bobId} (first: ${id})`);
 
     // data-count="connections": the badge counts tabs (3: two of Alice's, one of Bob's).
@@ -346,7 +346,7 @@ function defineSteps(svc, browser, site) {
 <html lang="en"><head><meta charset="utf-8"><title>Tabs</title></head>
 <body>
   <p><a id="c" href="/elsewhere" data-page-id="${ID.c}">Page C</a></p>
-  <script type="module" src="http://${svc.addr}/link-counter.js" data-page="tabs" data-count="connections"></script>
+  <script type="module" src="http://${svc.addr}/link-counter.js" data-count-automation data-page="tabs" data-count="connections"></script>
 </body></html>`;
     const tabs = await openTab(alice, `http://${siteAddr}/site/tabs.html`);
     await waitBadge(tabs, ID.c, 3);
@@ -355,15 +355,10 @@ function defineSteps(svc, browser, site) {
     await waitBadge(tabs, ID.c, 2);
     await waitBadge(b, ID.c, 2); // Alice still has a tab of c
 
-    // Storage unavailable: every page load is a person of its own.
+    // No BroadcastChannel (an old browser): every page load is a person of its own.
     const noStorage = await browser.newContext();
     await noStorage.addInitScript(() => {
-      Object.defineProperty(window, "localStorage", {
-        configurable: true,
-        get() {
-          throw new DOMException("The operation is insecure.", "SecurityError");
-        },
-      });
+      Object.defineProperty(window, "BroadcastChannel", { configurable: true, value: undefined });
     });
     const n1 = await openTab(noStorage, `${base()}/pages/c`);
     const n2 = await openTab(noStorage, `${base()}/pages/c`);
@@ -371,9 +366,9 @@ function defineSteps(svc, browser, site) {
     await eventually("both tabs' WebSockets to be seen", () => (n1.sockets.length === 1 && n2.sockets.length === 1) || [n1.sockets, n2.sockets]);
     const [v1, v2] = [n1.sockets.map(visitorParam), n2.sockets.map(visitorParam)];
     if (v1.length !== 1 || v2.length !== 1 || !/^[A-Za-z0-9_-]{22}$/.test(v1[0]) || v1[0] === v2[0]) {
-      fail(`visitor ids without storage: ${JSON.stringify([v1, v2])}`);
+      fail(`visitor ids without BroadcastChannel: ${JSON.stringify([v1, v2])}`);
     }
-    assertEq(embedErrors(n1), [], "console errors without storage");
+    assertEq(embedErrors(n1), [], "console errors without BroadcastChannel");
 
     await noStorage.close();
     await bob.close();
@@ -453,7 +448,7 @@ function defineSteps(svc, browser, site) {
     await eventually("the removed link's badge to go", async () => (await badgeOf(site, intro)) === null || "still there");
     assertEq(site.sockets.length, 1, "WebSockets opened by the page (link changes must not reconnect)");
     assertEq(withoutQuery(site.sockets[0]), `ws://${svc.addr}/parties/page/site-home`, "the site's WebSocket URL");
-    assertEq(visitorParam(site.sockets[0]), await keptVisitor(site), "the site's WebSocket carries the site's visitor id");
+    assertEq(visitorParam(site.sockets[0]), await visitorOf(site), "the site's WebSocket carries the tab's visitor id");
     v1.close();
     v2.close();
     await waitBadge(site, cafe, 0);
@@ -515,7 +510,7 @@ function defineSteps(svc, browser, site) {
       // connections were the same numbers.)
       const c2 = await openTab(context, `${base()}/pages/c`);
       await same({ [ID.b]: 0, [ID.c]: 1, [ID.d]: 1 });
-      const id = await keptVisitor(a);
+      const id = await visitorOf(a);
       const ps2 = new PartySocket({ host: svc.addr, party: "page", room: encodeURIComponent(ID.c), query: { visitor: id }, WebSocket });
       try {
         await eventually("the embed to hear that c has 2 connections of 1 person", async () => {
@@ -561,7 +556,7 @@ function defineSteps(svc, browser, site) {
 <html lang="en"><head><meta charset="utf-8"><title>data-host with a path</title></head>
 <body>
   <p><a id="intro" href="/docs/intro">Intro</a></p>
-  <script type="module" src="http://${svc.addr}/link-counter.js" data-host="${via}" data-page="hosted"></script>
+  <script type="module" src="http://${svc.addr}/link-counter.js" data-count-automation data-host="${via}" data-page="hosted"></script>
 </body></html>`;
       const hosted = await openTab(context, `http://${siteAddr}/site/hosted.html`);
       await waitBadge(hosted, "%2Fdocs%2Fintro", 0);
@@ -593,14 +588,14 @@ function defineSteps(svc, browser, site) {
   <p><a id="file" href="/docs/index.html">Docs again</a></p>
   <p><a id="htm" href="/guide/index.htm?x=1">Guide</a></p>
   <p><a id="other" href="/docs/install.html">Install</a></p>
-  <script type="module" src="http://${svc.addr}/link-counter.js"></script>
+  <script type="module" src="http://${svc.addr}/link-counter.js" data-count-automation></script>
 </body></html>`;
     site.pages["/kept/index.html"] = `<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>Kept</title></head>
 <body>
   <p><a id="dir" href="/kept/">Kept</a></p>
   <p><a id="file" href="/kept/index.html">Kept, the file</a></p>
-  <script type="module" src="http://${svc.addr}/link-counter.js" data-keep-index></script>
+  <script type="module" src="http://${svc.addr}/link-counter.js" data-count-automation data-keep-index></script>
 </body></html>`;
     const context = await browser.newContext();
     const page = await openTab(context, `http://${siteAddr}/docs/index.html`);
@@ -642,7 +637,7 @@ function defineSteps(svc, browser, site) {
 <html lang="en"><head><meta charset="utf-8"><title>Not allowed</title></head>
 <body>
   <p><a id="intro" href="/docs/intro">Intro</a></p>
-  <script type="module" src="http://${proxy.addr}/presence/link-counter.js"></script>
+  <script type="module" src="http://${proxy.addr}/presence/link-counter.js" data-count-automation></script>
 </body></html>`;
       const expected = (origin) =>
         `link-counter: this page's origin ${origin} is not allowed to connect to http://${proxy.addr}/presence: ` +

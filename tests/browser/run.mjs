@@ -680,6 +680,220 @@ function defineSteps(svc, browser, site) {
     }
   });
 
+  /** A page of the customer site with the embed (`attrs`: extra attributes of its script tag). */
+  const sitePage = (path, body, attrs = "data-count-automation") => {
+    site.pages[path] = `<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>${path}</title></head>
+<body>
+${body}
+  <script type="module" src="http://${svc.addr}/link-counter.js" ${attrs}></script>
+</body></html>`;
+    return `http://${siteAddr}${path}`;
+  };
+  /** Waits until the embed on `page` has started (window.linkCounter is set). */
+  const started = (page) =>
+    eventually(`the embed on ${page.url()} to start`, () => page.evaluate(() => window.linkCounter !== undefined));
+  /** Waits until the API shows `expected` connection counts ({id: n}). */
+  const waitCounts = async (what, expected) => {
+    const ids = Object.keys(expected);
+    await eventually(what, async () => {
+      const c = await svc.counts(ids);
+      return ids.every((id) => c[id] === expected[id]) || c;
+    });
+  };
+  /** Waits until the API shows `expected` ({id: {connections, visitors}}). */
+  const waitTallies = async (what, expected) => {
+    const ids = Object.keys(expected);
+    await eventually(what, async () => {
+      const t = await svc.tallies(ids);
+      const seen = Object.fromEntries(ids.map((id) => [id, { connections: t.connections[id], visitors: t.visitors[id] }]));
+      return JSON.stringify(seen) === JSON.stringify(expected) || seen;
+    });
+  };
+
+  step("nothing stored on the device: after several pages of a site and of the demo, no storage, cookie, database or cache; the old visitor-id key is removed", async () => {
+    const context = await browser.newContext();
+    site.pages["/site/plain.html"] = "<!DOCTYPE html><title>plain</title><p>no embed</p>";
+    // What an earlier version of the embed left behind.
+    const plain = await openTab(context, `http://${siteAddr}/site/plain.html`);
+    await plain.evaluate(() => localStorage.setItem("link-counter-visitor", "old_visitor_id_0123"));
+    const first = sitePage("/site/store-1.html", '<p><a href="/site/store-2.html">two</a> <a href="/site/store-3.html">three</a></p>');
+    sitePage("/site/store-2.html", '<p><a href="/site/store-1.html">one</a></p>');
+    sitePage("/site/store-3.html", '<p><a href="/site/store-1.html">one</a></p>');
+    const tab = await openTab(context, first);
+    await waitBadge(tab, "%2Fsite%2Fstore-2.html", 0);
+    await waitBadge(tab, "%2Fsite%2Fstore-3.html", 0);
+    for (const path of ["/site/store-2.html", "/site/store-3.html"]) {
+      await tab.goto(`http://${siteAddr}${path}`);
+      await waitBadge(tab, "%2Fsite%2Fstore-1.html", 0);
+    }
+    await tab.evaluate(() => history.pushState(null, "", "/site/store-2.html"));
+    const demo = await openTab(context, `${base()}/pages/b`);
+    await waitBadge(demo, ID.c, 0);
+    await demo.goto(`${base()}/pages/c`);
+    await waitBadge(demo, ID.a, 0);
+    for (const page of [tab, demo, plain]) {
+      const stored = await page.evaluate(async () => ({
+        localStorage: Object.keys(localStorage),
+        sessionStorage: Object.keys(sessionStorage),
+        cookie: document.cookie,
+        indexedDB: (await indexedDB.databases()).map((d) => d.name),
+        caches: await caches.keys(),
+      }));
+      assertEq(stored, { localStorage: [], sessionStorage: [], cookie: "", indexedDB: [], caches: [] }, `what ${page.url()} stored`);
+    }
+    assertEq(await context.cookies(), [], "the context's cookies");
+    await context.close();
+  });
+
+  step("tabs: two tabs of one browser are 1 person, a second browser 2, two tabs opened at the same moment 1; the figure falls at the last tab", async () => {
+    const target = sitePage("/site/tabs-target.html", "<p>target</p>", 'data-count-automation data-page="tabs-target"');
+    const [alice, bob, carol] = [await browser.newContext(), await browser.newContext(), await browser.newContext()];
+    const a1 = await openTab(alice, target);
+    const a2 = await openTab(alice, target);
+    await waitTallies("two tabs of one browser", { "tabs-target": { connections: 2, visitors: 1 } });
+    await openTab(bob, target);
+    await waitTallies("a second browser", { "tabs-target": { connections: 3, visitors: 2 } });
+    // Two tabs at the same moment: they settle on one id.
+    const [c1, c2] = await Promise.all([openTab(carol, target), openTab(carol, target)]);
+    await waitTallies("two tabs opened together", { "tabs-target": { connections: 5, visitors: 3 } });
+    assertEq(await visitorOf(c1), await visitorOf(c2), "the visitor id of the two tabs opened together");
+    await a1.close();
+    await waitTallies("one of Alice's tabs closed", { "tabs-target": { connections: 4, visitors: 3 } });
+    await a2.close();
+    await waitTallies("Alice's last tab closed", { "tabs-target": { connections: 3, visitors: 2 } });
+    // A tab Alice opens now is a new person to the service: the id died with her last tab.
+    await c2.close();
+    await waitTallies("one of Carol's tabs closed", { "tabs-target": { connections: 2, visitors: 2 } });
+    await c1.close();
+    await waitTallies("Carol's last tab closed", { "tabs-target": { connections: 1, visitors: 1 } });
+    for (const c of [alice, bob, carol]) await c.close();
+    await waitTallies("all closed", { "tabs-target": { connections: 0, visitors: 0 } });
+  });
+
+  step("away: a tab hidden longer than data-away-after drops out and is back when visible; off stays counted; pagehide/pageshow the same", async () => {
+    const away = sitePage("/site/away.html", '<p><a href="/x" data-page-id="away-watch">w</a></p>', 'data-count-automation data-page="away-short" data-away-after="1s"');
+    const stays = sitePage("/site/stays.html", "<p>stays</p>", 'data-count-automation data-page="away-off" data-away-after="off"');
+    // Headless Chromium never hides a page (minimizing, switching tabs,
+    // Page.setWebLifecycleState all leave it "visible"): the page's
+    // visibility is emulated, and a real visibilitychange event is fired.
+    const context = await browser.newContext();
+    await context.addInitScript(() => {
+      let state = "visible";
+      Object.defineProperty(Document.prototype, "visibilityState", { configurable: true, get: () => state });
+      Object.defineProperty(Document.prototype, "hidden", { configurable: true, get: () => state === "hidden" });
+      window.__setVisibility = (s) => {
+        state = s;
+        document.dispatchEvent(new Event("visibilitychange"));
+      };
+    });
+    const short = await openTab(context, away);
+    const off = await openTab(await browser.newContext(), stays);
+    const both = (s, o) => ({ "away-short": { connections: s, visitors: s }, "away-off": { connections: o, visitors: o } });
+    await waitTallies("both tabs counted", both(1, 1));
+    await waitBadge(short, "away-watch", 0);
+    await short.evaluate(() => window.__setVisibility("hidden"));
+    await off.evaluate(() => {
+      Object.defineProperty(document, "visibilityState", { configurable: true, get: () => "hidden" });
+      document.dispatchEvent(new Event("visibilitychange"));
+    });
+    await waitTallies("the hidden tab away after 1 s", both(0, 1));
+    assertEq(await short.evaluate(() => window.linkCounter.counter.state), "paused", "the away tab's counter");
+    assertEq(await off.evaluate(() => window.linkCounter.counter.state), "open", "the data-away-after=off tab's counter");
+    await short.evaluate(() => window.__setVisibility("visible"));
+    await waitTallies("the tab back when visible", both(1, 1));
+    await waitBadge(short, "away-watch", 0);
+    // The back/forward cache: pagehide closes at once, pageshow reopens.
+    await off.evaluate(() => window.dispatchEvent(new PageTransitionEvent("pagehide", { persisted: true })));
+    await waitTallies("pagehide", both(1, 0));
+    await off.evaluate(() => window.dispatchEvent(new PageTransitionEvent("pageshow", { persisted: true })));
+    await waitTallies("pageshow", both(1, 1));
+    await off.context().close();
+    await context.close();
+    await waitTallies("closed", both(0, 0));
+  });
+
+  step("automation: without data-count-automation an automated Chromium opens no WebSocket; a crawler User-Agent is refused (403) and counts nothing, the same client without it counts", async () => {
+    const context = await browser.newContext();
+    const url = sitePage("/site/automated.html", '<p><a href="/docs/intro">Intro</a></p>', 'data-page="automated"');
+    const page = await openTab(context, url);
+    await started(page);
+    assertEq(await page.evaluate(() => navigator.webdriver), true, "navigator.webdriver in the test browser");
+    // The embed decided at start: no counter, hence no connection ever.
+    assertEq(await page.evaluate(() => [window.linkCounter.automated, window.linkCounter.counter]), [true, null], "the embed in an automated browser");
+    assertEq(page.sockets, [], "WebSockets of the automated page");
+    assertEq(await page.evaluate(() => document.querySelectorAll(".link-counter-badge").length), 0, "badges");
+    assertEq(await svc.counts(["automated"]), { automated: 0 }, "count of the automated page");
+
+    // The page opts in, but the browser says it is Googlebot: the service refuses it.
+    const googlebot = "Mozilla/5.0 AppleWebKit/537.36 (KHTML, like Gecko; compatible; Googlebot/2.1; +http://www.google.com/bot.html) Chrome/131.0.0.0 Safari/537.36";
+    const crawlerUrl = sitePage("/site/crawled.html", '<p><a href="/docs/intro">Intro</a></p>', 'data-count-automation data-page="crawled"');
+    const crawler = await browser.newContext({ userAgent: googlebot });
+    const crawled = await openTab(crawler, crawlerUrl);
+    await eventually("the crawler's upgrade to fail", async () => {
+      const s = await crawled.evaluate(() => ({ everOpened: window.linkCounter?.counter?._everOpened, failed: window.linkCounter?.counter?._failedOpens }));
+      return (crawled.sockets.length >= 1 && s.everOpened === false && s.failed >= 1) || { ...s, sockets: crawled.sockets };
+    });
+    // What the service answers that upgrade (the browser hides the status).
+    const status = await new Promise((resolve, reject) => {
+      const [host, port] = svc.addr.split(":");
+      const req = http.request({
+        host,
+        port,
+        path: "/parties/page/crawled",
+        headers: { "user-agent": googlebot, upgrade: "websocket", connection: "Upgrade", "sec-websocket-version": "13", "sec-websocket-key": "dGhlIHNhbXBsZSBub25jZQ==" },
+      });
+      req.on("response", (res) => {
+        res.resume();
+        resolve(res.statusCode);
+      });
+      req.on("upgrade", (res, socket) => {
+        socket.destroy();
+        resolve(res.statusCode);
+      });
+      req.on("error", reject);
+      req.end();
+    });
+    assertEq(status, 403, "the service's answer to the crawler's upgrade");
+    assertEq(await svc.counts(["crawled"]), { crawled: 0 }, "count of the crawled page");
+    // The same browser without the crawler's User-Agent is counted.
+    const person = await browser.newContext();
+    const read = await openTab(person, crawlerUrl);
+    await waitBadge(read, "%2Fdocs%2Fintro", 0);
+    assertEq(await svc.counts(["crawled"]), { crawled: 1 }, "count with a browser's User-Agent");
+    for (const c of [context, crawler, person]) await c.close();
+  });
+
+  step("single-page sites: pushState moves the reader to the new page and the badges follow the new links; popstate back; setPage", async () => {
+    const one = "%2Fspa%2Fone";
+    const two = "%2Fspa%2Fdeep%2Ftwo";
+    const url = sitePage("/spa/one", '<nav id="nav"><a id="rel" href="next">Next</a></nav>');
+    const context = await browser.newContext();
+    const page = await openTab(context, url);
+    await waitBadge(page, "%2Fspa%2Fnext", 0);
+    await waitCounts("page one counted", { [one]: 1, [two]: 0 });
+    // The router changes the URL, then renders the new page's links.
+    await page.evaluate(() => {
+      history.pushState({}, "", "/spa/deep/two");
+      document.getElementById("nav").insertAdjacentHTML("beforeend", '<a id="added" href="three">Three</a>');
+    });
+    await waitCounts("the reader to move to page two", { [one]: 0, [two]: 1 });
+    await waitBadge(page, "%2Fspa%2Fdeep%2Fnext", 0); // the relative link resolves against the new URL
+    await waitBadge(page, "%2Fspa%2Fdeep%2Fthree", 0);
+    assertEq(await badgeOf(page, "%2Fspa%2Fnext"), null, "the badge of the old link target");
+    const v = await viewer(svc.addr, "%2Fspa%2Fdeep%2Fthree");
+    await waitBadge(page, "%2Fspa%2Fdeep%2Fthree", 1);
+    v.close();
+    await page.goBack(); // popstate: same document, back to page one
+    await waitCounts("the reader back on page one", { [one]: 1, [two]: 0 });
+    await waitBadge(page, "%2Fspa%2Fnext", 0);
+    // An app that manages ids itself.
+    await page.evaluate(() => window.linkCounter.setPage("app-view-7"));
+    await waitCounts("the reader on app-view-7", { [one]: 0, "app-view-7": 1 });
+    assertEq(embedErrors(page), [], "console errors");
+    await context.close();
+  });
+
   if (DEMO_SCREENSHOT) {
     step(`screenshot of the demo for the docs (${DEMO_SCREENSHOT})`, async () => {
       const context = await browser.newContext({ viewport: { width: 760, height: 560 }, deviceScaleFactor: 1 });

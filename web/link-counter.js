@@ -1109,34 +1109,38 @@ function watchPresence(win, doc, counter, group, awayAfter = DEFAULT_AWAY_AFTER,
 function watchUrl(win, changed) {
   let href = win.location.href;
   let queued = false;
+  let active = true;
   const check = () => {
-    if (queued) return;
+    if (queued || !active) return;
     queued = true;
     queueMicrotask(() => {
       queued = false;
-      if (win.location.href === href) return;
+      if (!active || win.location.href === href) return;
       href = win.location.href;
       changed();
     });
   };
   const history = win.history;
-  const originals = {};
+  const wrapped = []; // [name, original, wrapper]
   for (const name of ["pushState", "replaceState"]) {
     const original = history?.[name];
     if (typeof original !== "function") continue;
-    originals[name] = original;
-    history[name] = function (...args) {
+    const wrapper = function (...args) {
       const result = original.apply(this, args);
       check();
       return result;
     };
+    history[name] = wrapper;
+    wrapped.push([name, original, wrapper]);
   }
   win.addEventListener("popstate", check);
   win.addEventListener("hashchange", check);
   win.navigation?.addEventListener?.("currententrychange", check);
   return {
     stop() {
-      for (const [name, original] of Object.entries(originals)) history[name] = original;
+      active = false;
+      // Unless another script wrapped it after us (then ours stays in its chain, harmless).
+      for (const [name, original, wrapper] of wrapped) if (history[name] === wrapper) history[name] = original;
       win.removeEventListener("popstate", check);
       win.removeEventListener("hashchange", check);
       win.navigation?.removeEventListener?.("currententrychange", check);

@@ -221,17 +221,13 @@ export class TabGroup {
     this.ready = new Promise((resolve) => {
       this._resolve = resolve;
     });
-    const Channel = BC === undefined ? globalThis.BroadcastChannel : BC;
-    try {
-      if (Channel) this._channel = new Channel(TAB_CHANNEL);
-    } catch {
-      this._channel = null; // e.g. an opaque origin
-    }
-    if (!this._channel) {
+    this._Channel = BC === undefined ? globalThis.BroadcastChannel : BC;
+    /** True while suspended (`suspend()`); false after `close()` too. */
+    this._suspended = false;
+    if (!this._open()) {
       this._settle(this._candidate);
       return;
     }
-    this._channel.onmessage = (event) => this._message(event.data);
     this._post("ask", this._candidate);
     this._timer = setTimeout(() => this._settle(lowest([this._candidate, ...this._heard])), askWindow);
   }
@@ -241,6 +237,38 @@ export class TabGroup {
     clearTimeout(this._timer);
     this._channel?.close();
     this._channel = null;
+    this._suspended = false;
+  }
+
+  /**
+   * Leaves the channel while the page sits in the back/forward cache (an open
+   * channel can keep a page out of it, or get it evicted), keeping the id; a
+   * tab still asking settles on what it heard.
+   */
+  suspend() {
+    if (!this._channel) return;
+    this._channel.close();
+    this._channel = null;
+    this._suspended = true;
+    if (this.id === null) this._settle(lowest([this._candidate, ...this._heard]));
+  }
+
+  /** Rejoins after `suspend()` and announces the id (the lower id wins, as always). */
+  resume() {
+    if (!this._suspended) return;
+    this._suspended = false;
+    if (this._open()) this._post("id", this.id);
+  }
+
+  /** Opens the channel; false when there is none. */
+  _open() {
+    try {
+      if (this._Channel) this._channel = new this._Channel(TAB_CHANNEL);
+    } catch {
+      this._channel = null; // e.g. an opaque origin
+    }
+    if (this._channel) this._channel.onmessage = (event) => this._message(event.data);
+    return this._channel !== null;
   }
 
   _post(type, id) {
@@ -1069,9 +1097,11 @@ function watchPresence(win, doc, counter, group, awayAfter = DEFAULT_AWAY_AFTER,
   const onPageHide = () => {
     cached = true;
     sync();
+    group?.suspend();
   };
   const onPageShow = (event) => {
     if (!event.persisted) return;
+    group?.resume();
     cached = false;
     onVisibility();
     sync();

@@ -543,8 +543,27 @@ const tests = {
       bus.deliver();
       assert.equal(a.id, lowest);
       other.close();
+      // In the back/forward cache a tab leaves the channel; back, it announces its id.
+      const c = mk("c");
+      bus.deliver();
+      assert.equal(c.id, lowest);
+      a.suspend();
+      const d = mk("d");
+      bus.deliver();
+      assert.equal(d.id, lowest, "b still answers");
+      for (const t of [b, c, d]) t.close();
+      const e = mk("e"); // asks: nobody is there but the suspended a
+      bus.deliver();
+      clock.fire(200);
+      bus.deliver();
+      assert.equal(e.id, e._candidate);
+      a.resume();
+      bus.deliver();
+      const settled = [lowest, e._candidate].sort()[0];
+      assert.equal(a.id, settled);
+      assert.equal(e.id, settled);
       a.close();
-      b.close();
+      e.close();
       // No BroadcastChannel: a group of one, settled at once.
       const alone = new TabGroup({ BroadcastChannel: null });
       assert.match(alone.id, /^[A-Za-z0-9_-]{22}$/);

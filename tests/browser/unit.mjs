@@ -3,6 +3,7 @@
 // Run by run.mjs before the browser steps (or alone: node unit.mjs).
 
 import assert from "node:assert/strict";
+import { readFileSync } from "node:fs";
 
 import {
   DEFAULT_BACKOFF,
@@ -621,6 +622,17 @@ const tests = {
     assert.equal(isAutomated({ userAgent: "Mozilla/5.0 (compatible; Googlebot/2.1; +http://www.google.com/bot.html)" }), true);
     assert.equal(isAutomated({ userAgent: chrome.replace("Chrome", "HeadlessChrome") }), true);
     assert.equal(isAutomated({ userAgent: "Mozilla/5.0 (Linux; Android 10; CUBOT X30) Chrome/120.0 Mobile" }), false);
+  },
+
+  "the embed knows every crawler the service refuses by default (config/default.toml)"() {
+    const toml = readFileSync(new URL("../../config/default.toml", import.meta.url), "utf8");
+    const list = toml.match(/^bot_user_agents = \[([^\]]*)\]/m);
+    assert.ok(list, "bot_user_agents in config/default.toml");
+    const tokens = [...list[1].matchAll(/"([^"]+)"/g)].map((m) => m[1]);
+    assert.ok(tokens.length > 10, `tokens: ${tokens}`);
+    for (const token of tokens) {
+      assert.equal(isAutomated({ userAgent: `Mozilla/5.0 (compatible; ${token}/1.0)` }), true, token);
+    }
   },
 
   async "counting people: the visitor id in the URL, visitors asked for and shown, both figures kept"() {

@@ -91,6 +91,8 @@ pub mod code {
     pub const INVALID_VISITOR: &str = "invalid_visitor";
     /// HTTP API: a query parameter with a value it does not take.
     pub const INVALID_PARAMETER: &str = "invalid_parameter";
+    /// HTTP API: a page the server has no record of (its history).
+    pub const UNKNOWN_PAGE: &str = "unknown_page";
 }
 
 /// Why a page id was refused.
@@ -332,6 +334,34 @@ pub struct PageInfo {
     /// (an extension of PROTOCOL.md's shape).
     #[serde(default)]
     pub links: Vec<String>,
+}
+
+/// Body of `GET /api/v1/pages/{id}/history` and `GET /api/v1/site/history`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct HistoryBody {
+    /// The page id; `null` for the whole site.
+    pub id: Option<String>,
+    /// The range asked for: `48h` (per-minute peaks) or `90d` (per-hour).
+    pub range: String,
+    /// Length of one point's slot in seconds (60 or 3600).
+    pub step_seconds: u64,
+    /// The window: the first slot's start and now (RFC 3339).
+    pub from: String,
+    pub to: String,
+    /// The slots when someone was there, oldest first (absent slots had no
+    /// one); the last may be the slot in progress.
+    pub points: Vec<HistoryPoint>,
+}
+
+/// One slot of a [`HistoryBody`]: the peaks of its two figures.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct HistoryPoint {
+    /// The slot's start (RFC 3339).
+    pub time: String,
+    /// Most distinct visitors at once during the slot.
+    pub visitors: u64,
+    /// Most connections at once during the slot.
+    pub connections: u64,
 }
 
 #[cfg(test)]

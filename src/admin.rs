@@ -27,7 +27,7 @@ use actix_web::{dev::ServerHandle, http::header, web, App, HttpRequest, HttpResp
 use tokio::sync::watch;
 
 use crate::{
-    counter::{Counter, GetHistory, GetLoad, GetTop},
+    counter::{Counter, GetHistory, GetLoad, GetPage, GetTop},
     http::{counter_unavailable, error_response},
     metrics,
     protocol::{code, decode_page_id, HistoryBody, HistoryPoint, PageId, ProtocolError},
@@ -203,7 +203,8 @@ fn configure_api(cfg: &mut web::ServiceConfig) {
 /// Every route of the admin listener.
 fn configure_admin(cfg: &mut web::ServiceConfig) {
     configure_api(cfg);
-    cfg.route("/metrics", web::get().to(metrics_text))
+    cfg.route("/api/v1/pages/{id}", web::get().to(page_info))
+        .route("/metrics", web::get().to(metrics_text))
         .route("/dashboard", web::get().to(dashboard))
         .route(
             "/healthz",
@@ -377,6 +378,38 @@ async fn history(req: HttpRequest, ops: web::Data<Ops>) -> HttpResponse {
 
 /// The prefix and suffix of `GET /api/v1/pages/{id}/history`.
 const PAGE_HISTORY: (&str, &str) = ("/api/v1/pages/", "/history");
+
+/// `GET /api/v1/pages/{id}` on the admin listener, for the dashboard's page
+/// view: the public listener's answer (the same public data, no token).
+async fn page_info(req: HttpRequest, ops: web::Data<Ops>) -> HttpResponse {
+    let raw = req
+        .uri()
+        .path()
+        .strip_prefix(PAGE_HISTORY.0)
+        .unwrap_or_default();
+    let page = match decode_page_id(raw) {
+        Ok(p) => p,
+        Err(e) => {
+            return error_response(
+                actix_web::http::StatusCode::BAD_REQUEST,
+                &ProtocolError::new(code::INVALID_PAGE_ID, e.to_string()),
+            )
+        }
+    };
+    let record = ops.storage.load_room(&page);
+    match tokio::time::timeout(QUERY_TIMEOUT, ops.counter.send(GetPage(page))).await {
+        Ok(Ok(mut info)) => {
+            if let Ok(Some(mut r)) = record {
+                r.links.sort();
+                info.links = r.links;
+            }
+            HttpResponse::Ok()
+                .insert_header((header::CACHE_CONTROL, "no-store"))
+                .json(info)
+        }
+        _ => counter_unavailable(),
+    }
+}
 
 /// `GET /api/v1/site/history?range=48h|90d`: the whole site's peaks.
 async fn site_history(req: HttpRequest, ops: web::Data<Ops>) -> HttpResponse {

@@ -630,6 +630,10 @@ impl Storage {
         records: impl IntoIterator<Item = (&'a str, &'a PageStats)>,
     ) -> Result<(), StorageError> {
         for (page, stats) in records {
+            if page == SITE {
+                // The site's live link (`protocol::SITE_LINK`) is no page.
+                continue;
+            }
             let active = stats.last_active_ms.unwrap_or(0);
             self.stats.put(page, encode(stats), active)?;
         }

@@ -305,8 +305,11 @@ pub struct Counter {
     rolled: u64,
     /// The site's figures ([`SetSite`]).
     site: Option<SetSite>,
-    /// The history key of the site.
+    /// The history key of the site, and the link of its live figure
+    /// (`protocol::SITE_LINK`, the same empty id).
     site_key: PageId,
+    /// The site's figures last applied to its link.
+    site_tally: Tally,
 }
 
 /// The present, for the state.
@@ -336,11 +339,43 @@ impl Counter {
             rolled: 0,
             site: None,
             site_key: PageId::from(SITE),
+            site_tally: Tally::ZERO,
         }
+    }
+
+    /// The site's figures now: this node's open sessions and its distinct
+    /// visitors over all pages (`NodeVisitors`, a node-wide reference count
+    /// of visitor keys kept by the sessions).
+    fn site_now(&self) -> Option<Tally> {
+        let site = self.site.as_ref()?;
+        Some(Tally {
+            connections: site.connections.load(Ordering::Relaxed) as u64,
+            visitors: site.visitors.distinct(),
+        })
+    }
+
+    /// Every 100 ms: applies a changed site figure to the site's link, as a
+    /// page's count is applied (published to its followers with the same
+    /// coalescing; in cluster mode shared and summed like a page's).
+    fn update_site(&mut self, ctx: &mut Context<Self>) {
+        let Some(now_tally) = self.site_now() else {
+            return;
+        };
+        if now_tally == self.site_tally && self.state.pages.contains_key(&self.site_key) {
+            return;
+        }
+        self.site_tally = now_tally;
+        let key = self.site_key.clone();
+        let out = self.state.room_count(&key, now_tally, 0, now());
+        self.dispatch(out, ctx);
     }
 
     /// The history observes what `page` shows now, and the site's figures.
     fn observe(&mut self, page: &PageId, ms: u64) {
+        if *page == self.site_key {
+            // The site's history is the node's own figures (`observe_site`).
+            return;
+        }
         if let Some(e) = self.state.pages.get(page) {
             self.peaks.observe(page, e.shown(), ms);
         }
@@ -349,11 +384,7 @@ impl Counter {
 
     /// The history observes the site's figures.
     fn observe_site(&mut self, ms: u64) {
-        if let Some(site) = &self.site {
-            let now = Tally {
-                connections: site.connections.load(Ordering::Relaxed) as u64,
-                visitors: site.visitors.distinct(),
-            };
+        if let Some(now) = self.site_now() {
             self.peaks.observe(&self.site_key, now, ms);
         }
     }
@@ -601,6 +632,7 @@ impl Actor for Counter {
         ctx.run_interval(Duration::from_millis(100), |act, ctx| {
             let out = act.state.tick(Instant::now());
             act.dispatch(out, ctx);
+            act.update_site(ctx);
         });
         ctx.run_interval(Duration::from_secs(1), |act, _| act.history_tick());
         if self.generation > 1 {
@@ -920,7 +952,15 @@ impl Handler<GetLoad> for Counter {
             connections: 0,
             opened_total: self.state.opened_total,
         };
-        for e in self.state.pages.values() {
+        if self.state.pages.contains_key(&self.site_key) {
+            // The site's link is not a page.
+            load.pages -= 1;
+        }
+        for (id, e) in &self.state.pages {
+            if *id == self.site_key {
+                load.subscriptions += e.subscribers.len();
+                continue;
+            }
             load.subscriptions += e.subscribers.len();
             load.connections += e.local.connections;
             load.live_pages += usize::from(!e.local.is_zero());
@@ -936,7 +976,7 @@ impl Handler<GetTop> for Counter {
             .state
             .pages
             .iter()
-            .filter(|(_, e)| !e.shown().is_zero())
+            .filter(|(id, e)| !e.shown().is_zero() && **id != self.site_key)
             .collect();
         let order = |a: &(&PageId, &PageEntry), b: &(&PageId, &PageEntry)| {
             let n = |e: &PageEntry| e.shown().connections;

@@ -297,7 +297,7 @@ async function main() {
 
     const errors = consoleLines.filter((l) => l.startsWith("error") || l.startsWith("pageerror"));
     if (errors.length) throw new Error(`browser console errors:\n${errors.join("\n")}`);
-    console.log(`ok   dashboard shows the total, the rate, the top list (ids decoded) and the chart, full on first load (${Date.now() - started} ms)`);
+    console.log(`ok   dashboard shows the total, the rate, the top list (ids decoded) and the chart, full on first load; the site figure, its 48 h chart and the sparklines with data; the page view; full screen fits 1920x1080; a phone has no horizontal scroll (${Date.now() - started} ms)`);
   } catch (e) {
     console.log(`FAIL dashboard\n     ${e.stack}`);
     if (page) {

@@ -1,6 +1,8 @@
 //! The operator side: `GET /metrics` (Prometheus text), `GET /dashboard` (a
 //! live page, `web/dashboard.html`), and the read-only API it reads
-//! (`GET /api/v1/stats`, `GET /api/v1/top?limit=N`, `GET /api/v1/history`).
+//! (`GET /api/v1/stats`, `GET /api/v1/top?limit=N`, `GET /api/v1/history`,
+//! and the stored history: `GET /api/v1/site/history`,
+//! `GET /api/v1/pages/{id}/history`).
 //! All of it is served by a second HTTP server on `admin.bind` (loopback by
 //! default); the API routes are also on the public listener, and `/metrics`
 //! is when `admin.metrics_on_public` is set. Nothing here writes state.
@@ -25,12 +27,13 @@ use actix_web::{dev::ServerHandle, http::header, web, App, HttpRequest, HttpResp
 use tokio::sync::watch;
 
 use crate::{
-    counter::{Counter, GetLoad, GetTop},
+    counter::{Counter, GetHistory, GetLoad, GetPage, GetTop},
     http::{counter_unavailable, error_response},
     metrics,
-    protocol::{code, ProtocolError},
+    protocol::{code, decode_page_id, HistoryBody, HistoryPoint, PageId, ProtocolError},
     shard::{CountRooms, Shards},
-    storage::Storage,
+    storage::{Resolution, Storage},
+    time::rfc3339,
     visitor::NodeVisitors,
 };
 
@@ -187,17 +190,21 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     diff == 0
 }
 
-/// `/api/v1/stats`, `/api/v1/top` and `/api/v1/history`.
+/// `/api/v1/stats`, `/api/v1/top`, `/api/v1/history` and the stored
+/// histories of the site and of a page.
 fn configure_api(cfg: &mut web::ServiceConfig) {
     cfg.route("/api/v1/stats", web::get().to(stats))
         .route("/api/v1/top", web::get().to(top))
-        .route("/api/v1/history", web::get().to(history));
+        .route("/api/v1/history", web::get().to(history))
+        .route("/api/v1/site/history", web::get().to(site_history))
+        .route("/api/v1/pages/{id}/history", web::get().to(page_history));
 }
 
 /// Every route of the admin listener.
 fn configure_admin(cfg: &mut web::ServiceConfig) {
     configure_api(cfg);
-    cfg.route("/metrics", web::get().to(metrics_text))
+    cfg.route("/api/v1/pages/{id}", web::get().to(page_info))
+        .route("/metrics", web::get().to(metrics_text))
         .route("/dashboard", web::get().to(dashboard))
         .route(
             "/healthz",
@@ -367,6 +374,136 @@ async fn history(req: HttpRequest, ops: web::Data<Ops>) -> HttpResponse {
             "now_ms": crate::time::now_ms(),
             "samples": samples,
         }))
+}
+
+/// The prefix and suffix of `GET /api/v1/pages/{id}/history`.
+const PAGE_HISTORY: (&str, &str) = ("/api/v1/pages/", "/history");
+
+/// `GET /api/v1/pages/{id}` on the admin listener, for the dashboard's page
+/// view: the public listener's answer (the same public data, no token).
+async fn page_info(req: HttpRequest, ops: web::Data<Ops>) -> HttpResponse {
+    let raw = req
+        .uri()
+        .path()
+        .strip_prefix(PAGE_HISTORY.0)
+        .unwrap_or_default();
+    let page = match decode_page_id(raw) {
+        Ok(p) => p,
+        Err(e) => {
+            return error_response(
+                actix_web::http::StatusCode::BAD_REQUEST,
+                &ProtocolError::new(code::INVALID_PAGE_ID, e.to_string()),
+            )
+        }
+    };
+    let record = ops.storage.load_room(&page);
+    match tokio::time::timeout(QUERY_TIMEOUT, ops.counter.send(GetPage(page))).await {
+        Ok(Ok(mut info)) => {
+            if let Ok(Some(mut r)) = record {
+                r.links.sort();
+                info.links = r.links;
+            }
+            HttpResponse::Ok()
+                .insert_header((header::CACHE_CONTROL, "no-store"))
+                .json(info)
+        }
+        _ => counter_unavailable(),
+    }
+}
+
+/// `GET /api/v1/site/history?range=48h|90d`: the whole site's peaks.
+async fn site_history(req: HttpRequest, ops: web::Data<Ops>) -> HttpResponse {
+    if let Some(denied) = deny(&req) {
+        return denied;
+    }
+    stored_history(&req, &ops, None).await
+}
+
+/// `GET /api/v1/pages/{id}/history?range=48h|90d`: one page's peaks (`{id}`
+/// percent-encoded as in the page API); 404 for a page with no record.
+async fn page_history(req: HttpRequest, ops: web::Data<Ops>) -> HttpResponse {
+    if let Some(denied) = deny(&req) {
+        return denied;
+    }
+    let path = req.uri().path();
+    let raw = path
+        .strip_prefix(PAGE_HISTORY.0)
+        .and_then(|p| p.strip_suffix(PAGE_HISTORY.1))
+        .unwrap_or_default();
+    match decode_page_id(raw) {
+        Ok(page) => stored_history(&req, &ops, Some(page)).await,
+        Err(e) => error_response(
+            actix_web::http::StatusCode::BAD_REQUEST,
+            &ProtocolError::new(code::INVALID_PAGE_ID, e.to_string()),
+        ),
+    }
+}
+
+/// The `range` parameter: `48h` (the default) is the per-minute series,
+/// `90d` the per-hour one; `None` for any other value.
+fn history_range(req: &HttpRequest) -> Option<(&'static str, Resolution)> {
+    let mut range = ("48h", Resolution::Minute);
+    for (key, value) in form_urlencoded::parse(req.query_string().as_bytes()) {
+        if key == "range" {
+            range = match &*value {
+                "48h" => ("48h", Resolution::Minute),
+                "90d" => ("90d", Resolution::Hour),
+                _ => return None,
+            };
+        }
+    }
+    Some(range)
+}
+
+/// The history of `page` (the site when `None`) as [`HistoryBody`].
+async fn stored_history(req: &HttpRequest, ops: &Ops, page: Option<PageId>) -> HttpResponse {
+    let Some((range, resolution)) = history_range(req) else {
+        return error_response(
+            actix_web::http::StatusCode::BAD_REQUEST,
+            &ProtocolError::new(
+                code::INVALID_PARAMETER,
+                "range must be 48h (per minute) or 90d (per hour)",
+            ),
+        );
+    };
+    let id = page.as_deref().map(str::to_owned);
+    let ask = GetHistory { page, resolution };
+    let series = match tokio::time::timeout(QUERY_TIMEOUT, ops.counter.send(ask)).await {
+        Ok(Ok(Ok(Some(series)))) => series,
+        Ok(Ok(Ok(None))) => {
+            return error_response(
+                actix_web::http::StatusCode::NOT_FOUND,
+                &ProtocolError::new(
+                    code::UNKNOWN_PAGE,
+                    "no record of this page (never viewed, or its stats expired)",
+                ),
+            )
+        }
+        Ok(Ok(Err(e))) => {
+            tracing::error!(error = %e, "history read failed");
+            return counter_unavailable();
+        }
+        _ => return counter_unavailable(),
+    };
+    let points = series
+        .points
+        .into_iter()
+        .map(|(at, t)| HistoryPoint {
+            time: rfc3339(at),
+            visitors: t.visitors,
+            connections: t.connections,
+        })
+        .collect();
+    HttpResponse::Ok()
+        .insert_header((header::CACHE_CONTROL, "no-store"))
+        .json(HistoryBody {
+            id,
+            range: range.to_owned(),
+            step_seconds: resolution.step_ms() / 1000,
+            from: rfc3339(series.from_ms),
+            to: rfc3339(series.to_ms),
+            points,
+        })
 }
 
 /// `GET /api/v1/top?limit=N` (default 20, at most 100): pages by live connections.

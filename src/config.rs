@@ -193,6 +193,22 @@ pub struct StorageSettings {
     /// Most records each stored tree keeps (stats, room records); the least
     /// recently active go first.
     pub max_records: usize,
+    /// How long the per-minute peaks (history) are kept.
+    #[serde(with = "humantime_serde")]
+    pub history_minutes: Duration,
+    /// How long the per-hour peaks (history) are kept.
+    #[serde(with = "humantime_serde")]
+    pub history_hours: Duration,
+}
+
+impl StorageSettings {
+    /// The history's retention, in ms.
+    pub fn history_retention(&self) -> crate::storage::HistoryRetention {
+        crate::storage::HistoryRetention {
+            minutes_ms: self.history_minutes.as_millis() as u64,
+            hours_ms: self.history_hours.as_millis() as u64,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -358,6 +374,16 @@ impl Settings {
             if d.is_zero() {
                 return bad(key, "must be greater than 0");
             }
+        }
+        let st = &self.storage;
+        if st.history_minutes < Duration::from_secs(3600) || st.history_minutes > st.history_hours {
+            return bad(
+                "storage.history_minutes",
+                "must be at least 1h and at most storage.history_hours",
+            );
+        }
+        if st.history_hours > Duration::from_secs(400 * 86_400) {
+            return bad("storage.history_hours", "must be at most 400days");
         }
         let l = &self.limits;
         // actix-http measures this deadline on a clock that ticks every

@@ -91,6 +91,8 @@ pub mod code {
     pub const INVALID_VISITOR: &str = "invalid_visitor";
     /// HTTP API: a query parameter with a value it does not take.
     pub const INVALID_PARAMETER: &str = "invalid_parameter";
+    /// HTTP API: a page the server has no record of (its history).
+    pub const UNKNOWN_PAGE: &str = "unknown_page";
 }
 
 /// Why a page id was refused.
@@ -145,12 +147,22 @@ pub fn decode_page_id(raw: &str) -> Result<PageId, PageIdError> {
     Ok(Arc::from(decoded.as_ref()))
 }
 
+/// The link a `"site": true` subscribe follows: the whole site's figure.
+/// Not a valid page id (ids are never empty), so no page can take it; an
+/// `update` shows its value as `"site"`, never among the pages.
+pub const SITE_LINK: &str = "";
+
 /// A message from the client.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ClientMessage {
     /// Replace this connection's link set (duplicates removed, order kept);
-    /// with `visitors`, its updates also carry the `visitors` map.
-    Subscribe { links: Vec<PageId>, visitors: bool },
+    /// with `visitors`, its updates also carry the `visitors` map; with
+    /// `site`, the `site` figure (the link [`SITE_LINK`] is followed).
+    Subscribe {
+        links: Vec<PageId>,
+        visitors: bool,
+        site: bool,
+    },
 }
 
 /// An `error` reply: its code and human text.
@@ -240,6 +252,16 @@ pub fn parse_client_message(text: &str, max_links: usize) -> Result<ClientMessag
                     ))
                 }
             };
+            let site = match obj.get("site") {
+                None | Some(serde_json::Value::Bool(false)) => false,
+                Some(serde_json::Value::Bool(true)) => true,
+                Some(_) => {
+                    return Err(ProtocolError::new(
+                        code::INVALID_JSON,
+                        "\"site\" must be true or false",
+                    ))
+                }
+            };
             let mut out: Vec<PageId> = Vec::with_capacity(links.len().min(max_links));
             let mut seen = std::collections::HashSet::with_capacity(links.len().min(max_links));
             for link in links {
@@ -265,6 +287,7 @@ pub fn parse_client_message(text: &str, max_links: usize) -> Result<ClientMessag
             Ok(ClientMessage::Subscribe {
                 links: out,
                 visitors,
+                site,
             })
         }
         other => Err(ProtocolError::new(
@@ -284,6 +307,7 @@ fn truncate(s: &str) -> &str {
 
 /// Serializes an `update` of the given values: `{"type":"update","connections":{...}}`,
 /// and with `visitors` also `"visitors":{...}` (the same ids), each map sorted by id.
+/// The value of [`SITE_LINK`], when given, is `"site": N` (its distinct visitors).
 pub fn update_json<'a>(
     values: impl IntoIterator<Item = (&'a str, Tally)>,
     visitors: bool,
@@ -295,10 +319,17 @@ pub fn update_json<'a>(
         connections: BTreeMap<&'a str, u64>,
         #[serde(skip_serializing_if = "Option::is_none")]
         visitors: Option<BTreeMap<&'a str, u64>>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        site: Option<u64>,
     }
     let mut connections = BTreeMap::new();
     let mut distinct = visitors.then(BTreeMap::new);
+    let mut site = None;
     for (id, t) in values {
+        if id == SITE_LINK {
+            site = Some(t.visitors);
+            continue;
+        }
         connections.insert(id, t.connections);
         if let Some(d) = &mut distinct {
             d.insert(id, t.visitors);
@@ -308,6 +339,7 @@ pub fn update_json<'a>(
         kind: "update",
         connections,
         visitors: distinct,
+        site,
     };
     // Serializing maps of strings to integers cannot fail.
     serde_json::to_string(&update).expect("maps of strings to integers serialize")
@@ -332,6 +364,34 @@ pub struct PageInfo {
     /// (an extension of PROTOCOL.md's shape).
     #[serde(default)]
     pub links: Vec<String>,
+}
+
+/// Body of `GET /api/v1/pages/{id}/history` and `GET /api/v1/site/history`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct HistoryBody {
+    /// The page id; `null` for the whole site.
+    pub id: Option<String>,
+    /// The range asked for: `48h` (per-minute peaks) or `90d` (per-hour).
+    pub range: String,
+    /// Length of one point's slot in seconds (60 or 3600).
+    pub step_seconds: u64,
+    /// The window: the first slot's start and now (RFC 3339).
+    pub from: String,
+    pub to: String,
+    /// The slots when someone was there, oldest first (absent slots had no
+    /// one); the last may be the slot in progress.
+    pub points: Vec<HistoryPoint>,
+}
+
+/// One slot of a [`HistoryBody`]: the peaks of its two figures.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct HistoryPoint {
+    /// The slot's start (RFC 3339).
+    pub time: String,
+    /// Most distinct visitors at once during the slot.
+    pub visitors: u64,
+    /// Most connections at once during the slot.
+    pub connections: u64,
 }
 
 #[cfg(test)]
@@ -360,7 +420,29 @@ mod tests {
             ClientMessage::Subscribe {
                 links: vec!["b".into(), "c".into()],
                 visitors: false,
+                site: false,
             }
+        );
+        let site = |t: &str| match parse_client_message(t, 256) {
+            Ok(ClientMessage::Subscribe { site, .. }) => Ok(site),
+            Err(e) => Err(e.code),
+        };
+        assert_eq!(
+            site(r#"{"type":"subscribe","links":[],"site":true}"#),
+            Ok(true)
+        );
+        assert_eq!(
+            site(r#"{"type":"subscribe","links":[],"site":false}"#),
+            Ok(false)
+        );
+        assert_eq!(
+            site(r#"{"type":"subscribe","links":[],"site":1}"#),
+            Err(code::INVALID_JSON)
+        );
+        // The site link cannot be asked for as a page.
+        assert_eq!(
+            site(r#"{"type":"subscribe","links":[""]}"#),
+            Err(code::INVALID_PAGE_ID)
         );
         let flagged = |t: &str| match parse_client_message(t, 256) {
             Ok(ClientMessage::Subscribe { visitors, .. }) => Ok(visitors),
@@ -419,6 +501,14 @@ mod tests {
         assert_eq!(
             update_json([("c", t(0, 0)), ("b", t(3, 2))], true),
             r#"{"type":"update","connections":{"b":3,"c":0},"visitors":{"b":2,"c":0}}"#
+        );
+        assert_eq!(
+            update_json([(SITE_LINK, t(9, 7)), ("b", t(3, 2))], false),
+            r#"{"type":"update","connections":{"b":3},"site":7}"#
+        );
+        assert_eq!(
+            update_json([(SITE_LINK, t(9, 7))], true),
+            r#"{"type":"update","connections":{},"visitors":{},"site":7}"#
         );
     }
 

@@ -28,7 +28,7 @@ use crate::{
         Unsubscribe,
     },
     delivery::{ConnId, End, Mailbox, Update},
-    protocol::{code, PageId, ProtocolError, Tally},
+    protocol::{code, PageId, ProtocolError, Tally, SITE_LINK},
     storage::{RoomRecord, Storage},
     time::now_ms,
     visitor::{VisitorKey, Visitors},
@@ -302,11 +302,18 @@ impl PageRoom {
             self.dirty = false;
             return;
         }
+        // The site figure is not a link of the page.
         let record = RoomRecord {
-            links: self.last_links.iter().map(|l| l.to_string()).collect(),
+            links: self
+                .last_links
+                .iter()
+                .filter(|l| &***l != SITE_LINK)
+                .map(|l| l.to_string())
+                .collect(),
             counts: self
                 .cache
                 .iter()
+                .filter(|(l, _)| &***l != SITE_LINK)
                 .map(|(l, t)| (l.to_string(), t.connections))
                 .collect(),
             last_active_ms: now_ms(),

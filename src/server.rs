@@ -23,7 +23,7 @@ use crate::{
     admin::{AdminServer, Ops},
     cluster::{Cluster, ClusterHealth, Withdraw},
     config::Settings,
-    counter::{Counter, FinalSnapshot, SetCluster},
+    counter::{Counter, FinalSnapshot, SetCluster, SetSite},
     http::{self, AppState},
     limits::{BotFilter, ConnLimiter, OriginPolicy},
     room::CloseAll,
@@ -122,6 +122,10 @@ impl Server {
             cluster: cluster_health,
             visitors: Arc::default(),
         };
+        counter.do_send(SetSite {
+            connections: state.active.clone(),
+            visitors: state.visitors.clone(),
+        });
         let local_addr = listener.local_addr()?;
         start_metrics(&counter_arbiter);
         let (ops, admin) = start_admin(&state)?;
@@ -356,8 +360,10 @@ fn worker_service(
 {
     let app = App::new()
         .app_data(web::Data::new(state.clone()))
-        .configure(http::configure)
+        // The operator routes first: `/api/v1/pages/{id}/history` before
+        // `http`'s `/api/v1/pages/{id}`.
         .configure(|cfg| ops.configure_public(cfg))
+        .configure(http::configure)
         .configure(|cfg| crate::web::configure(cfg, &state.settings.web));
     let ws_state = state.clone();
     HttpService::build()

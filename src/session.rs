@@ -41,7 +41,9 @@ use crate::{
     delivery::{ConnId, End, Mailbox},
     limits::{Permit, TokenBucket},
     metrics::{self as m, CloseKind},
-    protocol::{close, code, parse_client_message, ClientMessage, PageId, ProtocolError},
+    protocol::{
+        close, code, parse_client_message, ClientMessage, PageId, ProtocolError, SITE_LINK,
+    },
     room::{Join, Leave, SetLinks},
     shard::Shard,
     visitor::{NodeVisitors, VisitorKey, VisitorParam},
@@ -692,7 +694,14 @@ impl Session {
         };
         let max_links = self.joined.settings.websocket.max_links_per_subscribe;
         match parse_client_message(text, max_links) {
-            Ok(ClientMessage::Subscribe { links, visitors }) => {
+            Ok(ClientMessage::Subscribe {
+                mut links,
+                visitors,
+                site,
+            }) => {
+                if site {
+                    links.push(PageId::from(SITE_LINK));
+                }
                 let ms = &self.joined.membership;
                 ms.shard.do_send(SetLinks {
                     page: ms.page.clone(),

@@ -1,9 +1,11 @@
 //! Persistence: the only module that touches sled.
 //!
-//! Three trees: `meta` (schema version), `stats` (one record per page: totals,
-//! peak, last activity) and `rooms` (one record per page room: the links its
-//! connections subscribed to and the counts it last saw). Every value starts
-//! with a version byte followed by JSON, so the encoding can evolve.
+//! Four trees: `meta` (schema version), `stats` (one record per page: totals,
+//! peak, last activity), `rooms` (one record per page room: the links its
+//! connections subscribed to and the counts it last saw) and `history` (per
+//! page and for the site, the peaks of each minute and each hour, see
+//! [`Resolution`]). Every value starts with a version byte followed by JSON
+//! (history: a compact binary list), so the encoding can evolve.
 //! Live counts are never stored: connections do not survive a restart.
 
 use std::{
@@ -16,6 +18,8 @@ use std::{
 };
 
 use serde::{Deserialize, Serialize};
+
+use crate::protocol::Tally;
 
 /// Version byte of every record written by this build.
 const RECORD_V1: u8 = 1;
@@ -304,6 +308,229 @@ fn room_active(key: &[u8], value: &[u8]) -> u64 {
     decode::<RoomRecord>(key, value).map_or(0, |r| r.last_active_ms)
 }
 
+// ---------------------------------------------------------------- history
+
+/// Version byte of a history record.
+const HISTORY_V1: u8 = 1;
+
+/// The history key of the whole site (no page id is empty).
+pub const SITE: &str = "";
+
+/// The two resolutions of the history. A record holds one bucket of slots:
+/// a minute record the minutes of one hour (60 slots), an hour record the
+/// hours of one day (24 slots). Its key is `page ++ "/" ++ tag ++ bucket`
+/// (the bucket's index since the Unix epoch, 4 bytes big-endian): a page id
+/// has no `/`, so a page's records are one prefix (deleted with its stats)
+/// and lie in time order. Its value is [`HISTORY_V1`] then, for each slot
+/// with someone, in slot order: the slot (1 byte) and the peaks of visitors
+/// and connections (LEB128 varints). Writes go through sled's merge, which
+/// keeps the larger of each figure per slot, so a peak is never lowered and
+/// a minute written twice (before and after a restart) keeps its maximum.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resolution {
+    Minute,
+    Hour,
+}
+
+impl Resolution {
+    /// Length of one slot in ms.
+    pub fn step_ms(self) -> u64 {
+        match self {
+            Resolution::Minute => 60_000,
+            Resolution::Hour => 3_600_000,
+        }
+    }
+
+    /// Length of one record's bucket in ms.
+    fn bucket_ms(self) -> u64 {
+        match self {
+            Resolution::Minute => 3_600_000,
+            Resolution::Hour => 86_400_000,
+        }
+    }
+
+    fn tag(self) -> u8 {
+        match self {
+            Resolution::Minute => b'm',
+            Resolution::Hour => b'h',
+        }
+    }
+}
+
+/// How long each resolution is kept (`storage.history_minutes`, `storage.history_hours`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HistoryRetention {
+    pub minutes_ms: u64,
+    pub hours_ms: u64,
+}
+
+impl HistoryRetention {
+    fn of(self, res: Resolution) -> u64 {
+        match res {
+            Resolution::Minute => self.minutes_ms,
+            Resolution::Hour => self.hours_ms,
+        }
+    }
+}
+
+/// Largest bucket index (4 bytes; year 490,000 or so for minutes).
+fn bucket_of(res: Resolution, ms: u64) -> u32 {
+    u32::try_from(ms / res.bucket_ms()).unwrap_or(u32::MAX)
+}
+
+fn history_key(page: &str, res: Resolution, bucket: u32) -> Vec<u8> {
+    let mut k = Vec::with_capacity(page.len() + 6);
+    k.extend_from_slice(page.as_bytes());
+    k.push(b'/');
+    k.push(res.tag());
+    k.extend_from_slice(&bucket.to_be_bytes());
+    k
+}
+
+/// The prefix of every history record of `page`.
+fn history_prefix(page: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(page.len() + 1);
+    k.extend_from_slice(page.as_bytes());
+    k.push(b'/');
+    k
+}
+
+fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+fn take_varint(bytes: &mut &[u8]) -> Option<u64> {
+    let mut v = 0u64;
+    for shift in (0..64).step_by(7) {
+        let (&b, rest) = bytes.split_first()?;
+        *bytes = rest;
+        v |= u64::from(b & 0x7f) << shift;
+        if b & 0x80 == 0 {
+            return Some(v);
+        }
+    }
+    None
+}
+
+/// The slots of a history value, in slot order; `None` if it is not one
+/// this build reads.
+fn decode_slots(value: &[u8]) -> Option<BTreeMap<u8, Tally>> {
+    let (&HISTORY_V1, mut rest) = value.split_first()? else {
+        return None;
+    };
+    let mut slots = BTreeMap::new();
+    while let Some((&slot, tail)) = rest.split_first() {
+        rest = tail;
+        let visitors = take_varint(&mut rest)?;
+        let connections = take_varint(&mut rest)?;
+        slots.insert(
+            slot,
+            Tally {
+                connections,
+                visitors,
+            },
+        );
+    }
+    Some(slots)
+}
+
+fn encode_slots(slots: &BTreeMap<u8, Tally>) -> Vec<u8> {
+    let mut out = Vec::with_capacity(1 + slots.len() * 5);
+    out.push(HISTORY_V1);
+    for (slot, t) in slots {
+        out.push(*slot);
+        put_varint(&mut out, t.visitors);
+        put_varint(&mut out, t.connections);
+    }
+    out
+}
+
+/// sled's merge of history values: the larger of each figure per slot. A
+/// stored value this build cannot read (a newer build's) is kept as it is.
+fn merge_history(_key: &[u8], old: Option<&[u8]>, new: &[u8]) -> Option<Vec<u8>> {
+    let Some(mut slots) = old.map_or(Some(BTreeMap::new()), decode_slots) else {
+        return old.map(<[u8]>::to_vec);
+    };
+    for (slot, t) in decode_slots(new).unwrap_or_default() {
+        let kept = slots.entry(slot).or_insert(Tally::ZERO);
+        kept.connections = kept.connections.max(t.connections);
+        kept.visitors = kept.visitors.max(t.visitors);
+    }
+    Some(encode_slots(&slots))
+}
+
+/// One peak to record: the history key (a page id or [`SITE`]), the start
+/// of its minute (ms since epoch) and the minute's peaks.
+pub type MinutePeak = (crate::protocol::PageId, u64, Tally);
+
+/// The history tree.
+#[derive(Clone)]
+struct HistoryTree(sled::Tree);
+
+impl HistoryTree {
+    fn open(db: &sled::Db) -> Result<HistoryTree, StorageError> {
+        let tree = db.open_tree("history")?;
+        tree.set_merge_operator(merge_history);
+        Ok(HistoryTree(tree))
+    }
+
+    /// Merges one minute's peaks into its minute record and its hour's slot
+    /// of the day record. A record it creates (a new bucket) first deletes
+    /// the key's buckets past their retention.
+    fn record(
+        &self,
+        key: &str,
+        minute_ms: u64,
+        peak: Tally,
+        keep: HistoryRetention,
+    ) -> Result<(), StorageError> {
+        for res in [Resolution::Minute, Resolution::Hour] {
+            let bucket = bucket_of(res, minute_ms);
+            let slot = (minute_ms % res.bucket_ms()) / res.step_ms();
+            let value = encode_slots(&BTreeMap::from([(slot as u8, peak)]));
+            let k = history_key(key, res, bucket);
+            // The counter is the only writer: no one creates it in between.
+            let created = !self.0.contains_key(&k)?;
+            self.0.merge(k, value)?;
+            if created {
+                let cutoff = bucket_of(res, minute_ms.saturating_sub(keep.of(res)));
+                self.delete_range(key, res, 0, cutoff)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes the buckets `from..to` of `key` at `res`.
+    fn delete_range(
+        &self,
+        key: &str,
+        res: Resolution,
+        from: u32,
+        to: u32,
+    ) -> Result<(), StorageError> {
+        if from >= to {
+            return Ok(());
+        }
+        let range = history_key(key, res, from)..history_key(key, res, to);
+        for k in self.0.range(range).keys() {
+            self.0.remove(k?)?;
+        }
+        Ok(())
+    }
+
+    /// Deletes every record of `page`.
+    fn delete(&self, page: &str) -> Result<(), StorageError> {
+        for k in self.0.scan_prefix(history_prefix(page)).keys() {
+            self.0.remove(k?)?;
+        }
+        Ok(())
+    }
+}
+
 /// Whether the sled database in `path` was created with compression (sled
 /// records it in its `conf` file and refuses to open it with the other
 /// setting); `None` for a new database. New databases are compressed (zstd):
@@ -330,6 +557,8 @@ pub struct Storage {
     stats: Capped,
     /// Per-room records.
     rooms: Capped,
+    /// Per-page and site-wide peaks.
+    history: HistoryTree,
     /// The data directory, absolute (ties the cluster identity to it).
     path: std::sync::Arc<std::path::PathBuf>,
 }
@@ -370,6 +599,7 @@ impl Storage {
         Ok(Storage {
             stats: Capped::open(&db, "stats", stats_active)?,
             rooms: Capped::open(&db, "rooms", room_active)?,
+            history: HistoryTree::open(&db)?,
             db,
             path: std::sync::Arc::new(std::fs::canonicalize(path).unwrap_or_else(|_| path.into())),
         })
@@ -400,6 +630,10 @@ impl Storage {
         records: impl IntoIterator<Item = (&'a str, &'a PageStats)>,
     ) -> Result<(), StorageError> {
         for (page, stats) in records {
+            if page == SITE {
+                // The site's live link (`protocol::SITE_LINK`) is no page.
+                continue;
+            }
             let active = stats.last_active_ms.unwrap_or(0);
             self.stats.put(page, encode(stats), active)?;
         }
@@ -429,28 +663,87 @@ impl Storage {
         self.rooms.expire(cutoff_ms, keep)
     }
 
-    /// Deletes stats of pages inactive since before `cutoff_ms`, except pages
-    /// for which `keep` says yes. Returns how many were deleted.
+    /// Deletes stats (and history) of pages inactive since before
+    /// `cutoff_ms`, except pages for which `keep` says yes. Returns how many
+    /// were deleted.
     pub fn expire_stats(
         &self,
         cutoff_ms: u64,
         keep: impl Fn(&str) -> bool,
     ) -> Result<usize, StorageError> {
-        self.stats.expire(cutoff_ms, keep)
+        let gone = self.stats.evict_oldest(|| false, |t| t < cutoff_ms, keep)?;
+        for page in &gone {
+            self.history.delete(page)?;
+        }
+        Ok(gone.len())
+    }
+
+    /// Records minute peaks (see [`Resolution`]): each goes into its minute
+    /// and its hour, keeping the larger figures of what is stored. A page
+    /// without a stats record is skipped: a page's history lives as long as
+    /// its stats, so `storage.max_records` bounds it too.
+    pub fn save_history<'a>(
+        &self,
+        peaks: impl IntoIterator<Item = &'a MinutePeak>,
+        keep: HistoryRetention,
+    ) -> Result<(), StorageError> {
+        for (key, minute_ms, peak) in peaks {
+            if &**key == SITE || self.stats.data.contains_key(key.as_bytes())? {
+                self.history.record(key, *minute_ms, *peak, keep)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The stored peaks of `key` (a page id or [`SITE`]) at `res` whose
+    /// slots start in `from_ms..=to_ms`, oldest first, as (slot start in
+    /// ms, peaks). Slots when no one was there are absent.
+    pub fn load_history(
+        &self,
+        key: &str,
+        res: Resolution,
+        from_ms: u64,
+        to_ms: u64,
+    ) -> Result<Vec<(u64, Tally)>, StorageError> {
+        let (first, last) = (bucket_of(res, from_ms), bucket_of(res, to_ms));
+        let end = history_key(key, res, last.saturating_add(1));
+        let range = history_key(key, res, first)..end;
+        let mut points = Vec::new();
+        for item in self.history.0.range(range) {
+            let (k, v) = item?;
+            let Some(bucket) = k.last_chunk::<4>().map(|b| u32::from_be_bytes(*b)) else {
+                continue;
+            };
+            let start = u64::from(bucket) * res.bucket_ms();
+            for (slot, t) in decode_slots(&v).unwrap_or_default() {
+                let at = start + u64::from(slot) * res.step_ms();
+                if (from_ms..=to_ms).contains(&at) {
+                    points.push((at, t));
+                }
+            }
+        }
+        Ok(points)
+    }
+
+    /// Number of history records (a scan: for tests and measurements).
+    pub fn history_records(&self) -> usize {
+        self.history.0.len()
     }
 
     /// Deletes the least recently active records of each store past `max`
-    /// records, except pages for which `keep` says yes. Returns the pages
-    /// whose stats were deleted and how many room records were.
+    /// records (a page's history goes with its stats), except pages for
+    /// which `keep` says yes. Returns the pages whose stats were deleted and
+    /// how many room records were.
     pub fn trim(
         &self,
         max: usize,
         keep: impl Fn(&str) -> bool,
     ) -> Result<(Vec<String>, usize), StorageError> {
-        Ok((
-            self.stats.trim(max, &keep)?,
-            self.rooms.trim(max, &keep)?.len(),
-        ))
+        let stats = self.stats.trim(max, &keep)?;
+        for page in &stats {
+            self.history.delete(page)?;
+        }
+        Ok((stats, self.rooms.trim(max, &keep)?.len()))
     }
 
     /// Number of stored room records.
@@ -674,5 +967,118 @@ mod tests {
         let (gone, _) = s.trim(1, |_| false).expect("trim");
         assert_eq!(gone, ["p5", "p6"]);
         assert_eq!(kept(&s, &pages), [false, true, false, false, false, false]);
+    }
+
+    const KEEP: HistoryRetention = HistoryRetention {
+        minutes_ms: 48 * 3_600_000,
+        hours_ms: 90 * 86_400_000,
+    };
+
+    fn tally(visitors: u64, connections: u64) -> Tally {
+        Tally {
+            connections,
+            visitors,
+        }
+    }
+
+    /// Minute peaks merge per figure (a lower write never lowers a peak),
+    /// land in their minute and their hour, and read back in time order
+    /// within the asked window only.
+    #[test]
+    fn history_keeps_the_largest_figures_per_minute_and_hour() {
+        let dir = tempfile::tempdir().expect("dir");
+        let s = Storage::open(dir.path(), 1 << 20).expect("open");
+        let day = 20_000 * 86_400_000u64;
+        let m = |i: u64| day + i * 60_000;
+        let p: crate::protocol::PageId = "p".into();
+        s.save_stats([("p", &stats_at(1))]).expect("stats");
+        let peaks = vec![
+            (p.clone(), m(0), tally(2, 3)),
+            (p.clone(), m(1), tally(5, 5)),
+            (p.clone(), m(1), tally(1, 9)),
+            (p.clone(), m(61), tally(300, 400)),
+            (SITE.into(), m(2), tally(7, 8)),
+        ];
+        s.save_history(&peaks, KEEP).expect("save");
+        let minutes = s
+            .load_history("p", Resolution::Minute, m(0), m(120))
+            .expect("load");
+        assert_eq!(
+            minutes,
+            vec![
+                (m(0), tally(2, 3)),
+                (m(1), tally(5, 9)),
+                (m(61), tally(300, 400))
+            ]
+        );
+        let hours = s
+            .load_history("p", Resolution::Hour, day, day + 86_400_000)
+            .expect("load");
+        assert_eq!(
+            hours,
+            vec![(day, tally(5, 9)), (day + 3_600_000, tally(300, 400))]
+        );
+        assert_eq!(
+            s.load_history("p", Resolution::Minute, m(1), m(59))
+                .expect("load"),
+            vec![(m(1), tally(5, 9))]
+        );
+        assert_eq!(
+            s.load_history(SITE, Resolution::Minute, m(0), m(120))
+                .expect("load"),
+            vec![(m(2), tally(7, 8))]
+        );
+        // Another page whose id starts like this one's shares nothing.
+        assert!(s
+            .load_history("p2", Resolution::Minute, m(0), m(120))
+            .expect("load")
+            .is_empty());
+    }
+
+    /// A new bucket deletes the key's buckets past retention; deleting a
+    /// page's stats deletes its history and nobody else's.
+    #[test]
+    fn history_is_bounded_by_retention_and_goes_with_its_page() {
+        let dir = tempfile::tempdir().expect("dir");
+        let s = Storage::open(dir.path(), 1 << 20).expect("open");
+        let hour = 3_600_000u64;
+        let start = 500_000 * hour;
+        let p: crate::protocol::PageId = "p".into();
+        s.save_stats([("p", &stats_at(1))]).expect("stats");
+        // One minute in each of 100 hours: at most 49 minute buckets (48 h
+        // and the one in progress) and 5 day buckets remain.
+        let peaks: Vec<MinutePeak> = (0..100)
+            .map(|h| (p.clone(), start + h * hour, tally(1, 1)))
+            .collect();
+        s.save_history(&peaks, KEEP).expect("save");
+        let last = start + 99 * hour;
+        let minutes = s
+            .load_history("p", Resolution::Minute, 0, last)
+            .expect("load");
+        assert_eq!(minutes.len(), 49);
+        assert_eq!(minutes[0].0, last - 48 * hour);
+        assert_eq!(s.history_records(), 49 + 5);
+        s.save_stats([("q", &stats_at(2))]).expect("stats");
+        let unknown = ("r".into(), start, tally(1, 1));
+        s.save_history(&[("q".into(), start, tally(1, 1)), unknown], KEEP)
+            .expect("save");
+        assert_eq!(s.history_records(), 49 + 5 + 2, "r has no stats: skipped");
+        let (gone, _) = s.trim(1, |_| false).expect("trim");
+        assert_eq!(gone, ["p"]);
+        assert_eq!(s.history_records(), 2, "only q's minute and hour remain");
+        assert_eq!(s.expire_stats(10, |_| false).expect("expire"), 1);
+        assert_eq!(s.history_records(), 0);
+    }
+
+    #[test]
+    fn history_values_round_trip_and_refuse_garbage() {
+        let slots = BTreeMap::from([(0u8, tally(0, 1)), (59, tally(u64::MAX, 300))]);
+        assert_eq!(decode_slots(&encode_slots(&slots)), Some(slots.clone()));
+        assert_eq!(decode_slots(&[HISTORY_V1, 3, 0x80]), None);
+        assert_eq!(decode_slots(&[2, 0, 1, 1]), None);
+        // A value of a newer build is kept as it is by a merge.
+        let foreign = [2u8, 9, 9];
+        let merged = merge_history(b"k", Some(&foreign), &encode_slots(&slots));
+        assert_eq!(merged.as_deref(), Some(&foreign[..]));
     }
 }

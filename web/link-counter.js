@@ -48,6 +48,10 @@ const VISITOR_ID = /^[A-Za-z0-9_-]{8,64}$/;
 
 /** The figures a counter can show: distinct people, or open connections (tabs). */
 const FIGURES = ["visitors", "connections"];
+/** The name of the site's figure in `onUpdate`'s `changed` (no page id is empty). */
+export const SITE = "";
+/** Elements the embed fills with the site's figure. */
+const SITE_SELECTOR = "[data-link-counter-site]";
 
 /** Last path segments that stand for their directory ("/docs/index.html" is "/docs/"). */
 const INDEX_FILES = ["index.html", "index.htm"];
@@ -343,6 +347,8 @@ export class LinkCounter {
    * @param {string[]} [options.links]  ids whose counts to follow
    * @param {"visitors"|"connections"} [options.count]  which figure `get` and `counts` give
    *   (default "visitors": people; "connections": tabs)
+   * @param {boolean} [options.site]  also follow the site's figure: the distinct people on
+   *   any of its pages (`site`; default false)
    * @param {string|null} [options.visitor]  the visitor id to send (default: `pageLoadVisitorId()`;
    *   null: none, the connection is a visitor of its own)
    * @param {boolean} [options.paused]  start paused (no connection until `resume()`)
@@ -357,6 +363,7 @@ export class LinkCounter {
     page,
     links = [],
     count = "visitors",
+    site = false,
     visitor,
     onUpdate = null,
     backoff = {},
@@ -381,6 +388,9 @@ export class LinkCounter {
     this._log = logger;
     this._links = [];
     this._counts = new Map();
+    this._wantSite = Boolean(site);
+    /** The site's figure as last told, or null when unknown. */
+    this._site = null;
     /** id -> {connections, visitors} as last told (visitors null without the map), or null. */
     this._tallies = new Map();
     this._ws = null;
@@ -439,6 +449,11 @@ export class LinkCounter {
   /** A copy of the counts: id -> number, or null when unknown. */
   get counts() {
     return new Map(this._counts);
+  }
+
+  /** The people on any page of the site (with `site: true`): a number, or null when unknown. */
+  get site() {
+    return this._site;
   }
 
   /** The count of `id` (the `count` option's figure): a number, or null when unknown or not followed. */
@@ -546,6 +561,7 @@ export class LinkCounter {
   _subscribe() {
     const msg = { type: "subscribe", links: this._links };
     if (this.figure === "visitors") msg.visitors = true;
+    if (this._wantSite) msg.site = true;
     this._ws.send(JSON.stringify(msg));
   }
 
@@ -653,6 +669,10 @@ export class LinkCounter {
           changed.push(id);
         }
       }
+      if (this._wantSite && figure(msg.site) && msg.site !== this._site) {
+        this._site = msg.site;
+        changed.push(SITE);
+      }
       if (changed.length) this._emit(changed);
     } else if (msg?.type === "error") {
       this._log.warn(`link-counter: server refused a request: ${msg.code}: ${msg.message}`);
@@ -747,6 +767,10 @@ export class LinkCounter {
   _forget() {
     this._tallies.clear();
     const changed = [];
+    if (this._site !== null) {
+      this._site = null;
+      changed.push(SITE);
+    }
     for (const [id, n] of this._counts) {
       if (n !== null) {
         this._counts.set(id, null);
@@ -931,6 +955,8 @@ export function embed(options = {}) {
       host,
       page,
       count: figure,
+      // Elements present when the embed starts ask for the site's figure.
+      site: doc.querySelector(SITE_SELECTOR) !== null,
       visitor: group ? group._candidate : options.visitor,
       backoff: options.backoff,
       WebSocket: options.WebSocket,
@@ -965,6 +991,12 @@ export function embed(options = {}) {
   function renderAll() {
     for (const [a, badge] of badges) {
       renderBadge(badge, counter ? counter.get(badge.dataset.pageId) : null, labels, figure);
+    }
+    // The site's figure, as text; empty while unknown (never a stale number).
+    const site = counter?.site;
+    const text = typeof site === "number" ? String(site) : "";
+    for (const el of doc.querySelectorAll(SITE_SELECTOR)) {
+      if (el.textContent !== text) el.textContent = text;
     }
   }
 
@@ -1008,7 +1040,7 @@ export function embed(options = {}) {
   const observer = new win.MutationObserver((records) => {
     const relevant = records.some((r) => {
       const node = r.target.nodeType === 1 ? r.target : r.target.parentElement;
-      if (node?.closest?.(`.${BADGE_CLASS}`)) return false;
+      if (node?.closest?.(`.${BADGE_CLASS}`) || node?.closest?.(SITE_SELECTOR)) return false;
       if (r.type === "childList") {
         const nodes = [...r.addedNodes, ...r.removedNodes];
         return nodes.some((n) => !(n.nodeType === 1 && n.classList.contains(BADGE_CLASS)));

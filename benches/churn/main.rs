@@ -7,7 +7,8 @@
 //! dir, pages tracked, exact counts) and `soak` (30 minutes of churn, floods,
 //! kill -9 restarts and a Redis restart in cluster mode; `LC_SOAK_SECS`) and
 //! `cluster` (1 to 6 nodes sharing a private redis-server: Redis commands per
-//! cycle, deliveries per publish, propagation, heartbeat gaps, stalls, kill -9);
+//! cycle, deliveries per publish, propagation, heartbeat gaps, stalls, kill -9)
+//! and `history` (disk bytes per page of a full presence history);
 //! none given runs all but `soak`, which runs at full scale only when named.
 //! `LC_BENCH_SMOKE=1` (or `--smoke`) runs every scenario at tiny scale in a few
 //! seconds (`soak` included). Each scenario prints `BENCH ...` summary
@@ -16,6 +17,7 @@
 mod actix_ceiling;
 mod cluster;
 mod flood;
+mod history;
 mod oversize;
 mod ramp;
 mod soak;
@@ -87,6 +89,7 @@ fn main() {
         "flood",
         "soak",
         "cluster",
+        "history",
     ];
     for w in &wanted {
         if !all.contains(w) {
@@ -136,6 +139,9 @@ fn main() {
     }
     if run("cluster") {
         cluster::cluster(&rt, scale.smoke);
+    }
+    if run("history") {
+        history::history(scale.smoke);
     }
     println!("# bench done in {:.1}s", secs(started));
 }

@@ -12,7 +12,10 @@
 //! the source of truth, so counts stay exact across a counter restart.
 
 use std::{
-    sync::Arc,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
     time::{Duration, Instant},
 };
 
@@ -22,11 +25,15 @@ use crate::{
     cluster::{self, Cluster},
     config::Settings,
     protocol::{PageId, PageInfo, Tally},
-    storage::{PageStats, Storage},
+    storage::{PageStats, Resolution, Storage, SITE},
     time::{now_ms, rfc3339},
+    visitor::NodeVisitors,
 };
 
+mod peaks;
 mod state;
+
+use peaks::Peaks;
 
 pub use state::RoomId;
 
@@ -160,6 +167,36 @@ pub struct GetCounts(pub Vec<PageId>);
 #[rtype(result = "PageInfo")]
 pub struct GetPage(pub PageId);
 
+/// Where the site's figures come from, given once after the server made
+/// them: the node's open sessions and its distinct visitors.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct SetSite {
+    pub connections: Arc<AtomicUsize>,
+    pub visitors: Arc<NodeVisitors>,
+}
+
+/// The history of a page (`Some`) or of the whole site (`None`) at one
+/// resolution, over its retention; `Ok(None)` for a page the server does
+/// not know.
+#[derive(Message)]
+#[rtype(result = "Result<Option<HistorySeries>, crate::storage::StorageError>")]
+pub struct GetHistory {
+    pub page: Option<PageId>,
+    pub resolution: Resolution,
+}
+
+/// Answer to [`GetHistory`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HistorySeries {
+    /// The window: its first slot's start and now (ms since epoch).
+    pub from_ms: u64,
+    pub to_ms: u64,
+    /// (slot start in ms, peaks) of the slots when someone was there,
+    /// oldest first; the last may be the slot in progress.
+    pub points: Vec<(u64, Tally)>,
+}
+
 /// Write every dirty stats record now and flush (used at shutdown).
 #[derive(Message)]
 #[rtype(result = "()")]
@@ -262,6 +299,17 @@ pub struct Counter {
     /// Time spent and records written by the snapshot in progress (metrics).
     snapshot_took: Duration,
     snapshot_records: usize,
+    /// The minutes in progress of the history, and the closed ones to write.
+    peaks: Peaks,
+    /// The index of the last minute [`Peaks::roll`] was called in.
+    rolled: u64,
+    /// The site's figures ([`SetSite`]).
+    site: Option<SetSite>,
+    /// The history key of the site, and the link of its live figure
+    /// (`protocol::SITE_LINK`, the same empty id).
+    site_key: PageId,
+    /// The site's figures last applied to its link.
+    site_tally: Tally,
 }
 
 /// The present, for the state.
@@ -287,6 +335,67 @@ impl Counter {
             saving: false,
             snapshot_took: Duration::ZERO,
             snapshot_records: 0,
+            peaks: Peaks::default(),
+            rolled: 0,
+            site: None,
+            site_key: PageId::from(SITE),
+            site_tally: Tally::ZERO,
+        }
+    }
+
+    /// The site's figures now: this node's open sessions and its distinct
+    /// visitors over all pages (`NodeVisitors`, a node-wide reference count
+    /// of visitor keys kept by the sessions).
+    fn site_now(&self) -> Option<Tally> {
+        let site = self.site.as_ref()?;
+        Some(Tally {
+            connections: site.connections.load(Ordering::Relaxed) as u64,
+            visitors: site.visitors.distinct(),
+        })
+    }
+
+    /// Every 100 ms: applies a changed site figure to the site's link, as a
+    /// page's count is applied (published to its followers with the same
+    /// coalescing; in cluster mode shared and summed like a page's).
+    fn update_site(&mut self, ctx: &mut Context<Self>) {
+        let Some(now_tally) = self.site_now() else {
+            return;
+        };
+        if now_tally == self.site_tally && self.state.pages.contains_key(&self.site_key) {
+            return;
+        }
+        self.site_tally = now_tally;
+        let key = self.site_key.clone();
+        let out = self.state.room_count(&key, now_tally, 0, now());
+        self.dispatch(out, ctx);
+    }
+
+    /// The history observes what `page` shows now, and the site's figures.
+    fn observe(&mut self, page: &PageId, ms: u64) {
+        if *page == self.site_key {
+            // The site's history is the node's own figures (`observe_site`).
+            return;
+        }
+        if let Some(e) = self.state.pages.get(page) {
+            self.peaks.observe(page, e.shown(), ms);
+        }
+        self.observe_site(ms);
+    }
+
+    /// The history observes the site's figures.
+    fn observe_site(&mut self, ms: u64) {
+        if let Some(now) = self.site_now() {
+            self.peaks.observe(&self.site_key, now, ms);
+        }
+    }
+
+    /// Once a second: samples the site, and closes the minutes that ended.
+    fn history_tick(&mut self) {
+        let ms = now_ms();
+        self.observe_site(ms);
+        if ms / 60_000 != self.rolled {
+            self.rolled = ms / 60_000;
+            self.peaks.roll(ms);
         }
     }
 
@@ -339,7 +448,7 @@ impl Counter {
     /// never holds the counter away from its messages for long.
     fn snapshot(&mut self, ctx: &mut Context<Self>) {
         self.state.take_dirty();
-        if self.state.unsaved.is_empty() {
+        if self.state.unsaved.is_empty() && self.peaks.closed.is_empty() {
             self.finish_snapshot(false);
         } else {
             self.save_soon(ctx);
@@ -363,7 +472,8 @@ impl Counter {
         });
     }
 
-    /// Writes every queued and dirty stats record now (shutdown).
+    /// Writes every queued and dirty stats record now, and the history's
+    /// minutes in progress (shutdown).
     fn snapshot_now(&mut self) {
         self.state.take_dirty();
         loop {
@@ -372,6 +482,11 @@ impl Counter {
                 Ok(false) => break,
                 Err(()) => return,
             }
+        }
+        let open = self.peaks.in_progress();
+        let keep = self.settings.storage.history_retention();
+        if let Err(e) = self.storage.save_history(&open, keep) {
+            tracing::error!(error = %e, "history snapshot failed");
         }
         self.finish_snapshot(true);
     }
@@ -394,10 +509,21 @@ impl Counter {
             }
             return Err(());
         }
+        let closed = &mut self.peaks.closed;
+        let h = closed.len().min(SNAPSHOT_CHUNK);
+        let peaks: Vec<_> = closed.drain(..h).collect();
+        let keep = self.settings.storage.history_retention();
+        if let Err(e) = self.storage.save_history(&peaks, keep) {
+            tracing::error!(error = %e, "history snapshot failed; will retry");
+            for item in peaks.into_iter().rev() {
+                self.peaks.closed.push_front(item);
+            }
+            return Err(());
+        }
         self.snapshot_took += started.elapsed();
-        self.snapshot_records += n;
+        self.snapshot_records += n + h;
         self.trim_storage();
-        Ok(!self.state.unsaved.is_empty())
+        Ok(!self.state.unsaved.is_empty() || !self.peaks.closed.is_empty())
     }
 
     /// After the queue is written: metrics, idle pages forgotten (those
@@ -506,7 +632,9 @@ impl Actor for Counter {
         ctx.run_interval(Duration::from_millis(100), |act, ctx| {
             let out = act.state.tick(Instant::now());
             act.dispatch(out, ctx);
+            act.update_site(ctx);
         });
+        ctx.run_interval(Duration::from_secs(1), |act, _| act.history_tick());
         if self.generation > 1 {
             let out = self.state.begin_rebuild(self.generation, Instant::now());
             self.dispatch(out, ctx);
@@ -541,10 +669,22 @@ impl Handler<SetCluster> for Counter {
     }
 }
 
+impl Handler<SetSite> for Counter {
+    type Result = ();
+    fn handle(&mut self, msg: SetSite, _: &mut Context<Self>) {
+        self.site = Some(msg);
+    }
+}
+
 impl Handler<cluster::RemoteCounts> for Counter {
     type Result = ();
     fn handle(&mut self, msg: cluster::RemoteCounts, ctx: &mut Context<Self>) {
+        let pages: Vec<PageId> = msg.changes.iter().map(|(p, _)| p.clone()).collect();
         let out = self.state.remote_counts(msg.changes, Instant::now());
+        let ms = now_ms();
+        for page in &pages {
+            self.observe(page, ms);
+        }
         self.dispatch(out, ctx);
     }
 }
@@ -560,9 +700,9 @@ impl Handler<cluster::Loaded> for Counter {
 impl Handler<RoomCount> for Counter {
     type Result = ();
     fn handle(&mut self, msg: RoomCount, ctx: &mut Context<Self>) {
-        let out = self
-            .state
-            .room_count(&msg.page, msg.tally, msg.opened, now());
+        let now = now();
+        let out = self.state.room_count(&msg.page, msg.tally, msg.opened, now);
+        self.observe(&msg.page, now.ms);
         self.dispatch(out, ctx);
     }
 }
@@ -596,7 +736,9 @@ impl Handler<RoomState> for Counter {
             tally: msg.tally,
             links: msg.links,
         };
+        let page = report.page.clone();
         let out = self.state.room_state(report, Instant::now());
+        self.observe(&page, now_ms());
         self.dispatch(out, ctx);
     }
 }
@@ -702,6 +844,54 @@ impl Handler<GetPage> for Counter {
     }
 }
 
+impl Handler<GetHistory> for Counter {
+    type Result = Result<Option<HistorySeries>, crate::storage::StorageError>;
+    fn handle(&mut self, msg: GetHistory, _: &mut Context<Self>) -> Self::Result {
+        let key: &str = msg.page.as_deref().unwrap_or(SITE);
+        if let Some(page) = &msg.page {
+            if !self.state.pages.contains_key(page) && self.storage.load_stats(page)?.is_none() {
+                return Ok(None);
+            }
+        }
+        let res = msg.resolution;
+        let keep = self.settings.storage.history_retention();
+        let to_ms = now_ms();
+        let window = match res {
+            Resolution::Minute => keep.minutes_ms,
+            Resolution::Hour => keep.hours_ms,
+        };
+        let from_ms = to_ms.saturating_sub(window) / res.step_ms() * res.step_ms();
+        let mut points = self.storage.load_history(key, res, from_ms, to_ms)?;
+        // The minute in progress, and the minutes closed but not yet written.
+        let pending = self
+            .peaks
+            .closed
+            .iter()
+            .filter(|(k, _, _)| &**k == key)
+            .map(|(_, at, v)| (*at, *v));
+        for (at, peak) in pending.chain(self.peaks.current(key)) {
+            let slot = at / res.step_ms() * res.step_ms();
+            if slot < from_ms {
+                continue;
+            }
+            match points.binary_search_by_key(&slot, |(t, _)| *t) {
+                Ok(i) => {
+                    if let Some((_, p)) = points.get_mut(i) {
+                        p.connections = p.connections.max(peak.connections);
+                        p.visitors = p.visitors.max(peak.visitors);
+                    }
+                }
+                Err(i) => points.insert(i, (slot, peak)),
+            }
+        }
+        Ok(Some(HistorySeries {
+            from_ms,
+            to_ms,
+            points,
+        }))
+    }
+}
+
 impl Handler<FinalSnapshot> for Counter {
     type Result = ();
     fn handle(&mut self, _: FinalSnapshot, _: &mut Context<Self>) {
@@ -762,7 +952,15 @@ impl Handler<GetLoad> for Counter {
             connections: 0,
             opened_total: self.state.opened_total,
         };
-        for e in self.state.pages.values() {
+        if self.state.pages.contains_key(&self.site_key) {
+            // The site's link is not a page.
+            load.pages -= 1;
+        }
+        for (id, e) in &self.state.pages {
+            if *id == self.site_key {
+                load.subscriptions += e.subscribers.len();
+                continue;
+            }
             load.subscriptions += e.subscribers.len();
             load.connections += e.local.connections;
             load.live_pages += usize::from(!e.local.is_zero());
@@ -778,7 +976,7 @@ impl Handler<GetTop> for Counter {
             .state
             .pages
             .iter()
-            .filter(|(_, e)| !e.shown().is_zero())
+            .filter(|(id, e)| !e.shown().is_zero() && **id != self.site_key)
             .collect();
         let order = |a: &(&PageId, &PageEntry), b: &(&PageId, &PageEntry)| {
             let n = |e: &PageEntry| e.shown().connections;

@@ -315,7 +315,8 @@ impl<R: Clone> State<R> {
         if e.local == tally && opened == 0 {
             return;
         }
-        if e.local != tally {
+        // The site figure's link (`protocol::SITE_LINK`) is no page's count.
+        if e.local != tally && !page.is_empty() {
             crate::metrics::count_changed();
         }
         e.local = tally;

@@ -5,6 +5,7 @@ mod caps;
 mod cluster;
 mod hardening;
 mod helpers;
+mod history;
 mod lifecycle;
 mod model;
 mod nginx;

@@ -110,6 +110,7 @@ async fn admin_token_guards_the_data_routes() {
             "/api/v1/stats",
             "/api/v1/top",
             "/api/v1/history",
+            "/api/v1/site/history",
         ] {
             let (status, body) = get(base, path, None).await;
             assert_eq!(status, 401, "{path} without a token: {body}");

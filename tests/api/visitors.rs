@@ -317,3 +317,57 @@ async fn visitors_survive_a_counter_restart() {
     o.wait_for_tally(&counts(&[("p", 2)]), &counts(&[("p", 2)]), (3, 2))
         .await;
 }
+
+/// Reads updates until one carries `"site": n`; every `site` seen on the
+/// way is at most `most` (never above the truth of the moment).
+async fn wait_site(c: &mut Client, n: u64, most: u64) {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let v = tokio::time::timeout_at(deadline, c.next_json())
+            .await
+            .unwrap_or_else(|_| panic!("no update with site {n}"));
+        if let Some(site) = v.get("site") {
+            let site = site.as_u64().expect("integer site");
+            assert!(site <= most, "site {site} above {most}: {v}");
+            if site == n {
+                return;
+            }
+        }
+    }
+}
+
+/// `"site": true` adds the distinct people on any page of the site to the
+/// updates: two visitors on two pages are 2, the same visitor on two pages
+/// is 1. A connection that did not ask never gets a `site` field.
+#[tokio::test]
+async fn the_site_figure_counts_distinct_people_over_all_pages() {
+    let (app, _dir) = spawn_app(&[]);
+    let mut watcher = app.connect_as("w", "visitor-watcher").await;
+    watcher
+        .send_text(r#"{"type":"subscribe","links":["p1"],"site":true}"#)
+        .await;
+    wait_site(&mut watcher, 1, 1).await;
+    let mut plain = app.connect_as("p1", "visitor-aaaa").await;
+    plain.subscribe(&["p1", "p2"]).await;
+    let _b = app.connect_as("p2", "visitor-bbbb").await;
+    wait_site(&mut watcher, 3, 3).await;
+    // visitor-aaaa on a second page: still 3 people (and 4 connections).
+    let _a2 = app.connect_as("p2", "visitor-aaaa").await;
+    eventually("4 connections", || async {
+        app.get_json("/api/v1/stats").await["connections"] == 4
+    })
+    .await;
+    // One more person: the next figure is 4, not 5.
+    let _c = app.connect("p1").await;
+    wait_site(&mut watcher, 4, 4).await;
+    // The plain subscriber's updates, up to these counts, have no `site`.
+    let expected = crate::helpers::counts(&[("p1", 2), ("p2", 2)]);
+    while plain.shown != expected {
+        let v = plain.next_json().await;
+        assert!(v.get("site").is_none(), "did not ask, got {v}");
+    }
+    // visitor-bbbb leaves: 3 people remain.
+    drop(_b);
+    wait_site(&mut watcher, 3, 4).await;
+    app.shutdown().await;
+}

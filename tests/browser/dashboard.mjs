@@ -12,8 +12,13 @@
 // it in the URL fragment, opens WebSocket viewers to two pages and waits until the page
 // shows the total and the top list; then closes one and waits for the drop.
 // Then viewers of percent-encoded ids (as the embed makes them): the list shows
-// them decoded, as text. Last, a second tab opened once the server has
+// them decoded, as text. Then a second tab opened once the server has
 // recorded a few 5-second samples: its chart has them on its very first draw.
+// Then the stored history: the site's live figure and 48-hour chart and each
+// top page's sparkline are drawn with data (screenshot dashboard.png in the
+// artifacts directory, kept); a page's own view opens with its 48 h and 90 d
+// charts and stats; full-screen mode fits a 1920x1080 window; a 360 px phone
+// viewport has nothing wider than the screen.
 // Every wait has a generous deadline and only checks an outcome.
 
 import { spawn } from "node:child_process";
@@ -75,6 +80,41 @@ function shown(page) {
     })),
     points: document.getElementById("line").getAttribute("points").trim().split(/\s+/).filter(Boolean).length,
   }));
+}
+
+/** The overview's figures and charts as drawn. */
+function drawn(page) {
+  return page.evaluate(() => {
+    const site = document.getElementById("site-chart");
+    return {
+      siteNow: document.getElementById("site-now").dataset.value,
+      total: document.getElementById("total").dataset.value,
+      sitePoints: Number(site.dataset.points || 0),
+      siteMax: Number(site.dataset.max || 0),
+      siteLine: (site.querySelector("path.line")?.getAttribute("d") || "").length > 10,
+      sparks: [...document.querySelectorAll("#top tbody tr svg.spark")].map((s) => Number(s.dataset.points || 0)),
+    };
+  });
+}
+
+/** Whether the page fits its window (no scrolling) with `selectors` inside it. */
+function fits(page, selectors) {
+  return page.evaluate((selectors) => {
+    const W = innerWidth, H = innerHeight, doc = document.documentElement;
+    const outside = selectors.filter((sel) => {
+      const e = document.querySelector(sel);
+      if (!e) return true;
+      const r = e.getBoundingClientRect();
+      return r.width === 0 || r.height === 0 || r.left < 0 || r.top < 0 || r.right > W + 0.5 || r.bottom > H + 0.5;
+    });
+    const chart = document.getElementById("site-chart");
+    return {
+      tv: document.body.classList.contains("tv"),
+      fits: doc.scrollHeight <= H && doc.scrollWidth <= W && outside.length === 0,
+      redrawn: chart.getAttribute("viewBox")?.startsWith(`0 0 ${Math.round(chart.clientWidth)} `),
+      outside, scroll: [doc.scrollWidth, doc.scrollHeight], window: [W, H],
+    };
+  }, selectors);
 }
 
 /** The chart as drawn: its point count and the time it spans (from the x coordinates). */
@@ -179,9 +219,85 @@ async function main() {
     if (!(first.points >= 3 && first.spanSeconds >= 9)) {
       throw new Error(`the chart is not filled from the server's history on load: ${JSON.stringify(first)}`);
     }
+    await second.close();
+
+    // The site's live figure and its 48-hour chart (the minute in progress
+    // at least), each top page's sparkline: drawn with data.
+    await eventually("the site figure, its chart and the sparklines", async () => {
+      const d = await drawn(page);
+      const ok = d.siteNow === d.total && Number(d.total) >= 5 &&
+        d.sitePoints >= 1 && d.siteMax >= 5 && d.siteLine &&
+        d.sparks.length >= 5 && d.sparks.every((n) => n >= 1);
+      return ok || d;
+    });
+    fs.mkdirSync(ARTIFACTS, { recursive: true });
+    await page.setViewportSize({ width: 1280, height: 900 });
+    await sleep(300); // one redraw at the new width (the next poll)
+    await page.screenshot({ path: path.join(ARTIFACTS, "dashboard.png"), fullPage: true });
+
+    // A page's own view: its live figures, 48-hour and 90-day charts, stats.
+    await page.click('#top tbody tr[data-page-id="alpha"] td.id a');
+    await eventually("alpha's page view", async () => {
+      const v = await page.evaluate(() => ({
+        shown: !document.getElementById("page-view").hidden && document.getElementById("overview").hidden,
+        title: document.getElementById("pv-title").textContent,
+        now: document.getElementById("pv-now").dataset.value,
+        h48: Number(document.getElementById("pv-48h").dataset.points || 0),
+        d90: Number(document.getElementById("pv-90d").dataset.points || 0),
+        max48: Number(document.getElementById("pv-48h").dataset.max || 0),
+        stats: document.querySelectorAll("#pv-stats dt").length,
+        url: location.hash,
+      }));
+      const ok = v.shown && v.title === "alpha" && v.now === "1" && v.h48 >= 1 && v.d90 >= 1 &&
+        v.max48 >= 2 && v.stats >= 5 && v.url === "#page=alpha";
+      return ok || v;
+    });
+    await page.screenshot({ path: path.join(ARTIFACTS, "dashboard-page.png"), fullPage: true });
+    await page.click("#back");
+    await eventually("the overview again", async () =>
+      page.evaluate(() => !document.getElementById("overview").hidden && location.hash === ""));
+
+    // Full screen for a spare monitor: everything in a 1920x1080 window,
+    // nothing to scroll, the live figure, the chart and the top rows inside.
+    await page.setViewportSize({ width: 1920, height: 1080 });
+    await page.click("#fullscreen");
+    await eventually("the full-screen layout to fit 1920x1080", async () => {
+      const f = await fits(page, ["#site-now", "#site-chart", "#top tbody tr:first-child", "#top-box h2"]);
+      return (f.tv && f.fits && f.redrawn) || f;
+    });
+    await page.screenshot({ path: path.join(ARTIFACTS, "dashboard-fullscreen.png") });
+    await page.keyboard.press("Escape");
+    await eventually("Esc to leave full screen", async () =>
+      page.evaluate(() => !document.body.classList.contains("tv")));
+
+    // A phone: nothing wider than the screen, in the overview and a page view.
+    const phone = await browser.newPage({ viewport: { width: 360, height: 740 }, isMobile: true, hasTouch: true });
+    phone.on("console", (m) => consoleLines.push(`${m.type()}: ${m.text()}`));
+    phone.on("pageerror", (e) => consoleLines.push(`pageerror: ${e.message}`));
+    await phone.goto(`http://${svc.admin}/dashboard#token=${TOKEN}`);
+    for (const where of ["overview", "page view"]) {
+      await eventually(`the phone's ${where} to fit its width`, async () => {
+        const w = await phone.evaluate(() => {
+          const width = document.documentElement.clientWidth;
+          const wider = [...document.querySelectorAll("body *")]
+            .filter((e) => e.getClientRects().length && e.getBoundingClientRect().right > width + 0.5)
+            .map((e) => e.id || e.tagName);
+          return {
+            updated: document.getElementById("status").textContent.startsWith("updated"),
+            scroll: document.documentElement.scrollWidth, width, wider: wider.slice(0, 5),
+            charted: Number(document.getElementById(location.hash ? "pv-48h" : "site-chart").dataset.points || 0),
+          };
+        });
+        return (w.updated && w.scroll <= w.width && w.wider.length === 0 && w.charted >= 1) || w;
+      });
+      await phone.screenshot({ path: path.join(ARTIFACTS, `dashboard-phone-${where.replace(" ", "-")}.png`), fullPage: true });
+      if (where === "overview") await phone.goto(`http://${svc.admin}/dashboard#page=${encodeURIComponent(encoded)}`);
+    }
+    await phone.close();
+
     const errors = consoleLines.filter((l) => l.startsWith("error") || l.startsWith("pageerror"));
     if (errors.length) throw new Error(`browser console errors:\n${errors.join("\n")}`);
-    console.log(`ok   dashboard shows the total, the rate, the top list (ids decoded) and the chart, full on first load (${Date.now() - started} ms)`);
+    console.log(`ok   dashboard shows the total, the rate, the top list (ids decoded) and the chart, full on first load; the site figure, its 48 h chart and the sparklines with data; the page view; full screen fits 1920x1080; a phone has no horizontal scroll (${Date.now() - started} ms)`);
   } catch (e) {
     console.log(`FAIL dashboard\n     ${e.stack}`);
     if (page) {

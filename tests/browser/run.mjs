@@ -465,6 +465,37 @@ function defineSteps(svc, browser, site) {
     await context.close();
   });
 
+  step("site figure: <span data-link-counter-site> shows the people on any page of the site", async () => {
+    site.pages["/site/people.html"] = `<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>People</title></head>
+<body>
+  <p>People here now: <span id="people" data-link-counter-site></span></p>
+  <p><a id="home" href="/elsewhere" data-page-id="site-home">Home</a></p>
+  <script type="module" src="http://${svc.addr}/link-counter.js" data-page="people-home"></script>
+</body></html>`;
+    const people = (tab) => tab.evaluate(() => document.getElementById("people").textContent);
+    const truth = async () => (await (await fetch(`${base()}/api/v1/stats`)).json()).visitors;
+    const matches = (tab, what) =>
+      eventually(what, async () => {
+        const [shown, server] = [await people(tab), await truth()];
+        return (shown !== "" && Number(shown) === server) || { shown, server };
+      });
+    const alice = await browser.newContext();
+    const a1 = await openTab(alice, `http://${siteAddr}/site/people.html`);
+    await matches(a1, "the span to show the site's people");
+    const before = Number(await people(a1));
+    if (!(before >= 1)) fail(`the site's people with one tab open: ${before}`);
+    // A second person on another page: the figure follows.
+    const bob = await browser.newContext();
+    await openTab(bob, `http://${siteAddr}/site/index.html`);
+    await eventually("bob to be counted", async () => Number(await people(a1)) > before || (await people(a1)));
+    await matches(a1, "the span to follow the server");
+    assertEq(a1.sockets.length, 1, "one WebSocket for the badges and the site figure");
+    assertEq(await svc.counts(["people-home"]), { "people-home": 1 }, "the page's own count");
+    await bob.close();
+    await alice.close();
+  });
+
   step("PartySocket (unmodified, party \"page\") gets the same counts as our client", async () => {
     const room = encodeURIComponent(ID.d); // PartySocket puts the room in the path as given
     const shown = new Map();

@@ -361,7 +361,11 @@ impl Counter {
         let Some(now_tally) = self.site_now() else {
             return;
         };
-        if now_tally == self.site_tally && self.state.pages.contains_key(&self.site_key) {
+        // Unchanged: nothing to publish. A site entry that the sweep removed
+        // (or a rebuild dropped) is made again only when it holds someone,
+        // so an empty site never stands as a page in the counter.
+        let present = self.state.pages.contains_key(&self.site_key);
+        if now_tally == self.site_tally && (present || now_tally == Tally::ZERO) {
             return;
         }
         self.site_tally = now_tally;

@@ -91,6 +91,31 @@ pub struct TestApp {
     thread: Option<std::thread::JoinHandle<ShutdownReport>>,
 }
 
+/// Starts a server on 127.0.0.1:0 with `settings`. A test that restarts a
+/// server on its directory may get here while the stopped server's worker
+/// threads are still dropping their actors, and with them the last handles
+/// on the store, which hold its lock: a locked store is tried again until
+/// they let go.
+async fn start_when_unlocked(settings: Settings) -> Server {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind port 0");
+        match Server::start(settings.clone(), listener).await {
+            Ok(server) => return server,
+            Err(e)
+                if Instant::now() < deadline
+                    && matches!(
+                        e.downcast_ref::<link_counter::storage::StorageError>(),
+                        Some(link_counter::storage::StorageError::Locked { .. })
+                    ) =>
+            {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("server starts: {e:?}"),
+        }
+    }
+}
+
 /// Starts a server on 127.0.0.1:0 with `settings`.
 pub fn spawn_app_with(settings: Settings) -> TestApp {
     init_logs();
@@ -99,10 +124,7 @@ pub fn spawn_app_with(settings: Settings) -> TestApp {
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let thread = std::thread::spawn(move || {
         actix_rt::System::new().block_on(async move {
-            let listener = TcpListener::bind("127.0.0.1:0").expect("bind port 0");
-            let server = Server::start(settings, listener)
-                .await
-                .expect("server starts");
+            let server = start_when_unlocked(settings).await;
             tx.send((
                 server.local_addr(),
                 server.admin_addr(),

@@ -122,7 +122,7 @@ fn node_json(container: &str, path: &str) -> Value {
 fn compose_tools(test: &str) -> bool {
     support::can_run(
         test,
-        &["podman", "runc", "podman-compose", "debootstrap"],
+        &["podman", "runc", "podman-compose", "debootstrap", "strip"],
         true,
     )
 }

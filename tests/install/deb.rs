@@ -123,7 +123,7 @@ fn files_under(dir: &Path) -> Vec<std::fs::Metadata> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_debian_package_installs_runs_and_purges_keeping_the_data() {
     let tools = [
-        "dpkg-deb", "dpkg", "objdump", "adduser", "setpriv", "userdel",
+        "dpkg-deb", "dpkg", "objdump", "strip", "adduser", "setpriv", "userdel",
     ];
     if !support::can_run("the Debian package test", &tools, true) {
         return;

@@ -125,7 +125,12 @@ pub fn image() -> &'static str {
     BUILT.get_or_init(|| {
         run(podman("bash").arg(repo("tests/install/stand-ins.sh")));
         let context = tempfile::tempdir().expect("tmp");
-        std::fs::copy(release_binary(), context.path().join("link-counter")).expect("copy");
+        // Without debug info, as the Containerfile's build stage leaves it.
+        run(Command::new("strip")
+            .arg("--strip-debug")
+            .arg(release_binary())
+            .arg("-o")
+            .arg(context.path().join("link-counter")));
         std::fs::create_dir_all(context.path().join("deploy/container")).expect("mkdir");
         std::fs::copy(
             repo("deploy/container/config.toml"),

@@ -18,25 +18,38 @@ struct Project {
     name: String,
     profile: &'static str,
     port: u16,
+    /// The override file, as an operator would write one for this machine.
+    overrides: tempfile::TempDir,
 }
 
 impl Project {
     fn new(profile: &'static str) -> Project {
+        // This machine: fewer open files per process than the compose file asks for, and
+        // containers need an explicit process limit once a service sets any ulimit.
+        let overrides = tempfile::tempdir().expect("tmp");
+        let limits = format!(
+            "{{ulimits: {{nofile: {}, nproc: 8192}}}}",
+            support::nofile_limit()
+        );
+        let text =
+            format!("services:\n  link-counter: {limits}\n  node1: {limits}\n  node2: {limits}\n");
+        std::fs::write(overrides.path().join("compose.override.yaml"), text).expect("write");
         Project {
             name: format!("lc-compose-{profile}-{}", std::process::id()),
             profile,
             port: crate::helpers::free_port(),
+            overrides,
         }
     }
 
     fn compose(&self) -> Command {
         let mut cmd = podman("podman-compose");
         cmd.current_dir(repo("deploy/compose"))
+            .args(["--file", "compose.yaml", "--file"])
+            .arg(self.overrides.path().join("compose.override.yaml"))
             .args(["--project-name", &self.name, "--profile", self.profile])
             .env("LINK_COUNTER_IMAGE", support::IMAGE)
-            .env("LINK_COUNTER_PUBLISH", format!("127.0.0.1:{}", self.port))
-            // Within what a process may have here.
-            .env("LINK_COUNTER_NOFILE", support::nofile_limit().to_string());
+            .env("LINK_COUNTER_PUBLISH", format!("127.0.0.1:{}", self.port));
         cmd
     }
 
@@ -50,7 +63,8 @@ impl Project {
     async fn up(&self, services: &[&str]) {
         let mut cmd = self.compose();
         cmd.args(["up", "--detach", "--no-build", "--pull", "never"]);
-        tokio::task::spawn_blocking(move || run(&mut cmd))
+        // podman-compose waits forever for a dependency that failed to start.
+        tokio::task::spawn_blocking(move || support::run_within(&mut cmd, PATIENCE))
             .await
             .expect("up");
         for service in services {

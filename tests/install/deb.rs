@@ -3,7 +3,7 @@
 //! leaves the machine as it found it: no package, no user, no data directory.
 
 use std::{
-    io::{BufRead, BufReader},
+    io::{BufRead, BufReader, Read},
     os::unix::fs::{MetadataExt, PermissionsExt},
     path::Path,
     process::{Child, Command, Stdio},
@@ -68,19 +68,27 @@ impl Service {
             .env("LINK_COUNTER__SERVER__BIND", "127.0.0.1:0")
             .env("LINK_COUNTER__ADMIN__BIND", "127.0.0.1:0")
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(Stdio::piped())
             .spawn()
             .expect("setpriv runs");
+        // Drained all along (the child never blocks on it), shown if it does not start.
+        let mut err = child.stderr.take().expect("stderr");
+        let stderr = std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = err.read_to_string(&mut text);
+            text
+        });
         let mut line = String::new();
         BufReader::new(child.stdout.take().expect("stdout"))
             .read_line(&mut line)
             .expect("stdout");
-        let addr = line
-            .trim()
-            .strip_prefix("listening on ")
-            .unwrap_or_else(|| panic!("the installed binary did not start: {line:?}"))
-            .parse()
-            .expect("an address");
+        let Some(addr) = line.trim().strip_prefix("listening on ") else {
+            let _ = child.kill();
+            let _ = child.wait();
+            let stderr = stderr.join().unwrap_or_default();
+            panic!("the installed binary did not start: {line:?}\n{stderr}");
+        };
+        let addr = addr.parse().expect("an address");
         Service { child, addr }
     }
 

@@ -60,6 +60,46 @@ pub fn run(cmd: &mut Command) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// [`run`], killing `cmd` if it has not finished within `patience`.
+pub fn run_within(cmd: &mut Command, patience: std::time::Duration) -> String {
+    use std::io::Read;
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{cmd:?} does not start: {e}"));
+    let drain = |mut pipe: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut text = Vec::new();
+            let _ = pipe.read_to_end(&mut text);
+            String::from_utf8_lossy(&text).into_owned()
+        })
+    };
+    let stdout = drain(Box::new(child.stdout.take().expect("stdout")));
+    let stderr = drain(Box::new(child.stderr.take().expect("stderr")));
+    let deadline = std::time::Instant::now() + patience;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break Some(status);
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    let (stdout, stderr) = (
+        stdout.join().expect("stdout"),
+        stderr.join().expect("stderr"),
+    );
+    match status {
+        Some(status) if status.success() => stdout,
+        Some(status) => panic!("{cmd:?} failed ({status}):\n{stdout}\n{stderr}"),
+        None => panic!("{cmd:?} did not finish within {patience:?}:\n{stdout}\n{stderr}"),
+    }
+}
+
 /// Runs `cmd` to completion, whatever its status.
 pub fn output(cmd: &mut Command) -> Output {
     cmd.output()

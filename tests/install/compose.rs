@@ -229,3 +229,37 @@ async fn compose_cluster_profile_sums_viewers_of_both_nodes_through_nginx() {
         .await;
     }
 }
+
+/// The directives of an nginx file that carry the balancing and proxying: the `map`
+/// blocks, the upstream's `hash`, the `proxy_*` lines (comments dropped).
+fn proxying(text: &str) -> Vec<String> {
+    let mut lines: Vec<String> = Vec::new();
+    let mut in_map = false;
+    for line in text.lines() {
+        let line = line.split('#').next().unwrap_or_default().trim();
+        if line.starts_with("map ") {
+            in_map = true;
+        }
+        if in_map || line.starts_with("proxy_") || line.starts_with("hash ") {
+            lines.push(line.split_whitespace().collect::<Vec<_>>().join(" "));
+        }
+        if line == "}" {
+            in_map = false;
+        }
+    }
+    lines.sort();
+    lines.dedup();
+    lines
+}
+
+/// The compose file's nginx balances and proxies as the shipped nginx file does.
+#[test]
+fn compose_nginx_proxies_as_the_shipped_nginx_file() {
+    let read = |p: &str| std::fs::read_to_string(repo(p)).expect("read");
+    let shipped = proxying(&read("deploy/nginx/link-counter.conf"));
+    assert!(
+        shipped.iter().any(|l| l.starts_with("hash ")),
+        "{shipped:?}"
+    );
+    assert_eq!(proxying(&read("deploy/compose/nginx.conf")), shipped);
+}

@@ -23,7 +23,14 @@ impl Container {
     /// a free loopback port.
     fn run(name: &str, volume: &str, image: &str) -> (Container, SocketAddr) {
         run(podman("podman")
-            .args(["run", "--detach", "--name", name])
+            .args([
+                "run",
+                "--detach",
+                "--name",
+                name,
+                "--network",
+                &network(name),
+            ])
             .args(["--publish", "127.0.0.1::1999"])
             .args(["--volume", &format!("{volume}:/data")])
             .arg(image));
@@ -45,7 +52,19 @@ impl Drop for Container {
     fn drop(&mut self) {
         self.remove();
         let _ = support::output(podman("podman").args(["volume", "rm", "--force", &self.volume]));
+        let _ = support::output(podman("podman").args(["network", "rm", &network(&self.name)]));
     }
+}
+
+/// The container's own network (created if missing): a network of podman's default
+/// subnet can be shadowed on the host by a stale bridge of another network backend.
+fn network(container: &str) -> String {
+    let name = format!("{container}-net");
+    let exists = support::output(podman("podman").args(["network", "exists", &name]));
+    if !exists.status.success() {
+        run(podman("podman").args(["network", "create", &name]));
+    }
+    name
 }
 
 async fn healthy(addr: SocketAddr) {

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The test command: installs what the test suite drives (nginx, openssl,
-# Debian's chromium, Node.js/npm and the browser tests' npm packages) when
-# missing, then runs `cargo test`. Extra arguments go to `cargo test`.
+# Debian's chromium, Node.js/npm and the browser tests' npm packages, and for
+# the install tests podman, debootstrap, podman-compose and kubernetes-validate)
+# when missing, then runs `cargo test`. Extra arguments go to `cargo test`.
 # The tests start their own servers (the service, nginx, redis-server,
 # headless chromium) on free ports with temp data dirs.
 set -euo pipefail
@@ -16,6 +17,13 @@ required=(
   "node:nodejs"
   "npm:npm"
   "redis-server:redis-server"
+  # The install tests (tests/install): containers, a Debian base image, the .deb.
+  "podman:podman"
+  "runc:runc"
+  "/usr/lib/podman/netavark:netavark"
+  "/usr/lib/podman/aardvark-dns:aardvark-dns"
+  "debootstrap:debootstrap"
+  "objdump:binutils"
 )
 missing=()
 for pair in "${required[@]}"; do
@@ -32,6 +40,14 @@ if ((${#missing[@]})); then
   [ "$(id -u)" -eq 0 ] || sudo="sudo"
   $sudo apt-get update
   $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${missing[@]}"
+fi
+
+# The install tests' PyPI tools: podman-compose 1.6 (Debian's 1.0.3 mishandles
+# host networking and exits 0 when a service fails) and kubernetes-validate (the
+# Kubernetes schemas, offline).
+if ! command -v podman-compose >/dev/null 2>&1 || ! command -v kubernetes-validate >/dev/null 2>&1; then
+  echo "==> pip install podman-compose kubernetes-validate"
+  python3 -m pip install --quiet --disable-pip-version-check 'podman-compose>=1.6,<2' 'kubernetes-validate>=1.31'
 fi
 
 # The browser tests' playwright-core needs Node.js 20 or newer; Debian 12's

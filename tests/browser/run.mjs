@@ -471,7 +471,7 @@ function defineSteps(svc, browser, site) {
 <body>
   <p>People here now: <span id="people" data-link-counter-site></span></p>
   <p><a id="home" href="/elsewhere" data-page-id="site-home">Home</a></p>
-  <script type="module" src="http://${svc.addr}/link-counter.js" data-page="people-home"></script>
+  <script type="module" src="http://${svc.addr}/link-counter.js" data-count-automation data-page="people-home"></script>
 </body></html>`;
     const people = (tab) => tab.evaluate(() => document.getElementById("people").textContent);
     const truth = async () => (await (await fetch(`${base()}/api/v1/stats`)).json()).visitors;

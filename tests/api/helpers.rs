@@ -694,6 +694,8 @@ pub struct EventClient {
     buf: Vec<u8>,
     /// The response head (status line and headers), lower-cased.
     pub head: String,
+    /// Bytes not yet de-chunked, when a proxy chunked the response.
+    chunked: Option<Vec<u8>>,
     /// The latest connections count shown of each id (updates merged).
     pub shown: BTreeMap<String, u64>,
     /// The latest visitors count shown of each id.
@@ -717,19 +719,31 @@ impl EventClient {
         path: &str,
         headers: &[(&str, &str)],
     ) -> Result<EventClient, (u16, String)> {
-        let mut stream = TcpStream::connect(addr).await.expect("connect");
+        let stream = TcpStream::connect(addr).await.expect("connect");
+        EventClient::over(stream, &addr.to_string(), path, headers).await
+    }
+
+    /// Opens `path` of `host` on an open connection `stream` (a TLS
+    /// bridge, for instance).
+    pub async fn over(
+        mut stream: TcpStream,
+        host: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<EventClient, (u16, String)> {
         let extra: String = headers
             .iter()
             .map(|(k, v)| format!("{k}: {v}\r\n"))
             .collect();
         let request = format!(
-            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\n{extra}\r\n"
+            "GET {path} HTTP/1.1\r\nHost: {host}\r\nAccept: text/event-stream\r\n{extra}\r\n"
         );
         stream.write_all(request.as_bytes()).await.expect("write");
         let mut client = EventClient {
             stream,
             buf: Vec::new(),
             head: String::new(),
+            chunked: None,
             shown: BTreeMap::new(),
             shown_visitors: BTreeMap::new(),
         };
@@ -761,7 +775,30 @@ impl EventClient {
             return Err((status, String::from_utf8_lossy(&client.buf).into_owned()));
         }
         client.head = head.to_ascii_lowercase();
+        if client.head.contains("transfer-encoding: chunked") {
+            // A proxy re-chunked the stream: decode what came with the head.
+            client.chunked = Some(std::mem::take(&mut client.buf));
+            client.dechunk();
+        }
         Ok(client)
+    }
+
+    /// Moves the complete chunks of `chunked` into `buf`.
+    fn dechunk(&mut self) {
+        let Some(raw) = self.chunked.as_mut() else {
+            return;
+        };
+        while let Some(eol) = raw.windows(2).position(|w| w == b"\r\n") {
+            let size = std::str::from_utf8(&raw[..eol])
+                .ok()
+                .and_then(|l| usize::from_str_radix(l.split(';').next()?.trim(), 16).ok())
+                .unwrap_or_else(|| panic!("chunk size line {:?}", &raw[..eol]));
+            if raw.len() < eol + 2 + size + 2 {
+                return;
+            }
+            self.buf.extend_from_slice(&raw[eol + 2..eol + 2 + size]);
+            raw.drain(..eol + 2 + size + 2);
+        }
     }
 
     /// The socket (to write what a reader should not send).
@@ -775,7 +812,13 @@ impl EventClient {
         match tokio::time::timeout(PATIENCE, self.stream.read(&mut chunk)).await {
             Ok(Ok(0)) | Ok(Err(_)) => false,
             Ok(Ok(n)) => {
-                self.buf.extend_from_slice(&chunk[..n]);
+                match self.chunked.as_mut() {
+                    Some(raw) => {
+                        raw.extend_from_slice(&chunk[..n]);
+                        self.dechunk();
+                    }
+                    None => self.buf.extend_from_slice(&chunk[..n]),
+                }
                 true
             }
             Err(_) => panic!("nothing from the event stream within {PATIENCE:?}"),

@@ -491,26 +491,36 @@ async fn accept(req: Request, mut framed: Upgraded, ctx: SessionContext, state: 
 /// becomes an event stream ([`events`]) on the worker that hosts the page's
 /// shard. The response this returns goes nowhere (the socket is taken):
 /// the stream writes its own.
+///
+/// The stream joins (and subscribes) in its own task, once the dispatcher
+/// is gone: what lives as long as the stream is then not allocated among
+/// the request's short-lived buffers (the heap keeps less of them).
 fn event_stream(req: HttpRequest, state: &AppState) -> HttpResponse {
     let max = state.settings.websocket.max_links_per_subscribe;
-    let subscription = match parse_stream_query(req.query_string(), max) {
-        Ok(s) => s,
-        Err(e) => return Rejection::BadQuery(e).respond(),
-    };
+    if let Err(e) = parse_stream_query(req.query_string(), max) {
+        return Rejection::BadQuery(e).respond();
+    }
     let ctx = match admit(req.head(), state, Transport::EventStream) {
         Ok(ctx) => ctx,
         Err(rejection) => return rejection.respond(),
     };
     let Some(io) = req.conn_data::<SocketSlot>().and_then(SocketSlot::take) else {
-        // Not on the public listener (no socket slot): nothing joined yet.
+        // Not on the public listener (no socket slot): nothing joined.
         return plain(StatusCode::NOT_FOUND, "no event streams on this listener");
     };
-    let joined = session::join(ctx);
-    if let Some(ClientMessage::Subscribe { links, visitors }) = subscription {
-        joined.subscribe(links, visitors);
-    }
-    run_at_home(state, joined.shard_index(), io, move |io| {
-        events::run(joined, io)
+    // Boxed: the task keeps a pointer, not a copy of it, for its whole life.
+    let start = Box::new((ctx, req.query_string().to_owned()));
+    run_at_home(state, start.0.shard_index, io, move |io| async move {
+        let (ctx, query) = *start;
+        let joined = session::join(ctx);
+        // Checked above: an error cannot come back here.
+        if let Ok(Some(ClientMessage::Subscribe { links, visitors })) =
+            parse_stream_query(&query, max)
+        {
+            joined.subscribe(links, visitors);
+        }
+        drop(query);
+        events::run(joined, io).await;
     });
     HttpResponse::Ok().force_close().finish()
 }

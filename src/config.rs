@@ -158,6 +158,12 @@ pub struct SecuritySettings {
     /// is one host, e.g. `10.0.0.1` = `10.0.0.1/32`).
     #[serde(deserialize_with = "deserialize_proxies")]
     pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// Crawler tokens: a WebSocket upgrade whose `User-Agent` contains one
+    /// (ASCII case-insensitive) is refused, so crawlers that run the embed
+    /// are not counted as people; empty = none refused (in the environment:
+    /// an empty value).
+    #[serde(deserialize_with = "deserialize_tokens")]
+    pub bot_user_agents: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -298,6 +304,7 @@ impl Settings {
                 .list_separator(",")
                 .with_list_parse_key("security.allowed_origins")
                 .with_list_parse_key("security.trusted_proxies")
+                .with_list_parse_key("security.bot_user_agents")
                 .source(Some(overrides)),
         );
         let raw = builder.build().map_err(|e| sources.explain(&e))?;
@@ -407,6 +414,11 @@ impl Settings {
         for (i, o) in self.security.allowed_origins.iter().enumerate() {
             if let Err(why) = check_origin(o) {
                 return bad(&format!("security.allowed_origins[{i}]"), &why);
+            }
+        }
+        for (i, t) in self.security.bot_user_agents.iter().enumerate() {
+            if let Err(why) = check_bot_token(t) {
+                return bad(&format!("security.bot_user_agents[{i}]"), &why);
             }
         }
         if self.storage.path.as_os_str().is_empty() {
@@ -957,6 +969,31 @@ fn list_hint(entry: &str, var: &str, example: &str) -> String {
     }
 }
 
+/// Checks one `security.bot_user_agents` entry (trimmed): visible ASCII
+/// (spaces inside allowed), not empty, no comma (the environment's list separator).
+pub fn check_bot_token(entry: &str) -> Result<(), String> {
+    let shape = "a crawler token is part of a User-Agent, e.g. \"Googlebot\"";
+    if entry.trim().is_empty() {
+        return Err(format!("{entry:?} is empty; {shape}"));
+    }
+    if entry.contains(',') {
+        return Err(format!(
+            "{entry:?} contains a comma{}",
+            list_hint(
+                entry,
+                "LINK_COUNTER__SECURITY__BOT_USER_AGENTS",
+                "Googlebot,bingbot"
+            )
+        ));
+    }
+    if !entry.bytes().all(|b| b == b' ' || b.is_ascii_graphic()) {
+        return Err(format!(
+            "{entry:?} is not visible ASCII (a User-Agent is); {shape}"
+        ));
+    }
+    Ok(())
+}
+
 /// Checks one `security.allowed_origins` entry: `scheme://host[:port]` or a
 /// pattern (`host`, `*.domain`, `https://*.domain`), no path, no spaces.
 pub fn check_origin(entry: &str) -> Result<(), String> {
@@ -1051,6 +1088,20 @@ fn deserialize_proxies<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<ipnet::IpN
         .iter()
         .map(|p| parse_proxy(p).map_err(D::Error::custom))
         .collect()
+}
+
+/// A list of strings, each trimmed, where one empty entry (what an empty
+/// environment variable gives) is the empty list.
+fn deserialize_tokens<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    let list: Vec<String> = Vec::<String>::deserialize(d)?
+        .into_iter()
+        .map(|t| t.trim().to_owned())
+        .collect();
+    Ok(if list.len() == 1 && list[0].is_empty() {
+        Vec::new()
+    } else {
+        list
+    })
 }
 
 #[cfg(test)]
@@ -1188,6 +1239,30 @@ mod tests {
         )])
         .expect("a list with spaces");
         assert_eq!(s.security.trusted_proxies.len(), 2);
+    }
+
+    /// The crawler list: the default names Googlebot, a list from the
+    /// environment replaces it, an empty value turns it off, and an empty
+    /// entry or one with a comma is refused with the setting's name.
+    #[test]
+    fn bot_user_agents_load_and_validate() {
+        let s = load(&[]).expect("defaults");
+        assert!(s.security.bot_user_agents.iter().any(|t| t == "Googlebot"));
+        let var = "LINK_COUNTER__SECURITY__BOT_USER_AGENTS";
+        let s = load(&[(var, "MyCrawler, OtherBot/1")]).expect("a list");
+        assert_eq!(s.security.bot_user_agents, ["MyCrawler", "OtherBot/1"]);
+        let s = load(&[(var, "")]).expect("empty");
+        assert!(s.security.bot_user_agents.is_empty());
+        let e = load(&[(var, "a,,b")])
+            .expect_err("an empty entry")
+            .to_string();
+        assert!(e.contains("security.bot_user_agents[1]"), "{e}");
+        assert!(check_bot_token("a,b")
+            .expect_err("comma")
+            .contains("comma-separated list"));
+        assert!(check_bot_token("Bot\u{7f}").is_err());
+        assert!(check_bot_token(" ").is_err());
+        assert!(check_bot_token("Yahoo! Slurp").is_ok());
     }
 
     #[test]

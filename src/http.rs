@@ -37,7 +37,7 @@ use crate::{
     config::Settings,
     counter::{Counter, GetCounts, GetPage, GetStatus},
     events,
-    limits::{client_ip, CapExceeded, ConnLimiter, OriginPolicy, Permit},
+    limits::{client_ip, BotFilter, CapExceeded, ConnLimiter, OriginPolicy, Permit},
     metrics::{connection_refused, Refused, Transport},
     protocol::{
         code, decode_page_id, parse_stream_query, validate_page_id, ClientMessage, PageId,
@@ -79,6 +79,8 @@ pub struct AppState {
     pub limiter: Arc<ConnLimiter>,
     /// Allowed browser origins.
     pub origins: Arc<OriginPolicy>,
+    /// Crawler User-Agents, refused so that they are not counted.
+    pub bots: Arc<BotFilter>,
     /// Cluster mode: whether Redis is reachable (None on a single node).
     pub cluster: Option<crate::cluster::ClusterHealth>,
     /// Distinct visitors across the node (sessions join and leave it).
@@ -187,6 +189,10 @@ enum Rejection<'h> {
     /// The `Origin` header is not allowed (403).
     #[error("origin not allowed")]
     Origin(Option<&'h str>),
+    /// The `User-Agent` names a crawler (403; logged without it: a User-Agent
+    /// is a fingerprint).
+    #[error("crawlers are not counted (security.bot_user_agents)")]
+    BotUserAgent,
     /// A connection cap is reached (503 for the global cap, else 429).
     #[error("{}", exceeded.message())]
     Cap { ip: IpAddr, exceeded: CapExceeded },
@@ -200,7 +206,7 @@ impl Rejection<'_> {
                 StatusCode::BAD_REQUEST
             }
             Rejection::ShuttingDown(_) | Rejection::Starting => StatusCode::SERVICE_UNAVAILABLE,
-            Rejection::Origin(_) => StatusCode::FORBIDDEN,
+            Rejection::Origin(_) | Rejection::BotUserAgent => StatusCode::FORBIDDEN,
             Rejection::Cap { exceeded, .. } => match exceeded {
                 CapExceeded::Global => StatusCode::SERVICE_UNAVAILABLE,
                 CapExceeded::PerIp | CapExceeded::Rate => StatusCode::TOO_MANY_REQUESTS,
@@ -217,6 +223,7 @@ impl Rejection<'_> {
             Rejection::ShuttingDown(_) => Refused::ShuttingDown,
             Rejection::Starting => Refused::Starting,
             Rejection::Origin(_) => Refused::Origin,
+            Rejection::BotUserAgent => Refused::BotUserAgent,
             Rejection::Cap { exceeded, .. } => match exceeded {
                 CapExceeded::Global => Refused::MaxConnections,
                 CapExceeded::PerIp => Refused::MaxConnectionsPerIp,
@@ -245,6 +252,9 @@ impl Rejection<'_> {
                 let origin = origin.unwrap_or("");
                 tracing::info!(origin, "origin not allowed; upgrade refused");
             }
+            Rejection::BotUserAgent => {
+                tracing::info!("crawler User-Agent; upgrade refused");
+            }
             Rejection::Cap { ip, exceeded } => {
                 tracing::info!(%ip, refusal = ?exceeded, "connection cap; upgrade refused");
             }
@@ -269,7 +279,7 @@ impl Rejection<'_> {
 /// Decides whether a request may open a viewer connection over
 /// `transport` (a WebSocket upgrade or an event stream; both take the same
 /// steps): route, page id, handshake (WebSocket), shutdown, start-up,
-/// origin, connection caps, in that order.
+/// origin, crawler, connection caps, in that order (each a named step).
 fn admit<'h>(
     head: &'h RequestHead,
     state: &AppState,
@@ -283,10 +293,8 @@ fn admit<'h>(
         return Err(Rejection::ShuttingDown(page));
     }
     let (shard_index, shard) = state.shards.locate(&page).ok_or(Rejection::Starting)?;
-    let origin = origin_of(&head.headers);
-    if !state.origins.allows(origin) {
-        return Err(Rejection::Origin(origin));
-    }
+    check_origin(head, state)?;
+    refuse_crawlers(head, state)?;
     let permit = take_slot(head, state)?;
     let query = head.uri.query();
     Ok(SessionContext {
@@ -318,6 +326,27 @@ fn page_of(head: &RequestHead, transport: Transport) -> Result<PageId, Rejection
         path,
     })?;
     decode_page_id(raw).map_err(|error| Rejection::BadPageId { path, error })
+}
+
+/// Refuses a request whose `Origin` is not in `security.allowed_origins`.
+fn check_origin<'h>(head: &'h RequestHead, state: &AppState) -> Result<(), Rejection<'h>> {
+    let origin = origin_of(&head.headers);
+    if state.origins.allows(origin) {
+        Ok(())
+    } else {
+        Err(Rejection::Origin(origin))
+    }
+}
+
+/// Refuses a request whose `User-Agent` names a crawler
+/// (`security.bot_user_agents`): crawlers that run the embed are not people.
+fn refuse_crawlers(head: &RequestHead, state: &AppState) -> Result<(), Rejection<'static>> {
+    let user_agent = head.headers.get(header::USER_AGENT).map(|v| v.as_bytes());
+    if state.bots.is_bot(user_agent) {
+        Err(Rejection::BotUserAgent)
+    } else {
+        Ok(())
+    }
 }
 
 /// The `Origin` header as the origin check reads it: a value that is not
@@ -814,6 +843,12 @@ mod tests {
                 403,
                 Some(Refused::Origin),
                 "origin not allowed",
+            ),
+            (
+                Rejection::BotUserAgent,
+                403,
+                Some(Refused::BotUserAgent),
+                "crawlers are not counted (security.bot_user_agents)",
             ),
             (
                 cap(CapExceeded::Global),

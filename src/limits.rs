@@ -191,6 +191,45 @@ impl OriginPolicy {
     }
 }
 
+// ---------------------------------------------------------------- crawlers
+
+/// The crawler filter of `security.bot_user_agents`: a `User-Agent` that
+/// contains one of its tokens, ASCII case-insensitive, is a crawler's.
+#[derive(Debug, Clone, Default)]
+pub struct BotFilter {
+    /// The tokens, ASCII-lowercased once here (validated at start-up).
+    tokens: Vec<Vec<u8>>,
+}
+
+impl BotFilter {
+    /// The filter of `security.bot_user_agents` (empty: nothing is a crawler).
+    pub fn new(tokens: &[String]) -> BotFilter {
+        BotFilter {
+            tokens: tokens
+                .iter()
+                .filter(|t| !t.is_empty())
+                .map(|t| t.as_bytes().to_ascii_lowercase())
+                .collect(),
+        }
+    }
+
+    /// Whether `user_agent` (the header's raw bytes; `None` when absent)
+    /// names a crawler. A missing header is not one: non-browser clients
+    /// (PartySocket in Node, our tests) need not send it.
+    pub fn is_bot(&self, user_agent: Option<&[u8]>) -> bool {
+        let Some(ua) = user_agent else {
+            return false;
+        };
+        if self.tokens.is_empty() {
+            return false;
+        }
+        let ua = ua.to_ascii_lowercase();
+        self.tokens
+            .iter()
+            .any(|t| ua.windows(t.len()).any(|w| w == t.as_slice()))
+    }
+}
+
 // ---------------------------------------------------------------- client IP
 
 /// Parses one `X-Forwarded-For` / `Forwarded: for=` element into an IP.
@@ -409,6 +448,24 @@ impl Drop for Permit {
 mod tests {
     use super::*;
     use actix_web::http::header::{HeaderName, HeaderValue};
+
+    /// A crawler token matches anywhere in the User-Agent, in any ASCII
+    /// case; a browser's, a missing header and an empty list do not match.
+    #[test]
+    fn bot_filter_matches_tokens_case_insensitively() {
+        let f = BotFilter::new(&["Googlebot".into(), "facebookexternalhit".into()]);
+        let google = b"Mozilla/5.0 AppleWebKit/537.36 (KHTML, like Gecko; compatible; \
+            Googlebot/2.1; +http://www.google.com/bot.html) Chrome/120.0 Safari/537.36";
+        assert!(f.is_bot(Some(google)));
+        assert!(f.is_bot(Some(b"GOOGLEBOT")));
+        assert!(f.is_bot(Some(b"FacebookExternalHit/1.1")));
+        let firefox = b"Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0";
+        assert!(!f.is_bot(Some(firefox)));
+        assert!(!f.is_bot(Some(b"Google")));
+        assert!(!f.is_bot(Some(b"\xff\xfe not ascii")));
+        assert!(!f.is_bot(None));
+        assert!(!BotFilter::new(&[]).is_bot(Some(google)));
+    }
 
     #[test]
     fn origin_patterns() {

@@ -426,11 +426,13 @@ pub enum Refused {
     Starting,
     /// Upgraded, then closed 1013 (try again later): `limits.max_rooms` reached.
     MaxRooms,
+    /// 403: the `User-Agent` names a crawler (`security.bot_user_agents`).
+    BotUserAgent,
 }
 
 impl Refused {
     /// Every reason, for initializing the series.
-    pub const ALL: [Refused; 9] = [
+    pub const ALL: [Refused; 10] = [
         Refused::Origin,
         Refused::MaxConnections,
         Refused::MaxConnectionsPerIp,
@@ -440,6 +442,7 @@ impl Refused {
         Refused::ShuttingDown,
         Refused::Starting,
         Refused::MaxRooms,
+        Refused::BotUserAgent,
     ];
 
     /// The label value.
@@ -454,6 +457,7 @@ impl Refused {
             Refused::ShuttingDown => "shutting_down",
             Refused::Starting => "starting",
             Refused::MaxRooms => "max_rooms",
+            Refused::BotUserAgent => "bot_user_agent",
         }
     }
 }

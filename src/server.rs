@@ -25,7 +25,7 @@ use crate::{
     config::Settings,
     counter::{Counter, FinalSnapshot, SetCluster},
     http::{self, AppState},
-    limits::{ConnLimiter, OriginPolicy},
+    limits::{BotFilter, ConnLimiter, OriginPolicy},
     room::CloseAll,
     shard::{SaveAll, Shards, StopShard},
     storage::Storage,
@@ -118,6 +118,7 @@ impl Server {
             active: Arc::new(AtomicUsize::new(0)),
             limiter: conn_limiter(&settings),
             origins: origin_policy(&settings),
+            bots: Arc::new(BotFilter::new(&settings.security.bot_user_agents)),
             cluster: cluster_health,
             visitors: Arc::default(),
         };

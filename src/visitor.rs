@@ -3,8 +3,8 @@
 //! id, and the reference counts that turn connections into visitors.
 //!
 //! A visitor id is 8 to 64 characters of `A-Z a-z 0-9 _ -`, made at random by
-//! the client and kept by it (the embed keeps one per browser profile in
-//! `localStorage`). The server reads the first `visitor` query parameter of
+//! the client and kept by it (the embed's tabs of one site share one in
+//! memory while any is open; nothing is stored on the device). The server reads the first `visitor` query parameter of
 //! the upgrade request, as sent (it needs no percent-decoding; nginx's
 //! `$arg_visitor` is the same value), and keeps only [`VisitorKey`], a
 //! 128-bit hash of it under keys drawn at random when the process starts:

@@ -71,10 +71,18 @@ fn value(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> f64 {
 
 /// A WebSocket upgrade the server refuses; returns the HTTP status.
 async fn refused_status(url: &str, origin: Option<&str>) -> u16 {
+    refused_status_with(url, &[("Origin", origin)]).await
+}
+
+/// A WebSocket upgrade with these headers (`None`: left out) the server
+/// refuses; returns the HTTP status.
+async fn refused_status_with(url: &str, headers: &[(&'static str, Option<&str>)]) -> u16 {
     let mut req = url.into_client_request().expect("request");
-    if let Some(o) = origin {
-        req.headers_mut()
-            .insert("Origin", o.parse().expect("header value"));
+    for (name, value) in headers {
+        if let Some(v) = value {
+            req.headers_mut()
+                .insert(*name, v.parse().expect("header value"));
+        }
     }
     match tokio_tungstenite::connect_async(req).await {
         Err(tungstenite::Error::Http(resp)) => resp.status().as_u16(),
@@ -84,7 +92,7 @@ async fn refused_status(url: &str, origin: Option<&str>) -> u16 {
 }
 
 /// After a scripted set of connects, subscribes, refusals (origin, bad page
-/// id, room cap) and closes (clean, abrupt, timeout, room cap), every scraped
+/// id, crawler, room cap) and closes (clean, abrupt, timeout, room cap), every scraped
 /// connection, message, error, refusal and room value equals what the script did.
 #[tokio::test(flavor = "multi_thread")]
 async fn scraped_values_equal_the_script() {
@@ -113,6 +121,14 @@ async fn scraped_values_equal_the_script() {
         403
     );
     assert_eq!(refused_status(&app.ws_url("%ZZ"), None).await, 400);
+    assert_eq!(
+        refused_status_with(
+            &app.ws_url("a"),
+            &[("User-Agent", Some("Mozilla/5.0 (compatible; bingbot/2.0)"))]
+        )
+        .await,
+        403
+    );
     let mut c = app.connect("c").await;
     let error: serde_json::Value = serde_json::from_str(&c.next_text().await).expect("JSON");
     assert_eq!(error["code"], "overloaded");
@@ -188,7 +204,12 @@ async fn scraped_values_equal_the_script() {
             vec![("reason", "max_rooms")],
             1.0,
         ),
-        ("link_counter_connections_refused_total", vec![], 3.0),
+        (
+            "link_counter_connections_refused_total",
+            vec![("reason", "bot_user_agent")],
+            1.0,
+        ),
+        ("link_counter_connections_refused_total", vec![], 4.0),
         ("link_counter_messages_in_total", vec![], 3.0),
         (
             "link_counter_errors_total",

@@ -13,15 +13,23 @@
 // `subscribe` with the linked ids (and "visitors": true) on every
 // (re)connect, `update` messages applied as "set these ids".
 //
-// People, not tabs: the visitor id is random, made once per browser profile
-// and site and kept in localStorage (a fresh one per page load where storage
-// is unavailable), so the tabs of one browser count as one person.
+// People, not tabs: the visitor id is random and lives in memory only. The
+// tabs of one browser on one site agree on it over a BroadcastChannel (see
+// TabGroup), so they count as one person; it is gone when the last tab closes.
+// Nothing is written to the device (no cookie, no storage of any kind).
+//
+// "Now" means now: a tab hidden longer than the away time (default 1 minute,
+// data-away-after) closes its connection and reopens it when visible again;
+// the back/forward cache likewise (pagehide closes, pageshow reopens).
+// Automated browsers and crawlers do not connect unless data-count-automation.
+// On single-page sites the reader moves with the URL (pushState, replaceState,
+// popstate, the Navigation API), or with linkCounter.setPage(id).
 //
 // Every URL it uses is under the service's base URL, path prefix included:
 // loaded from https://HOST/presence/link-counter.js it connects to
 // wss://HOST/presence/parties/page/... (and asks /presence/api/v1/origin).
 
-export const VERSION = "0.1.0";
+export const VERSION = "0.2.0";
 
 /** Most ids the server accepts in one subscribe (`max_links_per_subscribe`). */
 export const MAX_LINKS = 256;
@@ -29,8 +37,11 @@ export const MAX_LINKS = 256;
 /** Longest page id, in UTF-8 bytes. */
 const MAX_ID_BYTES = 256;
 
-/** Where this browser profile's visitor id is kept (per site: localStorage is per origin). */
-export const VISITOR_STORAGE_KEY = "link-counter-visitor";
+/**
+ * The localStorage key where versions before 0.2 kept the visitor id; the
+ * embed removes it (it stores nothing itself).
+ */
+export const OLD_VISITOR_STORAGE_KEY = "link-counter-visitor";
 
 /** A valid visitor id (the server's rule): 8 to 64 characters of A-Z a-z 0-9 _ -. */
 const VISITOR_ID = /^[A-Za-z0-9_-]{8,64}$/;
@@ -155,31 +166,162 @@ export function newVisitorId() {
   return btoa(String.fromCharCode(...bytes)).replace(/\+/g, "-").replace(/\//g, "_").replace(/=+$/, "");
 }
 
-/** This page load's id when storage is unavailable (one per page load, shared by its counters). */
+/** This page load's visitor id (made on first use, shared by its counters, kept in memory only). */
 let pageLoadVisitor = null;
 
-/**
- * This browser profile's visitor id on this site: the one kept in
- * `localStorage` (made and kept on first use), or, where storage is
- * unavailable (blocked, sandboxed, full), one made for this page load.
- * Random, never derived from anything about the browser.
- *
- * @param {Storage} [storage]  default: `localStorage`
- */
-export function visitorId(storage) {
-  try {
-    const store = storage ?? globalThis.localStorage;
-    const kept = store.getItem(VISITOR_STORAGE_KEY);
-    if (kept !== null && VISITOR_ID.test(kept)) return kept;
-    store.setItem(VISITOR_STORAGE_KEY, newVisitorId());
-    // Read back: another tab that made one at the same moment may have won.
-    const stored = store.getItem(VISITOR_STORAGE_KEY);
-    if (stored !== null && VISITOR_ID.test(stored)) return stored;
-  } catch {
-    // No storage here (blocked cookies and site data, a sandboxed frame, a full quota).
-  }
+/** This page load's random visitor id: the default of a `LinkCounter` outside a `TabGroup`. */
+export function pageLoadVisitorId() {
   pageLoadVisitor ??= newVisitorId();
   return pageLoadVisitor;
+}
+
+/** The BroadcastChannel name the tabs of one site share (a channel is per origin). */
+export const TAB_CHANNEL = "link-counter";
+
+/**
+ * How long a tab that opens waits for other tabs' candidate ids before it
+ * settles on the lowest (milliseconds). A tab that hears an id already
+ * settled adopts it at once, without waiting.
+ */
+export const ASK_WINDOW = 200;
+
+/**
+ * One visitor id for all the tabs of this browser on this site, kept in
+ * memory only: the tabs find each other over a `BroadcastChannel`.
+ *
+ * - A tab that opens sends `ask` with a random candidate id. Tabs that hold
+ *   a settled id answer `id`; the newcomer adopts it at once.
+ * - Tabs still in their ask window answer `candidate` with theirs. When the
+ *   window (`ASK_WINDOW`, 200 ms) ends with no settled id heard, the tab
+ *   settles on the lowest candidate it knows (its own included) and
+ *   announces it: two tabs that start at the same moment hear each other's
+ *   candidates and settle on the same one.
+ * - Two settled ids that meet (messages that crossed) resolve the same way:
+ *   the lower wins, the tabs holding the higher adopt it (`onChange`).
+ *
+ * Ids only ever go down, so the tabs agree after a few messages. Without
+ * `BroadcastChannel` (or when it cannot be opened) the tab is a group of its
+ * own with a random id. When the last tab closes, the id is gone.
+ */
+export class TabGroup {
+  /**
+   * @param {object} [options]
+   * @param {(id: string) => void} [options.onChange]  the settled id changed (adopted a lower one)
+   * @param {number} [options.askWindow]  milliseconds (default `ASK_WINDOW`)
+   * @param {typeof BroadcastChannel|null} [options.BroadcastChannel]  default: the global one
+   */
+  constructor({ onChange = null, askWindow = ASK_WINDOW, BroadcastChannel: BC } = {}) {
+    this.onChange = onChange;
+    /** The settled id, or null while asking. */
+    this.id = null;
+    this._candidate = newVisitorId();
+    this._heard = [];
+    this._channel = null;
+    this._timer = null;
+    this.ready = new Promise((resolve) => {
+      this._resolve = resolve;
+    });
+    this._Channel = BC === undefined ? globalThis.BroadcastChannel : BC;
+    /** True while suspended (`suspend()`); false after `close()` too. */
+    this._suspended = false;
+    if (!this._open()) {
+      this._settle(this._candidate);
+      return;
+    }
+    this._post("ask", this._candidate);
+    this._timer = setTimeout(() => this._settle(lowest([this._candidate, ...this._heard])), askWindow);
+  }
+
+  /** Leaves the group (the channel closes; the id is forgotten with the page). */
+  close() {
+    clearTimeout(this._timer);
+    this._channel?.close();
+    this._channel = null;
+    this._suspended = false;
+  }
+
+  /**
+   * Leaves the channel while the page sits in the back/forward cache (an open
+   * channel can keep a page out of it, or get it evicted), keeping the id; a
+   * tab still asking settles on what it heard.
+   */
+  suspend() {
+    if (!this._channel) return;
+    this._channel.close();
+    this._channel = null;
+    this._suspended = true;
+    if (this.id === null) this._settle(lowest([this._candidate, ...this._heard]));
+  }
+
+  /** Rejoins after `suspend()` and announces the id (the lower id wins, as always). */
+  resume() {
+    if (!this._suspended) return;
+    this._suspended = false;
+    if (this._open()) this._post("id", this.id);
+  }
+
+  /** Opens the channel; false when there is none. */
+  _open() {
+    try {
+      if (this._Channel) this._channel = new this._Channel(TAB_CHANNEL);
+    } catch {
+      this._channel = null; // e.g. an opaque origin
+    }
+    if (this._channel) this._channel.onmessage = (event) => this._message(event.data);
+    return this._channel !== null;
+  }
+
+  _post(type, id) {
+    try {
+      this._channel?.postMessage({ type, id });
+    } catch {
+      // The channel closed under us: nothing to tell.
+    }
+  }
+
+  _message(msg) {
+    if (!msg || typeof msg !== "object" || typeof msg.id !== "string" || !VISITOR_ID.test(msg.id)) return;
+    if (this.id === null) {
+      if (msg.type === "id") {
+        this._settle(msg.id);
+      } else if (msg.type === "ask" || msg.type === "candidate") {
+        this._heard.push(msg.id);
+        if (msg.type === "ask") this._post("candidate", this._candidate);
+      }
+      return;
+    }
+    if (msg.type === "ask") {
+      this._post("id", this.id);
+    } else if (msg.type === "id" && msg.id !== this.id) {
+      if (msg.id < this.id) {
+        this.id = msg.id;
+        this.onChange?.(msg.id);
+      } else {
+        this._post("id", this.id); // the other side adopts ours
+      }
+    }
+  }
+
+  _settle(id) {
+    clearTimeout(this._timer);
+    this._timer = null;
+    this.id = id;
+    this._heard = [];
+    this._post("id", id);
+    this._resolve(id);
+  }
+}
+
+/** The lowest of `ids` (plain string order: the same in every tab). */
+function lowest(ids) {
+  return ids.reduce((a, b) => (b < a ? b : a));
+}
+
+/** Throws unless `id` is a valid visitor id or null. */
+function checkVisitor(id) {
+  if (id !== null && !(typeof id === "string" && VISITOR_ID.test(id))) {
+    throw new Error(`link-counter: visitor id ${JSON.stringify(id)} is not 8 to 64 characters of A-Z a-z 0-9 _ -`);
+  }
 }
 
 /**
@@ -201,8 +343,9 @@ export class LinkCounter {
    * @param {string[]} [options.links]  ids whose counts to follow
    * @param {"visitors"|"connections"} [options.count]  which figure `get` and `counts` give
    *   (default "visitors": people; "connections": tabs)
-   * @param {string|null} [options.visitor]  this browser's visitor id (default: `visitorId()`;
+   * @param {string|null} [options.visitor]  the visitor id to send (default: `pageLoadVisitorId()`;
    *   null: none, the connection is a visitor of its own)
+   * @param {boolean} [options.paused]  start paused (no connection until `resume()`)
    * @param {(counts: Map<string, number|null>, info: {connected: boolean, changed: string[]}) => void} [options.onUpdate]
    * @param {{base?: number, cap?: number, stableAfter?: number, refused?: number}} [options.backoff]
    * @param {typeof WebSocket} [options.WebSocket]  a WebSocket implementation (default: the global one)
@@ -220,19 +363,17 @@ export class LinkCounter {
     WebSocket: WS,
     fetch: fetchImpl,
     logger = console,
+    paused = false,
   }) {
     const problem = pageIdProblem(page);
     if (problem) throw new Error(`link-counter: page id ${JSON.stringify(page)} ${problem}`);
     if (!FIGURES.includes(count)) throw new Error(`link-counter: count ${JSON.stringify(count)} is not "visitors" or "connections"`);
-    const id = visitor === undefined ? visitorId() : visitor;
-    if (id !== null && !(typeof id === "string" && VISITOR_ID.test(id))) {
-      throw new Error(`link-counter: visitor id ${JSON.stringify(id)} is not 8 to 64 characters of A-Z a-z 0-9 _ -`);
-    }
+    const id = visitor === undefined ? pageLoadVisitorId() : visitor;
+    checkVisitor(id);
     this.page = page;
     this.figure = count;
     this.visitor = id;
     this.base = serviceBase(host);
-    this.url = roomUrl(this.base, page) + (id === null ? "" : `?visitor=${id}`);
     this.onUpdate = onUpdate;
     this._backoff = { ...DEFAULT_BACKOFF, ...backoff };
     this._WS = WS ?? globalThis.WebSocket;
@@ -262,10 +403,16 @@ export class LinkCounter {
     };
     globalThis.addEventListener?.("online", this._onOnline);
     this._setLinks(links, false);
-    this._connect();
+    if (paused) this._state = "paused";
+    else this._connect();
   }
 
-  /** "connecting", "open", "waiting" (to reconnect) or "stopped". */
+  /** The WebSocket URL: this page's room, with the visitor id when there is one. */
+  get url() {
+    return roomUrl(this.base, this.page) + (this.visitor === null ? "" : `?visitor=${this.visitor}`);
+  }
+
+  /** "connecting", "open", "waiting" (to reconnect), "paused" or "stopped". */
   get state() {
     return this._state;
   }
@@ -314,6 +461,44 @@ export class LinkCounter {
    */
   setLinks(ids) {
     this._setLinks(ids, true);
+  }
+
+  /**
+   * Counts this connection as a viewer of page `id` from now on: the
+   * connection to the old page closes normally and one to the new page
+   * opens at once (its counts come with the first update). A paused
+   * counter only remembers it.
+   */
+  setPage(id) {
+    const problem = pageIdProblem(id);
+    if (problem) throw new Error(`link-counter: page id ${JSON.stringify(id)} ${problem}`);
+    if (id === this.page) return;
+    this.page = id;
+    this._reopen();
+  }
+
+  /** Sends visitor id `id` (or none: null) from now on, reconnecting if connected. */
+  setVisitor(id) {
+    checkVisitor(id);
+    if (id === this.visitor) return;
+    this.visitor = id;
+    this._reopen();
+  }
+
+  /**
+   * Closes the connection normally and stays closed (no retries) until
+   * `resume()`: counts become unknown. Used when the reader is away.
+   */
+  pause() {
+    if (this._state === "paused" || this._state === "stopped") return;
+    this._disconnect("paused");
+  }
+
+  /** Connects again after `pause()` (at once). */
+  resume() {
+    if (this._state !== "paused") return;
+    this._attempt = 0;
+    this._connect();
   }
 
   /** Closes the connection for good. */
@@ -373,14 +558,46 @@ export class LinkCounter {
     }
   }
 
+  /** Replaces a live or pending connection with one to the current URL, at once. */
+  _reopen() {
+    if (this._state === "paused" || this._state === "stopped") return;
+    this._disconnect("connecting");
+    this._attempt = 0;
+    this._connect();
+  }
+
+  /**
+   * Closes the connection (if any) normally, cancels timers and enters
+   * `state`; counts become unknown.
+   */
+  _disconnect(state) {
+    this._state = state;
+    clearTimeout(this._retryTimer);
+    clearTimeout(this._stableTimer);
+    const ws = this._ws;
+    this._ws = null; // its close event is then ignored: no retry
+    if (ws) ws.close(1000);
+    this._forget();
+  }
+
+  /**
+   * Opens the transport to `url`: an object with `send(text)`, `close(code)`
+   * and the handlers `onopen`, `onmessage({data})`, `onclose({code, reason})`,
+   * `onerror` (a WebSocket). The one place a connection is made.
+   */
+  _openTransport(url) {
+    return new this._WS(url);
+  }
+
   _connect() {
     this._retryTimer = null;
     this._state = "connecting";
+    const url = this.url;
     let ws;
     try {
-      ws = new this._WS(this.url);
+      ws = this._openTransport(url);
     } catch (e) {
-      this._log.error(`link-counter: cannot open ${this.url}`, e);
+      this._log.error(`link-counter: cannot open ${url}`, e);
       this._state = "stopped";
       return;
     }
@@ -540,13 +757,7 @@ export class LinkCounter {
   }
 
   _stop() {
-    this._state = "stopped";
-    clearTimeout(this._retryTimer);
-    clearTimeout(this._stableTimer);
-    const ws = this._ws;
-    this._ws = null;
-    if (ws) ws.close(1000);
-    this._forget();
+    this._disconnect("stopped");
   }
 }
 
@@ -633,24 +844,65 @@ function renderBadge(badge, count, labels, figure) {
   badge.replaceChildren(shown, sr);
 }
 
+/** How long a hidden tab keeps counting by default: 1 minute (docs/EMBED.md says why). */
+export const DEFAULT_AWAY_AFTER = 60_000;
+
+/**
+ * Milliseconds of a `data-away-after` value: "90s", "2m", "1500ms", "1h",
+ * or a bare number of seconds; "off" (hidden tabs keep counting) is null.
+ * Returns undefined when the value is not one of those.
+ */
+export function parseAwayAfter(value) {
+  const v = String(value).trim().toLowerCase();
+  if (v === "off" || v === "never" || v === "false") return null;
+  const m = /^(\d+(?:\.\d+)?)\s*(ms|s|m|min|h)?$/.exec(v);
+  if (!m) return undefined;
+  const unit = { ms: 1, s: 1000, m: 60_000, min: 60_000, h: 3_600_000 }[m[2] ?? "s"];
+  return Math.round(Number(m[1]) * unit);
+}
+
+/**
+ * User-agent tokens of crawlers and headless browsers that run JavaScript:
+ * the embed does not connect for them (nor when `navigator.webdriver` is
+ * set) unless the page says `data-count-automation`. The service refuses
+ * the crawlers it knows as well (`security.bot_user_agents`).
+ */
+export const CRAWLER_USER_AGENT =
+  /googlebot|google-inspectiontool|googleother|adsbot-google|mediapartners-google|storebot-google|bingbot|bingpreview|slurp|duckduckbot|baiduspider|yandexbot|yandexrenderresourcesbot|sogou|exabot|seznambot|applebot|petalbot|facebookexternalhit|meta-externalagent|twitterbot|linkedinbot|ahrefsbot|semrushbot|mj12bot|dotbot|bytespider|gptbot|chatgpt-user|oai-searchbot|claudebot|claude-user|perplexitybot|ccbot|amazonbot|ia_archiver|archive\.org_bot|headlesschrome|phantomjs|lighthouse|chrome-lighthouse/i;
+
+/** Whether `nav` (a Navigator) is an automated browser or a crawler. */
+export function isAutomated(nav = globalThis.navigator) {
+  return Boolean(nav?.webdriver) || CRAWLER_USER_AGENT.test(nav?.userAgent ?? "");
+}
+
 /**
  * Starts the embed on `doc`: picks the links, follows their pages and keeps
  * a badge next to each. Re-scans when the DOM changes (links added, removed
  * or edited) and re-subscribes on the same connection when the set changes.
+ * Follows the URL on single-page sites, closes while the tab is away, and
+ * does nothing in an automated browser (see the module's header).
  *
  * @param {object} [options]
  * @param {string} [options.host]  the service, path prefix included (default: the
  *   folder this module was loaded from: https://h/presence/link-counter.js -> https://h/presence)
- * @param {string} [options.page]  this page's id (default: derived from location)
+ * @param {string} [options.page]  this page's id (default: derived from location, and
+ *   following it when the URL changes without a reload)
  * @param {"auto"|"all"|"marked"} [options.links]  which links get a badge
  * @param {"visitors"|"connections"} [options.count]  what a badge counts: people (default) or tabs
  * @param {boolean} [options.keepIndex]  "/x/index.html" stays its own page (default: it is "/x/")
- * @returns {{counter: LinkCounter|null, rescan: () => void, stop: () => void}}
+ * @param {number|null} [options.awayAfter]  ms a hidden tab keeps counting (null: always)
+ * @param {boolean} [options.countAutomation]  connect in automated browsers and crawlers too
+ * @returns {{counter: LinkCounter|null, rescan: () => void, setPage: (id: string) => void, stop: () => void}}
  */
 export function embed(options = {}) {
   const doc = options.document ?? document;
   const win = doc.defaultView ?? globalThis;
   const log = options.logger ?? console;
+  forgetOldVisitorId(win);
+  if (!options.countAutomation && isAutomated(win.navigator)) {
+    log.info("link-counter: an automated browser or a crawler: not counted (data-count-automation counts it)");
+    return { counter: null, automated: true, rescan() {}, setPage() {}, stop() {} };
+  }
   const labels = { ...DEFAULT_LABELS, ...(options.labels ?? {}) };
   const mode = options.links ?? "auto";
   let figure = options.count ?? "visitors";
@@ -662,23 +914,29 @@ export function embed(options = {}) {
   const host = serviceBase(options.host ?? new URL(".", import.meta.url).href, win.location.href);
   const page = options.page ?? pageIdFromUrl(win.location.href, undefined, idOptions);
   const badges = new Map(); // link element -> badge element
+  /** The page id follows the URL (no data-page, no setPage call). */
+  let followUrl = options.page === undefined;
 
   injectStyles(doc);
 
   let counter = null;
+  let group = null;
   const problem = pageIdProblem(page);
   if (problem) {
     log.error(`link-counter: this page's id ${JSON.stringify(page)} ${problem}; set data-page on the script tag`);
   } else {
+    // With an explicit visitor option the tabs are not grouped.
+    group = options.visitor === undefined ? new TabGroup({ onChange: (id) => counter.setVisitor(id) }) : null;
     counter = new LinkCounter({
       host,
       page,
       count: figure,
-      visitor: options.visitor,
+      visitor: group ? group._candidate : options.visitor,
       backoff: options.backoff,
       WebSocket: options.WebSocket,
       fetch: options.fetch,
       logger: log,
+      paused: true,
       onUpdate: () => renderAll(),
     });
   }
@@ -766,15 +1024,156 @@ export function embed(options = {}) {
     attributeFilter: ["href", "data-page-id", "data-link-counter"],
   });
 
+  const presence = counter ? watchPresence(win, doc, counter, group, options.awayAfter, log) : null;
+  const navigation = watchUrl(win, () => {
+    if (counter && followUrl) {
+      const id = pageIdFromUrl(win.location.href, undefined, idOptions);
+      if (id !== null) counter.setPage(id);
+    }
+    rescan(); // relative links resolve against the new URL
+  });
+
   rescan();
   return {
     counter,
     rescan,
+    /** Counts this tab on page `id` from now on (and stops following the URL). */
+    setPage(id) {
+      if (!counter) throw new Error("link-counter: this page has no counter (its id is invalid)");
+      counter.setPage(id);
+      followUrl = false;
+    },
     stop() {
       observer.disconnect();
+      navigation.stop();
+      presence?.stop();
+      group?.close();
       counter?.close();
       for (const badge of badges.values()) badge.remove();
       badges.clear();
+    },
+  };
+}
+
+/** Removes the visitor id versions before 0.2 kept in localStorage (nothing else is touched). */
+function forgetOldVisitorId(win) {
+  try {
+    if (win.localStorage?.getItem(OLD_VISITOR_STORAGE_KEY) !== null) win.localStorage.removeItem(OLD_VISITOR_STORAGE_KEY);
+  } catch {
+    // Storage blocked: then nothing was kept either.
+  }
+}
+
+/**
+ * Keeps `counter` connected while the reader is here: from when `group` has
+ * settled on the visitor id, paused once the tab has been hidden for
+ * `awayAfter` ms (null: never) or while the page is in the back/forward
+ * cache (pagehide), resumed when the tab is visible again (pageshow).
+ */
+function watchPresence(win, doc, counter, group, awayAfter = DEFAULT_AWAY_AFTER, log = console) {
+  let ready = group === null;
+  let away = false;
+  let cached = false;
+  let timer = null;
+  const sync = () => {
+    if (ready && !away && !cached) counter.resume();
+    else counter.pause();
+  };
+  const onVisibility = () => {
+    clearTimeout(timer);
+    timer = null;
+    if (doc.visibilityState === "hidden") {
+      if (awayAfter !== null && !away) {
+        timer = setTimeout(() => {
+          away = true;
+          sync();
+        }, awayAfter);
+      }
+    } else {
+      away = false;
+      sync();
+    }
+  };
+  const onPageHide = () => {
+    cached = true;
+    sync();
+    group?.suspend();
+  };
+  const onPageShow = (event) => {
+    if (!event.persisted) return;
+    group?.resume();
+    cached = false;
+    onVisibility();
+    sync();
+  };
+  doc.addEventListener("visibilitychange", onVisibility);
+  win.addEventListener("pagehide", onPageHide);
+  win.addEventListener("pageshow", onPageShow);
+  group?.ready.then((id) => {
+    try {
+      counter.setVisitor(id);
+    } catch (e) {
+      log.error("link-counter: the tabs' visitor id", e);
+    }
+    ready = true;
+    sync();
+  });
+  onVisibility();
+  sync();
+  return {
+    stop() {
+      clearTimeout(timer);
+      doc.removeEventListener("visibilitychange", onVisibility);
+      win.removeEventListener("pagehide", onPageHide);
+      win.removeEventListener("pageshow", onPageShow);
+    },
+  };
+}
+
+/**
+ * Calls `changed` (at most once per task) when the URL may have changed
+ * without a reload: `history.pushState` / `replaceState`, `popstate`,
+ * `hashchange`, and the Navigation API's `currententrychange` where the
+ * browser has it.
+ */
+function watchUrl(win, changed) {
+  let href = win.location.href;
+  let queued = false;
+  let active = true;
+  const check = () => {
+    if (queued || !active) return;
+    queued = true;
+    queueMicrotask(() => {
+      queued = false;
+      if (!active || win.location.href === href) return;
+      href = win.location.href;
+      changed();
+    });
+  };
+  const history = win.history;
+  const wrapped = []; // [name, original, wrapper]
+  for (const name of ["pushState", "replaceState"]) {
+    const original = history?.[name];
+    if (typeof original !== "function") continue;
+    const wrapper = function (...args) {
+      const result = original.apply(this, args);
+      check();
+      return result;
+    };
+    history[name] = wrapper;
+    wrapped.push([name, original, wrapper]);
+  }
+  win.addEventListener("popstate", check);
+  win.addEventListener("hashchange", check);
+  win.navigation?.addEventListener?.("currententrychange", check);
+  return {
+    stop() {
+      active = false;
+      // Unless another script wrapped it after us (then ours stays in its chain, harmless).
+      for (const [name, original, wrapper] of wrapped) if (history[name] === wrapper) history[name] = original;
+      win.removeEventListener("popstate", check);
+      win.removeEventListener("hashchange", check);
+      win.navigation?.removeEventListener?.("currententrychange", check);
     },
   };
 }
@@ -788,6 +1187,20 @@ function ownScript() {
   return null;
 }
 
+/** A boolean data attribute: present (with no value, or any but "false"/"off") is on. */
+function flag(value) {
+  return value !== undefined && !/^(false|off)$/i.test(value);
+}
+
+/** The `data-away-after` of the script tag, in ms (null: off); the default when absent or bad. */
+function awayAfterOf(value) {
+  if (value === undefined || value === "") return DEFAULT_AWAY_AFTER;
+  const ms = parseAwayAfter(value);
+  if (ms !== undefined) return ms;
+  console.warn(`link-counter: data-away-after ${JSON.stringify(value)} is not a duration like "90s" or "2m", or "off"; using 1 minute`);
+  return DEFAULT_AWAY_AFTER;
+}
+
 // Loaded by a script tag (not imported): start the embed, configured by the
 // tag's data attributes.
 const script = ownScript();
@@ -798,8 +1211,9 @@ if (script && script.dataset.embed !== "off") {
       host: script.dataset.host || undefined,
       links: script.dataset.links || undefined,
       count: script.dataset.count || undefined,
-      // Present (data-keep-index, or any value but "false"/"off"): on.
-      keepIndex: script.dataset.keepIndex !== undefined && !/^(false|off)$/i.test(script.dataset.keepIndex),
+      keepIndex: flag(script.dataset.keepIndex),
+      awayAfter: awayAfterOf(script.dataset.awayAfter),
+      countAutomation: flag(script.dataset.countAutomation),
     });
   };
   if (document.readyState === "loading") document.addEventListener("DOMContentLoaded", start, { once: true });

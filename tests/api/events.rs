@@ -143,8 +143,9 @@ async fn an_invalid_visitor_id_is_answered_on_the_stream() {
 }
 
 /// Bad requests are refused before anything counts: a bad page id, a bad
-/// link, too many links, a bad `visitors`, an origin not allowed; the
-/// connection caps are the WebSocket's (shared between the transports).
+/// link, too many links, a bad `visitors`, an origin not allowed, a
+/// crawler's User-Agent; the connection caps are the WebSocket's (shared
+/// between the transports).
 #[tokio::test]
 async fn streams_are_refused_like_upgrades() {
     let (app, _dir) = spawn_app(&[
@@ -165,6 +166,9 @@ async fn streams_are_refused_like_upgrades() {
     }
     let (status, body) = refused(&app, "p", "", &[("Origin", "https://evil.example")]).await;
     assert_eq!((status, body.trim()), (403, "origin not allowed"));
+    let googlebot = "Mozilla/5.0 (compatible; Googlebot/2.1; +http://www.google.com/bot.html)";
+    let (status, _) = refused(&app, "p", "", &[origin[0], ("User-Agent", googlebot)]).await;
+    assert_eq!(status, 403, "a crawler is not counted over the event stream either");
 
     // Two connections from this address: one of each transport; a third of
     // either is refused with 429, and a slot freed is a slot to take.

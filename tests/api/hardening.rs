@@ -18,7 +18,7 @@ use tokio_tungstenite::tungstenite::{
 };
 
 use crate::helpers::{
-    connect_from, counts, eventually, http_get, spawn_app, Client, TestApp, PATIENCE,
+    connect_from, counts, eventually, http_get, http_raw, spawn_app, Client, TestApp, PATIENCE,
 };
 
 /// The invariant checked after every row: the server answers HTTP, the
@@ -605,4 +605,79 @@ fn reader_counts(v: &serde_json::Value) -> std::collections::BTreeMap<String, u6
                 .collect()
         })
         .unwrap_or_default()
+}
+
+/// A crawler's User-Agent (the default `security.bot_user_agents`) is
+/// refused with 403 over a real socket and counts nothing; the same client
+/// without it, and a browser's User-Agent, are counted; the HTTP read API
+/// answers the crawler; an empty list lets the crawler in.
+#[tokio::test]
+async fn crawler_user_agents_are_refused_and_not_counted() {
+    const GOOGLEBOT: &str = "Mozilla/5.0 AppleWebKit/537.36 (KHTML, like Gecko; compatible; \
+        Googlebot/2.1; +http://www.google.com/bot.html) Chrome/131.0.6778.204 Safari/537.36";
+    const FIREFOX: &str = "Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0";
+    let (app, _dir) = spawn_app(&[]);
+    let mut watcher = try_connect_from(&app, "127.0.0.1", "w", &[])
+        .await
+        .expect("watcher");
+    watcher.subscribe(&["article"]).await;
+    watcher.wait_for(&counts(&[("article", 0)])).await;
+
+    let ua = |v| vec![("user-agent", v)];
+    for crawler in [GOOGLEBOT, "bingbot/2.0", "GPTBOT/1.2"] {
+        assert_eq!(
+            try_connect_from(&app, "127.0.0.1", "article", &ua(crawler))
+                .await
+                .err(),
+            Some(403),
+            "{crawler}"
+        );
+    }
+    let (status, body) = http_raw(
+        app.addr,
+        &format!(
+            "GET /parties/page/article HTTP/1.1\r\nHost: {}\r\nUser-Agent: {GOOGLEBOT}\r\n\
+             Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+            app.addr
+        ),
+    )
+    .await;
+    assert_eq!(
+        (status, body.trim()),
+        (403, "crawlers are not counted (security.bot_user_agents)")
+    );
+    // The read API is not an upgrade: a crawler may read counts.
+    let (status, body) = http_raw(
+        app.addr,
+        &format!(
+            "GET /api/v1/counts?ids=article HTTP/1.1\r\nHost: {}\r\nUser-Agent: {GOOGLEBOT}\r\n\
+             Connection: close\r\n\r\n",
+            app.addr
+        ),
+    )
+    .await;
+    assert_eq!((status, body.as_str()), (200, r#"{"article":0}"#));
+
+    let browser = try_connect_from(&app, "127.0.0.1", "article", &ua(FIREFOX))
+        .await
+        .expect("a browser is counted");
+    watcher.wait_for(&counts(&[("article", 1)])).await;
+    let plain = try_connect_from(&app, "127.0.0.1", "article", &[])
+        .await
+        .expect("the same client without a crawler's User-Agent is counted");
+    watcher.wait_for(&counts(&[("article", 2)])).await;
+    drop((browser, plain));
+    watcher.wait_for(&counts(&[("article", 0)])).await;
+
+    // An empty list turns the check off.
+    let (open, _dir) = spawn_app(&[("SECURITY__BOT_USER_AGENTS", "")]);
+    let crawler = try_connect_from(&open, "127.0.0.1", "article", &ua(GOOGLEBOT))
+        .await
+        .expect("with an empty list a crawler is let in");
+    eventually("the crawler counted", || async {
+        open.get_json("/api/v1/counts?ids=article").await["article"] == 1
+    })
+    .await;
+    drop(crawler);
 }

@@ -163,7 +163,7 @@ function startSite(addr) {
   <p><a id="external" href="https://example.com/elsewhere">Elsewhere</a></p>
   <p><a id="fixed" href="/whatever" data-page-id="pricing">Pricing</a></p>
   <div id="more"></div>
-  <script type="module" src="http://${addr}/link-counter.js" data-page="site-home"></script>
+  <script type="module" src="http://${addr}/link-counter.js" data-count-automation data-page="site-home"></script>
 </body></html>`,
   };
   pages["/site/marked.html"] = `<!DOCTYPE html>
@@ -172,7 +172,7 @@ function startSite(addr) {
   <nav><a id="nav" href="/">Home</a></nav>
   <p><a id="marked" href="/blog/post-1" data-link-counter>Post 1</a></p>
   <p><a id="plain" href="/blog/post-2">Post 2</a></p>
-  <script type="module" src="http://${addr}/link-counter.js"></script>
+  <script type="module" src="http://${addr}/link-counter.js" data-count-automation></script>
 </body></html>`;
   return new Promise((resolve) => {
     const server = http.createServer((req, res) => {
@@ -208,8 +208,8 @@ const withoutQuery = (url) => url.split("?")[0];
 /** The `visitor` parameter of a WebSocket URL. */
 const visitorParam = (url) => new URL(url).searchParams.get("visitor");
 
-/** The visitor id a page's origin keeps for its browser context. */
-const keptVisitor = (page) => page.evaluate(() => localStorage.getItem("link-counter-visitor"));
+/** The visitor id the embed on `page` sends (the one its tab group settled on). */
+const visitorOf = (page) => page.evaluate(() => window.linkCounter.counter.visitor);
 
 /** Both figures of link `id` as the embed on `page` last heard them. */
 const tallyOf = (page, id) => page.evaluate((id) => window.linkCounter.counter.tally(id), id);
@@ -310,7 +310,7 @@ function defineSteps(svc, browser, site) {
     await context.close();
   });
 
-  step("people, not tabs: two tabs of one browser show 1 person, a second browser 2; data-count=\"connections\" shows tabs; without storage each page load is a person", async () => {
+  step("people, not tabs: two tabs of one browser show 1 person, a second browser 2; data-count=\"connections\" shows tabs; without BroadcastChannel each page load is a person", async () => {
     const alice = await browser.newContext();
     const b = await openTab(alice, `${base()}/pages/b`);
     const c1 = await openTab(alice, `${base()}/pages/c`);
@@ -324,21 +324,21 @@ function defineSteps(svc, browser, site) {
     assertEq([one.state, one.count, one.text, one.label], ["live", 1, "1", " (1 person viewing now)"], "badge of c: two tabs, one browser");
     assertEq(await b.evaluate((id) => document.querySelector(`.link-counter-badge[data-page-id="${id}"]`).title, ID.c), "1 person viewing now", "badge title");
     assertEq(await svc.tallies([ID.c]), { connections: { [ID.c]: 2 }, visitors: { [ID.c]: 1 } }, "API figures of c");
-    // One random id per browser profile: kept by the site's origin, the same in every tab and WebSocket URL.
-    const id = await keptVisitor(b);
-    if (!/^[A-Za-z0-9_-]{22}$/.test(id ?? "")) fail(`kept visitor id: ${id}`);
-    await eventually("the tabs' WebSockets to be seen", () => [b, c1, c2].every((t) => t.sockets.length === 1) || [b, c1, c2].map((t) => t.sockets));
-    for (const tab of [b, c1, c2]) {
-      assertEq(await keptVisitor(tab), id, `kept visitor id on ${tab.url()}`);
-      assertEq(tab.sockets.map(visitorParam), [id], `visitor of ${tab.url()}'s WebSocket`);
-    }
+    // One random id per browser: the tabs agreed on it in memory; every tab's WebSocket carries it.
+    await eventually("the three tabs to send one visitor id", async () => {
+      const seen = [];
+      for (const tab of [b, c1, c2]) seen.push([await visitorOf(tab), tab.sockets.length ? visitorParam(tab.sockets.at(-1)) : null]);
+      return seen.every(([v, sent]) => v === seen[0][0] && sent === v) || seen;
+    });
+    const id = await visitorOf(b);
+    if (!/^[A-Za-z0-9_-]{22}$/.test(id ?? "")) fail(`the tabs' visitor id: ${id}`);
 
     // A second browser is a second person.
     const bob = await browser.newContext();
     const c3 = await openTab(bob, `${base()}/pages/c`);
     await waitBadge(b, ID.c, 2);
     assertEq((await badgeOf(b, ID.c)).label, " (2 people viewing now)", "badge label of c with two people");
-    const bobId = await keptVisitor(c3);
+    const bobId = await visitorOf(c3);
     if (!bobId || bobId === id) fail(`the second browser's visitor id: ${bobId} (first: ${id})`);
 
     // data-count="connections": the badge counts tabs (3: two of Alice's, one of Bob's).
@@ -346,7 +346,7 @@ function defineSteps(svc, browser, site) {
 <html lang="en"><head><meta charset="utf-8"><title>Tabs</title></head>
 <body>
   <p><a id="c" href="/elsewhere" data-page-id="${ID.c}">Page C</a></p>
-  <script type="module" src="http://${svc.addr}/link-counter.js" data-page="tabs" data-count="connections"></script>
+  <script type="module" src="http://${svc.addr}/link-counter.js" data-count-automation data-page="tabs" data-count="connections"></script>
 </body></html>`;
     const tabs = await openTab(alice, `http://${siteAddr}/site/tabs.html`);
     await waitBadge(tabs, ID.c, 3);
@@ -355,15 +355,10 @@ function defineSteps(svc, browser, site) {
     await waitBadge(tabs, ID.c, 2);
     await waitBadge(b, ID.c, 2); // Alice still has a tab of c
 
-    // Storage unavailable: every page load is a person of its own.
+    // No BroadcastChannel (an old browser): every page load is a person of its own.
     const noStorage = await browser.newContext();
     await noStorage.addInitScript(() => {
-      Object.defineProperty(window, "localStorage", {
-        configurable: true,
-        get() {
-          throw new DOMException("The operation is insecure.", "SecurityError");
-        },
-      });
+      Object.defineProperty(window, "BroadcastChannel", { configurable: true, value: undefined });
     });
     const n1 = await openTab(noStorage, `${base()}/pages/c`);
     const n2 = await openTab(noStorage, `${base()}/pages/c`);
@@ -371,9 +366,9 @@ function defineSteps(svc, browser, site) {
     await eventually("both tabs' WebSockets to be seen", () => (n1.sockets.length === 1 && n2.sockets.length === 1) || [n1.sockets, n2.sockets]);
     const [v1, v2] = [n1.sockets.map(visitorParam), n2.sockets.map(visitorParam)];
     if (v1.length !== 1 || v2.length !== 1 || !/^[A-Za-z0-9_-]{22}$/.test(v1[0]) || v1[0] === v2[0]) {
-      fail(`visitor ids without storage: ${JSON.stringify([v1, v2])}`);
+      fail(`visitor ids without BroadcastChannel: ${JSON.stringify([v1, v2])}`);
     }
-    assertEq(embedErrors(n1), [], "console errors without storage");
+    assertEq(embedErrors(n1), [], "console errors without BroadcastChannel");
 
     await noStorage.close();
     await bob.close();
@@ -453,7 +448,7 @@ function defineSteps(svc, browser, site) {
     await eventually("the removed link's badge to go", async () => (await badgeOf(site, intro)) === null || "still there");
     assertEq(site.sockets.length, 1, "WebSockets opened by the page (link changes must not reconnect)");
     assertEq(withoutQuery(site.sockets[0]), `ws://${svc.addr}/parties/page/site-home`, "the site's WebSocket URL");
-    assertEq(visitorParam(site.sockets[0]), await keptVisitor(site), "the site's WebSocket carries the site's visitor id");
+    assertEq(visitorParam(site.sockets[0]), await visitorOf(site), "the site's WebSocket carries the tab's visitor id");
     v1.close();
     v2.close();
     await waitBadge(site, cafe, 0);
@@ -515,7 +510,7 @@ function defineSteps(svc, browser, site) {
       // connections were the same numbers.)
       const c2 = await openTab(context, `${base()}/pages/c`);
       await same({ [ID.b]: 0, [ID.c]: 1, [ID.d]: 1 });
-      const id = await keptVisitor(a);
+      const id = await visitorOf(a);
       const ps2 = new PartySocket({ host: svc.addr, party: "page", room: encodeURIComponent(ID.c), query: { visitor: id }, WebSocket });
       try {
         await eventually("the embed to hear that c has 2 connections of 1 person", async () => {
@@ -561,7 +556,7 @@ function defineSteps(svc, browser, site) {
 <html lang="en"><head><meta charset="utf-8"><title>data-host with a path</title></head>
 <body>
   <p><a id="intro" href="/docs/intro">Intro</a></p>
-  <script type="module" src="http://${svc.addr}/link-counter.js" data-host="${via}" data-page="hosted"></script>
+  <script type="module" src="http://${svc.addr}/link-counter.js" data-count-automation data-host="${via}" data-page="hosted"></script>
 </body></html>`;
       const hosted = await openTab(context, `http://${siteAddr}/site/hosted.html`);
       await waitBadge(hosted, "%2Fdocs%2Fintro", 0);
@@ -593,14 +588,14 @@ function defineSteps(svc, browser, site) {
   <p><a id="file" href="/docs/index.html">Docs again</a></p>
   <p><a id="htm" href="/guide/index.htm?x=1">Guide</a></p>
   <p><a id="other" href="/docs/install.html">Install</a></p>
-  <script type="module" src="http://${svc.addr}/link-counter.js"></script>
+  <script type="module" src="http://${svc.addr}/link-counter.js" data-count-automation></script>
 </body></html>`;
     site.pages["/kept/index.html"] = `<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>Kept</title></head>
 <body>
   <p><a id="dir" href="/kept/">Kept</a></p>
   <p><a id="file" href="/kept/index.html">Kept, the file</a></p>
-  <script type="module" src="http://${svc.addr}/link-counter.js" data-keep-index></script>
+  <script type="module" src="http://${svc.addr}/link-counter.js" data-count-automation data-keep-index></script>
 </body></html>`;
     const context = await browser.newContext();
     const page = await openTab(context, `http://${siteAddr}/docs/index.html`);
@@ -642,7 +637,7 @@ function defineSteps(svc, browser, site) {
 <html lang="en"><head><meta charset="utf-8"><title>Not allowed</title></head>
 <body>
   <p><a id="intro" href="/docs/intro">Intro</a></p>
-  <script type="module" src="http://${proxy.addr}/presence/link-counter.js"></script>
+  <script type="module" src="http://${proxy.addr}/presence/link-counter.js" data-count-automation></script>
 </body></html>`;
       const expected = (origin) =>
         `link-counter: this page's origin ${origin} is not allowed to connect to http://${proxy.addr}/presence: ` +
@@ -683,6 +678,243 @@ function defineSteps(svc, browser, site) {
       await strict.stop().catch(() => {});
       strict.cleanup();
     }
+  });
+
+  /** A page of the customer site with the embed (`attrs`: extra attributes of its script tag). */
+  const sitePage = (path, body, attrs = "data-count-automation") => {
+    site.pages[path] = `<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>${path}</title></head>
+<body>
+${body}
+  <script type="module" src="http://${svc.addr}/link-counter.js" ${attrs}></script>
+</body></html>`;
+    return `http://${siteAddr}${path}`;
+  };
+  /** Waits until the embed on `page` has started (window.linkCounter is set). */
+  const started = (page) =>
+    eventually(`the embed on ${page.url()} to start`, () => page.evaluate(() => window.linkCounter !== undefined));
+  /** Waits until the API shows `expected` connection counts ({id: n}). */
+  const waitCounts = async (what, expected) => {
+    const ids = Object.keys(expected);
+    await eventually(what, async () => {
+      const c = await svc.counts(ids);
+      return ids.every((id) => c[id] === expected[id]) || c;
+    });
+  };
+  /** Waits until the API shows `expected` ({id: {connections, visitors}}). */
+  const waitTallies = async (what, expected) => {
+    const ids = Object.keys(expected);
+    await eventually(what, async () => {
+      const t = await svc.tallies(ids);
+      const seen = Object.fromEntries(ids.map((id) => [id, { connections: t.connections[id], visitors: t.visitors[id] }]));
+      return JSON.stringify(seen) === JSON.stringify(expected) || seen;
+    });
+  };
+
+  step("nothing stored on the device: after several pages of a site and of the demo, no storage, cookie, database or cache; the old visitor-id key is removed", async () => {
+    const context = await browser.newContext();
+    site.pages["/site/plain.html"] = "<!DOCTYPE html><title>plain</title><p>no embed</p>";
+    // What an earlier version of the embed left behind.
+    const plain = await openTab(context, `http://${siteAddr}/site/plain.html`);
+    await plain.evaluate(() => localStorage.setItem("link-counter-visitor", "old_visitor_id_0123"));
+    const first = sitePage("/site/store-1.html", '<p><a href="/site/store-2.html">two</a> <a href="/site/store-3.html">three</a></p>');
+    sitePage("/site/store-2.html", '<p><a href="/site/store-1.html">one</a></p>');
+    sitePage("/site/store-3.html", '<p><a href="/site/store-1.html">one</a></p>');
+    const tab = await openTab(context, first);
+    await waitBadge(tab, "%2Fsite%2Fstore-2.html", 0);
+    await waitBadge(tab, "%2Fsite%2Fstore-3.html", 0);
+    for (const path of ["/site/store-2.html", "/site/store-3.html"]) {
+      await tab.goto(`http://${siteAddr}${path}`);
+      await waitBadge(tab, "%2Fsite%2Fstore-1.html", 0);
+    }
+    await tab.evaluate(() => history.pushState(null, "", "/site/store-2.html"));
+    const demo = await openTab(context, `${base()}/pages/b`);
+    await waitBadge(demo, ID.c, 0);
+    await demo.goto(`${base()}/pages/c`);
+    await waitBadge(demo, ID.a, 0);
+    for (const page of [tab, demo, plain]) {
+      const stored = await page.evaluate(async () => ({
+        localStorage: Object.keys(localStorage),
+        sessionStorage: Object.keys(sessionStorage),
+        cookie: document.cookie,
+        indexedDB: (await indexedDB.databases()).map((d) => d.name),
+        caches: await caches.keys(),
+      }));
+      assertEq(stored, { localStorage: [], sessionStorage: [], cookie: "", indexedDB: [], caches: [] }, `what ${page.url()} stored`);
+    }
+    assertEq(await context.cookies(), [], "the context's cookies");
+    await context.close();
+  });
+
+  step("tabs: two tabs of one browser are 1 person, a second browser 2, two tabs opened at the same moment 1; the figure falls at the last tab", async () => {
+    const target = sitePage("/site/tabs-target.html", "<p>target</p>", 'data-count-automation data-page="tabs-target"');
+    const [alice, bob, carol] = [await browser.newContext(), await browser.newContext(), await browser.newContext()];
+    const a1 = await openTab(alice, target);
+    const a2 = await openTab(alice, target);
+    await waitTallies("two tabs of one browser", { "tabs-target": { connections: 2, visitors: 1 } });
+    await openTab(bob, target);
+    await waitTallies("a second browser", { "tabs-target": { connections: 3, visitors: 2 } });
+    // Two tabs at the same moment: they settle on one id.
+    const [c1, c2] = await Promise.all([openTab(carol, target), openTab(carol, target)]);
+    await waitTallies("two tabs opened together", { "tabs-target": { connections: 5, visitors: 3 } });
+    assertEq(await visitorOf(c1), await visitorOf(c2), "the visitor id of the two tabs opened together");
+    await a1.close();
+    await waitTallies("one of Alice's tabs closed", { "tabs-target": { connections: 4, visitors: 3 } });
+    await a2.close();
+    await waitTallies("Alice's last tab closed", { "tabs-target": { connections: 3, visitors: 2 } });
+    // A tab Alice opens now is a new person to the service: the id died with her last tab.
+    await c2.close();
+    await waitTallies("one of Carol's tabs closed", { "tabs-target": { connections: 2, visitors: 2 } });
+    await c1.close();
+    await waitTallies("Carol's last tab closed", { "tabs-target": { connections: 1, visitors: 1 } });
+    for (const c of [alice, bob, carol]) await c.close();
+    await waitTallies("all closed", { "tabs-target": { connections: 0, visitors: 0 } });
+  });
+
+  step("away: a tab hidden longer than data-away-after drops out and is back when visible; off stays counted", async () => {
+    const away = sitePage("/site/away.html", '<p><a href="/x" data-page-id="away-watch">w</a></p>', 'data-count-automation data-page="away-short" data-away-after="1s"');
+    const stays = sitePage("/site/stays.html", "<p>stays</p>", 'data-count-automation data-page="away-off" data-away-after="off"');
+    // Headless Chromium never hides a page (minimizing, switching tabs,
+    // Page.setWebLifecycleState all leave it "visible"): the page's
+    // visibility is emulated, and a real visibilitychange event is fired.
+    const context = await browser.newContext();
+    await context.addInitScript(() => {
+      let state = "visible";
+      Object.defineProperty(Document.prototype, "visibilityState", { configurable: true, get: () => state });
+      Object.defineProperty(Document.prototype, "hidden", { configurable: true, get: () => state === "hidden" });
+      window.__setVisibility = (s) => {
+        state = s;
+        document.dispatchEvent(new Event("visibilitychange"));
+      };
+    });
+    const short = await openTab(context, away);
+    const off = await openTab(await browser.newContext(), stays);
+    const both = (s, o) => ({ "away-short": { connections: s, visitors: s }, "away-off": { connections: o, visitors: o } });
+    await waitTallies("both tabs counted", both(1, 1));
+    await waitBadge(short, "away-watch", 0);
+    await short.evaluate(() => window.__setVisibility("hidden"));
+    await off.evaluate(() => {
+      Object.defineProperty(document, "visibilityState", { configurable: true, get: () => "hidden" });
+      document.dispatchEvent(new Event("visibilitychange"));
+    });
+    await waitTallies("the hidden tab away after 1 s", both(0, 1));
+    assertEq(await short.evaluate(() => window.linkCounter.counter.state), "paused", "the away tab's counter");
+    assertEq(await off.evaluate(() => window.linkCounter.counter.state), "open", "the data-away-after=off tab's counter");
+    await short.evaluate(() => window.__setVisibility("visible"));
+    await waitTallies("the tab back when visible", both(1, 1));
+    await waitBadge(short, "away-watch", 0);
+    await off.context().close();
+    await context.close();
+    await waitTallies("closed", both(0, 0));
+  });
+
+  step("back/forward cache: leaving a page closes its connection and the page is cached; back, it is restored and counted again", async () => {
+    const a = sitePage("/site/bf-a.html", '<p><a id="next" href="/site/bf-b.html">B</a></p>', 'data-count-automation data-page="bf-a"');
+    sitePage("/site/bf-b.html", "<p>B</p>", 'data-count-automation data-page="bf-b"');
+    // Playwright turns the cache off by default; this browser has it.
+    const cached = await chromium.launch({ executablePath: CHROMIUM, headless: true, args: LAUNCH_ARGS, ignoreDefaultArgs: ["--disable-back-forward-cache"] });
+    try {
+      const context = await cached.newContext();
+      const page = await openTab(context, a);
+      await waitTallies("page a counted", { "bf-a": { connections: 1, visitors: 1 }, "bf-b": { connections: 0, visitors: 0 } });
+      await page.evaluate(() => {
+        window.__sameDocument = true;
+      });
+      await page.click("#next");
+      await waitTallies("the reader on page b", { "bf-a": { connections: 0, visitors: 0 }, "bf-b": { connections: 1, visitors: 1 } });
+      await page.goBack({ waitUntil: "commit" }); // a restore fires no load event
+      await waitTallies("the reader back on page a", { "bf-a": { connections: 1, visitors: 1 }, "bf-b": { connections: 0, visitors: 0 } });
+      await waitBadge(page, "%2Fsite%2Fbf-b.html", 0);
+      const restored = await page.evaluate(() => ({
+        sameDocument: window.__sameDocument === true,
+        notRestoredReasons: performance.getEntriesByType("navigation")[0]?.notRestoredReasons ?? null,
+      }));
+      assertEq(restored, { sameDocument: true, notRestoredReasons: null }, "page a restored from the back/forward cache");
+      await context.close();
+    } finally {
+      await cached.close();
+    }
+  });
+
+  step("automation: without data-count-automation an automated Chromium opens no WebSocket; a crawler User-Agent is refused (403) and counts nothing, the same client without it counts", async () => {
+    const context = await browser.newContext();
+    const url = sitePage("/site/automated.html", '<p><a href="/docs/intro">Intro</a></p>', 'data-page="automated"');
+    const page = await openTab(context, url);
+    await started(page);
+    assertEq(await page.evaluate(() => navigator.webdriver), true, "navigator.webdriver in the test browser");
+    // The embed decided at start: no counter, hence no connection ever.
+    assertEq(await page.evaluate(() => [window.linkCounter.automated, window.linkCounter.counter]), [true, null], "the embed in an automated browser");
+    assertEq(page.sockets, [], "WebSockets of the automated page");
+    assertEq(await page.evaluate(() => document.querySelectorAll(".link-counter-badge").length), 0, "badges");
+    assertEq(await svc.counts(["automated"]), { automated: 0 }, "count of the automated page");
+
+    // The page opts in, but the browser says it is Googlebot: the service refuses it.
+    const googlebot = "Mozilla/5.0 AppleWebKit/537.36 (KHTML, like Gecko; compatible; Googlebot/2.1; +http://www.google.com/bot.html) Chrome/131.0.0.0 Safari/537.36";
+    const crawlerUrl = sitePage("/site/crawled.html", '<p><a href="/docs/intro">Intro</a></p>', 'data-count-automation data-page="crawled"');
+    const crawler = await browser.newContext({ userAgent: googlebot });
+    const crawled = await openTab(crawler, crawlerUrl);
+    await eventually("the crawler's upgrade to fail", async () => {
+      const s = await crawled.evaluate(() => ({ everOpened: window.linkCounter?.counter?._everOpened, failed: window.linkCounter?.counter?._failedOpens }));
+      return (crawled.sockets.length >= 1 && s.everOpened === false && s.failed >= 1) || { ...s, sockets: crawled.sockets };
+    });
+    // What the service answers that upgrade (the browser hides the status).
+    const status = await new Promise((resolve, reject) => {
+      const [host, port] = svc.addr.split(":");
+      const req = http.request({
+        host,
+        port,
+        path: "/parties/page/crawled",
+        headers: { "user-agent": googlebot, upgrade: "websocket", connection: "Upgrade", "sec-websocket-version": "13", "sec-websocket-key": "dGhlIHNhbXBsZSBub25jZQ==" },
+      });
+      req.on("response", (res) => {
+        res.resume();
+        resolve(res.statusCode);
+      });
+      req.on("upgrade", (res, socket) => {
+        socket.destroy();
+        resolve(res.statusCode);
+      });
+      req.on("error", reject);
+      req.end();
+    });
+    assertEq(status, 403, "the service's answer to the crawler's upgrade");
+    assertEq(await svc.counts(["crawled"]), { crawled: 0 }, "count of the crawled page");
+    // The same browser without the crawler's User-Agent is counted.
+    const person = await browser.newContext();
+    const read = await openTab(person, crawlerUrl);
+    await waitBadge(read, "%2Fdocs%2Fintro", 0);
+    assertEq(await svc.counts(["crawled"]), { crawled: 1 }, "count with a browser's User-Agent");
+    for (const c of [context, crawler, person]) await c.close();
+  });
+
+  step("single-page sites: pushState moves the reader to the new page and the badges follow the new links; popstate back; setPage", async () => {
+    const one = "%2Fspa%2Fone";
+    const two = "%2Fspa%2Fdeep%2Ftwo";
+    const url = sitePage("/spa/one", '<nav id="nav"><a id="rel" href="next">Next</a></nav>');
+    const context = await browser.newContext();
+    const page = await openTab(context, url);
+    await waitBadge(page, "%2Fspa%2Fnext", 0);
+    await waitCounts("page one counted", { [one]: 1, [two]: 0 });
+    // The router changes the URL, then renders the new page's links.
+    await page.evaluate(() => {
+      history.pushState({}, "", "/spa/deep/two");
+      document.getElementById("nav").insertAdjacentHTML("beforeend", '<a id="added" href="three">Three</a>');
+    });
+    await waitCounts("the reader to move to page two", { [one]: 0, [two]: 1 });
+    await waitBadge(page, "%2Fspa%2Fdeep%2Fnext", 0); // the relative link resolves against the new URL
+    await waitBadge(page, "%2Fspa%2Fdeep%2Fthree", 0);
+    assertEq(await badgeOf(page, "%2Fspa%2Fnext"), null, "the badge of the old link target");
+    const v = await viewer(svc.addr, "%2Fspa%2Fdeep%2Fthree");
+    await waitBadge(page, "%2Fspa%2Fdeep%2Fthree", 1);
+    v.close();
+    await page.goBack(); // popstate: same document, back to page one
+    await waitCounts("the reader back on page one", { [one]: 1, [two]: 0 });
+    await waitBadge(page, "%2Fspa%2Fnext", 0);
+    // An app that manages ids itself.
+    await page.evaluate(() => window.linkCounter.setPage("app-view-7"));
+    await waitCounts("the reader on app-view-7", { [one]: 0, "app-view-7": 1 });
+    assertEq(embedErrors(page), [], "console errors");
+    await context.close();
   });
 
   if (DEMO_SCREENSHOT) {

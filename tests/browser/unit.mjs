@@ -7,14 +7,17 @@ import assert from "node:assert/strict";
 import {
   DEFAULT_BACKOFF,
   LinkCounter,
-  VISITOR_STORAGE_KEY,
+  TAB_CHANNEL,
+  TabGroup,
+  isAutomated,
   newVisitorId,
   originCheckUrl,
   pageIdFromUrl,
   pageIdProblem,
+  pageLoadVisitorId,
+  parseAwayAfter,
   roomUrl,
   serviceBase,
-  visitorId,
 } from "../../web/link-counter.js";
 
 class FakeSocket {
@@ -106,16 +109,37 @@ function fakeFetch(answer = () => ({ origin: "https://site.example", allowed: tr
 /** Lets settled promises run their continuations (the fake timers do not touch microtasks). */
 const flush = () => new Promise((r) => setImmediate(r));
 
-/** A Storage-like map (getItem/setItem), or one whose every call throws (storage blocked). */
-function fakeStorage({ blocked = false } = {}) {
-  const items = new Map();
-  const deny = () => {
-    throw new Error("SecurityError: access to storage is denied");
-  };
+/**
+ * An in-memory BroadcastChannel bus: channels of one bus see each other's
+ * messages (not their own), delivered only when the test calls `deliver()`,
+ * so a test decides which messages cross.
+ */
+function fakeBus() {
+  const queue = [];
+  const open = new Set();
+  class Channel {
+    constructor(name) {
+      this.name = name;
+      this.onmessage = null;
+      open.add(this);
+    }
+    postMessage(data) {
+      for (const other of open) if (other !== this && other.name === this.name) queue.push([other, structuredClone(data)]);
+    }
+    close() {
+      open.delete(this);
+    }
+  }
   return {
-    items,
-    getItem: (k) => (blocked ? deny() : (items.get(k) ?? null)),
-    setItem: (k, v) => (blocked ? deny() : items.set(k, String(v))),
+    Channel,
+    queue,
+    /** Delivers every queued message (and those they cause) until none is left. */
+    deliver() {
+      while (queue.length) {
+        const [to, data] = queue.shift();
+        if (open.has(to)) to.onmessage?.({ data });
+      }
+    },
   };
 }
 
@@ -459,27 +483,144 @@ const tests = {
     });
   },
 
-  "visitor ids: random, kept per browser profile, one per page load without storage"() {
+  "visitor ids: random, one per page load, in memory"() {
     const id = newVisitorId();
     assert.match(id, /^[A-Za-z0-9_-]{22}$/);
     assert.notEqual(newVisitorId(), id);
-    // Made once, then kept.
-    const storage = fakeStorage();
-    const first = visitorId(storage);
-    assert.match(first, /^[A-Za-z0-9_-]{22}$/);
-    assert.equal(storage.items.get(VISITOR_STORAGE_KEY), first);
-    assert.equal(visitorId(storage), first);
-    // A kept value that is not a valid id is replaced.
-    storage.items.set(VISITOR_STORAGE_KEY, "bad id!");
-    const replaced = visitorId(storage);
-    assert.notEqual(replaced, "bad id!");
-    assert.equal(storage.items.get(VISITOR_STORAGE_KEY), replaced);
-    // Storage unavailable: one id for this page load, whoever asks.
-    const blocked = fakeStorage({ blocked: true });
-    const loadId = visitorId(blocked);
+    const loadId = pageLoadVisitorId();
     assert.match(loadId, /^[A-Za-z0-9_-]{22}$/);
-    assert.equal(visitorId(blocked), loadId);
-    assert.notEqual(loadId, first);
+    assert.equal(pageLoadVisitorId(), loadId);
+  },
+
+  async "tab group: a newcomer adopts the settled id at once; two tabs that start together settle on the lowest candidate"() {
+    await withFakeTime(async (clock) => {
+      const bus = fakeBus();
+      const opts = { BroadcastChannel: bus.Channel };
+      // Two tabs at the same moment: each hears the other's candidate.
+      const a = new TabGroup(opts);
+      const b = new TabGroup(opts);
+      bus.deliver();
+      assert.equal(a.id, null);
+      clock.fire(200);
+      clock.fire(200);
+      bus.deliver();
+      const lowest = [a._candidate, b._candidate].sort()[0];
+      assert.equal(a.id, lowest);
+      assert.equal(b.id, lowest);
+      assert.equal(await a.ready, lowest);
+      // A third tab asks and adopts the settled id without waiting.
+      const c = new TabGroup(opts);
+      bus.deliver();
+      assert.equal(c.id, lowest);
+      assert.equal(await c.ready, lowest);
+      assert.equal(TAB_CHANNEL, "link-counter");
+      for (const t of [a, b, c]) t.close();
+    });
+  },
+
+  async "tab group: settled ids that crossed converge on the lower one; the loser is told; no channel, own id"() {
+    await withFakeTime(async (clock) => {
+      const bus = fakeBus();
+      const changes = [];
+      const mk = (name) => new TabGroup({ BroadcastChannel: bus.Channel, onChange: (id) => changes.push([name, id]) });
+      // Neither hears the other before settling (their messages are lost).
+      const a = mk("a");
+      const b = mk("b");
+      bus.queue.length = 0;
+      clock.fire(200);
+      clock.fire(200);
+      assert.equal(a.id, a._candidate);
+      assert.equal(b.id, b._candidate);
+      bus.deliver(); // their "id" announcements meet
+      const lowest = [a._candidate, b._candidate].sort()[0];
+      assert.equal(a.id, lowest);
+      assert.equal(b.id, lowest);
+      const loser = a._candidate === lowest ? "b" : "a";
+      assert.deepEqual(changes, [[loser, lowest]]);
+      // Garbage on the channel is ignored.
+      const other = new bus.Channel(TAB_CHANNEL);
+      for (const junk of [null, "x", { type: "id", id: "short" }, { type: "id", id: 5 }, { type: "id" }]) other.postMessage(junk);
+      bus.deliver();
+      assert.equal(a.id, lowest);
+      other.close();
+      // In the back/forward cache a tab leaves the channel; back, it announces its id.
+      const c = mk("c");
+      bus.deliver();
+      assert.equal(c.id, lowest);
+      a.suspend();
+      const d = mk("d");
+      bus.deliver();
+      assert.equal(d.id, lowest, "b still answers");
+      for (const t of [b, c, d]) t.close();
+      const e = mk("e"); // asks: nobody is there but the suspended a
+      bus.deliver();
+      clock.fire(200);
+      bus.deliver();
+      assert.equal(e.id, e._candidate);
+      a.resume();
+      bus.deliver();
+      const settled = [lowest, e._candidate].sort()[0];
+      assert.equal(a.id, settled);
+      assert.equal(e.id, settled);
+      a.close();
+      e.close();
+      // No BroadcastChannel: a group of one, settled at once.
+      const alone = new TabGroup({ BroadcastChannel: null });
+      assert.match(alone.id, /^[A-Za-z0-9_-]{22}$/);
+      assert.equal(await alone.ready, alone.id);
+    });
+  },
+
+  async "setPage moves the connection at once; pause closes normally and stays closed; resume reopens; setVisitor reconnects"() {
+    await withFakeTime((clock) => {
+      const { counter, socket, updates } = newCounter({ count: "visitors", visitor: "visitor_0123-abcd" });
+      socket().serverOpen();
+      socket().serverSend({ type: "update", connections: { b: 1, c: 2 }, visitors: { b: 1, c: 2 } });
+      const first = socket();
+      counter.setPage("%2Fpages%2Fz");
+      assert.equal(first.closedWith, 1000);
+      assert.equal(counter.state, "connecting");
+      assert.equal(socket().url, "ws://h:1/parties/page/%252Fpages%252Fz?visitor=visitor_0123-abcd");
+      assert.equal(counter.get("b"), null, "counts are unknown until the new connection's update");
+      first.serverClose(1000); // late close of the old socket: ignored
+      assert.deepEqual(clock.delays(), []);
+      socket().serverOpen();
+      assert.deepEqual(socket().sent, [{ type: "subscribe", links: ["b", "c"], visitors: true }]);
+      assert.throws(() => counter.setPage("a/b"), /page id "a\/b" contains "\/"/);
+
+      counter.pause();
+      assert.equal(socket().closedWith, 1000);
+      assert.equal(counter.state, "paused");
+      assert.deepEqual(clock.delays(), [], "no retry while paused");
+      const sockets = FakeSocket.all.length;
+      counter.setVisitor("visitor_other-id"); // remembered, no connection
+      assert.equal(FakeSocket.all.length, sockets);
+      counter.resume();
+      assert.equal(socket().url, "ws://h:1/parties/page/%252Fpages%252Fz?visitor=visitor_other-id");
+      socket().serverOpen();
+      counter.setVisitor("visitor_third-id");
+      assert.equal(FakeSocket.all.at(-2).closedWith, 1000);
+      assert.match(socket().url, /visitor=visitor_third-id$/);
+      // Every update said unknown counts while not connected.
+      assert.ok(updates.every((u) => u.connected || Object.values(u.counts).every((n) => n === null)));
+      counter.close();
+    });
+  },
+
+  "data-away-after durations, and automation detection"() {
+    assert.equal(parseAwayAfter("90s"), 90_000);
+    assert.equal(parseAwayAfter("2m"), 120_000);
+    assert.equal(parseAwayAfter("1500ms"), 1500);
+    assert.equal(parseAwayAfter("45"), 45_000);
+    assert.equal(parseAwayAfter("off"), null);
+    assert.equal(parseAwayAfter("soon"), undefined);
+    assert.equal(parseAwayAfter("-1s"), undefined);
+    const chrome = "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/131.0.0.0 Safari/537.36";
+    assert.equal(isAutomated({ userAgent: chrome, webdriver: false }), false);
+    assert.equal(isAutomated({ userAgent: chrome, webdriver: true }), true);
+    assert.equal(isAutomated({ userAgent: "Mozilla/5.0 (compatible; Googlebot/2.1; +http://www.google.com/bot.html)" }), true);
+    assert.equal(isAutomated({ userAgent: chrome.replace("Chrome", "HeadlessChrome") }), true);
+    assert.equal(isAutomated({ userAgent: "Mozilla/5.0 (Linux; Android 10; CUBOT X30) Chrome/120.0 Mobile" }), false);
   },
 
   async "counting people: the visitor id in the URL, visitors asked for and shown, both figures kept"() {
@@ -507,17 +648,13 @@ const tests = {
     });
   },
 
-  async "by default a counter counts people as this browser's visitor; visitor null sends none"() {
+  async "by default a counter counts people as this page load's visitor; visitor null sends none"() {
     await withFakeTime(() => {
-      const realStorage = Object.getOwnPropertyDescriptor(globalThis, "localStorage");
-      const storage = fakeStorage();
-      Object.defineProperty(globalThis, "localStorage", { value: storage, configurable: true });
-      try {
+      {
         FakeSocket.all = [];
         const counter = new LinkCounter({ host: "http://h:1", page: "p", WebSocket: FakeSocket, logger: quietLogger() });
-        const kept = storage.items.get(VISITOR_STORAGE_KEY);
         assert.equal(counter.figure, "visitors");
-        assert.equal(FakeSocket.all.at(-1).url, `ws://h:1/parties/page/p?visitor=${kept}`);
+        assert.equal(FakeSocket.all.at(-1).url, `ws://h:1/parties/page/p?visitor=${pageLoadVisitorId()}`);
         counter.close();
         const anonymous = new LinkCounter({ host: "http://h:1", page: "p", visitor: null, WebSocket: FakeSocket, logger: quietLogger() });
         assert.equal(FakeSocket.all.at(-1).url, "ws://h:1/parties/page/p");
@@ -530,9 +667,6 @@ const tests = {
           () => new LinkCounter({ host: "http://h:1", page: "p", count: "tabs", WebSocket: FakeSocket }),
           /link-counter: count "tabs"/,
         );
-      } finally {
-        if (realStorage) Object.defineProperty(globalThis, "localStorage", realStorage);
-        else delete globalThis.localStorage;
       }
     });
   },

@@ -168,7 +168,10 @@ async fn streams_are_refused_like_upgrades() {
     assert_eq!((status, body.trim()), (403, "origin not allowed"));
     let googlebot = "Mozilla/5.0 (compatible; Googlebot/2.1; +http://www.google.com/bot.html)";
     let (status, _) = refused(&app, "p", "", &[origin[0], ("User-Agent", googlebot)]).await;
-    assert_eq!(status, 403, "a crawler is not counted over the event stream either");
+    assert_eq!(
+        status, 403,
+        "a crawler is not counted over the event stream either"
+    );
 
     // Two connections from this address: one of each transport; a third of
     // either is refused with 429, and a slot freed is a slot to take.

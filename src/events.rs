@@ -235,25 +235,25 @@ impl Stream {
         }
         let notice = taken.notice.as_ref().map(|t| t.as_bytes());
         let update = taken.update.as_ref().map(|(t, _)| t.as_bytes());
-        let parts: Vec<&[u8]> = [notice, update]
-            .into_iter()
-            .flatten()
-            .flat_map(|text| [&b"data: "[..], text, b"\n\n"])
-            .collect();
-        if parts.is_empty() {
+        // Each message is `data: {json}` and a blank line.
+        let mut parts: [&[u8]; 6] = [&[]; 6];
+        let mut n = 0;
+        for text in [notice, update].into_iter().flatten() {
+            parts[n..n + 3].copy_from_slice(&[b"data: ", text, b"\n\n"]);
+            n += 3;
+            m::message_out();
+        }
+        if n == 0 {
             return if keepalive {
                 self.write(&[KEEPALIVE])
             } else {
                 Ok(())
             };
         }
-        for _ in 0..parts.len() / 3 {
-            m::message_out();
-        }
         if let Some((_, since)) = taken.update {
             m::update_sent(since.map(|t| t.elapsed()));
         }
-        self.write(&parts)
+        self.write(&parts[..n])
     }
 
     /// Writes `parts` (the write buffer is empty) as far as the socket
@@ -261,9 +261,13 @@ impl Stream {
     fn write(&mut self, parts: &[&[u8]]) -> Result<(), Ending> {
         let now = Instant::now();
         self.next_keepalive = now + self.joined.settings().events.keepalive_interval;
-        let slices: Vec<IoSlice<'_>> = parts.iter().map(|p| IoSlice::new(p)).collect();
+        let mut slices = [IoSlice::new(&[]); 6];
+        for (slice, part) in slices.iter_mut().zip(parts) {
+            *slice = IoSlice::new(part);
+        }
+        let slices = &slices[..parts.len().min(6)];
         let total: usize = parts.iter().map(|p| p.len()).sum();
-        let written = match self.io.try_write_vectored(&slices) {
+        let written = match self.io.try_write_vectored(slices) {
             Ok(0) => return Err(Ending::gone()),
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,

@@ -537,8 +537,14 @@ fn event_stream(req: HttpRequest, state: &AppState) -> HttpResponse {
         // Not on the public listener (no socket slot): nothing joined.
         return plain(StatusCode::NOT_FOUND, "no event streams on this listener");
     };
-    // Boxed: the task keeps a pointer, not a copy of it, for its whole life.
-    let start = Box::new((ctx, req.query_string().to_owned()));
+    // Only the subscription goes on (the visitor id stays in the request);
+    // boxed: the task keeps a pointer, not a copy of it, for its whole life.
+    let subscription: Vec<&str> = req
+        .query_string()
+        .split('&')
+        .filter(|p| p.starts_with("links=") || p.starts_with("visitors="))
+        .collect();
+    let start = Box::new((ctx, subscription.join("&")));
     run_at_home(state, start.0.shard_index, io, move |io| async move {
         let (ctx, query) = *start;
         let joined = session::join(ctx);

@@ -10,7 +10,8 @@ use tokio::io::AsyncWriteExt;
 
 use crate::{
     helpers::{
-        counts, events_path, eventually, spawn_app, EventClient, StreamItem, TestApp, PATIENCE,
+        counts, events_path, eventually, spawn_app, Client, EventClient, StreamItem, TestApp,
+        PATIENCE,
     },
     lifecycle_wait,
 };
@@ -220,6 +221,45 @@ async fn shutdown_ends_the_stream() {
     let report = tokio::spawn(app.shutdown());
     s.expect_end().await;
     assert_eq!(report.await.expect("shutdown").cut, 0);
+}
+
+/// A reader that stops reading (a tiny receive buffer, nothing read) fills
+/// its socket with a ~50 KB full update; while its socket takes nothing
+/// the counts of its links merge (they do not queue), and once it took no
+/// bytes for `websocket.client_timeout` the stream is closed and stops
+/// counting. Others (a WebSocket watcher, a fresh stream) are unaffected.
+#[tokio::test]
+async fn a_reader_that_stops_reading_is_closed() {
+    let (app, _dir) = spawn_app(&[("WEBSOCKET__CLIENT_TIMEOUT", "1s")]);
+    let mut watcher = app.connect("watcher").await;
+    watcher.subscribe(&["sink"]).await;
+    watcher.wait_for(&counts(&[("sink", 0)])).await;
+    let links: Vec<String> = (0..100).map(|i| format!("{i:0>200}")).collect();
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(4096).expect("SO_RCVBUF");
+    let mut stream = socket.connect(app.addr).await.expect("connect");
+    let path = events_path("sink", &format!("links={}&visitors=true", links.join(",")));
+    stream
+        .write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .expect("request");
+    watcher.wait_for(&counts(&[("sink", 1)])).await;
+    // Counts of its links keep changing while it reads nothing: its socket
+    // fills, then they merge.
+    let urls: Vec<String> = links.iter().take(20).map(|id| app.ws_url(id)).collect();
+    let toggler = tokio::spawn(async move {
+        loop {
+            for url in &urls {
+                Client::connect(url).await.close().await;
+            }
+        }
+    });
+    watcher.wait_for(&counts(&[("sink", 0)])).await;
+    toggler.abort();
+    lifecycle_wait(&app, "sink", 0).await;
+    let mut fresh = open(&app, "fresh", &format!("links={}", links[0])).await;
+    fresh.wait_for(&counts(&[(&links[0], 0)])).await;
+    drop(stream);
 }
 
 /// Bytes a reader sends after its request are read and dropped: the

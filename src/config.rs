@@ -55,6 +55,8 @@ pub struct Settings {
     pub storage: StorageSettings,
     /// Per-connection limits and liveness.
     pub websocket: WebSocketSettings,
+    /// The Server-Sent Events transport.
+    pub events: EventStreamSettings,
     /// The counter actor's timers.
     pub counter: CounterSettings,
     /// Page-room lifetimes.
@@ -232,6 +234,19 @@ pub struct WebSocketSettings {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
+pub struct EventStreamSettings {
+    /// Period of the keep-alive comment on an event stream: proxies close
+    /// connections idle for longer than their timeout (often 60 s).
+    #[serde(with = "humantime_serde")]
+    pub keepalive_interval: Duration,
+    /// The `retry:` hint: how long a browser's `EventSource` waits before
+    /// it reconnects a stream that ended.
+    #[serde(with = "humantime_serde")]
+    pub retry: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct CounterSettings {
     /// Coalescing period of count updates.
     #[serde(with = "humantime_serde")]
@@ -347,6 +362,13 @@ impl Settings {
         }
         if ws.max_links_per_subscribe == 0 {
             return bad("websocket.max_links_per_subscribe", "must be at least 1");
+        }
+        let ev = &self.events;
+        if ev.keepalive_interval.is_zero() || ev.keepalive_interval > Duration::from_secs(600) {
+            return bad("events.keepalive_interval", "must be between 1ms and 10min");
+        }
+        if ev.retry > Duration::from_secs(3600) {
+            return bad("events.retry", "must be at most 1h");
         }
         if let Some(t) = self.admin.token.get() {
             if t.len() < 16 || !t.bytes().all(|b| b.is_ascii_graphic()) {

@@ -1,10 +1,17 @@
-//! HTTP routes: the WebSocket endpoint of PROTOCOL.md, the read-only JSON
-//! API and the origin check. No route can set or change a count.
+//! HTTP routes: the WebSocket endpoint of PROTOCOL.md and its event-stream
+//! twin, the read-only JSON API and the origin check. No route can set or
+//! change a count.
 
 use std::{
+    cell::RefCell,
     collections::BTreeMap,
+    future::Future,
+    io,
     net::IpAddr,
+    pin::Pin,
+    rc::Rc,
     sync::{atomic::AtomicUsize, Arc},
+    task::{Context, Poll},
     time::Duration,
 };
 
@@ -20,14 +27,22 @@ use actix_web::{
 };
 use bytes::Bytes;
 use futures_util::SinkExt;
-use tokio::{net::TcpStream, sync::watch};
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::TcpStream,
+    sync::watch,
+};
 
 use crate::{
     config::Settings,
     counter::{Counter, GetCounts, GetPage, GetStatus},
+    events,
     limits::{client_ip, BotFilter, CapExceeded, ConnLimiter, OriginPolicy, Permit},
-    metrics::{connection_refused, Refused},
-    protocol::{code, decode_page_id, validate_page_id, PageId, PageIdError, ProtocolError, Tally},
+    metrics::{connection_refused, Refused, Transport},
+    protocol::{
+        code, decode_page_id, parse_stream_query, validate_page_id, ClientMessage, PageId,
+        PageIdError, ProtocolError, Tally,
+    },
     session::{self, SessionContext},
     shard::Shards,
     storage::Storage,
@@ -36,6 +51,8 @@ use crate::{
 
 /// Path prefix of page rooms (PartyKit's `/parties/{party}/{room}` with party `page`).
 pub const PAGE_PREFIX: &str = "/parties/page/";
+/// Path suffix of a page's event stream (`/parties/page/{id}/events`).
+pub const EVENTS_SUFFIX: &str = "/events";
 /// Path prefix of the page stats API.
 const PAGES_API_PREFIX: &str = "/api/v1/pages/";
 /// The origin check: may the requesting `Origin` open WebSockets here?
@@ -54,9 +71,9 @@ pub struct AppState {
     pub counter: Addr<Counter>,
     /// For readiness checks.
     pub storage: Storage,
-    /// True once shutdown began (upgrades are refused from then on).
+    /// True once shutdown began (upgrades and streams are refused from then on).
     pub shutdown: watch::Receiver<bool>,
-    /// Open WebSocket sessions.
+    /// Open connections (WebSocket sessions and event streams).
     pub active: Arc<AtomicUsize>,
     /// Connection caps.
     pub limiter: Arc<ConnLimiter>,
@@ -72,7 +89,7 @@ pub struct AppState {
 
 /// Registers every route.
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.route("/parties/page/{tail:.*}", web::get().to(websocket))
+    cfg.route("/parties/page/{tail:.*}", web::get().to(page_get))
         .route("/api/v1/counts", web::get().to(counts))
         .route("/api/v1/pages/{tail:.*}", web::get().to(page_info))
         .route(ORIGIN_CHECK_PATH, web::get().to(origin_check))
@@ -111,9 +128,19 @@ async fn not_found(req: HttpRequest) -> HttpResponse {
     plain(rejection.status(), &rejection.to_string())
 }
 
+/// `GET /parties/page/…` without an upgrade: an event stream, or a
+/// WebSocket path asked without one.
+async fn page_get(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
+    if req.uri().path().ends_with(EVENTS_SUFFIX) {
+        event_stream(req, &state)
+    } else {
+        websocket(req)
+    }
+}
+
 /// `GET /parties/page/{id}` without an upgrade (upgrades never reach the
 /// routes: actix-http hands them to [`upgrade`]).
-async fn websocket(req: HttpRequest) -> HttpResponse {
+fn websocket(req: HttpRequest) -> HttpResponse {
     let raw = req
         .uri()
         .path()
@@ -150,6 +177,9 @@ enum Rejection<'h> {
     /// Not a WebSocket handshake (400).
     #[error("WebSocket handshake failed: {0}")]
     BadHandshake(ws::HandshakeError),
+    /// An event stream's query is not a valid subscription (400).
+    #[error("invalid subscription: {}: {}", .0.code, .0.message)]
+    BadQuery(ProtocolError),
     /// Shutdown began (503).
     #[error("server is shutting down")]
     ShuttingDown(PageId),
@@ -172,7 +202,9 @@ impl Rejection<'_> {
     fn status(&self) -> StatusCode {
         match self {
             Rejection::NoRoute { .. } => StatusCode::NOT_FOUND,
-            Rejection::BadPageId { .. } | Rejection::BadHandshake(_) => StatusCode::BAD_REQUEST,
+            Rejection::BadPageId { .. } | Rejection::BadHandshake(_) | Rejection::BadQuery(_) => {
+                StatusCode::BAD_REQUEST
+            }
             Rejection::ShuttingDown(_) | Rejection::Starting => StatusCode::SERVICE_UNAVAILABLE,
             Rejection::Origin(_) | Rejection::BotUserAgent => StatusCode::FORBIDDEN,
             Rejection::Cap { exceeded, .. } => match exceeded {
@@ -187,7 +219,7 @@ impl Rejection<'_> {
         Some(match self {
             Rejection::NoRoute { .. } => return None,
             Rejection::BadPageId { .. } => Refused::BadPageId,
-            Rejection::BadHandshake(_) => Refused::BadHandshake,
+            Rejection::BadHandshake(_) | Rejection::BadQuery(_) => Refused::BadHandshake,
             Rejection::ShuttingDown(_) => Refused::ShuttingDown,
             Rejection::Starting => Refused::Starting,
             Rejection::Origin(_) => Refused::Origin,
@@ -209,6 +241,9 @@ impl Rejection<'_> {
             }
             Rejection::BadHandshake(e) => {
                 tracing::info!(error = %e, "WebSocket handshake failed; upgrade refused");
+            }
+            Rejection::BadQuery(e) => {
+                tracing::info!(code = e.code, "invalid subscription; event stream refused");
             }
             Rejection::ShuttingDown(page) => {
                 tracing::info!(page = %page, "shutting down; upgrade refused");
@@ -232,14 +267,28 @@ impl Rejection<'_> {
             connection_refused(why);
         }
     }
+
+    /// Logs and counts it, and answers it (plain text).
+    fn respond(self) -> HttpResponse {
+        self.log();
+        self.count();
+        plain(self.status(), &self.to_string())
+    }
 }
 
-/// Decides whether an upgrade request may open a session: route, page id,
-/// handshake, shutdown, start-up, origin, crawler, connection caps, in that
-/// order (each a named step another transport can reuse).
-fn admit<'h>(head: &'h RequestHead, state: &AppState) -> Result<SessionContext, Rejection<'h>> {
-    let page = page_of(head)?;
-    ws::verify_handshake(head).map_err(Rejection::BadHandshake)?;
+/// Decides whether a request may open a viewer connection over
+/// `transport` (a WebSocket upgrade or an event stream; both take the same
+/// steps): route, page id, handshake (WebSocket), shutdown, start-up,
+/// origin, crawler, connection caps, in that order (each a named step).
+fn admit<'h>(
+    head: &'h RequestHead,
+    state: &AppState,
+    transport: Transport,
+) -> Result<SessionContext, Rejection<'h>> {
+    let page = page_of(head, transport)?;
+    if transport == Transport::WebSocket {
+        ws::verify_handshake(head).map_err(Rejection::BadHandshake)?;
+    }
     if *state.shutdown.borrow() {
         return Err(Rejection::ShuttingDown(page));
     }
@@ -258,13 +307,21 @@ fn admit<'h>(head: &'h RequestHead, state: &AppState) -> Result<SessionContext, 
         settings: state.settings.clone(),
         active: state.active.clone(),
         permit,
+        transport,
     })
 }
 
-/// The page id of an upgrade's path.
-fn page_of(head: &RequestHead) -> Result<PageId, Rejection<'_>> {
+/// The page id of a WebSocket path (`/parties/page/{id}`) or an event
+/// stream's (`/parties/page/{id}/events`).
+fn page_of(head: &RequestHead, transport: Transport) -> Result<PageId, Rejection<'_>> {
     let path = head.uri.path();
-    let raw = path.strip_prefix(PAGE_PREFIX).ok_or(Rejection::NoRoute {
+    let raw = path
+        .strip_prefix(PAGE_PREFIX)
+        .and_then(|rest| match transport {
+            Transport::WebSocket => Some(rest),
+            Transport::EventStream => rest.strip_suffix(EVENTS_SUFFIX),
+        });
+    let raw = raw.ok_or(Rejection::NoRoute {
         method: &head.method,
         path,
     })?;
@@ -325,7 +382,91 @@ fn pk_of(query: Option<&str>) -> Option<String> {
 
 /// The upgraded connection, as actix-http hands it over after parsing the
 /// request head.
-pub type Upgraded = Framed<TcpStream, h1::Codec>;
+pub type Upgraded = Framed<Conn, h1::Codec>;
+
+/// A client connection as the HTTP dispatcher sees it: the TCP stream, in
+/// a slot that an event-stream handler can take it from ([`SocketSlot`],
+/// in the request's connection data). Once it is taken, the dispatcher
+/// reads end-of-stream and its writes go nowhere, so it finishes at once
+/// and frees its buffers; the socket is the stream's alone.
+pub struct Conn(Rc<RefCell<Option<TcpStream>>>);
+
+/// The route's handle on its connection's socket (see [`Conn`]).
+#[derive(Clone)]
+pub struct SocketSlot(Rc<RefCell<Option<TcpStream>>>);
+
+impl Conn {
+    /// Wraps an accepted stream.
+    pub fn new(io: TcpStream) -> Conn {
+        Conn(Rc::new(RefCell::new(Some(io))))
+    }
+
+    /// The slot a route takes the socket from.
+    pub fn slot(&self) -> SocketSlot {
+        SocketSlot(self.0.clone())
+    }
+
+    /// The socket, unless a route took it.
+    fn into_stream(self) -> Option<TcpStream> {
+        self.0.borrow_mut().take()
+    }
+
+    /// Runs `f` on the socket, or answers `gone` once it was taken.
+    fn with<R>(&self, f: impl FnOnce(Pin<&mut TcpStream>) -> R, gone: R) -> R {
+        match self.0.borrow_mut().as_mut() {
+            Some(io) => f(Pin::new(io)),
+            None => gone,
+        }
+    }
+}
+
+impl SocketSlot {
+    /// Takes the socket from the dispatcher.
+    fn take(&self) -> Option<TcpStream> {
+        self.0.borrow_mut().take()
+    }
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        self.with(|io| io.poll_read(cx, buf), Poll::Ready(Ok(())))
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.with(|io| io.poll_write(cx, buf), Poll::Ready(Ok(buf.len())))
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let len = bufs.iter().map(|b| b.len()).sum();
+        self.with(|io| io.poll_write_vectored(cx, bufs), Poll::Ready(Ok(len)))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.with(|io| io.poll_flush(cx), Poll::Ready(Ok(())))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.with(|io| io.poll_shutdown(cx), Poll::Ready(Ok(())))
+    }
+}
 
 /// actix-http's upgrade hook: every request with `Upgrade: websocket` (and
 /// every `CONNECT`) comes here instead of the routes. An admitted one joins
@@ -333,7 +474,7 @@ pub type Upgraded = Framed<TcpStream, h1::Codec>;
 /// becomes a session on the bare socket; the request is dropped at once.
 /// Anything else gets a short plain-text answer and the connection closes.
 pub async fn upgrade(req: Request, framed: Upgraded, state: AppState) {
-    let (status, text) = match admit(req.head(), &state) {
+    let (status, text) = match admit(req.head(), &state, Transport::WebSocket) {
         Ok(ctx) => return accept(req, framed, ctx, &state).await,
         Err(rejection) => {
             rejection.log();
@@ -364,8 +505,66 @@ async fn accept(req: Request, mut framed: Upgraded, ctx: SessionContext, state: 
     .await;
     if matches!(sent, Ok(Ok(()))) {
         let parts = framed.into_parts();
-        run_at_home(state, joined, parts.io, parts.read_buf);
+        let Some(io) = parts.io.into_stream() else {
+            return; // Cannot happen: only event-stream routes take sockets.
+        };
+        let read_buf = parts.read_buf;
+        run_at_home(state, joined.shard_index(), io, move |io| {
+            joined.run(io, read_buf)
+        });
     }
+}
+
+/// `GET /parties/page/{id}/events`: admitted like an upgrade, the request
+/// joins the page's room with its subscription (the query), and its socket
+/// becomes an event stream ([`events`]) on the worker that hosts the page's
+/// shard. The response this returns goes nowhere (the socket is taken):
+/// the stream writes its own.
+///
+/// The stream joins (and subscribes) in its own task, once the dispatcher
+/// is gone: what lives as long as the stream is then not allocated among
+/// the request's short-lived buffers (the heap keeps less of them).
+fn event_stream(req: HttpRequest, state: &AppState) -> HttpResponse {
+    let max = state.settings.websocket.max_links_per_subscribe;
+    if let Err(e) = parse_stream_query(req.query_string(), max) {
+        return Rejection::BadQuery(e).respond();
+    }
+    let ctx = match admit(req.head(), state, Transport::EventStream) {
+        Ok(ctx) => ctx,
+        Err(rejection) => return rejection.respond(),
+    };
+    let Some(io) = req.conn_data::<SocketSlot>().and_then(SocketSlot::take) else {
+        // Not on the public listener (no socket slot): nothing joined.
+        return plain(StatusCode::NOT_FOUND, "no event streams on this listener");
+    };
+    // Only the subscription goes on (the visitor id stays in the request);
+    // boxed: the task keeps a pointer, not a copy of it, for its whole life.
+    let subscription: Vec<&str> = req
+        .query_string()
+        .split('&')
+        .filter(|p| {
+            ["links=", "visitors=", "site="]
+                .iter()
+                .any(|k| p.starts_with(k))
+        })
+        .collect();
+    let start = Box::new((ctx, subscription.join("&")));
+    run_at_home(state, start.0.shard_index, io, move |io| async move {
+        let (ctx, query) = *start;
+        let joined = session::join(ctx);
+        // Checked above: an error cannot come back here.
+        if let Ok(Some(ClientMessage::Subscribe {
+            links,
+            visitors,
+            site,
+        })) = parse_stream_query(&query, max)
+        {
+            joined.subscribe(links, visitors, site);
+        }
+        drop(query);
+        events::run(joined, io).await;
+    });
+    HttpResponse::Ok().force_close().finish()
 }
 
 /// Answers a refused upgrade with `status` and `text` (plain text), and
@@ -395,24 +594,26 @@ async fn refuse(mut framed: Upgraded, status: StatusCode, text: String, limit: D
 /// session, and the session's messages to the room, then never cross
 /// threads. (Moving costs one hand-over per connection; a fan-out wakes
 /// every subscriber on every publish.)
-fn run_at_home(
-    state: &AppState,
-    joined: session::Joined,
-    io: TcpStream,
-    read_buf: bytes::BytesMut,
-) {
-    let Some(home) = state.shards.home_elsewhere(joined.shard_index()) else {
-        actix_web::rt::spawn(joined.run(io, read_buf));
+///
+/// `run` holds the joined connection: dropping it unrun (the socket could
+/// not move) leaves the room.
+fn run_at_home<F, Fut>(state: &AppState, shard_index: usize, io: TcpStream, run: F)
+where
+    F: FnOnce(TcpStream) -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + 'static,
+{
+    let Some(home) = state.shards.home_elsewhere(shard_index) else {
+        actix_web::rt::spawn(run(io));
         return;
     };
     let Ok(io) = io.into_std() else {
-        return; // The socket is gone; dropping `joined` leaves the room.
+        return; // The socket is gone; dropping `run` leaves the room.
     };
     // If the worker is gone (shutting down) the closure is dropped, and
-    // with it the socket and `joined` (which leaves the room).
+    // with it the socket and `run` (which leaves the room).
     home.spawn_fn(move || match TcpStream::from_std(io) {
         Ok(io) => {
-            actix_web::rt::spawn(joined.run(io, read_buf));
+            actix_web::rt::spawn(run(io));
         }
         Err(e) => tracing::debug!(error = %e, "could not move a socket to its worker"),
     });

@@ -4,6 +4,7 @@
 //! - [`config`]: typed settings: embedded defaults, TOML file, environment overrides.
 //! - [`protocol`]: wire types of PROTOCOL.md and page-id rules (the only JSON of the protocol).
 //! - [`session`]: one WebSocket connection on the socket it owns (one task, one `select!` loop).
+//! - [`events`]: one Server-Sent Events stream on the socket it owns (the WebSocket's fallback).
 //! - [`delivery`]: a connection's mailbox: pending output held as state (latest counts merged).
 //! - [`shard`]: one shard per HTTP worker (thread per core), whose actor alone owns its page-id → room map.
 //! - [`room`]: `PageRoom`, one actor per page: connections, their visitors, link sets, delivery.
@@ -12,7 +13,7 @@
 //! - [`limits`]: admission control: origins, client IP behind trusted proxies, connection caps, token buckets.
 //! - [`storage`]: the only module that touches sled.
 //! - [`cluster`]: cluster mode, the only module that touches Redis (absent without `cluster.redis_url`).
-//! - [`http`]: routes (WebSocket endpoint, read-only JSON API, health).
+//! - [`http`]: routes (WebSocket endpoint, event streams, read-only JSON API, health).
 //! - [`web`]: browser assets compiled into the binary: `/link-counter.js` (ETag) and the demo site.
 //! - [`server`]: wiring and graceful shutdown.
 //! - [`metrics`]: the names of every Prometheus metric and the helpers that record them.
@@ -28,6 +29,7 @@ pub mod cluster;
 pub mod config;
 pub mod counter;
 pub mod delivery;
+pub mod events;
 pub mod hash;
 pub mod http;
 pub mod limits;

@@ -14,7 +14,7 @@
 //!
 //! | name | type | labels | meaning |
 //! |---|---|---|---|
-//! | `link_counter_connections_open` | gauge | `shard` | WebSocket sessions open now |
+//! | `link_counter_connections_open` | gauge | `shard`, `transport` | connections (WebSocket sessions and event streams) open now |
 //! | `link_counter_visitors` | gauge | | distinct visitors among them, over all pages of this node (set at scrape; no per-page or per-visitor series) |
 //! | `link_counter_rooms` | gauge | `shard` | page rooms alive now (set at scrape) |
 //! | `link_counter_pages` | gauge | | pages the counter tracks (set at scrape) |
@@ -22,8 +22,8 @@
 //! | `link_counter_follower_rooms` | gauge | | rooms following at least one link (set at scrape) |
 //! | `link_counter_storage_bytes` | gauge | | sled database size on disk (set at scrape) |
 //! | `link_counter_stored_records` | gauge | `store` | records kept: `stats`, `rooms` (set at scrape) |
-//! | `link_counter_connections_opened_total` | counter | | WebSocket sessions started (upgrade completed) |
-//! | `link_counter_connections_closed_total` | counter | `reason` | sessions ended, by [`CloseKind`] |
+//! | `link_counter_connections_opened_total` | counter | `transport` | connections started (WebSocket upgrade completed, event stream admitted) |
+//! | `link_counter_connections_closed_total` | counter | `reason`, `transport` | connections ended, by [`CloseKind`] |
 //! | `link_counter_connections_refused_total` | counter | `reason` | connections refused, by [`Refused`] |
 //! | `link_counter_links_refused_total` | counter | | subscribed links refused at `limits.max_pages` |
 //! | `link_counter_messages_in_total` | counter | | client text messages received |
@@ -142,26 +142,31 @@ pub fn install() -> Option<&'static PrometheusHandle> {
 /// once: the macros hash the name and labels and look the series up in the
 /// registry on every call (and a numeric label allocates).
 struct Hot {
-    opened: metrics::Counter,
+    /// By [`Transport::index`].
+    opened: Vec<metrics::Counter>,
+    /// By [`Transport::index`] × [`CloseKind::ALL`].
     closed: Vec<metrics::Counter>,
     messages_in: metrics::Counter,
     messages_out: metrics::Counter,
     updates_sent: metrics::Counter,
     publish_lag: metrics::Histogram,
-    /// `connections_open{shard}`, created on first use (shard indexes are
-    /// small: one per HTTP worker).
-    open_by_shard: [OnceLock<metrics::Gauge>; 256],
+    /// `connections_open{shard,transport}` at `shard * 2 + transport`,
+    /// created on first use (shard indexes are small: one per HTTP worker).
+    open_by_shard: [OnceLock<metrics::Gauge>; 512],
 }
 
 impl Hot {
-    fn open_gauge(&self, shard: usize) -> metrics::Gauge {
-        match self.open_by_shard.get(shard) {
-            Some(slot) => slot
-                .get_or_init(|| gauge!(CONNECTIONS_OPEN, "shard" => shard.to_string()))
-                .clone(),
-            None => gauge!(CONNECTIONS_OPEN, "shard" => shard.to_string()),
+    fn open_gauge(&self, shard: usize, transport: Transport) -> metrics::Gauge {
+        let make = || open_gauge(shard, transport);
+        match self.open_by_shard.get(shard * 2 + transport.index()) {
+            Some(slot) => slot.get_or_init(make).clone(),
+            None => make(),
         }
     }
+}
+
+fn open_gauge(shard: usize, transport: Transport) -> metrics::Gauge {
+    gauge!(CONNECTIONS_OPEN, "shard" => shard.to_string(), "transport" => transport.as_str())
 }
 
 fn hot() -> &'static Hot {
@@ -170,18 +175,25 @@ fn hot() -> &'static Hot {
         // Handles bind to the recorder installed when they are made.
         install();
         Hot {
-            opened: counter!(CONNECTIONS_OPENED),
-            closed: CloseKind::ALL
+            opened: Transport::ALL
                 .iter()
-                .map(|k| counter!(CONNECTIONS_CLOSED, "reason" => k.as_str()))
+                .map(|t| counter!(CONNECTIONS_OPENED, "transport" => t.as_str()))
+                .collect(),
+            closed: Transport::ALL
+                .iter()
+                .flat_map(|t| CloseKind::ALL.iter().map(move |k| closed_counter(*t, *k)))
                 .collect(),
             messages_in: counter!(MESSAGES_IN),
             messages_out: counter!(MESSAGES_OUT),
             updates_sent: counter!(UPDATES_SENT),
             publish_lag: histogram!(PUBLISH_LAG),
-            open_by_shard: [const { OnceLock::new() }; 256],
+            open_by_shard: [const { OnceLock::new() }; 512],
         }
     })
+}
+
+fn closed_counter(transport: Transport, why: CloseKind) -> metrics::Counter {
+    counter!(CONNECTIONS_CLOSED, "reason" => why.as_str(), "transport" => transport.as_str())
 }
 
 /// How often histogram samples are folded into their buckets when nobody
@@ -209,7 +221,10 @@ pub fn render() -> String {
 
 fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
-    describe_gauge!(CONNECTIONS_OPEN, "WebSocket sessions open now, by shard");
+    describe_gauge!(
+        CONNECTIONS_OPEN,
+        "Connections open now, by shard and transport"
+    );
     describe_gauge!(ROOMS, "Page rooms alive now, by shard");
     describe_gauge!(PAGES, "Pages the counter tracks");
     describe_gauge!(SUBSCRIPTIONS, "(room, followed page) pairs at the counter");
@@ -224,8 +239,11 @@ fn describe() {
         EVICTED,
         "Idle pages forgotten and records deleted to stay within caps"
     );
-    describe_counter!(CONNECTIONS_OPENED, "WebSocket sessions started");
-    describe_counter!(CONNECTIONS_CLOSED, "WebSocket sessions ended, by reason");
+    describe_counter!(CONNECTIONS_OPENED, "Connections started, by transport");
+    describe_counter!(
+        CONNECTIONS_CLOSED,
+        "Connections ended, by reason and transport"
+    );
     describe_counter!(CONNECTIONS_REFUSED, "Connections refused, by reason");
     describe_counter!(
         LINKS_REFUSED,
@@ -262,8 +280,13 @@ fn describe() {
 /// Every counter is exposed from the start (at 0), so that `rate()` and
 /// alerts see a series before the first event.
 fn init_counters() {
+    for t in Transport::ALL {
+        counter!(CONNECTIONS_OPENED, "transport" => t.as_str()).increment(0);
+        for why in CloseKind::ALL {
+            closed_counter(t, why).increment(0);
+        }
+    }
     for name in [
-        CONNECTIONS_OPENED,
         LINKS_REFUSED,
         MESSAGES_IN,
         MESSAGES_OUT,
@@ -281,9 +304,6 @@ fn init_counters() {
     for why in ["idle", "cap"] {
         counter!(ROOMS_EVICTED, "why" => why).increment(0);
     }
-    for why in CloseKind::ALL {
-        counter!(CONNECTIONS_CLOSED, "reason" => why.as_str()).increment(0);
-    }
     for why in Refused::ALL {
         counter!(CONNECTIONS_REFUSED, "reason" => why.as_str()).increment(0);
     }
@@ -294,7 +314,37 @@ fn init_counters() {
 
 // ---------------------------------------------------------------- labels
 
-/// Why a WebSocket session ended (label `reason` of `connections_closed_total`).
+/// How a viewer is connected (label `transport` of the connection metrics).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// A WebSocket session (`/parties/page/{id}`).
+    WebSocket,
+    /// A Server-Sent Events stream (`/parties/page/{id}/events`).
+    EventStream,
+}
+
+impl Transport {
+    /// Every transport, for initializing the series.
+    pub const ALL: [Transport; 2] = [Transport::WebSocket, Transport::EventStream];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transport::WebSocket => "websocket",
+            Transport::EventStream => "sse",
+        }
+    }
+
+    fn index(self) -> usize {
+        match self {
+            Transport::WebSocket => 0,
+            Transport::EventStream => 1,
+        }
+    }
+}
+
+/// Why a connection ended (label `reason` of `connections_closed_total`); an
+/// event stream ends only as `abrupt`, `slow_client`, `shutdown` or `max_rooms`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CloseKind {
     /// The client sent a close frame.
@@ -414,21 +464,21 @@ impl Refused {
 
 // ---------------------------------------------------------------- recording
 
-/// A session started on `shard`.
-pub fn connection_opened(shard: usize) {
+/// A connection over `transport` started on `shard`.
+pub fn connection_opened(shard: usize, transport: Transport) {
     let hot = hot();
-    hot.opened.increment(1);
-    hot.open_gauge(shard).increment(1.0);
+    hot.opened[transport.index()].increment(1);
+    hot.open_gauge(shard, transport).increment(1.0);
 }
 
-/// A session on `shard` ended for `why`.
-pub fn connection_closed(shard: usize, why: CloseKind) {
+/// A connection over `transport` on `shard` ended for `why`.
+pub fn connection_closed(shard: usize, transport: Transport, why: CloseKind) {
     let hot = hot();
     match CloseKind::ALL.iter().position(|k| *k == why) {
-        Some(i) => hot.closed[i].increment(1),
-        None => counter!(CONNECTIONS_CLOSED, "reason" => why.as_str()).increment(1),
+        Some(i) => hot.closed[transport.index() * CloseKind::ALL.len() + i].increment(1),
+        None => closed_counter(transport, why).increment(1),
     }
-    hot.open_gauge(shard).decrement(1.0);
+    hot.open_gauge(shard, transport).decrement(1.0);
 }
 
 /// A connection was refused for `why`.
@@ -522,7 +572,9 @@ pub fn counter_restarted() {
 /// series made visible, at 0 before its first connection).
 pub fn set_rooms(shard: usize, rooms: usize) {
     gauge!(ROOMS, "shard" => shard.to_string()).set(rooms as f64);
-    gauge!(CONNECTIONS_OPEN, "shard" => shard.to_string()).increment(0.0);
+    for t in Transport::ALL {
+        open_gauge(shard, t).increment(0.0);
+    }
 }
 
 /// Scrape-time gauges of the counter's state.

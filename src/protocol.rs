@@ -297,6 +297,68 @@ pub fn parse_client_message(text: &str, max_links: usize) -> Result<ClientMessag
     }
 }
 
+/// The subscription of an event stream, from its query string: `links=`
+/// (ids separated by commas, each percent-encoded as in a path segment, so
+/// a comma inside an id is `%2C` and `+` is a plus sign),
+/// `visitors=true|false` and `site=true|false`; other keys are ignored. The
+/// same `subscribe` a WebSocket client sends (duplicates removed, order
+/// kept, at most `max_links`), or the error it would get. `None`: no `links`
+/// key and no `site=true` (the stream only counts as a viewer); `links=`
+/// with nothing subscribes to nothing.
+pub fn parse_stream_query(
+    query: &str,
+    max_links: usize,
+) -> Result<Option<ClientMessage>, ProtocolError> {
+    let flag = |name: &str, value: &str| match value {
+        "true" => Ok(true),
+        "false" => Ok(false),
+        _ => Err(ProtocolError::new(
+            code::INVALID_PARAMETER,
+            format!("{name} must be true or false"),
+        )),
+    };
+    let mut raw_links = None;
+    let mut visitors = false;
+    let mut site = false;
+    for pair in query.split('&') {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        match key {
+            "links" => raw_links = Some(value),
+            "visitors" => visitors = flag(key, value)?,
+            "site" => site = flag(key, value)?,
+            _ => {}
+        }
+    }
+    let raw = match raw_links {
+        Some(raw) => raw,
+        None if site => "",
+        None => return Ok(None),
+    };
+    let mut links: Vec<PageId> = Vec::new();
+    for part in raw.split(',').filter(|p| !p.is_empty()) {
+        let id = decode_page_id(part).map_err(|e| {
+            ProtocolError::new(
+                code::INVALID_PAGE_ID,
+                format!("link {:?}: {e}", truncate(part)),
+            )
+        })?;
+        if !links.contains(&id) {
+            links.push(id);
+            if links.len() > max_links {
+                return Err(ProtocolError::new(
+                    code::TOO_MANY_LINKS,
+                    format!("at most {max_links} links per subscribe"),
+                ));
+            }
+        }
+    }
+    Ok(Some(ClientMessage::Subscribe {
+        links,
+        visitors,
+        site,
+    }))
+}
+
 fn truncate(s: &str) -> &str {
     let mut end = s.len().min(64);
     while !s.is_char_boundary(end) {
@@ -410,6 +472,40 @@ mod tests {
         assert_eq!(decode_page_id(""), Err(PageIdError::Empty));
         assert_eq!(decode_page_id(&"x".repeat(257)), Err(PageIdError::TooLong));
         assert!(decode_page_id(&"x".repeat(256)).is_ok());
+    }
+
+    #[test]
+    fn a_stream_query_subscribes_like_a_subscribe_message() {
+        let sub = |links: &[&str], visitors, site| {
+            Ok(Some(ClientMessage::Subscribe {
+                links: links.iter().map(|l| PageId::from(*l)).collect(),
+                visitors,
+                site,
+            }))
+        };
+        assert_eq!(
+            parse_stream_query("visitor=x&links=b,a%2Cc,,b,d+e&visitors=true", 3),
+            sub(&["b", "a,c", "d+e"], true, false)
+        );
+        assert_eq!(parse_stream_query("links=", 3), sub(&[], false, false));
+        assert_eq!(parse_stream_query("site=true", 3), sub(&[], false, true));
+        assert_eq!(
+            parse_stream_query("links=a&site=true", 3),
+            sub(&["a"], false, true)
+        );
+        assert_eq!(parse_stream_query("site=false", 3), Ok(None));
+        assert_eq!(parse_stream_query("visitor=x", 3), Ok(None));
+        assert_eq!(parse_stream_query("", 3), Ok(None));
+        for (query, code) in [
+            ("links=a,b,c,d", code::TOO_MANY_LINKS),
+            ("links=a%2Fb", code::INVALID_PAGE_ID),
+            ("links=%ZZ", code::INVALID_PAGE_ID),
+            ("links=a&visitors=yes", code::INVALID_PARAMETER),
+            ("links=a&site=1", code::INVALID_PARAMETER),
+        ] {
+            let e = parse_stream_query(query, 3).err();
+            assert_eq!(e.map(|e| e.code), Some(code), "{query}");
+        }
     }
 
     #[test]

@@ -12,7 +12,7 @@ use std::{
 };
 
 use actix::{Addr, Arbiter, Supervisor};
-use actix_http::{error::DispatchError, HttpService, Request};
+use actix_http::{error::DispatchError, HttpService, Protocol, Request};
 use actix_service::{
     fn_service, map_config, IntoServiceFactory, ServiceFactory, ServiceFactoryExt,
 };
@@ -351,7 +351,8 @@ fn listen(
 /// One worker's HTTP service. actix-web's `HttpServer` builds this same
 /// stack, but without actix-http's upgrade hook: WebSocket upgrades leave
 /// the routes here and become sessions that own their socket
-/// (`http::upgrade`).
+/// (`http::upgrade`). Each connection is an `http::Conn`, whose socket an
+/// event-stream route takes the same way (`http::SocketSlot`).
 fn worker_service(
     state: &AppState,
     ops: &Ops,
@@ -366,12 +367,13 @@ fn worker_service(
         .configure(http::configure)
         .configure(|cfg| crate::web::configure(cfg, &state.settings.web));
     let ws_state = state.clone();
-    HttpService::build()
+    let http = HttpService::build()
         .client_request_timeout(state.settings.limits.handshake_timeout)
         .client_disconnect_timeout(Duration::from_secs(1))
-        // Small frames, latency first: no Nagle delay behind an unacked frame.
-        .tcp_nodelay(true)
         .local_addr(local_addr)
+        .on_connect_ext(|io: &http::Conn, data| {
+            data.insert(io.slot());
+        })
         .upgrade(fn_service(
             move |(req, framed): (Request, http::Upgraded)| {
                 let state = ws_state.clone();
@@ -385,8 +387,14 @@ fn worker_service(
             app.into_factory()
                 .map_err(|e: actix_web::Error| e.error_response()),
             |_| AppConfig::default(),
-        ))
-        .tcp()
+        ));
+    fn_service(|io: TcpStream| async move {
+        // Small frames, latency first: no Nagle delay behind an unacked frame.
+        let _ = io.set_nodelay(true);
+        let peer = io.peer_addr().ok();
+        Ok::<_, DispatchError>((http::Conn::new(io), Protocol::Http1, peer))
+    })
+    .and_then(http)
 }
 
 /// Waits (at most 30 s) until every HTTP worker hosts its shard.

@@ -40,7 +40,7 @@ use crate::{
     config::Settings,
     delivery::{ConnId, End, Mailbox},
     limits::{Permit, TokenBucket},
-    metrics::{self as m, CloseKind},
+    metrics::{self as m, CloseKind, Transport},
     protocol::{
         close, code, parse_client_message, ClientMessage, PageId, ProtocolError, SITE_LINK,
     },
@@ -109,6 +109,8 @@ pub struct SessionContext {
     pub active: Arc<AtomicUsize>,
     /// This connection's slot in the connection caps, released when it ends.
     pub permit: Permit,
+    /// WebSocket or event stream (the `transport` label of metrics).
+    pub transport: Transport,
 }
 
 /// Decrements the open-session gauge however the session ends.
@@ -133,6 +135,8 @@ struct Membership {
     conn: ConnId,
     /// The `shard` label of metrics.
     shard_index: usize,
+    /// The `transport` label of metrics.
+    transport: Transport,
     /// Its visitor (`None`: its own visitor).
     visitor: Option<VisitorKey>,
     /// The node's distinct visitors, left with the room.
@@ -153,7 +157,7 @@ impl Membership {
             conn: self.conn,
         });
         self.node_visitors.remove(self.visitor);
-        m::connection_closed(self.shard_index, kind);
+        m::connection_closed(self.shard_index, self.transport, kind);
     }
 }
 
@@ -190,10 +194,11 @@ pub fn join(ctx: SessionContext) -> Joined {
         settings,
         active,
         permit,
+        transport,
     } = ctx;
     active.fetch_add(1, Ordering::SeqCst);
     let conn = NEXT_CONN_ID.fetch_add(1, Ordering::Relaxed);
-    m::connection_opened(shard_index);
+    m::connection_opened(shard_index, transport);
     let mailbox = Mailbox::new();
     if let VisitorParam::Invalid(e) = visitor {
         let error = e.protocol_error();
@@ -215,6 +220,7 @@ pub fn join(ctx: SessionContext) -> Joined {
             page,
             conn,
             shard_index,
+            transport,
             visitor: visitor.key(),
             node_visitors,
             left: false,
@@ -230,6 +236,47 @@ impl Joined {
     /// The index of the shard that owns the connection's page.
     pub fn shard_index(&self) -> usize {
         self.membership.shard_index
+    }
+
+    /// The page this connection views.
+    pub fn page(&self) -> &PageId {
+        &self.membership.page
+    }
+
+    /// This connection's id (for logs).
+    pub fn conn(&self) -> ConnId {
+        self.membership.conn
+    }
+
+    /// Where the room puts what this connection is to be told.
+    pub fn mailbox(&self) -> &Mailbox {
+        &self.mailbox
+    }
+
+    /// The shared settings.
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    /// Replaces the connection's link set (a `subscribe`; with `site`, the
+    /// site's figure is followed as the reserved link [`SITE_LINK`]): its
+    /// full update follows through the mailbox.
+    pub fn subscribe(&self, mut links: Vec<PageId>, visitors: bool, site: bool) {
+        if site {
+            links.push(PageId::from(SITE_LINK));
+        }
+        let ms = &self.membership;
+        ms.shard.do_send(SetLinks {
+            page: ms.page.clone(),
+            conn: ms.conn,
+            links,
+            visitors,
+        });
+    }
+
+    /// Stops counting the connection (once; dropping it does the same, as `abrupt`).
+    pub fn leave(&mut self, kind: CloseKind) {
+        self.membership.leave(kind);
     }
 
     /// Runs the connection on its socket until it closes. `read_buf` holds
@@ -695,20 +742,11 @@ impl Session {
         let max_links = self.joined.settings.websocket.max_links_per_subscribe;
         match parse_client_message(text, max_links) {
             Ok(ClientMessage::Subscribe {
-                mut links,
+                links,
                 visitors,
                 site,
             }) => {
-                if site {
-                    links.push(PageId::from(SITE_LINK));
-                }
-                let ms = &self.joined.membership;
-                ms.shard.do_send(SetLinks {
-                    page: ms.page.clone(),
-                    conn: ms.conn,
-                    links,
-                    visitors,
-                });
+                self.joined.subscribe(links, visitors, site);
             }
             Err(e) => self.reply(e),
         }

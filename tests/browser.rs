@@ -1,4 +1,4 @@
-//! Real-browser tests: runs `tests/browser/run.mjs` and `dashboard.mjs` (Node, playwright-core
+//! Real-browser tests: runs `tests/browser/run.mjs`, `fallback.mjs` and `dashboard.mjs` (Node, playwright-core
 //! driving Debian's `/usr/bin/chromium`, npm `partysocket`) against the real
 //! binary. A separate test target, so `cargo test --test api` stays fast.
 //!
@@ -59,6 +59,15 @@ fn run_node(script: &str) {
 #[test]
 fn browser() {
     run_node("run.mjs");
+}
+
+/// The embed's event-stream fallback in a real browser through the shipped
+/// nginx file over TLS: a WebSocket as shipped, live exact counts over the
+/// event stream with upgrades stripped (`tests/browser/fallback.mjs`; needs
+/// nginx and openssl, as `tests/api/nginx.rs` does).
+#[test]
+fn fallback() {
+    run_node("fallback.mjs");
 }
 
 /// The operator dashboard in a real browser: it shows the total and the top

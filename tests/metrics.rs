@@ -8,7 +8,7 @@ mod helpers;
 
 use std::{collections::BTreeMap, time::Duration};
 
-use helpers::{counts, http_get, spawn_app, SilentClient, PATIENCE};
+use helpers::{counts, events_path, http_get, spawn_app, EventClient, SilentClient, PATIENCE};
 use tokio_tungstenite::tungstenite::{self, client::IntoClientRequest};
 
 /// One sample of the exposition text: metric name, labels, value.
@@ -138,11 +138,36 @@ async fn scraped_values_equal_the_script() {
     a2.close().await;
     a1.drop_abruptly();
     let silent = SilentClient::connect(&app.ws_url("b")).await;
+    // One viewer over the event stream.
+    let origin = [("Origin", "https://ok.example")];
+    let stream = EventClient::open(app.addr, &events_path("a", ""), &origin)
+        .await
+        .expect("an event stream");
 
     type Expectation<'a> = (&'a str, Vec<(&'a str, &'a str)>, f64);
     let expected: Vec<Expectation> = vec![
-        ("link_counter_connections_opened_total", vec![], 5.0),
-        ("link_counter_connections_open", vec![], 1.0),
+        ("link_counter_connections_opened_total", vec![], 6.0),
+        (
+            "link_counter_connections_opened_total",
+            vec![("transport", "sse")],
+            1.0,
+        ),
+        ("link_counter_connections_open", vec![], 2.0),
+        (
+            "link_counter_connections_open",
+            vec![("transport", "websocket")],
+            1.0,
+        ),
+        (
+            "link_counter_connections_open",
+            vec![("transport", "sse")],
+            1.0,
+        ),
+        (
+            "link_counter_connections_closed_total",
+            vec![("transport", "sse")],
+            0.0,
+        ),
         (
             "link_counter_connections_closed_total",
             vec![("reason", "client_close")],
@@ -221,6 +246,7 @@ async fn scraped_values_equal_the_script() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     drop(silent);
+    drop(stream);
 
     // Updates that followed a count change were timed (b joining: a1 and a2).
     assert!(
@@ -245,7 +271,9 @@ async fn scraped_values_equal_the_script() {
     assert!(text.contains("# TYPE link_counter_connections_opened_total counter"));
     // Reasons that never happened are exposed at 0 (series exist from the start).
     assert!(
-        text.contains("link_counter_connections_closed_total{reason=\"binary\"} 0"),
+        text.contains(
+            "link_counter_connections_closed_total{reason=\"binary\",transport=\"sse\"} 0"
+        ),
         "{text}"
     );
 
@@ -254,8 +282,9 @@ async fn scraped_values_equal_the_script() {
     assert_eq!(status, 404);
     let stats = app.get_json("/api/v1/stats").await;
     assert_eq!(stats["connections"], 1, "{stats}");
-    // The stats API counts viewers that joined a page (not the one refused at the room cap).
-    assert_eq!(stats["connections_opened_total"], 4, "{stats}");
+    // The stats API counts viewers that joined a page (not the one refused
+    // at the room cap), over both transports.
+    assert_eq!(stats["connections_opened_total"], 5, "{stats}");
     assert_eq!(stats["rooms"], 2, "{stats}");
     let top = app.get_json("/api/v1/top?limit=5").await;
     assert_eq!(top[0]["id"], "b", "{top}");

@@ -12,6 +12,10 @@
 // /parties/page/{encodeURIComponent(page id)}?visitor={visitor id}, a
 // `subscribe` with the linked ids (and "visitors": true) on every
 // (re)connect, `update` messages applied as "set these ids".
+// Where WebSockets are blocked (two attempts fail before opening), the same
+// over Server-Sent Events: an EventSource on .../{page id}/events with the
+// links in the query, the same messages as `data:` lines; a WebSocket is
+// tried again now and then, and takes over once it opens.
 //
 // People, not tabs: the visitor id is random and lives in memory only. The
 // tabs of one browser on one site agree on it over a BroadcastChannel (see
@@ -86,7 +90,22 @@ export const DEFAULT_BACKOFF = Object.freeze({
    * not allowed (uniform in [refused / 2, 3 * refused / 2)): 5 minutes.
    */
   refused: 300000,
+  /**
+   * Over the event stream (WebSockets blocked): mean delay before a WebSocket
+   * is tried again (uniform in [websocket / 2, 3 * websocket / 2)): 10 minutes.
+   */
+  websocket: 600000,
 });
+
+/** WebSocket attempts failing before they open after which the event stream is used. */
+export const FALLBACK_AFTER = 2;
+
+/**
+ * The same once a WebSocket has opened on this page (failures are then more
+ * likely a server restart than a blocking network): about half a minute of
+ * the backoff.
+ */
+const FALLBACK_AFTER_OPEN = 6;
 
 /**
  * Why `id` cannot be a page id, or null if it can: 1 to 256 UTF-8 bytes,
@@ -157,6 +176,19 @@ export function serviceBase(host, base = globalThis.location?.href) {
  */
 export function roomUrl(host, id) {
   return `${serviceBase(host).replace(/^http/, "ws")}/parties/page/${encodeURIComponent(id)}`;
+}
+
+/**
+ * The event-stream URL of page `id` on `host`: its links in the query, each
+ * percent-encoded (a comma inside an id is %2C), with the visitors map when
+ * `visitors`, the site's figure when `site`, and the visitor id when there is one.
+ */
+export function eventsUrl(host, id, links, { visitors = false, site = false, visitor = null } = {}) {
+  let url = `${serviceBase(host)}/parties/page/${encodeURIComponent(id)}/events?links=${links.map(encodeURIComponent).join(",")}`;
+  if (visitors) url += "&visitors=true";
+  if (site) url += "&site=true";
+  if (visitor !== null) url += `&visitor=${visitor}`;
+  return url;
 }
 
 /** The URL of the service's origin check (`/api/v1/origin` under its base URL). */
@@ -355,6 +387,8 @@ export class LinkCounter {
    * @param {(counts: Map<string, number|null>, info: {connected: boolean, changed: string[]}) => void} [options.onUpdate]
    * @param {{base?: number, cap?: number, stableAfter?: number, refused?: number}} [options.backoff]
    * @param {typeof WebSocket} [options.WebSocket]  a WebSocket implementation (default: the global one)
+   * @param {typeof EventSource} [options.EventSource]  for the fallback where WebSockets are blocked
+   *   (default: the global one; none: no fallback)
    * @param {typeof fetch} [options.fetch]  for the origin check (default: the global one; none: no check)
    * @param {Console} [options.logger]
    */
@@ -368,6 +402,7 @@ export class LinkCounter {
     onUpdate = null,
     backoff = {},
     WebSocket: WS,
+    EventSource: ES,
     fetch: fetchImpl,
     logger = console,
     paused = false,
@@ -384,6 +419,18 @@ export class LinkCounter {
     this.onUpdate = onUpdate;
     this._backoff = { ...DEFAULT_BACKOFF, ...backoff };
     this._WS = WS ?? globalThis.WebSocket;
+    this._ES = ES ?? globalThis.EventSource ?? null;
+    /** "websocket", or "sse" while WebSockets are blocked. */
+    this._transport = "websocket";
+    /** Consecutive WebSocket attempts that failed before opening. */
+    this._wsFailures = 0;
+    /** A WebSocket has opened on this page. */
+    this._wsEverOpened = false;
+    /** Over the event stream: when to try a WebSocket again (Date.now()). */
+    this._wsRetryAt = 0;
+    /** A second connection opening to take over the current one (make before break). */
+    this._spare = null;
+    this._spareTimer = null;
     this._fetch = fetchImpl ?? globalThis.fetch?.bind(globalThis) ?? null;
     this._log = logger;
     this._links = [];
@@ -420,6 +467,20 @@ export class LinkCounter {
   /** The WebSocket URL: this page's room, with the visitor id when there is one. */
   get url() {
     return roomUrl(this.base, this.page) + (this.visitor === null ? "" : `?visitor=${this.visitor}`);
+  }
+
+  /** The event-stream URL: this page's stream with its links (and the visitor id). */
+  get eventsUrl() {
+    return eventsUrl(this.base, this.page, this._links, {
+      visitors: this.figure === "visitors",
+      site: this._wantSite,
+      visitor: this.visitor,
+    });
+  }
+
+  /** "websocket", or "sse" (Server-Sent Events) while WebSockets are blocked. */
+  get transport() {
+    return this._transport;
   }
 
   /** "connecting", "open", "waiting" (to reconnect), "paused" or "stopped". */
@@ -554,11 +615,16 @@ export class LinkCounter {
       }
     }
     this._links = unique;
-    if (send && this._state === "open") this._subscribe();
+    if (send && this._state === "open") {
+      // A stream's links are in its URL: a new stream takes over (make before break).
+      if (this._transport === "sse") this._replaceWith("sse");
+      else this._subscribe();
+    }
     if (changed.length) this._emit(changed);
   }
 
   _subscribe() {
+    if (this._transport === "sse") return; // in the stream's URL
     const msg = { type: "subscribe", links: this._links };
     if (this.figure === "visitors") msg.visitors = true;
     if (this._wantSite) msg.site = true;
@@ -590,6 +656,7 @@ export class LinkCounter {
     this._state = state;
     clearTimeout(this._retryTimer);
     clearTimeout(this._stableTimer);
+    this._dropSpare();
     const ws = this._ws;
     this._ws = null; // its close event is then ignored: no retry
     if (ws) ws.close(1000);
@@ -597,40 +664,79 @@ export class LinkCounter {
   }
 
   /**
-   * Opens the transport to `url`: an object with `send(text)`, `close(code)`
-   * and the handlers `onopen`, `onmessage({data})`, `onclose({code, reason})`,
-   * `onerror` (a WebSocket). The one place a connection is made.
+   * Opens a connection over `kind` ("websocket" to `this.url`, "sse" to
+   * `this.eventsUrl`): an object with `send(text)`, `close(code)` and the
+   * handlers `onopen`, `onmessage({data})`, `onclose({code, reason})`,
+   * `onerror` (a WebSocket, or an EventSource behind that face). The one
+   * place a connection is made.
    */
-  _openTransport(url) {
-    return new this._WS(url);
+  _openTransport(kind) {
+    if (kind === "websocket") return new this._WS(this.url);
+    const es = new this._ES(this.eventsUrl);
+    const face = {
+      onopen: null,
+      onmessage: null,
+      onclose: null,
+      onerror: null,
+      send() {},
+      close() {
+        es.close();
+      },
+    };
+    es.onopen = () => face.onopen?.();
+    es.onmessage = (event) => face.onmessage?.({ data: event.data });
+    // The stream failed or ended: the counter reconnects itself (with its
+    // backoff and jitter), not the EventSource.
+    es.onerror = () => {
+      es.close();
+      face.onclose?.({ code: 1006, reason: "" });
+    };
+    return face;
   }
 
   _connect() {
     this._retryTimer = null;
     this._state = "connecting";
-    const url = this.url;
+    // Over the event stream, a reconnect tries a WebSocket once its time came.
+    if (this._transport === "sse" && Date.now() >= this._wsRetryAt) this._transport = "websocket";
+    const kind = this._transport;
     let ws;
     try {
-      ws = this._openTransport(url);
+      ws = this._openTransport(kind);
     } catch (e) {
-      this._log.error(`link-counter: cannot open ${url}`, e);
+      this._log.error(`link-counter: cannot open ${kind === "sse" ? this.eventsUrl : this.url}`, e);
       this._state = "stopped";
       return;
     }
+    this._attach(ws, false);
+  }
+
+  /** Makes `ws` the connection (`open`: it is open already). */
+  _attach(ws, open) {
     this._ws = ws;
     let opened = false;
-    ws.onopen = () => {
-      if (this._ws !== ws) return;
+    const onOpen = () => {
       opened = true;
       this._everOpened = true;
       this._failedOpens = 0;
+      if (this._transport === "websocket") {
+        this._wsFailures = 0;
+        this._wsRetryAt = 0;
+        this._wsEverOpened = true;
+      }
       this._refused = false;
       this._state = "open";
+      clearTimeout(this._stableTimer);
       this._stableTimer = setTimeout(() => {
         this._attempt = 0;
       }, this._backoff.stableAfter);
       // On every (re)connect: the server forgets a connection's links with it.
       this._subscribe();
+      if (this._transport === "sse") this._scheduleProbe();
+    };
+    ws.onopen = () => {
+      if (this._ws !== ws) return;
+      onOpen();
     };
     ws.onmessage = (event) => {
       if (this._ws !== ws) return;
@@ -642,6 +748,65 @@ export class LinkCounter {
     };
     // An error is always followed by close; nothing to do here.
     ws.onerror = () => {};
+    if (open) onOpen();
+  }
+
+  /** Over the event stream: a WebSocket is tried again in about `backoff.websocket`. */
+  _scheduleProbe() {
+    clearTimeout(this._spareTimer);
+    const delay = Math.max(0, this._wsRetryAt - Date.now());
+    this._spareTimer = setTimeout(() => this._replaceWith("websocket"), delay);
+  }
+
+  /**
+   * Opens a second connection over `kind` while the current one stays open;
+   * once it opens it takes over and the old one closes (make before break:
+   * the counts stay shown). A WebSocket that fails leaves the stream in
+   * place until the next try.
+   */
+  _replaceWith(kind) {
+    this._dropSpare();
+    if (this._state !== "open") return;
+    let spare;
+    try {
+      spare = this._openTransport(kind);
+    } catch {
+      if (kind === "websocket") this._wsRetryLater();
+      return;
+    }
+    this._spare = spare;
+    spare.onopen = () => {
+      if (this._spare !== spare) return;
+      this._spare = null;
+      const old = this._ws;
+      this._ws = null;
+      if (old) old.close(1000);
+      this._transport = kind;
+      this._attach(spare, true);
+    };
+    spare.onclose = () => {
+      if (this._spare !== spare) return;
+      this._spare = null;
+      if (kind === "websocket") this._wsRetryLater();
+      else this._reopen(); // a new stream failed: reconnect with the backoff
+    };
+    spare.onmessage = () => {};
+    spare.onerror = () => {};
+  }
+
+  /** Closes a spare connection still opening, and its timer. */
+  _dropSpare() {
+    clearTimeout(this._spareTimer);
+    this._spareTimer = null;
+    const spare = this._spare;
+    this._spare = null;
+    if (spare) spare.close(1000);
+  }
+
+  /** Over the event stream: the next WebSocket try in about `backoff.websocket`. */
+  _wsRetryLater() {
+    this._wsRetryAt = Date.now() + this._backoff.websocket * (0.5 + Math.random());
+    if (this._transport === "sse" && this._state === "open") this._scheduleProbe();
   }
 
   _message(data) {
@@ -682,6 +847,7 @@ export class LinkCounter {
   /** The connection closed; `opened` is false when it never opened (a failed attempt). */
   _closed(code, reason, opened) {
     clearTimeout(this._stableTimer);
+    this._dropSpare();
     this._ws = null;
     this._state = code === CLOSE_POLICY ? "stopped" : "waiting";
     this._forget();
@@ -696,6 +862,7 @@ export class LinkCounter {
       this._retrySlowly();
       return;
     }
+    if (this._fallBack(opened)) return;
     if (code === CLOSE_GOING_AWAY) this._attempt = 0; // a restart: come back soon
     // Full jitter: uniform in [0, min(cap, base * 2^attempt)), so thousands
     // of tabs that lost the same server do not come back in step.
@@ -706,6 +873,28 @@ export class LinkCounter {
     // looks like a network error): ask the service.
     const first = this._failedOpens === 1 && !this._everOpened;
     if (!opened && (first || this._failedOpens % ORIGIN_CHECK_EVERY === 0)) this._checkOrigin();
+  }
+
+  /**
+   * After a WebSocket attempt that did not open: with `FALLBACK_AFTER` of
+   * them in a row (or a retry over WebSocket while on the stream), switches
+   * to the event stream and reconnects soon. True when it did.
+   */
+  _fallBack(opened) {
+    if (this._transport !== "websocket" || opened || !this._ES) return false;
+    this._wsFailures++;
+    const retrying = this._wsRetryAt > 0;
+    // Where WebSockets worked before, failures are more likely a restart.
+    const after = this._wsEverOpened ? FALLBACK_AFTER_OPEN : FALLBACK_AFTER;
+    if (this._wsFailures < after && !retrying) return false;
+    if (!retrying) {
+      this._log.info?.("link-counter: WebSocket connections fail here; using an event stream (Server-Sent Events)");
+    }
+    this._transport = "sse";
+    this._wsFailures = 0;
+    this._wsRetryLater();
+    this._schedule(this._backoff.base);
+    return true;
   }
 
   _schedule(ceiling) {
@@ -960,6 +1149,7 @@ export function embed(options = {}) {
       visitor: group ? group._candidate : options.visitor,
       backoff: options.backoff,
       WebSocket: options.WebSocket,
+      EventSource: options.EventSource,
       fetch: options.fetch,
       logger: log,
       paused: true,

@@ -620,6 +620,7 @@ fn propagation_under(rt: &tokio::runtime::Runtime, scale: Scale, load: Load) {
 /// once; each is then held by a task that keeps reading (answering pings).
 async fn open_idle(
     server: SocketAddr,
+    transport: Transport,
     n: usize,
     first: usize,
     held: &mut Vec<tokio::task::JoinHandle<()>>,
@@ -636,6 +637,23 @@ async fn open_idle(
             let mut rng = Rng::new(i as u64 + 99);
             let page = format!("p{}", i as u64 % PAGES);
             let links = rng.pages(3, PAGES);
+            if transport == Transport::EventStream {
+                let r = async {
+                    let mut sse = connect_sse(server, &page, &links).await?;
+                    sse.next_update().await?;
+                    anyhow::Ok(sse)
+                };
+                let sse = tokio::time::timeout(Duration::from_secs(20), r).await;
+                drop(permit);
+                let _ = tx.send(());
+                match sse {
+                    Ok(Ok(mut sse)) => while let Ok(Some(_)) = sse.next_data().await {},
+                    _ => {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                return;
+            }
             let r = async {
                 let mut ws = connect(server, &format!("/parties/page/{page}")).await?;
                 ws.send(subscribe_msg(&links)).await?;
@@ -700,33 +718,58 @@ async fn settled_rss(pid: u32) -> u64 {
 }
 
 /// Idle subscribed connections at two sizes, first against the actix-http
-/// ceiling (`--actix-ceiling-server`), then against the service; the
-/// service's lines carry the ceiling's KiB per connection and the ratio.
+/// ceiling (`--actix-ceiling-server`), then against the service over
+/// WebSocket, then over the event stream (a fresh service each); the
+/// service's lines carry the ceiling's KiB per connection and the ratio,
+/// the event stream's also the WebSocket's figure and the ratio to it.
 fn memory(rt: &tokio::runtime::Runtime, scale: Scale, nofile: u64) {
     // Each process needs one descriptor per connection plus some slack.
     let fit = nofile.saturating_sub(1000) as usize;
     let big = if scale.smoke { 600 } else { 15_000.min(fit) };
     let small = if scale.smoke { 200 } else { 5_000.min(big / 3) };
     println!("# memory: RLIMIT_NOFILE={nofile}; sizes {small} and {big}");
-    let ceiling = memory_at(rt, scale, [small, big], ChildService::actix_ceiling(), None);
-    memory_at(
-        rt,
-        scale,
-        [small, big],
-        ChildService::start(&[]),
-        Some(&ceiling),
-    );
+    let sizes = [small, big];
+    let ceiling = MemoryRun {
+        transport: Transport::WebSocket,
+        ceiling: None,
+        websocket: None,
+    };
+    let ceiling = memory_at(rt, scale, sizes, ChildService::actix_ceiling(), &ceiling);
+    let ws = MemoryRun {
+        transport: Transport::WebSocket,
+        ceiling: Some(ceiling),
+        websocket: None,
+    };
+    let ws = memory_at(rt, scale, sizes, ChildService::start(&[]), &ws);
+    let sse = MemoryRun {
+        transport: Transport::EventStream,
+        ceiling: Some(ceiling),
+        websocket: Some(ws),
+    };
+    memory_at(rt, scale, sizes, ChildService::start(&[]), &sse);
 }
 
-/// One memory run against `service` (the service if `ceiling` is given,
-/// else the actix-http ceiling); returns the KiB per connection at each size.
+/// What one memory run measures and compares with.
+struct MemoryRun {
+    /// How its clients connect.
+    transport: Transport,
+    /// The ceiling's KiB per connection (`None`: this is the ceiling run).
+    ceiling: Option<[f64; 2]>,
+    /// The service's KiB per WebSocket (an event-stream run compares with it).
+    websocket: Option<[f64; 2]>,
+}
+
+/// One memory run against `service` (the service if `run.ceiling` is
+/// given, else the actix-http ceiling); returns the KiB per connection at
+/// each size.
 fn memory_at(
     rt: &tokio::runtime::Runtime,
     scale: Scale,
     [small, big]: [usize; 2],
     mut service: ChildService,
-    ceiling: Option<&[f64; 2]>,
+    run: &MemoryRun,
 ) -> [f64; 2] {
+    let ceiling = run.ceiling.as_ref();
     let pid = service.pid();
     let server = service.addr;
     let mut pers = [f64::NAN; 2];
@@ -749,7 +792,7 @@ fn memory_at(
         let mut errors = 0u64;
         let mut rss_small = 0u64;
         for (k, &n) in [small, big].iter().enumerate() {
-            errors += open_idle(server, n - opened, opened, &mut held).await;
+            errors += open_idle(server, run.transport, n - opened, opened, &mut held).await;
             opened = n;
             let rss = settled_rss(pid).await;
             let per = (rss.saturating_sub(base)) as f64 / n as f64;
@@ -767,6 +810,7 @@ fn memory_at(
                         "actix_ceiling"
                     },
                 )
+                .s("transport", run.transport.name())
                 .s("connections", n)
                 .s("service_fds", open_fds(pid))
                 .s("rss_base_kib", base)
@@ -798,6 +842,12 @@ fn memory_at(
             }
             if ceiling.is_some() {
                 line = line.f("target_kib_per_conn", 4.0);
+            }
+            if let Some(ws) = run.websocket {
+                line = line
+                    .f("websocket_kib_per_conn", ws[k])
+                    .f("vs_websocket", per / ws[k])
+                    .f("target_vs_websocket", 1.5);
             }
             line.print();
             rss_small = rss;

@@ -154,23 +154,7 @@ async fn client(
         };
         let why = match next {
             Some(Ok(Message::Text(t))) => {
-                shared.updates.fetch_add(1, Ordering::Relaxed);
-                match update_counts(&t) {
-                    Some(counts) => {
-                        for (id, n) in counts {
-                            match me.links.iter().position(|&l| l == id) {
-                                Some(k) => me.view[k].store(n, Ordering::Relaxed),
-                                None => {
-                                    shared.unexpected.fetch_add(1, Ordering::Relaxed);
-                                }
-                            }
-                        }
-                    }
-                    None => {
-                        shared.unexpected.fetch_add(1, Ordering::Relaxed);
-                        shared.error(format!("unexpected message {t}"));
-                    }
-                }
+                apply(&shared, me, &t);
                 if opened.take().is_some() {
                     me.state.store(OPEN, Ordering::Relaxed);
                 }
@@ -199,6 +183,78 @@ async fn client(
     }
 }
 
+/// Applies one message to a client's view (a count of an id it does not
+/// follow, or anything but an update, is unexpected).
+fn apply(shared: &Shared, me: &Client, text: &str) {
+    shared.updates.fetch_add(1, Ordering::Relaxed);
+    match update_counts(text) {
+        Some(counts) => {
+            for (id, n) in counts {
+                match me.links.iter().position(|&l| l == id) {
+                    Some(k) => me.view[k].store(n, Ordering::Relaxed),
+                    None => {
+                        shared.unexpected.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        }
+        None => {
+            shared.unexpected.fetch_add(1, Ordering::Relaxed);
+            shared.error(format!("unexpected message {text}"));
+        }
+    }
+}
+
+/// One event-stream client: open the stream with its links, then read
+/// every event until the server ends it (or the task is aborted).
+async fn client_sse(
+    server: SocketAddr,
+    shared: Arc<Shared>,
+    i: usize,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) {
+    let me = &shared.clients[i];
+    let links: Vec<String> = me.links.iter().map(|l| format!("p{l}")).collect();
+    let open = async {
+        let mut sse = connect_sse(server, &format!("p{}", me.page), &links).await?;
+        let first = sse.next_update().await?;
+        anyhow::Ok((sse, first))
+    };
+    let mut sse = match tokio::time::timeout(Duration::from_secs(30), open).await {
+        Ok(Ok((sse, first))) => {
+            apply(&shared, me, &first);
+            me.state.store(OPEN, Ordering::Relaxed);
+            sse
+        }
+        Ok(Err(e)) => {
+            shared.error(format!("open: {e}"));
+            me.state.store(FAILED, Ordering::Relaxed);
+            return;
+        }
+        Err(_) => {
+            shared.error("open: timed out after 30 s".into());
+            me.state.store(FAILED, Ordering::Relaxed);
+            return;
+        }
+    };
+    // At most `inflight` opening at once.
+    drop(permit);
+    let why = loop {
+        match sse.next_data().await {
+            Ok(Some(text)) => apply(&shared, me, &text),
+            Ok(None) => break "eof".to_string(),
+            Err(e) => {
+                break format!(
+                    "io_{:?}",
+                    e.downcast_ref::<std::io::Error>().map(|e| e.kind())
+                )
+            }
+        }
+    };
+    shared.server_closed(why);
+    me.state.store(CLOSED, Ordering::Relaxed);
+}
+
 /// (clients open, clients open with an exact view).
 fn exactness(shared: &Shared) -> (usize, usize) {
     let mut truth = [0i64; RAMP_PAGES];
@@ -225,7 +281,13 @@ fn exactness(shared: &Shared) -> (usize, usize) {
     (open, exact)
 }
 
+/// The ramp over WebSockets, then over event streams (a fresh service each).
 pub fn ramp(rt: &tokio::runtime::Runtime, smoke: bool, nofile: u64) {
+    ramp_over(rt, smoke, nofile, Transport::WebSocket);
+    ramp_over(rt, smoke, nofile, Transport::EventStream);
+}
+
+fn ramp_over(rt: &tokio::runtime::Runtime, smoke: bool, nofile: u64, transport: Transport) {
     let fit = nofile.saturating_sub(1000) as usize;
     // `LC_BENCH_RAMP_CLIENTS=N` overrides the number of clients.
     let n = std::env::var("LC_BENCH_RAMP_CLIENTS")
@@ -280,7 +342,12 @@ pub fn ramp(rt: &tokio::runtime::Runtime, smoke: bool, nofile: u64) {
         let started = Instant::now();
         for i in 0..n {
             let permit = sem.clone().acquire_owned().await.expect("semaphore");
-            tasks.push(tokio::spawn(client(server, shared.clone(), i, permit)));
+            tasks.push(match transport {
+                Transport::WebSocket => tokio::spawn(client(server, shared.clone(), i, permit)),
+                Transport::EventStream => {
+                    tokio::spawn(client_sse(server, shared.clone(), i, permit))
+                }
+            });
         }
         // Every client has opened or failed once all permits are back.
         let _all = sem.acquire_many(inflight as u32).await.expect("semaphore");
@@ -344,6 +411,7 @@ pub fn ramp(rt: &tokio::runtime::Runtime, smoke: bool, nofile: u64) {
             }
         };
         Line::new("ramp")
+            .s("transport", transport.name())
             .s("clients", n)
             .s("pages", RAMP_PAGES)
             .s("links", RAMP_LINKS)

@@ -1000,3 +1000,117 @@ impl Observed {
         }
     }
 }
+
+/// An event-stream client (`GET /parties/page/{page}/events`) over a raw
+/// TCP stream from the next source address: it parses the stream itself.
+pub struct Sse {
+    stream: TcpStream,
+    /// Bytes read and not yet parsed.
+    buf: Vec<u8>,
+}
+
+/// Opens the event stream of `page` subscribed to `links`, and reads its
+/// response head (an error unless it is a `200`).
+pub async fn connect_sse(server: SocketAddr, page: &str, links: &[String]) -> anyhow::Result<Sse> {
+    use tokio::io::AsyncWriteExt;
+    let socket = TcpSocket::new_v4()?;
+    socket.bind(SocketAddr::new(next_source().into(), 0))?;
+    let mut stream = socket.connect(server).await?;
+    stream.set_nodelay(true)?;
+    let visitor = match visitor_tabs() {
+        Some(tabs) => {
+            let n = CONNECTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) / tabs;
+            format!("&visitor=bench-visitor-{n:08}")
+        }
+        None => String::new(),
+    };
+    let request = format!(
+        "GET /parties/page/{page}/events?links={}{visitor} HTTP/1.1\r\nHost: {server}\r\n\r\n",
+        links.join(",")
+    );
+    stream.write_all(request.as_bytes()).await?;
+    let mut sse = Sse {
+        stream,
+        buf: Vec::new(),
+    };
+    loop {
+        if let Some(at) = sse.buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            if !sse.buf.starts_with(b"HTTP/1.1 200") {
+                anyhow::bail!(
+                    "refused: {}",
+                    String::from_utf8_lossy(&sse.buf[..at])
+                        .lines()
+                        .next()
+                        .unwrap_or("")
+                );
+            }
+            sse.buf.drain(..at + 4);
+            return Ok(sse);
+        }
+        if !sse.fill().await? {
+            anyhow::bail!("stream ended before its head");
+        }
+    }
+}
+
+impl Sse {
+    /// Reads more; false at the end of the stream.
+    async fn fill(&mut self) -> anyhow::Result<bool> {
+        use tokio::io::AsyncReadExt;
+        let mut chunk = [0u8; 2048];
+        let n = self.stream.read(&mut chunk).await?;
+        self.buf.extend_from_slice(&chunk[..n]);
+        // Keep nothing allocated while idle.
+        if self.buf.is_empty() {
+            self.buf = Vec::new();
+        }
+        Ok(n > 0)
+    }
+
+    /// The next `data:` line's text (comments and the retry hint skipped);
+    /// `None` when the server ended the stream.
+    pub async fn next_data(&mut self) -> anyhow::Result<Option<String>> {
+        loop {
+            while let Some(at) = self.buf.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = self.buf.drain(..=at).collect();
+                if let Some(data) = line.strip_prefix(b"data: ") {
+                    return Ok(Some(
+                        String::from_utf8_lossy(&data[..data.len() - 1]).into_owned(),
+                    ));
+                }
+            }
+            if self.buf.is_empty() {
+                self.buf = Vec::new();
+            }
+            if !self.fill().await? {
+                return Ok(None);
+            }
+        }
+    }
+
+    /// The next update's text (an error if the stream ends or says otherwise).
+    pub async fn next_update(&mut self) -> anyhow::Result<String> {
+        match self.next_data().await? {
+            Some(t) if t.starts_with(r#"{"type":"update""#) => Ok(t),
+            Some(t) => anyhow::bail!("unexpected message {t}"),
+            None => anyhow::bail!("stream ended"),
+        }
+    }
+}
+
+/// How a bench client is connected.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Transport {
+    WebSocket,
+    EventStream,
+}
+
+impl Transport {
+    /// Its value in the `BENCH` lines.
+    pub fn name(self) -> &'static str {
+        match self {
+            Transport::WebSocket => "websocket",
+            Transport::EventStream => "sse",
+        }
+    }
+}

@@ -433,6 +433,38 @@ async fn late_node_sees_existing_counts() {
     );
 }
 
+/// Cluster mode sees no difference between the transports: event streams on
+/// one node and WebSockets on another are summed, a stream subscribed on
+/// one node follows viewers on the other, and a stream that closes leaves
+/// every node's count.
+#[tokio::test]
+async fn event_streams_count_across_nodes_like_websockets() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let (a, b) = (Node::start(&redis), Node::start(&redis));
+    let path = |page: &str, query: &str| crate::helpers::events_path(page, query);
+    let mut on_a = crate::helpers::EventClient::open(a.addr, &path("s", "links=x"), &[])
+        .await
+        .expect("a stream on node a");
+    on_a.wait_for(&counts(&[("x", 0)])).await;
+    let _x1 = b.connect("x").await;
+    let x2 = crate::helpers::EventClient::open(b.addr, &path("x", ""), &[])
+        .await
+        .expect("a stream on node b");
+    on_a.wait_for(&counts(&[("x", 2)])).await;
+    let mut obs = b.connect("o").await;
+    obs.subscribe(&["s", "x"]).await;
+    obs.wait_for(&counts(&[("s", 1), ("x", 2)])).await;
+    drop(x2);
+    on_a.wait_for(&counts(&[("x", 1)])).await;
+    obs.wait_for(&counts(&[("x", 1)])).await;
+    drop(on_a);
+    obs.wait_for(&counts(&[("s", 0)])).await;
+    let answer = http_get(a.addr, "/api/v1/counts?ids=s,x").await.1;
+    assert_eq!(answer.trim(), r#"{"s":0,"x":1}"#);
+}
+
 /// A graceful shutdown (SIGTERM) removes the node's viewers from the other
 /// nodes at once, long before `node_ttl` (here 30 s) would.
 #[tokio::test]

@@ -694,3 +694,224 @@ impl Drop for RedisServer {
         self.stop();
     }
 }
+
+/// One item of an event stream, as a raw client reads it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StreamItem {
+    /// A `data:` line: one message (its JSON).
+    Data(Value),
+    /// A comment line (`:`): a keep-alive.
+    Comment,
+    /// The `retry:` hint, in milliseconds.
+    Retry(u64),
+    /// The server ended the stream (or the connection failed).
+    End,
+}
+
+/// An event-stream client over a raw TCP socket: it sends the request and
+/// parses the stream itself, line by line.
+pub struct EventClient {
+    stream: TcpStream,
+    /// Bytes read and not yet parsed.
+    buf: Vec<u8>,
+    /// The response head (status line and headers), lower-cased.
+    pub head: String,
+    /// Bytes not yet de-chunked, when a proxy chunked the response.
+    chunked: Option<Vec<u8>>,
+    /// The latest connections count shown of each id (updates merged).
+    pub shown: BTreeMap<String, u64>,
+    /// The latest visitors count shown of each id.
+    pub shown_visitors: BTreeMap<String, u64>,
+}
+
+/// `path` of an event stream (`/parties/page/{page}/events?{query}`).
+pub fn events_path(page: &str, query: &str) -> String {
+    if query.is_empty() {
+        format!("/parties/page/{page}/events")
+    } else {
+        format!("/parties/page/{page}/events?{query}")
+    }
+}
+
+impl EventClient {
+    /// Opens `path` with the extra header lines `headers`; a refusal comes
+    /// back as its status and body.
+    pub async fn open(
+        addr: SocketAddr,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<EventClient, (u16, String)> {
+        let stream = TcpStream::connect(addr).await.expect("connect");
+        EventClient::over(stream, &addr.to_string(), path, headers).await
+    }
+
+    /// Opens `path` of `host` on an open connection `stream` (a TLS
+    /// bridge, for instance).
+    pub async fn over(
+        mut stream: TcpStream,
+        host: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<EventClient, (u16, String)> {
+        let extra: String = headers
+            .iter()
+            .map(|(k, v)| format!("{k}: {v}\r\n"))
+            .collect();
+        let request = format!(
+            "GET {path} HTTP/1.1\r\nHost: {host}\r\nAccept: text/event-stream\r\n{extra}\r\n"
+        );
+        stream.write_all(request.as_bytes()).await.expect("write");
+        let mut client = EventClient {
+            stream,
+            buf: Vec::new(),
+            head: String::new(),
+            chunked: None,
+            shown: BTreeMap::new(),
+            shown_visitors: BTreeMap::new(),
+        };
+        let head = loop {
+            if let Some(at) = client.buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&client.buf[..at]).into_owned();
+                client.buf.drain(..at + 4);
+                break head;
+            }
+            assert!(
+                client.fill().await,
+                "connection closed before a response head"
+            );
+        };
+        let status: u16 = head
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .expect("status line");
+        if status != 200 {
+            // A refusal: read its body (the server closes the connection, or
+            // says how long the body is).
+            let len = head.lines().find_map(|l| {
+                l.to_ascii_lowercase()
+                    .strip_prefix("content-length:")
+                    .map(|v| v.trim().parse::<usize>().unwrap_or(0))
+            });
+            while len.is_none_or(|n| client.buf.len() < n) && client.fill().await {}
+            return Err((status, String::from_utf8_lossy(&client.buf).into_owned()));
+        }
+        client.head = head.to_ascii_lowercase();
+        if client.head.contains("transfer-encoding: chunked") {
+            // A proxy re-chunked the stream: decode what came with the head.
+            client.chunked = Some(std::mem::take(&mut client.buf));
+            client.dechunk();
+        }
+        Ok(client)
+    }
+
+    /// Moves the complete chunks of `chunked` into `buf`.
+    fn dechunk(&mut self) {
+        let Some(raw) = self.chunked.as_mut() else {
+            return;
+        };
+        while let Some(eol) = raw.windows(2).position(|w| w == b"\r\n") {
+            let size = std::str::from_utf8(&raw[..eol])
+                .ok()
+                .and_then(|l| usize::from_str_radix(l.split(';').next()?.trim(), 16).ok())
+                .unwrap_or_else(|| panic!("chunk size line {:?}", &raw[..eol]));
+            if raw.len() < eol + 2 + size + 2 {
+                return;
+            }
+            self.buf.extend_from_slice(&raw[eol + 2..eol + 2 + size]);
+            raw.drain(..eol + 2 + size + 2);
+        }
+    }
+
+    /// The socket (to write what a reader should not send).
+    pub fn stream_mut(&mut self) -> &mut TcpStream {
+        &mut self.stream
+    }
+
+    /// Reads more bytes; false at the end of the stream (or an error).
+    async fn fill(&mut self) -> bool {
+        let mut chunk = [0u8; 4096];
+        match tokio::time::timeout(PATIENCE, self.stream.read(&mut chunk)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => false,
+            Ok(Ok(n)) => {
+                match self.chunked.as_mut() {
+                    Some(raw) => {
+                        raw.extend_from_slice(&chunk[..n]);
+                        self.dechunk();
+                    }
+                    None => self.buf.extend_from_slice(&chunk[..n]),
+                }
+                true
+            }
+            Err(_) => panic!("nothing from the event stream within {PATIENCE:?}"),
+        }
+    }
+
+    /// The next item (blank lines skipped); panics after [`PATIENCE`] of silence.
+    pub async fn next_item(&mut self) -> StreamItem {
+        loop {
+            if let Some(at) = self.buf.iter().position(|b| *b == b'\n') {
+                let line = String::from_utf8(self.buf[..at].to_vec()).expect("UTF-8 line");
+                self.buf.drain(..=at);
+                if line.is_empty() {
+                    continue;
+                }
+                if line.starts_with(':') {
+                    return StreamItem::Comment;
+                }
+                if let Some(ms) = line.strip_prefix("retry: ") {
+                    return StreamItem::Retry(ms.parse().expect("retry in ms"));
+                }
+                let data = line
+                    .strip_prefix("data: ")
+                    .unwrap_or_else(|| panic!("unexpected line {line:?}"));
+                return StreamItem::Data(serde_json::from_str(data).expect("JSON data"));
+            }
+            if !self.fill().await {
+                return StreamItem::End;
+            }
+        }
+    }
+
+    /// The next `data:` message (comments and the retry hint skipped); an
+    /// update is merged into `shown` and `shown_visitors`.
+    pub async fn next_data(&mut self) -> Value {
+        loop {
+            match self.next_item().await {
+                StreamItem::Data(v) => {
+                    let merge = |shown: &mut BTreeMap<String, u64>, map: &Value| {
+                        for (k, c) in map.as_object().into_iter().flatten() {
+                            shown.insert(k.clone(), c.as_u64().expect("integer count"));
+                        }
+                    };
+                    if v["type"] == "update" {
+                        merge(&mut self.shown, &v["connections"]);
+                        merge(&mut self.shown_visitors, &v["visitors"]);
+                    }
+                    return v;
+                }
+                StreamItem::End => panic!("the event stream ended"),
+                _ => {}
+            }
+        }
+    }
+
+    /// Reads messages until `shown` equals `expected` on those ids.
+    pub async fn wait_for(&mut self, expected: &BTreeMap<String, u64>) {
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        while !expected.iter().all(|(k, v)| self.shown.get(k) == Some(v)) {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if tokio::time::timeout(left, self.next_data()).await.is_err() {
+                panic!(
+                    "counts did not converge: shown {:?}, expected {expected:?}",
+                    self.shown
+                );
+            }
+        }
+    }
+
+    /// Reads until the server ends the stream (anything before is skipped).
+    pub async fn expect_end(&mut self) {
+        while self.next_item().await != StreamItem::End {}
+    }
+}

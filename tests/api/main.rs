@@ -3,6 +3,7 @@
 mod binary;
 mod caps;
 mod cluster;
+mod events;
 mod hardening;
 mod helpers;
 mod history;

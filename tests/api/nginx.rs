@@ -37,7 +37,9 @@ use tokio_tungstenite::{
     MaybeTlsStream,
 };
 
-use crate::helpers::{counts, eventually, http_get, Client, RedisServer, PATIENCE};
+use crate::helpers::{
+    counts, eventually, http_get, Client, EventClient, RedisServer, StreamItem, PATIENCE,
+};
 
 const NGINX: &str = "/usr/sbin/nginx";
 const DEBIAN_NGINX_CONF: &str = "/etc/nginx/nginx.conf";
@@ -887,6 +889,81 @@ async fn prefix_mount_over_tls_through_nginx() {
     observer.wait_for(&counts(&[("x", 1)])).await;
 
     drop((observer, a));
+    nginx.finish().await;
+    drop(service);
+}
+
+/// Event streams through both shipped files at once (the host of its own
+/// and the `/presence/` prefix), over TLS: the response is not buffered
+/// (the retry hint, the full update and keep-alive comments arrive as they
+/// are written), a stream counts as a viewer next to a WebSocket viewer of
+/// the same page, carries live updates, and stops counting as soon as its
+/// reader closes the TLS connection.
+#[tokio::test]
+async fn event_streams_over_tls_through_both_nginx_files() {
+    let service = Service::start(&[("EVENTS__KEEPALIVE_INTERVAL", "100ms")]);
+    let nginx = Nginx::start(&[ROOT_SITE, PREFIX_SITE], &[service.addr]);
+    for (site, prefix) in [(ROOT_SITE, ""), (PREFIX_SITE, "/presence")] {
+        let host = site.host;
+        let page = format!("sse-{}", site.host);
+        let mut observer = nginx
+            .wss(
+                "127.0.0.20",
+                host,
+                &format!("{prefix}/parties/page/home"),
+                &[],
+            )
+            .await
+            .expect("observer");
+        observer.subscribe(&[&page]).await;
+        observer.wait_for(&counts(&[(&page, 0)])).await;
+
+        let path = format!("{prefix}/parties/page/{page}/events?links=y%2Cz");
+        let tls = nginx.tls("127.0.0.31", host).await;
+        let mut stream = EventClient::over(tls, host, &path, &[])
+            .await
+            .unwrap_or_else(|(status, body)| panic!("{host}{path}: {status} {body}"));
+        assert!(
+            stream.head.contains("content-type: text/event-stream"),
+            "{}",
+            stream.head
+        );
+        assert_eq!(stream.next_item().await, StreamItem::Retry(3000));
+        assert_eq!(
+            stream.next_data().await["connections"],
+            serde_json::json!({"y,z": 0})
+        );
+        for _ in 0..3 {
+            assert_eq!(stream.next_item().await, StreamItem::Comment);
+        }
+        let ws = nginx
+            .wss(
+                "127.0.0.32",
+                host,
+                &format!("{prefix}/parties/page/{page}"),
+                &[],
+            )
+            .await
+            .expect("a WebSocket viewer");
+        observer.wait_for(&counts(&[(&page, 2)])).await;
+
+        let viewer = nginx
+            .wss(
+                "127.0.0.33",
+                host,
+                &format!("{prefix}/parties/page/y%2Cz"),
+                &[],
+            )
+            .await
+            .expect("a viewer of a followed page");
+        stream.wait_for(&counts(&[("y,z", 1)])).await;
+        drop(viewer);
+        stream.wait_for(&counts(&[("y,z", 0)])).await;
+
+        drop(stream);
+        observer.wait_for(&counts(&[(&page, 1)])).await;
+        drop((observer, ws));
+    }
     nginx.finish().await;
     drop(service);
 }

@@ -7,6 +7,7 @@ import { readFileSync } from "node:fs";
 
 import {
   DEFAULT_BACKOFF,
+  FALLBACK_AFTER,
   LinkCounter,
   TAB_CHANNEL,
   TabGroup,
@@ -17,6 +18,7 @@ import {
   pageIdProblem,
   pageLoadVisitorId,
   parseAwayAfter,
+  eventsUrl,
   roomUrl,
   serviceBase,
 } from "../../web/link-counter.js";
@@ -45,6 +47,36 @@ class FakeSocket {
   serverClose(code, reason = "") {
     this.onclose?.({ code, reason });
   }
+}
+
+/** A fake EventSource, driven by the test as the server would. */
+class FakeEventSource {
+  static all = [];
+  constructor(url) {
+    this.url = url;
+    this.closed = false;
+    FakeEventSource.all.push(this);
+  }
+  close() {
+    this.closed = true;
+  }
+  serverOpen() {
+    this.onopen?.({});
+  }
+  serverSend(msg) {
+    this.onmessage?.({ data: JSON.stringify(msg) });
+  }
+  /** The stream failed (a refusal, or the connection ended). */
+  serverFail() {
+    this.onerror?.({});
+  }
+}
+
+/** Runs the pending timer with the longest delay (the next WebSocket try). */
+function fireLongest(clock) {
+  const longest = Math.max(...clock.delays());
+  clock.fire(longest);
+  return longest;
 }
 
 /** Replaces setTimeout/clearTimeout/Math.random while `fn` runs. */
@@ -680,6 +712,93 @@ const tests = {
           /link-counter: count "tabs"/,
         );
       }
+    });
+  },
+
+  "event-stream URLs carry the links, each encoded, the visitors and site flags and the visitor id"() {
+    assert.equal(
+      eventsUrl("https://x.test/presence", "%2Fa", ["b", "c,d"], { visitors: true, visitor: "abcdefgh1" }),
+      "https://x.test/presence/parties/page/%252Fa/events?links=b,c%2Cd&visitors=true&visitor=abcdefgh1",
+    );
+    assert.equal(eventsUrl("http://h:1", "p", []), "http://h:1/parties/page/p/events?links=");
+    assert.equal(eventsUrl("http://h:1", "p", ["a"], { site: true }), "http://h:1/parties/page/p/events?links=a&site=true");
+  },
+
+  async "WebSockets failing before they open: the event stream takes over, follows link changes, and a WebSocket that opens later takes over again"() {
+    await withFakeTime(async (clock) => {
+      FakeEventSource.all = [];
+      const { counter, updates, socket } = newCounter({ EventSource: FakeEventSource });
+      // FALLBACK_AFTER attempts close before they open (a proxy refusing upgrades).
+      for (let i = 0; i < FALLBACK_AFTER; i++) {
+        assert.equal(counter.transport, "websocket");
+        socket().serverClose(1006);
+        clock.fire();
+        await flush();
+      }
+      assert.equal(counter.transport, "sse");
+      const es = FakeEventSource.all.at(-1);
+      assert.equal(es.url, "http://h:1/parties/page/%252Fpages%252Fa/events?links=b,c");
+      es.serverOpen();
+      assert.equal(counter.state, "open");
+      es.serverSend({ type: "update", connections: { b: 2, c: 0 } });
+      assert.deepEqual(updates.at(-1).counts, { b: 2, c: 0 });
+
+      // New links: a second stream opens; the first closes once it is open,
+      // and the counts of the links that stay are shown all along.
+      counter.setLinks(["b", "d"]);
+      const next = FakeEventSource.all.at(-1);
+      assert.notEqual(next, es);
+      assert.equal(next.url, "http://h:1/parties/page/%252Fpages%252Fa/events?links=b,d");
+      assert.equal(es.closed, false);
+      assert.equal(counter.get("b"), 2);
+      next.serverOpen();
+      assert.equal(es.closed, true);
+      next.serverSend({ type: "update", connections: { b: 3, d: 1 } });
+      assert.deepEqual(Object.fromEntries(counter.counts), { b: 3, d: 1 });
+
+      // Now and then a WebSocket is tried beside the stream: one that fails
+      // leaves the stream as it is; one that opens takes over.
+      const sockets = FakeSocket.all.length;
+      assert.ok(fireLongest(clock) >= DEFAULT_BACKOFF.websocket / 2);
+      assert.equal(FakeSocket.all.length, sockets + 1);
+      socket().serverClose(1006);
+      assert.equal(counter.transport, "sse");
+      assert.equal(next.closed, false);
+      fireLongest(clock);
+      const ws = socket();
+      assert.equal(next.closed, false);
+      ws.serverOpen();
+      assert.equal(counter.transport, "websocket");
+      assert.equal(next.closed, true);
+      assert.deepEqual(ws.sent, [{ type: "subscribe", links: ["b", "d"] }]);
+      assert.equal(counter.get("b"), 3, "the counts stay shown while the WebSocket takes over");
+      counter.close();
+    });
+  },
+
+  async "without an EventSource, or once a WebSocket has opened, two failures are only a reconnect"() {
+    await withFakeTime(async (clock) => {
+      const { counter, socket } = newCounter();
+      for (let i = 0; i < FALLBACK_AFTER + 1; i++) {
+        socket().serverClose(1006);
+        clock.fire();
+        await flush();
+      }
+      assert.equal(counter.transport, "websocket");
+      counter.close();
+
+      FakeEventSource.all = [];
+      const second = newCounter({ EventSource: FakeEventSource });
+      second.socket().serverOpen();
+      second.socket().serverClose(1001);
+      for (let i = 0; i < FALLBACK_AFTER; i++) {
+        second.counter._retryTimer && clock.fire();
+        await flush();
+        second.socket().serverClose(1006);
+      }
+      assert.equal(second.counter.transport, "websocket");
+      assert.equal(FakeEventSource.all.length, 0);
+      second.counter.close();
     });
   },
 

@@ -1471,6 +1471,72 @@ mod tests {
         }
     }
 
+    /// Over the budget, the quiet page keeps its leading-edge publish and
+    /// the page followed by many connections waits, at most [`MAX_DELAY`],
+    /// and then carries its latest value.
+    #[test]
+    fn the_budget_defers_the_costliest_page_at_most_the_bound() {
+        let mut settings = Settings::load_from(None, Vec::new()).expect("defaults load");
+        settings.counter.broadcast_interval = Duration::from_millis(100);
+        settings.counter.delivery_budget = 10;
+        let mut state: State<u64> =
+            State::new(Arc::new(settings), Box::new(|_| PageStats::default()));
+        state.set_shards(1);
+        // Room 0 is the room of page "big" (100 connections), room 1 of "small" (1).
+        state.set_page_of(Box::new(|r: &u64| {
+            Some(page(if *r == 0 { 10 } else { 11 }))
+        }));
+        let t0 = Instant::now();
+        let at = |ms: u64| Now {
+            at: t0 + Duration::from_millis(ms),
+            ms,
+        };
+        let tally = |c: u64| Tally {
+            connections: c,
+            visitors: c,
+        };
+        let _ = state.room_count(&page(10), tally(100), 0, at(0));
+        let _ = state.room_count(&page(11), tally(1), 0, at(0));
+        let _ = state.subscribe(0, 0, vec![page(0)], 1, at(0).at);
+        let _ = state.subscribe(1, 1, vec![page(1)], 1, at(0).at);
+        // Both followed pages change after a quiet interval.
+        let mut sent: Vec<(u64, u64, PageId, Tally)> = Vec::new();
+        let mut due = None;
+        let mut take = |out: Outbox<u64>, now: u64, due: &mut Option<u64>| {
+            if let Some(d) = out.publish_in {
+                *due = Some(now + d.as_millis() as u64);
+            }
+            for e in out.sent {
+                if let Effect::Counts { to, changes, .. } = e {
+                    for (p, t) in changes {
+                        sent.push((now, to, p, t));
+                    }
+                }
+            }
+        };
+        let out = state.room_count(&page(1), tally(1), 1, at(500));
+        take(out, 500, &mut due);
+        let out = state.room_count(&page(0), tally(1), 1, at(500));
+        take(out, 500, &mut due);
+        let out = state.room_count(&page(0), tally(2), 1, at(550));
+        take(out, 550, &mut due);
+        let mut now = 550;
+        while let Some(d) = due.take() {
+            now = d;
+            let out = state.scheduled_publish(at(now).at);
+            take(out, now, &mut due);
+        }
+        let small: Vec<_> = sent.iter().filter(|s| s.1 == 1).collect();
+        assert_eq!(small.len(), 1, "{small:?}");
+        assert_eq!((small[0].0, small[0].3), (500, tally(1)), "leading edge");
+        let big: Vec<_> = sent.iter().filter(|s| s.1 == 0).collect();
+        assert_eq!(big.len(), 1, "one deferred publish: {big:?}");
+        assert!(big[0].0 > 500, "the costly page waited: {big:?}");
+        assert!(big[0].0 <= 1500, "at most MAX_DELAY: {big:?}");
+        assert_eq!(big[0].3, tally(2), "with its latest value");
+        assert!(now <= 1500);
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(512))]
 

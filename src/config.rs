@@ -251,6 +251,10 @@ pub struct CounterSettings {
     /// Coalescing period of count updates.
     #[serde(with = "humantime_serde")]
     pub broadcast_interval: Duration,
+    /// Connection-deliveries per second publishing may spend before it
+    /// defers the costliest pages (a page's change costs the connections of
+    /// the rooms that follow it).
+    pub delivery_budget: u64,
     /// Period of the cleanup sweep.
     #[serde(with = "humantime_serde")]
     pub sweep_interval: Duration,
@@ -377,6 +381,9 @@ impl Settings {
                     "must be at least 16 printable characters without spaces (or empty for none)",
                 );
             }
+        }
+        if self.counter.delivery_budget == 0 {
+            return bad("counter.delivery_budget", "must be at least 1");
         }
         if ws.close_timeout.is_zero() || ws.close_timeout > Duration::from_secs(60) {
             return bad("websocket.close_timeout", "must be between 1ms and 60s");

@@ -75,6 +75,7 @@ pub const MESSAGES_OUT: &str = "link_counter_messages_out_total";
 pub const ERRORS: &str = "link_counter_errors_total";
 pub const COUNT_CHANGES: &str = "link_counter_count_changes_total";
 pub const COUNT_PUBLISHES: &str = "link_counter_count_publishes_total";
+pub const PUBLISHES_DEFERRED: &str = "link_counter_publishes_deferred_total";
 pub const UPDATES_SENT: &str = "link_counter_updates_sent_total";
 pub const PUBLISH_LAG: &str = "link_counter_publish_lag_seconds";
 pub const SNAPSHOT_DURATION: &str = "link_counter_snapshot_duration_seconds";
@@ -257,6 +258,10 @@ fn describe() {
         COUNT_PUBLISHES,
         "Changed counts published to follower rooms after coalescing"
     );
+    describe_counter!(
+        PUBLISHES_DEFERRED,
+        "Changed counts held to a later publish by counter.delivery_budget"
+    );
     describe_counter!(UPDATES_SENT, "Update messages written to client sockets");
     describe_histogram!(
         PUBLISH_LAG,
@@ -292,6 +297,7 @@ fn init_counters() {
         MESSAGES_OUT,
         COUNT_CHANGES,
         COUNT_PUBLISHES,
+        PUBLISHES_DEFERRED,
         UPDATES_SENT,
         SWEEPS,
         COUNTER_RESTARTS,
@@ -514,6 +520,13 @@ pub fn count_changed() {
 /// The counter published `n` changed counts (one per page, after coalescing).
 pub fn counts_published(n: usize) {
     counter!(COUNT_PUBLISHES).increment(n as u64);
+}
+
+/// A publish held `n` changed counts back to the next one (the delivery budget).
+pub fn publishes_deferred(n: usize) {
+    if n > 0 {
+        counter!(PUBLISHES_DEFERRED).increment(n as u64);
+    }
 }
 
 /// An `update` was encoded for a client's socket `lag` after the oldest change it carries.

@@ -24,7 +24,7 @@ use actix::prelude::*;
 use crate::{
     config::Settings,
     counter::{
-        Counter, Counts, RoomCount, RoomHandle, RoomId, RoomState, Subscribe, Subscribed,
+        Counter, Counts, Frames, RoomCount, RoomHandle, RoomId, RoomState, Subscribe, Subscribed,
         Unsubscribe,
     },
     delivery::{ConnId, End, Mailbox, Update},
@@ -179,6 +179,8 @@ pub struct PageRoom {
     page: PageId,
     /// Unique id of this room instance (a recreated room gets a new one).
     id: RoomId,
+    /// The index of its shard (the counter's deliveries go through it).
+    shard_index: usize,
     /// The shard that routes messages here and decides eviction.
     shard: Recipient<RoomIdle>,
     /// Where counts and subscriptions are reported.
@@ -220,6 +222,7 @@ impl PageRoom {
     pub fn new(
         page: PageId,
         id: RoomId,
+        shard_index: usize,
         shard: Recipient<RoomIdle>,
         counter: Addr<Counter>,
         storage: Storage,
@@ -228,6 +231,7 @@ impl PageRoom {
         PageRoom {
             page,
             id,
+            shard_index,
             shard,
             counter,
             handle: None,
@@ -262,7 +266,9 @@ impl PageRoom {
     /// Where the counter delivers to this room.
     fn handle(&mut self, ctx: &Context<Self>) -> Arc<RoomHandle> {
         self.handle
-            .get_or_insert_with(|| RoomHandle::of(&ctx.address()))
+            .get_or_insert_with(|| {
+                RoomHandle::of(&ctx.address(), self.page.clone(), self.shard_index)
+            })
             .clone()
     }
 
@@ -340,7 +346,14 @@ impl PageRoom {
     /// changed to the (non-pending) connections that follow them: to a
     /// connection that asked for visitors when either figure changed, to
     /// any other only when the connection count did.
-    fn apply_counts(&mut self, counts: Vec<(PageId, Tally)>, since: Option<Instant>) -> bool {
+    /// Equal payloads are serialized once: in this room, and through
+    /// `frames` (the shard's, for one publish) across its rooms.
+    fn apply_counts(
+        &mut self,
+        counts: Vec<(PageId, Tally)>,
+        since: Option<Instant>,
+        frames: Option<&Frames>,
+    ) -> bool {
         // Each change, and whether its connection count changed.
         let mut changes: Vec<(PageId, Tally, bool)> = Vec::new();
         for (link, tally) in counts {
@@ -381,14 +394,14 @@ impl PageRoom {
                 payloads
                     .entry((subset, conn.visitors))
                     .or_insert_with_key(|(subset, visitors)| {
-                        Update::new(
-                            subset
-                                .iter(changes.len())
-                                .map(|i| (changes[i].0.clone(), changes[i].1))
-                                .collect(),
-                            since,
-                            *visitors,
-                        )
+                        let values = subset
+                            .iter(changes.len())
+                            .map(|i| (changes[i].0.clone(), changes[i].1))
+                            .collect();
+                        match frames {
+                            Some(frames) => frames.get(values, since, *visitors),
+                            None => Update::new(values, since, *visitors),
+                        }
                     });
             conn.mailbox.update(update);
         }
@@ -590,7 +603,7 @@ impl Handler<SetLinks> for PageRoom {
 impl Handler<Counts> for PageRoom {
     type Result = ();
     fn handle(&mut self, msg: Counts, ctx: &mut Context<Self>) {
-        if self.apply_counts(msg.changes, msg.since) {
+        if self.apply_counts(msg.changes, msg.since, msg.frames.as_deref()) {
             self.release_pending();
             self.mark_dirty(ctx);
         }
@@ -617,7 +630,7 @@ impl Handler<Subscribed> for PageRoom {
                 links: refused,
             });
         }
-        self.apply_counts(msg.counts, None);
+        self.apply_counts(msg.counts, None, None);
         self.release_pending();
         self.mark_dirty(ctx);
     }

@@ -28,7 +28,7 @@ use actix::prelude::*;
 
 use crate::{
     config::Settings,
-    counter::{Counter, Resync, RoomId, SetShards, ShardRooms},
+    counter::{Counter, Deliver, Frames, Resync, RoomId, SetShards, ShardLink, ShardRooms, ToRoom},
     delivery::End,
     metrics::RoomEviction,
     protocol::{close, code, PageId, ProtocolError},
@@ -282,6 +282,7 @@ impl Handler<Join> for Shard {
             let room = PageRoom::new(
                 msg.page.clone(),
                 id,
+                self.index,
                 ctx.address().recipient(),
                 self.counter.clone(),
                 self.storage.clone(),
@@ -361,6 +362,25 @@ impl Handler<Evict> for Shard {
         if !self.evict(&msg.page, msg.room, msg.seq, why) && msg.reclaim {
             // The room was busy again: keep the promise with another one.
             self.make_room();
+        }
+    }
+}
+
+impl Handler<Deliver> for Shard {
+    type Result = ();
+    /// Hands a publish's items to their rooms, on this thread; the rooms
+    /// share one [`Frames`] so equal frames are serialized once here.
+    fn handle(&mut self, msg: Deliver, _: &mut Context<Self>) {
+        let frames = Arc::new(Frames::default());
+        for (to, item) in msg.0 {
+            let item = match item {
+                ToRoom::Counts(mut c) => {
+                    c.frames = Some(frames.clone());
+                    ToRoom::Counts(c)
+                }
+                answer => answer,
+            };
+            to.hand(item);
         }
     }
 }
@@ -531,8 +551,15 @@ impl Shards {
             thread: std::thread::current().id(),
         });
         if inner.filled.fetch_add(1, Ordering::SeqCst) + 1 == inner.slots.len() {
-            let resync = self.all().into_iter().map(Addr::recipient).collect();
-            inner.counter.do_send(SetShards(resync));
+            let links = self
+                .all()
+                .into_iter()
+                .map(|addr| ShardLink {
+                    resync: addr.clone().recipient(),
+                    deliver: addr.recipient(),
+                })
+                .collect();
+            inner.counter.do_send(SetShards(links));
             inner.all_filled.notify_waiters();
         }
     }

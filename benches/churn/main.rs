@@ -291,6 +291,7 @@ fn churn(rt: &tokio::runtime::Runtime, scale: Scale) {
     let mut ceilings: Vec<(usize, f64, f64)> = Vec::new();
     for round in 0..rounds {
         for &c in &concurrencies {
+            conntrack_check(&format!("churn round {round} c={c}"));
             let ceiling = Ceiling::start();
             let r_ceil = rt.block_on(churn_run(
                 ceiling.addr,

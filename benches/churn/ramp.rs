@@ -10,6 +10,14 @@
 //! the ramp the bench waits until every connected client's view equals the
 //! true counts (the true count of page p: clients connected to p), and reports
 //! how long that took and how many clients are exact at the end.
+//!
+//! Each round runs three modes, interleaved so they see the same machine:
+//! `quiet` (every link points at pages nobody opens: no fan-out), `busy`
+//! (links point at the pages being opened: every arrival changes counts
+//! that readers follow) and `busy_unbudgeted` (the same with
+//! `counter.delivery_budget` out of reach, as before the budget existed).
+//! The last line prints the busy / quiet opening-rate ratios (median over
+//! `LC_BENCH_RAMP_ROUNDS` rounds, default 2; smoke: 1).
 
 use std::{
     collections::BTreeMap,
@@ -45,6 +53,27 @@ const PHASE_RAMP: usize = 0;
 const PHASE_SETTLE: usize = 1;
 /// After the measurement: closes are no longer counted.
 const PHASE_DONE: usize = 2;
+
+/// What the clients' links point at.
+#[derive(Clone, Copy, PartialEq)]
+enum Mode {
+    /// Pages nobody opens (`p100` … `p199`).
+    Quiet,
+    /// The pages being opened, with the default delivery budget.
+    Busy,
+    /// The pages being opened, the delivery budget out of reach.
+    BusyUnbudgeted,
+}
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Quiet => "quiet",
+            Mode::Busy => "busy",
+            Mode::BusyUnbudgeted => "busy_unbudgeted",
+        }
+    }
+}
 
 /// One client's shared state.
 struct Client {
@@ -257,7 +286,7 @@ async fn client_sse(
 
 /// (clients open, clients open with an exact view).
 fn exactness(shared: &Shared) -> (usize, usize) {
-    let mut truth = [0i64; RAMP_PAGES];
+    let mut truth = [0i64; 2 * RAMP_PAGES];
     for c in &shared.clients {
         if c.state.load(Ordering::Relaxed) == OPEN {
             truth[c.page] += 1;
@@ -283,11 +312,54 @@ fn exactness(shared: &Shared) -> (usize, usize) {
 
 /// The ramp over WebSockets, then over event streams (a fresh service each).
 pub fn ramp(rt: &tokio::runtime::Runtime, smoke: bool, nofile: u64) {
-    ramp_over(rt, smoke, nofile, Transport::WebSocket);
-    ramp_over(rt, smoke, nofile, Transport::EventStream);
+    let rounds: usize = std::env::var("LC_BENCH_RAMP_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(if smoke { 1 } else { 2 });
+    let modes = [Mode::Quiet, Mode::Busy, Mode::BusyUnbudgeted];
+    let mut rates: Vec<[f64; 3]> = Vec::new();
+    for r in 0..rounds {
+        let mut rate = [0.0; 3];
+        for (k, mode) in modes.into_iter().enumerate() {
+            conntrack_check(&format!("ramp round {r} {}", mode.name()));
+            rate[k] = round(rt, smoke, nofile, mode, r, Transport::WebSocket);
+        }
+        rates.push(rate);
+    }
+    let median = |k: usize| -> f64 {
+        let mut v: Vec<f64> = rates.iter().map(|r| r[k] / r[0]).collect();
+        v.sort_by(f64::total_cmp);
+        pct(&v, 50.0)
+    };
+    let per_round = |k: usize| -> String {
+        let v: Vec<String> = rates
+            .iter()
+            .map(|r| format!("{:.2}", r[k] / r[0]))
+            .collect();
+        v.join(",")
+    };
+    Line::new("ramp_ratio")
+        .s("rounds", rounds)
+        .f("busy_over_quiet", median(1))
+        .s("busy_over_quiet_by_round", per_round(1))
+        .f("unbudgeted_over_quiet", median(2))
+        .s("unbudgeted_over_quiet_by_round", per_round(2))
+        .s("target_busy_over_quiet", 0.8)
+        .print();
+    // The same busy ramp over event streams (a fresh service).
+    conntrack_check("ramp over event streams");
+    round(rt, smoke, nofile, Mode::Busy, 0, Transport::EventStream);
 }
 
-fn ramp_over(rt: &tokio::runtime::Runtime, smoke: bool, nofile: u64, transport: Transport) {
+/// One ramp in `mode` over `transport`; returns its opening rate (connections/s).
+fn round(
+    rt: &tokio::runtime::Runtime,
+    smoke: bool,
+    nofile: u64,
+    mode: Mode,
+    r: usize,
+    transport: Transport,
+) -> f64 {
     let fit = nofile.saturating_sub(1000) as usize;
     // `LC_BENCH_RAMP_CLIENTS=N` overrides the number of clients.
     let n = std::env::var("LC_BENCH_RAMP_CLIENTS")
@@ -303,7 +375,11 @@ fn ramp_over(rt: &tokio::runtime::Runtime, smoke: bool, nofile: u64, transport: 
     let converge_limit = Duration::from_secs(if smoke { 5 } else { 30 });
     // Per-IP caps off (NO_CAPS), the global cap above the ramp.
     let max = (n + 1000).to_string();
-    let service = ChildService::start(&[("LIMITS__MAX_CONNECTIONS", max.as_str())]);
+    let mut env = vec![("LIMITS__MAX_CONNECTIONS", max.as_str())];
+    if mode == Mode::BusyUnbudgeted {
+        env.push(("COUNTER__DELIVERY_BUDGET", "1000000000000"));
+    }
+    let service = ChildService::start(&env);
     let server = service.addr;
     let pid = service.pid();
     let mut rng = Rng::new(4242);
@@ -314,8 +390,13 @@ fn ramp_over(rt: &tokio::runtime::Runtime, smoke: bool, nofile: u64, transport: 
             let mut k = 0;
             while k < RAMP_LINKS {
                 let l = rng.below(RAMP_PAGES as u64) as usize;
-                if l != page && !links.contains(&l) {
-                    links[k] = l;
+                let link = if mode == Mode::Quiet {
+                    l + RAMP_PAGES
+                } else {
+                    l
+                };
+                if l != page && !links.contains(&link) {
+                    links[k] = link;
                     k += 1;
                 }
             }
@@ -335,6 +416,7 @@ fn ramp_over(rt: &tokio::runtime::Runtime, smoke: bool, nofile: u64, transport: 
         updates: AtomicUsize::new(0),
         first_error: Mutex::default(),
     });
+    let mut connects_per_s = f64::NAN;
     rt.block_on(async {
         let sem = Arc::new(tokio::sync::Semaphore::new(inflight));
         let mut tasks = Vec::with_capacity(n);
@@ -410,8 +492,11 @@ fn ramp_over(rt: &tokio::runtime::Runtime, smoke: bool, nofile: u64, transport: 
                 parts.join(",")
             }
         };
+        connects_per_s = n as f64 / ramp_secs;
         Line::new("ramp")
             .s("transport", transport.name())
+            .s("mode", mode.name())
+            .s("round", r)
             .s("clients", n)
             .s("pages", RAMP_PAGES)
             .s("links", RAMP_LINKS)
@@ -445,4 +530,5 @@ fn ramp_over(rt: &tokio::runtime::Runtime, smoke: bool, nofile: u64, transport: 
         }
     });
     drop(service);
+    connects_per_s
 }

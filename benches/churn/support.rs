@@ -1114,3 +1114,43 @@ impl Transport {
         }
     }
 }
+
+/// Reads a `/proc/sys/net/netfilter` value (`None` without connection tracking).
+fn netfilter(name: &str) -> Option<u64> {
+    std::fs::read_to_string(format!("/proc/sys/net/netfilter/{name}"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Before a round: prints the kernel's connection-tracking table fill
+/// (`nf_conntrack_count` of `nf_conntrack_max`) and, past a quarter full,
+/// waits up to `nf_conntrack_tcp_timeout_time_wait` (+5 s) for it to drain;
+/// warns if it does not. Every loopback connection leaves an entry for that
+/// long after it closes, and a full table drops packets (`dmesg`:
+/// `nf_conntrack: table full, dropping packet`): later rounds then crawl.
+pub fn conntrack_check(what: &str) {
+    let (Some(count), Some(max)) = (
+        netfilter("nf_conntrack_count"),
+        netfilter("nf_conntrack_max"),
+    ) else {
+        println!("# conntrack before {what}: not tracked here");
+        return;
+    };
+    let wait = netfilter("nf_conntrack_tcp_timeout_time_wait").unwrap_or(120) + 5;
+    let started = Instant::now();
+    let mut now = count;
+    while now > max / 4 && started.elapsed() < Duration::from_secs(wait) {
+        std::thread::sleep(Duration::from_millis(500));
+        now = netfilter("nf_conntrack_count").unwrap_or(0);
+    }
+    let waited = started.elapsed().as_secs_f64();
+    println!("# conntrack before {what}: nf_conntrack_count={now} of nf_conntrack_max={max} (was {count}, waited {waited:.1} s)");
+    if now > max / 4 {
+        println!(
+            "# WARNING: the conntrack table is still {}% full: figures of this round may be the kernel's (see docs/OPERATIONS.md#kernel-settings-for-many-connections)",
+            100 * now / max
+        );
+    }
+}

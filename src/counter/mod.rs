@@ -12,9 +12,10 @@
 //! the source of truth, so counts stay exact across a counter restart.
 
 use std::{
+    collections::HashMap,
     sync::{
         atomic::{AtomicUsize, Ordering},
-        Arc,
+        Arc, Mutex,
     },
     time::{Duration, Instant},
 };
@@ -24,6 +25,7 @@ use actix::{dev::ToEnvelope, prelude::*};
 use crate::{
     cluster::{self, Cluster},
     config::Settings,
+    delivery::Update,
     protocol::{PageId, PageInfo, Tally},
     storage::{PageStats, Resolution, Storage, SITE},
     time::{now_ms, rfc3339},
@@ -95,10 +97,16 @@ pub struct ShardRooms {
     pub rooms: Vec<u64>,
 }
 
-/// The shards (where [`Resync`] goes), given once after they are started.
+/// Where the counter reaches one shard: its resync and its deliveries.
+pub struct ShardLink {
+    pub resync: Recipient<Resync>,
+    pub deliver: Recipient<Deliver>,
+}
+
+/// The shards, by index, given once after they are started.
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct SetShards(pub Vec<Recipient<Resync>>);
+pub struct SetShards(pub Vec<ShardLink>);
 
 /// The cluster module's address (cluster mode only), given once after it is started.
 #[derive(Message)]
@@ -112,6 +120,48 @@ pub struct Counts {
     pub changes: Vec<(PageId, Tally)>,
     /// When the oldest of these changes was applied at the counter (publish lag).
     pub since: Option<Instant>,
+    /// The frames already serialized for this publish on the room's shard
+    /// (set by the shard): rooms whose connections follow the same changes
+    /// share one frame.
+    pub frames: Option<Arc<Frames>>,
+}
+
+/// The frames of one publish on one shard, by content (values and form).
+/// Only the shard's thread touches it, so its lock is never contended.
+#[derive(Default)]
+pub struct Frames(Mutex<HashMap<FrameKey, Arc<Update>>>);
+
+/// A frame's content: its values and whether it carries the `visitors` map.
+type FrameKey = (Vec<(PageId, Tally)>, bool);
+
+impl Frames {
+    /// The frame of `values` in form `visitors`, serialized on first use.
+    pub fn get(
+        &self,
+        values: Vec<(PageId, Tally)>,
+        since: Option<Instant>,
+        visitors: bool,
+    ) -> Arc<Update> {
+        let mut frames = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        frames
+            .entry((values, visitors))
+            .or_insert_with_key(|(values, visitors)| Update::new(values.clone(), since, *visitors))
+            .clone()
+    }
+}
+
+/// Counter -> shard: everything one dispatch has for the shard's rooms, in
+/// the order the counter decided it (an answer before newer counts). The
+/// shard hands each item to its room on its own thread: one cross-thread
+/// message per shard per publish, however many rooms follow.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Deliver(pub Vec<(Arc<RoomHandle>, ToRoom)>);
+
+/// One item of a [`Deliver`].
+pub enum ToRoom {
+    Counts(Counts),
+    Subscribed(Subscribed),
 }
 
 /// Counter -> room: the answer to a [`Subscribe`]: current counts of the
@@ -139,21 +189,35 @@ pub struct Resync {
 /// its first subscribe or state report and sends clones of the `Arc`; the
 /// counter keeps one per follower room.
 pub struct RoomHandle {
+    /// The room's page (its connections weigh on the delivery budget).
+    pub page: PageId,
+    /// The index of the shard that hosts it (where its deliveries go).
+    pub shard: usize,
     pub counts: Recipient<Counts>,
     pub subscribed: Recipient<Subscribed>,
 }
 
 impl RoomHandle {
-    /// The handle of the actor at `addr`.
-    pub fn of<A>(addr: &Addr<A>) -> Arc<RoomHandle>
+    /// The handle of the actor at `addr`, the room of `page` on shard `shard`.
+    pub fn of<A>(addr: &Addr<A>, page: PageId, shard: usize) -> Arc<RoomHandle>
     where
         A: Handler<Counts> + Handler<Subscribed>,
         A::Context: ToEnvelope<A, Counts> + ToEnvelope<A, Subscribed>,
     {
         Arc::new(RoomHandle {
+            page,
+            shard,
             counts: addr.clone().recipient(),
             subscribed: addr.clone().recipient(),
         })
+    }
+
+    /// Hands `item` to the room (on the shard's thread).
+    pub fn hand(&self, item: ToRoom) {
+        match item {
+            ToRoom::Counts(c) => self.counts.do_send(c),
+            ToRoom::Subscribed(s) => self.subscribed.do_send(s),
+        }
     }
 }
 
@@ -288,8 +352,8 @@ pub struct Counter {
     storage: Storage,
     /// The counts, followers and publish bookkeeping.
     state: State<Arc<RoomHandle>>,
-    /// Shards to ask for a resync after a restart.
-    shards: Vec<Recipient<Resync>>,
+    /// The shards: resyncs after a restart, deliveries to their rooms.
+    shards: Vec<ShardLink>,
     /// Cluster mode: the module that shares counts through Redis.
     cluster: Option<Addr<Cluster>>,
     /// Starts so far (1 = first start).
@@ -325,8 +389,10 @@ impl Counter {
         let loader = storage.clone();
         let load: LoadStats =
             Box::new(move |page| loader.load_stats(page).ok().flatten().unwrap_or_default());
+        let mut state = State::new(settings.clone(), load);
+        state.set_page_of(Box::new(|to: &Arc<RoomHandle>| Some(to.page.clone())));
         Counter {
-            state: State::new(settings.clone(), load),
+            state,
             settings,
             storage,
             shards: Vec::new(),
@@ -404,28 +470,53 @@ impl Counter {
     }
 
     /// Sends what the state decided, in order, and schedules its publish.
+    /// Everything for rooms goes in one [`Deliver`] per shard, in order.
     fn dispatch(&mut self, out: Outbox<Arc<RoomHandle>>, ctx: &mut Context<Self>) {
+        let mut batches: Vec<Vec<(Arc<RoomHandle>, ToRoom)>> =
+            (0..self.shards.len()).map(|_| Vec::new()).collect();
         for effect in out.sent {
-            match effect {
+            let (to, item) = match effect {
                 Effect::Counts { to, changes, since } => {
-                    to.counts.do_send(Counts { changes, since });
+                    let counts = Counts {
+                        changes,
+                        since,
+                        frames: None,
+                    };
+                    (to, ToRoom::Counts(counts))
                 }
                 Effect::Answer {
                     to,
                     counts,
                     refused,
                     req,
-                } => to.subscribed.do_send(Subscribed {
-                    counts,
-                    refused,
-                    req,
-                }),
+                } => {
+                    let answer = Subscribed {
+                        counts,
+                        refused,
+                        req,
+                    };
+                    (to, ToRoom::Subscribed(answer))
+                }
                 Effect::Resync { epoch } => {
                     for shard in &self.shards {
-                        shard.do_send(Resync { epoch });
+                        shard.resync.do_send(Resync { epoch });
                     }
+                    continue;
                 }
-                Effect::Cluster(m) => self.to_cluster(m),
+                Effect::Cluster(m) => {
+                    self.to_cluster(m);
+                    continue;
+                }
+            };
+            match batches.get_mut(to.shard) {
+                Some(batch) => batch.push((to, item)),
+                // Only before the shards are known (rooms come from them).
+                None => to.hand(item),
+            }
+        }
+        for (shard, batch) in self.shards.iter().zip(batches) {
+            if !batch.is_empty() {
+                shard.deliver.do_send(Deliver(batch));
             }
         }
         if let Some(delay) = out.publish_in {

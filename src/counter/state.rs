@@ -27,6 +27,11 @@ const RESYNC_DEADLINE: Duration = Duration::from_secs(2);
 /// Cluster mode: longest a subscribe answer waits for the cluster's values.
 const LOAD_DEADLINE: Duration = Duration::from_secs(1);
 
+/// Longest a change waits for its publish when the delivery budget defers
+/// it (or `broadcast_interval`, if longer): the worst delay a reader sees,
+/// plus the counter's own queueing.
+pub const MAX_DELAY: Duration = Duration::from_secs(1);
+
 /// The time an input happens at: monotonic (intervals, deadlines) and wall
 /// clock in milliseconds (stats).
 #[derive(Debug, Clone, Copy)]
@@ -109,6 +114,8 @@ pub(super) struct PageEntry {
     told_other: bool,
     /// Rooms (by id) that follow this page.
     pub(super) subscribers: HashSet<u64>,
+    /// When its oldest unpublished change was made (the delay bound).
+    pending_since: Option<Instant>,
     /// Persistent stats.
     pub(super) stats: PageStats,
     /// Stats changed since the last snapshot.
@@ -124,6 +131,7 @@ impl PageEntry {
             published: Tally::ZERO,
             told_other: false,
             subscribers: HashSet::new(),
+            pending_since: None,
             stats,
             dirty,
         }
@@ -158,6 +166,8 @@ impl PageEntry {
 struct Follower<R> {
     /// Where to deliver.
     to: R,
+    /// Its page, whose connections a delivery to it costs (`None`: counts as one).
+    page: Option<PageId>,
     /// The links it follows.
     links: HashSet<PageId>,
 }
@@ -192,6 +202,19 @@ struct AwaitingLoad<R> {
 
 /// Loads a page's stored stats on first sight.
 pub type LoadStats = Box<dyn FnMut(&PageId) -> PageStats>;
+
+/// The page of the room a follower handle delivers to.
+pub type PageOf<R> = Box<dyn Fn(&R) -> Option<PageId>>;
+
+/// The delivery budget: a token bucket in connection-deliveries (a page's
+/// change handed to a follower room costs that room's connections), refilled
+/// at `counter.delivery_budget` per second, holding at most one second's worth.
+struct Budget {
+    /// Tokens left (negative after a publish the delay bound forced).
+    tokens: f64,
+    /// When it was last refilled.
+    at: Option<Instant>,
+}
 
 /// Every page's live count, who follows it, and what is left to publish.
 pub struct State<R> {
@@ -233,6 +256,10 @@ pub struct State<R> {
     awaiting: Vec<AwaitingLoad<R>>,
     /// Cluster mode: last `Follow` (or `ResendRemote`) request number.
     load_seq: u64,
+    /// The page of a follower room (for the cost of a delivery).
+    page_of: PageOf<R>,
+    /// What publishing may still spend.
+    budget: Budget,
 }
 
 impl<R: Clone> State<R> {
@@ -256,7 +283,17 @@ impl<R: Clone> State<R> {
             loading: HashMap::new(),
             awaiting: Vec::new(),
             load_seq: 0,
+            page_of: Box::new(|_| None),
+            budget: Budget {
+                tokens: 0.0,
+                at: None,
+            },
         }
+    }
+
+    /// How to tell a follower room's page (without it every room costs one).
+    pub fn set_page_of(&mut self, page_of: PageOf<R>) {
+        self.page_of = page_of;
     }
 
     /// The number of shards a rebuild waits for.
@@ -289,6 +326,9 @@ impl<R: Clone> State<R> {
 
     /// A local change of `page`: to publish, and to report to the cluster.
     fn mark_changed(&mut self, page: &PageId, now: Instant) {
+        if let Some(e) = self.pages.get_mut(page) {
+            e.pending_since.get_or_insert(now);
+        }
         self.changed.insert(page.clone());
         self.oldest_change.get_or_insert(now);
         self.local_changed.insert(page.clone());
@@ -361,7 +401,7 @@ impl<R: Clone> State<R> {
             });
             return out;
         }
-        let counts = self.answer(&accepted);
+        let counts = self.answer(&accepted, now);
         out.sent.push(Effect::Answer {
             to,
             counts,
@@ -471,6 +511,7 @@ impl<R: Clone> State<R> {
             if let Some(e) = self.pages.get_mut(&page) {
                 if !e.subscribers.is_empty() && e.remote != sum {
                     e.remote = sum;
+                    e.pending_since.get_or_insert(now);
                     self.changed.insert(page);
                 }
             }
@@ -533,8 +574,10 @@ impl<R: Clone> State<R> {
             let follow = cluster::Follow { pages: first, req };
             out.sent.push(Effect::Cluster(ToCluster::Follow(follow)));
         }
+        let page_of = &self.page_of;
         let f = self.followers.entry(room).or_insert_with(|| Follower {
             to: to.clone(),
+            page: page_of(to),
             links: HashSet::new(),
         });
         f.to = to.clone();
@@ -580,11 +623,12 @@ impl<R: Clone> State<R> {
     /// Current counts for a new follower; remembers when it was told a
     /// value that the other followers have not been told yet (the caller
     /// then calls [`State::publish_soon`], after the answer).
-    fn answer(&mut self, links: &[PageId]) -> Vec<(PageId, Tally)> {
+    fn answer(&mut self, links: &[PageId], now: Instant) -> Vec<(PageId, Tally)> {
         for l in links {
             if let Some(e) = self.pages.get_mut(l) {
                 if e.shown() != e.published {
                     e.told_other = true;
+                    e.pending_since.get_or_insert(now);
                     self.changed.insert(l.clone());
                 }
             }
@@ -636,16 +680,14 @@ impl<R: Clone> State<R> {
         let since = self.oldest_change.take();
         let mut published = 0;
         let mut outbox: HashMap<u64, Vec<(PageId, Tally)>> = HashMap::new();
-        for page in self.changed.drain() {
+        for page in self.within_budget(now) {
             let Some(e) = self.pages.get_mut(&page) else {
                 continue;
             };
             let shown = e.shown();
-            if shown == e.published && !e.told_other {
-                continue;
-            }
             e.published = shown;
             e.told_other = false;
+            e.pending_since = None;
             published += 1;
             for room in &e.subscribers {
                 outbox.entry(*room).or_default().push((page.clone(), shown));
@@ -663,6 +705,79 @@ impl<R: Clone> State<R> {
                 out.sent.push(Effect::Counts { to, changes, since });
             }
         }
+        // What the budget deferred goes at the end of the next interval.
+        if !self.changed.is_empty() {
+            self.oldest_change = self
+                .changed
+                .iter()
+                .filter_map(|p| self.pages.get(p).and_then(|e| e.pending_since))
+                .min();
+            self.publish_scheduled = true;
+            out.publish_in = Some(self.settings.counter.broadcast_interval);
+        }
+    }
+
+    /// Takes from `changed` the pages to publish now and leaves the rest
+    /// there: pages whose value is back at the published one are dropped;
+    /// a page whose delay bound ([`MAX_DELAY`]) would pass before the next
+    /// publish goes whatever it costs; the others go cheapest first (quiet
+    /// pages before pages followed by many connections) while the budget
+    /// lasts. A page's cost is the connections of the rooms that follow it.
+    fn within_budget(&mut self, now: Instant) -> Vec<PageId> {
+        let per_sec = self.settings.counter.delivery_budget as f64;
+        let b = &mut self.budget;
+        let refill =
+            b.at.map_or(per_sec, |at| per_sec * now.duration_since(at).as_secs_f64());
+        b.tokens = (b.tokens + refill).min(per_sec);
+        b.at = Some(now);
+        let horizon = now + self.settings.counter.broadcast_interval;
+        // (forced, cost, page) of each page with something to publish.
+        let mut due: Vec<(bool, u64, PageId)> = Vec::with_capacity(self.changed.len());
+        for page in std::mem::take(&mut self.changed) {
+            let Some(e) = self.pages.get_mut(&page) else {
+                continue;
+            };
+            if e.shown() == e.published && !e.told_other {
+                e.pending_since = None;
+                continue;
+            }
+            let forced = e
+                .pending_since
+                .is_none_or(|since| horizon > since + MAX_DELAY);
+            let cost = self.cost(&page);
+            due.push((!forced, cost, page));
+        }
+        due.sort_unstable();
+        let mut now_due = Vec::with_capacity(due.len());
+        let mut deferred = 0;
+        for (deferrable, cost, page) in due {
+            let b = &mut self.budget;
+            if deferrable && cost as f64 > b.tokens {
+                self.changed.insert(page);
+                deferred += 1;
+                continue;
+            }
+            b.tokens -= cost as f64;
+            now_due.push(page);
+        }
+        crate::metrics::publishes_deferred(deferred);
+        now_due
+    }
+
+    /// What publishing `page` costs: the connections of its follower rooms
+    /// (at least one each).
+    fn cost(&self, page: &PageId) -> u64 {
+        let Some(e) = self.pages.get(page) else {
+            return 0;
+        };
+        e.subscribers
+            .iter()
+            .map(|room| {
+                let page = self.followers.get(room).and_then(|f| f.page.as_ref());
+                page.and_then(|p| self.pages.get(p))
+                    .map_or(1, |e| e.local.connections.max(1))
+            })
+            .sum()
     }
 
     /// Cluster mode: the local counts that changed since the last publish
@@ -707,7 +822,7 @@ impl<R: Clone> State<R> {
         self.awaiting = held;
         for a in ready {
             let (to, links, refused, req) = a.answer;
-            let counts = self.answer(&links);
+            let counts = self.answer(&links, now);
             out.sent.push(Effect::Answer {
                 to,
                 counts,
@@ -807,6 +922,7 @@ impl<R: Clone> State<R> {
                 e.remote = Tally::ZERO;
             }
             e.published = e.shown();
+            e.pending_since = None;
         }
         self.changed.clear();
         self.oldest_change = None;
@@ -1354,6 +1470,72 @@ mod tests {
                 Op::Settle => self.settle(),
             }
         }
+    }
+
+    /// Over the budget, the quiet page keeps its leading-edge publish and
+    /// the page followed by many connections waits, at most [`MAX_DELAY`],
+    /// and then carries its latest value.
+    #[test]
+    fn the_budget_defers_the_costliest_page_at_most_the_bound() {
+        let mut settings = Settings::load_from(None, Vec::new()).expect("defaults load");
+        settings.counter.broadcast_interval = Duration::from_millis(100);
+        settings.counter.delivery_budget = 10;
+        let mut state: State<u64> =
+            State::new(Arc::new(settings), Box::new(|_| PageStats::default()));
+        state.set_shards(1);
+        // Room 0 is the room of page "big" (100 connections), room 1 of "small" (1).
+        state.set_page_of(Box::new(|r: &u64| {
+            Some(page(if *r == 0 { 10 } else { 11 }))
+        }));
+        let t0 = Instant::now();
+        let at = |ms: u64| Now {
+            at: t0 + Duration::from_millis(ms),
+            ms,
+        };
+        let tally = |c: u64| Tally {
+            connections: c,
+            visitors: c,
+        };
+        let _ = state.room_count(&page(10), tally(100), 0, at(0));
+        let _ = state.room_count(&page(11), tally(1), 0, at(0));
+        let _ = state.subscribe(0, 0, vec![page(0)], 1, at(0).at);
+        let _ = state.subscribe(1, 1, vec![page(1)], 1, at(0).at);
+        // Both followed pages change after a quiet interval.
+        let mut sent: Vec<(u64, u64, PageId, Tally)> = Vec::new();
+        let mut due = None;
+        let mut take = |out: Outbox<u64>, now: u64, due: &mut Option<u64>| {
+            if let Some(d) = out.publish_in {
+                *due = Some(now + d.as_millis() as u64);
+            }
+            for e in out.sent {
+                if let Effect::Counts { to, changes, .. } = e {
+                    for (p, t) in changes {
+                        sent.push((now, to, p, t));
+                    }
+                }
+            }
+        };
+        let out = state.room_count(&page(1), tally(1), 1, at(500));
+        take(out, 500, &mut due);
+        let out = state.room_count(&page(0), tally(1), 1, at(500));
+        take(out, 500, &mut due);
+        let out = state.room_count(&page(0), tally(2), 1, at(550));
+        take(out, 550, &mut due);
+        let mut now = 550;
+        while let Some(d) = due.take() {
+            now = d;
+            let out = state.scheduled_publish(at(now).at);
+            take(out, now, &mut due);
+        }
+        let small: Vec<_> = sent.iter().filter(|s| s.1 == 1).collect();
+        assert_eq!(small.len(), 1, "{small:?}");
+        assert_eq!((small[0].0, small[0].3), (500, tally(1)), "leading edge");
+        let big: Vec<_> = sent.iter().filter(|s| s.1 == 0).collect();
+        assert_eq!(big.len(), 1, "one deferred publish: {big:?}");
+        assert!(big[0].0 > 500, "the costly page waited: {big:?}");
+        assert!(big[0].0 <= 1500, "at most MAX_DELAY: {big:?}");
+        assert_eq!(big[0].3, tally(2), "with its latest value");
+        assert!(now <= 1500);
     }
 
     proptest! {

@@ -132,15 +132,43 @@ async fn read_close(r: &mut (impl AsyncReadExt + Unpin)) -> Option<u16> {
 /// reader off; once the burst is over, every client shows the true counts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_of_arrivals_disconnects_no_reader() {
+    let _ = burst(&[]).await;
+}
+
+/// A surge far over `counter.delivery_budget`: publishes are deferred
+/// (the metric says so), yet every reader converges to the exact counts
+/// and none is closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_surge_over_the_delivery_budget_converges_and_closes_no_reader() {
+    let (app, _dir) = burst(&[("COUNTER__DELIVERY_BUDGET", "200")]).await;
+    let admin = app.admin.expect("admin listener");
+    let (_, text) = crate::helpers::http_get(admin, "/metrics").await;
+    let deferred: f64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("link_counter_publishes_deferred_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0);
+    assert!(
+        deferred > 0.0,
+        "the budget never deferred a publish:\n{text}"
+    );
+}
+
+/// 2000 readers open at once over 40 pages (broadcast every 10 ms), each
+/// following 3 of them; returns the app once every reader shows the exact
+/// counts, none closed by the server.
+async fn burst(extra: &[(&str, &str)]) -> (crate::helpers::TestApp, tempfile::TempDir) {
     const CLIENTS: usize = 2000;
     const PAGES: usize = 40;
     let _ = rlimit::increase_nofile_limit(u64::MAX);
-    let (app, _dir) = spawn_app(&[
+    let mut settings = vec![
         ("COUNTER__BROADCAST_INTERVAL", "10ms"),
         ("WEBSOCKET__CLIENT_TIMEOUT", "30s"),
         ("WEBSOCKET__HEARTBEAT_INTERVAL", "5s"),
         ("LIMITS__MAX_CONNECTIONS", "0"),
-    ]);
+    ];
+    settings.extend_from_slice(extra);
+    let (app, dir) = spawn_app(&settings);
     let closed_by_server = Arc::new(AtomicU64::new(0));
     let mut views = Vec::with_capacity(CLIENTS);
     let mut tasks = Vec::with_capacity(CLIENTS);
@@ -212,6 +240,7 @@ async fn a_burst_of_arrivals_disconnects_no_reader() {
     for t in tasks {
         t.abort();
     }
+    (app, dir)
 }
 
 /// A text frame whose header declares 1 GiB is answered 1009 from its

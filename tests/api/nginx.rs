@@ -41,6 +41,13 @@ use crate::helpers::{
     counts, eventually, http_get, Client, EventClient, RedisServer, StreamItem, PATIENCE,
 };
 
+/// The service's `websocket.client_timeout` behind nginx: short enough that
+/// the heartbeat check below waits through it twice in seconds, long
+/// enough that a test process starved for a moment on a loaded machine
+/// (its clients answer pings from a task of their own) is not taken for a
+/// silent client. The heartbeat interval is a sixth of it.
+const CLIENT_TIMEOUT: Duration = Duration::from_millis(3000);
+
 const NGINX: &str = "/usr/sbin/nginx";
 const DEBIAN_NGINX_CONF: &str = "/etc/nginx/nginx.conf";
 const DEBIAN_DEFAULT_SITE: &str = "/etc/nginx/sites-available/default";
@@ -138,8 +145,14 @@ impl Service {
             .env("LINK_COUNTER__ADMIN__BIND", "127.0.0.1:0")
             .env("LINK_COUNTER__SERVER__SHUTDOWN_TIMEOUT", "3s")
             .env("LINK_COUNTER__STORAGE__PATH", data.path())
-            .env("LINK_COUNTER__WEBSOCKET__HEARTBEAT_INTERVAL", "100ms")
-            .env("LINK_COUNTER__WEBSOCKET__CLIENT_TIMEOUT", "600ms")
+            .env(
+                "LINK_COUNTER__WEBSOCKET__HEARTBEAT_INTERVAL",
+                format!("{}ms", CLIENT_TIMEOUT.as_millis() / 6),
+            )
+            .env(
+                "LINK_COUNTER__WEBSOCKET__CLIENT_TIMEOUT",
+                format!("{}ms", CLIENT_TIMEOUT.as_millis()),
+            )
             .envs(env.iter().map(|(k, v)| (format!("LINK_COUNTER__{k}"), *v)))
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
@@ -820,8 +833,8 @@ async fn counts_over_tls_through_nginx_next_to_debian_default_site() {
     observer.wait_for(&counts(&[("x", 1)])).await;
     b.drop_abruptly();
     observer.wait_for(&counts(&[("x", 0)])).await;
-    // Heartbeats pass through: the observer survives several client_timeouts.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Heartbeats pass through: the observer survives two client_timeouts.
+    tokio::time::sleep(CLIENT_TIMEOUT * 2).await;
     let c = nginx
         .wss("127.0.0.23", host, "/parties/page/x", &[])
         .await

@@ -27,6 +27,18 @@ export const LAUNCH_ARGS = [
 
 export const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
+/** Fails the step with `message`. */
+export function fail(message) {
+  throw new Error(message);
+}
+
+/** Fails the step unless `actual` and `expected` serialize to the same JSON. */
+export function assertEq(actual, expected, what) {
+  const a = JSON.stringify(actual);
+  const e = JSON.stringify(expected);
+  if (a !== e) fail(`${what}: expected ${e}, got ${a}`);
+}
+
 /** Polls `check` (which returns true, or a description of what it saw) until true. */
 export async function eventually(what, check, timeout = PATIENCE) {
   const deadline = Date.now() + timeout;

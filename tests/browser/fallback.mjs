@@ -19,7 +19,7 @@ import readline from "node:readline";
 
 import { chromium } from "playwright-core";
 
-import { CHROMIUM, LAUNCH_ARGS, eventually, viewer } from "./common.mjs";
+import { CHROMIUM, LAUNCH_ARGS, assertEq, eventually, fail, viewer } from "./common.mjs";
 
 const BIN = process.env.LINK_COUNTER_BIN;
 const ARTIFACTS = process.env.LINK_COUNTER_ARTIFACTS || fs.mkdtempSync(path.join(os.tmpdir(), "lc-fallback-"));
@@ -29,16 +29,6 @@ const PLACEHOLDER = "presence.example.com";
 
 /** Page ids as the embed derives them on the demo site. */
 const ID = { b: "%2Fpages%2Fb", c: "%2Fpages%2Fc" };
-
-function fail(message) {
-  throw new Error(message);
-}
-
-function assertEq(actual, expected, what) {
-  const a = JSON.stringify(actual);
-  const e = JSON.stringify(expected);
-  if (a !== e) fail(`${what}: expected ${e}, got ${a}`);
-}
 
 /** A port free on 127.0.0.1 now. */
 function freePort() {

@@ -25,7 +25,7 @@ import PartySocket from "partysocket";
 import { chromium } from "playwright-core";
 import WebSocket from "ws";
 
-import { CHROMIUM, LAUNCH_ARGS, PATIENCE, eventually, sleep, startPrefixProxy, viewer } from "./common.mjs";
+import { CHROMIUM, LAUNCH_ARGS, PATIENCE, assertEq, eventually, fail, sleep, startPrefixProxy, viewer } from "./common.mjs";
 import { runUnitTests } from "./unit.mjs";
 
 const BIN = process.env.LINK_COUNTER_BIN;
@@ -39,16 +39,6 @@ const ID = {
   c: "%2Fpages%2Fc",
   d: "%2Fpages%2Fd",
 };
-
-function fail(message) {
-  throw new Error(message);
-}
-
-function assertEq(actual, expected, what) {
-  const a = JSON.stringify(actual);
-  const e = JSON.stringify(expected);
-  if (a !== e) fail(`${what}: expected ${e}, got ${a}`);
-}
 
 
 // ---------------------------------------------------------------------------

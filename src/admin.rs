@@ -269,18 +269,26 @@ pub fn start(
 /// once) into `ops.history` until shutdown begins.
 fn record_history(ops: &Ops, mut shutdown: watch::Receiver<bool>) {
     let (active, history) = (ops.active.clone(), ops.history.clone());
+    let sample = move || {
+        let sample = Sample {
+            time_ms: crate::time::now_ms(),
+            connections: active.load(Ordering::SeqCst),
+        };
+        history
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(sample);
+    };
+    // The first sample is taken here, before the listeners serve, so the
+    // history is never empty; the task takes the others.
+    sample();
     actix_web::rt::spawn(async move {
-        let mut every = tokio::time::interval(HISTORY_INTERVAL);
+        let start = tokio::time::Instant::now() + HISTORY_INTERVAL;
+        let mut every = tokio::time::interval_at(start, HISTORY_INTERVAL);
         every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                _ = every.tick() => {
-                    let sample = Sample {
-                        time_ms: crate::time::now_ms(),
-                        connections: active.load(Ordering::SeqCst),
-                    };
-                    history.lock().unwrap_or_else(|e| e.into_inner()).push(sample);
-                }
+                _ = every.tick() => sample(),
                 changed = shutdown.changed() => {
                     if changed.is_err() || *shutdown.borrow() {
                         break;

@@ -15,10 +15,11 @@ use std::{
 use std::sync::Arc;
 
 use link_counter::{
-    counter::{GetStatus, InjectFault, SweepNow},
+    counter::{Counts, GetStatus, InjectFault, SweepNow},
     delivery::Mailbox,
     protocol::PageId,
     room::{Join, Leave, SetLinks},
+    shard::RoomOf,
     visitor::{self, VisitorKey},
 };
 use proptest::{
@@ -170,16 +171,33 @@ impl Model<'_> {
                 c.shown_visitors.clear();
                 let page = self.names[c.page].clone();
                 let links = links.iter().map(|l| self.names[*l].clone()).collect();
-                self.app
+                let shard = self
+                    .app
                     .shards
                     .for_page(&page)
-                    .expect("shards are ready once the server started")
-                    .do_send(SetLinks {
-                        page,
-                        conn: c.id,
-                        links,
-                        visitors: *wants_visitors,
-                    });
+                    .expect("shards are ready once the server started");
+                shard.do_send(SetLinks {
+                    page: page.clone(),
+                    conn: c.id,
+                    links,
+                    visitors: *wants_visitors,
+                });
+                // Waits until the room handled it, as a session's subscribe
+                // takes effect: what the mailbox holds after that was built
+                // for the new subscription (frames built before it are in
+                // flight for a real client too, which reads them as answers
+                // to its previous subscribe). The shard answers RoomOf after
+                // routing SetLinks, and the room handles an empty Counts
+                // (a no-op) after SetLinks.
+                if let Some(room) = shard.send(RoomOf(page)).await.expect("shard answers") {
+                    room.send(Counts {
+                        changes: Vec::new(),
+                        since: None,
+                        frames: None,
+                    })
+                    .await
+                    .expect("room answers");
+                }
             }
             Op::Close(i) => {
                 let Some(i) = pick(*i, self.open.len()) else {

@@ -152,18 +152,8 @@ async fn client(
         ws.send(subscribe_msg(&links)).await?;
         anyhow::Ok(ws)
     };
-    let mut ws = match tokio::time::timeout(Duration::from_secs(30), open).await {
-        Ok(Ok(ws)) => ws,
-        Ok(Err(e)) => {
-            shared.error(format!("open: {e}"));
-            me.state.store(FAILED, Ordering::Relaxed);
-            return;
-        }
-        Err(_) => {
-            shared.error("open: timed out after 30 s".into());
-            me.state.store(FAILED, Ordering::Relaxed);
-            return;
-        }
+    let Some(mut ws) = opened(&shared, me, open).await else {
+        return;
     };
     // Held until the first update (or failure): at most `inflight` opening at once.
     let mut opened = Some(permit);
@@ -212,6 +202,23 @@ async fn client(
     }
 }
 
+/// Waits at most 30 s for a client's connection to open; on an error or
+/// the timeout, records it and marks the client failed (`None`).
+async fn opened<T>(
+    shared: &Shared,
+    me: &Client,
+    open: impl std::future::Future<Output = anyhow::Result<T>>,
+) -> Option<T> {
+    let why = match tokio::time::timeout(Duration::from_secs(30), open).await {
+        Ok(Ok(t)) => return Some(t),
+        Ok(Err(e)) => format!("open: {e}"),
+        Err(_) => "open: timed out after 30 s".into(),
+    };
+    shared.error(why);
+    me.state.store(FAILED, Ordering::Relaxed);
+    None
+}
+
 /// Applies one message to a client's view (a count of an id it does not
 /// follow, or anything but an update, is unexpected).
 fn apply(shared: &Shared, me: &Client, text: &str) {
@@ -249,23 +256,11 @@ async fn client_sse(
         let first = sse.next_update().await?;
         anyhow::Ok((sse, first))
     };
-    let mut sse = match tokio::time::timeout(Duration::from_secs(30), open).await {
-        Ok(Ok((sse, first))) => {
-            apply(&shared, me, &first);
-            me.state.store(OPEN, Ordering::Relaxed);
-            sse
-        }
-        Ok(Err(e)) => {
-            shared.error(format!("open: {e}"));
-            me.state.store(FAILED, Ordering::Relaxed);
-            return;
-        }
-        Err(_) => {
-            shared.error("open: timed out after 30 s".into());
-            me.state.store(FAILED, Ordering::Relaxed);
-            return;
-        }
+    let Some((mut sse, first)) = opened(&shared, me, open).await else {
+        return;
     };
+    apply(&shared, me, &first);
+    me.state.store(OPEN, Ordering::Relaxed);
     // At most `inflight` opening at once.
     drop(permit);
     let why = loop {

@@ -219,7 +219,13 @@ impl Stream {
     /// merge there instead of queueing.
     fn fill_and_flush(&mut self) -> Result<(), Ending> {
         if !self.wbuf.is_empty() {
-            return self.flush();
+            self.flush()?;
+            // Still waiting on the socket; otherwise go on to what is
+            // pending (mail that came while output waited would else sit
+            // until the next timer).
+            if !self.wbuf.is_empty() {
+                return Ok(());
+            }
         }
         let keepalive = std::mem::take(&mut self.keepalive_due);
         if !std::mem::take(&mut self.mail) {

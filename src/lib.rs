@@ -16,6 +16,7 @@
 //! - [`http`]: routes (WebSocket endpoint, event streams, read-only JSON API, health).
 //! - [`web`]: browser assets compiled into the binary: `/link-counter.js` (ETag) and the demo site.
 //! - [`server`]: wiring and graceful shutdown.
+//! - [`supervise`]: panic containment for actor handlers (log, count, hand back for recovery).
 //! - [`metrics`]: the names of every Prometheus metric and the helpers that record them.
 //! - [`admin`]: the admin listener: `/metrics`, `/dashboard`, `/api/v1/stats`, `/api/v1/top`.
 //! - [`logging`]: tracing setup (text or JSON, filter) and the startup settings summary.
@@ -42,6 +43,7 @@ pub mod session;
 pub mod shard;
 pub mod shutdown;
 pub mod storage;
+pub mod supervise;
 pub mod time;
 pub mod visitor;
 pub mod web;

@@ -40,6 +40,7 @@
 //! | `link_counter_evicted_total` | counter | `what` | removed to stay within caps: `pages` (idle pages forgotten after `room.idle_timeout` or at `limits.max_pages`), `stats_records` and `room_records` (past `storage.max_records`) |
 //! | `link_counter_rooms_evicted_total` | counter | `why` | idle rooms stopped: `idle` (after `room.idle_timeout`), `cap` (to let a new page in at `limits.max_rooms`) |
 //! | `link_counter_counter_restarts_total` | counter | | supervised restarts of the counter |
+//! | `link_counter_actor_panics_total` | counter | `actor` | panics caught in an actor's handler (`counter`, `cluster`, `shard`, `room`); each is logged and the actor recovered |
 //!
 //! Cluster mode (recorded by the cluster module):
 //!
@@ -84,6 +85,7 @@ pub const SWEEPS: &str = "link_counter_sweeps_total";
 pub const SWEEP_REMOVED: &str = "link_counter_sweep_removed_total";
 pub const ROOMS_EVICTED: &str = "link_counter_rooms_evicted_total";
 pub const COUNTER_RESTARTS: &str = "link_counter_counter_restarts_total";
+pub const ACTOR_PANICS: &str = "link_counter_actor_panics_total";
 
 pub const REDIS_RTT: &str = "link_counter_redis_rtt_seconds";
 pub const REDIS_RECONNECTS: &str = "link_counter_redis_reconnects_total";
@@ -274,6 +276,7 @@ fn describe() {
     describe_counter!(SWEEP_REMOVED, "Entries removed by sweeps, by kind");
     describe_counter!(ROOMS_EVICTED, "Idle rooms stopped");
     describe_counter!(COUNTER_RESTARTS, "Supervised restarts of the counter");
+    describe_counter!(ACTOR_PANICS, "Panics caught in actor handlers, by actor");
     describe_histogram!(REDIS_RTT, Unit::Seconds, "Redis command round-trip time");
     describe_counter!(REDIS_RECONNECTS, "Reconnections to Redis");
     describe_counter!(CLUSTER_NODES_REAPED, "Dead nodes whose counts were removed");
@@ -303,6 +306,9 @@ fn init_counters() {
         COUNTER_RESTARTS,
     ] {
         counter!(name).increment(0);
+    }
+    for actor in ["counter", "cluster", "shard", "room"] {
+        counter!(ACTOR_PANICS, "actor" => actor).increment(0);
     }
     for what in ["pages", "stats_records", "room_records"] {
         counter!(EVICTED, "what" => what).increment(0);
@@ -574,6 +580,11 @@ impl RoomEviction {
 /// An idle room was stopped.
 pub fn room_evicted(why: RoomEviction) {
     counter!(ROOMS_EVICTED, "why" => why.label()).increment(1);
+}
+
+/// A panic was caught in an actor's handler (`crate::supervise`).
+pub fn actor_panicked(actor: &'static str) {
+    counter!(ACTOR_PANICS, "actor" => actor).increment(1);
 }
 
 /// The counter restarted under its supervisor.

@@ -22,6 +22,9 @@ required=(
   "runc:runc"
   "/usr/lib/podman/netavark:netavark"
   "/usr/lib/podman/aardvark-dns:aardvark-dns"
+  # netavark sets up container networks with iptables (not a dependency of
+  # Debian's netavark package; without it every `RUN` step fails).
+  "iptables:iptables"
   "debootstrap:debootstrap"
   "objdump:binutils"
 )

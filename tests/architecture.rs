@@ -1247,6 +1247,13 @@ const SHORT_FN_FILES: &[&str] = &[
 /// why). An entry that no longer names a long function fails the test.
 const LONG_FNS_ALLOWED: &[(&str, &str, &str)] = &[];
 
+/// Files off the connection path held to a looser ceiling: (file, most lines).
+const CEILINGS: &[(&str, usize)] = &[
+    ("src/config.rs", 80),
+    ("src/protocol.rs", 80),
+    ("src/main.rs", 80),
+];
+
 /// Every function with a body in a file (free functions, methods, trait
 /// defaults, functions inside functions), as (name, line of its `fn`, lines
 /// from `fn` to its closing brace).
@@ -1283,8 +1290,9 @@ fn function_lengths(ast: &syn::File) -> Vec<(String, usize, usize)> {
 }
 
 /// No function in the files of the connection path is longer than
-/// [`MAX_FN_LINES`] lines (test modules left out), beyond the allow-list:
-/// each step is a named function short enough to read at once.
+/// [`MAX_FN_LINES`] lines (test modules left out), beyond the allow-list,
+/// nor one in [`CEILINGS`] over its ceiling: each step is a named function
+/// short enough to read at once.
 #[test]
 fn connection_path_functions_are_short() {
     let probe = syn::parse_file(concat!(
@@ -1317,6 +1325,19 @@ fn connection_path_functions_are_short() {
                 seen_allowed.insert((file, name));
             } else {
                 long.push(format!("{file}:{line} `{name}` is {lines} lines"));
+            }
+        }
+    }
+    for &(file, most) in CEILINGS {
+        let s = srcs
+            .iter()
+            .find(|s| s.path == file)
+            .unwrap_or_else(|| panic!("{file} is gone: update CEILINGS"));
+        for (name, line, lines) in function_lengths(&s.ast) {
+            if lines > most {
+                long.push(format!(
+                    "{file}:{line} `{name}` is {lines} lines (at most {most})"
+                ));
             }
         }
     }

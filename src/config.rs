@@ -1450,7 +1450,7 @@ mod tests {
         assert!(e.0.contains("bind, shutdown_timeout, workers"), "{e}");
         let e = load(&[("LINK_COUNTER__", "x")]).expect_err("empty");
         assert!(e.0.contains("not a setting"), "{e}");
-        // Case of the section and key does not matter (as in the config crate).
+        // Case of the section and key does not matter in a variable.
         assert!(load(&[("LINK_COUNTER__server__workers", "3")]).is_ok());
     }
 

@@ -30,7 +30,10 @@ use crate::{
     counter::{Counter, GetHistory, GetLoad, GetPage, GetTop},
     http::{counter_unavailable, error_response},
     metrics,
-    protocol::{code, decode_page_id, HistoryBody, HistoryPoint, PageId, ProtocolError},
+    protocol::{
+        decode_page_id, ErrorCode, HistoryBody, HistoryPoint, LoadHistoryBody, LoadSample, PageId,
+        ProtocolError, StatsBody,
+    },
     shard::{CountRooms, Shards},
     storage::{Resolution, Storage},
     time::rfc3339,
@@ -53,13 +56,7 @@ pub const HISTORY_INTERVAL: Duration = Duration::from_secs(5);
 pub const HISTORY_LEN: usize = 180;
 
 /// One history sample.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-pub struct Sample {
-    /// When it was taken (ms since the Unix epoch).
-    pub time_ms: u64,
-    /// Open WebSocket connections then.
-    pub connections: usize,
-}
+pub type Sample = LoadSample;
 
 /// The last [`HISTORY_LEN`] samples, oldest first: a fixed-size ring.
 #[derive(Debug)]
@@ -169,7 +166,7 @@ fn deny(req: &HttpRequest) -> Option<HttpResponse> {
     let mut denied = error_response(
         actix_web::http::StatusCode::UNAUTHORIZED,
         &ProtocolError::new(
-            code::UNAUTHORIZED,
+            ErrorCode::Unauthorized,
             "admin.token is set: send Authorization: Bearer TOKEN",
         ),
     );
@@ -354,16 +351,16 @@ async fn stats(req: HttpRequest, ops: web::Data<Ops>) -> HttpResponse {
     }
     HttpResponse::Ok()
         .insert_header((header::CACHE_CONTROL, "no-store"))
-        .json(serde_json::json!({
-            "connections": ops.active.load(Ordering::SeqCst),
-            "visitors": ops.visitors.distinct(),
-            "connections_opened_total": load.opened_total,
-            "rooms": rooms,
-            "pages": load.pages,
-            "live_pages": load.live_pages,
-            "subscriptions": load.subscriptions,
-            "uptime_seconds": ops.started.elapsed().as_secs_f64(),
-        }))
+        .json(StatsBody {
+            connections: ops.active.load(Ordering::SeqCst),
+            visitors: ops.visitors.distinct(),
+            connections_opened_total: load.opened_total,
+            rooms,
+            pages: load.pages,
+            live_pages: load.live_pages,
+            subscriptions: load.subscriptions,
+            uptime_seconds: ops.started.elapsed().as_secs_f64(),
+        })
 }
 
 /// `GET /api/v1/history`: the samples of the last 15 minutes, oldest first,
@@ -375,13 +372,13 @@ async fn history(req: HttpRequest, ops: web::Data<Ops>) -> HttpResponse {
     let samples: Vec<Sample> = ops.history().samples().copied().collect();
     HttpResponse::Ok()
         .insert_header((header::CACHE_CONTROL, "no-store"))
-        .json(serde_json::json!({
-            "interval_seconds": HISTORY_INTERVAL.as_secs(),
-            "window_seconds": HISTORY_INTERVAL.as_secs() * HISTORY_LEN as u64,
-            "max_samples": HISTORY_LEN,
-            "now_ms": crate::time::now_ms(),
-            "samples": samples,
-        }))
+        .json(LoadHistoryBody {
+            interval_seconds: HISTORY_INTERVAL.as_secs(),
+            window_seconds: HISTORY_INTERVAL.as_secs() * HISTORY_LEN as u64,
+            max_samples: HISTORY_LEN,
+            now_ms: crate::time::now_ms(),
+            samples,
+        })
 }
 
 /// The prefix and suffix of `GET /api/v1/pages/{id}/history`.
@@ -400,7 +397,7 @@ async fn page_info(req: HttpRequest, ops: web::Data<Ops>) -> HttpResponse {
         Err(e) => {
             return error_response(
                 actix_web::http::StatusCode::BAD_REQUEST,
-                &ProtocolError::new(code::INVALID_PAGE_ID, e.to_string()),
+                &ProtocolError::new(ErrorCode::InvalidPageId, e.to_string()),
             )
         }
     };
@@ -442,7 +439,7 @@ async fn page_history(req: HttpRequest, ops: web::Data<Ops>) -> HttpResponse {
         Ok(page) => stored_history(&req, &ops, Some(page)).await,
         Err(e) => error_response(
             actix_web::http::StatusCode::BAD_REQUEST,
-            &ProtocolError::new(code::INVALID_PAGE_ID, e.to_string()),
+            &ProtocolError::new(ErrorCode::InvalidPageId, e.to_string()),
         ),
     }
 }
@@ -469,7 +466,7 @@ async fn stored_history(req: &HttpRequest, ops: &Ops, page: Option<PageId>) -> H
         return error_response(
             actix_web::http::StatusCode::BAD_REQUEST,
             &ProtocolError::new(
-                code::INVALID_PARAMETER,
+                ErrorCode::InvalidParameter,
                 "range must be 48h (per minute) or 90d (per hour)",
             ),
         );
@@ -482,7 +479,7 @@ async fn stored_history(req: &HttpRequest, ops: &Ops, page: Option<PageId>) -> H
             return error_response(
                 actix_web::http::StatusCode::NOT_FOUND,
                 &ProtocolError::new(
-                    code::UNKNOWN_PAGE,
+                    ErrorCode::UnknownPage,
                     "no record of this page (never viewed, or its stats expired)",
                 ),
             )
@@ -528,7 +525,7 @@ async fn top(req: HttpRequest, ops: web::Data<Ops>) -> HttpResponse {
                     return error_response(
                         actix_web::http::StatusCode::BAD_REQUEST,
                         &ProtocolError::new(
-                            code::INVALID_LIMIT,
+                            ErrorCode::InvalidLimit,
                             format!("limit must be an integer 0..={TOP_MAX}"),
                         ),
                     )

@@ -8,6 +8,12 @@
 //! the nearest valid name; enum settings their valid values; list entries
 //! their index. [`env_warnings`] lists the variables that look like settings
 //! but are ignored (e.g. `LINK_COUNTER_SERVER_BIND`, one underscore).
+//!
+//! The layers are merged as `toml` tables and deserialized through
+//! `serde_path_to_error`, which names the setting (and list entry) serde
+//! refused; lines and columns come from the `toml` parser's spans, and the
+//! nearest names from `strsim`'s edit distance. No error text of a library
+//! is parsed.
 
 use std::{
     collections::HashMap,
@@ -291,52 +297,27 @@ impl Settings {
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Settings, ConfigError> {
         let mut sources = Sources::default();
-        let mut builder = config::Config::builder().add_source(config::File::from_str(
-            DEFAULT_TOML,
-            config::FileFormat::Toml,
-        ));
+        let mut merged = defaults().clone();
         if let Some(path) = file {
             let text = std::fs::read_to_string(path).map_err(|e| {
                 ConfigError(format!("cannot read config file {}: {e}", path.display()))
             })?;
-            // Alone first, so that a syntax error is reported with the file's name.
-            config::Config::builder()
-                .add_source(config::File::from_str(&text, config::FileFormat::Toml))
-                .build()
-                .map_err(|e| toml_syntax_error(path, &e.to_string()))?;
-            builder = builder.add_source(config::File::from_str(&text, config::FileFormat::Toml));
+            let table: toml::Table =
+                toml::from_str(&text).map_err(|e| toml_syntax_error(path, &text, &e))?;
             sources.file = Some((path.to_path_buf(), text));
+            sources.refuse_unknown_keys(&table)?;
+            merge(&mut merged, typed_like_defaults(table));
         }
-        let mut overrides: HashMap<String, String> = HashMap::new();
         for (name, value) in env {
             if !name.starts_with(ENV_SETTING_PREFIX) {
                 continue;
             }
             let key = env_setting(&name)?;
-            sources.env.insert(key, name.clone());
-            overrides.insert(name, value);
+            set_from_env(&mut merged, &key, value);
+            sources.env.insert(key, name);
         }
-        builder = builder.add_source(
-            config::Environment::with_prefix(ENV_PREFIX)
-                .prefix_separator("__")
-                .separator("__")
-                .try_parsing(true)
-                .list_separator(",")
-                .with_list_parse_key("security.allowed_origins")
-                .with_list_parse_key("security.trusted_proxies")
-                .with_list_parse_key("security.bot_user_agents")
-                .source(Some(overrides)),
-        );
-        let raw = builder.build().map_err(|e| sources.explain(&e))?;
-        // Entry by entry, so that the error names the index.
-        if let Ok(proxies) = raw.get::<Vec<String>>("security.trusted_proxies") {
-            for (i, p) in proxies.iter().enumerate() {
-                parse_proxy(p).map_err(|why| {
-                    sources.locate(Invalid::new(format!("security.trusted_proxies[{i}]"), why))
-                })?;
-            }
-        }
-        let settings: Settings = raw.try_deserialize().map_err(|e| sources.explain(&e))?;
+        let settings: Settings = serde_path_to_error::deserialize(toml::Value::Table(merged))
+            .map_err(|e| sources.explain(&e))?;
         settings.check().map_err(|e| sources.locate(e))?;
         Ok(settings)
     }
@@ -348,154 +329,293 @@ impl Settings {
     }
 
     /// [`Settings::validate`], with the key apart (so that the caller can say
-    /// where the value came from).
+    /// where the value came from): the first of [`RULES`] that fails.
     fn check(&self) -> Result<(), Invalid> {
-        let bad = |key: &str, why: &str| Err(Invalid::new(key, why));
-        let ws = &self.websocket;
-        if ws.heartbeat_interval.is_zero() {
-            return bad("websocket.heartbeat_interval", "must be greater than 0");
-        }
-        if ws.client_timeout < ws.heartbeat_interval * 2 {
-            return bad(
-                "websocket.client_timeout",
-                "must be at least twice websocket.heartbeat_interval",
-            );
-        }
-        if ws.max_message_bytes < 64 {
-            return bad("websocket.max_message_bytes", "must be at least 64");
-        }
-        if ws.max_links_per_subscribe == 0 {
-            return bad("websocket.max_links_per_subscribe", "must be at least 1");
-        }
-        let ev = &self.events;
-        if ev.keepalive_interval.is_zero() || ev.keepalive_interval > Duration::from_secs(600) {
-            return bad("events.keepalive_interval", "must be between 1ms and 10min");
-        }
-        if ev.retry > Duration::from_secs(3600) {
-            return bad("events.retry", "must be at most 1h");
-        }
-        if let Some(t) = self.admin.token.get() {
-            if t.len() < 16 || !t.bytes().all(|b| b.is_ascii_graphic()) {
-                return bad(
-                    "admin.token",
-                    "must be at least 16 printable characters without spaces (or empty for none)",
-                );
-            }
-        }
-        if self.counter.delivery_budget == 0 {
-            return bad("counter.delivery_budget", "must be at least 1");
-        }
-        if ws.close_timeout.is_zero() || ws.close_timeout > Duration::from_secs(60) {
-            return bad("websocket.close_timeout", "must be between 1ms and 60s");
-        }
-        for (key, d) in [
-            ("storage.snapshot_interval", self.storage.snapshot_interval),
-            (
-                "counter.broadcast_interval",
-                self.counter.broadcast_interval,
-            ),
-            ("counter.sweep_interval", self.counter.sweep_interval),
-            ("room.idle_timeout", self.room.idle_timeout),
-            ("room.storage_ttl", self.room.storage_ttl),
-            ("storage.stats_retention", self.storage.stats_retention),
-            ("server.shutdown_timeout", self.server.shutdown_timeout),
-        ] {
-            if d.is_zero() {
-                return bad(key, "must be greater than 0");
-            }
-        }
-        let st = &self.storage;
-        if st.history_minutes < Duration::from_secs(3600) || st.history_minutes > st.history_hours {
-            return bad(
-                "storage.history_minutes",
-                "must be at least 1h and at most storage.history_hours",
-            );
-        }
-        if st.history_hours > Duration::from_secs(400 * 86_400) {
-            return bad("storage.history_hours", "must be at most 400days");
-        }
-        let l = &self.limits;
-        // actix-http measures this deadline on a clock that ticks every
-        // 500 ms; shorter values would refuse every request with 408.
-        if l.handshake_timeout < Duration::from_secs(1) {
-            return bad("limits.handshake_timeout", "must be at least 1s");
-        }
-        if l.messages_per_second < 0.0 || !l.messages_per_second.is_finite() {
-            return bad("limits.messages_per_second", "must be a number >= 0");
-        }
-        if l.messages_per_second > 0.0 && l.burst < 1.0 {
-            return bad("limits.burst", "must be at least 1");
-        }
-        if l.connections_per_ip_per_second < 0.0 || !l.connections_per_ip_per_second.is_finite() {
-            return bad(
-                "limits.connections_per_ip_per_second",
-                "must be a number >= 0",
-            );
-        }
-        if l.connections_per_ip_per_second > 0.0 && l.connections_per_ip_burst < 1.0 {
-            return bad("limits.connections_per_ip_burst", "must be at least 1");
-        }
-        if l.flood_strikes == 0 {
-            return bad("limits.flood_strikes", "must be at least 1");
-        }
-        if l.max_rooms == 0 {
-            return bad("limits.max_rooms", "must be at least 1");
-        }
-        if l.max_pages < l.max_rooms {
-            return bad("limits.max_pages", "must be at least limits.max_rooms");
-        }
-        for (i, o) in self.security.allowed_origins.iter().enumerate() {
-            if let Err(why) = check_origin(o) {
-                return bad(&format!("security.allowed_origins[{i}]"), &why);
-            }
-        }
-        for (i, t) in self.security.bot_user_agents.iter().enumerate() {
-            if let Err(why) = check_bot_token(t) {
-                return bad(&format!("security.bot_user_agents[{i}]"), &why);
-            }
-        }
-        if self.storage.path.as_os_str().is_empty() {
-            return bad("storage.path", "must not be empty");
-        }
-        if self.storage.cache_capacity < 1 << 20 {
-            return bad("storage.cache_capacity", "must be at least 1048576 (1 MiB)");
-        }
-        if self.storage.max_records == 0 {
-            return bad("storage.max_records", "must be at least 1");
-        }
-        let c = &self.cluster;
-        if c.enabled() {
-            for url in c.redis_urls() {
-                if let Err(e) = redis::Client::open(url) {
-                    return bad("cluster.redis_url", &e.to_string());
-                }
-            }
-            if c.key_prefix.contains(['{', '}']) {
-                return bad(
-                    "cluster.key_prefix",
-                    "must not contain '{' or '}' (the keys carry their own hash tags)",
-                );
-            }
-            if c.heartbeat_interval.is_zero() {
-                return bad("cluster.heartbeat_interval", "must be greater than 0");
-            }
-            if c.node_ttl < c.heartbeat_interval * 2 {
-                return bad(
-                    "cluster.node_ttl",
-                    "must be at least twice cluster.heartbeat_interval",
-                );
-            }
-            if c.channels == 0 {
-                return bad("cluster.channels", "must be at least 1");
-            }
-        }
-        validate_ops(self)
+        RULES.iter().try_for_each(|rule| rule.check(self))
     }
 
     /// Worker count after resolving 0 to the number of cores.
     pub fn worker_count(&self) -> usize {
         resolve_threads(self.server.workers)
     }
+}
+
+/// A check of [`Settings`] that serde cannot express, naming its key.
+enum Rule {
+    /// `key` is refused with `why` when `bad` holds.
+    Fixed {
+        key: &'static str,
+        bad: fn(&Settings) -> bool,
+        why: &'static str,
+    },
+    /// Every entry of the list `key` must pass `entry` (the error names the
+    /// entry's index).
+    Entries {
+        key: &'static str,
+        list: fn(&Settings) -> &[String],
+        entry: fn(&str) -> Result<(), String>,
+    },
+    /// `key` is refused with the message `verdict` returns.
+    Computed {
+        key: &'static str,
+        verdict: fn(&Settings) -> Result<(), String>,
+    },
+}
+
+impl Rule {
+    fn check(&self, s: &Settings) -> Result<(), Invalid> {
+        match *self {
+            Rule::Fixed { key, bad, why } if bad(s) => Err(Invalid::new(key, why)),
+            Rule::Fixed { .. } => Ok(()),
+            Rule::Entries { key, list, entry } => {
+                list(s).iter().enumerate().try_for_each(|(i, e)| {
+                    entry(e).map_err(|why| Invalid::new(format!("{key}[{i}]"), why))
+                })
+            }
+            Rule::Computed { key, verdict } => verdict(s).map_err(|why| Invalid::new(key, why)),
+        }
+    }
+}
+
+const GREATER_THAN_0: &str = "must be greater than 0";
+const AT_LEAST_1: &str = "must be at least 1";
+const NUMBER_AT_LEAST_0: &str = "must be a number >= 0";
+
+/// Every check of [`Settings::check`], in the order they are made (the
+/// first that fails is reported).
+const RULES: &[Rule] = &[
+    Rule::Fixed {
+        key: "websocket.heartbeat_interval",
+        bad: |s| s.websocket.heartbeat_interval.is_zero(),
+        why: GREATER_THAN_0,
+    },
+    Rule::Fixed {
+        key: "websocket.client_timeout",
+        bad: |s| s.websocket.client_timeout < s.websocket.heartbeat_interval * 2,
+        why: "must be at least twice websocket.heartbeat_interval",
+    },
+    Rule::Fixed {
+        key: "websocket.max_message_bytes",
+        bad: |s| s.websocket.max_message_bytes < 64,
+        why: "must be at least 64",
+    },
+    Rule::Fixed {
+        key: "websocket.max_links_per_subscribe",
+        bad: |s| s.websocket.max_links_per_subscribe == 0,
+        why: AT_LEAST_1,
+    },
+    Rule::Fixed {
+        key: "events.keepalive_interval",
+        bad: |s| !within(s.events.keepalive_interval, 600),
+        why: "must be between 1ms and 10min",
+    },
+    Rule::Fixed {
+        key: "events.retry",
+        bad: |s| s.events.retry > Duration::from_secs(3600),
+        why: "must be at most 1h",
+    },
+    Rule::Fixed {
+        key: "admin.token",
+        bad: |s| {
+            s.admin
+                .token
+                .get()
+                .is_some_and(|t| t.len() < 16 || !t.bytes().all(|b| b.is_ascii_graphic()))
+        },
+        why: "must be at least 16 printable characters without spaces (or empty for none)",
+    },
+    Rule::Fixed {
+        key: "counter.delivery_budget",
+        bad: |s| s.counter.delivery_budget == 0,
+        why: AT_LEAST_1,
+    },
+    Rule::Fixed {
+        key: "websocket.close_timeout",
+        bad: |s| !within(s.websocket.close_timeout, 60),
+        why: "must be between 1ms and 60s",
+    },
+    Rule::Fixed {
+        key: "storage.snapshot_interval",
+        bad: |s| s.storage.snapshot_interval.is_zero(),
+        why: GREATER_THAN_0,
+    },
+    Rule::Fixed {
+        key: "counter.broadcast_interval",
+        bad: |s| s.counter.broadcast_interval.is_zero(),
+        why: GREATER_THAN_0,
+    },
+    Rule::Fixed {
+        key: "counter.sweep_interval",
+        bad: |s| s.counter.sweep_interval.is_zero(),
+        why: GREATER_THAN_0,
+    },
+    Rule::Fixed {
+        key: "room.idle_timeout",
+        bad: |s| s.room.idle_timeout.is_zero(),
+        why: GREATER_THAN_0,
+    },
+    Rule::Fixed {
+        key: "room.storage_ttl",
+        bad: |s| s.room.storage_ttl.is_zero(),
+        why: GREATER_THAN_0,
+    },
+    Rule::Fixed {
+        key: "storage.stats_retention",
+        bad: |s| s.storage.stats_retention.is_zero(),
+        why: GREATER_THAN_0,
+    },
+    Rule::Fixed {
+        key: "server.shutdown_timeout",
+        bad: |s| s.server.shutdown_timeout.is_zero(),
+        why: GREATER_THAN_0,
+    },
+    Rule::Fixed {
+        key: "storage.history_minutes",
+        bad: |s| {
+            s.storage.history_minutes < Duration::from_secs(3600)
+                || s.storage.history_minutes > s.storage.history_hours
+        },
+        why: "must be at least 1h and at most storage.history_hours",
+    },
+    Rule::Fixed {
+        key: "storage.history_hours",
+        bad: |s| s.storage.history_hours > Duration::from_secs(400 * 86_400),
+        why: "must be at most 400days",
+    },
+    // actix-http measures this deadline on a clock that ticks every 500 ms;
+    // shorter values would refuse every request with 408.
+    Rule::Fixed {
+        key: "limits.handshake_timeout",
+        bad: |s| s.limits.handshake_timeout < Duration::from_secs(1),
+        why: "must be at least 1s",
+    },
+    Rule::Fixed {
+        key: "limits.messages_per_second",
+        bad: |s| !non_negative(s.limits.messages_per_second),
+        why: NUMBER_AT_LEAST_0,
+    },
+    Rule::Fixed {
+        key: "limits.burst",
+        bad: |s| s.limits.messages_per_second > 0.0 && s.limits.burst < 1.0,
+        why: AT_LEAST_1,
+    },
+    Rule::Fixed {
+        key: "limits.connections_per_ip_per_second",
+        bad: |s| !non_negative(s.limits.connections_per_ip_per_second),
+        why: NUMBER_AT_LEAST_0,
+    },
+    Rule::Fixed {
+        key: "limits.connections_per_ip_burst",
+        bad: |s| {
+            s.limits.connections_per_ip_per_second > 0.0 && s.limits.connections_per_ip_burst < 1.0
+        },
+        why: AT_LEAST_1,
+    },
+    Rule::Fixed {
+        key: "limits.flood_strikes",
+        bad: |s| s.limits.flood_strikes == 0,
+        why: AT_LEAST_1,
+    },
+    Rule::Fixed {
+        key: "limits.max_rooms",
+        bad: |s| s.limits.max_rooms == 0,
+        why: AT_LEAST_1,
+    },
+    Rule::Fixed {
+        key: "limits.max_pages",
+        bad: |s| s.limits.max_pages < s.limits.max_rooms,
+        why: "must be at least limits.max_rooms",
+    },
+    Rule::Entries {
+        key: "security.allowed_origins",
+        list: |s| &s.security.allowed_origins,
+        entry: check_origin,
+    },
+    Rule::Entries {
+        key: "security.bot_user_agents",
+        list: |s| &s.security.bot_user_agents,
+        entry: check_bot_token,
+    },
+    Rule::Fixed {
+        key: "storage.path",
+        bad: |s| s.storage.path.as_os_str().is_empty(),
+        why: "must not be empty",
+    },
+    Rule::Fixed {
+        key: "storage.cache_capacity",
+        bad: |s| s.storage.cache_capacity < 1 << 20,
+        why: "must be at least 1048576 (1 MiB)",
+    },
+    Rule::Fixed {
+        key: "storage.max_records",
+        bad: |s| s.storage.max_records == 0,
+        why: AT_LEAST_1,
+    },
+    // The cluster's settings matter only when it is on.
+    Rule::Computed {
+        key: "cluster.redis_url",
+        verdict: |s| {
+            if !s.cluster.enabled() {
+                return Ok(());
+            }
+            s.cluster.redis_urls().into_iter().try_for_each(|url| {
+                redis::Client::open(url)
+                    .map(drop)
+                    .map_err(|e| e.to_string())
+            })
+        },
+    },
+    Rule::Fixed {
+        key: "cluster.key_prefix",
+        bad: |s| s.cluster.enabled() && s.cluster.key_prefix.contains(['{', '}']),
+        why: "must not contain '{' or '}' (the keys carry their own hash tags)",
+    },
+    Rule::Fixed {
+        key: "cluster.heartbeat_interval",
+        bad: |s| s.cluster.enabled() && s.cluster.heartbeat_interval.is_zero(),
+        why: GREATER_THAN_0,
+    },
+    Rule::Fixed {
+        key: "cluster.node_ttl",
+        bad: |s| s.cluster.enabled() && s.cluster.node_ttl < s.cluster.heartbeat_interval * 2,
+        why: "must be at least twice cluster.heartbeat_interval",
+    },
+    Rule::Fixed {
+        key: "cluster.channels",
+        bad: |s| s.cluster.enabled() && s.cluster.channels == 0,
+        why: AT_LEAST_1,
+    },
+    Rule::Computed {
+        key: "admin.bind",
+        verdict: |s| {
+            let bind = s.admin.bind.trim();
+            if bind.is_empty() || bind.parse::<SocketAddr>().is_ok() {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{bind:?} is not an address:port (use \"\" for no admin listener)"
+                ))
+            }
+        },
+    },
+    Rule::Computed {
+        key: "log.filter",
+        verdict: |s| {
+            tracing_subscriber::EnvFilter::try_new(&s.log.filter)
+                .map(drop)
+                .map_err(|e| e.to_string())
+        },
+    },
+];
+
+/// `d` is more than zero and at most `max_secs` seconds.
+fn within(d: Duration, max_secs: u64) -> bool {
+    !d.is_zero() && d <= Duration::from_secs(max_secs)
+}
+
+/// `x` is a finite number, zero or more.
+fn non_negative(x: f64) -> bool {
+    x >= 0.0 && x.is_finite()
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -581,22 +701,6 @@ pub struct LogSettings {
     pub filter: String,
 }
 
-/// Checks of the `[admin]` and `[log]` sections; each error names its key.
-fn validate_ops(s: &Settings) -> Result<(), Invalid> {
-    let bad = |key: &str, why: String| Err(Invalid::new(key, why));
-    let bind = s.admin.bind.trim();
-    if !bind.is_empty() && bind.parse::<SocketAddr>().is_err() {
-        return bad(
-            "admin.bind",
-            format!("{bind:?} is not an address:port (use \"\" for no admin listener)"),
-        );
-    }
-    if let Err(e) = tracing_subscriber::EnvFilter::try_new(&s.log.filter) {
-        return bad("log.filter", e.to_string());
-    }
-    Ok(())
-}
-
 fn resolve_threads(n: usize) -> usize {
     if n > 0 {
         n
@@ -621,6 +725,133 @@ impl Invalid {
     }
 }
 
+/// The embedded defaults as a table: every setting, with its value.
+fn defaults() -> &'static toml::Table {
+    static DEFAULTS: OnceLock<toml::Table> = OnceLock::new();
+    DEFAULTS.get_or_init(|| {
+        toml::from_str(DEFAULT_TOML).unwrap_or_else(|e| {
+            // Compiled in and read by every test: cannot fail in a build
+            // that passed them.
+            unreachable!("config/default.toml is not valid TOML: {e}")
+        })
+    })
+}
+
+/// The default value of `section.key`, if it is a setting.
+fn default_of(key: &str) -> Option<&'static toml::Value> {
+    let (section, key) = key.split_once('.')?;
+    defaults().get(section)?.get(key)
+}
+
+/// Lays `layer` over `base`: tables are merged key by key, anything else
+/// (lists included) replaces the value below.
+fn merge(base: &mut toml::Table, layer: toml::Table) {
+    for (key, value) in layer {
+        match (base.get_mut(&key), value) {
+            (Some(toml::Value::Table(below)), toml::Value::Table(above)) => merge(below, above),
+            (_, value) => {
+                base.insert(key, value);
+            }
+        }
+    }
+}
+
+/// A file's values, each converted to its setting's type where that is
+/// lossless (see [`coerce`]).
+fn typed_like_defaults(mut file: toml::Table) -> toml::Table {
+    for (section, value) in file.iter_mut() {
+        let (Some(toml::Value::Table(known)), toml::Value::Table(given)) =
+            (defaults().get(section), value)
+        else {
+            continue;
+        };
+        for (key, value) in given.iter_mut() {
+            if let Some(default) = known.get(key) {
+                *value = coerce(
+                    default,
+                    std::mem::replace(value, toml::Value::Boolean(false)),
+                );
+            }
+        }
+    }
+    file
+}
+
+/// Sets `section.key` (a known setting) to an environment variable's text,
+/// typed after the setting's default: a list is split at commas, a number or
+/// boolean parsed when it parses (otherwise the text stays, and serde's error
+/// names the expected type).
+fn set_from_env(merged: &mut toml::Table, key: &str, text: String) {
+    let value = match default_of(key) {
+        Some(toml::Value::Array(_)) => toml::Value::Array(
+            text.split(',')
+                .map(|entry| toml::Value::String(entry.to_owned()))
+                .collect(),
+        ),
+        Some(default) => coerce(default, toml::Value::String(text)),
+        None => toml::Value::String(text),
+    };
+    let Some((section, name)) = key.split_once('.') else {
+        return;
+    };
+    if let Some(toml::Value::Table(table)) = merged.get_mut(section) {
+        table.insert(name.to_owned(), value);
+    }
+}
+
+/// `value` as the type of `default` where the conversion is lossless: a
+/// number or boolean written as text (`"8"`, `"TRUE"`), or a number or
+/// boolean given for a text setting. Anything else is left for serde to refuse.
+fn coerce(default: &toml::Value, value: toml::Value) -> toml::Value {
+    use toml::Value as V;
+    match (default, value) {
+        (V::Boolean(_), V::String(s)) => match s.trim().to_ascii_lowercase().parse() {
+            Ok(b) => V::Boolean(b),
+            Err(_) => V::String(s),
+        },
+        (V::Integer(_) | V::Float(_), V::String(s)) => {
+            if let Ok(i) = s.trim().parse() {
+                V::Integer(i)
+            } else if let Ok(x) = s.trim().parse() {
+                V::Float(x)
+            } else {
+                V::String(s)
+            }
+        }
+        (V::String(_), V::Integer(i)) => V::String(i.to_string()),
+        (V::String(_), V::Float(x)) => V::String(x.to_string()),
+        (V::String(_), V::Boolean(b)) => V::String(b.to_string()),
+        (_, value) => value,
+    }
+}
+
+/// A setting holding a duration (its default is one, e.g. `"15s"`).
+fn is_duration(key: &str) -> bool {
+    default_of(key)
+        .and_then(toml::Value::as_str)
+        .is_some_and(|d| humantime::parse_duration(d).is_ok())
+}
+
+/// A path of serde_path_to_error as a setting's name: `section.key`, with
+/// `[i]` for a list entry.
+fn path_name(path: &serde_path_to_error::Path) -> String {
+    let mut name = String::new();
+    for segment in path.iter() {
+        match segment {
+            serde_path_to_error::Segment::Seq { index } => name.push_str(&format!("[{index}]")),
+            serde_path_to_error::Segment::Map { key }
+            | serde_path_to_error::Segment::Enum { variant: key } => {
+                if !name.is_empty() {
+                    name.push('.');
+                }
+                name.push_str(key);
+            }
+            serde_path_to_error::Segment::Unknown => name.push_str(".?"),
+        }
+    }
+    name
+}
+
 /// Where the values of a load came from, to say where a bad one was set.
 #[derive(Default)]
 struct Sources {
@@ -631,19 +862,26 @@ struct Sources {
 }
 
 impl Sources {
-    /// " (from environment variable X)", " (in FILE, line N)", or "" for a default.
+    /// " (from environment variable X)", " (in FILE, line N)", or, for a
+    /// default, " (the default; …)" naming the variable that overrides it.
     fn origin(&self, key: &str) -> String {
         let base = key.split('[').next().unwrap_or(key);
         if let Some(var) = self.env.get(base) {
             return format!(" (from environment variable {var})");
         }
-        match &self.file {
-            Some((path, text)) => match toml_line(text, base) {
-                Some(n) => format!(" (in {}, line {n})", path.display()),
-                None => String::new(),
-            },
-            None => String::new(),
+        if let Some((path, text)) = &self.file {
+            if let Some(n) = toml_line(text, key) {
+                return format!(" (in {}, line {n})", path.display());
+            }
         }
+        if default_of(base).is_some() {
+            let var = format!(
+                "{ENV_SETTING_PREFIX}{}",
+                base.replace('.', "__").to_uppercase()
+            );
+            return format!(" (the default; set it in the config file or with {var})");
+        }
+        String::new()
     }
 
     /// The error of a setting that failed a check.
@@ -655,44 +893,52 @@ impl Sources {
         ))
     }
 
-    /// Rewrites an error of the `config` crate ("MESSAGE for key `KEY`")
-    /// as "KEY: MESSAGE (where it was set)", with a hint where there is one.
-    fn explain(&self, e: &config::ConfigError) -> ConfigError {
-        let message = e.to_string();
-        let (body, key) = match message.rsplit_once(" for key `") {
-            Some((body, rest)) if rest.ends_with('`') => {
-                (body, Some(rest.trim_end_matches('`').to_owned()))
-            }
-            _ => (message.as_str(), None),
+    /// The error of a value serde refused: the setting (with a list entry's
+    /// index), serde's message (the expected type), where it was set, and
+    /// how durations and lists are written.
+    fn explain(&self, e: &serde_path_to_error::Error<toml::de::Error>) -> ConfigError {
+        let key = path_name(e.path());
+        let whole = !key.contains('[');
+        let hint = if whole && is_duration(&key) {
+            DURATION_HINT
+        } else if whole && matches!(default_of(&key), Some(toml::Value::Array(_))) {
+            "; write a list: [\"a\", \"b\"] in a file, a,b in an environment variable"
+        } else {
+            ""
         };
-        if let Some(rest) = body.strip_prefix("unknown field `") {
-            let field = rest.split('`').next().unwrap_or_default();
-            let full = match &key {
-                Some(k) => format!("{k}.{field}"),
-                None => field.to_owned(),
+        let message = e.inner().message().trim_end();
+        if key.is_empty() {
+            return ConfigError(format!("invalid configuration: {message}"));
+        }
+        let origin = self.origin(&key);
+        ConfigError(format!(
+            "invalid configuration: {key}: {message}{origin}{hint}"
+        ))
+    }
+
+    /// Refuses a file section or key that is no setting, naming its line
+    /// and the nearest setting.
+    fn refuse_unknown_keys(&self, file: &toml::Table) -> Result<(), ConfigError> {
+        for (section, value) in file {
+            let names: Vec<String> = match (defaults().get(section), value) {
+                (None, _) => vec![section.clone()],
+                (Some(toml::Value::Table(known)), toml::Value::Table(given)) => given
+                    .keys()
+                    .filter(|key| !known.contains_key(*key))
+                    .map(|key| format!("{section}.{key}"))
+                    .collect(),
+                // A section given as a value: serde says what it expects.
+                _ => Vec::new(),
             };
-            let origin = self.origin(&full);
-            return ConfigError(format!(
-                "invalid configuration: {full}: not a setting{origin}{}",
-                setting_hint(&full)
-            ));
-        }
-        match key {
-            Some(key) => {
-                let hint = if body.contains("expected a duration") {
-                    DURATION_HINT
-                } else if body.contains("expected a sequence") {
-                    "; write a list: [\"a\", \"b\"] in a file, a,b in an environment variable"
-                } else {
-                    ""
-                };
-                let origin = self.origin(&key);
-                ConfigError(format!(
-                    "invalid configuration: {key}: {body}{origin}{hint}"
-                ))
+            if let Some(full) = names.first() {
+                return Err(ConfigError(format!(
+                    "invalid configuration: {full}: not a setting{}{}",
+                    self.origin(full),
+                    setting_hint(full)
+                )));
             }
-            None => ConfigError(format!("invalid configuration: {body}")),
         }
+        Ok(())
     }
 }
 
@@ -751,24 +997,11 @@ pub fn env_warnings<S: AsRef<str>>(names: impl IntoIterator<Item = S>) -> Vec<St
 fn known_settings() -> &'static [(String, String)] {
     static KNOWN: OnceLock<Vec<(String, String)>> = OnceLock::new();
     KNOWN.get_or_init(|| {
-        let Ok(defaults) = config::Config::builder()
-            .add_source(config::File::from_str(
-                DEFAULT_TOML,
-                config::FileFormat::Toml,
-            ))
-            .build()
-        else {
-            return Vec::new();
-        };
-        let Ok(sections) = defaults.try_deserialize::<config::Map<String, config::Value>>() else {
-            return Vec::new();
-        };
-        let mut known = Vec::new();
-        for (section, value) in sections {
-            if let Ok(table) = value.into_table() {
-                known.extend(table.into_keys().map(|key| (section.clone(), key)));
-            }
-        }
+        let mut known: Vec<(String, String)> = defaults()
+            .iter()
+            .filter_map(|(section, value)| Some((section, value.as_table()?)))
+            .flat_map(|(section, table)| table.keys().map(|key| (section.clone(), key.clone())))
+            .collect();
         known.sort();
         known
     })
@@ -823,24 +1056,6 @@ fn compact(s: &str) -> String {
         .collect()
 }
 
-/// Edit distance (insertions, deletions, substitutions).
-fn distance(a: &str, b: &str) -> usize {
-    let b: Vec<char> = b.chars().collect();
-    let mut row: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.chars().enumerate() {
-        let mut prev = row[0];
-        row[0] = i + 1;
-        for (j, cb) in b.iter().enumerate() {
-            let next = (prev + usize::from(ca != *cb))
-                .min(row[j] + 1)
-                .min(row[j + 1] + 1);
-            prev = row[j + 1];
-            row[j + 1] = next;
-        }
-    }
-    row[b.len()]
-}
-
 /// The one candidate close to `word` (same letters ignoring case and
 /// underscores, or a small edit away), if there is exactly one.
 fn nearest<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
@@ -849,7 +1064,7 @@ fn nearest<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) -> Opt
     let mut best: Option<(usize, &str)> = None;
     let mut tie = false;
     for c in candidates {
-        let d = distance(&word, &compact(c));
+        let d = strsim::levenshtein(&word, &compact(c));
         match best {
             Some((b, _)) if d > b => {}
             Some((b, _)) if d == b => tie = true,
@@ -905,87 +1120,72 @@ fn setting_hint(full: &str) -> String {
     }
 }
 
-/// The line (1-based) of `key` (`section.key` or `section`) in a TOML text:
-/// under its `[section]` header, as a dotted key, or the section's inline
-/// table. Best effort, for messages only.
+/// The line (1-based) where a TOML text sets `key` (`section`,
+/// `section.key`, or a list entry `section.key[i]`), from the parser's
+/// spans: the key under its `[section]` header, as a dotted key or in an
+/// inline table, or the entry's own line. `None` when the text does not set it.
 fn toml_line(text: &str, key: &str) -> Option<usize> {
-    let key = key.to_ascii_lowercase();
-    let section = key.split('.').next().unwrap_or(&key);
-    let is_key = |s: &str| {
-        !s.is_empty()
-            && s.chars()
-                .all(|c| c.is_ascii_alphanumeric() || "_-.\"' ".contains(c))
+    let document = toml::de::DeTable::parse(text).ok()?;
+    let (names, index) = match key.split_once('[') {
+        Some((names, rest)) => (names, rest.trim_end_matches(']').parse::<usize>().ok()),
+        None => (key, None),
     };
-    let normalize = |s: &str| {
-        s.split('.')
-            .map(|p| p.trim().trim_matches(['"', '\'']).to_ascii_lowercase())
-            .collect::<Vec<_>>()
-            .join(".")
-    };
-    let mut table = String::new();
-    for (i, line) in text.lines().enumerate() {
-        let t = line.trim();
-        if let Some(header) = t.strip_prefix('[') {
-            let header = header.trim_start_matches('[');
-            table = normalize(header.split(']').next().unwrap_or_default());
-            if table == key {
-                return Some(i + 1);
-            }
-            continue;
+    let mut table = document.get_ref();
+    let mut found: Option<(std::ops::Range<usize>, &toml::de::DeValue<'_>)> = None;
+    for name in names.split('.') {
+        if let Some((_, value)) = &found {
+            let toml::de::DeValue::Table(inner) = value else {
+                return None;
+            };
+            table = inner;
         }
-        let Some((lhs, rhs)) = t.split_once('=') else {
-            continue;
-        };
-        if !is_key(lhs) {
-            continue;
-        }
-        let lhs = normalize(lhs);
-        let full = if table.is_empty() {
-            lhs
-        } else {
-            format!("{table}.{lhs}")
-        };
-        let inline_section = full == section && rhs.trim_start().starts_with('{');
-        if full == key || full.starts_with(&format!("{key}.")) || inline_section {
-            return Some(i + 1);
+        let (k, v) = table.iter().find(|(k, _)| k.get_ref().as_ref() == name)?;
+        found = Some((k.span(), v.get_ref()));
+    }
+    let (mut span, value) = found?;
+    if let (Some(i), toml::de::DeValue::Array(entries)) = (index, value) {
+        if let Some(entry) = entries.get(i) {
+            span = entry.span();
         }
     }
-    None
+    Some(line_and_column(text, span.start).0)
 }
 
-/// A TOML syntax error of the config file, with its name, line and column
-/// (from the parser's "TOML parse error at line L, column C" and excerpt).
-fn toml_syntax_error(path: &Path, message: &str) -> ConfigError {
-    let mut lines = message.lines();
-    let position = lines
-        .next()
-        .and_then(|l| l.trim().strip_prefix("TOML parse error at "))
-        .map(str::to_owned);
-    let (mut excerpt, mut description) = (Vec::new(), Vec::new());
-    for line in lines {
-        let t = line.trim_start();
-        let numbered = t.split_once('|').is_some_and(|(n, _)| {
-            n.trim().is_empty() || n.trim().bytes().all(|b| b.is_ascii_digit())
-        });
-        if numbered {
-            excerpt.push(line);
-        } else if !t.is_empty() {
-            description.push(t);
-        }
-    }
-    match position {
-        Some(position) if !description.is_empty() => ConfigError(format!(
-            "invalid configuration: {}, {position}: {} (TOML syntax)\n{}",
-            path.display(),
-            description.join("; "),
-            excerpt.join("\n")
-        )),
-        _ => ConfigError(format!(
-            "invalid configuration: {}: {}",
-            path.display(),
-            message.trim_end()
-        )),
-    }
+/// The line and column (both 1-based, the column in characters) of a byte
+/// offset of `text`.
+fn line_and_column(text: &str, offset: usize) -> (usize, usize) {
+    let before = text.get(..offset).unwrap_or(text);
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    (
+        before.matches('\n').count() + 1,
+        before[line_start..].chars().count() + 1,
+    )
+}
+
+/// A TOML syntax error of the config file: its name, the line and column
+/// (from the parser's span), what is wrong, and the line with a caret.
+fn toml_syntax_error(path: &Path, text: &str, e: &toml::de::Error) -> ConfigError {
+    let message = e.message().trim_end();
+    let Some(span) = e.span() else {
+        return ConfigError(format!(
+            "invalid configuration: {}: {message} (TOML syntax)",
+            path.display()
+        ));
+    };
+    let (line, column) = line_and_column(text, span.start);
+    let content = text.lines().nth(line - 1).unwrap_or_default();
+    let gutter = " ".repeat(line.to_string().len() + 1);
+    let width = text
+        .get(span.clone())
+        .map_or(1, |s| s.chars().count())
+        .clamp(1, content.chars().count().saturating_sub(column - 1).max(1));
+    ConfigError(format!(
+        "invalid configuration: {}, line {line}, column {column}: {message} (TOML syntax)\n\
+         {gutter}|\n{line} | {content}\n{gutter}| {}{}",
+        path.display(),
+        " ".repeat(column - 1),
+        "^".repeat(width)
+    ))
 }
 
 /// The hint for a list entry that is really a whole list (JSON or TOML
@@ -1148,11 +1348,22 @@ pub fn parse_proxy(entry: &str) -> Result<ipnet::IpNet, String> {
     Err(format!("{entry:?} is not an IP network{hint}"))
 }
 
+/// One `security.trusted_proxies` entry, parsed by [`parse_proxy`] (so that
+/// an error's path names the entry's index).
+struct Proxy(ipnet::IpNet);
+
+impl<'de> Deserialize<'de> for Proxy {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let entry = String::deserialize(d)?;
+        parse_proxy(&entry).map(Proxy).map_err(D::Error::custom)
+    }
+}
+
 fn deserialize_proxies<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<ipnet::IpNet>, D::Error> {
-    Vec::<String>::deserialize(d)?
-        .iter()
-        .map(|p| parse_proxy(p).map_err(D::Error::custom))
-        .collect()
+    Ok(Vec::<Proxy>::deserialize(d)?
+        .into_iter()
+        .map(|Proxy(net)| net)
+        .collect())
 }
 
 /// A list of strings, each trimmed, where one empty entry (what an empty
@@ -1207,8 +1418,8 @@ mod tests {
         );
         assert_eq!(var("LINK_COUNTER_WHATEVER"), None);
         assert_eq!(var("LINK_COUNTER_"), None);
-        assert_eq!(distance("kitten", "sitting"), 3);
-        assert_eq!(distance("", "abc"), 3);
+        assert_eq!(nearest("bnd", ["bind", "workers"]), Some("bind"));
+        assert_eq!(nearest("b", ["a", "c"]), None, "a tie suggests nothing");
     }
 
     #[test]
@@ -1239,7 +1450,7 @@ mod tests {
         assert!(e.0.contains("bind, shutdown_timeout, workers"), "{e}");
         let e = load(&[("LINK_COUNTER__", "x")]).expect_err("empty");
         assert!(e.0.contains("not a setting"), "{e}");
-        // Case of the section and key does not matter (as in the config crate).
+        // Case of the section and key does not matter in a variable.
         assert!(load(&[("LINK_COUNTER__server__workers", "3")]).is_ok());
     }
 
@@ -1364,8 +1575,9 @@ mod tests {
 
     #[test]
     fn toml_syntax_errors_name_the_file_line_and_column() {
-        let message = "TOML parse error at line 3, column 11\n  |\n3 | workers = = 3\n  |           ^\nextra `=`, expected nothing\n";
-        let e = toml_syntax_error(Path::new("/etc/lc.toml"), message);
+        let text = "[server]\nbind = \"127.0.0.1:0\"\nworkers = = 3\n";
+        let e = toml::from_str::<toml::Table>(text).expect_err("syntax");
+        let e = toml_syntax_error(Path::new("/etc/lc.toml"), text, &e);
         let mut lines = e.0.lines();
         assert_eq!(
             lines.next(),
@@ -1374,8 +1586,59 @@ mod tests {
                  expected nothing (TOML syntax)"
             )
         );
-        assert!(e.0.contains("3 | workers = = 3"), "{e}");
-        let e = toml_syntax_error(Path::new("x.toml"), "something else");
-        assert_eq!(e.0, "invalid configuration: x.toml: something else");
+        assert_eq!(
+            lines.collect::<Vec<_>>(),
+            ["  |", "3 | workers = = 3", "  |           ^"]
+        );
+    }
+
+    /// A value refused by serde names the key, the expected type, where it
+    /// was set (file line, variable, or the default), and how to write it.
+    #[test]
+    fn type_errors_name_the_key_the_type_and_the_source() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let file = dir.path().join("lc.toml");
+        std::fs::write(
+            &file,
+            "[server]\nworkers = \"many\"\n\n[websocket]\nheartbeat_interval = \"soon\"\n",
+        )
+        .expect("write");
+        let env = vec![(
+            "LINK_COUNTER__STORAGE__PATH".to_owned(),
+            "/nonexistent/lc".to_owned(),
+        )];
+        let e = Settings::load_from(Some(&file), env.clone()).expect_err("workers");
+        assert!(e.0.starts_with("invalid configuration: server.workers: invalid type: string \"many\", expected usize"), "{e}");
+        assert!(
+            e.0.contains(&format!("(in {}, line 2)", file.display())),
+            "{e}"
+        );
+        std::fs::write(&file, "[websocket]\nheartbeat_interval = \"soon\"\n").expect("write");
+        let e = Settings::load_from(Some(&file), env.clone()).expect_err("duration");
+        assert!(e.0.contains("websocket.heartbeat_interval"), "{e}");
+        assert!(
+            e.0.contains("line 2") && e.0.ends_with(DURATION_HINT),
+            "{e}"
+        );
+        let e = load(&[("LINK_COUNTER__LIMITS__BURST", "lots")]).expect_err("burst");
+        assert!(e.0.contains("limits.burst: invalid type: string \"lots\", expected f64 (from environment variable LINK_COUNTER__LIMITS__BURST)"), "{e}");
+        let e =
+            load(&[("LINK_COUNTER__WEBSOCKET__HEARTBEAT_INTERVAL", "1m")]).expect_err("default");
+        assert!(e.0.contains("websocket.client_timeout: must be at least twice websocket.heartbeat_interval (the default; set it in the config file or with LINK_COUNTER__WEBSOCKET__CLIENT_TIMEOUT)"), "{e}");
+        std::fs::write(&file, "[security]\nallowed_origins = [\n  \"https://a.example\",\n  \"https://b.example/\",\n]\n").expect("write");
+        let e = Settings::load_from(Some(&file), env.clone()).expect_err("entry");
+        assert!(
+            e.0.contains("security.allowed_origins[1]") && e.0.contains("line 4"),
+            "{e}"
+        );
+        std::fs::write(
+            &file,
+            "[web]\ndemo = \"FALSE\"\n[admin]\ntoken = 1234567890123456789\n",
+        )
+        .expect("write");
+        let s =
+            Settings::load_from(Some(&file), env).expect("text for a boolean, a number for a text");
+        assert!(!s.web.demo);
+        assert_eq!(s.admin.token.get(), Some("1234567890123456789"));
     }
 }

@@ -40,8 +40,8 @@ use crate::{
     limits::{client_ip, BotFilter, CapExceeded, ConnLimiter, OriginPolicy, Permit},
     metrics::{connection_refused, Refused, Transport},
     protocol::{
-        code, decode_page_id, parse_stream_query, validate_page_id, ClientMessage, PageId,
-        PageIdError, ProtocolError, Tally,
+        decode_page_id, parse_stream_query, validate_page_id, ClientMessage, CountsBody, ErrorCode,
+        OriginCheckBody, PageId, PageIdError, ProtocolError, Readiness, ReadinessBody, Tally,
     },
     session::{self, SessionContext},
     shard::Shards,
@@ -110,7 +110,7 @@ pub fn error_response(status: StatusCode, error: &ProtocolError) -> HttpResponse
 pub fn counter_unavailable() -> HttpResponse {
     error_response(
         StatusCode::SERVICE_UNAVAILABLE,
-        &ProtocolError::new(code::OVERLOADED, "counter unavailable"),
+        &ProtocolError::new(ErrorCode::Overloaded, "counter unavailable"),
     )
 }
 
@@ -243,7 +243,10 @@ impl Rejection<'_> {
                 tracing::info!(error = %e, "WebSocket handshake failed; upgrade refused");
             }
             Rejection::BadQuery(e) => {
-                tracing::info!(code = e.code, "invalid subscription; event stream refused");
+                tracing::info!(
+                    code = e.code.as_str(),
+                    "invalid subscription; event stream refused"
+                );
             }
             Rejection::ShuttingDown(page) => {
                 tracing::info!(page = %page, "shutting down; upgrade refused");
@@ -664,7 +667,7 @@ impl CountsQuery {
                         "false" => false,
                         _ => {
                             return Err(ProtocolError::new(
-                                code::INVALID_PARAMETER,
+                                ErrorCode::InvalidParameter,
                                 "visitors must be true or false",
                             ))
                         }
@@ -680,7 +683,7 @@ impl CountsQuery {
     fn add(&mut self, id: &str, max: usize) -> Result<(), ProtocolError> {
         if let Err(e) = validate_page_id(id) {
             return Err(ProtocolError::new(
-                code::INVALID_PAGE_ID,
+                ErrorCode::InvalidPageId,
                 format!("{id:?}: {e}"),
             ));
         }
@@ -689,7 +692,7 @@ impl CountsQuery {
         }
         if self.ids.len() > max {
             return Err(ProtocolError::new(
-                code::TOO_MANY_LINKS,
+                ErrorCode::TooManyLinks,
                 format!("at most {max} ids per request"),
             ));
         }
@@ -707,10 +710,10 @@ impl CountsQuery {
         };
         let connections = figure(|t| t.connections);
         if self.visitors {
-            HttpResponse::Ok().json(serde_json::json!({
-                "connections": connections,
-                "visitors": figure(|t| t.visitors),
-            }))
+            HttpResponse::Ok().json(CountsBody {
+                connections,
+                visitors: figure(|t| t.visitors),
+            })
         } else {
             HttpResponse::Ok().json(connections)
         }
@@ -735,11 +738,11 @@ async fn origin_check(req: HttpRequest, state: web::Data<AppState>) -> HttpRespo
         .insert_header((header::ACCESS_CONTROL_ALLOW_ORIGIN, "*"))
         .insert_header((header::CACHE_CONTROL, "no-store"))
         .insert_header((header::VARY, "Origin"))
-        .json(serde_json::json!({
-            "origin": origin,
-            "allowed": allowed,
-            "setting": ORIGINS_SETTING,
-        }))
+        .json(OriginCheckBody {
+            origin,
+            allowed,
+            setting: ORIGINS_SETTING,
+        })
 }
 
 /// `GET /api/v1/pages/{id}`: stats and live count of one page.
@@ -754,7 +757,7 @@ async fn page_info(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse
         Err(e) => {
             return error_response(
                 StatusCode::BAD_REQUEST,
-                &ProtocolError::new(code::INVALID_PAGE_ID, e.to_string()),
+                &ProtocolError::new(ErrorCode::InvalidPageId, e.to_string()),
             )
         }
     };
@@ -778,8 +781,10 @@ async fn healthz() -> HttpResponse {
 /// 200 when storage answers and the counter is not rebuilding; 503 with a reason otherwise.
 async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     let not_ready = |reason: String| {
-        HttpResponse::ServiceUnavailable()
-            .json(serde_json::json!({"status": "unavailable", "reason": reason}))
+        HttpResponse::ServiceUnavailable().json(ReadinessBody {
+            status: Readiness::Unavailable,
+            reason: Some(&reason),
+        })
     };
     if *state.shutdown.borrow() {
         return not_ready("shutting down".into());
@@ -789,15 +794,16 @@ async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     }
     if state.cluster.as_ref().is_some_and(|c| !c.connected()) {
         // Degraded, still serving: local counts live, other nodes' frozen.
-        return HttpResponse::ServiceUnavailable().json(serde_json::json!({
-            "status": "degraded",
-            "reason": "cluster: redis unreachable; serving local counts",
-        }));
+        return HttpResponse::ServiceUnavailable().json(ReadinessBody {
+            status: Readiness::Degraded,
+            reason: Some("cluster: redis unreachable; serving local counts"),
+        });
     }
     match tokio::time::timeout(Duration::from_secs(2), state.counter.send(GetStatus)).await {
-        Ok(Ok(s)) if !s.rebuilding => {
-            HttpResponse::Ok().json(serde_json::json!({"status": "ready"}))
-        }
+        Ok(Ok(s)) if !s.rebuilding => HttpResponse::Ok().json(ReadinessBody {
+            status: Readiness::Ready,
+            reason: None,
+        }),
         Ok(Ok(_)) => not_ready("counter is rebuilding after a restart".into()),
         _ => not_ready("counter not answering".into()),
     }
@@ -898,9 +904,9 @@ mod tests {
         assert_eq!(ids, ["b", "a", "c"]);
         assert!(q.visitors);
         for (query, code) in [
-            ("ids=a,b,c,d", code::TOO_MANY_LINKS),
-            ("id=", code::INVALID_PAGE_ID),
-            ("ids=a&visitors=yes", code::INVALID_PARAMETER),
+            ("ids=a,b,c,d", ErrorCode::TooManyLinks),
+            ("id=", ErrorCode::InvalidPageId),
+            ("ids=a&visitors=yes", ErrorCode::InvalidParameter),
         ] {
             let e = CountsQuery::parse(query, 3).err();
             assert_eq!(e.map(|e| e.code), Some(code), "{query}");

@@ -514,8 +514,8 @@ pub fn message_out() {
 }
 
 /// An `error` message with `code` is sent to a client.
-pub fn error_sent(code: &'static str) {
-    counter!(ERRORS, "code" => code).increment(1);
+pub fn error_sent(code: crate::protocol::ErrorCode) {
+    counter!(ERRORS, "code" => code.as_str()).increment(1);
 }
 
 /// The counter applied a count change.

@@ -1,5 +1,5 @@
-//! Wire types of `shared/PROTOCOL.md` (v1) and the page-id rules. Nothing else
-//! in the crate builds or parses protocol JSON.
+//! Wire types of `docs/PROTOCOL.md` (v1), the HTTP API's bodies, and the
+//! page-id rules. Nothing else in the crate builds or parses protocol JSON.
 
 use std::{collections::BTreeMap, sync::Arc};
 
@@ -68,31 +68,79 @@ pub mod close {
 }
 
 /// The `code` of an `error` message (docs/PROTOCOL.md) and of the HTTP
-/// API's error bodies: the only place they are spelled.
-pub mod code {
+/// API's error bodies: the only place they are spelled ([`ErrorCode::as_str`],
+/// which is also what it serializes to).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorCode {
     /// Not JSON, not an object, or `links` missing or not an array of strings.
-    pub const INVALID_JSON: &str = "invalid_json";
+    InvalidJson,
     /// A message `type` the server does not know.
-    pub const UNKNOWN_TYPE: &str = "unknown_type";
+    UnknownType,
     /// A page id that breaks the page-id rules.
-    pub const INVALID_PAGE_ID: &str = "invalid_page_id";
+    InvalidPageId,
     /// More than `max_links_per_subscribe` ids.
-    pub const TOO_MANY_LINKS: &str = "too_many_links";
+    TooManyLinks,
     /// Over `limits.messages_per_second`: the message is ignored.
-    pub const RATE_LIMITED: &str = "rate_limited";
+    RateLimited,
     /// A cap is reached, or the counter did not answer.
-    pub const OVERLOADED: &str = "overloaded";
+    Overloaded,
     /// HTTP API: a `limit` that is not an integer.
-    pub const INVALID_LIMIT: &str = "invalid_limit";
+    InvalidLimit,
     /// HTTP API: `admin.token` is set and the request does not carry it.
-    pub const UNAUTHORIZED: &str = "unauthorized";
+    Unauthorized,
     /// A `?visitor=` id that breaks the rules: ignored (the connection is its
     /// own visitor); the connection stays open.
-    pub const INVALID_VISITOR: &str = "invalid_visitor";
+    InvalidVisitor,
     /// HTTP API: a query parameter with a value it does not take.
-    pub const INVALID_PARAMETER: &str = "invalid_parameter";
+    InvalidParameter,
     /// HTTP API: a page the server has no record of (its history).
-    pub const UNKNOWN_PAGE: &str = "unknown_page";
+    UnknownPage,
+}
+
+impl ErrorCode {
+    /// Every code.
+    pub const ALL: [ErrorCode; 11] = [
+        ErrorCode::InvalidJson,
+        ErrorCode::UnknownType,
+        ErrorCode::InvalidPageId,
+        ErrorCode::TooManyLinks,
+        ErrorCode::RateLimited,
+        ErrorCode::Overloaded,
+        ErrorCode::InvalidLimit,
+        ErrorCode::Unauthorized,
+        ErrorCode::InvalidVisitor,
+        ErrorCode::InvalidParameter,
+        ErrorCode::UnknownPage,
+    ];
+
+    /// The code as the wire spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::InvalidJson => "invalid_json",
+            ErrorCode::UnknownType => "unknown_type",
+            ErrorCode::InvalidPageId => "invalid_page_id",
+            ErrorCode::TooManyLinks => "too_many_links",
+            ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::Overloaded => "overloaded",
+            ErrorCode::InvalidLimit => "invalid_limit",
+            ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::InvalidVisitor => "invalid_visitor",
+            ErrorCode::InvalidParameter => "invalid_parameter",
+            ErrorCode::UnknownPage => "unknown_page",
+        }
+    }
+}
+
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl Serialize for ErrorCode {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
 }
 
 /// Why a page id was refused.
@@ -168,12 +216,12 @@ pub enum ClientMessage {
 /// An `error` reply: its code and human text.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProtocolError {
-    pub code: &'static str,
+    pub code: ErrorCode,
     pub message: String,
 }
 
 impl ProtocolError {
-    pub fn new(code: &'static str, message: impl Into<String>) -> Self {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
         ProtocolError {
             code,
             message: message.into(),
@@ -195,7 +243,7 @@ impl ProtocolError {
 struct ServerError<'a> {
     #[serde(rename = "type")]
     kind: &'static str,
-    code: &'a str,
+    code: ErrorCode,
     message: &'a str,
 }
 
@@ -203,98 +251,113 @@ struct ServerError<'a> {
 pub fn parse_client_message(text: &str, max_links: usize) -> Result<ClientMessage, ProtocolError> {
     let value: serde_json::Value = serde_json::from_str(text).map_err(|e| {
         ProtocolError::new(
-            code::INVALID_JSON,
+            ErrorCode::InvalidJson,
             format!("message is not valid JSON: {e}"),
         )
     })?;
-    let obj = value
-        .as_object()
-        .ok_or_else(|| ProtocolError::new(code::INVALID_JSON, "message must be a JSON object"))?;
-    let kind = match obj.get("type") {
-        Some(serde_json::Value::String(s)) => s.as_str(),
+    let obj = value.as_object().ok_or_else(|| {
+        ProtocolError::new(ErrorCode::InvalidJson, "message must be a JSON object")
+    })?;
+    match message_type(obj)? {
+        "subscribe" => parse_subscribe(obj, max_links),
+        other => Err(ProtocolError::new(
+            ErrorCode::UnknownType,
+            format!("unknown message type {:?}", truncate(other)),
+        )),
+    }
+}
+
+/// A client message's `"type"`.
+fn message_type(obj: &serde_json::Map<String, serde_json::Value>) -> Result<&str, ProtocolError> {
+    match obj.get("type") {
+        Some(serde_json::Value::String(s)) => Ok(s.as_str()),
+        Some(_) => Err(ProtocolError::new(
+            ErrorCode::UnknownType,
+            "\"type\" must be a string",
+        )),
+        None => Err(ProtocolError::new(
+            ErrorCode::UnknownType,
+            "message has no \"type\"",
+        )),
+    }
+}
+
+/// The fields of a `subscribe`: `links` (required), `visitors` and `site`.
+fn parse_subscribe(
+    obj: &serde_json::Map<String, serde_json::Value>,
+    max_links: usize,
+) -> Result<ClientMessage, ProtocolError> {
+    let links = match obj.get("links") {
+        Some(serde_json::Value::Array(a)) => a,
         Some(_) => {
             return Err(ProtocolError::new(
-                code::UNKNOWN_TYPE,
-                "\"type\" must be a string",
+                ErrorCode::InvalidJson,
+                "\"links\" must be an array of strings",
             ))
         }
         None => {
             return Err(ProtocolError::new(
-                code::UNKNOWN_TYPE,
-                "message has no \"type\"",
+                ErrorCode::InvalidJson,
+                "subscribe needs \"links\"",
             ))
         }
     };
-    match kind {
-        "subscribe" => {
-            let links = match obj.get("links") {
-                Some(serde_json::Value::Array(a)) => a,
-                Some(_) => {
-                    return Err(ProtocolError::new(
-                        code::INVALID_JSON,
-                        "\"links\" must be an array of strings",
-                    ))
-                }
-                None => {
-                    return Err(ProtocolError::new(
-                        code::INVALID_JSON,
-                        "subscribe needs \"links\"",
-                    ))
-                }
-            };
-            let visitors = match obj.get("visitors") {
-                None | Some(serde_json::Value::Bool(false)) => false,
-                Some(serde_json::Value::Bool(true)) => true,
-                Some(_) => {
-                    return Err(ProtocolError::new(
-                        "invalid_json",
-                        "\"visitors\" must be true or false",
-                    ))
-                }
-            };
-            let site = match obj.get("site") {
-                None | Some(serde_json::Value::Bool(false)) => false,
-                Some(serde_json::Value::Bool(true)) => true,
-                Some(_) => {
-                    return Err(ProtocolError::new(
-                        code::INVALID_JSON,
-                        "\"site\" must be true or false",
-                    ))
-                }
-            };
-            let mut out: Vec<PageId> = Vec::with_capacity(links.len().min(max_links));
-            let mut seen = std::collections::HashSet::with_capacity(links.len().min(max_links));
-            for link in links {
-                let s = link.as_str().ok_or_else(|| {
-                    ProtocolError::new(code::INVALID_JSON, "\"links\" must be an array of strings")
-                })?;
-                validate_page_id(s).map_err(|e| {
-                    ProtocolError::new(
-                        code::INVALID_PAGE_ID,
-                        format!("link {:?}: {e}", truncate(s)),
-                    )
-                })?;
-                if seen.insert(s) {
-                    out.push(Arc::from(s));
-                    if out.len() > max_links {
-                        return Err(ProtocolError::new(
-                            code::TOO_MANY_LINKS,
-                            format!("at most {max_links} links per subscribe"),
-                        ));
-                    }
-                }
-            }
-            Ok(ClientMessage::Subscribe {
-                links: out,
-                visitors,
-                site,
-            })
-        }
-        other => Err(ProtocolError::new(
-            code::UNKNOWN_TYPE,
-            format!("unknown message type {:?}", truncate(other)),
+    let visitors = optional_flag(obj, "visitors")?;
+    let site = optional_flag(obj, "site")?;
+    Ok(ClientMessage::Subscribe {
+        links: subscribe_links(links, max_links)?,
+        visitors,
+        site,
+    })
+}
+
+/// An optional boolean field of a message (absent = false).
+fn optional_flag(
+    obj: &serde_json::Map<String, serde_json::Value>,
+    name: &str,
+) -> Result<bool, ProtocolError> {
+    match obj.get(name) {
+        None | Some(serde_json::Value::Bool(false)) => Ok(false),
+        Some(serde_json::Value::Bool(true)) => Ok(true),
+        Some(_) => Err(ProtocolError::new(
+            ErrorCode::InvalidJson,
+            format!("\"{name}\" must be true or false"),
         )),
     }
+}
+
+/// A `subscribe`'s `links`: valid page ids, duplicates removed (order kept),
+/// at most `max_links` of them.
+fn subscribe_links(
+    links: &[serde_json::Value],
+    max_links: usize,
+) -> Result<Vec<PageId>, ProtocolError> {
+    let mut out: Vec<PageId> = Vec::with_capacity(links.len().min(max_links));
+    let mut seen = std::collections::HashSet::with_capacity(links.len().min(max_links));
+    for link in links {
+        let s = link.as_str().ok_or_else(|| {
+            ProtocolError::new(
+                ErrorCode::InvalidJson,
+                "\"links\" must be an array of strings",
+            )
+        })?;
+        validate_page_id(s).map_err(|e| {
+            ProtocolError::new(
+                ErrorCode::InvalidPageId,
+                format!("link {:?}: {e}", truncate(s)),
+            )
+        })?;
+        if seen.insert(s) {
+            out.push(Arc::from(s));
+            if out.len() > max_links {
+                return Err(ProtocolError::new(
+                    ErrorCode::TooManyLinks,
+                    format!("at most {max_links} links per subscribe"),
+                ));
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// The subscription of an event stream, from its query string: `links=`
@@ -313,7 +376,7 @@ pub fn parse_stream_query(
         "true" => Ok(true),
         "false" => Ok(false),
         _ => Err(ProtocolError::new(
-            code::INVALID_PARAMETER,
+            ErrorCode::InvalidParameter,
             format!("{name} must be true or false"),
         )),
     };
@@ -338,7 +401,7 @@ pub fn parse_stream_query(
     for part in raw.split(',').filter(|p| !p.is_empty()) {
         let id = decode_page_id(part).map_err(|e| {
             ProtocolError::new(
-                code::INVALID_PAGE_ID,
+                ErrorCode::InvalidPageId,
                 format!("link {:?}: {e}", truncate(part)),
             )
         })?;
@@ -346,7 +409,7 @@ pub fn parse_stream_query(
             links.push(id);
             if links.len() > max_links {
                 return Err(ProtocolError::new(
-                    code::TOO_MANY_LINKS,
+                    ErrorCode::TooManyLinks,
                     format!("at most {max_links} links per subscribe"),
                 ));
             }
@@ -456,6 +519,81 @@ pub struct HistoryPoint {
     pub connections: u64,
 }
 
+/// Body of `GET /api/v1/counts?…&visitors=1`: both figures of each id
+/// (without `visitors`, the body is the `connections` map alone).
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct CountsBody<'a> {
+    pub connections: BTreeMap<&'a str, u64>,
+    pub visitors: BTreeMap<&'a str, u64>,
+}
+
+/// Body of `/api/v1/origin`: whether the request's `Origin` passes the
+/// upgrade's origin check, and the setting that decides it.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct OriginCheckBody<'a> {
+    /// The request's `Origin` header (`null` when it has none).
+    pub origin: Option<&'a str>,
+    pub allowed: bool,
+    /// The setting to change (`security.allowed_origins`).
+    pub setting: &'static str,
+}
+
+/// Body of `/readyz`: the status, and why when not ready.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct ReadinessBody<'a> {
+    pub status: Readiness,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<&'a str>,
+}
+
+/// The `status` of a [`ReadinessBody`].
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Readiness {
+    /// Serving (200).
+    Ready,
+    /// Not serving: shutting down, storage unusable, counter rebuilding (503).
+    Unavailable,
+    /// Serving local counts while Redis is unreachable (503).
+    Degraded,
+}
+
+/// Body of `GET /api/v1/stats`: totals of this server.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct StatsBody {
+    /// Open connections (WebSocket sessions and event streams).
+    pub connections: usize,
+    /// Distinct visitors among them.
+    pub visitors: u64,
+    pub connections_opened_total: u64,
+    pub rooms: usize,
+    pub pages: usize,
+    pub live_pages: usize,
+    pub subscriptions: usize,
+    pub uptime_seconds: f64,
+}
+
+/// Body of `GET /api/v1/history`: the samples of the last minutes, oldest
+/// first, with the server's clock.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct LoadHistoryBody {
+    pub interval_seconds: u64,
+    pub window_seconds: u64,
+    pub max_samples: usize,
+    /// The server's clock (ms since the Unix epoch), to place the samples.
+    pub now_ms: u64,
+    pub samples: Vec<LoadSample>,
+}
+
+/// One sample of a [`LoadHistoryBody`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct LoadSample {
+    /// When it was taken (ms since the Unix epoch).
+    pub time_ms: u64,
+    /// Open WebSocket connections then.
+    pub connections: usize,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -497,15 +635,45 @@ mod tests {
         assert_eq!(parse_stream_query("visitor=x", 3), Ok(None));
         assert_eq!(parse_stream_query("", 3), Ok(None));
         for (query, code) in [
-            ("links=a,b,c,d", code::TOO_MANY_LINKS),
-            ("links=a%2Fb", code::INVALID_PAGE_ID),
-            ("links=%ZZ", code::INVALID_PAGE_ID),
-            ("links=a&visitors=yes", code::INVALID_PARAMETER),
-            ("links=a&site=1", code::INVALID_PARAMETER),
+            ("links=a,b,c,d", ErrorCode::TooManyLinks),
+            ("links=a%2Fb", ErrorCode::InvalidPageId),
+            ("links=%ZZ", ErrorCode::InvalidPageId),
+            ("links=a&visitors=yes", ErrorCode::InvalidParameter),
+            ("links=a&site=1", ErrorCode::InvalidParameter),
         ] {
             let e = parse_stream_query(query, 3).err();
             assert_eq!(e.map(|e| e.code), Some(code), "{query}");
         }
+    }
+
+    /// The codes keep their wire spelling (docs/PROTOCOL.md), serialized
+    /// as the plain string in an `error` message.
+    #[test]
+    fn error_codes_serialize_to_their_wire_spelling() {
+        let spelled: Vec<&str> = ErrorCode::ALL.iter().map(|c| c.as_str()).collect();
+        assert_eq!(
+            spelled,
+            [
+                "invalid_json",
+                "unknown_type",
+                "invalid_page_id",
+                "too_many_links",
+                "rate_limited",
+                "overloaded",
+                "invalid_limit",
+                "unauthorized",
+                "invalid_visitor",
+                "invalid_parameter",
+                "unknown_page",
+            ]
+        );
+        for code in ErrorCode::ALL {
+            assert_eq!(serde_json::to_string(&code).unwrap(), format!("\"{code}\""));
+        }
+        assert_eq!(
+            ProtocolError::new(ErrorCode::RateLimited, "slow down").to_json(),
+            r#"{"type":"error","code":"rate_limited","message":"slow down"}"#
+        );
     }
 
     #[test]
@@ -533,16 +701,16 @@ mod tests {
         );
         assert_eq!(
             site(r#"{"type":"subscribe","links":[],"site":1}"#),
-            Err(code::INVALID_JSON)
+            Err(ErrorCode::InvalidJson)
         );
         // The site link cannot be asked for as a page.
         assert_eq!(
             site(r#"{"type":"subscribe","links":[""]}"#),
-            Err(code::INVALID_PAGE_ID)
+            Err(ErrorCode::InvalidPageId)
         );
         let flagged = |t: &str| match parse_client_message(t, 256) {
             Ok(ClientMessage::Subscribe { visitors, .. }) => Ok(visitors),
-            Err(e) => Err(e.code),
+            Err(e) => Err(e.code.as_str()),
         };
         assert_eq!(
             flagged(r#"{"type":"subscribe","links":[],"visitors":true}"#),
@@ -560,7 +728,7 @@ mod tests {
             flagged(r#"{"type":"subscribe","links":[],"visitors":"yes"}"#),
             Err("invalid_json")
         );
-        let codes = |t: &str| parse_client_message(t, 2).unwrap_err().code;
+        let codes = |t: &str| parse_client_message(t, 2).unwrap_err().code.as_str();
         assert_eq!(codes("nope"), "invalid_json");
         assert_eq!(codes("[1]"), "invalid_json");
         assert_eq!(codes(r#"{"links":[]}"#), "unknown_type");
@@ -666,7 +834,7 @@ mod tests {
             let distinct: Vec<String> = (0..100_000).map(|i| i.to_string()).collect();
             let text = serde_json::json!({"type": "subscribe", "links": distinct}).to_string();
             assert_eq!(
-                parse_client_message(&text, 256).unwrap_err().code,
+                parse_client_message(&text, 256).unwrap_err().code.as_str(),
                 "too_many_links"
             );
         }

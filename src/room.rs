@@ -28,7 +28,7 @@ use crate::{
         Unsubscribe,
     },
     delivery::{ConnId, End, Mailbox, Update},
-    protocol::{code, PageId, ProtocolError, Tally, SITE_LINK},
+    protocol::{ErrorCode, PageId, ProtocolError, Tally, SITE_LINK},
     storage::{RoomRecord, Storage},
     time::now_ms,
     visitor::{VisitorKey, Visitors},
@@ -441,7 +441,7 @@ impl PageRoom {
                 continue;
             }
             let error = ProtocolError::new(
-                code::OVERLOADED,
+                ErrorCode::Overloaded,
                 format!(
                     "the server tracks the most pages it may; not following {} link(s), e.g. {:?}",
                     dropped.len(),

@@ -65,7 +65,10 @@ pub struct Server {
     shards: Shards,
     /// The database.
     storage: Storage,
-    /// Tells sessions to close with 1001.
+    /// Set when shutdown begins: the HTTP routes refuse new upgrades and
+    /// event streams, and the admin's history sampling stops. Open sessions
+    /// never read it; they are told to close with 1001 through their rooms
+    /// (`CloseAll`, invariant 13).
     shutdown_tx: watch::Sender<bool>,
     /// Open WebSocket sessions.
     active: Arc<AtomicUsize>,

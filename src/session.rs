@@ -42,7 +42,7 @@ use crate::{
     limits::{Permit, TokenBucket},
     metrics::{self as m, CloseKind, Transport},
     protocol::{
-        close, code, parse_client_message, ClientMessage, PageId, ProtocolError, SITE_LINK,
+        close, parse_client_message, ClientMessage, ErrorCode, PageId, ProtocolError, SITE_LINK,
     },
     room::{Join, Leave, SetLinks},
     shard::Shard,
@@ -717,7 +717,7 @@ impl Session {
             ));
         }
         self.reply(ProtocolError::new(
-            code::RATE_LIMITED,
+            ErrorCode::RateLimited,
             format!(
                 "more than {} messages per second; message ignored",
                 limits.messages_per_second

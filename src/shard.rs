@@ -31,7 +31,7 @@ use crate::{
     counter::{Counter, Deliver, Frames, Resync, RoomId, SetShards, ShardLink, ShardRooms, ToRoom},
     delivery::End,
     metrics::RoomEviction,
-    protocol::{close, code, PageId, ProtocolError},
+    protocol::{close, ErrorCode, PageId, ProtocolError},
     room::{
         CloseAll, Join, Leave, PageRoom, ReportState, RoomIdle, SaveRecord, SetLinks, StopRoom,
     },
@@ -266,9 +266,9 @@ impl Handler<Join> for Shard {
                 self.rooms_alive.fetch_sub(1, Ordering::SeqCst);
                 tracing::info!(page = %msg.page, max_rooms = max, "room cap reached; connection refused");
                 crate::metrics::connection_refused(crate::metrics::Refused::MaxRooms);
-                crate::metrics::error_sent(code::OVERLOADED);
+                crate::metrics::error_sent(ErrorCode::Overloaded);
                 let error = ProtocolError::new(
-                    code::OVERLOADED,
+                    ErrorCode::Overloaded,
                     "the server holds the most pages it may; try again later",
                 );
                 msg.mailbox.end(End::Refuse {

@@ -92,7 +92,7 @@ impl VisitorIdError {
     /// The non-fatal `error` message the connection is sent.
     pub fn protocol_error(self) -> ProtocolError {
         ProtocolError::new(
-            crate::protocol::code::INVALID_VISITOR,
+            crate::protocol::ErrorCode::InvalidVisitor,
             format!("{self}; ignored: this connection counts as its own visitor"),
         )
     }
@@ -342,7 +342,7 @@ mod tests {
         }
         assert_eq!(
             VisitorIdError::TooShort.protocol_error().code,
-            crate::protocol::code::INVALID_VISITOR
+            crate::protocol::ErrorCode::InvalidVisitor
         );
     }
 

@@ -1,17 +1,24 @@
 //! The invariants of ARCHITECTURE.md that a reading of the source can check:
 //! the module graph (every `crate::`, `super::` and `self::` path of `src/`,
-//! in `use` trees and inline) has no cycle beyond the allow-list below, the
-//! code map lists the modules in an order every arrow respects, and the
-//! grep-style rules (who may touch sled, Redis, protocol JSON, metric
-//! names, ...). Comments, string contents and `#[cfg(test)]` items are left
-//! out before anything is looked at. No server needed:
-//! `cargo test --test architecture`.
+//! in `use` trees, inline and inside macro calls) has no cycle beyond the
+//! allow-list below, the code map lists the modules in an order every arrow
+//! respects, and the rules about who may touch sled, Redis, protocol JSON,
+//! metric names, ... Each file is read with `syn`: its syntax tree for the
+//! items (use trees, attributes, functions), its tokens for the rest (so
+//! comments, doc comments and string contents are never mistaken for code).
+//! `#[cfg(test)]` items are left out before anything is looked at. No server
+//! needed: `cargo test --test architecture`.
 
 use std::{
     collections::{BTreeMap, BTreeSet, VecDeque},
     fs,
+    ops::RangeInclusive,
     path::{Path, PathBuf},
+    str::FromStr,
 };
+
+use proc_macro2::{Delimiter, TokenStream, TokenTree};
+use syn::{spanned::Spanned, visit::Visit, Attribute, ImplItem, Item, UseTree};
 
 /// Cycles in the module graph that are tolerated, as the sets of modules of
 /// each strongly connected component, with why they are still there. Every
@@ -20,7 +27,7 @@ use std::{
 /// `Recipient`s of the messages they send to higher layers).
 const ALLOWED_CYCLES: &[(&[&str], &str)] = &[];
 
-/// Modules allowed to break a grep rule today, by rule, each with why.
+/// Modules allowed to break a rule today, by rule, each with why.
 /// Shrink it as the exceptions are removed.
 const ALLOWED_EXCEPTIONS: &[(&str, &str, &str)] = &[
     (
@@ -37,120 +44,95 @@ const ALLOWED_EXCEPTIONS: &[(&str, &str, &str)] = &[
 
 // ---------------------------------------------------------------- reading the source
 
+/// One token of a file, groups flattened into their delimiters.
+#[derive(Debug, Clone, PartialEq)]
+enum Tok {
+    Ident(String),
+    Punct(char),
+    Open(char),
+    Close(char),
+    /// A literal: its value when it is a string literal, else `None`.
+    Lit(Option<String>),
+}
+
 /// One source file of `src/`, read for these checks.
 struct Source {
-    /// Its module path (`counter`, `rooms::shard`); `""` for `lib.rs`, `"main"` for `main.rs`.
+    /// Its module path (`counter`, `counter::state`); `""` for `lib.rs`, `"main"` for `main.rs`.
     module: String,
     /// Path relative to the crate root, for messages.
     path: String,
-    /// The code without comments, string contents and `#[cfg(test)]` items,
-    /// one entry per character of the file (so offsets give line numbers).
-    code: Vec<char>,
-    /// The string literals outside test code: (line, contents).
-    literals: Vec<(usize, String)>,
-    /// The file as written, one entry per character.
-    raw: Vec<char>,
+    /// The syntax tree, `#[cfg(test)]` items removed.
+    ast: syn::File,
+    /// The tokens outside test items and doc comments, each with its line.
+    tokens: Vec<(Tok, usize)>,
 }
 
 impl Source {
-    fn line_of(&self, offset: usize) -> usize {
-        1 + self.code[..offset.min(self.code.len())]
-            .iter()
-            .filter(|&&c| c == '\n')
-            .count()
-    }
-
-    /// Every identifier with its offset.
-    fn idents(&self) -> Vec<(usize, String)> {
-        let mut out = Vec::new();
-        let mut i = 0;
-        while i < self.code.len() {
-            let c = self.code[i];
-            if is_ident_start(c) && (i == 0 || !is_ident_char(self.code[i - 1])) {
-                let start = i;
-                while i < self.code.len() && is_ident_char(self.code[i]) {
-                    i += 1;
-                }
-                out.push((start, self.code[start..i].iter().collect()));
-            } else {
-                i += 1;
-            }
+    /// Reads `text` (the file `path` of module `module`).
+    fn read(module: &str, path: &str, text: &str) -> Source {
+        let mut ast = syn::parse_file(text).unwrap_or_else(|e| panic!("parse {path}: {e}"));
+        let tests = test_items(&mut ast);
+        let stream = TokenStream::from_str(text).unwrap_or_else(|e| panic!("tokenize {path}: {e}"));
+        let mut tokens = Vec::new();
+        flatten(stream, &mut tokens);
+        tokens.retain(|(_, line)| !tests.iter().any(|r| r.contains(line)));
+        Source {
+            module: module.to_owned(),
+            path: path.to_owned(),
+            ast,
+            tokens,
         }
-        out
     }
 
-    /// The first non-space character at or after `at`.
-    fn next_non_space(&self, at: usize) -> Option<(usize, char)> {
-        (at..self.code.len())
-            .map(|i| (i, self.code[i]))
-            .find(|(_, c)| !c.is_whitespace())
-    }
-
-    /// True when the identifier ending at `end` is followed by `s` (spaces skipped).
-    fn followed_by(&self, end: usize, s: &str) -> bool {
-        let Some((at, _)) = self.next_non_space(end) else {
-            return false;
-        };
-        let want: Vec<char> = s.chars().collect();
-        self.code.get(at..at + want.len()) == Some(&want[..])
+    /// True when the token at `i` is followed by `toks`.
+    fn followed_by(&self, i: usize, toks: &[Tok]) -> bool {
+        self.tokens
+            .get(i + 1..i + 1 + toks.len())
+            .is_some_and(|next| next.iter().map(|(t, _)| t).eq(toks.iter()))
     }
 
     /// Lines where identifier `name` is used as a path segment (`name::`).
     fn path_uses(&self, name: &str) -> Vec<usize> {
+        let colons = [Tok::Punct(':'), Tok::Punct(':')];
         self.idents()
-            .into_iter()
-            .filter(|(at, id)| id == name && self.followed_by(at + id.len(), "::"))
-            .map(|(at, _)| self.line_of(at))
+            .filter(|(i, id, _)| *id == name && self.followed_by(*i, &colons))
+            .map(|(_, _, line)| line)
             .collect()
     }
 
     /// Lines where identifier `name` appears at all.
     fn mentions(&self, name: &str) -> Vec<usize> {
         self.idents()
-            .into_iter()
-            .filter(|(_, id)| id == name)
-            .map(|(at, _)| self.line_of(at))
+            .filter(|(_, id, _)| *id == name)
+            .map(|(_, _, line)| line)
             .collect()
     }
 
-    /// The attributes written right before the item starting at `at`
-    /// (`pub` and doc comments skipped), as written.
-    fn attributes_before(&self, at: usize) -> String {
-        let mut i = at;
-        let skip_space = |mut i: usize| {
-            while i > 0 && self.code[i - 1].is_whitespace() {
-                i -= 1;
-            }
-            i
-        };
-        i = skip_space(i);
-        if i >= 3 && self.code[i - 3..i] == ['p', 'u', 'b'] {
-            i = skip_space(i - 3);
-        }
-        let end = i;
-        while i > 0 && self.code[i - 1] == ']' {
-            // Back to the matching `#[`.
-            let mut depth = 0;
-            let mut j = i;
-            while j > 0 {
-                j -= 1;
-                match self.code[j] {
-                    ']' => depth += 1,
-                    '[' => {
-                        depth -= 1;
-                        if depth == 0 {
-                            break;
-                        }
-                    }
-                    _ => {}
-                }
-            }
-            if j == 0 || self.code[j - 1] != '#' {
-                break;
-            }
-            i = skip_space(j - 1);
-        }
-        self.raw[i..end].iter().collect()
+    /// Lines where macro `name!` is called (by any path).
+    fn macro_calls(&self, name: &str) -> Vec<usize> {
+        self.idents()
+            .filter(|(i, id, _)| *id == name && self.followed_by(*i, &[Tok::Punct('!')]))
+            .map(|(_, _, line)| line)
+            .collect()
+    }
+
+    /// Every identifier: (token index, name, line).
+    fn idents(&self) -> impl Iterator<Item = (usize, &str, usize)> {
+        self.tokens
+            .iter()
+            .enumerate()
+            .filter_map(|(i, (t, line))| match t {
+                Tok::Ident(id) => Some((i, id.as_str(), *line)),
+                _ => None,
+            })
+    }
+
+    /// The string literals: (line, value).
+    fn literals(&self) -> impl Iterator<Item = (usize, &str)> {
+        self.tokens.iter().filter_map(|(t, line)| match t {
+            Tok::Lit(Some(s)) => Some((*line, s.as_str())),
+            _ => None,
+        })
     }
 
     /// True when this file belongs to `module` or one of its submodules.
@@ -164,12 +146,153 @@ impl Source {
     }
 }
 
-fn is_ident_start(c: char) -> bool {
-    c.is_alphabetic() || c == '_'
+/// The line (1-based) where a span starts.
+fn line(span: proc_macro2::Span) -> usize {
+    span.start().line
 }
 
-fn is_ident_char(c: char) -> bool {
-    c.is_alphanumeric() || c == '_'
+/// Appends the tokens of `stream` to `out`, groups as their delimiters, and
+/// leaves out doc comments (`#[doc = "…"]`, `#![doc = "…"]`).
+fn flatten(stream: TokenStream, out: &mut Vec<(Tok, usize)>) {
+    let trees: Vec<TokenTree> = stream.into_iter().collect();
+    let mut i = 0;
+    while i < trees.len() {
+        if let Some(skip) = doc_attribute(&trees[i..]) {
+            i += skip;
+            continue;
+        }
+        match &trees[i] {
+            TokenTree::Ident(id) => out.push((Tok::Ident(id.to_string()), line(id.span()))),
+            TokenTree::Punct(p) => out.push((Tok::Punct(p.as_char()), line(p.span()))),
+            TokenTree::Literal(lit) => {
+                let value = syn::parse_str::<syn::LitStr>(&lit.to_string())
+                    .ok()
+                    .map(|s| s.value());
+                out.push((Tok::Lit(value), line(lit.span())));
+            }
+            TokenTree::Group(g) => {
+                let (open, close) = match g.delimiter() {
+                    Delimiter::Parenthesis => ('(', ')'),
+                    Delimiter::Brace => ('{', '}'),
+                    Delimiter::Bracket => ('[', ']'),
+                    Delimiter::None => (' ', ' '),
+                };
+                out.push((Tok::Open(open), line(g.span_open())));
+                flatten(g.stream(), out);
+                out.push((Tok::Close(close), line(g.span_close())));
+            }
+        }
+        i += 1;
+    }
+}
+
+/// How many trees a doc attribute at the start of `trees` takes, if it is one.
+fn doc_attribute(trees: &[TokenTree]) -> Option<usize> {
+    let TokenTree::Punct(pound) = trees.first()? else {
+        return None;
+    };
+    if pound.as_char() != '#' {
+        return None;
+    }
+    let bang = matches!(trees.get(1)?, TokenTree::Punct(p) if p.as_char() == '!');
+    let at = 1 + usize::from(bang);
+    let TokenTree::Group(g) = trees.get(at)? else {
+        return None;
+    };
+    let first = g.stream().into_iter().next();
+    let is_doc = g.delimiter() == Delimiter::Bracket
+        && matches!(first, Some(TokenTree::Ident(id)) if id == "doc");
+    is_doc.then_some(at + 1)
+}
+
+/// `#[cfg(test)]` among `attrs`.
+fn is_test(attrs: &[Attribute]) -> bool {
+    attrs.iter().any(|a| {
+        a.path().is_ident("cfg")
+            && a.meta
+                .require_list()
+                .is_ok_and(|l| l.tokens.to_string() == "test")
+    })
+}
+
+/// The attributes of an item.
+fn item_attrs(item: &Item) -> &[Attribute] {
+    match item {
+        Item::Const(i) => &i.attrs,
+        Item::Enum(i) => &i.attrs,
+        Item::ExternCrate(i) => &i.attrs,
+        Item::Fn(i) => &i.attrs,
+        Item::ForeignMod(i) => &i.attrs,
+        Item::Impl(i) => &i.attrs,
+        Item::Macro(i) => &i.attrs,
+        Item::Mod(i) => &i.attrs,
+        Item::Static(i) => &i.attrs,
+        Item::Struct(i) => &i.attrs,
+        Item::Trait(i) => &i.attrs,
+        Item::TraitAlias(i) => &i.attrs,
+        Item::Type(i) => &i.attrs,
+        Item::Union(i) => &i.attrs,
+        Item::Use(i) => &i.attrs,
+        _ => &[],
+    }
+}
+
+/// The attributes of an item of an `impl`.
+fn impl_item_attrs(item: &ImplItem) -> &[Attribute] {
+    match item {
+        ImplItem::Const(i) => &i.attrs,
+        ImplItem::Fn(i) => &i.attrs,
+        ImplItem::Type(i) => &i.attrs,
+        ImplItem::Macro(i) => &i.attrs,
+        _ => &[],
+    }
+}
+
+/// Removes the `#[cfg(test)]` items (at any depth: modules, impls,
+/// function bodies) from `ast`; returns the lines they took.
+fn test_items(ast: &mut syn::File) -> Vec<RangeInclusive<usize>> {
+    struct Strip(Vec<RangeInclusive<usize>>);
+    impl Strip {
+        fn lines(&mut self, span: proc_macro2::Span) {
+            self.0.push(span.start().line..=span.end().line);
+        }
+        fn items(&mut self, items: &mut Vec<Item>) {
+            for item in items.iter().filter(|i| is_test(item_attrs(i))) {
+                self.lines(item.span());
+            }
+            items.retain(|i| !is_test(item_attrs(i)));
+        }
+    }
+    impl syn::visit_mut::VisitMut for Strip {
+        fn visit_file_mut(&mut self, f: &mut syn::File) {
+            self.items(&mut f.items);
+            syn::visit_mut::visit_file_mut(self, f);
+        }
+        fn visit_item_mod_mut(&mut self, m: &mut syn::ItemMod) {
+            if let Some((_, items)) = &mut m.content {
+                self.items(items);
+            }
+            syn::visit_mut::visit_item_mod_mut(self, m);
+        }
+        fn visit_item_impl_mut(&mut self, i: &mut syn::ItemImpl) {
+            for item in i.items.iter().filter(|i| is_test(impl_item_attrs(i))) {
+                self.lines(item.span());
+            }
+            i.items.retain(|i| !is_test(impl_item_attrs(i)));
+            syn::visit_mut::visit_item_impl_mut(self, i);
+        }
+        fn visit_block_mut(&mut self, b: &mut syn::Block) {
+            let test = |s: &syn::Stmt| matches!(s, syn::Stmt::Item(i) if is_test(item_attrs(i)));
+            for s in b.stmts.iter().filter(|s| test(s)) {
+                self.lines(s.span());
+            }
+            b.stmts.retain(|s| !test(s));
+            syn::visit_mut::visit_block_mut(self, b);
+        }
+    }
+    let mut strip = Strip(Vec::new());
+    syn::visit_mut::VisitMut::visit_file_mut(&mut strip, ast);
+    strip.0
 }
 
 fn root() -> PathBuf {
@@ -216,209 +339,29 @@ fn sources() -> Vec<Source> {
             let text =
                 fs::read_to_string(p).unwrap_or_else(|e| panic!("read {}: {e}", p.display()));
             let rel = p.strip_prefix(&src).expect("under src/");
-            let (mut code, literals) = lex(&text);
-            let tests = test_items(&code);
-            for r in &tests {
-                for c in &mut code[r.clone()] {
-                    if *c != '\n' {
-                        *c = ' ';
-                    }
-                }
-            }
-            let mut src = Source {
-                module: module_of(rel),
-                path: format!("src/{}", rel.display()),
-                code,
-                literals: Vec::new(),
-                raw: text.chars().collect(),
-            };
-            src.literals = literals
-                .into_iter()
-                .filter(|(at, _)| !tests.iter().any(|r| r.contains(at)))
-                .map(|(at, s)| (src.line_of(at), s))
-                .collect();
-            src
+            Source::read(&module_of(rel), &format!("src/{}", rel.display()), &text)
         })
         .collect()
 }
 
-/// The file's characters with comments and the contents of string and
-/// character literals blanked (newlines kept), and the string literals with
-/// their offsets.
-fn lex(text: &str) -> (Vec<char>, Vec<(usize, String)>) {
-    let src: Vec<char> = text.chars().collect();
-    let mut code = src.clone();
-    let mut literals = Vec::new();
-    let blank = |code: &mut Vec<char>, from: usize, to: usize| {
-        for c in &mut code[from..to.min(src.len())] {
-            if *c != '\n' {
-                *c = ' ';
-            }
-        }
-    };
-    let mut i = 0;
-    while i < src.len() {
-        let c = src[i];
-        let next = src.get(i + 1).copied();
-        let prev_ident = i > 0 && is_ident_char(src[i - 1]);
-        if c == '/' && next == Some('/') {
-            let end = (i..src.len())
-                .find(|&j| src[j] == '\n')
-                .unwrap_or(src.len());
-            blank(&mut code, i, end);
-            i = end;
-        } else if c == '/' && next == Some('*') {
-            let mut depth = 0;
-            let mut j = i;
-            while j < src.len() {
-                if src[j] == '/' && src.get(j + 1) == Some(&'*') {
-                    depth += 1;
-                    j += 2;
-                } else if src[j] == '*' && src.get(j + 1) == Some(&'/') {
-                    depth -= 1;
-                    j += 2;
-                    if depth == 0 {
-                        break;
-                    }
-                } else {
-                    j += 1;
-                }
-            }
-            blank(&mut code, i, j);
-            i = j;
-        } else if !prev_ident && (c == 'r' || (c == 'b' && next == Some('r'))) && {
-            let k = if c == 'b' { i + 2 } else { i + 1 };
-            let hashes = src[k.min(src.len())..]
-                .iter()
-                .take_while(|&&h| h == '#')
-                .count();
-            src.get(k + hashes) == Some(&'"')
-        } {
-            // Raw string: r#"..."#.
-            let k = if c == 'b' { i + 2 } else { i + 1 };
-            let hashes = src[k..].iter().take_while(|&&h| h == '#').count();
-            let open = k + hashes + 1;
-            let mut j = open;
-            let end = loop {
-                if j >= src.len() {
-                    break src.len();
-                }
-                if src[j] == '"'
-                    && src[j + 1..]
-                        .iter()
-                        .take(hashes)
-                        .filter(|&&h| h == '#')
-                        .count()
-                        == hashes
-                {
-                    break j;
-                }
-                j += 1;
-            };
-            literals.push((i, src[open..end].iter().collect()));
-            blank(&mut code, open, end);
-            i = end + 1 + hashes;
-        } else if c == '"' {
-            let mut j = i + 1;
-            let mut s = String::new();
-            while j < src.len() && src[j] != '"' {
-                if src[j] == '\\' {
-                    s.push(src[j]);
-                    j += 1;
-                }
-                if j < src.len() {
-                    s.push(src[j]);
-                }
-                j += 1;
-            }
-            literals.push((i, s));
-            blank(&mut code, i + 1, j);
-            i = j + 1;
-        } else if c == '\'' {
-            // A character literal ('x', '\n', '\u{..}') or a lifetime ('a).
-            if next == Some('\\') {
-                let end = (i + 2..src.len())
-                    .find(|&j| src[j] == '\'')
-                    .unwrap_or(src.len());
-                blank(&mut code, i + 1, end);
-                i = end + 1;
-            } else if src.get(i + 2) == Some(&'\'') {
-                blank(&mut code, i + 1, i + 2);
-                i += 3;
-            } else {
-                i += 1;
-            }
-        } else {
-            i += 1;
-        }
+/// Collects every identifier a syntax node names.
+#[derive(Default)]
+struct Idents(Vec<String>);
+
+impl<'ast> Visit<'ast> for Idents {
+    fn visit_ident(&mut self, i: &'ast proc_macro2::Ident) {
+        self.0.push(i.to_string());
     }
-    (code, literals)
 }
 
-/// The character ranges of `#[cfg(test)]` items (attributes included).
-fn test_items(code: &[char]) -> Vec<std::ops::Range<usize>> {
-    let text: String = code.iter().collect();
-    // Char offsets of the byte offsets found in `text`.
-    let char_at = |byte: usize| text[..byte].chars().count();
-    let mut out = Vec::new();
-    let mut from = 0;
-    while let Some(found) = text[from..].find("#[cfg(test)]") {
-        let start_byte = from + found;
-        let start = char_at(start_byte);
-        let mut i = start + "#[cfg(test)]".len();
-        // Further attributes.
-        loop {
-            while i < code.len() && code[i].is_whitespace() {
-                i += 1;
-            }
-            if code.get(i) == Some(&'#') {
-                i = skip_balanced(code, i + 1, '[', ']');
-            } else {
-                break;
-            }
-        }
-        // The item: up to its `;`, or its `{ ... }` block.
-        let mut depth = 0i32;
-        let end = loop {
-            match code.get(i) {
-                None => break code.len(),
-                Some('(' | '[') => depth += 1,
-                Some(')' | ']') => depth -= 1,
-                Some(';') if depth == 0 => break i + 1,
-                Some('{') if depth == 0 => break skip_balanced(code, i, '{', '}'),
-                _ => {}
-            }
-            i += 1;
-        };
-        out.push(start..end);
-        from = text
-            .char_indices()
-            .nth(end)
-            .map_or(text.len(), |(b, _)| b)
-            .max(start_byte + 1);
-    }
-    out
-}
+/// Collects every string literal a syntax node holds.
+#[derive(Default)]
+struct Strings(Vec<String>);
 
-/// From an opening `open` at or after `at`, the offset just past its matching `close`.
-fn skip_balanced(code: &[char], at: usize, open: char, close: char) -> usize {
-    let mut i = at;
-    while i < code.len() && code[i] != open {
-        i += 1;
+impl<'ast> Visit<'ast> for Strings {
+    fn visit_lit_str(&mut self, s: &'ast syn::LitStr) {
+        self.0.push(s.value());
     }
-    let mut depth = 0;
-    while i < code.len() {
-        if code[i] == open {
-            depth += 1;
-        } else if code[i] == close {
-            depth -= 1;
-            if depth == 0 {
-                return i + 1;
-            }
-        }
-        i += 1;
-    }
-    code.len()
 }
 
 // ---------------------------------------------------------------- the module graph
@@ -428,80 +371,67 @@ type Edges = BTreeMap<(String, String), String>;
 
 /// The paths a `use` tree names, each as its segments (`crate::a::{b, c::D}`
 /// gives `crate::a::b` and `crate::a::c::D`).
-fn use_paths(tree: &str) -> Vec<Vec<String>> {
-    let mut tokens = Vec::new();
-    let chars: Vec<char> = tree.chars().collect();
-    let mut i = 0;
-    while i < chars.len() {
-        let c = chars[i];
-        if c.is_whitespace() {
-            i += 1;
-        } else if is_ident_start(c) {
-            let start = i;
-            while i < chars.len() && is_ident_char(chars[i]) {
-                i += 1;
+fn use_paths(tree: &UseTree, prefix: &[String], out: &mut Vec<Vec<String>>) {
+    let with = |name: &proc_macro2::Ident| {
+        let mut p = prefix.to_vec();
+        p.push(name.to_string());
+        p
+    };
+    match tree {
+        UseTree::Path(p) => use_paths(&p.tree, &with(&p.ident), out),
+        UseTree::Name(n) => out.push(with(&n.ident)),
+        UseTree::Rename(r) => out.push(with(&r.ident)),
+        UseTree::Glob(_) => out.push(prefix.to_vec()),
+        UseTree::Group(g) => {
+            for t in &g.items {
+                use_paths(t, prefix, out);
             }
-            tokens.push(chars[start..i].iter().collect::<String>());
-        } else if c == ':' && chars.get(i + 1) == Some(&':') {
-            tokens.push("::".into());
-            i += 2;
-        } else {
-            tokens.push(c.to_string());
-            i += 1;
         }
     }
-    let mut out = Vec::new();
-    let mut pos = 0;
-    parse_tree(&tokens, &mut pos, &[], &mut out);
-    out
 }
 
-fn parse_tree(tokens: &[String], pos: &mut usize, prefix: &[String], out: &mut Vec<Vec<String>>) {
-    let mut path = prefix.to_vec();
-    loop {
-        match tokens.get(*pos).map(String::as_str) {
-            Some("{") => {
-                *pos += 1;
-                loop {
-                    if tokens.get(*pos).map(String::as_str) == Some("}") {
-                        *pos += 1;
-                        break;
-                    }
-                    parse_tree(tokens, pos, &path, out);
-                    match tokens.get(*pos).map(String::as_str) {
-                        Some(",") => *pos += 1,
-                        Some("}") => {
-                            *pos += 1;
-                            break;
-                        }
-                        _ => break,
-                    }
-                }
-                return;
-            }
-            Some("*") => {
-                *pos += 1;
-                out.push(path);
-                return;
-            }
-            Some("::") => *pos += 1,
-            Some(t) if is_ident_start(t.chars().next().unwrap_or(' ')) => {
-                path.push(t.to_owned());
-                *pos += 1;
-                if tokens.get(*pos).map(String::as_str) == Some("as") {
-                    *pos += 2;
-                }
-                if tokens.get(*pos).map(String::as_str) != Some("::") {
-                    out.push(path);
-                    return;
-                }
-            }
-            _ => {
-                out.push(path);
-                return;
-            }
+/// Every path of every `use` declaration of a file (at any depth), with its line.
+fn use_declarations(ast: &syn::File) -> Vec<(Vec<String>, usize)> {
+    #[derive(Default)]
+    struct Uses(Vec<(Vec<String>, usize)>);
+    impl<'ast> Visit<'ast> for Uses {
+        fn visit_item_use(&mut self, u: &'ast syn::ItemUse) {
+            let mut paths = Vec::new();
+            use_paths(&u.tree, &[], &mut paths);
+            let at = line(u.use_token.span);
+            self.0.extend(paths.into_iter().map(|p| (p, at)));
         }
     }
+    let mut uses = Uses::default();
+    uses.visit_file(ast);
+    uses.0
+}
+
+/// Paths written inline, in code and inside macro calls: `crate::a::b`,
+/// `super::x`, `self::y`.
+fn inline_paths(s: &Source) -> Vec<(Vec<String>, usize)> {
+    let mut out = Vec::new();
+    let colons = [Tok::Punct(':'), Tok::Punct(':')];
+    for (i, id, at) in s.idents() {
+        if !matches!(id, "crate" | "super" | "self") {
+            continue;
+        }
+        // Part of a longer path (`a::self`).
+        if i >= 2 && s.tokens[i - 2..i].iter().map(|(t, _)| t).eq(colons.iter()) {
+            continue;
+        }
+        let mut path = vec![id.to_owned()];
+        let mut k = i;
+        while s.followed_by(k, &colons) {
+            match s.tokens.get(k + 3) {
+                Some((Tok::Ident(next), _)) => path.push(next.clone()),
+                _ => break,
+            }
+            k += 3;
+        }
+        out.push((path, at));
+    }
+    out
 }
 
 /// The absolute module path (`crate` dropped) a path starting with
@@ -562,12 +492,10 @@ fn module_graph(srcs: &[Source]) -> Edges {
     // `pub use a::B;` in lib.rs: `crate::B` means module `a`.
     let mut reexports = BTreeMap::new();
     if let Some(lib) = srcs.iter().find(|s| s.module.is_empty()) {
-        for (tree, _) in use_trees(lib) {
-            for p in use_paths(&tree) {
-                if let (Some(first), Some(last)) = (p.first(), p.last()) {
-                    if modules.contains(first) {
-                        reexports.insert(last.clone(), first.clone());
-                    }
+        for (p, _) in use_declarations(&lib.ast) {
+            if let (Some(first), Some(last)) = (p.first(), p.last()) {
+                if modules.contains(first) {
+                    reexports.insert(last.clone(), first.clone());
                 }
             }
         }
@@ -577,10 +505,7 @@ fn module_graph(srcs: &[Source]) -> Edges {
         if s.module.is_empty() || s.module == "main" {
             continue;
         }
-        let mut paths: Vec<(Vec<String>, usize)> = Vec::new();
-        for (tree, line) in use_trees(s) {
-            paths.extend(use_paths(&tree).into_iter().map(|p| (p, line)));
-        }
+        let mut paths = use_declarations(&s.ast);
         paths.extend(inline_paths(s));
         for (path, line) in paths {
             let Some(abs) = absolute(&s.module, &path) else {
@@ -598,49 +523,6 @@ fn module_graph(srcs: &[Source]) -> Edges {
         }
     }
     edges
-}
-
-/// The text of every `use` declaration (after `use`, up to its `;`) and its line.
-fn use_trees(s: &Source) -> Vec<(String, usize)> {
-    let mut out = Vec::new();
-    for (at, id) in s.idents() {
-        if id != "use" {
-            continue;
-        }
-        let start = at + 3;
-        let end = (start..s.code.len())
-            .find(|&i| s.code[i] == ';')
-            .unwrap_or(s.code.len());
-        out.push((s.code[start..end].iter().collect(), s.line_of(at)));
-    }
-    out
-}
-
-/// Paths written inline: `crate::a::b`, `super::x`, `self::y` (no braces).
-fn inline_paths(s: &Source) -> Vec<(Vec<String>, usize)> {
-    let mut out = Vec::new();
-    let idents = s.idents();
-    for (k, (at, id)) in idents.iter().enumerate() {
-        if !matches!(id.as_str(), "crate" | "super" | "self") {
-            continue;
-        }
-        // Part of a longer path (`a::self`), or a `use` tree (handled there).
-        if *at >= 2 && s.code[at - 2..*at] == [':', ':'] {
-            continue;
-        }
-        let mut path = vec![id.clone()];
-        let mut end = at + id.len();
-        for (next_at, next) in &idents[k + 1..] {
-            let between: String = s.code[end..*next_at].iter().collect();
-            if between.trim() != "::" {
-                break;
-            }
-            path.push(next.clone());
-            end = next_at + next.len();
-        }
-        out.push((path, s.line_of(*at)));
-    }
-    out
 }
 
 /// The strongly connected components of more than one module (Tarjan).
@@ -870,7 +752,7 @@ fn the_code_map_lists_every_module_in_dependency_order() {
     assert!(problems.is_empty(), "{}", problems.join("\n"));
 }
 
-// ---------------------------------------------------------------- grep rules
+// ---------------------------------------------------------------- rules
 
 /// The modules a rule allows besides its owner.
 fn excepted(rule: &str) -> Vec<&'static str> {
@@ -925,45 +807,61 @@ fn only_cluster_talks_to_redis() {
 #[test]
 fn metric_names_are_spelled_only_in_metrics() {
     only_in("metric-name", &["metrics"], |s| {
-        s.literals
-            .iter()
+        s.literals()
             .filter(|(_, l)| l.starts_with("link_counter_"))
-            .map(|(line, _)| *line)
+            .map(|(line, _)| line)
             .collect()
     });
 }
 
-/// The error codes, as `protocol::code` spells them.
+/// The error codes, as `protocol::ErrorCode::as_str` spells them.
 fn error_codes(srcs: &[Source]) -> Vec<String> {
     let protocol = srcs
         .iter()
         .find(|s| s.module == "protocol")
         .expect("src/protocol.rs");
-    let code: String = protocol.code.iter().collect();
-    let start = code.find("pub mod code").expect("protocol::code");
-    let start = code[..start].chars().count();
-    let end = skip_balanced(&protocol.code, start, '{', '}');
-    let (first, last) = (protocol.line_of(start), protocol.line_of(end));
-    let codes: Vec<String> = protocol
-        .literals
-        .iter()
-        .filter(|(line, _)| (first..=last).contains(line))
-        .map(|(_, l)| l.clone())
-        .collect();
-    assert!(codes.len() >= 6, "protocol::code spells {codes:?}");
-    codes
+    let mut codes = Strings::default();
+    for item in &protocol.ast.items {
+        let Item::Impl(imp) = item else { continue };
+        let mut self_ty = Idents::default();
+        self_ty.visit_type(&imp.self_ty);
+        if imp.trait_.is_some() || self_ty.0 != ["ErrorCode"] {
+            continue;
+        }
+        for f in &imp.items {
+            if let ImplItem::Fn(f) = f {
+                if f.sig.ident == "as_str" {
+                    codes.visit_block(&f.block);
+                }
+            }
+        }
+    }
+    assert!(codes.0.len() >= 6, "ErrorCode::as_str spells {:?}", codes.0);
+    codes.0
 }
 
-/// Protocol JSON (a `"type"` key) is written only in `protocol`.
+/// Protocol JSON and API bodies are built only in `protocol`: no `"type"`
+/// key and no `json!` elsewhere (other modules serialize its typed structs).
 #[test]
 fn protocol_json_is_built_only_in_protocol() {
     only_in("protocol-json", &["protocol"], |s| {
-        s.literals
-            .iter()
-            .filter(|(_, l)| l == "type" || l.contains("\\\"type\\\"") || l.contains("\"type\""))
-            .map(|(line, _)| *line)
+        s.literals()
+            .filter(|(_, l)| *l == "type" || l.contains("\"type\""))
+            .map(|(line, _)| line)
+            .chain(s.macro_calls("json"))
             .collect()
     });
+    let probe = Source::read(
+        "http",
+        "probe.rs",
+        "fn f() -> String {\n    serde_json::json!({\"a\": 1}).to_string()\n}\n\
+         fn g(json: u8) -> u8 { json }\n",
+    );
+    assert_eq!(
+        probe.macro_calls("json"),
+        [2],
+        "the check sees json! calls only"
+    );
 }
 
 /// Error codes are spelled only in `protocol`.
@@ -971,11 +869,10 @@ fn protocol_json_is_built_only_in_protocol() {
 fn error_codes_are_spelled_only_in_protocol() {
     let codes = error_codes(&sources());
     only_in("error-code", &["protocol"], |s| {
-        s.literals
-            .iter()
-            .filter(|(_, l)| codes.contains(l))
+        s.literals()
+            .filter(|(_, l)| codes.iter().any(|c| c == l))
             .filter(|_| !excepted("metric-label").iter().any(|m| s.is_in(m)))
-            .map(|(line, _)| *line)
+            .map(|(line, _)| line)
             .collect()
     });
 }
@@ -989,6 +886,43 @@ fn only_rooms_report_counts() {
         lines.extend(s.mentions("RoomState"));
         lines
     });
+}
+
+/// `anyhow` is only in start-up wiring: `server`, `main`, and the start
+/// functions `server` calls (`admin::start`, `cluster::Cluster::start`).
+#[test]
+fn anyhow_is_only_in_start_up_wiring() {
+    let srcs = sources();
+    let mut problems = Vec::new();
+    let mut seen = 0;
+    for s in &srcs {
+        let uses = s.mentions("anyhow");
+        seen += uses.len();
+        if matches!(s.module.as_str(), "server" | "main") {
+            continue;
+        }
+        let starts: Vec<RangeInclusive<usize>> = if matches!(s.module.as_str(), "admin" | "cluster")
+        {
+            function_lengths(&s.ast)
+                .into_iter()
+                .filter(|(name, _, _)| name == "start")
+                .map(|(_, first, lines)| first..=first + lines - 1)
+                .collect()
+        } else {
+            Vec::new()
+        };
+        for line in uses {
+            if !starts.iter().any(|r| r.contains(&line)) {
+                problems.push(format!("{}:{line}", s.path));
+            }
+        }
+    }
+    assert!(seen > 0, "the check finds anyhow in server");
+    assert!(
+        problems.is_empty(),
+        "anyhow outside start-up wiring:\n{}",
+        problems.join("\n")
+    );
 }
 
 /// The counter (every file of `src/counter/`) has no `unwrap`, `expect`,
@@ -1007,11 +941,10 @@ fn the_counter_never_panics() {
     );
     let mut problems = Vec::new();
     for s in counter {
-        for (at, id) in s.idents() {
-            let end = at + id.len();
-            let call = matches!(id.as_str(), "unwrap" | "expect") && s.followed_by(end, "(");
+        for (i, id, line) in s.idents() {
+            let call = matches!(id, "unwrap" | "expect") && s.followed_by(i, &[Tok::Open('(')]);
             let mac = matches!(
-                id.as_str(),
+                id,
                 "panic"
                     | "unreachable"
                     | "todo"
@@ -1019,9 +952,9 @@ fn the_counter_never_panics() {
                     | "assert"
                     | "assert_eq"
                     | "assert_ne"
-            ) && s.followed_by(end, "!");
+            ) && s.followed_by(i, &[Tok::Punct('!')]);
             if call || mac {
-                problems.push(format!("{}:{} {id}", s.path, s.line_of(at)));
+                problems.push(format!("{}:{line} {id}", s.path));
             }
         }
     }
@@ -1046,9 +979,13 @@ fn the_counter_state_has_no_actor_or_io() {
                 .map(|l| format!("{name} at line {l}")),
         );
     }
-    let code: String = state.code.iter().collect();
-    if code.contains("Instant::now") {
-        problems.push("Instant::now: the time comes in with each input".into());
+    let now = [Tok::Punct(':'), Tok::Punct(':'), Tok::Ident("now".into())];
+    for (i, id, line) in state.idents() {
+        if id == "Instant" && state.followed_by(i, &now) {
+            problems.push(format!(
+                "Instant::now at line {line}: the time comes in with each input"
+            ));
+        }
     }
     assert!(problems.is_empty(), "{}", problems.join("\n"));
 }
@@ -1068,6 +1005,17 @@ fn sessions_never_read_the_shutdown_signal() {
     }
 }
 
+/// The text of the lists of the attributes named `name` (`derive`, `serde`, `cfg`).
+fn attribute_lists(attrs: &[Attribute], name: &str) -> String {
+    attrs
+        .iter()
+        .filter(|a| a.path().is_ident(name))
+        .filter_map(|a| a.meta.require_list().ok())
+        .map(|l| l.tokens.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// Every settings struct refuses unknown keys (`deny_unknown_fields`, or
 /// `transparent` for a newtype).
 #[test]
@@ -1079,26 +1027,19 @@ fn every_settings_struct_refuses_unknown_keys() {
         .expect("src/config.rs");
     let mut structs = 0;
     let mut problems = Vec::new();
-    for (at, id) in config.idents() {
-        if id != "struct" {
-            continue;
-        }
-        // The attributes right before the item (`pub` skipped).
-        let head: String = config.code[..at].iter().collect();
-        let head = head.trim_end().trim_end_matches("pub").trim_end();
-        let mut attrs = String::new();
-        let mut rest = head;
-        while rest.ends_with(']') {
-            let Some(open) = rest.rfind("#[") else { break };
-            attrs.push_str(&rest[open..]);
-            rest = rest[..open].trim_end();
-        }
-        if !attrs.contains("Deserialize") {
+    for item in &config.ast.items {
+        let Item::Struct(st) = item else { continue };
+        if !attribute_lists(&st.attrs, "derive").contains("Deserialize") {
             continue;
         }
         structs += 1;
-        if !attrs.contains("deny_unknown_fields") && !attrs.contains("transparent") {
-            problems.push(format!("src/config.rs:{}", config.line_of(at)));
+        let serde = attribute_lists(&st.attrs, "serde");
+        if !serde.contains("deny_unknown_fields") && !serde.contains("transparent") {
+            problems.push(format!(
+                "src/config.rs:{} {}",
+                line(st.ident.span()),
+                st.ident
+            ));
         }
     }
     assert!(structs >= 10, "found {structs} settings structs");
@@ -1111,19 +1052,67 @@ fn every_settings_struct_refuses_unknown_keys() {
 fn assets_are_compiled_in() {
     only_in("fs", &["config", "storage"], |s| {
         let mut lines = s.path_uses("fs");
-        lines.extend(s.mentions("File").into_iter().filter(|_| {
-            // `config::File` is the config crate's source type.
-            s.module != "config"
-        }));
+        lines.extend(s.mentions("File"));
         lines
     });
     let srcs = sources();
     let web = srcs.iter().find(|s| s.module == "web").expect("src/web.rs");
-    assert!(!web.mentions("include_str").is_empty());
+    assert!(!web.macro_calls("include_str").is_empty());
 }
 
 /// Items only tests use: messages (with their handlers) and functions.
 const TEST_HOOKS: &[&str] = &["InjectFault", "SweepNow", "Tracked", "RoomOf", "idle_pages"];
+
+/// Finds the definitions of test hooks and the `impl`s naming one, and
+/// whether each carries `#[cfg(feature = "test-hooks")]`.
+#[derive(Default)]
+struct Hooks {
+    /// (line, name, gated)
+    found: Vec<(usize, String, bool)>,
+}
+
+impl Hooks {
+    fn check(&mut self, attrs: &[Attribute], ident: &proc_macro2::Ident) {
+        if TEST_HOOKS.iter().any(|h| ident == h) {
+            let gated = attribute_lists(attrs, "cfg").contains("feature = \"test-hooks\"");
+            self.found
+                .push((line(ident.span()), ident.to_string(), gated));
+        }
+    }
+}
+
+impl<'ast> Visit<'ast> for Hooks {
+    fn visit_item_struct(&mut self, i: &'ast syn::ItemStruct) {
+        self.check(&i.attrs, &i.ident);
+    }
+    fn visit_item_enum(&mut self, i: &'ast syn::ItemEnum) {
+        self.check(&i.attrs, &i.ident);
+    }
+    fn visit_item_fn(&mut self, i: &'ast syn::ItemFn) {
+        self.check(&i.attrs, &i.sig.ident);
+        syn::visit::visit_item_fn(self, i);
+    }
+    fn visit_impl_item_fn(&mut self, i: &'ast syn::ImplItemFn) {
+        self.check(&i.attrs, &i.sig.ident);
+        syn::visit::visit_impl_item_fn(self, i);
+    }
+    fn visit_trait_item_fn(&mut self, i: &'ast syn::TraitItemFn) {
+        self.check(&i.attrs, &i.sig.ident);
+    }
+    fn visit_item_impl(&mut self, i: &'ast syn::ItemImpl) {
+        let mut header = Idents::default();
+        header.visit_type(&i.self_ty);
+        if let Some((_, path, _)) = &i.trait_ {
+            header.visit_path(path);
+        }
+        if let Some(hook) = header.0.iter().find(|n| TEST_HOOKS.contains(&n.as_str())) {
+            let gated = attribute_lists(&i.attrs, "cfg").contains("feature = \"test-hooks\"");
+            self.found
+                .push((line(i.impl_token.span), format!("impl {hook}"), gated));
+        }
+        syn::visit::visit_item_impl(self, i);
+    }
+}
 
 /// Test hooks are compiled only with the `test-hooks` feature (which only
 /// the crate's dev-dependency on itself turns on): each hook's definition
@@ -1136,36 +1125,16 @@ fn test_hooks_are_compiled_only_with_their_feature() {
         "the dev-dependency that enables the hooks for tests"
     );
     let exempt = excepted("test-hook");
-    let srcs = sources();
     let mut problems = Vec::new();
     let mut gated = 0;
-    for s in &srcs {
-        let idents = s.idents();
-        for (k, (at, id)) in idents.iter().enumerate() {
-            let names_hook = match id.as_str() {
-                "struct" | "enum" | "fn" => idents
-                    .get(k + 1)
-                    .is_some_and(|(_, n)| TEST_HOOKS.contains(&n.as_str())),
-                "impl" => {
-                    let header_end = (*at..s.code.len())
-                        .find(|&i| s.code[i] == '{' || s.code[i] == ';')
-                        .unwrap_or(s.code.len());
-                    idents[k + 1..]
-                        .iter()
-                        .take_while(|(i, _)| *i < header_end)
-                        .any(|(_, n)| TEST_HOOKS.contains(&n.as_str()))
-                }
-                _ => false,
-            };
-            if !names_hook {
-                continue;
-            }
-            if s.attributes_before(*at)
-                .contains("feature = \"test-hooks\"")
-            {
+    for s in &sources() {
+        let mut hooks = Hooks::default();
+        hooks.visit_file(&s.ast);
+        for (line, name, is_gated) in hooks.found {
+            if is_gated {
                 gated += 1;
             } else if !exempt.iter().any(|m| s.is_in(m)) {
-                problems.push(format!("{}:{} {id}", s.path, s.line_of(*at)));
+                problems.push(format!("{}:{line} {name}", s.path));
             }
         }
     }
@@ -1186,8 +1155,10 @@ fn only_the_binary_has_unsafe() {
         .iter()
         .find(|s| s.module.is_empty())
         .expect("src/lib.rs");
-    let text: String = lib.code.iter().collect();
-    assert!(text.contains("#![forbid(unsafe_code)]"));
+    assert!(
+        attribute_lists(&lib.ast.attrs, "forbid").contains("unsafe_code"),
+        "#![forbid(unsafe_code)] in src/lib.rs"
+    );
     let mut found = Vec::new();
     for s in &srcs {
         for line in s.mentions("unsafe") {
@@ -1198,33 +1169,41 @@ fn only_the_binary_has_unsafe() {
     assert!(found[0].starts_with("src/main.rs:"), "{found:?}");
 }
 
-/// The source reader itself: comments, strings and test items are left
-/// out, `use` trees expand, relative paths resolve.
+/// The source reader itself: comments, doc comments, strings and test items
+/// are left out, macro calls are seen, `use` trees expand, relative paths
+/// resolve.
 #[test]
 fn the_reader_sees_code_only() {
-    let (code, lits) =
-        lex("let a = \"crate::x\"; // crate::y\n/* crate::z */ let c = '\"'; r#\"q\"#");
-    let code: String = code.into_iter().collect();
-    assert!(!code.contains("crate"), "{code}");
+    let s = Source::read(
+        "a",
+        "probe.rs",
+        "/// crate::doc\nfn f() { let a = \"crate::x\"; } // crate::y\n/* crate::z */ \
+         fn g() { let c = '\"'; let q = r#\"q\"#; tracing::info!(\"{}\", crate::m::n()); }\n\
+         #[cfg(test)]\nmod tests { use crate::t; fn h() { crate::u::v(); } }\nfn k() {}\n",
+    );
     assert_eq!(
-        lits.iter().map(|(_, s)| s.as_str()).collect::<Vec<_>>(),
-        ["crate::x", "q"]
+        s.literals().map(|(_, l)| l).collect::<Vec<_>>(),
+        ["crate::x", "q", "{}"]
     );
-    let (code, _) = lex("fn f() {}\n#[cfg(test)]\nmod tests { use crate::x; }\nfn g() {}");
-    let ranges = test_items(&code);
-    assert_eq!(ranges.len(), 1);
-    let kept: String = code
-        .iter()
-        .enumerate()
-        .filter(|(i, _)| !ranges[0].contains(i))
-        .map(|(_, c)| *c)
+    let inline: Vec<String> = inline_paths(&s)
+        .into_iter()
+        .map(|(p, _)| p.join("::"))
         .collect();
-    assert!(
-        kept.contains("fn g") && !kept.contains("crate::x"),
-        "{kept}"
+    assert_eq!(
+        inline,
+        ["crate::m::n"],
+        "no doc, comment, string or test path"
     );
-    let paths = use_paths(" crate::{a::B, c::{d::E, f as g}, h::*}");
-    let joined: Vec<String> = paths.iter().map(|p| p.join("::")).collect();
+    assert!(s.mentions("k") == [6] && s.mentions("h").is_empty());
+    assert!(
+        use_declarations(&s.ast).is_empty(),
+        "the test module's use is gone"
+    );
+    let file = syn::parse_file("use crate::{a::B, c::{d::E, f as g}, h::*};").expect("parse");
+    let joined: Vec<String> = use_declarations(&file)
+        .iter()
+        .map(|(p, _)| p.join("::"))
+        .collect();
     assert_eq!(
         joined,
         ["crate::a::B", "crate::c::d::E", "crate::c::f", "crate::h"]
@@ -1268,60 +1247,63 @@ const SHORT_FN_FILES: &[&str] = &[
 /// why). An entry that no longer names a long function fails the test.
 const LONG_FNS_ALLOWED: &[(&str, &str, &str)] = &[];
 
-/// Every function with a body in `code`, as (name, line of its `fn`, lines
+/// Files off the connection path held to a looser ceiling: (file, most lines).
+const CEILINGS: &[(&str, usize)] = &[
+    ("src/config.rs", 80),
+    ("src/protocol.rs", 80),
+    ("src/main.rs", 80),
+];
+
+/// Every function with a body in a file (free functions, methods, trait
+/// defaults, functions inside functions), as (name, line of its `fn`, lines
 /// from `fn` to its closing brace).
-fn function_lengths(code: &[char]) -> Vec<(String, usize, usize)> {
-    let line_at = |at: usize| 1 + code[..at].iter().filter(|&&c| c == '\n').count();
-    let mut out = Vec::new();
-    for at in 0..code.len() {
-        let keyword = code[at..].starts_with(&['f', 'n'])
-            && (at == 0 || !is_ident_char(code[at - 1]))
-            && code.get(at + 2).is_some_and(|c| c.is_whitespace());
-        if !keyword {
-            continue;
-        }
-        let mut i = at + 2;
-        while i < code.len() && code[i].is_whitespace() {
-            i += 1;
-        }
-        let name: String = code[i..]
-            .iter()
-            .take_while(|&&c| is_ident_char(c))
-            .collect();
-        // The body is the first `{` outside parentheses and brackets, unless
-        // a `;` ends the declaration first.
-        let mut depth = 0i32;
-        let body = loop {
-            match code.get(i) {
-                None | Some(';') if depth == 0 => break None,
-                Some('(' | '[') => depth += 1,
-                Some(')' | ']') => depth -= 1,
-                Some('{') if depth == 0 => break Some(i),
-                _ => {}
-            }
-            i += 1;
-        };
-        if let (false, Some(open)) = (name.is_empty(), body) {
-            let close = skip_balanced(code, open, '{', '}') - 1;
-            out.push((name, line_at(at), line_at(close) - line_at(at) + 1));
+fn function_lengths(ast: &syn::File) -> Vec<(String, usize, usize)> {
+    #[derive(Default)]
+    struct Fns(Vec<(String, usize, usize)>);
+    impl Fns {
+        fn add(&mut self, sig: &syn::Signature, block: &syn::Block) {
+            let first = line(sig.fn_token.span);
+            let last = line(block.brace_token.span.close());
+            self.0
+                .push((sig.ident.to_string(), first, last - first + 1));
         }
     }
-    out
+    impl<'ast> Visit<'ast> for Fns {
+        fn visit_item_fn(&mut self, f: &'ast syn::ItemFn) {
+            self.add(&f.sig, &f.block);
+            syn::visit::visit_item_fn(self, f);
+        }
+        fn visit_impl_item_fn(&mut self, f: &'ast syn::ImplItemFn) {
+            self.add(&f.sig, &f.block);
+            syn::visit::visit_impl_item_fn(self, f);
+        }
+        fn visit_trait_item_fn(&mut self, f: &'ast syn::TraitItemFn) {
+            if let Some(block) = &f.default {
+                self.add(&f.sig, block);
+            }
+            syn::visit::visit_trait_item_fn(self, f);
+        }
+    }
+    let mut fns = Fns::default();
+    fns.visit_file(ast);
+    fns.0
 }
 
 /// No function in the files of the connection path is longer than
-/// [`MAX_FN_LINES`] lines (test modules left out), beyond the allow-list:
-/// each step is a named function short enough to read at once.
+/// [`MAX_FN_LINES`] lines (test modules left out), beyond the allow-list,
+/// nor one in [`CEILINGS`] over its ceiling: each step is a named function
+/// short enough to read at once.
 #[test]
 fn connection_path_functions_are_short() {
-    let (code, _) = lex(concat!(
+    let probe = syn::parse_file(concat!(
         "fn a() {\n    let s = \"}\";\n}\n",
         "pub(crate) async fn b(x: [u8; 2]) -> impl Fn(u8) -> u8 { move |y| x[0] + y }\n",
         "trait T { fn c(&self); }\nfn d<const N: usize>()\nwhere\n    [u8; N]: Sized,\n{\n}\n",
-        "let f: fn(u8) -> u8 = g;\n",
-    ));
+        "const F: fn(u8) -> u8 = g;\n",
+    ))
+    .expect("parse");
     assert_eq!(
-        function_lengths(&code),
+        function_lengths(&probe),
         [("a".into(), 1, 3), ("b".into(), 4, 1), ("d".into(), 6, 5)]
     );
     let srcs = sources();
@@ -1332,7 +1314,7 @@ fn connection_path_functions_are_short() {
             .iter()
             .find(|s| s.path == file)
             .unwrap_or_else(|| panic!("{file} is gone: update SHORT_FN_FILES"));
-        for (name, line, lines) in function_lengths(&s.code) {
+        for (name, line, lines) in function_lengths(&s.ast) {
             if lines <= MAX_FN_LINES {
                 continue;
             }
@@ -1343,6 +1325,19 @@ fn connection_path_functions_are_short() {
                 seen_allowed.insert((file, name));
             } else {
                 long.push(format!("{file}:{line} `{name}` is {lines} lines"));
+            }
+        }
+    }
+    for &(file, most) in CEILINGS {
+        let s = srcs
+            .iter()
+            .find(|s| s.path == file)
+            .unwrap_or_else(|| panic!("{file} is gone: update CEILINGS"));
+        for (name, line, lines) in function_lengths(&s.ast) {
+            if lines > most {
+                long.push(format!(
+                    "{file}:{line} `{name}` is {lines} lines (at most {most})"
+                ));
             }
         }
     }
@@ -1366,28 +1361,43 @@ fn connection_path_functions_are_short() {
 #[test]
 fn metric_label_values_are_spelled_only_in_metrics() {
     only_in("metric-label-value", &["metrics"], |s| {
-        let raw: String = s.raw.iter().collect();
         let mut lines = Vec::new();
-        for (i, line) in raw.lines().enumerate() {
-            let t = line.trim_start();
-            if t.starts_with("//") {
-                continue;
+        // A helper called with a string: `metrics::x("…"` or `m::x("…"`.
+        for (i, id, line) in s.idents() {
+            let called_with_text = matches!(id, "metrics" | "m")
+                && matches!(
+                    s.tokens.get(i + 1..i + 6),
+                    Some([
+                        (Tok::Punct(':'), _),
+                        (Tok::Punct(':'), _),
+                        (Tok::Ident(_), _),
+                        (Tok::Open('('), _),
+                        (Tok::Lit(Some(_)), _)
+                    ])
+                );
+            if called_with_text {
+                lines.push(line);
             }
-            // A helper called with a string: `metrics::x("…"` or `m::x("…"`.
-            let called_with_text = ["metrics::", "m::"].iter().any(|p| {
-                line.match_indices(p).any(|(at, _)| {
-                    let rest = &line[at + p.len()..];
-                    let name_len = rest
-                        .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-                        .unwrap_or(rest.len());
-                    name_len > 0 && rest[name_len..].trim_start().starts_with("(\"")
-                })
-            });
-            // Inside `metrics`: the label enums' match arms spell the values.
-            let label_arm = t.contains("=> \"") && t.ends_with("\",");
-            if called_with_text || (s.is_in("metrics") && label_arm) {
-                lines.push(i + 1);
+        }
+        // Inside `metrics`: the label enums' match arms spell the values.
+        if s.is_in("metrics") {
+            #[derive(Default)]
+            struct TextArms(Vec<usize>);
+            impl<'ast> Visit<'ast> for TextArms {
+                fn visit_arm(&mut self, arm: &'ast syn::Arm) {
+                    if let syn::Expr::Lit(syn::ExprLit {
+                        lit: syn::Lit::Str(s),
+                        ..
+                    }) = &*arm.body
+                    {
+                        self.0.push(line(s.span()));
+                    }
+                    syn::visit::visit_arm(self, arm);
+                }
             }
+            let mut arms = TextArms::default();
+            arms.visit_file(&s.ast);
+            lines.extend(arms.0);
         }
         lines
     });

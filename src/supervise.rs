@@ -7,8 +7,18 @@
 //! `link_counter_actor_panics_total{actor}`, and handed back to the handler,
 //! which then stops its actor (its supervisor restarts and rebuilds it from
 //! its source of truth) or does the actor's own recovery.
+//!
+//! [`Health`] is what `/readyz` reads of the actors' recovery, one per
+//! server (tests run several servers in one process). [`Answer`] is a
+//! read's reply that a panicked handler leaves unanswered: the asker's
+//! `send` fails as it would for an actor that is down, instead of waiting.
 
-use std::panic::{self, AssertUnwindSafe};
+use std::{
+    panic::{self, AssertUnwindSafe},
+    sync::atomic::{AtomicBool, AtomicUsize, Ordering},
+};
+
+use actix::{dev::MessageResponse, dev::OneshotSender, Actor, Message};
 
 use crate::metrics;
 
@@ -76,6 +86,70 @@ pub fn contain<R>(
             message,
         }
     })
+}
+
+/// Test hook: the panic a test injects in an actor's handler (the one
+/// panic site of the actors, so the counter names none).
+#[cfg(feature = "test-hooks")]
+pub fn injected_panic(actor: ActorKind) -> ! {
+    panic!("panic injected by a test in the {}", actor.as_str())
+}
+
+/// A handler's reply, or none when its body panicked: the asker's `send`
+/// then fails (`MailboxError::Closed`) at once, as for an actor that is
+/// down (a read answers 503, never waits for a value that will not come).
+pub struct Answer<R>(pub Option<R>);
+
+impl<A: Actor, M: Message, R: MessageResponse<A, M>> MessageResponse<A, M> for Answer<R> {
+    fn handle(self, ctx: &mut A::Context, tx: Option<OneshotSender<M::Result>>) {
+        if let Some(reply) = self.0 {
+            reply.handle(ctx, tx);
+        }
+    }
+}
+
+/// The actors' recovery as `/readyz` reports it, shared by one server's
+/// counter, shards and HTTP workers.
+#[derive(Debug, Default)]
+pub struct Health {
+    /// The counter panicked and has not finished rebuilding since.
+    counter_recovering: AtomicBool,
+    /// Shards re-verifying their rooms after a panic.
+    shards_recovering: AtomicUsize,
+}
+
+impl Health {
+    /// The counter panicked: not ready until [`Health::counter_rebuilt`].
+    pub fn counter_panicked(&self) {
+        self.counter_recovering.store(true, Ordering::SeqCst);
+    }
+
+    /// The counter's rebuild after a panic completed.
+    pub fn counter_rebuilt(&self) {
+        self.counter_recovering.store(false, Ordering::SeqCst);
+    }
+
+    /// True between a counter panic and the end of the rebuild that follows.
+    pub fn counter_recovering(&self) -> bool {
+        self.counter_recovering.load(Ordering::SeqCst)
+    }
+
+    /// A shard began re-verifying its rooms.
+    pub fn shard_recovering(&self) {
+        self.shards_recovering.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// A shard's rooms all answered its re-verification.
+    pub fn shard_recovered(&self) {
+        let _ = self
+            .shards_recovering
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+    }
+
+    /// Shards re-verifying their rooms now.
+    pub fn shards_recovering(&self) -> usize {
+        self.shards_recovering.load(Ordering::SeqCst)
+    }
 }
 
 #[cfg(test)]

@@ -44,7 +44,7 @@ use crate::{
     metrics::StorageOp,
     protocol::{code, PageId, ProtocolError, Tally, SITE_LINK},
     storage::{RoomRecord, Storage},
-    supervise::{contain, ActorKind},
+    supervise::{contain, ActorKind, Recovering},
     time::now_ms,
     visitor::{VisitorKey, Visitors},
 };
@@ -123,6 +123,8 @@ pub struct SaveRecord;
 #[rtype(result = "()")]
 pub struct Reverify {
     pub forwarded: u64,
+    /// The shard's recovery, over once every room dropped its message.
+    pub recovering: Arc<Recovering>,
 }
 
 /// Test hook: scramble the room's derived state and panic in the handler,

@@ -196,7 +196,7 @@ impl Shard {
     /// After a panic: recounts this shard's rooms in `rooms_alive`, drops
     /// its idle listings, and has every room re-verify (module doc).
     fn recover(&mut self) {
-        self.health.shard_recovering();
+        let recovering = self.health.shard_recovering();
         let have = self.rooms.len();
         if have > self.counted {
             self.rooms_alive
@@ -208,22 +208,17 @@ impl Shard {
         self.counted = have;
         let index = self.index;
         self.idle().order.retain(|_, r| r.shard != index);
-        let mut answers = Vec::with_capacity(have);
         for slot in self.rooms.values_mut() {
             slot.idle = None;
             slot.forwarded += 1;
-            let forwarded = slot.forwarded;
-            answers.push(slot.addr.send(Reverify { forwarded }));
+            // In order with the messages routed before (`do_send` never
+            // waits for room in the mailbox, so nothing overtakes it).
+            slot.addr.do_send(Reverify {
+                forwarded: slot.forwarded,
+                recovering: recovering.clone(),
+            });
         }
         tracing::warn!(shard = index, rooms = have, "shard re-verifying its rooms");
-        let health = self.health.clone();
-        actix::spawn(async move {
-            for answer in answers {
-                // A room that stopped meanwhile has nothing to verify.
-                let _ = answer.await;
-            }
-            health.shard_recovered();
-        });
     }
 
     fn idle(&self) -> std::sync::MutexGuard<'_, IdleRooms> {

@@ -15,7 +15,10 @@
 
 use std::{
     panic::{self, AssertUnwindSafe},
-    sync::atomic::{AtomicBool, AtomicUsize, Ordering},
+    sync::{
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+        Arc,
+    },
 };
 
 use actix::{dev::MessageResponse, dev::OneshotSender, Actor, Message};
@@ -95,6 +98,16 @@ pub fn injected_panic(actor: ActorKind) -> ! {
     panic!("panic injected by a test in the {}", actor.as_str())
 }
 
+/// A shard's recovery in progress (see [`Health::shard_recovering`]).
+#[derive(Debug)]
+pub struct Recovering(Arc<Health>);
+
+impl Drop for Recovering {
+    fn drop(&mut self) {
+        self.0.shards_recovering.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// A handler's reply, or none when its body panicked: the asker's `send`
 /// then fails (`MailboxError::Closed`) at once, as for an actor that is
 /// down (a read answers 503, never waits for a value that will not come).
@@ -134,16 +147,12 @@ impl Health {
         self.counter_recovering.load(Ordering::SeqCst)
     }
 
-    /// A shard began re-verifying its rooms.
-    pub fn shard_recovering(&self) {
+    /// A shard began re-verifying its rooms: recovering until the returned
+    /// token's last clone is dropped (each of its messages to a room holds
+    /// one, dropped once handled, or with the room if it stopped).
+    pub fn shard_recovering(self: &Arc<Self>) -> Arc<Recovering> {
         self.shards_recovering.fetch_add(1, Ordering::SeqCst);
-    }
-
-    /// A shard's rooms all answered its re-verification.
-    pub fn shard_recovered(&self) {
-        let _ = self
-            .shards_recovering
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+        Arc::new(Recovering(self.clone()))
     }
 
     /// Shards re-verifying their rooms now.
@@ -164,5 +173,23 @@ mod tests {
         assert_eq!(p.handling, "Join");
         assert_eq!(p.message, "boom 7");
         assert_eq!(contain(ActorKind::Counter, "X", || 5).unwrap(), 5);
+    }
+
+    #[test]
+    fn a_shard_recovers_when_its_last_token_is_dropped() {
+        let health = Arc::new(Health::default());
+        let token = health.shard_recovering();
+        let rooms: Vec<_> = (0..3).map(|_| token.clone()).collect();
+        drop(token);
+        assert_eq!(health.shards_recovering(), 1);
+        drop(rooms);
+        assert_eq!(health.shards_recovering(), 0);
+        // No rooms: recovered as soon as the shard lets go.
+        drop(health.shard_recovering());
+        assert_eq!(health.shards_recovering(), 0);
+        health.counter_panicked();
+        assert!(health.counter_recovering());
+        health.counter_rebuilt();
+        assert!(!health.counter_recovering());
     }
 }

@@ -799,11 +799,13 @@ async fn readyz(state: web::Data<AppState>) -> HttpResponse {
         }));
     }
     if state.health.counter_recovering() {
-        return not_ready("counter is recovering from a panic".into());
+        return not_ready("counter is recovering from a panic or fault".into());
     }
     let shards = state.health.shards_recovering();
     if shards > 0 {
-        return not_ready(format!("{shards} shard(s) recovering from a panic"));
+        return not_ready(format!(
+            "{shards} shard(s) re-verifying their rooms after a panic"
+        ));
     }
     match tokio::time::timeout(Duration::from_secs(2), state.counter.send(GetStatus)).await {
         Ok(Ok(s)) if !s.rebuilding => {

@@ -125,15 +125,16 @@ impl<A: Actor, M: Message, R: MessageResponse<A, M>> MessageResponse<A, M> for A
 /// counter, shards and HTTP workers.
 #[derive(Debug, Default)]
 pub struct Health {
-    /// The counter panicked and has not finished rebuilding since.
+    /// The counter failed and has not finished rebuilding since.
     counter_recovering: AtomicBool,
     /// Shards re-verifying their rooms after a panic.
     shards_recovering: AtomicUsize,
 }
 
 impl Health {
-    /// The counter panicked: not ready until [`Health::counter_rebuilt`].
-    pub fn counter_panicked(&self) {
+    /// The counter panicked or found its state inconsistent, and restarts:
+    /// not ready until [`Health::counter_rebuilt`].
+    pub fn counter_failed(&self) {
         self.counter_recovering.store(true, Ordering::SeqCst);
     }
 
@@ -142,7 +143,7 @@ impl Health {
         self.counter_recovering.store(false, Ordering::SeqCst);
     }
 
-    /// True between a counter panic and the end of the rebuild that follows.
+    /// True between a counter failure and the end of the rebuild that follows.
     pub fn counter_recovering(&self) -> bool {
         self.counter_recovering.load(Ordering::SeqCst)
     }
@@ -187,7 +188,7 @@ mod tests {
         // No rooms: recovered as soon as the shard lets go.
         drop(health.shard_recovering());
         assert_eq!(health.shards_recovering(), 0);
-        health.counter_panicked();
+        health.counter_failed();
         assert!(health.counter_recovering());
         health.counter_rebuilt();
         assert!(!health.counter_recovering());

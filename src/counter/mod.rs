@@ -9,7 +9,9 @@
 //! body and every timer runs through [`supervise::contain`]: a panic there is
 //! caught (logged, counted), the server's [`Health`] says the counter is
 //! recovering, a read gets no answer (its `send` fails at once, so HTTP
-//! answers 503) and the actor stops. The supervisor then calls
+//! answers 503) and the actor stops. So does a dispatch after which the
+//! state reports an inconsistency (`State::take_fault`: a page's subscriber
+//! that is no follower room, whose connections would never hear of it). The supervisor then calls
 //! [`Supervised::restarting`], which drops all live state, and `started`
 //! asks every shard to re-report its rooms: rooms are the source of truth,
 //! so counts stay exact across a counter restart. Readiness returns once
@@ -462,7 +464,7 @@ impl Counter {
         match contain(ActorKind::Counter, handling, || body(self, ctx)) {
             Ok(r) => Some(r),
             Err(_) => {
-                self.health.counter_panicked();
+                self.health.counter_failed();
                 ctx.stop();
                 None
             }
@@ -587,7 +589,11 @@ impl Counter {
                 });
             });
         }
-        if self.health.counter_recovering() && !self.state.rebuilding() && self.generation > 0 {
+        if let Some(fault) = self.state.take_fault() {
+            tracing::error!(fault, "counter state inconsistent; restarting");
+            self.health.counter_failed();
+            ctx.stop();
+        } else if self.health.counter_recovering() && !self.state.rebuilding() {
             self.health.counter_rebuilt();
         }
     }
@@ -823,7 +829,7 @@ impl Actor for Counter {
                 // Not stopped at once (a panic at every start would spin):
                 // the supervisor tries again a second later.
                 Err(_) => {
-                    self.health.counter_panicked();
+                    self.health.counter_failed();
                     ctx.run_later(Duration::from_secs(1), |_, ctx| ctx.stop());
                     None
                 }

@@ -284,6 +284,8 @@ pub struct State<R> {
     page_of: PageOf<R>,
     /// What publishing may still spend.
     budget: Budget,
+    /// An inconsistency found in the state: the actor restarts and rebuilds.
+    fault: Option<&'static str>,
 }
 
 impl<R: Clone> State<R> {
@@ -312,6 +314,7 @@ impl<R: Clone> State<R> {
                 tokens: 0.0,
                 at: None,
             },
+            fault: None,
         }
     }
 
@@ -804,9 +807,13 @@ impl<R: Clone> State<R> {
             self.last_publish = Some(now);
         }
         for (room, changes) in outbox {
-            if let Some(f) = self.followers.get(&room) {
-                let to = f.to.clone();
-                out.sent.push(Effect::Counts { to, changes, since });
+            match self.followers.get(&room) {
+                Some(f) => {
+                    let to = f.to.clone();
+                    out.sent.push(Effect::Counts { to, changes, since });
+                }
+                // Its connections would never hear of these pages again.
+                None => self.fault = Some("a page's subscriber is not a follower room"),
             }
         }
         // What the budget deferred goes at the end of the next interval.
@@ -963,6 +970,7 @@ impl<R: Clone> State<R> {
         self.loading.clear();
         self.rebuild = None;
         self.publish_scheduled = false;
+        self.fault = None;
     }
 
     /// Starts a rebuild: every shard re-reports its rooms (and, in cluster
@@ -1104,6 +1112,11 @@ impl<R: Clone> State<R> {
             e.dirty = false;
             self.unsaved.push_back((p.clone(), e.stats.clone()));
         }
+    }
+
+    /// The inconsistency found since the last call, if any.
+    pub fn take_fault(&mut self) -> Option<&'static str> {
+        self.fault.take()
     }
 
     /// True while stats wait in the write queue.
@@ -1400,6 +1413,8 @@ mod tests {
         }
 
         fn take(&mut self, out: Outbox<u64>, inputs: &mut VecDeque<Input>) {
+            // The state never finds itself inconsistent under any input.
+            assert_eq!(self.state.take_fault(), None);
             if let Some(d) = out.publish_in {
                 self.due = Some(self.now + d);
             }

@@ -8,6 +8,8 @@
 
 use std::collections::BTreeMap;
 
+use actix::MailboxError;
+
 use link_counter::{
     counter::InjectPanic,
     protocol::PageId,
@@ -15,7 +17,7 @@ use link_counter::{
     shard::{PanicShard, RoomOf},
 };
 
-use crate::helpers::{counts, eventually, http_get, spawn_app, Client, TestApp};
+use crate::helpers::{counts, eventually, http_get, spawn_app, Client, TestApp, PATIENCE};
 
 /// `link_counter_actor_panics_total{actor}` as the admin listener serves it.
 async fn panics(app: &TestApp, actor: &str) -> f64 {
@@ -67,7 +69,9 @@ async fn a_counter_panic_is_contained_and_counts_rebuilt() {
     converge(&mut obs, &[("cp-1", 2), ("cp-2", 1), ("cp-3", 0)], 2).await;
 
     let before = panics(&app, "counter").await;
-    app.counter.do_send(InjectPanic);
+    // The asker of the panicked handler gets an error, not a wait.
+    let asked = tokio::time::timeout(PATIENCE, app.counter.send(InjectPanic)).await;
+    assert!(matches!(asked, Ok(Err(MailboxError::Closed))), "{asked:?}");
     contained(&app, "counter", before).await;
     // Whatever the panic scrambled is rebuilt from the rooms.
     converge(&mut obs, &[("cp-1", 2), ("cp-2", 1), ("cp-3", 0)], 2).await;

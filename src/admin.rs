@@ -484,10 +484,7 @@ async fn stored_history(req: &HttpRequest, ops: &Ops, page: Option<PageId>) -> H
                 ),
             )
         }
-        Ok(Ok(Err(e))) => {
-            tracing::error!(error = %e, "history read failed");
-            return counter_unavailable();
-        }
+        // A storage error is logged and counted by the counter.
         _ => return counter_unavailable(),
     };
     let points = series

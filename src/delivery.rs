@@ -73,7 +73,7 @@ pub enum End {
 
 /// Pending counts of a connection.
 #[derive(Debug, Default)]
-enum Counts {
+enum PendingCounts {
     /// Nothing to send.
     #[default]
     Nothing,
@@ -92,7 +92,7 @@ enum Counts {
 
 #[derive(Debug, Default)]
 struct Pending {
-    counts: Counts,
+    counts: PendingCounts,
     notice: Option<ByteString>,
     end: Option<End>,
     /// Something was put here since the session last looked.
@@ -163,18 +163,18 @@ impl Mailbox {
     /// Merges a delta: each of its ids takes its new value.
     pub fn update(&self, update: &Arc<Update>) {
         self.put(|p| match &mut p.counts {
-            Counts::Nothing => p.counts = Counts::One(update.clone()),
-            Counts::One(first) => {
+            PendingCounts::Nothing => p.counts = PendingCounts::One(update.clone()),
+            PendingCounts::One(first) => {
                 let mut values = first.values.clone();
                 merge(&mut values, &update.values);
                 let since = oldest(first.since, update.since);
-                p.counts = Counts::Merged {
+                p.counts = PendingCounts::Merged {
                     values,
                     since,
                     visitors: update.visitors,
                 };
             }
-            Counts::Merged {
+            PendingCounts::Merged {
                 values,
                 since,
                 visitors,
@@ -190,13 +190,13 @@ impl Mailbox {
     /// connection's (new) link set: it carries the latest value of every id
     /// the connection follows, and ids it no longer follows are dropped.
     pub fn replace(&self, full: Arc<Update>) {
-        self.put(|p| p.counts = Counts::One(full));
+        self.put(|p| p.counts = PendingCounts::One(full));
     }
 
     /// Drops the pending counts (not the notice or the end): the
     /// connection subscribed anew, and its full update follows.
     pub fn discard_counts(&self) {
-        self.lock().counts = Counts::Nothing;
+        self.lock().counts = PendingCounts::Nothing;
     }
 
     /// Sets the notice to send (an `error` message); a later one replaces it.
@@ -219,7 +219,7 @@ impl Mailbox {
         let mut p = self.lock();
         p.signalled = false;
         if let Some(end) = p.end.clone() {
-            p.counts = Counts::Nothing;
+            p.counts = PendingCounts::Nothing;
             p.notice = None;
             return Taken {
                 end: Some(end),
@@ -227,9 +227,9 @@ impl Mailbox {
             };
         }
         let update = match std::mem::take(&mut p.counts) {
-            Counts::Nothing => None,
-            Counts::One(u) => Some((u.text.clone(), u.since)),
-            Counts::Merged {
+            PendingCounts::Nothing => None,
+            PendingCounts::One(u) => Some((u.text.clone(), u.since)),
+            PendingCounts::Merged {
                 values,
                 since,
                 visitors,

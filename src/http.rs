@@ -46,6 +46,7 @@ use crate::{
     session::{self, SessionContext},
     shard::Shards,
     storage::Storage,
+    supervise::Health,
     visitor::{self, NodeVisitors},
 };
 
@@ -85,6 +86,8 @@ pub struct AppState {
     pub cluster: Option<crate::cluster::ClusterHealth>,
     /// Distinct visitors across the node (sessions join and leave it).
     pub visitors: Arc<NodeVisitors>,
+    /// The actors' recovery after a panic (`/readyz`).
+    pub health: Arc<Health>,
 }
 
 /// Registers every route.
@@ -778,7 +781,8 @@ async fn healthz() -> HttpResponse {
     plain(actix_web::http::StatusCode::OK, "ok")
 }
 
-/// 200 when storage answers and the counter is not rebuilding; 503 with a reason otherwise.
+/// 200 when storage answers, no actor is recovering from a panic and the
+/// counter is not rebuilding; 503 with a reason otherwise.
 async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     let not_ready = |reason: String| {
         HttpResponse::ServiceUnavailable().json(ReadinessBody {
@@ -798,6 +802,15 @@ async fn readyz(state: web::Data<AppState>) -> HttpResponse {
             status: Readiness::Degraded,
             reason: Some("cluster: redis unreachable; serving local counts"),
         });
+    }
+    if state.health.counter_recovering() {
+        return not_ready("counter is recovering from a panic or fault".into());
+    }
+    let shards = state.health.shards_recovering();
+    if shards > 0 {
+        return not_ready(format!(
+            "{shards} shard(s) re-verifying their rooms after a panic"
+        ));
     }
     match tokio::time::timeout(Duration::from_secs(2), state.counter.send(GetStatus)).await {
         Ok(Ok(s)) if !s.rebuilding => HttpResponse::Ok().json(ReadinessBody {

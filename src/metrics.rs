@@ -41,6 +41,7 @@
 //! | `link_counter_rooms_evicted_total` | counter | `why` | idle rooms stopped: `idle` (after `room.idle_timeout`), `cap` (to let a new page in at `limits.max_rooms`) |
 //! | `link_counter_counter_restarts_total` | counter | | supervised restarts of the counter |
 //! | `link_counter_actor_panics_total` | counter | `actor` | panics caught in an actor's handler (`counter`, `cluster`, `shard`, `room`); each is logged and the actor recovered |
+//! | `link_counter_storage_errors_total` | counter | `op` | storage calls that failed at run time, by [`StorageOp`]; each is logged at `warn` and retried or skipped |
 //!
 //! Cluster mode (recorded by the cluster module):
 //!
@@ -86,6 +87,7 @@ pub const SWEEP_REMOVED: &str = "link_counter_sweep_removed_total";
 pub const ROOMS_EVICTED: &str = "link_counter_rooms_evicted_total";
 pub const COUNTER_RESTARTS: &str = "link_counter_counter_restarts_total";
 pub const ACTOR_PANICS: &str = "link_counter_actor_panics_total";
+pub const STORAGE_ERRORS: &str = "link_counter_storage_errors_total";
 
 pub const REDIS_RTT: &str = "link_counter_redis_rtt_seconds";
 pub const REDIS_RECONNECTS: &str = "link_counter_redis_reconnects_total";
@@ -277,6 +279,10 @@ fn describe() {
     describe_counter!(ROOMS_EVICTED, "Idle rooms stopped");
     describe_counter!(COUNTER_RESTARTS, "Supervised restarts of the counter");
     describe_counter!(ACTOR_PANICS, "Panics caught in actor handlers, by actor");
+    describe_counter!(
+        STORAGE_ERRORS,
+        "Storage calls that failed at run time, by op"
+    );
     describe_histogram!(REDIS_RTT, Unit::Seconds, "Redis command round-trip time");
     describe_counter!(REDIS_RECONNECTS, "Reconnections to Redis");
     describe_counter!(CLUSTER_NODES_REAPED, "Dead nodes whose counts were removed");
@@ -309,6 +315,9 @@ fn init_counters() {
     }
     for actor in ["counter", "cluster", "shard", "room"] {
         counter!(ACTOR_PANICS, "actor" => actor).increment(0);
+    }
+    for op in StorageOp::ALL {
+        counter!(STORAGE_ERRORS, "op" => op.label()).increment(0);
     }
     for what in ["pages", "stats_records", "room_records"] {
         counter!(EVICTED, "what" => what).increment(0);
@@ -641,6 +650,62 @@ pub fn evicted(what: Evicted, n: usize) {
     if n > 0 {
         counter!(EVICTED, "what" => label).increment(n as u64);
     }
+}
+
+/// The `op` label of [`STORAGE_ERRORS`]: what a failed storage call did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StorageOp {
+    /// A chunk of stats records written (kept queued, retried).
+    WriteStats,
+    /// History peaks written (kept queued, retried).
+    WriteHistory,
+    /// A page's stats read (the page starts from empty stats).
+    ReadStats,
+    /// A history read (the API answers 503).
+    ReadHistory,
+    /// Records past `storage.max_records` deleted.
+    Trim,
+    /// Room or stats records past their retention deleted.
+    Expire,
+    /// The database flushed to disk.
+    Flush,
+    /// A room record written (retried at the room's next change).
+    WriteRoom,
+    /// A room record read (the room starts without its outbound links).
+    ReadRoom,
+}
+
+impl StorageOp {
+    pub const ALL: [StorageOp; 9] = [
+        StorageOp::WriteStats,
+        StorageOp::WriteHistory,
+        StorageOp::ReadStats,
+        StorageOp::ReadHistory,
+        StorageOp::Trim,
+        StorageOp::Expire,
+        StorageOp::Flush,
+        StorageOp::WriteRoom,
+        StorageOp::ReadRoom,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            StorageOp::WriteStats => "write_stats",
+            StorageOp::WriteHistory => "write_history",
+            StorageOp::ReadStats => "read_stats",
+            StorageOp::ReadHistory => "read_history",
+            StorageOp::Trim => "trim",
+            StorageOp::Expire => "expire",
+            StorageOp::Flush => "flush",
+            StorageOp::WriteRoom => "write_room",
+            StorageOp::ReadRoom => "read_room",
+        }
+    }
+}
+
+/// A storage call of kind `op` failed at run time.
+pub fn storage_error(op: StorageOp) {
+    counter!(STORAGE_ERRORS, "op" => op.label()).increment(1);
 }
 
 // ---------------------------------------------------------------- cluster

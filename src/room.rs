@@ -12,6 +12,19 @@
 //! Delivery never waits and never cuts a connection off: a count goes into
 //! the connection's mailbox, where it merges with whatever its session has
 //! not taken yet.
+//!
+//! Recovery: the connection list (each connection's mailbox, visitor and
+//! link set) is the source of truth of the page's count; everything else is
+//! derived from it or from the counter. Every handler's body and timer runs
+//! through [`crate::supervise::contain`]. After a caught panic the room first
+//! applies what the interrupted message meant to the list (a `Join` adds its
+//! connection, a `Leave` removes it, a `SetLinks` sets its links), then
+//! rebuilds the rest from the list: visitors and followed links recounted,
+//! the cache dropped, its whole state sent to the counter (`RoomState`,
+//! which replaces what the counter knew of this room, then a `Subscribe` of
+//! every link), and each connection that follows links waits for its full
+//! update from the counter's answer. No connection is closed, and every
+//! value a connection is shown still comes from the counter, in order.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -28,8 +41,10 @@ use crate::{
         Unsubscribe,
     },
     delivery::{ConnId, End, Mailbox, Update},
+    metrics::StorageOp,
     protocol::{ErrorCode, PageId, ProtocolError, Tally, SITE_LINK},
     storage::{RoomRecord, Storage},
+    supervise::{contain, ActorKind, Recovering},
     time::now_ms,
     visitor::{VisitorKey, Visitors},
 };
@@ -100,6 +115,24 @@ pub struct StopRoom;
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct SaveRecord;
+
+/// Shard -> room, after the shard's own panic: every routed message before
+/// this one is handled, so `forwarded` is the count handled; rebuild and
+/// re-report everything (a delivery the shard's panic cut may be missing).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Reverify {
+    pub forwarded: u64,
+    /// The shard's recovery, over once every room dropped its message.
+    pub recovering: Arc<Recovering>,
+}
+
+/// Test hook: scramble the room's derived state and panic in the handler,
+/// as a bug would (contained: the room rebuilds from its connections).
+#[cfg(feature = "test-hooks")]
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct PanicRoom;
 
 // ---------------------------------------------------------------- state
 
@@ -216,6 +249,9 @@ pub struct PageRoom {
     closing: bool,
     /// A record write is scheduled.
     save_scheduled: bool,
+    /// The counter's resync a panic interrupted the report of (0: none):
+    /// the recovery's state report answers it.
+    resync_epoch: u64,
 }
 
 impl PageRoom {
@@ -248,6 +284,7 @@ impl PageRoom {
             dirty: false,
             closing: false,
             save_scheduled: false,
+            resync_epoch: 0,
         }
     }
 
@@ -292,11 +329,80 @@ impl PageRoom {
         self.dirty = true;
         if !self.save_scheduled {
             self.save_scheduled = true;
-            ctx.run_later(self.settings.storage.snapshot_interval, |act, _| {
+            ctx.run_later(self.settings.storage.snapshot_interval, |act, ctx| {
                 act.save_scheduled = false;
-                act.save();
+                act.guard(ctx, "save timer", |act, _| act.save(), |_| {});
             });
         }
+    }
+
+    /// Runs one handler's (or timer's) body through [`contain`]. After a
+    /// panic, `settle` applies what the message meant to the connection
+    /// list, and the room rebuilds from it ([`PageRoom::recover`]); `None` then.
+    fn guard<R>(
+        &mut self,
+        ctx: &mut Context<Self>,
+        handling: &'static str,
+        body: impl FnOnce(&mut Self, &mut Context<Self>) -> R,
+        settle: impl FnOnce(&mut Self),
+    ) -> Option<R> {
+        match contain(ActorKind::Room, handling, || body(self, ctx)) {
+            Ok(r) => Some(r),
+            Err(_) => {
+                settle(self);
+                self.recover(ctx);
+                None
+            }
+        }
+    }
+
+    /// Rebuilds everything derived from the connection list after a panic
+    /// (see the module doc) and tells the counter the room's whole state.
+    fn recover(&mut self, ctx: &mut Context<Self>) {
+        let req = self.last_req + 1;
+        self.last_req = req;
+        let mut visitors = Visitors::default();
+        let mut refs: HashMap<PageId, Followed> = HashMap::new();
+        for conn in self.conns.values_mut() {
+            visitors.add(conn.visitor);
+            for link in &conn.links {
+                refs.entry(link.clone())
+                    .or_insert(Followed { conns: 0, req })
+                    .conns += 1;
+            }
+            if !conn.links.is_empty() {
+                // Its full update comes with the counter's answer.
+                conn.mailbox.discard_counts();
+                conn.pending = true;
+            }
+        }
+        self.visitors = visitors;
+        self.refs = refs;
+        self.cache.clear();
+        let to = self.handle(ctx);
+        let links: Vec<PageId> = self.refs.keys().cloned().collect();
+        // Replaces what the counter knew of this room (links it followed
+        // for it, its tally), then asks for the counts of every link.
+        self.counter.do_send(RoomState {
+            epoch: std::mem::take(&mut self.resync_epoch),
+            room: self.id,
+            to: to.clone(),
+            page: self.page.clone(),
+            tally: self.tally(),
+            links: links.clone(),
+        });
+        if !links.is_empty() {
+            self.counter.do_send(Subscribe {
+                room: self.id,
+                to,
+                links,
+                req,
+            });
+        }
+        self.report_count();
+        self.mark_dirty(ctx);
+        self.report_if_idle();
+        tracing::warn!(page = %self.page, connections = self.conns.len(), "room rebuilt from its connections");
     }
 
     fn save(&mut self) {
@@ -326,7 +432,10 @@ impl PageRoom {
         };
         match self.storage.save_room(&self.page, &record) {
             Ok(()) => self.dirty = false,
-            Err(e) => tracing::error!(page = %self.page, error = %e, "room record write failed"),
+            Err(e) => {
+                tracing::warn!(op = StorageOp::WriteRoom.label(), error = %e, "room record write failed; retried at the room's next change");
+                crate::metrics::storage_error(StorageOp::WriteRoom);
+            }
         }
     }
 
@@ -471,24 +580,36 @@ impl Actor for PageRoom {
     type Context = Context<Self>;
 
     fn started(&mut self, _: &mut Context<Self>) {
+        // A panic here leaves the room without its outbound links (logged, counted).
+        let _ = contain(ActorKind::Room, "start", || self.load_record());
+    }
+
+    fn stopped(&mut self, _: &mut Context<Self>) {
+        let _ = contain(ActorKind::Room, "stop", || self.save());
+    }
+}
+
+impl PageRoom {
+    /// Restores the page's outbound links from its record.
+    fn load_record(&mut self) {
         match self.storage.load_room(&self.page) {
             Ok(Some(record)) => {
                 self.last_links = record.links.into_iter().map(PageId::from).collect();
             }
             Ok(None) => {}
-            Err(e) => tracing::error!(page = %self.page, error = %e, "room record unreadable"),
+            Err(e) => {
+                tracing::warn!(op = StorageOp::ReadRoom.label(), error = %e, "room record unreadable; starting without its links");
+                crate::metrics::storage_error(StorageOp::ReadRoom);
+            }
         }
     }
 
-    fn stopped(&mut self, _: &mut Context<Self>) {
-        self.save();
-    }
-}
-
-impl Handler<Join> for PageRoom {
-    type Result = ();
-    fn handle(&mut self, msg: Join, ctx: &mut Context<Self>) {
-        self.processed += 1;
+    /// Adds a connection (once: a `Join` a shard routes again after its
+    /// own panic is not counted twice).
+    fn join(&mut self, msg: Join, ctx: &mut Context<Self>) {
+        if self.conns.contains_key(&msg.conn) {
+            return;
+        }
         if self.closing {
             msg.mailbox.end(End::Shutdown);
         }
@@ -507,22 +628,9 @@ impl Handler<Join> for PageRoom {
         self.report_count();
         self.mark_dirty(ctx);
     }
-}
 
-impl Handler<CloseAll> for PageRoom {
-    type Result = ();
-    fn handle(&mut self, _: CloseAll, _: &mut Context<Self>) {
-        self.closing = true;
-        for conn in self.conns.values() {
-            conn.mailbox.end(End::Shutdown);
-        }
-    }
-}
-
-impl Handler<Leave> for PageRoom {
-    type Result = ();
-    fn handle(&mut self, msg: Leave, ctx: &mut Context<Self>) {
-        self.processed += 1;
+    /// Removes a connection and the links only it wanted.
+    fn leave(&mut self, msg: Leave, ctx: &mut Context<Self>) {
         let Some(conn) = self.conns.remove(&msg.conn) else {
             self.report_if_idle();
             return;
@@ -542,10 +650,75 @@ impl Handler<Leave> for PageRoom {
     }
 }
 
+impl Handler<Join> for PageRoom {
+    type Result = ();
+    fn handle(&mut self, msg: Join, ctx: &mut Context<Self>) {
+        self.processed += 1;
+        let (id, mailbox, visitor) = (msg.conn, msg.mailbox.clone(), msg.visitor);
+        let settle = move |act: &mut Self| {
+            // The connection is in the list, once.
+            if act.closing {
+                mailbox.end(End::Shutdown);
+            }
+            act.conns.entry(id).or_insert(Conn {
+                mailbox,
+                links: HashSet::new(),
+                pending: false,
+                visitor,
+                visitors: false,
+            });
+        };
+        self.guard(ctx, "Join", |act, ctx| act.join(msg, ctx), settle);
+    }
+}
+
+impl Handler<CloseAll> for PageRoom {
+    type Result = ();
+    fn handle(&mut self, _: CloseAll, ctx: &mut Context<Self>) {
+        self.closing = true;
+        let close = |act: &mut Self| {
+            for conn in act.conns.values() {
+                conn.mailbox.end(End::Shutdown);
+            }
+        };
+        self.guard(ctx, "CloseAll", |act, _| close(act), close);
+    }
+}
+
+impl Handler<Leave> for PageRoom {
+    type Result = ();
+    fn handle(&mut self, msg: Leave, ctx: &mut Context<Self>) {
+        self.processed += 1;
+        let id = msg.conn;
+        // After a panic: the connection is out of the list.
+        let settle = move |act: &mut Self| {
+            act.conns.remove(&id);
+        };
+        self.guard(ctx, "Leave", |act, ctx| act.leave(msg, ctx), settle);
+    }
+}
+
 impl Handler<SetLinks> for PageRoom {
     type Result = ();
     fn handle(&mut self, msg: SetLinks, ctx: &mut Context<Self>) {
         self.processed += 1;
+        let (id, links, visitors) = (msg.conn, msg.links.clone(), msg.visitors);
+        // After a panic: the connection has its new links and form.
+        let settle = move |act: &mut Self| {
+            if let Some(conn) = act.conns.get_mut(&id) {
+                conn.links = links.into_iter().collect();
+                conn.visitors = visitors;
+            }
+        };
+        self.guard(ctx, "SetLinks", |act, ctx| act.set_links(msg, ctx), settle);
+    }
+}
+
+impl PageRoom {
+    /// Replaces a connection's link set: links it is the first to want are
+    /// subscribed, links nobody wants any more unsubscribed, and it waits
+    /// for its full update.
+    fn set_links(&mut self, msg: SetLinks, ctx: &mut Context<Self>) {
         let Some(conn) = self.conns.get_mut(&msg.conn) else {
             self.report_if_idle();
             return;
@@ -603,16 +776,30 @@ impl Handler<SetLinks> for PageRoom {
 impl Handler<Counts> for PageRoom {
     type Result = ();
     fn handle(&mut self, msg: Counts, ctx: &mut Context<Self>) {
-        if self.apply_counts(msg.changes, msg.since, msg.frames.as_deref()) {
-            self.release_pending();
-            self.mark_dirty(ctx);
-        }
+        self.guard(
+            ctx,
+            "Counts",
+            |act, ctx| {
+                if act.apply_counts(msg.changes, msg.since, msg.frames.as_deref()) {
+                    act.release_pending();
+                    act.mark_dirty(ctx);
+                }
+            },
+            |_| {},
+        );
     }
 }
 
 impl Handler<Subscribed> for PageRoom {
     type Result = ();
     fn handle(&mut self, msg: Subscribed, ctx: &mut Context<Self>) {
+        self.guard(ctx, "Subscribed", |act, ctx| act.answered(msg, ctx), |_| {});
+    }
+}
+
+impl PageRoom {
+    /// The counter's answer to a subscribe: refusals, then counts.
+    fn answered(&mut self, msg: Subscribed, ctx: &mut Context<Self>) {
         // Refusals of links asked for again since are stale: the newer
         // answer decides.
         let refused: Vec<PageId> = msg
@@ -639,14 +826,21 @@ impl Handler<Subscribed> for PageRoom {
 impl Handler<ReportState> for PageRoom {
     type Result = ();
     fn handle(&mut self, msg: ReportState, ctx: &mut Context<Self>) {
-        let to = self.handle(ctx);
-        self.counter.do_send(RoomState {
-            epoch: msg.epoch,
-            room: self.id,
-            to,
-            page: self.page.clone(),
-            tally: self.tally(),
-            links: self.refs.keys().cloned().collect(),
+        let report = |act: &mut Self, ctx: &mut Context<Self>| {
+            let to = act.handle(ctx);
+            act.counter.do_send(RoomState {
+                epoch: msg.epoch,
+                room: act.id,
+                to,
+                page: act.page.clone(),
+                tally: act.tally(),
+                links: act.refs.keys().cloned().collect(),
+            });
+        };
+        // After a panic the recovery's state report answers the resync.
+        let epoch = msg.epoch;
+        self.guard(ctx, "ReportState", report, move |act| {
+            act.resync_epoch = epoch;
         });
     }
 }
@@ -660,8 +854,35 @@ impl Handler<StopRoom> for PageRoom {
 
 impl Handler<SaveRecord> for PageRoom {
     type Result = ();
-    fn handle(&mut self, _: SaveRecord, _: &mut Context<Self>) {
-        self.save();
+    fn handle(&mut self, _: SaveRecord, ctx: &mut Context<Self>) {
+        self.guard(ctx, "SaveRecord", |act, _| act.save(), |_| {});
+    }
+}
+
+impl Handler<Reverify> for PageRoom {
+    type Result = ();
+    fn handle(&mut self, msg: Reverify, ctx: &mut Context<Self>) {
+        self.processed = msg.forwarded;
+        self.guard(ctx, "Reverify", |act, ctx| act.recover(ctx), |_| {});
+    }
+}
+
+#[cfg(feature = "test-hooks")]
+impl Handler<PanicRoom> for PageRoom {
+    type Result = ();
+    fn handle(&mut self, _: PanicRoom, ctx: &mut Context<Self>) {
+        self.guard(
+            ctx,
+            "PanicRoom",
+            |act, _| {
+                // Scramble the derived state the way a bug would.
+                act.visitors = Visitors::default();
+                act.refs.clear();
+                act.cache.clear();
+                crate::supervise::injected_panic(ActorKind::Room)
+            },
+            |_| {},
+        );
     }
 }
 

@@ -29,6 +29,7 @@ use crate::{
     room::CloseAll,
     shard::{SaveAll, Shards, StopShard},
     storage::Storage,
+    supervise::Health,
 };
 
 /// Accept backlog of the public listener: a burst of arrivals (every
@@ -102,13 +103,15 @@ impl Server {
         storage: Storage,
     ) -> anyhow::Result<Server> {
         let settings = Arc::new(settings);
-        let (counter, counter_arbiter) = start_counter(&settings, &storage);
+        let health = Arc::new(Health::default());
+        let (counter, counter_arbiter) = start_counter(&settings, &storage, &health);
         // One shard per HTTP worker, started by the worker itself (`listen`).
         let shards = Shards::new(
             settings.worker_count(),
             counter.clone(),
             storage.clone(),
             settings.clone(),
+            health.clone(),
         );
         let (cluster, cluster_health) = start_cluster(&settings, &counter, &storage)?;
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
@@ -124,6 +127,7 @@ impl Server {
             bots: Arc::new(BotFilter::new(&settings.security.bot_user_agents)),
             cluster: cluster_health,
             visitors: Arc::default(),
+            health,
         };
         counter.do_send(SetSite {
             connections: state.active.clone(),
@@ -242,11 +246,16 @@ impl Server {
 }
 
 /// Starts the counter under a supervisor, on an arbiter (thread) of its own.
-fn start_counter(settings: &Arc<Settings>, storage: &Storage) -> OnArbiter<Counter> {
+fn start_counter(
+    settings: &Arc<Settings>,
+    storage: &Storage,
+    health: &Arc<Health>,
+) -> OnArbiter<Counter> {
     let arbiter = Arbiter::new();
-    let (settings, storage) = (settings.clone(), storage.clone());
-    let counter =
-        Supervisor::start_in_arbiter(&arbiter.handle(), move |_| Counter::new(settings, storage));
+    let (settings, storage, health) = (settings.clone(), storage.clone(), health.clone());
+    let counter = Supervisor::start_in_arbiter(&arbiter.handle(), move |_| {
+        Counter::new(settings, storage, health)
+    });
     (counter, arbiter)
 }
 

@@ -13,6 +13,21 @@
 //! (each shard's timer), or at once when a new page needs a room at
 //! `limits.max_rooms` (the least recently active one goes first, on any
 //! shard). A new page is refused only when no room is idle.
+//!
+//! Recovery: every handler's body and the eviction timer run through
+//! [`crate::supervise::contain`]. A shard that caught a panic keeps serving
+//! and keeps its page → room map: restarting it would lose the map, and
+//! with it the only way to reach the rooms, which hold the connections
+//! (the source of truth). It re-verifies instead: the interrupted message is
+//! finished the safe way (a `Join`, `SetLinks` or `Leave` is routed again,
+//! which a room handles once; a `Join` for a page that has no room is
+//! refused with `overloaded` and 1013, so the client reconnects), its
+//! share of the room count is recounted from the map, its idle listings
+//! are dropped, and every room gets [`Reverify`]: it re-reports its state
+//! and re-subscribes its links (a delivery the panic cut is made good by
+//! the counter's answer) and lists itself idle again if it is. The
+//! server's [`Health`] reports the shard recovering until every room
+//! answered.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -29,13 +44,15 @@ use actix::prelude::*;
 use crate::{
     config::Settings,
     counter::{Counter, Deliver, Frames, Resync, RoomId, SetShards, ShardLink, ShardRooms, ToRoom},
-    delivery::End,
+    delivery::{End, Mailbox},
     metrics::RoomEviction,
     protocol::{close, ErrorCode, PageId, ProtocolError},
     room::{
-        CloseAll, Join, Leave, PageRoom, ReportState, RoomIdle, SaveRecord, SetLinks, StopRoom,
+        CloseAll, Join, Leave, PageRoom, ReportState, Reverify, RoomIdle, SaveRecord, SetLinks,
+        StopRoom,
     },
     storage::Storage,
+    supervise::{contain, ActorKind, Health},
 };
 
 /// Source of room ids, unique in the process.
@@ -78,6 +95,13 @@ pub struct CountRooms;
 #[derive(Message)]
 #[rtype(result = "Option<Addr<PageRoom>>")]
 pub struct RoomOf(pub PageId);
+
+/// Test hook: panic in the shard's handler after scrambling its idle
+/// listings, as a bug would (contained: the shard re-verifies its rooms).
+#[cfg(feature = "test-hooks")]
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct PanicShard;
 
 // ---------------------------------------------------------------- state
 
@@ -129,9 +153,74 @@ pub struct Shard {
     shards: Shards,
     /// Set by [`CloseAll`]: no new rooms, joins are told to close.
     closing: bool,
+    /// This shard's share of `rooms_alive` (recounted after a panic).
+    counted: usize,
+    /// What `/readyz` reads of its recovery.
+    health: Arc<Health>,
 }
 
 impl Shard {
+    /// Counts a room more in `rooms_alive`; returns the count before.
+    fn count_room(&mut self) -> usize {
+        self.counted += 1;
+        self.rooms_alive.fetch_add(1, Ordering::SeqCst)
+    }
+
+    /// Counts a room less in `rooms_alive`.
+    fn uncount_room(&mut self) {
+        self.counted = self.counted.saturating_sub(1);
+        self.rooms_alive.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// Runs one handler's (or timer's) body through [`contain`]. After a
+    /// panic, `settle` finishes the interrupted message the safe way and
+    /// the shard re-verifies its rooms ([`Shard::recover`]); `None` then.
+    fn guard<R>(
+        &mut self,
+        ctx: &mut Context<Self>,
+        handling: &'static str,
+        body: impl FnOnce(&mut Self, &mut Context<Self>) -> R,
+        settle: impl FnOnce(&mut Self),
+    ) -> Option<R> {
+        match contain(ActorKind::Shard, handling, || body(self, ctx)) {
+            Ok(r) => Some(r),
+            Err(_) => {
+                // A second panic here is contained too; the re-verification still runs.
+                let _ = contain(ActorKind::Shard, handling, || settle(self));
+                self.recover();
+                None
+            }
+        }
+    }
+
+    /// After a panic: recounts this shard's rooms in `rooms_alive`, drops
+    /// its idle listings, and has every room re-verify (module doc).
+    fn recover(&mut self) {
+        let recovering = self.health.shard_recovering();
+        let have = self.rooms.len();
+        if have > self.counted {
+            self.rooms_alive
+                .fetch_add(have - self.counted, Ordering::SeqCst);
+        } else {
+            self.rooms_alive
+                .fetch_sub(self.counted - have, Ordering::SeqCst);
+        }
+        self.counted = have;
+        let index = self.index;
+        self.idle().order.retain(|_, r| r.shard != index);
+        for slot in self.rooms.values_mut() {
+            slot.idle = None;
+            slot.forwarded += 1;
+            // In order with the messages routed before (`do_send` never
+            // waits for room in the mailbox, so nothing overtakes it).
+            slot.addr.do_send(Reverify {
+                forwarded: slot.forwarded,
+                recovering: recovering.clone(),
+            });
+        }
+        tracing::warn!(shard = index, rooms = have, "shard re-verifying its rooms");
+    }
+
     fn idle(&self) -> std::sync::MutexGuard<'_, IdleRooms> {
         // The index is never left half-updated, so a poisoned lock is usable.
         self.shards
@@ -169,7 +258,7 @@ impl Shard {
         let Some(slot) = self.rooms.remove(page) else {
             return false;
         };
-        self.rooms_alive.fetch_sub(1, Ordering::SeqCst);
+        self.uncount_room();
         crate::metrics::room_evicted(why);
         tracing::debug!(page = %page, why = why.label(), "idle room stopped");
         slot.addr.do_send(StopRoom);
@@ -249,80 +338,149 @@ impl Actor for Shard {
     fn started(&mut self, ctx: &mut Context<Self>) {
         let every = (self.settings.room.idle_timeout / 4)
             .clamp(Duration::from_millis(10), Duration::from_secs(1));
-        ctx.run_interval(every, |act, _| act.evict_expired());
+        ctx.run_interval(every, |act, ctx| {
+            act.guard(ctx, "eviction timer", |act, _| act.evict_expired(), |_| {});
+        });
     }
 }
 
-impl Handler<Join> for Shard {
-    type Result = ();
-    fn handle(&mut self, msg: Join, ctx: &mut Context<Self>) {
+/// Ends a connection the shard did not place (room cap, or a fault):
+/// `overloaded`, then 1013, so the client reconnects with backoff.
+fn refuse(mailbox: &Mailbox, message: &'static str, reason: &'static str) {
+    crate::metrics::error_sent(ErrorCode::Overloaded);
+    let error = ProtocolError::new(ErrorCode::Overloaded, message);
+    mailbox.end(End::Refuse {
+        error: error.to_json().into(),
+        code: close::TRY_AGAIN_LATER,
+        reason,
+    });
+}
+
+impl Shard {
+    /// Places a connection in its page's room, creating the room if needed.
+    fn join(&mut self, msg: Join, ctx: &mut Context<Self>) {
         if self.closing && !self.rooms.contains_key(&msg.page) {
             msg.mailbox.end(End::Shutdown);
             return;
         }
         if !self.rooms.contains_key(&msg.page) {
             let max = self.settings.limits.max_rooms;
-            if self.rooms_alive.fetch_add(1, Ordering::SeqCst) >= max && !self.make_room() {
-                self.rooms_alive.fetch_sub(1, Ordering::SeqCst);
+            if self.count_room() >= max && !self.make_room() {
+                self.uncount_room();
                 tracing::info!(page = %msg.page, max_rooms = max, "room cap reached; connection refused");
                 crate::metrics::connection_refused(crate::metrics::Refused::MaxRooms);
-                crate::metrics::error_sent(ErrorCode::Overloaded);
-                let error = ProtocolError::new(
-                    ErrorCode::Overloaded,
+                refuse(
+                    &msg.mailbox,
                     "the server holds the most pages it may; try again later",
+                    "overloaded: room limit reached",
                 );
-                msg.mailbox.end(End::Refuse {
-                    error: error.to_json().into(),
-                    code: close::TRY_AGAIN_LATER,
-                    reason: "overloaded: room limit reached",
-                });
                 return;
             }
-            let id = NEXT_ROOM_ID.fetch_add(1, Ordering::Relaxed);
-            let room = PageRoom::new(
-                msg.page.clone(),
-                id,
-                self.index,
-                ctx.address().recipient(),
-                self.counter.clone(),
-                self.storage.clone(),
-                self.settings.clone(),
-            );
-            let addr = room.start();
-            self.rooms.insert(
-                msg.page.clone(),
-                Slot {
-                    addr,
-                    room: id,
-                    forwarded: 0,
-                    idle: None,
-                },
-            );
+            self.open_room(&msg.page, ctx);
         }
         let page = msg.page.clone();
         self.route(&page, msg);
+    }
+
+    /// Starts the room of `page` (already counted in `rooms_alive`).
+    fn open_room(&mut self, page: &PageId, ctx: &mut Context<Self>) {
+        let id = NEXT_ROOM_ID.fetch_add(1, Ordering::Relaxed);
+        let room = PageRoom::new(
+            page.clone(),
+            id,
+            self.index,
+            ctx.address().recipient(),
+            self.counter.clone(),
+            self.storage.clone(),
+            self.settings.clone(),
+        );
+        let addr = room.start();
+        self.rooms.insert(
+            page.clone(),
+            Slot {
+                addr,
+                room: id,
+                forwarded: 0,
+                idle: None,
+            },
+        );
+    }
+}
+
+impl Handler<Join> for Shard {
+    type Result = ();
+    fn handle(&mut self, msg: Join, ctx: &mut Context<Self>) {
+        let again = Join {
+            page: msg.page.clone(),
+            conn: msg.conn,
+            mailbox: msg.mailbox.clone(),
+            visitor: msg.visitor,
+        };
+        // After a panic: the room (which adds a connection once) gets the
+        // join again; without a room the client is told to come back.
+        let settle = |act: &mut Self| {
+            if act.rooms.contains_key(&again.page) {
+                let page = again.page.clone();
+                act.route(&page, again);
+            } else {
+                refuse(
+                    &again.mailbox,
+                    "the server could not place this connection; try again",
+                    "overloaded: internal fault",
+                );
+            }
+        };
+        self.guard(ctx, "Join", |act, ctx| act.join(msg, ctx), settle);
     }
 }
 
 impl Handler<SetLinks> for Shard {
     type Result = ();
-    fn handle(&mut self, msg: SetLinks, _: &mut Context<Self>) {
-        let page = msg.page.clone();
-        self.route(&page, msg);
+    fn handle(&mut self, msg: SetLinks, ctx: &mut Context<Self>) {
+        let again = SetLinks {
+            page: msg.page.clone(),
+            conn: msg.conn,
+            links: msg.links.clone(),
+            visitors: msg.visitors,
+        };
+        let settle = |act: &mut Self| act.route(&again.page.clone(), again);
+        self.guard(
+            ctx,
+            "SetLinks",
+            |act, _| act.route(&msg.page.clone(), msg),
+            settle,
+        );
     }
 }
 
 impl Handler<Leave> for Shard {
     type Result = ();
-    fn handle(&mut self, msg: Leave, _: &mut Context<Self>) {
-        let page = msg.page.clone();
-        self.route(&page, msg);
+    fn handle(&mut self, msg: Leave, ctx: &mut Context<Self>) {
+        let again = Leave {
+            page: msg.page.clone(),
+            conn: msg.conn,
+        };
+        let settle = |act: &mut Self| act.route(&again.page.clone(), again);
+        self.guard(
+            ctx,
+            "Leave",
+            |act, _| act.route(&msg.page.clone(), msg),
+            settle,
+        );
     }
 }
 
 impl Handler<RoomIdle> for Shard {
     type Result = ();
-    fn handle(&mut self, msg: RoomIdle, _: &mut Context<Self>) {
+    fn handle(&mut self, msg: RoomIdle, ctx: &mut Context<Self>) {
+        self.guard(ctx, "RoomIdle", |act, _| act.room_idle(msg), |_| {});
+    }
+}
+
+impl Shard {
+    /// Lists a room that reported itself empty as idle, if no routed
+    /// message is in flight to it.
+    fn room_idle(&mut self, msg: RoomIdle) {
         let index = self.index;
         let Some(slot) = self.rooms.get_mut(&msg.page) else {
             return;
@@ -353,64 +511,86 @@ impl Handler<RoomIdle> for Shard {
 
 impl Handler<Evict> for Shard {
     type Result = ();
-    fn handle(&mut self, msg: Evict, _: &mut Context<Self>) {
+    fn handle(&mut self, msg: Evict, ctx: &mut Context<Self>) {
         let why = if msg.reclaim {
             RoomEviction::Cap
         } else {
             RoomEviction::Idle
         };
-        if !self.evict(&msg.page, msg.room, msg.seq, why) && msg.reclaim {
-            // The room was busy again: keep the promise with another one.
-            self.make_room();
-        }
+        let evict = |act: &mut Self, _: &mut Context<Self>| {
+            if !act.evict(&msg.page, msg.room, msg.seq, why) && msg.reclaim {
+                // The room was busy again: keep the promise with another one.
+                act.make_room();
+            }
+        };
+        self.guard(ctx, "Evict", evict, |_| {});
     }
 }
 
 impl Handler<Deliver> for Shard {
     type Result = ();
     /// Hands a publish's items to their rooms, on this thread; the rooms
-    /// share one [`Frames`] so equal frames are serialized once here.
-    fn handle(&mut self, msg: Deliver, _: &mut Context<Self>) {
-        let frames = Arc::new(Frames::default());
-        for (to, item) in msg.0 {
-            let item = match item {
-                ToRoom::Counts(mut c) => {
-                    c.frames = Some(frames.clone());
-                    ToRoom::Counts(c)
-                }
-                answer => answer,
-            };
-            to.hand(item);
-        }
+    /// share one [`Frames`] so equal frames are serialized once here. (A
+    /// panic may cut the batch: the rooms' re-verification makes it good.)
+    fn handle(&mut self, msg: Deliver, ctx: &mut Context<Self>) {
+        let deliver = |_: &mut Self, _: &mut Context<Self>| {
+            let frames = Arc::new(Frames::default());
+            for (to, item) in msg.0 {
+                let item = match item {
+                    ToRoom::Counts(mut c) => {
+                        c.frames = Some(frames.clone());
+                        ToRoom::Counts(c)
+                    }
+                    answer => answer,
+                };
+                to.hand(item);
+            }
+        };
+        self.guard(ctx, "Deliver", deliver, |_| {});
     }
 }
 
-impl Handler<Resync> for Shard {
-    type Result = ();
-    fn handle(&mut self, msg: Resync, _: &mut Context<Self>) {
+impl Shard {
+    /// Asks every room to report its state for the counter's rebuild
+    /// `epoch`, and tells the counter which rooms it asked.
+    fn resync(&mut self, epoch: u64) {
         let mut rooms = Vec::with_capacity(self.rooms.len());
         for slot in self.rooms.values() {
-            slot.addr.do_send(ReportState { epoch: msg.epoch });
+            slot.addr.do_send(ReportState { epoch });
             rooms.push(slot.room);
         }
         self.counter.do_send(ShardRooms {
-            epoch: msg.epoch,
+            epoch,
             shard: self.index,
             rooms,
         });
     }
 }
 
+impl Handler<Resync> for Shard {
+    type Result = ();
+    fn handle(&mut self, msg: Resync, ctx: &mut Context<Self>) {
+        let epoch = msg.epoch;
+        // After a panic: asked again (a room reports each time; the last counts).
+        let settle = move |act: &mut Self| act.resync(epoch);
+        self.guard(ctx, "Resync", move |act, _| act.resync(epoch), settle);
+    }
+}
+
 impl Handler<SaveAll> for Shard {
     type Result = ResponseFuture<()>;
-    fn handle(&mut self, _: SaveAll, _: &mut Context<Self>) -> Self::Result {
-        let sends: Vec<_> = self
-            .rooms
-            .values()
-            .map(|s| s.addr.send(SaveRecord))
-            .collect();
+    fn handle(&mut self, _: SaveAll, ctx: &mut Context<Self>) -> Self::Result {
+        let sends = self.guard(
+            ctx,
+            "SaveAll",
+            |act, _| {
+                let rooms = act.rooms.values();
+                rooms.map(|s| s.addr.send(SaveRecord)).collect::<Vec<_>>()
+            },
+            |_| {},
+        );
         Box::pin(async move {
-            for s in sends {
+            for s in sends.unwrap_or_default() {
                 let _ = s.await;
             }
         })
@@ -419,11 +599,23 @@ impl Handler<SaveAll> for Shard {
 
 impl Handler<CloseAll> for Shard {
     type Result = ResponseFuture<()>;
-    fn handle(&mut self, _: CloseAll, _: &mut Context<Self>) -> Self::Result {
+    fn handle(&mut self, _: CloseAll, ctx: &mut Context<Self>) -> Self::Result {
         self.closing = true;
-        let sends: Vec<_> = self.rooms.values().map(|s| s.addr.send(CloseAll)).collect();
+        let sends = self.guard(
+            ctx,
+            "CloseAll",
+            |act, _| {
+                let rooms = act.rooms.values();
+                rooms.map(|s| s.addr.send(CloseAll)).collect::<Vec<_>>()
+            },
+            |act| {
+                for s in act.rooms.values() {
+                    s.addr.do_send(CloseAll);
+                }
+            },
+        );
         Box::pin(async move {
-            for s in sends {
+            for s in sends.unwrap_or_default() {
                 let _ = s.await;
             }
         })
@@ -433,12 +625,16 @@ impl Handler<CloseAll> for Shard {
 impl Handler<StopShard> for Shard {
     type Result = ();
     fn handle(&mut self, _: StopShard, ctx: &mut Context<Self>) {
-        let index = self.index;
-        self.idle().order.retain(|_, r| r.shard != index);
-        for (_, slot) in self.rooms.drain() {
-            slot.addr.do_send(StopRoom);
-            self.rooms_alive.fetch_sub(1, Ordering::SeqCst);
-        }
+        let stop = |act: &mut Self, _: &mut Context<Self>| {
+            let index = act.index;
+            act.idle().order.retain(|_, r| r.shard != index);
+            let rooms: Vec<Slot> = act.rooms.drain().map(|(_, slot)| slot).collect();
+            for slot in rooms {
+                slot.addr.do_send(StopRoom);
+                act.uncount_room();
+            }
+        };
+        self.guard(ctx, "StopShard", stop, |_| {});
         ctx.stop();
     }
 }
@@ -451,10 +647,27 @@ impl Handler<RoomOf> for Shard {
     }
 }
 
+#[cfg(feature = "test-hooks")]
+impl Handler<PanicShard> for Shard {
+    type Result = ();
+    fn handle(&mut self, _: PanicShard, ctx: &mut Context<Self>) {
+        let scramble = |act: &mut Self, _: &mut Context<Self>| {
+            // Forget the idle listings the way a bug would, then panic.
+            for slot in act.rooms.values_mut() {
+                slot.idle = None;
+                slot.forwarded += 7;
+            }
+            crate::supervise::injected_panic(ActorKind::Shard)
+        };
+        self.guard(ctx, "PanicShard", scramble, |_| {});
+    }
+}
+
 impl Handler<CountRooms> for Shard {
     type Result = usize;
-    fn handle(&mut self, _: CountRooms, _: &mut Context<Self>) -> usize {
-        self.rooms.len()
+    fn handle(&mut self, _: CountRooms, ctx: &mut Context<Self>) -> usize {
+        self.guard(ctx, "CountRooms", |act, _| act.rooms.len(), |_| {})
+            .unwrap_or(self.rooms.len())
     }
 }
 
@@ -497,6 +710,8 @@ struct ShardsInner {
     rooms_alive: Arc<AtomicUsize>,
     /// The idle rooms of every shard.
     idle: Mutex<IdleRooms>,
+    /// The server's view of its actors' recovery.
+    health: Arc<Health>,
 }
 
 impl Shards {
@@ -506,6 +721,7 @@ impl Shards {
         counter: Addr<Counter>,
         storage: Storage,
         settings: Arc<Settings>,
+        health: Arc<Health>,
     ) -> Shards {
         Shards {
             inner: Arc::new(ShardsInner {
@@ -518,6 +734,7 @@ impl Shards {
                 settings,
                 rooms_alive: Arc::new(AtomicUsize::new(0)),
                 idle: Mutex::new(IdleRooms::default()),
+                health,
             }),
         }
     }
@@ -543,6 +760,8 @@ impl Shards {
             rooms_alive: inner.rooms_alive.clone(),
             shards: self.clone(),
             closing: false,
+            counted: 0,
+            health: inner.health.clone(),
         }
         .start();
         let _ = slot.set(Hosted {

@@ -7,8 +7,21 @@
 //! `link_counter_actor_panics_total{actor}`, and handed back to the handler,
 //! which then stops its actor (its supervisor restarts and rebuilds it from
 //! its source of truth) or does the actor's own recovery.
+//!
+//! [`Health`] is what `/readyz` reads of the actors' recovery, one per
+//! server (tests run several servers in one process). [`Answer`] is a
+//! read's reply that a panicked handler leaves unanswered: the asker's
+//! `send` fails as it would for an actor that is down, instead of waiting.
 
-use std::panic::{self, AssertUnwindSafe};
+use std::{
+    panic::{self, AssertUnwindSafe},
+    sync::{
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+        Arc,
+    },
+};
+
+use actix::{dev::MessageResponse, dev::OneshotSender, Actor, Message};
 
 use crate::metrics;
 
@@ -78,6 +91,77 @@ pub fn contain<R>(
     })
 }
 
+/// Test hook: the panic a test injects in an actor's handler (the one
+/// panic site of the actors, so the counter names none).
+#[cfg(feature = "test-hooks")]
+pub fn injected_panic(actor: ActorKind) -> ! {
+    panic!("panic injected by a test in the {}", actor.as_str())
+}
+
+/// A shard's recovery in progress (see [`Health::shard_recovering`]).
+#[derive(Debug)]
+pub struct Recovering(Arc<Health>);
+
+impl Drop for Recovering {
+    fn drop(&mut self) {
+        self.0.shards_recovering.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// A handler's reply, or none when its body panicked: the asker's `send`
+/// then fails (`MailboxError::Closed`) at once, as for an actor that is
+/// down (a read answers 503, never waits for a value that will not come).
+pub struct Answer<R>(pub Option<R>);
+
+impl<A: Actor, M: Message, R: MessageResponse<A, M>> MessageResponse<A, M> for Answer<R> {
+    fn handle(self, ctx: &mut A::Context, tx: Option<OneshotSender<M::Result>>) {
+        if let Some(reply) = self.0 {
+            reply.handle(ctx, tx);
+        }
+    }
+}
+
+/// The actors' recovery as `/readyz` reports it, shared by one server's
+/// counter, shards and HTTP workers.
+#[derive(Debug, Default)]
+pub struct Health {
+    /// The counter failed and has not finished rebuilding since.
+    counter_recovering: AtomicBool,
+    /// Shards re-verifying their rooms after a panic.
+    shards_recovering: AtomicUsize,
+}
+
+impl Health {
+    /// The counter panicked or found its state inconsistent, and restarts:
+    /// not ready until [`Health::counter_rebuilt`].
+    pub fn counter_failed(&self) {
+        self.counter_recovering.store(true, Ordering::SeqCst);
+    }
+
+    /// The counter's rebuild after a panic completed.
+    pub fn counter_rebuilt(&self) {
+        self.counter_recovering.store(false, Ordering::SeqCst);
+    }
+
+    /// True between a counter failure and the end of the rebuild that follows.
+    pub fn counter_recovering(&self) -> bool {
+        self.counter_recovering.load(Ordering::SeqCst)
+    }
+
+    /// A shard began re-verifying its rooms: recovering until the returned
+    /// token's last clone is dropped (each of its messages to a room holds
+    /// one, dropped once handled, or with the room if it stopped).
+    pub fn shard_recovering(self: &Arc<Self>) -> Arc<Recovering> {
+        self.shards_recovering.fetch_add(1, Ordering::SeqCst);
+        Arc::new(Recovering(self.clone()))
+    }
+
+    /// Shards re-verifying their rooms now.
+    pub fn shards_recovering(&self) -> usize {
+        self.shards_recovering.load(Ordering::SeqCst)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -90,5 +174,23 @@ mod tests {
         assert_eq!(p.handling, "Join");
         assert_eq!(p.message, "boom 7");
         assert_eq!(contain(ActorKind::Counter, "X", || 5).unwrap(), 5);
+    }
+
+    #[test]
+    fn a_shard_recovers_when_its_last_token_is_dropped() {
+        let health = Arc::new(Health::default());
+        let token = health.shard_recovering();
+        let rooms: Vec<_> = (0..3).map(|_| token.clone()).collect();
+        drop(token);
+        assert_eq!(health.shards_recovering(), 1);
+        drop(rooms);
+        assert_eq!(health.shards_recovering(), 0);
+        // No rooms: recovered as soon as the shard lets go.
+        drop(health.shard_recovering());
+        assert_eq!(health.shards_recovering(), 0);
+        health.counter_failed();
+        assert!(health.counter_recovering());
+        health.counter_rebuilt();
+        assert!(!health.counter_recovering());
     }
 }

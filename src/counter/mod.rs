@@ -5,11 +5,22 @@
 //! after the last. The logic is a plain state machine (`state.rs`); the actor
 //! owns it, runs its timers, sends what it returns and writes the stats.
 //!
-//! It runs on its own arbiter under [`actix::Supervisor`]. Its handlers never
-//! panic; when one finds its state inconsistent (or a test injects a fault) it
-//! stops, the supervisor calls [`Supervised::restarting`], which drops all live
-//! state, and `started` then asks every shard to re-report its rooms: rooms are
-//! the source of truth, so counts stay exact across a counter restart.
+//! It runs on its own arbiter under [`actix::Supervisor`]. Every handler's
+//! body and every timer runs through [`supervise::contain`]: a panic there is
+//! caught (logged, counted), the server's [`Health`] says the counter is
+//! recovering, a read gets no answer (its `send` fails at once, so HTTP
+//! answers 503) and the actor stops. So does a dispatch after which the
+//! state reports an inconsistency (`State::take_fault`: a page's subscriber
+//! that is no follower room, whose connections would never hear of it). The supervisor then calls
+//! [`Supervised::restarting`], which drops all live state, and `started`
+//! asks every shard to re-report its rooms: rooms are the source of truth,
+//! so counts stay exact across a counter restart. Readiness returns once
+//! that rebuild completes. A test's injected fault takes the same path
+//! (`ctx.stop()` without a panic).
+//!
+//! Storage errors (stats, history, trim, expiry, flush) are logged at `warn`
+//! with what failed and counted in `link_counter_storage_errors_total{op}`;
+//! the write queue is kept and retried at the next snapshot.
 
 use std::{
     collections::HashMap,
@@ -26,8 +37,10 @@ use crate::{
     cluster::{self, Cluster},
     config::Settings,
     delivery::Update,
+    metrics::StorageOp,
     protocol::{PageId, PageInfo, Tally},
-    storage::{PageStats, Resolution, Storage, SITE},
+    storage::{PageStats, Resolution, Storage, StorageError, SITE},
+    supervise::{contain, ActorKind, Answer, Health},
     time::{now_ms, rfc3339},
     visitor::NodeVisitors,
 };
@@ -39,7 +52,7 @@ use peaks::Peaks;
 
 pub use state::RoomId;
 
-use state::{Effect, LoadStats, Now, Outbox, PageEntry, RoomReport, State, ToCluster};
+use state::{Effect, LoadStats, Now, Outbox, RoomReport, State, ToCluster};
 
 // ---------------------------------------------------------------- messages
 
@@ -295,6 +308,13 @@ pub struct Tracked(pub Vec<PageId>);
 #[rtype(result = "()")]
 pub struct InjectFault;
 
+/// Test hook: scramble the live state and panic in the handler, as a bug
+/// would (contained: the counter restarts and rebuilds from the rooms).
+#[cfg(feature = "test-hooks")]
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct InjectPanic;
+
 /// How many times the counter has (re)started and whether it is rebuilding.
 #[derive(Message)]
 #[rtype(result = "CounterStatus")]
@@ -374,6 +394,22 @@ pub struct Counter {
     site_key: PageId,
     /// The site's figures last applied to its link.
     site_tally: Tally,
+    /// What `/readyz` reads of this counter's recovery.
+    health: Arc<Health>,
+}
+
+/// Logs and counts a storage call that failed at run time.
+fn storage_failed(op: StorageOp, what: &str, e: &StorageError) {
+    tracing::warn!(op = op.label(), error = %e, "{what}");
+    crate::metrics::storage_error(op);
+}
+
+/// Cluster mode: the other nodes' sums to add to some of a read's values.
+struct RemoteFetch {
+    /// The indices, in the read's ids, of the pages fetched.
+    idx: Vec<usize>,
+    /// The request to the cluster module.
+    req: Request<Cluster, cluster::Fetch>,
 }
 
 /// The present, for the state.
@@ -385,10 +421,15 @@ fn now() -> Now {
 }
 
 impl Counter {
-    pub fn new(settings: Arc<Settings>, storage: Storage) -> Counter {
+    pub fn new(settings: Arc<Settings>, storage: Storage, health: Arc<Health>) -> Counter {
         let loader = storage.clone();
-        let load: LoadStats =
-            Box::new(move |page| loader.load_stats(page).ok().flatten().unwrap_or_default());
+        let load: LoadStats = Box::new(move |page| match loader.load_stats(page) {
+            Ok(stats) => stats.unwrap_or_default(),
+            Err(e) => {
+                storage_failed(StorageOp::ReadStats, "stats read failed; empty stats", &e);
+                PageStats::default()
+            }
+        });
         let mut state = State::new(settings.clone(), load);
         state.set_page_of(Box::new(|to: &Arc<RoomHandle>| Some(to.page.clone())));
         Counter {
@@ -406,6 +447,27 @@ impl Counter {
             site: None,
             site_key: PageId::from(SITE),
             site_tally: Tally::ZERO,
+            health,
+        }
+    }
+
+    /// Runs one handler's (or timer's) body through [`contain`]. On a
+    /// panic: the server is told the counter is recovering, and the actor
+    /// stops, so that its supervisor restarts it and it rebuilds from the
+    /// rooms (`None` then).
+    fn guard<R>(
+        &mut self,
+        ctx: &mut Context<Self>,
+        handling: &'static str,
+        body: impl FnOnce(&mut Self, &mut Context<Self>) -> R,
+    ) -> Option<R> {
+        match contain(ActorKind::Counter, handling, || body(self, ctx)) {
+            Ok(r) => Some(r),
+            Err(_) => {
+                self.health.counter_failed();
+                ctx.stop();
+                None
+            }
         }
     }
 
@@ -430,7 +492,7 @@ impl Counter {
         // Unchanged: nothing to publish. A site entry that the sweep removed
         // (or a rebuild dropped) is made again only when it holds someone,
         // so an empty site never stands as a page in the counter.
-        let present = self.state.pages.contains_key(&self.site_key);
+        let present = self.state.tracks(&self.site_key);
         if now_tally == self.site_tally && (present || now_tally == Tally::ZERO) {
             return;
         }
@@ -446,8 +508,8 @@ impl Counter {
             // The site's history is the node's own figures (`observe_site`).
             return;
         }
-        if let Some(e) = self.state.pages.get(page) {
-            self.peaks.observe(page, e.shown(), ms);
+        if let Some(shown) = self.state.shown(page) {
+            self.peaks.observe(page, shown, ms);
         }
         self.observe_site(ms);
     }
@@ -521,9 +583,18 @@ impl Counter {
         }
         if let Some(delay) = out.publish_in {
             ctx.run_later(delay, |act, ctx| {
-                let out = act.state.scheduled_publish(Instant::now());
-                act.dispatch(out, ctx);
+                act.guard(ctx, "publish timer", |act, ctx| {
+                    let out = act.state.scheduled_publish(Instant::now());
+                    act.dispatch(out, ctx);
+                });
             });
+        }
+        if let Some(fault) = self.state.take_fault() {
+            tracing::error!(fault, "counter state inconsistent; restarting");
+            self.health.counter_failed();
+            ctx.stop();
+        } else if self.health.counter_recovering() && !self.state.rebuilding() {
+            self.health.counter_rebuilt();
         }
     }
 
@@ -543,7 +614,7 @@ impl Counter {
     /// never holds the counter away from its messages for long.
     fn snapshot(&mut self, ctx: &mut Context<Self>) {
         self.state.take_dirty();
-        if self.state.unsaved.is_empty() && self.peaks.closed.is_empty() {
+        if !self.state.has_unsaved() && self.peaks.closed.is_empty() {
             self.finish_snapshot(false);
         } else {
             self.save_soon(ctx);
@@ -558,12 +629,12 @@ impl Counter {
         self.saving = true;
         ctx.run_later(Duration::ZERO, |act, ctx| {
             act.saving = false;
-            match act.save_chunk() {
+            act.guard(ctx, "snapshot chunk", |act, ctx| match act.save_chunk() {
                 Ok(true) => act.save_soon(ctx),
                 Ok(false) => act.finish_snapshot(false),
                 // Left queued: the next snapshot tick retries.
                 Err(()) => {}
-            }
+            });
         });
     }
 
@@ -581,7 +652,11 @@ impl Counter {
         let open = self.peaks.in_progress();
         let keep = self.settings.storage.history_retention();
         if let Err(e) = self.storage.save_history(&open, keep) {
-            tracing::error!(error = %e, "history snapshot failed");
+            storage_failed(
+                StorageOp::WriteHistory,
+                "history write of the minutes in progress failed",
+                &e,
+            );
         }
         self.finish_snapshot(true);
     }
@@ -591,17 +666,18 @@ impl Counter {
     /// not give back the space of a peak). True while more is queued.
     fn save_chunk(&mut self) -> Result<bool, ()> {
         let started = Instant::now();
-        let unsaved = &mut self.state.unsaved;
-        let n = unsaved.len().min(SNAPSHOT_CHUNK);
-        let chunk: Vec<(PageId, PageStats)> = unsaved.drain(..n).collect();
+        let chunk = self.state.take_unsaved(SNAPSHOT_CHUNK);
+        let n = chunk.len();
         if let Err(e) = self
             .storage
             .save_stats(chunk.iter().map(|(p, s)| (&**p, s)))
         {
-            tracing::error!(error = %e, "stats snapshot failed; will retry");
-            for item in chunk.into_iter().rev() {
-                self.state.unsaved.push_front(item);
-            }
+            storage_failed(
+                StorageOp::WriteStats,
+                "stats write failed; kept queued, retried at the next snapshot",
+                &e,
+            );
+            self.state.requeue_unsaved(chunk);
             return Err(());
         }
         let closed = &mut self.peaks.closed;
@@ -609,7 +685,11 @@ impl Counter {
         let peaks: Vec<_> = closed.drain(..h).collect();
         let keep = self.settings.storage.history_retention();
         if let Err(e) = self.storage.save_history(&peaks, keep) {
-            tracing::error!(error = %e, "history snapshot failed; will retry");
+            storage_failed(
+                StorageOp::WriteHistory,
+                "history write failed; kept queued, retried at the next snapshot",
+                &e,
+            );
             for item in peaks.into_iter().rev() {
                 self.peaks.closed.push_front(item);
             }
@@ -618,7 +698,7 @@ impl Counter {
         self.snapshot_took += started.elapsed();
         self.snapshot_records += n + h;
         self.trim_storage();
-        Ok(!self.state.unsaved.is_empty() || !self.peaks.closed.is_empty())
+        Ok(self.state.has_unsaved() || !self.peaks.closed.is_empty())
     }
 
     /// After the queue is written: metrics, idle pages forgotten (those
@@ -634,16 +714,15 @@ impl Counter {
         crate::metrics::evicted(crate::metrics::Evicted::Pages, forgotten);
         self.trim_storage();
         let storage = self.storage.clone();
-        if wait {
+        let flush = move || {
             if let Err(e) = storage.flush() {
-                tracing::error!(error = %e, "flush failed");
+                storage_failed(StorageOp::Flush, "flush to disk failed", &e);
             }
+        };
+        if wait {
+            flush();
         } else if records > 0 {
-            std::thread::spawn(move || {
-                if let Err(e) = storage.flush() {
-                    tracing::error!(error = %e, "flush failed");
-                }
-            });
+            std::thread::spawn(flush);
         }
     }
 
@@ -666,7 +745,11 @@ impl Counter {
                 }
                 self.state.forget_trimmed(&stats);
             }
-            Err(e) => tracing::error!(error = %e, "record trim failed"),
+            Err(e) => storage_failed(
+                StorageOp::Trim,
+                "trim past storage.max_records failed; retried at the next snapshot",
+                &e,
+            ),
         }
     }
 
@@ -681,7 +764,11 @@ impl Counter {
         let ttl = self.settings.room.storage_ttl.as_millis() as u64;
         match self.storage.expire_rooms(now.saturating_sub(ttl), live) {
             Ok(n) => report.rooms_expired = n,
-            Err(e) => tracing::error!(error = %e, "room record expiry failed"),
+            Err(e) => storage_failed(
+                StorageOp::Expire,
+                "room record expiry failed; retried at the next sweep",
+                &e,
+            ),
         }
         let retention = self.settings.storage.stats_retention.as_millis() as u64;
         match self
@@ -689,7 +776,11 @@ impl Counter {
             .expire_stats(now.saturating_sub(retention), live)
         {
             Ok(n) => report.stats_expired = n,
-            Err(e) => tracing::error!(error = %e, "stats expiry failed"),
+            Err(e) => storage_failed(
+                StorageOp::Expire,
+                "stats expiry failed; retried at the next sweep",
+                &e,
+            ),
         }
         crate::metrics::sweep(
             report.pages_dropped,
@@ -700,17 +791,10 @@ impl Counter {
             pages_dropped = report.pages_dropped,
             rooms_expired = report.rooms_expired,
             stats_expired = report.stats_expired,
-            pages = self.state.pages.len(),
+            pages = self.state.page_count(),
             "sweep"
         );
         report
-    }
-
-    /// Stops on an internal inconsistency; the supervisor rebuilds.
-    #[cfg(feature = "test-hooks")]
-    fn fault(&mut self, ctx: &mut Context<Self>, what: &str) {
-        tracing::error!(fault = what, "counter fault; restarting");
-        ctx.stop();
     }
 }
 
@@ -720,19 +804,36 @@ impl Actor for Counter {
     fn started(&mut self, ctx: &mut Context<Self>) {
         self.generation += 1;
         let s = &self.settings;
-        ctx.run_interval(s.storage.snapshot_interval, |act, ctx| act.snapshot(ctx));
-        ctx.run_interval(s.counter.sweep_interval, |act, _| {
-            act.sweep();
+        ctx.run_interval(s.storage.snapshot_interval, |act, ctx| {
+            act.guard(ctx, "snapshot timer", |act, ctx| act.snapshot(ctx));
+        });
+        ctx.run_interval(s.counter.sweep_interval, |act, ctx| {
+            act.guard(ctx, "sweep timer", |act, _| act.sweep());
         });
         ctx.run_interval(Duration::from_millis(100), |act, ctx| {
-            let out = act.state.tick(Instant::now());
-            act.dispatch(out, ctx);
-            act.update_site(ctx);
+            act.guard(ctx, "tick timer", |act, ctx| {
+                let out = act.state.tick(Instant::now());
+                act.dispatch(out, ctx);
+                act.update_site(ctx);
+            });
         });
-        ctx.run_interval(Duration::from_secs(1), |act, _| act.history_tick());
+        ctx.run_interval(Duration::from_secs(1), |act, ctx| {
+            act.guard(ctx, "history timer", |act, _| act.history_tick());
+        });
         if self.generation > 1 {
-            let out = self.state.begin_rebuild(self.generation, Instant::now());
-            self.dispatch(out, ctx);
+            let rebuild = contain(ActorKind::Counter, "rebuild", || {
+                self.state.begin_rebuild(self.generation, Instant::now())
+            });
+            match rebuild {
+                Ok(out) => self.guard(ctx, "rebuild", |act, ctx| act.dispatch(out, ctx)),
+                // Not stopped at once (a panic at every start would spin):
+                // the supervisor tries again a second later.
+                Err(_) => {
+                    self.health.counter_failed();
+                    ctx.run_later(Duration::from_secs(1), |_, ctx| ctx.stop());
+                    None
+                }
+            };
         }
     }
 }
@@ -750,138 +851,160 @@ impl Supervised for Counter {
 
 impl Handler<SetShards> for Counter {
     type Result = ();
-    fn handle(&mut self, msg: SetShards, _: &mut Context<Self>) {
-        self.state.set_shards(msg.0.len());
-        self.shards = msg.0;
+    fn handle(&mut self, msg: SetShards, ctx: &mut Context<Self>) {
+        self.guard(ctx, "SetShards", |act, _| {
+            act.state.set_shards(msg.0.len());
+            act.shards = msg.0;
+        });
     }
 }
 
 impl Handler<SetCluster> for Counter {
     type Result = ();
-    fn handle(&mut self, msg: SetCluster, _: &mut Context<Self>) {
-        self.state.set_cluster();
-        self.cluster = Some(msg.0);
+    fn handle(&mut self, msg: SetCluster, ctx: &mut Context<Self>) {
+        self.guard(ctx, "SetCluster", |act, _| {
+            act.state.set_cluster();
+            act.cluster = Some(msg.0);
+        });
     }
 }
 
 impl Handler<SetSite> for Counter {
     type Result = ();
-    fn handle(&mut self, msg: SetSite, _: &mut Context<Self>) {
-        self.site = Some(msg);
+    fn handle(&mut self, msg: SetSite, ctx: &mut Context<Self>) {
+        self.guard(ctx, "SetSite", |act, _| act.site = Some(msg));
     }
 }
 
 impl Handler<cluster::RemoteCounts> for Counter {
     type Result = ();
     fn handle(&mut self, msg: cluster::RemoteCounts, ctx: &mut Context<Self>) {
-        let pages: Vec<PageId> = msg.changes.iter().map(|(p, _)| p.clone()).collect();
-        let out = self.state.remote_counts(msg.changes, Instant::now());
-        let ms = now_ms();
-        for page in &pages {
-            self.observe(page, ms);
-        }
-        self.dispatch(out, ctx);
+        self.guard(ctx, "RemoteCounts", |act, ctx| {
+            let pages: Vec<PageId> = msg.changes.iter().map(|(p, _)| p.clone()).collect();
+            let out = act.state.remote_counts(msg.changes, Instant::now());
+            let ms = now_ms();
+            for page in &pages {
+                act.observe(page, ms);
+            }
+            act.dispatch(out, ctx);
+        });
     }
 }
 
 impl Handler<cluster::Loaded> for Counter {
     type Result = ();
     fn handle(&mut self, msg: cluster::Loaded, ctx: &mut Context<Self>) {
-        let out = self.state.loaded(msg.req, Instant::now());
-        self.dispatch(out, ctx);
+        self.guard(ctx, "Loaded", |act, ctx| {
+            let out = act.state.loaded(msg.req, Instant::now());
+            act.dispatch(out, ctx);
+        });
     }
 }
 
 impl Handler<RoomCount> for Counter {
     type Result = ();
     fn handle(&mut self, msg: RoomCount, ctx: &mut Context<Self>) {
-        let now = now();
-        let out = self.state.room_count(&msg.page, msg.tally, msg.opened, now);
-        self.observe(&msg.page, now.ms);
-        self.dispatch(out, ctx);
+        self.guard(ctx, "RoomCount", |act, ctx| {
+            let now = now();
+            let out = act.state.room_count(&msg.page, msg.tally, msg.opened, now);
+            act.observe(&msg.page, now.ms);
+            act.dispatch(out, ctx);
+        });
     }
 }
 
 impl Handler<Subscribe> for Counter {
     type Result = ();
     fn handle(&mut self, msg: Subscribe, ctx: &mut Context<Self>) {
-        let out = self
-            .state
-            .subscribe(msg.room, msg.to, msg.links, msg.req, Instant::now());
-        self.dispatch(out, ctx);
+        self.guard(ctx, "Subscribe", |act, ctx| {
+            let out = act
+                .state
+                .subscribe(msg.room, msg.to, msg.links, msg.req, Instant::now());
+            act.dispatch(out, ctx);
+        });
     }
 }
 
 impl Handler<Unsubscribe> for Counter {
     type Result = ();
     fn handle(&mut self, msg: Unsubscribe, ctx: &mut Context<Self>) {
-        let out = self.state.unsubscribe(msg.room, &msg.links);
-        self.dispatch(out, ctx);
+        self.guard(ctx, "Unsubscribe", |act, ctx| {
+            let out = act.state.unsubscribe(msg.room, &msg.links);
+            act.dispatch(out, ctx);
+        });
     }
 }
 
 impl Handler<RoomState> for Counter {
     type Result = ();
     fn handle(&mut self, msg: RoomState, ctx: &mut Context<Self>) {
-        let report = RoomReport {
-            epoch: msg.epoch,
-            room: msg.room,
-            to: msg.to,
-            page: msg.page,
-            tally: msg.tally,
-            links: msg.links,
-        };
-        let page = report.page.clone();
-        let out = self.state.room_state(report, Instant::now());
-        self.observe(&page, now_ms());
-        self.dispatch(out, ctx);
+        self.guard(ctx, "RoomState", |act, ctx| {
+            let report = RoomReport {
+                epoch: msg.epoch,
+                room: msg.room,
+                to: msg.to,
+                page: msg.page,
+                tally: msg.tally,
+                links: msg.links,
+            };
+            let page = report.page.clone();
+            let out = act.state.room_state(report, Instant::now());
+            act.observe(&page, now_ms());
+            act.dispatch(out, ctx);
+        });
     }
 }
 
 impl Handler<ShardRooms> for Counter {
     type Result = ();
     fn handle(&mut self, msg: ShardRooms, ctx: &mut Context<Self>) {
-        let out = self
-            .state
-            .shard_rooms(msg.epoch, msg.shard, msg.rooms, Instant::now());
-        self.dispatch(out, ctx);
+        self.guard(ctx, "ShardRooms", |act, ctx| {
+            let out = act
+                .state
+                .shard_rooms(msg.epoch, msg.shard, msg.rooms, Instant::now());
+            act.dispatch(out, ctx);
+        });
     }
 }
 
 impl Counter {
-    /// Cluster mode: the indices of `ids` this node does not follow (their
-    /// shown value lacks the other nodes' counts) and a fetch of those.
-    fn fetch_unfollowed(
-        &self,
-        ids: &[PageId],
-    ) -> Option<(Vec<usize>, Request<Cluster, cluster::Fetch>)> {
+    /// Cluster mode: a fetch of the pages of `ids` this node does not
+    /// follow (their shown value lacks the other nodes' counts).
+    fn fetch_unfollowed(&self, ids: &[PageId]) -> Option<RemoteFetch> {
         let cluster = self.cluster.as_ref()?;
         let idx: Vec<usize> = ids
             .iter()
             .enumerate()
-            .filter(|(_, id)| {
-                self.state
-                    .pages
-                    .get(*id)
-                    .is_none_or(|e| e.subscribers.is_empty())
-            })
+            .filter(|(_, id)| !self.state.is_followed(id))
             .map(|(i, _)| i)
             .collect();
         if idx.is_empty() {
             return None;
         }
         let pages = idx.iter().filter_map(|i| ids.get(*i).cloned()).collect();
-        Some((idx, cluster.send(cluster::Fetch { pages })))
+        let req = cluster.send(cluster::Fetch { pages });
+        Some(RemoteFetch { idx, req })
+    }
+
+    /// The stats of `page`: in memory, else stored (empty if unreadable).
+    fn page_stats(&self, page: &PageId) -> PageStats {
+        if let Some(stats) = self.state.stats(page) {
+            return stats.clone();
+        }
+        match self.storage.load_stats(page) {
+            Ok(stats) => stats.unwrap_or_default(),
+            Err(e) => {
+                storage_failed(StorageOp::ReadStats, "stats read failed; empty stats", &e);
+                PageStats::default()
+            }
+        }
     }
 }
 
-/// Adds fetched remote sums to `values` at `idx` (unchanged if the fetch
-/// failed or took longer than [`FETCH_DEADLINE`]).
-async fn add_fetched(
-    mut values: Vec<Tally>,
-    fetch: Option<(Vec<usize>, Request<Cluster, cluster::Fetch>)>,
-) -> Vec<Tally> {
-    if let Some((idx, req)) = fetch {
+/// Adds fetched remote sums to `values` (unchanged if the fetch failed or
+/// took longer than [`FETCH_DEADLINE`]).
+async fn add_fetched(mut values: Vec<Tally>, fetch: Option<RemoteFetch>) -> Vec<Tally> {
+    if let Some(RemoteFetch { idx, req }) = fetch {
         // A read never waits long for Redis: without an answer it is local only.
         if let Ok(Ok(Some(sums))) = tokio::time::timeout(FETCH_DEADLINE, req).await {
             for (i, sum) in idx.into_iter().zip(sums) {
@@ -895,56 +1018,47 @@ async fn add_fetched(
 }
 
 impl Handler<GetCounts> for Counter {
-    type Result = ResponseFuture<Vec<Tally>>;
-    fn handle(&mut self, msg: GetCounts, _: &mut Context<Self>) -> Self::Result {
-        let values: Vec<Tally> = msg
-            .0
-            .iter()
-            .map(|id| {
-                self.state
-                    .pages
-                    .get(id)
-                    .map_or(Tally::ZERO, PageEntry::shown)
-            })
-            .collect();
-        let fetch = self.fetch_unfollowed(&msg.0);
-        Box::pin(add_fetched(values, fetch))
+    type Result = Answer<ResponseFuture<Vec<Tally>>>;
+    fn handle(&mut self, msg: GetCounts, ctx: &mut Context<Self>) -> Self::Result {
+        Answer(self.guard(ctx, "GetCounts", |act, _| {
+            let values: Vec<Tally> = msg
+                .0
+                .iter()
+                .map(|id| act.state.shown(id).unwrap_or(Tally::ZERO))
+                .collect();
+            let fetch = act.fetch_unfollowed(&msg.0);
+            Box::pin(add_fetched(values, fetch)) as ResponseFuture<Vec<Tally>>
+        }))
     }
 }
 
 impl Handler<GetPage> for Counter {
-    type Result = ResponseFuture<PageInfo>;
-    fn handle(&mut self, msg: GetPage, _: &mut Context<Self>) -> Self::Result {
-        let (shown, stats) = match self.state.pages.get(&msg.0) {
-            Some(e) => (e.shown(), e.stats.clone()),
-            None => (
-                Tally::ZERO,
-                self.storage
-                    .load_stats(&msg.0)
-                    .ok()
-                    .flatten()
-                    .unwrap_or_default(),
-            ),
-        };
-        let fetch = self.fetch_unfollowed(std::slice::from_ref(&msg.0));
-        let id = msg.0.to_string();
-        Box::pin(async move {
-            let shown = add_fetched(vec![shown], fetch)
-                .await
-                .first()
-                .copied()
-                .unwrap_or(shown);
-            page_info(id, shown, &stats)
-        })
+    type Result = Answer<ResponseFuture<PageInfo>>;
+    fn handle(&mut self, msg: GetPage, ctx: &mut Context<Self>) -> Self::Result {
+        Answer(self.guard(ctx, "GetPage", |act, _| {
+            let shown = act.state.shown(&msg.0).unwrap_or(Tally::ZERO);
+            let stats = act.page_stats(&msg.0);
+            let fetch = act.fetch_unfollowed(std::slice::from_ref(&msg.0));
+            let id = msg.0.to_string();
+            Box::pin(async move {
+                let shown = add_fetched(vec![shown], fetch)
+                    .await
+                    .first()
+                    .copied()
+                    .unwrap_or(shown);
+                page_info(id, shown, &stats)
+            }) as ResponseFuture<PageInfo>
+        }))
     }
 }
 
-impl Handler<GetHistory> for Counter {
-    type Result = Result<Option<HistorySeries>, crate::storage::StorageError>;
-    fn handle(&mut self, msg: GetHistory, _: &mut Context<Self>) -> Self::Result {
+impl Counter {
+    /// The history of `msg`'s page or of the site: what is stored, with the
+    /// minutes closed but not yet written and the minute in progress.
+    fn history(&self, msg: GetHistory) -> Result<Option<HistorySeries>, StorageError> {
         let key: &str = msg.page.as_deref().unwrap_or(SITE);
         if let Some(page) = &msg.page {
-            if !self.state.pages.contains_key(page) && self.storage.load_stats(page)?.is_none() {
+            if !self.state.tracks(page) && self.storage.load_stats(page)?.is_none() {
                 return Ok(None);
             }
         }
@@ -987,42 +1101,54 @@ impl Handler<GetHistory> for Counter {
     }
 }
 
+impl Handler<GetHistory> for Counter {
+    type Result = Answer<Result<Option<HistorySeries>, StorageError>>;
+    fn handle(&mut self, msg: GetHistory, ctx: &mut Context<Self>) -> Self::Result {
+        Answer(self.guard(ctx, "GetHistory", |act, _| {
+            let series = act.history(msg);
+            if let Err(e) = &series {
+                storage_failed(StorageOp::ReadHistory, "history read failed", e);
+            }
+            series
+        }))
+    }
+}
+
 impl Handler<FinalSnapshot> for Counter {
     type Result = ();
-    fn handle(&mut self, _: FinalSnapshot, _: &mut Context<Self>) {
-        self.snapshot_now();
+    fn handle(&mut self, _: FinalSnapshot, ctx: &mut Context<Self>) {
+        self.guard(ctx, "FinalSnapshot", |act, _| act.snapshot_now());
     }
 }
 
 #[cfg(feature = "test-hooks")]
 impl Handler<SweepNow> for Counter {
-    type Result = MessageResult<SweepNow>;
-    fn handle(&mut self, _: SweepNow, _: &mut Context<Self>) -> Self::Result {
-        MessageResult(self.sweep())
+    type Result = Answer<MessageResult<SweepNow>>;
+    fn handle(&mut self, _: SweepNow, ctx: &mut Context<Self>) -> Self::Result {
+        Answer(self.guard(ctx, "SweepNow", |act, _| MessageResult(act.sweep())))
     }
 }
 
 impl Handler<GetStatus> for Counter {
-    type Result = MessageResult<GetStatus>;
-    fn handle(&mut self, _: GetStatus, _: &mut Context<Self>) -> Self::Result {
-        MessageResult(CounterStatus {
-            generation: self.generation,
-            rebuilding: self.state.rebuilding(),
-            pages: self.state.pages.len(),
-        })
+    type Result = Answer<MessageResult<GetStatus>>;
+    fn handle(&mut self, _: GetStatus, ctx: &mut Context<Self>) -> Self::Result {
+        Answer(self.guard(ctx, "GetStatus", |act, _| {
+            MessageResult(CounterStatus {
+                generation: act.generation,
+                rebuilding: act.state.rebuilding(),
+                pages: act.state.page_count(),
+            })
+        }))
     }
 }
 
 #[cfg(feature = "test-hooks")]
 impl Handler<Tracked> for Counter {
-    type Result = MessageResult<Tracked>;
-    fn handle(&mut self, msg: Tracked, _: &mut Context<Self>) -> Self::Result {
-        MessageResult(
-            msg.0
-                .iter()
-                .map(|p| self.state.pages.contains_key(p))
-                .collect(),
-        )
+    type Result = Answer<MessageResult<Tracked>>;
+    fn handle(&mut self, msg: Tracked, ctx: &mut Context<Self>) -> Self::Result {
+        Answer(self.guard(ctx, "Tracked", |act, _| {
+            MessageResult(msg.0.iter().map(|p| act.state.tracks(p)).collect())
+        }))
     }
 }
 
@@ -1030,63 +1156,47 @@ impl Handler<Tracked> for Counter {
 impl Handler<InjectFault> for Counter {
     type Result = ();
     fn handle(&mut self, _: InjectFault, ctx: &mut Context<Self>) {
-        // Scramble the live state the way a bug would, then fault.
+        // Scramble the live state the way a bug would, then stop: the
+        // supervisor rebuilds it.
         self.state.scramble();
-        self.fault(ctx, "injected by test hook");
+        tracing::error!("counter fault injected by a test; restarting");
+        ctx.stop();
+    }
+}
+
+#[cfg(feature = "test-hooks")]
+impl Handler<InjectPanic> for Counter {
+    type Result = Answer<()>;
+    fn handle(&mut self, _: InjectPanic, ctx: &mut Context<Self>) -> Self::Result {
+        // Scramble the live state the way a bug would, then panic in the
+        // middle of the handler.
+        Answer(self.guard(ctx, "InjectPanic", |act, _| {
+            act.state.scramble();
+            crate::supervise::injected_panic(ActorKind::Counter)
+        }))
     }
 }
 
 impl Handler<GetLoad> for Counter {
-    type Result = MessageResult<GetLoad>;
-    fn handle(&mut self, _: GetLoad, _: &mut Context<Self>) -> Self::Result {
-        let mut load = CounterLoad {
-            pages: self.state.pages.len(),
-            live_pages: 0,
-            subscriptions: 0,
-            follower_rooms: self.state.follower_rooms(),
-            connections: 0,
-            opened_total: self.state.opened_total,
-        };
-        if self.state.pages.contains_key(&self.site_key) {
-            // The site's link is not a page.
-            load.pages -= 1;
-        }
-        for (id, e) in &self.state.pages {
-            if *id == self.site_key {
-                load.subscriptions += e.subscribers.len();
-                continue;
-            }
-            load.subscriptions += e.subscribers.len();
-            load.connections += e.local.connections;
-            load.live_pages += usize::from(!e.local.is_zero());
-        }
-        MessageResult(load)
+    type Result = Answer<MessageResult<GetLoad>>;
+    fn handle(&mut self, _: GetLoad, ctx: &mut Context<Self>) -> Self::Result {
+        Answer(self.guard(ctx, "GetLoad", |act, _| {
+            MessageResult(act.state.load(&act.site_key))
+        }))
     }
 }
 
 impl Handler<GetTop> for Counter {
-    type Result = MessageResult<GetTop>;
-    fn handle(&mut self, msg: GetTop, _: &mut Context<Self>) -> Self::Result {
-        let mut live: Vec<(&PageId, &PageEntry)> = self
-            .state
-            .pages
-            .iter()
-            .filter(|(id, e)| !e.shown().is_zero() && **id != self.site_key)
-            .collect();
-        let order = |a: &(&PageId, &PageEntry), b: &(&PageId, &PageEntry)| {
-            let n = |e: &PageEntry| e.shown().connections;
-            n(b.1).cmp(&n(a.1)).then_with(|| a.0.cmp(b.0))
-        };
-        if live.len() > msg.0 && msg.0 > 0 {
-            live.select_nth_unstable_by(msg.0 - 1, order);
-        }
-        live.truncate(msg.0);
-        live.sort_by(order);
-        MessageResult(
-            live.into_iter()
-                .map(|(id, e)| page_info(id.to_string(), e.shown(), &e.stats))
-                .collect(),
-        )
+    type Result = Answer<MessageResult<GetTop>>;
+    fn handle(&mut self, msg: GetTop, ctx: &mut Context<Self>) -> Self::Result {
+        Answer(self.guard(ctx, "GetTop", |act, _| {
+            let top = act.state.top(msg.0, &act.site_key);
+            MessageResult(
+                top.into_iter()
+                    .map(|p| page_info(p.id.to_string(), p.shown, p.stats))
+                    .collect(),
+            )
+        }))
     }
 }
 

@@ -98,9 +98,9 @@ pub struct RoomReport<R> {
 }
 
 /// One page as the counter knows it.
-pub(super) struct PageEntry {
+struct PageEntry {
     /// The page's tally on this node (reported by its room).
-    pub(super) local: Tally,
+    local: Tally,
     /// Cluster mode: the sum of the other live nodes' tallies, kept while the
     /// page is followed here (0 otherwise). What is shown is `local + remote`.
     remote: Tally,
@@ -113,13 +113,13 @@ pub(super) struct PageEntry {
     /// to `published` (1 -> 0 -> 1 within one interval).
     told_other: bool,
     /// Rooms (by id) that follow this page.
-    pub(super) subscribers: HashSet<u64>,
+    subscribers: HashSet<u64>,
     /// When its oldest unpublished change was made (the delay bound).
     pending_since: Option<Instant>,
     /// Persistent stats.
-    pub(super) stats: PageStats,
+    stats: PageStats,
     /// Stats changed since the last snapshot.
-    pub(super) dirty: bool,
+    dirty: bool,
 }
 
 impl PageEntry {
@@ -140,7 +140,7 @@ impl PageEntry {
     /// The tally everyone sees: this node's plus, in cluster mode, the other
     /// live nodes' (a visitor with connections on two nodes counts on each).
     /// The only function used where a count is read.
-    pub(super) fn shown(&self) -> Tally {
+    fn shown(&self) -> Tally {
         self.local.plus(self.remote)
     }
 
@@ -172,8 +172,32 @@ struct Follower<R> {
     links: HashSet<PageId>,
 }
 
-/// A subscribe answer held back: (room, accepted, refused, request id).
-type Deferred<R> = (R, Vec<PageId>, Vec<PageId>, u64);
+/// A subscribe answer held back.
+struct Deferred<R> {
+    /// The room to answer.
+    to: R,
+    /// The links accepted (their counts go in the answer).
+    accepted: Vec<PageId>,
+    /// The links refused at `limits.max_pages`.
+    refused: Vec<PageId>,
+    /// The id of the subscribe it answers.
+    req: u64,
+}
+
+/// A subscribe's links split at `limits.max_pages`.
+struct Admitted {
+    /// Tracked (already, or from now on).
+    accepted: Vec<PageId>,
+    /// Refused: new pages past the cap.
+    refused: Vec<PageId>,
+}
+
+/// One of the pages with the most live connections ([`State::top`]).
+pub struct TopPage<'a> {
+    pub id: &'a PageId,
+    pub shown: Tally,
+    pub stats: &'a PageStats,
+}
 
 /// Progress of a rebuild after a restart.
 struct Rebuild<R> {
@@ -223,7 +247,7 @@ pub struct State<R> {
     /// Where a page's stats come from on first sight.
     load: LoadStats,
     /// Every page with a count, a subscriber or unsaved stats.
-    pub(super) pages: HashMap<PageId, PageEntry>,
+    pages: HashMap<PageId, PageEntry>,
     /// Rooms following links, by room id.
     followers: HashMap<u64, Follower<R>>,
     /// Pages whose shown count may have changed since the last publish.
@@ -243,9 +267,9 @@ pub struct State<R> {
     /// started at `last_publish`.
     publish_scheduled: bool,
     /// Connections opened since the process started (`/api/v1/stats`).
-    pub(super) opened_total: u64,
+    opened_total: u64,
     /// Stats taken from dirty or dropped entries, waiting to be written, oldest first.
-    pub(super) unsaved: VecDeque<(PageId, PageStats)>,
+    unsaved: VecDeque<(PageId, PageStats)>,
     /// Cluster mode is on.
     cluster: bool,
     /// Cluster mode: pages whose local count changed since the last publish.
@@ -260,6 +284,8 @@ pub struct State<R> {
     page_of: PageOf<R>,
     /// What publishing may still spend.
     budget: Budget,
+    /// An inconsistency found in the state: the actor restarts and rebuilds.
+    fault: Option<&'static str>,
 }
 
 impl<R: Clone> State<R> {
@@ -288,6 +314,7 @@ impl<R: Clone> State<R> {
                 tokens: 0.0,
                 at: None,
             },
+            fault: None,
         }
     }
 
@@ -311,9 +338,79 @@ impl<R: Clone> State<R> {
         self.rebuild.is_some()
     }
 
-    /// Rooms following at least one link.
-    pub fn follower_rooms(&self) -> usize {
-        self.followers.len()
+    // ------------------------------------------------------------ reads
+
+    /// Pages held in memory.
+    pub fn page_count(&self) -> usize {
+        self.pages.len()
+    }
+
+    /// True if `page` is held in memory.
+    pub fn tracks(&self, page: &str) -> bool {
+        self.pages.contains_key(page)
+    }
+
+    /// What `page` shows now (`None`: not held in memory).
+    pub fn shown(&self, page: &str) -> Option<Tally> {
+        self.pages.get(page).map(PageEntry::shown)
+    }
+
+    /// The stats of `page` held in memory.
+    pub fn stats(&self, page: &str) -> Option<&PageStats> {
+        self.pages.get(page).map(|e| &e.stats)
+    }
+
+    /// True if a room here follows `page`.
+    pub fn is_followed(&self, page: &str) -> bool {
+        self.pages
+            .get(page)
+            .is_some_and(|e| !e.subscribers.is_empty())
+    }
+
+    /// The sizes of the state (`site`, the site figure's link, is not a page).
+    pub fn load(&self, site: &PageId) -> super::CounterLoad {
+        let mut load = super::CounterLoad {
+            pages: self.pages.len(),
+            live_pages: 0,
+            subscriptions: 0,
+            follower_rooms: self.followers.len(),
+            connections: 0,
+            opened_total: self.opened_total,
+        };
+        for (id, e) in &self.pages {
+            load.subscriptions += e.subscribers.len();
+            if id == site {
+                load.pages -= 1;
+                continue;
+            }
+            load.connections += e.local.connections;
+            load.live_pages += usize::from(!e.local.is_zero());
+        }
+        load
+    }
+
+    /// The `limit` pages showing the most connections, most first (ties by
+    /// id), without `site`.
+    pub fn top(&self, limit: usize, site: &PageId) -> Vec<TopPage<'_>> {
+        let mut live: Vec<TopPage<'_>> = self
+            .pages
+            .iter()
+            .filter(|(id, e)| !e.shown().is_zero() && *id != site)
+            .map(|(id, e)| TopPage {
+                id,
+                shown: e.shown(),
+                stats: &e.stats,
+            })
+            .collect();
+        let order = |a: &TopPage<'_>, b: &TopPage<'_>| {
+            (b.shown.connections.cmp(&a.shown.connections)).then_with(|| a.id.cmp(b.id))
+        };
+        if live.len() > limit && limit > 0 {
+            live.select_nth_unstable_by(limit - 1, order);
+        }
+        live.truncate(limit);
+        live.sort_by(order);
+        live
     }
 
     /// The entry of `page`, loading its stats on first sight.
@@ -383,10 +480,15 @@ impl<R: Clone> State<R> {
         now: Instant,
     ) -> Outbox<R> {
         let mut out = Outbox::default();
-        let (accepted, refused) = self.admit(links);
+        let Admitted { accepted, refused } = self.admit(links);
         self.follow(room, &to, &accepted, &mut out);
         if let Some(r) = &mut self.rebuild {
-            r.deferred.push((to, accepted, refused, req));
+            r.deferred.push(Deferred {
+                to,
+                accepted,
+                refused,
+                req,
+            });
             return out;
         }
         let waiting: HashSet<u64> = accepted
@@ -395,7 +497,12 @@ impl<R: Clone> State<R> {
             .collect();
         if !waiting.is_empty() {
             self.awaiting.push(AwaitingLoad {
-                answer: (to, accepted, refused, req),
+                answer: Deferred {
+                    to,
+                    accepted,
+                    refused,
+                    req,
+                },
                 waiting,
                 since: now,
             });
@@ -415,7 +522,7 @@ impl<R: Clone> State<R> {
 
     /// Splits `links` into those tracked or fitting under `limits.max_pages`
     /// (tracked from now on) and those refused.
-    fn admit(&mut self, links: Vec<PageId>) -> (Vec<PageId>, Vec<PageId>) {
+    fn admit(&mut self, links: Vec<PageId>) -> Admitted {
         let max = self.settings.limits.max_pages;
         let new = links
             .iter()
@@ -439,7 +546,7 @@ impl<R: Clone> State<R> {
                 "page cap reached; links refused"
             );
         }
-        (accepted, refused)
+        Admitted { accepted, refused }
     }
 
     /// A room stops following `links`.
@@ -700,9 +807,13 @@ impl<R: Clone> State<R> {
             self.last_publish = Some(now);
         }
         for (room, changes) in outbox {
-            if let Some(f) = self.followers.get(&room) {
-                let to = f.to.clone();
-                out.sent.push(Effect::Counts { to, changes, since });
+            match self.followers.get(&room) {
+                Some(f) => {
+                    let to = f.to.clone();
+                    out.sent.push(Effect::Counts { to, changes, since });
+                }
+                // Its connections would never hear of these pages again.
+                None => self.fault = Some("a page's subscriber is not a follower room"),
             }
         }
         // What the budget deferred goes at the end of the next interval.
@@ -821,8 +932,13 @@ impl<R: Clone> State<R> {
                 });
         self.awaiting = held;
         for a in ready {
-            let (to, links, refused, req) = a.answer;
-            let counts = self.answer(&links, now);
+            let Deferred {
+                to,
+                accepted,
+                refused,
+                req,
+            } = a.answer;
+            let counts = self.answer(&accepted, now);
             out.sent.push(Effect::Answer {
                 to,
                 counts,
@@ -854,6 +970,7 @@ impl<R: Clone> State<R> {
         self.loading.clear();
         self.rebuild = None;
         self.publish_scheduled = false;
+        self.fault = None;
     }
 
     /// Starts a rebuild: every shard re-reports its rooms (and, in cluster
@@ -939,8 +1056,14 @@ impl<R: Clone> State<R> {
                 since: None,
             });
         }
-        for (to, links, refused, req) in r.deferred {
-            let counts = self.counts_of(&links);
+        for Deferred {
+            to,
+            accepted,
+            refused,
+            req,
+        } in r.deferred
+        {
+            let counts = self.counts_of(&accepted);
             out.sent.push(Effect::Answer {
                 to,
                 counts,
@@ -988,6 +1111,29 @@ impl<R: Clone> State<R> {
         for (p, e) in self.pages.iter_mut().filter(|(_, e)| e.dirty) {
             e.dirty = false;
             self.unsaved.push_back((p.clone(), e.stats.clone()));
+        }
+    }
+
+    /// The inconsistency found since the last call, if any.
+    pub fn take_fault(&mut self) -> Option<&'static str> {
+        self.fault.take()
+    }
+
+    /// True while stats wait in the write queue.
+    pub fn has_unsaved(&self) -> bool {
+        !self.unsaved.is_empty()
+    }
+
+    /// Takes up to `n` stats from the front of the write queue.
+    pub fn take_unsaved(&mut self, n: usize) -> Vec<(PageId, PageStats)> {
+        let n = n.min(self.unsaved.len());
+        self.unsaved.drain(..n).collect()
+    }
+
+    /// Puts stats whose write failed back at the front of the queue, in order.
+    pub fn requeue_unsaved(&mut self, chunk: Vec<(PageId, PageStats)>) {
+        for item in chunk.into_iter().rev() {
+            self.unsaved.push_front(item);
         }
     }
 
@@ -1267,6 +1413,8 @@ mod tests {
         }
 
         fn take(&mut self, out: Outbox<u64>, inputs: &mut VecDeque<Input>) {
+            // The state never finds itself inconsistent under any input.
+            assert_eq!(self.state.take_fault(), None);
             if let Some(d) = out.publish_in {
                 self.due = Some(self.now + d);
             }

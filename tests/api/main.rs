@@ -14,6 +14,7 @@ mod ops;
 mod persistence;
 mod protocol;
 mod publish;
+mod supervision;
 mod visitors;
 mod websocket;
 

@@ -784,6 +784,14 @@ impl Handler<cluster::RemoteCounts> for Counter {
     }
 }
 
+impl Handler<cluster::ResendLocal> for Counter {
+    type Result = ();
+    fn handle(&mut self, _: cluster::ResendLocal, ctx: &mut Context<Self>) {
+        let out = self.state.cluster_restarted();
+        self.dispatch(out, ctx);
+    }
+}
+
 impl Handler<cluster::Loaded> for Counter {
     type Result = ();
     fn handle(&mut self, msg: cluster::Loaded, ctx: &mut Context<Self>) {

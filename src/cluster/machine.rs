@@ -605,7 +605,7 @@ impl Machine {
         };
         let mut touched = Vec::new();
         for (page, connections, visitors) in w.pages {
-            if protocol::validate_page_id(&page).is_err() {
+            if !valid_page(&page) {
                 tracing::warn!(
                     len = page.len(),
                     "cluster: malformed page id in a channel message skipped"
@@ -1085,6 +1085,12 @@ impl Machine {
     }
 }
 
+/// Whether a page id read back from Redis is one this node could have
+/// written: a page id by the protocol's rules, or the site figure's link.
+pub fn valid_page(page: &str) -> bool {
+    page == protocol::SITE_LINK || protocol::validate_page_id(page).is_ok()
+}
+
 /// The process name and incarnation of a saved identity, if it reads back.
 pub fn identity(process: &str, incarnation: u64) -> Option<NodeId> {
     Some(NodeId {
@@ -1108,7 +1114,8 @@ mod tests {
 
     const TTL_MS: u64 = 1000;
     const BEAT_MS: u64 = 200;
-    const PAGES: [&str; 3] = ["x", "y", "z"];
+    /// Two pages and the site figure's link.
+    const PAGES: [&str; 3] = ["x", "y", protocol::SITE_LINK];
 
     fn tally(n: u64) -> Tally {
         Tally {
@@ -1829,6 +1836,41 @@ mod tests {
             4 => i.prop_map(Act::Beat),
             1 => (1..BEAT_MS / 4).prop_map(Act::Advance),
         ]
+    }
+
+    /// Ids read back from Redis are validated: a malformed page id or node
+    /// id is skipped, never trusted, and the rest of the message applies.
+    #[test]
+    fn malformed_ids_from_redis_are_skipped() {
+        assert!(valid_page("") && valid_page("x"));
+        assert!(!valid_page("a/b") && !valid_page("a\nb") && !valid_page(&"a".repeat(300)));
+        let x = PageId::from("x");
+        let mut w = World::new(2);
+        w.follow(0, x.clone());
+        w.local(1, x.clone(), 1);
+        w.check_converged();
+        assert_eq!(w.nodes[0].seen.get(&x), Some(&1));
+        w.max_ever.insert(("p1".into(), x.clone()), 4);
+        let gen = w.nodes[0].m.up().expect("up");
+        let node = w.nodes[1].m.id().to_string();
+        let pages = vec![("a/b".into(), 9, 9), ("x".into(), 4, 4)];
+        let wire = Wire {
+            node: node.clone(),
+            seq: 1 << 40,
+            pages,
+        };
+        w.feed(0, Event::Message { gen, wire });
+        assert_eq!(w.nodes[0].seen.get(&x), Some(&4));
+        for bad in ["p1", "p 1.1", "p1.x", ""] {
+            let wire = Wire {
+                node: bad.into(),
+                seq: 1 << 41,
+                pages: vec![("x".into(), 3, 3)],
+            };
+            w.feed(0, Event::Message { gen, wire });
+        }
+        assert_eq!(w.nodes[0].seen.get(&x), Some(&4));
+        assert_eq!(w.nodes[0].m.sum(&x), tally(4));
     }
 
     proptest! {

@@ -18,10 +18,10 @@ use std::{
 
 use super::{
     store::{BeatReply, Keys, Op, Wire},
-    table::{LiveView, NodeId, Process, RemoteTable, ViewChange},
+    table::{valid_page, LiveView, NodeId, Process, RemoteTable, ViewChange},
     Follow, LocalCounts, ResendRemote, SetFollowed, Unfollow,
 };
-use crate::protocol::{self, PageId, Tally};
+use crate::protocol::{PageId, Tally};
 
 /// First reconnect delay; doubles up to [`BACKOFF_MAX`].
 pub const BACKOFF_MIN: Duration = Duration::from_millis(100);
@@ -1085,12 +1085,6 @@ impl Machine {
     }
 }
 
-/// Whether a page id read back from Redis is one this node could have
-/// written: a page id by the protocol's rules, or the site figure's link.
-pub fn valid_page(page: &str) -> bool {
-    page == protocol::SITE_LINK || protocol::validate_page_id(page).is_ok()
-}
-
 /// The process name and incarnation of a saved identity, if it reads back.
 pub fn identity(process: &str, incarnation: u64) -> Option<NodeId> {
     Some(NodeId {
@@ -1115,7 +1109,7 @@ mod tests {
     const TTL_MS: u64 = 1000;
     const BEAT_MS: u64 = 200;
     /// Two pages and the site figure's link.
-    const PAGES: [&str; 3] = ["x", "y", protocol::SITE_LINK];
+    const PAGES: [&str; 3] = ["x", "y", crate::protocol::SITE_LINK];
 
     fn tally(n: u64) -> Tally {
         Tally {

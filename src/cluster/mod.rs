@@ -811,3 +811,25 @@ impl Handler<InjectPanic> for Cluster {
         self.contained(ctx, "InjectPanic", |_, _| {});
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `/readyz` is degraded while Redis is unreachable and while the
+    /// actor restarts, until the rebuilt actor is connected and registered.
+    #[test]
+    fn health_reports_restarts_until_registered_again() {
+        let h = ClusterHealth::default();
+        assert!(h.degraded().is_some_and(|r| r.contains("unreachable")));
+        h.set(true);
+        assert_eq!(h.degraded(), None);
+        h.restarting.store(true, Ordering::SeqCst);
+        h.set(false);
+        assert!(h.degraded().is_some_and(|r| r.contains("restarting")));
+        h.set(false);
+        assert!(h.restarting(), "still restarting until connected");
+        h.set(true);
+        assert!(!h.restarting() && h.degraded().is_none());
+    }
+}

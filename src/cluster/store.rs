@@ -435,7 +435,7 @@ pub(super) async fn reap(
         let mut g = Vec::new();
         for p in pages {
             // Only keys of a valid page id are ours to touch.
-            if !super::machine::valid_page(&p) {
+            if !super::table::valid_page(&p) {
                 tracing::warn!(
                     len = p.len(),
                     "cluster: malformed page id in a node's page set skipped"

@@ -301,6 +301,12 @@ pub(super) fn sum_fields(table: &RemoteTable, fields: &HashMap<String, String>) 
     sum
 }
 
+/// Whether a page id read back from Redis is one a node could have
+/// written: a page id by the protocol's rules, or the site figure's link.
+pub(super) fn valid_page(page: &str) -> bool {
+    page == crate::protocol::SITE_LINK || crate::protocol::validate_page_id(page).is_ok()
+}
+
 /// Formats a hash field value: `"{seq}:{connections}:{visitors}"`.
 pub(super) fn format_value(seq: u64, t: Tally) -> String {
     format!("{seq}:{}:{}", t.connections, t.visitors)

@@ -326,7 +326,9 @@ impl Machine {
             self.cfg.clone(),
             self.keys.clone(),
             self.id.clone(),
-            self.reg != Registration::None,
+            // Whatever the half-changed state says: reaping an id that was
+            // never registered costs a round trip, counting one twice more.
+            true,
             self.gen,
         );
         m.unreaped = self.unreaped.clone();

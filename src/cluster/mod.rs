@@ -772,23 +772,22 @@ impl Handler<Fetch> for Cluster {
             }
             store::read_pages(&conn, &keys, &ask).await
         };
-        Box::pin(fut.into_actor(self).map(move |r, act, _| {
+        Box::pin(fut.into_actor(self).map(move |r, act, ctx| {
             let maps = r.ok()?;
             let mut read = maps.into_iter();
-            Some(
-                msg.pages
-                    .iter()
-                    .zip(from_memory)
-                    .map(|(p, mem)| {
-                        if mem {
-                            act.machine.sum(p)
-                        } else {
-                            read.next()
-                                .map_or(Tally::ZERO, |f| act.machine.sum_fields(&f))
-                        }
-                    })
-                    .collect(),
-            )
+            let mut sums = None;
+            act.contained(ctx, "Fetched", |act, _| {
+                let each = msg.pages.iter().zip(from_memory).map(|(p, mem)| {
+                    if mem {
+                        act.machine.sum(p)
+                    } else {
+                        read.next()
+                            .map_or(Tally::ZERO, |f| act.machine.sum_fields(&f))
+                    }
+                });
+                sums = Some(each.collect());
+            });
+            sums
         }))
     }
 }

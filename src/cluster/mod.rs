@@ -80,7 +80,8 @@ use crate::{
 
 /// Counter -> cluster: this node's local tallies that changed since the last
 /// publish (coalesced by the counter). With `full`, the list is the whole local
-/// state and every page not in it is zero (sent after a counter rebuild).
+/// state and every page not in it is zero (sent after a counter rebuild, and
+/// when the cluster actor asks with [`ResendLocal`]).
 #[derive(Message, Debug)]
 #[rtype(result = "()")]
 pub struct LocalCounts {
@@ -128,8 +129,9 @@ pub struct Unfollow {
     pub pages: Vec<PageId>,
 }
 
-/// Counter -> cluster: after a counter rebuild, the whole set of followed
-/// pages (replaces the previous set; every followed page's remote sum is re-sent).
+/// Counter -> cluster: after a counter rebuild (or on [`ResendLocal`]), the
+/// whole set of followed pages (replaces the previous set; every followed
+/// page's remote sum is re-sent once loaded).
 #[derive(Message, Debug)]
 #[rtype(result = "()")]
 pub struct SetFollowed {

@@ -38,7 +38,7 @@
 use std::{
     collections::HashMap,
     net::SocketAddr,
-    process::{Child, Command, Stdio},
+    process::Command,
     sync::{
         atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering},
         Arc,
@@ -48,7 +48,10 @@ use std::{
 
 use futures_util::{SinkExt, StreamExt};
 
-use crate::support::*;
+use crate::{
+    kit::{prom, redis::RedisServer},
+    support::*,
+};
 
 /// Pages the churn connects to and (load `links200`) links to.
 const PAGES: u64 = 200;
@@ -61,68 +64,6 @@ const HELD_PER_NODE: i64 = 2;
 /// Churn clients.
 const WORKERS: usize = 50;
 
-/// A private `redis-server` on a free port, and a client to inspect it.
-struct Redis {
-    child: Child,
-    url: String,
-    client: redis::Client,
-}
-
-impl Redis {
-    fn start() -> Redis {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("free port")
-            .port();
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("redis-server (apt-get install redis-server)");
-        let url = format!("redis://127.0.0.1:{port}");
-        let client = redis::Client::open(url.as_str()).expect("redis url");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while client.get_connection().is_err() {
-            assert!(Instant::now() < deadline, "redis-server did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Redis { child, url, client }
-    }
-
-    fn conn(&self) -> redis::Connection {
-        self.client.get_connection().expect("redis connection")
-    }
-
-    /// Every command's calls (`INFO commandstats`).
-    fn commandstats(&self) -> HashMap<String, u64> {
-        let info: String = redis::cmd("INFO")
-            .arg("commandstats")
-            .query(&mut self.conn())
-            .expect("info");
-        info.lines()
-            .filter_map(|l| {
-                let (name, rest) = l.strip_prefix("cmdstat_")?.split_once(':')?;
-                let calls = rest
-                    .strip_prefix("calls=")?
-                    .split(',')
-                    .next()?
-                    .parse()
-                    .ok()?;
-                Some((name.to_string(), calls))
-            })
-            .collect()
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// Samples the liveness set every 50 ms: per node id, its successive deadlines.
 struct BeatWatch {
     stop: Arc<AtomicBool>,
@@ -130,9 +71,11 @@ struct BeatWatch {
 }
 
 impl BeatWatch {
-    fn start(redis: &Redis) -> BeatWatch {
+    fn start(redis: &RedisServer) -> BeatWatch {
         let stop = Arc::new(AtomicBool::new(false));
-        let mut conn = redis.conn();
+        let mut conn = redis::Client::open(redis.url())
+            .and_then(|c| c.get_connection())
+            .expect("redis connection");
         let s = stop.clone();
         let thread = std::thread::spawn(move || {
             let mut seen: HashMap<String, Vec<u64>> = HashMap::new();
@@ -263,21 +206,14 @@ async fn hold(server: SocketAddr, page: &str, n: usize) -> Vec<tokio::task::Join
     out
 }
 
-/// Sum of a metric over a node's `/metrics`.
+/// Sum of a metric over a node's `/metrics` (0 when it does not answer).
 async fn metric(admin: Option<SocketAddr>, name: &str) -> f64 {
-    let Some(text) = (match admin {
-        Some(a) => http_body(a, "/metrics").await,
-        None => None,
-    }) else {
-        return 0.0;
-    };
-    text.lines()
-        .filter(|l| {
-            l.strip_prefix(name)
-                .is_some_and(|r| r.starts_with(' ') || r.starts_with('{'))
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+    match admin {
+        Some(a) => http_body(a, "/metrics")
+            .await
+            .map_or(0.0, |text| prom::sum(&text, name)),
+        None => 0.0,
+    }
 }
 
 /// Sum of `name` over every node.
@@ -290,9 +226,10 @@ async fn metric_sum(nodes: &[ChildService], name: &str) -> f64 {
 }
 
 /// Starts `n` nodes on `redis` with the extra settings.
-fn start_nodes(redis: &Redis, n: usize, extra: &[(&str, &str)]) -> Vec<ChildService> {
+fn start_nodes(redis: &RedisServer, n: usize, extra: &[(&str, &str)]) -> Vec<ChildService> {
+    let url = redis.url();
     let mut settings: Vec<(&str, &str)> = vec![
-        ("CLUSTER__REDIS_URL", redis.url.as_str()),
+        ("CLUSTER__REDIS_URL", url.as_str()),
         ("SERVER__WORKERS", "1"),
     ];
     settings.extend_from_slice(extra);
@@ -390,7 +327,7 @@ async fn probe(src: SocketAddr, watcher: &Watcher, stop: Arc<AtomicBool>) -> Vec
 
 /// One measured run of `n` nodes.
 async fn run(n: usize, links: Links, rate: f64, smoke: bool) {
-    let redis = Redis::start();
+    let redis = RedisServer::launch(&[]);
     let nodes = start_nodes(&redis, n, &[]);
     wait_nodes(&nodes, n).await;
     let addrs: Vec<SocketAddr> = nodes.iter().map(|s| s.addr).collect();
@@ -428,7 +365,7 @@ async fn run(n: usize, links: Links, rate: f64, smoke: bool) {
     let published0 = metric_sum(&nodes, "link_counter_cluster_messages_published_total").await;
     let received0 = metric_sum(&nodes, "link_counter_cluster_messages_received_total").await;
     let (cycles0, t0) = (done.load(Ordering::Relaxed), Instant::now());
-    let redis_cpu0 = cpu_secs(redis.child.id());
+    let redis_cpu0 = cpu_secs(redis.pid().expect("redis runs"));
     let probe_stop = Arc::new(AtomicBool::new(false));
     let src = addrs[n - 1];
     let ps = probe_stop.clone();
@@ -439,7 +376,7 @@ async fn run(n: usize, links: Links, rate: f64, smoke: bool) {
     };
     let (mut prop, ()) = tokio::join!(probing, timer);
     let secs_run = secs(t0);
-    let redis_cpu = cpu_secs(redis.child.id()) - redis_cpu0;
+    let redis_cpu = cpu_secs(redis.pid().expect("redis runs")) - redis_cpu0;
     let cycles = done.load(Ordering::Relaxed) - cycles0;
     let after = redis.commandstats();
     let published =
@@ -565,7 +502,7 @@ async fn run(n: usize, links: Links, rate: f64, smoke: bool) {
 /// The stall and kill -9 runs (3 nodes, short timers).
 async fn crashes(smoke: bool) {
     let (hb, ttl, tick) = (200u64, 1000u64, 50u64);
-    let redis = Redis::start();
+    let redis = RedisServer::launch(&[]);
     let timers = [
         ("CLUSTER__HEARTBEAT_INTERVAL", "200ms"),
         ("CLUSTER__NODE_TTL", "1s"),
@@ -660,8 +597,8 @@ async fn crashes(smoke: bool) {
 /// The ceiling next to the runs: what the same `redis-server` build does
 /// on this machine with `redis-benchmark` (50 clients, no pipelining).
 fn redis_ceiling(smoke: bool) {
-    let redis = Redis::start();
-    let port = redis.url.rsplit(':').next().unwrap_or("6379").to_string();
+    let redis = RedisServer::launch(&[]);
+    let port = redis.port.to_string();
     let n = if smoke { "20000" } else { "300000" };
     let run = |args: &[&str]| -> f64 {
         let out = Command::new("redis-benchmark")

@@ -1,7 +1,7 @@
 //! `flood`: floods of connect/close cycles to distinct page ids against the
 //! release binary, each followed by ordinary traffic to new pages.
 //!
-//! Settings: per-IP caps off ([`NO_CAPS`]), `storage.max_records` 50,000 and
+//! Settings: per-IP caps off (`kit::settings::NO_CAPS`), `storage.max_records` 50,000 and
 //! `storage.cache_capacity` 32 MiB, the rest default (smoke: also
 //! `limits.max_rooms` 500 and `limits.max_pages` 1,000, so a small flood
 //! reaches the caps). Before the first flood, 20 observed pages are held open

@@ -18,6 +18,9 @@ mod actix_ceiling;
 mod cluster;
 mod flood;
 mod history;
+#[path = "../../tests/kit/mod.rs"]
+#[allow(dead_code)] // the bench uses a part of the kit
+mod kit;
 mod oversize;
 mod ramp;
 mod soak;
@@ -890,19 +893,7 @@ async fn service_lag_buckets(admin: Option<SocketAddr>) -> Vec<(f64, f64)> {
     let Some(body) = http_body(admin, "/metrics").await else {
         return Vec::new();
     };
-    body.lines()
-        .filter(|l| l.starts_with("link_counter_publish_lag_seconds_bucket{"))
-        .filter_map(|l| {
-            let le = l.split("le=\"").nth(1)?.split('"').next()?;
-            let le = if le == "+Inf" {
-                f64::INFINITY
-            } else {
-                le.parse().ok()?
-            };
-            let count: f64 = l.rsplit(' ').next()?.parse().ok()?;
-            Some((le, count))
-        })
-        .collect()
+    kit::prom::buckets(&body, "link_counter_publish_lag_seconds")
 }
 
 /// The bucket bound (ms) under which a fraction `q` of the samples recorded

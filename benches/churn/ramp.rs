@@ -368,7 +368,7 @@ fn round(
         .unwrap_or(512);
     let settle = Duration::from_secs(if smoke { 1 } else { 5 });
     let converge_limit = Duration::from_secs(if smoke { 5 } else { 30 });
-    // Per-IP caps off (NO_CAPS), the global cap above the ramp.
+    // Per-IP caps off (`kit::settings::NO_CAPS`), the global cap above the ramp.
     let max = (n + 1000).to_string();
     let mut env = vec![("LIMITS__MAX_CONNECTIONS", max.as_str())];
     if mode == Mode::BusyUnbudgeted {

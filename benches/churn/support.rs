@@ -575,64 +575,71 @@ pub fn run_fanout_ceiling(interval: Duration) -> ! {
                 tokio::time::sleep(Duration::from_millis(10)).await;
                 continue;
             };
-            let (count, mut counts) = (count.clone(), counts.clone());
-            tokio::spawn(async move {
-                let _ = stream.set_nodelay(true);
-                let mut hot = false;
-                // The callback's type is tungstenite's (`Result<Response, ErrorResponse>`).
-                #[allow(clippy::result_large_err)]
-                let callback =
-                    |req: &tokio_tungstenite::tungstenite::handshake::server::Request, res| {
-                        hot = req.uri().path().ends_with("/hot");
-                        Ok(res)
-                    };
-                let Ok(mut ws) = tokio_tungstenite::accept_hdr_async(stream, callback).await else {
+            tokio::spawn(fanout_ceiling_conn(stream, count.clone(), counts.clone()));
+        }
+    })
+}
+
+/// One connection of the fan-out ceiling: a viewer of "hot" (a path ending
+/// in `/hot`) counts until it closes; any other connection is a subscriber,
+/// answered with the current count at its first text frame, then fed each
+/// published count.
+async fn fanout_ceiling_conn(
+    stream: tokio::net::TcpStream,
+    count: std::sync::Arc<std::sync::atomic::AtomicI64>,
+    mut counts: tokio::sync::watch::Receiver<i64>,
+) {
+    let _ = stream.set_nodelay(true);
+    let mut hot = false;
+    // The callback's type is tungstenite's (`Result<Response, ErrorResponse>`).
+    #[allow(clippy::result_large_err)]
+    let callback = |req: &tokio_tungstenite::tungstenite::handshake::server::Request, res| {
+        hot = req.uri().path().ends_with("/hot");
+        Ok(res)
+    };
+    let Ok(mut ws) = tokio_tungstenite::accept_hdr_async(stream, callback).await else {
+        return;
+    };
+    if hot {
+        count.fetch_add(1, Ordering::Relaxed);
+        while let Some(Ok(_)) = ws.next().await {}
+        count.fetch_sub(1, Ordering::Relaxed);
+        return;
+    }
+    let update = |n: i64| {
+        Message::text(format!(
+            r#"{{"type":"update","connections":{{"hot":{n}}}}}"#
+        ))
+    };
+    // The subscribe, answered with the current count; the feed starts there.
+    loop {
+        match ws.next().await {
+            Some(Ok(m)) if m.is_text() => break,
+            Some(Ok(_)) => continue,
+            _ => return,
+        }
+    }
+    let now = *counts.borrow_and_update();
+    if ws.send(update(now)).await.is_err() {
+        return;
+    }
+    loop {
+        tokio::select! {
+            changed = counts.changed() => {
+                if changed.is_err() {
                     return;
-                };
-                if hot {
-                    count.fetch_add(1, Ordering::Relaxed);
-                    while let Some(Ok(_)) = ws.next().await {}
-                    count.fetch_sub(1, Ordering::Relaxed);
-                    return;
-                }
-                let update = |n: i64| {
-                    Message::text(format!(
-                        r#"{{"type":"update","connections":{{"hot":{n}}}}}"#
-                    ))
-                };
-                // The subscribe, answered with the current count; the feed
-                // starts there.
-                loop {
-                    match ws.next().await {
-                        Some(Ok(m)) if m.is_text() => break,
-                        Some(Ok(_)) => continue,
-                        _ => return,
-                    }
                 }
                 let now = *counts.borrow_and_update();
                 if ws.send(update(now)).await.is_err() {
                     return;
                 }
-                loop {
-                    tokio::select! {
-                        changed = counts.changed() => {
-                            if changed.is_err() {
-                                return;
-                            }
-                            let now = *counts.borrow_and_update();
-                            if ws.send(update(now)).await.is_err() {
-                                return;
-                            }
-                        }
-                        m = ws.next() => match m {
-                            Some(Ok(_)) => {}
-                            _ => return,
-                        },
-                    }
-                }
-            });
+            }
+            m = ws.next() => match m {
+                Some(Ok(_)) => {}
+                _ => return,
+            },
         }
-    })
+    }
 }
 
 /// `GET path` on `server`: the body of a 200 answer.
@@ -733,6 +740,97 @@ pub fn update_map(text: &str) -> Option<Vec<(String, i64)>> {
         .collect()
 }
 
+/// The true counts of the observed pages and what the connections saw.
+type Counts = std::sync::Arc<Vec<std::sync::atomic::AtomicI64>>;
+
+/// Holds `1 + i % 4` connections open on page `i` of `pages`, each reading
+/// until the server ends it (then counted down in `truth` and up in
+/// `server_ends`); returns their tasks once all are open.
+async fn hold_pages(
+    server: SocketAddr,
+    pages: &[String],
+    truth: &Counts,
+    server_ends: &std::sync::Arc<std::sync::atomic::AtomicU64>,
+) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
+    let mut tasks = Vec::new();
+    let limit = Duration::from_secs(10);
+    for (i, page) in pages.iter().enumerate() {
+        for _ in 0..1 + i % 4 {
+            let mut ws =
+                tokio::time::timeout(limit, connect(server, &format!("/parties/page/{page}")))
+                    .await
+                    .map_err(|_| anyhow::anyhow!("held connection to {page}: timed out"))??;
+            truth[i].fetch_add(1, Ordering::SeqCst);
+            let (truth, server_ends) = (truth.clone(), server_ends.clone());
+            tasks.push(tokio::spawn(async move {
+                while let Some(Ok(m)) = ws.next().await {
+                    if m.is_close() {
+                        break;
+                    }
+                }
+                truth[i].fetch_sub(1, Ordering::SeqCst);
+                server_ends.fetch_add(1, Ordering::Relaxed);
+            }));
+        }
+    }
+    Ok(tasks)
+}
+
+/// Applies the subscriber's messages to `view` (page `i` of `pages` at
+/// index `i`); the first one it does not expect goes to `unexpected`.
+/// The applier answers whether the message was an update.
+fn applier(
+    pages: &[String],
+    view: &Counts,
+    unexpected: &std::sync::Arc<std::sync::Mutex<Option<String>>>,
+) -> impl Fn(&str) -> bool + Send + 'static {
+    let index: std::collections::HashMap<String, usize> = pages
+        .iter()
+        .enumerate()
+        .map(|(i, p)| (p.clone(), i))
+        .collect();
+    let (view, unexpected) = (view.clone(), unexpected.clone());
+    move |t: &str| {
+        let Some(counts) = update_map(t) else {
+            let mut u = unexpected.lock().expect("not poisoned");
+            u.get_or_insert_with(|| t.to_string());
+            return false;
+        };
+        for (id, n) in counts {
+            match index.get(&id) {
+                Some(&i) => view[i].store(n, Ordering::SeqCst),
+                None => {
+                    let mut u = unexpected.lock().expect("not poisoned");
+                    u.get_or_insert_with(|| format!("update for {id}: {t}"));
+                }
+            }
+        }
+        true
+    }
+}
+
+/// Reads `ws` until its first update, applied with `apply` (10 s at most).
+async fn first_update(ws: &mut Ws, apply: &impl Fn(&str) -> bool) -> anyhow::Result<()> {
+    let first = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Text(t))) => {
+                    if apply(&t) {
+                        return Ok(());
+                    }
+                }
+                Some(Ok(Message::Close(c))) => anyhow::bail!("subscriber closed: {c:?}"),
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => return Err(e.into()),
+                None => anyhow::bail!("subscriber: stream ended"),
+            }
+        }
+    })
+    .await
+    .map_err(|_| anyhow::anyhow!("subscriber: first update timed out"))?;
+    first
+}
+
 impl Observed {
     /// Opens `n` pages `{prefix}0` … and the subscriber (on `{prefix}observer`);
     /// returns once every held connection is open and the subscriber has
@@ -743,102 +841,36 @@ impl Observed {
             Arc, Mutex,
         };
         let pages: Vec<String> = (0..n).map(|i| format!("{prefix}{i}")).collect();
-        let truth: Arc<Vec<AtomicI64>> = Arc::new((0..n).map(|_| AtomicI64::new(0)).collect());
-        let view: Arc<Vec<AtomicI64>> = Arc::new((0..n).map(|_| AtomicI64::new(-1)).collect());
+        let truth: Counts = Arc::new((0..n).map(|_| AtomicI64::new(0)).collect());
+        let view: Counts = Arc::new((0..n).map(|_| AtomicI64::new(-1)).collect());
         let observer_open = Arc::new(AtomicBool::new(false));
         let server_ends = Arc::new(AtomicU64::new(0));
         let unexpected: Arc<Mutex<Option<String>>> = Arc::default();
-        let mut tasks = Vec::new();
-        let limit = Duration::from_secs(10);
-        for (i, page) in pages.iter().enumerate() {
-            for _ in 0..1 + i % 4 {
-                let mut ws =
-                    tokio::time::timeout(limit, connect(server, &format!("/parties/page/{page}")))
-                        .await
-                        .map_err(|_| anyhow::anyhow!("held connection to {page}: timed out"))??;
-                truth[i].fetch_add(1, Ordering::SeqCst);
-                let (truth, server_ends) = (truth.clone(), server_ends.clone());
-                tasks.push(tokio::spawn(async move {
-                    while let Some(Ok(m)) = ws.next().await {
-                        if m.is_close() {
-                            break;
-                        }
-                    }
-                    truth[i].fetch_sub(1, Ordering::SeqCst);
-                    server_ends.fetch_add(1, Ordering::Relaxed);
-                }));
-            }
-        }
+        let mut tasks = hold_pages(server, &pages, &truth, &server_ends).await?;
         let mut ws = tokio::time::timeout(
-            limit,
+            Duration::from_secs(10),
             connect(server, &format!("/parties/page/{prefix}observer")),
         )
         .await
         .map_err(|_| anyhow::anyhow!("subscriber: connect timed out"))??;
         ws.send(subscribe_msg(&pages)).await?;
-        let index: std::collections::HashMap<String, usize> = pages
-            .iter()
-            .enumerate()
-            .map(|(i, p)| (p.clone(), i))
-            .collect();
-        let apply = {
-            let (view, unexpected) = (view.clone(), unexpected.clone());
-            move |t: &str| match update_map(t) {
-                Some(counts) => {
-                    for (id, n) in counts {
-                        match index.get(&id) {
-                            Some(&i) => view[i].store(n, Ordering::SeqCst),
-                            None => {
-                                let mut u = unexpected.lock().expect("not poisoned");
-                                u.get_or_insert_with(|| format!("update for {id}: {t}"));
-                            }
-                        }
-                    }
-                    true
-                }
-                None => {
-                    let mut u = unexpected.lock().expect("not poisoned");
-                    u.get_or_insert_with(|| t.to_string());
-                    false
-                }
-            }
-        };
-        // The first update (the full map) before returning.
-        let first = tokio::time::timeout(limit, async {
-            loop {
-                match ws.next().await {
-                    Some(Ok(Message::Text(t))) => {
-                        if apply(&t) {
-                            return Ok(());
-                        }
-                    }
-                    Some(Ok(Message::Close(c))) => anyhow::bail!("subscriber closed: {c:?}"),
-                    Some(Ok(_)) => continue,
-                    Some(Err(e)) => return Err(e.into()),
-                    None => anyhow::bail!("subscriber: stream ended"),
-                }
-            }
-        })
-        .await
-        .map_err(|_| anyhow::anyhow!("subscriber: first update timed out"))?;
-        first?;
+        let apply = applier(&pages, &view, &unexpected);
+        first_update(&mut ws, &apply).await?;
         observer_open.store(true, Ordering::SeqCst);
-        {
-            let (observer_open, server_ends) = (observer_open.clone(), server_ends.clone());
-            tasks.push(tokio::spawn(async move {
-                while let Some(Ok(m)) = ws.next().await {
-                    match m {
-                        Message::Text(t) => {
-                            apply(&t);
-                        }
-                        Message::Close(_) => break,
-                        _ => {}
+        let (open, ends) = (observer_open.clone(), server_ends.clone());
+        tasks.push(tokio::spawn(async move {
+            while let Some(Ok(m)) = ws.next().await {
+                match m {
+                    Message::Text(t) => {
+                        apply(&t);
                     }
+                    Message::Close(_) => break,
+                    _ => {}
                 }
-                observer_open.store(false, Ordering::SeqCst);
-                server_ends.fetch_add(1, Ordering::Relaxed);
-            }));
-        }
+            }
+            open.store(false, Ordering::SeqCst);
+            ends.fetch_add(1, Ordering::Relaxed);
+        }));
         Ok(Observed {
             pages,
             truth,

@@ -8,14 +8,17 @@
 //! kill -9 restarts and a Redis restart in cluster mode; `LC_SOAK_SECS`) and
 //! `cluster` (1 to 6 nodes sharing a private redis-server: Redis commands per
 //! cycle, deliveries per publish, propagation, heartbeat gaps, stalls, kill -9)
+//! and `cluster-hold` (6 nodes × 15,000 readers on one box: opening rate
+//! busy / quiet, KiB per connection, time to exact counts, Redis memory)
 //! and `history` (disk bytes per page of a full presence history);
-//! none given runs all but `soak`, which runs at full scale only when named.
-//! `LC_BENCH_SMOKE=1` (or `--smoke`) runs every scenario at tiny scale in a few
-//! seconds (`soak` included). Each scenario prints `BENCH ...` summary
+//! none given runs all but `soak` and `cluster-hold`, which run at full scale
+//! only when named. `LC_BENCH_SMOKE=1` (or `--smoke`) runs every scenario at
+//! tiny scale in a few seconds (`soak` and `cluster-hold` included). Each scenario prints `BENCH ...` summary
 //! lines in logfmt (`key=value`), one per measured configuration.
 
 mod actix_ceiling;
 mod cluster;
+mod cluster_hold;
 mod fanout;
 mod flood;
 mod history;
@@ -74,6 +77,7 @@ fn main() {
             run_fanout_ceiling(Duration::from_millis(ms));
         }
         Some("--actix-ceiling-server") => actix_ceiling::run_actix_ceiling(),
+        Some("--cluster-hold-client") => cluster_hold::client_main(&args[1..]),
         _ => {}
     }
     let smoke = std::env::var("LC_BENCH_SMOKE").is_ok_and(|v| v != "0" && !v.is_empty())
@@ -93,6 +97,7 @@ fn main() {
         "flood",
         "soak",
         "cluster",
+        "cluster-hold",
         "history",
     ];
     for w in &wanted {
@@ -101,8 +106,11 @@ fn main() {
             std::process::exit(2);
         }
     }
-    // The 30-minute soak runs at full scale only when named.
-    let run = |s: &str| wanted.contains(&s) || (wanted.is_empty() && (smoke || s != "soak"));
+    // The 30-minute soak and the cluster hold (90,000 connections) run at
+    // full scale only when named.
+    let named_only = ["soak", "cluster-hold"];
+    let run =
+        |s: &str| wanted.contains(&s) || (wanted.is_empty() && (smoke || !named_only.contains(&s)));
     let scale = Scale { smoke };
     let nofile = raise_nofile();
     println!(
@@ -143,6 +151,9 @@ fn main() {
     }
     if run("cluster") {
         cluster::cluster(&rt, scale.smoke);
+    }
+    if run("cluster-hold") {
+        cluster_hold::cluster_hold(&rt, scale.smoke);
     }
     if run("history") {
         history::history(scale.smoke);

@@ -261,6 +261,11 @@ pub struct CounterSettings {
     /// defers the costliest pages (a page's change costs the connections of
     /// the rooms that follow it).
     pub delivery_budget: u64,
+    /// Longest a change waits for its publish when the delivery budget
+    /// defers it (the worst delay a reader sees in a surge), or
+    /// `broadcast_interval` if that is longer.
+    #[serde(with = "humantime_serde")]
+    pub max_delay: Duration,
     /// Period of the cleanup sweep.
     #[serde(with = "humantime_serde")]
     pub sweep_interval: Duration,

@@ -316,12 +316,6 @@ impl PageRoom {
                 .filter(|l| &***l != SITE_LINK)
                 .map(|l| l.to_string())
                 .collect(),
-            counts: self
-                .cache
-                .iter()
-                .filter(|(l, _)| &***l != SITE_LINK)
-                .map(|(l, t)| (l.to_string(), t.connections))
-                .collect(),
             last_active_ms: now_ms(),
         };
         match self.storage.save_room(&self.page, &record) {

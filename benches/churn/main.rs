@@ -21,6 +21,7 @@ mod history;
 mod oversize;
 mod ramp;
 mod soak;
+mod startup;
 mod support;
 
 use std::{
@@ -90,6 +91,7 @@ fn main() {
         "soak",
         "cluster",
         "history",
+        "startup",
     ];
     for w in &wanted {
         if !all.contains(w) {
@@ -142,6 +144,9 @@ fn main() {
     }
     if run("history") {
         history::history(scale.smoke);
+    }
+    if run("startup") {
+        startup::startup(&rt, scale.smoke);
     }
     println!("# bench done in {:.1}s", secs(started));
 }

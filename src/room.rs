@@ -456,7 +456,7 @@ impl PageRoom {
             self.cache.remove(link);
         }
         for conn in self.conns.values_mut() {
-            let dropped: Vec<&PageId> = refused.iter().filter(|l| conn.links.remove(*l)).collect();
+            let dropped: Vec<&PageId> = refused.iter().filter(|l| conn.links.remove(l)).collect();
             if dropped.is_empty() {
                 continue;
             }

@@ -11,6 +11,8 @@ pub const CONNECTION_KIB: f64 = 4.0;
 pub const ROOM_KIB: f64 = 2.5;
 /// Per page the counter tracks (KiB).
 pub const PAGE_KIB: f64 = 1.0;
+/// Per stored page: sled's page table (KiB).
+pub const STORED_KIB: f64 = 0.2;
 
 /// The budget in KiB; `None` without `limits.max_connections` (no bound).
 pub fn memory_budget_kib(s: &Settings) -> Option<u64> {
@@ -24,6 +26,7 @@ pub fn memory_budget_kib(s: &Settings) -> Option<u64> {
             + s.storage.cache_capacity / 1024
             + (l.max_connections as f64 * CONNECTION_KIB
                 + rooms as f64 * ROOM_KIB
-                + l.max_pages as f64 * PAGE_KIB) as u64,
+                + l.max_pages as f64 * PAGE_KIB
+                + s.storage.max_records as f64 * STORED_KIB) as u64,
     )
 }

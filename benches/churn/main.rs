@@ -72,6 +72,7 @@ fn main() {
             run_fanout_ceiling(Duration::from_millis(ms));
         }
         Some("--actix-ceiling-server") => actix_ceiling::run_actix_ceiling(),
+        Some("--sled-open") => startup::run_sled_open(args.get(1).map_or(".", String::as_str)),
         _ => {}
     }
     let smoke = std::env::var("LC_BENCH_SMOKE").is_ok_and(|v| v != "0" && !v.is_empty())

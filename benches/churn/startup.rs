@@ -8,8 +8,9 @@
 //! closes it cleanly. Filling through real connections would take hours; the
 //! records are the ones the service writes. Then:
 //!
-//! - **ceilings**: the time sled alone takes to open the directory (the same
-//!   `cache_capacity` and compression, in-process), and the RSS of the
+//! - **ceilings**: sled alone opening the directory (the same
+//!   `cache_capacity` and compression; this bench binary as a child,
+//!   `--sled-open DIR`): its time and its RSS once open; and the RSS of the
 //!   release binary ready on an empty data dir;
 //! - **clean**: the release binary (a child) on the filled directory: time
 //!   from its start to `/readyz` answering 200, RSS once settled;
@@ -47,7 +48,9 @@ fn page(i: usize) -> String {
 /// Writes `pages` pages as the service would have (see the module doc).
 fn fill(dir: &std::path::Path, pages: usize) {
     let storage = Storage::open(dir, CACHE_CAPACITY).expect("storage opens");
-    let now = 1_765_000_000_000u64;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
     let keep = HistoryRetention {
         minutes_ms: 48 * 3_600_000,
         hours_ms: 90 * 86_400_000,
@@ -110,8 +113,12 @@ fn ready_after(rt: &tokio::runtime::Runtime, addr: SocketAddr, started: Instant)
     secs(started)
 }
 
-/// RSS once it stops moving (within 256 KiB over 500 ms, at most 10 s).
+/// RSS once it stops moving (within 256 KiB over 500 ms, at most 10 s),
+/// read no earlier than 6 s from now: the service hands freed memory back
+/// every 5 s (`malloc_trim`), so this is what it holds, not what it freed
+/// since its last trim.
 fn settled_rss(pid: u32) -> u64 {
+    std::thread::sleep(Duration::from_secs(6));
     let mut last = rss_kib(pid);
     for _ in 0..20 {
         std::thread::sleep(Duration::from_millis(500));
@@ -125,7 +132,10 @@ fn settled_rss(pid: u32) -> u64 {
 }
 
 pub fn startup(rt: &tokio::runtime::Runtime, smoke: bool) {
-    let pages = if smoke { 3_000 } else { 1_000_000 };
+    let pages = std::env::var("LC_STARTUP_PAGES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(if smoke { 3_000 } else { 1_000_000 });
     let records = pages.to_string();
     let extra = [
         ("STORAGE__MAX_RECORDS", records.as_str()),
@@ -144,21 +154,8 @@ pub fn startup(rt: &tokio::runtime::Runtime, smoke: bool) {
     let fill_secs = secs(started);
     let data_kib = dir_kib(dir.path());
     let bytes_per_page = data_kib as f64 * 1024.0 / pages as f64;
-    // Ceiling: sled alone opening the directory (once the fill's handle
-    // has let go of it; sled's flusher holds the lock a moment longer).
-    let sled_open_secs = loop {
-        let started = Instant::now();
-        match link_counter::storage::open_sled(dir.path(), CACHE_CAPACITY) {
-            Ok(db) => {
-                let took = secs(started);
-                drop(db);
-                break took;
-            }
-            Err(StorageError::Locked { .. }) => std::thread::sleep(Duration::from_millis(20)),
-            Err(e) => panic!("sled opens: {e}"),
-        }
-    };
-    std::thread::sleep(Duration::from_secs(1));
+    // Ceiling: sled alone opening the directory, in a child (its own RSS).
+    let (sled_open_secs, sled_open_rss_kib) = sled_open_child(dir.path());
     Line::new("startup_fill")
         .s("pages", pages)
         .f("fill_secs", fill_secs)
@@ -174,6 +171,7 @@ pub fn startup(rt: &tokio::runtime::Runtime, smoke: bool) {
             .f("target_ready_secs", TARGET_READY_SECS)
             .f("sled_open_secs", sled_open_secs)
             .s("rss_kib", rss)
+            .s("sled_open_rss_kib", sled_open_rss_kib)
             .s("target_rss_kib", target_rss)
             .s("empty_node_rss_kib", empty.1)
             .f("empty_node_ready_secs", empty.0)
@@ -191,4 +189,54 @@ pub fn startup(rt: &tokio::runtime::Runtime, smoke: bool) {
     service.restart();
     let ready = ready_after(rt, service.addr, started);
     report("kill9", ready, settled_rss(service.pid()));
+}
+
+/// `--sled-open DIR`: opens `DIR` with sled alone (see
+/// `link_counter::storage::open_sled`), prints `opened SECS RSS_KIB` once
+/// open, and exits (waiting while another process still holds the lock).
+pub fn run_sled_open(dir: &str) -> ! {
+    let dir = std::path::Path::new(dir);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (db, took) = loop {
+        let started = Instant::now();
+        match link_counter::storage::open_sled(dir, CACHE_CAPACITY) {
+            Ok(db) => break (db, secs(started)),
+            Err(StorageError::Locked { .. }) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => panic!("sled opens {}: {e}", dir.display()),
+        }
+    };
+    // What sled holds, not what its recovery freed (as the service's trims do).
+    // SAFETY: malloc_trim only releases free heap memory; it takes no pointers.
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    unsafe {
+        libc::malloc_trim(0);
+    }
+    println!("opened {took} {}", rss_kib(std::process::id()));
+    drop(db);
+    std::process::exit(0)
+}
+
+/// Runs [`run_sled_open`] in a child: (seconds to open, RSS once open).
+fn sled_open_child(dir: &std::path::Path) -> (f64, u64) {
+    let exe = std::env::current_exe().expect("current exe");
+    let out = std::process::Command::new(exe)
+        .arg("--sled-open")
+        .arg(dir)
+        .output()
+        .expect("the sled-open child runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .find_map(|l| l.strip_prefix("opened "))
+        .unwrap_or_else(|| panic!("sled-open child said {text:?}"));
+    let mut words = line.split_whitespace();
+    let secs = words
+        .next()
+        .and_then(|w| w.parse().ok())
+        .unwrap_or(f64::NAN);
+    let rss = words.next().and_then(|w| w.parse().ok()).unwrap_or(0);
+    // Its lock goes with the process.
+    (secs, rss)
 }

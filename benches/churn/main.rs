@@ -71,8 +71,65 @@ const PAGES: u64 = 200;
 /// Links per churn subscribe.
 const LINKS: usize = 5;
 
+/// A scenario: its name and how it runs (client runtime, scale,
+/// RLIMIT_NOFILE).
+type Scenario = (&'static str, fn(&tokio::runtime::Runtime, Scale, u64));
+
+/// Every scenario, in the order they run.
+const SCENARIOS: [Scenario; 12] = [
+    ("churn", |rt, scale, _| churn(rt, scale)),
+    ("propagation", |rt, scale, _| propagation(rt, scale)),
+    ("memory", memory),
+    ("fanout", |rt, scale, nofile| {
+        fanout::fanout(rt, scale.smoke, nofile)
+    }),
+    ("ramp", |rt, scale, nofile| {
+        ramp::ramp(rt, scale.smoke, nofile)
+    }),
+    ("oversize", |rt, scale, _| {
+        oversize::oversize(rt, scale.smoke)
+    }),
+    ("flood", |rt, scale, _| flood::flood(rt, scale.smoke)),
+    ("soak", |rt, scale, _| soak::soak(rt, scale.smoke)),
+    ("cluster", |rt, scale, _| cluster::cluster(rt, scale.smoke)),
+    ("cluster-hold", |rt, scale, _| {
+        cluster_hold::cluster_hold(rt, scale.smoke)
+    }),
+    ("history", |_, scale, _| history::history(scale.smoke)),
+    ("startup", |rt, scale, _| startup::startup(rt, scale.smoke)),
+];
+
+/// The 30-minute soak and the cluster hold (90,000 connections) run at
+/// full scale only when named.
+const NAMED_ONLY: [&str; 2] = ["soak", "cluster-hold"];
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    run_child_mode(&args);
+    let smoke = std::env::var("LC_BENCH_SMOKE").is_ok_and(|v| v != "0" && !v.is_empty())
+        || args.iter().any(|a| a == "--smoke");
+    let wanted = wanted_scenarios(&args);
+    let run =
+        |s: &str| wanted.contains(&s) || (wanted.is_empty() && (smoke || !NAMED_ONLY.contains(&s)));
+    let scale = Scale { smoke };
+    let nofile = raise_nofile();
+    println!(
+        "# link-counter bench: smoke={smoke} nproc={} RLIMIT_NOFILE={nofile}",
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    );
+    let started = Instant::now();
+    let rt = client_runtime();
+    for (name, scenario) in SCENARIOS {
+        if run(name) {
+            scenario(&rt, scale, nofile);
+        }
+    }
+    println!("# bench done in {:.1}s", secs(started));
+}
+
+/// The re-exec modes: the bench runs itself as a ceiling server, a
+/// cluster-hold client or a sled opener (these do not return).
+fn run_child_mode(args: &[String]) {
     match args.first().map(String::as_str) {
         Some("--fanout-ceiling-server") => {
             let ms = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(50);
@@ -83,89 +140,33 @@ fn main() {
         Some("--sled-open") => startup::run_sled_open(args.get(1).map_or(".", String::as_str)),
         _ => {}
     }
-    let smoke = std::env::var("LC_BENCH_SMOKE").is_ok_and(|v| v != "0" && !v.is_empty())
-        || args.iter().any(|a| a == "--smoke");
+}
+
+/// The scenarios named on the command line; exits (2) on an unknown name.
+fn wanted_scenarios(args: &[String]) -> Vec<&str> {
     let wanted: Vec<&str> = args
         .iter()
         .filter(|a| !a.starts_with('-'))
         .map(String::as_str)
         .collect();
-    let all = [
-        "churn",
-        "propagation",
-        "memory",
-        "fanout",
-        "ramp",
-        "oversize",
-        "flood",
-        "soak",
-        "cluster",
-        "cluster-hold",
-        "history",
-        "startup",
-    ];
+    let all: Vec<&str> = SCENARIOS.iter().map(|(name, _)| *name).collect();
     for w in &wanted {
         if !all.contains(w) {
             eprintln!("unknown scenario {w:?}; known: {all:?}");
             std::process::exit(2);
         }
     }
-    // The 30-minute soak and the cluster hold (90,000 connections) run at
-    // full scale only when named.
-    let named_only = ["soak", "cluster-hold"];
-    let run =
-        |s: &str| wanted.contains(&s) || (wanted.is_empty() && (smoke || !named_only.contains(&s)));
-    let scale = Scale { smoke };
-    let nofile = raise_nofile();
-    println!(
-        "# link-counter bench: smoke={smoke} nproc={} RLIMIT_NOFILE={nofile}",
-        std::thread::available_parallelism().map_or(1, |n| n.get())
-    );
-    let started = Instant::now();
-    // The load generator: a 2-thread runtime, as many cores as the machine has.
-    let rt = tokio::runtime::Builder::new_multi_thread()
+    wanted
+}
+
+/// The load generator: a 2-thread runtime, as many cores as the machine has.
+fn client_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("lc-bench-client")
         .enable_all()
         .build()
-        .expect("client runtime");
-    if run("churn") {
-        churn(&rt, scale);
-    }
-    if run("propagation") {
-        propagation(&rt, scale);
-    }
-    if run("memory") {
-        memory(&rt, scale, nofile);
-    }
-    if run("fanout") {
-        fanout::fanout(&rt, scale.smoke, nofile);
-    }
-    if run("ramp") {
-        ramp::ramp(&rt, scale.smoke, nofile);
-    }
-    if run("oversize") {
-        oversize::oversize(&rt, scale.smoke);
-    }
-    if run("flood") {
-        flood::flood(&rt, scale.smoke);
-    }
-    if run("soak") {
-        soak::soak(&rt, scale.smoke);
-    }
-    if run("cluster") {
-        cluster::cluster(&rt, scale.smoke);
-    }
-    if run("cluster-hold") {
-        cluster_hold::cluster_hold(&rt, scale.smoke);
-    }
-    if run("history") {
-        history::history(scale.smoke);
-    }
-    if run("startup") {
-        startup::startup(&rt, scale.smoke);
-    }
-    println!("# bench done in {:.1}s", secs(started));
+        .expect("client runtime")
 }
 
 // ------------------------------------------------------------------ churn
@@ -818,33 +819,22 @@ struct MemoryRun {
 fn memory_at(
     rt: &tokio::runtime::Runtime,
     scale: Scale,
-    [small, big]: [usize; 2],
+    sizes: [usize; 2],
     mut service: ChildService,
     run: &MemoryRun,
 ) -> [f64; 2] {
-    let ceiling = run.ceiling.as_ref();
     let pid = service.pid();
     let server = service.addr;
-    let mut pers = [f64::NAN; 2];
-    rt.block_on(async {
-        // Warm the allocator and the rooms with some churn first.
-        for i in 0..200u64 {
-            let mut rng = Rng::new(i);
-            let _ = cycle(
-                server,
-                &format!("p{}", i % PAGES),
-                &rng.pages(3, PAGES),
-                Leave::Close,
-            )
-            .await;
-        }
+    let pers = rt.block_on(async {
+        warm_up(server).await;
         let base = settled_rss(pid).await;
         let client_base = rss_kib(std::process::id());
         let mut held = Vec::new();
         let mut opened = 0usize;
         let mut errors = 0u64;
         let mut rss_small = 0u64;
-        for (k, &n) in [small, big].iter().enumerate() {
+        let mut pers = [f64::NAN; 2];
+        for (k, &n) in sizes.iter().enumerate() {
             errors += open_idle(server, run.transport, n - opened, opened, &mut held).await;
             opened = n;
             let rss = settled_rss(pid).await;
@@ -854,72 +844,146 @@ fn memory_at(
             let client_per =
                 rss_kib(std::process::id()).saturating_sub(client_base) as f64 / n as f64;
             let alive = service.alive();
-            let mut line = Line::new("memory")
-                .s(
-                    "target",
-                    if ceiling.is_some() {
-                        "service"
-                    } else {
-                        "actix_ceiling"
-                    },
-                )
-                .s("transport", run.transport.name())
-                .s("connections", n)
-                .s("service_fds", open_fds(pid))
-                .s("rss_base_kib", base)
-                .s("rss_kib", rss)
-                .f("kib_per_conn", per)
-                .f("client_kib_per_conn", client_per)
-                .f("fresh_first_update_p50_ms", pct(&fresh, 50.0))
-                .f("fresh_first_update_max_ms", pct(&fresh, 100.0))
-                .s("fresh_errors", fresh_errors)
-                .s("open_errors", errors);
-            if let Some(ceiling) = ceiling {
-                let health = tokio::time::timeout(Duration::from_secs(5), http_ok(server))
-                    .await
-                    .unwrap_or(false);
-                line = line
-                    .s("healthy", alive && health)
-                    .f("ceiling_kib_per_conn", ceiling[k])
-                    .f("vs_ceiling", per / ceiling[k]);
-            } else {
-                line = line.s("alive", alive);
-            }
-            if k == 1 && n != small {
-                line = line
-                    .f(
-                        "marginal_kib_per_conn",
-                        rss.saturating_sub(rss_small) as f64 / (big - small) as f64,
-                    )
-                    .f("growth_vs_small", per / pers[0]);
-            }
-            if ceiling.is_some() {
-                line = line.f("target_kib_per_conn", 4.0);
-            }
-            if let Some(ws) = run.websocket {
-                line = line
-                    .f("websocket_kib_per_conn", ws[k])
-                    .f("vs_websocket", per / ws[k]);
-                line = if run.visitors {
-                    line.s("visitor_ids", "every")
-                        .s("target_vs_ceiling", "1.05")
-                } else {
-                    line.f("target_vs_websocket", 1.5)
-                };
-            }
-            line.print();
+            let service_fds = open_fds(pid);
+            let health = match run.ceiling {
+                Some(_) => Some(
+                    tokio::time::timeout(Duration::from_secs(5), http_ok(server))
+                        .await
+                        .unwrap_or(false),
+                ),
+                None => None,
+            };
+            let point = MemoryPoint {
+                k,
+                connections: n,
+                service_fds,
+                rss_base: base,
+                rss,
+                rss_small,
+                per,
+                per_small: pers[0],
+                client_per,
+                fresh,
+                fresh_errors,
+                open_errors: errors,
+                alive,
+                health,
+            };
+            run.line(&point, sizes).print();
             rss_small = rss;
         }
-        // Close the client side before the next run opens as many again.
-        for h in &held {
-            h.abort();
-        }
-        for h in held {
-            let _ = h.await;
-        }
+        close_held(held).await;
+        pers
     });
     drop(service);
     pers
+}
+
+/// Warms the allocator and the rooms with some churn.
+async fn warm_up(server: SocketAddr) {
+    for i in 0..200u64 {
+        let mut rng = Rng::new(i);
+        let _ = cycle(
+            server,
+            &format!("p{}", i % PAGES),
+            &rng.pages(3, PAGES),
+            Leave::Close,
+        )
+        .await;
+    }
+}
+
+/// Closes the client side of held connections (before the next run opens
+/// as many again).
+async fn close_held(held: Vec<tokio::task::JoinHandle<()>>) {
+    for h in &held {
+        h.abort();
+    }
+    for h in held {
+        let _ = h.await;
+    }
+}
+
+/// One size's figures in a memory run.
+struct MemoryPoint {
+    /// 0: the small size, 1: the big one.
+    k: usize,
+    connections: usize,
+    service_fds: usize,
+    rss_base: u64,
+    rss: u64,
+    /// RSS at the small size (0 before it).
+    rss_small: u64,
+    per: f64,
+    /// KiB per connection at the small size.
+    per_small: f64,
+    client_per: f64,
+    /// First-update times of fresh connections, ms.
+    fresh: Vec<f64>,
+    fresh_errors: u64,
+    open_errors: u64,
+    alive: bool,
+    /// `/healthz` answered (`None`: the ceiling run, not asked).
+    health: Option<bool>,
+}
+
+impl MemoryRun {
+    /// The `BENCH memory` line of one size.
+    fn line(&self, p: &MemoryPoint, [small, big]: [usize; 2]) -> Line {
+        let k = p.k;
+        let per = p.per;
+        let mut line = Line::new("memory")
+            .s(
+                "target",
+                if self.ceiling.is_some() {
+                    "service"
+                } else {
+                    "actix_ceiling"
+                },
+            )
+            .s("transport", self.transport.name())
+            .s("connections", p.connections)
+            .s("service_fds", p.service_fds)
+            .s("rss_base_kib", p.rss_base)
+            .s("rss_kib", p.rss)
+            .f("kib_per_conn", per)
+            .f("client_kib_per_conn", p.client_per)
+            .f("fresh_first_update_p50_ms", pct(&p.fresh, 50.0))
+            .f("fresh_first_update_max_ms", pct(&p.fresh, 100.0))
+            .s("fresh_errors", p.fresh_errors)
+            .s("open_errors", p.open_errors);
+        if let Some(ceiling) = self.ceiling {
+            line = line
+                .s("healthy", p.alive && p.health.unwrap_or(false))
+                .f("ceiling_kib_per_conn", ceiling[k])
+                .f("vs_ceiling", per / ceiling[k]);
+        } else {
+            line = line.s("alive", p.alive);
+        }
+        if k == 1 && p.connections != small {
+            line = line
+                .f(
+                    "marginal_kib_per_conn",
+                    p.rss.saturating_sub(p.rss_small) as f64 / (big - small) as f64,
+                )
+                .f("growth_vs_small", per / p.per_small);
+        }
+        if self.ceiling.is_some() {
+            line = line.f("target_kib_per_conn", 4.0);
+        }
+        if let Some(ws) = self.websocket {
+            line = line
+                .f("websocket_kib_per_conn", ws[k])
+                .f("vs_websocket", per / ws[k]);
+            line = if self.visitors {
+                line.s("visitor_ids", "every")
+                    .s("target_vs_ceiling", "1.05")
+            } else {
+                line.f("target_vs_websocket", 1.5)
+            };
+        }
+        line
+    }
 }
 
 /// `GET /healthz` answers 200.

@@ -236,70 +236,115 @@ enum Event {
     RedisRestart,
 }
 
-pub fn soak(rt: &tokio::runtime::Runtime, smoke: bool) {
-    let total: f64 = env_or("LC_SOAK_SECS", if smoke { 10.0 } else { 1800.0 });
-    // `None`: a third of the ceiling measured at the start (smoke: 500/s).
-    let fixed_rate: Option<f64> = std::env::var("LC_SOAK_RATE")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .or(smoke.then_some(500.0));
-    let flood_cycles: u64 = env_or("LC_SOAK_FLOOD_CYCLES", if smoke { 300 } else { 20_000 });
-    let data_cap_kib: u64 = env_or("LC_SOAK_DATA_CAP_MIB", 64u64) * 1024;
-    // (quiet point, flood, kill) periods and the Redis downtime, seconds.
-    let (minute, flood_every, kill_every, redis_down) = if smoke {
-        (1.0, 3.0, 5.0, 0.5)
-    } else {
-        (60.0, 300.0, 600.0, 2.0)
-    };
-    let converge_limit = Duration::from_secs(if smoke { 8 } else { 30 });
+/// The run's lengths, periods and limits (environment, smoke or full scale).
+struct Plan {
+    smoke: bool,
+    /// Seconds of the whole run.
+    total: f64,
+    /// `None`: a third of the ceiling measured at the start (smoke: 500/s).
+    fixed_rate: Option<f64>,
+    flood_cycles: u64,
+    data_cap_kib: u64,
+    /// Seconds between quiet points, floods and kills; the Redis downtime.
+    minute: f64,
+    flood_every: f64,
+    kill_every: f64,
+    redis_down: f64,
+    converge_limit: Duration,
+}
 
-    let mut schedule: Vec<(f64, Event)> = Vec::new();
-    // Every `every` seconds before the end.
-    let mut add = |every: f64, e: Event| {
-        let mut k = 1.0;
-        while k * every < total - 1e-9 {
-            schedule.push((k * every, e));
-            k += 1.0;
+impl Plan {
+    fn from_env(smoke: bool) -> Plan {
+        let (minute, flood_every, kill_every, redis_down) = if smoke {
+            (1.0, 3.0, 5.0, 0.5)
+        } else {
+            (60.0, 300.0, 600.0, 2.0)
+        };
+        Plan {
+            smoke,
+            total: env_or("LC_SOAK_SECS", if smoke { 10.0 } else { 1800.0 }),
+            fixed_rate: std::env::var("LC_SOAK_RATE")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .or(smoke.then_some(500.0)),
+            flood_cycles: env_or("LC_SOAK_FLOOD_CYCLES", if smoke { 300 } else { 20_000 }),
+            data_cap_kib: env_or("LC_SOAK_DATA_CAP_MIB", 64u64) * 1024,
+            minute,
+            flood_every,
+            kill_every,
+            redis_down,
+            converge_limit: Duration::from_secs(if smoke { 8 } else { 30 }),
         }
-    };
-    add(minute, Event::Quiet);
-    add(flood_every, Event::Flood);
-    add(kill_every, Event::Kill);
-    // The last quiet point at the end.
-    schedule.push((total, Event::Quiet));
-    // Mid-run, away from the kills (at multiples of `kill_every`), so a
-    // quiet point sees each recovery on its own.
-    let redis_at = total / 2.0 + 2.5 * minute;
-    if redis_at < total {
-        schedule.push((redis_at, Event::RedisRestart));
     }
-    schedule.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
 
+    /// The events by time (and by [`Event`] order on one time).
+    fn schedule(&self) -> Vec<(f64, Event)> {
+        let total = self.total;
+        let mut schedule: Vec<(f64, Event)> = Vec::new();
+        // Every `every` seconds before the end.
+        let mut add = |every: f64, e: Event| {
+            let mut k = 1.0;
+            while k * every < total - 1e-9 {
+                schedule.push((k * every, e));
+                k += 1.0;
+            }
+        };
+        add(self.minute, Event::Quiet);
+        add(self.flood_every, Event::Flood);
+        add(self.kill_every, Event::Kill);
+        // The last quiet point at the end.
+        schedule.push((total, Event::Quiet));
+        // Mid-run, away from the kills (at multiples of `kill_every`), so a
+        // quiet point sees each recovery on its own.
+        let redis_at = total / 2.0 + 2.5 * self.minute;
+        if redis_at < total {
+            schedule.push((redis_at, Event::RedisRestart));
+        }
+        schedule.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+        schedule
+    }
+
+    /// The service's settings with Redis at `url`.
+    fn service_settings<'a>(&self, url: &'a str) -> Vec<(&'static str, &'a str)> {
+        let mut extra = vec![
+            ("CLUSTER__REDIS_URL", url),
+            ("STORAGE__MAX_RECORDS", "50000"),
+            ("STORAGE__CACHE_CAPACITY", "33554432"),
+            // The default cap (the bench's NO_CAPS lifts it): the budget needs one.
+            ("LIMITS__MAX_CONNECTIONS", "10000"),
+        ];
+        if self.smoke {
+            extra.push(("STORAGE__SNAPSHOT_INTERVAL", "1s"));
+            extra.push(("CLUSTER__NODE_TTL", "1s"));
+            extra.push(("CLUSTER__HEARTBEAT_INTERVAL", "200ms"));
+        }
+        extra
+    }
+
+    fn print(&self, schedule: &[(f64, Event)], extra: &[(&str, &str)]) {
+        let settings: Vec<String> = extra.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let count = |e: Event| schedule.iter().filter(|(_, x)| *x == e).count();
+        println!(
+            "# soak: {} s, {} quiet points, {} floods of {}, \
+             {} kill -9, {} Redis restart; settings {}",
+            self.total,
+            count(Event::Quiet),
+            count(Event::Flood),
+            self.flood_cycles,
+            count(Event::Kill),
+            count(Event::RedisRestart),
+            settings.join(" ")
+        );
+    }
+}
+
+pub fn soak(rt: &tokio::runtime::Runtime, smoke: bool) {
+    let plan = Plan::from_env(smoke);
+    let schedule = plan.schedule();
     let mut redis = RedisServer::launch(&[]);
     let url = redis.url();
-    let mut extra = vec![
-        ("CLUSTER__REDIS_URL", url.as_str()),
-        ("STORAGE__MAX_RECORDS", "50000"),
-        ("STORAGE__CACHE_CAPACITY", "33554432"),
-        // The default cap (the bench's NO_CAPS lifts it): the budget needs one.
-        ("LIMITS__MAX_CONNECTIONS", "10000"),
-    ];
-    if smoke {
-        extra.push(("STORAGE__SNAPSHOT_INTERVAL", "1s"));
-        extra.push(("CLUSTER__NODE_TTL", "1s"));
-        extra.push(("CLUSTER__HEARTBEAT_INTERVAL", "200ms"));
-    }
-    let settings: Vec<String> = extra.iter().map(|(k, v)| format!("{k}={v}")).collect();
-    let count = |e: Event| schedule.iter().filter(|(_, x)| *x == e).count();
-    println!(
-        "# soak: {total} s, {} quiet points, {} floods of {flood_cycles}, \
-         {} kill -9, {} Redis restart; settings {}",
-        count(Event::Quiet),
-        count(Event::Flood),
-        count(Event::Kill),
-        count(Event::RedisRestart),
-        settings.join(" ")
-    );
+    let extra = plan.service_settings(&url);
+    plan.print(&schedule, &extra);
     let budget_kib = crate::budget::memory_budget_kib(&crate::kit::settings::bench_settings(
         std::path::Path::new("."),
         &extra,
@@ -307,10 +352,82 @@ pub fn soak(rt: &tokio::runtime::Runtime, smoke: bool) {
     let mut service = ChildService::start_in(tempfile::tempdir().expect("temp dir"), &extra);
 
     let mismatch_points = rt.block_on(async {
-        let mut observed = Observed::open(service.addr, "w", OBSERVED)
+        let mut run = Run::start(&plan, &mut service, &mut redis).await;
+        for (at, event) in schedule {
+            let due = run.started + Duration::from_secs_f64(at);
+            tokio::time::sleep_until(due.into()).await;
+            match event {
+                Event::Quiet => run.quiet(at).await,
+                Event::Flood => run.flood().await,
+                Event::Kill => run = run.kill().await,
+                Event::RedisRestart => run.redis_restart().await,
+            }
+        }
+        run.finish(budget_kib).await
+    });
+    drop(service);
+    drop(redis);
+    if smoke {
+        assert_eq!(
+            mismatch_points, 0,
+            "soak: the subscriber's counts stayed wrong past the convergence timeout"
+        );
+    }
+}
+
+/// What the run counts on its way.
+#[derive(Default)]
+struct Tally {
+    floods: u64,
+    kills: u64,
+    redis_restarts: u64,
+    flood_refused: u64,
+    flood_errors: u64,
+    quiet_points: u64,
+    mismatch_points: u64,
+    mismatches_max: usize,
+    rss_peak: u64,
+    /// Floods since the last (re)start, and the RSS of the last quiet point.
+    floods_since_start: u64,
+    rss_quiet: u64,
+    /// (floods since the start, RSS settled after the last of them).
+    settled: Vec<(u64, u64)>,
+    rss_end: u64,
+    data_end: u64,
+    data_max: u64,
+    pages_end: u64,
+    /// The churn's figures at the last quiet point.
+    last_cycles: u64,
+    last_errors: u64,
+    last_t: f64,
+    events_since: Vec<&'static str>,
+}
+
+/// A soak under way: the service, Redis, the observed pages and the churn.
+struct Run<'a> {
+    plan: &'a Plan,
+    service: &'a mut ChildService,
+    redis: &'a mut RedisServer,
+    observed: Observed,
+    churn: Churn,
+    /// The churn's rate and the maximum measured (`NaN`: a fixed rate).
+    rate: f64,
+    max: f64,
+    started: Instant,
+    tally: Tally,
+}
+
+impl<'a> Run<'a> {
+    /// Opens the observed pages, sets the churn's rate and starts it.
+    async fn start(
+        plan: &'a Plan,
+        service: &'a mut ChildService,
+        redis: &'a mut RedisServer,
+    ) -> Run<'a> {
+        let observed = Observed::open(service.addr, "w", OBSERVED)
             .await
             .expect("observed pages open");
-        let (rate, max) = match fixed_rate {
+        let (rate, max) = match plan.fixed_rate {
             Some(r) => (r, f64::NAN),
             None => {
                 let max = max_rate(service.addr, 3.0).await;
@@ -323,177 +440,199 @@ pub fn soak(rt: &tokio::runtime::Runtime, smoke: bool) {
             println!("# soak: churn at {rate:.0} cycles/s, a third of the {max:.0}/s measured");
         }
         let churn = Churn::start(service.addr, rate);
-        let started = Instant::now();
-        let (mut floods, mut kills, mut redis_restarts) = (0u64, 0u64, 0u64);
-        let (mut flood_refused, mut flood_errors) = (0u64, 0u64);
-        let mut quiet_points = 0u64;
-        let mut mismatch_points = 0u64;
-        let mut mismatches_max = 0usize;
-        let mut rss_peak = 0u64;
-        // Floods since the last (re)start, and the RSS of the last quiet point.
-        let (mut floods_since_start, mut rss_quiet) = (0u64, 0u64);
-        // (floods since the start, RSS settled after the last of them).
-        let mut settled: Vec<(u64, u64)> = Vec::new();
-        let (mut rss_end, mut data_end, mut data_max, mut pages_end) = (0u64, 0u64, 0u64, 0u64);
-        let (mut last_cycles, mut last_errors, mut last_t) = (0u64, 0u64, 0.0f64);
-        let mut events_since: Vec<&str> = Vec::new();
-        for (at, event) in schedule {
-            let due = started + Duration::from_secs_f64(at);
-            tokio::time::sleep_until(due.into()).await;
-            match event {
-                Event::Quiet => {
-                    quiet_points += 1;
-                    let n = (at / minute - 1e-9).ceil() as u64;
-                    churn.pause().await;
-                    let (mismatches, converge_ms) = observed.converge(converge_limit).await;
-                    if mismatches > 0 {
-                        mismatch_points += 1;
-                        println!(
-                            "#   MISMATCH at minute {n} after {converge_ms:.0} ms: {}",
-                            observed.describe_mismatches()
-                        );
-                    }
-                    mismatches_max = mismatches_max.max(mismatches);
-                    let rss = rss_kib(service.pid());
-                    let data = dir_kib(service.data_dir());
-                    let stats = Stats::get(service.admin).await;
-                    churn.resume();
-                    let t = secs(started);
-                    let cycles = churn.cycles.load(Ordering::Relaxed);
-                    let errors = churn.errors.load(Ordering::Relaxed);
-                    let s = stats.unwrap_or_default();
-                    Line::new("soak")
-                        .s("minute", n)
-                        .f("t_s", t)
-                        .s("rss_kib", rss)
-                        .s("data_kib", data)
-                        .s("pages", s.pages)
-                        .s("live_pages", s.live_pages)
-                        .s("rooms", s.rooms)
-                        .s("connections", s.connections)
-                        .s("mismatches", mismatches)
-                        .f("converge_ms", converge_ms)
-                        .f(
-                            "churn_cycles_per_s",
-                            (cycles - last_cycles) as f64 / (t - last_t),
-                        )
-                        .s("churn_errors", errors - last_errors)
-                        .s(
-                            "events",
-                            if events_since.is_empty() {
-                                "none".to_string()
-                            } else {
-                                events_since.join(",")
-                            },
-                        )
-                        .print();
-                    if let Some(e) = churn.first_error.lock().expect("not poisoned").take() {
-                        println!("#   first churn error since the last line: {e}");
-                    }
-                    events_since.clear();
-                    (last_cycles, last_errors, last_t) = (cycles, errors, t);
-                    rss_peak = rss_peak.max(rss);
-                    rss_quiet = rss;
-                    (rss_end, data_end, pages_end) = (rss, data, s.pages);
-                    data_max = data_max.max(data);
-                }
-                Event::Flood => {
-                    if floods_since_start > 0 {
-                        settled.push((floods_since_start, rss_quiet));
-                    }
-                    floods_since_start += 1;
-                    floods += 1;
-                    let k = floods;
-                    let page: PageFn = Arc::new(move |i| format!("sf{k}-{i}"));
-                    let f = flood_run(service.addr, flood_cycles, FLOOD_CLIENTS, page).await;
-                    rss_peak = rss_peak.max(rss_kib(service.pid()));
-                    println!(
-                        "# soak: flood {k}: {} cycles to new ids in {:.1} s ({:.0}/s), {} refused, {} errors",
-                        f.cycles,
-                        f.secs,
-                        f.rate(),
-                        f.refused,
-                        f.errors
-                    );
-                    if let Some(e) = &f.first_error {
-                        println!("#   first flood error: {e}");
-                    }
-                    flood_refused += f.refused;
-                    flood_errors += f.errors;
-                    events_since.push("flood");
-                }
-                Event::Kill => {
-                    floods_since_start = 0;
-                    kills += 1;
-                    let t0 = Instant::now();
-                    service.kill9();
-                    observed.close().await;
-                    // Blocking (reads the child's first lines): the clients
-                    // run on the runtime's worker threads meanwhile.
-                    service.restart();
-                    churn.set_addr(service.addr);
-                    observed = Observed::open(service.addr, "w", OBSERVED)
-                        .await
-                        .expect("observed pages open again after the restart");
-                    println!(
-                        "# soak: kill -9 {kills}: restarted on the same data dir, \
-                         observed pages open again after {:.0} ms ({} of {OBSERVED} \
-                         counts off then: the crashed node's ghosts)",
-                        ms(t0.elapsed()),
-                        observed.mismatches()
-                    );
-                    events_since.push("kill9");
-                }
-                Event::RedisRestart => {
-                    redis_restarts += 1;
-                    redis.stop();
-                    tokio::time::sleep(Duration::from_secs_f64(redis_down)).await;
-                    // Blocking until it answers PING (a few ms).
-                    redis.restart();
-                    println!("# soak: Redis killed and restarted after {redis_down} s down");
-                    events_since.push("redis_restart");
-                }
-            }
+        Run {
+            plan,
+            service,
+            redis,
+            observed,
+            churn,
+            rate,
+            max,
+            started: Instant::now(),
+            tally: Tally::default(),
         }
-        let cycles = churn.cycles.load(Ordering::Relaxed);
-        let errors = churn.errors.load(Ordering::Relaxed);
-        let elapsed = secs(started);
-        churn.stop().await;
-        if floods_since_start > 0 {
-            settled.push((floods_since_start, rss_end));
+    }
+
+    /// A quiet point: the churn pauses, the counts converge, one line.
+    async fn quiet(&mut self, at: f64) {
+        let t = &mut self.tally;
+        t.quiet_points += 1;
+        let n = (at / self.plan.minute - 1e-9).ceil() as u64;
+        self.churn.pause().await;
+        let (mismatches, converge_ms) = self.observed.converge(self.plan.converge_limit).await;
+        if mismatches > 0 {
+            t.mismatch_points += 1;
+            println!(
+                "#   MISMATCH at minute {n} after {converge_ms:.0} ms: {}",
+                self.observed.describe_mismatches()
+            );
         }
-        // Each settled RSS against the previous one of the same phase.
-        let mut phase_pcts = Vec::new();
-        for (i, (phase, rss)) in settled.iter().enumerate() {
-            if let Some((_, before)) = settled[..i].iter().rev().find(|(p, _)| p == phase) {
-                phase_pcts.push(100.0 * (*rss as f64 - *before as f64) / (*before).max(1) as f64);
-            }
+        t.mismatches_max = t.mismatches_max.max(mismatches);
+        let rss = rss_kib(self.service.pid());
+        let data = dir_kib(self.service.data_dir());
+        let stats = Stats::get(self.service.admin).await;
+        self.churn.resume();
+        let now = secs(self.started);
+        let cycles = self.churn.cycles.load(Ordering::Relaxed);
+        let errors = self.churn.errors.load(Ordering::Relaxed);
+        let s = stats.unwrap_or_default();
+        Line::new("soak")
+            .s("minute", n)
+            .f("t_s", now)
+            .s("rss_kib", rss)
+            .s("data_kib", data)
+            .s("pages", s.pages)
+            .s("live_pages", s.live_pages)
+            .s("rooms", s.rooms)
+            .s("connections", s.connections)
+            .s("mismatches", mismatches)
+            .f("converge_ms", converge_ms)
+            .f(
+                "churn_cycles_per_s",
+                (cycles - t.last_cycles) as f64 / (now - t.last_t),
+            )
+            .s("churn_errors", errors - t.last_errors)
+            .s(
+                "events",
+                if t.events_since.is_empty() {
+                    "none".to_string()
+                } else {
+                    t.events_since.join(",")
+                },
+            )
+            .print();
+        if let Some(e) = self.churn.first_error.lock().expect("not poisoned").take() {
+            println!("#   first churn error since the last line: {e}");
         }
+        t.events_since.clear();
+        (t.last_cycles, t.last_errors, t.last_t) = (cycles, errors, now);
+        t.rss_peak = t.rss_peak.max(rss);
+        t.rss_quiet = rss;
+        (t.rss_end, t.data_end, t.pages_end) = (rss, data, s.pages);
+        t.data_max = t.data_max.max(data);
+    }
+
+    /// A distinct-id flood alongside the churn.
+    async fn flood(&mut self) {
+        let t = &mut self.tally;
+        if t.floods_since_start > 0 {
+            t.settled.push((t.floods_since_start, t.rss_quiet));
+        }
+        t.floods_since_start += 1;
+        t.floods += 1;
+        let k = t.floods;
+        let page: PageFn = Arc::new(move |i| format!("sf{k}-{i}"));
+        let f = flood_run(
+            self.service.addr,
+            self.plan.flood_cycles,
+            FLOOD_CLIENTS,
+            page,
+        )
+        .await;
+        t.rss_peak = t.rss_peak.max(rss_kib(self.service.pid()));
+        println!(
+            "# soak: flood {k}: {} cycles to new ids in {:.1} s ({:.0}/s), {} refused, {} errors",
+            f.cycles,
+            f.secs,
+            f.rate(),
+            f.refused,
+            f.errors
+        );
+        if let Some(e) = &f.first_error {
+            println!("#   first flood error: {e}");
+        }
+        t.flood_refused += f.refused;
+        t.flood_errors += f.errors;
+        t.events_since.push("flood");
+    }
+
+    /// kill -9 of the service, a restart on the same data dir (the
+    /// observed pages close and open again).
+    async fn kill(mut self) -> Run<'a> {
+        let t = &mut self.tally;
+        t.floods_since_start = 0;
+        t.kills += 1;
+        let t0 = Instant::now();
+        self.service.kill9();
+        self.observed.close().await;
+        // Blocking (reads the child's first lines): the clients
+        // run on the runtime's worker threads meanwhile.
+        self.service.restart();
+        self.churn.set_addr(self.service.addr);
+        self.observed = Observed::open(self.service.addr, "w", OBSERVED)
+            .await
+            .expect("observed pages open again after the restart");
+        println!(
+            "# soak: kill -9 {}: restarted on the same data dir, \
+             observed pages open again after {:.0} ms ({} of {OBSERVED} \
+             counts off then: the crashed node's ghosts)",
+            t.kills,
+            ms(t0.elapsed()),
+            self.observed.mismatches()
+        );
+        t.events_since.push("kill9");
+        self
+    }
+
+    /// Redis killed, down a while, started again on the same port.
+    async fn redis_restart(&mut self) {
+        let redis_down = self.plan.redis_down;
+        self.tally.redis_restarts += 1;
+        self.redis.stop();
+        tokio::time::sleep(Duration::from_secs_f64(redis_down)).await;
+        // Blocking until it answers PING (a few ms).
+        self.redis.restart();
+        println!("# soak: Redis killed and restarted after {redis_down} s down");
+        self.tally.events_since.push("redis_restart");
+    }
+
+    /// Stops the churn, prints the summary; returns the quiet points with
+    /// mismatches.
+    async fn finish(self, budget_kib: Option<u64>) -> u64 {
+        let cycles = self.churn.cycles.load(Ordering::Relaxed);
+        let errors = self.churn.errors.load(Ordering::Relaxed);
+        let elapsed = secs(self.started);
+        self.churn.stop().await;
+        let mut t = self.tally;
+        if t.floods_since_start > 0 {
+            t.settled.push((t.floods_since_start, t.rss_end));
+        }
+        let phase_pcts = phase_pcts(&t.settled);
         let phase_pct_max = phase_pcts.iter().copied().fold(f64::NAN, f64::max);
         let rss_met = phase_pcts.iter().all(|p| *p <= TARGET_RSS_PCT);
-        let budget_met = budget_kib.is_some_and(|b| rss_peak <= b);
-        let list = |v: Vec<String>| if v.is_empty() { "none".to_string() } else { v.join(",") };
-        let data_met = data_max <= data_cap_kib;
+        let budget_met = budget_kib.is_some_and(|b| t.rss_peak <= b);
+        let list = |v: Vec<String>| {
+            if v.is_empty() {
+                "none".to_string()
+            } else {
+                v.join(",")
+            }
+        };
+        let data_cap_kib = self.plan.data_cap_kib;
+        let data_met = t.data_max <= data_cap_kib;
         Line::new("soak_summary")
             .f("secs", elapsed)
-            .f("rate", rate)
-            .f("max_rate", max)
+            .f("rate", self.rate)
+            .f("max_rate", self.max)
             .s("churn_cycles", cycles)
             .f("churn_cycles_per_s", cycles as f64 / elapsed)
             .s("churn_errors", errors)
-            .s("floods", floods)
-            .s("flood_cycles", flood_cycles)
-            .s("flood_refused", flood_refused)
-            .s("flood_errors", flood_errors)
-            .s("kills", kills)
-            .s("redis_restarts", redis_restarts)
-            .s("rss_end_kib", rss_end)
-            .s("rss_peak_kib", rss_peak)
-            .s("budget_kib", budget_kib.map_or("none".into(), |b| b.to_string()))
+            .s("floods", t.floods)
+            .s("flood_cycles", self.plan.flood_cycles)
+            .s("flood_refused", t.flood_refused)
+            .s("flood_errors", t.flood_errors)
+            .s("kills", t.kills)
+            .s("redis_restarts", t.redis_restarts)
+            .s("rss_end_kib", t.rss_end)
+            .s("rss_peak_kib", t.rss_peak)
+            .s(
+                "budget_kib",
+                budget_kib.map_or("none".into(), |b| b.to_string()),
+            )
             .s("budget_met", budget_met)
             .s(
                 "rss_settled_kib",
-                list(settled.iter().map(|(p, r)| format!("{p}:{r}")).collect()),
+                list(t.settled.iter().map(|(p, r)| format!("{p}:{r}")).collect()),
             )
             .s(
                 "rss_phase_pcts",
@@ -502,28 +641,32 @@ pub fn soak(rt: &tokio::runtime::Runtime, smoke: bool) {
             .f("rss_phase_pct_max", phase_pct_max)
             .f("target_rss_pct", TARGET_RSS_PCT)
             .s("rss_met", rss_met)
-            .s("data_end_kib", data_end)
-            .s("data_max_kib", data_max)
+            .s("data_end_kib", t.data_end)
+            .s("data_max_kib", t.data_max)
             .s("data_cap_kib", data_cap_kib)
             .s("data_met", data_met)
-            .s("pages_end", pages_end)
-            .s("quiet_points", quiet_points)
-            .s("mismatch_points", mismatch_points)
-            .s("mismatches_max", mismatches_max)
-            .s("mismatches_met", mismatch_points == 0)
+            .s("pages_end", t.pages_end)
+            .s("quiet_points", t.quiet_points)
+            .s("mismatch_points", t.mismatch_points)
+            .s("mismatches_max", t.mismatches_max)
+            .s("mismatches_met", t.mismatch_points == 0)
             .print();
+        let observed = self.observed;
         if let Some(u) = observed.unexpected() {
             println!("#   subscriber got an unexpected message: {u}");
         }
         observed.close().await;
-        mismatch_points
-    });
-    drop(service);
-    drop(redis);
-    if smoke {
-        assert_eq!(
-            mismatch_points, 0,
-            "soak: the subscriber's counts stayed wrong past the convergence timeout"
-        );
+        t.mismatch_points
     }
+}
+
+/// Each settled RSS against the previous one of the same phase, percent.
+fn phase_pcts(settled: &[(u64, u64)]) -> Vec<f64> {
+    let mut pcts = Vec::new();
+    for (i, (phase, rss)) in settled.iter().enumerate() {
+        if let Some((_, before)) = settled[..i].iter().rev().find(|(p, _)| p == phase) {
+            pcts.push(100.0 * (*rss as f64 - *before as f64) / (*before).max(1) as f64);
+        }
+    }
+    pcts
 }

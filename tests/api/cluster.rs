@@ -128,6 +128,11 @@ impl Node {
     }
 }
 
+/// Three nodes on `redis`, started one after the other.
+fn three_nodes(redis: &RedisServer) -> (Node, Node, Node) {
+    (Node::start(redis), Node::start(redis), Node::start(redis))
+}
+
 /// Viewers of a page spread over two nodes: subscribers on a third node (and
 /// on the two nodes themselves) see the exact sum, going up and going down;
 /// the HTTP API of any node answers the cluster count too.
@@ -136,11 +141,7 @@ async fn counts_are_summed_across_nodes() {
     let Some(redis) = RedisServer::start() else {
         return;
     };
-    let (a, b, c) = (
-        Node::start(&redis),
-        Node::start(&redis),
-        Node::start(&redis),
-    );
+    let (a, b, c) = three_nodes(&redis);
     let mut obs_c = c.observer(&["x", "y"]).await;
     let mut obs_a = a.observer(&["x"]).await;
     let mut on_a = Vec::new();
@@ -204,11 +205,7 @@ async fn crashed_node_viewers_disappear_within_node_ttl() {
     let Some(redis) = RedisServer::start() else {
         return;
     };
-    let (a, b, c) = (
-        Node::start(&redis),
-        Node::start(&redis),
-        Node::start(&redis),
-    );
+    let (a, b, c) = three_nodes(&redis);
     let mut obs = c.observer(&["x"]).await;
     let _on_a: Vec<Client> = futures_util::future::join_all((0..2).map(|_| a.connect("x"))).await;
     let on_b: Vec<Client> = futures_util::future::join_all((0..3).map(|_| b.connect("x"))).await;
@@ -466,6 +463,34 @@ async fn stalled_node_rejoins_with_a_new_id() {
     assert_eq!(obs.shown, counts(&[("x", 3)]));
 }
 
+/// Node `a` (a process) and node `b` in this process (its actors at
+/// hand, with its data dir) on `redis`, an observer of `x` on each, three
+/// connections to `x` on `a`.
+async fn node_and_app(
+    redis: &RedisServer,
+) -> (
+    Node,
+    crate::helpers::TestApp,
+    tempfile::TempDir,
+    Client,
+    Client,
+    Vec<Client>,
+) {
+    let a = Node::start(redis);
+    let url = redis.url();
+    let (b, dir) = crate::helpers::spawn_app(&[
+        ("CLUSTER__REDIS_URL", &url),
+        ("CLUSTER__HEARTBEAT_INTERVAL", HEARTBEAT),
+        ("CLUSTER__NODE_TTL", "1s"),
+    ]);
+    let obs_a = a.observer(&["x"]).await;
+    let mut obs_b = b.connect("o").await;
+    obs_b.subscribe(&["x"]).await;
+    obs_b.next_update().await;
+    let on_a: Vec<Client> = futures_util::future::join_all((0..3).map(|_| a.connect("x"))).await;
+    (a, b, dir, obs_a, obs_b, on_a)
+}
+
 /// A counter fault in cluster mode: the rebuild includes the other nodes'
 /// counts from the start (no dip), the rebuilt counter re-sends its whole
 /// local state and followed set, and counts stay exact on both nodes.
@@ -474,18 +499,7 @@ async fn counter_restart_in_cluster_mode_stays_exact() {
     let Some(redis) = RedisServer::start() else {
         return;
     };
-    let a = Node::start(&redis);
-    let url = redis.url();
-    let (b, _dir) = crate::helpers::spawn_app(&[
-        ("CLUSTER__REDIS_URL", &url),
-        ("CLUSTER__HEARTBEAT_INTERVAL", HEARTBEAT),
-        ("CLUSTER__NODE_TTL", "1s"),
-    ]);
-    let mut obs_a = a.observer(&["x"]).await;
-    let mut obs_b = b.connect("o").await;
-    obs_b.subscribe(&["x"]).await;
-    obs_b.next_update().await;
-    let _on_a: Vec<Client> = futures_util::future::join_all((0..3).map(|_| a.connect("x"))).await;
+    let (a, b, _dir, mut obs_a, mut obs_b, _on_a) = node_and_app(&redis).await;
     let on_b = b.connect("x").await;
     obs_b.wait_for(&counts(&[("x", 4)])).await;
     obs_a.wait_for(&counts(&[("x", 4)])).await;
@@ -721,11 +735,7 @@ async fn stalled_node_is_never_counted_twice() {
     let Some(redis) = RedisServer::start() else {
         return;
     };
-    let (a, b, c) = (
-        Node::start(&redis),
-        Node::start(&redis),
-        Node::start(&redis),
-    );
+    let (a, b, c) = three_nodes(&redis);
     let _on_a: Vec<Client> = futures_util::future::join_all((0..2).map(|_| a.connect("x"))).await;
     let _on_b: Vec<Client> = futures_util::future::join_all((0..3).map(|_| b.connect("x"))).await;
     let mut obs_a = a.observer(&["x"]).await;
@@ -985,18 +995,7 @@ async fn cluster_actor_panic_is_contained_and_rebuilt() {
     let Some(redis) = RedisServer::start() else {
         return;
     };
-    let a = Node::start(&redis);
-    let url = redis.url();
-    let (b, _dir) = crate::helpers::spawn_app(&[
-        ("CLUSTER__REDIS_URL", &url),
-        ("CLUSTER__HEARTBEAT_INTERVAL", HEARTBEAT),
-        ("CLUSTER__NODE_TTL", "1s"),
-    ]);
-    let mut obs_a = a.observer(&["x"]).await;
-    let mut obs_b = b.connect("o").await;
-    obs_b.subscribe(&["x"]).await;
-    obs_b.next_update().await;
-    let _on_a: Vec<Client> = futures_util::future::join_all((0..3).map(|_| a.connect("x"))).await;
+    let (a, b, _dir, mut obs_a, mut obs_b, _on_a) = node_and_app(&redis).await;
     let mut on_b: Vec<Client> =
         futures_util::future::join_all((0..2).map(|_| b.connect("x"))).await;
     obs_a.wait_for(&counts(&[("x", 5)])).await;

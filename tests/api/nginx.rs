@@ -579,6 +579,42 @@ impl Nginx {
         near
     }
 
+    /// From 127.0.0.20, an observer at `{prefix}/parties/page/home`
+    /// subscribed to `x`, whose first update shows 0.
+    async fn observer_of_x(&self, host: &str, prefix: &str) -> Client {
+        let mut observer = self.observer_at_home(host, prefix, "x").await;
+        assert_eq!(observer.next_update().await, counts(&[("x", 0)]));
+        observer
+    }
+
+    /// From 127.0.0.20, a client at `{prefix}/parties/page/home` subscribed
+    /// to `page`.
+    async fn observer_at_home(&self, host: &str, prefix: &str, page: &str) -> Client {
+        let mut observer = self
+            .wss(
+                "127.0.0.20",
+                host,
+                &format!("{prefix}/parties/page/home"),
+                &[],
+            )
+            .await
+            .expect("observer");
+        observer.subscribe(&[page]).await;
+        observer
+    }
+
+    /// [`Nginx::observer_of_x`], then from 127.0.0.21 a connection to `x`
+    /// (`{prefix}/parties/page/x`) the observer counts.
+    async fn observer_and_first_on_x(&self, host: &str, prefix: &str) -> (Client, Client) {
+        let mut observer = self.observer_of_x(host, prefix).await;
+        let a = self
+            .wss("127.0.0.21", host, &format!("{prefix}/parties/page/x"), &[])
+            .await
+            .expect("a");
+        observer.wait_for(&counts(&[("x", 1)])).await;
+        (observer, a)
+    }
+
     /// A WebSocket over TLS through nginx (`wss://{host}{path}`) from source
     /// address `src`; `Err(status)` when the upgrade is refused.
     async fn wss(
@@ -734,18 +770,7 @@ async fn counts_over_tls_through_nginx_next_to_debian_default_site() {
     );
     assert_is_embed(&r.body);
 
-    let mut observer = nginx
-        .wss("127.0.0.20", host, "/parties/page/home", &[])
-        .await
-        .expect("observer");
-    observer.subscribe(&["x"]).await;
-    assert_eq!(observer.next_update().await, counts(&[("x", 0)]));
-
-    let a = nginx
-        .wss("127.0.0.21", host, "/parties/page/x", &[])
-        .await
-        .expect("a");
-    observer.wait_for(&counts(&[("x", 1)])).await;
+    let (mut observer, a) = nginx.observer_and_first_on_x(host, "").await;
     // Same client IP again: refused by the per-IP cap, so the service saw
     // 127.0.0.21, not nginx's 127.0.0.1; also when the client claims other
     // addresses itself.
@@ -840,17 +865,7 @@ async fn prefix_mount_over_tls_through_nginx() {
     assert_eq!(r.status, 200, "{}", r.head);
     assert_is_embed(&r.body);
 
-    let mut observer = nginx
-        .wss("127.0.0.20", host, "/presence/parties/page/home", &[])
-        .await
-        .expect("observer");
-    observer.subscribe(&["x"]).await;
-    assert_eq!(observer.next_update().await, counts(&[("x", 0)]));
-    let a = nginx
-        .wss("127.0.0.21", host, "/presence/parties/page/x", &[])
-        .await
-        .expect("a");
-    observer.wait_for(&counts(&[("x", 1)])).await;
+    let (mut observer, a) = nginx.observer_and_first_on_x(host, "/presence").await;
     assert_eq!(
         nginx
             .wss(
@@ -891,16 +906,7 @@ async fn event_streams_over_tls_through_both_nginx_files() {
     for (site, prefix) in [(ROOT_SITE, ""), (PREFIX_SITE, "/presence")] {
         let host = site.host;
         let page = format!("sse-{}", site.host);
-        let mut observer = nginx
-            .wss(
-                "127.0.0.20",
-                host,
-                &format!("{prefix}/parties/page/home"),
-                &[],
-            )
-            .await
-            .expect("observer");
-        observer.subscribe(&[&page]).await;
+        let mut observer = nginx.observer_at_home(host, prefix, &page).await;
         observer.wait_for(&counts(&[(&page, 0)])).await;
 
         let path = format!("{prefix}/parties/page/{page}/events?links=y%2Cz");
@@ -1004,12 +1010,7 @@ async fn the_nginx_hash_keeps_each_visitor_on_one_node_of_a_cluster() {
     }
     let nginx = Nginx::start(&[ROOT_SITE], &[nodes[0].addr, nodes[1].addr]);
     let host = ROOT_SITE.host;
-    let mut observer = nginx
-        .wss("127.0.0.20", host, "/parties/page/home", &[])
-        .await
-        .expect("observer");
-    observer.subscribe(&["x"]).await;
-    assert_eq!(observer.next_update().await, counts(&[("x", 0)]));
+    let mut observer = nginx.observer_of_x(host, "").await;
 
     let total = |f: &[(u64, u64); 2]| f[0].0 + f[1].0;
     let start = settle(&nodes, |f| total(f) == 1).await;

@@ -65,17 +65,31 @@ async fn one_visitor_with_three_tabs_is_three_connections_and_one_visitor() {
         .await;
 }
 
+/// Alice twice on `p` and one more connection there (`third`: its visitor
+/// id, or none); the observer sees 3 connections of 2 visitors.
+async fn alice_twice_and(
+    app: &crate::helpers::TestApp,
+    o: &mut Client,
+    third: Option<&str>,
+) -> [Client; 3] {
+    let a1 = app.connect_as("p", ALICE).await;
+    let a2 = app.connect_as("p", ALICE).await;
+    let c = match third {
+        Some(id) => app.connect_as("p", id).await,
+        None => app.connect("p").await,
+    };
+    o.wait_for_tally(&counts(&[("p", 3)]), &counts(&[("p", 2)]), (3, 2))
+        .await;
+    [a1, a2, c]
+}
+
 /// Two visitors with the same page open count 2 whatever their tabs; a
 /// connection without a visitor id is a visitor of its own.
 #[tokio::test]
 async fn distinct_visitors_and_connections_without_an_id() {
     let (app, _dir) = spawn_app(&[]);
     let mut o = observer(&app, &["p"]).await;
-    let a1 = app.connect_as("p", ALICE).await;
-    let a2 = app.connect_as("p", ALICE).await;
-    let b1 = app.connect_as("p", BOB).await;
-    o.wait_for_tally(&counts(&[("p", 3)]), &counts(&[("p", 2)]), (3, 2))
-        .await;
+    let [a1, a2, b1] = alice_twice_and(&app, &mut o, Some(BOB)).await;
 
     let anon1 = app.connect("p").await;
     let anon2 = app.connect("p").await;
@@ -291,11 +305,7 @@ async fn the_http_api_answers_visitors() {
 async fn visitors_survive_a_counter_restart() {
     let (app, _dir) = spawn_app(&[]);
     let mut o = observer(&app, &["p"]).await;
-    let a1 = app.connect_as("p", ALICE).await;
-    let _a2 = app.connect_as("p", ALICE).await;
-    let _anon = app.connect("p").await;
-    o.wait_for_tally(&counts(&[("p", 3)]), &counts(&[("p", 2)]), (3, 2))
-        .await;
+    let [a1, _a2, _anon] = alice_twice_and(&app, &mut o, None).await;
 
     let before = app
         .counter

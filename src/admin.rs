@@ -31,8 +31,8 @@ use crate::{
     http::{counter_unavailable, error_response},
     metrics,
     protocol::{
-        decode_page_id, ErrorCode, HistoryBody, HistoryPoint, LoadHistoryBody, LoadSample, PageId,
-        ProtocolError, StatsBody,
+        ErrorCode, HistoryBody, HistoryPoint, LoadHistoryBody, LoadSample, PageId, ProtocolError,
+        StatsBody,
     },
     shard::{CountRooms, Shards},
     storage::{Resolution, Storage},
@@ -392,7 +392,7 @@ async fn page_info(req: HttpRequest, ops: web::Data<Ops>) -> HttpResponse {
         .path()
         .strip_prefix(PAGE_HISTORY.0)
         .unwrap_or_default();
-    let page = match decode_page_id(raw) {
+    let page = match PageId::decode(raw) {
         Ok(p) => p,
         Err(e) => {
             return error_response(
@@ -435,7 +435,7 @@ async fn page_history(req: HttpRequest, ops: web::Data<Ops>) -> HttpResponse {
         .strip_prefix(PAGE_HISTORY.0)
         .and_then(|p| p.strip_suffix(PAGE_HISTORY.1))
         .unwrap_or_default();
-    match decode_page_id(raw) {
+    match PageId::decode(raw) {
         Ok(page) => stored_history(&req, &ops, Some(page)).await,
         Err(e) => error_response(
             actix_web::http::StatusCode::BAD_REQUEST,

@@ -13,7 +13,10 @@
 use std::{
     collections::HashMap,
     future::poll_fn,
-    sync::{Arc, Mutex, MutexGuard},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex, MutexGuard,
+    },
     task::{Context, Poll, Waker},
     time::Instant,
 };
@@ -23,7 +26,21 @@ use bytestring::ByteString;
 use crate::protocol::{update_json, PageId, Tally};
 
 /// A connection's id, unique in the process.
-pub type ConnId = u64;
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ConnId(u64);
+
+impl ConnId {
+    /// An id no connection of this process had before.
+    pub fn fresh() -> ConnId {
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        ConnId(NEXT.fetch_add(1, Ordering::Relaxed))
+    }
+
+    /// Its number, for logs.
+    pub fn get(self) -> u64 {
+        self.0
+    }
+}
 
 /// One `update` message built by a room, shared by every connection it
 /// goes to (each distinct payload is serialized once).
@@ -321,7 +338,7 @@ mod tests {
                         connections: *c,
                         visitors: *v,
                     };
-                    (PageId::from(*k), t)
+                    (PageId::parse(k).unwrap(), t)
                 })
                 .collect(),
             None,

@@ -201,7 +201,7 @@ impl Stream {
         if !self.wbuf.is_empty() && now >= self.last_progress + timeout {
             tracing::info!(
                 page = %self.joined.page(),
-                conn = self.joined.conn(),
+                conn = self.joined.conn().get(),
                 "event stream took no bytes for client_timeout; closing"
             );
             return Err(Ending::new(CloseKind::SlowClient));
@@ -335,7 +335,7 @@ impl Stream {
         self.joined.leave(ending.kind);
         tracing::debug!(
             page = %self.joined.page(),
-            conn = self.joined.conn(),
+            conn = self.joined.conn().get(),
             reason = ending.kind.as_str(),
             "event stream ended"
         );

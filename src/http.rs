@@ -40,8 +40,8 @@ use crate::{
     limits::{client_ip, BotFilter, CapExceeded, ConnLimiter, OriginPolicy, Permit},
     metrics::{connection_refused, Refused, Transport},
     protocol::{
-        decode_page_id, parse_stream_query, validate_page_id, ClientMessage, CountsBody, ErrorCode,
-        OriginCheckBody, PageId, PageIdError, ProtocolError, Readiness, ReadinessBody, Tally,
+        parse_stream_query, ClientMessage, CountsBody, ErrorCode, OriginCheckBody, PageId,
+        PageIdError, ProtocolError, Readiness, ReadinessBody, Tally,
     },
     session::{self, SessionContext},
     shard::Shards,
@@ -149,7 +149,7 @@ fn websocket(req: HttpRequest) -> HttpResponse {
         .path()
         .strip_prefix(PAGE_PREFIX)
         .unwrap_or_default();
-    if let Err(error) = decode_page_id(raw) {
+    if let Err(error) = PageId::decode(raw) {
         let rejection = Rejection::BadPageId {
             path: req.uri().path(),
             error,
@@ -331,7 +331,7 @@ fn page_of(head: &RequestHead, transport: Transport) -> Result<PageId, Rejection
         method: &head.method,
         path,
     })?;
-    decode_page_id(raw).map_err(|error| Rejection::BadPageId { path, error })
+    PageId::decode(raw).map_err(|error| Rejection::BadPageId { path, error })
 }
 
 /// Refuses a request whose `Origin` is not in `security.allowed_origins`.
@@ -684,14 +684,10 @@ impl CountsQuery {
 
     /// Adds one id unless it is already there.
     fn add(&mut self, id: &str, max: usize) -> Result<(), ProtocolError> {
-        if let Err(e) = validate_page_id(id) {
-            return Err(ProtocolError::new(
-                ErrorCode::InvalidPageId,
-                format!("{id:?}: {e}"),
-            ));
-        }
-        if !self.ids.iter().any(|x| &**x == id) {
-            self.ids.push(PageId::from(id));
+        let page = PageId::parse(id)
+            .map_err(|e| ProtocolError::new(ErrorCode::InvalidPageId, format!("{id:?}: {e}")))?;
+        if !self.ids.contains(&page) {
+            self.ids.push(page);
         }
         if self.ids.len() > max {
             return Err(ProtocolError::new(
@@ -755,7 +751,7 @@ async fn page_info(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse
         .path()
         .strip_prefix(PAGES_API_PREFIX)
         .unwrap_or_default();
-    let page = match decode_page_id(raw) {
+    let page = match PageId::decode(raw) {
         Ok(p) => p,
         Err(e) => {
             return error_response(
@@ -859,7 +855,7 @@ mod tests {
                 "WebSocket handshake failed: WebSocket version header is required",
             ),
             (
-                Rejection::ShuttingDown(PageId::from("p")),
+                Rejection::ShuttingDown(PageId::parse("p").unwrap()),
                 503,
                 Some(Refused::ShuttingDown),
                 "server is shutting down",

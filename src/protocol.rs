@@ -5,8 +5,124 @@ use std::{collections::BTreeMap, sync::Arc};
 
 use serde::{Deserialize, Serialize};
 
-/// A validated page id: 1..=256 bytes of UTF-8, no control characters, no `/`.
-pub type PageId = Arc<str>;
+/// A page id that passed the page-id rules ([`validate_page_id`]: 1..=256
+/// bytes of UTF-8, no control characters, no `/`), or the reserved
+/// [`PageId::site`]. Its only constructors check: [`PageId::parse`] (an id
+/// already decoded: a `subscribe`'s link, a stored record, Redis),
+/// [`PageId::decode`] (a URL path segment or query value), deserializing
+/// (which parses). A clone is a reference count; it compares, hashes and
+/// borrows as its text, so a `HashMap<PageId, _>` is read with a `&str`.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PageId(Arc<str>);
+
+impl PageId {
+    /// An already-decoded id, checked by the page-id rules.
+    pub fn parse(id: &str) -> Result<PageId, PageIdError> {
+        validate_page_id(id)?;
+        Ok(PageId(Arc::from(id)))
+    }
+
+    /// A followed link as a node shares it (in cluster mode, read back
+    /// from Redis): a page id by the rules, or the site's link (empty).
+    pub fn parse_link(id: &str) -> Result<PageId, PageIdError> {
+        if id == SITE_LINK {
+            return Ok(PageId::site());
+        }
+        PageId::parse(id)
+    }
+
+    /// A raw URL path segment (or query value), percent-decoded exactly
+    /// once and checked.
+    pub fn decode(raw: &str) -> Result<PageId, PageIdError> {
+        // A malformed escape ("%G1", a lone "%") is an error, not a literal '%'.
+        let bytes = raw.as_bytes();
+        for (i, b) in bytes.iter().enumerate() {
+            if *b == b'%'
+                && !(i + 2 < bytes.len()
+                    && bytes[i + 1].is_ascii_hexdigit()
+                    && bytes[i + 2].is_ascii_hexdigit())
+            {
+                return Err(PageIdError::Encoding);
+            }
+        }
+        let decoded = percent_encoding::percent_decode_str(raw)
+            .decode_utf8()
+            .map_err(|_| PageIdError::Encoding)?;
+        PageId::parse(&decoded)
+    }
+
+    /// The link a `"site": true` subscribe follows ([`SITE_LINK`]): the
+    /// whole site's figure, the one id no rule-abiding client can name.
+    pub fn site() -> PageId {
+        static SITE: std::sync::LazyLock<PageId> =
+            std::sync::LazyLock::new(|| PageId(Arc::from(SITE_LINK)));
+        SITE.clone()
+    }
+
+    /// True for the site figure's link.
+    pub fn is_site(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The id's text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::ops::Deref for PageId {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl AsRef<str> for PageId {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::borrow::Borrow<str> for PageId {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for PageId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// As its text (`"id"`), like the `&str` it replaces in logs and panics.
+impl std::fmt::Debug for PageId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(&*self.0, f)
+    }
+}
+
+impl std::str::FromStr for PageId {
+    type Err = PageIdError;
+    fn from_str(id: &str) -> Result<PageId, PageIdError> {
+        PageId::parse(id)
+    }
+}
+
+impl Serialize for PageId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
+
+/// Parses by the page-id rules: a string that breaks them is an error, so
+/// the site's reserved link never comes out of input.
+impl<'de> Deserialize<'de> for PageId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<PageId, D::Error> {
+        let id = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        PageId::parse(&id).map_err(serde::de::Error::custom)
+    }
+}
 
 /// A page's two presence figures: its open connections, and the distinct
 /// visitors among them (a connection without a visitor id is its own
@@ -175,26 +291,6 @@ pub fn validate_page_id(id: &str) -> Result<(), PageIdError> {
     Ok(())
 }
 
-/// Percent-decodes a raw URL path segment exactly once and validates it.
-pub fn decode_page_id(raw: &str) -> Result<PageId, PageIdError> {
-    // A malformed escape ("%G1", a lone "%") is an error, not a literal '%'.
-    let bytes = raw.as_bytes();
-    for (i, b) in bytes.iter().enumerate() {
-        if *b == b'%'
-            && !(i + 2 < bytes.len()
-                && bytes[i + 1].is_ascii_hexdigit()
-                && bytes[i + 2].is_ascii_hexdigit())
-        {
-            return Err(PageIdError::Encoding);
-        }
-    }
-    let decoded = percent_encoding::percent_decode_str(raw)
-        .decode_utf8()
-        .map_err(|_| PageIdError::Encoding)?;
-    validate_page_id(&decoded)?;
-    Ok(Arc::from(decoded.as_ref()))
-}
-
 /// The link a `"site": true` subscribe follows: the whole site's figure.
 /// Not a valid page id (ids are never empty), so no page can take it; an
 /// `update` shows its value as `"site"`, never among the pages.
@@ -341,14 +437,14 @@ fn subscribe_links(
                 "\"links\" must be an array of strings",
             )
         })?;
-        validate_page_id(s).map_err(|e| {
-            ProtocolError::new(
-                ErrorCode::InvalidPageId,
-                format!("link {:?}: {e}", truncate(s)),
-            )
-        })?;
         if seen.insert(s) {
-            out.push(Arc::from(s));
+            let id = PageId::parse(s).map_err(|e| {
+                ProtocolError::new(
+                    ErrorCode::InvalidPageId,
+                    format!("link {:?}: {e}", truncate(s)),
+                )
+            })?;
+            out.push(id);
             if out.len() > max_links {
                 return Err(ProtocolError::new(
                     ErrorCode::TooManyLinks,
@@ -399,7 +495,7 @@ pub fn parse_stream_query(
     };
     let mut links: Vec<PageId> = Vec::new();
     for part in raw.split(',').filter(|p| !p.is_empty()) {
-        let id = decode_page_id(part).map_err(|e| {
+        let id = PageId::decode(part).map_err(|e| {
             ProtocolError::new(
                 ErrorCode::InvalidPageId,
                 format!("link {:?}: {e}", truncate(part)),
@@ -600,23 +696,48 @@ mod tests {
 
     #[test]
     fn page_ids_are_decoded_once_and_checked() {
-        assert_eq!(&*decode_page_id("hello%20world").unwrap(), "hello world");
-        assert_eq!(&*decode_page_id("a%2525").unwrap(), "a%25");
-        assert_eq!(decode_page_id("a%2Fb"), Err(PageIdError::Slash));
-        assert_eq!(decode_page_id("%0A"), Err(PageIdError::Control));
-        assert_eq!(decode_page_id("%ZZ"), Err(PageIdError::Encoding));
-        assert_eq!(decode_page_id("abc%"), Err(PageIdError::Encoding));
-        assert_eq!(decode_page_id("%FF"), Err(PageIdError::Encoding));
-        assert_eq!(decode_page_id(""), Err(PageIdError::Empty));
-        assert_eq!(decode_page_id(&"x".repeat(257)), Err(PageIdError::TooLong));
-        assert!(decode_page_id(&"x".repeat(256)).is_ok());
+        assert_eq!(&*PageId::decode("hello%20world").unwrap(), "hello world");
+        assert_eq!(&*PageId::decode("a%2525").unwrap(), "a%25");
+        assert_eq!(PageId::decode("a%2Fb"), Err(PageIdError::Slash));
+        assert_eq!(PageId::decode("%0A"), Err(PageIdError::Control));
+        assert_eq!(PageId::decode("%ZZ"), Err(PageIdError::Encoding));
+        assert_eq!(PageId::decode("abc%"), Err(PageIdError::Encoding));
+        assert_eq!(PageId::decode("%FF"), Err(PageIdError::Encoding));
+        assert_eq!(PageId::decode(""), Err(PageIdError::Empty));
+        assert_eq!(PageId::decode(&"x".repeat(257)), Err(PageIdError::TooLong));
+        assert!(PageId::decode(&"x".repeat(256)).is_ok());
+    }
+
+    /// Every way in checks the rules; only `site()` (and a shared link)
+    /// makes the empty id; the id reads, hashes and serializes as its text.
+    #[test]
+    fn page_ids_come_only_through_the_rules() {
+        assert_eq!(PageId::parse(""), Err(PageIdError::Empty));
+        assert_eq!(PageId::parse("a/b"), Err(PageIdError::Slash));
+        assert_eq!("a\u{7}".parse::<PageId>(), Err(PageIdError::Control));
+        let id = PageId::parse("a b").unwrap();
+        assert!(!id.is_site());
+        assert_eq!((id.as_str(), id.to_string()), ("a b", "a b".to_string()));
+        assert_eq!(format!("{id:?}"), r#""a b""#);
+        let site = PageId::site();
+        assert!(site.is_site() && site.as_str() == SITE_LINK);
+        assert_eq!(PageId::parse_link(""), Ok(PageId::site()));
+        assert_eq!(PageId::parse_link("a b"), Ok(id.clone()));
+        assert_eq!(PageId::parse_link("a/b"), Err(PageIdError::Slash));
+        let map = std::collections::HashMap::from([(id.clone(), 1)]);
+        assert_eq!(map.get("a b"), Some(&1));
+        assert_eq!(serde_json::to_string(&id).unwrap(), r#""a b""#);
+        assert_eq!(serde_json::from_str::<PageId>(r#""a b""#).unwrap(), id);
+        for bad in [r#""""#, r#""a/b""#, r#""\n""#, "1"] {
+            assert!(serde_json::from_str::<PageId>(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]
     fn a_stream_query_subscribes_like_a_subscribe_message() {
         let sub = |links: &[&str], visitors, site| {
             Ok(Some(ClientMessage::Subscribe {
-                links: links.iter().map(|l| PageId::from(*l)).collect(),
+                links: links.iter().map(|l| PageId::parse(l).unwrap()).collect(),
                 visitors,
                 site,
             }))
@@ -682,7 +803,7 @@ mod tests {
         assert_eq!(
             m,
             ClientMessage::Subscribe {
-                links: vec!["b".into(), "c".into()],
+                links: vec![PageId::parse("b").unwrap(), PageId::parse("c").unwrap()],
                 visitors: false,
                 site: false,
             }
@@ -794,7 +915,7 @@ mod tests {
             fn arbitrary_bytes_as_utf8_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
                 let text = String::from_utf8_lossy(&bytes);
                 let _ = parse_client_message(&text, 256);
-                let _ = decode_page_id(&text);
+                let _ = PageId::decode(&text);
             }
 
             #[test]
@@ -817,7 +938,7 @@ mod tests {
 
             #[test]
             fn url_segments_decode_or_refuse(raw in "[%0-9A-Fa-f/a-z\\x00-\\x7f]{0,300}") {
-                if let Ok(id) = decode_page_id(&raw) {
+                if let Ok(id) = PageId::decode(&raw) {
                     prop_assert!(validate_page_id(&id).is_ok());
                 }
             }

@@ -37,12 +37,12 @@ use actix::prelude::*;
 use crate::{
     config::Settings,
     counter::{
-        Counter, Counts, Frames, RoomCount, RoomHandle, RoomId, RoomState, Subscribe, Subscribed,
-        Unsubscribe,
+        Counter, Counts, Epoch, Frames, RoomCount, RoomHandle, RoomId, RoomState, Subscribe,
+        Subscribed, Unsubscribe,
     },
     delivery::{ConnId, End, Mailbox, Update},
     metrics::StorageOp,
-    protocol::{ErrorCode, PageId, ProtocolError, Tally, SITE_LINK},
+    protocol::{ErrorCode, PageId, ProtocolError, Tally},
     storage::{RoomRecord, Storage},
     supervise::{contain, ActorKind, Recovering},
     time::now_ms,
@@ -103,7 +103,7 @@ pub struct CloseAll;
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct ReportState {
-    pub epoch: u64,
+    pub epoch: Epoch,
 }
 
 /// Stop now: the shard removed this room from its map.
@@ -251,7 +251,7 @@ pub struct PageRoom {
     save_scheduled: bool,
     /// The counter's resync a panic interrupted the report of (0: none):
     /// the recovery's state report answers it.
-    resync_epoch: u64,
+    resync_epoch: Epoch,
 }
 
 impl PageRoom {
@@ -284,7 +284,7 @@ impl PageRoom {
             dirty: false,
             closing: false,
             save_scheduled: false,
-            resync_epoch: 0,
+            resync_epoch: Epoch::default(),
         }
     }
 
@@ -419,13 +419,13 @@ impl PageRoom {
             links: self
                 .last_links
                 .iter()
-                .filter(|l| &***l != SITE_LINK)
+                .filter(|l| !l.is_site())
                 .map(|l| l.to_string())
                 .collect(),
             counts: self
                 .cache
                 .iter()
-                .filter(|(l, _)| &***l != SITE_LINK)
+                .filter(|(l, _)| !l.is_site())
                 .map(|(l, t)| (l.to_string(), t.connections))
                 .collect(),
             last_active_ms: now_ms(),
@@ -594,7 +594,11 @@ impl PageRoom {
     fn load_record(&mut self) {
         match self.storage.load_room(&self.page) {
             Ok(Some(record)) => {
-                self.last_links = record.links.into_iter().map(PageId::from).collect();
+                self.last_links = record
+                    .links
+                    .iter()
+                    .filter_map(|l| PageId::parse(l).ok())
+                    .collect();
             }
             Ok(None) => {}
             Err(e) => {

@@ -19,7 +19,7 @@ use std::{
     future::poll_fn,
     io,
     sync::{
-        atomic::{AtomicU64, AtomicUsize, Ordering},
+        atomic::{AtomicUsize, Ordering},
         Arc,
     },
 };
@@ -41,16 +41,11 @@ use crate::{
     delivery::{ConnId, End, Mailbox},
     limits::{Permit, TokenBucket},
     metrics::{self as m, CloseKind, Transport},
-    protocol::{
-        close, parse_client_message, ClientMessage, ErrorCode, PageId, ProtocolError, SITE_LINK,
-    },
+    protocol::{close, parse_client_message, ClientMessage, ErrorCode, PageId, ProtocolError},
     room::{Join, Leave, SetLinks},
     shard::Shard,
     visitor::{NodeVisitors, VisitorKey, VisitorParam},
 };
-
-/// Source of connection ids, unique in the process.
-static NEXT_CONN_ID: AtomicU64 = AtomicU64::new(1);
 
 /// Bytes asked of the socket per read.
 const READ_CHUNK: usize = 4096;
@@ -197,7 +192,7 @@ pub fn join(ctx: SessionContext) -> Joined {
         transport,
     } = ctx;
     active.fetch_add(1, Ordering::SeqCst);
-    let conn = NEXT_CONN_ID.fetch_add(1, Ordering::Relaxed);
+    let conn = ConnId::fresh();
     m::connection_opened(shard_index, transport);
     let mailbox = Mailbox::new();
     if let VisitorParam::Invalid(e) = visitor {
@@ -213,7 +208,7 @@ pub fn join(ctx: SessionContext) -> Joined {
         visitor: visitor.key(),
     });
     let ip = permit.ip();
-    tracing::debug!(page = %page, conn, %ip, pk = pk.as_deref().unwrap_or(""), "connected");
+    tracing::debug!(page = %page, conn = conn.get(), %ip, pk = pk.as_deref().unwrap_or(""), "connected");
     Joined {
         membership: Membership {
             shard,
@@ -259,11 +254,11 @@ impl Joined {
     }
 
     /// Replaces the connection's link set (a `subscribe`; with `site`, the
-    /// site's figure is followed as the reserved link [`SITE_LINK`]): its
+    /// site's figure is followed as the reserved link [`PageId::site`]): its
     /// full update follows through the mailbox.
     pub fn subscribe(&self, mut links: Vec<PageId>, visitors: bool, site: bool) {
         if site {
-            links.push(PageId::from(SITE_LINK));
+            links.push(PageId::site());
         }
         let ms = &self.membership;
         ms.shard.do_send(SetLinks {
@@ -451,7 +446,7 @@ impl Session {
         let page = &self.joined.membership.page;
         let conn = self.joined.membership.conn;
         if now >= self.last_seen + ws.client_timeout {
-            tracing::debug!(page = %page, conn, "client timed out");
+            tracing::debug!(page = %page, conn = conn.get(), "client timed out");
             return Err(Ending::new(
                 CloseKind::Timeout,
                 close::NORMAL,
@@ -459,7 +454,7 @@ impl Session {
             ));
         }
         if !self.wbuf.is_empty() && now >= self.last_progress + ws.client_timeout {
-            tracing::info!(page = %page, conn, "socket took no bytes for client_timeout; closing");
+            tracing::info!(page = %page, conn = conn.get(), "socket took no bytes for client_timeout; closing");
             return Err(Ending::new(
                 CloseKind::SlowClient,
                 close::TRY_AGAIN_LATER,
@@ -643,7 +638,7 @@ impl Session {
                 Err(WsError::Overflow) => return Err(too_big()),
                 Err(e) => {
                     let page = &self.joined.membership.page;
-                    tracing::debug!(page = %page, conn = self.joined.membership.conn, error = %e, "protocol error");
+                    tracing::debug!(page = %page, conn = self.joined.membership.conn.get(), error = %e, "protocol error");
                     return Err(Ending::new(
                         CloseKind::ProtocolError,
                         close::PROTOCOL_ERROR,
@@ -709,7 +704,7 @@ impl Session {
         if self.strikes >= limits.flood_strikes {
             let page = &self.joined.membership.page;
             let ip = self.joined.permit.ip();
-            tracing::info!(page = %page, conn = self.joined.membership.conn, %ip, "message flood; closing");
+            tracing::info!(page = %page, conn = self.joined.membership.conn.get(), %ip, "message flood; closing");
             return Err(Ending::new(
                 CloseKind::RateLimited,
                 close::POLICY,
@@ -773,7 +768,7 @@ impl Session {
         self.joined.membership.leave(ending.kind);
         tracing::debug!(
             page = %self.joined.membership.page,
-            conn = self.joined.membership.conn,
+            conn = self.joined.membership.conn.get(),
             reason = ending.kind.as_str(),
             "disconnected"
         );

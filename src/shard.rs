@@ -33,7 +33,7 @@ use std::{
     collections::{BTreeMap, HashMap},
     hash::{Hash, Hasher},
     sync::{
-        atomic::{AtomicU64, AtomicUsize, Ordering},
+        atomic::{AtomicUsize, Ordering},
         Arc, Mutex, OnceLock,
     },
     time::{Duration, Instant},
@@ -43,7 +43,9 @@ use actix::prelude::*;
 
 use crate::{
     config::Settings,
-    counter::{Counter, Deliver, Frames, Resync, RoomId, SetShards, ShardLink, ShardRooms, ToRoom},
+    counter::{
+        Counter, Deliver, Epoch, Frames, Resync, RoomId, SetShards, ShardLink, ShardRooms, ToRoom,
+    },
     delivery::{End, Mailbox},
     metrics::RoomEviction,
     protocol::{close, ErrorCode, PageId, ProtocolError},
@@ -54,9 +56,6 @@ use crate::{
     storage::Storage,
     supervise::{contain, ActorKind, Health},
 };
-
-/// Source of room ids, unique in the process.
-static NEXT_ROOM_ID: AtomicU64 = AtomicU64::new(1);
 
 // ---------------------------------------------------------------- messages
 
@@ -384,7 +383,7 @@ impl Shard {
 
     /// Starts the room of `page` (already counted in `rooms_alive`).
     fn open_room(&mut self, page: &PageId, ctx: &mut Context<Self>) {
-        let id = NEXT_ROOM_ID.fetch_add(1, Ordering::Relaxed);
+        let id = RoomId::fresh();
         let room = PageRoom::new(
             page.clone(),
             id,
@@ -553,7 +552,7 @@ impl Handler<Deliver> for Shard {
 impl Shard {
     /// Asks every room to report its state for the counter's rebuild
     /// `epoch`, and tells the counter which rooms it asked.
-    fn resync(&mut self, epoch: u64) {
+    fn resync(&mut self, epoch: Epoch) {
         let mut rooms = Vec::with_capacity(self.rooms.len());
         for slot in self.rooms.values() {
             slot.addr.do_send(ReportState { epoch });

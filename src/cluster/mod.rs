@@ -1035,7 +1035,9 @@ impl StreamHandler<(u64, Option<PushInfo>)> for Cluster {
         };
         let mut touched = Vec::new();
         for (page, connections, visitors) in w.pages {
-            let page = PageId::from(page.as_str());
+            let Ok(page) = PageId::parse_link(&page) else {
+                continue;
+            };
             let t = Tally {
                 connections,
                 visitors,

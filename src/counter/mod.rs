@@ -50,7 +50,7 @@ mod state;
 
 use peaks::Peaks;
 
-pub use state::RoomId;
+pub use state::{Epoch, RoomId};
 
 use state::{Effect, LoadStats, Now, Outbox, RoomReport, State, ToCluster};
 
@@ -92,7 +92,7 @@ pub struct Unsubscribe {
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct RoomState {
-    pub epoch: u64,
+    pub epoch: Epoch,
     pub room: RoomId,
     /// Where counts go.
     pub to: Arc<RoomHandle>,
@@ -105,9 +105,9 @@ pub struct RoomState {
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct ShardRooms {
-    pub epoch: u64,
+    pub epoch: Epoch,
     pub shard: usize,
-    pub rooms: Vec<u64>,
+    pub rooms: Vec<RoomId>,
 }
 
 /// Where the counter reaches one shard: its resync and its deliveries.
@@ -194,7 +194,7 @@ pub struct Subscribed {
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Resync {
-    pub epoch: u64,
+    pub epoch: Epoch,
 }
 
 /// Where the counter delivers to one room (rooms sit above the counter, so
@@ -445,7 +445,7 @@ impl Counter {
             peaks: Peaks::default(),
             rolled: 0,
             site: None,
-            site_key: PageId::from(SITE),
+            site_key: PageId::site(),
             site_tally: Tally::ZERO,
             health,
         }

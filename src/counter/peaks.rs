@@ -124,7 +124,7 @@ mod tests {
     #[test]
     fn a_scripted_sequence_gives_the_exact_minute_peaks() {
         let mut p = Peaks::default();
-        let page: PageId = "a".into();
+        let page = PageId::parse("a").unwrap();
         let m = |i: u64, s: u64| i * MINUTE_MS + s * 1000;
         let base = 29_000_000; // some minute index
         let at = |i: u64, s: u64| m(base + i, s);
@@ -159,7 +159,7 @@ mod tests {
     #[test]
     fn keys_are_independent_and_in_progress_minutes_are_visible() {
         let mut p = Peaks::default();
-        let (a, b): (PageId, PageId) = ("a".into(), "b".into());
+        let (a, b) = (PageId::parse("a").unwrap(), PageId::parse("b").unwrap());
         p.observe(&a, t(3, 3), 120_000);
         p.observe(&b, t(1, 2), 130_000);
         p.observe(&a, t(1, 1), 100_000); // clock stepped back

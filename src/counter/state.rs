@@ -7,7 +7,10 @@
 
 use std::{
     collections::{HashMap, HashSet, VecDeque},
-    sync::Arc,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
     time::{Duration, Instant},
 };
 
@@ -19,7 +22,38 @@ use crate::{
 };
 
 /// A room instance's id, unique in the process (a recreated room gets a new one).
-pub type RoomId = u64;
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RoomId(u64);
+
+impl RoomId {
+    /// An id no room of this process had before.
+    pub fn fresh() -> RoomId {
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        RoomId(NEXT.fetch_add(1, Ordering::Relaxed))
+    }
+
+    /// Its number, for logs.
+    pub fn get(self) -> u64 {
+        self.0
+    }
+}
+
+impl std::fmt::Display for RoomId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// A rebuild round of the counter ([`State::begin_rebuild`] starts the
+/// next); the default is none's, which no report answers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct Epoch(u64);
+
+impl std::fmt::Display for Epoch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
 
 /// Longest a rebuild waits for missing reports before publishing anyway.
 const RESYNC_DEADLINE: Duration = Duration::from_secs(2);
@@ -56,7 +90,7 @@ pub enum Effect<R> {
         req: u64,
     },
     /// To every shard: re-report your rooms for rebuild `epoch`.
-    Resync { epoch: u64 },
+    Resync { epoch: Epoch },
     /// To the cluster module (cluster mode only).
     Cluster(ToCluster),
 }
@@ -89,7 +123,7 @@ impl<R> Default for Outbox<R> {
 
 /// A room's whole state, as it reports it for rebuild `epoch`.
 pub struct RoomReport<R> {
-    pub epoch: u64,
+    pub epoch: Epoch,
     pub room: RoomId,
     pub to: R,
     pub page: PageId,
@@ -113,7 +147,7 @@ struct PageEntry {
     /// to `published` (1 -> 0 -> 1 within one interval).
     told_other: bool,
     /// Rooms (by id) that follow this page.
-    subscribers: HashSet<u64>,
+    subscribers: HashSet<RoomId>,
     /// When its oldest unpublished change was made (the delay bound).
     pending_since: Option<Instant>,
     /// Persistent stats.
@@ -201,12 +235,12 @@ pub struct TopPage<'a> {
 
 /// Progress of a rebuild after a restart.
 struct Rebuild<R> {
-    epoch: u64,
+    epoch: Epoch,
     started: Instant,
     /// Rooms each shard said it asked, by shard index.
-    listed: HashMap<usize, Vec<u64>>,
+    listed: HashMap<usize, Vec<RoomId>>,
     /// Rooms that answered.
-    reported: HashSet<u64>,
+    reported: HashSet<RoomId>,
     /// Subscribe answers held back until the rebuild completes.
     deferred: Vec<Deferred<R>>,
     /// Cluster mode: the `ResendRemote` request whose answer is awaited.
@@ -249,13 +283,13 @@ pub struct State<R> {
     /// Every page with a count, a subscriber or unsaved stats.
     pages: HashMap<PageId, PageEntry>,
     /// Rooms following links, by room id.
-    followers: HashMap<u64, Follower<R>>,
+    followers: HashMap<RoomId, Follower<R>>,
     /// Pages whose shown count may have changed since the last publish.
     changed: HashSet<PageId>,
     /// Shards that must list their rooms in a rebuild.
     shards: usize,
     /// Counter of rebuild rounds.
-    epoch: u64,
+    epoch: Epoch,
     /// Set while rebuilding.
     rebuild: Option<Rebuild<R>>,
     /// When the oldest change not yet published was applied (publish-lag metric).
@@ -297,7 +331,7 @@ impl<R: Clone> State<R> {
             followers: HashMap::new(),
             changed: HashSet::new(),
             shards: 0,
-            epoch: 0,
+            epoch: Epoch::default(),
             rebuild: None,
             oldest_change: None,
             last_publish: None,
@@ -589,9 +623,9 @@ impl<R: Clone> State<R> {
     /// A shard's list of the rooms it asked to report for rebuild `epoch`.
     pub fn shard_rooms(
         &mut self,
-        epoch: u64,
+        epoch: Epoch,
         shard: usize,
-        rooms: Vec<u64>,
+        rooms: Vec<RoomId>,
         now: Instant,
     ) -> Outbox<R> {
         let mut out = Outbox::default();
@@ -786,7 +820,7 @@ impl<R: Clone> State<R> {
         }
         let since = self.oldest_change.take();
         let mut published = 0;
-        let mut outbox: HashMap<u64, Vec<(PageId, Tally)>> = HashMap::new();
+        let mut outbox: HashMap<RoomId, Vec<(PageId, Tally)>> = HashMap::new();
         for page in self.within_budget(now) {
             let Some(e) = self.pages.get_mut(&page) else {
                 continue;
@@ -977,9 +1011,9 @@ impl<R: Clone> State<R> {
     /// mode, the cluster re-sends the remote sums).
     pub fn begin_rebuild(&mut self, generation: u64, now: Instant) -> Outbox<R> {
         let mut out = Outbox::default();
-        self.epoch += 1;
+        self.epoch = Epoch(self.epoch.0 + 1);
         tracing::warn!(
-            epoch = self.epoch,
+            epoch = self.epoch.0,
             generation,
             "counter restarted; rebuilding from rooms"
         );
@@ -1072,7 +1106,7 @@ impl<R: Clone> State<R> {
             });
         }
         tracing::info!(
-            epoch = r.epoch,
+            epoch = r.epoch.0,
             rooms = r.reported.len(),
             "rebuild complete"
         );
@@ -1280,7 +1314,7 @@ mod tests {
     }
 
     fn page(i: usize) -> PageId {
-        PageId::from(format!("p{i}"))
+        PageId::parse(&format!("p{i}")).unwrap()
     }
 
     fn le(a: Tally, b: Tally) -> bool {
@@ -1289,15 +1323,15 @@ mod tests {
 
     /// Room `r`'s handle is `r`; an input waiting to be fed to the state.
     enum Input {
-        Unsubscribe(u64, Vec<PageId>),
+        Unsubscribe(RoomId, Vec<PageId>),
         Remote(Vec<(PageId, Tally)>),
         Loaded(u64),
-        ShardRooms(u64),
-        RoomState(u64, u64),
+        ShardRooms(Epoch),
+        RoomState(Epoch, RoomId),
     }
 
     struct Model {
-        state: State<u64>,
+        state: State<RoomId>,
         now: Instant,
         /// The scheduled publish is due at.
         due: Option<Instant>,
@@ -1317,7 +1351,7 @@ mod tests {
         /// Last request id per room.
         req: Vec<u64>,
         /// The last value each room was sent per page.
-        delivered: BTreeMap<(u64, PageId), Tally>,
+        delivered: BTreeMap<(RoomId, PageId), Tally>,
     }
 
     impl Model {
@@ -1367,7 +1401,7 @@ mod tests {
 
         fn deliver(&mut self, room: RoomId, p: PageId, t: Tally) {
             assert!(
-                self.follows[room as usize].contains_key(&p),
+                self.follows[room.0 as usize].contains_key(&p),
                 "room {room} was sent {p}, which it does not follow"
             );
             assert_eq!(t, self.known(&p), "room {room} was sent {p} = {t:?}");
@@ -1377,7 +1411,7 @@ mod tests {
 
         /// Applies what the state sent, and what the rooms and the cluster
         /// answer, until nothing is left.
-        fn run(&mut self, out: Outbox<u64>) {
+        fn run(&mut self, out: Outbox<RoomId>) {
             let mut inputs = VecDeque::new();
             self.take(out, &mut inputs);
             while let Some(input) = inputs.pop_front() {
@@ -1392,18 +1426,18 @@ mod tests {
                     }
                     Input::Loaded(req) => self.state.loaded(req, now),
                     Input::ShardRooms(epoch) => {
-                        let rooms = (0..ROOMS as u64).collect();
+                        let rooms = (0..ROOMS as u64).map(RoomId).collect();
                         self.state.shard_rooms(epoch, 0, rooms, now)
                     }
                     Input::RoomState(epoch, r) => {
-                        let p = page(r as usize);
+                        let p = page(r.0 as usize);
                         let report = RoomReport {
                             epoch,
                             room: r,
                             to: r,
                             tally: Self::tally(&self.local, &p),
                             page: p,
-                            links: self.follows[r as usize].keys().cloned().collect(),
+                            links: self.follows[r.0 as usize].keys().cloned().collect(),
                         };
                         self.state.room_state(report, now)
                     }
@@ -1412,7 +1446,7 @@ mod tests {
             }
         }
 
-        fn take(&mut self, out: Outbox<u64>, inputs: &mut VecDeque<Input>) {
+        fn take(&mut self, out: Outbox<RoomId>, inputs: &mut VecDeque<Input>) {
             // The state never finds itself inconsistent under any input.
             assert_eq!(self.state.take_fault(), None);
             if let Some(d) = out.publish_in {
@@ -1431,7 +1465,7 @@ mod tests {
                         refused,
                         req,
                     } => {
-                        let links = &mut self.follows[to as usize];
+                        let links = &mut self.follows[to.0 as usize];
                         let stale = |l: &PageId| links.get(l) != Some(&req);
                         let refused: Vec<PageId> =
                             refused.into_iter().filter(|l| !stale(l)).collect();
@@ -1442,14 +1476,14 @@ mod tests {
                             inputs.push_back(Input::Unsubscribe(to, refused));
                         }
                         for (p, t) in counts {
-                            if self.follows[to as usize].contains_key(&p) {
+                            if self.follows[to.0 as usize].contains_key(&p) {
                                 self.deliver(to, p, t);
                             }
                         }
                     }
                     Effect::Resync { epoch } => {
                         for r in 0..ROOMS as u64 {
-                            inputs.push_back(Input::RoomState(epoch, r));
+                            inputs.push_back(Input::RoomState(epoch, RoomId(r)));
                         }
                         inputs.push_back(Input::ShardRooms(epoch));
                     }
@@ -1537,7 +1571,7 @@ mod tests {
             }
             for (r, links) in self.follows.iter().enumerate() {
                 for p in links.keys() {
-                    let got = self.delivered.get(&(r as u64, p.clone())).copied();
+                    let got = self.delivered.get(&(RoomId(r as u64), p.clone())).copied();
                     assert_eq!(
                         got,
                         Some(self.truth(p)),
@@ -1577,7 +1611,9 @@ mod tests {
                     for l in &links {
                         self.follows[r].insert(l.clone(), req);
                     }
-                    let out = self.state.subscribe(r as u64, r as u64, links, req, now);
+                    let out =
+                        self.state
+                            .subscribe(RoomId(r as u64), RoomId(r as u64), links, req, now);
                     self.run(out);
                 }
                 Op::Unsubscribe(r, pages) => {
@@ -1587,7 +1623,7 @@ mod tests {
                         .filter(|p| self.follows[r].remove(p).is_some())
                         .collect();
                     if !links.is_empty() {
-                        let out = self.state.unsubscribe(r as u64, &links);
+                        let out = self.state.unsubscribe(RoomId(r as u64), &links);
                         self.run(out);
                     }
                 }
@@ -1646,8 +1682,8 @@ mod tests {
         };
         let _ = state.room_count(&page(10), tally(100), 0, at(0));
         let _ = state.room_count(&page(11), tally(1), 0, at(0));
-        let _ = state.subscribe(0, 0, vec![page(0)], 1, at(0).at);
-        let _ = state.subscribe(1, 1, vec![page(1)], 1, at(0).at);
+        let _ = state.subscribe(RoomId(0), 0, vec![page(0)], 1, at(0).at);
+        let _ = state.subscribe(RoomId(1), 1, vec![page(1)], 1, at(0).at);
         // Both followed pages change after a quiet interval.
         let mut sent: Vec<(u64, u64, PageId, Tally)> = Vec::new();
         let mut due = None;

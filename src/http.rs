@@ -792,11 +792,11 @@ async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     if let Err(e) = state.storage.is_usable() {
         return not_ready(e.to_string());
     }
-    if state.cluster.as_ref().is_some_and(|c| !c.connected()) {
+    if let Some(reason) = state.cluster.as_ref().and_then(|c| c.degraded()) {
         // Degraded, still serving: local counts live, other nodes' frozen.
         return HttpResponse::ServiceUnavailable().json(ReadinessBody {
             status: Readiness::Degraded,
-            reason: Some("cluster: redis unreachable; serving local counts"),
+            reason: Some(reason),
         });
     }
     if state.health.counter_recovering() {

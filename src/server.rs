@@ -169,6 +169,11 @@ impl Server {
         self.counter.clone()
     }
 
+    /// The cluster actor, in cluster mode (tests inject faults through it).
+    pub fn cluster(&self) -> Option<Addr<Cluster>> {
+        self.cluster.as_ref().map(|(a, _)| a.clone())
+    }
+
     /// The database handle (tests inspect records through it).
     pub fn storage(&self) -> Storage {
         self.storage.clone()

@@ -3,13 +3,14 @@
 //! refreshes this node's deadline and reads the live set in the same atomic
 //! step, and reports both to the [`Cluster`] actor.
 
-use std::{sync::Arc, time::Duration};
+use std::time::Duration;
 
 use actix::prelude::*;
 use tokio::sync::watch;
 
 use super::{
     store::{self, Backend, BeatMode, Conn, Keys},
+    table::NodeId,
     Beat, Cluster,
 };
 use crate::metrics as m;
@@ -19,7 +20,7 @@ pub(super) struct Liveness {
     /// Its thread (stopped with the actor).
     arbiter: Arbiter,
     /// The id to refresh (`None`: only observe the live set).
-    id: watch::Sender<Option<Arc<str>>>,
+    id: watch::Sender<Option<NodeId>>,
 }
 
 impl Liveness {
@@ -38,7 +39,7 @@ impl Liveness {
     }
 
     /// Refreshes `id` from the next beat on (`None`: stop refreshing).
-    pub fn set_id(&self, id: Option<Arc<str>>) {
+    pub fn set_id(&self, id: Option<NodeId>) {
         self.id.send_replace(id);
     }
 
@@ -54,7 +55,7 @@ async fn run(
     interval: Duration,
     ttl: Duration,
     to: Addr<Cluster>,
-    id: watch::Receiver<Option<Arc<str>>>,
+    id: watch::Receiver<Option<NodeId>>,
 ) {
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -79,7 +80,7 @@ async fn run(
             },
         };
         let sent = std::time::Instant::now();
-        let reply = store::heartbeat(&c, &keys, beat_id.as_deref(), BeatMode::Beat, ttl).await;
+        let reply = store::heartbeat(&c, &keys, beat_id.as_ref(), BeatMode::Beat, ttl).await;
         match &reply {
             Ok(_) => m::redis_rtt(m::RedisOp::Heartbeat, sent.elapsed()),
             Err(_) => conn = None,

@@ -5,12 +5,12 @@
 //! keys the tag `{live}`, so in a Redis Cluster each group of commands sent
 //! together addresses one slot (redis-rs refuses pipelines across slots).
 
-use std::{collections::HashMap, sync::Arc, time::Duration};
+use std::{collections::HashMap, time::Duration};
 
 use redis::{aio::MultiplexedConnection, cluster_async::ClusterConnection, Cmd, PushInfo, Value};
 use tokio::sync::mpsc::UnboundedSender;
 
-use super::table::NodeId;
+use super::table::{NodeId, Process};
 use crate::{config::ClusterSettings, protocol::PageId};
 
 /// Deadline of one Redis round trip (a hung Redis counts as down).
@@ -66,6 +66,16 @@ impl Keys {
             prefix: c.key_prefix.clone(),
             channels: c.channels.max(1),
             sharded: c.redis_cluster,
+        }
+    }
+
+    /// Keys of prefix `lc:` over `channels` groups (tests).
+    #[cfg(test)]
+    pub fn for_tests(channels: u32) -> Keys {
+        Keys {
+            prefix: "lc:".into(),
+            channels,
+            sharded: false,
         }
     }
 
@@ -334,9 +344,9 @@ pub(super) struct BeatReply {
     /// The id given is live (refreshed, or newly registered).
     pub ok: bool,
     /// Every live node id, in one snapshot.
-    pub live: Vec<String>,
+    pub live: Vec<NodeId>,
     /// Dead ids this caller must reap.
-    pub claimed: Vec<String>,
+    pub claimed: Vec<NodeId>,
 }
 
 /// Whether a heartbeat refreshes an existing id or registers a new one.
@@ -352,16 +362,17 @@ pub(super) enum BeatMode {
 pub(super) async fn heartbeat(
     conn: &Conn,
     keys: &Keys,
-    id: Option<&str>,
+    id: Option<&NodeId>,
     mode: BeatMode,
     ttl: Duration,
 ) -> Result<BeatReply, Error> {
+    let id = id.map(NodeId::to_string);
     let mut c = redis::cmd("EVAL");
     c.arg(HEARTBEAT_LUA)
         .arg(2)
         .arg(keys.live())
         .arg(keys.claims())
-        .arg(id.unwrap_or(""))
+        .arg(id.as_deref().unwrap_or(""))
         .arg(ttl.as_millis() as u64)
         .arg(match mode {
             BeatMode::Beat => "beat",
@@ -376,16 +387,40 @@ pub(super) async fn heartbeat(
     let (ok, live, claimed): (i64, Vec<String>, Vec<String>) = redis::from_redis_value(v)?;
     Ok(BeatReply {
         ok: ok == 1,
-        live,
-        claimed,
+        live: node_ids(live),
+        claimed: node_ids(claimed),
     })
+}
+
+/// Node ids read back from Redis; one that does not parse is skipped and
+/// logged (something else wrote into our keys), never trusted.
+fn node_ids(raw: Vec<String>) -> Vec<NodeId> {
+    raw.into_iter()
+        .filter_map(|s| {
+            let id = NodeId::parse(&s);
+            if id.is_none() {
+                tracing::warn!(
+                    len = s.len(),
+                    "cluster: malformed node id in the liveness set skipped"
+                );
+            }
+            id
+        })
+        .collect()
 }
 
 /// Deletes every field of a dead `node` (found through its page sets) and
 /// the page sets. `forget`: also removes the node from the liveness set and
 /// its reaping claim (done by the reaper, last, so a crash half-way leaves
 /// the node to be claimed again).
-pub(super) async fn reap(conn: &Conn, keys: &Keys, node: &str, forget: bool) -> Result<(), Error> {
+pub(super) async fn reap(
+    conn: &Conn,
+    keys: &Keys,
+    node: &NodeId,
+    forget: bool,
+) -> Result<(), Error> {
+    let node = node.to_string();
+    let node = node.as_str();
     let groups: Groups = keys
         .all_channels()
         .map(|k| vec![redis::cmd("SMEMBERS").arg(keys.node_pages(k, node)).clone()])
@@ -399,6 +434,14 @@ pub(super) async fn reap(conn: &Conn, keys: &Keys, node: &str, forget: bool) -> 
         };
         let mut g = Vec::new();
         for p in pages {
+            // Only keys of a valid page id are ours to touch.
+            if crate::protocol::PageId::parse_link(&p).is_err() {
+                tracing::warn!(
+                    len = p.len(),
+                    "cluster: malformed page id in a node's page set skipped"
+                );
+                continue;
+            }
             g.push(redis::cmd("HDEL").arg(keys.page(&p)).arg(node).clone());
         }
         g.push(redis::cmd("DEL").arg(keys.node_pages(k, node)).clone());
@@ -411,6 +454,27 @@ pub(super) async fn reap(conn: &Conn, keys: &Keys, node: &str, forget: bool) -> 
         ]);
     }
     conn.run(groups).await.map(drop)
+}
+
+/// Deletes the fields of `nodes` on `pages` (a write of an expired id that
+/// landed after its reaping left one outside the id's page sets).
+pub(super) async fn delete_fields(
+    conn: &Conn,
+    keys: &Keys,
+    nodes: &[NodeId],
+    pages: &[PageId],
+) -> Result<(), Error> {
+    if nodes.is_empty() || pages.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<String> = nodes.iter().map(NodeId::to_string).collect();
+    let mut by_group: HashMap<u32, Vec<Cmd>> = HashMap::new();
+    for p in pages {
+        let mut c = redis::cmd("HDEL");
+        c.arg(keys.page(p)).arg(&ids);
+        by_group.entry(keys.channel_of(p)).or_default().push(c);
+    }
+    conn.run(by_group.into_values().collect()).await.map(drop)
 }
 
 /// One page change in a write batch.
@@ -478,7 +542,7 @@ pub(super) fn write_groups(keys: &Keys, node: &NodeId, seq: u64, ops: &[Op]) -> 
         };
         // Serializing a struct of strings and integers cannot fail.
         let json = serde_json::to_string(&wire).expect("plain struct serializes");
-        g.push(keys.publish(keys.channel(k, &node.process), json));
+        g.push(keys.publish(keys.channel(k, node.process.as_str()), json));
         groups.push(g);
     }
     (groups, published)
@@ -523,11 +587,12 @@ pub(super) fn message_of(p: &PushInfo) -> Option<(String, &[u8])> {
 }
 
 /// The process part of this node's ids, fresh per process start.
-pub(super) fn fresh_process() -> Arc<str> {
+pub(super) fn fresh_process() -> Process {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64);
-    format!("{:x}-{:x}", nanos, std::process::id()).into()
+    Process::new(&format!("{:x}-{:x}", nanos, std::process::id()))
+        .expect("hex digits and a dash make a process name")
 }
 
 #[cfg(test)]

@@ -891,6 +891,16 @@ impl Handler<cluster::RemoteCounts> for Counter {
     }
 }
 
+impl Handler<cluster::ResendLocal> for Counter {
+    type Result = ();
+    fn handle(&mut self, _: cluster::ResendLocal, ctx: &mut Context<Self>) {
+        self.guard(ctx, "ResendLocal", |act, ctx| {
+            let out = act.state.cluster_restarted();
+            act.dispatch(out, ctx);
+        });
+    }
+}
+
 impl Handler<cluster::Loaded> for Counter {
     type Result = ();
     fn handle(&mut self, msg: cluster::Loaded, ctx: &mut Context<Self>) {

@@ -1112,6 +1112,17 @@ impl<R: Clone> State<R> {
         );
     }
 
+    /// Cluster mode: the cluster module restarted from nothing; the whole
+    /// local state and followed set again (a rebuild in progress sends them
+    /// when it completes).
+    pub fn cluster_restarted(&mut self) -> Outbox<R> {
+        let mut out = Outbox::default();
+        if self.rebuild.is_none() {
+            self.resend_cluster_state(&mut out);
+        }
+        out
+    }
+
     /// Cluster mode, after a rebuild: the whole local state and followed set.
     fn resend_cluster_state(&mut self, out: &mut Outbox<R>) {
         self.local_changed.clear();

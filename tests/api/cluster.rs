@@ -1067,3 +1067,135 @@ async fn site_reaches(c: &mut Client, n: u64) {
         }
     }
 }
+
+/// Reads updates until `c` shows `want` on `page`, asserting after every
+/// update that it stayed within `floor..=ceiling`.
+async fn converge_within(c: &mut Client, page: &str, want: u64, floor: u64, ceiling: u64) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(v) = c.shown.get(page) {
+            assert!(
+                (floor..=ceiling).contains(v),
+                "{page}: shown {v}, outside {floor}..={ceiling}"
+            );
+            if *v == want {
+                return;
+            }
+        }
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        if tokio::time::timeout(left, c.next_json()).await.is_err() {
+            panic!("{page} did not converge to {want}: shown {:?}", c.shown);
+        }
+    }
+}
+
+/// The operator's case: Redis killed and replaced by a fresh one without
+/// data. The nodes' ids vanished with the data, but they are not dead: each
+/// node keeps the other's last counts until it registered again, so no
+/// subscriber ever sees less (or more) than the true sum, and all converge.
+#[tokio::test]
+async fn redis_restarted_empty_is_not_dead_peers() {
+    let Some(mut redis) = RedisServer::start() else {
+        return;
+    };
+    // A node_ttl with room for a slow machine: the outage below must be
+    // shorter than it for the node to know it did not stall itself.
+    let ttl = [("CLUSTER__NODE_TTL", "3s")];
+    let (a, b) = (
+        Node::start_with(&redis, &ttl),
+        Node::start_with(&redis, &ttl),
+    );
+    let mut obs_a = a.observer(&["x"]).await;
+    let mut obs_b = b.observer(&["x"]).await;
+    let _on_a: Vec<Client> = futures_util::future::join_all((0..6).map(|_| a.connect("x"))).await;
+    let _on_b: Vec<Client> = futures_util::future::join_all((0..5).map(|_| b.connect("x"))).await;
+    converge_within(&mut obs_a, "x", 11, 0, 11).await;
+    converge_within(&mut obs_b, "x", 11, 0, 11).await;
+    a.wait_ready(200).await;
+    b.wait_ready(200).await;
+
+    redis.stop();
+    a.wait_ready(503).await;
+    redis.restart(); // same port, no data
+    eventually("both nodes registered in the new redis", || async {
+        redis.live_set().len() == 2
+    })
+    .await;
+    a.wait_ready(200).await;
+    b.wait_ready(200).await;
+    // One more viewer marks the end: every update before it showed 11.
+    let _more = a.connect("x").await;
+    converge_within(&mut obs_a, "x", 12, 11, 12).await;
+    converge_within(&mut obs_b, "x", 12, 11, 12).await;
+    // And the counts live on in the new Redis.
+    let _more_b = b.connect("x").await;
+    converge_within(&mut obs_a, "x", 13, 12, 13).await;
+    converge_within(&mut obs_b, "x", 13, 12, 13).await;
+}
+
+/// The `actor="cluster"` sample of `link_counter_actor_panics_total`.
+fn cluster_panics(text: &str) -> f64 {
+    text.lines()
+        .filter(|l| {
+            l.starts_with("link_counter_actor_panics_total{") && l.contains("actor=\"cluster\"")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// A panic in a cluster handler (a real `panic!` through the test hook) is
+/// contained and counted; the supervisor restarts the actor, which
+/// registers this node again with its counts from the counter and follows
+/// again: counts across the two nodes converge exactly afterwards.
+#[tokio::test]
+async fn cluster_actor_panic_is_contained_and_rebuilt() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let a = Node::start(&redis);
+    let url = redis.url();
+    let (b, _dir) = crate::helpers::spawn_app(&[
+        ("CLUSTER__REDIS_URL", &url),
+        ("CLUSTER__HEARTBEAT_INTERVAL", HEARTBEAT),
+        ("CLUSTER__NODE_TTL", "1s"),
+    ]);
+    let mut obs_a = a.observer(&["x"]).await;
+    let mut obs_b = b.connect("o").await;
+    obs_b.subscribe(&["x"]).await;
+    obs_b.next_update().await;
+    let _on_a: Vec<Client> = futures_util::future::join_all((0..3).map(|_| a.connect("x"))).await;
+    let mut on_b: Vec<Client> =
+        futures_util::future::join_all((0..2).map(|_| b.connect("x"))).await;
+    obs_a.wait_for(&counts(&[("x", 5)])).await;
+    obs_b.wait_for(&counts(&[("x", 5)])).await;
+    let admin = b.admin.expect("admin listener");
+    let before = cluster_panics(&http_get(admin, "/metrics").await.1);
+
+    let cluster = b.cluster.clone().expect("cluster mode");
+    cluster.do_send(link_counter::cluster::InjectPanic);
+    eventually("the panic to be counted", || async {
+        cluster_panics(&http_get(admin, "/metrics").await.1) == before + 1.0
+    })
+    .await;
+    // Rebuilt: b registered again (its old id reaped) and is ready.
+    eventually("b registered again, once", || async {
+        let live = redis.live_set();
+        live.len() == 2 && live.keys().any(|k| k.ends_with(".2"))
+    })
+    .await;
+    eventually("/readyz on b to answer 200", || async {
+        http_get(b.addr, "/readyz").await.0 == 200
+    })
+    .await;
+    obs_a.wait_for(&counts(&[("x", 5)])).await;
+    obs_b.wait_for(&counts(&[("x", 5)])).await;
+    // Changes on either node after the restart reach both.
+    on_b.pop().expect("one").close().await;
+    obs_a.wait_for(&counts(&[("x", 4)])).await;
+    obs_b.wait_for(&counts(&[("x", 4)])).await;
+    let _more = a.connect("x").await;
+    obs_a.wait_for(&counts(&[("x", 5)])).await;
+    obs_b.wait_for(&counts(&[("x", 5)])).await;
+    // The actor is still the one the counter and the server talk to.
+    assert!(cluster.connected(), "the supervisor kept the address");
+}

@@ -84,6 +84,8 @@ pub struct TestApp {
     /// The admin listener (metrics, dashboard).
     pub admin: Option<SocketAddr>,
     pub counter: Addr<Counter>,
+    /// The cluster actor, in cluster mode.
+    pub cluster: Option<Addr<link_counter::cluster::Cluster>>,
     pub storage: Storage,
     pub shards: Shards,
     pub dir: PathBuf,
@@ -129,6 +131,7 @@ pub fn spawn_app_with(settings: Settings) -> TestApp {
                 server.local_addr(),
                 server.admin_addr(),
                 server.counter(),
+                server.cluster(),
                 server.storage(),
                 server.shards().clone(),
             ))
@@ -137,11 +140,13 @@ pub fn spawn_app_with(settings: Settings) -> TestApp {
             server.shutdown().await
         })
     });
-    let (addr, admin, counter, storage, shards) = rx.recv().expect("server reports its address");
+    let (addr, admin, counter, cluster, storage, shards) =
+        rx.recv().expect("server reports its address");
     TestApp {
         addr,
         admin,
         counter,
+        cluster,
         storage,
         shards,
         dir,

@@ -9,11 +9,11 @@
 //! their index. [`env_warnings`] lists the variables that look like settings
 //! but are ignored (e.g. `LINK_COUNTER_SERVER_BIND`, one underscore).
 //!
-//! The layers are merged as `toml` tables and deserialized through
-//! `serde_path_to_error`, which names the setting (and list entry) serde
-//! refused; lines and columns come from the `toml` parser's spans, and the
-//! nearest names from `strsim`'s edit distance. No error text of a library
-//! is parsed.
+//! The `config` crate layers the sources and converts each value to its
+//! setting's type; the result is deserialized through `serde_path_to_error`,
+//! which names the setting (and list entry) serde refused. Lines and columns
+//! come from the `toml` parser's spans, and the nearest names from `strsim`'s
+//! edit distance. No error text of a library is parsed.
 
 use std::{
     collections::HashMap,
@@ -297,27 +297,43 @@ impl Settings {
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Settings, ConfigError> {
         let mut sources = Sources::default();
-        let mut merged = defaults().clone();
+        let mut builder = config::Config::builder().add_source(config::File::from_str(
+            DEFAULT_TOML,
+            config::FileFormat::Toml,
+        ));
         if let Some(path) = file {
             let text = std::fs::read_to_string(path).map_err(|e| {
                 ConfigError(format!("cannot read config file {}: {e}", path.display()))
             })?;
+            // Parsed by `toml` first for its spans: a syntax error's line and
+            // column, an unknown key's line. The text read once is what the
+            // config crate layers, so the lines are those of its values.
             let table: toml::Table =
                 toml::from_str(&text).map_err(|e| toml_syntax_error(path, &text, &e))?;
-            sources.file = Some((path.to_path_buf(), text));
+            sources.file = Some((path.to_path_buf(), text.clone()));
             sources.refuse_unknown_keys(&table)?;
-            merge(&mut merged, typed_like_defaults(table));
+            builder = builder.add_source(config::File::from_str(&text, config::FileFormat::Toml));
         }
+        let (mut texts, mut lists) = (config::Map::new(), config::Map::new());
         for (name, value) in env {
             if !name.starts_with(ENV_SETTING_PREFIX) {
                 continue;
             }
             let key = env_setting(&name)?;
-            set_from_env(&mut merged, &key, value);
+            if is_list(&key) {
+                lists.insert(name.clone(), value);
+            } else {
+                texts.insert(name.clone(), value);
+            }
             sources.env.insert(key, name);
         }
-        let settings: Settings = serde_path_to_error::deserialize(toml::Value::Table(merged))
-            .map_err(|e| sources.explain(&e))?;
+        let layered = builder
+            .add_source(environment().source(Some(texts)))
+            .add_source(list_environment().source(Some(lists)))
+            .build()
+            .map_err(|e| ConfigError(format!("invalid configuration: {e}")))?;
+        let settings: Settings =
+            serde_path_to_error::deserialize(layered).map_err(|e| sources.explain(&e))?;
         settings.check().map_err(|e| sources.locate(e))?;
         Ok(settings)
     }
@@ -743,85 +759,47 @@ fn default_of(key: &str) -> Option<&'static toml::Value> {
     defaults().get(section)?.get(key)
 }
 
-/// Lays `layer` over `base`: tables are merged key by key, anything else
-/// (lists included) replaces the value below.
-fn merge(base: &mut toml::Table, layer: toml::Table) {
-    for (key, value) in layer {
-        match (base.get_mut(&key), value) {
-            (Some(toml::Value::Table(below)), toml::Value::Table(above)) => merge(below, above),
-            (_, value) => {
-                base.insert(key, value);
-            }
-        }
-    }
+/// The `LINK_COUNTER__SECTION__KEY` variables of settings that are not
+/// lists, left as text: the config crate's deserializer converts text to the
+/// setting's type (`"8"` to a number, `"FALSE"` to a boolean), and a text
+/// setting keeps its text exactly (an admin token of digits keeps its
+/// leading zeros, which `try_parsing` would drop by reading it as a number).
+fn environment() -> config::Environment {
+    config::Environment::with_prefix(ENV_PREFIX)
+        .prefix_separator("__")
+        .separator("__")
 }
 
-/// A file's values, each converted to its setting's type where that is
-/// lossless (see [`coerce`]).
-fn typed_like_defaults(mut file: toml::Table) -> toml::Table {
-    for (section, value) in file.iter_mut() {
-        let (Some(toml::Value::Table(known)), toml::Value::Table(given)) =
-            (defaults().get(section), value)
-        else {
-            continue;
-        };
-        for (key, value) in given.iter_mut() {
-            if let Some(default) = known.get(key) {
-                *value = coerce(
-                    default,
-                    std::mem::replace(value, toml::Value::Boolean(false)),
-                );
-            }
-        }
-    }
-    file
+/// The variables of list settings (the settings whose default is a list):
+/// split at commas by the config crate.
+fn list_environment() -> config::Environment {
+    known_settings()
+        .iter()
+        .filter(|(section, key)| is_list(&format!("{section}.{key}")))
+        .fold(
+            environment().try_parsing(true).list_separator(","),
+            |env, (section, key)| env.with_list_parse_key(&format!("{section}.{key}")),
+        )
 }
 
-/// Sets `section.key` (a known setting) to an environment variable's text,
-/// typed after the setting's default: a list is split at commas, a number or
-/// boolean parsed when it parses (otherwise the text stays, and serde's error
-/// names the expected type).
-fn set_from_env(merged: &mut toml::Table, key: &str, text: String) {
-    let value = match default_of(key) {
-        Some(toml::Value::Array(_)) => toml::Value::Array(
-            text.split(',')
-                .map(|entry| toml::Value::String(entry.to_owned()))
-                .collect(),
-        ),
-        Some(default) => coerce(default, toml::Value::String(text)),
-        None => toml::Value::String(text),
-    };
-    let Some((section, name)) = key.split_once('.') else {
-        return;
-    };
-    if let Some(toml::Value::Table(table)) = merged.get_mut(section) {
-        table.insert(name.to_owned(), value);
-    }
+/// A setting holding a list (its default is one).
+fn is_list(key: &str) -> bool {
+    matches!(default_of(key), Some(toml::Value::Array(_)))
 }
 
-/// `value` as the type of `default` where the conversion is lossless: a
-/// number or boolean written as text (`"8"`, `"TRUE"`), or a number or
-/// boolean given for a text setting. Anything else is left for serde to refuse.
-fn coerce(default: &toml::Value, value: toml::Value) -> toml::Value {
-    use toml::Value as V;
-    match (default, value) {
-        (V::Boolean(_), V::String(s)) => match s.trim().to_ascii_lowercase().parse() {
-            Ok(b) => V::Boolean(b),
-            Err(_) => V::String(s),
-        },
-        (V::Integer(_) | V::Float(_), V::String(s)) => {
-            if let Ok(i) = s.trim().parse() {
-                V::Integer(i)
-            } else if let Ok(x) = s.trim().parse() {
-                V::Float(x)
-            } else {
-                V::String(s)
-            }
-        }
-        (V::String(_), V::Integer(i)) => V::String(i.to_string()),
-        (V::String(_), V::Float(x)) => V::String(x.to_string()),
-        (V::String(_), V::Boolean(b)) => V::String(b.to_string()),
-        (_, value) => value,
+/// The message of an error of the config crate's deserializer without the
+/// key and origin it may append (the caller names both): serde's
+/// "invalid type: …, expected …", or a setting's own message.
+fn config_message(e: &config::ConfigError) -> String {
+    match e {
+        config::ConfigError::Type {
+            unexpected,
+            expected,
+            ..
+        } => format!("invalid type: {unexpected}, expected {expected}"),
+        config::ConfigError::At { error, .. } => config_message(error),
+        config::ConfigError::Message(message) => message.clone(),
+        other => other.to_string(),
     }
 }
 
@@ -896,17 +874,18 @@ impl Sources {
     /// The error of a value serde refused: the setting (with a list entry's
     /// index), serde's message (the expected type), where it was set, and
     /// how durations and lists are written.
-    fn explain(&self, e: &serde_path_to_error::Error<toml::de::Error>) -> ConfigError {
+    fn explain(&self, e: &serde_path_to_error::Error<config::ConfigError>) -> ConfigError {
         let key = path_name(e.path());
         let whole = !key.contains('[');
         let hint = if whole && is_duration(&key) {
             DURATION_HINT
-        } else if whole && matches!(default_of(&key), Some(toml::Value::Array(_))) {
+        } else if whole && is_list(&key) {
             "; write a list: [\"a\", \"b\"] in a file, a,b in an environment variable"
         } else {
             ""
         };
-        let message = e.inner().message().trim_end();
+        let message = config_message(e.inner());
+        let message = message.trim_end();
         if key.is_empty() {
             return ConfigError(format!("invalid configuration: {message}"));
         }
@@ -1541,6 +1520,37 @@ mod tests {
         assert!(check_bot_token("Yahoo! Slurp").is_ok());
     }
 
+    /// Environment text becomes the setting's type (a number, a boolean in
+    /// any case), a text setting keeps its text exactly (digits with leading
+    /// zeros stay a token, not a number), and a list setting is split at
+    /// commas, even when it holds one entry.
+    #[test]
+    fn environment_text_takes_each_setting_type() {
+        let s = load(&[
+            ("LINK_COUNTER__SERVER__WORKERS", "3"),
+            ("LINK_COUNTER__WEB__DEMO", "FALSE"),
+            ("LINK_COUNTER__LIMITS__BURST", "2.5"),
+            ("LINK_COUNTER__ADMIN__TOKEN", "0000123456789012345"),
+            ("LINK_COUNTER__SECURITY__BOT_USER_AGENTS", "OnlyBot"),
+            (
+                "LINK_COUNTER__SECURITY__ALLOWED_ORIGINS",
+                "https://a.example",
+            ),
+        ])
+        .expect("typed");
+        assert_eq!(s.server.workers, 3);
+        assert!(!s.web.demo);
+        assert_eq!(s.limits.burst, 2.5);
+        assert_eq!(s.admin.token.get(), Some("0000123456789012345"));
+        assert_eq!(s.security.bot_user_agents, ["OnlyBot"]);
+        assert_eq!(s.security.allowed_origins, ["https://a.example"]);
+        let e = load(&[("LINK_COUNTER__WEB__DEMO", "maybe")]).expect_err("not a boolean");
+        assert!(
+            e.0.starts_with("invalid configuration: web.demo: invalid type: string \"maybe\", expected a boolean (from environment variable LINK_COUNTER__WEB__DEMO)"),
+            "{e}"
+        );
+    }
+
     #[test]
     fn log_format_lists_its_values() {
         let e = load(&[("LINK_COUNTER__LOG__FORMAT", "xml")]).expect_err("xml");
@@ -1608,7 +1618,7 @@ mod tests {
             "/nonexistent/lc".to_owned(),
         )];
         let e = Settings::load_from(Some(&file), env.clone()).expect_err("workers");
-        assert!(e.0.starts_with("invalid configuration: server.workers: invalid type: string \"many\", expected usize"), "{e}");
+        assert!(e.0.starts_with("invalid configuration: server.workers: invalid type: string \"many\", expected an integer"), "{e}");
         assert!(
             e.0.contains(&format!("(in {}, line 2)", file.display())),
             "{e}"
@@ -1621,7 +1631,7 @@ mod tests {
             "{e}"
         );
         let e = load(&[("LINK_COUNTER__LIMITS__BURST", "lots")]).expect_err("burst");
-        assert!(e.0.contains("limits.burst: invalid type: string \"lots\", expected f64 (from environment variable LINK_COUNTER__LIMITS__BURST)"), "{e}");
+        assert!(e.0.contains("limits.burst: invalid type: string \"lots\", expected a floating point (from environment variable LINK_COUNTER__LIMITS__BURST)"), "{e}");
         let e =
             load(&[("LINK_COUNTER__WEBSOCKET__HEARTBEAT_INTERVAL", "1m")]).expect_err("default");
         assert!(e.0.contains("websocket.client_timeout: must be at least twice websocket.heartbeat_interval (the default; set it in the config file or with LINK_COUNTER__WEBSOCKET__CLIENT_TIMEOUT)"), "{e}");

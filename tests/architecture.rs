@@ -1402,3 +1402,79 @@ fn metric_label_values_are_spelled_only_in_metrics() {
         lines
     });
 }
+
+/// The calls (function paths' and methods' last names) inside a body.
+#[derive(Default)]
+struct Calls(BTreeSet<String>);
+
+impl<'a> Visit<'a> for Calls {
+    fn visit_expr_call(&mut self, e: &'a syn::ExprCall) {
+        if let syn::Expr::Path(p) = &*e.func {
+            if let Some(last) = p.path.segments.last() {
+                self.0.insert(last.ident.to_string());
+            }
+        }
+        syn::visit::visit_expr_call(self, e);
+    }
+    fn visit_expr_method_call(&mut self, e: &'a syn::ExprMethodCall) {
+        self.0.insert(e.method.to_string());
+        syn::visit::visit_expr_method_call(self, e);
+    }
+}
+
+/// Invariant 12: actix does not supervise panics, so every handler of the
+/// supervised actors runs its body through `supervise::contain` (directly
+/// or through the actor's wrapper: `guard`, `contained`, `feed_contained`).
+/// Test hooks and a handler that only stops its actor are exempt.
+#[test]
+fn every_actor_handler_is_contained() {
+    const ACTORS: [&str; 4] = ["Counter", "PageRoom", "Shard", "Cluster"];
+    const WRAPPERS: [&str; 4] = ["contain", "guard", "contained", "feed_contained"];
+    let mut problems = Vec::new();
+    let mut checked = 0;
+    for s in &sources() {
+        for item in &s.ast.items {
+            let Item::Impl(imp) = item else { continue };
+            let is_handler = imp
+                .trait_
+                .as_ref()
+                .and_then(|(_, path, _)| path.segments.last())
+                .is_some_and(|seg| seg.ident == "Handler");
+            let actor = match &*imp.self_ty {
+                syn::Type::Path(p) => p.path.segments.last().map(|seg| seg.ident.to_string()),
+                _ => None,
+            };
+            let Some(actor) = actor.filter(|a| is_handler && ACTORS.contains(&a.as_str())) else {
+                continue;
+            };
+            if attribute_lists(&imp.attrs, "cfg").contains("test-hooks") {
+                continue;
+            }
+            for f in &imp.items {
+                let ImplItem::Fn(f) = f else { continue };
+                if f.sig.ident != "handle" {
+                    continue;
+                }
+                let mut calls = Calls::default();
+                calls.visit_block(&f.block);
+                let only_stops = f.block.stmts.len() == 1 && calls.0.iter().eq(["stop"].iter());
+                if only_stops {
+                    continue;
+                }
+                checked += 1;
+                if !WRAPPERS.iter().any(|w| calls.0.contains(*w)) {
+                    problems.push(format!(
+                        "{}:{} impl Handler for {actor}: its body is not contained",
+                        s.path,
+                        line(f.sig.ident.span())
+                    ));
+                }
+            }
+        }
+    }
+    assert!(
+        checked >= 30,
+        "found only {checked} handlers of the supervised actors"
+    );
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}

@@ -12,7 +12,6 @@
 
 use std::{
     collections::HashMap,
-    future::poll_fn,
     sync::{
         atomic::{AtomicU64, Ordering},
         Arc, Mutex, MutexGuard,
@@ -27,17 +26,17 @@ use crate::protocol::{update_json, PageId, Tally};
 
 /// A connection's id, unique in the process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ConnId(u64);
+pub(crate) struct ConnId(u64);
 
 impl ConnId {
     /// An id no connection of this process had before.
-    pub fn fresh() -> ConnId {
+    pub(crate) fn fresh() -> ConnId {
         static NEXT: AtomicU64 = AtomicU64::new(1);
         ConnId(NEXT.fetch_add(1, Ordering::Relaxed))
     }
 
     /// Its number, for logs.
-    pub fn get(self) -> u64 {
+    pub(crate) fn get(self) -> u64 {
         self.0
     }
 }
@@ -45,22 +44,22 @@ impl ConnId {
 /// One `update` message built by a room, shared by every connection it
 /// goes to (each distinct payload is serialized once).
 #[derive(Debug)]
-pub struct Update {
+pub(crate) struct Update {
     /// The serialized message.
-    pub text: ByteString,
+    pub(crate) text: ByteString,
     /// Its values, for merging with a later update that arrives before the
     /// session took this one.
-    pub values: Vec<(PageId, Tally)>,
+    pub(crate) values: Vec<(PageId, Tally)>,
     /// It carries the `visitors` map (its connection subscribed with `"visitors": true`).
-    pub visitors: bool,
+    pub(crate) visitors: bool,
     /// When the oldest change it carries was applied at the counter (the
     /// publish-lag histogram); `None` for a full update.
-    pub since: Option<Instant>,
+    pub(crate) since: Option<Instant>,
 }
 
 impl Update {
     /// An update of `values`, serialized now (with the `visitors` map if `visitors`).
-    pub fn new(
+    pub(crate) fn new(
         values: Vec<(PageId, Tally)>,
         since: Option<Instant>,
         visitors: bool,
@@ -124,14 +123,15 @@ pub struct Taken {
     /// The terminal instruction, if any (then nothing else matters).
     pub end: Option<End>,
     /// An `error` message to send before the counts.
-    pub notice: Option<ByteString>,
+    pub(crate) notice: Option<ByteString>,
     /// An update to send: its text and the publish time of its oldest change.
     pub update: Option<(ByteString, Option<Instant>)>,
 }
 
 impl Taken {
     /// Nothing was pending.
-    pub fn is_empty(&self) -> bool {
+    #[cfg(test)]
+    fn is_empty(&self) -> bool {
         self.end.is_none() && self.notice.is_none() && self.update.is_none()
     }
 }
@@ -178,7 +178,7 @@ impl Mailbox {
     }
 
     /// Merges a delta: each of its ids takes its new value.
-    pub fn update(&self, update: &Arc<Update>) {
+    pub(crate) fn update(&self, update: &Arc<Update>) {
         self.put(|p| match &mut p.counts {
             PendingCounts::Nothing => p.counts = PendingCounts::One(update.clone()),
             PendingCounts::One(first) => {
@@ -206,28 +206,28 @@ impl Mailbox {
     /// Replaces whatever counts are pending with a full update of the
     /// connection's (new) link set: it carries the latest value of every id
     /// the connection follows, and ids it no longer follows are dropped.
-    pub fn replace(&self, full: Arc<Update>) {
+    pub(crate) fn replace(&self, full: Arc<Update>) {
         self.put(|p| p.counts = PendingCounts::One(full));
     }
 
     /// Drops the pending counts (not the notice or the end): the
     /// connection subscribed anew, and its full update follows.
-    pub fn discard_counts(&self) {
+    pub(crate) fn discard_counts(&self) {
         self.lock().counts = PendingCounts::Nothing;
     }
 
     /// Sets the notice to send (an `error` message); a later one replaces it.
-    pub fn notice(&self, text: ByteString) {
+    pub(crate) fn notice(&self, text: ByteString) {
         self.put(|p| p.notice = Some(text));
     }
 
     /// Sets the terminal instruction; the first one stands.
-    pub fn end(&self, end: End) {
+    pub(crate) fn end(&self, end: End) {
         self.put(|p| p.end = Some(end));
     }
 
     /// The terminal instruction, if one was set (nothing is taken).
-    pub fn ended(&self) -> Option<End> {
+    pub(crate) fn ended(&self) -> Option<End> {
         self.lock().end.clone()
     }
 
@@ -265,7 +265,7 @@ impl Mailbox {
     /// Ready when something was put here since the last `take` (or the
     /// last ready answer); otherwise registers the task to wake. Polled
     /// in place by the session, so waiting costs its task no future state.
-    pub fn poll_ready(&self, cx: &mut Context<'_>) -> Poll<()> {
+    pub(crate) fn poll_ready(&self, cx: &mut Context<'_>) -> Poll<()> {
         let mut p = self.lock();
         if std::mem::take(&mut p.signalled) {
             return Poll::Ready(());
@@ -276,9 +276,11 @@ impl Mailbox {
         Poll::Pending
     }
 
-    /// Waits until something was put here (see [`Mailbox::poll_ready`]).
+    /// Test hook: waits until something was put here (see
+    /// [`Mailbox::poll_ready`]).
+    #[cfg(feature = "test-hooks")]
     pub async fn ready(&self) {
-        poll_fn(|cx| self.poll_ready(cx)).await;
+        std::future::poll_fn(|cx| self.poll_ready(cx)).await;
     }
 }
 

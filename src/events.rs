@@ -60,7 +60,7 @@ const DISCARD_READS: usize = 16;
 
 /// Runs an admitted, joined stream on its socket until it ends (the
 /// response head is its first output).
-pub fn run(joined: Joined, io: TcpStream) -> impl Future<Output = ()> {
+pub(crate) fn run(joined: Joined, io: TcpStream) -> impl Future<Output = ()> {
     let settings = joined.settings();
     let timeout = settings.websocket.client_timeout;
     // A peer that acknowledges nothing for client_timeout is gone: the

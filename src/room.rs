@@ -55,41 +55,41 @@ use crate::{
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Join {
-    pub page: PageId,
-    pub conn: ConnId,
+    pub(crate) page: PageId,
+    pub(crate) conn: ConnId,
     /// Where the room puts what the connection is to be told.
-    pub mailbox: Arc<Mailbox>,
+    pub(crate) mailbox: Arc<Mailbox>,
     /// Its visitor (`None`: its own visitor).
-    pub visitor: Option<VisitorKey>,
+    pub(crate) visitor: Option<VisitorKey>,
 }
 
 /// A connection replaced its link set.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct SetLinks {
-    pub page: PageId,
-    pub conn: ConnId,
-    pub links: Vec<PageId>,
+    pub(crate) page: PageId,
+    pub(crate) conn: ConnId,
+    pub(crate) links: Vec<PageId>,
     /// Its updates carry the `visitors` map from now on.
-    pub visitors: bool,
+    pub(crate) visitors: bool,
 }
 
 /// A connection closed, timed out or died.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Leave {
-    pub page: PageId,
-    pub conn: ConnId,
+    pub(crate) page: PageId,
+    pub(crate) conn: ConnId,
 }
 
 /// Room -> shard: the room has no connection left; `processed` is how many
 /// routed messages it handled.
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct RoomIdle {
-    pub page: PageId,
-    pub room: RoomId,
-    pub processed: u64,
+pub(crate) struct RoomIdle {
+    pub(crate) page: PageId,
+    pub(crate) room: RoomId,
+    pub(crate) processed: u64,
 }
 
 /// The server is shutting down (to a shard, which relays it to its rooms):
@@ -102,29 +102,30 @@ pub struct CloseAll;
 /// Re-report everything to the counter (it restarted), for resync `epoch`.
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct ReportState {
-    pub epoch: Epoch,
+pub(crate) struct ReportState {
+    pub(crate) epoch: Epoch,
 }
 
 /// Stop now: the shard removed this room from its map.
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct StopRoom;
+pub(crate) struct StopRoom;
 
 /// Write the room record now if it changed (shutdown).
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct SaveRecord;
+pub(crate) struct SaveRecord;
 
 /// Shard -> room, after the shard's own panic: every routed message before
 /// this one is handled, so `forwarded` is the count handled; rebuild and
 /// re-report everything (a delivery the shard's panic cut may be missing).
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct Reverify {
-    pub forwarded: u64,
-    /// The shard's recovery, over once every room dropped its message.
-    pub recovering: Arc<Recovering>,
+pub(crate) struct Reverify {
+    pub(crate) forwarded: u64,
+    /// The shard's recovery, over once every room dropped its message
+    /// (held, never read).
+    pub(crate) _recovering: Arc<Recovering>,
 }
 
 /// Test hook: scramble the room's derived state and panic in the handler,
@@ -255,7 +256,7 @@ pub struct PageRoom {
 }
 
 impl PageRoom {
-    pub fn new(
+    pub(crate) fn new(
         page: PageId,
         id: RoomId,
         shard_index: usize,

@@ -84,28 +84,28 @@ fn return_scratch(key: &'static std::thread::LocalKey<Cell<BytesMut>>, mut buf: 
 const REPLY_BACKLOG: usize = 16 * 1024;
 
 /// What a session needs from the server.
-pub struct SessionContext {
+pub(crate) struct SessionContext {
     /// The page this connection views.
-    pub page: PageId,
+    pub(crate) page: PageId,
     /// PartySocket's `_pk` connection id, for logs.
-    pub pk: Option<String>,
+    pub(crate) pk: Option<String>,
     /// Its visitor id, as its key (never logged).
-    pub visitor: VisitorParam,
+    pub(crate) visitor: VisitorParam,
     /// The node's distinct visitors, which this connection joins.
-    pub node_visitors: Arc<NodeVisitors>,
+    pub(crate) node_visitors: Arc<NodeVisitors>,
     /// The shard that owns the page's room.
-    pub shard: Addr<Shard>,
+    pub(crate) shard: Addr<Shard>,
     /// Its index (the `shard` label of metrics).
-    pub shard_index: usize,
+    pub(crate) shard_index: usize,
     /// Limits and timers.
-    pub settings: Arc<Settings>,
+    pub(crate) settings: Arc<Settings>,
     /// Open sessions: incremented by [`join`] (so a shutdown that starts
     /// now waits for this one), decremented when it ends.
-    pub active: Arc<AtomicUsize>,
+    pub(crate) active: Arc<AtomicUsize>,
     /// This connection's slot in the connection caps, released when it ends.
-    pub permit: Permit,
+    pub(crate) permit: Permit,
     /// WebSocket or event stream (the `transport` label of metrics).
-    pub transport: Transport,
+    pub(crate) transport: Transport,
 }
 
 /// Decrements the open-session gauge however the session ends.
@@ -163,7 +163,7 @@ impl Drop for Membership {
 }
 
 /// A connection that joined its room and waits for its socket ([`Joined::run`]).
-pub struct Joined {
+pub(crate) struct Joined {
     membership: Membership,
     mailbox: Arc<Mailbox>,
     settings: Arc<Settings>,
@@ -178,7 +178,7 @@ pub struct Joined {
 /// Dropping the result (the `101` could not be written) leaves again. An
 /// invalid visitor id is ignored (the connection is its own visitor) and
 /// answered with an `invalid_visitor` error as the connection's first message.
-pub fn join(ctx: SessionContext) -> Joined {
+pub(crate) fn join(ctx: SessionContext) -> Joined {
     let SessionContext {
         page,
         pk,
@@ -229,34 +229,34 @@ pub fn join(ctx: SessionContext) -> Joined {
 
 impl Joined {
     /// The index of the shard that owns the connection's page.
-    pub fn shard_index(&self) -> usize {
+    pub(crate) fn shard_index(&self) -> usize {
         self.membership.shard_index
     }
 
     /// The page this connection views.
-    pub fn page(&self) -> &PageId {
+    pub(crate) fn page(&self) -> &PageId {
         &self.membership.page
     }
 
     /// This connection's id (for logs).
-    pub fn conn(&self) -> ConnId {
+    pub(crate) fn conn(&self) -> ConnId {
         self.membership.conn
     }
 
     /// Where the room puts what this connection is to be told.
-    pub fn mailbox(&self) -> &Mailbox {
+    pub(crate) fn mailbox(&self) -> &Mailbox {
         &self.mailbox
     }
 
     /// The shared settings.
-    pub fn settings(&self) -> &Settings {
+    pub(crate) fn settings(&self) -> &Settings {
         &self.settings
     }
 
     /// Replaces the connection's link set (a `subscribe`; with `site`, the
     /// site's figure is followed as the reserved link [`PageId::site`]): its
     /// full update follows through the mailbox.
-    pub fn subscribe(&self, mut links: Vec<PageId>, visitors: bool, site: bool) {
+    pub(crate) fn subscribe(&self, mut links: Vec<PageId>, visitors: bool, site: bool) {
         if site {
             links.push(PageId::site());
         }
@@ -270,7 +270,7 @@ impl Joined {
     }
 
     /// Stops counting the connection (once; dropping it does the same, as `abrupt`).
-    pub fn leave(&mut self, kind: CloseKind) {
+    pub(crate) fn leave(&mut self, kind: CloseKind) {
         self.membership.leave(kind);
     }
 
@@ -278,7 +278,11 @@ impl Joined {
     /// whatever the client sent after its upgrade request.
     /// (Not an `async fn`: the session is built here and moved into its own
     /// future, so the task holds one copy of it.)
-    pub fn run(self, io: TcpStream, read_buf: BytesMut) -> impl std::future::Future<Output = ()> {
+    pub(crate) fn run(
+        self,
+        io: TcpStream,
+        read_buf: BytesMut,
+    ) -> impl std::future::Future<Output = ()> {
         let ws = &self.settings.websocket;
         let limits = &self.settings.limits;
         let now = Instant::now();

@@ -23,18 +23,13 @@ use crate::{
 
 /// A room instance's id, unique in the process (a recreated room gets a new one).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct RoomId(u64);
+pub(crate) struct RoomId(u64);
 
 impl RoomId {
     /// An id no room of this process had before.
-    pub fn fresh() -> RoomId {
+    pub(crate) fn fresh() -> RoomId {
         static NEXT: AtomicU64 = AtomicU64::new(1);
         RoomId(NEXT.fetch_add(1, Ordering::Relaxed))
-    }
-
-    /// Its number, for logs.
-    pub fn get(self) -> u64 {
-        self.0
     }
 }
 
@@ -47,7 +42,7 @@ impl std::fmt::Display for RoomId {
 /// A rebuild round of the counter ([`State::begin_rebuild`] starts the
 /// next); the default is none's, which no report answers.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
-pub struct Epoch(u64);
+pub(crate) struct Epoch(u64);
 
 impl std::fmt::Display for Epoch {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -64,18 +59,18 @@ const LOAD_DEADLINE: Duration = Duration::from_secs(1);
 /// Longest a change waits for its publish when the delivery budget defers
 /// it (or `broadcast_interval`, if longer): the worst delay a reader sees,
 /// plus the counter's own queueing.
-pub const MAX_DELAY: Duration = Duration::from_secs(1);
+pub(crate) const MAX_DELAY: Duration = Duration::from_secs(1);
 
 /// The time an input happens at: monotonic (intervals, deadlines) and wall
 /// clock in milliseconds (stats).
 #[derive(Debug, Clone, Copy)]
-pub struct Now {
-    pub at: Instant,
-    pub ms: u64,
+pub(crate) struct Now {
+    pub(crate) at: Instant,
+    pub(crate) ms: u64,
 }
 
 /// One thing to send, in the order the state decided it.
-pub enum Effect<R> {
+pub(crate) enum Effect<R> {
     /// To a follower room: latest tallies, with when the oldest change was applied.
     Counts {
         to: R,
@@ -96,7 +91,7 @@ pub enum Effect<R> {
 }
 
 /// The counter's messages to the cluster module.
-pub enum ToCluster {
+pub(crate) enum ToCluster {
     Local(cluster::LocalCounts),
     Follow(cluster::Follow),
     Unfollow(cluster::Unfollow),
@@ -105,11 +100,11 @@ pub enum ToCluster {
 }
 
 /// What an input produced.
-pub struct Outbox<R> {
+pub(crate) struct Outbox<R> {
     /// To send now, in order (an answer goes before newer counts to its room).
-    pub sent: Vec<Effect<R>>,
+    pub(crate) sent: Vec<Effect<R>>,
     /// Schedule [`State::scheduled_publish`] after this delay.
-    pub publish_in: Option<Duration>,
+    pub(crate) publish_in: Option<Duration>,
 }
 
 impl<R> Default for Outbox<R> {
@@ -122,13 +117,13 @@ impl<R> Default for Outbox<R> {
 }
 
 /// A room's whole state, as it reports it for rebuild `epoch`.
-pub struct RoomReport<R> {
-    pub epoch: Epoch,
-    pub room: RoomId,
-    pub to: R,
-    pub page: PageId,
-    pub tally: Tally,
-    pub links: Vec<PageId>,
+pub(crate) struct RoomReport<R> {
+    pub(crate) epoch: Epoch,
+    pub(crate) room: RoomId,
+    pub(crate) to: R,
+    pub(crate) page: PageId,
+    pub(crate) tally: Tally,
+    pub(crate) links: Vec<PageId>,
 }
 
 /// One page as the counter knows it.
@@ -227,10 +222,10 @@ struct Admitted {
 }
 
 /// One of the pages with the most live connections ([`State::top`]).
-pub struct TopPage<'a> {
-    pub id: &'a PageId,
-    pub shown: Tally,
-    pub stats: &'a PageStats,
+pub(crate) struct TopPage<'a> {
+    pub(crate) id: &'a PageId,
+    pub(crate) shown: Tally,
+    pub(crate) stats: &'a PageStats,
 }
 
 /// Progress of a rebuild after a restart.
@@ -259,10 +254,10 @@ struct AwaitingLoad<R> {
 }
 
 /// Loads a page's stored stats on first sight.
-pub type LoadStats = Box<dyn FnMut(&PageId) -> PageStats>;
+pub(crate) type LoadStats = Box<dyn FnMut(&PageId) -> PageStats>;
 
 /// The page of the room a follower handle delivers to.
-pub type PageOf<R> = Box<dyn Fn(&R) -> Option<PageId>>;
+pub(crate) type PageOf<R> = Box<dyn Fn(&R) -> Option<PageId>>;
 
 /// The delivery budget: a token bucket in connection-deliveries (a page's
 /// change handed to a follower room costs that room's connections), refilled
@@ -275,7 +270,7 @@ struct Budget {
 }
 
 /// Every page's live count, who follows it, and what is left to publish.
-pub struct State<R> {
+pub(crate) struct State<R> {
     /// Page cap, publish interval, idle timeout.
     settings: Arc<Settings>,
     /// Where a page's stats come from on first sight.
@@ -323,7 +318,7 @@ pub struct State<R> {
 }
 
 impl<R: Clone> State<R> {
-    pub fn new(settings: Arc<Settings>, load: LoadStats) -> State<R> {
+    pub(crate) fn new(settings: Arc<Settings>, load: LoadStats) -> State<R> {
         State {
             settings,
             load,
@@ -353,56 +348,56 @@ impl<R: Clone> State<R> {
     }
 
     /// How to tell a follower room's page (without it every room costs one).
-    pub fn set_page_of(&mut self, page_of: PageOf<R>) {
+    pub(crate) fn set_page_of(&mut self, page_of: PageOf<R>) {
         self.page_of = page_of;
     }
 
     /// The number of shards a rebuild waits for.
-    pub fn set_shards(&mut self, n: usize) {
+    pub(crate) fn set_shards(&mut self, n: usize) {
         self.shards = n;
     }
 
     /// Cluster mode from now on: local changes, follows and unfollows go to the cluster.
-    pub fn set_cluster(&mut self) {
+    pub(crate) fn set_cluster(&mut self) {
         self.cluster = true;
     }
 
     /// True while rebuilding from the rooms.
-    pub fn rebuilding(&self) -> bool {
+    pub(crate) fn rebuilding(&self) -> bool {
         self.rebuild.is_some()
     }
 
     // ------------------------------------------------------------ reads
 
     /// Pages held in memory.
-    pub fn page_count(&self) -> usize {
+    pub(crate) fn page_count(&self) -> usize {
         self.pages.len()
     }
 
     /// True if `page` is held in memory.
-    pub fn tracks(&self, page: &str) -> bool {
+    pub(crate) fn tracks(&self, page: &str) -> bool {
         self.pages.contains_key(page)
     }
 
     /// What `page` shows now (`None`: not held in memory).
-    pub fn shown(&self, page: &str) -> Option<Tally> {
+    pub(crate) fn shown(&self, page: &str) -> Option<Tally> {
         self.pages.get(page).map(PageEntry::shown)
     }
 
     /// The stats of `page` held in memory.
-    pub fn stats(&self, page: &str) -> Option<&PageStats> {
+    pub(crate) fn stats(&self, page: &str) -> Option<&PageStats> {
         self.pages.get(page).map(|e| &e.stats)
     }
 
     /// True if a room here follows `page`.
-    pub fn is_followed(&self, page: &str) -> bool {
+    pub(crate) fn is_followed(&self, page: &str) -> bool {
         self.pages
             .get(page)
             .is_some_and(|e| !e.subscribers.is_empty())
     }
 
     /// The sizes of the state (`site`, the site figure's link, is not a page).
-    pub fn load(&self, site: &PageId) -> super::CounterLoad {
+    pub(crate) fn load(&self, site: &PageId) -> super::CounterLoad {
         let mut load = super::CounterLoad {
             pages: self.pages.len(),
             live_pages: 0,
@@ -425,7 +420,7 @@ impl<R: Clone> State<R> {
 
     /// The `limit` pages showing the most connections, most first (ties by
     /// id), without `site`.
-    pub fn top(&self, limit: usize, site: &PageId) -> Vec<TopPage<'_>> {
+    pub(crate) fn top(&self, limit: usize, site: &PageId) -> Vec<TopPage<'_>> {
         let mut live: Vec<TopPage<'_>> = self
             .pages
             .iter()
@@ -468,7 +463,13 @@ impl<R: Clone> State<R> {
     // ------------------------------------------------------------ inputs
 
     /// A room's own tally (absolute), plus connections opened since its last report.
-    pub fn room_count(&mut self, page: &PageId, tally: Tally, opened: u64, now: Now) -> Outbox<R> {
+    pub(crate) fn room_count(
+        &mut self,
+        page: &PageId,
+        tally: Tally,
+        opened: u64,
+        now: Now,
+    ) -> Outbox<R> {
         if !self.pages.contains_key(page) {
             // A page with a room is always tracked, but it takes the place
             // of an idle one when the counter is at `limits.max_pages`.
@@ -505,7 +506,7 @@ impl<R: Clone> State<R> {
 
     /// A room starts following `links` (answered in the outbox, now or once
     /// the rebuild or the cluster's load completes).
-    pub fn subscribe(
+    pub(crate) fn subscribe(
         &mut self,
         room: RoomId,
         to: R,
@@ -584,14 +585,14 @@ impl<R: Clone> State<R> {
     }
 
     /// A room stops following `links`.
-    pub fn unsubscribe(&mut self, room: RoomId, links: &[PageId]) -> Outbox<R> {
+    pub(crate) fn unsubscribe(&mut self, room: RoomId, links: &[PageId]) -> Outbox<R> {
         let mut out = Outbox::default();
         self.unfollow(room, links, &mut out);
         out
     }
 
     /// A room's whole state, in answer to a rebuild: replaces what is known of it.
-    pub fn room_state(&mut self, report: RoomReport<R>, now: Instant) -> Outbox<R> {
+    pub(crate) fn room_state(&mut self, report: RoomReport<R>, now: Instant) -> Outbox<R> {
         let mut out = Outbox::default();
         let RoomReport { epoch, room, .. } = report;
         let old: Vec<PageId> = self
@@ -621,7 +622,7 @@ impl<R: Clone> State<R> {
     }
 
     /// A shard's list of the rooms it asked to report for rebuild `epoch`.
-    pub fn shard_rooms(
+    pub(crate) fn shard_rooms(
         &mut self,
         epoch: Epoch,
         shard: usize,
@@ -639,7 +640,11 @@ impl<R: Clone> State<R> {
     }
 
     /// Cluster mode: the other live nodes' sums of followed pages.
-    pub fn remote_counts(&mut self, changes: Vec<(PageId, Tally)>, now: Instant) -> Outbox<R> {
+    pub(crate) fn remote_counts(
+        &mut self,
+        changes: Vec<(PageId, Tally)>,
+        now: Instant,
+    ) -> Outbox<R> {
         let mut out = Outbox::default();
         for (page, sum) in changes {
             if self.rebuild.is_some() {
@@ -662,7 +667,7 @@ impl<R: Clone> State<R> {
     }
 
     /// Cluster mode: the pages of `Follow` (or `ResendRemote`) `req` are loaded.
-    pub fn loaded(&mut self, req: u64, now: Instant) -> Outbox<R> {
+    pub(crate) fn loaded(&mut self, req: u64, now: Instant) -> Outbox<R> {
         let mut out = Outbox::default();
         if let Some(r) = &mut self.rebuild {
             if r.remote_req == Some(req) {
@@ -679,7 +684,7 @@ impl<R: Clone> State<R> {
     }
 
     /// The periodic check: a rebuild past its deadline, held answers past theirs.
-    pub fn tick(&mut self, now: Instant) -> Outbox<R> {
+    pub(crate) fn tick(&mut self, now: Instant) -> Outbox<R> {
         let mut out = Outbox::default();
         self.check_rebuild(now, &mut out);
         self.release_awaiting(now, &mut out);
@@ -687,7 +692,7 @@ impl<R: Clone> State<R> {
     }
 
     /// The publish scheduled by an earlier [`Outbox::publish_in`] is due.
-    pub fn scheduled_publish(&mut self, now: Instant) -> Outbox<R> {
+    pub(crate) fn scheduled_publish(&mut self, now: Instant) -> Outbox<R> {
         let mut out = Outbox::default();
         self.publish_scheduled = false;
         self.publish(now, &mut out);
@@ -988,7 +993,7 @@ impl<R: Clone> State<R> {
 
     /// After a supervised restart: drops all live state, keeps only dirty
     /// stats and the write queue (the restart also dropped the timers).
-    pub fn restart(&mut self) {
+    pub(crate) fn restart(&mut self) {
         let dirty: Vec<(PageId, PageStats)> = self
             .pages
             .drain()
@@ -1009,7 +1014,7 @@ impl<R: Clone> State<R> {
 
     /// Starts a rebuild: every shard re-reports its rooms (and, in cluster
     /// mode, the cluster re-sends the remote sums).
-    pub fn begin_rebuild(&mut self, generation: u64, now: Instant) -> Outbox<R> {
+    pub(crate) fn begin_rebuild(&mut self, generation: u64, now: Instant) -> Outbox<R> {
         let mut out = Outbox::default();
         self.epoch = Epoch(self.epoch.0 + 1);
         tracing::warn!(
@@ -1115,7 +1120,7 @@ impl<R: Clone> State<R> {
     /// Cluster mode: the cluster module restarted from nothing; the whole
     /// local state and followed set again (a rebuild in progress sends them
     /// when it completes).
-    pub fn cluster_restarted(&mut self) -> Outbox<R> {
+    pub(crate) fn cluster_restarted(&mut self) -> Outbox<R> {
         let mut out = Outbox::default();
         if self.rebuild.is_none() {
             self.resend_cluster_state(&mut out);
@@ -1152,7 +1157,7 @@ impl<R: Clone> State<R> {
     // ------------------------------------------------------------ memory and stats
 
     /// Moves every dirty entry's stats to the write queue.
-    pub fn take_dirty(&mut self) {
+    pub(crate) fn take_dirty(&mut self) {
         for (p, e) in self.pages.iter_mut().filter(|(_, e)| e.dirty) {
             e.dirty = false;
             self.unsaved.push_back((p.clone(), e.stats.clone()));
@@ -1160,23 +1165,23 @@ impl<R: Clone> State<R> {
     }
 
     /// The inconsistency found since the last call, if any.
-    pub fn take_fault(&mut self) -> Option<&'static str> {
+    pub(crate) fn take_fault(&mut self) -> Option<&'static str> {
         self.fault.take()
     }
 
     /// True while stats wait in the write queue.
-    pub fn has_unsaved(&self) -> bool {
+    pub(crate) fn has_unsaved(&self) -> bool {
         !self.unsaved.is_empty()
     }
 
     /// Takes up to `n` stats from the front of the write queue.
-    pub fn take_unsaved(&mut self, n: usize) -> Vec<(PageId, PageStats)> {
+    pub(crate) fn take_unsaved(&mut self, n: usize) -> Vec<(PageId, PageStats)> {
         let n = n.min(self.unsaved.len());
         self.unsaved.drain(..n).collect()
     }
 
     /// Puts stats whose write failed back at the front of the queue, in order.
-    pub fn requeue_unsaved(&mut self, chunk: Vec<(PageId, PageStats)>) {
+    pub(crate) fn requeue_unsaved(&mut self, chunk: Vec<(PageId, PageStats)>) {
         for item in chunk.into_iter().rev() {
             self.unsaved.push_front(item);
         }
@@ -1184,13 +1189,13 @@ impl<R: Clone> State<R> {
 
     /// True if `page` has a connection here or a follower room (its stored
     /// records are kept).
-    pub fn is_live(&self, page: &str) -> bool {
+    pub(crate) fn is_live(&self, page: &str) -> bool {
         self.pages.get(page).is_some_and(PageEntry::is_live)
     }
 
     /// Drops the idle pages (see [`PageEntry::is_idle`]) with saved stats,
     /// inactive since before `cutoff_ms`. Returns how many.
-    pub fn forget_idle_pages(&mut self, cutoff_ms: u64) -> usize {
+    pub(crate) fn forget_idle_pages(&mut self, cutoff_ms: u64) -> usize {
         if self.rebuild.is_some() {
             return 0;
         }
@@ -1202,7 +1207,7 @@ impl<R: Clone> State<R> {
 
     /// Forgets the stats of `pages` deleted on disk when their pages are idle
     /// (a page visited again starts afresh instead of writing them back).
-    pub fn forget_trimmed(&mut self, pages: &[String]) {
+    pub(crate) fn forget_trimmed(&mut self, pages: &[String]) {
         for page in pages {
             if self
                 .pages
@@ -1216,7 +1221,7 @@ impl<R: Clone> State<R> {
 
     /// The sweep's memory part: drops every page nothing live depends on and
     /// whose stats are saved. Returns how many.
-    pub fn sweep_pages(&mut self) -> usize {
+    pub(crate) fn sweep_pages(&mut self) -> usize {
         // Pages with unsaved stats are kept; stats in the write queue are
         // written whether their page stays in memory or not.
         let before = self.pages.len();
@@ -1259,7 +1264,7 @@ impl<R: Clone> State<R> {
 
     /// Test hook: scrambles the live state the way a bug would.
     #[cfg(feature = "test-hooks")]
-    pub fn scramble(&mut self) {
+    pub(crate) fn scramble(&mut self) {
         for e in self.pages.values_mut() {
             e.local.connections = e.local.connections.wrapping_add(7);
             e.subscribers.clear();

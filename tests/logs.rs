@@ -1,12 +1,11 @@
 //! Logs of the real binary in JSON mode (`log.format = "json"`): every line
 //! is a JSON object with the documented fields (see `src/logging.rs`).
 
-use std::{
-    io::{BufRead, BufReader},
-    process::{Command, Stdio},
-    sync::mpsc,
-    time::{Duration, Instant},
-};
+#[path = "kit/mod.rs"]
+#[allow(dead_code)] // each target uses a part of the kit
+mod kit;
+
+use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
 use serde_json::Value;
@@ -25,38 +24,18 @@ const INVALID_VISITOR: &str = "Zq7.invalid.never.logged";
 #[tokio::test(flavor = "multi_thread")]
 async fn json_logs_have_the_documented_fields() {
     let dir = tempfile::tempdir().expect("tmp");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_link-counter"))
-        .env_remove("RUST_LOG")
-        .env("LINK_COUNTER__SERVER__BIND", "127.0.0.1:0")
-        .env("LINK_COUNTER__ADMIN__BIND", "127.0.0.1:0")
-        .env("LINK_COUNTER__STORAGE__PATH", dir.path())
-        .env("LINK_COUNTER__LOG__FORMAT", "json")
-        .env("LINK_COUNTER__LOG__FILTER", "info,link_counter=debug")
-        .env(
-            "LINK_COUNTER__SECURITY__ALLOWED_ORIGINS",
-            "https://ok.example",
-        )
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
-    let mut first = String::new();
-    stdout.read_line(&mut first).expect("first line");
-    let addr = first
-        .trim()
-        .strip_prefix("listening on ")
-        .unwrap_or_else(|| panic!("unexpected first line {first:?}"))
-        .to_string();
-    let (tx, rx) = mpsc::channel::<String>();
-    let stderr = child.stderr.take().expect("stderr");
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
+    let mut cmd = kit::child::binary();
+    cmd.env_remove("RUST_LOG");
+    kit::settings::Env::base(dir.path())
+        .set("LOG__FORMAT", "json")
+        .set("LOG__FILTER", "info,link_counter=debug")
+        .set("SECURITY__ALLOWED_ORIGINS", "https://ok.example")
+        .apply(&mut cmd);
+    let mut child = kit::child::Spawn::default()
+        .stderr(kit::child::Stderr::Lines)
+        .start(cmd);
+    let addr = child.addr;
+    let rx = child.stderr_lines();
 
     // One refusal, one connection opened and closed cleanly.
     let mut req = format!("ws://{addr}/parties/page/p")
@@ -119,8 +98,7 @@ async fn json_logs_have_the_documented_fields() {
         }
         lines.push(v);
     }
-    let _ = child.kill();
-    let _ = child.wait();
+    child.kill9();
 
     let find = |msg: &str| {
         lines

@@ -5,69 +5,15 @@
 #[allow(dead_code)]
 #[path = "api/helpers.rs"]
 mod helpers;
+#[path = "kit/mod.rs"]
+#[allow(dead_code)] // each target uses a part of the kit
+mod kit;
 
-use std::{collections::BTreeMap, time::Duration};
+use std::time::Duration;
 
 use helpers::{counts, events_path, http_get, spawn_app, EventClient, SilentClient, PATIENCE};
+use kit::prom::{parse, value, Sample};
 use tokio_tungstenite::tungstenite::{self, client::IntoClientRequest};
-
-/// One sample of the exposition text: metric name, labels, value.
-#[derive(Debug)]
-struct Sample {
-    name: String,
-    labels: BTreeMap<String, String>,
-    value: f64,
-}
-
-/// Parses the Prometheus text exposition format (comments skipped).
-fn parse(text: &str) -> Vec<Sample> {
-    let mut out = Vec::new();
-    for line in text.lines() {
-        let line = line.trim();
-        if line.is_empty() || line.starts_with('#') {
-            continue;
-        }
-        let (series, value) = line.rsplit_once(' ').expect("`series value`");
-        let value: f64 = value
-            .parse()
-            .unwrap_or_else(|_| panic!("value in {line:?}"));
-        let (name, labels) = match series.split_once('{') {
-            Some((name, rest)) => {
-                let body = rest.strip_suffix('}').expect("closing brace");
-                let labels = body
-                    .split("\",")
-                    .filter(|kv| !kv.is_empty())
-                    .map(|kv| {
-                        let (k, v) = kv.split_once("=\"").expect("label=\"value\"");
-                        (k.to_string(), v.trim_end_matches('"').to_string())
-                    })
-                    .collect();
-                (name.to_string(), labels)
-            }
-            None => (series.to_string(), BTreeMap::new()),
-        };
-        out.push(Sample {
-            name,
-            labels,
-            value,
-        });
-    }
-    out
-}
-
-/// Sum of the samples of `name` whose labels include `labels`.
-fn value(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> f64 {
-    samples
-        .iter()
-        .filter(|s| s.name == name)
-        .filter(|s| {
-            labels
-                .iter()
-                .all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
-        })
-        .map(|s| s.value)
-        .sum()
-}
 
 /// A WebSocket upgrade the server refuses; returns the HTTP status.
 async fn refused_status(url: &str, origin: Option<&str>) -> u16 {

@@ -36,9 +36,9 @@
 //!   `node_ttl` + `heartbeat_interval` + `broadcast_interval`.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     net::SocketAddr,
-    process::{Child, Command, Stdio},
+    process::Command,
     sync::{
         atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering},
         Arc,
@@ -48,7 +48,10 @@ use std::{
 
 use futures_util::{SinkExt, StreamExt};
 
-use crate::support::*;
+use crate::{
+    kit::{prom, redis::RedisServer},
+    support::*,
+};
 
 /// Pages the churn connects to and (load `links200`) links to.
 const PAGES: u64 = 200;
@@ -61,68 +64,6 @@ const HELD_PER_NODE: i64 = 2;
 /// Churn clients.
 const WORKERS: usize = 50;
 
-/// A private `redis-server` on a free port, and a client to inspect it.
-struct Redis {
-    child: Child,
-    url: String,
-    client: redis::Client,
-}
-
-impl Redis {
-    fn start() -> Redis {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("free port")
-            .port();
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("redis-server (apt-get install redis-server)");
-        let url = format!("redis://127.0.0.1:{port}");
-        let client = redis::Client::open(url.as_str()).expect("redis url");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while client.get_connection().is_err() {
-            assert!(Instant::now() < deadline, "redis-server did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Redis { child, url, client }
-    }
-
-    fn conn(&self) -> redis::Connection {
-        self.client.get_connection().expect("redis connection")
-    }
-
-    /// Every command's calls (`INFO commandstats`).
-    fn commandstats(&self) -> HashMap<String, u64> {
-        let info: String = redis::cmd("INFO")
-            .arg("commandstats")
-            .query(&mut self.conn())
-            .expect("info");
-        info.lines()
-            .filter_map(|l| {
-                let (name, rest) = l.strip_prefix("cmdstat_")?.split_once(':')?;
-                let calls = rest
-                    .strip_prefix("calls=")?
-                    .split(',')
-                    .next()?
-                    .parse()
-                    .ok()?;
-                Some((name.to_string(), calls))
-            })
-            .collect()
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// Samples the liveness set every 50 ms: per node id, its successive deadlines.
 struct BeatWatch {
     stop: Arc<AtomicBool>,
@@ -130,9 +71,11 @@ struct BeatWatch {
 }
 
 impl BeatWatch {
-    fn start(redis: &Redis) -> BeatWatch {
+    fn start(redis: &RedisServer) -> BeatWatch {
         let stop = Arc::new(AtomicBool::new(false));
-        let mut conn = redis.conn();
+        let mut conn = redis::Client::open(redis.url())
+            .and_then(|c| c.get_connection())
+            .expect("redis connection");
         let s = stop.clone();
         let thread = std::thread::spawn(move || {
             let mut seen: HashMap<String, Vec<u64>> = HashMap::new();
@@ -263,21 +206,14 @@ async fn hold(server: SocketAddr, page: &str, n: usize) -> Vec<tokio::task::Join
     out
 }
 
-/// Sum of a metric over a node's `/metrics`.
+/// Sum of a metric over a node's `/metrics` (0 when it does not answer).
 async fn metric(admin: Option<SocketAddr>, name: &str) -> f64 {
-    let Some(text) = (match admin {
-        Some(a) => http_body(a, "/metrics").await,
-        None => None,
-    }) else {
-        return 0.0;
-    };
-    text.lines()
-        .filter(|l| {
-            l.strip_prefix(name)
-                .is_some_and(|r| r.starts_with(' ') || r.starts_with('{'))
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+    match admin {
+        Some(a) => http_body(a, "/metrics")
+            .await
+            .map_or(0.0, |text| prom::sum(&text, name)),
+        None => 0.0,
+    }
 }
 
 /// Sum of `name` over every node.
@@ -290,9 +226,10 @@ async fn metric_sum(nodes: &[ChildService], name: &str) -> f64 {
 }
 
 /// Starts `n` nodes on `redis` with the extra settings.
-fn start_nodes(redis: &Redis, n: usize, extra: &[(&str, &str)]) -> Vec<ChildService> {
+fn start_nodes(redis: &RedisServer, n: usize, extra: &[(&str, &str)]) -> Vec<ChildService> {
+    let url = redis.url();
     let mut settings: Vec<(&str, &str)> = vec![
-        ("CLUSTER__REDIS_URL", redis.url.as_str()),
+        ("CLUSTER__REDIS_URL", url.as_str()),
         ("SERVER__WORKERS", "1"),
     ];
     settings.extend_from_slice(extra);
@@ -300,7 +237,7 @@ fn start_nodes(redis: &Redis, n: usize, extra: &[(&str, &str)]) -> Vec<ChildServ
 }
 
 /// Waits until every node sees `n` live nodes.
-async fn wait_nodes(nodes: &[ChildService], n: usize) {
+pub(crate) async fn wait_nodes(nodes: &[ChildService], n: usize) {
     let end = Instant::now() + Duration::from_secs(30);
     for node in nodes {
         while metric(node.admin, "link_counter_cluster_nodes").await != n as f64 {
@@ -388,9 +325,25 @@ async fn probe(src: SocketAddr, watcher: &Watcher, stop: Arc<AtomicBool>) -> Vec
     samples
 }
 
-/// One measured run of `n` nodes.
-async fn run(n: usize, links: Links, rate: f64, smoke: bool) {
-    let redis = Redis::start();
+/// The nodes of a measured run with their held pages and subscribers
+/// (dropped in this order: the clients, the nodes, then Redis).
+struct Setup {
+    /// [`HELD_PER_NODE`] connections per node on each held page.
+    held: Vec<tokio::task::JoinHandle<()>>,
+    /// A subscriber of the held pages on every node.
+    watchers: Vec<Watcher>,
+    /// Follows the probe page `q` on the first node.
+    probe_watch: Watcher,
+    addrs: Vec<SocketAddr>,
+    /// The true count of each held page.
+    truth: i64,
+    nodes: Vec<ChildService>,
+    redis: RedisServer,
+}
+
+/// `n` nodes on a fresh `redis-server`, the held pages and their subscribers.
+async fn setup(n: usize) -> Setup {
+    let redis = RedisServer::launch(&[]);
     let nodes = start_nodes(&redis, n, &[]);
     wait_nodes(&nodes, n).await;
     let addrs: Vec<SocketAddr> = nodes.iter().map(|s| s.addr).collect();
@@ -405,14 +358,60 @@ async fn run(n: usize, links: Links, rate: f64, smoke: bool) {
     for a in &addrs {
         watchers.push(Watcher::open(*a, &held_pages).await);
     }
-    let truth = HELD_PER_NODE * n as i64;
     let probe_watch = Watcher::open(addrs[0], &["q".to_string()]).await;
-    let (warm, measured) = if smoke { (0.5, 1.5) } else { (2.0, 10.0) };
+    Setup {
+        redis,
+        nodes,
+        addrs,
+        held,
+        watchers,
+        probe_watch,
+        truth: HELD_PER_NODE * n as i64,
+    }
+}
 
+impl Drop for Setup {
+    fn drop(&mut self) {
+        for h in &self.held {
+            h.abort();
+        }
+    }
+}
+
+/// What the measured interval of a run saw.
+struct Measured {
+    secs: f64,
+    cycles: u64,
+    errors: u64,
+    /// `INFO commandstats` calls before and after.
+    before: BTreeMap<String, u64>,
+    after: BTreeMap<String, u64>,
+    /// Cluster messages published and received by all nodes.
+    published: f64,
+    received: f64,
+    /// Longest heartbeat gap (ms) and node ids seen.
+    gap_ms: u64,
+    ids: usize,
+    redis_cpu_secs: f64,
+    /// Propagation delays (ms), sorted.
+    prop: Vec<f64>,
+}
+
+/// Sums of the cluster message counters over the nodes: (published, received).
+async fn cluster_messages(nodes: &[ChildService]) -> (f64, f64) {
+    (
+        metric_sum(nodes, "link_counter_cluster_messages_published_total").await,
+        metric_sum(nodes, "link_counter_cluster_messages_received_total").await,
+    )
+}
+
+/// The churn at `rate` after a warm-up, measured with the probe running.
+async fn measure(setup: &Setup, links: Links, rate: f64, smoke: bool) -> Measured {
+    let (warm, measured) = if smoke { (0.5, 1.5) } else { (2.0, 10.0) };
     let stop = Arc::new(AtomicBool::new(false));
     let (done, errors) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
     let tasks = churn(
-        addrs.clone(),
+        setup.addrs.clone(),
         rate,
         links,
         stop.clone(),
@@ -420,46 +419,68 @@ async fn run(n: usize, links: Links, rate: f64, smoke: bool) {
         errors.clone(),
     );
     tokio::time::sleep(Duration::from_secs_f64(warm)).await;
-    for w in &watchers {
+    for w in &setup.watchers {
         w.reset_max();
     }
-    let beats = BeatWatch::start(&redis);
-    let before = redis.commandstats();
-    let published0 = metric_sum(&nodes, "link_counter_cluster_messages_published_total").await;
-    let received0 = metric_sum(&nodes, "link_counter_cluster_messages_received_total").await;
+    let beats = BeatWatch::start(&setup.redis);
+    let before = setup.redis.commandstats();
+    let messages0 = cluster_messages(&setup.nodes).await;
     let (cycles0, t0) = (done.load(Ordering::Relaxed), Instant::now());
-    let redis_cpu0 = cpu_secs(redis.child.id());
-    let probe_stop = Arc::new(AtomicBool::new(false));
-    let src = addrs[n - 1];
-    let ps = probe_stop.clone();
-    let probing = async { probe(src, &probe_watch, ps).await };
-    let timer = async {
-        tokio::time::sleep(Duration::from_secs_f64(measured)).await;
-        probe_stop.store(true, Ordering::Relaxed);
-    };
-    let (mut prop, ()) = tokio::join!(probing, timer);
+    let redis_pid = setup.redis.pid().expect("redis runs");
+    let redis_cpu0 = cpu_secs(redis_pid);
+    let mut prop = probe_for(setup, Duration::from_secs_f64(measured)).await;
     let secs_run = secs(t0);
-    let redis_cpu = cpu_secs(redis.child.id()) - redis_cpu0;
+    let redis_cpu_secs = cpu_secs(redis_pid) - redis_cpu0;
     let cycles = done.load(Ordering::Relaxed) - cycles0;
-    let after = redis.commandstats();
-    let published =
-        metric_sum(&nodes, "link_counter_cluster_messages_published_total").await - published0;
-    let received =
-        metric_sum(&nodes, "link_counter_cluster_messages_received_total").await - received0;
+    let after = setup.redis.commandstats();
+    let messages = cluster_messages(&setup.nodes).await;
     let (gap_ms, ids) = beats.finish();
     stop.store(true, Ordering::Relaxed);
     for t in tasks {
         let _ = t.await;
     }
+    prop.sort_by(|a, b| a.total_cmp(b));
+    Measured {
+        secs: secs_run,
+        cycles,
+        errors: errors.load(Ordering::Relaxed),
+        before,
+        after,
+        published: messages.0 - messages0.0,
+        received: messages.1 - messages0.1,
+        gap_ms,
+        ids,
+        redis_cpu_secs,
+        prop,
+    }
+}
+
+/// Runs the probe from the last node to the first for `length`; its delays (ms).
+async fn probe_for(setup: &Setup, length: Duration) -> Vec<f64> {
+    let probe_stop = Arc::new(AtomicBool::new(false));
+    let src = setup.addrs[setup.addrs.len() - 1];
+    let ps = probe_stop.clone();
+    let probing = async { probe(src, &setup.probe_watch, ps).await };
+    let timer = async {
+        tokio::time::sleep(length).await;
+        probe_stop.store(true, Ordering::Relaxed);
+    };
+    tokio::join!(probing, timer).0
+}
+
+/// Redis commands of the measured interval: (total, the heartbeat's, the
+/// six most frequent as `name:per_cycle`). The bench's own probes (INFO,
+/// the liveness set's ZRANGE) are left out.
+fn command_figures(m: &Measured) -> (u64, u64, Vec<String>) {
     let delta = |k: &str| {
-        after
+        m.after
             .get(k)
             .unwrap_or(&0)
-            .saturating_sub(*before.get(k).unwrap_or(&0))
+            .saturating_sub(*m.before.get(k).unwrap_or(&0))
     };
-    // The bench's own probes (INFO, the liveness set's ZRANGE) left out.
     let probes = ["info", "zrange"];
-    let total: u64 = after
+    let total: u64 = m
+        .after
         .keys()
         .filter(|k| !probes.contains(&k.as_str()))
         .map(|k| delta(k))
@@ -468,109 +489,125 @@ async fn run(n: usize, links: Links, rate: f64, smoke: bool) {
         .iter()
         .map(|k| delta(k))
         .sum();
-    let mut top: Vec<(u64, &String)> = after
+    let mut top: Vec<(u64, &String)> = m
+        .after
         .keys()
         .map(|k| (delta(k), k))
         .filter(|(d, k)| *d > 0 && !probes.contains(&k.as_str()))
         .collect();
     top.sort_by(|a, b| b.cmp(a));
-    let top: Vec<String> = top
+    let top = top
         .iter()
         .take(6)
-        .map(|(d, k)| format!("{k}:{:.2}", *d as f64 / cycles.max(1) as f64))
+        .map(|(d, k)| format!("{k}:{:.2}", *d as f64 / m.cycles.max(1) as f64))
         .collect();
-    let above = watchers
-        .iter()
-        .flat_map(|w| (0..HELD).map(move |i| w.max(i)))
-        .filter(|m| *m > truth)
-        .count();
-    // The load stopped: every subscriber exact, every churn page 0 everywhere.
+    (total, heartbeat, top)
+}
+
+/// Once the load stopped: every subscriber exact on the held pages and every
+/// churn page 0 on every node's HTTP API, within 10 s. Returns the
+/// mismatches, each described.
+async fn settle_mismatches(setup: &Setup) -> Vec<String> {
     let end = Instant::now() + Duration::from_secs(10);
-    let mut mismatches = 0;
     let mut wrong: Vec<String> = Vec::new();
-    for (k, w) in watchers.iter().enumerate() {
+    for (k, w) in setup.watchers.iter().enumerate() {
         for i in 0..HELD {
-            if !w
-                .wait(i, truth, end.saturating_duration_since(Instant::now()))
-                .await
-            {
-                mismatches += 1;
+            let left = end.saturating_duration_since(Instant::now());
+            if !w.wait(i, setup.truth, left).await {
                 wrong.push(format!("node{k} sees h{i}={}", w.latest(i)));
             }
         }
     }
-    let ids_q: Vec<String> = (0..PAGES).map(|i| format!("p{i}")).collect();
-    for a in &addrs {
-        // Polled until exact or the deadline: the last closes may still be on their way.
-        let bad = loop {
-            let body = http_body(*a, &format!("/api/v1/counts?ids={}", ids_q.join(",")))
-                .await
-                .unwrap_or_default();
-            let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
-            let bad: Vec<String> = ids_q
-                .iter()
-                .filter(|p| v[p.as_str()].as_u64() != Some(0))
-                .map(|p| format!("{a} answers {p}={}", v[p.as_str()]))
-                .collect();
-            if bad.is_empty() || Instant::now() >= end {
-                break bad;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        };
-        mismatches += bad.len();
-        wrong.extend(bad);
+    for a in &setup.addrs {
+        wrong.extend(churn_pages_not_zero(*a, end).await);
     }
+    wrong
+}
+
+/// The churn pages `a`'s HTTP API does not answer 0 for, polled until they
+/// all are or `end` (the last closes may still be on their way).
+async fn churn_pages_not_zero(a: SocketAddr, end: Instant) -> Vec<String> {
+    let ids: Vec<String> = (0..PAGES).map(|i| format!("p{i}")).collect();
+    loop {
+        let body = http_body(a, &format!("/api/v1/counts?ids={}", ids.join(",")))
+            .await
+            .unwrap_or_default();
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        let bad: Vec<String> = ids
+            .iter()
+            .filter(|p| v[p.as_str()].as_u64() != Some(0))
+            .map(|p| format!("{a} answers {p}={}", v[p.as_str()]))
+            .collect();
+        if bad.is_empty() || Instant::now() >= end {
+            return bad;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// One measured run of `n` nodes.
+async fn run(n: usize, links: Links, rate: f64, smoke: bool) {
+    let setup = setup(n).await;
+    let m = measure(&setup, links, rate, smoke).await;
+    let above = setup
+        .watchers
+        .iter()
+        .flat_map(|w| (0..HELD).map(move |i| w.max(i)))
+        .filter(|max| *max > setup.truth)
+        .count();
+    let wrong = settle_mismatches(&setup).await;
     if !wrong.is_empty() {
         eprintln!("# cluster n={n} mismatches: {}", wrong.join("; "));
     }
-    prop.sort_by(|a, b| a.total_cmp(b));
+    let (total, heartbeat, top) = command_figures(&m);
+    let load = if links == Links::Steady {
+        "links200"
+    } else {
+        "newlinks"
+    };
+    let per_cycle = |x: f64| x / m.cycles.max(1) as f64;
     Line::new("cluster")
         .s("n", n)
-        .s(
-            "load",
-            if links == Links::Steady {
-                "links200"
-            } else {
-                "newlinks"
-            },
-        )
+        .s("load", load)
         .f("rate_target", rate)
-        .f("cycles_per_s", cycles as f64 / secs_run)
-        .s("errors", errors.load(Ordering::Relaxed))
-        .f("cmds_per_cycle", total as f64 / cycles.max(1) as f64)
-        .f("heartbeat_cmds_per_s", heartbeat as f64 / secs_run)
-        .f("redis_cpu_pct", redis_cpu / secs_run * 100.0)
+        .f("cycles_per_s", m.cycles as f64 / m.secs)
+        .s("errors", m.errors)
+        .f("cmds_per_cycle", per_cycle(total as f64))
+        .f("heartbeat_cmds_per_s", heartbeat as f64 / m.secs)
+        .f("redis_cpu_pct", m.redis_cpu_secs / m.secs * 100.0)
         .s("per_cycle", top.join(","))
         .f(
             "deliveries_per_publish",
-            if published > 0.0 {
-                received / published
+            if m.published > 0.0 {
+                m.received / m.published
             } else {
                 0.0
             },
         )
-        .f("prop_p50_ms", pct(&prop, 50.0))
-        .f("prop_p99_ms", pct(&prop, 99.0))
-        .s("prop_samples", prop.len())
-        .s("hb_gap_max_ms", gap_ms)
-        .s("id_changes", ids.saturating_sub(n))
+        .f("prop_p50_ms", pct(&m.prop, 50.0))
+        .f("prop_p99_ms", pct(&m.prop, 99.0))
+        .s("prop_samples", m.prop.len())
+        .s("hb_gap_max_ms", m.gap_ms)
+        .s("id_changes", m.ids.saturating_sub(n))
         .s("above_truth", above)
-        .s("mismatches", mismatches)
+        .s("mismatches", wrong.len())
         .print();
-    for h in held {
-        h.abort();
-    }
 }
+
+/// Heartbeat, `node_ttl` and broadcast tick (ms) of the crash runs.
+const CRASH_HB_MS: u64 = 200;
+const CRASH_TTL_MS: u64 = 1000;
+const CRASH_TICK_MS: u64 = 50;
+/// Their settings.
+const CRASH_TIMERS: [(&str, &str); 2] = [
+    ("CLUSTER__HEARTBEAT_INTERVAL", "200ms"),
+    ("CLUSTER__NODE_TTL", "1s"),
+];
 
 /// The stall and kill -9 runs (3 nodes, short timers).
 async fn crashes(smoke: bool) {
-    let (hb, ttl, tick) = (200u64, 1000u64, 50u64);
-    let redis = Redis::start();
-    let timers = [
-        ("CLUSTER__HEARTBEAT_INTERVAL", "200ms"),
-        ("CLUSTER__NODE_TTL", "1s"),
-    ];
-    let mut nodes = start_nodes(&redis, 3, &timers);
+    let redis = RedisServer::launch(&[]);
+    let mut nodes = start_nodes(&redis, 3, &CRASH_TIMERS);
     wait_nodes(&nodes, 3).await;
     let x = vec!["x".to_string()];
     let (wa, wc) = (
@@ -583,14 +620,32 @@ async fn crashes(smoke: bool) {
         wa.wait(0, 200, Duration::from_secs(10)).await
             && wc.wait(0, 200, Duration::from_secs(10)).await
     );
-    let runs = if smoke { 2 } else { 20 };
+    let mut rng = Rng::new(5);
+    stalls(
+        nodes[1].pid(),
+        (&wa, &wc),
+        if smoke { 2 } else { 20 },
+        &mut rng,
+    )
+    .await;
+    for h in on_b {
+        h.abort();
+    }
+    assert!(wa.wait(0, 100, Duration::from_secs(10)).await);
+    kills(&redis, &wa, if smoke { 1 } else { 5 }, &mut rng).await;
+    nodes.clear();
+}
+
+/// `runs` SIGSTOP/SIGCONT stalls of the node `pid` (100 of the 200 viewers
+/// of `x`), watched from the two others; prints the `part=stall` line.
+async fn stalls(pid: u32, (wa, wc): (&Watcher, &Watcher), runs: usize, rng: &mut Rng) {
+    let (hb, ttl) = (CRASH_HB_MS, CRASH_TTL_MS);
     let mut above_runs = 0;
     let mut most = 0;
-    let pid = nodes[1].pid().to_string();
+    let pid = pid.to_string();
     let sig = |s: &str| {
         let _ = Command::new("kill").args([s, pid.as_str()]).status();
     };
-    let mut rng = Rng::new(5);
     for r in 0..runs {
         wa.reset_max();
         wc.reset_max();
@@ -619,15 +674,14 @@ async fn crashes(smoke: bool) {
         .s("most_seen", most)
         .s("truth", 200)
         .print();
-    for h in on_b {
-        h.abort();
-    }
-    assert!(wa.wait(0, 100, Duration::from_secs(10)).await);
-    // kill -9: a fresh node with 100 viewers each run.
-    let kills = if smoke { 1 } else { 5 };
+}
+
+/// `kills` runs of kill -9 of a fresh node holding 100 viewers of `x`
+/// (100 more held elsewhere); prints the `part=kill9` line.
+async fn kills(redis: &RedisServer, wa: &Watcher, kills: usize, rng: &mut Rng) {
     let mut ghosts = Vec::new();
     for _ in 0..kills {
-        let mut victim = start_nodes(&redis, 1, &timers).remove(0);
+        let mut victim = start_nodes(redis, 1, &CRASH_TIMERS).remove(0);
         let held_v = hold(victim.addr, "x", 100).await;
         assert!(
             wa.wait(0, 200, Duration::from_secs(10)).await,
@@ -635,7 +689,7 @@ async fn crashes(smoke: bool) {
         );
         // The watcher saw the victim right after its node's heartbeat: a random
         // delay so the kill falls anywhere in the heartbeat cycle.
-        tokio::time::sleep(Duration::from_millis(rng.below(hb))).await;
+        tokio::time::sleep(Duration::from_millis(rng.below(CRASH_HB_MS))).await;
         let t = Instant::now();
         victim.kill9();
         if wa.wait(0, 100, Duration::from_secs(30)).await {
@@ -651,17 +705,16 @@ async fn crashes(smoke: bool) {
         .s("runs", kills)
         .f("ghost_ms_max", ghosts.last().copied().unwrap_or(f64::NAN))
         .f("ghost_ms_min", ghosts.first().copied().unwrap_or(f64::NAN))
-        .s("bound_ms", ttl + hb + tick)
+        .s("bound_ms", CRASH_TTL_MS + CRASH_HB_MS + CRASH_TICK_MS)
         .s("gone_runs", ghosts.len())
         .print();
-    nodes.clear();
 }
 
 /// The ceiling next to the runs: what the same `redis-server` build does
 /// on this machine with `redis-benchmark` (50 clients, no pipelining).
 fn redis_ceiling(smoke: bool) {
-    let redis = Redis::start();
-    let port = redis.url.rsplit(':').next().unwrap_or("6379").to_string();
+    let redis = RedisServer::launch(&[]);
+    let port = redis.port.to_string();
     let n = if smoke { "20000" } else { "300000" };
     let run = |args: &[&str]| -> f64 {
         let out = Command::new("redis-benchmark")

@@ -1,7 +1,7 @@
 //! `flood`: floods of connect/close cycles to distinct page ids against the
 //! release binary, each followed by ordinary traffic to new pages.
 //!
-//! Settings: per-IP caps off ([`NO_CAPS`]), `storage.max_records` 50,000 and
+//! Settings: per-IP caps off (`kit::settings::NO_CAPS`), `storage.max_records` 50,000 and
 //! `storage.cache_capacity` 32 MiB, the rest default (smoke: also
 //! `limits.max_rooms` 500 and `limits.max_pages` 1,000, so a small flood
 //! reaches the caps). Before the first flood, 20 observed pages are held open
@@ -380,17 +380,208 @@ impl Sample {
     }
 }
 
-pub fn flood(rt: &tokio::runtime::Runtime, smoke: bool) {
-    let cycles: u64 = env_or("LC_FLOOD_CYCLES", if smoke { 2_000 } else { 137_000 });
-    let ids: u64 = env_or("LC_FLOOD_IDS", if smoke { 1_500 } else { 100_000 });
-    let concurrency: usize = env_or("LC_FLOOD_CONCURRENCY", 64);
-    let runs: usize = env_or("LC_FLOOD_RUNS", 3);
-    let (rate, ordinary_secs, hold) = if smoke {
-        (70.0, 1.5, Duration::from_millis(300))
-    } else {
-        (70.0, 20.0, Duration::from_secs(1))
+/// The sizes of the scenario (`LC_FLOOD_*` to change them).
+#[derive(Clone, Copy)]
+struct Config {
+    cycles: u64,
+    ids: u64,
+    concurrency: usize,
+    runs: usize,
+    /// Ordinary connections per second after each flood, for `ordinary_secs`.
+    rate: f64,
+    ordinary_secs: f64,
+    /// How long an ordinary connection stays.
+    hold: Duration,
+    /// Longest wait for the held pages' counts at a quiet point.
+    limit: Duration,
+}
+
+impl Config {
+    fn new(smoke: bool) -> Config {
+        let (ordinary_secs, hold) = if smoke {
+            (1.5, Duration::from_millis(300))
+        } else {
+            (20.0, Duration::from_secs(1))
+        };
+        Config {
+            cycles: env_or("LC_FLOOD_CYCLES", if smoke { 2_000 } else { 137_000 }),
+            ids: env_or("LC_FLOOD_IDS", if smoke { 1_500 } else { 100_000 }),
+            concurrency: env_or("LC_FLOOD_CONCURRENCY", 64),
+            runs: env_or("LC_FLOOD_RUNS", 3),
+            rate: 70.0,
+            ordinary_secs,
+            hold,
+            limit: Duration::from_secs(if smoke { 10 } else { 30 }),
+        }
+    }
+}
+
+/// What the phases add up to.
+#[derive(Default)]
+struct Totals {
+    mismatches: usize,
+    rss_after_floods: u64,
+    rss_max: u64,
+    data_max: u64,
+    failed_pct_max: f64,
+    attempted: u64,
+    failed: u64,
+    /// Cycles per second of each flood.
+    rates: Vec<f64>,
+}
+
+impl Totals {
+    fn add(&mut self, s: &Sample) {
+        self.mismatches += s.mismatches;
+        self.rss_max = self.rss_max.max(s.rss_kib);
+        self.data_max = self.data_max.max(s.data_kib);
+    }
+}
+
+/// One flood of new page ids, then its quiet point; prints both lines.
+async fn flood_phase(
+    service: &ChildService,
+    observed: &Observed,
+    cfg: Config,
+    run: usize,
+    totals: &mut Totals,
+) {
+    let ids = cfg.ids;
+    let page: PageFn = Arc::new(move |i| format!("f{run}-{}", i % ids));
+    let f = flood_run(service.addr, cfg.cycles, cfg.concurrency, page).await;
+    let s = sample(service, observed, cfg.limit).await;
+    s.fields(
+        Line::new("flood")
+            .s("run", run)
+            .s("phase", "flood")
+            .s("cycles", f.cycles)
+            .s("ids", ids)
+            .s("c", cfg.concurrency)
+            .f("secs", f.secs)
+            .f("cycles_per_s", f.rate())
+            .s("refused", f.refused)
+            .s("errors", f.errors),
+    )
+    .print();
+    println!(
+        "# flood {run}: {} cycles in {:.1} s ({:.0}/s), {} refused, {} errors; {}",
+        f.cycles,
+        f.secs,
+        f.rate(),
+        f.refused,
+        f.errors,
+        s.human()
+    );
+    if let Some(e) = &f.first_error {
+        println!("#   first error: {e}");
+    }
+    totals.rates.push(f.rate());
+    totals.rss_after_floods = s.rss_kib;
+    totals.add(&s);
+}
+
+/// Ordinary traffic to new pages after a flood, then its quiet point.
+async fn ordinary_phase(
+    service: &ChildService,
+    observed: &Observed,
+    cfg: Config,
+    run: usize,
+    totals: &mut Totals,
+) {
+    let o = ordinary_run(service.addr, run, cfg.rate, cfg.ordinary_secs, cfg.hold).await;
+    let s = sample(service, observed, cfg.limit).await;
+    s.fields(
+        Line::new("flood")
+            .s("run", run)
+            .s("phase", "ordinary")
+            .f("rate", cfg.rate)
+            .f("secs", o.secs)
+            .s("attempted", o.attempted)
+            .s("failed", o.failed)
+            .s("failed_late", o.late)
+            .f("failed_pct", o.failed_pct())
+            .s("failures", o.reasons())
+            .f("target_failed_pct", TARGET_FAILED_PCT),
+    )
+    .print();
+    println!(
+        "# ordinary {run}: {} of {} connections to new pages failed ({:.1} %: {}); {}",
+        o.failed,
+        o.attempted,
+        o.failed_pct(),
+        o.reasons(),
+        s.human()
+    );
+    totals.failed_pct_max = totals.failed_pct_max.max(o.failed_pct());
+    totals.attempted += o.attempted;
+    totals.failed += o.failed;
+    totals.add(&s);
+}
+
+/// The `flood_summary` line.
+fn print_summary(cfg: Config, t: &Totals, observed: &Observed) {
+    Line::new("flood_summary")
+        .s("runs", cfg.runs)
+        .s("cycles", cfg.cycles)
+        .s("ids", cfg.ids)
+        .f(
+            "cycles_per_s_min",
+            t.rates.iter().copied().fold(f64::NAN, f64::min),
+        )
+        .f(
+            "cycles_per_s_max",
+            t.rates.iter().copied().fold(f64::NAN, f64::max),
+        )
+        .s("rss_after_floods_kib", t.rss_after_floods)
+        .s("rss_max_kib", t.rss_max)
+        .s("target_rss_kib", TARGET_RSS_KIB)
+        .s("rss_met", t.rss_after_floods <= TARGET_RSS_KIB)
+        .s("data_max_kib", t.data_max)
+        .s("target_data_kib", TARGET_DATA_KIB)
+        .s("data_met", t.data_max <= TARGET_DATA_KIB)
+        .s("ordinary_attempted", t.attempted)
+        .s("ordinary_failed", t.failed)
+        .f("ordinary_failed_pct_max", t.failed_pct_max)
+        .f("target_failed_pct", TARGET_FAILED_PCT)
+        .s("failed_met", t.failed_pct_max <= TARGET_FAILED_PCT)
+        .s("mismatches", t.mismatches)
+        .s("held_server_ends", observed.server_ends())
+        .print();
+    if let Some(u) = observed.unexpected() {
+        println!("#   subscriber got an unexpected message: {u}");
+    }
+}
+
+/// The held pages, then `runs` × (flood, ordinary traffic); the count
+/// mismatches seen at the quiet points.
+async fn flood_runs(service: &ChildService, cfg: Config) -> usize {
+    let observed = Observed::open(service.addr, "held", OBSERVED)
+        .await
+        .expect("observed pages open");
+    let start = sample(service, &observed, cfg.limit).await;
+    println!(
+        "# flood: {} held connections on {} pages; {}",
+        observed.held(),
+        observed.page_count(),
+        start.human()
+    );
+    let mut totals = Totals {
+        mismatches: start.mismatches,
+        rss_max: start.rss_kib,
+        data_max: start.data_kib,
+        ..Totals::default()
     };
-    let limit = Duration::from_secs(if smoke { 10 } else { 30 });
+    for run in 1..=cfg.runs {
+        flood_phase(service, &observed, cfg, run, &mut totals).await;
+        ordinary_phase(service, &observed, cfg, run, &mut totals).await;
+    }
+    print_summary(cfg, &totals, &observed);
+    observed.close().await;
+    totals.mismatches
+}
+
+pub fn flood(rt: &tokio::runtime::Runtime, smoke: bool) {
+    let cfg = Config::new(smoke);
     let mut extra = vec![
         ("STORAGE__MAX_RECORDS", "50000"),
         ("STORAGE__CACHE_CAPACITY", "33554432"),
@@ -401,132 +592,17 @@ pub fn flood(rt: &tokio::runtime::Runtime, smoke: bool) {
     }
     let settings: Vec<String> = extra.iter().map(|(k, v)| format!("{k}={v}")).collect();
     println!(
-        "# flood: {runs} x ({cycles} cycles over {ids} ids, c={concurrency}; then {rate}/s \
-         fresh pages for {ordinary_secs} s); settings {}",
+        "# flood: {} x ({} cycles over {} ids, c={}; then {}/s fresh pages for {} s); settings {}",
+        cfg.runs,
+        cfg.cycles,
+        cfg.ids,
+        cfg.concurrency,
+        cfg.rate,
+        cfg.ordinary_secs,
         settings.join(" ")
     );
     let service = ChildService::start(&extra);
-    let server = service.addr;
-    let mismatches_total = rt.block_on(async {
-        let observed = Observed::open(server, "held", OBSERVED)
-            .await
-            .expect("observed pages open");
-        let start = sample(&service, &observed, limit).await;
-        println!(
-            "# flood: {} held connections on {} pages; {}",
-            observed.held(),
-            observed.page_count(),
-            start.human()
-        );
-        let mut mismatches = start.mismatches;
-        let mut rss_after_floods = 0;
-        let mut rss_max = start.rss_kib;
-        let mut data_max = start.data_kib;
-        let mut failed_pct_max: f64 = 0.0;
-        let (mut attempted_total, mut failed_total) = (0u64, 0u64);
-        let mut rates = Vec::new();
-        for run in 1..=runs {
-            let page: PageFn = Arc::new(move |i| format!("f{run}-{}", i % ids));
-            let f = flood_run(server, cycles, concurrency, page).await;
-            let s = sample(&service, &observed, limit).await;
-            s.fields(
-                Line::new("flood")
-                    .s("run", run)
-                    .s("phase", "flood")
-                    .s("cycles", f.cycles)
-                    .s("ids", ids)
-                    .s("c", concurrency)
-                    .f("secs", f.secs)
-                    .f("cycles_per_s", f.rate())
-                    .s("refused", f.refused)
-                    .s("errors", f.errors),
-            )
-            .print();
-            println!(
-                "# flood {run}: {} cycles in {:.1} s ({:.0}/s), {} refused, {} errors; {}",
-                f.cycles,
-                f.secs,
-                f.rate(),
-                f.refused,
-                f.errors,
-                s.human()
-            );
-            if let Some(e) = &f.first_error {
-                println!("#   first error: {e}");
-            }
-            rates.push(f.rate());
-            mismatches += s.mismatches;
-            rss_after_floods = s.rss_kib;
-            rss_max = rss_max.max(s.rss_kib);
-            data_max = data_max.max(s.data_kib);
-
-            let o = ordinary_run(server, run, rate, ordinary_secs, hold).await;
-            let s = sample(&service, &observed, limit).await;
-            s.fields(
-                Line::new("flood")
-                    .s("run", run)
-                    .s("phase", "ordinary")
-                    .f("rate", rate)
-                    .f("secs", o.secs)
-                    .s("attempted", o.attempted)
-                    .s("failed", o.failed)
-                    .s("failed_late", o.late)
-                    .f("failed_pct", o.failed_pct())
-                    .s("failures", o.reasons())
-                    .f("target_failed_pct", TARGET_FAILED_PCT),
-            )
-            .print();
-            println!(
-                "# ordinary {run}: {} of {} connections to new pages failed ({:.1} %: {}); {}",
-                o.failed,
-                o.attempted,
-                o.failed_pct(),
-                o.reasons(),
-                s.human()
-            );
-            failed_pct_max = failed_pct_max.max(o.failed_pct());
-            attempted_total += o.attempted;
-            failed_total += o.failed;
-            mismatches += s.mismatches;
-            rss_max = rss_max.max(s.rss_kib);
-            data_max = data_max.max(s.data_kib);
-        }
-        let rss_met = rss_after_floods <= TARGET_RSS_KIB;
-        let data_met = data_max <= TARGET_DATA_KIB;
-        let failed_met = failed_pct_max <= TARGET_FAILED_PCT;
-        Line::new("flood_summary")
-            .s("runs", runs)
-            .s("cycles", cycles)
-            .s("ids", ids)
-            .f(
-                "cycles_per_s_min",
-                rates.iter().copied().fold(f64::NAN, f64::min),
-            )
-            .f(
-                "cycles_per_s_max",
-                rates.iter().copied().fold(f64::NAN, f64::max),
-            )
-            .s("rss_after_floods_kib", rss_after_floods)
-            .s("rss_max_kib", rss_max)
-            .s("target_rss_kib", TARGET_RSS_KIB)
-            .s("rss_met", rss_met)
-            .s("data_max_kib", data_max)
-            .s("target_data_kib", TARGET_DATA_KIB)
-            .s("data_met", data_met)
-            .s("ordinary_attempted", attempted_total)
-            .s("ordinary_failed", failed_total)
-            .f("ordinary_failed_pct_max", failed_pct_max)
-            .f("target_failed_pct", TARGET_FAILED_PCT)
-            .s("failed_met", failed_met)
-            .s("mismatches", mismatches)
-            .s("held_server_ends", observed.server_ends())
-            .print();
-        if let Some(u) = observed.unexpected() {
-            println!("#   subscriber got an unexpected message: {u}");
-        }
-        observed.close().await;
-        mismatches
-    });
+    let mismatches_total = rt.block_on(flood_runs(&service, cfg));
     drop(service);
     if smoke {
         assert_eq!(

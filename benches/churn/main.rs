@@ -8,16 +8,23 @@
 //! kill -9 restarts and a Redis restart in cluster mode; `LC_SOAK_SECS`) and
 //! `cluster` (1 to 6 nodes sharing a private redis-server: Redis commands per
 //! cycle, deliveries per publish, propagation, heartbeat gaps, stalls, kill -9)
+//! and `cluster-hold` (6 nodes × 15,000 readers on one box: opening rate
+//! busy / quiet, KiB per connection, time to exact counts, Redis memory)
 //! and `history` (disk bytes per page of a full presence history);
-//! none given runs all but `soak`, which runs at full scale only when named.
-//! `LC_BENCH_SMOKE=1` (or `--smoke`) runs every scenario at tiny scale in a few
-//! seconds (`soak` included). Each scenario prints `BENCH ...` summary
+//! none given runs all but `soak` and `cluster-hold`, which run at full scale
+//! only when named. `LC_BENCH_SMOKE=1` (or `--smoke`) runs every scenario at
+//! tiny scale in a few seconds (`soak` and `cluster-hold` included). Each scenario prints `BENCH ...` summary
 //! lines in logfmt (`key=value`), one per measured configuration.
 
 mod actix_ceiling;
 mod cluster;
+mod cluster_hold;
+mod fanout;
 mod flood;
 mod history;
+#[path = "../../tests/kit/mod.rs"]
+#[allow(dead_code)] // the bench uses a part of the kit
+mod kit;
 mod oversize;
 mod ramp;
 mod soak;
@@ -70,6 +77,7 @@ fn main() {
             run_fanout_ceiling(Duration::from_millis(ms));
         }
         Some("--actix-ceiling-server") => actix_ceiling::run_actix_ceiling(),
+        Some("--cluster-hold-client") => cluster_hold::client_main(&args[1..]),
         _ => {}
     }
     let smoke = std::env::var("LC_BENCH_SMOKE").is_ok_and(|v| v != "0" && !v.is_empty())
@@ -89,6 +97,7 @@ fn main() {
         "flood",
         "soak",
         "cluster",
+        "cluster-hold",
         "history",
     ];
     for w in &wanted {
@@ -97,8 +106,11 @@ fn main() {
             std::process::exit(2);
         }
     }
-    // The 30-minute soak runs at full scale only when named.
-    let run = |s: &str| wanted.contains(&s) || (wanted.is_empty() && (smoke || s != "soak"));
+    // The 30-minute soak and the cluster hold (90,000 connections) run at
+    // full scale only when named.
+    let named_only = ["soak", "cluster-hold"];
+    let run =
+        |s: &str| wanted.contains(&s) || (wanted.is_empty() && (smoke || !named_only.contains(&s)));
     let scale = Scale { smoke };
     let nofile = raise_nofile();
     println!(
@@ -123,7 +135,7 @@ fn main() {
         memory(&rt, scale, nofile);
     }
     if run("fanout") {
-        fanout(&rt, scale, nofile);
+        fanout::fanout(&rt, scale.smoke, nofile);
     }
     if run("ramp") {
         ramp::ramp(&rt, scale.smoke, nofile);
@@ -139,6 +151,9 @@ fn main() {
     }
     if run("cluster") {
         cluster::cluster(&rt, scale.smoke);
+    }
+    if run("cluster-hold") {
+        cluster_hold::cluster_hold(&rt, scale.smoke);
     }
     if run("history") {
         history::history(scale.smoke);
@@ -273,6 +288,62 @@ struct ChurnAcc {
     errors: u64,
 }
 
+impl ChurnAcc {
+    /// A service run `r` of a round whose ceilings ran at `ceiling` and
+    /// `actix` cycles/s.
+    fn add(&mut self, r: &ChurnResult, ceiling: f64, actix: f64) {
+        self.rates.push(r.rate());
+        self.ratios.push(100.0 * r.rate() / ceiling);
+        self.actix_ratios.push(100.0 * r.rate() / actix);
+        self.p50s.push(r.p50_ms);
+        self.p99s.push(r.p99_ms);
+        self.errors += r.errors;
+    }
+}
+
+/// One churn run of `c` clients leaving by `leave` against `server`.
+fn churn_against(
+    rt: &tokio::runtime::Runtime,
+    scale: Scale,
+    server: SocketAddr,
+    c: usize,
+    leave: Leave,
+) -> ChurnResult {
+    rt.block_on(churn_run(
+        server,
+        c,
+        leave,
+        scale.warmup(),
+        scale.churn_secs(),
+    ))
+}
+
+/// The two ceiling runs of a round at concurrency `c`, printed:
+/// (tokio-tungstenite rate, actix-http rate).
+fn churn_ceilings(
+    rt: &tokio::runtime::Runtime,
+    scale: Scale,
+    c: usize,
+    round: usize,
+) -> (f64, f64) {
+    let ceiling = Ceiling::start();
+    let r_ceil = churn_against(rt, scale, ceiling.addr, c, Leave::Close);
+    drop(ceiling);
+    print_churn("ceiling", c, Leave::Close, round, &r_ceil, &[]);
+    let actix = ChildService::actix_ceiling();
+    let r_actix = churn_against(rt, scale, actix.addr, c, Leave::Close);
+    drop(actix);
+    print_churn(
+        "actix_ceiling",
+        c,
+        Leave::Close,
+        round,
+        &r_actix,
+        &[("pct_of_ceiling", r_ceil.rate())],
+    );
+    (r_ceil.rate(), r_actix.rate())
+}
+
 /// Churn against the service and against two bare ceilings, interleaved in
 /// one run so all see the same machine: `rounds` rounds of (tokio-tungstenite
 /// ceiling, actix-http ceiling, service with close handshake, service with
@@ -292,55 +363,14 @@ fn churn(rt: &tokio::runtime::Runtime, scale: Scale) {
     for round in 0..rounds {
         for &c in &concurrencies {
             conntrack_check(&format!("churn round {round} c={c}"));
-            let ceiling = Ceiling::start();
-            let r_ceil = rt.block_on(churn_run(
-                ceiling.addr,
-                c,
-                Leave::Close,
-                scale.warmup(),
-                scale.churn_secs(),
-            ));
-            drop(ceiling);
-            print_churn("ceiling", c, Leave::Close, round, &r_ceil, &[]);
-            let actix = ChildService::actix_ceiling();
-            let r_actix = rt.block_on(churn_run(
-                actix.addr,
-                c,
-                Leave::Close,
-                scale.warmup(),
-                scale.churn_secs(),
-            ));
-            drop(actix);
-            print_churn(
-                "actix_ceiling",
-                c,
-                Leave::Close,
-                round,
-                &r_actix,
-                &[("pct_of_ceiling", r_ceil.rate())],
-            );
-            ceilings.push((c, r_ceil.rate(), r_actix.rate()));
+            let (ceiling, actix) = churn_ceilings(rt, scale, c, round);
+            ceilings.push((c, ceiling, actix));
             for leave in [Leave::Close, Leave::Drop] {
                 let service = InProcess::start(&[]);
-                let r = rt.block_on(churn_run(
-                    service.addr,
-                    c,
-                    leave,
-                    scale.warmup(),
-                    scale.churn_secs(),
-                ));
+                let r = churn_against(rt, scale, service.addr, c, leave);
                 drop(service);
-                print_churn(
-                    "service",
-                    c,
-                    leave,
-                    round,
-                    &r,
-                    &[
-                        ("pct_of_ceiling", r_ceil.rate()),
-                        ("pct_of_actix_ceiling", r_actix.rate()),
-                    ],
-                );
+                let vs = [("pct_of_ceiling", ceiling), ("pct_of_actix_ceiling", actix)];
+                print_churn("service", c, leave, round, &r, &vs);
                 let i = match acc.iter().position(|(k, _)| *k == (c, leave)) {
                     Some(i) => i,
                     None => {
@@ -348,52 +378,50 @@ fn churn(rt: &tokio::runtime::Runtime, scale: Scale) {
                         acc.len() - 1
                     }
                 };
-                let a = &mut acc[i].1;
-                a.rates.push(r.rate());
-                a.ratios.push(100.0 * r.rate() / r_ceil.rate());
-                a.actix_ratios.push(100.0 * r.rate() / r_actix.rate());
-                a.p50s.push(r.p50_ms);
-                a.p99s.push(r.p99_ms);
-                a.errors += r.errors;
+                acc[i].1.add(&r, ceiling, actix);
             }
         }
     }
+    for ((c, leave), a) in acc {
+        print_churn_summary(c, leave, rounds, a, &ceilings);
+    }
+}
+
+/// The `churn_summary` line of (`c`, `leave`): medians over the rounds.
+fn print_churn_summary(
+    c: usize,
+    leave: Leave,
+    rounds: usize,
+    mut a: ChurnAcc,
+    ceilings: &[(usize, f64, f64)],
+) {
     let median = |v: &mut Vec<f64>| {
         v.sort_by(f64::total_cmp);
         pct(v, 50.0)
     };
-    for ((c, leave), mut a) in acc {
-        let mut ceil: Vec<f64> = ceilings
-            .iter()
-            .filter(|(cc, _, _)| *cc == c)
-            .map(|(_, r, _)| *r)
-            .collect();
-        let mut actix: Vec<f64> = ceilings
-            .iter()
-            .filter(|(cc, _, _)| *cc == c)
-            .map(|(_, _, r)| *r)
-            .collect();
-        a.ratios.sort_by(f64::total_cmp);
-        a.actix_ratios.sort_by(f64::total_cmp);
-        Line::new("churn_summary")
-            .s("c", c)
-            .s("leave", leave.name())
-            .s("rounds", rounds)
-            .f("ceiling_cycles_per_s", median(&mut ceil))
-            .f("actix_ceiling_cycles_per_s", median(&mut actix))
-            .f("service_cycles_per_s", median(&mut a.rates))
-            .f("pct_of_ceiling", median(&mut a.ratios))
-            .f("pct_of_ceiling_min", pct(&a.ratios, 0.0))
-            .f("pct_of_ceiling_max", pct(&a.ratios, 100.0))
-            .f("pct_of_actix_ceiling", median(&mut a.actix_ratios))
-            .f("pct_of_actix_ceiling_min", pct(&a.actix_ratios, 0.0))
-            .f("pct_of_actix_ceiling_max", pct(&a.actix_ratios, 100.0))
-            .f("p50_ms", median(&mut a.p50s))
-            .f("p99_ms", median(&mut a.p99s))
-            .s("errors", a.errors)
-            .f("target_pct", 80.0)
-            .print();
-    }
+    let of_c = ceilings.iter().filter(|(cc, _, _)| *cc == c);
+    let mut ceil: Vec<f64> = of_c.clone().map(|(_, r, _)| *r).collect();
+    let mut actix: Vec<f64> = of_c.map(|(_, _, r)| *r).collect();
+    a.ratios.sort_by(f64::total_cmp);
+    a.actix_ratios.sort_by(f64::total_cmp);
+    Line::new("churn_summary")
+        .s("c", c)
+        .s("leave", leave.name())
+        .s("rounds", rounds)
+        .f("ceiling_cycles_per_s", median(&mut ceil))
+        .f("actix_ceiling_cycles_per_s", median(&mut actix))
+        .f("service_cycles_per_s", median(&mut a.rates))
+        .f("pct_of_ceiling", median(&mut a.ratios))
+        .f("pct_of_ceiling_min", pct(&a.ratios, 0.0))
+        .f("pct_of_ceiling_max", pct(&a.ratios, 100.0))
+        .f("pct_of_actix_ceiling", median(&mut a.actix_ratios))
+        .f("pct_of_actix_ceiling_min", pct(&a.actix_ratios, 0.0))
+        .f("pct_of_actix_ceiling_max", pct(&a.actix_ratios, 100.0))
+        .f("p50_ms", median(&mut a.p50s))
+        .f("p99_ms", median(&mut a.p99s))
+        .s("errors", a.errors)
+        .f("target_pct", 80.0)
+        .print();
 }
 
 // ------------------------------------------------------------ propagation
@@ -878,312 +906,4 @@ async fn http_ok(server: SocketAddr) -> bool {
     let mut buf = Vec::new();
     let _ = s.read_to_end(&mut buf).await;
     buf.starts_with(b"HTTP/1.1 200")
-}
-
-/// Cumulative buckets `(le, count)` of the service's publish-lag histogram
-/// (from the change at the counter to the frame handed to the connection's
-/// writer), scraped from the admin listener's `/metrics`.
-async fn service_lag_buckets(admin: Option<SocketAddr>) -> Vec<(f64, f64)> {
-    let Some(admin) = admin else {
-        return Vec::new();
-    };
-    let Some(body) = http_body(admin, "/metrics").await else {
-        return Vec::new();
-    };
-    body.lines()
-        .filter(|l| l.starts_with("link_counter_publish_lag_seconds_bucket{"))
-        .filter_map(|l| {
-            let le = l.split("le=\"").nth(1)?.split('"').next()?;
-            let le = if le == "+Inf" {
-                f64::INFINITY
-            } else {
-                le.parse().ok()?
-            };
-            let count: f64 = l.rsplit(' ').next()?.parse().ok()?;
-            Some((le, count))
-        })
-        .collect()
-}
-
-/// The bucket bound (ms) under which a fraction `q` of the samples recorded
-/// between two scrapes fall (`NaN` without samples).
-fn bucket_quantile_ms(before: &[(f64, f64)], after: &[(f64, f64)], q: f64) -> f64 {
-    let delta: Vec<(f64, f64)> = after
-        .iter()
-        .map(|(le, n)| {
-            let n0 = before
-                .iter()
-                .find(|(l, _)| l == le)
-                .map_or(0.0, |(_, n)| *n);
-            (*le, n - n0)
-        })
-        .collect();
-    let total = delta.last().map_or(0.0, |(_, n)| *n);
-    if total <= 0.0 {
-        return f64::NAN;
-    }
-    delta
-        .iter()
-        .find(|(_, n)| *n >= q * total)
-        .map_or(f64::NAN, |(le, _)| le * 1000.0)
-}
-
-// ----------------------------------------------------------------- fan-out
-
-/// (arrival time, count of "hot") of each update one sampled subscriber got.
-type Receipts = Vec<(Instant, u64)>;
-
-/// Fan-out at the default 50 ms broadcast interval and at 100 ms, each
-/// against the bare fan-out ceiling (latest-value policy) first, then the
-/// service; the summary gives the service's p99 as a ratio of the ceiling's
-/// (target: at most 1.1).
-fn fanout(rt: &tokio::runtime::Runtime, scale: Scale, nofile: u64) {
-    for interval_ms in [50u64, 100] {
-        let ceiling = fanout_at(rt, scale, nofile, interval_ms, Target::Ceiling);
-        let service = fanout_at(rt, scale, nofile, interval_ms, Target::Service);
-        Line::new("fanout_summary")
-            .s("broadcast_interval_ms", interval_ms)
-            .f("ceiling_publish_lag_p99_ms", ceiling)
-            .f("service_publish_lag_p99_ms", service)
-            .f("service_vs_ceiling_p99", service / ceiling)
-            .f("target_vs_ceiling_p99", 1.1)
-            .f("target_ms", 2.0 * interval_ms as f64)
-            .print();
-    }
-}
-
-/// What a fan-out run drives.
-#[derive(Clone, Copy, PartialEq)]
-enum Target {
-    /// The bare broadcast server (`run_fanout_ceiling`, latest-value policy).
-    Ceiling,
-    /// The release binary.
-    Service,
-}
-
-/// One fan-out run; returns its publish lag p99 (ms).
-fn fanout_at(
-    rt: &tokio::runtime::Runtime,
-    scale: Scale,
-    nofile: u64,
-    interval_ms: u64,
-    target: Target,
-) -> f64 {
-    let (rooms, per_room) = if scale.smoke { (20, 5) } else { (1000, 10) };
-    let n = rooms * per_room;
-    let secs_run = if scale.smoke { 1.0 } else { 10.0 };
-    let togglers = 8usize;
-    let ramp = if scale.smoke { 40 } else { 1000 };
-    assert!(
-        ((n + ramp) as u64) + 500 < nofile,
-        "fan-out needs {} descriptors per process; RLIMIT_NOFILE is {nofile}",
-        n + ramp + 500
-    );
-    let sampled = 100usize.min(n);
-    let interval = format!("{interval_ms}ms");
-    let service = match target {
-        Target::Ceiling => ChildService::fanout_ceiling(interval_ms),
-        Target::Service => ChildService::start(&[("COUNTER__BROADCAST_INTERVAL", &interval)]),
-    };
-    let server = service.addr;
-    let p99 = rt.block_on(async {
-        // Subscribers: `per_room` connections on each of `rooms` pages, all following "hot".
-        let deliveries = Arc::new(AtomicU64::new(0));
-        let counting = Arc::new(AtomicBool::new(false));
-        let samples: Arc<Mutex<Vec<Receipts>>> = Arc::new(Mutex::new(vec![Vec::new(); sampled]));
-        let sem = Arc::new(tokio::sync::Semaphore::new(64));
-        let mut held = Vec::with_capacity(n);
-        let mut ready = Vec::with_capacity(n);
-        let open_errors = Arc::new(AtomicU64::new(0));
-        for i in 0..n {
-            let permit = sem.clone().acquire_owned().await.expect("semaphore");
-            let (deliveries, counting, samples, open_errors) = (
-                deliveries.clone(),
-                counting.clone(),
-                samples.clone(),
-                open_errors.clone(),
-            );
-            let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-            ready.push(rx);
-            held.push(tokio::spawn(async move {
-                let page = format!("r{}", i % rooms);
-                let r = async {
-                    let mut ws = connect(server, &format!("/parties/page/{page}")).await?;
-                    ws.send(subscribe_msg(&["hot".into()])).await?;
-                    next_update(&mut ws).await?;
-                    anyhow::Ok(ws)
-                };
-                let r = tokio::time::timeout(Duration::from_secs(20), r).await;
-                drop(permit);
-                let _ = tx.send(());
-                let Ok(Ok(mut ws)) = r else {
-                    open_errors.fetch_add(1, Ordering::Relaxed);
-                    return;
-                };
-                while let Some(Ok(m)) = ws.next().await {
-                    if m.is_text() && counting.load(Ordering::Relaxed) {
-                        deliveries.fetch_add(1, Ordering::Relaxed);
-                        if i < sampled {
-                            let now = Instant::now();
-                            if let Some(v) = m.to_text().ok().and_then(|t| count_of(t, "hot")) {
-                                samples.lock().expect("not poisoned")[i].push((now, v));
-                            }
-                        }
-                    }
-                }
-            }));
-        }
-        for rx in ready {
-            let _ = rx.await;
-        }
-        tokio::time::sleep(Duration::from_millis(300)).await;
-
-        // Togglers: ramps of `ramp` connections to "hot" opened by `togglers`
-        // concurrent clients, then closed, as fast as the service allows.
-        // Ramps make each count value unique over a window much longer than
-        // any lag, so a delivered value identifies the change it reflects.
-        let events: Arc<Mutex<Vec<(Instant, i64)>>> = Arc::default();
-        let toggle_errors = Arc::new(AtomicU64::new(0));
-        counting.store(true, Ordering::Relaxed);
-        let lag_before = service_lag_buckets(service.admin).await;
-        let (service_cpu0, client_cpu0) = (cpu_secs(service.pid()), cpu_secs(std::process::id()));
-        let started = Instant::now();
-        let end = started + Duration::from_secs_f64(secs_run);
-        while Instant::now() < end {
-            let mut openers = Vec::new();
-            for t in 0..togglers {
-                let (events, toggle_errors) = (events.clone(), toggle_errors.clone());
-                let share = ramp / togglers + usize::from(t < ramp % togglers);
-                openers.push(tokio::spawn(async move {
-                    let mut open = Vec::with_capacity(share);
-                    for _ in 0..share {
-                        match tokio::time::timeout(
-                            CYCLE_TIMEOUT,
-                            connect(server, "/parties/page/hot"),
-                        )
-                        .await
-                        {
-                            Ok(Ok(ws)) => {
-                                events
-                                    .lock()
-                                    .expect("not poisoned")
-                                    .push((Instant::now(), 1));
-                                open.push(ws);
-                            }
-                            _ => {
-                                toggle_errors.fetch_add(1, Ordering::Relaxed);
-                            }
-                        }
-                    }
-                    open
-                }));
-            }
-            let mut groups = Vec::new();
-            for o in openers {
-                groups.push(o.await.expect("opener"));
-            }
-            let mut closers = Vec::new();
-            for group in groups {
-                let (events, toggle_errors) = (events.clone(), toggle_errors.clone());
-                closers.push(tokio::spawn(async move {
-                    for ws in group {
-                        events
-                            .lock()
-                            .expect("not poisoned")
-                            .push((Instant::now(), -1));
-                        let r = tokio::time::timeout(CYCLE_TIMEOUT, close_handshake(ws)).await;
-                        if !matches!(r, Ok(Ok(()))) {
-                            toggle_errors.fetch_add(1, Ordering::Relaxed);
-                        }
-                    }
-                }));
-            }
-            for c in closers {
-                let _ = c.await;
-            }
-        }
-        let toggling = secs(started);
-        let service_cpu = 100.0 * (cpu_secs(service.pid()) - service_cpu0) / toggling;
-        let client_cpu = 100.0 * (cpu_secs(std::process::id()) - client_cpu0) / toggling;
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        let lag_after = service_lag_buckets(service.admin).await;
-        counting.store(false, Ordering::Relaxed);
-        let delivered = deliveries.load(Ordering::Relaxed);
-
-        // Publish lag: a delivered value v at time r reflects the latest
-        // change before r that produced v, and every change before it; each
-        // change's lag is the time until a sampled subscriber first got an
-        // update reflecting it.
-        let mut events = events.lock().expect("not poisoned").clone();
-        events.sort_by_key(|e| e.0);
-        let mut value = 0i64;
-        let mut by_value: std::collections::HashMap<i64, Vec<usize>> = Default::default();
-        for (i, e) in events.iter().enumerate() {
-            value += e.1;
-            by_value.entry(value).or_default().push(i);
-        }
-        let mut lags = Vec::new();
-        for recv in samples.lock().expect("not poisoned").iter() {
-            let mut next = 0usize;
-            for &(r, v) in recv {
-                let Some(idx) = by_value.get(&(v as i64)) else {
-                    continue;
-                };
-                let k = idx.partition_point(|&i| events[i].0 <= r);
-                let Some(&j) = k.checked_sub(1).and_then(|k| idx.get(k)) else {
-                    continue;
-                };
-                while next <= j {
-                    lags.push(ms(r - events[next].0));
-                    next += 1;
-                }
-            }
-        }
-        lags.sort_by(f64::total_cmp);
-        let changes = events.len() as f64;
-        let per_conn = delivered as f64 / n as f64;
-        let p99 = pct(&lags, 99.0);
-        Line::new("fanout")
-            .s(
-                "target",
-                match target {
-                    Target::Ceiling => "ceiling",
-                    Target::Service => "service",
-                },
-            )
-            .s("broadcast_interval_ms", interval_ms)
-            .s("rooms", rooms)
-            .s("conns_per_room", per_room)
-            .s("subscribers", n)
-            .s("togglers", togglers)
-            .s("ramp", ramp)
-            .f("secs", toggling)
-            .f("count_changes_per_s", changes / toggling)
-            .f("deliveries_per_s", delivered as f64 / toggling)
-            .f("msgs_per_conn_per_s", per_conn / toggling)
-            .f("coalescing_ratio", changes / per_conn.max(1.0))
-            .f("publish_lag_p50_ms", pct(&lags, 50.0))
-            .f("publish_lag_p99_ms", p99)
-            .f("publish_lag_max_ms", pct(&lags, 100.0))
-            .f("target_ms", 2.0 * interval_ms as f64)
-            .f(
-                "service_lag_p50_le_ms",
-                bucket_quantile_ms(&lag_before, &lag_after, 0.5),
-            )
-            .f(
-                "service_lag_p99_le_ms",
-                bucket_quantile_ms(&lag_before, &lag_after, 0.99),
-            )
-            .f("service_cpu_pct", service_cpu)
-            .f("client_cpu_pct", client_cpu)
-            .s("open_errors", open_errors.load(Ordering::Relaxed))
-            .s("toggle_errors", toggle_errors.load(Ordering::Relaxed))
-            .print();
-        for h in held {
-            h.abort();
-        }
-        p99
-    });
-    drop(service);
-    p99
 }

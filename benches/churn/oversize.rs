@@ -114,123 +114,172 @@ async fn read_until_close(mut r: tokio::net::tcp::OwnedReadHalf) -> End {
     }
 }
 
+/// A few ordinary cycles, then the service's settled RSS (KiB).
+async fn warm_rss(server: SocketAddr, pid: u32) -> u64 {
+    for i in 0..20u64 {
+        let mut rng = Rng::new(i);
+        let _ = cycle(server, &format!("p{i}"), &rng.pages(3, 50), Leave::Close).await;
+    }
+    let mut before = rss_kib(pid);
+    for _ in 0..20 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let now = rss_kib(pid);
+        if now.abs_diff(before) < 16 {
+            return now;
+        }
+        before = now;
+    }
+    before
+}
+
+/// Samples `pid`'s RSS every 5 ms into the returned maximum until `done`.
+fn rss_sampler(
+    pid: u32,
+    before: u64,
+    done: Arc<AtomicBool>,
+) -> (Arc<AtomicU64>, tokio::task::JoinHandle<()>) {
+    let max_rss = Arc::new(AtomicU64::new(before));
+    let m = max_rss.clone();
+    let sampler = tokio::spawn(async move {
+        while !done.load(Ordering::Relaxed) {
+            m.fetch_max(rss_kib(pid), Ordering::Relaxed);
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    });
+    (max_rss, sampler)
+}
+
+/// Writes the frame header declaring `declared` bytes, then the payload at
+/// full speed until it is all sent, `done`, a write fails or `deadline`:
+/// (bytes sent, the write error).
+async fn stream_frame(
+    w: &mut tokio::net::tcp::OwnedWriteHalf,
+    declared: u64,
+    deadline: Instant,
+    done: &AtomicBool,
+) -> (u64, Option<std::io::ErrorKind>) {
+    // FIN + text, masked, 64-bit length.
+    let mut header = vec![0x81u8, 0x80 | 127];
+    header.extend_from_slice(&declared.to_be_bytes());
+    header.extend_from_slice(&MASK);
+    let payload: Vec<u8> = (0..CHUNK).map(|i| b'a' ^ MASK[i % 4]).collect();
+    let mut sent = 0u64;
+    if let Err(e) = w.write_all(&header).await {
+        return (sent, Some(e.kind()));
+    }
+    while sent < declared && !done.load(Ordering::Relaxed) && Instant::now() < deadline {
+        let n = (declared - sent).min(CHUNK as u64) as usize;
+        let write = tokio::time::timeout_at(deadline.into(), w.write_all(&payload[..n]));
+        match write.await {
+            Ok(Ok(())) => sent += n as u64,
+            Ok(Err(e)) => return (sent, Some(e.kind())),
+            Err(_) => break,
+        }
+    }
+    (sent, None)
+}
+
+/// What one oversize run saw.
+struct Outcome {
+    sent: u64,
+    streamed: Duration,
+    write_error: Option<std::io::ErrorKind>,
+    /// How the server ended the connection, and when (`None`: not within 2 s).
+    end: Option<(End, Duration)>,
+    rss_max: u64,
+}
+
+/// Streams an oversized frame at a fresh connection, sampling RSS.
+async fn stream_oversized(
+    server: SocketAddr,
+    pid: u32,
+    declared: u64,
+    cap: Duration,
+    before: u64,
+) -> anyhow::Result<Outcome> {
+    let mut s = tokio::net::TcpStream::connect(server).await?;
+    s.set_nodelay(true)?;
+    handshake(&mut s, server).await?;
+    let (r, mut w) = s.into_split();
+    let done = Arc::new(AtomicBool::new(false));
+    let (max_rss, sampler) = rss_sampler(pid, before, done.clone());
+    let t0 = Instant::now();
+    let reader = {
+        let done = done.clone();
+        tokio::spawn(async move {
+            let end = read_until_close(r).await;
+            let at = t0.elapsed();
+            done.store(true, Ordering::Relaxed);
+            (end, at)
+        })
+    };
+    let (sent, write_error) = stream_frame(&mut w, declared, t0 + cap, &done).await;
+    let streamed = t0.elapsed();
+    // The close (or end) may still be on its way after a write error.
+    let ended = tokio::time::timeout(Duration::from_secs(2), reader).await;
+    done.store(true, Ordering::Relaxed);
+    // A last sample after the stream.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    max_rss.fetch_max(rss_kib(pid), Ordering::Relaxed);
+    let _ = sampler.await;
+    drop(w);
+    Ok(Outcome {
+        sent,
+        streamed,
+        write_error,
+        end: ended.ok().and_then(Result::ok),
+        rss_max: max_rss.load(Ordering::Relaxed),
+    })
+}
+
+/// The `oversize` line of a run.
+fn print_oversize(declared: u64, before: u64, o: &Outcome) {
+    let code = match &o.end {
+        Some((End::Close(Some(c)), _)) => c.to_string(),
+        Some((End::Close(None), _)) => "no_code".into(),
+        _ => "none".into(),
+    };
+    let max = o.rss_max;
+    Line::new("oversize")
+        .s("declared_bytes", declared)
+        .s("sent_bytes", o.sent)
+        .f("streamed_secs", o.streamed.as_secs_f64())
+        .s(
+            "end",
+            o.end.as_ref().map_or("timeout".into(), |(e, _)| e.name()),
+        )
+        .s("close_code", code)
+        .f(
+            "close_ms",
+            o.end
+                .as_ref()
+                .map_or(f64::NAN, |(_, d)| d.as_secs_f64() * 1e3),
+        )
+        .s(
+            "write_error",
+            o.write_error.map_or("none".into(), |k| format!("{k:?}")),
+        )
+        .s("rss_before_kib", before)
+        .s("rss_max_kib", max)
+        .s("rss_growth_kib", max.saturating_sub(before))
+        .s("target_close_code", 1009)
+        .f("target_close_ms", 1000.0)
+        .s("target_rss_growth_kib", 2048)
+        .print();
+}
+
 /// One oversize run against a fresh service; prints its `BENCH oversize` line.
 fn oversize_at(rt: &tokio::runtime::Runtime, declared: u64, cap: Duration) {
     let service = ChildService::start(&[]);
-    let server = service.addr;
-    let pid = service.pid();
+    let (server, pid) = (service.addr, service.pid());
     rt.block_on(async {
-        // Warm up with a few ordinary cycles, then the settled RSS.
-        for i in 0..20u64 {
-            let mut rng = Rng::new(i);
-            let _ = cycle(server, &format!("p{i}"), &rng.pages(3, 50), Leave::Close).await;
-        }
-        let mut before = rss_kib(pid);
-        for _ in 0..20 {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            let now = rss_kib(pid);
-            if now.abs_diff(before) < 16 {
-                before = now;
-                break;
-            }
-            before = now;
-        }
-
-        let run = async {
-            let mut s = tokio::net::TcpStream::connect(server).await?;
-            s.set_nodelay(true)?;
-            handshake(&mut s, server).await?;
-            let (r, mut w) = s.into_split();
-            // FIN + text, masked, 64-bit length.
-            let mut header = vec![0x81u8, 0x80 | 127];
-            header.extend_from_slice(&declared.to_be_bytes());
-            header.extend_from_slice(&MASK);
-            let payload: Vec<u8> = (0..CHUNK).map(|i| b'a' ^ MASK[i % 4]).collect();
-
-            let done = Arc::new(AtomicBool::new(false));
-            let max_rss = Arc::new(AtomicU64::new(before));
-            let sampler = {
-                let (done, max_rss) = (done.clone(), max_rss.clone());
-                tokio::spawn(async move {
-                    while !done.load(Ordering::Relaxed) {
-                        max_rss.fetch_max(rss_kib(pid), Ordering::Relaxed);
-                        tokio::time::sleep(Duration::from_millis(5)).await;
-                    }
-                })
-            };
-            let t0 = Instant::now();
-            let reader = {
-                let done = done.clone();
-                tokio::spawn(async move {
-                    let end = read_until_close(r).await;
-                    let at = t0.elapsed();
-                    done.store(true, Ordering::Relaxed);
-                    (end, at)
-                })
-            };
-            let mut sent = 0u64;
-            let mut write_error = None;
-            let deadline = t0 + cap;
-            if let Err(e) = w.write_all(&header).await {
-                write_error = Some(e.kind());
-            }
-            while write_error.is_none()
-                && sent < declared
-                && !done.load(Ordering::Relaxed)
-                && Instant::now() < deadline
-            {
-                let n = (declared - sent).min(CHUNK as u64) as usize;
-                let write = tokio::time::timeout_at(deadline.into(), w.write_all(&payload[..n]));
-                match write.await {
-                    Ok(Ok(())) => sent += n as u64,
-                    Ok(Err(e)) => write_error = Some(e.kind()),
-                    Err(_) => break,
-                }
-            }
-            let streamed = t0.elapsed();
-            // The close (or end) may still be on its way after a write error.
-            let ended = tokio::time::timeout(Duration::from_secs(2), reader).await;
-            done.store(true, Ordering::Relaxed);
-            // A last sample after the stream.
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            max_rss.fetch_max(rss_kib(pid), Ordering::Relaxed);
-            let _ = sampler.await;
-            drop(w);
-            let (end, at) = match ended {
-                Ok(Ok((end, at))) => (Some(end), Some(at)),
-                _ => (None, None),
-            };
-            let max = max_rss.load(Ordering::Relaxed);
-            let code = match &end {
-                Some(End::Close(Some(c))) => c.to_string(),
-                Some(End::Close(None)) => "no_code".into(),
-                _ => "none".into(),
-            };
-            Line::new("oversize")
-                .s("declared_bytes", declared)
-                .s("sent_bytes", sent)
-                .f("streamed_secs", streamed.as_secs_f64())
-                .s("end", end.as_ref().map_or("timeout".into(), End::name))
-                .s("close_code", code)
-                .f("close_ms", at.map_or(f64::NAN, |d| d.as_secs_f64() * 1e3))
-                .s(
-                    "write_error",
-                    write_error.map_or("none".into(), |k| format!("{k:?}")),
-                )
-                .s("rss_before_kib", before)
-                .s("rss_max_kib", max)
-                .s("rss_growth_kib", max.saturating_sub(before))
-                .s("target_close_code", 1009)
-                .f("target_close_ms", 1000.0)
-                .s("target_rss_growth_kib", 2048)
-                .print();
-            anyhow::Ok(())
-        };
-        if let Err(e) = run.await {
-            Line::new("oversize")
+        let before = warm_rss(server, pid).await;
+        match stream_oversized(server, pid, declared, cap, before).await {
+            Ok(o) => print_oversize(declared, before, &o),
+            Err(e) => Line::new("oversize")
                 .s("declared_bytes", declared)
                 .s("error", format!("{e:?}").replace(' ', "_"))
-                .print();
+                .print(),
         }
     });
     drop(service);

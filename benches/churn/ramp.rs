@@ -307,10 +307,7 @@ fn exactness(shared: &Shared) -> (usize, usize) {
 
 /// The ramp over WebSockets, then over event streams (a fresh service each).
 pub fn ramp(rt: &tokio::runtime::Runtime, smoke: bool, nofile: u64) {
-    let rounds: usize = std::env::var("LC_BENCH_RAMP_ROUNDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(if smoke { 1 } else { 2 });
+    let rounds: usize = env_or("LC_BENCH_RAMP_ROUNDS", if smoke { 1 } else { 2 });
     let modes = [Mode::Quiet, Mode::Busy, Mode::BusyUnbudgeted];
     let mut rates: Vec<[f64; 3]> = Vec::new();
     for r in 0..rounds {
@@ -346,39 +343,19 @@ pub fn ramp(rt: &tokio::runtime::Runtime, smoke: bool, nofile: u64) {
     round(rt, smoke, nofile, Mode::Busy, 0, Transport::EventStream);
 }
 
-/// One ramp in `mode` over `transport`; returns its opening rate (connections/s).
-fn round(
-    rt: &tokio::runtime::Runtime,
-    smoke: bool,
-    nofile: u64,
-    mode: Mode,
-    r: usize,
-    transport: Transport,
-) -> f64 {
-    let fit = nofile.saturating_sub(1000) as usize;
-    // `LC_BENCH_RAMP_CLIENTS=N` overrides the number of clients.
-    let n = std::env::var("LC_BENCH_RAMP_CLIENTS")
+/// `LC_BENCH_…` setting `key` of the environment, or `default`.
+fn env_or<T: std::str::FromStr>(key: &str, default: T) -> T {
+    std::env::var(key)
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(if smoke { 500 } else { 15_000 })
-        .min(fit);
-    let inflight: usize = std::env::var("LC_BENCH_RAMP_INFLIGHT")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(512);
-    let settle = Duration::from_secs(if smoke { 1 } else { 5 });
-    let converge_limit = Duration::from_secs(if smoke { 5 } else { 30 });
-    // Per-IP caps off (NO_CAPS), the global cap above the ramp.
-    let max = (n + 1000).to_string();
-    let mut env = vec![("LIMITS__MAX_CONNECTIONS", max.as_str())];
-    if mode == Mode::BusyUnbudgeted {
-        env.push(("COUNTER__DELIVERY_BUDGET", "1000000000000"));
-    }
-    let service = ChildService::start(&env);
-    let server = service.addr;
-    let pid = service.pid();
+        .unwrap_or(default)
+}
+
+/// The `n` clients of a ramp in `mode`: client `i` on page `i % 100`,
+/// following 3 other pages at random (quiet: pages nobody opens).
+fn ramp_clients(n: usize, mode: Mode) -> Vec<Client> {
     let mut rng = Rng::new(4242);
-    let clients = (0..n)
+    (0..n)
         .map(|i| {
             let page = i % RAMP_PAGES;
             let mut links = [usize::MAX; RAMP_LINKS];
@@ -402,128 +379,218 @@ fn round(
                 state: AtomicU8::new(OPENING),
             }
         })
+        .collect()
+}
+
+/// The opening of a ramp, as measured.
+struct Opening {
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    ramp_secs: f64,
+    ramp_end: Instant,
+    updates: usize,
+    service_cpu_pct: f64,
+    client_cpu_pct: f64,
+}
+
+/// Opens every client (at most `inflight` at once) over `transport`;
+/// returns once each has opened or failed.
+async fn open_clients(
+    server: SocketAddr,
+    pid: u32,
+    shared: &Arc<Shared>,
+    inflight: usize,
+    transport: Transport,
+) -> Opening {
+    let n = shared.clients.len();
+    let sem = Arc::new(tokio::sync::Semaphore::new(inflight));
+    let mut tasks = Vec::with_capacity(n);
+    let (service_cpu0, client_cpu0) = (cpu_secs(pid), cpu_secs(std::process::id()));
+    let started = Instant::now();
+    for i in 0..n {
+        let permit = sem.clone().acquire_owned().await.expect("semaphore");
+        tasks.push(match transport {
+            Transport::WebSocket => tokio::spawn(client(server, shared.clone(), i, permit)),
+            Transport::EventStream => tokio::spawn(client_sse(server, shared.clone(), i, permit)),
+        });
+    }
+    // Every client has opened or failed once all permits are back.
+    let _all = sem.acquire_many(inflight as u32).await.expect("semaphore");
+    let ramp_end = Instant::now();
+    let ramp_secs = (ramp_end - started).as_secs_f64();
+    Opening {
+        tasks,
+        ramp_secs,
+        ramp_end,
+        updates: shared.updates.load(Ordering::Relaxed),
+        service_cpu_pct: 100.0 * (cpu_secs(pid) - service_cpu0) / ramp_secs,
+        client_cpu_pct: 100.0 * (cpu_secs(std::process::id()) - client_cpu0) / ramp_secs,
+    }
+}
+
+/// Waits until every open client's view is exact (or `limit`), and at
+/// least `settle`: the time to converge after the ramp, if it did.
+async fn converge(
+    shared: &Shared,
+    ramp_end: Instant,
+    settle: Duration,
+    limit: Duration,
+) -> Option<Duration> {
+    let mut converged: Option<Duration> = None;
+    loop {
+        let now = Instant::now();
+        let (open, exact) = exactness(shared);
+        if converged.is_none() && open == exact {
+            converged = Some(now - ramp_end);
+        }
+        let waited = now - ramp_end;
+        if (converged.is_some() && waited >= settle) || waited >= limit.max(settle) {
+            return converged;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Server closes in `phase`: (count, `code:count,…` or `none`).
+fn closes_in(shared: &Shared, phase: usize) -> (u64, String) {
+    let closes = shared.closes.lock().expect("not poisoned");
+    let of_phase: Vec<(&String, &u64)> = closes
+        .iter()
+        .filter(|((p, _), _)| *p == phase)
+        .map(|((_, why), n)| (why, n))
         .collect();
+    let count = of_phase.iter().map(|(_, n)| **n).sum();
+    let parts: Vec<String> = of_phase
+        .iter()
+        .map(|(why, n)| format!("{why}:{n}"))
+        .collect();
+    let by_code = if parts.is_empty() {
+        "none".into()
+    } else {
+        parts.join(",")
+    };
+    (count, by_code)
+}
+
+/// What a round prints besides its opening.
+struct Outcome {
+    open: usize,
+    exact: usize,
+    converged: Option<Duration>,
+    settle_secs: f64,
+    rss: u64,
+    fds: usize,
+}
+
+/// One ramp in `mode` over `transport`; returns its opening rate (connections/s).
+fn round(
+    rt: &tokio::runtime::Runtime,
+    smoke: bool,
+    nofile: u64,
+    mode: Mode,
+    r: usize,
+    transport: Transport,
+) -> f64 {
+    let fit = nofile.saturating_sub(1000) as usize;
+    // `LC_BENCH_RAMP_CLIENTS=N` overrides the number of clients.
+    let n = env_or("LC_BENCH_RAMP_CLIENTS", if smoke { 500 } else { 15_000 }).min(fit);
+    let inflight: usize = env_or("LC_BENCH_RAMP_INFLIGHT", 512);
+    let settle = Duration::from_secs(if smoke { 1 } else { 5 });
+    let converge_limit = Duration::from_secs(if smoke { 5 } else { 30 });
+    // Per-IP caps off (`kit::settings::NO_CAPS`), the global cap above the ramp.
+    let max = (n + 1000).to_string();
+    let mut env = vec![("LIMITS__MAX_CONNECTIONS", max.as_str())];
+    if mode == Mode::BusyUnbudgeted {
+        env.push(("COUNTER__DELIVERY_BUDGET", "1000000000000"));
+    }
+    let service = ChildService::start(&env);
     let shared = Arc::new(Shared {
-        clients,
+        clients: ramp_clients(n, mode),
         phase: AtomicUsize::new(PHASE_RAMP),
         closes: Mutex::default(),
         unexpected: AtomicUsize::new(0),
         updates: AtomicUsize::new(0),
         first_error: Mutex::default(),
     });
-    let mut connects_per_s = f64::NAN;
-    rt.block_on(async {
-        let sem = Arc::new(tokio::sync::Semaphore::new(inflight));
-        let mut tasks = Vec::with_capacity(n);
-        let (service_cpu0, client_cpu0) = (cpu_secs(pid), cpu_secs(std::process::id()));
-        let started = Instant::now();
-        for i in 0..n {
-            let permit = sem.clone().acquire_owned().await.expect("semaphore");
-            tasks.push(match transport {
-                Transport::WebSocket => tokio::spawn(client(server, shared.clone(), i, permit)),
-                Transport::EventStream => {
-                    tokio::spawn(client_sse(server, shared.clone(), i, permit))
-                }
-            });
-        }
-        // Every client has opened or failed once all permits are back.
-        let _all = sem.acquire_many(inflight as u32).await.expect("semaphore");
-        let ramp_end = Instant::now();
-        let ramp_secs = (ramp_end - started).as_secs_f64();
-        let ramp_updates = shared.updates.load(Ordering::Relaxed);
-        let service_cpu = 100.0 * (cpu_secs(pid) - service_cpu0) / ramp_secs;
-        let client_cpu = 100.0 * (cpu_secs(std::process::id()) - client_cpu0) / ramp_secs;
+    let (mut opening, outcome) = rt.block_on(async {
+        let opening = open_clients(service.addr, service.pid(), &shared, inflight, transport).await;
         shared.phase.store(PHASE_SETTLE, Ordering::Relaxed);
-
-        // Converge: until every open client's view is exact (or the limit),
-        // and at least the settle period.
-        let mut converged: Option<Duration> = None;
-        loop {
-            let now = Instant::now();
-            let (open, exact) = exactness(&shared);
-            if converged.is_none() && open == exact {
-                converged = Some(now - ramp_end);
-            }
-            let waited = now - ramp_end;
-            if (converged.is_some() && waited >= settle) || waited >= converge_limit.max(settle) {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        let settle_secs = secs(ramp_end);
+        let converged = converge(&shared, opening.ramp_end, settle, converge_limit).await;
+        let settle_secs = secs(opening.ramp_end);
         let (open, exact) = exactness(&shared);
         shared.phase.store(PHASE_DONE, Ordering::Relaxed);
-        let rss = rss_kib(pid);
-        let fds = open_fds(pid);
-        for t in &tasks {
+        let (rss, fds) = (rss_kib(service.pid()), open_fds(service.pid()));
+        for t in &opening.tasks {
             t.abort();
         }
-        for t in tasks {
+        let outcome = Outcome {
+            open,
+            exact,
+            converged,
+            settle_secs,
+            rss,
+            fds,
+        };
+        (opening, outcome)
+    });
+    rt.block_on(async {
+        for t in opening.tasks.iter_mut() {
             let _ = t.await;
         }
-
-        let failed = shared
-            .clients
-            .iter()
-            .filter(|c| c.state.load(Ordering::Relaxed) == FAILED)
-            .count();
-        let closes = shared.closes.lock().expect("not poisoned").clone();
-        let in_phase = |phase: usize| -> u64 {
-            closes
-                .iter()
-                .filter(|((p, _), _)| *p == phase)
-                .map(|(_, n)| n)
-                .sum()
-        };
-        let by_code = |phase: usize| -> String {
-            let parts: Vec<String> = closes
-                .iter()
-                .filter(|((p, _), _)| *p == phase)
-                .map(|((_, why), n)| format!("{why}:{n}"))
-                .collect();
-            if parts.is_empty() {
-                "none".into()
-            } else {
-                parts.join(",")
-            }
-        };
-        connects_per_s = n as f64 / ramp_secs;
-        Line::new("ramp")
-            .s("transport", transport.name())
-            .s("mode", mode.name())
-            .s("round", r)
-            .s("clients", n)
-            .s("pages", RAMP_PAGES)
-            .s("links", RAMP_LINKS)
-            .s("inflight", inflight)
-            .f("ramp_secs", ramp_secs)
-            .f("connects_per_s", n as f64 / ramp_secs)
-            .f("ramp_updates_per_s", ramp_updates as f64 / ramp_secs)
-            .f("ramp_service_cpu_pct", service_cpu)
-            .f("ramp_client_cpu_pct", client_cpu)
-            .s("open", open)
-            .s("exact", exact)
-            .s("not_exact", open - exact)
-            .s("failed_opens", failed)
-            .s("server_closes_ramp", in_phase(PHASE_RAMP))
-            .s("server_closes_settle", in_phase(PHASE_SETTLE))
-            .s("closes_ramp_by_code", by_code(PHASE_RAMP))
-            .s("closes_settle_by_code", by_code(PHASE_SETTLE))
-            .f(
-                "converge_ms",
-                converged.map_or(f64::NAN, |d| d.as_secs_f64() * 1e3),
-            )
-            .f("settle_secs", settle_secs)
-            .s("unexpected_msgs", shared.unexpected.load(Ordering::Relaxed))
-            .s("service_rss_kib", rss)
-            .s("service_fds", fds)
-            .s("target_server_closes", 0)
-            .s("target_exact", n)
-            .print();
-        if let Some(e) = shared.first_error.lock().expect("not poisoned").as_ref() {
-            println!("#   first error: {e}");
-        }
     });
+    print_round(&shared, (mode, r, transport, inflight), &opening, &outcome);
     drop(service);
-    connects_per_s
+    n as f64 / opening.ramp_secs
+}
+
+/// The `ramp` line of a round.
+fn print_round(
+    shared: &Shared,
+    (mode, r, transport, inflight): (Mode, usize, Transport, usize),
+    opening: &Opening,
+    o: &Outcome,
+) {
+    let n = shared.clients.len();
+    let failed = shared
+        .clients
+        .iter()
+        .filter(|c| c.state.load(Ordering::Relaxed) == FAILED)
+        .count();
+    let (ramp_closes, ramp_codes) = closes_in(shared, PHASE_RAMP);
+    let (settle_closes, settle_codes) = closes_in(shared, PHASE_SETTLE);
+    let secs = opening.ramp_secs;
+    Line::new("ramp")
+        .s("transport", transport.name())
+        .s("mode", mode.name())
+        .s("round", r)
+        .s("clients", n)
+        .s("pages", RAMP_PAGES)
+        .s("links", RAMP_LINKS)
+        .s("inflight", inflight)
+        .f("ramp_secs", secs)
+        .f("connects_per_s", n as f64 / secs)
+        .f("ramp_updates_per_s", opening.updates as f64 / secs)
+        .f("ramp_service_cpu_pct", opening.service_cpu_pct)
+        .f("ramp_client_cpu_pct", opening.client_cpu_pct)
+        .s("open", o.open)
+        .s("exact", o.exact)
+        .s("not_exact", o.open - o.exact)
+        .s("failed_opens", failed)
+        .s("server_closes_ramp", ramp_closes)
+        .s("server_closes_settle", settle_closes)
+        .s("closes_ramp_by_code", ramp_codes)
+        .s("closes_settle_by_code", settle_codes)
+        .f(
+            "converge_ms",
+            o.converged.map_or(f64::NAN, |d| d.as_secs_f64() * 1e3),
+        )
+        .f("settle_secs", o.settle_secs)
+        .s("unexpected_msgs", shared.unexpected.load(Ordering::Relaxed))
+        .s("service_rss_kib", o.rss)
+        .s("service_fds", o.fds)
+        .s("target_server_closes", 0)
+        .s("target_exact", n)
+        .print();
+    if let Some(e) = shared.first_error.lock().expect("not poisoned").as_ref() {
+        println!("#   first error: {e}");
+    }
 }

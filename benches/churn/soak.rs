@@ -40,7 +40,6 @@
 
 use std::{
     net::SocketAddr,
-    process::{Child, Command, Stdio},
     sync::{
         atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
         Arc, Mutex,
@@ -50,6 +49,7 @@ use std::{
 
 use crate::{
     flood::{flood_run, PageFn},
+    kit::redis::RedisServer,
     support::*,
 };
 
@@ -69,72 +69,6 @@ fn env_or<T: std::str::FromStr>(key: &str, default: T) -> T {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
-}
-
-/// A `redis-server` child without persistence, on a fixed port (so a
-/// restart comes back at the same address).
-struct Redis {
-    port: u16,
-    child: Option<Child>,
-}
-
-impl Redis {
-    fn start() -> Redis {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("free port")
-            .port();
-        let mut r = Redis { port, child: None };
-        r.spawn();
-        r
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    fn spawn(&mut self) {
-        let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string()])
-            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("redis-server (apt-get install redis-server)");
-        self.child = Some(child);
-        // Ready when it answers PING.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if self.ping() {
-                return;
-            }
-            assert!(Instant::now() < deadline, "redis-server did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn ping(&self) -> bool {
-        use std::io::{Read, Write};
-        let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", self.port)) else {
-            return false;
-        };
-        let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
-        let mut buf = [0u8; 7];
-        s.write_all(b"PING\r\n").is_ok() && s.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n"
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        self.kill();
-    }
 }
 
 /// One churn cycle: connect to one of the churn pages (one in ten: an
@@ -337,7 +271,7 @@ pub fn soak(rt: &tokio::runtime::Runtime, smoke: bool) {
     }
     schedule.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
 
-    let mut redis = Redis::start();
+    let mut redis = RedisServer::launch(&[]);
     let url = redis.url();
     let mut extra = vec![
         ("CLUSTER__REDIS_URL", url.as_str()),
@@ -493,10 +427,10 @@ pub fn soak(rt: &tokio::runtime::Runtime, smoke: bool) {
                 }
                 Event::RedisRestart => {
                     redis_restarts += 1;
-                    redis.kill();
+                    redis.stop();
                     tokio::time::sleep(Duration::from_secs_f64(redis_down)).await;
                     // Blocking until it answers PING (a few ms).
-                    redis.spawn();
+                    redis.restart();
                     println!("# soak: Redis killed and restarted after {redis_down} s down");
                     events_since.push("redis_restart");
                 }

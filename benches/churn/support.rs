@@ -3,18 +3,21 @@
 //! ceiling server, statistics and the summary lines.
 
 use std::{
-    io::{BufRead, BufReader},
     net::{Ipv4Addr, SocketAddr, TcpListener},
-    path::PathBuf,
-    process::{Child, Command, Stdio},
+    process::Command,
     sync::atomic::{AtomicUsize, Ordering},
     time::{Duration, Instant},
 };
 
 use futures_util::{SinkExt, StreamExt};
-use link_counter::{Server, Settings};
+use link_counter::Server;
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_tungstenite::{tungstenite::Message, WebSocketStream};
+
+use crate::kit::{
+    child::{binary_path, OnDrop, Running, Spawn},
+    settings::{bench_settings, Env},
+};
 
 /// A client WebSocket over a plain TCP stream.
 pub type Ws = WebSocketStream<TcpStream>;
@@ -257,42 +260,12 @@ pub struct InProcess {
     _dir: tempfile::TempDir,
 }
 
-/// Abuse caps are off: the load generator is a handful of loopback
-/// addresses opening thousands of connections per second, which is exactly
-/// what the per-IP caps exist to refuse in production.
-pub const NO_CAPS: &[(&str, &str)] = &[
-    ("LIMITS__MAX_CONNECTIONS", "0"),
-    ("LIMITS__MAX_CONNECTIONS_PER_IP", "0"),
-    ("LIMITS__CONNECTIONS_PER_IP_PER_SECOND", "0"),
-    ("LIMITS__MESSAGES_PER_SECOND", "0"),
-];
-
-/// Bench settings: defaults (2 shards, 2 workers on this machine, 50 ms
-/// broadcast) with a temp data dir and port 0, plus `extra` env overrides.
-pub fn settings(dir: &std::path::Path, extra: &[(&str, &str)]) -> Settings {
-    let mut env: Vec<(String, String)> = vec![
-        ("LINK_COUNTER__SERVER__BIND".into(), "127.0.0.1:0".into()),
-        ("LINK_COUNTER__ADMIN__BIND".into(), "127.0.0.1:0".into()),
-        (
-            "LINK_COUNTER__STORAGE__PATH".into(),
-            dir.display().to_string(),
-        ),
-    ];
-    for (k, v) in NO_CAPS {
-        env.push((format!("LINK_COUNTER__{k}"), v.to_string()));
-    }
-    // Overrides in the bench's own environment apply too (the child inherits them).
-    env.extend(std::env::vars().filter(|(k, _)| k.starts_with("LINK_COUNTER__")));
-    for (k, v) in extra {
-        env.push((format!("LINK_COUNTER__{k}"), v.to_string()));
-    }
-    Settings::load_from(None, env).expect("bench settings are valid")
-}
-
 impl InProcess {
     pub fn start(extra: &[(&str, &str)]) -> InProcess {
         let dir = tempfile::tempdir().expect("temp dir");
-        let settings = settings(dir.path(), extra);
+        // Abuse caps off (the load generator is a handful of loopback
+        // addresses), the bench's own `LINK_COUNTER__…` overrides, `extra`.
+        let settings = bench_settings(dir.path(), extra);
         let listener = listener();
         let addr = listener.local_addr().expect("local addr");
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -328,12 +301,13 @@ impl Drop for InProcess {
     }
 }
 
-/// The release binary as a child process (own fd table and RSS).
+/// The release binary as a child process (own fd table and RSS), stopped
+/// with SIGTERM when dropped (a profiler wrapping it writes its output).
 pub struct ChildService {
     pub addr: SocketAddr,
     /// The admin listener (`/metrics`).
     pub admin: Option<SocketAddr>,
-    child: Child,
+    process: Running,
     dir: tempfile::TempDir,
     /// The service's own settings (`extra`), kept for [`ChildService::restart`];
     /// `None` for the ceiling servers.
@@ -341,8 +315,9 @@ pub struct ChildService {
 }
 
 impl ChildService {
-    /// The release binary on a fresh temp data dir, per-IP caps off
-    /// ([`NO_CAPS`]), plus `extra` settings (`SECTION__KEY`, value).
+    /// The release binary on a fresh temp data dir with the benches'
+    /// settings (caps off, the bench's `LINK_COUNTER__…` overrides), plus
+    /// `extra` settings (`SECTION__KEY`, value).
     pub fn start(extra: &[(&str, &str)]) -> ChildService {
         Self::start_in(tempfile::tempdir().expect("temp dir"), extra)
     }
@@ -367,8 +342,7 @@ impl ChildService {
 
     /// SIGKILL, then reap: no graceful shutdown, nothing flushed.
     pub fn kill9(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.process.kill9();
     }
 
     /// Starts the service again with the same settings on the same data dir
@@ -381,36 +355,26 @@ impl ChildService {
             .expect("only the service binary restarts");
         self.kill9();
         let cmd = Self::service_command(self.dir.path(), &extra);
-        let (child, addr, admin) = Self::launch(cmd, true);
-        self.child = child;
-        self.addr = addr;
-        self.admin = admin;
+        self.process = Self::launch(cmd, true);
+        self.addr = self.process.addr;
+        self.admin = self.process.admin;
     }
 
     /// The command line of the release binary on `dir` with `extra` settings.
     fn service_command(dir: &std::path::Path, extra: &[(String, String)]) -> Command {
-        let bin = PathBuf::from(env!("CARGO_BIN_EXE_link-counter"));
         // `LC_BENCH_WRAP="valgrind --tool=massif"` (say) runs the service under a profiler.
         let wrap = std::env::var("LC_BENCH_WRAP").unwrap_or_default();
         let mut words = wrap.split_whitespace();
         let mut cmd = match words.next() {
             Some(tool) => {
                 let mut c = Command::new(tool);
-                c.args(words).arg(&bin);
+                c.args(words).arg(binary_path());
                 c
             }
-            None => Command::new(&bin),
+            None => Command::new(binary_path()),
         };
-        cmd.env("LINK_COUNTER__SERVER__BIND", "127.0.0.1:0")
-            .env("LINK_COUNTER__ADMIN__BIND", "127.0.0.1:0")
-            .env("LINK_COUNTER__STORAGE__PATH", dir)
-            .env("RUST_LOG", "warn");
-        for (k, v) in NO_CAPS {
-            cmd.env(format!("LINK_COUNTER__{k}"), v);
-        }
-        for (k, v) in extra {
-            cmd.env(format!("LINK_COUNTER__{k}"), v);
-        }
+        cmd.env("RUST_LOG", "warn");
+        Env::bench(dir).with(extra).apply(&mut cmd);
         cmd
     }
 
@@ -438,70 +402,30 @@ impl ChildService {
     /// Spawns `cmd`, which prints `listening on ADDR` (then, if
     /// `admin_line`, `admin listening on ADDR`) on its standard output.
     fn spawn(cmd: Command, dir: tempfile::TempDir, admin_line: bool) -> ChildService {
-        let (child, addr, admin) = Self::launch(cmd, admin_line);
+        let process = Self::launch(cmd, admin_line);
         ChildService {
-            addr,
-            admin,
-            child,
+            addr: process.addr,
+            admin: process.admin,
+            process,
             dir,
             extra: None,
         }
     }
 
     /// Spawns `cmd` and reads its addresses (see [`ChildService::spawn`]).
-    fn launch(mut cmd: Command, admin_line: bool) -> (Child, SocketAddr, Option<SocketAddr>) {
-        cmd.stdout(Stdio::piped()).stderr(Stdio::inherit());
-        let mut child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {:?}: {e}", cmd.get_program()));
-        let stdout = child.stdout.take().expect("piped stdout");
-        let mut line = String::new();
-        let mut stdout = BufReader::new(stdout);
-        stdout
-            .read_line(&mut line)
-            .expect("the child prints its address");
-        let mut admin = None;
-        if admin_line {
-            let mut second = String::new();
-            let _ = stdout.read_line(&mut second);
-            admin = second
-                .trim()
-                .strip_prefix("admin listening on ")
-                .and_then(|a| a.parse().ok());
-        }
-        let addr = line
-            .trim()
-            .strip_prefix("listening on ")
-            .and_then(|a| a.parse().ok())
-            .unwrap_or_else(|| panic!("unexpected first line {line:?}"));
-        (child, addr, admin)
+    fn launch(cmd: Command, admin_line: bool) -> Running {
+        Spawn::default()
+            .admin_line(admin_line)
+            .on_drop(OnDrop::Term(Duration::from_secs(15)))
+            .start(cmd)
     }
 
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.process.pid()
     }
 
     pub fn alive(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
-    }
-}
-
-impl Drop for ChildService {
-    fn drop(&mut self) {
-        if !self.alive() {
-            // Already reaped (after `kill9`, say): its pid may belong to another process now.
-            return;
-        }
-        // SIGTERM first (a profiler wrapping the service writes its output on exit).
-        let _ = Command::new("kill")
-            .arg(self.child.id().to_string())
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while Instant::now() < deadline && self.alive() {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.process.alive()
     }
 }
 
@@ -651,64 +575,71 @@ pub fn run_fanout_ceiling(interval: Duration) -> ! {
                 tokio::time::sleep(Duration::from_millis(10)).await;
                 continue;
             };
-            let (count, mut counts) = (count.clone(), counts.clone());
-            tokio::spawn(async move {
-                let _ = stream.set_nodelay(true);
-                let mut hot = false;
-                // The callback's type is tungstenite's (`Result<Response, ErrorResponse>`).
-                #[allow(clippy::result_large_err)]
-                let callback =
-                    |req: &tokio_tungstenite::tungstenite::handshake::server::Request, res| {
-                        hot = req.uri().path().ends_with("/hot");
-                        Ok(res)
-                    };
-                let Ok(mut ws) = tokio_tungstenite::accept_hdr_async(stream, callback).await else {
+            tokio::spawn(fanout_ceiling_conn(stream, count.clone(), counts.clone()));
+        }
+    })
+}
+
+/// One connection of the fan-out ceiling: a viewer of "hot" (a path ending
+/// in `/hot`) counts until it closes; any other connection is a subscriber,
+/// answered with the current count at its first text frame, then fed each
+/// published count.
+async fn fanout_ceiling_conn(
+    stream: tokio::net::TcpStream,
+    count: std::sync::Arc<std::sync::atomic::AtomicI64>,
+    mut counts: tokio::sync::watch::Receiver<i64>,
+) {
+    let _ = stream.set_nodelay(true);
+    let mut hot = false;
+    // The callback's type is tungstenite's (`Result<Response, ErrorResponse>`).
+    #[allow(clippy::result_large_err)]
+    let callback = |req: &tokio_tungstenite::tungstenite::handshake::server::Request, res| {
+        hot = req.uri().path().ends_with("/hot");
+        Ok(res)
+    };
+    let Ok(mut ws) = tokio_tungstenite::accept_hdr_async(stream, callback).await else {
+        return;
+    };
+    if hot {
+        count.fetch_add(1, Ordering::Relaxed);
+        while let Some(Ok(_)) = ws.next().await {}
+        count.fetch_sub(1, Ordering::Relaxed);
+        return;
+    }
+    let update = |n: i64| {
+        Message::text(format!(
+            r#"{{"type":"update","connections":{{"hot":{n}}}}}"#
+        ))
+    };
+    // The subscribe, answered with the current count; the feed starts there.
+    loop {
+        match ws.next().await {
+            Some(Ok(m)) if m.is_text() => break,
+            Some(Ok(_)) => continue,
+            _ => return,
+        }
+    }
+    let now = *counts.borrow_and_update();
+    if ws.send(update(now)).await.is_err() {
+        return;
+    }
+    loop {
+        tokio::select! {
+            changed = counts.changed() => {
+                if changed.is_err() {
                     return;
-                };
-                if hot {
-                    count.fetch_add(1, Ordering::Relaxed);
-                    while let Some(Ok(_)) = ws.next().await {}
-                    count.fetch_sub(1, Ordering::Relaxed);
-                    return;
-                }
-                let update = |n: i64| {
-                    Message::text(format!(
-                        r#"{{"type":"update","connections":{{"hot":{n}}}}}"#
-                    ))
-                };
-                // The subscribe, answered with the current count; the feed
-                // starts there.
-                loop {
-                    match ws.next().await {
-                        Some(Ok(m)) if m.is_text() => break,
-                        Some(Ok(_)) => continue,
-                        _ => return,
-                    }
                 }
                 let now = *counts.borrow_and_update();
                 if ws.send(update(now)).await.is_err() {
                     return;
                 }
-                loop {
-                    tokio::select! {
-                        changed = counts.changed() => {
-                            if changed.is_err() {
-                                return;
-                            }
-                            let now = *counts.borrow_and_update();
-                            if ws.send(update(now)).await.is_err() {
-                                return;
-                            }
-                        }
-                        m = ws.next() => match m {
-                            Some(Ok(_)) => {}
-                            _ => return,
-                        },
-                    }
-                }
-            });
+            }
+            m = ws.next() => match m {
+                Some(Ok(_)) => {}
+                _ => return,
+            },
         }
-    })
+    }
 }
 
 /// `GET path` on `server`: the body of a 200 answer.
@@ -809,6 +740,97 @@ pub fn update_map(text: &str) -> Option<Vec<(String, i64)>> {
         .collect()
 }
 
+/// The true counts of the observed pages and what the connections saw.
+type Counts = std::sync::Arc<Vec<std::sync::atomic::AtomicI64>>;
+
+/// Holds `1 + i % 4` connections open on page `i` of `pages`, each reading
+/// until the server ends it (then counted down in `truth` and up in
+/// `server_ends`); returns their tasks once all are open.
+async fn hold_pages(
+    server: SocketAddr,
+    pages: &[String],
+    truth: &Counts,
+    server_ends: &std::sync::Arc<std::sync::atomic::AtomicU64>,
+) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
+    let mut tasks = Vec::new();
+    let limit = Duration::from_secs(10);
+    for (i, page) in pages.iter().enumerate() {
+        for _ in 0..1 + i % 4 {
+            let mut ws =
+                tokio::time::timeout(limit, connect(server, &format!("/parties/page/{page}")))
+                    .await
+                    .map_err(|_| anyhow::anyhow!("held connection to {page}: timed out"))??;
+            truth[i].fetch_add(1, Ordering::SeqCst);
+            let (truth, server_ends) = (truth.clone(), server_ends.clone());
+            tasks.push(tokio::spawn(async move {
+                while let Some(Ok(m)) = ws.next().await {
+                    if m.is_close() {
+                        break;
+                    }
+                }
+                truth[i].fetch_sub(1, Ordering::SeqCst);
+                server_ends.fetch_add(1, Ordering::Relaxed);
+            }));
+        }
+    }
+    Ok(tasks)
+}
+
+/// Applies the subscriber's messages to `view` (page `i` of `pages` at
+/// index `i`); the first one it does not expect goes to `unexpected`.
+/// The applier answers whether the message was an update.
+fn applier(
+    pages: &[String],
+    view: &Counts,
+    unexpected: &std::sync::Arc<std::sync::Mutex<Option<String>>>,
+) -> impl Fn(&str) -> bool + Send + 'static {
+    let index: std::collections::HashMap<String, usize> = pages
+        .iter()
+        .enumerate()
+        .map(|(i, p)| (p.clone(), i))
+        .collect();
+    let (view, unexpected) = (view.clone(), unexpected.clone());
+    move |t: &str| {
+        let Some(counts) = update_map(t) else {
+            let mut u = unexpected.lock().expect("not poisoned");
+            u.get_or_insert_with(|| t.to_string());
+            return false;
+        };
+        for (id, n) in counts {
+            match index.get(&id) {
+                Some(&i) => view[i].store(n, Ordering::SeqCst),
+                None => {
+                    let mut u = unexpected.lock().expect("not poisoned");
+                    u.get_or_insert_with(|| format!("update for {id}: {t}"));
+                }
+            }
+        }
+        true
+    }
+}
+
+/// Reads `ws` until its first update, applied with `apply` (10 s at most).
+async fn first_update(ws: &mut Ws, apply: &impl Fn(&str) -> bool) -> anyhow::Result<()> {
+    let first = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Text(t))) => {
+                    if apply(&t) {
+                        return Ok(());
+                    }
+                }
+                Some(Ok(Message::Close(c))) => anyhow::bail!("subscriber closed: {c:?}"),
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => return Err(e.into()),
+                None => anyhow::bail!("subscriber: stream ended"),
+            }
+        }
+    })
+    .await
+    .map_err(|_| anyhow::anyhow!("subscriber: first update timed out"))?;
+    first
+}
+
 impl Observed {
     /// Opens `n` pages `{prefix}0` … and the subscriber (on `{prefix}observer`);
     /// returns once every held connection is open and the subscriber has
@@ -819,102 +841,36 @@ impl Observed {
             Arc, Mutex,
         };
         let pages: Vec<String> = (0..n).map(|i| format!("{prefix}{i}")).collect();
-        let truth: Arc<Vec<AtomicI64>> = Arc::new((0..n).map(|_| AtomicI64::new(0)).collect());
-        let view: Arc<Vec<AtomicI64>> = Arc::new((0..n).map(|_| AtomicI64::new(-1)).collect());
+        let truth: Counts = Arc::new((0..n).map(|_| AtomicI64::new(0)).collect());
+        let view: Counts = Arc::new((0..n).map(|_| AtomicI64::new(-1)).collect());
         let observer_open = Arc::new(AtomicBool::new(false));
         let server_ends = Arc::new(AtomicU64::new(0));
         let unexpected: Arc<Mutex<Option<String>>> = Arc::default();
-        let mut tasks = Vec::new();
-        let limit = Duration::from_secs(10);
-        for (i, page) in pages.iter().enumerate() {
-            for _ in 0..1 + i % 4 {
-                let mut ws =
-                    tokio::time::timeout(limit, connect(server, &format!("/parties/page/{page}")))
-                        .await
-                        .map_err(|_| anyhow::anyhow!("held connection to {page}: timed out"))??;
-                truth[i].fetch_add(1, Ordering::SeqCst);
-                let (truth, server_ends) = (truth.clone(), server_ends.clone());
-                tasks.push(tokio::spawn(async move {
-                    while let Some(Ok(m)) = ws.next().await {
-                        if m.is_close() {
-                            break;
-                        }
-                    }
-                    truth[i].fetch_sub(1, Ordering::SeqCst);
-                    server_ends.fetch_add(1, Ordering::Relaxed);
-                }));
-            }
-        }
+        let mut tasks = hold_pages(server, &pages, &truth, &server_ends).await?;
         let mut ws = tokio::time::timeout(
-            limit,
+            Duration::from_secs(10),
             connect(server, &format!("/parties/page/{prefix}observer")),
         )
         .await
         .map_err(|_| anyhow::anyhow!("subscriber: connect timed out"))??;
         ws.send(subscribe_msg(&pages)).await?;
-        let index: std::collections::HashMap<String, usize> = pages
-            .iter()
-            .enumerate()
-            .map(|(i, p)| (p.clone(), i))
-            .collect();
-        let apply = {
-            let (view, unexpected) = (view.clone(), unexpected.clone());
-            move |t: &str| match update_map(t) {
-                Some(counts) => {
-                    for (id, n) in counts {
-                        match index.get(&id) {
-                            Some(&i) => view[i].store(n, Ordering::SeqCst),
-                            None => {
-                                let mut u = unexpected.lock().expect("not poisoned");
-                                u.get_or_insert_with(|| format!("update for {id}: {t}"));
-                            }
-                        }
-                    }
-                    true
-                }
-                None => {
-                    let mut u = unexpected.lock().expect("not poisoned");
-                    u.get_or_insert_with(|| t.to_string());
-                    false
-                }
-            }
-        };
-        // The first update (the full map) before returning.
-        let first = tokio::time::timeout(limit, async {
-            loop {
-                match ws.next().await {
-                    Some(Ok(Message::Text(t))) => {
-                        if apply(&t) {
-                            return Ok(());
-                        }
-                    }
-                    Some(Ok(Message::Close(c))) => anyhow::bail!("subscriber closed: {c:?}"),
-                    Some(Ok(_)) => continue,
-                    Some(Err(e)) => return Err(e.into()),
-                    None => anyhow::bail!("subscriber: stream ended"),
-                }
-            }
-        })
-        .await
-        .map_err(|_| anyhow::anyhow!("subscriber: first update timed out"))?;
-        first?;
+        let apply = applier(&pages, &view, &unexpected);
+        first_update(&mut ws, &apply).await?;
         observer_open.store(true, Ordering::SeqCst);
-        {
-            let (observer_open, server_ends) = (observer_open.clone(), server_ends.clone());
-            tasks.push(tokio::spawn(async move {
-                while let Some(Ok(m)) = ws.next().await {
-                    match m {
-                        Message::Text(t) => {
-                            apply(&t);
-                        }
-                        Message::Close(_) => break,
-                        _ => {}
+        let (open, ends) = (observer_open.clone(), server_ends.clone());
+        tasks.push(tokio::spawn(async move {
+            while let Some(Ok(m)) = ws.next().await {
+                match m {
+                    Message::Text(t) => {
+                        apply(&t);
                     }
+                    Message::Close(_) => break,
+                    _ => {}
                 }
-                observer_open.store(false, Ordering::SeqCst);
-                server_ends.fetch_add(1, Ordering::Relaxed);
-            }));
-        }
+            }
+            open.store(false, Ordering::SeqCst);
+            ends.fetch_add(1, Ordering::Relaxed);
+        }));
         Ok(Observed {
             pages,
             truth,

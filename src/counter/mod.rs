@@ -52,6 +52,13 @@ use peaks::Peaks;
 
 pub(crate) use state::{Epoch, RoomId};
 
+/// Test hook: the counter's state machine without its actor, for the
+/// micro-benchmarks (`benches/micro.rs`).
+#[cfg(feature = "test-hooks")]
+pub mod bare {
+    pub use super::state::{Effect, LoadStats, Now, Outbox, PageOf, State};
+}
+
 use state::{Effect, LoadStats, Now, Outbox, RoomReport, State, ToCluster};
 
 // ---------------------------------------------------------------- messages

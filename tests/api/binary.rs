@@ -1,17 +1,20 @@
 //! The binary's command line, configuration handling and start-up messages.
 
 use std::{
-    io::{BufRead, BufReader, Read},
+    io::Read,
     path::Path,
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
 };
 
-use crate::helpers::eventually_blocking;
+use crate::kit::{
+    child::{binary, binary_path, Running, Spawn, Stderr},
+    settings::Env,
+};
 
 /// Runs the binary to completion; (exit code, stderr). Storage goes to a
 /// directory that must never be created unless `env` sets another.
 fn run(args: &[&str], env: &[(&str, &str)]) -> (i32, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_link-counter"))
+    let out = Command::new(binary_path())
         .args(args)
         .env(
             "LINK_COUNTER__STORAGE__PATH",
@@ -46,87 +49,17 @@ fn assert_config_error(args: &[&str], env: &[(&str, &str)], first_line: &[&str])
     stderr
 }
 
-/// The binary serving on port 0 (no admin listener) with storage in `data`;
-/// killed if the test fails before [`Running::stop`].
-struct Running {
-    child: Child,
-    /// What `listening on` reported.
-    addr: String,
-    /// Collects stderr (drained all along, so the child never blocks on it).
-    stderr: Option<std::thread::JoinHandle<String>>,
-}
-
-impl Running {
-    fn start(data: &Path, env: &[(&str, &str)]) -> Running {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_link-counter"))
-            .env("LINK_COUNTER__SERVER__BIND", "127.0.0.1:0")
-            .env("LINK_COUNTER__ADMIN__BIND", "")
-            .env("LINK_COUNTER__STORAGE__PATH", data)
-            .env("RUST_LOG", "warn")
-            .envs(env.iter().copied())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn");
-        let mut err = child.stderr.take().expect("stderr");
-        let stderr = std::thread::spawn(move || {
-            let mut text = String::new();
-            let _ = err.read_to_string(&mut text);
-            text
-        });
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().expect("stdout"))
-            .read_line(&mut line)
-            .expect("stdout line");
-        let mut running = Running {
-            child,
-            addr: String::new(),
-            stderr: Some(stderr),
-        };
-        match line.trim().strip_prefix("listening on ") {
-            Some(addr) => running.addr = addr.to_owned(),
-            None => {
-                let _ = running.child.kill();
-                let _ = running.child.wait();
-                let stderr = running.stderr.take().map(|h| h.join().unwrap_or_default());
-                panic!(
-                    "the binary did not start: {line:?}\n{}",
-                    stderr.unwrap_or_default()
-                );
-            }
-        }
-        running
-    }
-
-    /// SIGTERM, then (exit code, stderr).
-    fn stop(mut self) -> (i32, String) {
-        let status = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .expect("kill");
-        assert!(status.success());
-        let code = eventually_blocking("the binary to exit on SIGTERM", || {
-            self.child.try_wait().expect("wait")
-        })
-        .code()
-        .unwrap_or(-1);
-        let stderr = self
-            .stderr
-            .take()
-            .expect("stderr")
-            .join()
-            .expect("stderr text");
-        (code, stderr)
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
+/// The binary serving on port 0 (no admin listener) with storage in `data`,
+/// its standard error collected; killed if the test fails before
+/// [`Running::stop`].
+fn start(data: &Path, env: &[(&str, &str)]) -> Running {
+    let mut cmd = binary();
+    Env::base(data).set("ADMIN__BIND", "").apply(&mut cmd);
+    cmd.envs(env.iter().copied());
+    Spawn::default()
+        .admin_line(false)
+        .stderr(Stderr::Collect)
+        .start(cmd)
 }
 
 /// An invalid or unreadable config prints one clear line naming the key and
@@ -205,31 +138,15 @@ fn config_file_and_env_override_apply() {
     let dir = tempfile::tempdir().expect("tmp");
     let file = dir.path().join("lc.toml");
     std::fs::write(&file, "[server]\nbind = \"127.0.0.1:9\"\n").expect("write");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_link-counter"))
-        .args(["--config", file.to_str().expect("utf8")])
-        .env("LINK_COUNTER__SERVER__BIND", "127.0.0.1:0")
-        .env("LINK_COUNTER__ADMIN__BIND", "127.0.0.1:0")
-        .env("LINK_COUNTER__STORAGE__PATH", dir.path().join("data"))
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().expect("stdout"))
-        .read_line(&mut line)
-        .expect("line");
-    assert!(line.starts_with("listening on 127.0.0.1:"), "{line}");
-    assert!(!line.contains(":9\n"), "env override must win: {line}");
+    let mut cmd = binary();
+    cmd.args(["--config", file.to_str().expect("utf8")]);
+    Env::base(&dir.path().join("data")).apply(&mut cmd);
+    let running = Running::start(cmd);
+    assert_eq!(running.addr.ip().to_string(), "127.0.0.1");
+    assert_ne!(running.addr.port(), 9, "env override must win");
     assert!(dir.path().join("data").exists(), "storage.path applied");
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .expect("kill");
-    assert!(status.success());
-    let s = eventually_blocking("the binary to exit on SIGTERM", || {
-        child.try_wait().expect("wait")
-    });
-    assert_eq!(s.code(), Some(0));
+    let (code, _) = running.stop();
+    assert_eq!(code, 0);
 }
 
 /// A second instance on the data directory of a running one stops at once
@@ -239,7 +156,7 @@ fn config_file_and_env_override_apply() {
 fn second_instance_on_the_same_data_dir_is_told_why() {
     let dir = tempfile::tempdir().expect("tmp");
     let data = dir.path().join("data");
-    let first = Running::start(&data, &[]);
+    let first = start(&data, &[]);
     let data_env = data.to_str().expect("utf8");
     let (code, stderr) = run(&[], &[("LINK_COUNTER__STORAGE__PATH", data_env)]);
     assert_eq!(code, 1, "{stderr}");
@@ -255,7 +172,7 @@ fn second_instance_on_the_same_data_dir_is_told_why() {
     assert!(!stderr.contains("WouldBlock"), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
     // The first one was not disturbed.
-    let mut conn = std::net::TcpStream::connect(&first.addr).expect("first still serves");
+    let mut conn = std::net::TcpStream::connect(first.addr).expect("first still serves");
     use std::io::Write;
     conn.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         .expect("request");
@@ -389,7 +306,7 @@ fn unknown_setting_variables_are_refused_with_the_nearest_name() {
 #[test]
 fn misnamed_variables_warn_and_the_server_starts() {
     let dir = tempfile::tempdir().expect("tmp");
-    let running = Running::start(
+    let running = start(
         &dir.path().join("data"),
         &[
             ("LINK_COUNTER_SERVER_BIND", "127.0.0.1:9"),
@@ -406,7 +323,7 @@ fn misnamed_variables_warn_and_the_server_starts() {
         ],
     );
     assert!(
-        running.addr.starts_with("127.0.0.1:") && !running.addr.ends_with(":9"),
+        running.addr.ip().to_string() == "127.0.0.1" && running.addr.port() != 9,
         "the misnamed variable is not applied: {}",
         running.addr
     );

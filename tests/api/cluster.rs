@@ -6,15 +6,18 @@
 //! which case they fail.
 
 use std::{
-    io::{BufRead, BufReader},
     net::SocketAddr,
-    process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 
-use crate::helpers::{
-    counts, eventually, eventually_blocking, free_port, http_get, redis_available, Client,
-    RedisServer,
+use crate::{
+    helpers::{counts, eventually, http_get, redis_available, Client, RedisServer},
+    kit::{
+        child::{binary, Running},
+        prom,
+        redis::RedisCluster,
+        settings::{Env, PER_IP_CAPS_OFF},
+    },
 };
 
 /// Liveness settings of the tests (short, so crashes are detected quickly).
@@ -23,7 +26,7 @@ const NODE_TTL: Duration = Duration::from_secs(1);
 
 /// A real `link-counter` process in cluster mode.
 struct Node {
-    child: Child,
+    process: Running,
     addr: SocketAddr,
     /// The admin listener (`/metrics`).
     admin: SocketAddr,
@@ -47,48 +50,24 @@ impl Node {
 
     /// A node on the Redis at `url` with `dir` as its data directory.
     fn spawn(url: &str, extra: &[(&str, &str)], dir: tempfile::TempDir) -> Node {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_link-counter"));
-        cmd.env("LINK_COUNTER__SERVER__BIND", "127.0.0.1:0")
-            .env("LINK_COUNTER__ADMIN__BIND", "127.0.0.1:0")
-            .env("LINK_COUNTER__SERVER__WORKERS", "2")
-            .env("LINK_COUNTER__STORAGE__PATH", dir.path())
-            .env("LINK_COUNTER__CLUSTER__REDIS_URL", url)
-            .env("LINK_COUNTER__CLUSTER__HEARTBEAT_INTERVAL", HEARTBEAT)
-            .env(
-                "LINK_COUNTER__CLUSTER__NODE_TTL",
-                format!("{}ms", NODE_TTL.as_millis()),
-            )
-            .env("LINK_COUNTER__LIMITS__MAX_CONNECTIONS_PER_IP", "0")
-            .env("LINK_COUNTER__LIMITS__CONNECTIONS_PER_IP_PER_SECOND", "0")
-            .env("LINK_COUNTER__LIMITS__MESSAGES_PER_SECOND", "0")
-            .env(
-                "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "error".into()),
-            );
-        for (k, v) in extra {
-            cmd.env(format!("LINK_COUNTER__{k}"), v);
-        }
-        let mut child = cmd
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("binary starts");
-        let stdout = child.stdout.take().expect("stdout");
-        let mut lines = BufReader::new(stdout).lines();
-        let mut addr_after = |prefix: &str| -> SocketAddr {
-            let line = lines.next().expect("a line").expect("read stdout");
-            line.trim()
-                .strip_prefix(prefix)
-                .unwrap_or_else(|| panic!("unexpected line {line:?}"))
-                .parse()
-                .expect("address")
-        };
-        let addr = addr_after("listening on ");
-        let admin = addr_after("admin listening on ");
+        let mut cmd = binary();
+        Env::base(dir.path())
+            .set("SERVER__WORKERS", "2")
+            .set("CLUSTER__REDIS_URL", url)
+            .set("CLUSTER__HEARTBEAT_INTERVAL", HEARTBEAT)
+            .set("CLUSTER__NODE_TTL", format!("{}ms", NODE_TTL.as_millis()))
+            .with(PER_IP_CAPS_OFF)
+            .with(extra)
+            .apply(&mut cmd);
+        cmd.env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "error".into()),
+        );
+        let process = Running::start(cmd);
         Node {
-            child,
-            addr,
-            admin,
+            addr: process.addr,
+            admin: process.admin.expect("an admin listener"),
+            process,
             _dir: dir,
         }
     }
@@ -117,68 +96,36 @@ impl Node {
         .await;
     }
 
-    /// Sends `sig` (`-STOP`, `-CONT`) to the process.
-    fn signal(&self, sig: &str) {
-        let ok = Command::new("kill")
-            .args([sig, &self.child.id().to_string()])
-            .status()
-            .expect("kill runs")
-            .success();
-        assert!(ok, "kill {sig}");
+    /// Sends `signal` (`libc::SIGSTOP`, `libc::SIGCONT`) to the process.
+    fn signal(&self, signal: i32) {
+        self.process.signal(signal);
     }
 
     /// The live nodes this node sees (`link_counter_cluster_nodes`).
     async fn nodes_seen(&self) -> f64 {
-        metric(
+        prom::sum(
             &http_get(self.admin, "/metrics").await.1,
             "link_counter_cluster_nodes",
         )
     }
 
     fn kill_9(mut self) {
-        self.child.kill().expect("kill -9");
-        self.child.wait().expect("reaped");
+        self.process.kill9();
     }
 
     /// kill -9, then a new process on the same data directory, as a
     /// supervisor (systemd's `Restart=`) would start it.
     fn kill_9_and_restart(mut self, redis: &RedisServer) -> Node {
-        self.child.kill().expect("kill -9");
-        self.child.wait().expect("reaped");
+        self.process.kill9();
         let dir = std::mem::replace(&mut self._dir, tempfile::tempdir().expect("tmp"));
         Self::spawn(&redis.url(), &[], dir)
     }
 
     /// SIGTERM, then waits for the exit.
     fn terminate(mut self) {
-        let status = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .expect("kill runs");
-        assert!(status.success());
-        let s = eventually_blocking("the node to exit on SIGTERM", || {
-            self.child.try_wait().expect("wait")
-        });
+        let s = self.process.terminate();
         assert!(s.success(), "exit status {s}");
     }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// The sum of a metric's samples in a Prometheus text exposition.
-fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .filter(|l| {
-            l.strip_prefix(name)
-                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 /// Viewers of a page spread over two nodes: subscribers on a third node (and
@@ -231,19 +178,19 @@ async fn counts_are_summed_across_nodes() {
     let (_, b_metrics) = http_get(b.admin, "/metrics").await;
     let (_, c_metrics) = http_get(c.admin, "/metrics").await;
     assert!(
-        metric(&b_metrics, "link_counter_cluster_messages_published_total") >= 1.0,
+        prom::sum(&b_metrics, "link_counter_cluster_messages_published_total") >= 1.0,
         "{b_metrics}"
     );
     assert!(
-        metric(&c_metrics, "link_counter_cluster_messages_received_total") >= 1.0,
+        prom::sum(&c_metrics, "link_counter_cluster_messages_received_total") >= 1.0,
         "{c_metrics}"
     );
     assert!(
-        metric(&b_metrics, "link_counter_redis_rtt_seconds_count") >= 1.0,
+        prom::sum(&b_metrics, "link_counter_redis_rtt_seconds_count") >= 1.0,
         "{b_metrics}"
     );
     assert_eq!(
-        metric(&c_metrics, "link_counter_cluster_nodes"),
+        prom::sum(&c_metrics, "link_counter_cluster_nodes"),
         3.0,
         "{c_metrics}"
     );
@@ -506,9 +453,9 @@ async fn stalled_node_rejoins_with_a_new_id() {
     let _on_a = a.connect("x").await;
     let _on_b: Vec<Client> = futures_util::future::join_all((0..2).map(|_| b.connect("x"))).await;
     obs.wait_for(&counts(&[("x", 3)])).await;
-    b.signal("-STOP");
+    b.signal(libc::SIGSTOP);
     obs.wait_for(&counts(&[("x", 1)])).await;
-    b.signal("-CONT");
+    b.signal(libc::SIGCONT);
     let resumed = Instant::now();
     obs.wait_for(&counts(&[("x", 3)])).await;
     println!(
@@ -787,7 +734,7 @@ async fn stalled_node_is_never_counted_twice() {
     obs_c.wait_for(&counts(&[("x", 5)])).await;
     let truth = 5;
     for round in 0..6 {
-        b.signal("-STOP");
+        b.signal(libc::SIGSTOP);
         if round % 2 == 0 {
             // Resumed just after the others dropped it.
             assert!(max_until_page(&mut obs_a, "x", 2).await <= truth);
@@ -796,7 +743,7 @@ async fn stalled_node_is_never_counted_twice() {
             // Resumed around its expiry (the stall length is the stimulus).
             tokio::time::sleep(NODE_TTL + Duration::from_millis(100 * round)).await;
         }
-        b.signal("-CONT");
+        b.signal(libc::SIGCONT);
         let (ma, mc) = (
             max_until_page(&mut obs_a, "x", 5).await,
             max_until_page(&mut obs_c, "x", 5).await,
@@ -821,120 +768,6 @@ async fn stalled_node_is_never_counted_twice() {
     }
 }
 
-/// A real Redis Cluster of three masters (no replicas) on free ports,
-/// created with `redis-cli --cluster create`.
-struct RedisCluster {
-    ports: Vec<u16>,
-    children: Vec<Child>,
-    _dir: tempfile::TempDir,
-}
-
-impl RedisCluster {
-    fn start() -> RedisCluster {
-        let dir = tempfile::tempdir().expect("tmp");
-        let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
-        let children = ports
-            .iter()
-            .map(|p| {
-                let node_dir = dir.path().join(p.to_string());
-                std::fs::create_dir(&node_dir).expect("node dir");
-                Command::new("redis-server")
-                    .args(["--port", &p.to_string(), "--bind", "127.0.0.1"])
-                    .args([
-                        "--cluster-enabled",
-                        "yes",
-                        "--save",
-                        "",
-                        "--appendonly",
-                        "no",
-                    ])
-                    .arg("--dir")
-                    .arg(&node_dir)
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .spawn()
-                    .expect("redis-server starts")
-            })
-            .collect();
-        let cluster = RedisCluster {
-            ports,
-            children,
-            _dir: dir,
-        };
-        for p in &cluster.ports {
-            eventually_blocking("redis-server to listen", || {
-                std::net::TcpStream::connect(("127.0.0.1", *p)).is_ok()
-            });
-        }
-        let addrs: Vec<String> = cluster
-            .ports
-            .iter()
-            .map(|p| format!("127.0.0.1:{p}"))
-            .collect();
-        let out = Command::new("redis-cli")
-            .args(["--cluster", "create"])
-            .args(&addrs)
-            .args(["--cluster-replicas", "0", "--cluster-yes"])
-            .output()
-            .expect("redis-cli runs");
-        assert!(
-            out.status.success(),
-            "cluster create: {}",
-            String::from_utf8_lossy(&out.stdout)
-        );
-        // Every master agrees the cluster is up.
-        for p in &cluster.ports {
-            eventually_blocking("every master to report cluster_state:ok", || {
-                cluster
-                    .cli(*p, &["cluster", "info"])
-                    .contains("cluster_state:ok")
-            });
-        }
-        cluster
-    }
-
-    /// Seed URLs for `cluster.redis_url`.
-    fn urls(&self) -> String {
-        let urls: Vec<String> = self.ports[..2]
-            .iter()
-            .map(|p| format!("redis://127.0.0.1:{p}"))
-            .collect();
-        urls.join(",")
-    }
-
-    fn cli(&self, port: u16, args: &[&str]) -> String {
-        let out = Command::new("redis-cli")
-            .args(["-p", &port.to_string()])
-            .args(args)
-            .output()
-            .expect("redis-cli runs");
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    /// Calls of `command` summed over the masters.
-    fn calls(&self, command: &str) -> u64 {
-        let prefix = format!("cmdstat_{command}:calls=");
-        self.ports
-            .iter()
-            .map(|p| {
-                self.cli(*p, &["info", "commandstats"])
-                    .lines()
-                    .find_map(|l| l.strip_prefix(&prefix)?.split(',').next()?.parse().ok())
-                    .unwrap_or(0)
-            })
-            .sum()
-    }
-}
-
-impl Drop for RedisCluster {
-    fn drop(&mut self) {
-        for c in &mut self.children {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
 /// On a real 3-master Redis Cluster (`cluster.redis_cluster`): counts are
 /// summed across three nodes (subscribers and the HTTP API), through sharded
 /// pub/sub only (SPUBLISH, no PUBLISH), with keys spread over the masters;
@@ -945,7 +778,7 @@ async fn redis_cluster_shares_counts() {
     if !redis_available() {
         return;
     }
-    let rc = RedisCluster::start();
+    let rc = RedisCluster::start(3);
     let urls = rc.urls();
     let extra = [("CLUSTER__REDIS_CLUSTER", "true")];
     let (a, b, c) = (
@@ -994,9 +827,9 @@ async fn redis_cluster_shares_counts() {
     // A stalled b: dropped, then counted again, never twice.
     let mut obs_a = a.observer(&["page0"]).await;
     obs_a.wait_for(&counts(&[("page0", 3)])).await;
-    b.signal("-STOP");
+    b.signal(libc::SIGSTOP);
     assert!(max_until_page(&mut obs_a, "page0", 1).await <= 3);
-    b.signal("-CONT");
+    b.signal(libc::SIGCONT);
     assert!(max_until_page(&mut obs_a, "page0", 3).await <= 3);
 
     // Graceful leave of b, then kill -9 of a: c ends with nothing.

@@ -4,8 +4,7 @@
 use std::{
     collections::BTreeMap,
     net::{SocketAddr, TcpListener},
-    path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    path::PathBuf,
     time::{Duration, Instant},
 };
 
@@ -25,52 +24,12 @@ use tokio_tungstenite::{
     MaybeTlsStream, WebSocketStream,
 };
 
-/// Generous limit for anything that should happen "soon".
-pub const PATIENCE: Duration = Duration::from_secs(10);
-
-/// Settings for tests: defaults with short timers, plus `extra` overrides
-/// given as environment pairs (this also exercises the override path).
-pub fn settings(dir: &Path, extra: &[(&str, &str)]) -> Settings {
-    let mut env: Vec<(String, String)> = vec![
-        ("LINK_COUNTER__SERVER__BIND".into(), "127.0.0.1:0".into()),
-        ("LINK_COUNTER__ADMIN__BIND".into(), "127.0.0.1:0".into()),
-        ("LINK_COUNTER__SERVER__WORKERS".into(), "2".into()),
-        ("LINK_COUNTER__SERVER__SHUTDOWN_TIMEOUT".into(), "3s".into()),
-        (
-            "LINK_COUNTER__STORAGE__PATH".into(),
-            dir.display().to_string(),
-        ),
-        (
-            "LINK_COUNTER__STORAGE__SNAPSHOT_INTERVAL".into(),
-            "100ms".into(),
-        ),
-        (
-            "LINK_COUNTER__WEBSOCKET__HEARTBEAT_INTERVAL".into(),
-            "100ms".into(),
-        ),
-        (
-            "LINK_COUNTER__WEBSOCKET__CLIENT_TIMEOUT".into(),
-            "600ms".into(),
-        ),
-        // Every test client comes from 127.0.0.1: caps are off unless a test sets them.
-        (
-            "LINK_COUNTER__LIMITS__MAX_CONNECTIONS_PER_IP".into(),
-            "0".into(),
-        ),
-        (
-            "LINK_COUNTER__LIMITS__CONNECTIONS_PER_IP_PER_SECOND".into(),
-            "0".into(),
-        ),
-        (
-            "LINK_COUNTER__LIMITS__MESSAGES_PER_SECOND".into(),
-            "0".into(),
-        ),
-    ];
-    for (k, v) in extra {
-        env.push((format!("LINK_COUNTER__{k}"), v.to_string()));
-    }
-    Settings::load_from(None, env).expect("test settings are valid")
-}
+#[allow(unused_imports)] // re-exported for the modules of each target that includes this file
+pub use crate::kit::{
+    redis::{redis_available, RedisServer},
+    settings::test_settings as settings,
+    wait::{Ready, PATIENCE},
+};
 
 fn init_logs() {
     if std::env::var_os("RUST_LOG").is_some() {
@@ -233,28 +192,6 @@ pub async fn exchange(s: &mut TcpStream, request: &str) -> Vec<u8> {
     buf
 }
 
-/// What one poll of [`eventually`] found: `true` or `Some(value)` when
-/// the wait is over.
-pub trait Ready {
-    /// What the wait returns.
-    type Value;
-    fn ready(self) -> Option<Self::Value>;
-}
-
-impl Ready for bool {
-    type Value = ();
-    fn ready(self) -> Option<()> {
-        self.then_some(())
-    }
-}
-
-impl<T> Ready for Option<T> {
-    type Value = T;
-    fn ready(self) -> Option<T> {
-        self
-    }
-}
-
 /// Polls `f` every 20 ms until it is `true` (or `Some`, whose value it
 /// returns); panics after [`PATIENCE`]. The one way tests wait for state.
 pub async fn eventually<F, Fut>(what: &str, f: F) -> <Fut::Output as Ready>::Value
@@ -287,23 +224,6 @@ where
             "timed out after {patience:?} waiting for: {what}"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// The blocking form of [`eventually`], for waits outside the runtime (a
-/// child process to exit, a port to open): polls `f` every 20 ms until it
-/// is `true` (or `Some`, whose value it returns); panics after [`PATIENCE`].
-pub fn eventually_blocking<T: Ready>(what: &str, mut f: impl FnMut() -> T) -> T::Value {
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        if let Some(value) = f().ready() {
-            return value;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {PATIENCE:?} waiting for: {what}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -574,129 +494,6 @@ impl Client {
 impl Drop for Client {
     fn drop(&mut self) {
         self.reader.abort();
-    }
-}
-
-/// Whether tests needing Redis can run here; panics if they are required but cannot.
-pub fn redis_available() -> bool {
-    let found = Command::new("redis-server")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !found {
-        if std::env::var_os("LINK_COUNTER_REQUIRE_REDIS").is_some() {
-            panic!("LINK_COUNTER_REQUIRE_REDIS is set but redis-server is not installed");
-        }
-        static SAID: std::sync::Once = std::sync::Once::new();
-        SAID.call_once(|| {
-            println!("Redis tests skipped: redis-server not installed");
-        });
-    }
-    found
-}
-
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .expect("bind port 0")
-        .local_addr()
-        .expect("addr")
-        .port()
-}
-
-/// A `redis-server` child without persistence (a restart loses everything,
-/// the hardest case for convergence).
-pub struct RedisServer {
-    pub port: u16,
-    child: Option<Child>,
-}
-
-impl RedisServer {
-    /// `None` (after one line on stdout) when `redis-server` is not
-    /// installed, unless `LINK_COUNTER_REQUIRE_REDIS` is set (test.sh sets
-    /// it): then it panics.
-    pub fn start() -> Option<RedisServer> {
-        if !redis_available() {
-            return None;
-        }
-        let mut r = RedisServer {
-            port: free_port(),
-            child: None,
-        };
-        r.restart();
-        Some(r)
-    }
-
-    pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
-    }
-
-    /// Starts (again) on the same port and waits until it accepts connections.
-    pub fn restart(&mut self) {
-        let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string()])
-            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server starts");
-        self.child = Some(child);
-        let port = self.port;
-        eventually_blocking("redis-server to listen", || {
-            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-        });
-    }
-
-    /// `redis-cli` against this server; its standard output.
-    pub fn cli(&self, args: &[&str]) -> String {
-        let out = Command::new("redis-cli")
-            .args(["-p", &self.port.to_string()])
-            .args(args)
-            .output()
-            .expect("redis-cli runs");
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    /// `INFO commandstats` as command name -> calls (commands run by scripts included).
-    pub fn commandstats(&self) -> std::collections::BTreeMap<String, u64> {
-        self.cli(&["info", "commandstats"])
-            .lines()
-            .filter_map(|l| {
-                let (name, rest) = l.strip_prefix("cmdstat_")?.split_once(':')?;
-                let calls = rest
-                    .strip_prefix("calls=")?
-                    .split(',')
-                    .next()?
-                    .parse()
-                    .ok()?;
-                Some((name.to_string(), calls))
-            })
-            .collect()
-    }
-
-    /// The liveness sorted set: node id -> deadline (Redis ms).
-    pub fn live_set(&self) -> std::collections::BTreeMap<String, u64> {
-        let out = self.cli(&["zrange", "link-counter:{live}z", "0", "-1", "withscores"]);
-        let words: Vec<&str> = out.lines().map(str::trim).collect();
-        words
-            .chunks(2)
-            .filter_map(|w| Some((w.first()?.to_string(), w.get(1)?.parse().ok()?)))
-            .collect()
-    }
-
-    /// kill -9.
-    pub fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        self.stop();
     }
 }
 

@@ -7,6 +7,9 @@ mod events;
 mod hardening;
 mod helpers;
 mod history;
+#[path = "../kit/mod.rs"]
+#[allow(dead_code)] // each target uses a part of the kit
+mod kit;
 mod lifecycle;
 mod model;
 mod nginx;

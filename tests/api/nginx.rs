@@ -15,7 +15,6 @@
 //! and timers overridden from the environment).
 
 use std::{
-    io::{BufRead, BufReader},
     net::{SocketAddr, TcpListener},
     os::unix::process::CommandExt,
     path::{Path, PathBuf},
@@ -39,6 +38,11 @@ use tokio_tungstenite::{
 
 use crate::helpers::{
     counts, eventually, http_get, Client, EventClient, RedisServer, StreamItem, PATIENCE,
+};
+use crate::kit::{
+    child::{binary, OnDrop, Running, Spawn},
+    prom,
+    settings::Env,
 };
 
 /// The service's `websocket.client_timeout` behind nginx: short enough that
@@ -125,9 +129,10 @@ fn process_group(pgid: i32) -> Vec<i32> {
 
 // ---------------------------------------------------------------- the service
 
-/// The binary, configured by `deploy/config.example.toml`.
+/// The binary, configured by `deploy/config.example.toml`; stopped with
+/// SIGTERM when dropped (killed after [`PATIENCE`]).
 struct Service {
-    child: Child,
+    _process: Running,
     addr: SocketAddr,
     /// The admin listener (`/metrics`, `/api/v1/stats`).
     admin: SocketAddr,
@@ -138,62 +143,29 @@ impl Service {
     /// `env`: overrides as (KEY, value) pairs, KEY without the `LINK_COUNTER__` prefix.
     fn start(env: &[(&str, &str)]) -> Service {
         let data = tempfile::tempdir().expect("tmp");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_link-counter"))
-            .arg("--config")
+        let mut cmd = binary();
+        cmd.arg("--config")
             .arg(repo("deploy/config.example.toml"))
-            .env("LINK_COUNTER__SERVER__BIND", "127.0.0.1:0")
-            .env("LINK_COUNTER__ADMIN__BIND", "127.0.0.1:0")
-            .env("LINK_COUNTER__SERVER__SHUTDOWN_TIMEOUT", "3s")
-            .env("LINK_COUNTER__STORAGE__PATH", data.path())
-            .env(
-                "LINK_COUNTER__WEBSOCKET__HEARTBEAT_INTERVAL",
+            .stdin(Stdio::null());
+        Env::base(data.path())
+            .set("SERVER__SHUTDOWN_TIMEOUT", "3s")
+            .set(
+                "WEBSOCKET__HEARTBEAT_INTERVAL",
                 format!("{}ms", CLIENT_TIMEOUT.as_millis() / 6),
             )
-            .env(
-                "LINK_COUNTER__WEBSOCKET__CLIENT_TIMEOUT",
+            .set(
+                "WEBSOCKET__CLIENT_TIMEOUT",
                 format!("{}ms", CLIENT_TIMEOUT.as_millis()),
             )
-            .envs(env.iter().map(|(k, v)| (format!("LINK_COUNTER__{k}"), *v)))
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("the binary starts");
-        let mut out = BufReader::new(child.stdout.take().expect("stdout"));
-        let mut address = |prefix: &str| -> SocketAddr {
-            let mut line = String::new();
-            out.read_line(&mut line).expect("a line");
-            line.trim()
-                .strip_prefix(prefix)
-                .and_then(|a| a.parse().ok())
-                .unwrap_or_else(|| panic!("expected `{prefix}ADDR`, got {line:?}"))
-        };
-        let addr = address("listening on ");
-        let admin = address("admin listening on ");
-        // Keep reading stdout so the binary never writes to a closed pipe.
-        std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
+            .with(env)
+            .apply(&mut cmd);
+        let process = Spawn::default().on_drop(OnDrop::Term(PATIENCE)).start(cmd);
         Service {
-            child,
-            addr,
-            admin,
+            addr: process.addr,
+            admin: process.admin.expect("an admin listener"),
+            _process: process,
             _data: data,
         }
-    }
-}
-
-impl Drop for Service {
-    fn drop(&mut self) {
-        // SAFETY: kill(2) on our own child's pid.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + PATIENCE;
-        while self.child.try_wait().ok().flatten().is_none() {
-            if Instant::now() > deadline {
-                let _ = self.child.kill();
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        let _ = self.child.wait();
     }
 }
 
@@ -985,18 +957,10 @@ async fn event_streams_over_tls_through_both_nginx_files() {
 async fn node_figures(node: &Service) -> (u64, u64) {
     let (status, text) = http_get(node.admin, "/metrics").await;
     assert_eq!(status, 200, "{text}");
-    let sum = |name: &str| -> u64 {
-        text.lines()
-            .filter(|l| {
-                l.strip_prefix(name)
-                    .is_some_and(|rest| rest.starts_with(['{', ' ']))
-            })
-            .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
-            .sum::<f64>() as u64
-    };
+    let samples = prom::parse(&text);
     (
-        sum("link_counter_connections_open"),
-        sum("link_counter_visitors"),
+        prom::value(&samples, "link_counter_connections_open", &[]) as u64,
+        prom::value(&samples, "link_counter_visitors", &[]) as u64,
     )
 }
 
@@ -1206,7 +1170,7 @@ fn install_files_agree() {
             &copy,
             &unit.replace(
                 "/usr/local/bin/link-counter",
-                env!("CARGO_BIN_EXE_link-counter"),
+                crate::kit::child::binary_path(),
             ),
         );
         let out = Command::new(analyze)

@@ -1,15 +1,16 @@
 //! Restarts: stats survive, live counts start at 0; kill -9 of the real binary.
 
-use std::{
-    io::{BufRead, BufReader},
-    net::SocketAddr,
-    path::Path,
-    process::{Child, Command, Stdio},
-};
+use std::{net::SocketAddr, path::Path};
 
 use link_counter::storage::Storage;
 
-use crate::helpers::{eventually, http_get, settings, spawn_app_with, Client};
+use crate::{
+    helpers::{eventually, http_get, settings, spawn_app_with, Client},
+    kit::{
+        child::{binary, Running},
+        settings::Env,
+    },
+};
 
 /// A graceful restart on the same data dir keeps the stats and starts every
 /// count at 0.
@@ -51,37 +52,16 @@ async fn restart_keeps_stats_and_starts_counts_at_zero() {
     );
 }
 
-struct Binary {
-    child: Child,
-    addr: SocketAddr,
-}
-
-fn start_binary(dir: &std::path::Path) -> Binary {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_link-counter"))
-        .env("LINK_COUNTER__SERVER__BIND", "127.0.0.1:0")
-        .env("LINK_COUNTER__ADMIN__BIND", "127.0.0.1:0")
-        .env("LINK_COUNTER__STORAGE__PATH", dir)
-        .env("LINK_COUNTER__STORAGE__SNAPSHOT_INTERVAL", "100ms")
-        // Every test client comes from 127.0.0.1: per-IP caps off, as in spawn_app.
-        .env("LINK_COUNTER__LIMITS__MAX_CONNECTIONS_PER_IP", "0")
-        .env("LINK_COUNTER__LIMITS__CONNECTIONS_PER_IP_PER_SECOND", "0")
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("binary starts");
-    let stdout = child.stdout.take().expect("stdout");
-    let mut line = String::new();
-    BufReader::new(stdout)
-        .read_line(&mut line)
-        .expect("read stdout");
-    let addr = line
-        .trim()
-        .strip_prefix("listening on ")
-        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-        .parse()
-        .expect("address");
-    Binary { child, addr }
+/// The binary on `dir`, snapshots every 100 ms, per-IP caps off as in
+/// spawn_app (every test client comes from 127.0.0.1).
+fn start_binary(dir: &Path) -> Running {
+    let mut cmd = binary();
+    Env::base(dir)
+        .set("STORAGE__SNAPSHOT_INTERVAL", "100ms")
+        .set("LIMITS__MAX_CONNECTIONS_PER_IP", "0")
+        .set("LIMITS__CONNECTIONS_PER_IP_PER_SECOND", "0")
+        .apply(&mut cmd);
+    Running::start(cmd)
 }
 
 async fn total_connections(addr: SocketAddr, page: &str) -> (u64, u64) {
@@ -158,8 +138,7 @@ async fn kill_9_during_churn_keeps_older_stats() {
             total_connections(bin.addr, "k").await.0 >= settled_total + 50
         })
         .await;
-        bin.child.kill().expect("kill -9");
-        bin.child.wait().expect("reaped");
+        bin.kill9();
         churn.abort();
         let _ = churn.await;
         drop(held);
@@ -174,6 +153,5 @@ async fn kill_9_during_churn_keeps_older_stats() {
     assert_eq!(obs.next_update().await, crate::helpers::counts(&[("k", 0)]));
     let _back = Client::connect(&format!("ws://{}/parties/page/k", bin.addr)).await;
     assert_eq!(obs.next_update().await, crate::helpers::counts(&[("k", 1)]));
-    bin.child.kill().expect("kill");
-    let _ = bin.child.wait();
+    bin.kill9();
 }

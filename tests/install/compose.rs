@@ -37,7 +37,7 @@ impl Project {
         Project {
             name: format!("lc-compose-{profile}-{}", std::process::id()),
             profile,
-            port: crate::helpers::free_port(),
+            port: crate::kit::redis::free_port(),
             overrides,
         }
     }

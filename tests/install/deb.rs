@@ -3,14 +3,14 @@
 //! leaves the machine as it found it: no package, no user, no data directory.
 
 use std::{
-    io::{BufRead, BufReader, Read},
     os::unix::fs::{MetadataExt, PermissionsExt},
     path::Path,
-    process::{Child, Command, Stdio},
+    process::Command,
 };
 
 use crate::{
-    helpers::{counts, eventually_blocking, http_get, Client},
+    helpers::{counts, http_get, Client},
+    kit::child::{Running, Spawn, Stderr},
     support::{self, output, repo, run},
 };
 
@@ -47,68 +47,22 @@ impl Drop for Cleanup {
 }
 
 /// The installed binary, started as the unit starts it: as the service user, in the
-/// data directory, with the installed configuration (ports moved to free ones).
-struct Service {
-    child: Child,
-    addr: std::net::SocketAddr,
-}
-
-impl Service {
-    fn start() -> Service {
-        let mut child = Command::new("setpriv")
-            .args([
-                "--reuid",
-                "link-counter",
-                "--regid",
-                "link-counter",
-                "--init-groups",
-            ])
-            .args(["/usr/bin/link-counter", "--config", CONFIG])
-            .current_dir(DATA)
-            .env("LINK_COUNTER__SERVER__BIND", "127.0.0.1:0")
-            .env("LINK_COUNTER__ADMIN__BIND", "127.0.0.1:0")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("setpriv runs");
-        // Drained all along (the child never blocks on it), shown if it does not start.
-        let mut err = child.stderr.take().expect("stderr");
-        let stderr = std::thread::spawn(move || {
-            let mut text = String::new();
-            let _ = err.read_to_string(&mut text);
-            text
-        });
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().expect("stdout"))
-            .read_line(&mut line)
-            .expect("stdout");
-        let Some(addr) = line.trim().strip_prefix("listening on ") else {
-            let _ = child.kill();
-            let _ = child.wait();
-            let stderr = stderr.join().unwrap_or_default();
-            panic!("the installed binary did not start: {line:?}\n{stderr}");
-        };
-        let addr = addr.parse().expect("an address");
-        Service { child, addr }
-    }
-
-    fn stop(mut self) -> i32 {
-        run(Command::new("kill").args(["-TERM", &self.child.id().to_string()]));
-        eventually_blocking("the service to exit on SIGTERM", || {
-            self.child.try_wait().expect("wait")
-        })
-        .code()
-        .unwrap_or(-1)
-    }
-}
-
-impl Drop for Service {
-    fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
+/// data directory, with the installed configuration (ports moved to free ones);
+/// its standard error shown if it does not start.
+fn start_service() -> Running {
+    let mut cmd = Command::new("setpriv");
+    cmd.args([
+        "--reuid",
+        "link-counter",
+        "--regid",
+        "link-counter",
+        "--init-groups",
+    ])
+    .args(["/usr/bin/link-counter", "--config", CONFIG])
+    .current_dir(DATA)
+    .env("LINK_COUNTER__SERVER__BIND", "127.0.0.1:0")
+    .env("LINK_COUNTER__ADMIN__BIND", "127.0.0.1:0");
+    Spawn::default().stderr(Stderr::Collect).start(cmd)
 }
 
 fn files_under(dir: &Path) -> Vec<std::fs::Metadata> {
@@ -202,7 +156,7 @@ async fn the_debian_package_installs_runs_and_purges_keeping_the_data() {
     assert_eq!((data.uid(), data.mode() & 0o777), (uid, 0o700));
 
     // The installed binary with the installed configuration, as the unit runs it.
-    let service = tokio::task::spawn_blocking(Service::start)
+    let service = tokio::task::spawn_blocking(start_service)
         .await
         .expect("start");
     let addr = service.addr;
@@ -213,7 +167,7 @@ async fn the_debian_package_installs_runs_and_purges_keeping_the_data() {
     observer.subscribe(&[page]).await;
     observer.wait_for(&counts(&[(page, 1)])).await;
     drop((viewer, observer));
-    let code = tokio::task::spawn_blocking(move || service.stop())
+    let code = tokio::task::spawn_blocking(move || service.stop().0)
         .await
         .expect("stop");
     assert_eq!(code, 0, "exit status after SIGTERM");

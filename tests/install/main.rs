@@ -13,6 +13,9 @@
 #[path = "../api/helpers.rs"]
 #[allow(dead_code)]
 mod helpers;
+#[path = "../kit/mod.rs"]
+#[allow(dead_code)] // each target uses a part of the kit
+mod kit;
 
 mod compose;
 mod container;

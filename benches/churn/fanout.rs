@@ -1,0 +1,431 @@
+//! `fanout`: the release binary as a child; 1,000 rooms × 10 connections,
+//! all subscribed to `hot`; 8 togglers open and close 1,000 connections to
+//! `hot`, ramp after ramp, so each count value identifies the change it
+//! reflects. Publish lag (change → a sampled subscriber sees it),
+//! deliveries/s, coalescing, CPU and the service's own publish-lag buckets,
+//! next to the bare fan-out ceiling (`--fanout-ceiling-server`, the
+//! latest-value policy).
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc, Mutex,
+    },
+    time::{Duration, Instant},
+};
+
+use futures_util::{SinkExt, StreamExt};
+
+use crate::{count_of, kit, support::*};
+
+/// (arrival time, count of "hot") of each update one sampled subscriber got.
+type Receipts = Vec<(Instant, u64)>;
+
+/// Togglers opening and closing connections to `hot`.
+const TOGGLERS: usize = 8;
+
+/// Fan-out at the default 50 ms broadcast interval and at 100 ms, each
+/// against the bare fan-out ceiling (latest-value policy) first, then the
+/// service; the summary gives the service's p99 as a ratio of the ceiling's
+/// (target: at most 1.1).
+pub fn fanout(rt: &tokio::runtime::Runtime, smoke: bool, nofile: u64) {
+    for interval_ms in [50u64, 100] {
+        let ceiling = fanout_at(rt, smoke, nofile, interval_ms, Target::Ceiling);
+        let service = fanout_at(rt, smoke, nofile, interval_ms, Target::Service);
+        Line::new("fanout_summary")
+            .s("broadcast_interval_ms", interval_ms)
+            .f("ceiling_publish_lag_p99_ms", ceiling)
+            .f("service_publish_lag_p99_ms", service)
+            .f("service_vs_ceiling_p99", service / ceiling)
+            .f("target_vs_ceiling_p99", 1.1)
+            .f("target_ms", 2.0 * interval_ms as f64)
+            .print();
+    }
+}
+
+/// What a fan-out run drives.
+#[derive(Clone, Copy, PartialEq)]
+enum Target {
+    /// The bare broadcast server (`run_fanout_ceiling`, latest-value policy).
+    Ceiling,
+    /// The release binary.
+    Service,
+}
+
+impl Target {
+    fn name(self) -> &'static str {
+        match self {
+            Target::Ceiling => "ceiling",
+            Target::Service => "service",
+        }
+    }
+}
+
+/// The size of a fan-out run.
+#[derive(Clone, Copy)]
+struct Size {
+    rooms: usize,
+    per_room: usize,
+    /// Connections opened, then closed, per ramp.
+    ramp: usize,
+    /// Subscribers whose receipts are timed.
+    sampled: usize,
+    secs: f64,
+}
+
+impl Size {
+    fn new(smoke: bool) -> Size {
+        let (rooms, per_room) = if smoke { (20, 5) } else { (1000, 10) };
+        Size {
+            rooms,
+            per_room,
+            ramp: if smoke { 40 } else { 1000 },
+            sampled: 100usize.min(rooms * per_room),
+            secs: if smoke { 1.0 } else { 10.0 },
+        }
+    }
+
+    fn subscribers(self) -> usize {
+        self.rooms * self.per_room
+    }
+}
+
+/// The subscribers of a run: every connection counts the updates it gets
+/// while `counting`; the first [`Size::sampled`] also keep their receipts.
+struct Subscribers {
+    held: Vec<tokio::task::JoinHandle<()>>,
+    deliveries: Arc<AtomicU64>,
+    counting: Arc<AtomicBool>,
+    samples: Arc<Mutex<Vec<Receipts>>>,
+    open_errors: Arc<AtomicU64>,
+}
+
+impl Drop for Subscribers {
+    fn drop(&mut self) {
+        for h in &self.held {
+            h.abort();
+        }
+    }
+}
+
+/// Opens `per_room` connections on each of `rooms` pages, all following
+/// "hot" (64 opening at once); returns once each has its first update or failed.
+async fn open_subscribers(server: SocketAddr, size: Size) -> Subscribers {
+    let n = size.subscribers();
+    let mut subs = Subscribers {
+        held: Vec::with_capacity(n),
+        deliveries: Arc::default(),
+        counting: Arc::default(),
+        samples: Arc::new(Mutex::new(vec![Vec::new(); size.sampled])),
+        open_errors: Arc::default(),
+    };
+    let sem = Arc::new(tokio::sync::Semaphore::new(64));
+    let mut ready = Vec::with_capacity(n);
+    for i in 0..n {
+        let permit = sem.clone().acquire_owned().await.expect("semaphore");
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        ready.push(rx);
+        let opened = async move {
+            drop(permit);
+            let _ = tx.send(());
+        };
+        let task = subscriber(server, &subs, i, size, opened);
+        subs.held.push(tokio::spawn(task));
+    }
+    for rx in ready {
+        let _ = rx.await;
+    }
+    subs
+}
+
+/// Subscriber `i`: opens, runs `opened` (once it has its first update or
+/// failed), then counts (and, if sampled, records) every update.
+fn subscriber(
+    server: SocketAddr,
+    subs: &Subscribers,
+    i: usize,
+    size: Size,
+    opened: impl std::future::Future<Output = ()> + Send + 'static,
+) -> impl std::future::Future<Output = ()> + Send + 'static {
+    let (deliveries, counting, samples, open_errors) = (
+        subs.deliveries.clone(),
+        subs.counting.clone(),
+        subs.samples.clone(),
+        subs.open_errors.clone(),
+    );
+    async move {
+        let page = format!("r{}", i % size.rooms);
+        let r = async {
+            let mut ws = connect(server, &format!("/parties/page/{page}")).await?;
+            ws.send(subscribe_msg(&["hot".into()])).await?;
+            next_update(&mut ws).await?;
+            anyhow::Ok(ws)
+        };
+        let r = tokio::time::timeout(Duration::from_secs(20), r).await;
+        opened.await;
+        let Ok(Ok(mut ws)) = r else {
+            open_errors.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        while let Some(Ok(m)) = ws.next().await {
+            if !(m.is_text() && counting.load(Ordering::Relaxed)) {
+                continue;
+            }
+            deliveries.fetch_add(1, Ordering::Relaxed);
+            if i < size.sampled {
+                let now = Instant::now();
+                if let Some(v) = m.to_text().ok().and_then(|t| count_of(t, "hot")) {
+                    samples.lock().expect("not poisoned")[i].push((now, v));
+                }
+            }
+        }
+    }
+}
+
+/// Changes of "hot" (time, +1 or -1) and failed toggles.
+#[derive(Clone, Default)]
+struct Toggles {
+    events: Arc<Mutex<Vec<(Instant, i64)>>>,
+    errors: Arc<AtomicU64>,
+}
+
+impl Toggles {
+    fn event(&self, delta: i64) {
+        self.events
+            .lock()
+            .expect("not poisoned")
+            .push((Instant::now(), delta));
+    }
+}
+
+/// Ramps until `end`: [`TOGGLERS`] concurrent clients open `ramp`
+/// connections to "hot" as fast as the service allows, then close them.
+/// Ramps make each count value unique over a window much longer than any
+/// lag, so a delivered value identifies the change it reflects.
+async fn toggle_until(server: SocketAddr, ramp: usize, end: Instant, toggles: &Toggles) {
+    while Instant::now() < end {
+        let mut openers = Vec::new();
+        for t in 0..TOGGLERS {
+            let share = ramp / TOGGLERS + usize::from(t < ramp % TOGGLERS);
+            openers.push(tokio::spawn(open_share(server, share, toggles.clone())));
+        }
+        let mut closers = Vec::new();
+        for o in openers {
+            let group = o.await.expect("opener");
+            closers.push(tokio::spawn(close_group(group, toggles.clone())));
+        }
+        for c in closers {
+            let _ = c.await;
+        }
+    }
+}
+
+/// Opens `share` connections to "hot", one after the other.
+async fn open_share(server: SocketAddr, share: usize, toggles: Toggles) -> Vec<Ws> {
+    let mut open = Vec::with_capacity(share);
+    for _ in 0..share {
+        match tokio::time::timeout(CYCLE_TIMEOUT, connect(server, "/parties/page/hot")).await {
+            Ok(Ok(ws)) => {
+                toggles.event(1);
+                open.push(ws);
+            }
+            _ => {
+                toggles.errors.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+    open
+}
+
+/// Closes `group` (close handshakes), one after the other.
+async fn close_group(group: Vec<Ws>, toggles: Toggles) {
+    for ws in group {
+        toggles.event(-1);
+        let r = tokio::time::timeout(CYCLE_TIMEOUT, close_handshake(ws)).await;
+        if !matches!(r, Ok(Ok(()))) {
+            toggles.errors.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Publish lags (ms, sorted): a delivered value v at time r reflects the
+/// latest change before r that produced v, and every change before it; each
+/// change's lag is the time until a sampled subscriber first got an update
+/// reflecting it.
+fn publish_lags(events: &[(Instant, i64)], samples: &[Receipts]) -> Vec<f64> {
+    let mut value = 0i64;
+    let mut by_value: HashMap<i64, Vec<usize>> = HashMap::new();
+    for (i, e) in events.iter().enumerate() {
+        value += e.1;
+        by_value.entry(value).or_default().push(i);
+    }
+    let mut lags = Vec::new();
+    for recv in samples {
+        let mut next = 0usize;
+        for &(r, v) in recv {
+            let Some(idx) = by_value.get(&(v as i64)) else {
+                continue;
+            };
+            let k = idx.partition_point(|&i| events[i].0 <= r);
+            let Some(&j) = k.checked_sub(1).and_then(|k| idx.get(k)) else {
+                continue;
+            };
+            while next <= j {
+                lags.push(ms(r - events[next].0));
+                next += 1;
+            }
+        }
+    }
+    lags.sort_by(f64::total_cmp);
+    lags
+}
+
+/// What the toggling phase measured.
+struct Toggled {
+    secs: f64,
+    service_cpu_pct: f64,
+    client_cpu_pct: f64,
+    delivered: u64,
+    changes: usize,
+    lags: Vec<f64>,
+    lag_before: Vec<(f64, f64)>,
+    lag_after: Vec<(f64, f64)>,
+    toggle_errors: u64,
+}
+
+/// Toggles for [`Size::secs`] while the subscribers count their updates.
+async fn measure(service: &ChildService, subs: &Subscribers, size: Size) -> Toggled {
+    let toggles = Toggles::default();
+    subs.counting.store(true, Ordering::Relaxed);
+    let lag_before = service_lag_buckets(service.admin).await;
+    let (service_cpu0, client_cpu0) = (cpu_secs(service.pid()), cpu_secs(std::process::id()));
+    let started = Instant::now();
+    let end = started + Duration::from_secs_f64(size.secs);
+    toggle_until(service.addr, size.ramp, end, &toggles).await;
+    let toggling = secs(started);
+    let service_cpu_pct = 100.0 * (cpu_secs(service.pid()) - service_cpu0) / toggling;
+    let client_cpu_pct = 100.0 * (cpu_secs(std::process::id()) - client_cpu0) / toggling;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let lag_after = service_lag_buckets(service.admin).await;
+    subs.counting.store(false, Ordering::Relaxed);
+    let mut events = toggles.events.lock().expect("not poisoned").clone();
+    events.sort_by_key(|e| e.0);
+    let lags = publish_lags(&events, &subs.samples.lock().expect("not poisoned"));
+    Toggled {
+        secs: toggling,
+        service_cpu_pct,
+        client_cpu_pct,
+        delivered: subs.deliveries.load(Ordering::Relaxed),
+        changes: events.len(),
+        lags,
+        lag_before,
+        lag_after,
+        toggle_errors: toggles.errors.load(Ordering::Relaxed),
+    }
+}
+
+/// One fan-out run; returns its publish lag p99 (ms).
+fn fanout_at(
+    rt: &tokio::runtime::Runtime,
+    smoke: bool,
+    nofile: u64,
+    interval_ms: u64,
+    target: Target,
+) -> f64 {
+    let size = Size::new(smoke);
+    let n = size.subscribers();
+    assert!(
+        ((n + size.ramp) as u64) + 500 < nofile,
+        "fan-out needs {} descriptors per process; RLIMIT_NOFILE is {nofile}",
+        n + size.ramp + 500
+    );
+    let interval = format!("{interval_ms}ms");
+    let service = match target {
+        Target::Ceiling => ChildService::fanout_ceiling(interval_ms),
+        Target::Service => ChildService::start(&[("COUNTER__BROADCAST_INTERVAL", &interval)]),
+    };
+    let (t, open_errors) = rt.block_on(async {
+        let subs = open_subscribers(service.addr, size).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let t = measure(&service, &subs, size).await;
+        (t, subs.open_errors.load(Ordering::Relaxed))
+    });
+    drop(service);
+    print_run(target, interval_ms, size, &t, open_errors);
+    pct(&t.lags, 99.0)
+}
+
+/// The `fanout` line of a run.
+fn print_run(target: Target, interval_ms: u64, size: Size, t: &Toggled, open_errors: u64) {
+    let n = size.subscribers();
+    let changes = t.changes as f64;
+    let per_conn = t.delivered as f64 / n as f64;
+    Line::new("fanout")
+        .s("target", target.name())
+        .s("broadcast_interval_ms", interval_ms)
+        .s("rooms", size.rooms)
+        .s("conns_per_room", size.per_room)
+        .s("subscribers", n)
+        .s("togglers", TOGGLERS)
+        .s("ramp", size.ramp)
+        .f("secs", t.secs)
+        .f("count_changes_per_s", changes / t.secs)
+        .f("deliveries_per_s", t.delivered as f64 / t.secs)
+        .f("msgs_per_conn_per_s", per_conn / t.secs)
+        .f("coalescing_ratio", changes / per_conn.max(1.0))
+        .f("publish_lag_p50_ms", pct(&t.lags, 50.0))
+        .f("publish_lag_p99_ms", pct(&t.lags, 99.0))
+        .f("publish_lag_max_ms", pct(&t.lags, 100.0))
+        .f("target_ms", 2.0 * interval_ms as f64)
+        .f(
+            "service_lag_p50_le_ms",
+            bucket_quantile_ms(&t.lag_before, &t.lag_after, 0.5),
+        )
+        .f(
+            "service_lag_p99_le_ms",
+            bucket_quantile_ms(&t.lag_before, &t.lag_after, 0.99),
+        )
+        .f("service_cpu_pct", t.service_cpu_pct)
+        .f("client_cpu_pct", t.client_cpu_pct)
+        .s("open_errors", open_errors)
+        .s("toggle_errors", t.toggle_errors)
+        .print();
+}
+
+/// Cumulative buckets `(le, count)` of the service's publish-lag histogram
+/// (from the change at the counter to the frame handed to the connection's
+/// writer), scraped from the admin listener's `/metrics`.
+async fn service_lag_buckets(admin: Option<SocketAddr>) -> Vec<(f64, f64)> {
+    let Some(admin) = admin else {
+        return Vec::new();
+    };
+    let Some(body) = http_body(admin, "/metrics").await else {
+        return Vec::new();
+    };
+    kit::prom::buckets(&body, "link_counter_publish_lag_seconds")
+}
+
+/// The bucket bound (ms) under which a fraction `q` of the samples recorded
+/// between two scrapes fall (`NaN` without samples).
+fn bucket_quantile_ms(before: &[(f64, f64)], after: &[(f64, f64)], q: f64) -> f64 {
+    let delta: Vec<(f64, f64)> = after
+        .iter()
+        .map(|(le, n)| {
+            let n0 = before
+                .iter()
+                .find(|(l, _)| l == le)
+                .map_or(0.0, |(_, n)| *n);
+            (*le, n - n0)
+        })
+        .collect();
+    let total = delta.last().map_or(0.0, |(_, n)| *n);
+    if total <= 0.0 {
+        return f64::NAN;
+    }
+    delta
+        .iter()
+        .find(|(_, n)| *n >= q * total)
+        .map_or(f64::NAN, |(le, _)| le * 1000.0)
+}

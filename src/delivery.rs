@@ -26,17 +26,17 @@ use crate::protocol::{update_json, PageId, Tally};
 
 /// A connection's id, unique in the process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub(crate) struct ConnId(u64);
+pub struct ConnId(u64);
 
 impl ConnId {
     /// An id no connection of this process had before.
-    pub(crate) fn fresh() -> ConnId {
+    pub fn fresh() -> ConnId {
         static NEXT: AtomicU64 = AtomicU64::new(1);
         ConnId(NEXT.fetch_add(1, Ordering::Relaxed))
     }
 
     /// Its number, for logs.
-    pub(crate) fn get(self) -> u64 {
+    pub fn get(self) -> u64 {
         self.0
     }
 }
@@ -44,7 +44,7 @@ impl ConnId {
 /// One `update` message built by a room, shared by every connection it
 /// goes to (each distinct payload is serialized once).
 #[derive(Debug)]
-pub(crate) struct Update {
+pub struct Update {
     /// The serialized message.
     pub(crate) text: ByteString,
     /// Its values, for merging with a later update that arrives before the
@@ -59,7 +59,7 @@ pub(crate) struct Update {
 
 impl Update {
     /// An update of `values`, serialized now (with the `visitors` map if `visitors`).
-    pub(crate) fn new(
+    pub fn new(
         values: Vec<(PageId, Tally)>,
         since: Option<Instant>,
         visitors: bool,
@@ -178,7 +178,7 @@ impl Mailbox {
     }
 
     /// Merges a delta: each of its ids takes its new value.
-    pub(crate) fn update(&self, update: &Arc<Update>) {
+    pub fn update(&self, update: &Arc<Update>) {
         self.put(|p| match &mut p.counts {
             PendingCounts::Nothing => p.counts = PendingCounts::One(update.clone()),
             PendingCounts::One(first) => {
@@ -206,7 +206,7 @@ impl Mailbox {
     /// Replaces whatever counts are pending with a full update of the
     /// connection's (new) link set: it carries the latest value of every id
     /// the connection follows, and ids it no longer follows are dropped.
-    pub(crate) fn replace(&self, full: Arc<Update>) {
+    pub fn replace(&self, full: Arc<Update>) {
         self.put(|p| p.counts = PendingCounts::One(full));
     }
 

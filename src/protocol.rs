@@ -17,7 +17,7 @@ pub struct PageId(Arc<str>);
 
 impl PageId {
     /// An already-decoded id, checked by the page-id rules.
-    pub(crate) fn parse(id: &str) -> Result<PageId, PageIdError> {
+    pub fn parse(id: &str) -> Result<PageId, PageIdError> {
         validate_page_id(id)?;
         Ok(PageId(Arc::from(id)))
     }
@@ -126,9 +126,9 @@ impl<'de> Deserialize<'de> for PageId {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
 pub struct Tally {
     /// Open connections.
-    pub(crate) connections: u64,
+    pub connections: u64,
     /// Distinct visitor ids among them.
-    pub(crate) visitors: u64,
+    pub visitors: u64,
 }
 
 impl Tally {
@@ -526,7 +526,7 @@ fn truncate(s: &str) -> &str {
 /// Serializes an `update` of the given values: `{"type":"update","connections":{...}}`,
 /// and with `visitors` also `"visitors":{...}` (the same ids), each map sorted by id.
 /// The value of [`SITE_LINK`], when given, is `"site": N` (its distinct visitors).
-pub(crate) fn update_json<'a>(
+pub fn update_json<'a>(
     values: impl IntoIterator<Item = (&'a str, Tally)>,
     visitors: bool,
 ) -> String {

@@ -55,31 +55,31 @@ use crate::{
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Join {
-    pub(crate) page: PageId,
-    pub(crate) conn: ConnId,
+    pub page: PageId,
+    pub conn: ConnId,
     /// Where the room puts what the connection is to be told.
-    pub(crate) mailbox: Arc<Mailbox>,
+    pub mailbox: Arc<Mailbox>,
     /// Its visitor (`None`: its own visitor).
-    pub(crate) visitor: Option<VisitorKey>,
+    pub visitor: Option<VisitorKey>,
 }
 
 /// A connection replaced its link set.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct SetLinks {
-    pub(crate) page: PageId,
-    pub(crate) conn: ConnId,
-    pub(crate) links: Vec<PageId>,
+    pub page: PageId,
+    pub conn: ConnId,
+    pub links: Vec<PageId>,
     /// Its updates carry the `visitors` map from now on.
-    pub(crate) visitors: bool,
+    pub visitors: bool,
 }
 
 /// A connection closed, timed out or died.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Leave {
-    pub(crate) page: PageId,
-    pub(crate) conn: ConnId,
+    pub page: PageId,
+    pub conn: ConnId,
 }
 
 /// Room -> shard: the room has no connection left; `processed` is how many

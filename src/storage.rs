@@ -990,14 +990,14 @@ mod tests {
         let s = Storage::open(dir.path(), 1 << 20).expect("open");
         let day = 20_000 * 86_400_000u64;
         let m = |i: u64| day + i * 60_000;
-        let p: crate::protocol::PageId = "p".into();
+        let p = crate::protocol::PageId::parse("p").unwrap();
         s.save_stats([("p", &stats_at(1))]).expect("stats");
         let peaks = vec![
             (p.clone(), m(0), tally(2, 3)),
             (p.clone(), m(1), tally(5, 5)),
             (p.clone(), m(1), tally(1, 9)),
             (p.clone(), m(61), tally(300, 400)),
-            (SITE.into(), m(2), tally(7, 8)),
+            (crate::protocol::PageId::site(), m(2), tally(7, 8)),
         ];
         s.save_history(&peaks, KEEP).expect("save");
         let minutes = s
@@ -1043,7 +1043,7 @@ mod tests {
         let s = Storage::open(dir.path(), 1 << 20).expect("open");
         let hour = 3_600_000u64;
         let start = 500_000 * hour;
-        let p: crate::protocol::PageId = "p".into();
+        let p = crate::protocol::PageId::parse("p").unwrap();
         s.save_stats([("p", &stats_at(1))]).expect("stats");
         // One minute in each of 100 hours: at most 49 minute buckets (48 h
         // and the one in progress) and 5 day buckets remain.
@@ -1059,9 +1059,23 @@ mod tests {
         assert_eq!(minutes[0].0, last - 48 * hour);
         assert_eq!(s.history_records(), 49 + 5);
         s.save_stats([("q", &stats_at(2))]).expect("stats");
-        let unknown = ("r".into(), start, tally(1, 1));
-        s.save_history(&[("q".into(), start, tally(1, 1)), unknown], KEEP)
-            .expect("save");
+        let unknown = (
+            crate::protocol::PageId::parse("r").unwrap(),
+            start,
+            tally(1, 1),
+        );
+        s.save_history(
+            &[
+                (
+                    crate::protocol::PageId::parse("q").unwrap(),
+                    start,
+                    tally(1, 1),
+                ),
+                unknown,
+            ],
+            KEEP,
+        )
+        .expect("save");
         assert_eq!(s.history_records(), 49 + 5 + 2, "r has no stats: skipped");
         let (gone, _) = s.trim(1, |_| false).expect("trim");
         assert_eq!(gone, ["p"]);

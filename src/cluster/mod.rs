@@ -84,7 +84,7 @@ use crate::{
 /// when the cluster actor asks with [`ResendLocal`]).
 #[derive(Message, Debug)]
 #[rtype(result = "()")]
-pub(crate) struct LocalCounts {
+pub struct LocalCounts {
     /// `(page, local tally)`.
     pub(crate) changes: Vec<(PageId, Tally)>,
     /// The list replaces all local tallies.
@@ -95,7 +95,7 @@ pub(crate) struct LocalCounts {
 /// Answered with [`RemoteCounts`] for them, then [`Loaded`] with `req`.
 #[derive(Message, Debug)]
 #[rtype(result = "()")]
-pub(crate) struct Follow {
+pub struct Follow {
     /// Pages to load and follow.
     pub(crate) pages: Vec<PageId>,
     /// Echoed in [`Loaded`].
@@ -124,7 +124,7 @@ pub(crate) struct Fetch {
 /// Counter -> cluster: these pages lost their last local follower room.
 #[derive(Message, Debug)]
 #[rtype(result = "()")]
-pub(crate) struct Unfollow {
+pub struct Unfollow {
     /// Pages no longer followed.
     pub(crate) pages: Vec<PageId>,
 }
@@ -134,7 +134,7 @@ pub(crate) struct Unfollow {
 /// page's remote sum is re-sent once loaded).
 #[derive(Message, Debug)]
 #[rtype(result = "()")]
-pub(crate) struct SetFollowed {
+pub struct SetFollowed {
     /// Every page with a local follower room.
     pub(crate) pages: Vec<PageId>,
 }
@@ -144,7 +144,7 @@ pub(crate) struct SetFollowed {
 /// then [`Loaded`] with `req`.
 #[derive(Message, Debug)]
 #[rtype(result = "()")]
-pub(crate) struct ResendRemote {
+pub struct ResendRemote {
     /// Echoed in [`Loaded`].
     pub(crate) req: u64,
 }

@@ -56,7 +56,7 @@ pub(crate) use state::{Epoch, RoomId};
 /// micro-benchmarks (`benches/micro.rs`).
 #[cfg(feature = "test-hooks")]
 pub mod bare {
-    pub use super::state::{Effect, LoadStats, Now, Outbox, PageOf, State};
+    pub use super::state::{Effect, LoadStats, Now, Outbox, PageOf, RoomId, State};
 }
 
 use state::{Effect, LoadStats, Now, Outbox, RoomReport, State, ToCluster};
@@ -67,9 +67,9 @@ use state::{Effect, LoadStats, Now, Outbox, RoomReport, State, ToCluster};
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct RoomCount {
-    pub(crate) page: PageId,
-    pub(crate) tally: Tally,
-    pub(crate) opened: u64,
+    pub page: PageId,
+    pub tally: Tally,
+    pub opened: u64,
 }
 
 /// A room starts following these links (first of its connections to ask for
@@ -137,19 +137,19 @@ pub(crate) struct SetCluster(pub Addr<Cluster>);
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Counts {
-    pub(crate) changes: Vec<(PageId, Tally)>,
+    pub changes: Vec<(PageId, Tally)>,
     /// When the oldest of these changes was applied at the counter (publish lag).
-    pub(crate) since: Option<Instant>,
+    pub since: Option<Instant>,
     /// The frames already serialized for this publish on the room's shard
     /// (set by the shard): rooms whose connections follow the same changes
     /// share one frame.
-    pub(crate) frames: Option<Arc<Frames>>,
+    pub frames: Option<Arc<Frames>>,
 }
 
 /// The frames of one publish on one shard, by content (values and form).
 /// Only the shard's thread touches it, so its lock is never contended.
 #[derive(Default)]
-pub(crate) struct Frames(Mutex<HashMap<FrameKey, Arc<Update>>>);
+pub struct Frames(Mutex<HashMap<FrameKey, Arc<Update>>>);
 
 /// A frame's content: its values and whether it carries the `visitors` map.
 type FrameKey = (Vec<(PageId, Tally)>, bool);
@@ -190,10 +190,10 @@ pub(crate) enum ToRoom {
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Subscribed {
-    pub(crate) counts: Vec<(PageId, Tally)>,
-    pub(crate) refused: Vec<PageId>,
+    pub counts: Vec<(PageId, Tally)>,
+    pub refused: Vec<PageId>,
     /// The id of the [`Subscribe`] this answers.
-    pub(crate) req: u64,
+    pub req: u64,
 }
 
 /// Counter -> shard: the counter restarted; ask every room to report, and

@@ -23,11 +23,11 @@ use crate::{
 
 /// A room instance's id, unique in the process (a recreated room gets a new one).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub(crate) struct RoomId(u64);
+pub struct RoomId(u64);
 
 impl RoomId {
     /// An id no room of this process had before.
-    pub(crate) fn fresh() -> RoomId {
+    pub fn fresh() -> RoomId {
         static NEXT: AtomicU64 = AtomicU64::new(1);
         RoomId(NEXT.fetch_add(1, Ordering::Relaxed))
     }
@@ -42,7 +42,7 @@ impl std::fmt::Display for RoomId {
 /// A rebuild round of the counter ([`State::begin_rebuild`] starts the
 /// next); the default is none's, which no report answers.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
-pub(crate) struct Epoch(u64);
+pub struct Epoch(u64);
 
 impl std::fmt::Display for Epoch {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -64,13 +64,13 @@ pub(crate) const MAX_DELAY: Duration = Duration::from_secs(1);
 /// The time an input happens at: monotonic (intervals, deadlines) and wall
 /// clock in milliseconds (stats).
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct Now {
-    pub(crate) at: Instant,
-    pub(crate) ms: u64,
+pub struct Now {
+    pub at: Instant,
+    pub ms: u64,
 }
 
 /// One thing to send, in the order the state decided it.
-pub(crate) enum Effect<R> {
+pub enum Effect<R> {
     /// To a follower room: latest tallies, with when the oldest change was applied.
     Counts {
         to: R,
@@ -91,7 +91,7 @@ pub(crate) enum Effect<R> {
 }
 
 /// The counter's messages to the cluster module.
-pub(crate) enum ToCluster {
+pub enum ToCluster {
     Local(cluster::LocalCounts),
     Follow(cluster::Follow),
     Unfollow(cluster::Unfollow),
@@ -100,9 +100,9 @@ pub(crate) enum ToCluster {
 }
 
 /// What an input produced.
-pub(crate) struct Outbox<R> {
+pub struct Outbox<R> {
     /// To send now, in order (an answer goes before newer counts to its room).
-    pub(crate) sent: Vec<Effect<R>>,
+    pub sent: Vec<Effect<R>>,
     /// Schedule [`State::scheduled_publish`] after this delay.
     pub(crate) publish_in: Option<Duration>,
 }
@@ -254,10 +254,10 @@ struct AwaitingLoad<R> {
 }
 
 /// Loads a page's stored stats on first sight.
-pub(crate) type LoadStats = Box<dyn FnMut(&PageId) -> PageStats>;
+pub type LoadStats = Box<dyn FnMut(&PageId) -> PageStats>;
 
 /// The page of the room a follower handle delivers to.
-pub(crate) type PageOf<R> = Box<dyn Fn(&R) -> Option<PageId>>;
+pub type PageOf<R> = Box<dyn Fn(&R) -> Option<PageId>>;
 
 /// The delivery budget: a token bucket in connection-deliveries (a page's
 /// change handed to a follower room costs that room's connections), refilled
@@ -270,7 +270,7 @@ struct Budget {
 }
 
 /// Every page's live count, who follows it, and what is left to publish.
-pub(crate) struct State<R> {
+pub struct State<R> {
     /// Page cap, publish interval, idle timeout.
     settings: Arc<Settings>,
     /// Where a page's stats come from on first sight.
@@ -318,7 +318,7 @@ pub(crate) struct State<R> {
 }
 
 impl<R: Clone> State<R> {
-    pub(crate) fn new(settings: Arc<Settings>, load: LoadStats) -> State<R> {
+    pub fn new(settings: Arc<Settings>, load: LoadStats) -> State<R> {
         State {
             settings,
             load,
@@ -463,13 +463,7 @@ impl<R: Clone> State<R> {
     // ------------------------------------------------------------ inputs
 
     /// A room's own tally (absolute), plus connections opened since its last report.
-    pub(crate) fn room_count(
-        &mut self,
-        page: &PageId,
-        tally: Tally,
-        opened: u64,
-        now: Now,
-    ) -> Outbox<R> {
+    pub fn room_count(&mut self, page: &PageId, tally: Tally, opened: u64, now: Now) -> Outbox<R> {
         if !self.pages.contains_key(page) {
             // A page with a room is always tracked, but it takes the place
             // of an idle one when the counter is at `limits.max_pages`.
@@ -506,7 +500,7 @@ impl<R: Clone> State<R> {
 
     /// A room starts following `links` (answered in the outbox, now or once
     /// the rebuild or the cluster's load completes).
-    pub(crate) fn subscribe(
+    pub fn subscribe(
         &mut self,
         room: RoomId,
         to: R,
@@ -692,7 +686,7 @@ impl<R: Clone> State<R> {
     }
 
     /// The publish scheduled by an earlier [`Outbox::publish_in`] is due.
-    pub(crate) fn scheduled_publish(&mut self, now: Instant) -> Outbox<R> {
+    pub fn scheduled_publish(&mut self, now: Instant) -> Outbox<R> {
         let mut out = Outbox::default();
         self.publish_scheduled = false;
         self.publish(now, &mut out);

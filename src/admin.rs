@@ -406,7 +406,7 @@ async fn page_info(req: HttpRequest, ops: web::Data<Ops>) -> HttpResponse {
         Ok(Ok(mut info)) => {
             if let Ok(Some(mut r)) = record {
                 r.links.sort();
-                info.links = r.links;
+                info.links = r.links.iter().map(|l| l.to_string()).collect();
             }
             HttpResponse::Ok()
                 .insert_header((header::CACHE_CONTROL, "no-store"))

@@ -148,11 +148,11 @@ pub struct LimitSettings {
     #[serde(with = "humantime_serde")]
     pub(crate) handshake_timeout: Duration,
     /// Most page rooms alive.
-    pub(crate) max_rooms: usize,
+    pub max_rooms: usize,
     /// Most rooms kept with no connection (the least recently active stop first).
-    pub(crate) max_idle_rooms: usize,
+    pub max_idle_rooms: usize,
     /// Most pages tracked by the counter.
-    pub(crate) max_pages: usize,
+    pub max_pages: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -200,7 +200,7 @@ pub struct StorageSettings {
     pub cache_capacity: u64,
     /// Most records each stored tree keeps (stats, room records); the least
     /// recently active go first.
-    pub(crate) max_records: usize,
+    pub max_records: usize,
     /// How long the per-minute peaks (history) are kept.
     #[serde(with = "humantime_serde")]
     pub(crate) history_minutes: Duration,
@@ -261,6 +261,11 @@ pub(crate) struct CounterSettings {
     /// defers the costliest pages (a page's change costs the connections of
     /// the rooms that follow it).
     pub(crate) delivery_budget: u64,
+    /// Longest a change waits for its publish when the delivery budget
+    /// defers it (the worst delay a reader sees in a surge), or
+    /// `broadcast_interval` if that is longer.
+    #[serde(with = "humantime_serde")]
+    pub(crate) max_delay: Duration,
     /// Period of the cleanup sweep.
     #[serde(with = "humantime_serde")]
     pub(crate) sweep_interval: Duration,

@@ -765,7 +765,7 @@ async fn page_info(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse
         Ok(mut info) => {
             if let Ok(Some(mut r)) = record {
                 r.links.sort();
-                info.links = r.links;
+                info.links = r.links.iter().map(|l| l.to_string()).collect();
             }
             HttpResponse::Ok().json(info)
         }

@@ -26,11 +26,7 @@
 //! update from the counter's answer. No connection is closed, and every
 //! value a connection is shown still comes from the counter, in order.
 
-use std::{
-    collections::{HashMap, HashSet},
-    sync::Arc,
-    time::Instant,
-};
+use std::{collections::HashMap, sync::Arc, time::Instant};
 
 use actix::prelude::*;
 
@@ -194,12 +190,46 @@ struct Followed {
     req: u64,
 }
 
+/// A connection's link ids: sorted, without duplicates, one allocation of
+/// 16 bytes per id (a `HashSet` of 3 ids held ~150 bytes).
+#[derive(Clone, Default)]
+struct LinkSet(Box<[PageId]>);
+
+impl LinkSet {
+    fn new(mut links: Vec<PageId>) -> LinkSet {
+        links.sort_unstable();
+        links.dedup();
+        LinkSet(links.into_boxed_slice())
+    }
+
+    fn contains(&self, link: &PageId) -> bool {
+        self.0.binary_search(link).is_ok()
+    }
+
+    fn iter(&self) -> std::slice::Iter<'_, PageId> {
+        self.0.iter()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Removes `link`; true if it was there.
+    fn remove(&mut self, link: &PageId) -> bool {
+        if !self.contains(link) {
+            return false;
+        }
+        self.0 = self.0.iter().filter(|l| *l != link).cloned().collect();
+        true
+    }
+}
+
 /// One open connection of the room.
 struct Conn {
     /// What it is to be told (shared with its session).
     mailbox: Arc<Mailbox>,
     /// The ids it subscribed to.
-    links: HashSet<PageId>,
+    links: LinkSet,
     /// Waiting for counts of some of its links before its full update.
     pending: bool,
     /// Its visitor (`None`: its own visitor).
@@ -366,7 +396,7 @@ impl PageRoom {
         let mut refs: HashMap<PageId, Followed> = HashMap::new();
         for conn in self.conns.values_mut() {
             visitors.add(conn.visitor);
-            for link in &conn.links {
+            for link in conn.links.iter() {
                 refs.entry(link.clone())
                     .or_insert(Followed { conns: 0, req })
                     .conns += 1;
@@ -421,13 +451,7 @@ impl PageRoom {
                 .last_links
                 .iter()
                 .filter(|l| !l.is_site())
-                .map(|l| l.to_string())
-                .collect(),
-            counts: self
-                .cache
-                .iter()
-                .filter(|(l, _)| !l.is_site())
-                .map(|(l, t)| (l.to_string(), t.connections))
+                .cloned()
                 .collect(),
             last_active_ms: now_ms(),
         };
@@ -546,7 +570,7 @@ impl PageRoom {
             self.cache.remove(link);
         }
         for conn in self.conns.values_mut() {
-            let dropped: Vec<&PageId> = refused.iter().filter(|l| conn.links.remove(*l)).collect();
+            let dropped: Vec<&PageId> = refused.iter().filter(|l| conn.links.remove(l)).collect();
             if dropped.is_empty() {
                 continue;
             }
@@ -563,7 +587,11 @@ impl PageRoom {
         }
     }
 
-    fn drop_links(&mut self, links: &HashSet<PageId>, gone: &mut Vec<PageId>) {
+    fn drop_links<'a>(
+        &mut self,
+        links: impl IntoIterator<Item = &'a PageId>,
+        gone: &mut Vec<PageId>,
+    ) {
         for link in links {
             if let Some(f) = self.refs.get_mut(link) {
                 f.conns -= 1;
@@ -595,11 +623,7 @@ impl PageRoom {
     fn load_record(&mut self) {
         match self.storage.load_room(&self.page) {
             Ok(Some(record)) => {
-                self.last_links = record
-                    .links
-                    .iter()
-                    .filter_map(|l| PageId::parse(l).ok())
-                    .collect();
+                self.last_links = record.links;
             }
             Ok(None) => {}
             Err(e) => {
@@ -623,7 +647,7 @@ impl PageRoom {
             msg.conn,
             Conn {
                 mailbox: msg.mailbox,
-                links: HashSet::new(),
+                links: LinkSet::default(),
                 pending: false,
                 visitor: msg.visitor,
                 visitors: false,
@@ -642,7 +666,7 @@ impl PageRoom {
         };
         self.visitors.remove(conn.visitor);
         let mut gone = Vec::new();
-        self.drop_links(&conn.links, &mut gone);
+        self.drop_links(conn.links.iter(), &mut gone);
         if !gone.is_empty() {
             self.counter.do_send(Unsubscribe {
                 room: self.id,
@@ -667,7 +691,7 @@ impl Handler<Join> for PageRoom {
             }
             act.conns.entry(id).or_insert(Conn {
                 mailbox,
-                links: HashSet::new(),
+                links: LinkSet::default(),
                 pending: false,
                 visitor,
                 visitors: false,
@@ -711,7 +735,7 @@ impl Handler<SetLinks> for PageRoom {
         // After a panic: the connection has its new links and form.
         let settle = move |act: &mut Self| {
             if let Some(conn) = act.conns.get_mut(&id) {
-                conn.links = links.into_iter().collect();
+                conn.links = LinkSet::new(links.into_iter().collect());
                 conn.visitors = visitors;
             }
         };
@@ -731,11 +755,11 @@ impl PageRoom {
         if !msg.links.is_empty() {
             self.last_links.clone_from(&msg.links);
         }
-        let new: HashSet<PageId> = msg.links.into_iter().collect();
+        let new = LinkSet::new(msg.links);
         let old = std::mem::replace(&mut conn.links, new.clone());
         let mut added = Vec::new();
         let req = self.last_req + 1;
-        for link in new.difference(&old) {
+        for link in new.iter().filter(|l| !old.contains(l)) {
             let f = self
                 .refs
                 .entry(link.clone())
@@ -745,9 +769,8 @@ impl PageRoom {
                 added.push(link.clone());
             }
         }
-        let removed: HashSet<PageId> = old.difference(&new).cloned().collect();
         let mut gone = Vec::new();
-        self.drop_links(&removed, &mut gone);
+        self.drop_links(old.iter().filter(|l| !new.contains(l)), &mut gone);
         if !gone.is_empty() {
             self.counter.do_send(Unsubscribe {
                 room: self.id,

@@ -240,7 +240,7 @@ impl Server {
         if self.counter.send(FinalSnapshot).await.is_err() {
             tracing::error!("counter gone before the final snapshot");
         }
-        if let Err(e) = self.storage.flush() {
+        if let Err(e) = self.storage.close() {
             tracing::error!(error = %e, "final flush failed");
         }
         for shard in self.shards.all() {

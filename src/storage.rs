@@ -4,27 +4,49 @@
 //! peak, last activity), `rooms` (one record per page room: the links its
 //! connections subscribed to and the counts it last saw) and `history` (per
 //! page and for the site, the peaks of each minute and each hour, see
-//! [`Resolution`]). Every value starts with a version byte followed by JSON
-//! (history: a compact binary list), so the encoding can evolve.
+//! [`Resolution`]). Every value starts with a version byte followed by a
+//! compact binary encoding (records of schema 1 hold JSON and are still
+//! read), so the encoding can evolve.
 //! Live counts are never stored: connections do not survive a restart.
 
 use std::{
     collections::BTreeMap,
+    ops::Bound,
     path::Path,
     sync::{
-        atomic::{AtomicUsize, Ordering},
-        Arc,
+        atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering},
+        Arc, PoisonError, RwLock,
     },
+    time::Instant,
 };
 
 use serde::{Deserialize, Serialize};
 
-use crate::protocol::Tally;
+use crate::protocol::{PageId, Tally};
 
-/// Version byte of every record written by this build.
+/// Version byte of a record of schema 1: JSON (read, no longer written).
 const RECORD_V1: u8 = 1;
+/// Version byte of every record written by this build: binary (see [`Record`]).
+const RECORD_V2: u8 = 2;
 /// Schema version stored in `meta/schema`.
-const SCHEMA_VERSION: &[u8] = b"1";
+const SCHEMA_VERSION: &[u8] = b"2";
+/// The previous schema, opened and migrated: records of version 1 (read as
+/// they are, rewritten in version 2 when next written), no record counts or
+/// clean-close marker in `meta` (the counts are taken in the background).
+const SCHEMA_V1: &[u8] = b"1";
+
+/// Key in `meta` present only between a clean close and the next open: the
+/// stored record counts are exact and the activity indexes complete.
+const CLEAN: &str = "clean";
+
+/// Key in `meta` of the record count of the store `name` (8 bytes,
+/// big-endian): exact after a clean close, the last flush's otherwise.
+fn count_key(name: &str) -> String {
+    format!("records/{name}")
+}
+
+/// Records a background recount reads under one hold of its lock.
+const RECOUNT_CHUNK: usize = 512;
 
 /// Key in `meta` of the cluster identity: `host\ndir\nprocess\nincarnation`.
 const CLUSTER_IDENTITY: &str = "cluster_identity";
@@ -105,37 +127,102 @@ pub struct PageStats {
 /// Persistent record of one page room.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RoomRecord {
-    /// The page's outbound links: the last non-empty link set one of its connections subscribed to.
-    pub links: Vec<String>,
-    /// The counts of those links the room last delivered.
-    pub counts: BTreeMap<String, u64>,
+    /// The page's outbound links: the last non-empty link set one of its
+    /// connections subscribed to. Read back through the page-id rules: a
+    /// record with a link that breaks them is unreadable (and skipped).
+    pub links: Vec<PageId>,
     /// Last activity of the room (ms since epoch).
     pub last_active_ms: u64,
 }
 
-fn encode<T: Serialize>(value: &T) -> Vec<u8> {
-    let mut out = vec![RECORD_V1];
-    // Serializing these plain structs to JSON cannot fail.
-    serde_json::to_writer(&mut out, value).expect("records serialize");
+/// A record of a capped store, in its binary form (version 2): the
+/// fields in order, numbers as LEB128 varints, an optional time as 0 for
+/// none and `ms + 1` otherwise, strings as their length then their bytes.
+trait Record: Sized + for<'de> Deserialize<'de> {
+    fn put(&self, out: &mut Vec<u8>);
+    fn take(bytes: &mut &[u8]) -> Option<Self>;
+}
+
+fn put_opt(out: &mut Vec<u8>, v: Option<u64>) {
+    put_varint(out, v.map_or(0, |v| v.saturating_add(1)));
+}
+
+fn take_opt(bytes: &mut &[u8]) -> Option<Option<u64>> {
+    take_varint(bytes).map(|v| v.checked_sub(1))
+}
+
+impl Record for PageStats {
+    fn put(&self, out: &mut Vec<u8>) {
+        put_varint(out, self.total_connections);
+        put_varint(out, self.peak_connections);
+        put_opt(out, self.peak_at_ms);
+        put_varint(out, self.peak_visitors);
+        put_opt(out, self.last_active_ms);
+    }
+
+    fn take(bytes: &mut &[u8]) -> Option<Self> {
+        Some(PageStats {
+            total_connections: take_varint(bytes)?,
+            peak_connections: take_varint(bytes)?,
+            peak_at_ms: take_opt(bytes)?,
+            peak_visitors: take_varint(bytes)?,
+            last_active_ms: take_opt(bytes)?,
+        })
+    }
+}
+
+impl Record for RoomRecord {
+    fn put(&self, out: &mut Vec<u8>) {
+        put_varint(out, self.last_active_ms);
+        for link in &self.links {
+            put_varint(out, link.len() as u64);
+            out.extend_from_slice(link.as_bytes());
+        }
+    }
+
+    fn take(bytes: &mut &[u8]) -> Option<Self> {
+        let last_active_ms = take_varint(bytes)?;
+        let mut links = Vec::new();
+        while !bytes.is_empty() {
+            let len = usize::try_from(take_varint(bytes)?).ok()?;
+            let (link, rest) = bytes.split_at_checked(len)?;
+            links.push(PageId::parse(std::str::from_utf8(link).ok()?).ok()?);
+            *bytes = rest;
+        }
+        Some(RoomRecord {
+            links,
+            last_active_ms,
+        })
+    }
+}
+
+fn encode<T: Record>(value: &T) -> Vec<u8> {
+    let mut out = Vec::with_capacity(24);
+    out.push(RECORD_V2);
+    value.put(&mut out);
     out
 }
 
 /// True when the record was written by a newer build (never expired by this one).
 fn is_foreign(bytes: &[u8]) -> bool {
-    bytes.first().is_some_and(|v| *v > RECORD_V1)
+    bytes.first().is_some_and(|v| *v > RECORD_V2)
 }
 
-fn decode<T: for<'de> Deserialize<'de>>(key: &[u8], bytes: &[u8]) -> Option<T> {
-    match bytes.split_first() {
-        Some((&RECORD_V1, rest)) => match serde_json::from_slice(rest) {
-            Ok(v) => Some(v),
-            Err(e) => {
-                tracing::warn!(key = %String::from_utf8_lossy(key), error = %e, "unreadable record skipped");
-                None
-            }
-        },
+fn decode<T: Record>(key: &[u8], bytes: &[u8]) -> Option<T> {
+    let decoded = match bytes.split_first() {
+        Some((&RECORD_V2, mut rest)) => T::take(&mut rest)
+            .filter(|_| rest.is_empty())
+            .ok_or_else(|| "bad binary record".to_owned()),
+        Some((&RECORD_V1, rest)) => serde_json::from_slice(rest).map_err(|e| e.to_string()),
         _ => {
             tracing::warn!(key = %String::from_utf8_lossy(key), "record of unknown version skipped");
+            return None;
+        }
+    };
+    match decoded {
+        Ok(v) => Some(v),
+        Err(error) => {
+            tracing::warn!(key = %String::from_utf8_lossy(key), %error, "unreadable record skipped");
             None
         }
     }
@@ -146,9 +233,17 @@ fn decode<T: for<'de> Deserialize<'de>>(key: &[u8], bytes: &[u8]) -> Option<T> {
 /// `age` holds one empty-valued key `active_ms (8 bytes, big-endian) ++ page`
 /// per record. A write puts the new age key before the record and removes
 /// the old one after it, so a crash in between leaves at worst a stale age
-/// key (repaired when it is reached), never a record without one.
+/// key (repaired when it is reached), never a record without one (sled
+/// recovers a prefix of the writes).
+///
+/// Nothing at open reads every record: the record count is kept in `meta`
+/// (exact after a clean close, see [`CLEAN`]). After any other stop the
+/// last flushed count stands in while a background [`Recount`] walks the
+/// records, checks each one's index key, and then sets the exact count.
 #[derive(Clone)]
 struct Capped {
+    /// Store name (`stats`, `rooms`).
+    name: &'static str,
     /// Page id -> versioned record.
     data: sled::Tree,
     /// The age index.
@@ -157,6 +252,55 @@ struct Capped {
     len: Arc<AtomicUsize>,
     /// Activity time of a stored record (0 for one that does not decode).
     active: fn(&[u8], &[u8]) -> u64,
+    /// Writers hold it shared; a recount holds it exclusively while it
+    /// reads one chunk.
+    recount: Arc<RwLock<Recount>>,
+    /// The clean-close marker, shared by the stores.
+    marker: Marker,
+}
+
+/// The progress of a background recount of one store.
+#[derive(Default)]
+struct Recount {
+    /// True until the count is exact.
+    running: bool,
+    /// The last key counted (`None`: none yet).
+    cursor: Option<Vec<u8>>,
+    /// Records written (+1) or deleted (-1) at or before the cursor since
+    /// it passed them: the chunks already read missed those changes.
+    behind: AtomicI64,
+    /// Records read so far.
+    counted: usize,
+    /// Index keys added so far.
+    repaired: usize,
+}
+
+impl Recount {
+    /// Notes that `key` was created (+1) or deleted (-1).
+    fn changed(&self, key: &[u8], delta: i64) {
+        if self.running && self.cursor.as_deref().is_some_and(|c| key <= c) {
+            self.behind.fetch_add(delta, Ordering::Relaxed);
+        }
+    }
+}
+
+/// The clean-close marker in `meta`: written by [`Storage::close`], removed
+/// by the first write after it (and at open).
+#[derive(Clone)]
+struct Marker {
+    meta: sled::Tree,
+    set: Arc<AtomicBool>,
+}
+
+impl Marker {
+    /// Removes the marker before a write (a crash after the write then
+    /// finds no marker: sled recovers a prefix of the writes).
+    fn clear(&self) -> Result<(), StorageError> {
+        if self.set.load(Ordering::Acquire) && self.set.swap(false, Ordering::AcqRel) {
+            self.meta.remove(CLEAN)?;
+        }
+        Ok(())
+    }
 }
 
 fn age_key(active_ms: u64, page: &[u8]) -> Vec<u8> {
@@ -173,39 +317,154 @@ fn split_age_key(k: &[u8]) -> Option<(u64, &[u8])> {
 }
 
 impl Capped {
-    /// Opens both trees; rebuilds the index when it does not match the data
-    /// (a database written before the index existed, or damaged).
+    /// Opens both trees. `exact` is the count stored at a clean close;
+    /// without it the last flushed count stands in until a background
+    /// recount (started by [`Capped::start_recount`]) has the exact one.
+    /// A database whose index is empty while it has records (written before
+    /// the index existed) has its index built here, once.
     fn open(
         db: &sled::Db,
-        name: &str,
+        name: &'static str,
         active: fn(&[u8], &[u8]) -> u64,
+        marker: &Marker,
+        exact: bool,
     ) -> Result<Capped, StorageError> {
         let data = db.open_tree(name)?;
         let age = db.open_tree(format!("{name}_by_age"))?;
-        let len = data.iter().keys().count();
-        let indexed = data
-            .iter()
-            .values()
-            .filter(|v| v.as_ref().is_ok_and(|v| !is_foreign(v)))
-            .count();
-        if age.iter().keys().count() != indexed {
-            tracing::info!(tree = name, records = len, "rebuilding the activity index");
-            age.clear()?;
+        let stored = marker
+            .meta
+            .get(count_key(name))?
+            .and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes))
+            .map_or(0, |n| usize::try_from(n).unwrap_or(usize::MAX));
+        let capped = Capped {
+            name,
+            data,
+            age,
+            len: Arc::new(AtomicUsize::new(stored)),
+            active,
+            recount: Arc::new(RwLock::new(Recount {
+                running: !exact,
+                ..Recount::default()
+            })),
+            marker: marker.clone(),
+        };
+        if capped.age.first()?.is_none() && capped.data.first()?.is_some() {
+            tracing::info!(tree = name, "building the activity index");
             let mut batch = sled::Batch::default();
-            for item in data.iter() {
+            let mut len = 0;
+            for item in capped.data.iter() {
                 let (k, v) = item?;
+                len += 1;
                 if !is_foreign(&v) {
                     batch.insert(age_key(active(&k, &v), &k), &[]);
                 }
             }
-            age.apply_batch(batch)?;
+            capped.age.apply_batch(batch)?;
+            capped.len.store(len, Ordering::Relaxed);
+            capped
+                .recount
+                .write()
+                .unwrap_or_else(PoisonError::into_inner)
+                .running = false;
         }
-        Ok(Capped {
-            data,
-            age,
-            len: Arc::new(AtomicUsize::new(len)),
-            active,
-        })
+        Ok(capped)
+    }
+
+    /// True while the record count is not known to be exact.
+    fn recounting(&self) -> bool {
+        self.recount
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .running
+    }
+
+    /// Starts the background recount if the count is not exact.
+    fn start_recount(&self) {
+        if !self.recounting() {
+            return;
+        }
+        let store = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("lc-recount-{}", self.name))
+            .spawn(move || {
+                let started = Instant::now();
+                match store.run_recount() {
+                    Ok((records, repaired)) => tracing::info!(
+                        store = store.name,
+                        records,
+                        index_keys_added = repaired,
+                        secs = started.elapsed().as_secs_f64(),
+                        "record count verified"
+                    ),
+                    Err(e) => tracing::error!(
+                        store = store.name,
+                        error = %e,
+                        "record recount failed; the count stays approximate until a clean restart"
+                    ),
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::error!(store = self.name, error = %e, "cannot start the record recount");
+        }
+    }
+
+    /// Counts the records chunk by chunk, writers excluded only while a
+    /// chunk is read, adds any missing index key, and sets the exact count.
+    /// Returns (records, index keys added).
+    fn run_recount(&self) -> Result<(usize, usize), StorageError> {
+        loop {
+            if let Some(done) = self.recount_chunk()? {
+                return Ok(done);
+            }
+            std::thread::yield_now();
+        }
+    }
+
+    /// Reads the next chunk of a recount; at the end sets the exact count
+    /// and returns (records, index keys added).
+    fn recount_chunk(&self) -> Result<Option<(usize, usize)>, StorageError> {
+        let mut gate = self.recount.write().unwrap_or_else(PoisonError::into_inner);
+        let from = match &gate.cursor {
+            None => Bound::Unbounded,
+            Some(c) => Bound::Excluded(c.clone()),
+        };
+        let mut last = None;
+        let (mut counted, mut repaired) = (0, 0);
+        let read = (|| -> Result<(), StorageError> {
+            for item in self
+                .data
+                .range::<Vec<u8>, _>((from, Bound::Unbounded))
+                .take(RECOUNT_CHUNK)
+            {
+                let (k, v) = item?;
+                counted += 1;
+                if !is_foreign(&v) {
+                    let key = age_key((self.active)(&k, &v), &k);
+                    if !self.age.contains_key(&key)? {
+                        self.age.insert(key, &[])?;
+                        repaired += 1;
+                    }
+                }
+                last = Some(k);
+            }
+            Ok(())
+        })();
+        if let Err(e) = read {
+            gate.running = false;
+            return Err(e);
+        }
+        gate.counted += counted;
+        gate.repaired += repaired;
+        if let Some(k) = last {
+            gate.cursor = Some(k.to_vec());
+            return Ok(None);
+        }
+        let exact = gate.counted as i64 + gate.behind.load(Ordering::Relaxed);
+        let exact = usize::try_from(exact).unwrap_or(0);
+        self.len.store(exact, Ordering::Relaxed);
+        gate.running = false;
+        gate.cursor = None;
+        Ok(Some((exact, gate.repaired)))
     }
 
     fn get(&self, page: &str) -> Result<Option<sled::IVec>, StorageError> {
@@ -214,12 +473,15 @@ impl Capped {
 
     /// Writes one record, active at `active_ms`.
     fn put(&self, page: &str, value: Vec<u8>, active_ms: u64) -> Result<(), StorageError> {
+        let gate = self.recount.read().unwrap_or_else(PoisonError::into_inner);
+        self.marker.clear()?;
         let key = page.as_bytes();
         let new_age = age_key(active_ms, key);
         self.age.insert(new_age.as_slice(), &[])?;
         match self.data.insert(key, value)? {
             None => {
                 self.len.fetch_add(1, Ordering::Relaxed);
+                gate.changed(key, 1);
             }
             Some(old) => {
                 let old_age = age_key((self.active)(key, &old), key);
@@ -274,10 +536,14 @@ impl Capped {
             if keep(&name) {
                 continue;
             }
+            let gate = self.recount.read().unwrap_or_else(PoisonError::into_inner);
+            self.marker.clear()?;
             let swapped = self
                 .data
                 .compare_and_swap(page, Some(value), None as Option<&[u8]>)?;
             if swapped.is_ok() {
+                gate.changed(page, -1);
+                drop(gate);
                 self.len.fetch_sub(1, Ordering::Relaxed);
                 self.age.remove(&age)?;
                 deleted.push(name.into_owned());
@@ -287,8 +553,11 @@ impl Capped {
     }
 
     /// Deletes the least recently active records until at most `max` remain.
+    /// Nothing while a recount runs: the stand-in count may be above the
+    /// truth, and the cap never deletes a record the truth keeps (the next
+    /// trim after the recount catches up).
     fn trim(&self, max: usize, keep: impl Fn(&str) -> bool) -> Result<Vec<String>, StorageError> {
-        if self.len.load(Ordering::Relaxed) <= max {
+        if self.len.load(Ordering::Relaxed) <= max || self.recounting() {
             return Ok(Vec::new());
         }
         self.evict_oldest(|| self.len.load(Ordering::Relaxed) <= max, |_| true, keep)
@@ -314,7 +583,7 @@ fn room_active(key: &[u8], value: &[u8]) -> u64 {
 const HISTORY_V1: u8 = 1;
 
 /// The history key of the whole site (no page id is empty).
-pub const SITE: &str = "";
+pub(crate) const SITE: &str = "";
 
 /// The two resolutions of the history. A record holds one bucket of slots:
 /// a minute record the minutes of one hour (60 slots), an hour record the
@@ -327,14 +596,14 @@ pub const SITE: &str = "";
 /// keeps the larger of each figure per slot, so a peak is never lowered and
 /// a minute written twice (before and after a restart) keeps its maximum.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Resolution {
+pub(crate) enum Resolution {
     Minute,
     Hour,
 }
 
 impl Resolution {
     /// Length of one slot in ms.
-    pub fn step_ms(self) -> u64 {
+    pub(crate) fn step_ms(self) -> u64 {
         match self {
             Resolution::Minute => 60_000,
             Resolution::Hour => 3_600_000,
@@ -465,7 +734,7 @@ fn merge_history(_key: &[u8], old: Option<&[u8]>, new: &[u8]) -> Option<Vec<u8>>
 
 /// One peak to record: the history key (a page id or [`SITE`]), the start
 /// of its minute (ms since epoch) and the minute's peaks.
-pub type MinutePeak = (crate::protocol::PageId, u64, Tally);
+pub type MinutePeak = (PageId, u64, Tally);
 
 /// The history tree.
 #[derive(Clone)]
@@ -548,6 +817,32 @@ fn compression_of(path: &Path) -> Option<bool> {
     })
 }
 
+/// sled's settings for the database in `path`.
+fn sled_config(path: &Path, cache_capacity: u64, compress: bool) -> sled::Config {
+    sled::Config::new()
+        .path(path)
+        .cache_capacity(cache_capacity)
+        .use_compression(compress)
+        .flush_every_ms(Some(200))
+}
+
+/// Test hook: opens the sled database in `path` with the settings
+/// [`Storage::open`] uses and nothing else (no tree opened, nothing read or
+/// written): the ceiling of an open, for measurements. Dropping the handle
+/// closes it.
+#[cfg(feature = "test-hooks")]
+pub fn open_sled(path: &Path, cache_capacity: u64) -> Result<SledOnly, StorageError> {
+    let compress = compression_of(path).unwrap_or(true);
+    sled_config(path, cache_capacity, compress)
+        .open()
+        .map(SledOnly)
+        .map_err(|e| StorageError::from(e).opening(path))
+}
+
+/// The database opened by [`open_sled`].
+#[cfg(feature = "test-hooks")]
+pub struct SledOnly(#[allow(dead_code)] sled::Db);
+
 /// Handle to the database; cheap to clone, usable from any thread.
 #[derive(Clone)]
 pub struct Storage {
@@ -559,6 +854,8 @@ pub struct Storage {
     rooms: Capped,
     /// Per-page and site-wide peaks.
     history: HistoryTree,
+    /// The clean-close marker in `meta`.
+    marker: Marker,
     /// The data directory, absolute (ties the cluster identity to it).
     path: std::sync::Arc<std::path::PathBuf>,
 }
@@ -566,9 +863,13 @@ pub struct Storage {
 impl Storage {
     /// Opens (or creates) the database in `path`.
     pub fn open(path: &Path, cache_capacity: u64) -> Result<Storage, StorageError> {
-        Self::open_db(path, cache_capacity).map_err(|e| e.opening(path))
+        let storage = Self::open_db(path, cache_capacity).map_err(|e| e.opening(path))?;
+        storage.stats.start_recount();
+        storage.rooms.start_recount();
+        Ok(storage)
     }
 
+    /// Opens the database; a recount it needs is left to the caller.
     fn open_db(path: &Path, cache_capacity: u64) -> Result<Storage, StorageError> {
         let compress = compression_of(path).unwrap_or(true);
         if !compress {
@@ -577,18 +878,18 @@ impl Storage {
                 "this data directory was created without compression; it stays uncompressed"
             );
         }
-        let db = sled::Config::new()
-            .path(path)
-            .cache_capacity(cache_capacity)
-            .use_compression(compress)
-            .flush_every_ms(Some(200))
-            .open()?;
+        let db = sled_config(path, cache_capacity, compress).open()?;
         let meta = db.open_tree("meta")?;
+        let fresh = meta.get("schema")?.is_none();
         match meta.get("schema")? {
             None => {
                 meta.insert("schema", SCHEMA_VERSION)?;
             }
             Some(v) if v.as_ref() == SCHEMA_VERSION => {}
+            Some(v) if v.as_ref() == SCHEMA_V1 => {
+                tracing::info!(path = %path.display(), "migrating the data directory to schema 2");
+                meta.insert("schema", SCHEMA_VERSION)?;
+            }
             Some(v) => {
                 return Err(StorageError::Schema {
                     path: path.display().to_string(),
@@ -596,13 +897,30 @@ impl Storage {
                 })
             }
         }
-        Ok(Storage {
-            stats: Capped::open(&db, "stats", stats_active)?,
-            rooms: Capped::open(&db, "rooms", room_active)?,
+        // Only a clean close leaves the marker; it goes now, so that a
+        // crash from here on is seen as one.
+        // A new database has nothing to count.
+        let clean = meta.remove(CLEAN)?.is_some() || fresh;
+        let marker = Marker {
+            meta,
+            set: Arc::new(AtomicBool::new(false)),
+        };
+        let storage = Storage {
+            stats: Capped::open(&db, "stats", stats_active, &marker, clean)?,
+            rooms: Capped::open(&db, "rooms", room_active, &marker, clean)?,
             history: HistoryTree::open(&db)?,
+            marker,
             db,
             path: std::sync::Arc::new(std::fs::canonicalize(path).unwrap_or_else(|_| path.into())),
-        })
+        };
+        if !clean {
+            tracing::info!(
+                stats = storage.stats_records(),
+                rooms = storage.room_records(),
+                "no clean close recorded: counting the records in the background"
+            );
+        }
+        Ok(storage)
     }
 
     /// Size of the database on disk in bytes (the `storage_bytes` gauge).
@@ -611,7 +929,7 @@ impl Storage {
     }
 
     /// True when the database answers a read.
-    pub fn is_usable(&self) -> Result<(), StorageError> {
+    pub(crate) fn is_usable(&self) -> Result<(), StorageError> {
         self.db.open_tree("meta")?.get("schema")?;
         Ok(())
     }
@@ -655,7 +973,7 @@ impl Storage {
 
     /// Deletes room records inactive since before `cutoff_ms`, except pages
     /// for which `keep` says yes. Returns how many were deleted.
-    pub fn expire_rooms(
+    pub(crate) fn expire_rooms(
         &self,
         cutoff_ms: u64,
         keep: impl Fn(&str) -> bool,
@@ -666,7 +984,7 @@ impl Storage {
     /// Deletes stats (and history) of pages inactive since before
     /// `cutoff_ms`, except pages for which `keep` says yes. Returns how many
     /// were deleted.
-    pub fn expire_stats(
+    pub(crate) fn expire_stats(
         &self,
         cutoff_ms: u64,
         keep: impl Fn(&str) -> bool,
@@ -698,7 +1016,7 @@ impl Storage {
     /// The stored peaks of `key` (a page id or [`SITE`]) at `res` whose
     /// slots start in `from_ms..=to_ms`, oldest first, as (slot start in
     /// ms, peaks). Slots when no one was there are absent.
-    pub fn load_history(
+    pub(crate) fn load_history(
         &self,
         key: &str,
         res: Resolution,
@@ -725,7 +1043,9 @@ impl Storage {
         Ok(points)
     }
 
-    /// Number of history records (a scan: for tests and measurements).
+    /// Test hook: number of history records (a scan: for tests and
+    /// measurements).
+    #[cfg(any(test, feature = "test-hooks"))]
     pub fn history_records(&self) -> usize {
         self.history.0.len()
     }
@@ -734,7 +1054,7 @@ impl Storage {
     /// records (a page's history goes with its stats), except pages for
     /// which `keep` says yes. Returns the pages whose stats were deleted and
     /// how many room records were.
-    pub fn trim(
+    pub(crate) fn trim(
         &self,
         max: usize,
         keep: impl Fn(&str) -> bool,
@@ -760,7 +1080,7 @@ impl Storage {
     /// `(process, incarnation)`: `None` if there is none, or if it was saved
     /// on another host or in another directory (a copied data directory is a
     /// new node, not this one).
-    pub fn cluster_identity(&self) -> Result<Option<(String, u64)>, StorageError> {
+    pub(crate) fn cluster_identity(&self) -> Result<Option<(String, u64)>, StorageError> {
         let Some(v) = self.db.open_tree("meta")?.get(CLUSTER_IDENTITY)? else {
             return Ok(None);
         };
@@ -779,7 +1099,7 @@ impl Storage {
 
     /// Saves the cluster identity about to be registered, and waits until it
     /// is on disk (so a crash right after the registration finds it).
-    pub fn save_cluster_identity(
+    pub(crate) fn save_cluster_identity(
         &self,
         process: &str,
         incarnation: u64,
@@ -803,16 +1123,64 @@ impl Storage {
         self.path.display().to_string()
     }
 
-    /// Writes everything to disk and waits for it.
+    /// Writes everything to disk and waits for it, with the record counts
+    /// (they stand in after a crash until the background recount is done).
     pub fn flush(&self) -> Result<(), StorageError> {
+        self.save_counts()?;
         self.db.flush()?;
         Ok(())
+    }
+
+    fn save_counts(&self) -> Result<(), StorageError> {
+        for store in [&self.stats, &self.rooms] {
+            let n = store.len.load(Ordering::Relaxed) as u64;
+            self.marker
+                .meta
+                .insert(count_key(store.name), &n.to_be_bytes())?;
+        }
+        Ok(())
+    }
+
+    /// The last write of a clean stop: the record counts, the clean-close
+    /// marker (the next open trusts them and reads no record), and a flush.
+    /// A write after it removes the marker again. Without exact counts (a
+    /// recount still running) it only flushes.
+    pub fn close(&self) -> Result<(), StorageError> {
+        let gates = [&self.stats, &self.rooms]
+            .map(|s| s.recount.write().unwrap_or_else(PoisonError::into_inner));
+        if gates.iter().all(|g| !g.running) {
+            self.save_counts()?;
+            self.marker.meta.insert(CLEAN, &[])?;
+            self.marker.set.store(true, Ordering::Release);
+        }
+        drop(gates);
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// Test hook: true while the record counts are being verified after an
+    /// unclean stop (the counts are approximate and the cap waits).
+    #[cfg(any(test, feature = "test-hooks"))]
+    pub fn recounting(&self) -> bool {
+        self.stats.recounting() || self.rooms.recounting()
+    }
+
+    /// Test hook: stats and room records counted by a scan of both stores
+    /// (for tests and measurements; [`Storage::stats_records`] costs
+    /// nothing).
+    #[cfg(any(test, feature = "test-hooks"))]
+    pub fn count_records(&self) -> (usize, usize) {
+        (self.stats.data.len(), self.rooms.data.len())
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn id(s: &str) -> PageId {
+        PageId::parse(s).expect("a valid page id")
+    }
 
     fn stats_at(ms: u64) -> PageStats {
         PageStats {
@@ -863,9 +1231,20 @@ mod tests {
     /// Opens `path` once the previous handle's background flusher has let go
     /// of the directory's lock (sled releases it from that thread).
     fn reopen(path: &Path) -> Storage {
+        reopen_with(path, |p| Storage::open(p, 1 << 20))
+    }
+
+    /// [`reopen`] without starting a recount (the test drives it).
+    fn reopen_paused(path: &Path) -> Storage {
+        reopen_with(path, |p| {
+            Storage::open_db(p, 1 << 20).map_err(|e| e.opening(p))
+        })
+    }
+
+    fn reopen_with(path: &Path, open: fn(&Path) -> Result<Storage, StorageError>) -> Storage {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         loop {
-            match Storage::open(path, 1 << 20) {
+            match open(path) {
                 Err(StorageError::Locked { .. }) if std::time::Instant::now() < deadline => {
                     std::thread::sleep(std::time::Duration::from_millis(20));
                 }
@@ -990,14 +1369,14 @@ mod tests {
         let s = Storage::open(dir.path(), 1 << 20).expect("open");
         let day = 20_000 * 86_400_000u64;
         let m = |i: u64| day + i * 60_000;
-        let p = crate::protocol::PageId::parse("p").unwrap();
+        let p = id("p");
         s.save_stats([("p", &stats_at(1))]).expect("stats");
         let peaks = vec![
             (p.clone(), m(0), tally(2, 3)),
             (p.clone(), m(1), tally(5, 5)),
             (p.clone(), m(1), tally(1, 9)),
             (p.clone(), m(61), tally(300, 400)),
-            (crate::protocol::PageId::site(), m(2), tally(7, 8)),
+            (PageId::site(), m(2), tally(7, 8)),
         ];
         s.save_history(&peaks, KEEP).expect("save");
         let minutes = s
@@ -1043,7 +1422,7 @@ mod tests {
         let s = Storage::open(dir.path(), 1 << 20).expect("open");
         let hour = 3_600_000u64;
         let start = 500_000 * hour;
-        let p = crate::protocol::PageId::parse("p").unwrap();
+        let p = id("p");
         s.save_stats([("p", &stats_at(1))]).expect("stats");
         // One minute in each of 100 hours: at most 49 minute buckets (48 h
         // and the one in progress) and 5 day buckets remain.
@@ -1059,23 +1438,9 @@ mod tests {
         assert_eq!(minutes[0].0, last - 48 * hour);
         assert_eq!(s.history_records(), 49 + 5);
         s.save_stats([("q", &stats_at(2))]).expect("stats");
-        let unknown = (
-            crate::protocol::PageId::parse("r").unwrap(),
-            start,
-            tally(1, 1),
-        );
-        s.save_history(
-            &[
-                (
-                    crate::protocol::PageId::parse("q").unwrap(),
-                    start,
-                    tally(1, 1),
-                ),
-                unknown,
-            ],
-            KEEP,
-        )
-        .expect("save");
+        let unknown = (id("r"), start, tally(1, 1));
+        s.save_history(&[(id("q"), start, tally(1, 1)), unknown], KEEP)
+            .expect("save");
         assert_eq!(s.history_records(), 49 + 5 + 2, "r has no stats: skipped");
         let (gone, _) = s.trim(1, |_| false).expect("trim");
         assert_eq!(gone, ["p"]);
@@ -1094,5 +1459,214 @@ mod tests {
         let foreign = [2u8, 9, 9];
         let merged = merge_history(b"k", Some(&foreign), &encode_slots(&slots));
         assert_eq!(merged.as_deref(), Some(&foreign[..]));
+    }
+
+    /// Waits until the background recount (if any) is done.
+    fn recounted(s: &Storage) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while s.recounting() {
+            assert!(std::time::Instant::now() < deadline, "recount never ended");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
+
+    /// A clean close leaves counts the next open trusts without a recount;
+    /// a write after the close withdraws them; an unclean stop is recounted
+    /// in the background to the exact figure, writes and deletes made
+    /// during the recount included, and the cap holds afterwards.
+    #[test]
+    fn record_counts_survive_clean_and_unclean_stops() {
+        let dir = tempfile::tempdir().expect("dir");
+        let page = |i: usize| format!("page-{i:05}");
+        let room = |ms| RoomRecord {
+            links: vec![id("a")],
+            last_active_ms: ms,
+        };
+        {
+            let s = Storage::open(dir.path(), 1 << 20).expect("open");
+            assert!(!s.recounting(), "a new database has nothing to count");
+            for i in 0..3000 {
+                s.save_stats([(page(i).as_str(), &stats_at(i as u64))])
+                    .expect("save");
+            }
+            s.save_room("r", &room(1)).expect("room");
+            s.close().expect("close");
+        }
+        let s = reopen(dir.path());
+        assert!(!s.recounting(), "a clean close is trusted");
+        assert_eq!((s.stats_records(), s.room_records()), (3000, 1));
+        s.close().expect("close");
+        // Written after the close: the marker goes, the next open recounts.
+        s.save_stats([("late", &stats_at(9000))]).expect("save");
+        drop(s);
+        // Opened without its background recount: the test drives it.
+        let s = reopen_paused(dir.path());
+        assert!(s.recounting());
+        assert_eq!(s.stats.recount_chunk().expect("chunk"), None);
+        // Mid-recount: new records and deletions on both sides of its
+        // cursor (it reads keys in order: `aaa-first` and the first pages
+        // lie behind it after one chunk, the new pages ahead).
+        for i in 3000..3400 {
+            s.save_stats([(page(i).as_str(), &stats_at(10_000 + i as u64))])
+                .expect("save");
+        }
+        assert_eq!(s.expire_stats(300, |_| false).expect("expire"), 300);
+        s.save_stats([("aaa-first", &stats_at(20_000))])
+            .expect("save");
+        s.stats.start_recount();
+        s.rooms.start_recount();
+        recounted(&s);
+        let truth = s.count_records();
+        assert_eq!(truth, (3000 + 1 + 400 - 300 + 1, 1));
+        assert_eq!((s.stats_records(), s.room_records()), truth);
+        let (gone, _) = s.trim(1000, |_| false).expect("trim");
+        assert_eq!(gone.len(), truth.0 - 1000);
+        assert_eq!(s.count_records().0, 1000);
+        assert_eq!(s.stats_records(), 1000);
+    }
+
+    /// After an unclean stop the count flushed last can be above the truth
+    /// (deletions after it): the cap waits for the recount rather than
+    /// delete records the truth keeps.
+    #[test]
+    fn a_stale_count_never_deletes_below_the_cap() {
+        let dir = tempfile::tempdir().expect("dir");
+        {
+            let s = Storage::open(dir.path(), 1 << 20).expect("open");
+            for i in 0..100u64 {
+                s.save_stats([(format!("p{i:03}").as_str(), &stats_at(i))])
+                    .expect("save");
+            }
+            s.flush().expect("flush: the count 100 is on disk");
+            s.trim(40, |_| false).expect("trim");
+            s.db.flush().expect("records flushed, not the count");
+        }
+        let s = reopen_paused(dir.path());
+        assert_eq!(s.stats_records(), 100, "the count flushed last stands in");
+        let (gone, _) = s.trim(50, |_| false).expect("trim");
+        assert!(gone.is_empty(), "nothing deleted before the recount");
+        s.stats.start_recount();
+        s.rooms.start_recount();
+        recounted(&s);
+        assert_eq!(s.count_records().0, 40);
+        assert_eq!(s.stats_records(), 40);
+        let (gone, _) = s.trim(30, |_| false).expect("trim");
+        assert_eq!(gone.len(), 10);
+    }
+
+    /// A database of schema 1 (JSON records, room records with counts, no
+    /// record counts in `meta`) opens: its records read as they were, the
+    /// counts are taken, the schema becomes 2, new writes are binary, and
+    /// the cap still goes by last activity across both encodings.
+    #[test]
+    fn a_schema_1_database_is_migrated() {
+        let dir = tempfile::tempdir().expect("dir");
+        {
+            let db = sled::Config::new()
+                .path(dir.path())
+                .use_compression(true)
+                .open()
+                .expect("sled");
+            db.open_tree("meta")
+                .expect("meta")
+                .insert("schema", SCHEMA_V1)
+                .expect("schema");
+            let stats = db.open_tree("stats").expect("stats");
+            let stats_age = db.open_tree("stats_by_age").expect("index");
+            for (page, ms) in [("old1", 10u64), ("old2", 30)] {
+                let mut v = vec![RECORD_V1];
+                v.extend_from_slice(
+                    format!(r#"{{"total_connections":7,"peak_connections":3,"peak_at_ms":5,"peak_visitors":2,"last_active_ms":{ms}}}"#)
+                        .as_bytes(),
+                );
+                stats.insert(page, v).expect("record");
+                stats_age
+                    .insert(age_key(ms, page.as_bytes()), &[])
+                    .expect("key");
+            }
+            let rooms = db.open_tree("rooms").expect("rooms");
+            let mut v = vec![RECORD_V1];
+            v.extend_from_slice(
+                br#"{"links":["b","c"],"counts":{"b":1,"c":4},"last_active_ms":12}"#,
+            );
+            rooms.insert("old1", v).expect("room");
+            db.open_tree("rooms_by_age")
+                .expect("index")
+                .insert(age_key(12, b"old1"), &[])
+                .expect("key");
+            db.flush().expect("flush");
+        }
+        let s = reopen(dir.path());
+        recounted(&s);
+        assert_eq!((s.stats_records(), s.room_records()), (2, 1));
+        assert_eq!(
+            s.load_stats("old1").expect("read"),
+            Some(PageStats {
+                total_connections: 7,
+                peak_connections: 3,
+                peak_at_ms: Some(5),
+                peak_visitors: 2,
+                last_active_ms: Some(10),
+            })
+        );
+        assert_eq!(
+            s.load_room("old1").expect("read"),
+            Some(RoomRecord {
+                links: vec![id("b"), id("c")],
+                last_active_ms: 12,
+            })
+        );
+        assert_eq!(
+            s.marker.meta.get("schema").expect("read").as_deref(),
+            Some(SCHEMA_VERSION)
+        );
+        s.save_stats([("new", &stats_at(20))]).expect("save");
+        let raw = s.stats.data.get("new").expect("read").expect("record");
+        assert_eq!(raw[0], RECORD_V2);
+        let (gone, _) = s.trim(2, |_| false).expect("trim");
+        assert_eq!(gone, ["old1"]);
+        s.close().expect("close");
+        drop(s);
+        let s = reopen(dir.path());
+        assert!(!s.recounting());
+        assert_eq!(s.stats_records(), 2);
+        assert_eq!(
+            s.load_stats("old2")
+                .expect("read")
+                .map(|r| r.total_connections),
+            Some(7)
+        );
+    }
+
+    /// The binary records round-trip, refuse garbage, and are small.
+    #[test]
+    fn records_round_trip_in_their_binary_form() {
+        let stats = PageStats {
+            total_connections: 1_000_000,
+            peak_connections: 300,
+            peak_at_ms: Some(1_765_000_000_000),
+            peak_visitors: 0,
+            last_active_ms: None,
+        };
+        let bytes = encode(&stats);
+        assert!(bytes.len() <= 20, "{} bytes", bytes.len());
+        assert_eq!(decode::<PageStats>(b"k", &bytes), Some(stats));
+        let room = RoomRecord {
+            links: vec![id("a"), id("é-b")],
+            last_active_ms: 7,
+        };
+        assert_eq!(decode::<RoomRecord>(b"k", &encode(&room)), Some(room));
+        // A link that breaks the page-id rules (here "a/b", then the empty
+        // id) makes the record unreadable: it never becomes a PageId.
+        let bad = [RECORD_V2, 7, 1, b'x', 3, b'a', b'/', b'b'];
+        assert_eq!(decode::<RoomRecord>(b"k", &bad), None);
+        assert_eq!(decode::<RoomRecord>(b"k", &[RECORD_V2, 7, 0]), None);
+        assert!(decode::<RoomRecord>(b"k", &[RECORD_V2, 7, 1, b'x']).is_some());
+        assert_eq!(decode::<PageStats>(b"k", &[RECORD_V2, 1, 2]), None);
+        assert_eq!(decode::<RoomRecord>(b"k", &[RECORD_V2, 1, 5, b'a']), None);
+        assert_eq!(decode::<RoomRecord>(b"k", &[RECORD_V2, 1, 1, 0xff]), None);
+        let mut long = encode(&PageStats::default());
+        long.push(0);
+        assert_eq!(decode::<PageStats>(b"k", &long), None);
     }
 }

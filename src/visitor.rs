@@ -24,6 +24,7 @@
 use std::{
     collections::HashMap,
     hash::{BuildHasher, BuildHasherDefault, Hasher, RandomState},
+    num::NonZeroU64,
     sync::{
         atomic::{AtomicU64, Ordering},
         Mutex, OnceLock,
@@ -45,14 +46,16 @@ pub(crate) const MAX_LEN: usize = 64;
 /// per process), compared for equality only. Two ids collide with
 /// probability about 2^-128; a collision could only merge two visitors
 /// (never raise a figure). Two `u64`s rather than a `u128`: 8-byte aligned,
-/// so it adds 16 bytes, not 32, to each session.
+/// so it adds 16 bytes, not 32, to each session; the first is never 0, so
+/// an `Option<VisitorKey>` (in each session and each room entry) is 16
+/// bytes too.
 #[derive(Clone, Copy, PartialEq, Eq)]
-pub struct VisitorKey(u64, u64);
+pub struct VisitorKey(NonZeroU64, u64);
 
 impl std::hash::Hash for VisitorKey {
     fn hash<H: Hasher>(&self, state: &mut H) {
         // Already a keyed hash: its first half is hash enough (see [`KeyHasher`]).
-        state.write_u64(self.0);
+        state.write_u64(self.0.get());
     }
 }
 
@@ -73,7 +76,9 @@ impl VisitorKey {
     /// The key of a (valid) visitor id.
     fn of(id: &str) -> VisitorKey {
         let (a, b) = hash_keys();
-        VisitorKey(a.hash_one(id), b.hash_one(id))
+        // A hash of 0 (one in 2^64) shares 1's key: it could only merge two visitors.
+        let first = NonZeroU64::new(a.hash_one(id)).unwrap_or(NonZeroU64::MIN);
+        VisitorKey(first, b.hash_one(id))
     }
 }
 
@@ -372,6 +377,8 @@ mod tests {
             VisitorParam::Invalid(VisitorIdError::Charset)
         );
         assert_eq!(format!("{a:?}"), "VisitorKey(..)");
+        // What a session and a room entry hold per connection.
+        assert_eq!(std::mem::size_of::<Option<VisitorKey>>(), 16);
     }
 
     #[test]

@@ -17,6 +17,7 @@
 //! lines in logfmt (`key=value`), one per measured configuration.
 
 mod actix_ceiling;
+mod budget;
 mod cluster;
 mod cluster_hold;
 mod fanout;
@@ -28,6 +29,7 @@ mod kit;
 mod oversize;
 mod ramp;
 mod soak;
+mod startup;
 mod support;
 
 use std::{
@@ -78,6 +80,7 @@ fn main() {
         }
         Some("--actix-ceiling-server") => actix_ceiling::run_actix_ceiling(),
         Some("--cluster-hold-client") => cluster_hold::client_main(&args[1..]),
+        Some("--sled-open") => startup::run_sled_open(args.get(1).map_or(".", String::as_str)),
         _ => {}
     }
     let smoke = std::env::var("LC_BENCH_SMOKE").is_ok_and(|v| v != "0" && !v.is_empty())
@@ -99,6 +102,7 @@ fn main() {
         "cluster",
         "cluster-hold",
         "history",
+        "startup",
     ];
     for w in &wanted {
         if !all.contains(w) {
@@ -157,6 +161,9 @@ fn main() {
     }
     if run("history") {
         history::history(scale.smoke);
+    }
+    if run("startup") {
+        startup::startup(&rt, scale.smoke);
     }
     println!("# bench done in {:.1}s", secs(started));
 }
@@ -762,20 +769,33 @@ fn memory(rt: &tokio::runtime::Runtime, scale: Scale, nofile: u64) {
         transport: Transport::WebSocket,
         ceiling: None,
         websocket: None,
+        visitors: false,
     };
     let ceiling = memory_at(rt, scale, sizes, ChildService::actix_ceiling(), &ceiling);
     let ws = MemoryRun {
         transport: Transport::WebSocket,
         ceiling: Some(ceiling),
         websocket: None,
+        visitors: false,
     };
     let ws = memory_at(rt, scale, sizes, ChildService::start(&[]), &ws);
     let sse = MemoryRun {
         transport: Transport::EventStream,
         ceiling: Some(ceiling),
         websocket: Some(ws),
+        visitors: false,
     };
     memory_at(rt, scale, sizes, ChildService::start(&[]), &sse);
+    // A distinct visitor id on every WebSocket (`?visitor=`).
+    let visited = MemoryRun {
+        transport: Transport::WebSocket,
+        ceiling: Some(ceiling),
+        websocket: Some(ws),
+        visitors: true,
+    };
+    support::set_visitor_tabs(Some(1), false);
+    memory_at(rt, scale, sizes, ChildService::start(&[]), &visited);
+    support::set_visitor_tabs(None, true);
 }
 
 /// What one memory run measures and compares with.
@@ -784,8 +804,12 @@ struct MemoryRun {
     transport: Transport,
     /// The ceiling's KiB per connection (`None`: this is the ceiling run).
     ceiling: Option<[f64; 2]>,
-    /// The service's KiB per WebSocket (an event-stream run compares with it).
+    /// The service's KiB per WebSocket (an event-stream run or one with
+    /// visitor ids compares with it).
     websocket: Option<[f64; 2]>,
+    /// Every connection carries a distinct visitor id (target: within 5 %
+    /// of the ceiling).
+    visitors: bool,
 }
 
 /// One memory run against `service` (the service if `run.ceiling` is
@@ -875,8 +899,13 @@ fn memory_at(
             if let Some(ws) = run.websocket {
                 line = line
                     .f("websocket_kib_per_conn", ws[k])
-                    .f("vs_websocket", per / ws[k])
-                    .f("target_vs_websocket", 1.5);
+                    .f("vs_websocket", per / ws[k]);
+                line = if run.visitors {
+                    line.s("visitor_ids", "every")
+                        .s("target_vs_ceiling", "1.05")
+                } else {
+                    line.f("target_vs_websocket", 1.5)
+                };
             }
             line.print();
             rss_small = rss;

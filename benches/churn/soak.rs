@@ -34,9 +34,14 @@
 //! `BENCH soak minute=N ...` with RSS, data dir size, pages tracked and
 //! mismatches. When several events fall on one time: the quiet point first,
 //! then the flood, the kill, the Redis restart. The summary gives the
-//! targets: RSS at the end within 10 % of its value at minute 5 (smoke:
-//! second 2), data dir within 64 MiB (`LC_SOAK_DATA_CAP_MIB`), 0
-//! mismatches at every quiet point. A smoke run panics on a mismatch.
+//! targets: peak RSS (quiet points and the end of each flood) within the
+//! memory budget of the service's settings (`limits.max_connections` set to
+//! its default 10,000 here, docs/OPERATIONS.md "Memory budget"); equal
+//! phases: the RSS settled after a flood (the quiet point before the next
+//! flood, or the end) within +10 % of the one after the previous flood with
+//! as many floods since the last restart; data dir within 64 MiB
+//! (`LC_SOAK_DATA_CAP_MIB`), 0 mismatches at every quiet point. A smoke run
+//! panics on a mismatch.
 
 use std::{
     net::SocketAddr,
@@ -247,7 +252,6 @@ pub fn soak(rt: &tokio::runtime::Runtime, smoke: bool) {
         (60.0, 300.0, 600.0, 2.0)
     };
     let converge_limit = Duration::from_secs(if smoke { 8 } else { 30 });
-    let rss_ref_minute = (total / 6.0 / minute).round().max(1.0) as u64;
 
     let mut schedule: Vec<(f64, Event)> = Vec::new();
     // Every `every` seconds before the end.
@@ -277,6 +281,8 @@ pub fn soak(rt: &tokio::runtime::Runtime, smoke: bool) {
         ("CLUSTER__REDIS_URL", url.as_str()),
         ("STORAGE__MAX_RECORDS", "50000"),
         ("STORAGE__CACHE_CAPACITY", "33554432"),
+        // The default cap (the bench's NO_CAPS lifts it): the budget needs one.
+        ("LIMITS__MAX_CONNECTIONS", "10000"),
     ];
     if smoke {
         extra.push(("STORAGE__SNAPSHOT_INTERVAL", "1s"));
@@ -294,6 +300,10 @@ pub fn soak(rt: &tokio::runtime::Runtime, smoke: bool) {
         count(Event::RedisRestart),
         settings.join(" ")
     );
+    let budget_kib = crate::budget::memory_budget_kib(&crate::kit::settings::bench_settings(
+        std::path::Path::new("."),
+        &extra,
+    ));
     let mut service = ChildService::start_in(tempfile::tempdir().expect("temp dir"), &extra);
 
     let mismatch_points = rt.block_on(async {
@@ -319,7 +329,11 @@ pub fn soak(rt: &tokio::runtime::Runtime, smoke: bool) {
         let mut quiet_points = 0u64;
         let mut mismatch_points = 0u64;
         let mut mismatches_max = 0usize;
-        let mut rss_ref: Option<u64> = None;
+        let mut rss_peak = 0u64;
+        // Floods since the last (re)start, and the RSS of the last quiet point.
+        let (mut floods_since_start, mut rss_quiet) = (0u64, 0u64);
+        // (floods since the start, RSS settled after the last of them).
+        let mut settled: Vec<(u64, u64)> = Vec::new();
         let (mut rss_end, mut data_end, mut data_max, mut pages_end) = (0u64, 0u64, 0u64, 0u64);
         let (mut last_cycles, mut last_errors, mut last_t) = (0u64, 0u64, 0.0f64);
         let mut events_since: Vec<&str> = Vec::new();
@@ -378,17 +392,21 @@ pub fn soak(rt: &tokio::runtime::Runtime, smoke: bool) {
                     }
                     events_since.clear();
                     (last_cycles, last_errors, last_t) = (cycles, errors, t);
-                    if n == rss_ref_minute {
-                        rss_ref = Some(rss);
-                    }
+                    rss_peak = rss_peak.max(rss);
+                    rss_quiet = rss;
                     (rss_end, data_end, pages_end) = (rss, data, s.pages);
                     data_max = data_max.max(data);
                 }
                 Event::Flood => {
+                    if floods_since_start > 0 {
+                        settled.push((floods_since_start, rss_quiet));
+                    }
+                    floods_since_start += 1;
                     floods += 1;
                     let k = floods;
                     let page: PageFn = Arc::new(move |i| format!("sf{k}-{i}"));
                     let f = flood_run(service.addr, flood_cycles, FLOOD_CLIENTS, page).await;
+                    rss_peak = rss_peak.max(rss_kib(service.pid()));
                     println!(
                         "# soak: flood {k}: {} cycles to new ids in {:.1} s ({:.0}/s), {} refused, {} errors",
                         f.cycles,
@@ -405,6 +423,7 @@ pub fn soak(rt: &tokio::runtime::Runtime, smoke: bool) {
                     events_since.push("flood");
                 }
                 Event::Kill => {
+                    floods_since_start = 0;
                     kills += 1;
                     let t0 = Instant::now();
                     service.kill9();
@@ -440,9 +459,20 @@ pub fn soak(rt: &tokio::runtime::Runtime, smoke: bool) {
         let errors = churn.errors.load(Ordering::Relaxed);
         let elapsed = secs(started);
         churn.stop().await;
-        let rss_ref = rss_ref.unwrap_or(rss_end);
-        let rss_change_pct = 100.0 * (rss_end as f64 - rss_ref as f64) / rss_ref.max(1) as f64;
-        let rss_met = rss_change_pct.abs() <= TARGET_RSS_PCT;
+        if floods_since_start > 0 {
+            settled.push((floods_since_start, rss_end));
+        }
+        // Each settled RSS against the previous one of the same phase.
+        let mut phase_pcts = Vec::new();
+        for (i, (phase, rss)) in settled.iter().enumerate() {
+            if let Some((_, before)) = settled[..i].iter().rev().find(|(p, _)| p == phase) {
+                phase_pcts.push(100.0 * (*rss as f64 - *before as f64) / (*before).max(1) as f64);
+            }
+        }
+        let phase_pct_max = phase_pcts.iter().copied().fold(f64::NAN, f64::max);
+        let rss_met = phase_pcts.iter().all(|p| *p <= TARGET_RSS_PCT);
+        let budget_met = budget_kib.is_some_and(|b| rss_peak <= b);
+        let list = |v: Vec<String>| if v.is_empty() { "none".to_string() } else { v.join(",") };
         let data_met = data_max <= data_cap_kib;
         Line::new("soak_summary")
             .f("secs", elapsed)
@@ -457,10 +487,19 @@ pub fn soak(rt: &tokio::runtime::Runtime, smoke: bool) {
             .s("flood_errors", flood_errors)
             .s("kills", kills)
             .s("redis_restarts", redis_restarts)
-            .s("rss_ref_minute", rss_ref_minute)
-            .s("rss_ref_kib", rss_ref)
             .s("rss_end_kib", rss_end)
-            .f("rss_change_pct", rss_change_pct)
+            .s("rss_peak_kib", rss_peak)
+            .s("budget_kib", budget_kib.map_or("none".into(), |b| b.to_string()))
+            .s("budget_met", budget_met)
+            .s(
+                "rss_settled_kib",
+                list(settled.iter().map(|(p, r)| format!("{p}:{r}")).collect()),
+            )
+            .s(
+                "rss_phase_pcts",
+                list(phase_pcts.iter().map(|p| format!("{p:.1}")).collect()),
+            )
+            .f("rss_phase_pct_max", phase_pct_max)
             .f("target_rss_pct", TARGET_RSS_PCT)
             .s("rss_met", rss_met)
             .s("data_end_kib", data_end)

@@ -60,14 +60,30 @@ static CONNECTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::ne
 
 /// `LC_BENCH_VISITOR_TABS=n`: every connection carries a visitor id, one id
 /// per `n` consecutive connections (the cost of counting distinct visitors).
+/// [`set_visitor_tabs`] overrides it for the runs that follow.
 fn visitor_tabs() -> Option<u64> {
     static TABS: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
-    *TABS.get_or_init(|| {
-        std::env::var("LC_BENCH_VISITOR_TABS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .filter(|n| *n > 0)
-    })
+    match VISITOR_TABS_SET.load(Ordering::Relaxed) {
+        u64::MAX => *TABS.get_or_init(|| {
+            std::env::var("LC_BENCH_VISITOR_TABS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .filter(|n| *n > 0)
+        }),
+        0 => None,
+        n => Some(n),
+    }
+}
+
+/// The visitor tabs set by [`set_visitor_tabs`] (`u64::MAX`: the environment's).
+static VISITOR_TABS_SET: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(u64::MAX);
+
+/// From now on every connection carries a visitor id, one per `tabs`
+/// consecutive connections (`Some(1)`: a distinct visitor each; `None`:
+/// none), whatever `LC_BENCH_VISITOR_TABS` says; `reset` goes back to it.
+pub fn set_visitor_tabs(tabs: Option<u64>, reset: bool) {
+    let v = if reset { u64::MAX } else { tabs.unwrap_or(0) };
+    VISITOR_TABS_SET.store(v, Ordering::Relaxed);
 }
 
 /// The subscribe message for `links`.

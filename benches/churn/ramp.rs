@@ -15,7 +15,9 @@
 //! `quiet` (every link points at pages nobody opens: no fan-out), `busy`
 //! (links point at the pages being opened: every arrival changes counts
 //! that readers follow) and `busy_unbudgeted` (the same with
-//! `counter.delivery_budget` out of reach, as before the budget existed).
+//! `counter.delivery_budget` out of reach, as before the budget existed) and
+//! `busy_max_delay_5s` (the budget's bound, `counter.max_delay`, at 5 s
+//! instead of 1 s: what a longer bound buys a surge).
 //! The last line prints the busy / quiet opening-rate ratios (median over
 //! `LC_BENCH_RAMP_ROUNDS` rounds, default 2; smoke: 1).
 
@@ -63,6 +65,8 @@ enum Mode {
     Busy,
     /// The pages being opened, the delivery budget out of reach.
     BusyUnbudgeted,
+    /// The pages being opened, the budget's bound (`counter.max_delay`) at 5 s.
+    BusyMaxDelay5s,
 }
 
 impl Mode {
@@ -71,6 +75,7 @@ impl Mode {
             Mode::Quiet => "quiet",
             Mode::Busy => "busy",
             Mode::BusyUnbudgeted => "busy_unbudgeted",
+            Mode::BusyMaxDelay5s => "busy_max_delay_5s",
         }
     }
 }
@@ -308,10 +313,15 @@ fn exactness(shared: &Shared) -> (usize, usize) {
 /// The ramp over WebSockets, then over event streams (a fresh service each).
 pub fn ramp(rt: &tokio::runtime::Runtime, smoke: bool, nofile: u64) {
     let rounds: usize = env_or("LC_BENCH_RAMP_ROUNDS", if smoke { 1 } else { 2 });
-    let modes = [Mode::Quiet, Mode::Busy, Mode::BusyUnbudgeted];
-    let mut rates: Vec<[f64; 3]> = Vec::new();
+    let modes = [
+        Mode::Quiet,
+        Mode::Busy,
+        Mode::BusyUnbudgeted,
+        Mode::BusyMaxDelay5s,
+    ];
+    let mut rates: Vec<[f64; 4]> = Vec::new();
     for r in 0..rounds {
-        let mut rate = [0.0; 3];
+        let mut rate = [0.0; 4];
         for (k, mode) in modes.into_iter().enumerate() {
             conntrack_check(&format!("ramp round {r} {}", mode.name()));
             rate[k] = round(rt, smoke, nofile, mode, r, Transport::WebSocket);
@@ -336,6 +346,8 @@ pub fn ramp(rt: &tokio::runtime::Runtime, smoke: bool, nofile: u64) {
         .s("busy_over_quiet_by_round", per_round(1))
         .f("unbudgeted_over_quiet", median(2))
         .s("unbudgeted_over_quiet_by_round", per_round(2))
+        .f("max_delay_5s_over_quiet", median(3))
+        .s("max_delay_5s_over_quiet_by_round", per_round(3))
         .s("target_busy_over_quiet", 0.8)
         .print();
     // The same busy ramp over event streams (a fresh service).
@@ -499,8 +511,10 @@ fn round(
     // Per-IP caps off (`kit::settings::NO_CAPS`), the global cap above the ramp.
     let max = (n + 1000).to_string();
     let mut env = vec![("LIMITS__MAX_CONNECTIONS", max.as_str())];
-    if mode == Mode::BusyUnbudgeted {
-        env.push(("COUNTER__DELIVERY_BUDGET", "1000000000000"));
+    match mode {
+        Mode::BusyUnbudgeted => env.push(("COUNTER__DELIVERY_BUDGET", "1000000000000")),
+        Mode::BusyMaxDelay5s => env.push(("COUNTER__MAX_DELAY", "5s")),
+        Mode::Quiet | Mode::Busy => {}
     }
     let service = ChildService::start(&env);
     let shared = Arc::new(Shared {

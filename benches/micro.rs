@@ -13,7 +13,7 @@ use std::{
 
 use criterion::{BatchSize, Criterion};
 use link_counter::{
-    counter::bare::{Effect, Now, State},
+    counter::bare::{Effect, Now, RoomId, State},
     delivery::{Mailbox, Update},
     protocol::{update_json, PageId, Tally},
     storage::PageStats,
@@ -27,10 +27,10 @@ fn tally(n: u64) -> Tally {
     }
 }
 
-/// `n` page ids of a realistic length (`/blog/2026/some-post-NNN`).
+/// `n` page ids of a realistic length (`blog-2026-some-post-NNN`).
 fn ids(n: usize) -> Vec<PageId> {
     (0..n)
-        .map(|i| PageId::from(format!("/blog/2026/some-post-{i:03}")))
+        .map(|i| PageId::parse(&format!("blog-2026-some-post-{i:03}")).unwrap())
         .collect()
 }
 
@@ -120,11 +120,12 @@ fn counter_state(pages: usize, rooms: u64, links: usize, start: Instant) -> Stat
         state.room_count(p, tally(1), 1, now);
     }
     for r in 0..rooms {
+        let room = RoomId::fresh();
         let first = r as usize % pages;
         let follows: Vec<PageId> = (1..=links)
             .map(|k| ids[(first + k) % pages].clone())
             .collect();
-        state.subscribe(r, r, follows, r, start);
+        state.subscribe(room, r, follows, r, start);
     }
     state.scheduled_publish(start);
     state

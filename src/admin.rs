@@ -31,8 +31,8 @@ use crate::{
     http::{counter_unavailable, error_response},
     metrics,
     protocol::{
-        decode_page_id, ErrorCode, HistoryBody, HistoryPoint, LoadHistoryBody, LoadSample, PageId,
-        ProtocolError, StatsBody,
+        ErrorCode, HistoryBody, HistoryPoint, LoadHistoryBody, LoadSample, PageId, ProtocolError,
+        StatsBody,
     },
     shard::{CountRooms, Shards},
     storage::{Resolution, Storage},
@@ -41,26 +41,26 @@ use crate::{
 };
 
 /// The dashboard, compiled in (no build step, no external resources).
-pub const DASHBOARD_HTML: &str = include_str!("../web/dashboard.html");
+pub(crate) const DASHBOARD_HTML: &str = include_str!("../web/dashboard.html");
 
 /// Default and largest `limit` of `/api/v1/top`.
-pub const TOP_DEFAULT: usize = 20;
-pub const TOP_MAX: usize = 100;
+pub(crate) const TOP_DEFAULT: usize = 20;
+pub(crate) const TOP_MAX: usize = 100;
 
 /// Longest an actor may take to answer a scrape or stats query.
 const QUERY_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Period of the history's samples.
-pub const HISTORY_INTERVAL: Duration = Duration::from_secs(5);
+pub(crate) const HISTORY_INTERVAL: Duration = Duration::from_secs(5);
 /// Samples the history keeps: 15 minutes of them.
-pub const HISTORY_LEN: usize = 180;
+pub(crate) const HISTORY_LEN: usize = 180;
 
 /// One history sample.
-pub type Sample = LoadSample;
+pub(crate) type Sample = LoadSample;
 
 /// The last [`HISTORY_LEN`] samples, oldest first: a fixed-size ring.
 #[derive(Debug)]
-pub struct History {
+pub(crate) struct History {
     samples: VecDeque<Sample>,
 }
 
@@ -74,7 +74,7 @@ impl Default for History {
 
 impl History {
     /// Adds a sample, dropping the oldest when full.
-    pub fn push(&mut self, sample: Sample) {
+    pub(crate) fn push(&mut self, sample: Sample) {
         if self.samples.len() == HISTORY_LEN {
             self.samples.pop_front();
         }
@@ -82,36 +82,36 @@ impl History {
     }
 
     /// The samples, oldest first.
-    pub fn samples(&self) -> impl ExactSizeIterator<Item = &Sample> {
+    pub(crate) fn samples(&self) -> impl ExactSizeIterator<Item = &Sample> {
         self.samples.iter()
     }
 }
 
 /// What the operator routes read; cheap to clone.
 #[derive(Clone)]
-pub struct Ops {
+pub(crate) struct Ops {
     /// The counter, for its load and top pages.
-    pub counter: Addr<Counter>,
+    pub(crate) counter: Addr<Counter>,
     /// The shards, for their room counts.
-    pub shards: Shards,
+    pub(crate) shards: Shards,
     /// The database, for its size and record counts.
-    pub storage: Storage,
+    pub(crate) storage: Storage,
     /// Open WebSocket sessions.
-    pub active: Arc<AtomicUsize>,
+    pub(crate) active: Arc<AtomicUsize>,
     /// Distinct visitors across the node.
-    pub visitors: Arc<NodeVisitors>,
+    pub(crate) visitors: Arc<NodeVisitors>,
     /// When the server started (uptime).
-    pub started: Instant,
+    pub(crate) started: Instant,
     /// Serve `/metrics` on the public listener too.
-    pub metrics_on_public: bool,
+    pub(crate) metrics_on_public: bool,
     /// `admin.token`: the bearer token the data routes require, if set.
-    pub token: Option<Arc<str>>,
+    pub(crate) token: Option<Arc<str>>,
     /// The last 15 minutes of the connection total (filled by [`start`]).
-    pub history: Arc<Mutex<History>>,
+    pub(crate) history: Arc<Mutex<History>>,
 }
 
 impl Ops {
-    pub fn new(
+    pub(crate) fn new(
         settings: &crate::Settings,
         counter: Addr<Counter>,
         shards: Shards,
@@ -140,7 +140,7 @@ impl Ops {
 
     /// Routes added to the public listener: the read-only stats API, and
     /// `/metrics` when `admin.metrics_on_public` is set.
-    pub fn configure_public(&self, cfg: &mut web::ServiceConfig) {
+    pub(crate) fn configure_public(&self, cfg: &mut web::ServiceConfig) {
         cfg.app_data(web::Data::new(self.clone()));
         configure_api(cfg);
         if self.metrics_on_public {
@@ -218,18 +218,18 @@ fn configure_admin(cfg: &mut web::ServiceConfig) {
 }
 
 /// A running admin listener.
-pub struct AdminServer {
+pub(crate) struct AdminServer {
     /// The address actually bound.
-    pub addr: SocketAddr,
+    pub(crate) addr: SocketAddr,
     /// Stops it.
-    pub handle: ServerHandle,
+    pub(crate) handle: ServerHandle,
 }
 
 /// Starts recording the history until `shutdown` turns true, then binds
 /// `admin.bind` and serves the admin routes on one worker; `Ok(None)` when
 /// `admin.bind` is empty (the history is recorded anyway: the public
 /// listener serves it too). Must be called inside an actix `System`.
-pub fn start(
+pub(crate) fn start(
     settings: &crate::config::AdminSettings,
     ops: &Ops,
     shutdown: watch::Receiver<bool>,
@@ -392,7 +392,7 @@ async fn page_info(req: HttpRequest, ops: web::Data<Ops>) -> HttpResponse {
         .path()
         .strip_prefix(PAGE_HISTORY.0)
         .unwrap_or_default();
-    let page = match decode_page_id(raw) {
+    let page = match PageId::decode(raw) {
         Ok(p) => p,
         Err(e) => {
             return error_response(
@@ -406,7 +406,7 @@ async fn page_info(req: HttpRequest, ops: web::Data<Ops>) -> HttpResponse {
         Ok(Ok(mut info)) => {
             if let Ok(Some(mut r)) = record {
                 r.links.sort();
-                info.links = r.links;
+                info.links = r.links.iter().map(|l| l.to_string()).collect();
             }
             HttpResponse::Ok()
                 .insert_header((header::CACHE_CONTROL, "no-store"))
@@ -435,7 +435,7 @@ async fn page_history(req: HttpRequest, ops: web::Data<Ops>) -> HttpResponse {
         .strip_prefix(PAGE_HISTORY.0)
         .and_then(|p| p.strip_suffix(PAGE_HISTORY.1))
         .unwrap_or_default();
-    match decode_page_id(raw) {
+    match PageId::decode(raw) {
         Ok(page) => stored_history(&req, &ops, Some(page)).await,
         Err(e) => error_response(
             actix_web::http::StatusCode::BAD_REQUEST,

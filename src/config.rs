@@ -26,10 +26,10 @@ use std::{
 use serde::{de::Error as _, Deserialize, Deserializer};
 
 /// The defaults, compiled in so that the binary runs with no file at all.
-pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
+pub(crate) const DEFAULT_TOML: &str = include_str!("../config/default.toml");
 
 /// Prefix of the environment variables that override settings.
-pub const ENV_PREFIX: &str = "LINK_COUNTER";
+pub(crate) const ENV_PREFIX: &str = "LINK_COUNTER";
 
 /// What every setting's variable starts with: `LINK_COUNTER__SECTION__KEY`.
 const ENV_SETTING_PREFIX: &str = "LINK_COUNTER__";
@@ -60,13 +60,13 @@ pub struct Settings {
     /// Where and how often state is persisted.
     pub storage: StorageSettings,
     /// Per-connection limits and liveness.
-    pub websocket: WebSocketSettings,
+    pub(crate) websocket: WebSocketSettings,
     /// The Server-Sent Events transport.
-    pub events: EventStreamSettings,
+    pub(crate) events: EventStreamSettings,
     /// The counter actor's timers.
-    pub counter: CounterSettings,
+    pub(crate) counter: CounterSettings,
     /// Page-room lifetimes.
-    pub room: RoomSettings,
+    pub(crate) room: RoomSettings,
     /// Caps that bound abuse and memory.
     pub limits: LimitSettings,
     /// Origin checks and trusted proxies.
@@ -87,24 +87,24 @@ pub struct ClusterSettings {
     /// Redis URL; empty = single node (no Redis). With `redis_cluster`, one or
     /// more comma-separated seed nodes of a Redis Cluster. A secret when it
     /// carries a password: set it from the environment; logged only redacted.
-    pub redis_url: String,
+    pub(crate) redis_url: String,
     /// `redis_url` names a Redis Cluster (sharded pub/sub, hash-tagged keys).
-    pub redis_cluster: bool,
+    pub(crate) redis_cluster: bool,
     /// Prefix of every Redis key and channel (several clusters can share one Redis).
-    pub key_prefix: String,
+    pub(crate) key_prefix: String,
     /// How often a node refreshes its liveness key and looks for dead nodes.
     #[serde(with = "humantime_serde")]
-    pub heartbeat_interval: Duration,
+    pub(crate) heartbeat_interval: Duration,
     /// Lifetime of a node's liveness key: the bound on ghost counts after a crash.
     #[serde(with = "humantime_serde")]
-    pub node_ttl: Duration,
+    pub(crate) node_ttl: Duration,
     /// Pub/sub channels pages are hashed into.
-    pub channels: u32,
+    pub(crate) channels: u32,
     /// How long a page stays followed (subscribed, its values kept current)
     /// after its last local follower left, so a page followed again soon
     /// costs no Redis command (0 = drop it at once).
     #[serde(with = "humantime_serde")]
-    pub follow_linger: Duration,
+    pub(crate) follow_linger: Duration,
 }
 
 impl ClusterSettings {
@@ -133,20 +133,20 @@ pub struct LimitSettings {
     /// Global cap on open connections (0 = none).
     pub max_connections: usize,
     /// Concurrent connections per client IP (0 = none).
-    pub max_connections_per_ip: usize,
+    pub(crate) max_connections_per_ip: usize,
     /// New connections per client IP per second (0 = none).
-    pub connections_per_ip_per_second: f64,
+    pub(crate) connections_per_ip_per_second: f64,
     /// Burst of new connections per client IP.
-    pub connections_per_ip_burst: f64,
+    pub(crate) connections_per_ip_burst: f64,
     /// Client messages per connection per second (0 = none).
-    pub messages_per_second: f64,
+    pub(crate) messages_per_second: f64,
     /// Burst of client messages per connection.
-    pub burst: f64,
+    pub(crate) burst: f64,
     /// Consecutive refused messages before a 1008 close.
-    pub flood_strikes: u32,
+    pub(crate) flood_strikes: u32,
     /// Deadline for a complete HTTP request.
     #[serde(with = "humantime_serde")]
-    pub handshake_timeout: Duration,
+    pub(crate) handshake_timeout: Duration,
     /// Most page rooms alive.
     pub max_rooms: usize,
     /// Most rooms kept with no connection (the least recently active stop first).
@@ -169,7 +169,7 @@ pub struct SecuritySettings {
     /// are not counted as people; empty = none refused (in the environment:
     /// an empty value).
     #[serde(deserialize_with = "deserialize_tokens")]
-    pub bot_user_agents: Vec<String>,
+    pub(crate) bot_user_agents: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -179,10 +179,10 @@ pub struct ServerSettings {
     pub bind: SocketAddr,
     /// Grace period for draining connections on shutdown.
     #[serde(with = "humantime_serde")]
-    pub shutdown_timeout: Duration,
+    pub(crate) shutdown_timeout: Duration,
     /// HTTP worker threads, each also hosting one shard of page rooms
     /// (0 = one per core).
-    pub workers: usize,
+    pub(crate) workers: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -192,10 +192,10 @@ pub struct StorageSettings {
     pub path: PathBuf,
     /// Interval of batched snapshots (the most a kill -9 can lose).
     #[serde(with = "humantime_serde")]
-    pub snapshot_interval: Duration,
+    pub(crate) snapshot_interval: Duration,
     /// How long stats of an inactive page are kept.
     #[serde(with = "humantime_serde")]
-    pub stats_retention: Duration,
+    pub(crate) stats_retention: Duration,
     /// Bytes of sled's page cache.
     pub cache_capacity: u64,
     /// Most records each stored tree keeps (stats, room records); the least
@@ -203,15 +203,15 @@ pub struct StorageSettings {
     pub max_records: usize,
     /// How long the per-minute peaks (history) are kept.
     #[serde(with = "humantime_serde")]
-    pub history_minutes: Duration,
+    pub(crate) history_minutes: Duration,
     /// How long the per-hour peaks (history) are kept.
     #[serde(with = "humantime_serde")]
-    pub history_hours: Duration,
+    pub(crate) history_hours: Duration,
 }
 
 impl StorageSettings {
     /// The history's retention, in ms.
-    pub fn history_retention(&self) -> crate::storage::HistoryRetention {
+    pub(crate) fn history_retention(&self) -> crate::storage::HistoryRetention {
         crate::storage::HistoryRetention {
             minutes_ms: self.history_minutes.as_millis() as u64,
             hours_ms: self.history_hours.as_millis() as u64,
@@ -221,65 +221,65 @@ impl StorageSettings {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct WebSocketSettings {
+pub(crate) struct WebSocketSettings {
     /// Server ping period.
     #[serde(with = "humantime_serde")]
-    pub heartbeat_interval: Duration,
+    pub(crate) heartbeat_interval: Duration,
     /// Silence after which a connection is dropped.
     #[serde(with = "humantime_serde")]
-    pub client_timeout: Duration,
+    pub(crate) client_timeout: Duration,
     /// Largest client message in bytes.
-    pub max_message_bytes: usize,
+    pub(crate) max_message_bytes: usize,
     /// Most ids in one subscribe or counts query.
-    pub max_links_per_subscribe: usize,
+    pub(crate) max_links_per_subscribe: usize,
     /// How long a server-initiated close waits for the client's Close frame
     /// before the TCP connection is closed anyway.
     #[serde(with = "humantime_serde")]
-    pub close_timeout: Duration,
+    pub(crate) close_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct EventStreamSettings {
+pub(crate) struct EventStreamSettings {
     /// Period of the keep-alive comment on an event stream: proxies close
     /// connections idle for longer than their timeout (often 60 s).
     #[serde(with = "humantime_serde")]
-    pub keepalive_interval: Duration,
+    pub(crate) keepalive_interval: Duration,
     /// The `retry:` hint: how long a browser's `EventSource` waits before
     /// it reconnects a stream that ended.
     #[serde(with = "humantime_serde")]
-    pub retry: Duration,
+    pub(crate) retry: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct CounterSettings {
+pub(crate) struct CounterSettings {
     /// Coalescing period of count updates.
     #[serde(with = "humantime_serde")]
-    pub broadcast_interval: Duration,
+    pub(crate) broadcast_interval: Duration,
     /// Connection-deliveries per second publishing may spend before it
     /// defers the costliest pages (a page's change costs the connections of
     /// the rooms that follow it).
-    pub delivery_budget: u64,
+    pub(crate) delivery_budget: u64,
     /// Longest a change waits for its publish when the delivery budget
     /// defers it (the worst delay a reader sees in a surge), or
     /// `broadcast_interval` if that is longer.
     #[serde(with = "humantime_serde")]
-    pub max_delay: Duration,
+    pub(crate) max_delay: Duration,
     /// Period of the cleanup sweep.
     #[serde(with = "humantime_serde")]
-    pub sweep_interval: Duration,
+    pub(crate) sweep_interval: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RoomSettings {
+pub(crate) struct RoomSettings {
     /// Idle time after which an empty room stops.
     #[serde(with = "humantime_serde")]
-    pub idle_timeout: Duration,
+    pub(crate) idle_timeout: Duration,
     /// Inactivity after which a room's stored record is deleted.
     #[serde(with = "humantime_serde")]
-    pub storage_ttl: Duration,
+    pub(crate) storage_ttl: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -290,13 +290,9 @@ pub struct WebSettings {
 }
 
 impl Settings {
-    /// Defaults, then `file` (if any), then the process environment.
-    pub fn load(file: Option<&Path>) -> Result<Settings, ConfigError> {
-        Self::load_from(file, process_env()?)
-    }
-
-    /// Like [`Settings::load`] with an explicit environment (used by tests).
-    /// Every `LINK_COUNTER__…` variable must name a setting.
+    /// Defaults, then `file` (if any), then `env` (the binary passes
+    /// [`process_env`], tests their own). Every `LINK_COUNTER__…` variable
+    /// must name a setting.
     pub fn load_from(
         file: Option<&Path>,
         env: impl IntoIterator<Item = (String, String)>,
@@ -343,20 +339,15 @@ impl Settings {
         Ok(settings)
     }
 
-    /// Cross-field checks that serde cannot express; each error names its key.
-    pub fn validate(&self) -> Result<(), ConfigError> {
-        self.check()
-            .map_err(|e| ConfigError(format!("invalid configuration: {}: {}", e.key, e.why)))
-    }
-
-    /// [`Settings::validate`], with the key apart (so that the caller can say
-    /// where the value came from): the first of [`RULES`] that fails.
+    /// Cross-field checks that serde cannot express, with the key apart (so
+    /// that the caller can say where the value came from): the first of
+    /// [`RULES`] that fails.
     fn check(&self) -> Result<(), Invalid> {
         RULES.iter().try_for_each(|rule| rule.check(self))
     }
 
     /// Worker count after resolving 0 to the number of cores.
-    pub fn worker_count(&self) -> usize {
+    pub(crate) fn worker_count(&self) -> usize {
         resolve_threads(self.server.workers)
     }
 }
@@ -648,17 +639,17 @@ pub struct AdminSettings {
     pub metrics_on_public: bool,
     /// Bearer token every admin data route requires; empty = none. A secret:
     /// never logged, never shown (its `Debug` is redacted).
-    pub token: AdminToken,
+    pub(crate) token: AdminToken,
 }
 
 /// The admin token (see [`AdminSettings::token`]).
 #[derive(Clone, Default, Deserialize, PartialEq, Eq)]
 #[serde(transparent)]
-pub struct AdminToken(String);
+pub(crate) struct AdminToken(String);
 
 impl AdminToken {
     /// The token, `None` when unset.
-    pub fn get(&self) -> Option<&str> {
+    pub(crate) fn get(&self) -> Option<&str> {
         (!self.0.is_empty()).then_some(self.0.as_str())
     }
 }
@@ -671,7 +662,7 @@ impl std::fmt::Debug for AdminToken {
 
 impl AdminSettings {
     /// The admin address, `None` when `admin.bind` is empty (validated by [`Settings::validate`]).
-    pub fn addr(&self) -> Option<SocketAddr> {
+    pub(crate) fn addr(&self) -> Option<SocketAddr> {
         self.bind.trim().parse().ok()
     }
 }
@@ -687,10 +678,10 @@ pub enum LogFormat {
 
 impl LogFormat {
     /// Every format, in the order the documentation lists them.
-    pub const ALL: [LogFormat; 2] = [LogFormat::Text, LogFormat::Json];
+    pub(crate) const ALL: [LogFormat; 2] = [LogFormat::Text, LogFormat::Json];
 
     /// The config value.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             LogFormat::Text => "text",
             LogFormat::Json => "json",
@@ -719,7 +710,7 @@ pub struct LogSettings {
     /// `text` or `json`.
     pub format: LogFormat,
     /// RUST_LOG-style filter used when `RUST_LOG` is not set.
-    pub filter: String,
+    pub(crate) filter: String,
 }
 
 fn resolve_threads(n: usize) -> usize {
@@ -1220,7 +1211,7 @@ pub fn bind_error(key: &str, addr: std::net::SocketAddr, e: &std::io::Error) -> 
 
 /// Checks one `security.bot_user_agents` entry (trimmed): visible ASCII
 /// (spaces inside allowed), not empty, no comma (the environment's list separator).
-pub fn check_bot_token(entry: &str) -> Result<(), String> {
+pub(crate) fn check_bot_token(entry: &str) -> Result<(), String> {
     let shape = "a crawler token is part of a User-Agent, e.g. \"Googlebot\"";
     if entry.trim().is_empty() {
         return Err(format!("{entry:?} is empty; {shape}"));
@@ -1245,7 +1236,7 @@ pub fn check_bot_token(entry: &str) -> Result<(), String> {
 
 /// Checks one `security.allowed_origins` entry: `scheme://host[:port]` or a
 /// pattern (`host`, `*.domain`, `https://*.domain`), no path, no spaces.
-pub fn check_origin(entry: &str) -> Result<(), String> {
+pub(crate) fn check_origin(entry: &str) -> Result<(), String> {
     let s = entry.trim();
     let not = |why: String| Err(format!("{entry:?} is not an origin{why}"));
     let shape = " (an origin is scheme://host[:port], e.g. \"https://example.com\")";
@@ -1311,7 +1302,7 @@ pub fn check_origin(entry: &str) -> Result<(), String> {
 
 /// Parses one `security.trusted_proxies` entry: a CIDR (`10.0.0.0/8`) or one
 /// address (`10.0.0.1`, the same as `10.0.0.1/32`); spaces around are ignored.
-pub fn parse_proxy(entry: &str) -> Result<ipnet::IpNet, String> {
+pub(crate) fn parse_proxy(entry: &str) -> Result<ipnet::IpNet, String> {
     let t = entry.trim();
     if let Ok(net) = t.parse::<ipnet::IpNet>() {
         return Ok(net);

@@ -12,8 +12,10 @@
 
 use std::{
     collections::HashMap,
-    future::poll_fn,
-    sync::{Arc, Mutex, MutexGuard},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex, MutexGuard,
+    },
     task::{Context, Poll, Waker},
     time::Instant,
 };
@@ -23,22 +25,36 @@ use bytestring::ByteString;
 use crate::protocol::{update_json, PageId, Tally};
 
 /// A connection's id, unique in the process.
-pub type ConnId = u64;
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ConnId(u64);
+
+impl ConnId {
+    /// An id no connection of this process had before.
+    pub fn fresh() -> ConnId {
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        ConnId(NEXT.fetch_add(1, Ordering::Relaxed))
+    }
+
+    /// Its number, for logs.
+    pub fn get(self) -> u64 {
+        self.0
+    }
+}
 
 /// One `update` message built by a room, shared by every connection it
 /// goes to (each distinct payload is serialized once).
 #[derive(Debug)]
 pub struct Update {
     /// The serialized message.
-    pub text: ByteString,
+    pub(crate) text: ByteString,
     /// Its values, for merging with a later update that arrives before the
     /// session took this one.
-    pub values: Vec<(PageId, Tally)>,
+    pub(crate) values: Vec<(PageId, Tally)>,
     /// It carries the `visitors` map (its connection subscribed with `"visitors": true`).
-    pub visitors: bool,
+    pub(crate) visitors: bool,
     /// When the oldest change it carries was applied at the counter (the
     /// publish-lag histogram); `None` for a full update.
-    pub since: Option<Instant>,
+    pub(crate) since: Option<Instant>,
 }
 
 impl Update {
@@ -107,14 +123,15 @@ pub struct Taken {
     /// The terminal instruction, if any (then nothing else matters).
     pub end: Option<End>,
     /// An `error` message to send before the counts.
-    pub notice: Option<ByteString>,
+    pub(crate) notice: Option<ByteString>,
     /// An update to send: its text and the publish time of its oldest change.
     pub update: Option<(ByteString, Option<Instant>)>,
 }
 
 impl Taken {
     /// Nothing was pending.
-    pub fn is_empty(&self) -> bool {
+    #[cfg(test)]
+    fn is_empty(&self) -> bool {
         self.end.is_none() && self.notice.is_none() && self.update.is_none()
     }
 }
@@ -195,22 +212,22 @@ impl Mailbox {
 
     /// Drops the pending counts (not the notice or the end): the
     /// connection subscribed anew, and its full update follows.
-    pub fn discard_counts(&self) {
+    pub(crate) fn discard_counts(&self) {
         self.lock().counts = PendingCounts::Nothing;
     }
 
     /// Sets the notice to send (an `error` message); a later one replaces it.
-    pub fn notice(&self, text: ByteString) {
+    pub(crate) fn notice(&self, text: ByteString) {
         self.put(|p| p.notice = Some(text));
     }
 
     /// Sets the terminal instruction; the first one stands.
-    pub fn end(&self, end: End) {
+    pub(crate) fn end(&self, end: End) {
         self.put(|p| p.end = Some(end));
     }
 
     /// The terminal instruction, if one was set (nothing is taken).
-    pub fn ended(&self) -> Option<End> {
+    pub(crate) fn ended(&self) -> Option<End> {
         self.lock().end.clone()
     }
 
@@ -248,7 +265,7 @@ impl Mailbox {
     /// Ready when something was put here since the last `take` (or the
     /// last ready answer); otherwise registers the task to wake. Polled
     /// in place by the session, so waiting costs its task no future state.
-    pub fn poll_ready(&self, cx: &mut Context<'_>) -> Poll<()> {
+    pub(crate) fn poll_ready(&self, cx: &mut Context<'_>) -> Poll<()> {
         let mut p = self.lock();
         if std::mem::take(&mut p.signalled) {
             return Poll::Ready(());
@@ -259,9 +276,11 @@ impl Mailbox {
         Poll::Pending
     }
 
-    /// Waits until something was put here (see [`Mailbox::poll_ready`]).
+    /// Test hook: waits until something was put here (see
+    /// [`Mailbox::poll_ready`]).
+    #[cfg(feature = "test-hooks")]
     pub async fn ready(&self) {
-        poll_fn(|cx| self.poll_ready(cx)).await;
+        std::future::poll_fn(|cx| self.poll_ready(cx)).await;
     }
 }
 
@@ -321,7 +340,7 @@ mod tests {
                         connections: *c,
                         visitors: *v,
                     };
-                    (PageId::from(*k), t)
+                    (PageId::parse(k).unwrap(), t)
                 })
                 .collect(),
             None,

@@ -60,7 +60,7 @@ const DISCARD_READS: usize = 16;
 
 /// Runs an admitted, joined stream on its socket until it ends (the
 /// response head is its first output).
-pub fn run(joined: Joined, io: TcpStream) -> impl Future<Output = ()> {
+pub(crate) fn run(joined: Joined, io: TcpStream) -> impl Future<Output = ()> {
     let settings = joined.settings();
     let timeout = settings.websocket.client_timeout;
     // A peer that acknowledges nothing for client_timeout is gone: the
@@ -201,7 +201,7 @@ impl Stream {
         if !self.wbuf.is_empty() && now >= self.last_progress + timeout {
             tracing::info!(
                 page = %self.joined.page(),
-                conn = self.joined.conn(),
+                conn = self.joined.conn().get(),
                 "event stream took no bytes for client_timeout; closing"
             );
             return Err(Ending::new(CloseKind::SlowClient));
@@ -335,7 +335,7 @@ impl Stream {
         self.joined.leave(ending.kind);
         tracing::debug!(
             page = %self.joined.page(),
-            conn = self.joined.conn(),
+            conn = self.joined.conn().get(),
             reason = ending.kind.as_str(),
             "event stream ended"
         );

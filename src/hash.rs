@@ -4,7 +4,7 @@
 //! anything a client could exploit by choosing collisions.
 
 /// FNV-1a of `bytes`.
-pub const fn fnv1a(bytes: &[u8]) -> u64 {
+pub(crate) const fn fnv1a(bytes: &[u8]) -> u64 {
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
     let mut i = 0;
     while i < bytes.len() {

@@ -40,8 +40,8 @@ use crate::{
     limits::{client_ip, BotFilter, CapExceeded, ConnLimiter, OriginPolicy, Permit},
     metrics::{connection_refused, Refused, Transport},
     protocol::{
-        decode_page_id, parse_stream_query, validate_page_id, ClientMessage, CountsBody, ErrorCode,
-        OriginCheckBody, PageId, PageIdError, ProtocolError, Readiness, ReadinessBody, Tally,
+        parse_stream_query, ClientMessage, CountsBody, ErrorCode, OriginCheckBody, PageId,
+        PageIdError, ProtocolError, Readiness, ReadinessBody, Tally,
     },
     session::{self, SessionContext},
     shard::Shards,
@@ -51,47 +51,47 @@ use crate::{
 };
 
 /// Path prefix of page rooms (PartyKit's `/parties/{party}/{room}` with party `page`).
-pub const PAGE_PREFIX: &str = "/parties/page/";
+pub(crate) const PAGE_PREFIX: &str = "/parties/page/";
 /// Path suffix of a page's event stream (`/parties/page/{id}/events`).
-pub const EVENTS_SUFFIX: &str = "/events";
+pub(crate) const EVENTS_SUFFIX: &str = "/events";
 /// Path prefix of the page stats API.
 const PAGES_API_PREFIX: &str = "/api/v1/pages/";
 /// The origin check: may the requesting `Origin` open WebSockets here?
-pub const ORIGIN_CHECK_PATH: &str = "/api/v1/origin";
+pub(crate) const ORIGIN_CHECK_PATH: &str = "/api/v1/origin";
 /// The setting the origin check names (what an operator changes).
-pub const ORIGINS_SETTING: &str = "security.allowed_origins";
+pub(crate) const ORIGINS_SETTING: &str = "security.allowed_origins";
 
 /// Everything a request handler needs; shared by all workers.
 #[derive(Clone)]
-pub struct AppState {
+pub(crate) struct AppState {
     /// Shared settings.
-    pub settings: Arc<Settings>,
+    pub(crate) settings: Arc<Settings>,
     /// Room routing.
-    pub shards: Shards,
+    pub(crate) shards: Shards,
     /// The counter, for reads.
-    pub counter: Addr<Counter>,
+    pub(crate) counter: Addr<Counter>,
     /// For readiness checks.
-    pub storage: Storage,
+    pub(crate) storage: Storage,
     /// True once shutdown began (upgrades and streams are refused from then on).
-    pub shutdown: watch::Receiver<bool>,
+    pub(crate) shutdown: watch::Receiver<bool>,
     /// Open connections (WebSocket sessions and event streams).
-    pub active: Arc<AtomicUsize>,
+    pub(crate) active: Arc<AtomicUsize>,
     /// Connection caps.
-    pub limiter: Arc<ConnLimiter>,
+    pub(crate) limiter: Arc<ConnLimiter>,
     /// Allowed browser origins.
-    pub origins: Arc<OriginPolicy>,
+    pub(crate) origins: Arc<OriginPolicy>,
     /// Crawler User-Agents, refused so that they are not counted.
-    pub bots: Arc<BotFilter>,
+    pub(crate) bots: Arc<BotFilter>,
     /// Cluster mode: whether Redis is reachable (None on a single node).
-    pub cluster: Option<crate::cluster::ClusterHealth>,
+    pub(crate) cluster: Option<crate::cluster::ClusterHealth>,
     /// Distinct visitors across the node (sessions join and leave it).
-    pub visitors: Arc<NodeVisitors>,
+    pub(crate) visitors: Arc<NodeVisitors>,
     /// The actors' recovery after a panic (`/readyz`).
-    pub health: Arc<Health>,
+    pub(crate) health: Arc<Health>,
 }
 
 /// Registers every route.
-pub fn configure(cfg: &mut web::ServiceConfig) {
+pub(crate) fn configure(cfg: &mut web::ServiceConfig) {
     cfg.route("/parties/page/{tail:.*}", web::get().to(page_get))
         .route("/api/v1/counts", web::get().to(counts))
         .route("/api/v1/pages/{tail:.*}", web::get().to(page_info))
@@ -103,14 +103,14 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
 }
 
 /// An HTTP error answer: `status` with the protocol's `error` body.
-pub fn error_response(status: StatusCode, error: &ProtocolError) -> HttpResponse {
+pub(crate) fn error_response(status: StatusCode, error: &ProtocolError) -> HttpResponse {
     HttpResponse::build(status)
         .content_type(header::ContentType::json())
         .body(error.to_json())
 }
 
 /// The answer when the counter does not answer a read.
-pub fn counter_unavailable() -> HttpResponse {
+pub(crate) fn counter_unavailable() -> HttpResponse {
     error_response(
         StatusCode::SERVICE_UNAVAILABLE,
         &ProtocolError::new(ErrorCode::Overloaded, "counter unavailable"),
@@ -149,7 +149,7 @@ fn websocket(req: HttpRequest) -> HttpResponse {
         .path()
         .strip_prefix(PAGE_PREFIX)
         .unwrap_or_default();
-    if let Err(error) = decode_page_id(raw) {
+    if let Err(error) = PageId::decode(raw) {
         let rejection = Rejection::BadPageId {
             path: req.uri().path(),
             error,
@@ -331,7 +331,7 @@ fn page_of(head: &RequestHead, transport: Transport) -> Result<PageId, Rejection
         method: &head.method,
         path,
     })?;
-    decode_page_id(raw).map_err(|error| Rejection::BadPageId { path, error })
+    PageId::decode(raw).map_err(|error| Rejection::BadPageId { path, error })
 }
 
 /// Refuses a request whose `Origin` is not in `security.allowed_origins`.
@@ -388,27 +388,27 @@ fn pk_of(query: Option<&str>) -> Option<String> {
 
 /// The upgraded connection, as actix-http hands it over after parsing the
 /// request head.
-pub type Upgraded = Framed<Conn, h1::Codec>;
+pub(crate) type Upgraded = Framed<Conn, h1::Codec>;
 
 /// A client connection as the HTTP dispatcher sees it: the TCP stream, in
 /// a slot that an event-stream handler can take it from ([`SocketSlot`],
 /// in the request's connection data). Once it is taken, the dispatcher
 /// reads end-of-stream and its writes go nowhere, so it finishes at once
 /// and frees its buffers; the socket is the stream's alone.
-pub struct Conn(Rc<RefCell<Option<TcpStream>>>);
+pub(crate) struct Conn(Rc<RefCell<Option<TcpStream>>>);
 
 /// The route's handle on its connection's socket (see [`Conn`]).
 #[derive(Clone)]
-pub struct SocketSlot(Rc<RefCell<Option<TcpStream>>>);
+pub(crate) struct SocketSlot(Rc<RefCell<Option<TcpStream>>>);
 
 impl Conn {
     /// Wraps an accepted stream.
-    pub fn new(io: TcpStream) -> Conn {
+    pub(crate) fn new(io: TcpStream) -> Conn {
         Conn(Rc::new(RefCell::new(Some(io))))
     }
 
     /// The slot a route takes the socket from.
-    pub fn slot(&self) -> SocketSlot {
+    pub(crate) fn slot(&self) -> SocketSlot {
         SocketSlot(self.0.clone())
     }
 
@@ -479,7 +479,7 @@ impl AsyncWrite for Conn {
 /// its room, gets its `101` written through the framed connection, and
 /// becomes a session on the bare socket; the request is dropped at once.
 /// Anything else gets a short plain-text answer and the connection closes.
-pub async fn upgrade(req: Request, framed: Upgraded, state: AppState) {
+pub(crate) async fn upgrade(req: Request, framed: Upgraded, state: AppState) {
     let (status, text) = match admit(req.head(), &state, Transport::WebSocket) {
         Ok(ctx) => return accept(req, framed, ctx, &state).await,
         Err(rejection) => {
@@ -684,14 +684,10 @@ impl CountsQuery {
 
     /// Adds one id unless it is already there.
     fn add(&mut self, id: &str, max: usize) -> Result<(), ProtocolError> {
-        if let Err(e) = validate_page_id(id) {
-            return Err(ProtocolError::new(
-                ErrorCode::InvalidPageId,
-                format!("{id:?}: {e}"),
-            ));
-        }
-        if !self.ids.iter().any(|x| &**x == id) {
-            self.ids.push(PageId::from(id));
+        let page = PageId::parse(id)
+            .map_err(|e| ProtocolError::new(ErrorCode::InvalidPageId, format!("{id:?}: {e}")))?;
+        if !self.ids.contains(&page) {
+            self.ids.push(page);
         }
         if self.ids.len() > max {
             return Err(ProtocolError::new(
@@ -755,7 +751,7 @@ async fn page_info(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse
         .path()
         .strip_prefix(PAGES_API_PREFIX)
         .unwrap_or_default();
-    let page = match decode_page_id(raw) {
+    let page = match PageId::decode(raw) {
         Ok(p) => p,
         Err(e) => {
             return error_response(
@@ -769,7 +765,7 @@ async fn page_info(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse
         Ok(mut info) => {
             if let Ok(Some(mut r)) = record {
                 r.links.sort();
-                info.links = r.links;
+                info.links = r.links.iter().map(|l| l.to_string()).collect();
             }
             HttpResponse::Ok().json(info)
         }
@@ -859,7 +855,7 @@ mod tests {
                 "WebSocket handshake failed: WebSocket version header is required",
             ),
             (
-                Rejection::ShuttingDown(PageId::from("p")),
+                Rejection::ShuttingDown(PageId::parse("p").unwrap()),
                 503,
                 Some(Refused::ShuttingDown),
                 "server is shutting down",

@@ -25,26 +25,26 @@
 //! - [`hash`]: FNV-1a, the stable hash of cluster channel groups and the script's ETag.
 #![forbid(unsafe_code)]
 
-pub mod admin;
+pub(crate) mod admin;
 pub mod cluster;
 pub mod config;
 pub mod counter;
 pub mod delivery;
-pub mod events;
-pub mod hash;
-pub mod http;
-pub mod limits;
+pub(crate) mod events;
+pub(crate) mod hash;
+pub(crate) mod http;
+pub(crate) mod limits;
 pub mod logging;
-pub mod metrics;
+pub(crate) mod metrics;
 pub mod protocol;
 pub mod room;
 pub mod server;
-pub mod session;
+pub(crate) mod session;
 pub mod shard;
 pub mod shutdown;
 pub mod storage;
 pub mod supervise;
-pub mod time;
+pub(crate) mod time;
 pub mod visitor;
 pub mod web;
 

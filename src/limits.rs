@@ -21,7 +21,7 @@ use ipnet::IpNet;
 /// A token bucket: `rate` tokens per second, at most `burst` stored.
 /// A rate of 0 means unlimited.
 #[derive(Debug, Clone)]
-pub struct TokenBucket {
+pub(crate) struct TokenBucket {
     /// Refill per second (0 = unlimited).
     rate: f64,
     /// Capacity.
@@ -33,7 +33,7 @@ pub struct TokenBucket {
 }
 
 impl TokenBucket {
-    pub fn new(rate: f64, burst: f64) -> TokenBucket {
+    pub(crate) fn new(rate: f64, burst: f64) -> TokenBucket {
         TokenBucket {
             rate,
             burst,
@@ -43,7 +43,7 @@ impl TokenBucket {
     }
 
     /// Takes one token if there is one.
-    pub fn try_take(&mut self, now: Instant) -> bool {
+    pub(crate) fn try_take(&mut self, now: Instant) -> bool {
         if self.rate <= 0.0 {
             return true;
         }
@@ -70,7 +70,7 @@ impl TokenBucket {
 
 /// One entry of `security.allowed_origins`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct OriginPattern {
+pub(crate) struct OriginPattern {
     /// Required scheme, if the pattern names one.
     scheme: Option<String>,
     /// Exact host, or the suffix (".example.com") for a `*.` pattern.
@@ -120,7 +120,7 @@ fn split_origin(s: &str) -> Result<(Option<&str>, &str, Option<u16>), String> {
 
 impl OriginPattern {
     /// Parses `https://example.com`, `example.com:8080`, `*.example.com`, `https://*.example.com`.
-    pub fn parse(s: &str) -> Result<OriginPattern, String> {
+    pub(crate) fn parse(s: &str) -> Result<OriginPattern, String> {
         let (scheme, host, port) = split_origin(s.trim())?;
         let (wildcard, host) = match host.strip_prefix("*.") {
             Some(rest) if !rest.is_empty() && !rest.contains('*') => (true, format!(".{rest}")),
@@ -139,7 +139,7 @@ impl OriginPattern {
     }
 
     /// Does the `Origin` header value match?
-    pub fn matches(&self, origin: &str) -> bool {
+    pub(crate) fn matches(&self, origin: &str) -> bool {
         let Ok((Some(scheme), host, port)) = split_origin(origin) else {
             return false;
         };
@@ -164,7 +164,7 @@ impl OriginPattern {
 
 /// The origin policy: an empty list allows any origin.
 #[derive(Debug, Clone, Default)]
-pub struct OriginPolicy {
+pub(crate) struct OriginPolicy {
     /// Allowed patterns.
     patterns: Vec<OriginPattern>,
 }
@@ -172,7 +172,7 @@ pub struct OriginPolicy {
 impl OriginPolicy {
     /// The policy of `security.allowed_origins` (validated at start-up, so
     /// every entry parses).
-    pub fn new(allowed_origins: &[String]) -> OriginPolicy {
+    pub(crate) fn new(allowed_origins: &[String]) -> OriginPolicy {
         OriginPolicy {
             patterns: allowed_origins
                 .iter()
@@ -182,7 +182,7 @@ impl OriginPolicy {
     }
 
     /// `None` (no Origin header: a non-browser client) is allowed.
-    pub fn allows(&self, origin: Option<&str>) -> bool {
+    pub(crate) fn allows(&self, origin: Option<&str>) -> bool {
         match origin {
             _ if self.patterns.is_empty() => true,
             None => true,
@@ -196,14 +196,14 @@ impl OriginPolicy {
 /// The crawler filter of `security.bot_user_agents`: a `User-Agent` that
 /// contains one of its tokens, ASCII case-insensitive, is a crawler's.
 #[derive(Debug, Clone, Default)]
-pub struct BotFilter {
+pub(crate) struct BotFilter {
     /// The tokens, ASCII-lowercased once here (validated at start-up).
     tokens: Vec<Vec<u8>>,
 }
 
 impl BotFilter {
     /// The filter of `security.bot_user_agents` (empty: nothing is a crawler).
-    pub fn new(tokens: &[String]) -> BotFilter {
+    pub(crate) fn new(tokens: &[String]) -> BotFilter {
         BotFilter {
             tokens: tokens
                 .iter()
@@ -216,7 +216,7 @@ impl BotFilter {
     /// Whether `user_agent` (the header's raw bytes; `None` when absent)
     /// names a crawler. A missing header is not one: non-browser clients
     /// (PartySocket in Node, our tests) need not send it.
-    pub fn is_bot(&self, user_agent: Option<&[u8]>) -> bool {
+    pub(crate) fn is_bot(&self, user_agent: Option<&[u8]>) -> bool {
         let Some(ua) = user_agent else {
             return false;
         };
@@ -278,7 +278,7 @@ fn forwarded_chain(headers: &HeaderMap) -> Vec<Option<IpAddr>> {
 /// the right-most hop of the forwarding chain that is not itself a trusted
 /// proxy. A client can prepend anything it likes to the chain, so only hops
 /// added by trusted proxies (the right end) are believed.
-pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr {
+pub(crate) fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr {
     let is_trusted = |ip: &IpAddr| trusted.iter().any(|net| net.contains(ip));
     if !is_trusted(&peer) {
         return peer;
@@ -302,7 +302,7 @@ pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr
 
 /// Which connection cap an upgrade would exceed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CapExceeded {
+pub(crate) enum CapExceeded {
     /// `limits.max_connections` reached (503).
     Global,
     /// `limits.max_connections_per_ip` reached (429).
@@ -313,7 +313,7 @@ pub enum CapExceeded {
 
 impl CapExceeded {
     /// The text a refused upgrade is answered with.
-    pub fn message(self) -> &'static str {
+    pub(crate) fn message(self) -> &'static str {
         match self {
             CapExceeded::Global => "server is at its connection limit; retry later",
             CapExceeded::PerIp => "too many concurrent connections from your address",
@@ -335,7 +335,7 @@ const IP_SHARDS: usize = 16;
 
 /// Connection caps shared by all HTTP workers. Each per-IP lock covers one
 /// sixteenth of the map and is held for a few instructions.
-pub struct ConnLimiter {
+pub(crate) struct ConnLimiter {
     /// Global cap (0 = none).
     max_total: usize,
     /// Per-IP concurrent cap (0 = none).
@@ -349,7 +349,7 @@ pub struct ConnLimiter {
 }
 
 /// An admitted connection; dropping it releases its slot.
-pub struct Permit {
+pub(crate) struct Permit {
     /// The limiter to release into.
     limiter: Arc<ConnLimiter>,
     /// The client IP it was admitted for.
@@ -359,7 +359,12 @@ pub struct Permit {
 impl ConnLimiter {
     /// Caps of `limits.max_connections`, `limits.max_connections_per_ip`
     /// and `limits.connections_per_ip_per_second` / `_burst` (0 = none).
-    pub fn new(max_total: usize, max_per_ip: usize, rate: f64, burst: f64) -> Arc<ConnLimiter> {
+    pub(crate) fn new(
+        max_total: usize,
+        max_per_ip: usize,
+        rate: f64,
+        burst: f64,
+    ) -> Arc<ConnLimiter> {
         Arc::new(ConnLimiter {
             max_total,
             max_per_ip,
@@ -376,7 +381,7 @@ impl ConnLimiter {
     }
 
     /// Admits one more connection from `ip`, or says why not.
-    pub fn try_acquire(self: &Arc<Self>, ip: IpAddr) -> Result<Permit, CapExceeded> {
+    pub(crate) fn try_acquire(self: &Arc<Self>, ip: IpAddr) -> Result<Permit, CapExceeded> {
         let total = self.total.fetch_add(1, Ordering::SeqCst) + 1;
         if self.max_total > 0 && total > self.max_total {
             self.total.fetch_sub(1, Ordering::SeqCst);
@@ -411,16 +416,11 @@ impl ConnLimiter {
             ip,
         })
     }
-
-    /// Open connections in total.
-    pub fn open(&self) -> usize {
-        self.total.load(Ordering::SeqCst)
-    }
 }
 
 impl Permit {
     /// The client IP this connection was admitted for.
-    pub fn ip(&self) -> IpAddr {
+    pub(crate) fn ip(&self) -> IpAddr {
         self.ip
     }
 }

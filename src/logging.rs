@@ -15,7 +15,7 @@ use tracing_subscriber::EnvFilter;
 use crate::config::{LogFormat, LogSettings, Settings};
 
 /// The filter in effect: `RUST_LOG` when set (and valid), else `log.filter`.
-pub fn filter(settings: &LogSettings) -> EnvFilter {
+pub(crate) fn filter(settings: &LogSettings) -> EnvFilter {
     match std::env::var("RUST_LOG") {
         Ok(env) if !env.trim().is_empty() => EnvFilter::try_new(&env).unwrap_or_else(|e| {
             eprintln!("link-counter: RUST_LOG ignored ({e}); using log.filter");
@@ -46,7 +46,7 @@ pub fn init(settings: &LogSettings) {
 
 /// Hides the password of a URL (`redis://user:secret@host` → `redis://user:***@host`);
 /// use it for every setting that may carry a credential.
-pub fn redact_url(url: &str) -> String {
+pub(crate) fn redact_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_owned();
     };

@@ -59,42 +59,42 @@ use std::{sync::OnceLock, time::Duration};
 use metrics::{counter, gauge, histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
-pub const CONNECTIONS_OPEN: &str = "link_counter_connections_open";
-pub const ROOMS: &str = "link_counter_rooms";
-pub const PAGES: &str = "link_counter_pages";
-pub const SUBSCRIPTIONS: &str = "link_counter_subscriptions";
-pub const FOLLOWER_ROOMS: &str = "link_counter_follower_rooms";
-pub const VISITORS: &str = "link_counter_visitors";
-pub const STORAGE_BYTES: &str = "link_counter_storage_bytes";
-pub const STORED_RECORDS: &str = "link_counter_stored_records";
-pub const EVICTED: &str = "link_counter_evicted_total";
-pub const CONNECTIONS_OPENED: &str = "link_counter_connections_opened_total";
-pub const CONNECTIONS_CLOSED: &str = "link_counter_connections_closed_total";
-pub const CONNECTIONS_REFUSED: &str = "link_counter_connections_refused_total";
-pub const LINKS_REFUSED: &str = "link_counter_links_refused_total";
-pub const MESSAGES_IN: &str = "link_counter_messages_in_total";
-pub const MESSAGES_OUT: &str = "link_counter_messages_out_total";
-pub const ERRORS: &str = "link_counter_errors_total";
-pub const COUNT_CHANGES: &str = "link_counter_count_changes_total";
-pub const COUNT_PUBLISHES: &str = "link_counter_count_publishes_total";
-pub const PUBLISHES_DEFERRED: &str = "link_counter_publishes_deferred_total";
-pub const UPDATES_SENT: &str = "link_counter_updates_sent_total";
-pub const PUBLISH_LAG: &str = "link_counter_publish_lag_seconds";
-pub const SNAPSHOT_DURATION: &str = "link_counter_snapshot_duration_seconds";
-pub const SNAPSHOT_RECORDS: &str = "link_counter_snapshot_records";
-pub const SWEEPS: &str = "link_counter_sweeps_total";
-pub const SWEEP_REMOVED: &str = "link_counter_sweep_removed_total";
-pub const ROOMS_EVICTED: &str = "link_counter_rooms_evicted_total";
-pub const COUNTER_RESTARTS: &str = "link_counter_counter_restarts_total";
-pub const ACTOR_PANICS: &str = "link_counter_actor_panics_total";
-pub const STORAGE_ERRORS: &str = "link_counter_storage_errors_total";
+pub(crate) const CONNECTIONS_OPEN: &str = "link_counter_connections_open";
+pub(crate) const ROOMS: &str = "link_counter_rooms";
+pub(crate) const PAGES: &str = "link_counter_pages";
+pub(crate) const SUBSCRIPTIONS: &str = "link_counter_subscriptions";
+pub(crate) const FOLLOWER_ROOMS: &str = "link_counter_follower_rooms";
+pub(crate) const VISITORS: &str = "link_counter_visitors";
+pub(crate) const STORAGE_BYTES: &str = "link_counter_storage_bytes";
+pub(crate) const STORED_RECORDS: &str = "link_counter_stored_records";
+pub(crate) const EVICTED: &str = "link_counter_evicted_total";
+pub(crate) const CONNECTIONS_OPENED: &str = "link_counter_connections_opened_total";
+pub(crate) const CONNECTIONS_CLOSED: &str = "link_counter_connections_closed_total";
+pub(crate) const CONNECTIONS_REFUSED: &str = "link_counter_connections_refused_total";
+pub(crate) const LINKS_REFUSED: &str = "link_counter_links_refused_total";
+pub(crate) const MESSAGES_IN: &str = "link_counter_messages_in_total";
+pub(crate) const MESSAGES_OUT: &str = "link_counter_messages_out_total";
+pub(crate) const ERRORS: &str = "link_counter_errors_total";
+pub(crate) const COUNT_CHANGES: &str = "link_counter_count_changes_total";
+pub(crate) const COUNT_PUBLISHES: &str = "link_counter_count_publishes_total";
+pub(crate) const PUBLISHES_DEFERRED: &str = "link_counter_publishes_deferred_total";
+pub(crate) const UPDATES_SENT: &str = "link_counter_updates_sent_total";
+pub(crate) const PUBLISH_LAG: &str = "link_counter_publish_lag_seconds";
+pub(crate) const SNAPSHOT_DURATION: &str = "link_counter_snapshot_duration_seconds";
+pub(crate) const SNAPSHOT_RECORDS: &str = "link_counter_snapshot_records";
+pub(crate) const SWEEPS: &str = "link_counter_sweeps_total";
+pub(crate) const SWEEP_REMOVED: &str = "link_counter_sweep_removed_total";
+pub(crate) const ROOMS_EVICTED: &str = "link_counter_rooms_evicted_total";
+pub(crate) const COUNTER_RESTARTS: &str = "link_counter_counter_restarts_total";
+pub(crate) const ACTOR_PANICS: &str = "link_counter_actor_panics_total";
+pub(crate) const STORAGE_ERRORS: &str = "link_counter_storage_errors_total";
 
-pub const REDIS_RTT: &str = "link_counter_redis_rtt_seconds";
-pub const REDIS_RECONNECTS: &str = "link_counter_redis_reconnects_total";
-pub const CLUSTER_NODES_REAPED: &str = "link_counter_cluster_nodes_reaped_total";
-pub const CLUSTER_PUBLISHED: &str = "link_counter_cluster_messages_published_total";
-pub const CLUSTER_RECEIVED: &str = "link_counter_cluster_messages_received_total";
-pub const CLUSTER_NODES: &str = "link_counter_cluster_nodes";
+pub(crate) const REDIS_RTT: &str = "link_counter_redis_rtt_seconds";
+pub(crate) const REDIS_RECONNECTS: &str = "link_counter_redis_reconnects_total";
+pub(crate) const CLUSTER_NODES_REAPED: &str = "link_counter_cluster_nodes_reaped_total";
+pub(crate) const CLUSTER_PUBLISHED: &str = "link_counter_cluster_messages_published_total";
+pub(crate) const CLUSTER_RECEIVED: &str = "link_counter_cluster_messages_received_total";
+pub(crate) const CLUSTER_NODES: &str = "link_counter_cluster_nodes";
 
 /// Buckets (seconds) of the latency histograms: 100 µs to 10 s.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -119,7 +119,7 @@ static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 /// Installs the Prometheus recorder on first call (later calls, e.g. a
 /// second server in the same test process, share it). `None` when another
 /// recorder was installed first; metrics are then not exposed.
-pub fn install() -> Option<&'static PrometheusHandle> {
+pub(crate) fn install() -> Option<&'static PrometheusHandle> {
     HANDLE
         .get_or_init(|| {
             let built = PrometheusBuilder::new()
@@ -203,18 +203,18 @@ fn closed_counter(transport: Transport, why: CloseKind) -> metrics::Counter {
 
 /// How often histogram samples are folded into their buckets when nobody
 /// scrapes: the recorder keeps every sample until then.
-pub const UPKEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+pub(crate) const UPKEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Folds recorded histogram samples into their buckets. Without it, samples
 /// (one per update delivered) pile up in memory until the next scrape.
-pub fn upkeep() {
+pub(crate) fn upkeep() {
     if let Some(h) = install() {
         h.run_upkeep();
     }
 }
 
 /// The Prometheus text exposition of every metric.
-pub fn render() -> String {
+pub(crate) fn render() -> String {
     match install() {
         Some(h) => {
             h.run_upkeep();
@@ -337,7 +337,7 @@ fn init_counters() {
 
 /// How a viewer is connected (label `transport` of the connection metrics).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Transport {
+pub(crate) enum Transport {
     /// A WebSocket session (`/parties/page/{id}`).
     WebSocket,
     /// A Server-Sent Events stream (`/parties/page/{id}/events`).
@@ -346,10 +346,10 @@ pub enum Transport {
 
 impl Transport {
     /// Every transport, for initializing the series.
-    pub const ALL: [Transport; 2] = [Transport::WebSocket, Transport::EventStream];
+    pub(crate) const ALL: [Transport; 2] = [Transport::WebSocket, Transport::EventStream];
 
     /// The label value.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Transport::WebSocket => "websocket",
             Transport::EventStream => "sse",
@@ -367,7 +367,7 @@ impl Transport {
 /// Why a connection ended (label `reason` of `connections_closed_total`); an
 /// event stream ends only as `abrupt`, `slow_client`, `shutdown` or `max_rooms`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CloseKind {
+pub(crate) enum CloseKind {
     /// The client sent a close frame.
     ClientClose,
     /// The stream ended or a write failed without a close handshake.
@@ -394,7 +394,7 @@ pub enum CloseKind {
 
 impl CloseKind {
     /// Every reason, for initializing the series.
-    pub const ALL: [CloseKind; 11] = [
+    pub(crate) const ALL: [CloseKind; 11] = [
         CloseKind::ClientClose,
         CloseKind::Abrupt,
         CloseKind::Timeout,
@@ -409,7 +409,7 @@ impl CloseKind {
     ];
 
     /// The label value.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             CloseKind::ClientClose => "client_close",
             CloseKind::Abrupt => "abrupt",
@@ -428,7 +428,7 @@ impl CloseKind {
 
 /// Why a connection was refused (label `reason` of `connections_refused_total`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Refused {
+pub(crate) enum Refused {
     /// 403: `Origin` not in `security.allowed_origins`.
     Origin,
     /// 503: `limits.max_connections` reached.
@@ -453,7 +453,7 @@ pub enum Refused {
 
 impl Refused {
     /// Every reason, for initializing the series.
-    pub const ALL: [Refused; 10] = [
+    pub(crate) const ALL: [Refused; 10] = [
         Refused::Origin,
         Refused::MaxConnections,
         Refused::MaxConnectionsPerIp,
@@ -467,7 +467,7 @@ impl Refused {
     ];
 
     /// The label value.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Refused::Origin => "origin",
             Refused::MaxConnections => "max_connections",
@@ -486,14 +486,14 @@ impl Refused {
 // ---------------------------------------------------------------- recording
 
 /// A connection over `transport` started on `shard`.
-pub fn connection_opened(shard: usize, transport: Transport) {
+pub(crate) fn connection_opened(shard: usize, transport: Transport) {
     let hot = hot();
     hot.opened[transport.index()].increment(1);
     hot.open_gauge(shard, transport).increment(1.0);
 }
 
 /// A connection over `transport` on `shard` ended for `why`.
-pub fn connection_closed(shard: usize, transport: Transport, why: CloseKind) {
+pub(crate) fn connection_closed(shard: usize, transport: Transport, why: CloseKind) {
     let hot = hot();
     match CloseKind::ALL.iter().position(|k| *k == why) {
         Some(i) => hot.closed[transport.index() * CloseKind::ALL.len() + i].increment(1),
@@ -503,49 +503,49 @@ pub fn connection_closed(shard: usize, transport: Transport, why: CloseKind) {
 }
 
 /// A connection was refused for `why`.
-pub fn connection_refused(why: Refused) {
+pub(crate) fn connection_refused(why: Refused) {
     counter!(CONNECTIONS_REFUSED, "reason" => why.as_str()).increment(1);
 }
 
 /// `n` subscribed links were refused at `limits.max_pages`.
-pub fn links_refused(n: usize) {
+pub(crate) fn links_refused(n: usize) {
     counter!(LINKS_REFUSED).increment(n as u64);
 }
 
 /// A client text message arrived.
-pub fn message_in() {
+pub(crate) fn message_in() {
     hot().messages_in.increment(1);
 }
 
 /// A text message was encoded for a client's socket.
-pub fn message_out() {
+pub(crate) fn message_out() {
     hot().messages_out.increment(1);
 }
 
 /// An `error` message with `code` is sent to a client.
-pub fn error_sent(code: crate::protocol::ErrorCode) {
+pub(crate) fn error_sent(code: crate::protocol::ErrorCode) {
     counter!(ERRORS, "code" => code.as_str()).increment(1);
 }
 
 /// The counter applied a count change.
-pub fn count_changed() {
+pub(crate) fn count_changed() {
     counter!(COUNT_CHANGES).increment(1);
 }
 
 /// The counter published `n` changed counts (one per page, after coalescing).
-pub fn counts_published(n: usize) {
+pub(crate) fn counts_published(n: usize) {
     counter!(COUNT_PUBLISHES).increment(n as u64);
 }
 
 /// A publish held `n` changed counts back to the next one (the delivery budget).
-pub fn publishes_deferred(n: usize) {
+pub(crate) fn publishes_deferred(n: usize) {
     if n > 0 {
         counter!(PUBLISHES_DEFERRED).increment(n as u64);
     }
 }
 
 /// An `update` was encoded for a client's socket `lag` after the oldest change it carries.
-pub fn update_sent(lag: Option<Duration>) {
+pub(crate) fn update_sent(lag: Option<Duration>) {
     let hot = hot();
     hot.updates_sent.increment(1);
     if let Some(lag) = lag {
@@ -554,13 +554,13 @@ pub fn update_sent(lag: Option<Duration>) {
 }
 
 /// A stats snapshot wrote `records` records in `took`.
-pub fn snapshot(took: Duration, records: usize) {
+pub(crate) fn snapshot(took: Duration, records: usize) {
     histogram!(SNAPSHOT_DURATION).record(took.as_secs_f64());
     histogram!(SNAPSHOT_RECORDS).record(records as f64);
 }
 
 /// A sweep removed these.
-pub fn sweep(pages: usize, room_records: usize, stats_records: usize) {
+pub(crate) fn sweep(pages: usize, room_records: usize, stats_records: usize) {
     counter!(SWEEPS).increment(1);
     counter!(SWEEP_REMOVED, "what" => "pages").increment(pages as u64);
     counter!(SWEEP_REMOVED, "what" => "room_records").increment(room_records as u64);
@@ -569,7 +569,7 @@ pub fn sweep(pages: usize, room_records: usize, stats_records: usize) {
 
 /// Why an idle room was stopped (the `why` label of [`ROOMS_EVICTED`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RoomEviction {
+pub(crate) enum RoomEviction {
     /// A new page needed a room at `limits.max_rooms`.
     Cap,
     /// Idle for `room.idle_timeout`, or past `limits.max_idle_rooms`.
@@ -578,7 +578,7 @@ pub enum RoomEviction {
 
 impl RoomEviction {
     /// The label value.
-    pub fn label(self) -> &'static str {
+    pub(crate) fn label(self) -> &'static str {
         match self {
             RoomEviction::Cap => "cap",
             RoomEviction::Idle => "idle",
@@ -587,23 +587,23 @@ impl RoomEviction {
 }
 
 /// An idle room was stopped.
-pub fn room_evicted(why: RoomEviction) {
+pub(crate) fn room_evicted(why: RoomEviction) {
     counter!(ROOMS_EVICTED, "why" => why.label()).increment(1);
 }
 
 /// A panic was caught in an actor's handler (`crate::supervise`).
-pub fn actor_panicked(actor: &'static str) {
+pub(crate) fn actor_panicked(actor: &'static str) {
     counter!(ACTOR_PANICS, "actor" => actor).increment(1);
 }
 
 /// The counter restarted under its supervisor.
-pub fn counter_restarted() {
+pub(crate) fn counter_restarted() {
     counter!(COUNTER_RESTARTS).increment(1);
 }
 
 /// Scrape-time gauges: rooms alive on `shard` (and its open-connections
 /// series made visible, at 0 before its first connection).
-pub fn set_rooms(shard: usize, rooms: usize) {
+pub(crate) fn set_rooms(shard: usize, rooms: usize) {
     gauge!(ROOMS, "shard" => shard.to_string()).set(rooms as f64);
     for t in Transport::ALL {
         open_gauge(shard, t).increment(0.0);
@@ -611,19 +611,19 @@ pub fn set_rooms(shard: usize, rooms: usize) {
 }
 
 /// Scrape-time gauges of the counter's state.
-pub fn set_counter_state(pages: usize, subscriptions: usize, follower_rooms: usize) {
+pub(crate) fn set_counter_state(pages: usize, subscriptions: usize, follower_rooms: usize) {
     gauge!(PAGES).set(pages as f64);
     gauge!(SUBSCRIPTIONS).set(subscriptions as f64);
     gauge!(FOLLOWER_ROOMS).set(follower_rooms as f64);
 }
 
 /// Scrape-time gauge of the node's distinct visitors.
-pub fn set_visitors(visitors: u64) {
+pub(crate) fn set_visitors(visitors: u64) {
     gauge!(VISITORS).set(visitors as f64);
 }
 
 /// Scrape-time gauges of the database size and records kept.
-pub fn set_storage(bytes: u64, stats_records: usize, room_records: usize) {
+pub(crate) fn set_storage(bytes: u64, stats_records: usize, room_records: usize) {
     gauge!(STORAGE_BYTES).set(bytes as f64);
     gauge!(STORED_RECORDS, "store" => "stats").set(stats_records as f64);
     gauge!(STORED_RECORDS, "store" => "rooms").set(room_records as f64);
@@ -631,7 +631,7 @@ pub fn set_storage(bytes: u64, stats_records: usize, room_records: usize) {
 
 /// What was evicted (the `what` label of [`EVICTED`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Evicted {
+pub(crate) enum Evicted {
     /// Idle pages the counter forgot.
     Pages,
     /// Stats records deleted past `storage.max_records` or their retention.
@@ -641,7 +641,7 @@ pub enum Evicted {
 }
 
 /// Idle pages forgotten, or records deleted past `storage.max_records`.
-pub fn evicted(what: Evicted, n: usize) {
+pub(crate) fn evicted(what: Evicted, n: usize) {
     let label = match what {
         Evicted::Pages => "pages",
         Evicted::StatsRecords => "stats_records",
@@ -654,7 +654,7 @@ pub fn evicted(what: Evicted, n: usize) {
 
 /// The `op` label of [`STORAGE_ERRORS`]: what a failed storage call did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StorageOp {
+pub(crate) enum StorageOp {
     /// A chunk of stats records written (kept queued, retried).
     WriteStats,
     /// History peaks written (kept queued, retried).
@@ -676,7 +676,7 @@ pub enum StorageOp {
 }
 
 impl StorageOp {
-    pub const ALL: [StorageOp; 9] = [
+    pub(crate) const ALL: [StorageOp; 9] = [
         StorageOp::WriteStats,
         StorageOp::WriteHistory,
         StorageOp::ReadStats,
@@ -688,7 +688,7 @@ impl StorageOp {
         StorageOp::ReadRoom,
     ];
 
-    pub fn label(self) -> &'static str {
+    pub(crate) fn label(self) -> &'static str {
         match self {
             StorageOp::WriteStats => "write_stats",
             StorageOp::WriteHistory => "write_history",
@@ -704,7 +704,7 @@ impl StorageOp {
 }
 
 /// A storage call of kind `op` failed at run time.
-pub fn storage_error(op: StorageOp) {
+pub(crate) fn storage_error(op: StorageOp) {
     counter!(STORAGE_ERRORS, "op" => op.label()).increment(1);
 }
 
@@ -712,7 +712,7 @@ pub fn storage_error(op: StorageOp) {
 
 /// The `op` label of [`REDIS_RTT`]: what a Redis round trip did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RedisOp {
+pub(crate) enum RedisOp {
     /// A batch of count changes written.
     Write,
     /// Newly followed pages' sums loaded.
@@ -732,31 +732,31 @@ impl RedisOp {
 }
 
 /// Cluster: one Redis round trip of kind `op` took `rtt`.
-pub fn redis_rtt(op: RedisOp, rtt: Duration) {
+pub(crate) fn redis_rtt(op: RedisOp, rtt: Duration) {
     histogram!(REDIS_RTT, "op" => op.label()).record(rtt.as_secs_f64());
 }
 
 /// Cluster: reconnected to Redis.
-pub fn redis_reconnected() {
+pub(crate) fn redis_reconnected() {
     counter!(REDIS_RECONNECTS).increment(1);
 }
 
 /// Cluster: `n` dead nodes were reaped.
-pub fn cluster_nodes_reaped(n: usize) {
+pub(crate) fn cluster_nodes_reaped(n: usize) {
     counter!(CLUSTER_NODES_REAPED).increment(n as u64);
 }
 
 /// Cluster: `n` messages published to Redis.
-pub fn cluster_published(n: usize) {
+pub(crate) fn cluster_published(n: usize) {
     counter!(CLUSTER_PUBLISHED).increment(n as u64);
 }
 
 /// Cluster: `n` messages received from Redis.
-pub fn cluster_received(n: usize) {
+pub(crate) fn cluster_received(n: usize) {
     counter!(CLUSTER_RECEIVED).increment(n as u64);
 }
 
 /// Cluster: `n` live nodes seen.
-pub fn set_cluster_nodes(n: usize) {
+pub(crate) fn set_cluster_nodes(n: usize) {
     gauge!(CLUSTER_NODES).set(n as f64);
 }

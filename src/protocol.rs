@@ -5,8 +5,119 @@ use std::{collections::BTreeMap, sync::Arc};
 
 use serde::{Deserialize, Serialize};
 
-/// A validated page id: 1..=256 bytes of UTF-8, no control characters, no `/`.
-pub type PageId = Arc<str>;
+/// A page id that passed the page-id rules ([`validate_page_id`]: 1..=256
+/// bytes of UTF-8, no control characters, no `/`), or the reserved
+/// [`PageId::site`]. Its only constructors check: [`PageId::parse`] (an id
+/// already decoded: a `subscribe`'s link, a stored record, Redis),
+/// [`PageId::decode`] (a URL path segment or query value), deserializing
+/// (which parses). A clone is a reference count; it compares, hashes and
+/// borrows as its text, so a `HashMap<PageId, _>` is read with a `&str`.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PageId(Arc<str>);
+
+impl PageId {
+    /// An already-decoded id, checked by the page-id rules.
+    pub fn parse(id: &str) -> Result<PageId, PageIdError> {
+        validate_page_id(id)?;
+        Ok(PageId(Arc::from(id)))
+    }
+
+    /// A followed link as a node shares it (in cluster mode, read back
+    /// from Redis): a page id by the rules, or the site's link (empty).
+    pub(crate) fn parse_link(id: &str) -> Result<PageId, PageIdError> {
+        if id == SITE_LINK {
+            return Ok(PageId::site());
+        }
+        PageId::parse(id)
+    }
+
+    /// A raw URL path segment (or query value), percent-decoded exactly
+    /// once and checked.
+    pub(crate) fn decode(raw: &str) -> Result<PageId, PageIdError> {
+        // A malformed escape ("%G1", a lone "%") is an error, not a literal '%'.
+        let bytes = raw.as_bytes();
+        for (i, b) in bytes.iter().enumerate() {
+            if *b == b'%'
+                && !(i + 2 < bytes.len()
+                    && bytes[i + 1].is_ascii_hexdigit()
+                    && bytes[i + 2].is_ascii_hexdigit())
+            {
+                return Err(PageIdError::Encoding);
+            }
+        }
+        let decoded = percent_encoding::percent_decode_str(raw)
+            .decode_utf8()
+            .map_err(|_| PageIdError::Encoding)?;
+        PageId::parse(&decoded)
+    }
+
+    /// The link a `"site": true` subscribe follows ([`SITE_LINK`]): the
+    /// whole site's figure, the one id no rule-abiding client can name.
+    pub(crate) fn site() -> PageId {
+        static SITE: std::sync::LazyLock<PageId> =
+            std::sync::LazyLock::new(|| PageId(Arc::from(SITE_LINK)));
+        SITE.clone()
+    }
+
+    /// True for the site figure's link.
+    pub(crate) fn is_site(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl std::ops::Deref for PageId {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl AsRef<str> for PageId {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::borrow::Borrow<str> for PageId {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for PageId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// As its text (`"id"`), like the `&str` it replaces in logs and panics.
+impl std::fmt::Debug for PageId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(&*self.0, f)
+    }
+}
+
+impl std::str::FromStr for PageId {
+    type Err = PageIdError;
+    fn from_str(id: &str) -> Result<PageId, PageIdError> {
+        PageId::parse(id)
+    }
+}
+
+impl Serialize for PageId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
+
+/// Parses by the page-id rules: a string that breaks them is an error, so
+/// the site's reserved link never comes out of input.
+impl<'de> Deserialize<'de> for PageId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<PageId, D::Error> {
+        let id = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        PageId::parse(&id).map_err(serde::de::Error::custom)
+    }
+}
 
 /// A page's two presence figures: its open connections, and the distinct
 /// visitors among them (a connection without a visitor id is its own
@@ -22,13 +133,13 @@ pub struct Tally {
 
 impl Tally {
     /// No connection.
-    pub const ZERO: Tally = Tally {
+    pub(crate) const ZERO: Tally = Tally {
         connections: 0,
         visitors: 0,
     };
 
     /// Both figures summed (saturating).
-    pub fn plus(self, other: Tally) -> Tally {
+    pub(crate) fn plus(self, other: Tally) -> Tally {
         Tally {
             connections: self.connections.saturating_add(other.connections),
             visitors: self.visitors.saturating_add(other.visitors),
@@ -36,42 +147,40 @@ impl Tally {
     }
 
     /// True when no connection is counted.
-    pub fn is_zero(self) -> bool {
+    pub(crate) fn is_zero(self) -> bool {
         self.connections == 0
     }
 }
 
 /// Longest page id in bytes.
-pub const MAX_PAGE_ID_BYTES: usize = 256;
+pub(crate) const MAX_PAGE_ID_BYTES: usize = 256;
 
 /// Close codes of the protocol.
-pub mod close {
+pub(crate) mod close {
     /// Normal close.
-    pub const NORMAL: u16 = 1000;
+    pub(crate) const NORMAL: u16 = 1000;
     /// Server shutting down; clients reconnect with backoff.
-    pub const GOING_AWAY: u16 = 1001;
+    pub(crate) const GOING_AWAY: u16 = 1001;
     /// Binary frame received.
-    pub const UNSUPPORTED: u16 = 1003;
+    pub(crate) const UNSUPPORTED: u16 = 1003;
     /// WebSocket protocol violation (malformed frames).
-    pub const PROTOCOL_ERROR: u16 = 1002;
+    pub(crate) const PROTOCOL_ERROR: u16 = 1002;
     /// A text message that is not valid UTF-8.
-    pub const INVALID_PAYLOAD: u16 = 1007;
+    pub(crate) const INVALID_PAYLOAD: u16 = 1007;
     /// Policy violation (origin, abuse, caps).
-    pub const POLICY: u16 = 1008;
+    pub(crate) const POLICY: u16 = 1008;
     /// Message larger than `max_message_bytes`.
-    pub const TOO_BIG: u16 = 1009;
+    pub(crate) const TOO_BIG: u16 = 1009;
     /// Try again later: a capacity cap with nothing left to evict, or a
     /// socket that took no bytes for `client_timeout`; reconnect with backoff.
-    pub const TRY_AGAIN_LATER: u16 = 1013;
-    /// Internal error.
-    pub const INTERNAL: u16 = 1011;
+    pub(crate) const TRY_AGAIN_LATER: u16 = 1013;
 }
 
 /// The `code` of an `error` message (docs/PROTOCOL.md) and of the HTTP
 /// API's error bodies: the only place they are spelled ([`ErrorCode::as_str`],
 /// which is also what it serializes to).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum ErrorCode {
+pub(crate) enum ErrorCode {
     /// Not JSON, not an object, or `links` missing or not an array of strings.
     InvalidJson,
     /// A message `type` the server does not know.
@@ -99,7 +208,8 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// Every code.
-    pub const ALL: [ErrorCode; 11] = [
+    #[cfg(test)]
+    const ALL: [ErrorCode; 11] = [
         ErrorCode::InvalidJson,
         ErrorCode::UnknownType,
         ErrorCode::InvalidPageId,
@@ -114,7 +224,7 @@ impl ErrorCode {
     ];
 
     /// The code as the wire spells it.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             ErrorCode::InvalidJson => "invalid_json",
             ErrorCode::UnknownType => "unknown_type",
@@ -159,7 +269,7 @@ pub enum PageIdError {
 }
 
 /// Checks an already-decoded id.
-pub fn validate_page_id(id: &str) -> Result<(), PageIdError> {
+pub(crate) fn validate_page_id(id: &str) -> Result<(), PageIdError> {
     if id.is_empty() {
         return Err(PageIdError::Empty);
     }
@@ -175,34 +285,14 @@ pub fn validate_page_id(id: &str) -> Result<(), PageIdError> {
     Ok(())
 }
 
-/// Percent-decodes a raw URL path segment exactly once and validates it.
-pub fn decode_page_id(raw: &str) -> Result<PageId, PageIdError> {
-    // A malformed escape ("%G1", a lone "%") is an error, not a literal '%'.
-    let bytes = raw.as_bytes();
-    for (i, b) in bytes.iter().enumerate() {
-        if *b == b'%'
-            && !(i + 2 < bytes.len()
-                && bytes[i + 1].is_ascii_hexdigit()
-                && bytes[i + 2].is_ascii_hexdigit())
-        {
-            return Err(PageIdError::Encoding);
-        }
-    }
-    let decoded = percent_encoding::percent_decode_str(raw)
-        .decode_utf8()
-        .map_err(|_| PageIdError::Encoding)?;
-    validate_page_id(&decoded)?;
-    Ok(Arc::from(decoded.as_ref()))
-}
-
 /// The link a `"site": true` subscribe follows: the whole site's figure.
 /// Not a valid page id (ids are never empty), so no page can take it; an
 /// `update` shows its value as `"site"`, never among the pages.
-pub const SITE_LINK: &str = "";
+pub(crate) const SITE_LINK: &str = "";
 
 /// A message from the client.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ClientMessage {
+pub(crate) enum ClientMessage {
     /// Replace this connection's link set (duplicates removed, order kept);
     /// with `visitors`, its updates also carry the `visitors` map; with
     /// `site`, the `site` figure (the link [`SITE_LINK`] is followed).
@@ -215,13 +305,13 @@ pub enum ClientMessage {
 
 /// An `error` reply: its code and human text.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ProtocolError {
-    pub code: ErrorCode,
-    pub message: String,
+pub(crate) struct ProtocolError {
+    pub(crate) code: ErrorCode,
+    pub(crate) message: String,
 }
 
 impl ProtocolError {
-    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+    pub(crate) fn new(code: ErrorCode, message: impl Into<String>) -> Self {
         ProtocolError {
             code,
             message: message.into(),
@@ -229,7 +319,7 @@ impl ProtocolError {
     }
 
     /// The JSON text of this error message.
-    pub fn to_json(&self) -> String {
+    pub(crate) fn to_json(&self) -> String {
         serde_json::to_string(&ServerError {
             kind: "error",
             code: self.code,
@@ -248,7 +338,10 @@ struct ServerError<'a> {
 }
 
 /// Parses and validates one text frame.
-pub fn parse_client_message(text: &str, max_links: usize) -> Result<ClientMessage, ProtocolError> {
+pub(crate) fn parse_client_message(
+    text: &str,
+    max_links: usize,
+) -> Result<ClientMessage, ProtocolError> {
     let value: serde_json::Value = serde_json::from_str(text).map_err(|e| {
         ProtocolError::new(
             ErrorCode::InvalidJson,
@@ -341,14 +434,14 @@ fn subscribe_links(
                 "\"links\" must be an array of strings",
             )
         })?;
-        validate_page_id(s).map_err(|e| {
-            ProtocolError::new(
-                ErrorCode::InvalidPageId,
-                format!("link {:?}: {e}", truncate(s)),
-            )
-        })?;
         if seen.insert(s) {
-            out.push(Arc::from(s));
+            let id = PageId::parse(s).map_err(|e| {
+                ProtocolError::new(
+                    ErrorCode::InvalidPageId,
+                    format!("link {:?}: {e}", truncate(s)),
+                )
+            })?;
+            out.push(id);
             if out.len() > max_links {
                 return Err(ProtocolError::new(
                     ErrorCode::TooManyLinks,
@@ -368,7 +461,7 @@ fn subscribe_links(
 /// kept, at most `max_links`), or the error it would get. `None`: no `links`
 /// key and no `site=true` (the stream only counts as a viewer); `links=`
 /// with nothing subscribes to nothing.
-pub fn parse_stream_query(
+pub(crate) fn parse_stream_query(
     query: &str,
     max_links: usize,
 ) -> Result<Option<ClientMessage>, ProtocolError> {
@@ -399,7 +492,7 @@ pub fn parse_stream_query(
     };
     let mut links: Vec<PageId> = Vec::new();
     for part in raw.split(',').filter(|p| !p.is_empty()) {
-        let id = decode_page_id(part).map_err(|e| {
+        let id = PageId::decode(part).map_err(|e| {
             ProtocolError::new(
                 ErrorCode::InvalidPageId,
                 format!("link {:?}: {e}", truncate(part)),
@@ -472,84 +565,84 @@ pub fn update_json<'a>(
 
 /// Body of `GET /api/v1/pages/{id}`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct PageInfo {
-    pub id: String,
-    pub connections: u64,
+pub(crate) struct PageInfo {
+    pub(crate) id: String,
+    pub(crate) connections: u64,
     /// Distinct visitors among the connections (an extension of PROTOCOL.md's shape).
     #[serde(default)]
-    pub visitors: u64,
-    pub peak_connections: u64,
-    pub peak_at: Option<String>,
+    pub(crate) visitors: u64,
+    pub(crate) peak_connections: u64,
+    pub(crate) peak_at: Option<String>,
     /// Highest distinct-visitor figure seen (an extension of PROTOCOL.md's shape).
     #[serde(default)]
-    pub peak_visitors: u64,
-    pub total_connections: u64,
-    pub last_active: Option<String>,
+    pub(crate) peak_visitors: u64,
+    pub(crate) total_connections: u64,
+    pub(crate) last_active: Option<String>,
     /// The pages this page's viewers follow, from its stored room record
     /// (an extension of PROTOCOL.md's shape).
     #[serde(default)]
-    pub links: Vec<String>,
+    pub(crate) links: Vec<String>,
 }
 
 /// Body of `GET /api/v1/pages/{id}/history` and `GET /api/v1/site/history`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct HistoryBody {
+pub(crate) struct HistoryBody {
     /// The page id; `null` for the whole site.
-    pub id: Option<String>,
+    pub(crate) id: Option<String>,
     /// The range asked for: `48h` (per-minute peaks) or `90d` (per-hour).
-    pub range: String,
+    pub(crate) range: String,
     /// Length of one point's slot in seconds (60 or 3600).
-    pub step_seconds: u64,
+    pub(crate) step_seconds: u64,
     /// The window: the first slot's start and now (RFC 3339).
-    pub from: String,
-    pub to: String,
+    pub(crate) from: String,
+    pub(crate) to: String,
     /// The slots when someone was there, oldest first (absent slots had no
     /// one); the last may be the slot in progress.
-    pub points: Vec<HistoryPoint>,
+    pub(crate) points: Vec<HistoryPoint>,
 }
 
 /// One slot of a [`HistoryBody`]: the peaks of its two figures.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct HistoryPoint {
+pub(crate) struct HistoryPoint {
     /// The slot's start (RFC 3339).
-    pub time: String,
+    pub(crate) time: String,
     /// Most distinct visitors at once during the slot.
-    pub visitors: u64,
+    pub(crate) visitors: u64,
     /// Most connections at once during the slot.
-    pub connections: u64,
+    pub(crate) connections: u64,
 }
 
 /// Body of `GET /api/v1/counts?…&visitors=1`: both figures of each id
 /// (without `visitors`, the body is the `connections` map alone).
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
-pub struct CountsBody<'a> {
-    pub connections: BTreeMap<&'a str, u64>,
-    pub visitors: BTreeMap<&'a str, u64>,
+pub(crate) struct CountsBody<'a> {
+    pub(crate) connections: BTreeMap<&'a str, u64>,
+    pub(crate) visitors: BTreeMap<&'a str, u64>,
 }
 
 /// Body of `/api/v1/origin`: whether the request's `Origin` passes the
 /// upgrade's origin check, and the setting that decides it.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
-pub struct OriginCheckBody<'a> {
+pub(crate) struct OriginCheckBody<'a> {
     /// The request's `Origin` header (`null` when it has none).
-    pub origin: Option<&'a str>,
-    pub allowed: bool,
+    pub(crate) origin: Option<&'a str>,
+    pub(crate) allowed: bool,
     /// The setting to change (`security.allowed_origins`).
-    pub setting: &'static str,
+    pub(crate) setting: &'static str,
 }
 
 /// Body of `/readyz`: the status, and why when not ready.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
-pub struct ReadinessBody<'a> {
-    pub status: Readiness,
+pub(crate) struct ReadinessBody<'a> {
+    pub(crate) status: Readiness,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub reason: Option<&'a str>,
+    pub(crate) reason: Option<&'a str>,
 }
 
 /// The `status` of a [`ReadinessBody`].
 #[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
-pub enum Readiness {
+pub(crate) enum Readiness {
     /// Serving (200).
     Ready,
     /// Not serving: shutting down, storage unusable, counter rebuilding (503).
@@ -560,38 +653,38 @@ pub enum Readiness {
 
 /// Body of `GET /api/v1/stats`: totals of this server.
 #[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct StatsBody {
+pub(crate) struct StatsBody {
     /// Open connections (WebSocket sessions and event streams).
-    pub connections: usize,
+    pub(crate) connections: usize,
     /// Distinct visitors among them.
-    pub visitors: u64,
-    pub connections_opened_total: u64,
-    pub rooms: usize,
-    pub pages: usize,
-    pub live_pages: usize,
-    pub subscriptions: usize,
-    pub uptime_seconds: f64,
+    pub(crate) visitors: u64,
+    pub(crate) connections_opened_total: u64,
+    pub(crate) rooms: usize,
+    pub(crate) pages: usize,
+    pub(crate) live_pages: usize,
+    pub(crate) subscriptions: usize,
+    pub(crate) uptime_seconds: f64,
 }
 
 /// Body of `GET /api/v1/history`: the samples of the last minutes, oldest
 /// first, with the server's clock.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
-pub struct LoadHistoryBody {
-    pub interval_seconds: u64,
-    pub window_seconds: u64,
-    pub max_samples: usize,
+pub(crate) struct LoadHistoryBody {
+    pub(crate) interval_seconds: u64,
+    pub(crate) window_seconds: u64,
+    pub(crate) max_samples: usize,
     /// The server's clock (ms since the Unix epoch), to place the samples.
-    pub now_ms: u64,
-    pub samples: Vec<LoadSample>,
+    pub(crate) now_ms: u64,
+    pub(crate) samples: Vec<LoadSample>,
 }
 
 /// One sample of a [`LoadHistoryBody`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-pub struct LoadSample {
+pub(crate) struct LoadSample {
     /// When it was taken (ms since the Unix epoch).
-    pub time_ms: u64,
+    pub(crate) time_ms: u64,
     /// Open WebSocket connections then.
-    pub connections: usize,
+    pub(crate) connections: usize,
 }
 
 #[cfg(test)]
@@ -600,23 +693,48 @@ mod tests {
 
     #[test]
     fn page_ids_are_decoded_once_and_checked() {
-        assert_eq!(&*decode_page_id("hello%20world").unwrap(), "hello world");
-        assert_eq!(&*decode_page_id("a%2525").unwrap(), "a%25");
-        assert_eq!(decode_page_id("a%2Fb"), Err(PageIdError::Slash));
-        assert_eq!(decode_page_id("%0A"), Err(PageIdError::Control));
-        assert_eq!(decode_page_id("%ZZ"), Err(PageIdError::Encoding));
-        assert_eq!(decode_page_id("abc%"), Err(PageIdError::Encoding));
-        assert_eq!(decode_page_id("%FF"), Err(PageIdError::Encoding));
-        assert_eq!(decode_page_id(""), Err(PageIdError::Empty));
-        assert_eq!(decode_page_id(&"x".repeat(257)), Err(PageIdError::TooLong));
-        assert!(decode_page_id(&"x".repeat(256)).is_ok());
+        assert_eq!(&*PageId::decode("hello%20world").unwrap(), "hello world");
+        assert_eq!(&*PageId::decode("a%2525").unwrap(), "a%25");
+        assert_eq!(PageId::decode("a%2Fb"), Err(PageIdError::Slash));
+        assert_eq!(PageId::decode("%0A"), Err(PageIdError::Control));
+        assert_eq!(PageId::decode("%ZZ"), Err(PageIdError::Encoding));
+        assert_eq!(PageId::decode("abc%"), Err(PageIdError::Encoding));
+        assert_eq!(PageId::decode("%FF"), Err(PageIdError::Encoding));
+        assert_eq!(PageId::decode(""), Err(PageIdError::Empty));
+        assert_eq!(PageId::decode(&"x".repeat(257)), Err(PageIdError::TooLong));
+        assert!(PageId::decode(&"x".repeat(256)).is_ok());
+    }
+
+    /// Every way in checks the rules; only `site()` (and a shared link)
+    /// makes the empty id; the id reads, hashes and serializes as its text.
+    #[test]
+    fn page_ids_come_only_through_the_rules() {
+        assert_eq!(PageId::parse(""), Err(PageIdError::Empty));
+        assert_eq!(PageId::parse("a/b"), Err(PageIdError::Slash));
+        assert_eq!("a\u{7}".parse::<PageId>(), Err(PageIdError::Control));
+        let id = PageId::parse("a b").unwrap();
+        assert!(!id.is_site());
+        assert_eq!((&*id, id.to_string()), ("a b", "a b".to_string()));
+        assert_eq!(format!("{id:?}"), r#""a b""#);
+        let site = PageId::site();
+        assert!(site.is_site() && &*site == SITE_LINK);
+        assert_eq!(PageId::parse_link(""), Ok(PageId::site()));
+        assert_eq!(PageId::parse_link("a b"), Ok(id.clone()));
+        assert_eq!(PageId::parse_link("a/b"), Err(PageIdError::Slash));
+        let map = std::collections::HashMap::from([(id.clone(), 1)]);
+        assert_eq!(map.get("a b"), Some(&1));
+        assert_eq!(serde_json::to_string(&id).unwrap(), r#""a b""#);
+        assert_eq!(serde_json::from_str::<PageId>(r#""a b""#).unwrap(), id);
+        for bad in [r#""""#, r#""a/b""#, r#""\n""#, "1"] {
+            assert!(serde_json::from_str::<PageId>(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]
     fn a_stream_query_subscribes_like_a_subscribe_message() {
         let sub = |links: &[&str], visitors, site| {
             Ok(Some(ClientMessage::Subscribe {
-                links: links.iter().map(|l| PageId::from(*l)).collect(),
+                links: links.iter().map(|l| PageId::parse(l).unwrap()).collect(),
                 visitors,
                 site,
             }))
@@ -682,7 +800,7 @@ mod tests {
         assert_eq!(
             m,
             ClientMessage::Subscribe {
-                links: vec!["b".into(), "c".into()],
+                links: vec![PageId::parse("b").unwrap(), PageId::parse("c").unwrap()],
                 visitors: false,
                 site: false,
             }
@@ -794,7 +912,7 @@ mod tests {
             fn arbitrary_bytes_as_utf8_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
                 let text = String::from_utf8_lossy(&bytes);
                 let _ = parse_client_message(&text, 256);
-                let _ = decode_page_id(&text);
+                let _ = PageId::decode(&text);
             }
 
             #[test]
@@ -817,7 +935,7 @@ mod tests {
 
             #[test]
             fn url_segments_decode_or_refuse(raw in "[%0-9A-Fa-f/a-z\\x00-\\x7f]{0,300}") {
-                if let Ok(id) = decode_page_id(&raw) {
+                if let Ok(id) = PageId::decode(&raw) {
                     prop_assert!(validate_page_id(&id).is_ok());
                 }
             }

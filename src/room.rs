@@ -33,12 +33,12 @@ use actix::prelude::*;
 use crate::{
     config::Settings,
     counter::{
-        Counter, Counts, Frames, RoomCount, RoomHandle, RoomId, RoomState, Subscribe, Subscribed,
-        Unsubscribe,
+        Counter, Counts, Epoch, Frames, RoomCount, RoomHandle, RoomId, RoomState, Subscribe,
+        Subscribed, Unsubscribe,
     },
     delivery::{ConnId, End, Mailbox, Update},
     metrics::StorageOp,
-    protocol::{ErrorCode, PageId, ProtocolError, Tally, SITE_LINK},
+    protocol::{ErrorCode, PageId, ProtocolError, Tally},
     storage::{RoomRecord, Storage},
     supervise::{contain, ActorKind, Recovering},
     time::now_ms,
@@ -82,10 +82,10 @@ pub struct Leave {
 /// routed messages it handled.
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct RoomIdle {
-    pub page: PageId,
-    pub room: RoomId,
-    pub processed: u64,
+pub(crate) struct RoomIdle {
+    pub(crate) page: PageId,
+    pub(crate) room: RoomId,
+    pub(crate) processed: u64,
 }
 
 /// The server is shutting down (to a shard, which relays it to its rooms):
@@ -98,29 +98,30 @@ pub struct CloseAll;
 /// Re-report everything to the counter (it restarted), for resync `epoch`.
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct ReportState {
-    pub epoch: u64,
+pub(crate) struct ReportState {
+    pub(crate) epoch: Epoch,
 }
 
 /// Stop now: the shard removed this room from its map.
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct StopRoom;
+pub(crate) struct StopRoom;
 
 /// Write the room record now if it changed (shutdown).
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct SaveRecord;
+pub(crate) struct SaveRecord;
 
 /// Shard -> room, after the shard's own panic: every routed message before
 /// this one is handled, so `forwarded` is the count handled; rebuild and
 /// re-report everything (a delivery the shard's panic cut may be missing).
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct Reverify {
-    pub forwarded: u64,
-    /// The shard's recovery, over once every room dropped its message.
-    pub recovering: Arc<Recovering>,
+pub(crate) struct Reverify {
+    pub(crate) forwarded: u64,
+    /// The shard's recovery, over once every room dropped its message
+    /// (held, never read).
+    pub(crate) _recovering: Arc<Recovering>,
 }
 
 /// Test hook: scramble the room's derived state and panic in the handler,
@@ -281,11 +282,11 @@ pub struct PageRoom {
     save_scheduled: bool,
     /// The counter's resync a panic interrupted the report of (0: none):
     /// the recovery's state report answers it.
-    resync_epoch: u64,
+    resync_epoch: Epoch,
 }
 
 impl PageRoom {
-    pub fn new(
+    pub(crate) fn new(
         page: PageId,
         id: RoomId,
         shard_index: usize,
@@ -314,7 +315,7 @@ impl PageRoom {
             dirty: false,
             closing: false,
             save_scheduled: false,
-            resync_epoch: 0,
+            resync_epoch: Epoch::default(),
         }
     }
 
@@ -449,8 +450,8 @@ impl PageRoom {
             links: self
                 .last_links
                 .iter()
-                .filter(|l| &***l != SITE_LINK)
-                .map(|l| l.to_string())
+                .filter(|l| !l.is_site())
+                .cloned()
                 .collect(),
             last_active_ms: now_ms(),
         };
@@ -622,7 +623,7 @@ impl PageRoom {
     fn load_record(&mut self) {
         match self.storage.load_room(&self.page) {
             Ok(Some(record)) => {
-                self.last_links = record.links.into_iter().map(PageId::from).collect();
+                self.last_links = record.links;
             }
             Ok(None) => {}
             Err(e) => {

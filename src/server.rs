@@ -37,7 +37,7 @@ use crate::{
 /// connections the kernel completed before the workers accept them (the
 /// standard library's `bind` uses 128). The kernel caps it at
 /// `net.core.somaxconn`.
-pub const BACKLOG: i32 = 4096;
+pub(crate) const BACKLOG: i32 = 4096;
 
 /// Binds the public listener (`SO_REUSEADDR`, backlog [`BACKLOG`]).
 pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
@@ -84,12 +84,16 @@ pub struct Server {
 /// What a graceful shutdown did.
 #[derive(Debug, Clone, Copy)]
 pub struct ShutdownReport {
-    /// Sessions still open when `shutdown_timeout` ran out.
+    /// Test hook: sessions still open when `shutdown_timeout` ran out
+    /// (the binary has them in the log).
+    #[cfg(feature = "test-hooks")]
     pub cut: usize,
 }
 
 impl Server {
-    /// Opens storage in `settings.storage.path` and starts serving on `listener`.
+    /// Test hook: opens storage in `settings.storage.path` and starts
+    /// serving on `listener`.
+    #[cfg(feature = "test-hooks")]
     pub async fn start(settings: Settings, listener: TcpListener) -> anyhow::Result<Server> {
         let storage = Storage::open(&settings.storage.path, settings.storage.cache_capacity)?;
         Self::start_with_storage(settings, listener, storage).await
@@ -164,28 +168,32 @@ impl Server {
         self.local_addr
     }
 
-    /// The counter actor (tests inject faults and trigger sweeps through it).
+    /// Test hook: The counter actor (tests inject faults and trigger sweeps through it).
+    #[cfg(feature = "test-hooks")]
     pub fn counter(&self) -> Addr<Counter> {
         self.counter.clone()
     }
 
-    /// The cluster actor, in cluster mode (tests inject faults through it).
+    /// Test hook: The cluster actor, in cluster mode (tests inject faults through it).
+    #[cfg(feature = "test-hooks")]
     pub fn cluster(&self) -> Option<Addr<Cluster>> {
         self.cluster.as_ref().map(|(a, _)| a.clone())
     }
 
-    /// The database handle (tests inspect records through it).
+    /// Test hook: The database handle (tests inspect records through it).
+    #[cfg(feature = "test-hooks")]
     pub fn storage(&self) -> Storage {
         self.storage.clone()
     }
 
-    /// The shards.
+    /// Test hook: The shards.
+    #[cfg(feature = "test-hooks")]
     pub fn shards(&self) -> &Shards {
         &self.shards
     }
 
     /// Open WebSocket sessions.
-    pub fn active_sessions(&self) -> usize {
+    pub(crate) fn active_sessions(&self) -> usize {
         self.active.load(Ordering::SeqCst)
     }
 
@@ -246,7 +254,10 @@ impl Server {
         arbiters.extend(self.cluster.map(|(_, a)| a));
         stop_and_join(arbiters).await;
         tracing::info!(cut, "stopped");
-        ShutdownReport { cut }
+        ShutdownReport {
+            #[cfg(feature = "test-hooks")]
+            cut,
+        }
     }
 }
 

@@ -19,7 +19,7 @@ use std::{
     future::poll_fn,
     io,
     sync::{
-        atomic::{AtomicU64, AtomicUsize, Ordering},
+        atomic::{AtomicUsize, Ordering},
         Arc,
     },
 };
@@ -41,16 +41,11 @@ use crate::{
     delivery::{ConnId, End, Mailbox},
     limits::{Permit, TokenBucket},
     metrics::{self as m, CloseKind, Transport},
-    protocol::{
-        close, parse_client_message, ClientMessage, ErrorCode, PageId, ProtocolError, SITE_LINK,
-    },
+    protocol::{close, parse_client_message, ClientMessage, ErrorCode, PageId, ProtocolError},
     room::{Join, Leave, SetLinks},
     shard::Shard,
     visitor::{NodeVisitors, VisitorKey, VisitorParam},
 };
-
-/// Source of connection ids, unique in the process.
-static NEXT_CONN_ID: AtomicU64 = AtomicU64::new(1);
 
 /// Bytes asked of the socket per read.
 const READ_CHUNK: usize = 4096;
@@ -89,28 +84,28 @@ fn return_scratch(key: &'static std::thread::LocalKey<Cell<BytesMut>>, mut buf: 
 const REPLY_BACKLOG: usize = 16 * 1024;
 
 /// What a session needs from the server.
-pub struct SessionContext {
+pub(crate) struct SessionContext {
     /// The page this connection views.
-    pub page: PageId,
+    pub(crate) page: PageId,
     /// PartySocket's `_pk` connection id, for logs.
-    pub pk: Option<String>,
+    pub(crate) pk: Option<String>,
     /// Its visitor id, as its key (never logged).
-    pub visitor: VisitorParam,
+    pub(crate) visitor: VisitorParam,
     /// The node's distinct visitors, which this connection joins.
-    pub node_visitors: Arc<NodeVisitors>,
+    pub(crate) node_visitors: Arc<NodeVisitors>,
     /// The shard that owns the page's room.
-    pub shard: Addr<Shard>,
+    pub(crate) shard: Addr<Shard>,
     /// Its index (the `shard` label of metrics).
-    pub shard_index: usize,
+    pub(crate) shard_index: usize,
     /// Limits and timers.
-    pub settings: Arc<Settings>,
+    pub(crate) settings: Arc<Settings>,
     /// Open sessions: incremented by [`join`] (so a shutdown that starts
     /// now waits for this one), decremented when it ends.
-    pub active: Arc<AtomicUsize>,
+    pub(crate) active: Arc<AtomicUsize>,
     /// This connection's slot in the connection caps, released when it ends.
-    pub permit: Permit,
+    pub(crate) permit: Permit,
     /// WebSocket or event stream (the `transport` label of metrics).
-    pub transport: Transport,
+    pub(crate) transport: Transport,
 }
 
 /// Decrements the open-session gauge however the session ends.
@@ -168,7 +163,7 @@ impl Drop for Membership {
 }
 
 /// A connection that joined its room and waits for its socket ([`Joined::run`]).
-pub struct Joined {
+pub(crate) struct Joined {
     membership: Membership,
     mailbox: Arc<Mailbox>,
     settings: Arc<Settings>,
@@ -183,7 +178,7 @@ pub struct Joined {
 /// Dropping the result (the `101` could not be written) leaves again. An
 /// invalid visitor id is ignored (the connection is its own visitor) and
 /// answered with an `invalid_visitor` error as the connection's first message.
-pub fn join(ctx: SessionContext) -> Joined {
+pub(crate) fn join(ctx: SessionContext) -> Joined {
     let SessionContext {
         page,
         pk,
@@ -197,7 +192,7 @@ pub fn join(ctx: SessionContext) -> Joined {
         transport,
     } = ctx;
     active.fetch_add(1, Ordering::SeqCst);
-    let conn = NEXT_CONN_ID.fetch_add(1, Ordering::Relaxed);
+    let conn = ConnId::fresh();
     m::connection_opened(shard_index, transport);
     let mailbox = Mailbox::new();
     if let VisitorParam::Invalid(e) = visitor {
@@ -213,7 +208,7 @@ pub fn join(ctx: SessionContext) -> Joined {
         visitor: visitor.key(),
     });
     let ip = permit.ip();
-    tracing::debug!(page = %page, conn, %ip, pk = pk.as_deref().unwrap_or(""), "connected");
+    tracing::debug!(page = %page, conn = conn.get(), %ip, pk = pk.as_deref().unwrap_or(""), "connected");
     Joined {
         membership: Membership {
             shard,
@@ -234,36 +229,36 @@ pub fn join(ctx: SessionContext) -> Joined {
 
 impl Joined {
     /// The index of the shard that owns the connection's page.
-    pub fn shard_index(&self) -> usize {
+    pub(crate) fn shard_index(&self) -> usize {
         self.membership.shard_index
     }
 
     /// The page this connection views.
-    pub fn page(&self) -> &PageId {
+    pub(crate) fn page(&self) -> &PageId {
         &self.membership.page
     }
 
     /// This connection's id (for logs).
-    pub fn conn(&self) -> ConnId {
+    pub(crate) fn conn(&self) -> ConnId {
         self.membership.conn
     }
 
     /// Where the room puts what this connection is to be told.
-    pub fn mailbox(&self) -> &Mailbox {
+    pub(crate) fn mailbox(&self) -> &Mailbox {
         &self.mailbox
     }
 
     /// The shared settings.
-    pub fn settings(&self) -> &Settings {
+    pub(crate) fn settings(&self) -> &Settings {
         &self.settings
     }
 
     /// Replaces the connection's link set (a `subscribe`; with `site`, the
-    /// site's figure is followed as the reserved link [`SITE_LINK`]): its
+    /// site's figure is followed as the reserved link [`PageId::site`]): its
     /// full update follows through the mailbox.
-    pub fn subscribe(&self, mut links: Vec<PageId>, visitors: bool, site: bool) {
+    pub(crate) fn subscribe(&self, mut links: Vec<PageId>, visitors: bool, site: bool) {
         if site {
-            links.push(PageId::from(SITE_LINK));
+            links.push(PageId::site());
         }
         let ms = &self.membership;
         ms.shard.do_send(SetLinks {
@@ -275,7 +270,7 @@ impl Joined {
     }
 
     /// Stops counting the connection (once; dropping it does the same, as `abrupt`).
-    pub fn leave(&mut self, kind: CloseKind) {
+    pub(crate) fn leave(&mut self, kind: CloseKind) {
         self.membership.leave(kind);
     }
 
@@ -283,7 +278,11 @@ impl Joined {
     /// whatever the client sent after its upgrade request.
     /// (Not an `async fn`: the session is built here and moved into its own
     /// future, so the task holds one copy of it.)
-    pub fn run(self, io: TcpStream, read_buf: BytesMut) -> impl std::future::Future<Output = ()> {
+    pub(crate) fn run(
+        self,
+        io: TcpStream,
+        read_buf: BytesMut,
+    ) -> impl std::future::Future<Output = ()> {
         let ws = &self.settings.websocket;
         let limits = &self.settings.limits;
         let now = Instant::now();
@@ -451,7 +450,7 @@ impl Session {
         let page = &self.joined.membership.page;
         let conn = self.joined.membership.conn;
         if now >= self.last_seen + ws.client_timeout {
-            tracing::debug!(page = %page, conn, "client timed out");
+            tracing::debug!(page = %page, conn = conn.get(), "client timed out");
             return Err(Ending::new(
                 CloseKind::Timeout,
                 close::NORMAL,
@@ -459,7 +458,7 @@ impl Session {
             ));
         }
         if !self.wbuf.is_empty() && now >= self.last_progress + ws.client_timeout {
-            tracing::info!(page = %page, conn, "socket took no bytes for client_timeout; closing");
+            tracing::info!(page = %page, conn = conn.get(), "socket took no bytes for client_timeout; closing");
             return Err(Ending::new(
                 CloseKind::SlowClient,
                 close::TRY_AGAIN_LATER,
@@ -643,7 +642,7 @@ impl Session {
                 Err(WsError::Overflow) => return Err(too_big()),
                 Err(e) => {
                     let page = &self.joined.membership.page;
-                    tracing::debug!(page = %page, conn = self.joined.membership.conn, error = %e, "protocol error");
+                    tracing::debug!(page = %page, conn = self.joined.membership.conn.get(), error = %e, "protocol error");
                     return Err(Ending::new(
                         CloseKind::ProtocolError,
                         close::PROTOCOL_ERROR,
@@ -709,7 +708,7 @@ impl Session {
         if self.strikes >= limits.flood_strikes {
             let page = &self.joined.membership.page;
             let ip = self.joined.permit.ip();
-            tracing::info!(page = %page, conn = self.joined.membership.conn, %ip, "message flood; closing");
+            tracing::info!(page = %page, conn = self.joined.membership.conn.get(), %ip, "message flood; closing");
             return Err(Ending::new(
                 CloseKind::RateLimited,
                 close::POLICY,
@@ -773,7 +772,7 @@ impl Session {
         self.joined.membership.leave(ending.kind);
         tracing::debug!(
             page = %self.joined.membership.page,
-            conn = self.joined.membership.conn,
+            conn = self.joined.membership.conn.get(),
             reason = ending.kind.as_str(),
             "disconnected"
         );

@@ -33,7 +33,7 @@ use std::{
     collections::{BTreeMap, HashMap},
     hash::{Hash, Hasher},
     sync::{
-        atomic::{AtomicU64, AtomicUsize, Ordering},
+        atomic::{AtomicUsize, Ordering},
         Arc, Mutex, OnceLock,
     },
     time::{Duration, Instant},
@@ -43,7 +43,9 @@ use actix::prelude::*;
 
 use crate::{
     config::Settings,
-    counter::{Counter, Deliver, Frames, Resync, RoomId, SetShards, ShardLink, ShardRooms, ToRoom},
+    counter::{
+        Counter, Deliver, Epoch, Frames, Resync, RoomId, SetShards, ShardLink, ShardRooms, ToRoom,
+    },
     delivery::{End, Mailbox},
     metrics::RoomEviction,
     protocol::{close, ErrorCode, PageId, ProtocolError},
@@ -54,9 +56,6 @@ use crate::{
     storage::Storage,
     supervise::{contain, ActorKind, Health},
 };
-
-/// Source of room ids, unique in the process.
-static NEXT_ROOM_ID: AtomicU64 = AtomicU64::new(1);
 
 // ---------------------------------------------------------------- messages
 
@@ -76,13 +75,13 @@ struct Evict {
 /// Save every room record (shutdown); answers when done.
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct SaveAll;
+pub(crate) struct SaveAll;
 
 /// Final step of a shutdown: stop every room and the shard itself (the
 /// worker threads that host them may outlive the HTTP server).
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct StopShard;
+pub(crate) struct StopShard;
 
 /// Number of live rooms on this shard (the `rooms` gauge and `/api/v1/stats`).
 #[derive(Message)]
@@ -131,7 +130,7 @@ struct IdleRoom {
 /// issued in order). Taken by a shard only when one of its rooms becomes
 /// idle or busy again, or to stop one.
 #[derive(Default)]
-pub struct IdleRooms {
+pub(crate) struct IdleRooms {
     next: u64,
     order: BTreeMap<u64, IdleRoom>,
 }
@@ -215,7 +214,7 @@ impl Shard {
             // waits for room in the mailbox, so nothing overtakes it).
             slot.addr.do_send(Reverify {
                 forwarded: slot.forwarded,
-                recovering: recovering.clone(),
+                _recovering: recovering.clone(),
             });
         }
         tracing::warn!(shard = index, rooms = have, "shard re-verifying its rooms");
@@ -384,7 +383,7 @@ impl Shard {
 
     /// Starts the room of `page` (already counted in `rooms_alive`).
     fn open_room(&mut self, page: &PageId, ctx: &mut Context<Self>) {
-        let id = NEXT_ROOM_ID.fetch_add(1, Ordering::Relaxed);
+        let id = RoomId::fresh();
         let room = PageRoom::new(
             page.clone(),
             id,
@@ -553,7 +552,7 @@ impl Handler<Deliver> for Shard {
 impl Shard {
     /// Asks every room to report its state for the counter's rebuild
     /// `epoch`, and tells the counter which rooms it asked.
-    fn resync(&mut self, epoch: u64) {
+    fn resync(&mut self, epoch: Epoch) {
         let mut rooms = Vec::with_capacity(self.rooms.len());
         for slot in self.rooms.values() {
             slot.addr.do_send(ReportState { epoch });
@@ -716,7 +715,7 @@ struct ShardsInner {
 
 impl Shards {
     /// The table of `n` shards, none started yet.
-    pub fn new(
+    pub(crate) fn new(
         n: usize,
         counter: Addr<Counter>,
         storage: Storage,
@@ -742,7 +741,7 @@ impl Shards {
     /// Starts the next unhosted shard on the current arbiter (an HTTP
     /// worker's, called from its app factory). When the table is complete,
     /// the counter is given every shard's address.
-    pub fn host_here(&self) {
+    pub(crate) fn host_here(&self) {
         let inner = &self.inner;
         let index = inner.claimed.fetch_add(1, Ordering::SeqCst);
         let Some(slot) = inner.slots.get(index) else {
@@ -784,12 +783,12 @@ impl Shards {
     }
 
     /// True once every shard is hosted.
-    pub fn is_ready(&self) -> bool {
+    pub(crate) fn is_ready(&self) -> bool {
         self.inner.filled.load(Ordering::SeqCst) == self.inner.slots.len()
     }
 
     /// Waits until every shard is hosted.
-    pub async fn ready(&self) {
+    pub(crate) async fn ready(&self) {
         loop {
             let notified = self.inner.all_filled.notified();
             if self.is_ready() {
@@ -799,7 +798,9 @@ impl Shards {
         }
     }
 
-    /// The shard that owns `page` (`None` only before [`Shards::ready`]).
+    /// Test hook: the shard that owns `page` (`None` only before
+    /// [`Shards::ready`]).
+    #[cfg(feature = "test-hooks")]
     pub fn for_page(&self, page: &str) -> Option<&Addr<Shard>> {
         self.locate(page).map(|(_, addr)| addr)
     }
@@ -818,7 +819,7 @@ impl Shards {
     }
 
     /// The index of the shard that owns `page` (the `shard` label of metrics).
-    pub fn index_of(&self, page: &str) -> usize {
+    pub(crate) fn index_of(&self, page: &str) -> usize {
         let mut h = std::hash::DefaultHasher::new();
         page.hash(&mut h);
         (h.finish() % self.inner.slots.len() as u64) as usize
@@ -835,7 +836,7 @@ impl Shards {
 
     /// The arbiter of the worker that hosts shard `index`, unless the
     /// caller runs on that worker already (`None` then, or before it is hosted).
-    pub fn home_elsewhere(&self, index: usize) -> Option<&actix::dev::ArbiterHandle> {
+    pub(crate) fn home_elsewhere(&self, index: usize) -> Option<&actix::dev::ArbiterHandle> {
         let hosted = self.inner.slots.get(index)?.get()?;
         (hosted.thread != std::thread::current().id()).then_some(&hosted.arbiter)
     }

@@ -22,7 +22,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::protocol::Tally;
+use crate::protocol::{PageId, Tally};
 
 /// Version byte of a record of schema 1: JSON (read, no longer written).
 const RECORD_V1: u8 = 1;
@@ -127,8 +127,10 @@ pub struct PageStats {
 /// Persistent record of one page room.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RoomRecord {
-    /// The page's outbound links: the last non-empty link set one of its connections subscribed to.
-    pub links: Vec<String>,
+    /// The page's outbound links: the last non-empty link set one of its
+    /// connections subscribed to. Read back through the page-id rules: a
+    /// record with a link that breaks them is unreadable (and skipped).
+    pub links: Vec<PageId>,
     /// Last activity of the room (ms since epoch).
     pub last_active_ms: u64,
 }
@@ -184,7 +186,7 @@ impl Record for RoomRecord {
         while !bytes.is_empty() {
             let len = usize::try_from(take_varint(bytes)?).ok()?;
             let (link, rest) = bytes.split_at_checked(len)?;
-            links.push(std::str::from_utf8(link).ok()?.to_owned());
+            links.push(PageId::parse(std::str::from_utf8(link).ok()?).ok()?);
             *bytes = rest;
         }
         Some(RoomRecord {
@@ -581,7 +583,7 @@ fn room_active(key: &[u8], value: &[u8]) -> u64 {
 const HISTORY_V1: u8 = 1;
 
 /// The history key of the whole site (no page id is empty).
-pub const SITE: &str = "";
+pub(crate) const SITE: &str = "";
 
 /// The two resolutions of the history. A record holds one bucket of slots:
 /// a minute record the minutes of one hour (60 slots), an hour record the
@@ -594,14 +596,14 @@ pub const SITE: &str = "";
 /// keeps the larger of each figure per slot, so a peak is never lowered and
 /// a minute written twice (before and after a restart) keeps its maximum.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Resolution {
+pub(crate) enum Resolution {
     Minute,
     Hour,
 }
 
 impl Resolution {
     /// Length of one slot in ms.
-    pub fn step_ms(self) -> u64 {
+    pub(crate) fn step_ms(self) -> u64 {
         match self {
             Resolution::Minute => 60_000,
             Resolution::Hour => 3_600_000,
@@ -732,7 +734,7 @@ fn merge_history(_key: &[u8], old: Option<&[u8]>, new: &[u8]) -> Option<Vec<u8>>
 
 /// One peak to record: the history key (a page id or [`SITE`]), the start
 /// of its minute (ms since epoch) and the minute's peaks.
-pub type MinutePeak = (crate::protocol::PageId, u64, Tally);
+pub type MinutePeak = (PageId, u64, Tally);
 
 /// The history tree.
 #[derive(Clone)]
@@ -824,9 +826,11 @@ fn sled_config(path: &Path, cache_capacity: u64, compress: bool) -> sled::Config
         .flush_every_ms(Some(200))
 }
 
-/// Opens the sled database in `path` with the settings [`Storage::open`]
-/// uses and nothing else (no tree opened, nothing read or written): the
-/// ceiling of an open, for measurements. Dropping the handle closes it.
+/// Test hook: opens the sled database in `path` with the settings
+/// [`Storage::open`] uses and nothing else (no tree opened, nothing read or
+/// written): the ceiling of an open, for measurements. Dropping the handle
+/// closes it.
+#[cfg(feature = "test-hooks")]
 pub fn open_sled(path: &Path, cache_capacity: u64) -> Result<SledOnly, StorageError> {
     let compress = compression_of(path).unwrap_or(true);
     sled_config(path, cache_capacity, compress)
@@ -836,6 +840,7 @@ pub fn open_sled(path: &Path, cache_capacity: u64) -> Result<SledOnly, StorageEr
 }
 
 /// The database opened by [`open_sled`].
+#[cfg(feature = "test-hooks")]
 pub struct SledOnly(#[allow(dead_code)] sled::Db);
 
 /// Handle to the database; cheap to clone, usable from any thread.
@@ -924,7 +929,7 @@ impl Storage {
     }
 
     /// True when the database answers a read.
-    pub fn is_usable(&self) -> Result<(), StorageError> {
+    pub(crate) fn is_usable(&self) -> Result<(), StorageError> {
         self.db.open_tree("meta")?.get("schema")?;
         Ok(())
     }
@@ -968,7 +973,7 @@ impl Storage {
 
     /// Deletes room records inactive since before `cutoff_ms`, except pages
     /// for which `keep` says yes. Returns how many were deleted.
-    pub fn expire_rooms(
+    pub(crate) fn expire_rooms(
         &self,
         cutoff_ms: u64,
         keep: impl Fn(&str) -> bool,
@@ -979,7 +984,7 @@ impl Storage {
     /// Deletes stats (and history) of pages inactive since before
     /// `cutoff_ms`, except pages for which `keep` says yes. Returns how many
     /// were deleted.
-    pub fn expire_stats(
+    pub(crate) fn expire_stats(
         &self,
         cutoff_ms: u64,
         keep: impl Fn(&str) -> bool,
@@ -1011,7 +1016,7 @@ impl Storage {
     /// The stored peaks of `key` (a page id or [`SITE`]) at `res` whose
     /// slots start in `from_ms..=to_ms`, oldest first, as (slot start in
     /// ms, peaks). Slots when no one was there are absent.
-    pub fn load_history(
+    pub(crate) fn load_history(
         &self,
         key: &str,
         res: Resolution,
@@ -1038,7 +1043,9 @@ impl Storage {
         Ok(points)
     }
 
-    /// Number of history records (a scan: for tests and measurements).
+    /// Test hook: number of history records (a scan: for tests and
+    /// measurements).
+    #[cfg(any(test, feature = "test-hooks"))]
     pub fn history_records(&self) -> usize {
         self.history.0.len()
     }
@@ -1047,7 +1054,7 @@ impl Storage {
     /// records (a page's history goes with its stats), except pages for
     /// which `keep` says yes. Returns the pages whose stats were deleted and
     /// how many room records were.
-    pub fn trim(
+    pub(crate) fn trim(
         &self,
         max: usize,
         keep: impl Fn(&str) -> bool,
@@ -1073,7 +1080,7 @@ impl Storage {
     /// `(process, incarnation)`: `None` if there is none, or if it was saved
     /// on another host or in another directory (a copied data directory is a
     /// new node, not this one).
-    pub fn cluster_identity(&self) -> Result<Option<(String, u64)>, StorageError> {
+    pub(crate) fn cluster_identity(&self) -> Result<Option<(String, u64)>, StorageError> {
         let Some(v) = self.db.open_tree("meta")?.get(CLUSTER_IDENTITY)? else {
             return Ok(None);
         };
@@ -1092,7 +1099,7 @@ impl Storage {
 
     /// Saves the cluster identity about to be registered, and waits until it
     /// is on disk (so a crash right after the registration finds it).
-    pub fn save_cluster_identity(
+    pub(crate) fn save_cluster_identity(
         &self,
         process: &str,
         incarnation: u64,
@@ -1151,14 +1158,17 @@ impl Storage {
         Ok(())
     }
 
-    /// True while the record counts are being verified after an unclean
-    /// stop (the counts are approximate and the cap waits).
+    /// Test hook: true while the record counts are being verified after an
+    /// unclean stop (the counts are approximate and the cap waits).
+    #[cfg(any(test, feature = "test-hooks"))]
     pub fn recounting(&self) -> bool {
         self.stats.recounting() || self.rooms.recounting()
     }
 
-    /// Stats and room records counted by a scan of both stores (for tests
-    /// and measurements; [`Storage::stats_records`] costs nothing).
+    /// Test hook: stats and room records counted by a scan of both stores
+    /// (for tests and measurements; [`Storage::stats_records`] costs
+    /// nothing).
+    #[cfg(any(test, feature = "test-hooks"))]
     pub fn count_records(&self) -> (usize, usize) {
         (self.stats.data.len(), self.rooms.data.len())
     }
@@ -1167,6 +1177,10 @@ impl Storage {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn id(s: &str) -> PageId {
+        PageId::parse(s).expect("a valid page id")
+    }
 
     fn stats_at(ms: u64) -> PageStats {
         PageStats {
@@ -1355,14 +1369,14 @@ mod tests {
         let s = Storage::open(dir.path(), 1 << 20).expect("open");
         let day = 20_000 * 86_400_000u64;
         let m = |i: u64| day + i * 60_000;
-        let p: crate::protocol::PageId = "p".into();
+        let p = id("p");
         s.save_stats([("p", &stats_at(1))]).expect("stats");
         let peaks = vec![
             (p.clone(), m(0), tally(2, 3)),
             (p.clone(), m(1), tally(5, 5)),
             (p.clone(), m(1), tally(1, 9)),
             (p.clone(), m(61), tally(300, 400)),
-            (SITE.into(), m(2), tally(7, 8)),
+            (PageId::site(), m(2), tally(7, 8)),
         ];
         s.save_history(&peaks, KEEP).expect("save");
         let minutes = s
@@ -1408,7 +1422,7 @@ mod tests {
         let s = Storage::open(dir.path(), 1 << 20).expect("open");
         let hour = 3_600_000u64;
         let start = 500_000 * hour;
-        let p: crate::protocol::PageId = "p".into();
+        let p = id("p");
         s.save_stats([("p", &stats_at(1))]).expect("stats");
         // One minute in each of 100 hours: at most 49 minute buckets (48 h
         // and the one in progress) and 5 day buckets remain.
@@ -1424,8 +1438,8 @@ mod tests {
         assert_eq!(minutes[0].0, last - 48 * hour);
         assert_eq!(s.history_records(), 49 + 5);
         s.save_stats([("q", &stats_at(2))]).expect("stats");
-        let unknown = ("r".into(), start, tally(1, 1));
-        s.save_history(&[("q".into(), start, tally(1, 1)), unknown], KEEP)
+        let unknown = (id("r"), start, tally(1, 1));
+        s.save_history(&[(id("q"), start, tally(1, 1)), unknown], KEEP)
             .expect("save");
         assert_eq!(s.history_records(), 49 + 5 + 2, "r has no stats: skipped");
         let (gone, _) = s.trim(1, |_| false).expect("trim");
@@ -1465,7 +1479,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("dir");
         let page = |i: usize| format!("page-{i:05}");
         let room = |ms| RoomRecord {
-            links: vec!["a".into()],
+            links: vec![id("a")],
             last_active_ms: ms,
         };
         {
@@ -1598,7 +1612,7 @@ mod tests {
         assert_eq!(
             s.load_room("old1").expect("read"),
             Some(RoomRecord {
-                links: vec!["b".into(), "c".into()],
+                links: vec![id("b"), id("c")],
                 last_active_ms: 12,
             })
         );
@@ -1638,10 +1652,16 @@ mod tests {
         assert!(bytes.len() <= 20, "{} bytes", bytes.len());
         assert_eq!(decode::<PageStats>(b"k", &bytes), Some(stats));
         let room = RoomRecord {
-            links: vec!["a".into(), "é-b".into(), String::new()],
+            links: vec![id("a"), id("é-b")],
             last_active_ms: 7,
         };
         assert_eq!(decode::<RoomRecord>(b"k", &encode(&room)), Some(room));
+        // A link that breaks the page-id rules (here "a/b", then the empty
+        // id) makes the record unreadable: it never becomes a PageId.
+        let bad = [RECORD_V2, 7, 1, b'x', 3, b'a', b'/', b'b'];
+        assert_eq!(decode::<RoomRecord>(b"k", &bad), None);
+        assert_eq!(decode::<RoomRecord>(b"k", &[RECORD_V2, 7, 0]), None);
+        assert!(decode::<RoomRecord>(b"k", &[RECORD_V2, 7, 1, b'x']).is_some());
         assert_eq!(decode::<PageStats>(b"k", &[RECORD_V2, 1, 2]), None);
         assert_eq!(decode::<RoomRecord>(b"k", &[RECORD_V2, 1, 5, b'a']), None);
         assert_eq!(decode::<RoomRecord>(b"k", &[RECORD_V2, 1, 1, 0xff]), None);

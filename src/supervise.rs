@@ -27,7 +27,7 @@ use crate::metrics;
 
 /// Which kind of actor a panic happened in (the metric's `actor` label).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ActorKind {
+pub(crate) enum ActorKind {
     Counter,
     Cluster,
     Shard,
@@ -35,14 +35,7 @@ pub enum ActorKind {
 }
 
 impl ActorKind {
-    pub const ALL: [ActorKind; 4] = [
-        ActorKind::Counter,
-        ActorKind::Cluster,
-        ActorKind::Shard,
-        ActorKind::Room,
-    ];
-
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             ActorKind::Counter => "counter",
             ActorKind::Cluster => "cluster",
@@ -52,30 +45,21 @@ impl ActorKind {
     }
 }
 
-/// A panic caught by [`contain`] (already logged and counted).
-#[derive(Debug)]
-pub struct Panicked {
-    pub actor: ActorKind,
-    /// The message the actor was handling.
-    pub handling: &'static str,
-    /// The panic's payload, when it was a string.
-    pub message: String,
-}
+/// A panic caught by [`contain`] (already logged with the actor, the
+/// message it was handling and the panic's text, and counted).
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct Panicked;
 
 /// Runs `f`, one handler's body of an `actor` handling `handling`. A panic
 /// is caught, logged, counted and returned; the caller decides how its actor
 /// recovers (the state `f` was changing may be half-changed).
-pub fn contain<R>(
+pub(crate) fn contain<R>(
     actor: ActorKind,
     handling: &'static str,
     f: impl FnOnce() -> R,
 ) -> Result<R, Panicked> {
     panic::catch_unwind(AssertUnwindSafe(f)).map_err(|payload| {
-        let message = payload
-            .downcast_ref::<&str>()
-            .map(|s| (*s).to_owned())
-            .or_else(|| payload.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "(no message)".to_owned());
+        let message = panic_text(payload.as_ref());
         tracing::error!(
             actor = actor.as_str(),
             handling,
@@ -83,24 +67,29 @@ pub fn contain<R>(
             "an actor panicked; it is contained, restarted and rebuilt"
         );
         metrics::actor_panicked(actor.as_str());
-        Panicked {
-            actor,
-            handling,
-            message,
-        }
+        Panicked
     })
+}
+
+/// A panic's payload as text, when it is one (`panic!` with a message).
+fn panic_text(payload: &(dyn std::any::Any + Send)) -> &str {
+    payload
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(no message)")
 }
 
 /// Test hook: the panic a test injects in an actor's handler (the one
 /// panic site of the actors, so the counter names none).
 #[cfg(feature = "test-hooks")]
-pub fn injected_panic(actor: ActorKind) -> ! {
+pub(crate) fn injected_panic(actor: ActorKind) -> ! {
     panic!("panic injected by a test in the {}", actor.as_str())
 }
 
 /// A shard's recovery in progress (see [`Health::shard_recovering`]).
 #[derive(Debug)]
-pub struct Recovering(Arc<Health>);
+pub(crate) struct Recovering(Arc<Health>);
 
 impl Drop for Recovering {
     fn drop(&mut self) {
@@ -124,7 +113,7 @@ impl<A: Actor, M: Message, R: MessageResponse<A, M>> MessageResponse<A, M> for A
 /// The actors' recovery as `/readyz` reports it, shared by one server's
 /// counter, shards and HTTP workers.
 #[derive(Debug, Default)]
-pub struct Health {
+pub(crate) struct Health {
     /// The counter failed and has not finished rebuilding since.
     counter_recovering: AtomicBool,
     /// Shards re-verifying their rooms after a panic.
@@ -134,30 +123,30 @@ pub struct Health {
 impl Health {
     /// The counter panicked or found its state inconsistent, and restarts:
     /// not ready until [`Health::counter_rebuilt`].
-    pub fn counter_failed(&self) {
+    pub(crate) fn counter_failed(&self) {
         self.counter_recovering.store(true, Ordering::SeqCst);
     }
 
     /// The counter's rebuild after a panic completed.
-    pub fn counter_rebuilt(&self) {
+    pub(crate) fn counter_rebuilt(&self) {
         self.counter_recovering.store(false, Ordering::SeqCst);
     }
 
     /// True between a counter failure and the end of the rebuild that follows.
-    pub fn counter_recovering(&self) -> bool {
+    pub(crate) fn counter_recovering(&self) -> bool {
         self.counter_recovering.load(Ordering::SeqCst)
     }
 
     /// A shard began re-verifying its rooms: recovering until the returned
     /// token's last clone is dropped (each of its messages to a room holds
     /// one, dropped once handled, or with the room if it stopped).
-    pub fn shard_recovering(self: &Arc<Self>) -> Arc<Recovering> {
+    pub(crate) fn shard_recovering(self: &Arc<Self>) -> Arc<Recovering> {
         self.shards_recovering.fetch_add(1, Ordering::SeqCst);
         Arc::new(Recovering(self.clone()))
     }
 
     /// Shards re-verifying their rooms now.
-    pub fn shards_recovering(&self) -> usize {
+    pub(crate) fn shards_recovering(&self) -> usize {
         self.shards_recovering.load(Ordering::SeqCst)
     }
 }
@@ -167,13 +156,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_panic_is_returned_with_its_message() {
+    fn a_panic_is_caught_and_its_text_read() {
         let r: Result<(), _> = contain(ActorKind::Room, "Join", || panic!("boom {}", 7));
-        let p = r.unwrap_err();
-        assert_eq!(p.actor, ActorKind::Room);
-        assert_eq!(p.handling, "Join");
-        assert_eq!(p.message, "boom 7");
-        assert_eq!(contain(ActorKind::Counter, "X", || 5).unwrap(), 5);
+        assert_eq!(r, Err(Panicked));
+        assert_eq!(contain(ActorKind::Counter, "X", || 5), Ok(5));
+        let text = |f: fn()| panic_text(panic::catch_unwind(f).unwrap_err().as_ref()).to_owned();
+        assert_eq!(text(|| panic!("boom {}", 7)), "boom 7");
+        assert_eq!(text(|| panic!("boom")), "boom");
+        assert_eq!(text(|| std::panic::panic_any(7)), "(no message)");
     }
 
     #[test]

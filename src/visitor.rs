@@ -34,13 +34,13 @@ use std::{
 use crate::protocol::ProtocolError;
 
 /// The query parameter of the upgrade request that carries the visitor id.
-pub const PARAM: &str = "visitor";
+pub(crate) const PARAM: &str = "visitor";
 
 /// Shortest valid visitor id, in characters.
-pub const MIN_LEN: usize = 8;
+pub(crate) const MIN_LEN: usize = 8;
 
 /// Longest valid visitor id, in characters.
-pub const MAX_LEN: usize = 64;
+pub(crate) const MAX_LEN: usize = 64;
 
 /// What the server keeps of a visitor id: a keyed 128-bit hash (keys random
 /// per process), compared for equality only. Two ids collide with
@@ -95,7 +95,7 @@ pub enum VisitorIdError {
 
 impl VisitorIdError {
     /// The non-fatal `error` message the connection is sent.
-    pub fn protocol_error(self) -> ProtocolError {
+    pub(crate) fn protocol_error(self) -> ProtocolError {
         ProtocolError::new(
             crate::protocol::ErrorCode::InvalidVisitor,
             format!("{self}; ignored: this connection counts as its own visitor"),
@@ -104,7 +104,7 @@ impl VisitorIdError {
 }
 
 /// Checks a visitor id: 8..=64 characters of `[A-Za-z0-9_-]`.
-pub fn validate_visitor_id(id: &str) -> Result<(), VisitorIdError> {
+pub(crate) fn validate_visitor_id(id: &str) -> Result<(), VisitorIdError> {
     if !id
         .bytes()
         .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
@@ -166,7 +166,7 @@ pub fn from_query(query: Option<&str>) -> VisitorParam {
 /// Hashes a [`VisitorKey`] by taking its first half as it is: the key is
 /// already a keyed hash, so hashing it again would only cost time.
 #[derive(Default)]
-pub struct KeyHasher(u64);
+pub(crate) struct KeyHasher(u64);
 
 impl Hasher for KeyHasher {
     fn finish(&self) -> u64 {
@@ -191,7 +191,7 @@ type KeyMap = HashMap<VisitorKey, usize, BuildHasherDefault<KeyHasher>>;
 /// visitor key, and the connections without one (each its own visitor).
 /// Memory: one entry per distinct key, so at most one per connection.
 #[derive(Debug, Default)]
-pub struct Visitors {
+pub(crate) struct Visitors {
     /// Open connections per visitor key (never 0: the entry goes with the last).
     keyed: KeyMap,
     /// Open connections without a key.
@@ -200,7 +200,7 @@ pub struct Visitors {
 
 impl Visitors {
     /// A connection of `visitor` opened; true when it is a new visitor.
-    pub fn add(&mut self, visitor: Option<VisitorKey>) -> bool {
+    pub(crate) fn add(&mut self, visitor: Option<VisitorKey>) -> bool {
         match visitor {
             None => {
                 self.anonymous += 1;
@@ -215,7 +215,7 @@ impl Visitors {
     }
 
     /// A connection of `visitor` closed; true when it was that visitor's last.
-    pub fn remove(&mut self, visitor: Option<VisitorKey>) -> bool {
+    pub(crate) fn remove(&mut self, visitor: Option<VisitorKey>) -> bool {
         match visitor {
             None => {
                 let was = self.anonymous;
@@ -237,7 +237,7 @@ impl Visitors {
     }
 
     /// The number of distinct visitors.
-    pub fn distinct(&self) -> u64 {
+    pub(crate) fn distinct(&self) -> u64 {
         self.keyed.len() as u64 + self.anonymous
     }
 }
@@ -252,7 +252,7 @@ const NODE_SHARDS: usize = 64;
 /// workers rarely meet on one; the total is kept in atomics and read
 /// without a lock.
 #[derive(Debug)]
-pub struct NodeVisitors {
+pub(crate) struct NodeVisitors {
     /// Connections per key, by the key's top bits.
     shards: Box<[Mutex<KeyMap>]>,
     /// Distinct keys over all shards.
@@ -280,7 +280,7 @@ impl NodeVisitors {
     }
 
     /// A session of `visitor` joined.
-    pub fn add(&self, visitor: Option<VisitorKey>) {
+    pub(crate) fn add(&self, visitor: Option<VisitorKey>) {
         let Some(k) = visitor else {
             self.anonymous.fetch_add(1, Ordering::Relaxed);
             return;
@@ -294,7 +294,7 @@ impl NodeVisitors {
     }
 
     /// A session of `visitor` left (once per [`NodeVisitors::add`]).
-    pub fn remove(&self, visitor: Option<VisitorKey>) {
+    pub(crate) fn remove(&self, visitor: Option<VisitorKey>) {
         let Some(k) = visitor else {
             self.anonymous.fetch_sub(1, Ordering::Relaxed);
             return;
@@ -310,7 +310,7 @@ impl NodeVisitors {
     }
 
     /// Distinct visitors on this node now.
-    pub fn distinct(&self) -> u64 {
+    pub(crate) fn distinct(&self) -> u64 {
         self.keyed.load(Ordering::Relaxed) + self.anonymous.load(Ordering::Relaxed)
     }
 }

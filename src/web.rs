@@ -19,7 +19,7 @@ pub const LINK_COUNTER_JS: &str = include_str!("../web/link-counter.js");
 const DEMO_TEMPLATE: &str = include_str!("../web/demo/page.html");
 
 /// The seed's link graph: each demo page and the pages it links to.
-pub const DEMO_GRAPH: [(&str, &[&str]); 4] = [
+pub(crate) const DEMO_GRAPH: [(&str, &[&str]); 4] = [
     ("a", &["b", "c", "d"]),
     ("b", &["a", "b", "c"]),
     ("c", &["a", "b", "d"]),
@@ -34,7 +34,7 @@ const SCRIPT_CACHE_CONTROL: &str = "public, max-age=300, must-revalidate";
 const LINK_COUNTER_JS_HASH: u64 = crate::hash::fnv1a(LINK_COUNTER_JS.as_bytes());
 
 /// The script's strong ETag: crate version and content hash.
-pub fn script_etag() -> String {
+pub(crate) fn script_etag() -> String {
     format!(
         "\"lc-{}-{:016x}\"",
         env!("CARGO_PKG_VERSION"),
@@ -43,7 +43,7 @@ pub fn script_etag() -> String {
 }
 
 /// Registers `/link-counter.js` always, and the demo site when `settings.demo`.
-pub fn configure(cfg: &mut web::ServiceConfig, settings: &WebSettings) {
+pub(crate) fn configure(cfg: &mut web::ServiceConfig, settings: &WebSettings) {
     cfg.route("/link-counter.js", web::get().to(script))
         .route("/link-counter.js", web::head().to(script));
     if settings.demo {
@@ -113,7 +113,7 @@ async fn demo_page(path: web::Path<String>) -> HttpResponse {
 }
 
 /// The HTML of demo page `page`, or `None` if the graph has no such page.
-pub fn render_demo_page(page: &str) -> Option<String> {
+pub(crate) fn render_demo_page(page: &str) -> Option<String> {
     let (_, links) = DEMO_GRAPH.iter().find(|(p, _)| *p == page)?;
     let items: String = links
         .iter()

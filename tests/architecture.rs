@@ -1061,7 +1061,18 @@ fn assets_are_compiled_in() {
 }
 
 /// Items only tests use: messages (with their handlers) and functions.
-const TEST_HOOKS: &[&str] = &["InjectFault", "SweepNow", "Tracked", "RoomOf", "idle_pages"];
+const TEST_HOOKS: &[&str] = &[
+    "InjectFault",
+    "SweepNow",
+    "Tracked",
+    "RoomOf",
+    "idle_pages",
+    "for_page",
+    "open_sled",
+    "SledOnly",
+    "history_records",
+    "count_records",
+];
 
 /// Finds the definitions of test hooks and the `impl`s naming one, and
 /// whether each carries `#[cfg(feature = "test-hooks")]`.

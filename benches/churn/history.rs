@@ -39,7 +39,7 @@ pub fn history(smoke: bool) {
         du(dir.path())
     };
     let ids: Vec<PageId> = (0..pages)
-        .map(|i| PageId::from(format!("/blog/2026/12/a-post-{i:05}")))
+        .map(|i| PageId::parse(&format!("blog-2026-12-a-post-{i:05}")).unwrap())
         .collect();
     let stats = PageStats {
         last_active_ms: Some(1),

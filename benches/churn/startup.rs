@@ -74,7 +74,7 @@ fn fill(dir: &std::path::Path, pages: usize) {
             .expect("stats");
         for (k, id) in ids.iter().enumerate() {
             let links = (1..=3)
-                .map(|d| page((start + k + d * 7919) % pages))
+                .map(|d| PageId::parse(&page((start + k + d * 7919) % pages)).unwrap())
                 .collect();
             storage
                 .save_room(
@@ -93,7 +93,7 @@ fn fill(dir: &std::path::Path, pages: usize) {
                     connections: 2,
                     visitors: 2,
                 };
-                (PageId::from(id.as_str()), now - now % 60_000, peak)
+                (PageId::parse(id).unwrap(), now - now % 60_000, peak)
             })
             .collect();
         storage.save_history(&peaks, keep).expect("history");

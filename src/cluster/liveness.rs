@@ -25,7 +25,7 @@ pub(super) struct Liveness {
 
 impl Liveness {
     /// Starts beating every `interval` (the first beat at once).
-    pub fn start(
+    pub(crate) fn start(
         backend: Backend,
         keys: Keys,
         interval: Duration,
@@ -39,12 +39,12 @@ impl Liveness {
     }
 
     /// Refreshes `id` from the next beat on (`None`: stop refreshing).
-    pub fn set_id(&self, id: Option<NodeId>) {
+    pub(crate) fn set_id(&self, id: Option<NodeId>) {
         self.id.send_replace(id);
     }
 
     /// Stops the thread.
-    pub fn stop(&self) {
+    pub(crate) fn stop(&self) {
         self.arbiter.stop();
     }
 }

@@ -64,7 +64,7 @@ use redis::PushInfo;
 use tokio::sync::{mpsc, oneshot};
 
 use machine::{Event, Job, Machine, Write};
-pub use store::Error;
+pub(crate) use store::Error;
 use store::{Backend, BeatMode, BeatReply, Conn, Keys, Wire};
 use table::NodeId;
 
@@ -86,9 +86,9 @@ use crate::{
 #[rtype(result = "()")]
 pub struct LocalCounts {
     /// `(page, local tally)`.
-    pub changes: Vec<(PageId, Tally)>,
+    pub(crate) changes: Vec<(PageId, Tally)>,
     /// The list replaces all local tallies.
-    pub full: bool,
+    pub(crate) full: bool,
 }
 
 /// Counter -> cluster: these pages gained their first local follower room.
@@ -97,9 +97,9 @@ pub struct LocalCounts {
 #[rtype(result = "()")]
 pub struct Follow {
     /// Pages to load and follow.
-    pub pages: Vec<PageId>,
+    pub(crate) pages: Vec<PageId>,
     /// Echoed in [`Loaded`].
-    pub req: u64,
+    pub(crate) req: u64,
 }
 
 /// Cluster -> counter: the current values of the pages of [`Follow`] `req`
@@ -107,18 +107,18 @@ pub struct Follow {
 /// answers can go out.
 #[derive(Message, Debug)]
 #[rtype(result = "()")]
-pub struct Loaded {
+pub(crate) struct Loaded {
     /// The [`Follow`] request.
-    pub req: u64,
+    pub(crate) req: u64,
 }
 
 /// Counter -> cluster: the other live nodes' tallies of pages this node does
 /// not follow (HTTP reads); `None` while Redis is unreachable.
 #[derive(Message, Debug)]
 #[rtype(result = "Option<Vec<Tally>>")]
-pub struct Fetch {
+pub(crate) struct Fetch {
     /// Pages to read.
-    pub pages: Vec<PageId>,
+    pub(crate) pages: Vec<PageId>,
 }
 
 /// Counter -> cluster: these pages lost their last local follower room.
@@ -126,7 +126,7 @@ pub struct Fetch {
 #[rtype(result = "()")]
 pub struct Unfollow {
     /// Pages no longer followed.
-    pub pages: Vec<PageId>,
+    pub(crate) pages: Vec<PageId>,
 }
 
 /// Counter -> cluster: after a counter rebuild (or on [`ResendLocal`]), the
@@ -136,7 +136,7 @@ pub struct Unfollow {
 #[rtype(result = "()")]
 pub struct SetFollowed {
     /// Every page with a local follower room.
-    pub pages: Vec<PageId>,
+    pub(crate) pages: Vec<PageId>,
 }
 
 /// Counter -> cluster: a rebuild started; send the remote sums of every
@@ -146,15 +146,15 @@ pub struct SetFollowed {
 #[rtype(result = "()")]
 pub struct ResendRemote {
     /// Echoed in [`Loaded`].
-    pub req: u64,
+    pub(crate) req: u64,
 }
 
 /// Cluster -> counter: the sum of the other live nodes' tallies of followed pages.
 #[derive(Message, Debug)]
 #[rtype(result = "()")]
-pub struct RemoteCounts {
+pub(crate) struct RemoteCounts {
     /// `(page, sum over the other live nodes)`.
-    pub changes: Vec<(PageId, Tally)>,
+    pub(crate) changes: Vec<(PageId, Tally)>,
 }
 
 /// Cluster -> counter: the cluster actor was restarted and starts from
@@ -162,7 +162,7 @@ pub struct RemoteCounts {
 /// followed set ([`SetFollowed`]) again.
 #[derive(Message, Debug)]
 #[rtype(result = "()")]
-pub struct ResendLocal;
+pub(crate) struct ResendLocal;
 
 /// The counter's side of the cluster module: where [`RemoteCounts`],
 /// [`Loaded`] and [`ResendLocal`] go.
@@ -176,7 +176,7 @@ struct ToCounter {
 /// (fields, liveness, zeros published), then stop touching Redis.
 #[derive(Message, Debug)]
 #[rtype(result = "bool")]
-pub struct Withdraw;
+pub(crate) struct Withdraw;
 
 /// Liveness thread -> cluster: one heartbeat's outcome.
 #[derive(Message, Debug)]
@@ -198,7 +198,7 @@ pub struct InjectPanic;
 
 /// Whether this node is currently in sync with the cluster (read by `/readyz`).
 #[derive(Clone, Debug, Default)]
-pub struct ClusterHealth {
+pub(crate) struct ClusterHealth {
     /// True while connected and registered.
     connected: Arc<AtomicBool>,
     /// True from a panic until the restarted actor is connected and registered.
@@ -207,17 +207,17 @@ pub struct ClusterHealth {
 
 impl ClusterHealth {
     /// True while the node is connected to Redis and registered.
-    pub fn connected(&self) -> bool {
+    pub(crate) fn connected(&self) -> bool {
         self.connected.load(Ordering::SeqCst)
     }
 
     /// True while the cluster actor restarts after a panic.
-    pub fn restarting(&self) -> bool {
+    pub(crate) fn restarting(&self) -> bool {
         self.restarting.load(Ordering::SeqCst)
     }
 
     /// Why the node is degraded, if it is (`/readyz`).
-    pub fn degraded(&self) -> Option<&'static str> {
+    pub(crate) fn degraded(&self) -> Option<&'static str> {
         if self.restarting() {
             Some("cluster: module restarting; serving local counts")
         } else if !self.connected() {
@@ -331,7 +331,7 @@ impl Cluster {
     /// health flag. `counter` is the actor that takes [`RemoteCounts`],
     /// [`Loaded`] and [`ResendLocal`] (the counter, a layer above: the
     /// cluster keeps only those recipients).
-    pub fn start<C>(
+    pub(crate) fn start<C>(
         settings: Arc<Settings>,
         counter: Addr<C>,
         storage: Storage,

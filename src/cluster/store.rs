@@ -18,7 +18,7 @@ pub(super) const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Why a Redis operation failed.
 #[derive(Debug, thiserror::Error)]
-pub enum Error {
+pub(crate) enum Error {
     /// The client or server reported an error.
     #[error("redis: {0}")]
     Redis(#[from] redis::RedisError),
@@ -61,7 +61,7 @@ pub(super) struct Keys {
 }
 
 impl Keys {
-    pub fn new(c: &ClusterSettings) -> Keys {
+    pub(crate) fn new(c: &ClusterSettings) -> Keys {
         Keys {
             prefix: c.key_prefix.clone(),
             channels: c.channels.max(1),
@@ -71,7 +71,7 @@ impl Keys {
 
     /// Keys of prefix `lc:` over `channels` groups (tests).
     #[cfg(test)]
-    pub fn for_tests(channels: u32) -> Keys {
+    pub(crate) fn for_tests(channels: u32) -> Keys {
         Keys {
             prefix: "lc:".into(),
             channels,
@@ -80,44 +80,44 @@ impl Keys {
     }
 
     /// The channel group `k` of a page (`fnv1a(page) mod channels`).
-    pub fn channel_of(&self, page: &str) -> u32 {
+    pub(crate) fn channel_of(&self, page: &str) -> u32 {
         (crate::hash::fnv1a(page.as_bytes()) % u64::from(self.channels)) as u32
     }
 
     /// Every channel group.
-    pub fn all_channels(&self) -> std::ops::Range<u32> {
+    pub(crate) fn all_channels(&self) -> std::ops::Range<u32> {
         0..self.channels
     }
 
     /// `P{c<k>}p:<page>`: hash, field = node id, value = `seq:connections:visitors`.
-    pub fn page(&self, page: &str) -> String {
+    pub(crate) fn page(&self, page: &str) -> String {
         format!("{}{{c{}}}p:{page}", self.prefix, self.channel_of(page))
     }
 
     /// `P{c<k>}n:<node>`: the pages of group `k` where the node has a field.
-    pub fn node_pages(&self, k: u32, node: &str) -> String {
+    pub(crate) fn node_pages(&self, k: u32, node: &str) -> String {
         format!("{}{{c{k}}}n:{node}", self.prefix)
     }
 
     /// `P{c<k>}m:<process>`: the pub/sub channel of a process's changes in group `k`.
-    pub fn channel(&self, k: u32, process: &str) -> String {
+    pub(crate) fn channel(&self, k: u32, process: &str) -> String {
         format!("{}{{c{k}}}m:{process}", self.prefix)
     }
 
     /// `P{live}z`: sorted set, member = node id, score = its liveness deadline
     /// (Redis server time, ms).
-    pub fn live(&self) -> String {
+    pub(crate) fn live(&self) -> String {
         format!("{}{{live}}z", self.prefix)
     }
 
     /// `P{live}r`: hash, field = dead node id, value = until when a survivor's
     /// claim to delete its fields holds (ms).
-    pub fn claims(&self) -> String {
+    pub(crate) fn claims(&self) -> String {
         format!("{}{{live}}r", self.prefix)
     }
 
     /// The group `k` of a channel name of ours.
-    pub fn group_of_channel(&self, name: &str) -> Option<u32> {
+    pub(crate) fn group_of_channel(&self, name: &str) -> Option<u32> {
         let rest = name.strip_prefix(&self.prefix)?.strip_prefix("{c")?;
         rest.split_once('}')?.0.parse().ok()
     }
@@ -132,7 +132,7 @@ impl Keys {
     }
 
     /// A publish of `payload` on `channel`.
-    pub fn publish(&self, channel: String, payload: String) -> Cmd {
+    pub(crate) fn publish(&self, channel: String, payload: String) -> Cmd {
         let mut c = redis::cmd(self.publish_verb());
         c.arg(channel).arg(payload);
         c
@@ -149,7 +149,7 @@ pub(super) struct Backend {
 }
 
 impl Backend {
-    pub fn new(c: &ClusterSettings) -> Result<Backend, Error> {
+    pub(crate) fn new(c: &ClusterSettings) -> Result<Backend, Error> {
         let urls: Vec<String> = c.redis_urls().into_iter().map(String::from).collect();
         for u in &urls {
             redis::Client::open(u.as_str())?;
@@ -161,7 +161,7 @@ impl Backend {
     }
 
     /// The URLs for logs (passwords hidden).
-    pub fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         let urls: Vec<String> = self
             .urls
             .iter()
@@ -176,7 +176,10 @@ impl Backend {
 
     /// A new connection. With `push`, a RESP3 connection whose pub/sub
     /// messages (and a `Disconnection` push when it drops) go there.
-    pub async fn connect(&self, push: Option<UnboundedSender<PushInfo>>) -> Result<Conn, Error> {
+    pub(crate) async fn connect(
+        &self,
+        push: Option<UnboundedSender<PushInfo>>,
+    ) -> Result<Conn, Error> {
         use redis::IntoConnectionInfo;
         if self.cluster {
             let mut b = redis::cluster::ClusterClientBuilder::new(self.urls.clone())
@@ -226,7 +229,7 @@ pub(super) type Groups = Vec<Vec<Cmd>>;
 impl Conn {
     /// Sends every group and returns each group's replies. One round trip:
     /// on one instance a single pipeline, on a cluster the groups in parallel.
-    pub async fn run(&self, groups: Groups) -> Result<Vec<Vec<Value>>, Error> {
+    pub(crate) async fn run(&self, groups: Groups) -> Result<Vec<Vec<Value>>, Error> {
         let sizes: Vec<usize> = groups.iter().map(Vec::len).collect();
         if sizes.iter().all(|n| *n == 0) {
             return Ok(sizes.iter().map(|_| Vec::new()).collect());
@@ -268,7 +271,11 @@ impl Conn {
     }
 
     /// Subscribes (`on`) or unsubscribes the channels, grouped by slot.
-    pub async fn subscription(&self, groups: Vec<Vec<String>>, on: bool) -> Result<(), Error> {
+    pub(crate) async fn subscription(
+        &self,
+        groups: Vec<Vec<String>>,
+        on: bool,
+    ) -> Result<(), Error> {
         match self {
             Conn::Single(c) => {
                 let names: Vec<String> = groups.into_iter().flatten().collect();
@@ -342,11 +349,11 @@ return {ok, live, claimed}
 #[derive(Debug, Clone)]
 pub(super) struct BeatReply {
     /// The id given is live (refreshed, or newly registered).
-    pub ok: bool,
+    pub(crate) ok: bool,
     /// Every live node id, in one snapshot.
-    pub live: Vec<NodeId>,
+    pub(crate) live: Vec<NodeId>,
     /// Dead ids this caller must reap.
-    pub claimed: Vec<NodeId>,
+    pub(crate) claimed: Vec<NodeId>,
 }
 
 /// Whether a heartbeat refreshes an existing id or registers a new one.
@@ -435,7 +442,7 @@ pub(super) async fn reap(
         let mut g = Vec::new();
         for p in pages {
             // Only keys of a valid page id are ours to touch.
-            if !super::table::valid_page(&p) {
+            if crate::protocol::PageId::parse_link(&p).is_err() {
                 tracing::warn!(
                     len = p.len(),
                     "cluster: malformed page id in a node's page set skipped"
@@ -481,22 +488,22 @@ pub(super) async fn delete_fields(
 #[derive(Debug, Clone)]
 pub(super) struct Op {
     /// The page.
-    pub page: PageId,
+    pub(crate) page: PageId,
     /// Its new local tally (zero: delete the field).
-    pub tally: crate::protocol::Tally,
+    pub(crate) tally: crate::protocol::Tally,
     /// The node may have no field yet (add the page to its page set).
-    pub new_field: bool,
+    pub(crate) new_field: bool,
 }
 
 /// One page-change message on a channel.
 #[derive(serde::Serialize, serde::Deserialize, Debug)]
 pub(super) struct Wire {
     /// Sender's node id.
-    pub node: String,
+    pub(crate) node: String,
     /// Sender's sequence number (monotonic per process).
-    pub seq: u64,
+    pub(crate) seq: u64,
     /// `(page, connections, visitors)` of the sender.
-    pub pages: Vec<(String, u64, u64)>,
+    pub(crate) pages: Vec<(String, u64, u64)>,
 }
 
 /// The commands of a write batch: per channel group, the field writes, the

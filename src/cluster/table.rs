@@ -33,7 +33,7 @@ pub(super) struct Process(Arc<str>);
 impl Process {
     /// A process name; `None` if it could not be read back from an id
     /// (empty, or with a character outside `[0-9a-z-]`).
-    pub fn new(s: &str) -> Option<Process> {
+    pub(crate) fn new(s: &str) -> Option<Process> {
         let ok = !s.is_empty()
             && s.len() <= 64
             && s.bytes()
@@ -41,7 +41,7 @@ impl Process {
         ok.then(|| Process(s.into()))
     }
 
-    pub fn as_str(&self) -> &str {
+    pub(crate) fn as_str(&self) -> &str {
         &self.0
     }
 }
@@ -60,14 +60,14 @@ impl std::fmt::Display for Process {
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub(super) struct NodeId {
     /// The process.
-    pub process: Process,
+    pub(crate) process: Process,
     /// Its registration, counting from 1.
-    pub incarnation: u64,
+    pub(crate) incarnation: u64,
 }
 
 impl NodeId {
     /// Parses `{process}.{incarnation}`; `None` for anything else.
-    pub fn parse(s: &str) -> Option<NodeId> {
+    pub(crate) fn parse(s: &str) -> Option<NodeId> {
         let (process, inc) = s.rsplit_once('.')?;
         Some(NodeId {
             process: Process::new(process)?,
@@ -102,11 +102,11 @@ pub(super) type LiveView = HashMap<Process, u64>;
 #[derive(Debug, Default)]
 pub(super) struct ViewChange {
     /// Held pages that lost a value.
-    pub affected: Vec<PageId>,
+    pub(crate) affected: Vec<PageId>,
     /// A node not counted before became live (its values must be loaded).
-    pub joined: bool,
+    pub(crate) joined: bool,
     /// The view changed at all (the channels to subscribe may change).
-    pub changed: bool,
+    pub(crate) changed: bool,
 }
 
 /// Held pages' values per process, and the live view.
@@ -122,38 +122,38 @@ pub(super) struct RemoteTable {
 
 impl RemoteTable {
     /// Whether `id` is counted under the current live view.
-    pub fn is_live(&self, id: &NodeId) -> bool {
+    pub(crate) fn is_live(&self, id: &NodeId) -> bool {
         self.live.get(&id.process) == Some(&id.incarnation)
     }
 
     /// Whether a heartbeat snapshot was applied yet.
-    pub fn have_view(&self) -> bool {
+    pub(crate) fn have_view(&self) -> bool {
         self.have_view
     }
 
     /// The live view.
-    pub fn live(&self) -> &LiveView {
+    pub(crate) fn live(&self) -> &LiveView {
         &self.live
     }
 
     /// Starts holding `page` (values are applied only to held pages).
-    pub fn hold(&mut self, page: &PageId) {
+    pub(crate) fn hold(&mut self, page: &PageId) {
         self.pages.entry(page.clone()).or_default();
     }
 
     /// Whether `page` is held.
-    pub fn holds(&self, page: &PageId) -> bool {
+    pub(crate) fn holds(&self, page: &PageId) -> bool {
         self.pages.contains_key(page)
     }
 
     /// Stops holding `page`.
-    pub fn release(&mut self, page: &PageId) {
+    pub(crate) fn release(&mut self, page: &PageId) {
         self.pages.remove(page);
     }
 
     /// Forgets every value but the ghosts (the pages stay held, the live
     /// view stays): they are loaded again.
-    pub fn clear_values(&mut self) {
+    pub(crate) fn clear_values(&mut self) {
         for m in self.pages.values_mut() {
             m.retain(|_, e| e.ghost_until.is_some());
         }
@@ -161,7 +161,7 @@ impl RemoteTable {
 
     /// Stores `id`'s value of a held page if `id` is live and the value is
     /// newer than the one held for its process; true if the sum may have changed.
-    pub fn apply(&mut self, page: &PageId, id: &NodeId, seq: u64, tally: Tally) -> bool {
+    pub(crate) fn apply(&mut self, page: &PageId, id: &NodeId, seq: u64, tally: Tally) -> bool {
         if !self.is_live(id) {
             return false;
         }
@@ -188,7 +188,7 @@ impl RemoteTable {
     /// A load of `page` (issued under the live view `at_issue`) is complete:
     /// a ghost whose process had registered again by then has no field, so
     /// its next incarnation holds nothing there. True if one went.
-    pub fn loaded(&mut self, page: &PageId, at_issue: &LiveView) -> bool {
+    pub(crate) fn loaded(&mut self, page: &PageId, at_issue: &LiveView) -> bool {
         let Some(m) = self.pages.get_mut(page) else {
             return false;
         };
@@ -200,7 +200,7 @@ impl RemoteTable {
     }
 
     /// Sum over the processes held for `page` (live ones and ghosts).
-    pub fn sum(&self, page: &PageId) -> Tally {
+    pub(crate) fn sum(&self, page: &PageId) -> Tally {
         self.pages.get(page).map_or(Tally::ZERO, |m| {
             m.values().fold(Tally::ZERO, |acc, e| acc.plus(e.tally))
         })
@@ -210,7 +210,7 @@ impl RemoteTable {
     /// out by the caller). A value whose incarnation is not in it goes,
     /// unless it is a ghost not expired at `now`; with `ghosts_until` (Redis
     /// lost its data) it becomes a ghost until then instead.
-    pub fn set_live(
+    pub(crate) fn set_live(
         &mut self,
         live: LiveView,
         now: Instant,
@@ -248,7 +248,7 @@ impl RemoteTable {
     /// while this node was disconnected: the values are reloaded, and what
     /// no load confirms stays until the process had its chance to register
     /// again).
-    pub fn ghost_all(&mut self, until: Instant) {
+    pub(crate) fn ghost_all(&mut self, until: Instant) {
         for m in self.pages.values_mut() {
             for e in m.values_mut() {
                 e.ghost_until.get_or_insert(until);
@@ -257,7 +257,7 @@ impl RemoteTable {
     }
 
     /// Drops the ghosts expired at `now`; returns the pages that lost one.
-    pub fn expire_ghosts(&mut self, now: Instant) -> Vec<PageId> {
+    pub(crate) fn expire_ghosts(&mut self, now: Instant) -> Vec<PageId> {
         let mut affected = Vec::new();
         for (page, m) in self.pages.iter_mut() {
             let before = m.len();
@@ -271,14 +271,14 @@ impl RemoteTable {
 
     /// Whether any ghost is held.
     #[cfg(test)]
-    pub fn has_ghosts(&self) -> bool {
+    pub(crate) fn has_ghosts(&self) -> bool {
         self.pages
             .values()
             .any(|m| m.values().any(|e| e.ghost_until.is_some()))
     }
 
     /// Held pages.
-    pub fn held(&self) -> impl Iterator<Item = &PageId> {
+    pub(crate) fn held(&self) -> impl Iterator<Item = &PageId> {
         self.pages.keys()
     }
 }
@@ -299,12 +299,6 @@ pub(super) fn sum_fields(table: &RemoteTable, fields: &HashMap<String, String>) 
         }
     }
     sum
-}
-
-/// Whether a page id read back from Redis is one a node could have
-/// written: a page id by the protocol's rules, or the site figure's link.
-pub(super) fn valid_page(page: &str) -> bool {
-    page == crate::protocol::SITE_LINK || crate::protocol::validate_page_id(page).is_ok()
 }
 
 /// Formats a hash field value: `"{seq}:{connections}:{visitors}"`.
@@ -358,7 +352,7 @@ mod tests {
     #[test]
     fn older_seq_never_wins() {
         let mut tb = RemoteTable::default();
-        let x = PageId::from("x");
+        let x = PageId::parse("x").unwrap();
         tb.hold(&x);
         tb.set_live(view(&["a.1", "b.1"]), Instant::now(), None);
         assert!(tb.apply(&x, &id("a.1"), 5, t(3)));
@@ -375,7 +369,7 @@ mod tests {
     #[test]
     fn only_the_live_incarnation_counts() {
         let mut tb = RemoteTable::default();
-        let x = PageId::from("x");
+        let x = PageId::parse("x").unwrap();
         tb.hold(&x);
         let now = Instant::now();
         let c = tb.set_live(view(&["a.1", "b.1"]), now, None);
@@ -407,7 +401,7 @@ mod tests {
     fn unheld_pages_ignored() {
         let mut tb = RemoteTable::default();
         tb.set_live(view(&["a.1"]), Instant::now(), None);
-        let y = PageId::from("y");
+        let y = PageId::parse("y").unwrap();
         assert!(!tb.apply(&y, &id("a.1"), 1, t(1)));
         assert_eq!(tb.sum(&y), Tally::ZERO);
     }
@@ -487,7 +481,7 @@ mod ghost_tests {
     #[test]
     fn ghosts_bridge_a_redis_that_lost_its_data() {
         let mut tb = RemoteTable::default();
-        let (x, y) = (PageId::from("x"), PageId::from("y"));
+        let (x, y) = (PageId::parse("x").unwrap(), PageId::parse("y").unwrap());
         tb.hold(&x);
         tb.hold(&y);
         let t0 = Instant::now();
@@ -525,7 +519,7 @@ mod ghost_tests {
     #[test]
     fn a_dead_node_is_no_ghost() {
         let mut tb = RemoteTable::default();
-        let x = PageId::from("x");
+        let x = PageId::parse("x").unwrap();
         tb.hold(&x);
         let t0 = Instant::now();
         tb.set_live(view(&["a.1"]), t0, None);

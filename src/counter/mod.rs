@@ -50,13 +50,13 @@ mod state;
 
 use peaks::Peaks;
 
-pub use state::RoomId;
+pub(crate) use state::{Epoch, RoomId};
 
 /// Test hook: the counter's state machine without its actor, for the
 /// micro-benchmarks (`benches/micro.rs`).
 #[cfg(feature = "test-hooks")]
 pub mod bare {
-    pub use super::state::{Effect, LoadStats, Now, Outbox, PageOf, State};
+    pub use super::state::{Effect, LoadStats, Now, Outbox, PageOf, RoomId, State};
 }
 
 use state::{Effect, LoadStats, Now, Outbox, RoomReport, State, ToCluster};
@@ -76,62 +76,62 @@ pub struct RoomCount {
 /// them). Answered with [`Subscribed`], in order with later [`Counts`].
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct Subscribe {
-    pub room: RoomId,
+pub(crate) struct Subscribe {
+    pub(crate) room: RoomId,
     /// Where the answer and later counts go.
-    pub to: Arc<RoomHandle>,
-    pub links: Vec<PageId>,
+    pub(crate) to: Arc<RoomHandle>,
+    pub(crate) links: Vec<PageId>,
     /// The room's id of this request, echoed in the answer
     /// ([`Subscribed::req`]): a refusal only applies to a link whose latest
     /// request it answers.
-    pub req: u64,
+    pub(crate) req: u64,
 }
 
 /// A room stops following these links (last of its connections dropped them).
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct Unsubscribe {
-    pub room: RoomId,
-    pub links: Vec<PageId>,
+pub(crate) struct Unsubscribe {
+    pub(crate) room: RoomId,
+    pub(crate) links: Vec<PageId>,
 }
 
 /// A room's whole state, sent in answer to a resync of `epoch`.
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct RoomState {
-    pub epoch: u64,
-    pub room: RoomId,
+pub(crate) struct RoomState {
+    pub(crate) epoch: Epoch,
+    pub(crate) room: RoomId,
     /// Where counts go.
-    pub to: Arc<RoomHandle>,
-    pub page: PageId,
-    pub tally: Tally,
-    pub links: Vec<PageId>,
+    pub(crate) to: Arc<RoomHandle>,
+    pub(crate) page: PageId,
+    pub(crate) tally: Tally,
+    pub(crate) links: Vec<PageId>,
 }
 
 /// A shard's list of the rooms it asked to report for resync `epoch`.
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct ShardRooms {
-    pub epoch: u64,
-    pub shard: usize,
-    pub rooms: Vec<u64>,
+pub(crate) struct ShardRooms {
+    pub(crate) epoch: Epoch,
+    pub(crate) shard: usize,
+    pub(crate) rooms: Vec<RoomId>,
 }
 
 /// Where the counter reaches one shard: its resync and its deliveries.
-pub struct ShardLink {
-    pub resync: Recipient<Resync>,
-    pub deliver: Recipient<Deliver>,
+pub(crate) struct ShardLink {
+    pub(crate) resync: Recipient<Resync>,
+    pub(crate) deliver: Recipient<Deliver>,
 }
 
 /// The shards, by index, given once after they are started.
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct SetShards(pub Vec<ShardLink>);
+pub(crate) struct SetShards(pub Vec<ShardLink>);
 
 /// The cluster module's address (cluster mode only), given once after it is started.
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct SetCluster(pub Addr<Cluster>);
+pub(crate) struct SetCluster(pub Addr<Cluster>);
 
 /// Counter -> room: latest tallies of some followed links.
 #[derive(Message)]
@@ -156,7 +156,7 @@ type FrameKey = (Vec<(PageId, Tally)>, bool);
 
 impl Frames {
     /// The frame of `values` in form `visitors`, serialized on first use.
-    pub fn get(
+    pub(crate) fn get(
         &self,
         values: Vec<(PageId, Tally)>,
         since: Option<Instant>,
@@ -176,10 +176,10 @@ impl Frames {
 /// message per shard per publish, however many rooms follow.
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct Deliver(pub Vec<(Arc<RoomHandle>, ToRoom)>);
+pub(crate) struct Deliver(pub Vec<(Arc<RoomHandle>, ToRoom)>);
 
 /// One item of a [`Deliver`].
-pub enum ToRoom {
+pub(crate) enum ToRoom {
     Counts(Counts),
     Subscribed(Subscribed),
 }
@@ -200,26 +200,26 @@ pub struct Subscribed {
 /// list them ([`ShardRooms`]).
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct Resync {
-    pub epoch: u64,
+pub(crate) struct Resync {
+    pub(crate) epoch: Epoch,
 }
 
 /// Where the counter delivers to one room (rooms sit above the counter, so
 /// it holds these recipients, not the room's address). A room makes one on
 /// its first subscribe or state report and sends clones of the `Arc`; the
 /// counter keeps one per follower room.
-pub struct RoomHandle {
+pub(crate) struct RoomHandle {
     /// The room's page (its connections weigh on the delivery budget).
-    pub page: PageId,
+    pub(crate) page: PageId,
     /// The index of the shard that hosts it (where its deliveries go).
-    pub shard: usize,
-    pub counts: Recipient<Counts>,
-    pub subscribed: Recipient<Subscribed>,
+    pub(crate) shard: usize,
+    pub(crate) counts: Recipient<Counts>,
+    pub(crate) subscribed: Recipient<Subscribed>,
 }
 
 impl RoomHandle {
     /// The handle of the actor at `addr`, the room of `page` on shard `shard`.
-    pub fn of<A>(addr: &Addr<A>, page: PageId, shard: usize) -> Arc<RoomHandle>
+    pub(crate) fn of<A>(addr: &Addr<A>, page: PageId, shard: usize) -> Arc<RoomHandle>
     where
         A: Handler<Counts> + Handler<Subscribed>,
         A::Context: ToEnvelope<A, Counts> + ToEnvelope<A, Subscribed>,
@@ -233,7 +233,7 @@ impl RoomHandle {
     }
 
     /// Hands `item` to the room (on the shard's thread).
-    pub fn hand(&self, item: ToRoom) {
+    pub(crate) fn hand(&self, item: ToRoom) {
         match item {
             ToRoom::Counts(c) => self.counts.do_send(c),
             ToRoom::Subscribed(s) => self.subscribed.do_send(s),
@@ -244,20 +244,20 @@ impl RoomHandle {
 /// Live tallies of these ids (unknown ids are 0).
 #[derive(Message)]
 #[rtype(result = "Vec<Tally>")]
-pub struct GetCounts(pub Vec<PageId>);
+pub(crate) struct GetCounts(pub Vec<PageId>);
 
 /// Stats and live count of one page.
 #[derive(Message)]
 #[rtype(result = "PageInfo")]
-pub struct GetPage(pub PageId);
+pub(crate) struct GetPage(pub PageId);
 
 /// Where the site's figures come from, given once after the server made
 /// them: the node's open sessions and its distinct visitors.
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct SetSite {
-    pub connections: Arc<AtomicUsize>,
-    pub visitors: Arc<NodeVisitors>,
+pub(crate) struct SetSite {
+    pub(crate) connections: Arc<AtomicUsize>,
+    pub(crate) visitors: Arc<NodeVisitors>,
 }
 
 /// The history of a page (`Some`) or of the whole site (`None`) at one
@@ -265,26 +265,26 @@ pub struct SetSite {
 /// not know.
 #[derive(Message)]
 #[rtype(result = "Result<Option<HistorySeries>, crate::storage::StorageError>")]
-pub struct GetHistory {
-    pub page: Option<PageId>,
-    pub resolution: Resolution,
+pub(crate) struct GetHistory {
+    pub(crate) page: Option<PageId>,
+    pub(crate) resolution: Resolution,
 }
 
 /// Answer to [`GetHistory`].
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HistorySeries {
+pub(crate) struct HistorySeries {
     /// The window: its first slot's start and now (ms since epoch).
-    pub from_ms: u64,
-    pub to_ms: u64,
+    pub(crate) from_ms: u64,
+    pub(crate) to_ms: u64,
     /// (slot start in ms, peaks) of the slots when someone was there,
     /// oldest first; the last may be the slot in progress.
-    pub points: Vec<(u64, Tally)>,
+    pub(crate) points: Vec<(u64, Tally)>,
 }
 
 /// Write every dirty stats record now and flush (used at shutdown).
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct FinalSnapshot;
+pub(crate) struct FinalSnapshot;
 
 /// Test hook: run the sweep now (the timer does this every `sweep_interval`).
 #[cfg(feature = "test-hooks")]
@@ -300,7 +300,7 @@ pub struct SweepReport {
     /// Room records deleted from storage.
     pub rooms_expired: usize,
     /// Stats records deleted from storage.
-    pub stats_expired: usize,
+    pub(crate) stats_expired: usize,
 }
 
 /// Test hook: whether the counter holds each of these pages in memory.
@@ -346,23 +346,23 @@ pub struct GetLoad;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CounterLoad {
     /// Pages held in memory.
-    pub pages: usize,
+    pub(crate) pages: usize,
     /// Pages with at least one live connection.
-    pub live_pages: usize,
+    pub(crate) live_pages: usize,
     /// (room, followed page) pairs.
     pub subscriptions: usize,
     /// Rooms following at least one link.
     pub follower_rooms: usize,
     /// Sum of the live counts (connections known to the counter).
-    pub connections: u64,
+    pub(crate) connections: u64,
     /// Connections opened since the process started.
-    pub opened_total: u64,
+    pub(crate) opened_total: u64,
 }
 
 /// The `limit` pages with the most live connections, most first (ties by id).
 #[derive(Message)]
 #[rtype(result = "Vec<PageInfo>")]
-pub struct GetTop(pub usize);
+pub(crate) struct GetTop(pub usize);
 
 // ---------------------------------------------------------------- the actor
 
@@ -428,7 +428,7 @@ fn now() -> Now {
 }
 
 impl Counter {
-    pub fn new(settings: Arc<Settings>, storage: Storage, health: Arc<Health>) -> Counter {
+    pub(crate) fn new(settings: Arc<Settings>, storage: Storage, health: Arc<Health>) -> Counter {
         let loader = storage.clone();
         let load: LoadStats = Box::new(move |page| match loader.load_stats(page) {
             Ok(stats) => stats.unwrap_or_default(),
@@ -452,7 +452,7 @@ impl Counter {
             peaks: Peaks::default(),
             rolled: 0,
             site: None,
-            site_key: PageId::from(SITE),
+            site_key: PageId::site(),
             site_tally: Tally::ZERO,
             health,
         }

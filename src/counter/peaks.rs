@@ -36,15 +36,15 @@ fn max(a: Tally, b: Tally) -> Tally {
 }
 
 #[derive(Debug, Default)]
-pub struct Peaks {
+pub(crate) struct Peaks {
     open: HashMap<PageId, Open>,
     /// Closed minutes not yet written, oldest first.
-    pub closed: VecDeque<MinutePeak>,
+    pub(crate) closed: VecDeque<MinutePeak>,
 }
 
 impl Peaks {
     /// `key` shows `value` from `ms` on.
-    pub fn observe(&mut self, key: &PageId, value: Tally, ms: u64) {
+    pub(crate) fn observe(&mut self, key: &PageId, value: Tally, ms: u64) {
         let minute = ms / MINUTE_MS;
         match self.open.get_mut(key) {
             Some(o) => {
@@ -71,7 +71,7 @@ impl Peaks {
 
     /// Closes every minute that ended before `ms`; keys still showing
     /// someone open the next minute at their current figures.
-    pub fn roll(&mut self, ms: u64) {
+    pub(crate) fn roll(&mut self, ms: u64) {
         let minute = ms / MINUTE_MS;
         let closed = &mut self.closed;
         self.open.retain(|key, o| {
@@ -86,13 +86,13 @@ impl Peaks {
     }
 
     /// The minute in progress of `key`: its start (ms) and peaks.
-    pub fn current(&self, key: &str) -> Option<(u64, Tally)> {
+    pub(crate) fn current(&self, key: &str) -> Option<(u64, Tally)> {
         self.open.get(key).map(|o| (o.minute * MINUTE_MS, o.peak))
     }
 
     /// Every minute in progress, as it is now (the final snapshot writes
     /// them; the next process merges its own peaks of the minute into them).
-    pub fn in_progress(&self) -> Vec<MinutePeak> {
+    pub(crate) fn in_progress(&self) -> Vec<MinutePeak> {
         self.open
             .iter()
             .map(|(k, o)| (k.clone(), o.minute * MINUTE_MS, o.peak))
@@ -101,7 +101,7 @@ impl Peaks {
 
     /// Keys with a minute in progress.
     #[cfg(test)]
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.open.len()
     }
 }
@@ -124,7 +124,7 @@ mod tests {
     #[test]
     fn a_scripted_sequence_gives_the_exact_minute_peaks() {
         let mut p = Peaks::default();
-        let page: PageId = "a".into();
+        let page = PageId::parse("a").unwrap();
         let m = |i: u64, s: u64| i * MINUTE_MS + s * 1000;
         let base = 29_000_000; // some minute index
         let at = |i: u64, s: u64| m(base + i, s);
@@ -159,7 +159,7 @@ mod tests {
     #[test]
     fn keys_are_independent_and_in_progress_minutes_are_visible() {
         let mut p = Peaks::default();
-        let (a, b): (PageId, PageId) = ("a".into(), "b".into());
+        let (a, b) = (PageId::parse("a").unwrap(), PageId::parse("b").unwrap());
         p.observe(&a, t(3, 3), 120_000);
         p.observe(&b, t(1, 2), 130_000);
         p.observe(&a, t(1, 1), 100_000); // clock stepped back

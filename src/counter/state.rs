@@ -7,7 +7,10 @@
 
 use std::{
     collections::{HashMap, HashSet, VecDeque},
-    sync::Arc,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
     time::{Duration, Instant},
 };
 
@@ -19,7 +22,33 @@ use crate::{
 };
 
 /// A room instance's id, unique in the process (a recreated room gets a new one).
-pub type RoomId = u64;
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RoomId(u64);
+
+impl RoomId {
+    /// An id no room of this process had before.
+    pub fn fresh() -> RoomId {
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        RoomId(NEXT.fetch_add(1, Ordering::Relaxed))
+    }
+}
+
+impl std::fmt::Display for RoomId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// A rebuild round of the counter ([`State::begin_rebuild`] starts the
+/// next); the default is none's, which no report answers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct Epoch(u64);
+
+impl std::fmt::Display for Epoch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
 
 /// Longest a rebuild waits for missing reports before publishing anyway.
 const RESYNC_DEADLINE: Duration = Duration::from_secs(2);
@@ -51,7 +80,7 @@ pub enum Effect<R> {
         req: u64,
     },
     /// To every shard: re-report your rooms for rebuild `epoch`.
-    Resync { epoch: u64 },
+    Resync { epoch: Epoch },
     /// To the cluster module (cluster mode only).
     Cluster(ToCluster),
 }
@@ -70,7 +99,7 @@ pub struct Outbox<R> {
     /// To send now, in order (an answer goes before newer counts to its room).
     pub sent: Vec<Effect<R>>,
     /// Schedule [`State::scheduled_publish`] after this delay.
-    pub publish_in: Option<Duration>,
+    pub(crate) publish_in: Option<Duration>,
 }
 
 impl<R> Default for Outbox<R> {
@@ -83,13 +112,13 @@ impl<R> Default for Outbox<R> {
 }
 
 /// A room's whole state, as it reports it for rebuild `epoch`.
-pub struct RoomReport<R> {
-    pub epoch: u64,
-    pub room: RoomId,
-    pub to: R,
-    pub page: PageId,
-    pub tally: Tally,
-    pub links: Vec<PageId>,
+pub(crate) struct RoomReport<R> {
+    pub(crate) epoch: Epoch,
+    pub(crate) room: RoomId,
+    pub(crate) to: R,
+    pub(crate) page: PageId,
+    pub(crate) tally: Tally,
+    pub(crate) links: Vec<PageId>,
 }
 
 /// One page as the counter knows it.
@@ -108,7 +137,7 @@ struct PageEntry {
     /// to `published` (1 -> 0 -> 1 within one interval).
     told_other: bool,
     /// Rooms (by id) that follow this page.
-    subscribers: HashSet<u64>,
+    subscribers: HashSet<RoomId>,
     /// When its oldest unpublished change was made (the delay bound).
     pending_since: Option<Instant>,
     /// Persistent stats.
@@ -188,20 +217,20 @@ struct Admitted {
 }
 
 /// One of the pages with the most live connections ([`State::top`]).
-pub struct TopPage<'a> {
-    pub id: &'a PageId,
-    pub shown: Tally,
-    pub stats: &'a PageStats,
+pub(crate) struct TopPage<'a> {
+    pub(crate) id: &'a PageId,
+    pub(crate) shown: Tally,
+    pub(crate) stats: &'a PageStats,
 }
 
 /// Progress of a rebuild after a restart.
 struct Rebuild<R> {
-    epoch: u64,
+    epoch: Epoch,
     started: Instant,
     /// Rooms each shard said it asked, by shard index.
-    listed: HashMap<usize, Vec<u64>>,
+    listed: HashMap<usize, Vec<RoomId>>,
     /// Rooms that answered.
-    reported: HashSet<u64>,
+    reported: HashSet<RoomId>,
     /// Subscribe answers held back until the rebuild completes.
     deferred: Vec<Deferred<R>>,
     /// Cluster mode: the `ResendRemote` request whose answer is awaited.
@@ -244,13 +273,13 @@ pub struct State<R> {
     /// Every page with a count, a subscriber or unsaved stats.
     pages: HashMap<PageId, PageEntry>,
     /// Rooms following links, by room id.
-    followers: HashMap<u64, Follower<R>>,
+    followers: HashMap<RoomId, Follower<R>>,
     /// Pages whose shown count may have changed since the last publish.
     changed: HashSet<PageId>,
     /// Shards that must list their rooms in a rebuild.
     shards: usize,
     /// Counter of rebuild rounds.
-    epoch: u64,
+    epoch: Epoch,
     /// Set while rebuilding.
     rebuild: Option<Rebuild<R>>,
     /// When the oldest change not yet published was applied (publish-lag metric).
@@ -292,7 +321,7 @@ impl<R: Clone> State<R> {
             followers: HashMap::new(),
             changed: HashSet::new(),
             shards: 0,
-            epoch: 0,
+            epoch: Epoch::default(),
             rebuild: None,
             oldest_change: None,
             last_publish: None,
@@ -314,56 +343,56 @@ impl<R: Clone> State<R> {
     }
 
     /// How to tell a follower room's page (without it every room costs one).
-    pub fn set_page_of(&mut self, page_of: PageOf<R>) {
+    pub(crate) fn set_page_of(&mut self, page_of: PageOf<R>) {
         self.page_of = page_of;
     }
 
     /// The number of shards a rebuild waits for.
-    pub fn set_shards(&mut self, n: usize) {
+    pub(crate) fn set_shards(&mut self, n: usize) {
         self.shards = n;
     }
 
     /// Cluster mode from now on: local changes, follows and unfollows go to the cluster.
-    pub fn set_cluster(&mut self) {
+    pub(crate) fn set_cluster(&mut self) {
         self.cluster = true;
     }
 
     /// True while rebuilding from the rooms.
-    pub fn rebuilding(&self) -> bool {
+    pub(crate) fn rebuilding(&self) -> bool {
         self.rebuild.is_some()
     }
 
     // ------------------------------------------------------------ reads
 
     /// Pages held in memory.
-    pub fn page_count(&self) -> usize {
+    pub(crate) fn page_count(&self) -> usize {
         self.pages.len()
     }
 
     /// True if `page` is held in memory.
-    pub fn tracks(&self, page: &str) -> bool {
+    pub(crate) fn tracks(&self, page: &str) -> bool {
         self.pages.contains_key(page)
     }
 
     /// What `page` shows now (`None`: not held in memory).
-    pub fn shown(&self, page: &str) -> Option<Tally> {
+    pub(crate) fn shown(&self, page: &str) -> Option<Tally> {
         self.pages.get(page).map(PageEntry::shown)
     }
 
     /// The stats of `page` held in memory.
-    pub fn stats(&self, page: &str) -> Option<&PageStats> {
+    pub(crate) fn stats(&self, page: &str) -> Option<&PageStats> {
         self.pages.get(page).map(|e| &e.stats)
     }
 
     /// True if a room here follows `page`.
-    pub fn is_followed(&self, page: &str) -> bool {
+    pub(crate) fn is_followed(&self, page: &str) -> bool {
         self.pages
             .get(page)
             .is_some_and(|e| !e.subscribers.is_empty())
     }
 
     /// The sizes of the state (`site`, the site figure's link, is not a page).
-    pub fn load(&self, site: &PageId) -> super::CounterLoad {
+    pub(crate) fn load(&self, site: &PageId) -> super::CounterLoad {
         let mut load = super::CounterLoad {
             pages: self.pages.len(),
             live_pages: 0,
@@ -386,7 +415,7 @@ impl<R: Clone> State<R> {
 
     /// The `limit` pages showing the most connections, most first (ties by
     /// id), without `site`.
-    pub fn top(&self, limit: usize, site: &PageId) -> Vec<TopPage<'_>> {
+    pub(crate) fn top(&self, limit: usize, site: &PageId) -> Vec<TopPage<'_>> {
         let mut live: Vec<TopPage<'_>> = self
             .pages
             .iter()
@@ -552,14 +581,14 @@ impl<R: Clone> State<R> {
     }
 
     /// A room stops following `links`.
-    pub fn unsubscribe(&mut self, room: RoomId, links: &[PageId]) -> Outbox<R> {
+    pub(crate) fn unsubscribe(&mut self, room: RoomId, links: &[PageId]) -> Outbox<R> {
         let mut out = Outbox::default();
         self.unfollow(room, links, &mut out);
         out
     }
 
     /// A room's whole state, in answer to a rebuild: replaces what is known of it.
-    pub fn room_state(&mut self, report: RoomReport<R>, now: Instant) -> Outbox<R> {
+    pub(crate) fn room_state(&mut self, report: RoomReport<R>, now: Instant) -> Outbox<R> {
         let mut out = Outbox::default();
         let RoomReport { epoch, room, .. } = report;
         let old: Vec<PageId> = self
@@ -589,11 +618,11 @@ impl<R: Clone> State<R> {
     }
 
     /// A shard's list of the rooms it asked to report for rebuild `epoch`.
-    pub fn shard_rooms(
+    pub(crate) fn shard_rooms(
         &mut self,
-        epoch: u64,
+        epoch: Epoch,
         shard: usize,
-        rooms: Vec<u64>,
+        rooms: Vec<RoomId>,
         now: Instant,
     ) -> Outbox<R> {
         let mut out = Outbox::default();
@@ -607,7 +636,11 @@ impl<R: Clone> State<R> {
     }
 
     /// Cluster mode: the other live nodes' sums of followed pages.
-    pub fn remote_counts(&mut self, changes: Vec<(PageId, Tally)>, now: Instant) -> Outbox<R> {
+    pub(crate) fn remote_counts(
+        &mut self,
+        changes: Vec<(PageId, Tally)>,
+        now: Instant,
+    ) -> Outbox<R> {
         let mut out = Outbox::default();
         for (page, sum) in changes {
             if self.rebuild.is_some() {
@@ -630,7 +663,7 @@ impl<R: Clone> State<R> {
     }
 
     /// Cluster mode: the pages of `Follow` (or `ResendRemote`) `req` are loaded.
-    pub fn loaded(&mut self, req: u64, now: Instant) -> Outbox<R> {
+    pub(crate) fn loaded(&mut self, req: u64, now: Instant) -> Outbox<R> {
         let mut out = Outbox::default();
         if let Some(r) = &mut self.rebuild {
             if r.remote_req == Some(req) {
@@ -647,7 +680,7 @@ impl<R: Clone> State<R> {
     }
 
     /// The periodic check: a rebuild past its deadline, held answers past theirs.
-    pub fn tick(&mut self, now: Instant) -> Outbox<R> {
+    pub(crate) fn tick(&mut self, now: Instant) -> Outbox<R> {
         let mut out = Outbox::default();
         self.check_rebuild(now, &mut out);
         self.release_awaiting(now, &mut out);
@@ -788,7 +821,7 @@ impl<R: Clone> State<R> {
         }
         let since = self.oldest_change.take();
         let mut published = 0;
-        let mut outbox: HashMap<u64, Vec<(PageId, Tally)>> = HashMap::new();
+        let mut outbox: HashMap<RoomId, Vec<(PageId, Tally)>> = HashMap::new();
         for page in self.within_budget(now) {
             let Some(e) = self.pages.get_mut(&page) else {
                 continue;
@@ -961,7 +994,7 @@ impl<R: Clone> State<R> {
 
     /// After a supervised restart: drops all live state, keeps only dirty
     /// stats and the write queue (the restart also dropped the timers).
-    pub fn restart(&mut self) {
+    pub(crate) fn restart(&mut self) {
         let dirty: Vec<(PageId, PageStats)> = self
             .pages
             .drain()
@@ -982,11 +1015,11 @@ impl<R: Clone> State<R> {
 
     /// Starts a rebuild: every shard re-reports its rooms (and, in cluster
     /// mode, the cluster re-sends the remote sums).
-    pub fn begin_rebuild(&mut self, generation: u64, now: Instant) -> Outbox<R> {
+    pub(crate) fn begin_rebuild(&mut self, generation: u64, now: Instant) -> Outbox<R> {
         let mut out = Outbox::default();
-        self.epoch += 1;
+        self.epoch = Epoch(self.epoch.0 + 1);
         tracing::warn!(
-            epoch = self.epoch,
+            epoch = self.epoch.0,
             generation,
             "counter restarted; rebuilding from rooms"
         );
@@ -1079,7 +1112,7 @@ impl<R: Clone> State<R> {
             });
         }
         tracing::info!(
-            epoch = r.epoch,
+            epoch = r.epoch.0,
             rooms = r.reported.len(),
             "rebuild complete"
         );
@@ -1088,7 +1121,7 @@ impl<R: Clone> State<R> {
     /// Cluster mode: the cluster module restarted from nothing; the whole
     /// local state and followed set again (a rebuild in progress sends them
     /// when it completes).
-    pub fn cluster_restarted(&mut self) -> Outbox<R> {
+    pub(crate) fn cluster_restarted(&mut self) -> Outbox<R> {
         let mut out = Outbox::default();
         if self.rebuild.is_none() {
             self.resend_cluster_state(&mut out);
@@ -1125,7 +1158,7 @@ impl<R: Clone> State<R> {
     // ------------------------------------------------------------ memory and stats
 
     /// Moves every dirty entry's stats to the write queue.
-    pub fn take_dirty(&mut self) {
+    pub(crate) fn take_dirty(&mut self) {
         for (p, e) in self.pages.iter_mut().filter(|(_, e)| e.dirty) {
             e.dirty = false;
             self.unsaved.push_back((p.clone(), e.stats.clone()));
@@ -1133,23 +1166,23 @@ impl<R: Clone> State<R> {
     }
 
     /// The inconsistency found since the last call, if any.
-    pub fn take_fault(&mut self) -> Option<&'static str> {
+    pub(crate) fn take_fault(&mut self) -> Option<&'static str> {
         self.fault.take()
     }
 
     /// True while stats wait in the write queue.
-    pub fn has_unsaved(&self) -> bool {
+    pub(crate) fn has_unsaved(&self) -> bool {
         !self.unsaved.is_empty()
     }
 
     /// Takes up to `n` stats from the front of the write queue.
-    pub fn take_unsaved(&mut self, n: usize) -> Vec<(PageId, PageStats)> {
+    pub(crate) fn take_unsaved(&mut self, n: usize) -> Vec<(PageId, PageStats)> {
         let n = n.min(self.unsaved.len());
         self.unsaved.drain(..n).collect()
     }
 
     /// Puts stats whose write failed back at the front of the queue, in order.
-    pub fn requeue_unsaved(&mut self, chunk: Vec<(PageId, PageStats)>) {
+    pub(crate) fn requeue_unsaved(&mut self, chunk: Vec<(PageId, PageStats)>) {
         for item in chunk.into_iter().rev() {
             self.unsaved.push_front(item);
         }
@@ -1157,13 +1190,13 @@ impl<R: Clone> State<R> {
 
     /// True if `page` has a connection here or a follower room (its stored
     /// records are kept).
-    pub fn is_live(&self, page: &str) -> bool {
+    pub(crate) fn is_live(&self, page: &str) -> bool {
         self.pages.get(page).is_some_and(PageEntry::is_live)
     }
 
     /// Drops the idle pages (see [`PageEntry::is_idle`]) with saved stats,
     /// inactive since before `cutoff_ms`. Returns how many.
-    pub fn forget_idle_pages(&mut self, cutoff_ms: u64) -> usize {
+    pub(crate) fn forget_idle_pages(&mut self, cutoff_ms: u64) -> usize {
         if self.rebuild.is_some() {
             return 0;
         }
@@ -1175,7 +1208,7 @@ impl<R: Clone> State<R> {
 
     /// Forgets the stats of `pages` deleted on disk when their pages are idle
     /// (a page visited again starts afresh instead of writing them back).
-    pub fn forget_trimmed(&mut self, pages: &[String]) {
+    pub(crate) fn forget_trimmed(&mut self, pages: &[String]) {
         for page in pages {
             if self
                 .pages
@@ -1189,7 +1222,7 @@ impl<R: Clone> State<R> {
 
     /// The sweep's memory part: drops every page nothing live depends on and
     /// whose stats are saved. Returns how many.
-    pub fn sweep_pages(&mut self) -> usize {
+    pub(crate) fn sweep_pages(&mut self) -> usize {
         // Pages with unsaved stats are kept; stats in the write queue are
         // written whether their page stays in memory or not.
         let before = self.pages.len();
@@ -1233,7 +1266,7 @@ impl<R: Clone> State<R> {
 
     /// Test hook: scrambles the live state the way a bug would.
     #[cfg(feature = "test-hooks")]
-    pub fn scramble(&mut self) {
+    pub(crate) fn scramble(&mut self) {
         for e in self.pages.values_mut() {
             e.local.connections = e.local.connections.wrapping_add(7);
             e.subscribers.clear();
@@ -1300,7 +1333,7 @@ mod tests {
     }
 
     fn page(i: usize) -> PageId {
-        PageId::from(format!("p{i}"))
+        PageId::parse(&format!("p{i}")).unwrap()
     }
 
     fn le(a: Tally, b: Tally) -> bool {
@@ -1309,15 +1342,15 @@ mod tests {
 
     /// Room `r`'s handle is `r`; an input waiting to be fed to the state.
     enum Input {
-        Unsubscribe(u64, Vec<PageId>),
+        Unsubscribe(RoomId, Vec<PageId>),
         Remote(Vec<(PageId, Tally)>),
         Loaded(u64),
-        ShardRooms(u64),
-        RoomState(u64, u64),
+        ShardRooms(Epoch),
+        RoomState(Epoch, RoomId),
     }
 
     struct Model {
-        state: State<u64>,
+        state: State<RoomId>,
         now: Instant,
         /// The scheduled publish is due at.
         due: Option<Instant>,
@@ -1337,7 +1370,7 @@ mod tests {
         /// Last request id per room.
         req: Vec<u64>,
         /// The last value each room was sent per page.
-        delivered: BTreeMap<(u64, PageId), Tally>,
+        delivered: BTreeMap<(RoomId, PageId), Tally>,
     }
 
     impl Model {
@@ -1387,7 +1420,7 @@ mod tests {
 
         fn deliver(&mut self, room: RoomId, p: PageId, t: Tally) {
             assert!(
-                self.follows[room as usize].contains_key(&p),
+                self.follows[room.0 as usize].contains_key(&p),
                 "room {room} was sent {p}, which it does not follow"
             );
             assert_eq!(t, self.known(&p), "room {room} was sent {p} = {t:?}");
@@ -1397,7 +1430,7 @@ mod tests {
 
         /// Applies what the state sent, and what the rooms and the cluster
         /// answer, until nothing is left.
-        fn run(&mut self, out: Outbox<u64>) {
+        fn run(&mut self, out: Outbox<RoomId>) {
             let mut inputs = VecDeque::new();
             self.take(out, &mut inputs);
             while let Some(input) = inputs.pop_front() {
@@ -1412,18 +1445,18 @@ mod tests {
                     }
                     Input::Loaded(req) => self.state.loaded(req, now),
                     Input::ShardRooms(epoch) => {
-                        let rooms = (0..ROOMS as u64).collect();
+                        let rooms = (0..ROOMS as u64).map(RoomId).collect();
                         self.state.shard_rooms(epoch, 0, rooms, now)
                     }
                     Input::RoomState(epoch, r) => {
-                        let p = page(r as usize);
+                        let p = page(r.0 as usize);
                         let report = RoomReport {
                             epoch,
                             room: r,
                             to: r,
                             tally: Self::tally(&self.local, &p),
                             page: p,
-                            links: self.follows[r as usize].keys().cloned().collect(),
+                            links: self.follows[r.0 as usize].keys().cloned().collect(),
                         };
                         self.state.room_state(report, now)
                     }
@@ -1432,7 +1465,7 @@ mod tests {
             }
         }
 
-        fn take(&mut self, out: Outbox<u64>, inputs: &mut VecDeque<Input>) {
+        fn take(&mut self, out: Outbox<RoomId>, inputs: &mut VecDeque<Input>) {
             // The state never finds itself inconsistent under any input.
             assert_eq!(self.state.take_fault(), None);
             if let Some(d) = out.publish_in {
@@ -1451,7 +1484,7 @@ mod tests {
                         refused,
                         req,
                     } => {
-                        let links = &mut self.follows[to as usize];
+                        let links = &mut self.follows[to.0 as usize];
                         let stale = |l: &PageId| links.get(l) != Some(&req);
                         let refused: Vec<PageId> =
                             refused.into_iter().filter(|l| !stale(l)).collect();
@@ -1462,14 +1495,14 @@ mod tests {
                             inputs.push_back(Input::Unsubscribe(to, refused));
                         }
                         for (p, t) in counts {
-                            if self.follows[to as usize].contains_key(&p) {
+                            if self.follows[to.0 as usize].contains_key(&p) {
                                 self.deliver(to, p, t);
                             }
                         }
                     }
                     Effect::Resync { epoch } => {
                         for r in 0..ROOMS as u64 {
-                            inputs.push_back(Input::RoomState(epoch, r));
+                            inputs.push_back(Input::RoomState(epoch, RoomId(r)));
                         }
                         inputs.push_back(Input::ShardRooms(epoch));
                     }
@@ -1557,7 +1590,7 @@ mod tests {
             }
             for (r, links) in self.follows.iter().enumerate() {
                 for p in links.keys() {
-                    let got = self.delivered.get(&(r as u64, p.clone())).copied();
+                    let got = self.delivered.get(&(RoomId(r as u64), p.clone())).copied();
                     assert_eq!(
                         got,
                         Some(self.truth(p)),
@@ -1597,7 +1630,9 @@ mod tests {
                     for l in &links {
                         self.follows[r].insert(l.clone(), req);
                     }
-                    let out = self.state.subscribe(r as u64, r as u64, links, req, now);
+                    let out =
+                        self.state
+                            .subscribe(RoomId(r as u64), RoomId(r as u64), links, req, now);
                     self.run(out);
                 }
                 Op::Unsubscribe(r, pages) => {
@@ -1607,7 +1642,7 @@ mod tests {
                         .filter(|p| self.follows[r].remove(p).is_some())
                         .collect();
                     if !links.is_empty() {
-                        let out = self.state.unsubscribe(r as u64, &links);
+                        let out = self.state.unsubscribe(RoomId(r as u64), &links);
                         self.run(out);
                     }
                 }
@@ -1666,10 +1701,10 @@ mod tests {
                 let _ = state.room_count(&page(i), Tally::default(), 0, at(i as u64 * 10 + 1));
             }
             if with_site {
-                let _ = state.room_count(&PageId::from(SITE_LINK), one, 0, at(50));
+                let _ = state.room_count(&PageId::site(), one, 0, at(50));
             }
             // Two new links: 3 + 2 > 4, so one page (the least recent) goes.
-            let _ = state.subscribe(0, 0, vec![page(7), page(8)], 1, at(60).at);
+            let _ = state.subscribe(RoomId(0), 0, vec![page(7), page(8)], 1, at(60).at);
             let kept: Vec<bool> = (1..=3).map(|i| state.tracks(&page(i))).collect();
             assert_eq!(
                 kept,
@@ -1722,8 +1757,8 @@ mod tests {
         };
         let _ = state.room_count(&page(10), tally(100), 0, at(0));
         let _ = state.room_count(&page(11), tally(1), 0, at(0));
-        let _ = state.subscribe(0, 0, vec![page(0)], 1, at(0).at);
-        let _ = state.subscribe(1, 1, vec![page(1)], 1, at(0).at);
+        let _ = state.subscribe(RoomId(0), 0, vec![page(0)], 1, at(0).at);
+        let _ = state.subscribe(RoomId(1), 1, vec![page(1)], 1, at(0).at);
         // Both followed pages change after a quiet interval.
         let mut sent: Vec<(u64, u64, PageId, Tally)> = Vec::new();
         let mut due = None;

@@ -19,7 +19,7 @@ fn idle_pages(app: &TestApp) -> Vec<String> {
 async fn has_room(app: &TestApp, page: &str) -> bool {
     let shard = app.shards.for_page(page).expect("shards ready").clone();
     shard
-        .send(RoomOf(PageId::from(page)))
+        .send(RoomOf(PageId::parse(page).unwrap()))
         .await
         .expect("shard answers")
         .is_some()
@@ -36,7 +36,9 @@ async fn visit(app: &TestApp, page: &str) {
 
 async fn tracked(app: &TestApp, pages: &[&str]) -> Vec<bool> {
     app.counter
-        .send(Tracked(pages.iter().map(|p| PageId::from(*p)).collect()))
+        .send(Tracked(
+            pages.iter().map(|p| PageId::parse(p).unwrap()).collect(),
+        ))
         .await
         .expect("counter answers")
 }

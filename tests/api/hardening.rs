@@ -545,7 +545,7 @@ async fn a_stale_page_cap_refusal_does_not_drop_a_link_asked_for_again() {
 
     let shard = app.shards.for_page("reader").expect("shards ready").clone();
     let room = shard
-        .send(RoomOf(PageId::from("reader")))
+        .send(RoomOf(PageId::parse("reader").unwrap()))
         .await
         .expect("shard answers")
         .expect("the page has a room");
@@ -554,7 +554,7 @@ async fn a_stale_page_cap_refusal_does_not_drop_a_link_asked_for_again() {
     let refuse_x = |req: u64| {
         room.send(Subscribed {
             counts: Vec::new(),
-            refused: vec![PageId::from("x")],
+            refused: vec![PageId::parse("x").unwrap()],
             req,
         })
     };

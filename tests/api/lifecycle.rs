@@ -69,8 +69,9 @@ async fn sweep_keeps_pages_with_subscribers() {
     })
     .await;
     let tracked = |pages: &[&str]| {
-        app.counter
-            .send(Tracked(pages.iter().map(|p| PageId::from(*p)).collect()))
+        app.counter.send(Tracked(
+            pages.iter().map(|p| PageId::parse(p).unwrap()).collect(),
+        ))
     };
     eventually("lonely and elsewhere forgotten", || async {
         tracked(&["lonely", "elsewhere"]).await.expect("counter") == [false, false]

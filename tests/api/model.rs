@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use link_counter::{
     counter::{Counts, GetStatus, InjectFault, SweepNow},
-    delivery::Mailbox,
+    delivery::{ConnId, Mailbox},
     protocol::PageId,
     room::{Join, Leave, SetLinks},
     shard::RoomOf,
@@ -62,7 +62,7 @@ fn op() -> impl Strategy<Value = Op> {
 
 /// A connection as the actors see it, without a socket.
 struct FakeConn {
-    id: u64,
+    id: ConnId,
     page: usize,
     /// Its visitor, as an index into `VISITORS` (`None`: its own).
     visitor: Option<usize>,
@@ -80,9 +80,6 @@ fn key(v: Option<usize>) -> Option<VisitorKey> {
     let id = VISITORS[v?];
     visitor::from_query(Some(&format!("visitor={id}"))).key()
 }
-
-/// Connection ids far from the sessions' own.
-static NEXT: AtomicU64 = AtomicU64::new(1 << 48);
 
 struct Model<'a> {
     app: &'a TestApp,
@@ -136,7 +133,7 @@ impl Model<'_> {
         match op {
             Op::Connect(p, v) => {
                 let rx = Mailbox::new();
-                let id = NEXT.fetch_add(1, Ordering::Relaxed);
+                let id = ConnId::fresh();
                 let page = self.names[*p].clone();
                 let visitor = (*v < VISITORS.len()).then_some(*v);
                 self.app
@@ -267,14 +264,14 @@ impl Model<'_> {
                 let ready = tokio::time::timeout_at(deadline, rx.ready()).await;
                 let taken = rx.take();
                 if let Some(end) = &taken.end {
-                    return Err(format!("conn {} was told to end: {end:?}", c.id));
+                    return Err(format!("conn {} was told to end: {end:?}", c.id.get()));
                 }
                 if let Some((text, _)) = taken.update {
                     apply(&mut c.shown, &mut c.shown_visitors, &text)?;
                     if !c.wants_visitors && !c.shown_visitors.is_empty() {
                         return Err(format!(
                             "conn {} did not ask for visitors but got {text}",
-                            c.id
+                            c.id.get()
                         ));
                     }
                     continue;
@@ -287,7 +284,12 @@ impl Model<'_> {
                     return Err(format!(
                         "conn {} on {} shows {:?} and visitors {:?}, truth {:?} and {:?}; \
                          the server counts {server}",
-                        c.id, names[c.page], c.shown, c.shown_visitors, want, want_visitors
+                        c.id.get(),
+                        names[c.page],
+                        c.shown,
+                        c.shown_visitors,
+                        want,
+                        want_visitors
                     ));
                 }
             }
@@ -354,7 +356,7 @@ fn subscribers_converge_to_true_counts() {
             let mut model = Model {
                 app: &app,
                 names: (0..PAGES)
-                    .map(|p| PageId::from(format!("m{n}-{p}")))
+                    .map(|p| PageId::parse(&format!("m{n}-{p}")).unwrap())
                     .collect(),
                 open: Vec::new(),
                 dying: Vec::new(),

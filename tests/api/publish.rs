@@ -59,7 +59,7 @@ async fn a_burst_is_one_publish_now_and_one_an_interval_later() {
     assert_eq!(obs.next_update().await, counts(&[("y", 0)]));
 
     // Reports as y's room would send them (there is no real room for y).
-    let page = PageId::from("y");
+    let page = PageId::parse("y").unwrap();
     for count in 1..=1000 {
         app.counter.do_send(RoomCount {
             page: page.clone(),

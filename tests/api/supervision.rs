@@ -112,7 +112,7 @@ async fn a_room_panic_is_contained_and_the_room_rebuilt() {
 
     let (_, shard) = app.shards.locate("rp-1").expect("shards hosted");
     let room = shard
-        .send(RoomOf(PageId::from("rp-1")))
+        .send(RoomOf(PageId::parse("rp-1").unwrap()))
         .await
         .expect("shard answers")
         .expect("rp-1 has a room");
@@ -162,7 +162,7 @@ async fn a_shard_panic_is_contained_and_its_rooms_reverified() {
     converge(&mut obs, &[("sp-1", 0), ("sp-2", 2)], 2).await;
     // The emptied room is listed idle and stopped again.
     eventually("sp-1's idle room stopped", || async {
-        let room = shard.send(RoomOf(PageId::from("sp-1"))).await;
+        let room = shard.send(RoomOf(PageId::parse("sp-1").unwrap())).await;
         room.expect("shard answers").is_none()
     })
     .await;

@@ -42,7 +42,7 @@ const TARGET_RSS_OVER_CACHE_KIB: u64 = 64 << 10;
 
 /// The page id of page `i` (26 bytes).
 fn page(i: usize) -> String {
-    format!("/blog/2026/12/a-post{i:07}")
+    format!("blog-2026-12-a-post{i:07}")
 }
 
 /// Writes `pages` pages as the service would have (see the module doc).

@@ -40,7 +40,7 @@ use crate::{
     metrics::StorageOp,
     protocol::{ErrorCode, PageId, ProtocolError, Tally},
     storage::{RoomRecord, Storage},
-    supervise::{contain, ActorKind, Recovering},
+    supervise::{self, ActorKind, RecoverInPlace, Recovering},
     time::now_ms,
     visitor::{VisitorKey, Visitors},
 };
@@ -367,9 +367,10 @@ impl PageRoom {
         }
     }
 
-    /// Runs one handler's (or timer's) body through [`contain`]. After a
-    /// panic, `settle` applies what the message meant to the connection
-    /// list, and the room rebuilds from it ([`PageRoom::recover`]); `None` then.
+    /// Runs one handler's (or timer's) body through [`supervise::guard`]:
+    /// after a panic, `settle` applies what the message meant to the
+    /// connection list, and the room rebuilds from it
+    /// ([`PageRoom::recover`]); `None` then.
     fn guard<R>(
         &mut self,
         ctx: &mut Context<Self>,
@@ -377,14 +378,7 @@ impl PageRoom {
         body: impl FnOnce(&mut Self, &mut Context<Self>) -> R,
         settle: impl FnOnce(&mut Self),
     ) -> Option<R> {
-        match contain(ActorKind::Room, handling, || body(self, ctx)) {
-            Ok(r) => Some(r),
-            Err(_) => {
-                settle(self);
-                self.recover(ctx);
-                None
-            }
-        }
+        supervise::guard(self, ctx, handling, body, settle)
     }
 
     /// Rebuilds everything derived from the connection list after a panic
@@ -605,16 +599,23 @@ impl PageRoom {
     }
 }
 
+impl RecoverInPlace for PageRoom {
+    const KIND: ActorKind = ActorKind::Room;
+    fn recover_in_place(&mut self, ctx: &mut Context<Self>) {
+        self.recover(ctx);
+    }
+}
+
 impl Actor for PageRoom {
     type Context = Context<Self>;
 
     fn started(&mut self, _: &mut Context<Self>) {
         // A panic here leaves the room without its outbound links (logged, counted).
-        let _ = contain(ActorKind::Room, "start", || self.load_record());
+        let _ = supervise::contain(ActorKind::Room, "start", || self.load_record());
     }
 
     fn stopped(&mut self, _: &mut Context<Self>) {
-        let _ = contain(ActorKind::Room, "stop", || self.save());
+        let _ = supervise::contain(ActorKind::Room, "stop", || self.save());
     }
 }
 

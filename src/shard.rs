@@ -54,7 +54,7 @@ use crate::{
         StopRoom,
     },
     storage::Storage,
-    supervise::{contain, ActorKind, Health},
+    supervise::{self, ActorKind, Health, RecoverInPlace},
 };
 
 // ---------------------------------------------------------------- messages
@@ -171,9 +171,9 @@ impl Shard {
         self.rooms_alive.fetch_sub(1, Ordering::SeqCst);
     }
 
-    /// Runs one handler's (or timer's) body through [`contain`]. After a
-    /// panic, `settle` finishes the interrupted message the safe way and
-    /// the shard re-verifies its rooms ([`Shard::recover`]); `None` then.
+    /// Runs one handler's (or timer's) body through [`supervise::guard`]:
+    /// after a panic, `settle` finishes the interrupted message the safe way
+    /// and the shard re-verifies its rooms ([`Shard::recover`]); `None` then.
     fn guard<R>(
         &mut self,
         ctx: &mut Context<Self>,
@@ -181,15 +181,7 @@ impl Shard {
         body: impl FnOnce(&mut Self, &mut Context<Self>) -> R,
         settle: impl FnOnce(&mut Self),
     ) -> Option<R> {
-        match contain(ActorKind::Shard, handling, || body(self, ctx)) {
-            Ok(r) => Some(r),
-            Err(_) => {
-                // A second panic here is contained too; the re-verification still runs.
-                let _ = contain(ActorKind::Shard, handling, || settle(self));
-                self.recover();
-                None
-            }
-        }
+        supervise::guard(self, ctx, handling, body, settle)
     }
 
     /// After a panic: recounts this shard's rooms in `rooms_alive`, drops
@@ -328,6 +320,13 @@ impl Shard {
                 self.send_evict(idle, seq, false);
             }
         }
+    }
+}
+
+impl RecoverInPlace for Shard {
+    const KIND: ActorKind = ActorKind::Shard;
+    fn recover_in_place(&mut self, _: &mut Context<Self>) {
+        self.recover();
     }
 }
 

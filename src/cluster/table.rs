@@ -327,6 +327,7 @@ pub(super) fn parse_value(v: &str) -> Option<(u64, Tally)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     fn t(n: u64) -> Tally {
         Tally {
@@ -446,33 +447,6 @@ mod tests {
                 visitors: 2
             }
         );
-    }
-}
-
-#[cfg(test)]
-mod ghost_tests {
-    use std::time::Duration;
-
-    use super::*;
-
-    fn t(n: u64) -> Tally {
-        Tally {
-            connections: n,
-            visitors: n,
-        }
-    }
-
-    fn id(s: &str) -> NodeId {
-        NodeId::parse(s).expect("node id")
-    }
-
-    fn view(ids: &[&str]) -> LiveView {
-        ids.iter()
-            .map(|s| {
-                let i = id(s);
-                (i.process, i.incarnation)
-            })
-            .collect()
     }
 
     /// Values that vanished with Redis's data stay as ghosts: replaced by

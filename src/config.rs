@@ -266,6 +266,10 @@ pub(crate) struct CounterSettings {
     /// `broadcast_interval` if that is longer.
     #[serde(with = "humantime_serde")]
     pub(crate) max_delay: Duration,
+    /// A publish that finds a worker this far behind (its previous batch
+    /// waited longer in the worker's queue) halves the delivery budget.
+    #[serde(with = "humantime_serde")]
+    pub(crate) max_worker_lag: Duration,
     /// Period of the cleanup sweep.
     #[serde(with = "humantime_serde")]
     pub(crate) sweep_interval: Duration,
@@ -449,6 +453,11 @@ const RULES: &[Rule] = &[
     Rule::Fixed {
         key: "storage.snapshot_interval",
         bad: |s| s.storage.snapshot_interval.is_zero(),
+        why: GREATER_THAN_0,
+    },
+    Rule::Fixed {
+        key: "counter.max_worker_lag",
+        bad: |s| s.counter.max_worker_lag.is_zero(),
         why: GREATER_THAN_0,
     },
     Rule::Fixed {

@@ -78,6 +78,7 @@ pub(crate) const ERRORS: &str = "link_counter_errors_total";
 pub(crate) const COUNT_CHANGES: &str = "link_counter_count_changes_total";
 pub(crate) const COUNT_PUBLISHES: &str = "link_counter_count_publishes_total";
 pub(crate) const PUBLISHES_DEFERRED: &str = "link_counter_publishes_deferred_total";
+pub(crate) const DELIVERY_BUDGET: &str = "link_counter_delivery_budget";
 pub(crate) const UPDATES_SENT: &str = "link_counter_updates_sent_total";
 pub(crate) const PUBLISH_LAG: &str = "link_counter_publish_lag_seconds";
 pub(crate) const SNAPSHOT_DURATION: &str = "link_counter_snapshot_duration_seconds";
@@ -265,6 +266,10 @@ fn describe() {
     describe_counter!(
         PUBLISHES_DEFERRED,
         "Changed counts held to a later publish by counter.delivery_budget"
+    );
+    describe_gauge!(
+        DELIVERY_BUDGET,
+        "Connection-deliveries per second publishing may spend now (adapts to worker lag)"
     );
     describe_counter!(UPDATES_SENT, "Update messages written to client sockets");
     describe_histogram!(
@@ -542,6 +547,11 @@ pub(crate) fn publishes_deferred(n: usize) {
     if n > 0 {
         counter!(PUBLISHES_DEFERRED).increment(n as u64);
     }
+}
+
+/// The delivery budget's rate, after a publish adapted it.
+pub(crate) fn delivery_budget(per_sec: f64) {
+    gauge!(DELIVERY_BUDGET).set(per_sec);
 }
 
 /// An `update` was encoded for a client's socket `lag` after the oldest change it carries.

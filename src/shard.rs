@@ -531,9 +531,10 @@ impl Handler<Deliver> for Shard {
     /// share one [`Frames`] so equal frames are serialized once here. (A
     /// panic may cut the batch: the rooms' re-verification makes it good.)
     fn handle(&mut self, msg: Deliver, ctx: &mut Context<Self>) {
+        msg.backlog.handled(msg.seq, msg.sent);
         let deliver = |_: &mut Self, _: &mut Context<Self>| {
             let frames = Arc::new(Frames::default());
-            for (to, item) in msg.0 {
+            for (to, item) in msg.items {
                 let item = match item {
                     ToRoom::Counts(mut c) => {
                         c.frames = Some(frames.clone());

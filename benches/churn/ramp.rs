@@ -512,7 +512,10 @@ fn round(
     let max = (n + 1000).to_string();
     let mut env = vec![("LIMITS__MAX_CONNECTIONS", max.as_str())];
     match mode {
-        Mode::BusyUnbudgeted => env.push(("COUNTER__DELIVERY_BUDGET", "1000000000000")),
+        Mode::BusyUnbudgeted => {
+            env.push(("COUNTER__DELIVERY_BUDGET", "1000000000000"));
+            env.push(("COUNTER__MAX_WORKER_LAG", "1h"));
+        }
         Mode::BusyMaxDelay5s => env.push(("COUNTER__MAX_DELAY", "5s")),
         Mode::Quiet | Mode::Busy => {}
     }

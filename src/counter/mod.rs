@@ -176,7 +176,63 @@ impl Frames {
 /// message per shard per publish, however many rooms follow.
 #[derive(Message)]
 #[rtype(result = "()")]
-pub(crate) struct Deliver(pub Vec<(Arc<RoomHandle>, ToRoom)>);
+pub(crate) struct Deliver {
+    pub(crate) items: Vec<(Arc<RoomHandle>, ToRoom)>,
+    /// Where the shard says when it handled the batch.
+    pub(crate) backlog: Arc<Backlog>,
+    /// The batch's number and when the counter sent it.
+    pub(crate) seq: u64,
+    pub(crate) sent: Instant,
+}
+
+/// How far behind one shard's worker is, as the delivery budget sees it:
+/// the counter notes each [`Deliver`] it sends, the shard notes when it
+/// handles it (on its own thread, behind everything queued there first).
+#[derive(Default)]
+pub(crate) struct Backlog(Mutex<Behind>);
+
+#[derive(Default)]
+struct Behind {
+    /// The last batch sent, and when.
+    sent: Option<(u64, Instant)>,
+    /// The last batch handled.
+    handled: u64,
+    /// The longest a handled batch waited since the last [`Backlog::take_lag`].
+    waited: Duration,
+}
+
+impl Backlog {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Behind> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Counter: a batch goes now; its number.
+    fn send(&self, now: Instant) -> u64 {
+        let mut b = self.lock();
+        let seq = b.sent.map_or(1, |(seq, _)| seq + 1);
+        b.sent = Some((seq, now));
+        seq
+    }
+
+    /// Shard: batch `seq`, sent at `sent`, is being handled now.
+    pub(crate) fn handled(&self, seq: u64, sent: Instant) {
+        let waited = sent.elapsed();
+        let mut b = self.lock();
+        b.handled = b.handled.max(seq);
+        b.waited = b.waited.max(waited);
+    }
+
+    /// Counter: the longest wait since the last call, or the age of the last
+    /// batch if it is still waiting.
+    fn take_lag(&self, now: Instant) -> Duration {
+        let mut b = self.lock();
+        let waiting = match b.sent {
+            Some((seq, at)) if seq > b.handled => now.saturating_duration_since(at),
+            _ => Duration::ZERO,
+        };
+        std::mem::take(&mut b.waited).max(waiting)
+    }
+}
 
 /// One item of a [`Deliver`].
 pub(crate) enum ToRoom {
@@ -381,6 +437,8 @@ pub struct Counter {
     state: State<Arc<RoomHandle>>,
     /// The shards: resyncs after a restart, deliveries to their rooms.
     shards: Vec<ShardLink>,
+    /// How far behind each shard's worker is (the delivery budget's signal).
+    backlogs: Vec<Arc<Backlog>>,
     /// Cluster mode: the module that shares counts through Redis.
     cluster: Option<Addr<Cluster>>,
     /// Starts so far (1 = first start).
@@ -444,6 +502,7 @@ impl Counter {
             settings,
             storage,
             shards: Vec::new(),
+            backlogs: Vec::new(),
             cluster: None,
             generation: 0,
             saving: false,
@@ -583,9 +642,15 @@ impl Counter {
                 None => to.hand(item),
             }
         }
-        for (shard, batch) in self.shards.iter().zip(batches) {
-            if !batch.is_empty() {
-                shard.deliver.do_send(Deliver(batch));
+        let now = Instant::now();
+        for ((shard, backlog), items) in self.shards.iter().zip(&self.backlogs).zip(batches) {
+            if !items.is_empty() {
+                shard.deliver.do_send(Deliver {
+                    items,
+                    backlog: backlog.clone(),
+                    seq: backlog.send(now),
+                    sent: now,
+                });
             }
         }
         if let Some(delay) = out.publish_in {
@@ -861,6 +926,12 @@ impl Handler<SetShards> for Counter {
     fn handle(&mut self, msg: SetShards, ctx: &mut Context<Self>) {
         self.guard(ctx, "SetShards", |act, _| {
             act.state.set_shards(msg.0.len());
+            act.backlogs = msg.0.iter().map(|_| Arc::default()).collect();
+            let backlogs = act.backlogs.clone();
+            act.state.set_lag_probe(Box::new(move |now| {
+                let lags = backlogs.iter().map(|b| b.take_lag(now));
+                lags.max().unwrap_or_default()
+            }));
             act.shards = msg.0;
         });
     }

@@ -254,14 +254,24 @@ pub type LoadStats = Box<dyn FnMut(&PageId) -> PageStats>;
 /// The page of the room a follower handle delivers to.
 pub type PageOf<R> = Box<dyn Fn(&R) -> Option<PageId>>;
 
+/// How far behind the workers are: the longest a publish's batch waited in
+/// a worker's queue since the last call (or has been waiting, unhandled).
+pub type LagProbe = Box<dyn FnMut(Instant) -> Duration>;
+
 /// The delivery budget: a token bucket in connection-deliveries (a page's
 /// change handed to a follower room costs that room's connections), refilled
-/// at `counter.delivery_budget` per second, holding at most one second's worth.
+/// at `rate` per second, holding at most one second's worth. The rate adapts
+/// to the workers, as TCP's window does to the network: each publish that
+/// finds a worker more than `counter.max_worker_lag` behind halves it (down
+/// to a hundredth of `counter.delivery_budget`); without lag it grows back
+/// by `counter.delivery_budget` per second, up to it.
 struct Budget {
     /// Tokens left (negative after a publish the delay bound forced).
     tokens: f64,
     /// When it was last refilled.
     at: Option<Instant>,
+    /// Deliveries per second it refills at now.
+    rate: f64,
 }
 
 /// Every page's live count, who follows it, and what is left to publish.
@@ -308,12 +318,15 @@ pub struct State<R> {
     page_of: PageOf<R>,
     /// What publishing may still spend.
     budget: Budget,
+    /// How far behind the workers are (the budget's signal).
+    lag_probe: LagProbe,
     /// An inconsistency found in the state: the actor restarts and rebuilds.
     fault: Option<&'static str>,
 }
 
 impl<R: Clone> State<R> {
     pub fn new(settings: Arc<Settings>, load: LoadStats) -> State<R> {
+        let most = settings.counter.delivery_budget as f64;
         State {
             settings,
             load,
@@ -337,7 +350,9 @@ impl<R: Clone> State<R> {
             budget: Budget {
                 tokens: 0.0,
                 at: None,
+                rate: most,
             },
+            lag_probe: Box::new(|_| Duration::ZERO),
             fault: None,
         }
     }
@@ -348,6 +363,11 @@ impl<R: Clone> State<R> {
     }
 
     /// The number of shards a rebuild waits for.
+    /// Where the delivery budget learns how far behind the workers are.
+    pub(crate) fn set_lag_probe(&mut self, probe: LagProbe) {
+        self.lag_probe = probe;
+    }
+
     pub(crate) fn set_shards(&mut self, n: usize) {
         self.shards = n;
     }
@@ -870,12 +890,18 @@ impl<R: Clone> State<R> {
     /// pages before pages followed by many connections) while the budget
     /// lasts. A page's cost is the connections of the rooms that follow it.
     fn within_budget(&mut self, now: Instant) -> Vec<PageId> {
-        let per_sec = self.settings.counter.delivery_budget as f64;
+        let most = self.settings.counter.delivery_budget as f64;
+        let behind = (self.lag_probe)(now) > self.settings.counter.max_worker_lag;
         let b = &mut self.budget;
-        let refill =
-            b.at.map_or(per_sec, |at| per_sec * now.duration_since(at).as_secs_f64());
-        b.tokens = (b.tokens + refill).min(per_sec);
+        let elapsed = b.at.map_or(1.0, |at| now.duration_since(at).as_secs_f64());
+        b.rate = if behind {
+            (b.rate / 2.0).max(most / 100.0)
+        } else {
+            (b.rate + most * elapsed).min(most)
+        };
+        b.tokens = (b.tokens + b.rate * elapsed).min(b.rate);
         b.at = Some(now);
+        crate::metrics::delivery_budget(b.rate);
         let horizon = now + self.settings.counter.broadcast_interval;
         let max_delay = self
             .settings
@@ -1728,6 +1754,88 @@ mod tests {
         assert!(
             (1000..=3000).contains(&waited),
             "a longer counter.max_delay defers it longer, never past it: {waited} ms"
+        );
+    }
+
+    /// The budget follows the workers: while a worker lags past
+    /// `counter.max_worker_lag` it halves until the costly page goes only
+    /// when its bound forces it; once the workers keep up it grows back and
+    /// the page goes every interval again.
+    #[test]
+    fn the_budget_shrinks_while_workers_lag_and_grows_back() {
+        let mut settings = Settings::load_from(None, Vec::new()).expect("defaults load");
+        settings.counter.broadcast_interval = Duration::from_millis(100);
+        settings.counter.delivery_budget = 1000;
+        settings.counter.max_delay = Duration::from_millis(1000);
+        settings.counter.max_worker_lag = Duration::from_millis(10);
+        let mut state: State<u64> =
+            State::new(Arc::new(settings), Box::new(|_| PageStats::default()));
+        state.set_shards(1);
+        let lag = std::rc::Rc::new(std::cell::Cell::new(Duration::from_millis(50)));
+        let probe = lag.clone();
+        state.set_lag_probe(Box::new(move |_| probe.get()));
+        // Room 0 is the room of page 10 (100 connections): following page 0
+        // costs 100 deliveries per publish.
+        state.set_page_of(Box::new(|_: &u64| Some(page(10))));
+        let t0 = Instant::now();
+        let at = |ms: u64| Now {
+            at: t0 + Duration::from_millis(ms),
+            ms,
+        };
+        let tally = |c: u64| Tally {
+            connections: c,
+            visitors: c,
+        };
+        let _ = state.room_count(&page(10), tally(100), 0, at(0));
+        let _ = state.subscribe(RoomId(0), 0, vec![page(0)], 1, at(0).at);
+        let mut due: Option<u64> = None;
+        // (when, value) of each publish of page 0.
+        let mut sent: Vec<(u64, Tally)> = Vec::new();
+        let mut take = |out: Outbox<u64>, now: u64, due: &mut Option<u64>| {
+            if let Some(d) = out.publish_in {
+                *due = Some(now + d.as_millis() as u64);
+            }
+            for e in out.sent {
+                if let Effect::Counts { changes, .. } = e {
+                    sent.extend(changes.into_iter().map(|(_, t)| (now, t)));
+                }
+            }
+        };
+        // Page 0 changes every interval for 4 s; the workers lag for the
+        // first 2 s.
+        for step in 0..40u64 {
+            let t = 50 + step * 100;
+            while let Some(d) = due.filter(|d| *d <= t) {
+                due = None;
+                let out = state.scheduled_publish(at(d).at);
+                take(out, d, &mut due);
+            }
+            if t > 2000 {
+                lag.set(Duration::ZERO);
+            }
+            let out = state.room_count(&page(0), tally(1 + step), 1, at(t));
+            take(out, t, &mut due);
+        }
+        while let Some(d) = due.take() {
+            let out = state.scheduled_publish(at(d).at);
+            take(out, d, &mut due);
+        }
+        let lagging = sent.iter().filter(|(t, _)| *t < 2000).count();
+        assert!(lagging <= 8, "lagging workers: few publishes: {sent:?}");
+        let gaps = sent.windows(2).map(|w| w[1].0 - w[0].0);
+        assert!(
+            gaps.max().is_some_and(|g| g <= 1100),
+            "never past the bound: {sent:?}"
+        );
+        let recovered = sent
+            .iter()
+            .filter(|(t, _)| (3000..4000).contains(t))
+            .count();
+        assert!(recovered >= 8, "keeping up: every interval again: {sent:?}");
+        assert_eq!(
+            sent.last().map(|s| s.1),
+            Some(tally(40)),
+            "the latest value"
         );
     }
 

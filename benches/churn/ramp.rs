@@ -15,7 +15,8 @@
 //! `quiet` (every link points at pages nobody opens: no fan-out), `busy`
 //! (links point at the pages being opened: every arrival changes counts
 //! that readers follow) and `busy_unbudgeted` (the same with
-//! `counter.delivery_budget` out of reach, as before the budget existed) and
+//! `counter.delivery_budget` and `counter.max_worker_lag` out of reach, as
+//! before the budget existed) and
 //! `busy_max_delay_5s` (the budget's bound, `counter.max_delay`, at 5 s
 //! instead of 1 s: what a longer bound buys a surge).
 //! The last line prints the busy / quiet opening-rate ratios (median over

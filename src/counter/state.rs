@@ -327,6 +327,7 @@ pub struct State<R> {
 impl<R: Clone> State<R> {
     pub fn new(settings: Arc<Settings>, load: LoadStats) -> State<R> {
         let most = settings.counter.delivery_budget as f64;
+        crate::metrics::delivery_budget(most);
         State {
             settings,
             load,

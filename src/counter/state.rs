@@ -1758,35 +1758,47 @@ mod tests {
         );
     }
 
+    /// A state on one shard with a 100 ms interval, `counter.delivery_budget`
+    /// = `budget`, `counter.max_delay` = `max_delay_ms`, `counter.max_worker_lag`
+    /// = 10 ms, and the time `ms` after its start.
+    fn budget_state(budget: u64, max_delay_ms: u64) -> (State<u64>, impl Fn(u64) -> Now) {
+        let mut settings = Settings::load_from(None, Vec::new()).expect("defaults load");
+        settings.counter.broadcast_interval = Duration::from_millis(100);
+        settings.counter.delivery_budget = budget;
+        settings.counter.max_delay = Duration::from_millis(max_delay_ms);
+        settings.counter.max_worker_lag = Duration::from_millis(10);
+        let mut state: State<u64> =
+            State::new(Arc::new(settings), Box::new(|_| PageStats::default()));
+        state.set_shards(1);
+        let t0 = Instant::now();
+        let at = move |ms: u64| Now {
+            at: t0 + Duration::from_millis(ms),
+            ms,
+        };
+        (state, at)
+    }
+
+    /// `c` connections of `c` visitors.
+    fn tally(c: u64) -> Tally {
+        Tally {
+            connections: c,
+            visitors: c,
+        }
+    }
+
     /// The budget follows the workers: while a worker lags past
     /// `counter.max_worker_lag` it halves until the costly page goes only
     /// when its bound forces it; once the workers keep up it grows back and
     /// the page goes every interval again.
     #[test]
     fn the_budget_shrinks_while_workers_lag_and_grows_back() {
-        let mut settings = Settings::load_from(None, Vec::new()).expect("defaults load");
-        settings.counter.broadcast_interval = Duration::from_millis(100);
-        settings.counter.delivery_budget = 1000;
-        settings.counter.max_delay = Duration::from_millis(1000);
-        settings.counter.max_worker_lag = Duration::from_millis(10);
-        let mut state: State<u64> =
-            State::new(Arc::new(settings), Box::new(|_| PageStats::default()));
-        state.set_shards(1);
+        let (mut state, at) = budget_state(1000, 1000);
         let lag = std::rc::Rc::new(std::cell::Cell::new(Duration::from_millis(50)));
         let probe = lag.clone();
         state.set_lag_probe(Box::new(move |_| probe.get()));
         // Room 0 is the room of page 10 (100 connections): following page 0
         // costs 100 deliveries per publish.
         state.set_page_of(Box::new(|_: &u64| Some(page(10))));
-        let t0 = Instant::now();
-        let at = |ms: u64| Now {
-            at: t0 + Duration::from_millis(ms),
-            ms,
-        };
-        let tally = |c: u64| Tally {
-            connections: c,
-            visitors: c,
-        };
         let _ = state.room_count(&page(10), tally(100), 0, at(0));
         let _ = state.subscribe(RoomId(0), 0, vec![page(0)], 1, at(0).at);
         let mut due: Option<u64> = None;
@@ -1844,26 +1856,11 @@ mod tests {
     /// `counter.max_delay` = `max_delay_ms`; checks the quiet page's leading
     /// edge and that the publish carries the latest value.
     fn costliest_page_publish_ms(max_delay_ms: u64) -> u64 {
-        let mut settings = Settings::load_from(None, Vec::new()).expect("defaults load");
-        settings.counter.broadcast_interval = Duration::from_millis(100);
-        settings.counter.delivery_budget = 10;
-        settings.counter.max_delay = Duration::from_millis(max_delay_ms);
-        let mut state: State<u64> =
-            State::new(Arc::new(settings), Box::new(|_| PageStats::default()));
-        state.set_shards(1);
+        let (mut state, at) = budget_state(10, max_delay_ms);
         // Room 0 is the room of page "big" (100 connections), room 1 of "small" (1).
         state.set_page_of(Box::new(|r: &u64| {
             Some(page(if *r == 0 { 10 } else { 11 }))
         }));
-        let t0 = Instant::now();
-        let at = |ms: u64| Now {
-            at: t0 + Duration::from_millis(ms),
-            ms,
-        };
-        let tally = |c: u64| Tally {
-            connections: c,
-            visitors: c,
-        };
         let _ = state.room_count(&page(10), tally(100), 0, at(0));
         let _ = state.room_count(&page(11), tally(1), 0, at(0));
         let _ = state.subscribe(RoomId(0), 0, vec![page(0)], 1, at(0).at);

@@ -98,11 +98,13 @@ struct Readers {
     opened: AtomicUsize,
     failed: AtomicUsize,
     server_closes: AtomicUsize,
+    /// Updates received after each reader's first.
+    updates: AtomicUsize,
 }
 
 /// `--cluster-hold-client ADDR NODES READERS MODE`: opens the readers of
-/// one node, prints `opened SECS FAILED` once every reader opened or
-/// failed, then `status OPEN EXACT CLOSES` every 50 ms until killed.
+/// one node, prints `opened SECS FAILED UPDATES` once every reader opened or
+/// failed (UPDATES: those received after each reader's first), then `status OPEN EXACT CLOSES` every 50 ms until killed.
 pub fn client_main(args: &[String]) -> ! {
     raise_nofile();
     let arg = |i: usize| args.get(i).map(String::as_str).unwrap_or_default();
@@ -123,13 +125,15 @@ pub fn client_main(args: &[String]) -> ! {
             opened: AtomicUsize::new(0),
             failed: AtomicUsize::new(0),
             server_closes: AtomicUsize::new(0),
+            updates: AtomicUsize::new(0),
         });
         let started = Instant::now();
         open_all(server, &shared, mode).await;
         println!(
-            "opened {:.3} {}",
+            "opened {:.3} {} {}",
             secs(started),
-            shared.failed.load(Ordering::Relaxed)
+            shared.failed.load(Ordering::Relaxed),
+            shared.updates.load(Ordering::Relaxed)
         );
         loop {
             let exact = exact_readers(&shared, mode, readers, nodes);
@@ -180,7 +184,10 @@ async fn reader(
     drop(permit);
     while let Some(Ok(m)) = ws.next().await {
         match m {
-            Message::Text(t) => apply(&shared, i, &links, &t),
+            Message::Text(t) => {
+                shared.updates.fetch_add(1, Ordering::Relaxed);
+                apply(&shared, i, &links, &t)
+            }
             Message::Close(_) => break,
             _ => {}
         }
@@ -221,6 +228,8 @@ struct Clients {
     child: Child,
     opened_secs: Option<f64>,
     failed: usize,
+    /// Updates its readers received while it opened them (after each one's first).
+    updates: usize,
     /// (open, exact, server closes) of its latest status line.
     status: (usize, usize, usize),
 }
@@ -260,6 +269,7 @@ fn spawn_clients(
         child,
         opened_secs: None,
         failed: 0,
+        updates: 0,
         status: (0, 0, 0),
     }
 }
@@ -272,6 +282,7 @@ fn record(clients: &mut [Clients], (k, line): (usize, String)) {
         Some(&"opened") => {
             clients[k].opened_secs = num(1);
             clients[k].failed = num(2).unwrap_or(0.0) as usize;
+            clients[k].updates = num(3).unwrap_or(0.0) as usize;
         }
         Some(&"status") => {
             let n = |i| num(i).unwrap_or(0.0) as usize;
@@ -312,6 +323,8 @@ struct Size {
 struct Run {
     open_secs: f64,
     connects_per_s: f64,
+    /// Updates per reader per second while the readers opened.
+    updates_per_reader_s: f64,
     failed: usize,
     server_closes: usize,
     converge_ms: f64,
@@ -376,6 +389,9 @@ fn run(rt: &tokio::runtime::Runtime, size: Size, mode: Mode) -> Run {
     Run {
         open_secs,
         connects_per_s: (size.nodes * readers) as f64 / open_secs,
+        updates_per_reader_s: clients.iter().map(|c| c.updates).sum::<usize>() as f64
+            / (size.nodes * readers) as f64
+            / open_secs,
         failed: clients.iter().map(|c| c.failed).sum(),
         server_closes: clients.iter().map(|c| c.status.2).sum(),
         converge_ms,
@@ -396,6 +412,7 @@ fn print_run(size: Size, mode: Mode, r: &Run) {
         .s("links", LINKS)
         .f("open_secs", r.open_secs)
         .f("connects_per_s", r.connects_per_s)
+        .f("updates_per_reader_s", r.updates_per_reader_s)
         .s("failed_opens", r.failed)
         .s("server_closes", r.server_closes)
         .f("converge_ms", r.converge_ms)

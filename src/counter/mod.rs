@@ -932,6 +932,7 @@ impl Handler<SetShards> for Counter {
                 let lags = backlogs.iter().map(|b| b.take_lag(now));
                 lags.max().unwrap_or_default()
             }));
+            crate::metrics::delivery_budget(act.state.budget_rate());
             act.shards = msg.0;
         });
     }

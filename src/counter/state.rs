@@ -327,7 +327,6 @@ pub struct State<R> {
 impl<R: Clone> State<R> {
     pub fn new(settings: Arc<Settings>, load: LoadStats) -> State<R> {
         let most = settings.counter.delivery_budget as f64;
-        crate::metrics::delivery_budget(most);
         State {
             settings,
             load,
@@ -364,6 +363,11 @@ impl<R: Clone> State<R> {
     }
 
     /// The number of shards a rebuild waits for.
+    /// Deliveries per second the budget refills at now.
+    pub(crate) fn budget_rate(&self) -> f64 {
+        self.budget.rate
+    }
+
     /// Where the delivery budget learns how far behind the workers are.
     pub(crate) fn set_lag_probe(&mut self, probe: LagProbe) {
         self.lag_probe = probe;

@@ -367,20 +367,6 @@ impl PageRoom {
         }
     }
 
-    /// Runs one handler's (or timer's) body through [`supervise::guard`]:
-    /// after a panic, `settle` applies what the message meant to the
-    /// connection list, and the room rebuilds from it
-    /// ([`PageRoom::recover`]); `None` then.
-    fn guard<R>(
-        &mut self,
-        ctx: &mut Context<Self>,
-        handling: &'static str,
-        body: impl FnOnce(&mut Self, &mut Context<Self>) -> R,
-        settle: impl FnOnce(&mut Self),
-    ) -> Option<R> {
-        supervise::guard(self, ctx, handling, body, settle)
-    }
-
     /// Rebuilds everything derived from the connection list after a panic
     /// (see the module doc) and tells the counter the room's whole state.
     fn recover(&mut self, ctx: &mut Context<Self>) {

@@ -54,7 +54,7 @@ use crate::{
         StopRoom,
     },
     storage::Storage,
-    supervise::{self, ActorKind, Health, RecoverInPlace},
+    supervise::{ActorKind, Health, RecoverInPlace},
 };
 
 // ---------------------------------------------------------------- messages
@@ -169,19 +169,6 @@ impl Shard {
     fn uncount_room(&mut self) {
         self.counted = self.counted.saturating_sub(1);
         self.rooms_alive.fetch_sub(1, Ordering::SeqCst);
-    }
-
-    /// Runs one handler's (or timer's) body through [`supervise::guard`]:
-    /// after a panic, `settle` finishes the interrupted message the safe way
-    /// and the shard re-verifies its rooms ([`Shard::recover`]); `None` then.
-    fn guard<R>(
-        &mut self,
-        ctx: &mut Context<Self>,
-        handling: &'static str,
-        body: impl FnOnce(&mut Self, &mut Context<Self>) -> R,
-        settle: impl FnOnce(&mut Self),
-    ) -> Option<R> {
-        supervise::guard(self, ctx, handling, body, settle)
     }
 
     /// After a panic: recounts this shard's rooms in `rooms_alive`, drops

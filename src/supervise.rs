@@ -73,30 +73,30 @@ pub(crate) fn contain<R>(
 
 /// An actor that recovers in place after a panic (a room rebuilds from its
 /// connection list, a shard re-verifies its rooms) instead of stopping.
-pub(crate) trait RecoverInPlace: Actor {
+pub(crate) trait RecoverInPlace: Actor + Sized {
     /// The metric's `actor` label.
     const KIND: ActorKind;
     /// Rebuilds what the interrupted handler may have left half-changed.
     fn recover_in_place(&mut self, ctx: &mut Self::Context);
-}
 
-/// Runs one handler's (or timer's) body through [`contain`]. After a panic,
-/// `settle` applies what the interrupted message meant (itself contained: a
-/// second panic does not stop the recovery), the actor recovers in place,
-/// and the handler gets `None`.
-pub(crate) fn guard<A: RecoverInPlace, R>(
-    act: &mut A,
-    ctx: &mut A::Context,
-    handling: &'static str,
-    body: impl FnOnce(&mut A, &mut A::Context) -> R,
-    settle: impl FnOnce(&mut A),
-) -> Option<R> {
-    match contain(A::KIND, handling, || body(act, ctx)) {
-        Ok(r) => Some(r),
-        Err(_) => {
-            let _ = contain(A::KIND, handling, || settle(act));
-            act.recover_in_place(ctx);
-            None
+    /// Runs one handler's (or timer's) body through [`contain`]. After a
+    /// panic, `settle` applies what the interrupted message meant (itself
+    /// contained: a second panic does not stop the recovery), the actor
+    /// recovers in place, and the handler gets `None`.
+    fn guard<R>(
+        &mut self,
+        ctx: &mut Self::Context,
+        handling: &'static str,
+        body: impl FnOnce(&mut Self, &mut Self::Context) -> R,
+        settle: impl FnOnce(&mut Self),
+    ) -> Option<R> {
+        match contain(Self::KIND, handling, || body(self, ctx)) {
+            Ok(r) => Some(r),
+            Err(_) => {
+                let _ = contain(Self::KIND, handling, || settle(self));
+                self.recover_in_place(ctx);
+                None
+            }
         }
     }
 }

@@ -1,6 +1,7 @@
 //! Micro-benchmarks of the pure hot paths (criterion; BENCHMARKS.md says
 //! what each measures): a connection's mailbox, the update frame, and the
-//! counter's publish, each without sockets, actors or timers.
+//! counter's publish, each without sockets, actors or timers; and a stats
+//! write through `Storage` (sled in a temp dir) next to a bare sled insert.
 //!
 //! `cargo bench --bench micro [-- FILTER]`; `LC_BENCH_SMOKE=1` (CI) measures
 //! each for a fraction of a second, enough to keep them compiling and running.
@@ -16,7 +17,7 @@ use link_counter::{
     counter::bare::{Effect, Now, RoomId, State},
     delivery::{Mailbox, Update},
     protocol::{update_json, PageId, Tally},
-    storage::PageStats,
+    storage::{PageStats, Storage},
     Settings,
 };
 
@@ -164,6 +165,65 @@ fn publish(c: &mut Criterion) {
     g.finish();
 }
 
+/// A stats record written through `Storage` (a new page: the record, its
+/// index key and the count in one transaction; a rewrite: the record and a
+/// moved index key), and the ceiling: the same value inserted into a bare
+/// sled tree with the same settings.
+fn storage(c: &mut Criterion) {
+    let mut g = c.benchmark_group("storage");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let storage = Storage::open(&dir.path().join("service"), 64 << 20).expect("storage");
+    let stats = |ms: u64| PageStats {
+        total_connections: ms,
+        last_active_ms: Some(ms),
+        ..PageStats::default()
+    };
+    let page = |i: u64| format!("blog-2026-some-post-{i:09}");
+    let mut n = 0u64;
+    g.bench_function("save_stats_new", |b| {
+        b.iter(|| {
+            n += 1;
+            storage
+                .save_stats([(page(n).as_str(), &stats(n))])
+                .expect("write")
+        })
+    });
+    let mut t = 0u64;
+    g.bench_function("save_stats_rewrite", |b| {
+        b.iter(|| {
+            t += 1;
+            storage
+                .save_stats([(page(1 + t % 1000).as_str(), &stats(n + t))])
+                .expect("write")
+        })
+    });
+    // Ceilings: one bare insert of the same value, with the service's
+    // settings (zstd) and without compression.
+    for (name, compress) in [
+        ("sled_insert_new", true),
+        ("sled_insert_new_uncompressed", false),
+    ] {
+        let bare = sled::Config::new()
+            .path(dir.path().join(name))
+            .cache_capacity(64 << 20)
+            .use_compression(compress)
+            .flush_every_ms(Some(200))
+            .open()
+            .expect("sled");
+        let tree = bare.open_tree("stats").expect("tree");
+        let value = vec![2u8; 12];
+        let mut m = 0u64;
+        g.bench_function(name, |b| {
+            b.iter(|| {
+                m += 1;
+                tree.insert(page(m).as_bytes(), value.as_slice())
+                    .expect("write")
+            })
+        });
+    }
+    g.finish();
+}
+
 fn main() {
     let smoke = std::env::var("LC_BENCH_SMOKE").is_ok_and(|v| v != "0" && !v.is_empty());
     let mut c = Criterion::default().configure_from_args();
@@ -176,5 +236,6 @@ fn main() {
     mailbox(&mut c);
     frames(&mut c);
     publish(&mut c);
+    storage(&mut c);
     c.final_summary();
 }

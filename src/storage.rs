@@ -11,16 +11,18 @@
 
 use std::{
     collections::BTreeMap,
-    ops::Bound,
     path::Path,
     sync::{
-        atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering},
-        Arc, PoisonError, RwLock,
+        atomic::{AtomicUsize, Ordering},
+        Arc,
     },
     time::Instant,
 };
 
 use serde::{Deserialize, Serialize};
+use sled::transaction::{
+    TransactionError, Transactional, TransactionalTree, UnabortableTransactionError,
+};
 
 use crate::protocol::{PageId, Tally};
 
@@ -28,25 +30,28 @@ use crate::protocol::{PageId, Tally};
 const RECORD_V1: u8 = 1;
 /// Version byte of every record written by this build: binary (see [`Record`]).
 const RECORD_V2: u8 = 2;
-/// Schema version stored in `meta/schema`.
-const SCHEMA_VERSION: &[u8] = b"2";
-/// The previous schema, opened and migrated: records of version 1 (read as
-/// they are, rewritten in version 2 when next written), no record counts or
-/// clean-close marker in `meta` (the counts are taken in the background).
+/// Schema version stored in `meta/schema`: record counts kept exact by
+/// transactions ([`Capped`]).
+const SCHEMA_VERSION: &[u8] = b"3";
+/// An earlier schema, opened and migrated: binary records, record counts in
+/// `meta` exact only after a clean close (which left [`CLEAN`]); without the
+/// mark the records are counted at open, once.
+const SCHEMA_V2: &[u8] = b"2";
+/// The first schema, opened and migrated: records of version 1 (read as they
+/// are, rewritten in version 2 when next written), no record counts in
+/// `meta` (counted at open, once).
 const SCHEMA_V1: &[u8] = b"1";
 
-/// Key in `meta` present only between a clean close and the next open: the
-/// stored record counts are exact and the activity indexes complete.
+/// Key in `meta` that schema 2 left at a clean close: its counts are exact.
 const CLEAN: &str = "clean";
 
-/// Key in `meta` of the record count of the store `name` (8 bytes,
-/// big-endian): exact after a clean close, the last flush's otherwise.
-fn count_key(name: &str) -> String {
-    format!("records/{name}")
-}
+/// New records written by one transaction (each transaction holds sled's
+/// write lock and adds a batch marker to its log).
+const NEW_PER_TRANSACTION: usize = 64;
 
-/// Records a background recount reads under one hold of its lock.
-const RECOUNT_CHUNK: usize = 512;
+/// Keys in `meta` of the record counts of the stores (8 bytes, big-endian).
+const STATS_COUNT: &str = "records/stats";
+const ROOMS_COUNT: &str = "records/rooms";
 
 /// Key in `meta` of the cluster identity: `host\ndir\nprocess\nincarnation`.
 const CLUSTER_IDENTITY: &str = "cluster_identity";
@@ -231,76 +236,25 @@ fn decode<T: Record>(key: &[u8], bytes: &[u8]) -> Option<T> {
 /// A record tree with an index by last activity, so the least recently
 /// active records are found without a scan: `data` maps page -> record,
 /// `age` holds one empty-valued key `active_ms (8 bytes, big-endian) ++ page`
-/// per record. A write puts the new age key before the record and removes
-/// the old one after it, so a crash in between leaves at worst a stale age
-/// key (repaired when it is reached), never a record without one (sled
-/// recovers a prefix of the writes).
-///
-/// Nothing at open reads every record: the record count is kept in `meta`
-/// (exact after a clean close, see [`CLEAN`]). After any other stop the
-/// last flushed count stands in while a background [`Recount`] walks the
-/// records, checks each one's index key, and then sets the exact count.
+/// per record, and `meta` the record count (see [`count_key`]). Every write
+/// that creates or deletes a record is one sled transaction over the three
+/// trees (sled recovers a transaction whole or not at all), so after any stop,
+/// a `kill -9` included, the stored count is exact and every record has its
+/// index key: nothing at open reads every record.
 #[derive(Clone)]
 struct Capped {
-    /// Store name (`stats`, `rooms`).
-    name: &'static str,
     /// Page id -> versioned record.
     data: sled::Tree,
     /// The age index.
     age: sled::Tree,
-    /// Records in `data` (sled's `len` is a scan).
+    /// The `meta` tree, which holds the count under `count`.
+    meta: sled::Tree,
+    /// The count's key in `meta`.
+    count: &'static str,
+    /// Records in `data`: the stored count, mirrored (sled's `len` is a scan).
     len: Arc<AtomicUsize>,
     /// Activity time of a stored record (0 for one that does not decode).
     active: fn(&[u8], &[u8]) -> u64,
-    /// Writers hold it shared; a recount holds it exclusively while it
-    /// reads one chunk.
-    recount: Arc<RwLock<Recount>>,
-    /// The clean-close marker, shared by the stores.
-    marker: Marker,
-}
-
-/// The progress of a background recount of one store.
-#[derive(Default)]
-struct Recount {
-    /// True until the count is exact.
-    running: bool,
-    /// The last key counted (`None`: none yet).
-    cursor: Option<Vec<u8>>,
-    /// Records written (+1) or deleted (-1) at or before the cursor since
-    /// it passed them: the chunks already read missed those changes.
-    behind: AtomicI64,
-    /// Records read so far.
-    counted: usize,
-    /// Index keys added so far.
-    repaired: usize,
-}
-
-impl Recount {
-    /// Notes that `key` was created (+1) or deleted (-1).
-    fn changed(&self, key: &[u8], delta: i64) {
-        if self.running && self.cursor.as_deref().is_some_and(|c| key <= c) {
-            self.behind.fetch_add(delta, Ordering::Relaxed);
-        }
-    }
-}
-
-/// The clean-close marker in `meta`: written by [`Storage::close`], removed
-/// by the first write after it (and at open).
-#[derive(Clone)]
-struct Marker {
-    meta: sled::Tree,
-    set: Arc<AtomicBool>,
-}
-
-impl Marker {
-    /// Removes the marker before a write (a crash after the write then
-    /// finds no marker: sled recovers a prefix of the writes).
-    fn clear(&self) -> Result<(), StorageError> {
-        if self.set.load(Ordering::Acquire) && self.set.swap(false, Ordering::AcqRel) {
-            self.meta.remove(CLEAN)?;
-        }
-        Ok(())
-    }
 }
 
 fn age_key(active_ms: u64, page: &[u8]) -> Vec<u8> {
@@ -316,180 +270,182 @@ fn split_age_key(k: &[u8]) -> Option<(u64, &[u8])> {
     Some((u64::from_be_bytes(*t), page))
 }
 
+/// A stored count (8 bytes, big-endian; absent: 0).
+fn read_count(v: Option<&[u8]>) -> u64 {
+    v.and_then(|v| v.try_into().ok())
+        .map_or(0, u64::from_be_bytes)
+}
+
+/// Adds `delta` to the count at `key`, inside a transaction.
+fn add_to_count(
+    meta: &TransactionalTree,
+    key: &str,
+    delta: i64,
+) -> Result<(), UnabortableTransactionError> {
+    let n = read_count(meta.get(key)?.as_deref()).saturating_add_signed(delta);
+    meta.insert(key, &n.to_be_bytes())?;
+    Ok(())
+}
+
+/// A transaction's error (its closures never abort).
+fn tx_error(e: TransactionError<()>) -> StorageError {
+    match e {
+        TransactionError::Storage(e) => StorageError::Sled(e),
+        TransactionError::Abort(()) => StorageError::Sled(sled::Error::ReportableBug(
+            "a storage transaction aborted".to_owned(),
+        )),
+    }
+}
+
 impl Capped {
-    /// Opens both trees. `exact` is the count stored at a clean close;
-    /// without it the last flushed count stands in until a background
-    /// recount (started by [`Capped::start_recount`]) has the exact one.
-    /// A database whose index is empty while it has records (written before
-    /// the index existed) has its index built here, once.
+    /// Opens both trees. With `exact` the count in `meta` is trusted;
+    /// without it (a database of an earlier schema not closed cleanly), or
+    /// when the index is empty while there are records (written before the
+    /// index existed), the records are counted and indexed here, once.
     fn open(
         db: &sled::Db,
+        meta: &sled::Tree,
         name: &'static str,
+        count: &'static str,
         active: fn(&[u8], &[u8]) -> u64,
-        marker: &Marker,
         exact: bool,
     ) -> Result<Capped, StorageError> {
-        let data = db.open_tree(name)?;
-        let age = db.open_tree(format!("{name}_by_age"))?;
-        let stored = marker
-            .meta
-            .get(count_key(name))?
-            .and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes))
-            .map_or(0, |n| usize::try_from(n).unwrap_or(usize::MAX));
+        let stored = read_count(meta.get(count)?.as_deref());
         let capped = Capped {
-            name,
-            data,
-            age,
-            len: Arc::new(AtomicUsize::new(stored)),
+            data: db.open_tree(name)?,
+            age: db.open_tree(format!("{name}_by_age"))?,
+            meta: meta.clone(),
+            count,
+            len: Arc::new(AtomicUsize::new(
+                usize::try_from(stored).unwrap_or(usize::MAX),
+            )),
             active,
-            recount: Arc::new(RwLock::new(Recount {
-                running: !exact,
-                ..Recount::default()
-            })),
-            marker: marker.clone(),
         };
-        if capped.age.first()?.is_none() && capped.data.first()?.is_some() {
-            tracing::info!(tree = name, "building the activity index");
-            let mut batch = sled::Batch::default();
-            let mut len = 0;
-            for item in capped.data.iter() {
-                let (k, v) = item?;
-                len += 1;
-                if !is_foreign(&v) {
-                    batch.insert(age_key(active(&k, &v), &k), &[]);
-                }
-            }
-            capped.age.apply_batch(batch)?;
-            capped.len.store(len, Ordering::Relaxed);
-            capped
-                .recount
-                .write()
-                .unwrap_or_else(PoisonError::into_inner)
-                .running = false;
+        let unindexed = capped.age.first()?.is_none() && capped.data.first()?.is_some();
+        if !exact || unindexed {
+            let started = Instant::now();
+            let (records, added) = capped.count_and_index()?;
+            tracing::info!(
+                store = name,
+                records,
+                index_keys_added = added,
+                secs = started.elapsed().as_secs_f64(),
+                "records counted and indexed"
+            );
         }
         Ok(capped)
     }
 
-    /// True while the record count is not known to be exact.
-    fn recounting(&self) -> bool {
-        self.recount
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .running
-    }
-
-    /// Starts the background recount if the count is not exact.
-    fn start_recount(&self) {
-        if !self.recounting() {
-            return;
-        }
-        let store = self.clone();
-        let spawned = std::thread::Builder::new()
-            .name(format!("lc-recount-{}", self.name))
-            .spawn(move || {
-                let started = Instant::now();
-                match store.run_recount() {
-                    Ok((records, repaired)) => tracing::info!(
-                        store = store.name,
-                        records,
-                        index_keys_added = repaired,
-                        secs = started.elapsed().as_secs_f64(),
-                        "record count verified"
-                    ),
-                    Err(e) => tracing::error!(
-                        store = store.name,
-                        error = %e,
-                        "record recount failed; the count stays approximate until a clean restart"
-                    ),
+    /// Reads every record: adds any missing index key and stores the exact
+    /// count. Returns (records, index keys added).
+    fn count_and_index(&self) -> Result<(usize, usize), StorageError> {
+        let (mut records, mut added) = (0, 0);
+        let mut batch = sled::Batch::default();
+        for item in self.data.iter() {
+            let (k, v) = item?;
+            records += 1;
+            if !is_foreign(&v) {
+                let key = age_key((self.active)(&k, &v), &k);
+                if !self.age.contains_key(&key)? {
+                    batch.insert(key, &[]);
+                    added += 1;
                 }
-            });
-        if let Err(e) = spawned {
-            tracing::error!(store = self.name, error = %e, "cannot start the record recount");
-        }
-    }
-
-    /// Counts the records chunk by chunk, writers excluded only while a
-    /// chunk is read, adds any missing index key, and sets the exact count.
-    /// Returns (records, index keys added).
-    fn run_recount(&self) -> Result<(usize, usize), StorageError> {
-        loop {
-            if let Some(done) = self.recount_chunk()? {
-                return Ok(done);
             }
-            std::thread::yield_now();
         }
-    }
-
-    /// Reads the next chunk of a recount; at the end sets the exact count
-    /// and returns (records, index keys added).
-    fn recount_chunk(&self) -> Result<Option<(usize, usize)>, StorageError> {
-        let mut gate = self.recount.write().unwrap_or_else(PoisonError::into_inner);
-        let from = match &gate.cursor {
-            None => Bound::Unbounded,
-            Some(c) => Bound::Excluded(c.clone()),
-        };
-        let mut last = None;
-        let (mut counted, mut repaired) = (0, 0);
-        let read = (|| -> Result<(), StorageError> {
-            for item in self
-                .data
-                .range::<Vec<u8>, _>((from, Bound::Unbounded))
-                .take(RECOUNT_CHUNK)
-            {
-                let (k, v) = item?;
-                counted += 1;
-                if !is_foreign(&v) {
-                    let key = age_key((self.active)(&k, &v), &k);
-                    if !self.age.contains_key(&key)? {
-                        self.age.insert(key, &[])?;
-                        repaired += 1;
-                    }
-                }
-                last = Some(k);
-            }
-            Ok(())
-        })();
-        if let Err(e) = read {
-            gate.running = false;
-            return Err(e);
-        }
-        gate.counted += counted;
-        gate.repaired += repaired;
-        if let Some(k) = last {
-            gate.cursor = Some(k.to_vec());
-            return Ok(None);
-        }
-        let exact = gate.counted as i64 + gate.behind.load(Ordering::Relaxed);
-        let exact = usize::try_from(exact).unwrap_or(0);
-        self.len.store(exact, Ordering::Relaxed);
-        gate.running = false;
-        gate.cursor = None;
-        Ok(Some((exact, gate.repaired)))
+        self.age.apply_batch(batch)?;
+        self.meta
+            .insert(self.count, &(records as u64).to_be_bytes())?;
+        self.len.store(records, Ordering::Relaxed);
+        Ok((records, added))
     }
 
     fn get(&self, page: &str) -> Result<Option<sled::IVec>, StorageError> {
         Ok(self.data.get(page)?)
     }
 
-    /// Writes one record, active at `active_ms`.
-    fn put(&self, page: &str, value: Vec<u8>, active_ms: u64) -> Result<(), StorageError> {
-        let gate = self.recount.read().unwrap_or_else(PoisonError::into_inner);
-        self.marker.clear()?;
-        let key = page.as_bytes();
-        let new_age = age_key(active_ms, key);
-        self.age.insert(new_age.as_slice(), &[])?;
-        match self.data.insert(key, value)? {
-            None => {
-                self.len.fetch_add(1, Ordering::Relaxed);
-                gate.changed(key, 1);
-            }
-            Some(old) => {
-                let old_age = age_key((self.active)(key, &old), key);
-                if old_age != new_age {
-                    self.age.remove(old_age)?;
+    /// Writes records, each `(page, record, active_ms)`. A rewrite of a
+    /// stored record changes no count: it is a compare-and-swap, its new
+    /// index key written before it and the old one removed after it (a crash
+    /// in between leaves at worst a stale index key, repaired when the trim
+    /// reaches it; sled recovers a prefix of the writes). New records go in
+    /// transactions of up to [`NEW_PER_TRANSACTION`], each with the count.
+    fn put_many<'a>(
+        &self,
+        records: impl IntoIterator<Item = (&'a str, Vec<u8>, u64)>,
+    ) -> Result<(), StorageError> {
+        let mut new = Vec::new();
+        for (page, value, active_ms) in records {
+            let key = page.as_bytes();
+            let value = sled::IVec::from(value);
+            let new_age = age_key(active_ms, key);
+            if !self.rewrite(key, &value, &new_age)? {
+                new.push((key, value, new_age));
+                if new.len() == NEW_PER_TRANSACTION {
+                    self.create(&new)?;
+                    new.clear();
                 }
             }
         }
+        if !new.is_empty() {
+            self.create(&new)?;
+        }
+        Ok(())
+    }
+
+    /// Rewrites a stored record; false if there is none.
+    fn rewrite(
+        &self,
+        key: &[u8],
+        value: &sled::IVec,
+        new_age: &[u8],
+    ) -> Result<bool, StorageError> {
+        let Some(mut old) = self.data.get(key)? else {
+            return Ok(false);
+        };
+        self.age.insert(new_age, &[])?;
+        loop {
+            match self.data.compare_and_swap(key, Some(&old), Some(value))? {
+                Ok(()) => break,
+                Err(e) => match e.current {
+                    Some(current) => old = current,
+                    // Deleted meanwhile: created again with its count.
+                    None => return Ok(false),
+                },
+            }
+        }
+        let old_age = age_key((self.active)(key, &old), key);
+        if old_age != new_age {
+            self.age.remove(old_age)?;
+        }
+        Ok(true)
+    }
+
+    /// Writes records not stored a moment ago, with their index keys and the
+    /// count, in one transaction (one created meanwhile is rewritten in it).
+    fn create(&self, records: &[(&[u8], sled::IVec, Vec<u8>)]) -> Result<(), StorageError> {
+        let created = (&self.data, &self.age, &self.meta)
+            .transaction(|(data, age, meta)| {
+                let mut created = 0;
+                for (key, value, new_age) in records {
+                    age.insert(new_age.as_slice(), &[])?;
+                    match data.insert(*key, value.clone())? {
+                        None => created += 1,
+                        Some(old) => {
+                            let old_age = age_key((self.active)(key, &old), key);
+                            if old_age != *new_age {
+                                age.remove(old_age)?;
+                            }
+                        }
+                    }
+                }
+                if created > 0 {
+                    add_to_count(meta, self.count, created)?;
+                }
+                Ok(created)
+            })
+            .map_err(tx_error)?;
+        self.len
+            .fetch_add(usize::try_from(created).unwrap_or(0), Ordering::Relaxed);
         Ok(())
     }
 
@@ -536,16 +492,21 @@ impl Capped {
             if keep(&name) {
                 continue;
             }
-            let gate = self.recount.read().unwrap_or_else(PoisonError::into_inner);
-            self.marker.clear()?;
-            let swapped = self
-                .data
-                .compare_and_swap(page, Some(value), None as Option<&[u8]>)?;
-            if swapped.is_ok() {
-                gate.changed(page, -1);
-                drop(gate);
+            // The record, its index key and the count go together, unless
+            // the record was rewritten meanwhile.
+            let removed = (&self.data, &self.age, &self.meta)
+                .transaction(|(data, age_tree, meta)| {
+                    if data.get(page)?.as_ref() != Some(&value) {
+                        return Ok(false);
+                    }
+                    data.remove(page)?;
+                    age_tree.remove(age.as_ref())?;
+                    add_to_count(meta, self.count, -1)?;
+                    Ok(true)
+                })
+                .map_err(tx_error)?;
+            if removed {
                 self.len.fetch_sub(1, Ordering::Relaxed);
-                self.age.remove(&age)?;
                 deleted.push(name.into_owned());
             }
         }
@@ -553,11 +514,8 @@ impl Capped {
     }
 
     /// Deletes the least recently active records until at most `max` remain.
-    /// Nothing while a recount runs: the stand-in count may be above the
-    /// truth, and the cap never deletes a record the truth keeps (the next
-    /// trim after the recount catches up).
     fn trim(&self, max: usize, keep: impl Fn(&str) -> bool) -> Result<Vec<String>, StorageError> {
-        if self.len.load(Ordering::Relaxed) <= max || self.recounting() {
+        if self.len.load(Ordering::Relaxed) <= max {
             return Ok(Vec::new());
         }
         self.evict_oldest(|| self.len.load(Ordering::Relaxed) <= max, |_| true, keep)
@@ -854,8 +812,8 @@ pub struct Storage {
     rooms: Capped,
     /// Per-page and site-wide peaks.
     history: HistoryTree,
-    /// The clean-close marker in `meta`.
-    marker: Marker,
+    /// The `meta` tree: schema, record counts, cluster identity.
+    meta: sled::Tree,
     /// The data directory, absolute (ties the cluster identity to it).
     path: std::sync::Arc<std::path::PathBuf>,
 }
@@ -863,13 +821,9 @@ pub struct Storage {
 impl Storage {
     /// Opens (or creates) the database in `path`.
     pub fn open(path: &Path, cache_capacity: u64) -> Result<Storage, StorageError> {
-        let storage = Self::open_db(path, cache_capacity).map_err(|e| e.opening(path))?;
-        storage.stats.start_recount();
-        storage.rooms.start_recount();
-        Ok(storage)
+        Self::open_db(path, cache_capacity).map_err(|e| e.opening(path))
     }
 
-    /// Opens the database; a recount it needs is left to the caller.
     fn open_db(path: &Path, cache_capacity: u64) -> Result<Storage, StorageError> {
         let compress = compression_of(path).unwrap_or(true);
         if !compress {
@@ -880,15 +834,18 @@ impl Storage {
         }
         let db = sled_config(path, cache_capacity, compress).open()?;
         let meta = db.open_tree("meta")?;
-        let fresh = meta.get("schema")?.is_none();
-        match meta.get("schema")? {
-            None => {
-                meta.insert("schema", SCHEMA_VERSION)?;
-            }
-            Some(v) if v.as_ref() == SCHEMA_VERSION => {}
-            Some(v) if v.as_ref() == SCHEMA_V1 => {
-                tracing::info!(path = %path.display(), "migrating the data directory to schema 2");
-                meta.insert("schema", SCHEMA_VERSION)?;
+        // Whether the stored record counts can be trusted: always from
+        // schema 3 on; in schema 2 only after a clean close.
+        let exact = match meta.get("schema")? {
+            None => true,
+            Some(v) if v.as_ref() == SCHEMA_VERSION => true,
+            Some(v) if v.as_ref() == SCHEMA_V2 || v.as_ref() == SCHEMA_V1 => {
+                tracing::info!(
+                    path = %path.display(),
+                    from = %String::from_utf8_lossy(&v),
+                    "migrating the data directory to schema 3"
+                );
+                meta.remove(CLEAN)?.is_some() && v.as_ref() == SCHEMA_V2
             }
             Some(v) => {
                 return Err(StorageError::Schema {
@@ -896,30 +853,17 @@ impl Storage {
                     found: String::from_utf8_lossy(&v).into_owned(),
                 })
             }
-        }
-        // Only a clean close leaves the marker; it goes now, so that a
-        // crash from here on is seen as one.
-        // A new database has nothing to count.
-        let clean = meta.remove(CLEAN)?.is_some() || fresh;
-        let marker = Marker {
-            meta,
-            set: Arc::new(AtomicBool::new(false)),
         };
         let storage = Storage {
-            stats: Capped::open(&db, "stats", stats_active, &marker, clean)?,
-            rooms: Capped::open(&db, "rooms", room_active, &marker, clean)?,
+            stats: Capped::open(&db, &meta, "stats", STATS_COUNT, stats_active, exact)?,
+            rooms: Capped::open(&db, &meta, "rooms", ROOMS_COUNT, room_active, exact)?,
             history: HistoryTree::open(&db)?,
-            marker,
+            meta,
             db,
             path: std::sync::Arc::new(std::fs::canonicalize(path).unwrap_or_else(|_| path.into())),
         };
-        if !clean {
-            tracing::info!(
-                stats = storage.stats_records(),
-                rooms = storage.room_records(),
-                "no clean close recorded: counting the records in the background"
-            );
-        }
+        // Last: a crash before this line migrates again.
+        storage.meta.insert("schema", SCHEMA_VERSION)?;
         Ok(storage)
     }
 
@@ -947,15 +891,13 @@ impl Storage {
         &self,
         records: impl IntoIterator<Item = (&'a str, &'a PageStats)>,
     ) -> Result<(), StorageError> {
-        for (page, stats) in records {
-            if page == SITE {
+        self.stats.put_many(
+            records
+                .into_iter()
                 // The site's live link (`protocol::SITE_LINK`) is no page.
-                continue;
-            }
-            let active = stats.last_active_ms.unwrap_or(0);
-            self.stats.put(page, encode(stats), active)?;
-        }
-        Ok(())
+                .filter(|(page, _)| *page != SITE)
+                .map(|(page, stats)| (page, encode(stats), stats.last_active_ms.unwrap_or(0))),
+        )
     }
 
     /// Record of one room, if stored.
@@ -968,7 +910,8 @@ impl Storage {
 
     /// Writes one room record.
     pub fn save_room(&self, page: &str, record: &RoomRecord) -> Result<(), StorageError> {
-        self.rooms.put(page, encode(record), record.last_active_ms)
+        self.rooms
+            .put_many([(page, encode(record), record.last_active_ms)])
     }
 
     /// Deletes room records inactive since before `cutoff_ms`, except pages
@@ -1081,7 +1024,7 @@ impl Storage {
     /// on another host or in another directory (a copied data directory is a
     /// new node, not this one).
     pub(crate) fn cluster_identity(&self) -> Result<Option<(String, u64)>, StorageError> {
-        let Some(v) = self.db.open_tree("meta")?.get(CLUSTER_IDENTITY)? else {
+        let Some(v) = self.meta.get(CLUSTER_IDENTITY)? else {
             return Ok(None);
         };
         let text = String::from_utf8_lossy(&v);
@@ -1105,9 +1048,7 @@ impl Storage {
         incarnation: u64,
     ) -> Result<(), StorageError> {
         let v = format!("{}\n{}\n{process}\n{incarnation}", self.host(), self.dir());
-        self.db
-            .open_tree("meta")?
-            .insert(CLUSTER_IDENTITY, v.as_bytes())?;
+        self.meta.insert(CLUSTER_IDENTITY, v.as_bytes())?;
         self.flush()
     }
 
@@ -1123,46 +1064,16 @@ impl Storage {
         self.path.display().to_string()
     }
 
-    /// Writes everything to disk and waits for it, with the record counts
-    /// (they stand in after a crash until the background recount is done).
+    /// Writes everything to disk and waits for it.
     pub fn flush(&self) -> Result<(), StorageError> {
-        self.save_counts()?;
         self.db.flush()?;
         Ok(())
     }
 
-    fn save_counts(&self) -> Result<(), StorageError> {
-        for store in [&self.stats, &self.rooms] {
-            let n = store.len.load(Ordering::Relaxed) as u64;
-            self.marker
-                .meta
-                .insert(count_key(store.name), &n.to_be_bytes())?;
-        }
-        Ok(())
-    }
-
-    /// The last write of a clean stop: the record counts, the clean-close
-    /// marker (the next open trusts them and reads no record), and a flush.
-    /// A write after it removes the marker again. Without exact counts (a
-    /// recount still running) it only flushes.
+    /// The last write of a clean stop: a flush (the record counts are
+    /// exact after any stop).
     pub fn close(&self) -> Result<(), StorageError> {
-        let gates = [&self.stats, &self.rooms]
-            .map(|s| s.recount.write().unwrap_or_else(PoisonError::into_inner));
-        if gates.iter().all(|g| !g.running) {
-            self.save_counts()?;
-            self.marker.meta.insert(CLEAN, &[])?;
-            self.marker.set.store(true, Ordering::Release);
-        }
-        drop(gates);
-        self.db.flush()?;
-        Ok(())
-    }
-
-    /// Test hook: true while the record counts are being verified after an
-    /// unclean stop (the counts are approximate and the cap waits).
-    #[cfg(any(test, feature = "test-hooks"))]
-    pub fn recounting(&self) -> bool {
-        self.stats.recounting() || self.rooms.recounting()
+        self.flush()
     }
 
     /// Test hook: stats and room records counted by a scan of both stores
@@ -1232,13 +1143,6 @@ mod tests {
     /// of the directory's lock (sled releases it from that thread).
     fn reopen(path: &Path) -> Storage {
         reopen_with(path, |p| Storage::open(p, 1 << 20))
-    }
-
-    /// [`reopen`] without starting a recount (the test drives it).
-    fn reopen_paused(path: &Path) -> Storage {
-        reopen_with(path, |p| {
-            Storage::open_db(p, 1 << 20).map_err(|e| e.opening(p))
-        })
     }
 
     fn reopen_with(path: &Path, open: fn(&Path) -> Result<Storage, StorageError>) -> Storage {
@@ -1461,21 +1365,11 @@ mod tests {
         assert_eq!(merged.as_deref(), Some(&foreign[..]));
     }
 
-    /// Waits until the background recount (if any) is done.
-    fn recounted(s: &Storage) {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-        while s.recounting() {
-            assert!(std::time::Instant::now() < deadline, "recount never ended");
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
-    }
-
-    /// A clean close leaves counts the next open trusts without a recount;
-    /// a write after the close withdraws them; an unclean stop is recounted
-    /// in the background to the exact figure, writes and deletes made
-    /// during the recount included, and the cap holds afterwards.
+    /// The stored record counts follow every write, rewrite and deletion,
+    /// with or without a close before the next open (a `kill -9` of the
+    /// binary: `api::persistence`), and the cap holds on them.
     #[test]
-    fn record_counts_survive_clean_and_unclean_stops() {
+    fn record_counts_are_exact_after_any_stop() {
         let dir = tempfile::tempdir().expect("dir");
         let page = |i: usize| format!("page-{i:05}");
         let room = |ms| RoomRecord {
@@ -1484,74 +1378,107 @@ mod tests {
         };
         {
             let s = Storage::open(dir.path(), 1 << 20).expect("open");
-            assert!(!s.recounting(), "a new database has nothing to count");
             for i in 0..3000 {
                 s.save_stats([(page(i).as_str(), &stats_at(i as u64))])
                     .expect("save");
             }
+            // Rewrites create nothing.
+            for i in 0..100 {
+                s.save_stats([(page(i).as_str(), &stats_at(5000 + i as u64))])
+                    .expect("save");
+            }
+            // One call: rewrites, new records (more than one transaction's
+            // worth) and a page twice.
+            let mixed: Vec<(String, PageStats)> = (2900..3100)
+                .chain([3050])
+                .map(|i| (page(i), stats_at(6000 + i as u64)))
+                .collect();
+            s.save_stats(mixed.iter().map(|(p, st)| (p.as_str(), st)))
+                .expect("save");
             s.save_room("r", &room(1)).expect("room");
+            s.save_room("r", &room(2)).expect("room");
             s.close().expect("close");
         }
         let s = reopen(dir.path());
-        assert!(!s.recounting(), "a clean close is trusted");
-        assert_eq!((s.stats_records(), s.room_records()), (3000, 1));
-        s.close().expect("close");
-        // Written after the close: the marker goes, the next open recounts.
-        s.save_stats([("late", &stats_at(9000))]).expect("save");
-        drop(s);
-        // Opened without its background recount: the test drives it.
-        let s = reopen_paused(dir.path());
-        assert!(s.recounting());
-        assert_eq!(s.stats.recount_chunk().expect("chunk"), None);
-        // Mid-recount: new records and deletions on both sides of its
-        // cursor (it reads keys in order: `aaa-first` and the first pages
-        // lie behind it after one chunk, the new pages ahead).
+        assert_eq!((s.stats_records(), s.room_records()), (3100, 1));
+        assert_eq!(s.count_records(), (3100, 1));
+        // Written and deleted after the close, then no close at all.
         for i in 3000..3400 {
             s.save_stats([(page(i).as_str(), &stats_at(10_000 + i as u64))])
                 .expect("save");
         }
-        assert_eq!(s.expire_stats(300, |_| false).expect("expire"), 300);
-        s.save_stats([("aaa-first", &stats_at(20_000))])
-            .expect("save");
-        s.stats.start_recount();
-        s.rooms.start_recount();
-        recounted(&s);
+        assert_eq!(s.expire_stats(300, |_| false).expect("expire"), 200);
+        assert_eq!(s.expire_rooms(5, |_| false).expect("expire"), 1);
+        s.db.flush().expect("flush");
+        drop(s);
+        let s = reopen(dir.path());
         let truth = s.count_records();
-        assert_eq!(truth, (3000 + 1 + 400 - 300 + 1, 1));
+        assert_eq!(truth, (3400 - 200, 0));
         assert_eq!((s.stats_records(), s.room_records()), truth);
         let (gone, _) = s.trim(1000, |_| false).expect("trim");
         assert_eq!(gone.len(), truth.0 - 1000);
         assert_eq!(s.count_records().0, 1000);
         assert_eq!(s.stats_records(), 1000);
+        assert_eq!(
+            read_count(s.meta.get(STATS_COUNT).expect("read").as_deref()),
+            1000
+        );
     }
 
-    /// After an unclean stop the count flushed last can be above the truth
-    /// (deletions after it): the cap waits for the recount rather than
-    /// delete records the truth keeps.
+    /// A database of schema 2 not closed cleanly (its stored count was the
+    /// last flush's, some index keys missing) is counted and indexed at
+    /// open, once; one closed cleanly is trusted as it is.
     #[test]
-    fn a_stale_count_never_deletes_below_the_cap() {
-        let dir = tempfile::tempdir().expect("dir");
-        {
-            let s = Storage::open(dir.path(), 1 << 20).expect("open");
-            for i in 0..100u64 {
-                s.save_stats([(format!("p{i:03}").as_str(), &stats_at(i))])
-                    .expect("save");
+    fn a_schema_2_database_is_counted_unless_closed_cleanly() {
+        let write = |clean: bool| {
+            let dir = tempfile::tempdir().expect("dir");
+            {
+                let db = sled::Config::new()
+                    .path(dir.path())
+                    .use_compression(true)
+                    .open()
+                    .expect("sled");
+                let meta = db.open_tree("meta").expect("meta");
+                meta.insert("schema", SCHEMA_V2).expect("schema");
+                meta.insert(STATS_COUNT, &9u64.to_be_bytes())
+                    .expect("count");
+                if clean {
+                    meta.insert(CLEAN, &[]).expect("mark");
+                }
+                let stats = db.open_tree("stats").expect("stats");
+                let age = db.open_tree("stats_by_age").expect("index");
+                for i in 0..5u64 {
+                    let page = format!("p{i}");
+                    stats
+                        .insert(page.as_str(), encode(&stats_at(i)))
+                        .expect("record");
+                    if i != 0 {
+                        age.insert(age_key(i, page.as_bytes()), &[]).expect("key");
+                    }
+                }
+                db.flush().expect("flush");
             }
-            s.flush().expect("flush: the count 100 is on disk");
-            s.trim(40, |_| false).expect("trim");
-            s.db.flush().expect("records flushed, not the count");
-        }
-        let s = reopen_paused(dir.path());
-        assert_eq!(s.stats_records(), 100, "the count flushed last stands in");
-        let (gone, _) = s.trim(50, |_| false).expect("trim");
-        assert!(gone.is_empty(), "nothing deleted before the recount");
-        s.stats.start_recount();
-        s.rooms.start_recount();
-        recounted(&s);
-        assert_eq!(s.count_records().0, 40);
-        assert_eq!(s.stats_records(), 40);
-        let (gone, _) = s.trim(30, |_| false).expect("trim");
-        assert_eq!(gone.len(), 10);
+            dir
+        };
+        let dir = write(false);
+        let s = reopen(dir.path());
+        assert_eq!(s.stats_records(), 5, "counted at open");
+        assert!(s.stats.age.contains_key(age_key(0, b"p0")).expect("read"));
+        assert_eq!(
+            s.meta.get("schema").expect("read").as_deref(),
+            Some(SCHEMA_VERSION)
+        );
+        assert_eq!(s.meta.get(CLEAN).expect("read"), None);
+        drop(s);
+        let s = reopen(dir.path());
+        assert_eq!(s.stats_records(), 5);
+        let dir = write(true);
+        let s = reopen(dir.path());
+        assert_eq!(
+            s.stats_records(),
+            9,
+            "a clean close's count is read, not taken"
+        );
     }
 
     /// A database of schema 1 (JSON records, room records with counts, no
@@ -1597,7 +1524,6 @@ mod tests {
             db.flush().expect("flush");
         }
         let s = reopen(dir.path());
-        recounted(&s);
         assert_eq!((s.stats_records(), s.room_records()), (2, 1));
         assert_eq!(
             s.load_stats("old1").expect("read"),
@@ -1617,7 +1543,7 @@ mod tests {
             })
         );
         assert_eq!(
-            s.marker.meta.get("schema").expect("read").as_deref(),
+            s.meta.get("schema").expect("read").as_deref(),
             Some(SCHEMA_VERSION)
         );
         s.save_stats([("new", &stats_at(20))]).expect("save");
@@ -1628,7 +1554,6 @@ mod tests {
         s.close().expect("close");
         drop(s);
         let s = reopen(dir.path());
-        assert!(!s.recounting());
         assert_eq!(s.stats_records(), 2);
         assert_eq!(
             s.load_stats("old2")

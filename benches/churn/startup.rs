@@ -15,7 +15,7 @@
 //! - **clean**: the release binary (a child) on the filled directory: time
 //!   from its start to `/readyz` answering 200, RSS once settled;
 //! - **unclean**: the same after a `kill -9` of that child (the record
-//!   counts are then verified in the background, after readiness).
+//!   counts are exact after any stop: nothing reads every record).
 //!
 //! Each line carries the targets: ready within 5 s, RSS within
 //! `storage.cache_capacity` + 64 MiB. The data dir's bytes per stored page

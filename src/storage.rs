@@ -45,9 +45,10 @@ const SCHEMA_V1: &[u8] = b"1";
 /// Key in `meta` that schema 2 left at a clean close: its counts are exact.
 const CLEAN: &str = "clean";
 
-/// New records written by one transaction (each transaction holds sled's
-/// write lock and adds a batch marker to its log).
-const NEW_PER_TRANSACTION: usize = 64;
+/// Records created or deleted by one transaction: each transaction adds a
+/// batch marker to sled's log and rewrites the count, and holds sled's
+/// write lock (every other read and write of the database waits).
+const RECORDS_PER_TRANSACTION: usize = 16;
 
 /// Keys in `meta` of the record counts of the stores (8 bytes, big-endian).
 const STATS_COUNT: &str = "records/stats";
@@ -368,7 +369,7 @@ impl Capped {
     /// index key written before it and the old one removed after it (a crash
     /// in between leaves at worst a stale index key, repaired when the trim
     /// reaches it; sled recovers a prefix of the writes). New records go in
-    /// transactions of up to [`NEW_PER_TRANSACTION`], each with the count.
+    /// transactions of up to [`RECORDS_PER_TRANSACTION`], each with the count.
     fn put_many<'a>(
         &self,
         records: impl IntoIterator<Item = (&'a str, Vec<u8>, u64)>,
@@ -380,7 +381,7 @@ impl Capped {
             let new_age = age_key(active_ms, key);
             if !self.rewrite(key, &value, &new_age)? {
                 new.push((key, value, new_age));
-                if new.len() == NEW_PER_TRANSACTION {
+                if new.len() == RECORDS_PER_TRANSACTION {
                     self.create(&new)?;
                     new.clear();
                 }
@@ -449,19 +450,20 @@ impl Capped {
         Ok(())
     }
 
-    /// Walks the index from the oldest key, deleting each record whose
-    /// indexed time `doomed` accepts and that `keep` does not, until
-    /// `done()`. Stale index keys met on the way are repaired; a record
-    /// rewritten meanwhile is left alone. Returns the pages deleted.
+    /// Walks the index from the oldest key, deleting up to `most` records
+    /// (all: `usize::MAX`) whose indexed time `doomed` accepts and that
+    /// `keep` does not. Stale index keys met on the way are repaired; a
+    /// record rewritten meanwhile is left alone. Returns the pages deleted.
     fn evict_oldest(
         &self,
-        done: impl Fn() -> bool,
+        most: usize,
         doomed: impl Fn(u64) -> bool,
         keep: impl Fn(&str) -> bool,
     ) -> Result<Vec<String>, StorageError> {
         let mut deleted = Vec::new();
+        let mut batch = Vec::new();
         for item in self.age.iter().keys() {
-            if done() {
+            if deleted.len() + batch.len() >= most {
                 break;
             }
             let age = item?;
@@ -488,42 +490,62 @@ impl Capped {
                 self.age.insert(age_key(active, page), &[])?;
                 continue;
             }
-            let name = String::from_utf8_lossy(page);
-            if keep(&name) {
+            if keep(&String::from_utf8_lossy(page)) {
                 continue;
             }
-            // The record, its index key and the count go together, unless
-            // the record was rewritten meanwhile.
-            let removed = (&self.data, &self.age, &self.meta)
-                .transaction(|(data, age_tree, meta)| {
-                    if data.get(page)?.as_ref() != Some(&value) {
-                        return Ok(false);
-                    }
-                    data.remove(page)?;
-                    age_tree.remove(age.as_ref())?;
-                    add_to_count(meta, self.count, -1)?;
-                    Ok(true)
-                })
-                .map_err(tx_error)?;
-            if removed {
-                self.len.fetch_sub(1, Ordering::Relaxed);
-                deleted.push(name.into_owned());
+            batch.push((age, value));
+            if batch.len() == RECORDS_PER_TRANSACTION {
+                deleted.extend(self.delete(&batch)?);
+                batch.clear();
             }
         }
+        if !batch.is_empty() {
+            deleted.extend(self.delete(&batch)?);
+        }
+        Ok(deleted)
+    }
+
+    /// Deletes records, each given by its index key and the value it had
+    /// when chosen, with their index keys and the count, in one transaction;
+    /// a record rewritten meanwhile stays. Returns the pages deleted.
+    fn delete(&self, records: &[(sled::IVec, sled::IVec)]) -> Result<Vec<String>, StorageError> {
+        let deleted = (&self.data, &self.age, &self.meta)
+            .transaction(|(data, age_tree, meta)| {
+                let mut deleted = Vec::new();
+                for (age, value) in records {
+                    let Some((_, page)) = split_age_key(age) else {
+                        continue;
+                    };
+                    if data.get(page)?.as_ref() == Some(value) {
+                        data.remove(page)?;
+                        age_tree.remove(age.as_ref())?;
+                        deleted.push(String::from_utf8_lossy(page).into_owned());
+                    }
+                }
+                if !deleted.is_empty() {
+                    add_to_count(meta, self.count, -(deleted.len() as i64))?;
+                }
+                Ok(deleted)
+            })
+            .map_err(tx_error)?;
+        self.len.fetch_sub(deleted.len(), Ordering::Relaxed);
         Ok(deleted)
     }
 
     /// Deletes the least recently active records until at most `max` remain.
     fn trim(&self, max: usize, keep: impl Fn(&str) -> bool) -> Result<Vec<String>, StorageError> {
-        if self.len.load(Ordering::Relaxed) <= max {
+        let over = self.len.load(Ordering::Relaxed).saturating_sub(max);
+        if over == 0 {
             return Ok(Vec::new());
         }
-        self.evict_oldest(|| self.len.load(Ordering::Relaxed) <= max, |_| true, keep)
+        self.evict_oldest(over, |_| true, keep)
     }
 
     /// Deletes the records last active before `cutoff_ms`.
     fn expire(&self, cutoff_ms: u64, keep: impl Fn(&str) -> bool) -> Result<usize, StorageError> {
-        Ok(self.evict_oldest(|| false, |t| t < cutoff_ms, keep)?.len())
+        Ok(self
+            .evict_oldest(usize::MAX, |t| t < cutoff_ms, keep)?
+            .len())
     }
 }
 
@@ -932,7 +954,9 @@ impl Storage {
         cutoff_ms: u64,
         keep: impl Fn(&str) -> bool,
     ) -> Result<usize, StorageError> {
-        let gone = self.stats.evict_oldest(|| false, |t| t < cutoff_ms, keep)?;
+        let gone = self
+            .stats
+            .evict_oldest(usize::MAX, |t| t < cutoff_ms, keep)?;
         for page in &gone {
             self.history.delete(page)?;
         }

@@ -1,9 +1,11 @@
 //! Persistence: the only module that touches sled.
 //!
-//! Four trees: `meta` (schema version), `stats` (one record per page: totals,
-//! peak, last activity), `rooms` (one record per page room: the links its
-//! connections subscribed to and the counts it last saw) and `history` (per
-//! page and for the site, the peaks of each minute and each hour, see
+//! Trees: `meta` (schema version, record counts, cluster identity), `stats`
+//! (one record per page: totals, peak, last activity), `rooms` (one record
+//! per page room: the links its connections subscribed to, its last
+//! activity), an index by last activity of each of those two
+//! (`stats_by_age`, `rooms_by_age`, see [`Capped`]) and `history` (per page
+//! and for the site, the peaks of each minute and each hour, see
 //! [`Resolution`]). Every value starts with a version byte followed by a
 //! compact binary encoding (records of schema 1 hold JSON and are still
 //! read), so the encoding can evolve.
@@ -237,7 +239,7 @@ fn decode<T: Record>(key: &[u8], bytes: &[u8]) -> Option<T> {
 /// A record tree with an index by last activity, so the least recently
 /// active records are found without a scan: `data` maps page -> record,
 /// `age` holds one empty-valued key `active_ms (8 bytes, big-endian) ++ page`
-/// per record, and `meta` the record count (see [`count_key`]). Every write
+/// per record, and `meta` the record count ([`STATS_COUNT`], [`ROOMS_COUNT`]). Every write
 /// that creates or deletes a record is one sled transaction over the three
 /// trees (sled recovers a transaction whole or not at all), so after any stop,
 /// a `kill -9` included, the stored count is exact and every record has its
@@ -1132,6 +1134,15 @@ mod tests {
             .collect()
     }
 
+    /// sled alone on `path`: a database as an earlier build left it.
+    fn bare_sled(path: &Path, compress: bool) -> sled::Db {
+        sled::Config::new()
+            .path(path)
+            .use_compression(compress)
+            .open()
+            .expect("sled")
+    }
+
     /// A new database is compressed; one created without compression (an
     /// earlier build) opens as it is, with its records.
     #[test]
@@ -1141,11 +1152,7 @@ mod tests {
         assert_eq!(compression_of(fresh.path()), Some(true));
         let old = tempfile::tempdir().expect("dir");
         {
-            let db = sled::Config::new()
-                .path(old.path())
-                .use_compression(false)
-                .open()
-                .expect("plain sled");
+            let db = bare_sled(old.path(), false);
             db.open_tree("meta")
                 .expect("meta")
                 .insert("schema", SCHEMA_VERSION)
@@ -1457,11 +1464,7 @@ mod tests {
         let write = |clean: bool| {
             let dir = tempfile::tempdir().expect("dir");
             {
-                let db = sled::Config::new()
-                    .path(dir.path())
-                    .use_compression(true)
-                    .open()
-                    .expect("sled");
+                let db = bare_sled(dir.path(), true);
                 let meta = db.open_tree("meta").expect("meta");
                 meta.insert("schema", SCHEMA_V2).expect("schema");
                 meta.insert(STATS_COUNT, &9u64.to_be_bytes())
@@ -1513,11 +1516,7 @@ mod tests {
     fn a_schema_1_database_is_migrated() {
         let dir = tempfile::tempdir().expect("dir");
         {
-            let db = sled::Config::new()
-                .path(dir.path())
-                .use_compression(true)
-                .open()
-                .expect("sled");
+            let db = bare_sled(dir.path(), true);
             db.open_tree("meta")
                 .expect("meta")
                 .insert("schema", SCHEMA_V1)

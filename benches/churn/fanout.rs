@@ -28,21 +28,63 @@ const TOGGLERS: usize = 8;
 
 /// Fan-out at the default 50 ms broadcast interval and at 100 ms, each
 /// against the bare fan-out ceiling (latest-value policy) first, then the
-/// service; the summary gives the service's p99 as a ratio of the ceiling's
-/// (target: at most 1.1).
+/// service, under two loads: `unpaced` (the togglers go as fast as the
+/// server lets them, so each server gets a load of its own making) and
+/// `paced` (the same offered rate of count changes on both, `LC_FANOUT_RATE`
+/// per second, 1,000 by default). Each summary gives the service's p99 as a
+/// ratio of the ceiling's (target: at most 1.1) and both change rates.
 pub fn fanout(rt: &tokio::runtime::Runtime, smoke: bool, nofile: u64) {
+    let rate = std::env::var("LC_FANOUT_RATE")
+        .ok()
+        .and_then(|v| v.parse::<f64>().ok())
+        .filter(|r| *r > 0.0)
+        .unwrap_or(if smoke { 200.0 } else { 1000.0 });
     for interval_ms in [50u64, 100] {
-        let ceiling = fanout_at(rt, smoke, nofile, interval_ms, Target::Ceiling);
-        let service = fanout_at(rt, smoke, nofile, interval_ms, Target::Service);
-        Line::new("fanout_summary")
-            .s("broadcast_interval_ms", interval_ms)
-            .f("ceiling_publish_lag_p99_ms", ceiling)
-            .f("service_publish_lag_p99_ms", service)
-            .f("service_vs_ceiling_p99", service / ceiling)
-            .f("target_vs_ceiling_p99", 1.1)
-            .f("target_ms", 2.0 * interval_ms as f64)
-            .print();
+        for load in [Load::Unpaced, Load::Paced(rate)] {
+            let ceiling = fanout_at(rt, smoke, nofile, interval_ms, Target::Ceiling, load);
+            let service = fanout_at(rt, smoke, nofile, interval_ms, Target::Service, load);
+            let mut line = Line::new("fanout_summary")
+                .s("broadcast_interval_ms", interval_ms)
+                .s("load", load.name());
+            if let Load::Paced(rate) = load {
+                line = line.f("offered_changes_per_s", rate);
+            }
+            line.f("ceiling_changes_per_s", ceiling.changes_per_s)
+                .f("service_changes_per_s", service.changes_per_s)
+                .f("ceiling_publish_lag_p99_ms", ceiling.p99_ms)
+                .f("service_publish_lag_p99_ms", service.p99_ms)
+                .f("service_vs_ceiling_p99", service.p99_ms / ceiling.p99_ms)
+                .f("target_vs_ceiling_p99", 1.1)
+                .f("target_ms", 2.0 * interval_ms as f64)
+                .print();
+        }
     }
+}
+
+/// How the togglers go.
+#[derive(Clone, Copy)]
+enum Load {
+    /// Each toggler opens (or closes) its next connection as soon as the
+    /// last one is done.
+    Unpaced,
+    /// Count changes offered at this rate per second (open loop: a change
+    /// starts on time whether or not the earlier ones are done).
+    Paced(f64),
+}
+
+impl Load {
+    fn name(self) -> &'static str {
+        match self {
+            Load::Unpaced => "unpaced",
+            Load::Paced(_) => "paced",
+        }
+    }
+}
+
+/// What a run's summary compares.
+struct RunFigures {
+    p99_ms: f64,
+    changes_per_s: f64,
 }
 
 /// What a fan-out run drives.
@@ -200,53 +242,99 @@ impl Toggles {
     }
 }
 
-/// Ramps until `end`: [`TOGGLERS`] concurrent clients open `ramp`
-/// connections to "hot" as fast as the service allows, then close them.
+/// Ramps until `end`: `ramp` connections to "hot" opened, then closed.
 /// Ramps make each count value unique over a window much longer than any
 /// lag, so a delivered value identifies the change it reflects.
-async fn toggle_until(server: SocketAddr, ramp: usize, end: Instant, toggles: &Toggles) {
+async fn toggle_until(
+    server: SocketAddr,
+    ramp: usize,
+    end: Instant,
+    toggles: &Toggles,
+    load: Load,
+) {
     while Instant::now() < end {
-        let mut openers = Vec::new();
-        for t in 0..TOGGLERS {
-            let share = ramp / TOGGLERS + usize::from(t < ramp % TOGGLERS);
-            openers.push(tokio::spawn(open_share(server, share, toggles.clone())));
-        }
-        let mut closers = Vec::new();
-        for o in openers {
-            let group = o.await.expect("opener");
-            closers.push(tokio::spawn(close_group(group, toggles.clone())));
-        }
-        for c in closers {
-            let _ = c.await;
+        match load {
+            Load::Unpaced => unpaced_ramp(server, ramp, toggles).await,
+            Load::Paced(rate) => paced_ramp(server, ramp, toggles, rate).await,
         }
     }
 }
 
-/// Opens `share` connections to "hot", one after the other.
-async fn open_share(server: SocketAddr, share: usize, toggles: Toggles) -> Vec<Ws> {
-    let mut open = Vec::with_capacity(share);
-    for _ in 0..share {
-        match tokio::time::timeout(CYCLE_TIMEOUT, connect(server, "/parties/page/hot")).await {
-            Ok(Ok(ws)) => {
-                toggles.event(1);
-                open.push(ws);
+/// [`TOGGLERS`] concurrent clients open the ramp's connections as fast as
+/// the service allows, one after the other each, then close them.
+async fn unpaced_ramp(server: SocketAddr, ramp: usize, toggles: &Toggles) {
+    let mut openers = Vec::new();
+    for t in 0..TOGGLERS {
+        let share = ramp / TOGGLERS + usize::from(t < ramp % TOGGLERS);
+        let toggles = toggles.clone();
+        openers.push(tokio::spawn(async move {
+            let mut open = Vec::with_capacity(share);
+            for _ in 0..share {
+                open.extend(open_one(server, &toggles).await);
             }
-            _ => {
-                toggles.errors.fetch_add(1, Ordering::Relaxed);
-            }
-        }
+            open
+        }));
     }
-    open
+    let mut closers = Vec::new();
+    for o in openers {
+        let group = o.await.expect("opener");
+        let toggles = toggles.clone();
+        closers.push(tokio::spawn(async move {
+            for ws in group {
+                close_one(ws, &toggles).await;
+            }
+        }));
+    }
+    for c in closers {
+        let _ = c.await;
+    }
 }
 
-/// Closes `group` (close handshakes), one after the other.
-async fn close_group(group: Vec<Ws>, toggles: Toggles) {
-    for ws in group {
-        toggles.event(-1);
-        let r = tokio::time::timeout(CYCLE_TIMEOUT, close_handshake(ws)).await;
-        if !matches!(r, Ok(Ok(()))) {
+/// Open loop: one open started every `1 / rate` s whether or not the
+/// earlier ones are done, then, once all are, one close every `1 / rate` s.
+async fn paced_ramp(server: SocketAddr, ramp: usize, toggles: &Toggles, rate: f64) {
+    let mut ticks = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
+    let mut opening = Vec::with_capacity(ramp);
+    for _ in 0..ramp {
+        ticks.tick().await;
+        let toggles = toggles.clone();
+        opening.push(tokio::spawn(
+            async move { open_one(server, &toggles).await },
+        ));
+    }
+    let mut closing = Vec::with_capacity(ramp);
+    for o in opening {
+        if let Ok(Some(ws)) = o.await {
+            ticks.tick().await;
+            let toggles = toggles.clone();
+            closing.push(tokio::spawn(async move { close_one(ws, &toggles).await }));
+        }
+    }
+    for c in closing {
+        let _ = c.await;
+    }
+}
+
+/// Opens a connection to "hot" (a change once it is open).
+async fn open_one(server: SocketAddr, toggles: &Toggles) -> Option<Ws> {
+    match tokio::time::timeout(CYCLE_TIMEOUT, connect(server, "/parties/page/hot")).await {
+        Ok(Ok(ws)) => {
+            toggles.event(1);
+            Some(ws)
+        }
+        _ => {
             toggles.errors.fetch_add(1, Ordering::Relaxed);
+            None
         }
+    }
+}
+
+/// Closes `ws` with a close handshake (a change as the close starts).
+async fn close_one(ws: Ws, toggles: &Toggles) {
+    toggles.event(-1);
+    let r = tokio::time::timeout(CYCLE_TIMEOUT, close_handshake(ws)).await;
+    if !matches!(r, Ok(Ok(()))) {
+        toggles.errors.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -254,14 +342,14 @@ async fn close_group(group: Vec<Ws>, toggles: Toggles) {
 /// latest change before r that produced v, and every change before it; each
 /// change's lag is the time until a sampled subscriber first got an update
 /// reflecting it.
-fn publish_lags(events: &[(Instant, i64)], samples: &[Receipts]) -> Vec<f64> {
+fn publish_lags(events: &[(Instant, i64)], samples: &[Receipts]) -> Lags {
     let mut value = 0i64;
     let mut by_value: HashMap<i64, Vec<usize>> = HashMap::new();
     for (i, e) in events.iter().enumerate() {
         value += e.1;
         by_value.entry(value).or_default().push(i);
     }
-    let mut lags = Vec::new();
+    let mut lags = Lags::default();
     for recv in samples {
         let mut next = 0usize;
         for &(r, v) in recv {
@@ -273,13 +361,30 @@ fn publish_lags(events: &[(Instant, i64)], samples: &[Receipts]) -> Vec<f64> {
                 continue;
             };
             while next <= j {
-                lags.push(ms(r - events[next].0));
+                let lag = ms(r - events[next].0);
+                lags.all.push(lag);
+                if events[next].1 > 0 {
+                    lags.up.push(lag);
+                } else {
+                    lags.down.push(lag);
+                }
                 next += 1;
             }
         }
     }
-    lags.sort_by(f64::total_cmp);
+    for l in [&mut lags.all, &mut lags.up, &mut lags.down] {
+        l.sort_by(f64::total_cmp);
+    }
     lags
+}
+
+/// Publish lags (ms, sorted): of every change, of the connections opened,
+/// of the connections closed.
+#[derive(Default)]
+struct Lags {
+    all: Vec<f64>,
+    up: Vec<f64>,
+    down: Vec<f64>,
 }
 
 /// What the toggling phase measured.
@@ -289,21 +394,21 @@ struct Toggled {
     client_cpu_pct: f64,
     delivered: u64,
     changes: usize,
-    lags: Vec<f64>,
+    lags: Lags,
     lag_before: Vec<(f64, f64)>,
     lag_after: Vec<(f64, f64)>,
     toggle_errors: u64,
 }
 
 /// Toggles for [`Size::secs`] while the subscribers count their updates.
-async fn measure(service: &ChildService, subs: &Subscribers, size: Size) -> Toggled {
+async fn measure(service: &ChildService, subs: &Subscribers, size: Size, load: Load) -> Toggled {
     let toggles = Toggles::default();
     subs.counting.store(true, Ordering::Relaxed);
     let lag_before = service_lag_buckets(service.admin).await;
     let (service_cpu0, client_cpu0) = (cpu_secs(service.pid()), cpu_secs(std::process::id()));
     let started = Instant::now();
     let end = started + Duration::from_secs_f64(size.secs);
-    toggle_until(service.addr, size.ramp, end, &toggles).await;
+    toggle_until(service.addr, size.ramp, end, &toggles, load).await;
     let toggling = secs(started);
     let service_cpu_pct = 100.0 * (cpu_secs(service.pid()) - service_cpu0) / toggling;
     let client_cpu_pct = 100.0 * (cpu_secs(std::process::id()) - client_cpu0) / toggling;
@@ -326,14 +431,15 @@ async fn measure(service: &ChildService, subs: &Subscribers, size: Size) -> Togg
     }
 }
 
-/// One fan-out run; returns its publish lag p99 (ms).
+/// One fan-out run; returns its publish lag p99 and rate of count changes.
 fn fanout_at(
     rt: &tokio::runtime::Runtime,
     smoke: bool,
     nofile: u64,
     interval_ms: u64,
     target: Target,
-) -> f64 {
+    load: Load,
+) -> RunFigures {
     let size = Size::new(smoke);
     let n = size.subscribers();
     assert!(
@@ -349,22 +455,33 @@ fn fanout_at(
     let (t, open_errors) = rt.block_on(async {
         let subs = open_subscribers(service.addr, size).await;
         tokio::time::sleep(Duration::from_millis(300)).await;
-        let t = measure(&service, &subs, size).await;
+        let t = measure(&service, &subs, size, load).await;
         (t, subs.open_errors.load(Ordering::Relaxed))
     });
     drop(service);
-    print_run(target, interval_ms, size, &t, open_errors);
-    pct(&t.lags, 99.0)
+    print_run(target, interval_ms, size, load, &t, open_errors);
+    RunFigures {
+        p99_ms: pct(&t.lags.all, 99.0),
+        changes_per_s: t.changes as f64 / t.secs,
+    }
 }
 
 /// The `fanout` line of a run.
-fn print_run(target: Target, interval_ms: u64, size: Size, t: &Toggled, open_errors: u64) {
+fn print_run(
+    target: Target,
+    interval_ms: u64,
+    size: Size,
+    load: Load,
+    t: &Toggled,
+    open_errors: u64,
+) {
     let n = size.subscribers();
     let changes = t.changes as f64;
     let per_conn = t.delivered as f64 / n as f64;
     Line::new("fanout")
         .s("target", target.name())
         .s("broadcast_interval_ms", interval_ms)
+        .s("load", load.name())
         .s("rooms", size.rooms)
         .s("conns_per_room", size.per_room)
         .s("subscribers", n)
@@ -375,9 +492,11 @@ fn print_run(target: Target, interval_ms: u64, size: Size, t: &Toggled, open_err
         .f("deliveries_per_s", t.delivered as f64 / t.secs)
         .f("msgs_per_conn_per_s", per_conn / t.secs)
         .f("coalescing_ratio", changes / per_conn.max(1.0))
-        .f("publish_lag_p50_ms", pct(&t.lags, 50.0))
-        .f("publish_lag_p99_ms", pct(&t.lags, 99.0))
-        .f("publish_lag_max_ms", pct(&t.lags, 100.0))
+        .f("publish_lag_p50_ms", pct(&t.lags.all, 50.0))
+        .f("publish_lag_p99_ms", pct(&t.lags.all, 99.0))
+        .f("publish_lag_max_ms", pct(&t.lags.all, 100.0))
+        .f("opened_lag_p99_ms", pct(&t.lags.up, 99.0))
+        .f("closed_lag_p99_ms", pct(&t.lags.down, 99.0))
         .f("target_ms", 2.0 * interval_ms as f64)
         .f(
             "service_lag_p50_le_ms",

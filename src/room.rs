@@ -794,10 +794,13 @@ impl Handler<Counts> for PageRoom {
         self.guard(
             ctx,
             "Counts",
-            |act, ctx| {
+            |act, _| {
+                // The record (links, last activity) does not change with a
+                // followed page's count: no write for it. A live page is
+                // never expired or trimmed, and its last leave writes the
+                // record's last activity.
                 if act.apply_counts(msg.changes, msg.since, msg.frames.as_deref()) {
                     act.release_pending();
-                    act.mark_dirty(ctx);
                 }
             },
             |_| {},

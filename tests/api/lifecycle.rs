@@ -106,6 +106,50 @@ async fn sweep_keeps_pages_with_subscribers() {
 }
 
 /// The sweep also runs on its own timer (`counter.sweep_interval`).
+/// A room's record (its links, its last activity) is written when its own
+/// connections come, go or subscribe, not each time a page it follows
+/// changes its count: otherwise every open page linking to a busy one would
+/// rewrite its record every snapshot interval.
+#[tokio::test]
+async fn a_followed_count_changing_does_not_rewrite_the_room_record() {
+    let (app, _dir) = spawn_app(&[("STORAGE__SNAPSHOT_INTERVAL", "50ms")]);
+    let mut reader = app.connect("reader").await;
+    reader.subscribe(&["busy"]).await;
+    assert_eq!(reader.next_update().await, counts(&[("busy", 0)]));
+    let record = || async {
+        app.storage
+            .load_room("reader")
+            .expect("read")
+            .map(|r| (r.links, r.last_active_ms))
+    };
+    eventually("reader's record written", || async {
+        record().await.is_some()
+    })
+    .await;
+    // Past every write its own join and subscribe asked for.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (links, written) = record().await.expect("record");
+    assert_eq!(links, vec![PageId::parse("busy").unwrap()]);
+
+    for _ in 0..4 {
+        let viewer = app.connect("busy").await;
+        reader.wait_for(&counts(&[("busy", 1)])).await;
+        viewer.close().await;
+        reader.wait_for(&counts(&[("busy", 0)])).await;
+        // Several snapshot intervals with the changed count in the room.
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    assert_eq!(record().await.expect("record").1, written);
+
+    // Its own connections still write it.
+    let second = app.connect("reader").await;
+    eventually("a join rewrites the record", || async {
+        record().await.expect("record").1 > written
+    })
+    .await;
+    drop(second);
+}
+
 #[tokio::test]
 async fn sweep_runs_on_its_timer() {
     let (app, _dir) = spawn_app(&[("COUNTER__SWEEP_INTERVAL", "100ms")]);

@@ -126,8 +126,10 @@ async fn a_followed_count_changing_does_not_rewrite_the_room_record() {
         record().await.is_some()
     })
     .await;
-    // Past every write its own join and subscribe asked for.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The first update came after the room handled its own join, subscribe
+    // and the counter's answer: at most one save is pending, due one snapshot
+    // interval later. Wait well past it.
+    tokio::time::sleep(Duration::from_secs(1)).await;
     let (links, written) = record().await.expect("record");
     assert_eq!(links, vec![PageId::parse("busy").unwrap()]);
 

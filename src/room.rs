@@ -356,6 +356,10 @@ impl PageRoom {
         });
     }
 
+    /// The record (links, last activity) changed: its own connections came,
+    /// went or subscribed. Counts of the pages it follows are not in it, so
+    /// neither a publish nor a subscribe answer writes it; a live page is
+    /// never expired or trimmed, and its last leave writes its last activity.
     fn mark_dirty(&mut self, ctx: &mut Context<Self>) {
         self.dirty = true;
         if !self.save_scheduled {
@@ -795,10 +799,6 @@ impl Handler<Counts> for PageRoom {
             ctx,
             "Counts",
             |act, _| {
-                // The record (links, last activity) does not change with a
-                // followed page's count: no write for it. A live page is
-                // never expired or trimmed, and its last leave writes the
-                // record's last activity.
                 if act.apply_counts(msg.changes, msg.since, msg.frames.as_deref()) {
                     act.release_pending();
                 }
@@ -811,13 +811,13 @@ impl Handler<Counts> for PageRoom {
 impl Handler<Subscribed> for PageRoom {
     type Result = ();
     fn handle(&mut self, msg: Subscribed, ctx: &mut Context<Self>) {
-        self.guard(ctx, "Subscribed", |act, ctx| act.answered(msg, ctx), |_| {});
+        self.guard(ctx, "Subscribed", |act, _| act.answered(msg), |_| {});
     }
 }
 
 impl PageRoom {
     /// The counter's answer to a subscribe: refusals, then counts.
-    fn answered(&mut self, msg: Subscribed, ctx: &mut Context<Self>) {
+    fn answered(&mut self, msg: Subscribed) {
         // Refusals of links asked for again since are stale: the newer
         // answer decides.
         let refused: Vec<PageId> = msg
@@ -837,7 +837,6 @@ impl PageRoom {
         }
         self.apply_counts(msg.counts, None, None);
         self.release_pending();
-        self.mark_dirty(ctx);
     }
 }
 

@@ -105,7 +105,6 @@ async fn sweep_keeps_pages_with_subscribers() {
     assert_eq!(info["connections"], 0);
 }
 
-/// The sweep also runs on its own timer (`counter.sweep_interval`).
 /// A room's record (its links, its last activity) is written when its own
 /// connections come, go or subscribe, not each time a page it follows
 /// changes its count: otherwise every open page linking to a busy one would
@@ -152,6 +151,7 @@ async fn a_followed_count_changing_does_not_rewrite_the_room_record() {
     drop(second);
 }
 
+/// The sweep also runs on its own timer (`counter.sweep_interval`).
 #[tokio::test]
 async fn sweep_runs_on_its_timer() {
     let (app, _dir) = spawn_app(&[("COUNTER__SWEEP_INTERVAL", "100ms")]);

@@ -25,6 +25,8 @@ use std::{
 
 use serde::{de::Error as _, Deserialize, Deserializer};
 
+use crate::storage::Compression;
+
 /// The defaults, compiled in so that the binary runs with no file at all.
 pub(crate) const DEFAULT_TOML: &str = include_str!("../config/default.toml");
 
@@ -198,6 +200,8 @@ pub struct StorageSettings {
     pub(crate) stats_retention: Duration,
     /// Bytes of sled's page cache.
     pub cache_capacity: u64,
+    /// How a new data directory stores its records.
+    pub compression: Compression,
     /// Most records each stored tree keeps (stats, room records); the least
     /// recently active go first.
     pub max_records: usize,
@@ -708,6 +712,21 @@ impl<'de> Deserialize<'de> for LogFormat {
             .ok_or_else(|| {
                 D::Error::custom(format!(
                     "{given:?} is not a log format; use \"text\" or \"json\""
+                ))
+            })
+    }
+}
+
+impl<'de> Deserialize<'de> for Compression {
+    /// `"zstd"` or `"none"` (any case); anything else is refused with the valid values.
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let given = String::deserialize(d)?;
+        Compression::ALL
+            .into_iter()
+            .find(|c| given.trim().eq_ignore_ascii_case(c.as_str()))
+            .ok_or_else(|| {
+                D::Error::custom(format!(
+                    "{given:?} is not a compression; use \"zstd\" or \"none\""
                 ))
             })
     }
@@ -1569,6 +1588,24 @@ mod tests {
         assert!(e.0.contains("LINK_COUNTER__LOG__FORMAT"), "{e}");
         let s = load(&[("LINK_COUNTER__LOG__FORMAT", "JSON")]).expect("any case");
         assert_eq!(s.log.format, LogFormat::Json);
+    }
+
+    #[test]
+    fn compression_lists_its_values() {
+        let e = load(&[("LINK_COUNTER__STORAGE__COMPRESSION", "lz4")]).expect_err("lz4");
+        assert!(
+            e.0.starts_with(
+                "invalid configuration: storage.compression: \"lz4\" is not a compression; \
+                 use \"zstd\" or \"none\""
+            ),
+            "{e}"
+        );
+        let s = load(&[("LINK_COUNTER__STORAGE__COMPRESSION", "None")]).expect("any case");
+        assert_eq!(s.storage.compression, Compression::None);
+        assert_eq!(
+            load(&[]).expect("defaults").storage.compression,
+            Compression::Zstd
+        );
     }
 
     #[test]

@@ -37,7 +37,11 @@ fn main() -> ExitCode {
 
     // Its errors name storage.path (a second instance on the same directory
     // is told so).
-    let storage = match Storage::open(&settings.storage.path, settings.storage.cache_capacity) {
+    let storage = match Storage::open_with(
+        &settings.storage.path,
+        settings.storage.cache_capacity,
+        settings.storage.compression,
+    ) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("link-counter: {e}");

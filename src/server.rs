@@ -95,7 +95,11 @@ impl Server {
     /// serving on `listener`.
     #[cfg(feature = "test-hooks")]
     pub async fn start(settings: Settings, listener: TcpListener) -> anyhow::Result<Server> {
-        let storage = Storage::open(&settings.storage.path, settings.storage.cache_capacity)?;
+        let storage = Storage::open_with(
+            &settings.storage.path,
+            settings.storage.cache_capacity,
+            settings.storage.compression,
+        )?;
         Self::start_with_storage(settings, listener, storage).await
     }
 

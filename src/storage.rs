@@ -784,10 +784,7 @@ impl HistoryTree {
 
 /// Whether the sled database in `path` was created with compression (sled
 /// records it in its `conf` file and refuses to open it with the other
-/// setting); `None` for a new database. New databases are compressed (zstd):
-/// records are JSON, and compression also shrinks the garbage sled keeps
-/// until it cleans a segment (the data directory under an id flood:
-/// BENCHMARKS.md, `flood`).
+/// setting); `None` for a new database.
 fn compression_of(path: &Path) -> Option<bool> {
     let conf = std::fs::read(path.join("conf")).ok()?;
     String::from_utf8_lossy(&conf).lines().find_map(|l| {
@@ -797,6 +794,40 @@ fn compression_of(path: &Path) -> Option<bool> {
             _ => None,
         }
     })
+}
+
+/// How a new data directory stores what it writes (`storage.compression`).
+/// An existing one keeps what it was created with: sled cannot change it in
+/// place.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compression {
+    /// zstd (sled's `compression` feature): about half the disk (records,
+    /// and the garbage sled keeps until it cleans a segment), at about 6×
+    /// the CPU per write (BENCHMARKS.md, storage writes).
+    Zstd,
+    /// Records as they are.
+    None,
+}
+
+impl Compression {
+    /// Every value, in the order the documentation lists them.
+    pub(crate) const ALL: [Compression; 2] = [Compression::Zstd, Compression::None];
+
+    /// The config value.
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Compression::Zstd => "zstd",
+            Compression::None => "none",
+        }
+    }
+
+    fn of(compressed: bool) -> Compression {
+        if compressed {
+            Compression::Zstd
+        } else {
+            Compression::None
+        }
+    }
 }
 
 /// sled's settings for the database in `path`.
@@ -843,20 +874,35 @@ pub struct Storage {
 }
 
 impl Storage {
-    /// Opens (or creates) the database in `path`.
+    /// Opens (or creates, compressed) the database in `path`.
     pub fn open(path: &Path, cache_capacity: u64) -> Result<Storage, StorageError> {
-        Self::open_db(path, cache_capacity).map_err(|e| e.opening(path))
+        Self::open_with(path, cache_capacity, Compression::Zstd)
     }
 
-    fn open_db(path: &Path, cache_capacity: u64) -> Result<Storage, StorageError> {
-        let compress = compression_of(path).unwrap_or(true);
-        if !compress {
+    /// Opens the database in `path`, or creates it with `new` compression.
+    pub fn open_with(
+        path: &Path,
+        cache_capacity: u64,
+        new: Compression,
+    ) -> Result<Storage, StorageError> {
+        Self::open_db(path, cache_capacity, new).map_err(|e| e.opening(path))
+    }
+
+    fn open_db(
+        path: &Path,
+        cache_capacity: u64,
+        new: Compression,
+    ) -> Result<Storage, StorageError> {
+        let compression = compression_of(path).map_or(new, Compression::of);
+        if compression != new {
             tracing::info!(
                 path = %path.display(),
-                "this data directory was created without compression; it stays uncompressed"
+                compression = compression.as_str(),
+                setting = new.as_str(),
+                "this data directory keeps the compression it was created with (storage.compression applies to new ones)"
             );
         }
-        let db = sled_config(path, cache_capacity, compress).open()?;
+        let db = sled_config(path, cache_capacity, compression == Compression::Zstd).open()?;
         let meta = db.open_tree("meta")?;
         // Whether the stored record counts can be trusted: always from
         // schema 3 on; in schema 2 only after a clean close.
@@ -1166,6 +1212,38 @@ mod tests {
         let s = Storage::open(old.path(), 1 << 20).expect("an uncompressed database opens");
         assert_eq!(compression_of(old.path()), Some(false));
         assert_eq!(s.load_stats("kept").expect("read"), Some(stats_at(5)));
+    }
+
+    /// `storage.compression` decides how a new directory stores its records;
+    /// a directory reopened with the other setting keeps its own, and its
+    /// records.
+    #[test]
+    fn a_new_directory_takes_the_setting_and_keeps_it() {
+        for (created, reopened) in [
+            (Compression::None, Compression::Zstd),
+            (Compression::Zstd, Compression::None),
+        ] {
+            let dir = tempfile::tempdir().expect("dir");
+            let s = Storage::open_with(dir.path(), 1 << 20, created).expect("create");
+            s.save_stats([("kept", &stats_at(7))]).expect("save");
+            s.flush().expect("flush");
+            drop(s);
+            let was = Some(created == Compression::Zstd);
+            assert_eq!(compression_of(dir.path()), was);
+            let open: fn(&Path) -> Result<Storage, StorageError> = match reopened {
+                Compression::Zstd => |p| Storage::open_with(p, 1 << 20, Compression::Zstd),
+                Compression::None => |p| Storage::open_with(p, 1 << 20, Compression::None),
+            };
+            let s = reopen_with(dir.path(), open);
+            assert_eq!(s.load_stats("kept").expect("read"), Some(stats_at(7)));
+            s.save_stats([("later", &stats_at(8))])
+                .expect("save after reopening");
+            assert_eq!(
+                compression_of(dir.path()),
+                was,
+                "{created:?} then {reopened:?}"
+            );
+        }
     }
 
     /// A stats record written before visitors were counted (no

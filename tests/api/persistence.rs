@@ -7,7 +7,7 @@ use link_counter::storage::Storage;
 use crate::{
     helpers::{eventually, http_get, settings, spawn_app_with, Client},
     kit::{
-        child::{binary, Running},
+        child::{binary, Running, Spawn, Stderr},
         settings::Env,
     },
 };
@@ -247,4 +247,42 @@ async fn kill_9_mid_writes_leaves_exact_record_counts() {
     let storage = Storage::open(dir.path(), 1 << 20).expect("open");
     assert_eq!((storage.stats_records(), storage.room_records()), (10, 10));
     assert_eq!(storage.count_records(), (10, 10));
+}
+
+/// `storage.compression = "none"` creates an uncompressed data directory
+/// (sled's `conf` says so); restarted with the default setting, the binary
+/// keeps it uncompressed, with its stats, and says so in its log.
+#[tokio::test]
+async fn compression_shapes_a_new_directory_only() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let uncompressed = || {
+        // Text lines, then a binary checksum.
+        let conf = std::fs::read(dir.path().join("conf")).expect("sled's conf");
+        String::from_utf8_lossy(&conf)
+            .lines()
+            .any(|l| l.trim() == "use_compression: false")
+    };
+    let mut bin = start_binary_with(dir.path(), &[("STORAGE__COMPRESSION", "none")]);
+    let addr = bin.addr;
+    let c = Client::connect(&format!("ws://{addr}/parties/page/plain")).await;
+    eventually("the visit counted", || async {
+        total_connections(addr, "plain").await == (1, 1)
+    })
+    .await;
+    c.close().await;
+    assert!(bin.terminate().success());
+    assert!(uncompressed(), "a new directory with compression = none");
+
+    let mut cmd = binary();
+    Env::base(dir.path()).apply(&mut cmd);
+    cmd.env("RUST_LOG", "info");
+    let bin = Spawn::default().stderr(Stderr::Collect).start(cmd);
+    assert_eq!(total_connections(bin.addr, "plain").await, (1, 0));
+    let (code, log) = bin.stop();
+    assert_eq!(code, 0, "{log}");
+    assert!(uncompressed(), "reopened with the default setting");
+    assert!(
+        log.contains("keeps the compression it was created with"),
+        "{log}"
+    );
 }

@@ -706,29 +706,39 @@ impl<'de> Deserialize<'de> for LogFormat {
     /// `"text"` or `"json"` (any case); anything else is refused with the valid values.
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let given = String::deserialize(d)?;
-        LogFormat::ALL
-            .into_iter()
-            .find(|f| given.trim().eq_ignore_ascii_case(f.as_str()))
-            .ok_or_else(|| {
-                D::Error::custom(format!(
-                    "{given:?} is not a log format; use \"text\" or \"json\""
-                ))
-            })
+        one_of(&given, &LogFormat::ALL, LogFormat::as_str, "a log format").map_err(D::Error::custom)
     }
+}
+
+/// The value of `all` named `given` (by `name`, in any case), or an error
+/// saying it is not `what` and listing the valid names.
+fn one_of<T: Copy>(
+    given: &str,
+    all: &[T],
+    name: fn(T) -> &'static str,
+    what: &str,
+) -> Result<T, String> {
+    let found = all
+        .iter()
+        .copied()
+        .find(|v| given.trim().eq_ignore_ascii_case(name(*v)));
+    found.ok_or_else(|| {
+        let names: Vec<String> = all.iter().map(|v| format!("{:?}", name(*v))).collect();
+        format!("{given:?} is not {what}; use {}", names.join(" or "))
+    })
 }
 
 impl<'de> Deserialize<'de> for Compression {
     /// `"zstd"` or `"none"` (any case); anything else is refused with the valid values.
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let given = String::deserialize(d)?;
-        Compression::ALL
-            .into_iter()
-            .find(|c| given.trim().eq_ignore_ascii_case(c.as_str()))
-            .ok_or_else(|| {
-                D::Error::custom(format!(
-                    "{given:?} is not a compression; use \"zstd\" or \"none\""
-                ))
-            })
+        one_of(
+            &given,
+            &Compression::ALL,
+            Compression::as_str,
+            "a compression",
+        )
+        .map_err(D::Error::custom)
     }
 }
 

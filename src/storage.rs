@@ -785,12 +785,12 @@ impl HistoryTree {
 /// Whether the sled database in `path` was created with compression (sled
 /// records it in its `conf` file and refuses to open it with the other
 /// setting); `None` for a new database.
-fn compression_of(path: &Path) -> Option<bool> {
+fn compression_of(path: &Path) -> Option<Compression> {
     let conf = std::fs::read(path.join("conf")).ok()?;
     String::from_utf8_lossy(&conf).lines().find_map(|l| {
         match l.strip_prefix("use_compression:")?.trim() {
-            "true" => Some(true),
-            "false" => Some(false),
+            "true" => Some(Compression::Zstd),
+            "false" => Some(Compression::None),
             _ => None,
         }
     })
@@ -820,22 +820,14 @@ impl Compression {
             Compression::None => "none",
         }
     }
-
-    fn of(compressed: bool) -> Compression {
-        if compressed {
-            Compression::Zstd
-        } else {
-            Compression::None
-        }
-    }
 }
 
 /// sled's settings for the database in `path`.
-fn sled_config(path: &Path, cache_capacity: u64, compress: bool) -> sled::Config {
+fn sled_config(path: &Path, cache_capacity: u64, compression: Compression) -> sled::Config {
     sled::Config::new()
         .path(path)
         .cache_capacity(cache_capacity)
-        .use_compression(compress)
+        .use_compression(compression == Compression::Zstd)
         .flush_every_ms(Some(200))
 }
 
@@ -845,8 +837,8 @@ fn sled_config(path: &Path, cache_capacity: u64, compress: bool) -> sled::Config
 /// closes it.
 #[cfg(feature = "test-hooks")]
 pub fn open_sled(path: &Path, cache_capacity: u64) -> Result<SledOnly, StorageError> {
-    let compress = compression_of(path).unwrap_or(true);
-    sled_config(path, cache_capacity, compress)
+    let compression = compression_of(path).unwrap_or(Compression::Zstd);
+    sled_config(path, cache_capacity, compression)
         .open()
         .map(SledOnly)
         .map_err(|e| StorageError::from(e).opening(path))
@@ -893,7 +885,7 @@ impl Storage {
         cache_capacity: u64,
         new: Compression,
     ) -> Result<Storage, StorageError> {
-        let compression = compression_of(path).map_or(new, Compression::of);
+        let compression = compression_of(path).unwrap_or(new);
         if compression != new {
             tracing::info!(
                 path = %path.display(),
@@ -902,7 +894,7 @@ impl Storage {
                 "this data directory keeps the compression it was created with (storage.compression applies to new ones)"
             );
         }
-        let db = sled_config(path, cache_capacity, compression == Compression::Zstd).open()?;
+        let db = sled_config(path, cache_capacity, compression).open()?;
         let meta = db.open_tree("meta")?;
         // Whether the stored record counts can be trusted: always from
         // schema 3 on; in schema 2 only after a clean close.
@@ -1195,7 +1187,7 @@ mod tests {
     fn compression_follows_the_database() {
         let fresh = tempfile::tempdir().expect("dir");
         drop(Storage::open(fresh.path(), 1 << 20).expect("open"));
-        assert_eq!(compression_of(fresh.path()), Some(true));
+        assert_eq!(compression_of(fresh.path()), Some(Compression::Zstd));
         let old = tempfile::tempdir().expect("dir");
         {
             let db = bare_sled(old.path(), false);
@@ -1210,7 +1202,7 @@ mod tests {
             db.flush().expect("flush");
         }
         let s = Storage::open(old.path(), 1 << 20).expect("an uncompressed database opens");
-        assert_eq!(compression_of(old.path()), Some(false));
+        assert_eq!(compression_of(old.path()), Some(Compression::None));
         assert_eq!(s.load_stats("kept").expect("read"), Some(stats_at(5)));
     }
 
@@ -1228,13 +1220,9 @@ mod tests {
             s.save_stats([("kept", &stats_at(7))]).expect("save");
             s.flush().expect("flush");
             drop(s);
-            let was = Some(created == Compression::Zstd);
+            let was = Some(created);
             assert_eq!(compression_of(dir.path()), was);
-            let open: fn(&Path) -> Result<Storage, StorageError> = match reopened {
-                Compression::Zstd => |p| Storage::open_with(p, 1 << 20, Compression::Zstd),
-                Compression::None => |p| Storage::open_with(p, 1 << 20, Compression::None),
-            };
-            let s = reopen_with(dir.path(), open);
+            let s = reopen_with(dir.path(), |p| Storage::open_with(p, 1 << 20, reopened));
             assert_eq!(s.load_stats("kept").expect("read"), Some(stats_at(7)));
             s.save_stats([("later", &stats_at(8))])
                 .expect("save after reopening");
@@ -1254,7 +1242,7 @@ mod tests {
         reopen_with(path, |p| Storage::open(p, 1 << 20))
     }
 
-    fn reopen_with(path: &Path, open: fn(&Path) -> Result<Storage, StorageError>) -> Storage {
+    fn reopen_with(path: &Path, open: impl Fn(&Path) -> Result<Storage, StorageError>) -> Storage {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         loop {
             match open(path) {

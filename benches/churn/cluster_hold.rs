@@ -425,15 +425,9 @@ fn print_run(size: Size, mode: Mode, r: &Run) {
 }
 
 pub fn cluster_hold(rt: &tokio::runtime::Runtime, smoke: bool) {
-    let env = |k: &str, d: usize| {
-        std::env::var(k)
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(d)
-    };
     let size = Size {
-        nodes: env("LC_HOLD_NODES", if smoke { 2 } else { 6 }),
-        readers: env("LC_HOLD_READERS", if smoke { 200 } else { 15_000 }),
+        nodes: env_or("LC_HOLD_NODES", if smoke { 2 } else { 6 }),
+        readers: env_or("LC_HOLD_READERS", if smoke { 200 } else { 15_000 }),
         smoke,
     };
     conntrack_check("cluster-hold quiet");

@@ -37,16 +37,8 @@ const TOGGLERS: usize = 8;
 /// (target: at most 1.1) and both change rates; `fanout_median` gives the
 /// median ratio over the rounds, with its min and max.
 pub fn fanout(rt: &tokio::runtime::Runtime, smoke: bool, nofile: u64) {
-    let rate = std::env::var("LC_FANOUT_RATE")
-        .ok()
-        .and_then(|v| v.parse::<f64>().ok())
-        .filter(|r| *r > 0.0)
-        .unwrap_or(if smoke { 200.0 } else { 1000.0 });
-    let rounds = std::env::var("LC_FANOUT_ROUNDS")
-        .ok()
-        .and_then(|v| v.parse::<usize>().ok())
-        .filter(|r| *r > 0)
-        .unwrap_or(if smoke { 1 } else { 3 });
+    let rate = env_or::<f64>("LC_FANOUT_RATE", if smoke { 200.0 } else { 1000.0 }).max(1.0);
+    let rounds = env_or::<usize>("LC_FANOUT_ROUNDS", if smoke { 1 } else { 3 }).max(1);
     for interval_ms in [50u64, 100] {
         for load in [Load::Unpaced, Load::Paced(rate)] {
             let mut ratios = Vec::with_capacity(rounds);

@@ -317,13 +317,6 @@ async fn ordinary_run(
     r
 }
 
-fn env_or<T: std::str::FromStr>(key: &str, default: T) -> T {
-    std::env::var(key)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 /// The service's state at the end of a phase.
 struct Sample {
     mismatches: usize,

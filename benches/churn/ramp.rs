@@ -356,14 +356,6 @@ pub fn ramp(rt: &tokio::runtime::Runtime, smoke: bool, nofile: u64) {
     round(rt, smoke, nofile, Mode::Busy, 0, Transport::EventStream);
 }
 
-/// `LC_BENCH_…` setting `key` of the environment, or `default`.
-fn env_or<T: std::str::FromStr>(key: &str, default: T) -> T {
-    std::env::var(key)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 /// The `n` clients of a ramp in `mode`: client `i` on page `i % 100`,
 /// following 3 other pages at random (quiet: pages nobody opens).
 fn ramp_clients(n: usize, mode: Mode) -> Vec<Client> {

@@ -69,13 +69,6 @@ const FLOOD_CLIENTS: usize = 64;
 /// RSS at the end may differ by this much from its value at minute 5, percent.
 const TARGET_RSS_PCT: f64 = 10.0;
 
-fn env_or<T: std::str::FromStr>(key: &str, default: T) -> T {
-    std::env::var(key)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 /// One churn cycle: connect to one of the churn pages (one in ten: an
 /// observed page), subscribe to two churn pages and an observed one, first
 /// update, close handshake (one in four: drop the TCP stream).

@@ -192,6 +192,15 @@ impl Rng {
     }
 }
 
+/// The bench setting `key` of the environment (`LC_…`), or `default` when it
+/// is unset or does not parse.
+pub fn env_or<T: std::str::FromStr>(key: &str, default: T) -> T {
+    std::env::var(key)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 /// Percentile `p` (0..=100) of sorted samples.
 pub fn pct(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {

@@ -801,9 +801,9 @@ fn compression_of(path: &Path) -> Option<Compression> {
 /// place.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Compression {
-    /// zstd (sled's `compression` feature): about half the disk (records,
-    /// and the garbage sled keeps until it cleans a segment), at about 6×
-    /// the CPU per write (BENCHMARKS.md, storage writes).
+    /// zstd (sled's `compression` feature): it shrinks the records and the
+    /// garbage sled keeps until it cleans a segment, at about 6× the CPU
+    /// per write (BENCHMARKS.md, flood and storage writes).
     Zstd,
     /// Records as they are.
     None,

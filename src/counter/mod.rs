@@ -389,7 +389,7 @@ pub struct CounterStatus {
     pub generation: u64,
     /// True while waiting for shards to re-report after a restart.
     pub rebuilding: bool,
-    /// Pages held in memory.
+    /// Pages held in memory (the site figure's entry is no page).
     pub pages: usize,
 }
 

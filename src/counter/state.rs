@@ -389,9 +389,11 @@ impl<R: Clone> State<R> {
 
     // ------------------------------------------------------------ reads
 
-    /// Pages held in memory.
+    /// Pages held in memory: the ones `limits.max_pages` caps, every entry
+    /// but the site figure's (`protocol::SITE_LINK`, the empty id), which is
+    /// no page and comes and goes with the node's open sessions.
     pub(crate) fn page_count(&self) -> usize {
-        self.pages.len()
+        self.pages.len() - usize::from(self.pages.contains_key(""))
     }
 
     /// True if `page` is held in memory.
@@ -569,13 +571,6 @@ impl<R: Clone> State<R> {
         out
     }
 
-    /// The pages `limits.max_pages` caps: every entry but the site figure's
-    /// (`protocol::SITE_LINK`, the empty id), which is no page and comes and
-    /// goes with the node's open sessions.
-    fn tracked_pages(&self) -> usize {
-        self.pages.len() - usize::from(self.pages.contains_key(""))
-    }
-
     /// Splits `links` into those tracked or fitting under `limits.max_pages`
     /// (tracked from now on) and those refused.
     fn admit(&mut self, links: Vec<PageId>) -> Admitted {
@@ -587,7 +582,7 @@ impl<R: Clone> State<R> {
         self.make_room_for_pages(new);
         let (mut accepted, mut refused) = (Vec::with_capacity(links.len()), Vec::new());
         for link in links {
-            if link.is_empty() || self.pages.contains_key(&link) || self.tracked_pages() < max {
+            if link.is_empty() || self.pages.contains_key(&link) || self.page_count() < max {
                 self.entry(&link);
                 accepted.push(link);
             } else {
@@ -1267,7 +1262,7 @@ impl<R: Clone> State<R> {
     /// at a time, so the scan is amortized), queueing their unsaved stats.
     fn make_room_for_pages(&mut self, wanted: usize) {
         let max = self.settings.limits.max_pages;
-        let tracked = self.tracked_pages();
+        let tracked = self.page_count();
         if tracked + wanted <= max || self.rebuild.is_some() {
             return;
         }

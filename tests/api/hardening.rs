@@ -585,6 +585,8 @@ async fn a_stale_page_cap_refusal_does_not_drop_a_link_asked_for_again() {
     })
     .await;
     viewer.close().await;
+    // The counter has the leave before the probe's subscribe asks.
+    crate::lifecycle_wait(&app, "x", 0).await;
     let mut probe = app.connect("probe").await;
     probe.subscribe(&["x"]).await;
     assert_eq!(probe.next_update().await, counts(&[("x", 0)]));

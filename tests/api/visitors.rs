@@ -112,6 +112,9 @@ async fn distinct_visitors_and_connections_without_an_id() {
 async fn visitors_subscribers_get_full_then_exact_deltas() {
     let (app, _dir) = spawn_app(&[]);
     let _p = app.connect_as("p", ALICE).await;
+    // p's room reports its join on its own: the counter has it before the
+    // subscribe below asks (its answer is the first update, asserted exactly).
+    crate::lifecycle_wait(&app, "p", 1).await;
     let mut o = app.connect("o").await;
     o.subscribe_visitors(&["q", "p"]).await;
     assert_eq!(
@@ -158,6 +161,8 @@ async fn clients_without_the_flag_see_exactly_todays_messages() {
     let (app, _dir) = spawn_app(&[("COUNTER__BROADCAST_INTERVAL", "5s")]);
     let a1 = app.connect_as("p", ALICE).await;
     let _a2 = app.connect_as("p", ALICE).await;
+    // The counter has both joins before the subscribe below asks.
+    crate::lifecycle_wait(&app, "p", 2).await;
     let mut plain = Client::connect(&format!("{}?_pk=3f2a-partysocket", app.ws_url("o"))).await;
     plain.subscribe(&["p", "q"]).await;
     assert_eq!(

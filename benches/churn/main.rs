@@ -179,17 +179,25 @@ struct ChurnResult {
     p50_ms: f64,
     p99_ms: f64,
     first_error: Option<String>,
+    /// CPU the server's threads spent over the measured cycles.
+    server_cpu_secs: f64,
 }
 
 impl ChurnResult {
     fn rate(&self) -> f64 {
         self.cycles as f64 / self.secs
     }
+
+    /// The server's CPU per measured cycle, in µs.
+    fn cpu_us_per_cycle(&self) -> f64 {
+        self.server_cpu_secs * 1e6 / self.cycles.max(1) as f64
+    }
 }
 
 /// `concurrency` workers loop cycles against `server` for `secs` after a warm-up.
 async fn churn_run(
     server: SocketAddr,
+    threads: ServerThreads,
     concurrency: usize,
     leave: Leave,
     warmup: Duration,
@@ -198,6 +206,11 @@ async fn churn_run(
     let start = Instant::now() + warmup;
     let end = start + Duration::from_secs_f64(secs);
     let errors_first: Arc<Mutex<Option<String>>> = Arc::default();
+    // The server's CPU from the end of the warm-up to the last cycle's end.
+    let cpu_at_start = tokio::spawn(async move {
+        tokio::time::sleep_until(start.into()).await;
+        server_cpu_secs(threads)
+    });
     let mut tasks = Vec::with_capacity(concurrency);
     for w in 0..concurrency {
         let errors_first = errors_first.clone();
@@ -241,6 +254,7 @@ async fn churn_run(
         errors += e;
     }
     let elapsed = start.elapsed().as_secs_f64();
+    let server_cpu_secs = server_cpu_secs(threads) - cpu_at_start.await.expect("cpu sampler");
     times.sort_by(f64::total_cmp);
     let first_error = errors_first.lock().expect("not poisoned").clone();
     ChurnResult {
@@ -250,6 +264,7 @@ async fn churn_run(
         p50_ms: pct(&times, 50.0),
         p99_ms: pct(&times, 99.0),
         first_error,
+        server_cpu_secs,
     }
 }
 
@@ -273,7 +288,8 @@ fn print_churn(
         .f("cycles_per_s", r.rate())
         .f("p50_ms", r.p50_ms)
         .f("p99_ms", r.p99_ms)
-        .s("errors", r.errors);
+        .s("errors", r.errors)
+        .f("server_cpu_us_per_cycle", r.cpu_us_per_cycle());
     for (name, ceil) in ceilings {
         line = line.f(name, 100.0 * r.rate() / ceil);
     }
@@ -293,16 +309,24 @@ struct ChurnAcc {
     actix_ratios: Vec<f64>,
     p50s: Vec<f64>,
     p99s: Vec<f64>,
+    /// The service's CPU per cycle (µs).
+    cpu_us: Vec<f64>,
+    /// The actix-http ceiling's CPU per cycle of the same round as a percent
+    /// of the service's (100: the service costs no more than the stack).
+    cpu_ratios: Vec<f64>,
     errors: u64,
 }
 
 impl ChurnAcc {
     /// A service run `r` of a round whose ceilings ran at `ceiling` and
-    /// `actix` cycles/s.
-    fn add(&mut self, r: &ChurnResult, ceiling: f64, actix: f64) {
+    /// `actix` cycles/s, the actix-http one at `actix_cpu_us` per cycle.
+    fn add(&mut self, r: &ChurnResult, ceiling: f64, actix: f64, actix_cpu_us: f64) {
         self.rates.push(r.rate());
         self.ratios.push(100.0 * r.rate() / ceiling);
         self.actix_ratios.push(100.0 * r.rate() / actix);
+        self.cpu_us.push(r.cpu_us_per_cycle());
+        self.cpu_ratios
+            .push(100.0 * actix_cpu_us / r.cpu_us_per_cycle().max(f64::MIN_POSITIVE));
         self.p50s.push(r.p50_ms);
         self.p99s.push(r.p99_ms);
         self.errors += r.errors;
@@ -314,11 +338,13 @@ fn churn_against(
     rt: &tokio::runtime::Runtime,
     scale: Scale,
     server: SocketAddr,
+    threads: ServerThreads,
     c: usize,
     leave: Leave,
 ) -> ChurnResult {
     rt.block_on(churn_run(
         server,
+        threads,
         c,
         leave,
         scale.warmup(),
@@ -326,20 +352,27 @@ fn churn_against(
     ))
 }
 
-/// The two ceiling runs of a round at concurrency `c`, printed:
-/// (tokio-tungstenite rate, actix-http rate).
-fn churn_ceilings(
-    rt: &tokio::runtime::Runtime,
-    scale: Scale,
+/// A round's ceilings at one concurrency.
+struct Ceilings {
     c: usize,
-    round: usize,
-) -> (f64, f64) {
+    /// tokio-tungstenite, cycles/s.
+    rate: f64,
+    /// actix-http, cycles/s.
+    actix: f64,
+    /// actix-http, CPU µs per cycle.
+    actix_cpu_us: f64,
+}
+
+/// The two ceiling runs of a round at concurrency `c`, printed.
+fn churn_ceilings(rt: &tokio::runtime::Runtime, scale: Scale, c: usize, round: usize) -> Ceilings {
     let ceiling = Ceiling::start();
-    let r_ceil = churn_against(rt, scale, ceiling.addr, c, Leave::Close);
+    let in_process = ServerThreads::InProcess;
+    let r_ceil = churn_against(rt, scale, ceiling.addr, in_process, c, Leave::Close);
     drop(ceiling);
     print_churn("ceiling", c, Leave::Close, round, &r_ceil, &[]);
     let actix = ChildService::actix_ceiling();
-    let r_actix = churn_against(rt, scale, actix.addr, c, Leave::Close);
+    let threads = ServerThreads::Child(actix.pid());
+    let r_actix = churn_against(rt, scale, actix.addr, threads, c, Leave::Close);
     drop(actix);
     print_churn(
         "actix_ceiling",
@@ -349,7 +382,12 @@ fn churn_ceilings(
         &r_actix,
         &[("pct_of_ceiling", r_ceil.rate())],
     );
-    (r_ceil.rate(), r_actix.rate())
+    Ceilings {
+        c,
+        rate: r_ceil.rate(),
+        actix: r_actix.rate(),
+        actix_cpu_us: r_actix.cpu_us_per_cycle(),
+    }
 }
 
 /// Churn against the service and against two bare ceilings, interleaved in
@@ -366,16 +404,18 @@ fn churn(rt: &tokio::runtime::Runtime, scale: Scale) {
         .map(|v| v.split(',').filter_map(|c| c.trim().parse().ok()).collect())
         .unwrap_or_else(|| vec![50, 500]);
     let mut acc: Vec<((usize, Leave), ChurnAcc)> = Vec::new();
-    // (c, tokio-tungstenite ceiling rate, actix-http ceiling rate)
-    let mut ceilings: Vec<(usize, f64, f64)> = Vec::new();
+    let mut ceilings: Vec<Ceilings> = Vec::new();
     for round in 0..rounds {
         for &c in &concurrencies {
             conntrack_check(&format!("churn round {round} c={c}"));
-            let (ceiling, actix) = churn_ceilings(rt, scale, c, round);
-            ceilings.push((c, ceiling, actix));
+            let round_ceilings = churn_ceilings(rt, scale, c, round);
+            let (ceiling, actix) = (round_ceilings.rate, round_ceilings.actix);
+            let actix_cpu_us = round_ceilings.actix_cpu_us;
+            ceilings.push(round_ceilings);
             for leave in [Leave::Close, Leave::Drop] {
                 let service = InProcess::start(&[]);
-                let r = churn_against(rt, scale, service.addr, c, leave);
+                let threads = ServerThreads::InProcess;
+                let r = churn_against(rt, scale, service.addr, threads, c, leave);
                 drop(service);
                 let vs = [("pct_of_ceiling", ceiling), ("pct_of_actix_ceiling", actix)];
                 print_churn("service", c, leave, round, &r, &vs);
@@ -386,7 +426,7 @@ fn churn(rt: &tokio::runtime::Runtime, scale: Scale) {
                         acc.len() - 1
                     }
                 };
-                acc[i].1.add(&r, ceiling, actix);
+                acc[i].1.add(&r, ceiling, actix, actix_cpu_us);
             }
         }
     }
@@ -401,17 +441,19 @@ fn print_churn_summary(
     leave: Leave,
     rounds: usize,
     mut a: ChurnAcc,
-    ceilings: &[(usize, f64, f64)],
+    ceilings: &[Ceilings],
 ) {
     let median = |v: &mut Vec<f64>| {
         v.sort_by(f64::total_cmp);
         pct(v, 50.0)
     };
-    let of_c = ceilings.iter().filter(|(cc, _, _)| *cc == c);
-    let mut ceil: Vec<f64> = of_c.clone().map(|(_, r, _)| *r).collect();
-    let mut actix: Vec<f64> = of_c.map(|(_, _, r)| *r).collect();
+    let of_c = ceilings.iter().filter(|r| r.c == c);
+    let mut ceil: Vec<f64> = of_c.clone().map(|r| r.rate).collect();
+    let mut actix: Vec<f64> = of_c.clone().map(|r| r.actix).collect();
+    let mut actix_cpu: Vec<f64> = of_c.map(|r| r.actix_cpu_us).collect();
     a.ratios.sort_by(f64::total_cmp);
     a.actix_ratios.sort_by(f64::total_cmp);
+    a.cpu_ratios.sort_by(f64::total_cmp);
     Line::new("churn_summary")
         .s("c", c)
         .s("leave", leave.name())
@@ -428,6 +470,11 @@ fn print_churn_summary(
         .f("p50_ms", median(&mut a.p50s))
         .f("p99_ms", median(&mut a.p99s))
         .s("errors", a.errors)
+        .f("service_cpu_us_per_cycle", median(&mut a.cpu_us))
+        .f("actix_ceiling_cpu_us_per_cycle", median(&mut actix_cpu))
+        .f("cpu_pct_of_actix_ceiling", median(&mut a.cpu_ratios))
+        .f("cpu_pct_of_actix_ceiling_min", pct(&a.cpu_ratios, 0.0))
+        .f("cpu_pct_of_actix_ceiling_max", pct(&a.cpu_ratios, 100.0))
         .f("target_pct_of_actix_ceiling", 90.0)
         .print();
 }

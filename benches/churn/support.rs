@@ -560,6 +560,55 @@ pub fn cpu_secs(pid: u32) -> f64 {
     (ticks(11) + ticks(12)) / 100.0
 }
 
+/// Whose threads [`server_cpu_secs`] adds up.
+#[derive(Clone, Copy, Debug)]
+pub enum ServerThreads {
+    /// A server in this process: every thread but the load generator's
+    /// (`lc-bench-client`) and the main one.
+    InProcess,
+    /// A child process: all its threads.
+    Child(u32),
+}
+
+/// CPU time a server's threads have spent on a core so far, in seconds
+/// (`schedstat`'s nanoseconds, not the 100 Hz ticks of [`cpu_secs`]). A
+/// thread that ended is no longer counted, so compare two readings of the
+/// same long-lived threads (a server's workers, its acceptor, its counter).
+pub fn server_cpu_secs(who: ServerThreads) -> f64 {
+    let (dir, skip_main) = match who {
+        ServerThreads::InProcess => ("/proc/self/task".to_string(), std::process::id()),
+        ServerThreads::Child(pid) => (format!("/proc/{pid}/task"), 0),
+    };
+    let Ok(tasks) = std::fs::read_dir(&dir) else {
+        return 0.0;
+    };
+    let mut ns: u64 = 0;
+    for task in tasks.flatten() {
+        let tid = task
+            .file_name()
+            .to_string_lossy()
+            .parse::<u32>()
+            .unwrap_or(0);
+        if tid == skip_main {
+            continue;
+        }
+        let path = task.path();
+        if matches!(who, ServerThreads::InProcess) {
+            let comm = std::fs::read_to_string(path.join("comm")).unwrap_or_default();
+            if comm.starts_with("lc-bench-client") {
+                continue;
+            }
+        }
+        let stat = std::fs::read_to_string(path.join("schedstat")).unwrap_or_default();
+        ns += stat
+            .split_whitespace()
+            .next()
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0);
+    }
+    ns as f64 / 1e9
+}
+
 /// The fan-out ceiling: a bare presence server for one hot page, run as a
 /// child process (`--fanout-ceiling-server MS`, own descriptor table), on a
 /// 2-thread runtime like the service's 2 workers. A connection to a path

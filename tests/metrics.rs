@@ -226,13 +226,23 @@ async fn scraped_values_equal_the_script() {
     // Metrics are not on the public listener by default; the stats API is.
     let (status, _) = app.get("/metrics").await;
     assert_eq!(status, 404);
-    let stats = app.get_json("/api/v1/stats").await;
+    // The event stream's end reaches the session count, and the rooms'
+    // reports (the silent client's leave, the stream's open) the counter, in
+    // no fixed time after the scrape above.
+    let (stats, top) = helpers::eventually("the stats API after the closes", || async {
+        let stats = app.get_json("/api/v1/stats").await;
+        let top = app.get_json("/api/v1/top?limit=5").await;
+        let settled = stats["connections"] == 1
+            && stats["connections_opened_total"] == 5
+            && top[0]["connections"] == 1;
+        settled.then_some((stats, top))
+    })
+    .await;
     assert_eq!(stats["connections"], 1, "{stats}");
     // The stats API counts viewers that joined a page (not the one refused
     // at the room cap), over both transports.
     assert_eq!(stats["connections_opened_total"], 5, "{stats}");
     assert_eq!(stats["rooms"], 2, "{stats}");
-    let top = app.get_json("/api/v1/top?limit=5").await;
     assert_eq!(top[0]["id"], "b", "{top}");
     assert_eq!(top[0]["connections"], 1, "{top}");
     assert_eq!(top[0]["total_connections"], 2, "{top}");

@@ -1454,6 +1454,15 @@ mod tests {
             }
         }
 
+        /// The messages node `i` has received so far, handled before a
+        /// reply: a connection delivers pushes and replies in the order
+        /// Redis sent them, and the actor handles them in that order.
+        fn deliver_received(&mut self, i: usize) {
+            while let Some((gen, wire)) = self.nodes[i].inbox.pop_front() {
+                self.feed(i, Event::Message { gen, wire });
+            }
+        }
+
         /// Runs node `i`'s oldest job against Redis and reports its result.
         fn step(&mut self, i: usize) {
             let Some(job) = self.nodes[i].pending.pop_front() else {
@@ -1495,6 +1504,7 @@ mod tests {
                     } else {
                         Err("not connected".into())
                     };
+                    self.deliver_received(i);
                     self.feed(i, Event::Written { result });
                 }
                 Pending::Sync {
@@ -1516,6 +1526,7 @@ mod tests {
                     } else {
                         Err("not connected".into())
                     };
+                    self.deliver_received(i);
                     self.feed(i, Event::Synced { result });
                 }
                 Pending::Reap { gen, node } => {
@@ -1525,6 +1536,7 @@ mod tests {
                     } else {
                         Err("not connected".into())
                     };
+                    self.deliver_received(i);
                     self.feed(i, Event::Reaped { gen, result });
                 }
             }

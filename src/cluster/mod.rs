@@ -50,7 +50,9 @@ mod store;
 mod table;
 
 use std::{
+    cell::RefCell,
     collections::HashMap,
+    rc::Rc,
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc,
@@ -294,6 +296,9 @@ fn by_group(keys: &Keys, names: Vec<String>) -> Vec<Vec<String>> {
 }
 
 /// The cluster module's actor: the [`Machine`] and the I/O around it.
+/// A connection's pushes, read by its stream and drained before a reply.
+type Pushes = Rc<RefCell<mpsc::UnboundedReceiver<PushInfo>>>;
+
 pub struct Cluster {
     /// Timers, prefix, channel count, caps.
     settings: Arc<Settings>,
@@ -315,6 +320,8 @@ pub struct Cluster {
     first_jobs: Vec<Job>,
     /// The connection the machine is up on: (its number, it).
     conn: Option<(u64, Conn)>,
+    /// That connection's pushes not yet handled (shared with its stream).
+    pushes: Option<(u64, Pushes)>,
     /// Connected at least once (reconnects are counted).
     connected_before: bool,
     /// A graceful leave waiting for its end.
@@ -389,6 +396,7 @@ impl Cluster {
             machine,
             first_jobs,
             conn: None,
+            pushes: None,
             connected_before: false,
             leave: None,
             starts: 0,
@@ -522,13 +530,15 @@ impl Cluster {
         ctx: &mut Context<Self>,
         gen: u64,
         conn: Conn,
-        mut rx: mpsc::UnboundedReceiver<PushInfo>,
+        rx: mpsc::UnboundedReceiver<PushInfo>,
         checked: Option<NodeId>,
         check: BeatReply,
     ) {
         m::set_cluster_nodes(check.live.len());
         self.conn = Some((gen, conn));
-        let pushes = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
+        let rx: Pushes = Rc::new(RefCell::new(rx));
+        self.pushes = Some((gen, rx.clone()));
+        let pushes = futures_util::stream::poll_fn(move |cx| rx.borrow_mut().poll_recv(cx))
             .map(move |p| (gen, Some(p)))
             .chain(futures_util::stream::once(async move { (gen, None) }));
         ctx.add_stream(pushes);
@@ -572,6 +582,7 @@ impl Cluster {
                 }
                 Err(e) => Err(e.to_string()),
             };
+            act.drain_pushes(ctx);
             act.feed_contained(ctx, "Written", Event::Written { result });
         }));
     }
@@ -600,6 +611,7 @@ impl Cluster {
                 m::redis_rtt(m::RedisOp::Load, started.elapsed());
             }
             let result = r.map_err(|e| e.to_string());
+            act.drain_pushes(ctx);
             act.feed_contained(ctx, "Synced", Event::Synced { result });
         }));
     }
@@ -616,6 +628,7 @@ impl Cluster {
                 m::cluster_nodes_reaped(1);
             }
             let result = r.map_err(|e| e.to_string());
+            act.drain_pushes(ctx);
             act.feed_contained(ctx, "Reaped", Event::Reaped { gen, result });
         }));
     }
@@ -685,8 +698,9 @@ impl Supervised for Cluster {
     }
 }
 
-impl StreamHandler<(u64, Option<PushInfo>)> for Cluster {
-    fn handle(&mut self, (gen, push): (u64, Option<PushInfo>), ctx: &mut Context<Self>) {
+impl Cluster {
+    /// Handles what arrived on connection `gen` as a push (`None`: its end).
+    fn on_push(&mut self, ctx: &mut Context<Self>, gen: u64, push: Option<PushInfo>) {
         self.contained(ctx, "PubSub", |act, ctx| {
             let Some(push) = push else {
                 let error = "pub/sub connection closed".to_owned();
@@ -705,6 +719,31 @@ impl StreamHandler<(u64, Option<PushInfo>)> for Cluster {
                 Err(_) => tracing::warn!("cluster: unreadable channel message ignored"),
             }
         });
+    }
+
+    /// Handles the pushes already received, before a command's reply: a
+    /// connection delivers pushes and replies in the order Redis sent them,
+    /// and the machine must see them in that order too. A message published
+    /// before a load, handled after it, would put back a value the load no
+    /// longer holds (a node's count that went to 0 since), and nothing
+    /// would correct it until that node's next change of the page.
+    fn drain_pushes(&mut self, ctx: &mut Context<Self>) {
+        let Some((gen, rx)) = self.pushes.clone() else {
+            return;
+        };
+        loop {
+            let next = rx.borrow_mut().try_recv();
+            match next {
+                Ok(push) => self.on_push(ctx, gen, Some(push)),
+                Err(_) => return,
+            }
+        }
+    }
+}
+
+impl StreamHandler<(u64, Option<PushInfo>)> for Cluster {
+    fn handle(&mut self, (gen, push): (u64, Option<PushInfo>), ctx: &mut Context<Self>) {
+        self.on_push(ctx, gen, push);
     }
 
     fn finished(&mut self, _: &mut Context<Self>) {

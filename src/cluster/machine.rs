@@ -197,6 +197,8 @@ struct InFlightWrite {
     pages: Vec<PageId>,
     /// Connection it runs on.
     gen: u64,
+    /// It is the leave (only its own reply ends the leave).
+    leave: bool,
 }
 
 /// The sync in flight.
@@ -663,7 +665,11 @@ impl Machine {
         };
         self.seq += 1;
         let pages = write.ops().iter().map(|o| o.page.clone()).collect();
-        self.write = Some(InFlightWrite { pages, gen });
+        self.write = Some(InFlightWrite {
+            pages,
+            gen,
+            leave: self.leaving,
+        });
         out.push(Job::Write {
             gen,
             node: self.id.clone(),
@@ -728,25 +734,34 @@ impl Machine {
         out: &mut Vec<Job>,
     ) {
         let Some(w) = self.write.take() else { return };
+        if w.leave {
+            if let Err(e) = &result {
+                tracing::error!(error = %e, "cluster: leave failed; others drop this node within node_ttl");
+            }
+            self.finish_leave(result.is_ok(), out);
+            return;
+        }
         match result {
             Ok(joined) => {
-                if self.leaving {
-                    self.finish_leave(true, out);
-                    return;
-                }
                 if let Some(reply) = joined {
                     // The join reaped them before registering.
                     self.unreaped.clear();
                     self.unreaped_pages.clear();
                     self.reg = Registration::Joined { last_ok: now };
                     tracing::info!(node = %self.id, "cluster: registered");
-                    out.push(Job::BeatAs(Some(self.id.clone())));
+                    if !self.leaving {
+                        out.push(Job::BeatAs(Some(self.id.clone())));
+                    }
                     let id = self.id.clone();
                     self.on_view(Some(&id), reply, now, out);
                 }
+                // A leave asked for meanwhile is sent now: it removes what
+                // this write put in Redis too.
                 self.pump(out);
             }
             Err(e) => {
+                // An earlier write failed during a leave: the connection is
+                // gone, so is the way to leave.
                 if self.leaving {
                     tracing::error!(error = %e, "cluster: leave failed; others drop this node within node_ttl");
                     self.finish_leave(false, out);
@@ -1262,6 +1277,8 @@ mod tests {
         inbox: VecDeque<(u64, Wire)>,
         beat_as: Option<NodeId>,
         saved: Option<NodeId>,
+        /// How its graceful leave ended, once it did.
+        left: Option<bool>,
         /// The local tallies (the truth of this node).
         truth: HashMap<PageId, u64>,
         followed: HashSet<PageId>,
@@ -1326,6 +1343,7 @@ mod tests {
                     inbox: VecDeque::new(),
                     beat_as: None,
                     saved: None,
+                    left: None,
                     truth: HashMap::new(),
                     followed: HashSet::new(),
                     seen: HashMap::new(),
@@ -1398,7 +1416,8 @@ mod tests {
                             self.nodes[i].seen.insert(p, t.connections);
                         }
                     }
-                    Job::Loaded(_) | Job::Left(_) => {}
+                    Job::Left(ok) => n.left = Some(ok),
+                    Job::Loaded(_) => {}
                 }
             }
         }
@@ -1577,7 +1596,13 @@ mod tests {
                     self.publish(i, msgs);
                     Ok(None)
                 }
-                Write::Withdraw { .. } => Err("no leave in this model".into()),
+                Write::Withdraw { ops } => {
+                    // Zeros published, then the fields and the id removed.
+                    let msgs = self.redis.write(node, seq, &ops);
+                    self.publish(i, msgs);
+                    self.redis.reap(node);
+                    Ok(None)
+                }
             }
         }
 
@@ -1876,6 +1901,58 @@ mod tests {
         }
         assert_eq!(w.nodes[0].seen.get(&x), Some(&4));
         assert_eq!(w.nodes[0].m.sum(&x), tally(4));
+    }
+
+    /// A leave asked for while a write is in flight waits for that write's
+    /// reply, then goes out: only its own reply ends it, and the others
+    /// drop the node's counts at once.
+    #[test]
+    fn a_leave_waits_for_the_write_in_flight() {
+        let x = PageId::parse("x").unwrap();
+        let mut w = World::new(2);
+        w.follow(0, x.clone());
+        w.local(1, x.clone(), 3);
+        w.check_converged();
+        assert_eq!(w.nodes[0].seen.get(&x), Some(&3));
+        w.local(1, x.clone(), 2);
+        let batch = |n: &Node| {
+            matches!(
+                n.pending.front(),
+                Some(Pending::Write {
+                    write: Write::Batch { .. },
+                    ..
+                })
+            )
+        };
+        assert!(batch(&w.nodes[1]), "a batch in flight");
+        w.feed(1, Event::Withdraw);
+        assert_eq!(w.nodes[1].pending.len(), 1, "the leave waits for the batch");
+        w.step(1);
+        assert_eq!(
+            w.nodes[1].left, None,
+            "the batch's reply does not end the leave"
+        );
+        assert!(
+            matches!(
+                w.nodes[1].pending.front(),
+                Some(Pending::Write {
+                    write: Write::Withdraw { .. },
+                    ..
+                })
+            ),
+            "the leave goes out after the batch"
+        );
+        w.step(1);
+        assert_eq!(w.nodes[1].left, Some(true));
+        let id = w.nodes[1].m.id().to_string();
+        assert!(!w.redis.live.contains_key(&id), "the id is gone from Redis");
+        assert!(w.redis.pages.get("x").is_none_or(|f| !f.contains_key(&id)));
+        w.deliver_received(0);
+        assert_eq!(
+            w.nodes[0].seen.get(&x),
+            Some(&0),
+            "the others drop it at once"
+        );
     }
 
     proptest! {

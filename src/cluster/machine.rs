@@ -1354,6 +1354,16 @@ mod tests {
             w
         }
 
+        /// Two nodes, settled: node 0 follows `x`, node 1 has `n` viewers of it.
+        fn two_with_viewers(x: &PageId, n: u64) -> World {
+            let mut w = World::new(2);
+            w.follow(0, x.clone());
+            w.local(1, x.clone(), n);
+            w.check_converged();
+            assert_eq!(w.nodes[0].seen.get(x), Some(&n));
+            w
+        }
+
         fn at(&self) -> Instant {
             self.t0 + Duration::from_millis(self.now)
         }
@@ -1875,11 +1885,7 @@ mod tests {
     #[test]
     fn malformed_ids_from_redis_are_skipped() {
         let x = PageId::parse("x").unwrap();
-        let mut w = World::new(2);
-        w.follow(0, x.clone());
-        w.local(1, x.clone(), 1);
-        w.check_converged();
-        assert_eq!(w.nodes[0].seen.get(&x), Some(&1));
+        let mut w = World::two_with_viewers(&x, 1);
         w.max_ever.insert(("p1".into(), x.clone()), 4);
         let gen = w.nodes[0].m.up().expect("up");
         let node = w.nodes[1].m.id().to_string();
@@ -1909,11 +1915,7 @@ mod tests {
     #[test]
     fn a_leave_waits_for_the_write_in_flight() {
         let x = PageId::parse("x").unwrap();
-        let mut w = World::new(2);
-        w.follow(0, x.clone());
-        w.local(1, x.clone(), 3);
-        w.check_converged();
-        assert_eq!(w.nodes[0].seen.get(&x), Some(&3));
+        let mut w = World::two_with_viewers(&x, 3);
         w.local(1, x.clone(), 2);
         let batch = |n: &Node| {
             matches!(

@@ -33,6 +33,9 @@ pub fn redis_available() -> bool {
     found
 }
 
+/// How many times a server is started on new ports before a test gives up.
+const ATTEMPTS: usize = 5;
+
 /// A free TCP port on 127.0.0.1 (free when asked).
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -40,6 +43,29 @@ pub fn free_port() -> u16 {
         .local_addr()
         .expect("addr")
         .port()
+}
+
+/// `n` distinct free ports for Redis Cluster nodes: each at most 55535 (a
+/// node's cluster bus listens 10000 above its port, and `redis-server`
+/// refuses to start past that), with its bus port free too and no port
+/// another's bus port. A port from `free_port` is above 55535 about one
+/// time in five.
+pub fn free_cluster_ports(n: usize) -> Vec<u16> {
+    const MAX: u16 = u16::MAX - 10_000;
+    let mut ports: Vec<u16> = Vec::new();
+    while ports.len() < n {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind port 0");
+        let p = listener.local_addr().expect("addr").port();
+        let taken = |q: u16| {
+            ports
+                .iter()
+                .any(|o| *o == q || *o + 10_000 == q || q + 10_000 == *o)
+        };
+        if p <= MAX && !taken(p) && TcpListener::bind(("127.0.0.1", p + 10_000)).is_ok() {
+            ports.push(p);
+        }
+    }
+    ports
 }
 
 /// Whether a Redis at `port` answers `PING`.
@@ -89,8 +115,17 @@ impl RedisServer {
             extra: extra.iter().map(|a| a.to_string()).collect(),
             dir: tempfile::tempdir().expect("temp dir"),
         };
-        r.restart();
-        r
+        // A port free when picked can be taken before the server binds it
+        // (as a client's source port, on a busy machine): then it exits, and
+        // it starts again on another.
+        for _ in 0..ATTEMPTS {
+            if r.start_answering() {
+                return r;
+            }
+            r.stop();
+            r.port = free_port();
+        }
+        panic!("redis-server did not start in {ATTEMPTS} attempts on free ports");
     }
 
     /// `redis://127.0.0.1:PORT/`, for `cluster.redis_url`.
@@ -101,6 +136,16 @@ impl RedisServer {
     /// Starts (again, after [`RedisServer::stop`]) on the same port and
     /// waits until it answers `PING`.
     pub fn restart(&mut self) {
+        assert!(
+            self.start_answering(),
+            "redis-server exited on restart (port {} taken?)",
+            self.port
+        );
+    }
+
+    /// Starts on `self.port`; true once it answers `PING`, false if it
+    /// exited first.
+    fn start_answering(&mut self) -> bool {
         self.stop();
         let child = Command::new("redis-server")
             .args(["--port", &self.port.to_string()])
@@ -114,7 +159,13 @@ impl RedisServer {
             .expect("redis-server starts (apt-get install redis-server)");
         self.child = Some(child);
         let port = self.port;
-        eventually_blocking("redis-server to answer PING", || ping(port));
+        let child = self.child.as_mut().expect("just started");
+        eventually_blocking("redis-server to answer PING or exit", || {
+            if matches!(child.try_wait(), Ok(Some(_))) {
+                return Some(false);
+            }
+            ping(port).then_some(true)
+        })
     }
 
     /// kill -9 (nothing saved).
@@ -201,8 +252,22 @@ pub struct RedisCluster {
 
 impl RedisCluster {
     pub fn start(n: usize) -> RedisCluster {
+        // As for one server: a node whose port was taken meanwhile exits, and
+        // the cluster starts again on other ports.
+        for _ in 0..ATTEMPTS {
+            if let Some(cluster) = RedisCluster::try_start(n) {
+                cluster.create();
+                return cluster;
+            }
+        }
+        panic!("no Redis Cluster of {n} nodes started in {ATTEMPTS} attempts on free ports");
+    }
+
+    /// The nodes on fresh ports, once each answers `PING`; `None` (all
+    /// stopped) if one exited first.
+    fn try_start(n: usize) -> Option<RedisCluster> {
         let dir = tempfile::tempdir().expect("tmp");
-        let ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
+        let ports = free_cluster_ports(n);
         let children = ports
             .iter()
             .map(|p| {
@@ -220,16 +285,24 @@ impl RedisCluster {
                     .expect("redis-server starts")
             })
             .collect();
-        let cluster = RedisCluster {
+        let mut cluster = RedisCluster {
             ports,
             children,
             _dir: dir,
         };
-        for p in &cluster.ports {
-            eventually_blocking("redis-server to answer PING", || ping(*p));
-        }
-        cluster.create();
-        cluster
+        let ports = cluster.ports.clone();
+        let children = &mut cluster.children;
+        let started =
+            eventually_blocking("every redis-server to answer PING or one to exit", || {
+                if children
+                    .iter_mut()
+                    .any(|c| matches!(c.try_wait(), Ok(Some(_))))
+                {
+                    return Some(false);
+                }
+                ports.iter().all(|p| ping(*p)).then_some(true)
+            });
+        started.then_some(cluster)
     }
 
     /// `redis-cli --cluster create`, then waits until every master agrees

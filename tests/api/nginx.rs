@@ -430,7 +430,21 @@ struct Nginx {
 }
 
 impl Nginx {
+    /// nginx on free ports. A port free when picked can be taken before
+    /// nginx binds it (as a client's source port, on a busy machine): then
+    /// it exits with "Address already in use", and starts again on others.
     fn start(sites: &[Site], upstreams: &[SocketAddr]) -> Nginx {
+        const ATTEMPTS: usize = 5;
+        for _ in 0..ATTEMPTS {
+            if let Some(nginx) = Nginx::try_start(sites, upstreams) {
+                return nginx;
+            }
+        }
+        panic!("nginx found no free ports in {ATTEMPTS} attempts");
+    }
+
+    /// `None` if a port was taken meanwhile.
+    fn try_start(sites: &[Site], upstreams: &[SocketAddr]) -> Option<Nginx> {
         let layout = Layout::new(sites, upstreams);
         layout.check();
         let child = layout
@@ -454,15 +468,17 @@ impl Nginx {
             || nginx.workers().is_empty()
         {
             if let Ok(Some(status)) = nginx.child.try_wait() {
-                panic!(
-                    "nginx exited ({status}):\n{}",
-                    std::fs::read_to_string(nginx.layout.path("log/error.log")).unwrap_or_default()
-                );
+                let log =
+                    std::fs::read_to_string(nginx.layout.path("log/error.log")).unwrap_or_default();
+                if log.contains("Address already in use") {
+                    return None;
+                }
+                panic!("nginx exited ({status}):\n{log}");
             }
             assert!(Instant::now() < deadline, "nginx did not start listening");
             std::thread::sleep(Duration::from_millis(20));
         }
-        nginx
+        Some(nginx)
     }
 
     fn pid(&self) -> i32 {

@@ -734,7 +734,9 @@ impl Machine {
         out: &mut Vec<Job>,
     ) {
         let Some(w) = self.write.take() else { return };
-        if w.leave {
+        // The leave ends with its own reply, or with an earlier write's
+        // failure (the connection is gone, and with it the way to leave).
+        if w.leave || (self.leaving && result.is_err()) {
             if let Err(e) = &result {
                 tracing::error!(error = %e, "cluster: leave failed; others drop this node within node_ttl");
             }
@@ -760,13 +762,6 @@ impl Machine {
                 self.pump(out);
             }
             Err(e) => {
-                // An earlier write failed during a leave: the connection is
-                // gone, so is the way to leave.
-                if self.leaving {
-                    tracing::error!(error = %e, "cluster: leave failed; others drop this node within node_ttl");
-                    self.finish_leave(false, out);
-                    return;
-                }
                 if self.reg == Registration::Joining {
                     self.reg = Registration::Stale;
                 }

@@ -295,10 +295,10 @@ fn by_group(keys: &Keys, names: Vec<String>) -> Vec<Vec<String>> {
     m.into_values().collect()
 }
 
-/// The cluster module's actor: the [`Machine`] and the I/O around it.
 /// A connection's pushes, read by its stream and drained before a reply.
 type Pushes = Rc<RefCell<mpsc::UnboundedReceiver<PushInfo>>>;
 
+/// The cluster module's actor: the [`Machine`] and the I/O around it.
 pub struct Cluster {
     /// Timers, prefix, channel count, caps.
     settings: Arc<Settings>,

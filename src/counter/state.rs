@@ -393,7 +393,7 @@ impl<R: Clone> State<R> {
     /// but the site figure's (`protocol::SITE_LINK`, the empty id), which is
     /// no page and comes and goes with the node's open sessions.
     pub(crate) fn page_count(&self) -> usize {
-        self.pages.len() - usize::from(self.pages.contains_key(""))
+        self.pages.len() - usize::from(self.pages.contains_key(crate::protocol::SITE_LINK))
     }
 
     /// True if `page` is held in memory.

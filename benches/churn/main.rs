@@ -318,15 +318,14 @@ struct ChurnAcc {
 }
 
 impl ChurnAcc {
-    /// A service run `r` of a round whose ceilings ran at `ceiling` and
-    /// `actix` cycles/s, the actix-http one at `actix_cpu_us` per cycle.
-    fn add(&mut self, r: &ChurnResult, ceiling: f64, actix: f64, actix_cpu_us: f64) {
+    /// A service run `r` of the round whose ceilings are `c`.
+    fn add(&mut self, r: &ChurnResult, c: &Ceilings) {
         self.rates.push(r.rate());
-        self.ratios.push(100.0 * r.rate() / ceiling);
-        self.actix_ratios.push(100.0 * r.rate() / actix);
+        self.ratios.push(100.0 * r.rate() / c.rate);
+        self.actix_ratios.push(100.0 * r.rate() / c.actix);
         self.cpu_us.push(r.cpu_us_per_cycle());
         self.cpu_ratios
-            .push(100.0 * actix_cpu_us / r.cpu_us_per_cycle().max(f64::MIN_POSITIVE));
+            .push(100.0 * c.actix_cpu_us / r.cpu_us_per_cycle().max(f64::MIN_POSITIVE));
         self.p50s.push(r.p50_ms);
         self.p99s.push(r.p99_ms);
         self.errors += r.errors;
@@ -409,15 +408,15 @@ fn churn(rt: &tokio::runtime::Runtime, scale: Scale) {
         for &c in &concurrencies {
             conntrack_check(&format!("churn round {round} c={c}"));
             let round_ceilings = churn_ceilings(rt, scale, c, round);
-            let (ceiling, actix) = (round_ceilings.rate, round_ceilings.actix);
-            let actix_cpu_us = round_ceilings.actix_cpu_us;
-            ceilings.push(round_ceilings);
             for leave in [Leave::Close, Leave::Drop] {
                 let service = InProcess::start(&[]);
                 let threads = ServerThreads::InProcess;
                 let r = churn_against(rt, scale, service.addr, threads, c, leave);
                 drop(service);
-                let vs = [("pct_of_ceiling", ceiling), ("pct_of_actix_ceiling", actix)];
+                let vs = [
+                    ("pct_of_ceiling", round_ceilings.rate),
+                    ("pct_of_actix_ceiling", round_ceilings.actix),
+                ];
                 print_churn("service", c, leave, round, &r, &vs);
                 let i = match acc.iter().position(|(k, _)| *k == (c, leave)) {
                     Some(i) => i,
@@ -426,8 +425,9 @@ fn churn(rt: &tokio::runtime::Runtime, scale: Scale) {
                         acc.len() - 1
                     }
                 };
-                acc[i].1.add(&r, ceiling, actix, actix_cpu_us);
+                acc[i].1.add(&r, &round_ceilings);
             }
+            ceilings.push(round_ceilings);
         }
     }
     for ((c, leave), a) in acc {

@@ -43,6 +43,7 @@ use crate::kit::{
     child::{binary, OnDrop, Running, Spawn},
     prom,
     settings::Env,
+    wait::on_free_ports,
 };
 
 /// The service's `websocket.client_timeout` behind nginx: short enough that
@@ -430,20 +431,12 @@ struct Nginx {
 }
 
 impl Nginx {
-    /// nginx on free ports. A port free when picked can be taken before
-    /// nginx binds it (as a client's source port, on a busy machine): then
-    /// it exits with "Address already in use", and starts again on others.
+    /// nginx on free ports (see [`on_free_ports`]).
     fn start(sites: &[Site], upstreams: &[SocketAddr]) -> Nginx {
-        const ATTEMPTS: usize = 5;
-        for _ in 0..ATTEMPTS {
-            if let Some(nginx) = Nginx::try_start(sites, upstreams) {
-                return nginx;
-            }
-        }
-        panic!("nginx found no free ports in {ATTEMPTS} attempts");
+        on_free_ports("nginx", || Nginx::try_start(sites, upstreams))
     }
 
-    /// `None` if a port was taken meanwhile.
+    /// `None` if it exited because a port was taken meanwhile.
     fn try_start(sites: &[Site], upstreams: &[SocketAddr]) -> Option<Nginx> {
         let layout = Layout::new(sites, upstreams);
         layout.check();

@@ -9,7 +9,7 @@ use std::{
     time::Duration,
 };
 
-use super::wait::eventually_blocking;
+use super::wait::{eventually_blocking, on_free_ports};
 
 /// Whether `redis-server` is installed; when not, says so once on stdout, or
 /// panics if `LINK_COUNTER_REQUIRE_REDIS` is set (test.sh and CI set it).
@@ -32,9 +32,6 @@ pub fn redis_available() -> bool {
     }
     found
 }
-
-/// How many times a server is started on new ports before a test gives up.
-const ATTEMPTS: usize = 5;
 
 /// A free TCP port on 127.0.0.1 (free when asked).
 pub fn free_port() -> u16 {
@@ -110,22 +107,16 @@ impl RedisServer {
     /// panics if it cannot start (benches).
     pub fn launch(extra: &[&str]) -> RedisServer {
         let mut r = RedisServer {
-            port: free_port(),
+            port: 0,
             child: None,
             extra: extra.iter().map(|a| a.to_string()).collect(),
             dir: tempfile::tempdir().expect("temp dir"),
         };
-        // A port free when picked can be taken before the server binds it
-        // (as a client's source port, on a busy machine): then it exits, and
-        // it starts again on another.
-        for _ in 0..ATTEMPTS {
-            if r.start_answering() {
-                return r;
-            }
-            r.stop();
+        on_free_ports("redis-server", || {
             r.port = free_port();
-        }
-        panic!("redis-server did not start in {ATTEMPTS} attempts on free ports");
+            r.start_answering().then_some(())
+        });
+        r
     }
 
     /// `redis://127.0.0.1:PORT/`, for `cluster.redis_url`.
@@ -157,9 +148,8 @@ impl RedisServer {
             .stderr(Stdio::null())
             .spawn()
             .expect("redis-server starts (apt-get install redis-server)");
-        self.child = Some(child);
         let port = self.port;
-        let child = self.child.as_mut().expect("just started");
+        let child = self.child.insert(child);
         eventually_blocking("redis-server to answer PING or exit", || {
             if matches!(child.try_wait(), Ok(Some(_))) {
                 return Some(false);
@@ -252,15 +242,9 @@ pub struct RedisCluster {
 
 impl RedisCluster {
     pub fn start(n: usize) -> RedisCluster {
-        // As for one server: a node whose port was taken meanwhile exits, and
-        // the cluster starts again on other ports.
-        for _ in 0..ATTEMPTS {
-            if let Some(cluster) = RedisCluster::try_start(n) {
-                cluster.create();
-                return cluster;
-            }
-        }
-        panic!("no Redis Cluster of {n} nodes started in {ATTEMPTS} attempts on free ports");
+        let cluster = on_free_ports("a Redis Cluster", || RedisCluster::try_start(n));
+        cluster.create();
+        cluster
     }
 
     /// The nodes on fresh ports, once each answers `PING`; `None` (all

@@ -51,3 +51,17 @@ pub fn eventually_blocking_within<T: Ready>(
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// Starts a server on ports picked free: `start` picks them, starts it and
+/// gives `None` if it exited because one was taken in between (on a busy
+/// machine a client can take a released port as its source port). Tries
+/// new ports up to 5 times.
+pub fn on_free_ports<T>(what: &str, mut start: impl FnMut() -> Option<T>) -> T {
+    const ATTEMPTS: usize = 5;
+    for _ in 0..ATTEMPTS {
+        if let Some(started) = start() {
+            return started;
+        }
+    }
+    panic!("{what} did not start in {ATTEMPTS} attempts on free ports");
+}
